@@ -1,0 +1,20 @@
+# The API server (REST + gRPC). It never imports torch, so the image installs only the `service`
+# extra: no torch, no DeepSpeed, a few hundred MB instead of several GB.
+#   docker build -f docker/api.Dockerfile -t rlhf-api .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    RLHF_CACHE_DIR=/data/cache
+WORKDIR /app
+COPY pyproject.toml constraints.txt README.md ./
+COPY rlhf_engine ./rlhf_engine
+COPY service ./service
+COPY workers ./workers
+COPY proto ./proto
+RUN pip install --no-cache-dir -c constraints.txt '.[service]' \
+    && useradd --create-home --uid 10001 rlhf && mkdir -p /data && chown rlhf /data
+USER rlhf
+VOLUME ["/data"]
+EXPOSE 8000 50051
+# `rlhf serve` arrives with the service (issue 6); until then the image only carries the CLI.
+CMD ["rlhf", "serve", "--host", "0.0.0.0", "--port", "8000"]

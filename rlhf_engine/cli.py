@@ -1,0 +1,222 @@
+"""The `rlhf` command.
+
+    rlhf models tiny --arch opt --size xs [--pretrain-steps K] --out DIR
+    rlhf data list
+    rlhf data preview [--data A B …] [--data-split 2,4,4] [--tokenizer DIR] [--json]
+
+Bad input ends with one line on stderr that names what to change (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhf_engine.config.args import add_dataclass_args, dataclass_from_args, load_config_file
+from rlhf_engine.config.data import DataConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # piped or logged output is not cut to 80 columns
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+# ---------------------------------------------------------------------------- rlhf models
+
+
+def cmd_models_tiny(ns: argparse.Namespace) -> int:
+    from rlhf_engine.models.tiny import write_tiny
+
+    out = write_tiny(Path(ns.out), ns.arch, ns.size, pretrain_steps=ns.pretrain_steps, seed=ns.seed,
+                     overwrite=ns.overwrite, progress=sys.stderr.isatty())  # fmt: skip
+    info = json.loads((out / "tiny_model.json").read_text())
+    console = _console()
+    console.print(f"[bold]{ns.arch}-{ns.size}[/bold]: {info['parameters']:,} parameters → {out}")
+    if "pretrain_loss_last" in info:
+        console.print(f"pretrained {ns.pretrain_steps} steps on bundled:corpus: loss "
+                      f"{info['pretrain_loss_first']:.2f} → {info['pretrain_loss_last']:.2f}")  # fmt: skip
+    if ns.sample:
+        console.print(f"sample: [italic]{_sample(out, ns.sample)!r}[/italic]")
+    return 0
+
+
+def _sample(path: Path, prompt: str) -> str:
+    """A greedy continuation, to show what the model says (random weights → noise)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+    return str(tok.decode(out[0], skip_special_tokens=True))
+
+
+# ---------------------------------------------------------------------------- rlhf data
+
+
+def cmd_data_list(ns: argparse.Namespace) -> int:
+    from rlhf_engine.data.bundled import BUNDLED, DEFAULT_DATA, DEFAULT_UNSUP_DATA, bundled_path
+
+    rows = [{"name": d.name, "path": str(bundled_path(d.name)), "description": d.description,
+             "default_for": "data" if d.name in DEFAULT_DATA else
+             "unsup_data" if d.name in DEFAULT_UNSUP_DATA else ""} for d in BUNDLED.values()]  # fmt: skip
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="bundled datasets (used when --data is omitted)")
+    for col in ("name", "default_for", "description", "path"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["default_for"], r["description"], r["path"])
+    _console().print(table)
+    return 0
+
+
+def _load_tokenizer(path: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    if path is None:
+        from rlhf_engine.models.tokenizer import bundled_tokenizer_dir
+
+        path = str(bundled_tokenizer_dir())
+    elif not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"tokenizer: {path} does not exist (and hub ids are off: HF_HUB_OFFLINE=1)")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer: cannot load {path!r}: {e}") from None
+
+
+def cmd_data_preview(ns: argparse.Namespace) -> int:
+    from rlhf_engine.data.formatter import render_answer, render_prompt
+    from rlhf_engine.data.pipeline import load_datasets, prepare_corpus, prepare_step, slice_all
+
+    config = dataclass_from_args(DataConfig, ns, file_values=load_config_file(ns.config) if ns.config else None)
+    tokenizer = _load_tokenizer(ns.tokenizer)
+    datasets = load_datasets(config)
+    reports: list[dict[str, Any]] = []
+    for step in ns.steps:
+        prepared = prepare_step(config, step, tokenizer, datasets=datasets, require=False)
+        reports += prepared.report_dicts()
+    corpus = prepare_corpus(config, tokenizer, ns.block_size) if ns.unsup else None
+    examples = []
+    if ns.examples:
+        slices = slice_all(config, datasets)
+        for step in ns.steps:
+            rows = [r for sl in slices for r in sl.train[step - 1]][: ns.examples]
+            for r in rows:
+                ex = {"step": step, "prompt": render_prompt(r.conversation, tokenizer)}
+                if step != 3:
+                    ex["chosen"] = render_answer(r.conversation, r.chosen, tokenizer)
+                if step == 2 and r.rejected is not None:
+                    ex["rejected"] = render_answer(r.conversation, r.rejected, tokenizer)
+                examples.append(ex)
+    unsup = None if corpus is None else {"datasets": config.unsup_data, "blocks": int(corpus.shape[0]),
+                                         "block_size": ns.block_size}  # fmt: skip
+    if ns.json:
+        print(json.dumps({"split": config.data_split, "seed": config.seed, "steps": reports,
+                          "unsup": unsup, "examples": examples}, indent=2))  # fmt: skip
+        return 0
+    _print_preview(config, reports, unsup, examples)
+    return 0
+
+
+def _fmt_filtered(d: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) or "-"
+
+
+def _print_preview(config: DataConfig, reports: list[dict[str, Any]], unsup: dict[str, Any] | None,
+                   examples: list[dict[str, Any]]) -> None:  # fmt: skip
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=f"data split {config.data_split} (seed {config.seed}, eval {config.eval_fraction:g})")
+    for col in ("step", "dataset", "format", "train rows", "eval rows", "left out (why)", "answer cut",
+                "tokens min/median/max"):  # fmt: skip
+        table.add_column(col)
+    for r in reports:
+        if r["kind"] == "sft" and r["step"] != 1:
+            continue  # SFT-only data feeds step 1 alone; the kind column says so
+        tr, ev = r["train"], r["eval"]
+        left_out = dict(r["read_filtered"]) if r["step"] == 1 else {}
+        for k, v in tr["filtered"].items():
+            left_out[k] = left_out.get(k, 0) + v
+        lens = "-" if tr["tokens_min"] is None else f"{tr['tokens_min']}/{tr['tokens_median']:g}/{tr['tokens_max']}"
+        table.add_row(str(r["step"]), r["dataset"], f"{r['format']} ({r['kind']})", f"{tr['kept']}/{tr['rows']}",
+                      f"{ev['kept']}/{ev['rows']}", _fmt_filtered(left_out), str(tr["truncated"]), lens)  # fmt: skip
+    console.print(table)
+    if unsup:
+        console.print(f"unsup_data {', '.join(unsup['datasets'])}: {unsup['blocks']} blocks of "
+                      f"{unsup['block_size']} tokens")  # fmt: skip
+    for ex in examples:
+        console.print(f"[bold]step {ex['step']} example[/bold]")
+        for k in ("prompt", "chosen", "rejected"):
+            if k in ex:
+                console.print(f"  {k:8} {ex[k]!r}", markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="DeepSpeed-Chat's RLHF steps as a service.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="model utilities").add_subparsers(dest="models_command", required=True)
+    tiny = models.add_parser("tiny", help="write a tiny offline model (config, safetensors, tokenizer)")
+    tiny.add_argument("--arch", choices=["opt", "gpt2", "llama"], default="opt")
+    tiny.add_argument("--size", choices=["xs", "s", "m"], default="xs",
+                      help="xs ≈ 0.5M, s ≈ 3.5M, m ≈ 25M parameters")  # fmt: skip
+    tiny.add_argument("--pretrain-steps", type=int, default=0,
+                      help="train this many steps on bundled:corpus first (cached)")  # fmt: skip
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--out", required=True, help="output directory")
+    tiny.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    tiny.add_argument("--sample", default="The dog", help="print a greedy continuation of this text ('' = none)")
+    tiny.set_defaults(func=cmd_models_tiny)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    dl = data.add_parser("list", help="name the bundled datasets")
+    dl.add_argument("--json", action="store_true")
+    dl.set_defaults(func=cmd_data_list)
+    dp = data.add_parser("preview", help="rows, left-out rows and token lengths per dataset and step")
+    add_dataclass_args(dp, DataConfig)
+    dp.add_argument("--config", help="YAML/JSON file of data options (flags override it)")
+    dp.add_argument("--tokenizer", help="tokenizer or model directory (default: the bundled tokenizer)")
+    dp.add_argument("--steps", type=int, nargs="+", choices=[1, 2, 3], default=[1, 2, 3])
+    dp.add_argument("--unsup", action=argparse.BooleanOptionalAction, default=True,
+                    help="also preview the unsup_data corpus")  # fmt: skip
+    dp.add_argument("--block-size", type=int, default=256, help="corpus block size for the unsup preview")
+    dp.add_argument("--examples", type=int, default=1, help="rendered examples to show per step")
+    dp.add_argument("--json", action="store_true", help="machine-readable output")
+    dp.set_defaults(func=cmd_data_preview)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    func: Callable[[argparse.Namespace], int] = ns.func
+    try:
+        return func(ns)
+    except ValueError as e:  # DataError and config errors: the message says what to change
+        print(f"rlhf: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

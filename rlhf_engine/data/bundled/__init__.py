@@ -1,0 +1,135 @@
+"""The bundled datasets: generated deterministically on first use, cached, then read like user files.
+
+They play the role Dahoas/rm-static plays for DeepSpeed-Chat: what every step uses when `--data` is
+omitted. Names (`rlhf data list`):
+
+- `bundled:sft` — 4,000 instruction/response pairs (prompt/response JSONL) for step 1; exactly 30% of
+  the responses name the question's subject (the property, see `world.py`).
+- `bundled:preference` — 4,000 (prompt, chosen, rejected) pairs on other questions; the chosen answer
+  names the subject, the rejected one does not (a pronoun, or another subject's name) and is
+  otherwise the same answer.
+- `bundled:corpus` — 3,000 plain-text paragraphs about the same world, for step 3's pretraining mix
+  and for `rlhf models tiny --pretrain-steps`.
+
+The remaining questions of the world are never written to any file: `heldout_questions()` gives
+prompts no step trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_engine.data.bundled.world import SUBJECTS, Question, all_questions, answer, corpus_paragraph
+from rlhf_engine.paths import cache_dir
+
+# Bump when anything below changes what is generated: the cache folder is keyed by it.
+GENERATOR_VERSION = "v1"
+SEED = 1234
+N_SFT = 4000
+N_PREFERENCE = 4000
+N_CORPUS = 3000
+SFT_PROPERTY_RATE = 0.30
+WRONG_SUBJECT_RATE = 0.40  # share of rejected answers that name another subject instead of a pronoun
+
+
+@dataclass(frozen=True)
+class BundledDataset:
+    name: str
+    filename: str
+    description: str
+
+
+BUNDLED: dict[str, BundledDataset] = {
+    d.name: d
+    for d in (
+        BundledDataset(
+            "bundled:sft", "sft.jsonl", f"{N_SFT} prompt/response pairs for step 1 (SFT-only)"
+        ),
+        BundledDataset(
+            "bundled:preference",
+            "preference.jsonl",
+            f"{N_PREFERENCE} prompt/chosen/rejected pairs; chosen names the question's subject",
+        ),
+        BundledDataset(
+            "bundled:corpus", "corpus.txt", f"{N_CORPUS} plain-text paragraphs (pretraining mix)"
+        ),
+    )
+}
+DEFAULT_DATA = ("bundled:sft", "bundled:preference")
+DEFAULT_UNSUP_DATA = ("bundled:corpus",)
+
+
+def _questions() -> list[Question]:
+    qs = all_questions()
+    random.Random(SEED).shuffle(qs)
+    return qs
+
+
+def heldout_questions() -> list[Question]:
+    """Questions that appear in no bundled file (about 5,800): held-out prompts for evaluation."""
+    return _questions()[N_SFT + N_PREFERENCE :]
+
+
+def _sft_rows(qs: list[Question], rng: random.Random) -> list[dict[str, str]]:
+    named = set(rng.sample(range(len(qs)), round(SFT_PROPERTY_RATE * len(qs))))
+    return [
+        {"prompt": q.text, "response": answer(q, named=q.subject if i in named else None, rng=rng)}
+        for i, q in enumerate(qs)
+    ]
+
+
+def _preference_rows(qs: list[Question], rng: random.Random) -> list[dict[str, str]]:
+    rows = []
+    for q in qs:
+        # chosen and rejected share lead words and closer: they differ only in whom they name
+        style_seed = rng.getrandbits(32)
+        if rng.random() < WRONG_SUBJECT_RATE:
+            wrong: str | None = rng.choice([s for s in SUBJECTS if s != q.subject])
+        else:
+            wrong = None
+        rows.append(
+            {
+                "prompt": q.text,
+                "chosen": answer(q, named=q.subject, rng=random.Random(style_seed)),
+                "rejected": answer(q, named=wrong, rng=random.Random(style_seed)),
+            }
+        )
+    return rows
+
+
+def generate(dest: Path) -> None:
+    """Write every bundled file into `dest` (byte-identical on every run)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    qs = _questions()
+    rng = random.Random(SEED)
+    sft = _sft_rows(qs[:N_SFT], rng)
+    pref = _preference_rows(qs[N_SFT : N_SFT + N_PREFERENCE], rng)
+    corpus = "\n\n".join(corpus_paragraph(rng) for _ in range(N_CORPUS)) + "\n"
+    _atomic_write(dest / "sft.jsonl", "".join(json.dumps(r) + "\n" for r in sft))
+    _atomic_write(dest / "preference.jsonl", "".join(json.dumps(r) + "\n" for r in pref))
+    _atomic_write(dest / "corpus.txt", corpus)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def bundled_dir() -> Path:
+    """The folder holding the generated files, generating them on first use."""
+    dest = cache_dir("bundled", GENERATOR_VERSION)
+    if not all((dest / d.filename).is_file() for d in BUNDLED.values()):
+        generate(dest)
+    return dest
+
+
+def bundled_path(name: str) -> Path:
+    """The file of a bundled dataset by name (`bundled:sft`, …)."""
+    return bundled_dir() / BUNDLED[name].filename

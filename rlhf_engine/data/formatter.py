@@ -1,0 +1,106 @@
+"""The one prompt formatter (CONTRACTS.md §2).
+
+Training (all three steps), the chat engine and serving render conversations only through these
+functions, so a model sees at chat time exactly the text layout it was trained on. With a tokenizer
+that has a chat template, the template renders; without one, DeepSpeed-Chat's own layout:
+`" Human: {question} Assistant:"` followed by `" {answer}"`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rlhf_engine.data.types import Message
+
+# DeepSpeed-Chat's layout as a Jinja chat template; the bundled tiny tokenizers carry it, so the
+# template path and the fallback path render identically for them.
+DS_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{ m['content'] }}"
+    "{%- elif m['role'] == 'user' -%}{{ ' Human: ' + m['content'] }}"
+    "{%- else -%}{{ ' Assistant: ' + m['content'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' Assistant:' }}{%- endif -%}"
+)
+
+Conversation = Sequence[Message] | Sequence[dict[str, str]]
+
+
+def _dicts(conversation: Conversation) -> list[dict[str, str]]:
+    return [m.as_dict() if isinstance(m, Message) else {"role": m["role"], "content": m["content"]}
+            for m in conversation]  # fmt: skip
+
+
+def _has_template(tokenizer: Any) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def _ds_chat(messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            parts.append(m["content"])
+        elif m["role"] == "user":
+            parts.append(f" Human: {m['content']}")
+        else:
+            parts.append(f" Assistant: {m['content']}")
+    if add_generation_prompt:
+        parts.append(" Assistant:")
+    return "".join(parts)
+
+
+def _render(messages: list[dict[str, str]], tokenizer: Any, *, add_generation_prompt: bool) -> str:
+    if _has_template(tokenizer):
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return str(text)
+    return _ds_chat(messages, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(conversation: Conversation, tokenizer: Any = None) -> str:
+    """The model input for a conversation that ends with a user turn, ready for the answer."""
+    return _render(_dicts(conversation), tokenizer, add_generation_prompt=True)
+
+
+def render_answer(conversation: Conversation, answer: str, tokenizer: Any = None) -> str:
+    """The text that follows `render_prompt(conversation)` when the assistant says `answer`.
+
+    Rendered by the same template as the whole turn (so a template's end-of-turn marker is
+    included), then cut after the prompt.
+    """
+    messages = _dicts(conversation)
+    prompt = _render(messages, tokenizer, add_generation_prompt=True)
+    full = _render(messages + [{"role": "assistant", "content": answer}], tokenizer,
+                   add_generation_prompt=False)  # fmt: skip
+    if not full.startswith(prompt):
+        raise ValueError(
+            "the tokenizer's chat template renders a conversation differently once an answer is "
+            "added, so prompt and answer cannot be split; use a tokenizer whose template appends "
+            "the assistant turn after the generation prompt"
+        )
+    return full[len(prompt) :]
+
+
+def _specials(tokenizer: Any) -> bool:
+    # A chat template writes its own special tokens (BOS included); without one, the tokenizer adds
+    # them as it always does (OPT's leading </s>, as DeepSpeed-Chat tokenises).
+    return not _has_template(tokenizer)
+
+
+def encode_prompt(conversation: Conversation, tokenizer: Any) -> list[int]:
+    """Token ids of `render_prompt` — the only way any step or the chat engine tokenises a prompt."""
+    ids = tokenizer(render_prompt(conversation, tokenizer), add_special_tokens=_specials(tokenizer))
+    return list(ids["input_ids"])
+
+
+def encode_answer(conversation: Conversation, answer: str, tokenizer: Any) -> list[int]:
+    """Token ids of `render_answer`, ending with EOS (added unless the template already wrote it)."""
+    text = render_answer(conversation, answer, tokenizer)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in ids[-2:]:
+        ids.append(eos)
+    return ids

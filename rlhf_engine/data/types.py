@@ -1,0 +1,59 @@
+"""What every reader yields, whatever the file looked like."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+Kind = Literal["preference", "sft", "text"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One row: the conversation so far (ending with a user turn) and the final answer(s).
+
+    `rejected` is None for SFT-only rows. `line` is where the row came from (1-based; for JSON
+    arrays the element index + 1) so later errors can still point at it.
+    """
+
+    conversation: tuple[Message, ...]
+    chosen: str
+    rejected: str | None = None
+    line: int = 0
+
+    @property
+    def prompt_text(self) -> str:
+        """The last user message (what a single-turn question is about)."""
+        return next(m.content for m in reversed(self.conversation) if m.role == "user")
+
+
+@dataclass
+class Dataset:
+    """A dataset read from one source.
+
+    Conversation datasets fill `rows` (kind `preference` or `sft`); plain text fills `texts`.
+    `eval_rows` holds a source's own evaluation split when it has one (a `datasets` directory with a
+    `test` split); otherwise evaluation rows are carved from `rows` by the splitter.
+    """
+
+    name: str
+    kind: Kind
+    fingerprint: str  # content hash of the source files
+    format: str  # the detected shape, for previews and errors
+    rows: list[Sample]
+    eval_rows: list[Sample] | None = None
+    texts: list[str] | None = None
+    filtered: dict[str, int] = field(default_factory=dict)  # rows left out at read time, by reason
+
+    def __len__(self) -> int:
+        return len(self.texts) if self.texts is not None else len(self.rows)

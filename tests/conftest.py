@@ -1,0 +1,43 @@
+"""Shared test set-up: offline, loopback only, one cache of built artefacts for the whole run.
+
+Network: pytest-socket (`--allow-hosts` in pyproject.toml) refuses any connection that is not to
+loopback; `HF_HUB_OFFLINE` keeps transformers and datasets from trying the hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RLHF_CACHE_DIR", str(ROOT / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    from rlhf_engine.models.tokenizer import bundled_tokenizer_dir
+
+    return bundled_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty RLHF_CACHE_DIR for tests that must see something built from scratch."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(cache))
+    return cache

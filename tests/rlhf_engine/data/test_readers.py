@@ -1,0 +1,233 @@
+"""Every reader on a small file of its shape, gzip included, and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_engine.data.errors import DataError
+from rlhf_engine.data.io import ReadLimits
+from rlhf_engine.data.readers import read_dataset
+from rlhf_engine.data.types import Message
+
+
+def write_jsonl(path: Path, rows: list[dict], *, gz: bool = False) -> Path:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+U = lambda text: Message("user", text)  # noqa: E731
+A = lambda text: Message("assistant", text)  # noqa: E731
+
+HH_CHOSEN = "\n\nHuman: Hi, what is a fox?\n\nAssistant: An animal.\n\nHuman: What colour is it?\n\nAssistant: Often red."
+HH_REJECTED = "\n\nHuman: Hi, what is a fox?\n\nAssistant: An animal.\n\nHuman: What colour is it?\n\nAssistant: No idea."
+
+SHAPES = {
+    "prompt_chosen_rejected": (
+        [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}],
+        "preference",
+        [((U("What is 2+2?"),), "4", "5")],
+    ),
+    "rm_static": (
+        [{"prompt": "\n\nHuman: Name a colour.\n\nAssistant: Red.\n\nHuman: Another?\n\nAssistant:",
+          "response": " Blue.", "chosen": " Blue.", "rejected": " Dog."}],
+        "preference",
+        [((U("Name a colour."), A("Red."), U("Another?")), " Blue.", " Dog.")],
+    ),
+    "hh_rlhf": (
+        [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}],
+        "preference",
+        [((U("Hi, what is a fox?"), A("An animal."), U("What colour is it?")), "Often red.", "No idea.")],
+    ),
+    "sft_pair": (
+        [{"prompt": "Say hi.", "response": "Hi!"}, {"prompt": "Say bye.", "response": "Bye!"}],
+        "sft",
+        [((U("Say hi."),), "Hi!", None), ((U("Say bye."),), "Bye!", None)],
+    ),
+    "openai_chat": (
+        [{"messages": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "Capital of France?"},
+                       {"role": "assistant", "content": [{"type": "text", "text": "Paris."}]}]}],
+        "sft",
+        [((Message("system", "Be brief."), U("Capital of France?")), "Paris.", None)],
+    ),
+    "openai_preference": (
+        [{"input": {"messages": [{"role": "user", "content": "Hello"}]},
+          "preferred_output": [{"role": "assistant", "content": "Hi there."}],
+          "non_preferred_output": [{"role": "assistant", "content": "Go away."}]}],
+        "preference",
+        [((U("Hello"),), "Hi there.", "Go away.")],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_reader_shapes(tmp_path: Path, shape: str, gz: bool) -> None:
+    rows, kind, expected = SHAPES[shape]
+    ds = read_dataset(str(write_jsonl(tmp_path / "d.jsonl", rows, gz=gz)))
+    assert ds.format == shape
+    assert ds.kind == kind
+    assert [(s.conversation, s.chosen, s.rejected) for s in ds.rows] == expected
+    assert [s.line for s in ds.rows] == list(range(1, len(rows) + 1))
+
+
+def test_sft_pair_accepts_completion(tmp_path: Path) -> None:
+    ds = read_dataset(str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "completion": "A"}])))
+    assert ds.kind == "sft" and ds.rows[0].chosen == "A"
+
+
+def test_json_array_and_json_lines_in_dot_json(tmp_path: Path) -> None:
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f"}]
+    arr = tmp_path / "arr.json"
+    arr.write_text(json.dumps(rows))  # one line, as json.dump writes it
+    lines = write_jsonl(tmp_path / "lines.json", rows)  # what datasets' to_json writes
+    for path in (arr, lines):
+        ds = read_dataset(str(path))
+        assert [s.chosen for s in ds.rows] == ["b", "e"]
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_plain_text_paragraphs(tmp_path: Path, gz: bool) -> None:
+    text = "First paragraph,\nstill first.\n\n\nSecond one.\n"
+    path = tmp_path / ("c.txt.gz" if gz else "c.txt")
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    ds = read_dataset(str(path))
+    assert ds.kind == "text" and ds.texts == ["First paragraph,\nstill first.", "Second one."]
+
+
+def test_jsonl_text_rows(tmp_path: Path) -> None:
+    ds = read_dataset(str(write_jsonl(tmp_path / "t.jsonl", [{"text": "one"}, {"text": "two"}])))
+    assert ds.kind == "text" and ds.texts == ["one", "two"]
+
+
+def test_datasets_save_to_disk(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                               "test": datasets.Dataset.from_list(rows[4:])})  # fmt: skip
+    dd.save_to_disk(str(tmp_path / "dict"))
+
+    single = read_dataset(str(tmp_path / "single"))
+    assert single.format == "prompt_chosen_rejected" and len(single.rows) == 6 and single.eval_rows is None
+    split = read_dataset(str(tmp_path / "dict"))
+    assert [s.chosen for s in split.rows] == ["good 0", "good 1", "good 2", "good 3"]
+    assert [s.chosen for s in split.eval_rows or []] == ["good 4", "good 5"]
+
+
+def test_empty_answers_are_counted_not_fatal(tmp_path: Path) -> None:
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "", "rejected": "f"}]
+    ds = read_dataset(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert len(ds.rows) == 1 and ds.filtered == {"empty_answer": 1}
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _error(path: Path, limits: ReadLimits | None = None) -> DataError:
+    with pytest.raises(DataError) as e:
+        read_dataset(str(path), limits)
+    return e.value
+
+
+def test_missing_field_names_file_line_and_field(tmp_path: Path) -> None:
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2 + [{"prompt": "a", "chosen": "b"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    err = _error(path)
+    assert (err.path, err.line, err.field) == (str(path), 3, "rejected")
+    assert str(err).startswith(f"{path}, line 3, field 'rejected': missing")
+
+
+def test_malformed_json_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n')
+    err = _error(path)
+    assert err.line == 2 and "invalid JSON" in str(err)
+
+
+def test_wrong_type_and_non_object(tmp_path: Path) -> None:
+    err = _error(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": 3, "response": "b"}]))
+    assert (err.line, err.field) == (2, "prompt") and "must be a string" in str(err)
+    path = tmp_path / "b.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n[1, 2]\n')
+    assert _error(path).line == 2
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    (tmp_path / "e.txt").write_text("")
+    assert "empty" in str(_error(tmp_path / "e.jsonl"))
+    assert "empty" in str(_error(tmp_path / "e.txt"))
+
+
+def test_unknown_format_and_shape(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_text("a,b\n1,2\n")
+    assert "unknown file format '.csv'" in str(_error(tmp_path / "d.csv"))
+    err = _error(write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}]))
+    assert err.line == 1 and "unknown row shape" in str(err) and "{prompt, chosen, rejected}" in str(err)
+    (tmp_path / "plain_dir").mkdir()
+    assert "save_to_disk" in str(_error(tmp_path / "plain_dir"))
+
+
+def test_missing_path_and_unknown_bundled_name() -> None:
+    with pytest.raises(DataError, match="no such file"):
+        read_dataset("/no/such/file.jsonl")
+    with pytest.raises(DataError, match="bundled:sft"):
+        read_dataset("bundled:nope")
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE"):
+        read_dataset("Dahoas/rm-static")  # a hub id: refused offline, with the reason
+
+
+def test_hh_prefix_mismatch(tmp_path: Path) -> None:
+    other = HH_REJECTED.replace("What colour", "What size")
+    err = _error(write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+                                                      {"chosen": HH_CHOSEN, "rejected": other}]))  # fmt: skip
+    assert (err.line, err.field) == (2, "rejected") and "share the conversation" in str(err)
+    no_answer = "\n\nHuman: Hi"
+    err = _error(write_jsonl(tmp_path / "hh2.jsonl", [{"chosen": no_answer, "rejected": no_answer}]))
+    assert err.field == "chosen" and "Assistant" in str(err)
+
+
+def test_openai_shapes_bad_rows(tmp_path: Path) -> None:
+    err = _error(write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]))
+    assert err.field == "messages" and "last message must be the assistant" in str(err)
+    err = _error(write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "tool", "content": "x"},
+                                                                   {"role": "assistant", "content": "y"}]}]))  # fmt: skip
+    assert err.field == "messages[0].role"
+    row = {"input": {"messages": [{"role": "user", "content": "x"}]},
+           "preferred_output": [{"role": "user", "content": "y"}], "non_preferred_output": []}  # fmt: skip
+    assert _error(write_jsonl(tmp_path / "p.jsonl", [row])).field == "preferred_output"
+
+
+def test_invalid_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
+    err = _error(path)
+    assert err.line == 2 and "UTF-8" in str(err)
+
+
+def test_gzip_caps_and_corruption(tmp_path: Path) -> None:
+    rows = [{"prompt": "q" * 100, "response": "a"}] * 50
+    path = write_jsonl(tmp_path / "d.jsonl", rows, gz=True)
+    assert len(read_dataset(str(path)).rows) == 50
+    # a "bomb": small on disk, over the cap once decompressed
+    err = _error(path, ReadLimits(max_bytes=2000))
+    assert "larger than the limit of 2000 bytes" in str(err)
+    err = _error(path, ReadLimits(max_line_bytes=64))
+    assert err.line == 1 and "longer than the limit of 64 bytes" in str(err)
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(path.read_bytes()[:-20])
+    assert "corrupt or truncated gzip" in str(_error(truncated))
+    garbage = tmp_path / "bad.jsonl.gz"
+    garbage.write_bytes(b"\x1f\x8b" + b"not really gzip" * 10)
+    assert "gzip" in str(_error(garbage))

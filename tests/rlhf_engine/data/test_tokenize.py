@@ -1,0 +1,109 @@
+"""Per-step tokenisation, collators, counting of left-out rows, and the content-hash cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_engine.config.data import DataConfig
+from rlhf_engine.data.collate import collate_pairs, collate_prompts, collate_sft
+from rlhf_engine.data.errors import DataError
+from rlhf_engine.data.pipeline import prepare_corpus, prepare_step
+from rlhf_engine.data.tokenize import Ragged, TokenizedSplit
+
+
+def _rows(split: TokenizedSplit, n: int) -> list[dict]:
+    return [split.row(i) for i in range(n)]
+
+
+def test_step1_labels_cover_the_answer_only(tokenizer) -> None:
+    prepared = prepare_step(DataConfig(), 1, tokenizer)
+    batch = collate_sft(_rows(prepared.train, 8), tokenizer.pad_token_id)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    for i in range(8):
+        row = prepared.train.row(i)
+        n, p = len(row["input_ids"]), row["prompt_len"]
+        assert (labels[i, :p] == -100).all()  # no loss on the prompt
+        assert torch.equal(labels[i, p:n], ids[i, p:n])  # loss on every answer token, EOS included
+        assert labels[i, n - 1] == tokenizer.eos_token_id
+        assert (labels[i, n:] == -100).all() and (mask[i, n:] == 0).all()
+
+
+def test_step2_pairs_and_step3_left_padding(tokenizer) -> None:
+    pairs = prepare_step(DataConfig(), 2, tokenizer)
+    b = collate_pairs(_rows(pairs.train, 4), tokenizer.pad_token_id)
+    assert b["input_ids"].shape[0] == 8  # chosen rows, then rejected rows
+    for i in range(4):
+        row = pairs.train.row(i)
+        assert b["input_ids"][i, : len(row["chosen_ids"])].tolist() == row["chosen_ids"].tolist()
+        assert b["input_ids"][4 + i, : len(row["rejected_ids"])].tolist() == row["rejected_ids"].tolist()
+    prompts = prepare_step(DataConfig(), 3, tokenizer)
+    b = collate_prompts(_rows(prompts.train, 16), tokenizer.pad_token_id)
+    assert (b["attention_mask"][:, -1] == 1).all()  # every prompt ends in the last column
+    assert (b["attention_mask"][:, 0] == 0).any()  # the shorter ones are padded on the left
+
+
+def test_long_prompts_are_counted_never_silently_dropped(tokenizer) -> None:
+    config = DataConfig(max_prompt_len=14, max_seq_len=24)
+    for step in (1, 2, 3):
+        prepared = prepare_step(config, step, tokenizer)
+        for r in prepared.reports:
+            for split in (r.train, r.eval):
+                assert split["kept"] + sum(split["filtered"].values()) == split["rows"]
+        total = sum(r.train["filtered"].get("prompt_too_long", 0) for r in prepared.reports)
+        if step == 3:
+            assert total > 0 and all(len(prepared.train.row(i)["prompt_ids"]) <= 14 for i in range(len(prepared.train)))
+        else:
+            assert sum(r.train["truncated"] for r in prepared.reports) > 0  # answers cut to 24 tokens
+            col = "input_ids" if step == 1 else "chosen_ids"
+            assert max(len(prepared.train.row(i)[col]) for i in range(len(prepared.train))) <= 24
+
+
+def test_every_row_too_long_is_an_error_with_the_reason(tokenizer) -> None:
+    with pytest.raises(DataError, match="prompt_too_long"):
+        prepare_step(DataConfig(max_prompt_len=3), 3, tokenizer)
+
+
+def test_identical_pairs_are_left_out(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": "same" if i % 2 else "good", "rejected": "same"} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepared = prepare_step(DataConfig(data=[str(path)], data_split="0,1,0", eval_fraction=0), 2, tokenizer)
+    assert prepared.reports[0].train["filtered"] == {"identical_pair": 20} and len(prepared.train) == 20
+
+
+def test_cache_returns_the_same_data_and_follows_every_input(tokenizer, fresh_cache: Path) -> None:
+    config = DataConfig()
+    fresh = prepare_step(config, 1, tokenizer, use_cache=False)
+    first = prepare_step(config, 1, tokenizer)
+    entries = list((fresh_cache / "tokenized").iterdir())
+    assert len(entries) == 1
+    again = prepare_step(config, 1, tokenizer)  # loaded from the entry just written
+    for p in (first, again):
+        assert np.array_equal(p.train.columns["input_ids"].values, fresh.train.columns["input_ids"].values)
+        assert np.array_equal(p.train.columns["prompt_len"], fresh.train.columns["prompt_len"])
+        assert p.report_dicts() == fresh.report_dicts()
+    assert len(list((fresh_cache / "tokenized").iterdir())) == 1
+    for changed in (DataConfig(seed=7), DataConfig(max_seq_len=30), DataConfig(data_split="3,4,3")):
+        prepare_step(changed, 1, tokenizer)
+    assert len(list((fresh_cache / "tokenized").iterdir())) == 4
+
+
+def test_ragged_round_trip(tmp_path: Path) -> None:
+    seqs = [[1, 2, 3], [], [4]]
+    r = Ragged.from_lists(seqs)
+    split = TokenizedSplit(3, {"prompt_ids": r, "n": np.array([3, 0, 1])})
+    split.save(tmp_path / "s.npz")
+    back = TokenizedSplit.load(tmp_path / "s.npz")
+    assert [back.row(i)["prompt_ids"].tolist() for i in range(3)] == seqs
+    assert [back.row(i)["n"] for i in range(3)] == [3, 0, 1] and back.step == 3
+
+
+def test_corpus_blocks(tokenizer) -> None:
+    blocks = prepare_corpus(DataConfig(), tokenizer, 64)
+    assert blocks.ndim == 2 and blocks.shape[1] == 64 and blocks.shape[0] > 100
+    assert tokenizer.eos_token_id in blocks  # documents are separated by EOS
