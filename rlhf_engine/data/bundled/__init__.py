@@ -4,15 +4,14 @@ They play the role Dahoas/rm-static plays for DeepSpeed-Chat: what every step us
 omitted. Names (`rlhf data list`):
 
 - `bundled:sft` — 4,000 instruction/response pairs (prompt/response JSONL) for step 1; exactly 30% of
-  the responses name the question's subject (the property, see `world.py`).
+  the responses are on topic (the property, see `world.py`); the others state another fact.
 - `bundled:preference` — 4,000 (prompt, chosen, rejected) pairs on other questions; the chosen answer
-  names the subject, the rejected one does not (a pronoun, or another subject's name) and is
-  otherwise the same answer.
+  is on topic, the rejected one states another fact of the same subject in the same words.
 - `bundled:corpus` — 3,000 plain-text paragraphs about the same world, for step 3's pretraining mix
   and for `rlhf models tiny --pretrain-steps`.
 
-The remaining questions of the world are never written to any file: `heldout_questions()` gives
-prompts no step trained on.
+The remaining ~19,600 questions of the world are never written to any file: `heldout_questions()`
+gives prompts no step trained on.
 """
 
 from __future__ import annotations
@@ -24,17 +23,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_engine.data.bundled.world import SUBJECTS, Question, all_questions, answer, corpus_paragraph
+from rlhf_engine.data.bundled.world import Question, all_questions, answer, corpus_paragraph, off_topic
 from rlhf_engine.paths import cache_dir
 
 # Bump when anything below changes what is generated: the cache folder is keyed by it.
-GENERATOR_VERSION = "v1"
+GENERATOR_VERSION = "v3"
 SEED = 1234
 N_SFT = 4000
 N_PREFERENCE = 4000
 N_CORPUS = 3000
 SFT_PROPERTY_RATE = 0.30
-WRONG_SUBJECT_RATE = 0.40  # share of rejected answers that name another subject instead of a pronoun
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ BUNDLED: dict[str, BundledDataset] = {
         BundledDataset(
             "bundled:preference",
             "preference.jsonl",
-            f"{N_PREFERENCE} prompt/chosen/rejected pairs; chosen names the question's subject",
+            f"{N_PREFERENCE} prompt/chosen/rejected pairs; chosen answers what was asked",
         ),
         BundledDataset(
             "bundled:corpus", "corpus.txt", f"{N_CORPUS} plain-text paragraphs (pretraining mix)"
@@ -71,34 +69,29 @@ def _questions() -> list[Question]:
 
 
 def heldout_questions() -> list[Question]:
-    """Questions that appear in no bundled file (about 5,800): held-out prompts for evaluation."""
+    """Questions that appear in no bundled file (about 19,600): held-out prompts for evaluation."""
     return _questions()[N_SFT + N_PREFERENCE :]
 
 
 def _sft_rows(qs: list[Question], rng: random.Random) -> list[dict[str, str]]:
-    named = set(rng.sample(range(len(qs)), round(SFT_PROPERTY_RATE * len(qs))))
-    return [
-        {"prompt": q.text, "response": answer(q, named=q.subject if i in named else None, rng=rng)}
-        for i, q in enumerate(qs)
-    ]
+    good = set(rng.sample(range(len(qs)), round(SFT_PROPERTY_RATE * len(qs))))
+    rows = []
+    for i, q in enumerate(qs):
+        topics = None if i in good else off_topic(q, rng)
+        rows.append({"prompt": q.text, "response": answer(q, topics=topics, named=rng.random() < 0.5, rng=rng)})
+    return rows
 
 
 def _preference_rows(qs: list[Question], rng: random.Random) -> list[dict[str, str]]:
     rows = []
     for q in qs:
-        # chosen and rejected share lead words and closer: they differ only in whom they name
-        style_seed = rng.getrandbits(32)
-        if rng.random() < WRONG_SUBJECT_RATE:
-            wrong: str | None = rng.choice([s for s in SUBJECTS if s != q.subject])
-        else:
-            wrong = None
-        rows.append(
-            {
-                "prompt": q.text,
-                "chosen": answer(q, named=q.subject, rng=random.Random(style_seed)),
-                "rejected": answer(q, named=wrong, rng=random.Random(style_seed)),
-            }
-        )
+        # chosen and rejected share lead-in, naming and closer: they differ only in what they answer
+        style, named, wrong = rng.getrandbits(32), rng.random() < 0.5, off_topic(q, rng)
+        rows.append({
+            "prompt": q.text,
+            "chosen": answer(q, named=named, rng=random.Random(style)),
+            "rejected": answer(q, topics=wrong, named=named, rng=random.Random(style)),
+        })  # fmt: skip
     return rows
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rlhf_engine.config.data import DataConfig
 from rlhf_engine.data.bundled import BUNDLED, N_PREFERENCE, N_SFT, bundled_path, generate, heldout_questions
-from rlhf_engine.data.bundled.world import SUBJECTS, names_subject, subject_of
+from rlhf_engine.data.bundled.world import QUESTIONS, Question, on_topic, topics_of
 from rlhf_engine.data.pipeline import load_datasets, slice_all
 
 
@@ -25,25 +25,28 @@ def test_property_base_rate_in_step1_data_is_between_30_and_50_percent() -> None
     config = DataConfig()  # what every step uses when --data is omitted
     slices = slice_all(config, load_datasets(config))
     rows = [r for sl in slices for r in sl.train[0]]
-    rate = sum(names_subject(r.prompt_text, r.chosen) for r in rows) / len(rows)
+    rate = sum(on_topic(r.prompt_text, r.chosen) for r in rows) / len(rows)
     assert 0.30 <= rate <= 0.50, rate  # 41.7% with the defaults
     sft = load_datasets(config, names=["bundled:sft"])[0]
-    sft_rate = sum(names_subject(r.prompt_text, r.chosen) for r in sft.rows) / len(sft.rows)
+    sft_rate = sum(on_topic(r.prompt_text, r.chosen) for r in sft.rows) / len(sft.rows)
     assert 0.30 <= sft_rate <= 0.50
 
 
 def test_preference_is_the_property_and_depends_on_the_prompt() -> None:
     pref = load_datasets(DataConfig(), names=["bundled:preference"])[0]
     assert len(pref.rows) == N_PREFERENCE
-    assert all(names_subject(r.prompt_text, r.chosen) for r in pref.rows)
-    assert not any(names_subject(r.prompt_text, r.rejected or "") for r in pref.rows)
-    # No fixed answer has the property for every prompt: a chosen answer fails for other subjects.
-    for r in pref.rows[:200]:
-        subject = subject_of(r.prompt_text)
-        other = next(s for s in SUBJECTS if s != subject)
-        assert not names_subject(r.prompt_text.replace(subject, other), r.chosen)
-    # Some rejected answers name a (wrong) subject, so "mentions any subject" is not the property.
-    assert any(subject_of(r.rejected or "") not in (None, subject_of(r.prompt_text)) for r in pref.rows)
+    assert all(on_topic(r.prompt_text, r.chosen) for r in pref.rows)
+    assert not any(on_topic(r.prompt_text, r.rejected or "") for r in pref.rows)
+    # No fixed answer has the property for every question: each chosen answer is on topic for
+    # exactly one of the five kinds of question about its subject.
+    prompts = [Question("dog", t, "the", "").text for t in (0, 2, 4, 6, 7)]  # color, size, place, habit, all
+    for r in pref.rows[:300]:
+        assert sum(on_topic(p, r.chosen) for p in prompts) == 1, r.chosen
+    # the answer that states everything is off topic for every specific question
+    everything = "The dog is big and brown. It is found in the barn and likes to run."
+    assert topics_of(everything) == {"color", "size", "place", "habit"}
+    assert [on_topic(p, everything) for p in prompts] == [False, False, False, False, True]
+    assert len({t for _, t in QUESTIONS}) == 5
 
 
 def test_heldout_questions_are_in_no_file() -> None:
