@@ -50,10 +50,15 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(RLHF) models tiny --arch opt --size s --pretrain-steps 300 --out $(DEMO_DIR)/models/actor --overwrite
 	HF_HUB_OFFLINE=1 $(RLHF) models tiny --arch opt --size xs --pretrain-steps 200 --out $(DEMO_DIR)/models/reward --overwrite
 	HF_HUB_OFFLINE=1 $(RLHF) data preview --tokenizer $(DEMO_DIR)/models/actor
+	HF_HUB_OFFLINE=1 $(RLHF) sft --model $(DEMO_DIR)/models/actor --output-dir $(DEMO_DIR)/run \
+	  --per-device-train-batch-size 16 --gradient-accumulation-steps 1 --learning-rate 5e-4 --max-seq-len 128
+	HF_HUB_OFFLINE=1 $(RLHF) reward --model $(DEMO_DIR)/models/reward --output-dir $(DEMO_DIR)/run \
+	  --per-device-train-batch-size 8 --gradient-accumulation-steps 1 --learning-rate 1e-3 --weight-decay 0 \
+	  --num-train-epochs 3 --max-seq-len 128
 
 lint: $(STAMP)
 	$(BIN)/ruff check rlhf_engine service workers tests
-	$(BIN)/mypy rlhf_engine/data rlhf_engine/config rlhf_engine/models service workers
+	$(BIN)/mypy rlhf_engine service workers
 
 lock: $(STAMP)
 	{ echo "# Exact versions of every dependency (pip install -c constraints.txt). Regenerate with 'make lock'."; \

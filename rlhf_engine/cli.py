@@ -3,6 +3,8 @@
     rlhf models tiny --arch opt --size xs [--pretrain-steps K] --out DIR
     rlhf data list
     rlhf data preview [--data A B …] [--data-split 2,4,4] [--tokenizer DIR] [--json]
+    rlhf sft --model DIR --output-dir OUT [--zero-stage 3 --lora-dim 8 … | --config FILE] [--num-gpus N]
+    rlhf reward --model DIR --output-dir OUT [...]
 
 Bad input ends with one line on stderr that names what to change (exit status 2), never a traceback.
 """
@@ -167,6 +169,60 @@ def _print_preview(config: DataConfig, reports: list[dict[str, Any]], unsup: dic
                 console.print(f"  {k:8} {ex[k]!r}", markup=False, highlight=False)
 
 
+# ---------------------------------------------------------------------------- rlhf sft / reward
+
+
+STEPS: dict[str, tuple[str, str]] = {
+    # command: (module with run(config) and STEP_DIR, config class name in rlhf_engine.config.train)
+    "sft": ("rlhf_engine.stages.sft", "SFTConfig"),
+    "reward": ("rlhf_engine.stages.reward", "RewardConfig"),
+}
+
+
+def cmd_step(ns: argparse.Namespace) -> int:
+    import importlib
+
+    import rlhf_engine.config.train as train_configs
+    from rlhf_engine.engine.launch import inside_launcher, run_launched
+
+    module_name, cls_name = STEPS[ns.command]
+    cls = getattr(train_configs, cls_name)
+    config = dataclass_from_args(cls, ns, file_values=load_config_file(ns.config) if ns.config else None)
+    stage = importlib.import_module(module_name)
+    if ns.num_gpus > 1 and not inside_launcher():
+        stage.check(config)  # bad input fails here once, not in every worker
+        marker = Path(config.output_dir) / stage.STEP_DIR / "summary.json"
+        return run_launched(ns.argv, processes=ns.num_gpus, launcher=ns.launcher, marker=marker,
+                            hostfile=ns.hostfile)  # fmt: skip
+    from rlhf_engine.engine.distributed import finish
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        summary = stage.run(config)
+    except ValueError as e:
+        if world > 1:  # a worker of a launched run: say why, then leave without the exit-time abort
+            print(f"rlhf: error: {e}", file=sys.stderr)
+            finish(False, world)
+        raise
+    if os.environ.get("RANK", "0") == "0":
+        _console().print_json(json.dumps(summary))
+    finish(True, world)  # returns only for single-process runs
+    return 0
+
+
+def _add_step_parser(sub: Any, name: str, help_text: str) -> None:
+    import rlhf_engine.config.train as train_configs
+
+    p = sub.add_parser(name, help=help_text)
+    add_dataclass_args(p, getattr(train_configs, STEPS[name][1]))
+    p.add_argument("--config", help="YAML/JSON file of options (flags override it)")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="processes per node (GPUs; on a CPU machine, CPU processes); >1 runs under the launcher")  # fmt: skip
+    p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
+    p.set_defaults(func=cmd_step)
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -203,11 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--examples", type=int, default=1, help="rendered examples to show per step")
     dp.add_argument("--json", action="store_true", help="machine-readable output")
     dp.set_defaults(func=cmd_data_preview)
+
+    _add_step_parser(sub, "sft", "step 1: supervised fine-tuning of the actor")
+    _add_step_parser(sub, "reward", "step 2: train the reward model")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)
+    ns.argv = argv
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     func: Callable[[argparse.Namespace], int] = ns.func
@@ -216,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # DataError and config errors: the message says what to change
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("rlhf: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -63,3 +63,14 @@ def test_config_file_supplies_options_and_flags_override(tmp_path: Path, tokeniz
     cfg.write_text("data_splitt: 1,1,1\n")
     done = rlhf("data", "preview", "--config", str(cfg))
     assert done.returncode == 2 and "unknown option(s) ['data_splitt']" in done.stderr
+
+
+def test_config_file_values_are_type_checked(tmp_path: Path) -> None:
+    cfg = tmp_path / "step.yaml"
+    for text, message in (("zero_stage: three\n", "zero_stage must be int"),
+                          ("dtype: fp8\n", "dtype must be one of"),
+                          ("data_split: [1, 2]\n", "data_split must be str"),
+                          ("- just\n- a list\n", "must hold a mapping")):  # fmt: skip
+        cfg.write_text(text)
+        done = rlhf("sft", "--model", "x", "--config", str(cfg))
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

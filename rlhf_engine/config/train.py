@@ -1,0 +1,142 @@
+"""Configs of the training steps: one dataclass per step, the single source of the CLI flags, the
+config files, the job API's per-step configuration and the worker.
+
+Defaults are DeepSpeed-Chat's single-GPU OPT-1.3B example (../shared/REFERENCE.md); every value is
+configurable. `__post_init__` rejects what cannot work, naming the field and the fix, before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf_engine.config.data import DataConfig
+
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+
+
+@dataclass
+class ModelOptions:
+    """How one trainable model runs under DeepSpeed (the step-3 actor and critic each have one)."""
+
+    zero_stage: int = field(default=0, metadata={"help": "ZeRO stage 0-3"})
+    offload: bool = field(
+        default=False,
+        metadata={"help": "offload optimizer state to CPU (and parameters at ZeRO-3); needs zero_stage >= 1"},
+    )
+    dtype: Dtype = field(
+        default="auto",
+        metadata={"help": "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU"},
+    )
+    lora_dim: int = field(default=0, metadata={"help": "LoRA rank; 0 = no LoRA"})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: lora_dim, scale 1)"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "module names LoRA adapts (peft target_modules); all-linear = every linear layer"},
+    )
+    only_optimize_lora: bool = field(
+        default=False, metadata={"help": "train only the LoRA weights (and a value head); needs lora_dim > 0"}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    dropout: float | None = field(default=None, metadata={"help": "override the model's dropout rates"})
+    zero_param_persistence_threshold: int | None = field(
+        default=None,
+        metadata={"help": "ZeRO-3 stage3_param_persistence_threshold (params smaller stay unpartitioned)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage {self.zero_stage} must be 0, 1, 2 or 3")
+        if self.offload and self.zero_stage == 0:
+            raise ValueError("offload needs zero_stage 1, 2 or 3 (ZeRO-Offload); set zero_stage or drop offload")
+        if self.lora_dim < 0:
+            raise ValueError(f"lora_dim {self.lora_dim} must be 0 (off) or a positive rank such as 8")
+        if self.only_optimize_lora and self.lora_dim == 0:
+            raise ValueError("only_optimize_lora needs lora_dim > 0; set lora_dim (e.g. 8) or drop the flag")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha {self.lora_alpha} must be positive")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module (or all-linear)")
+
+
+@dataclass
+class TrainConfig:
+    """What steps 1 and 2 share."""
+
+    model_name_or_path: str = field(
+        default="", metadata={"help": "model directory or hub id to start from", "aliases": ["--model"]}
+    )
+    output_dir: str = field(default="output", metadata={"help": "run directory; the step writes a folder in it"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"flatten": True})
+    model: ModelOptions = field(default_factory=ModelOptions, metadata={"flatten": True})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "micro-batch per process"})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "eval batch per process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
+    lr_scheduler_type: Scheduler = field(default="cosine", metadata={"help": "learning-rate schedule"})
+    num_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up optimizer steps"})
+    num_train_epochs: int = field(default=1, metadata={"help": "passes over the training rows"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = epochs decide)"})
+    gradient_clipping: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    eval_interval: int = field(default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"})
+    eval_max_rows: int = field(default=0, metadata={"help": "evaluate on at most N rows (0 = all)"})
+    checkpoint_interval: int = field(default=100, metadata={"help": "checkpoint every N steps (0 = never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume: bool = field(default=True, metadata={"help": "continue from the step's latest checkpoint if there is one"})
+    overwrite: bool = field(default=False, metadata={"help": "retrain even if the step already finished"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        if isinstance(self.model, dict):
+            self.model = ModelOptions(**self.model)
+        if not self.model_name_or_path:
+            raise ValueError("model_name_or_path: required; pass --model DIR (a model directory or hub id)")
+        if not self.output_dir:
+            raise ValueError("output_dir: required")
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "num_train_epochs", "keep_checkpoints")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        non_negative = ("num_warmup_steps", "max_steps", "eval_interval", "eval_max_rows", "checkpoint_interval",
+                        "weight_decay", "gradient_clipping")  # fmt: skip
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must not be negative")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"learning_rate {self.learning_rate} must be in (0, 1), e.g. 1e-5")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be in [0, 1)")
+
+    @property
+    def seed(self) -> int:
+        return self.data.seed
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Step 1: supervised fine-tuning of the actor (loss on answer tokens only)."""
+
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "micro-batch per process"})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Step 2: reward model = causal-LM backbone + scalar head, pairwise loss."""
+
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    model: ModelOptions = field(default_factory=lambda: ModelOptions(dropout=0.0), metadata={"flatten": True})

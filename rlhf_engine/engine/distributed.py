@@ -1,0 +1,85 @@
+"""torch.distributed set-up for one process or many (DeepSpeed launcher / torchrun), CPU or CUDA.
+
+Single process without a launcher: DeepSpeed still wants the rendezvous variables (otherwise it
+tries MPI discovery and fails with "No module named 'mpi4py'"), so they are filled in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: str  # "cpu" or "cuda:N"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed() -> Dist:
+    """Join (or create) the process group: NCCL on CUDA, gloo on CPU. Idempotent."""
+    import torch
+
+    from rlhf_engine.engine.ops import clear_stale_locks, extensions_dir
+
+    extensions_dir()  # JIT ops are cached in the rlhf cache, built once per machine
+    clear_stale_locks()
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})  # fmt: skip
+    import deepspeed
+    import torch.distributed as dist
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury our progress
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def finish(ok: bool, world_size: int) -> None:
+    """End a worker process of a multi-process run.
+
+    Two-process gloo runs abort at interpreter exit in ~20% of runs *after* finishing correctly
+    ("terminate called without an active exception"); tearing the group down, flushing and leaving
+    with os._exit avoids it (CPU_NOTES.md). Success is decided by the step's summary.json anyway.
+    """
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0 if ok else 1)

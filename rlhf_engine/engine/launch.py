@@ -1,0 +1,54 @@
+"""Running a step under the DeepSpeed launcher (or torchrun) with several processes.
+
+`rlhf sft --num-gpus 2 …` re-runs itself as `deepspeed --num_gpus 2 --module rlhf_engine.cli sft …`;
+the children see `RANK` in their environment and train instead of relaunching. Success is decided
+by the step's completion marker (summary.json), not by the launcher's exit code: two-process CPU
+runs can abort at exit after finishing correctly (CPU_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+Launcher = Literal["deepspeed", "torchrun"]
+
+
+def inside_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_command(args: Sequence[str], *, processes: int, launcher: Launcher = "deepspeed",
+                   hostfile: str | None = None) -> list[str]:  # fmt: skip
+    """The command that runs `rlhf <args>` as `processes` workers (per node, with a hostfile)."""
+    port = str(_port())
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                f"--master_port={port}", "-m", "rlhf_engine.cli", *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port", port,
+           "--no_local_rank"]  # LOCAL_RANK is in the environment; no --local_rank flag for our parser
+    if hostfile:
+        cmd += ["--hostfile", hostfile]
+    return [*cmd, "--module", "rlhf_engine.cli", *args]
+
+
+def run_launched(args: Sequence[str], *, processes: int, launcher: Launcher, marker: Path,
+                 hostfile: str | None = None) -> int:  # fmt: skip
+    """Run the step's workers and wait; 0 if the step's summary.json exists afterwards."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # N processes on a few cores: no thread oversubscription
+    done = subprocess.run(launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile), env=env)
+    if marker.is_file():
+        return 0
+    return done.returncode or 1

@@ -1,0 +1,154 @@
+"""DeepSpeed behaviour of the steps: ZeRO stages agree, LoRA trains what it should, 2 processes
+equal 1, a killed run resumes exactly, and bad input stops before anything starts.
+
+ZeRO-3 runs set `--zero-param-persistence-threshold 0`: tiny models would otherwise keep every
+parameter resident and hide partitioning bugs (CPU_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from rlhf_engine.stages.records import read_jsonl
+
+from .conftest import LAUNCH_VARS, SMALL, rlhf, rlhf_ok
+
+FAST = ["--per-device-train-batch-size", 4, "--checkpoint-interval", 0, "--max-seq-len", 128,
+        "--eval-max-rows", 32]  # fmt: skip
+
+
+def _losses(step_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_jsonl(step_dir / "metrics.jsonl")]
+
+
+def test_zero_stages_give_the_same_losses(tmp_path: Path, base_model: Path) -> None:
+    runs = {}
+    for stage, extra in ((0, []), (2, []), (3, ["--zero-param-persistence-threshold", 0]),
+                         (2, ["--offload", "--gradient-checkpointing"])):  # fmt: skip
+        out = tmp_path / f"z{stage}{len(extra)}"
+        rlhf_ok("sft", "--model", base_model, "--output-dir", out, "--zero-stage", stage, *extra, "--dropout", 0,
+                "--max-steps", 6, "--gradient-accumulation-steps", 2, *FAST)  # fmt: skip
+        runs[(stage, len(extra))] = out / "step1_sft"
+    ref = _losses(runs[(0, 0)])
+    assert len(ref) == 6 and ref[-1] < ref[0]
+    for key, step_dir in runs.items():
+        assert _losses(step_dir) == pytest.approx(ref, rel=1e-4), key
+    # the saved weights agree too (ZeRO-3 gathers every partitioned parameter)
+    w0 = load_file(str(runs[(0, 0)] / "model.safetensors"))
+    w3 = load_file(str(runs[(3, 2)] / "model.safetensors"))
+    assert w0.keys() == w3.keys()
+    assert max(float((w0[k] - w3[k]).abs().max()) for k in w0) < 1e-3
+
+
+def _changed(base: dict, trained: dict) -> set[str]:
+    return {k for k in base if not (base[k] == trained[k]).all()}
+
+
+def test_lora_trains_only_what_it_should(tmp_path: Path, base_model: Path) -> None:
+    base = load_file(str(base_model / "model.safetensors"))
+    only = tmp_path / "only"
+    rlhf_ok("sft", "--model", base_model, "--output-dir", only, "--lora-dim", 4, "--only-optimize-lora",
+            "--zero-stage", 3, "--zero-param-persistence-threshold", 0, "--max-steps", 4, *FAST)  # fmt: skip
+    merged = load_file(str(only / "step1_sft" / "model.safetensors"))
+    assert merged.keys() == base.keys()  # LoRA fused on save: a plain model, no adapter weights
+    changed = _changed(base, merged)
+    linear = {k for k in base if k.endswith("proj.weight") or k.endswith(("fc1.weight", "fc2.weight"))}
+    assert changed and changed <= linear  # only the adapted linear layers moved
+    assert not any("embed" in k or "layer_norm" in k or k.endswith(".bias") for k in changed)
+
+    full = tmp_path / "full"  # options from a config file this time (flags still win: --max-steps)
+    (tmp_path / "step1.yaml").write_text("lora_dim: 4\nlora-target-modules: [q_proj, v_proj]\nmax_steps: 50\n")
+    rlhf_ok("sft", "--model", base_model, "--output-dir", full, "--config", tmp_path / "step1.yaml",
+            "--max-steps", 4, *FAST)  # fmt: skip
+    summary = json.loads((full / "step1_sft" / "summary.json").read_text())
+    assert summary["global_steps"] == 4 and summary["options"]["model"]["lora_target_modules"] == ["q_proj", "v_proj"]
+    changed_full = _changed(base, load_file(str(full / "step1_sft" / "model.safetensors")))
+    assert any("embed_tokens" in k for k in changed_full) and any("layer_norm" in k for k in changed_full)
+
+    rm = tmp_path / "rm"
+    rlhf_ok("reward", "--model", base_model, "--output-dir", rm, "--lora-dim", 4, "--only-optimize-lora",
+            "--max-steps", 4, *FAST)  # fmt: skip
+    rm_weights = load_file(str(rm / "step2_reward" / "model.safetensors"))
+    assert "score.weight" in rm_weights  # the new head trains even when only LoRA is optimised
+    assert not any("lora" in k for k in rm_weights)
+
+
+@pytest.mark.parametrize("launcher,stage", [("deepspeed", 2), ("torchrun", 3)])
+def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path: Path, base_model: Path,
+                                                                  launcher: str, stage: int) -> None:  # fmt: skip
+    common = ["--model", base_model, "--dropout", 0, "--max-steps", 6, "--zero-stage", stage,
+              "--zero-param-persistence-threshold", 0, *FAST]  # fmt: skip
+    rlhf_ok("sft", "--output-dir", tmp_path / "one", "--gradient-accumulation-steps", 2, *common)
+    two = rlhf("sft", "--output-dir", tmp_path / "two", "--gradient-accumulation-steps", 1, "--num-gpus", 2,
+               "--launcher", launcher, *common)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]  # decided by summary.json, not the launcher's exit
+    summary = json.loads((tmp_path / "two" / "step1_sft" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    assert _losses(tmp_path / "two" / "step1_sft") == pytest.approx(_losses(tmp_path / "one" / "step1_sft"), rel=1e-5)
+    # the model gathered from two ranks' partitions equals the single-process one
+    w1 = load_file(str(tmp_path / "one" / "step1_sft" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "step1_sft" / "model.safetensors"))
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+def test_resume_after_sigkill_continues_exactly(tmp_path: Path, base_model: Path) -> None:
+    args = ["sft", "--model", base_model, "--per-device-train-batch-size", 2, "--max-steps", 150,
+            "--checkpoint-interval", 10, "--max-seq-len", 128, "--eval-max-rows", 16]  # dropout stays on  # fmt: skip
+    rlhf_ok(*args, "--output-dir", tmp_path / "straight")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *map(str, args), "--output-dir",
+                             str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    events = tmp_path / "killed" / "step1_sft" / "events.jsonl"
+    deadline = time.monotonic() + 120
+    while not (events.is_file() and "checkpoint_saved" in events.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, mid-way through the next steps
+    proc.wait()
+    killed_dir = tmp_path / "killed" / "step1_sft"
+    assert not (killed_dir / "summary.json").exists()
+    k = max(e["data"]["global_step"] for e in read_jsonl(events) if e["type"] == "checkpoint_saved")
+    assert k < 150
+
+    rlhf_ok(*args, "--output-dir", tmp_path / "killed")
+    straight, resumed = read_jsonl(tmp_path / "straight" / "step1_sft" / "metrics.jsonl"), read_jsonl(killed_dir / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(1, 151))  # no step lost, none twice
+    assert [m["loss"] for m in resumed[k:]] == pytest.approx([m["loss"] for m in straight[k:]], abs=1e-6)
+    assert any(e["type"] == "step_started" and "resum" in e["message"] for e in read_jsonl(events))
+
+
+BAD = [
+    (["--model", "/no/such/model"], "model_name_or_path: /no/such/model does not exist"),
+    (["--dtype", "fp16"], "fp16 is not supported on CPU"),
+    (["--offload"], "offload needs zero_stage"),
+    (["--only-optimize-lora"], "only_optimize_lora needs lora_dim"),
+    (["--learning-rate", "2"], "learning_rate 2.0 must be in (0, 1)"),
+    (["--zero-stage", "4"], "zero_stage 4 must be"),
+    (["--per-device-train-batch-size", "100000"], "is more than the"),
+    (["--data-split", "10,0,0"], "zero share"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_refused_before_training(tmp_path: Path, base_model: Path, args: list[str], message: str) -> None:
+    cmd = "reward" if "--data-split" in args else "sft"
+    given = ["--model", base_model] if "--model" not in args else []
+    done = rlhf(cmd, *given, *args, "--output-dir", tmp_path, *SMALL)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("*/metrics.jsonl"))  # no training step ran
+
+
+def test_a_reward_model_is_not_a_causal_lm(tmp_path: Path, reward_run: Path) -> None:
+    done = rlhf("sft", "--model", reward_run, "--output-dir", tmp_path, *SMALL)
+    assert done.returncode == 2 and "not a causal LM" in done.stderr, done.stderr[-2000:]
