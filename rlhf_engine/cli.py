@@ -87,18 +87,13 @@ def cmd_data_list(ns: argparse.Namespace) -> int:
 
 
 def _load_tokenizer(path: str | None) -> Any:
-    from transformers import AutoTokenizer
+    from rlhf_engine.models.loading import load_tokenizer
 
     if path is None:
         from rlhf_engine.models.tokenizer import bundled_tokenizer_dir
 
         path = str(bundled_tokenizer_dir())
-    elif not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ValueError(f"tokenizer: {path} does not exist (and hub ids are off: HF_HUB_OFFLINE=1)")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"tokenizer: cannot load {path!r}: {e}") from None
+    return load_tokenizer(path, field="tokenizer")
 
 
 def cmd_data_preview(ns: argparse.Namespace) -> int:
@@ -204,8 +199,8 @@ def cmd_step(ns: argparse.Namespace) -> int:
             print(f"rlhf: error: {e}", file=sys.stderr)
             finish(False, world)
         raise
-    if os.environ.get("RANK", "0") == "0":
-        _console().print_json(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # the options it ran with stay in summary.json
+        _console().print_json(json.dumps({k: v for k, v in summary.items() if k != "options"}))
     finish(True, world)  # returns only for single-process runs
     return 0
 

@@ -1,7 +1,8 @@
 """DeepSpeed's JIT-compiled ops: build them once per machine, and never hang on a stale build lock.
 
 On CPU DeepSpeed compiles a shared-memory communication op on the first `init_distributed`, and
-an Adam op for "AdamW" from the config or for optimizer offload (~45 s each). torch caches the
+the CPU Adam op for optimizer offload (DeepSpeedCPUAdam) (~45 s each). We pass torch's AdamW
+otherwise, so DeepSpeed's config-built FusedAdam is never needed. torch caches the
 result in `TORCH_EXTENSIONS_DIR`; we point that into the rlhf cache so a build is paid once, and
 remove the `lock` file a killed build leaves behind (later builds would wait on it forever).
 
@@ -21,7 +22,7 @@ from rlhf_engine.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 # The accelerator's builder class names (see deepspeed.accelerator.*_accelerator.get_op_builder).
-CPU_OPS = ("ShareMemCommBuilder", "CPUAdamBuilder", "FusedAdamBuilder")
+CPU_OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
 
 
 def extensions_dir() -> Path:

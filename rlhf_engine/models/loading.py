@@ -30,13 +30,26 @@ def resolve_model(name: str, *, field: str = "model_name_or_path") -> str:
     """A local directory (checked) or a hub id (left for transformers, unless offline)."""
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and field != "tokenizer":
             raise ValueError(f"{field}: {name} has no config.json; point it at a Hugging Face model directory")
         return str(path)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if offline or name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise ValueError(f"{field}: {name} does not exist" + (" (and hub ids are off: HF_HUB_OFFLINE=1)" if offline else ""))
     return name
+
+
+def load_tokenizer(name: str, *, field: str = "model_name_or_path") -> Any:
+    """The tokenizer of a model directory or hub id (trust_remote_code off); it must have EOS."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model(name, field=field), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{field}: cannot load a tokenizer from {name}: {e}") from None
+    if tok.eos_token_id is None:
+        raise ValueError(f"{field}: the tokenizer of {name} has no EOS token, so answers could not end")
+    return tok
 
 
 def load_config(name: str, *, kind: ModelKind, field: str = "model_name_or_path") -> Any:

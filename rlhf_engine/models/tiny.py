@@ -40,7 +40,7 @@ class Shape:
     lr: float  # pretraining learning rate
 
 
-# Parameters with the bundled tokenizer (vocab 645): xs ≈ 0.5M, s ≈ 3.3M, m ≈ 25M (OPT).
+# Parameters with the bundled tokenizer (vocab 556): xs ≈ 0.53M, s ≈ 3.4M, m ≈ 25.7M (OPT).
 SIZES: dict[Size, Shape] = {
     "xs": Shape(hidden=128, layers=2, heads=4, ffn=512, lr=2e-3),
     "s": Shape(hidden=256, layers=4, heads=4, ffn=1024, lr=1e-3),

@@ -42,6 +42,7 @@ from rlhf_engine.models.loading import (
     apply_lora,
     load_config,
     load_model,
+    load_tokenizer,
     resolve_model,
     set_dropout,
 )
@@ -138,18 +139,6 @@ def _to_device(batch: Batch, device: str) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model_name_or_path: cannot load a tokenizer from {path}: {e}") from None
-    if tok.eos_token_id is None:
-        raise ValueError(f"model_name_or_path: the tokenizer of {path} has no EOS token; answers could not end")
-    return tok
-
-
 @dataclass
 class Checked:
     """What validation established before any process group, engine or model exists."""
@@ -166,7 +155,7 @@ def check_inputs(config: TrainConfig, spec: StepSpec) -> Checked:
     dtype = resolve_dtype(config.model)
     model_path = resolve_model(config.model_name_or_path)
     model_config = load_config(model_path, kind=spec.kind)
-    tokenizer = _load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)
     warnings = []
     if tokenizer.pad_token_id is None:  # GPT-2-style tokenizers; attention masks keep padding apart
         tokenizer.pad_token = tokenizer.eos_token
@@ -240,7 +229,8 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
     # --- resume, or start afresh
     ckpt_root = step_dir / "checkpoints"
     fingerprint = _fingerprint(config, world)
-    done = checkpoint.complete_checkpoints(ckpt_root) if config.resume else []
+    # --overwrite retrains from scratch; otherwise a rerun picks up the latest checkpoint
+    done = checkpoint.complete_checkpoints(ckpt_root) if config.resume and not config.overwrite else []
     start_step, eval_before = 0, None
     if done:
         _check_resumable(checkpoint.read_state(done[-1][1]), fingerprint, done[-1][1])

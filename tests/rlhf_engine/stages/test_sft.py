@@ -62,3 +62,8 @@ def test_a_finished_step_is_not_retrained(sft_run: Path, base_model: Path) -> No
     assert changed.returncode == 2 and "already finished" in changed.stderr and "learning_rate" in changed.stderr
     assert (sft_run / "summary.json").read_text() == before
     assert (sft_run / "model.safetensors").stat().st_mtime_ns == mtime
+    # --overwrite trains again from step 1, ignoring the finished run's checkpoints
+    rlhf_ok("sft", "--model", base_model, "--output-dir", sft_run.parent, *SFT_ARGS, "--overwrite")
+    assert (sft_run / "model.safetensors").stat().st_mtime_ns != mtime
+    assert [m["step"] for m in read_jsonl(sft_run / "metrics.jsonl")] == list(range(1, 61))
+    assert not any("resum" in e["message"] for e in read_jsonl(sft_run / "events.jsonl"))
