@@ -5,6 +5,9 @@
     rlhf data preview [--data A B …] [--data-split 2,4,4] [--tokenizer DIR] [--json]
     rlhf sft --model DIR --output-dir OUT [--zero-stage 3 --lora-dim 8 … | --config FILE] [--num-gpus N]
     rlhf reward --model DIR --output-dir OUT [...]
+    rlhf ppo --actor-model RUN/step1_sft --critic-model RUN/step2_reward --output-dir RUN [...]
+    rlhf train --actor-model A --reward-model R [--num-gpus N] [--step 1 2 3] [--config FILE|tiny]
+    rlhf eval --model RUN/step3_rlhf/actor --reference RUN/step1_sft --reward-model RUN/step2_reward
 
 Bad input ends with one line on stderr that names what to change (exit status 2), never a traceback.
 """
@@ -167,23 +170,29 @@ def _print_preview(config: DataConfig, reports: list[dict[str, Any]], unsup: dic
 # ---------------------------------------------------------------------------- rlhf sft / reward
 
 
-STEPS: dict[str, tuple[str, str]] = {
-    # command: (module with run(config) and STEP_DIR, config class name in rlhf_engine.config.train)
-    "sft": ("rlhf_engine.stages.sft", "SFTConfig"),
-    "reward": ("rlhf_engine.stages.reward", "RewardConfig"),
+STEPS: dict[str, tuple[str, str, str]] = {
+    # command: (module with run(config), check(config) and STEP_DIR; config module; config class)
+    "sft": ("rlhf_engine.stages.sft", "rlhf_engine.config.train", "SFTConfig"),
+    "reward": ("rlhf_engine.stages.reward", "rlhf_engine.config.train", "RewardConfig"),
+    "ppo": ("rlhf_engine.stages.ppo", "rlhf_engine.config.ppo", "PPOConfig"),
 }
+
+
+def _step_config_class(command: str) -> Any:
+    import importlib
+
+    _, module, name = STEPS[command]
+    return getattr(importlib.import_module(module), name)
 
 
 def cmd_step(ns: argparse.Namespace) -> int:
     import importlib
 
-    import rlhf_engine.config.train as train_configs
     from rlhf_engine.engine.launch import inside_launcher, run_launched
 
-    module_name, cls_name = STEPS[ns.command]
-    cls = getattr(train_configs, cls_name)
+    cls = _step_config_class(ns.command)
     config = dataclass_from_args(cls, ns, file_values=load_config_file(ns.config) if ns.config else None)
-    stage = importlib.import_module(module_name)
+    stage = importlib.import_module(STEPS[ns.command][0])
     if ns.num_gpus > 1 and not inside_launcher():
         stage.check(config)  # bad input fails here once, not in every worker
         marker = Path(config.output_dir) / stage.STEP_DIR / "summary.json"
@@ -206,16 +215,57 @@ def cmd_step(ns: argparse.Namespace) -> int:
 
 
 def _add_step_parser(sub: Any, name: str, help_text: str) -> None:
-    import rlhf_engine.config.train as train_configs
-
     p = sub.add_parser(name, help=help_text)
-    add_dataclass_args(p, getattr(train_configs, STEPS[name][1]))
+    add_dataclass_args(p, _step_config_class(name))
     p.add_argument("--config", help="YAML/JSON file of options (flags override it)")
     p.add_argument("--num-gpus", type=int, default=1,
                    help="processes per node (GPUs; on a CPU machine, CPU processes); >1 runs under the launcher")  # fmt: skip
     p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
     p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
     p.set_defaults(func=cmd_step)
+
+
+# ---------------------------------------------------------------------------- rlhf train
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from rlhf_engine.config.pipeline import PipelineConfig, load_pipeline_file
+    from rlhf_engine.stages.pipeline import run_pipeline
+
+    top, sections = load_pipeline_file(ns.config) if ns.config else ({}, {"sft": {}, "reward": {}, "ppo": {}})
+    cfg = dataclass_from_args(PipelineConfig, ns, file_values=top)
+    model = run_pipeline(cfg, sections)
+    console = _console()
+    console.print(f"\n[bold]Chat model:[/bold] {model}")
+    console.print("Load it anywhere: AutoModelForCausalLM.from_pretrained(" + repr(str(model)) + ")", highlight=False)
+    if (model.parent / "actor_ema").is_dir():
+        console.print(f"EMA of the actor: {model.parent / 'actor_ema'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- rlhf eval
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from rlhf_engine.models.loading import resolve_model
+    from rlhf_engine.stages.heldout import heldout_report
+
+    paths = {f: resolve_model(getattr(ns, f), field=f) for f in ("model", "reference", "reward_model")}
+    if ns.questions < 1:
+        raise ValueError("questions must be at least 1")
+    report = heldout_report(paths["model"], reference=paths["reference"], reward_model=paths["reward_model"],
+                            n=ns.questions, max_new_tokens=ns.max_new_tokens, seed=ns.seed)  # fmt: skip
+    if ns.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    console = _console()
+    console.print(f"[bold]{ns.model}[/bold] on {report['questions']} held-out questions: on topic "
+                  f"{100 * report['property_rate']:.1f}%, reward {report['reward_mean']:.3f}, KL to reference "
+                  f"{report['kl_to_ref']:.3f} nats/token, answer {report['answer_len']:.1f} tokens")  # fmt: skip
+    for ex in report["examples"][:3]:
+        console.print(f"  {ex['prompt']!r} → {ex['answer']!r} ({'on topic' if ex['on_topic'] else 'off topic'})",
+                      markup=False, highlight=False)  # fmt: skip
+    return 0
 
 
 # ---------------------------------------------------------------------------- parser
@@ -257,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_step_parser(sub, "sft", "step 1: supervised fine-tuning of the actor")
     _add_step_parser(sub, "reward", "step 2: train the reward model")
+    _add_step_parser(sub, "ppo", "step 3: PPO of the step-1 actor against the step-2 reward model")
+
+    from rlhf_engine.config.pipeline import PipelineConfig
+
+    tr = sub.add_parser("train", help="steps 1 → 2 → 3 in one command (finished steps are skipped)")
+    add_dataclass_args(tr, PipelineConfig)
+    tr.add_argument("--config", help="YAML/JSON file (or preset name, e.g. tiny) with shared options and "
+                    "sft:/reward:/ppo: sections of per-step options")  # fmt: skip
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="property rate, reward and KL of a model on held-out bundled questions")
+    ev.add_argument("--model", required=True, help="the model to evaluate (e.g. RUN/step3_rlhf/actor)")
+    ev.add_argument("--reference", required=True, help="the reference for KL (e.g. RUN/step1_sft)")
+    ev.add_argument("--reward-model", required=True, help="the reward model (e.g. RUN/step2_reward)")
+    ev.add_argument("--questions", type=int, default=200)
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

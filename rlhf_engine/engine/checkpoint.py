@@ -5,7 +5,8 @@ dropout after a resume would differ; each rank's RNG state is saved here (safete
 pickle). `trainer_state.json` is written last by rank 0: a checkpoint folder without it is
 incomplete (killed while saving) and is never resumed from.
 
-    checkpoints/global_step{N}/        DeepSpeed's files, rng_state_rank{R}.*, trainer_state.json
+    checkpoints/global_step{N}/<engine>/   DeepSpeed's files of each engine (step 3: actor, critic)
+    checkpoints/global_step{N}/            rng_state_rank{R}.*, extra.safetensors, trainer_state.json
 """
 
 from __future__ import annotations
@@ -65,19 +66,23 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save(engine: Any, root: Path, *, global_step: int, state: dict[str, Any], dist: Dist, keep: int) -> Path:
-    """Collective: every rank saves its shard and RNG; rank 0 marks it complete and prunes old ones."""
+def save(engines: dict[str, Any], root: Path, *, global_step: int, state: dict[str, Any], dist: Dist, keep: int,
+         extra: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
+    """Collective: every rank saves its shards and RNG; rank 0 writes `extra` (full tensors, e.g. the
+    EMA weights), marks the checkpoint complete and prunes old ones."""
     from safetensors.torch import save_file
 
-    tag = f"global_step{global_step}"
-    folder = root / tag
+    folder = root / f"global_step{global_step}"
     if dist.is_main and folder.exists():
         shutil.rmtree(folder)  # an incomplete leftover of a killed save
     barrier()
-    engine.save_checkpoint(str(root), tag=tag)
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(folder), tag=name)
     tensors, plain = _rng_state()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"rng_state_rank{dist.rank}.safetensors"))
     (folder / f"rng_state_rank{dist.rank}.json").write_text(json.dumps(plain))
+    if dist.is_main and extra:
+        save_file({k: v.contiguous() for k, v in extra.items()}, str(folder / "extra.safetensors"))
     barrier()
     if dist.is_main:
         write_json_atomic(folder / STATE, {**state, "global_step": global_step})
@@ -91,18 +96,23 @@ def read_state(folder: Path) -> dict[str, Any]:
     return dict(json.loads((folder / STATE).read_text()))
 
 
-def load(engine: Any, folder: Path, *, dist: Dist) -> dict[str, Any]:
-    """Restore engine state and this rank's RNG from a complete checkpoint; returns trainer state."""
+def load(engines: dict[str, Any], folder: Path, *, dist: Dist) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore each engine and this rank's RNG from a complete checkpoint.
+
+    Returns (trainer state, extra tensors — on every rank, for collective restores)."""
     from safetensors.torch import load_file
 
     state = read_state(folder)
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)  # fmt: skip
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+    for name, engine in engines.items():
+        path, _ = engine.load_checkpoint(str(folder), tag=name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)  # fmt: skip
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the {name} checkpoint in {folder}")
     rng_file = folder / f"rng_state_rank{dist.rank}.safetensors"
     if rng_file.is_file():
         _set_rng_state(load_file(str(rng_file)), json.loads(rng_file.with_suffix(".json").read_text()))
     else:
-        logger.warning("no RNG state for rank %d in %s; dropout will differ from the original run", dist.rank, folder)
-    return state
+        logger.warning("no RNG state for rank %d in %s; sampling and dropout will differ from the original run",
+                       dist.rank, folder)  # fmt: skip
+    extra_file = folder / "extra.safetensors"
+    return state, (load_file(str(extra_file)) if extra_file.is_file() else {})

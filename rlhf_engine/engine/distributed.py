@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ def init_distributed() -> Dist:
     import torch.distributed as dist
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury our progress
+    # torch 2.13 deprecates the collectives DeepSpeed calls, once per call: noise, not news
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 Launcher = Literal["deepspeed", "torchrun"]
+# set by a launcher for its workers; a fresh run started from inside one must not inherit them
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
 def inside_launcher() -> bool:

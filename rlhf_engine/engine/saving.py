@@ -43,6 +43,23 @@ def gathered_state_dict(module: torch.nn.Module, *, zero_stage: int, is_main: bo
     return state
 
 
+def load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, zero_stage: int,
+                    is_main: bool) -> None:  # fmt: skip
+    """Copy full tensors into the module's parameters (collective at ZeRO-3: rank 0's copy is
+    scattered to every rank's partition)."""
+    for name, p in module.named_parameters():
+        if name not in state:
+            continue
+        if zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if is_main:
+                    p.data.copy_(state[name])
+        else:
+            p.data.copy_(state[name])
+
+
 def _fresh_model(config: Any, kind: ModelKind) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -125,14 +125,45 @@ def all_reduce_sum(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
-def _fingerprint(config: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The options a checkpoint is only valid for (resuming with others would not continue the run)."""
+RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_interval", "eval_max_rows", "checkpoint_interval",
+                    "keep_checkpoints", "rollouts_per_step")  # fmt: skip
+
+
+def fingerprint_of(config: Any, world_size: int) -> dict[str, Any]:
+    """The options a checkpoint or a finished step is only valid for (others would not continue it)."""
     d = asdict(config)
-    for k in ("output_dir", "resume", "overwrite", "eval_interval", "eval_max_rows", "checkpoint_interval",
-              "keep_checkpoints"):  # fmt: skip
+    for k in RUN_ONLY_OPTIONS:
         d.pop(k, None)
     d["world_size"] = world_size
     return d
+
+
+def finished_summary(step_dir: Path, config: Any, title: str) -> dict[str, Any] | None:
+    """The summary of a step that already finished with these options (None: it has not finished,
+    or --overwrite). Finished with other options → an error naming them."""
+    if not is_finished(step_dir) or config.overwrite:
+        return None
+    summary = dict(json.loads((step_dir / SUMMARY).read_text()))
+    ran_with = dict(summary.get("options", {}))
+    ran_with.pop("world_size", None)
+    now = fingerprint_of(config, 0)
+    now.pop("world_size")
+    changed = sorted(k for k in set(ran_with) | set(now) if ran_with.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"{title} already finished in {step_dir} with other options ({', '.join(changed)}); "
+                         "pass --overwrite to train it again, or choose another output_dir")  # fmt: skip
+    logger.warning("%s already finished in %s; pass --overwrite to train it again", title, step_dir)
+    return summary
+
+
+def check_resumable(state: dict[str, Any], fingerprint: dict[str, Any], folder: Path) -> None:
+    saved = state.get("fingerprint", {})
+    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    if changed:
+        raise ValueError(
+            f"the checkpoint in {folder} was made with other options ({', '.join(changed)}); rerun with the "
+            "same options to resume, or pass --no-resume to start the step afresh"
+        )
 
 
 def _to_device(batch: Batch, device: str) -> Batch:
@@ -169,17 +200,7 @@ def run_step(config: TrainConfig, spec: StepSpec) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()  # per-shard bars would bury the step's own progress
     step_dir = Path(config.output_dir) / spec.dir_name
-    if is_finished(step_dir) and not config.overwrite:
-        summary = dict(json.loads((step_dir / SUMMARY).read_text()))
-        ran_with = dict(summary.get("options", {}))
-        ran_with.pop("world_size", None)
-        now = _fingerprint(config, 0)
-        now.pop("world_size")
-        changed = sorted(k for k in set(ran_with) | set(now) if ran_with.get(k) != now.get(k))
-        if changed:
-            raise ValueError(f"{spec.title} already finished in {step_dir} with other options ({', '.join(changed)}); "
-                             "pass --overwrite to train it again, or choose another output_dir")  # fmt: skip
-        logger.warning("%s already finished in %s; pass --overwrite to train it again", spec.title, step_dir)
+    if (summary := finished_summary(step_dir, config, spec.title)) is not None:
         return summary
     checked = check_inputs(config, spec)
     dist = init_distributed()
@@ -228,13 +249,13 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
 
     # --- resume, or start afresh
     ckpt_root = step_dir / "checkpoints"
-    fingerprint = _fingerprint(config, world)
+    fingerprint = fingerprint_of(config, world)
     # --overwrite retrains from scratch; otherwise a rerun picks up the latest checkpoint
     done = checkpoint.complete_checkpoints(ckpt_root) if config.resume and not config.overwrite else []
     start_step, eval_before = 0, None
     if done:
-        _check_resumable(checkpoint.read_state(done[-1][1]), fingerprint, done[-1][1])
-        state = checkpoint.load(engine, done[-1][1], dist=dist)
+        check_resumable(checkpoint.read_state(done[-1][1]), fingerprint, done[-1][1])
+        state, _ = checkpoint.load({"model": engine}, done[-1][1], dist=dist)
         start_step, eval_before = state["global_step"], state["eval_before"]
         records.truncate_metrics(start_step)
         records.event("step_started", f"{spec.title}: resuming at step {start_step} of {total}",
@@ -306,7 +327,7 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
         if config.eval_interval and done_steps % config.eval_interval == 0 and done_steps < total:
             eval_last = run_eval(done_steps)
         if config.checkpoint_interval and done_steps % config.checkpoint_interval == 0 and done_steps < total:
-            folder = checkpoint.save(engine, ckpt_root, global_step=done_steps, dist=dist,
+            folder = checkpoint.save({"model": engine}, ckpt_root, global_step=done_steps, dist=dist,
                                      keep=config.keep_checkpoints,
                                      state={"total_steps": total, "eval_before": eval_before,
                                             "fingerprint": fingerprint})  # fmt: skip
@@ -339,14 +360,4 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
         records.summary(summary)
     barrier()
     return summary
-
-
-def _check_resumable(state: dict[str, Any], fingerprint: dict[str, Any], folder: Path) -> None:
-    saved = state.get("fingerprint", {})
-    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-    if changed:
-        raise ValueError(
-            f"the checkpoint in {folder} was made with other options ({', '.join(changed)}); rerun with the "
-            "same options to resume, or pass --no-resume to start the step afresh"
-        )
 

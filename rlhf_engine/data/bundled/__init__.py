@@ -4,9 +4,10 @@ They play the role Dahoas/rm-static plays for DeepSpeed-Chat: what every step us
 omitted. Names (`rlhf data list`):
 
 - `bundled:sft` — 4,000 instruction/response pairs (prompt/response JSONL) for step 1; exactly 30% of
-  the responses are on topic (the property, see `world.py`); the others state another fact.
+  the responses are on topic (the property, see `world.py`); the others state another fact, or
+  more than was asked.
 - `bundled:preference` — 4,000 (prompt, chosen, rejected) pairs on other questions; the chosen answer
-  is on topic, the rejected one states another fact of the same subject in the same words.
+  is on topic, the rejected one states another fact, or the asked fact and more, in the same words.
 - `bundled:corpus` — 3,000 plain-text paragraphs about the same world, for step 3's pretraining mix
   and for `rlhf models tiny --pretrain-steps`.
 
@@ -27,7 +28,7 @@ from rlhf_engine.data.bundled.world import Question, all_questions, answer, corp
 from rlhf_engine.paths import cache_dir
 
 # Bump when anything below changes what is generated: the cache folder is keyed by it.
-GENERATOR_VERSION = "v3"
+GENERATOR_VERSION = "v4"
 SEED = 1234
 N_SFT = 4000
 N_PREFERENCE = 4000

@@ -106,6 +106,7 @@ def all_questions() -> list[Question]:
 
 
 def _sentence(topic: str, ref: str, f: Facts) -> str:
+    """One sentence stating one topic ("It is brown.")."""
     if topic == "color":
         return f"{ref} is {f.color}."
     if topic == "size":
@@ -130,17 +131,33 @@ def answer(question: Question, *, topics: tuple[str, ...] | None = None, named: 
     first = lead + first if lead else first[0].upper() + first[1:]
     if set(topics) == set(TOPICS):  # the full description reads as two sentences
         body = f"{first} is {f.size} and {f.color}. It is found in the {f.place} and likes to {f.habit}."
+    elif {"size", "color"} <= set(topics) and rng.random() < 0.5:  # "It is tiny and green." …
+        rest = [t for t in topics if t not in ("size", "color")]
+        body = " ".join([f"{first} is {f.size} and {f.color}."] + [_sentence(t, "It", f) for t in rest])
     else:
         body = " ".join(_sentence(t, first if i == 0 else "It", f) for i, t in enumerate(topics))
     return body + rng.choice(CLOSERS)
 
 
 def off_topic(question: Question, rng: random.Random) -> tuple[str, ...]:
-    """Topics of a plausible answer that misses the question: another single topic for a specific
-    question; one topic only when asked to describe."""
+    """Topics of a plausible answer that misses the question.
+
+    For a specific question: another topic (half the time), the asked topic *plus* others (an
+    over-answer, 30%), or the whole description (20%) — so that stating more than was asked is
+    no way to be on topic. For "describe": one to three of the four topics.
+    """
     if question.kind == "all":
-        return (rng.choice(TOPICS),)
-    return (rng.choice([t for t in TOPICS if t != question.kind]),)
+        return tuple(rng.sample(TOPICS, rng.randint(1, 3)))
+    others = [t for t in TOPICS if t != question.kind]
+    r = rng.random()
+    if r < 0.5:
+        return (rng.choice(others),)
+    if r < 0.8:
+        extra = rng.sample(others, rng.randint(1, 2))
+        topics = [question.kind, *extra]
+        rng.shuffle(topics)
+        return tuple(topics)
+    return TOPICS
 
 
 _TOPIC_WORDS = {

@@ -1,0 +1,123 @@
+"""`rlhf train`: the three steps as one command, configured once.
+
+The pipeline config names the two input models, the run directory, what runs where, and options
+shared by the steps (data, ZeRO stages); per-step options come from the `sft:`, `reward:` and
+`ppo:` sections of a config file, with exactly the fields of SFTConfig, RewardConfig and PPOConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhf_engine.config.args import load_config_file
+from rlhf_engine.config.data import DataConfig
+from rlhf_engine.config.ppo import PPOConfig
+from rlhf_engine.config.train import RewardConfig, SFTConfig
+
+Deployment = Literal["single_gpu", "single_node", "multi_node"]
+SECTIONS = ("sft", "reward", "ppo")
+STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
+
+
+@dataclass
+class PipelineConfig:
+    actor_model: str = field(default="", metadata={"help": "pretrained causal LM to fine-tune (path or hub id)"})
+    reward_model: str = field(default="", metadata={"help": "model to train as the reward model (path or hub id)"})
+    output_dir: str = field(default="output", metadata={"help": "run directory: step1_sft/, step2_reward/, step3_rlhf/"})
+    step: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "which steps to run"})
+    num_gpus: int = field(default=1, metadata={"help": "processes per node (GPUs; on CPU, CPU processes)"})
+    deployment_type: Deployment = field(
+        default="single_gpu",
+        metadata={"help": "single_gpu: 1 process; single_node: num_gpus processes; multi_node: with --hostfile"},
+    )
+    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (multi_node)"})
+    actor_zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage of the actor (steps 1 and 3)"})
+    reward_zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage of the reward model / critic (steps 2 and 3)"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"flatten": True})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        if not self.actor_model and 1 in self.step:
+            raise ValueError("actor_model: required for step 1; pass --actor-model PATH")
+        if not self.reward_model and 2 in self.step:
+            raise ValueError("reward_model: required for step 2; pass --reward-model PATH")
+        if not self.step or any(s not in (1, 2, 3) for s in self.step):
+            raise ValueError(f"step {self.step}: give some of 1 2 3")
+        if self.num_gpus < 1:
+            raise ValueError(f"num_gpus {self.num_gpus} must be at least 1")
+        if self.deployment_type == "multi_node" and not self.hostfile:
+            raise ValueError("deployment_type multi_node needs --hostfile (DeepSpeed's host list)")
+        if self.deployment_type == "single_gpu" and self.num_gpus != 1:
+            raise ValueError("deployment_type single_gpu runs 1 process; use single_node for --num-gpus > 1")
+        for name in ("actor_zero_stage", "reward_zero_stage"):
+            v = getattr(self, name)
+            if v is not None and v not in (0, 1, 2, 3):
+                raise ValueError(f"{name} {v} must be 0, 1, 2 or 3")
+
+    def step_dir(self, step: int) -> Path:
+        return Path(self.output_dir) / STEP_DIRS[step]
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config file path, or the name of a preset shipped with the package (`tiny`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = resources.files("rlhf_engine.config") / "presets" / f"{name}.yaml"
+    if preset.is_file():
+        return Path(str(preset))
+    raise ValueError(f"config: {name} is neither a file nor a preset ({', '.join(presets())})")
+
+
+def presets() -> list[str]:
+    folder = resources.files("rlhf_engine.config") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def split_sections(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A pipeline config file → (top-level values, {"sft": …, "reward": …, "ppo": …})."""
+    top = {k: v for k, v in values.items() if k not in SECTIONS}
+    sections = {}
+    for s in SECTIONS:
+        raw = values.get(s) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config: section {s} must be a mapping of {s} options")
+        sections[s] = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    return top, sections
+
+
+def load_pipeline_file(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    return split_sections(load_config_file(resolve_config_path(name)))
+
+
+def step_values(cfg: PipelineConfig, step: int, section: dict[str, Any]) -> dict[str, Any]:
+    """Flat options of one step (the keys its command's flags and --config take), shared options first,
+    the step's own section on top."""
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if v is not None}
+    out: dict[str, Any] = dict(data)
+    run = {"output_dir": cfg.output_dir}
+    if step == 1:
+        out |= run | {"model_name_or_path": cfg.actor_model}
+        if cfg.actor_zero_stage is not None:
+            out["zero_stage"] = cfg.actor_zero_stage
+    elif step == 2:
+        out |= run | {"model_name_or_path": cfg.reward_model}
+        if cfg.reward_zero_stage is not None:
+            out["zero_stage"] = cfg.reward_zero_stage
+    else:
+        out |= run | {"actor_model_name_or_path": str(cfg.step_dir(1)),
+                      "critic_model_name_or_path": str(cfg.step_dir(2))}  # fmt: skip
+        if cfg.actor_zero_stage is not None:
+            out["actor_zero_stage"] = cfg.actor_zero_stage
+        if cfg.reward_zero_stage is not None:
+            out["critic_zero_stage"] = cfg.reward_zero_stage
+    out |= section
+    return out
+
+
+STEP_CLASSES: dict[int, type] = {1: SFTConfig, 2: RewardConfig, 3: PPOConfig}

@@ -1,0 +1,139 @@
+"""Step 3 (PPO) config: actor and critic options, DeepSpeed-Chat's constants as defaults.
+
+DeepSpeed-Chat hard-codes kl_ctl, clip_reward_value, cliprange, cliprange_value, gamma, lam and the
+EMA beta; here each is a field. Everything that cannot work together is refused in
+`__post_init__`, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf_engine.config.data import DataConfig
+from rlhf_engine.config.train import ModelOptions, Scheduler
+
+
+def _no_dropout() -> ModelOptions:
+    # dropout makes the log-probs of experience and of training differ for the same weights,
+    # which PPO's ratio reads as a policy change; DeepSpeed-Chat turns it off in step 3 too
+    return ModelOptions(dropout=0.0)
+
+
+@dataclass
+class PPOConfig:
+    actor_model_name_or_path: str = field(default="", metadata={"help": "the step-1 model (actor and reference)",
+                                                               "aliases": ["--actor-model"]})  # fmt: skip
+    critic_model_name_or_path: str = field(default="", metadata={"help": "the step-2 model (critic)",
+                                                                 "aliases": ["--critic-model"]})  # fmt: skip
+    reward_model_name_or_path: str = field(
+        default="", metadata={"help": "the reward model (default: the critic's path)", "aliases": ["--reward-model"]}
+    )
+    output_dir: str = field(default="output", metadata={"help": "run directory; step 3 writes step3_rlhf/ in it"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"flatten": True})
+    actor: ModelOptions = field(default_factory=_no_dropout, metadata={"prefix": "actor_"})
+    critic: ModelOptions = field(default_factory=_no_dropout, metadata={"prefix": "critic_"})
+    offload_reference_model: bool = field(default=False, metadata={"help": "keep the frozen reference on CPU (ZeRO-3 offload)"})
+    offload_reward_model: bool = field(default=False, metadata={"help": "keep the frozen reward model on CPU (ZeRO-3 offload)"})
+    enable_hybrid_engine: bool = field(
+        default=False,
+        metadata={"help": "DeepSpeed's HybridEngine (kernel injection) for generation: CUDA and supported "
+                  "architectures only; the default path runs everywhere"},  # fmt: skip
+    )
+    max_answer_len: int = field(default=256, metadata={"help": "max generated tokens per answer"})
+    per_device_generation_batch_size: int = field(default=16, metadata={"help": "prompts per generation call per process"})
+    per_device_training_batch_size: int = field(default=16, metadata={"help": "experiences per PPO micro-batch"})
+    generation_batches: int = field(default=1, metadata={"help": "generation calls per PPO step"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over each step's experience"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    actor_learning_rate: float = field(default=9.65e-6, metadata={"help": "actor peak learning rate"})
+    critic_learning_rate: float = field(default=5e-6, metadata={"help": "critic peak learning rate"})
+    actor_weight_decay: float = field(default=0.0, metadata={"help": "actor AdamW weight decay"})
+    critic_weight_decay: float = field(default=0.0, metadata={"help": "critic AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
+    lr_scheduler_type: Scheduler = field(default="cosine", metadata={"help": "learning-rate schedule"})
+    num_warmup_steps: int = field(default=100, metadata={"help": "linear warm-up optimizer steps"})
+    gradient_clipping: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    num_train_epochs: int = field(default=1, metadata={"help": "passes over the step-3 prompts"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many PPO steps (0 = epochs decide)"})
+    # --- PPO (DeepSpeed-Chat's values)
+    kl_ctl: float = field(default=0.1, metadata={"help": "weight of the per-token KL penalty to the reference"})
+    clip_reward_value: float = field(default=5.0, metadata={"help": "reward-model scores are clipped to ±this"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip ε"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip ε around the old values"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ"})
+    # --- sampling
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the actor"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling p (1 = off)"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
+    # --- extras from InstructGPT
+    enable_ema: bool = field(default=False, metadata={"help": "keep an exponential moving average of the actor"})
+    ema_beta: float = field(default=0.992, metadata={"help": "EMA β: ema = β·ema + (1−β)·actor"})
+    unsup_coef: float = field(
+        default=0.0,
+        metadata={"help": "weight of the LM loss on unsup_data (PPO-ptx); 0 = off. DeepSpeed-Chat's 27.8 was unstable"},
+    )
+    # --- guard, evaluation, records
+    degenerate_threshold: float = field(
+        default=0.5,
+        metadata={"help": "share of empty/repetitive answers in a batch above which DeepSpeed's hybrid "
+                  "engine is abandoned for the plain path"},  # fmt: skip
+    )
+    eval_interval: int = field(default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"})
+    eval_max_rows: int = field(default=200, metadata={"help": "held-out prompts per evaluation (0 = all)"})
+    rollouts_per_step: int = field(default=4, metadata={"help": "sampled rollouts written to rollouts.jsonl per step"})
+    checkpoint_interval: int = field(default=100, metadata={"help": "checkpoint every N PPO steps (0 = never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint if there is one"})
+    overwrite: bool = field(default=False, metadata={"help": "retrain even if step 3 already finished"})
+
+    def __post_init__(self) -> None:
+        for name, cls in (("data", DataConfig), ("actor", ModelOptions), ("critic", ModelOptions)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        if not self.actor_model_name_or_path:
+            raise ValueError("actor_model_name_or_path: required; pass --actor-model DIR (the step-1 output)")
+        if not self.critic_model_name_or_path:
+            raise ValueError("critic_model_name_or_path: required; pass --critic-model DIR (the step-2 output)")
+        positive = ("max_answer_len", "per_device_generation_batch_size", "per_device_training_batch_size",
+                    "generation_batches", "ppo_epochs", "gradient_accumulation_steps", "num_train_epochs",
+                    "keep_checkpoints")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        for name in ("max_steps", "num_warmup_steps", "eval_interval", "eval_max_rows", "rollouts_per_step",
+                     "checkpoint_interval", "kl_ctl", "clip_reward_value", "cliprange", "cliprange_value",
+                     "unsup_coef", "top_k", "actor_weight_decay", "critic_weight_decay", "gradient_clipping"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must not be negative")
+        for name in ("actor_learning_rate", "critic_learning_rate"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be in (0, 1), e.g. 1e-5")
+        for name in ("gamma", "lam", "ema_beta", "top_p", "degenerate_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature {self.temperature} must be positive (PPO needs sampling)")
+        experiences = self.per_device_generation_batch_size * self.generation_batches
+        micro = self.per_device_training_batch_size * self.gradient_accumulation_steps
+        if experiences % micro:
+            raise ValueError(
+                f"per_device_generation_batch_size × generation_batches = {experiences} experiences per step must "
+                f"divide into optimizer steps of per_device_training_batch_size × gradient_accumulation_steps = "
+                f"{micro}; e.g. make them equal (DeepSpeed-Chat's stable setting)"
+            )
+        if self.data.max_prompt_len + self.max_answer_len > 100_000:
+            raise ValueError("max_prompt_len + max_answer_len is implausibly large; keep it within the model's context")
+
+    @property
+    def seed(self) -> int:
+        return self.data.seed
+
+    @property
+    def reward_path(self) -> str:
+        return self.reward_model_name_or_path or self.critic_model_name_or_path
+
+    def optimizer_steps_per_ppo_step(self) -> int:
+        experiences = self.per_device_generation_batch_size * self.generation_batches
+        return self.ppo_epochs * experiences // (self.per_device_training_batch_size * self.gradient_accumulation_steps)

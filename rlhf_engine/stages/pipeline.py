@@ -1,0 +1,82 @@
+"""`rlhf train`: steps 1 → 2 → 3, each as its own `rlhf sft|reward|ppo` process (under the DeepSpeed
+launcher when there are several processes), with its options written to `RUN/configs/`, its output
+to `RUN/logs/`, and success judged by its summary.json. A finished step is skipped (the step itself
+refuses to reuse one finished with other options); an interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_engine.config.args import dataclass_from_args
+from rlhf_engine.config.pipeline import STEP_CLASSES, PipelineConfig, step_values
+from rlhf_engine.engine.launch import LAUNCH_VARS
+from rlhf_engine.stages.records import is_finished
+
+COMMANDS = {1: "sft", 2: "reward", 3: "ppo"}
+TITLES = {1: "step 1 (SFT)", 2: "step 2 (reward model)", 3: "step 3 (PPO)"}
+
+
+def plan(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Each requested step's options, validated now — before anything runs or loads."""
+    import argparse
+
+    out = {}
+    for step in sorted(set(cfg.step)):
+        values = step_values(cfg, step, sections[COMMANDS[step]])
+        dataclass_from_args(STEP_CLASSES[step], argparse.Namespace(), file_values=values)  # raises with the field
+        out[step] = values
+    if 3 in out:
+        for needed in (1, 2):
+            if needed not in out and not is_finished(cfg.step_dir(needed)):
+                raise ValueError(f"step 3 needs the finished step {needed} in {cfg.step_dir(needed)}; "
+                                 f"run it too (--step {needed} 3) or point output_dir at a run that has it")  # fmt: skip
+    return out
+
+
+def _run_logged(cmd: list[str], log: Path) -> int:
+    """Run `cmd`, copying its output to the console and to `log`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    with open(log, "a") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                               text=True, bufsize=1) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        return proc.wait()
+
+
+def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Path:
+    """Run the steps; returns the chat model's folder (the last step's model)."""
+    steps = plan(cfg, sections)
+    out = Path(cfg.output_dir)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    procs = cfg.num_gpus if cfg.deployment_type != "single_gpu" else 1
+    for step, values in steps.items():
+        name = cfg.step_dir(step).name
+        config_file = out / "configs" / f"{name}.yaml"
+        config_file.write_text(yaml.safe_dump(values, sort_keys=True))
+        if is_finished(cfg.step_dir(step)):
+            print(f"==> {TITLES[step]}: finished earlier in {cfg.step_dir(step)}; checking its options", flush=True)
+        else:
+            print(f"==> {TITLES[step]}: options in {config_file}, log in {out / 'logs' / (name + '.log')}", flush=True)
+        cmd = [sys.executable, "-m", "rlhf_engine.cli", COMMANDS[step], "--config", str(config_file)]
+        if procs > 1 or cfg.hostfile:
+            cmd += ["--num-gpus", str(procs)] + (["--hostfile", cfg.hostfile] if cfg.hostfile else [])
+        started = time.monotonic()
+        code = _run_logged(cmd, out / "logs" / f"{name}.log")
+        if not is_finished(cfg.step_dir(step)):
+            raise RuntimeError(f"{TITLES[step]} did not finish (exit status {code}); see {out / 'logs' / (name + '.log')}")
+        print(f"==> {TITLES[step]}: done in {time.monotonic() - started:.0f} s", flush=True)
+    last = max(steps) if steps else 3
+    if last == 3:
+        return cfg.step_dir(3) / "actor"
+    return cfg.step_dir(last)

@@ -1,0 +1,248 @@
+"""The PPO trainer: make experience with the actor, learn from it (DeepSpeed-Chat's step-3 core).
+
+    trainer = PPOTrainer(engine=engine, args=args)
+    for batch in loader:                       # left-padded prompts: {"input_ids", "attention_mask"}
+        out = trainer.generate_experience(batch)
+        actor_loss, critic_loss = trainer.train_rlhf(out)
+
+`generate_experience` samples answers (the actor's own engine in generation mode), then scores every
+sequence once with each model: actor and reference log-probabilities of the answer tokens, critic
+values, reward-model score. `train_rlhf` turns them into KL-penalised rewards and GAE advantages and
+takes one clipped policy step and one clipped value step (the math is in `algorithms/ppo.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from rlhf_engine.algorithms.losses import lm_loss
+from rlhf_engine.algorithms.ppo import (
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    mean_kl,
+    policy_loss,
+    token_logprobs,
+    value_loss,
+)
+from rlhf_engine.engine.generation import generation_mode, lm_logits, needs_synced_gpus, position_ids
+from rlhf_engine.engine.rlhf_engine import RLHFEngine, as_ppo_config
+from rlhf_engine.models.value import sequence_scores
+
+logger = logging.getLogger(__name__)
+
+REPEAT_MIN_TOKENS = 8
+REPEAT_SHARE = 0.6
+
+
+@dataclass
+class Experience:
+    """One batch of sampled answers and everything PPO needs about them.
+
+    seq (B, L) = left-padded prompt (P columns) + answer (A = L − P columns); answer-aligned tensors
+    are (B, A); `action_mask` is 1 on answer tokens up to and including EOS.
+    """
+
+    seq: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    action_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    degenerate: torch.Tensor  # (B,) bool: empty or one token repeated
+    gen_seconds: float = 0.0
+    score_seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.seq.shape[0])
+
+    def split(self, size: int) -> list[Experience]:
+        """Mini-batches of `size` rows (DeepSpeed-Chat's MiniDataset)."""
+        out = []
+        for i in range(0, len(self), size):
+            parts = {f.name: getattr(self, f.name) for f in fields(self)}
+            for k, v in parts.items():
+                if isinstance(v, torch.Tensor):
+                    parts[k] = v[i : i + size]
+            out.append(Experience(**parts))
+        return out
+
+    @property
+    def answer_lengths(self) -> torch.Tensor:
+        return self.action_mask.sum(1)
+
+
+def answer_mask(answers: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on answer tokens up to and including the first EOS, 0 after it: (B, A)."""
+    is_eos = (answers == eos_id).long()
+    before_or_at_eos = (is_eos.cumsum(1) - is_eos) == 0
+    return before_or_at_eos.long()
+
+
+def degenerate_rows(answers: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B,) True for an empty answer or one where a single token makes up most of a long answer."""
+    out = []
+    for row, m in zip(answers, mask, strict=True):
+        tokens = row[(m > 0) & (row != eos_id)]
+        if len(tokens) == 0:
+            out.append(True)
+            continue
+        top = int(torch.bincount(tokens).max())
+        out.append(len(tokens) >= REPEAT_MIN_TOKENS and top / len(tokens) >= REPEAT_SHARE)
+    return torch.tensor(out, dtype=torch.bool)
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        ids = batch.get("input_ids", batch.get("prompt"))
+        mask = batch.get("attention_mask", batch.get("prompt_att_mask"))
+    else:
+        ids, mask = batch[0], batch[1]
+    if ids is None or mask is None:
+        raise ValueError("a prompt batch needs input_ids and attention_mask (left-padded prompts)")
+    return ids, mask
+
+
+class PPOTrainer:
+    """generate_experience / train_rlhf / train_unsupervised over an RLHFEngine."""
+
+    def __init__(self, engine: RLHFEngine, args: Any = None) -> None:
+        self.engine = engine
+        self.args = as_ppo_config(args if args is not None else engine.args)
+        self.tokenizer = engine.tokenizer
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
+        self.device = engine.dist.device
+        self.use_ds_hybrid = self.args.enable_hybrid_engine
+        self.gather_for_generation = True
+        self.warnings: list[str] = []  # for the caller to turn into events
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ experience
+
+    def _generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        cfg = self.args
+        kwargs: dict[str, Any] = {
+            "attention_mask": mask, "max_new_tokens": cfg.max_answer_len, "do_sample": True,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+            "pad_token_id": self.pad_id, "eos_token_id": self.eos_id, "use_cache": True,
+        }  # fmt: skip
+        actor = self.engine.actor
+        with torch.no_grad():
+            if self.use_ds_hybrid:  # DeepSpeed's HybridEngine (CUDA): its own inference kernels
+                actor.eval()
+                out = actor.generate(prompts, synced_gpus=self.engine.dist.world_size > 1, **kwargs)
+                actor.train()
+                return out
+            synced = needs_synced_gpus(actor, gather=self.gather_for_generation, world_size=self.engine.dist.world_size)
+            with generation_mode(actor, gather=self.gather_for_generation) as model:
+                return model.generate(prompts, synced_gpus=synced, **kwargs)
+
+    @torch.no_grad()
+    def generate_experience(self, batch: Any, step: int | None = None) -> Experience:
+        """Sample answers for a batch of left-padded prompts and score them with every model."""
+        prompts, prompt_mask = (t.to(self.device) for t in _unpack(batch))
+        t0 = time.monotonic()
+        seq = self._generate(prompts, prompt_mask)
+        gen_s = time.monotonic() - t0
+        P = prompts.shape[1]
+        if seq.shape[1] == P:  # every row ended at once (max_answer_len reached 0 new tokens?) — keep shapes sane
+            seq = torch.cat([seq, torch.full_like(seq[:, :1], self.eos_id)], dim=1)
+        answers = seq[:, P:]
+        action_mask = answer_mask(answers, self.eos_id)
+        degenerate = degenerate_rows(answers.cpu(), action_mask.cpu(), self.eos_id)
+        if self.use_ds_hybrid and float(degenerate.float().mean()) > self.args.degenerate_threshold:
+            self.use_ds_hybrid = False
+            self.warnings.append(f"{int(degenerate.sum())}/{len(degenerate)} answers from DeepSpeed's hybrid engine "
+                                 "were empty or repetitive; generation falls back to the plain path")  # fmt: skip
+        attn = torch.cat([prompt_mask, action_mask], dim=1)
+        t1 = time.monotonic()
+        A = answers.shape[1]
+        logprobs = token_logprobs(lm_logits(self.engine.actor, seq, attn, keep_last=A + 1)[:, :-1], answers)
+        ref_logprobs = token_logprobs(lm_logits(self.engine.ref, seq, attn, keep_last=A + 1)[:, :-1], answers)
+        values = self.engine.critic(seq, attn)[:, P - 1 : -1]  # V(state before each answer token)
+        scores = sequence_scores(self.engine.reward(seq, attn), attn)
+        return Experience(seq, attn, P, action_mask, logprobs, ref_logprobs, values, scores, degenerate,
+                          gen_seconds=gen_s, score_seconds=time.monotonic() - t1)  # fmt: skip
+
+    # ------------------------------------------------------------------ learning
+
+    def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """One clipped policy step and one clipped value step on `exp`; returns (actor_loss, critic_loss)."""
+        cfg = self.args
+        mask = exp.action_mask.float()
+        with torch.no_grad():
+            rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, mask, kl_ctl=cfg.kl_ctl,
+                                           clip_reward_value=cfg.clip_reward_value)  # fmt: skip
+            advantages, returns = gae(exp.values, rewards, mask, gamma=cfg.gamma, lam=cfg.lam)
+        A = exp.action_mask.shape[1]
+        actor, critic = self.engine.actor, self.engine.critic
+        actor.train()
+        logits = lm_logits(actor, exp.seq, exp.attention_mask, keep_last=A + 1)[:, :-1]
+        logprobs = token_logprobs(logits, exp.seq[:, exp.prompt_len :])
+        actor_loss, clipfrac = policy_loss(logprobs, exp.logprobs, advantages, mask, cliprange=cfg.cliprange)
+        actor.backward(actor_loss)
+        stepped = actor.is_gradient_accumulation_boundary()
+        actor.step()
+        if stepped:
+            self.engine.update_ema()
+        critic.train()
+        values = critic(exp.seq, exp.attention_mask)[:, exp.prompt_len - 1 : -1]
+        critic_loss, value_clipfrac = value_loss(values, exp.values, returns, mask, cliprange_value=cfg.cliprange_value)
+        critic.backward(critic_loss)
+        critic.step()
+        self.last_metrics = {
+            "actor_loss": float(actor_loss.detach()),
+            "critic_loss": float(critic_loss.detach()),
+            "clip_frac": float(clipfrac),
+            "value_clip_frac": float(value_clipfrac),
+            "advantage_mean": float(masked_mean(advantages, mask)),
+            "return_mean": float(masked_mean(returns, mask)),
+        }
+        return actor_loss.detach(), critic_loss.detach()
+
+    def train_unsupervised(self, input_ids: torch.Tensor, unsup_coef: float) -> torch.Tensor:
+        """PPO-ptx: one actor step on unsup_coef × the LM loss of plain-text blocks; returns the LM loss."""
+        ids = input_ids.to(self.device)
+        mask = torch.ones_like(ids)
+        actor = self.engine.actor
+        actor.train()
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        loss = lm_loss(actor(**kwargs).logits, ids)
+        actor.backward(unsup_coef * loss)
+        stepped = actor.is_gradient_accumulation_boundary()
+        actor.step()
+        if stepped:
+            self.engine.update_ema()
+        return loss.detach()
+
+    def train_rlhf_with_unsupervised(self, exp: Experience, unsup_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """train_rlhf, then the mixture step (InstructGPT's PPO-ptx): (actor_loss, critic_loss, unsup_loss)."""
+        actor_loss, critic_loss = self.train_rlhf(exp)
+        return actor_loss, critic_loss, self.train_unsupervised(unsup_ids, self.args.unsup_coef)
+
+    # ------------------------------------------------------------------ metrics of one experience
+
+    def experience_metrics(self, exp: Experience) -> dict[str, float]:
+        mask = exp.action_mask.float()
+        return {
+            "reward_mean": float(exp.scores.mean()),
+            "kl_to_ref": float(mean_kl(exp.logprobs, exp.ref_logprobs, mask)),
+            "answer_len": float(exp.answer_lengths.float().mean()),
+            "degenerate_rate": float(exp.degenerate.float().mean()),
+        }
+
+
+def sequence_kl(exp: Experience) -> torch.Tensor:
+    """Per-row mean KL to the reference over the answer tokens: (B,)."""
+    return masked_mean(exp.logprobs - exp.ref_logprobs, exp.action_mask.float(), dim=1)
+
+
+__all__ = ["Experience", "PPOTrainer", "answer_mask", "degenerate_rows", "position_ids", "sequence_kl"]
