@@ -1,4 +1,4 @@
-# The team's vocabulary: make demo | test | lint | lock | clean
+# The team's vocabulary: make demo | test | bench | lint | lock | clean
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -23,11 +23,12 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install demo test lint lock clean
+.PHONY: help install demo test bench lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data"
 	@echo "make test   - create .venv, then run the whole test suite"
+	@echo "make bench  - step-3 throughput, ours vs DeepSpeed-Chat's loop (bench/results/)"
 	@echo "make lint   - ruff and mypy"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
 	@echo "make clean  - remove .venv, .cache and $(DEMO_DIR)"
@@ -47,17 +48,21 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(RLHF) data list
-	HF_HUB_OFFLINE=1 $(RLHF) models tiny --arch opt --size s --pretrain-steps 300 --out $(DEMO_DIR)/models/actor --overwrite
+	HF_HUB_OFFLINE=1 $(RLHF) models tiny --arch opt --size s --pretrain-steps 200 --out $(DEMO_DIR)/models/actor --overwrite
 	HF_HUB_OFFLINE=1 $(RLHF) models tiny --arch opt --size xs --pretrain-steps 200 --out $(DEMO_DIR)/models/reward --overwrite
 	HF_HUB_OFFLINE=1 $(RLHF) data preview --tokenizer $(DEMO_DIR)/models/actor
-	HF_HUB_OFFLINE=1 $(RLHF) sft --model $(DEMO_DIR)/models/actor --output-dir $(DEMO_DIR)/run \
-	  --per-device-train-batch-size 16 --gradient-accumulation-steps 1 --learning-rate 5e-4 --max-seq-len 128
-	HF_HUB_OFFLINE=1 $(RLHF) reward --model $(DEMO_DIR)/models/reward --output-dir $(DEMO_DIR)/run \
-	  --per-device-train-batch-size 8 --gradient-accumulation-steps 1 --learning-rate 1e-3 --weight-decay 0 \
-	  --num-train-epochs 3 --max-seq-len 128
+	HF_HUB_OFFLINE=1 $(RLHF) train --actor-model $(DEMO_DIR)/models/actor --reward-model $(DEMO_DIR)/models/reward \
+	  --output-dir $(DEMO_DIR)/run --config tiny
+	HF_HUB_OFFLINE=1 $(RLHF) eval --model $(DEMO_DIR)/run/step1_sft --reference $(DEMO_DIR)/run/step1_sft \
+	  --reward-model $(DEMO_DIR)/run/step2_reward
+	HF_HUB_OFFLINE=1 $(RLHF) eval --model $(DEMO_DIR)/run/step3_rlhf/actor --reference $(DEMO_DIR)/run/step1_sft \
+	  --reward-model $(DEMO_DIR)/run/step2_reward
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/step3.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check rlhf_engine service workers tests
+	$(BIN)/ruff check rlhf_engine service workers tests bench
 	$(BIN)/mypy rlhf_engine service workers
 
 lock: $(STAMP)

@@ -230,11 +230,15 @@ def _add_step_parser(sub: Any, name: str, help_text: str) -> None:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from rlhf_engine.config.pipeline import PipelineConfig, load_pipeline_file
-    from rlhf_engine.stages.pipeline import run_pipeline
+    from rlhf_engine.stages.pipeline import StepFailed, run_pipeline
 
     top, sections = load_pipeline_file(ns.config) if ns.config else ({}, {"sft": {}, "reward": {}, "ppo": {}})
     cfg = dataclass_from_args(PipelineConfig, ns, file_values=top)
-    model = run_pipeline(cfg, sections)
+    try:
+        model = run_pipeline(cfg, sections)
+    except StepFailed as e:
+        print(f"rlhf: error: {e}", file=sys.stderr)
+        return 1
     console = _console()
     console.print(f"\n[bold]Chat model:[/bold] {model}")
     console.print("Load it anywhere: AutoModelForCausalLM.from_pretrained(" + repr(str(model)) + ")", highlight=False)

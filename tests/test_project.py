@@ -29,7 +29,7 @@ def test_ci_starts_services_then_runs_test_then_demo() -> None:
 
 def test_makefile_has_the_targets_the_readme_names() -> None:
     targets = set(re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), flags=re.M))
-    assert {"demo", "test", "lint", "lock", "clean"} <= targets
+    assert {"demo", "test", "bench", "lint", "lock", "clean"} <= targets
 
 
 def test_dependencies_are_pinned() -> None:

@@ -67,6 +67,11 @@ class PPOConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the actor"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling p (1 = off)"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
+    reuse_generation_logits: bool = field(
+        default=True,
+        metadata={"help": "take the actor's log-probs of its answers from the logits generate() already "
+                  "computed instead of a second forward pass (off: DeepSpeed-Chat's extra pass)"},  # fmt: skip
+    )
     # --- extras from InstructGPT
     enable_ema: bool = field(default=False, metadata={"help": "keep an exponential moving average of the actor"})
     ema_beta: float = field(default=0.992, metadata={"help": "EMA β: ema = β·ema + (1−β)·actor"})

@@ -21,6 +21,10 @@ from rlhf_engine.engine.launch import LAUNCH_VARS
 from rlhf_engine.stages.records import is_finished
 
 COMMANDS = {1: "sft", 2: "reward", 3: "ppo"}
+
+
+class StepFailed(RuntimeError):
+    """A step of the pipeline did not finish; the message points at its log."""
 TITLES = {1: "step 1 (SFT)", 2: "step 2 (reward model)", 3: "step 3 (PPO)"}
 
 
@@ -63,18 +67,26 @@ def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Pa
     for step, values in steps.items():
         name = cfg.step_dir(step).name
         config_file = out / "configs" / f"{name}.yaml"
-        config_file.write_text(yaml.safe_dump(values, sort_keys=True))
+        attempt = config_file.with_suffix(".next.yaml")  # becomes {name}.yaml once the step has run with it
+        attempt.write_text(yaml.safe_dump(values, sort_keys=True))
         if is_finished(cfg.step_dir(step)):
             print(f"==> {TITLES[step]}: finished earlier in {cfg.step_dir(step)}; checking its options", flush=True)
         else:
             print(f"==> {TITLES[step]}: options in {config_file}, log in {out / 'logs' / (name + '.log')}", flush=True)
-        cmd = [sys.executable, "-m", "rlhf_engine.cli", COMMANDS[step], "--config", str(config_file)]
+        cmd = [sys.executable, "-m", "rlhf_engine.cli", COMMANDS[step], "--config", str(attempt)]
         if procs > 1 or cfg.hostfile:
             cmd += ["--num-gpus", str(procs)] + (["--hostfile", cfg.hostfile] if cfg.hostfile else [])
         started = time.monotonic()
+        summary = cfg.step_dir(step) / "summary.json"
+        before = summary.stat().st_mtime_ns if summary.is_file() else None
         code = _run_logged(cmd, out / "logs" / f"{name}.log")
-        if not is_finished(cfg.step_dir(step)):
-            raise RuntimeError(f"{TITLES[step]} did not finish (exit status {code}); see {out / 'logs' / (name + '.log')}")
+        written_now = summary.is_file() and summary.stat().st_mtime_ns != before
+        # success is the summary, not the exit status (multi-process CPU runs can abort after
+        # finishing); but a step that refused to run (e.g. finished with other options) fails
+        if not (written_now or (code == 0 and summary.is_file())):
+            attempt.unlink(missing_ok=True)
+            raise StepFailed(f"{TITLES[step]} did not finish (exit status {code}); see {out / 'logs' / (name + '.log')}")
+        attempt.replace(config_file)
         print(f"==> {TITLES[step]}: done in {time.monotonic() - started:.0f} s", flush=True)
     last = max(steps) if steps else 3
     if last == 3:

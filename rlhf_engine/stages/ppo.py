@@ -304,6 +304,8 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
             "samples_per_s": prompts_per_step / seconds,
             "tokens_per_s": gen_tokens[0] / max(gen_tokens[1] / world, 1e-9),
         }  # fmt: skip
+        if torch.cuda.is_available():
+            last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if not first:
             first = dict(last)
         records.metric(step=step + 1, epoch=round(epoch + (in_epoch + 1) / steps_per_epoch, 4),

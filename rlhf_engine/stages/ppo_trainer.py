@@ -123,16 +123,22 @@ class PPOTrainer:
         self.use_ds_hybrid = self.args.enable_hybrid_engine
         self.gather_for_generation = True
         self.warnings: list[str] = []  # for the caller to turn into events
+        self.generate_kwargs: dict[str, Any] = {}  # extra arguments for `generate` (e.g. min_new_tokens)
         self.last_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ experience
 
     def _generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._generate_with_logits(prompts, mask, keep_logits=False)[0]
+
+    def _generate_with_logits(self, prompts: torch.Tensor, mask: torch.Tensor, *,
+                              keep_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """(sequences (B, P + A), raw next-token logits of the answer positions (B, A, V) or None)."""
         cfg = self.args
         kwargs: dict[str, Any] = {
             "attention_mask": mask, "max_new_tokens": cfg.max_answer_len, "do_sample": True,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-            "pad_token_id": self.pad_id, "eos_token_id": self.eos_id, "use_cache": True,
+            "pad_token_id": self.pad_id, "eos_token_id": self.eos_id, "use_cache": True, **self.generate_kwargs,
         }  # fmt: skip
         actor = self.engine.actor
         with torch.no_grad():
@@ -140,17 +146,23 @@ class PPOTrainer:
                 actor.eval()
                 out = actor.generate(prompts, synced_gpus=self.engine.dist.world_size > 1, **kwargs)
                 actor.train()
-                return out
+                return out, None
             synced = needs_synced_gpus(actor, gather=self.gather_for_generation, world_size=self.engine.dist.world_size)
+            if keep_logits:  # the raw (untempered) logits of every sampled position
+                kwargs |= {"return_dict_in_generate": True, "output_logits": True}
             with generation_mode(actor, gather=self.gather_for_generation) as model:
-                return model.generate(prompts, synced_gpus=synced, **kwargs)
+                out = model.generate(prompts, synced_gpus=synced, **kwargs)
+        if not keep_logits:
+            return out, None
+        return out.sequences, torch.stack(out.logits, dim=1)  # (B, A, V)
 
     @torch.no_grad()
     def generate_experience(self, batch: Any, step: int | None = None) -> Experience:
         """Sample answers for a batch of left-padded prompts and score them with every model."""
         prompts, prompt_mask = (t.to(self.device) for t in _unpack(batch))
         t0 = time.monotonic()
-        seq = self._generate(prompts, prompt_mask)
+        reuse = self.args.reuse_generation_logits and not self.use_ds_hybrid
+        seq, gen_logits = self._generate_with_logits(prompts, prompt_mask, keep_logits=reuse)
         gen_s = time.monotonic() - t0
         P = prompts.shape[1]
         if seq.shape[1] == P:  # every row ended at once (max_answer_len reached 0 new tokens?) — keep shapes sane
@@ -165,7 +177,10 @@ class PPOTrainer:
         attn = torch.cat([prompt_mask, action_mask], dim=1)
         t1 = time.monotonic()
         A = answers.shape[1]
-        logprobs = token_logprobs(lm_logits(self.engine.actor, seq, attn, keep_last=A + 1)[:, :-1], answers)
+        if gen_logits is not None and gen_logits.shape[1] == A:
+            logprobs = token_logprobs(gen_logits, answers)  # no second actor pass
+        else:
+            logprobs = token_logprobs(lm_logits(self.engine.actor, seq, attn, keep_last=A + 1)[:, :-1], answers)
         ref_logprobs = token_logprobs(lm_logits(self.engine.ref, seq, attn, keep_last=A + 1)[:, :-1], answers)
         values = self.engine.critic(seq, attn)[:, P - 1 : -1]  # V(state before each answer token)
         scores = sequence_scores(self.engine.reward(seq, attn), attn)

@@ -1,7 +1,7 @@
 """Fixtures for the training steps: real DeepSpeed runs of the `rlhf` command, shared where possible.
 
-Every run is a subprocess, as a user or the training worker runs it; the session-scoped ones (one
-SFT run, one reward-model run) serve many tests.
+Every run is a subprocess, as a user or the training worker runs it; one session-scoped `rlhf train`
+run of all three steps serves the tests of every step.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+from rlhf_engine.engine.launch import LAUNCH_VARS
+
 SMALL = ["--max-seq-len", "128", "--eval-max-rows", "200"]
 
 
@@ -37,22 +38,25 @@ def base_model() -> Path:
     return build_tiny("opt", "xs", pretrain_steps=200)
 
 
-SFT_ARGS = ["--per-device-train-batch-size", 8, "--gradient-accumulation-steps", 1, "--max-steps", 60,
-            "--checkpoint-interval", 20, "--keep-checkpoints", 2, *SMALL]  # fmt: skip
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> Path:
+    """`rlhf train --config tiny` on the xs model as actor and reward model: steps 1, 2 and 3 (≈70 s).
+
+    Step 1: 2 epochs (540 steps, checkpoint every 50); step 2: 3 epochs; step 3: 60 PPO steps with EMA.
+    """
+    out = tmp_path_factory.mktemp("pipeline")
+    done = rlhf("train", "--actor-model", base_model, "--reward-model", base_model, "--output-dir", out,
+                "--config", "tiny", timeout=280)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out / "train.stdout").write_text(done.stdout)
+    return out
 
 
 @pytest.fixture(scope="session")
-def sft_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> Path:
-    out = tmp_path_factory.mktemp("sft_run")
-    rlhf_ok("sft", "--model", base_model, "--output-dir", out, *SFT_ARGS)
-    return out / "step1_sft"
+def sft_run(pipeline_run: Path) -> Path:
+    return pipeline_run / "step1_sft"
 
 
 @pytest.fixture(scope="session")
-def reward_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> Path:
-    # 3 epochs of the 1,440 bundled step-2 pairs (held-out accuracy reaches 1.0 after ~1.5 epochs)
-    out = tmp_path_factory.mktemp("reward_run")
-    rlhf_ok("reward", "--model", base_model, "--output-dir", out, "--per-device-train-batch-size", 8,
-            "--gradient-accumulation-steps", 1, "--num-train-epochs", 3, "--learning-rate", "1e-3",
-            "--weight-decay", 0, "--checkpoint-interval", 0, "--max-seq-len", 128, timeout=280)  # fmt: skip
-    return out / "step2_reward"
+def reward_run(pipeline_run: Path) -> Path:
+    return pipeline_run / "step2_reward"

@@ -127,6 +127,18 @@ def test_resume_after_sigkill_continues_exactly(tmp_path: Path, base_model: Path
     assert any(e["type"] == "step_started" and "resum" in e["message"] for e in read_jsonl(events))
 
 
+def test_overwrite_retrains_from_scratch(tmp_path: Path, base_model: Path) -> None:
+    args = ["sft", "--model", base_model, "--output-dir", tmp_path, "--max-steps", 6, "--checkpoint-interval", 2,
+            *FAST[:2], *FAST[4:]]  # fmt: skip
+    rlhf_ok(*args)
+    step_dir = tmp_path / "step1_sft"
+    mtime = (step_dir / "model.safetensors").stat().st_mtime_ns
+    rlhf_ok(*args, "--overwrite")  # ignores the finished run's checkpoints: trains steps 1..6 again
+    assert (step_dir / "model.safetensors").stat().st_mtime_ns != mtime
+    assert [m["step"] for m in read_jsonl(step_dir / "metrics.jsonl")] == list(range(1, 7))
+    assert not any("resum" in e["message"] for e in read_jsonl(step_dir / "events.jsonl"))
+
+
 BAD = [
     (["--model", "/no/such/model"], "model_name_or_path: /no/such/model does not exist"),
     (["--dtype", "fp16"], "fp16 is not supported on CPU"),

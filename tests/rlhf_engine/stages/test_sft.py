@@ -11,12 +11,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf_engine.data.formatter import encode_prompt
 from rlhf_engine.stages.records import read_jsonl
 
-from .conftest import SFT_ARGS, rlhf, rlhf_ok
+from .conftest import rlhf, rlhf_ok
+
+STEPS = 540  # the tiny preset: 2 epochs of 4,320 rows in batches of 16
 
 
 def test_training_loss_falls_and_heldout_perplexity_drops(sft_run: Path) -> None:
     losses = [m["loss"] for m in read_jsonl(sft_run / "metrics.jsonl")]
-    assert len(losses) == 60
+    assert len(losses) == STEPS
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:5]) / 5
     summary = json.loads((sft_run / "summary.json").read_text())
     assert summary["eval_perplexity_after"] < 0.5 * summary["eval_perplexity_before"], summary
@@ -26,19 +28,19 @@ def test_metrics_events_summary_and_checkpoints_follow_the_contract(sft_run: Pat
     for m in read_jsonl(sft_run / "metrics.jsonl"):
         assert {"step", "epoch", "time", "loss", "lr", "samples_per_s", "tokens_per_s"} <= set(m)
         assert m["tokens_per_s"] > 0 and m["samples_per_s"] > 0
-    assert [m["step"] for m in read_jsonl(sft_run / "metrics.jsonl")] == list(range(1, 61))
+    assert [m["step"] for m in read_jsonl(sft_run / "metrics.jsonl")] == list(range(1, STEPS + 1))
     events = read_jsonl(sft_run / "events.jsonl")
     types = [e["type"] for e in events]
     assert types[0] == "step_started" and types[-1] == "step_finished"
     assert types.count("eval") == 2  # before and after
     saved = [e["data"] for e in events if e["type"] == "checkpoint_saved"]
-    assert [s["global_step"] for s in saved] == [20, 40]
+    assert [s["global_step"] for s in saved] == list(range(50, STEPS, 50))
     assert all({"time", "level", "type", "message", "data"} <= set(e) for e in events)
     # keep the last 2 checkpoints, each complete (trainer state + RNG of every rank)
     kept = sorted(p.name for p in (sft_run / "checkpoints").glob("global_step*"))
-    assert kept == ["global_step20", "global_step40"]
-    assert (sft_run / "checkpoints" / "global_step40" / "trainer_state.json").is_file()
-    assert (sft_run / "checkpoints" / "global_step40" / "rng_state_rank0.safetensors").is_file()
+    assert kept == ["global_step450", "global_step500"]
+    assert (sft_run / "checkpoints" / "global_step500" / "trainer_state.json").is_file()
+    assert (sft_run / "checkpoints" / "global_step500" / "rng_state_rank0.safetensors").is_file()
 
 
 def test_saved_model_loads_back_and_generates(sft_run: Path, base_model: Path) -> None:
@@ -54,16 +56,12 @@ def test_saved_model_loads_back_and_generates(sft_run: Path, base_model: Path) -
     assert " is " in answer, answer  # it answers in the bundled language ("It is brown." …)
 
 
-def test_a_finished_step_is_not_retrained(sft_run: Path, base_model: Path) -> None:
+def test_a_finished_step_is_not_retrained(sft_run: Path) -> None:
+    config = sft_run.parent / "configs" / "step1_sft.yaml"  # what `rlhf train` ran it with
     before = (sft_run / "summary.json").read_text()
     mtime = (sft_run / "model.safetensors").stat().st_mtime_ns
-    rlhf_ok("sft", "--model", base_model, "--output-dir", sft_run.parent, *SFT_ARGS)  # same options: skipped
-    changed = rlhf("sft", "--model", base_model, "--output-dir", sft_run.parent, *SFT_ARGS, "--learning-rate", "1e-4")
+    rlhf_ok("sft", "--config", config)  # same options: nothing to do
+    changed = rlhf("sft", "--config", config, "--learning-rate", "1e-4")
     assert changed.returncode == 2 and "already finished" in changed.stderr and "learning_rate" in changed.stderr
     assert (sft_run / "summary.json").read_text() == before
     assert (sft_run / "model.safetensors").stat().st_mtime_ns == mtime
-    # --overwrite trains again from step 1, ignoring the finished run's checkpoints
-    rlhf_ok("sft", "--model", base_model, "--output-dir", sft_run.parent, *SFT_ARGS, "--overwrite")
-    assert (sft_run / "model.safetensors").stat().st_mtime_ns != mtime
-    assert [m["step"] for m in read_jsonl(sft_run / "metrics.jsonl")] == list(range(1, 61))
-    assert not any("resum" in e["message"] for e in read_jsonl(sft_run / "events.jsonl"))

@@ -1,0 +1,136 @@
+"""GPU smoke test of all three steps at DeepSpeed-Chat's scale (prepared for one CUDA GPU; < 8 min on H100).
+
+An OPT-1.3B-shaped actor and an OPT-350M-shaped reward model with random weights (from config; no
+download), the bundled data, a few steps of each step; step 3 twice: our generation path and
+DeepSpeed's HybridEngine (kernel injection). Reports, per step 3 variant, effective TFLOPs by
+DeepSpeed-Chat's formula (below), generation tokens/s and peak GPU memory; writes
+bench/results/gpu_smoke-*.json.
+
+DeepSpeed-Chat's formula (dschat/utils/perf.py, after Megatron-LM), per PPO step:
+    flops(model, factor) = 24·factor·B·S·L·H² · (1 + S/(6H) + V/(16·L·H))
+    train TFLOPs = (flops(actor, 3 or 4 with grad. ckpt) + flops(critic, 3 or 4)) / train_seconds / 1e12
+    generation TFLOPs = flops(actor, 1) / generation_seconds / 1e12
+  B = experiences per step, S = prompt + answer length, L layers, H hidden size, V vocabulary.
+
+Run on a machine with a GPU (this one has none; the lent machine has torch and transformers but no
+deepspeed, so carry a wheel built here):
+    pip wheel --no-deps deepspeed==0.19.8 -w shared/wheels        # here
+    pip install shared/wheels/deepspeed-*.whl && pip install --no-deps -e . && python bench/gpu_smoke.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_LEN, ANSWER_LEN, BATCH = 256, 256, 8
+
+
+def dschat_flops(cfg: Any, factor: float, batch: int, seq: int) -> float:
+    L, H, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    return 24 * factor * batch * seq * L * H**2 * (1.0 + seq / (6.0 * H) + V / (16.0 * L * H))
+
+
+def make_models(root: Path) -> tuple[Path, Path]:
+    """Random OPT-1.3B- and OPT-350M-shaped models with the bundled tokenizer (vocab padded to OPT's)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
+
+    from rlhf_engine.models.tokenizer import bundled_tokenizer_dir
+
+    tok_dir = bundled_tokenizer_dir()
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    shapes = {
+        "actor_1.3b": OPTConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                                word_embed_proj_dim=2048, vocab_size=50272, max_position_embeddings=2048, **ids),
+        "reward_350m": OPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                                 word_embed_proj_dim=512, vocab_size=50272, max_position_embeddings=2048, **ids),
+    }  # fmt: skip
+    out = []
+    for name, cfg in shapes.items():
+        d = root / name
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(str(d), safe_serialization=True)
+        for f in tok_dir.iterdir():
+            shutil.copy2(f, d / f.name)
+        out.append(d)
+    return out[0], out[1]
+
+
+def rlhf(*args: object, log: Path) -> float:
+    started = time.monotonic()
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"rlhf {args[0]} failed; see {log}")
+    return time.monotonic() - started
+
+
+def main() -> int:
+    import torch
+    from transformers import AutoConfig
+
+    if not torch.cuda.is_available():
+        print("gpu_smoke: no CUDA device here; run it on a GPU machine (see the docstring)")
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="gpu_smoke."))
+    actor, reward = make_models(work)
+    run = work / "run"
+    common = ["--max-seq-len", PROMPT_LEN + ANSWER_LEN, "--checkpoint-interval", 0, "--eval-max-rows", 64]
+    seconds = {
+        "sft": rlhf("sft", "--model", actor, "--output-dir", run, "--max-steps", 5, "--per-device-train-batch-size", BATCH,
+                    "--gradient-accumulation-steps", 1, "--zero-stage", 2, "--dtype", "bf16", *common, log=work / "sft.log"),
+        "reward": rlhf("reward", "--model", reward, "--output-dir", run, "--max-steps", 5, "--per-device-train-batch-size",
+                       BATCH, "--gradient-accumulation-steps", 1, "--zero-stage", 2, "--dtype", "bf16", *common,
+                       log=work / "reward.log"),
+    }  # fmt: skip
+    actor_cfg = AutoConfig.from_pretrained(str(actor))
+    critic_cfg = AutoConfig.from_pretrained(str(reward))
+    results: dict[str, Any] = {"seconds": seconds}
+    for variant, extra in (("ours", []), ("deepspeed_hybrid_engine", ["--enable-hybrid-engine"])):
+        out = work / f"ppo_{variant}"
+        out.mkdir()
+        for step in ("step1_sft", "step2_reward"):
+            (out / step).symlink_to(run / step)
+        try:
+            rlhf("ppo", "--actor-model", run / "step1_sft", "--critic-model", run / "step2_reward", "--output-dir", out,
+                 "--max-steps", 4, "--per-device-generation-batch-size", BATCH, "--per-device-training-batch-size", BATCH,
+                 "--max-prompt-len", PROMPT_LEN, "--max-answer-len", ANSWER_LEN, "--actor-zero-stage", 2,
+                 "--critic-zero-stage", 2, "--actor-dtype", "bf16", "--critic-dtype", "bf16", "--rollouts-per-step", 0,
+                 "--checkpoint-interval", 0, "--eval-max-rows", 16, *extra, log=work / f"ppo_{variant}.log")  # fmt: skip
+        except RuntimeError as e:
+            results[variant] = {"error": str(e)}
+            continue
+        metrics = [json.loads(x) for x in (out / "step3_rlhf" / "metrics.jsonl").read_text().splitlines()][1:]
+        gen_s = sum(m["gen_s"] for m in metrics) / len(metrics)
+        train_s = sum(m["train_s"] for m in metrics) / len(metrics)
+        seq = PROMPT_LEN + ANSWER_LEN
+        results[variant] = {
+            "gen_tflops": dschat_flops(actor_cfg, 1, BATCH, seq) / gen_s / 1e12,
+            "train_tflops": (dschat_flops(actor_cfg, 3, BATCH, seq) + dschat_flops(critic_cfg, 3, BATCH, seq)) / train_s / 1e12,
+            "gen_tokens_per_s": sum(m["tokens_per_s"] for m in metrics) / len(metrics),
+            "samples_per_s": sum(m["samples_per_s"] for m in metrics) / len(metrics),
+            "gen_s": gen_s, "train_s": train_s,
+            "peak_memory_gib": max(m.get("peak_memory_gib", 0.0) for m in metrics),
+        }  # fmt: skip
+    results["device"] = torch.cuda.get_device_name(0)
+    path = ROOT / "bench" / "results" / f"gpu_smoke-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

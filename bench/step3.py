@@ -1,0 +1,229 @@
+"""Step-3 throughput: our PPO path against DeepSpeed-Chat's loop, lever by lever (`make bench`).
+
+Same machine, same DeepSpeed engines and ZeRO stage, same prompts, same hyperparameters, same number
+of experiences per PPO step (64) and the same answers' length (forced to `--answer-len` tokens so the
+work is identical). Each configuration runs in its own process:
+
+  baseline     DeepSpeed-Chat with its hybrid engine off: 4 generate calls of 16 prompts (generation
+               batch = training batch), Hugging Face `generate` with its defaults (KV cache on), a
+               separate full forward pass per model to score (actor, reference, critic, reward)
+  +keep        … scoring computes the LM head only over the answer positions (logits_to_keep)
+  +reuse       … the actor's log-probs come from the logits `generate` already produced (one pass less)
+  +wide        … one generate call of 64 prompts, trained in 4 micro-batches of 16 (= ours)
+  zero3 pair   baseline and ours again at ZeRO-3: per-layer gathers on every token vs one gather per call
+
+Reports samples/s, the generation / scoring / training / other split per step (as DeepSpeed-Chat's
+step-3 log does), generation tokens/s against plain `generate` on a plain copy of the actor, and the
+cost of the train↔generate switch. JSON goes to bench/results/.
+
+    python bench/step3.py [--actor-size m --critic-size s --steps 3 --answer-len 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIENCES = 64
+TRAIN_BATCH = 16
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "baseline": {"zero": 0, "wide": False, "keep": False, "reuse": False, "gather": True},
+    "+keep": {"zero": 0, "wide": False, "keep": True, "reuse": False, "gather": True},
+    "+reuse": {"zero": 0, "wide": False, "keep": True, "reuse": True, "gather": True},
+    "+wide (ours)": {"zero": 0, "wide": True, "keep": True, "reuse": True, "gather": True},
+    "zero3 baseline": {"zero": 3, "wide": False, "keep": False, "reuse": False, "gather": False},
+    "zero3 ours": {"zero": 3, "wide": True, "keep": True, "reuse": True, "gather": True},
+}
+
+
+def _models(actor_size: str, critic_size: str) -> tuple[Path, Path]:
+    from rlhf_engine.models.tiny import build_tiny
+
+    return build_tiny("opt", actor_size), build_tiny("opt", critic_size)  # type: ignore[arg-type]
+
+
+def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> dict[str, Any]:
+    """One configuration, in this process: returns per-step timings."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
+    from rlhf_engine.algorithms.ppo import token_logprobs
+    from rlhf_engine.data.collate import collate_prompts
+    from rlhf_engine.data.pipeline import prepare_step
+    from rlhf_engine.engine import generation
+    from rlhf_engine.models.value import sequence_scores
+    from rlhf_engine.stages.ppo_trainer import Experience, answer_mask, degenerate_rows
+
+    c = CONFIGS[name]
+    gen_bs = EXPERIENCES if c["wide"] else TRAIN_BATCH
+    opts = {"zero_stage": c["zero"], "dropout": 0.0}
+    if c["zero"] == 3:
+        opts["zero_param_persistence_threshold"] = 0
+    args = PPOConfig(actor_model_name_or_path=actor, critic_model_name_or_path=critic,
+                     per_device_generation_batch_size=gen_bs, per_device_training_batch_size=TRAIN_BATCH,
+                     generation_batches=EXPERIENCES // gen_bs, max_answer_len=answer_len, num_warmup_steps=0,
+                     reuse_generation_logits=c["reuse"], actor=opts, critic=dict(opts))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(actor)
+    prompts = prepare_step(args.data, 3, tok).train
+    engine = RLHFEngine(actor_model_name_or_path=actor, critic_model_name_or_path=critic, tokenizer=tok,
+                        num_total_iters=(steps + 1) * 4, args=args)  # fmt: skip
+    trainer = PPOTrainer(engine=engine, args=args)
+    trainer.gather_for_generation = c["gather"]
+    trainer.generate_kwargs = {"min_new_tokens": answer_len}  # identical work in every configuration
+
+    def baseline_experience(batch: dict[str, torch.Tensor]) -> Experience:
+        """DeepSpeed-Chat's generate_experience: plain generate, one full forward per model."""
+        t0 = time.monotonic()
+        seq = trainer._generate(batch["input_ids"], batch["attention_mask"])
+        gen_s = time.monotonic() - t0
+        P = batch["input_ids"].shape[1]
+        answers = seq[:, P:]
+        am = answer_mask(answers, trainer.eos_id)
+        attn = torch.cat([batch["attention_mask"], am], 1)
+        t1 = time.monotonic()
+        with torch.no_grad():
+            lp = token_logprobs(generation.lm_logits(engine.actor, seq, attn)[:, P - 1 : -1], answers)
+            rlp = token_logprobs(generation.lm_logits(engine.ref, seq, attn)[:, P - 1 : -1], answers)
+            values = engine.critic(seq, attn)[:, P - 1 : -1]
+            scores = sequence_scores(engine.reward(seq, attn), attn)
+        return Experience(seq, attn, P, am, lp, rlp, values, scores, degenerate_rows(answers, am, trainer.eos_id),
+                          gen_seconds=gen_s, score_seconds=time.monotonic() - t1)  # fmt: skip
+
+    make = trainer.generate_experience if c["keep"] else baseline_experience
+    results = []
+    for step in range(steps + 1):  # step 0 warms up (allocations, first-call costs)
+        t0 = time.monotonic()
+        exps = []
+        for g in range(EXPERIENCES // gen_bs):
+            rows = [prompts.row((step * EXPERIENCES + g * gen_bs + i) % len(prompts)) for i in range(gen_bs)]
+            exps.append(make(collate_prompts(rows, tok.pad_token_id)))
+        t1 = time.monotonic()
+        for exp in exps:
+            for mini in exp.split(TRAIN_BATCH):
+                trainer.train_rlhf(mini)
+        t2 = time.monotonic()
+        gen = sum(e.gen_seconds for e in exps)
+        score = sum(e.score_seconds for e in exps)
+        tokens = sum(int(e.answer_lengths.sum()) for e in exps)
+        if step:
+            results.append({"step_s": t2 - t0, "gen_s": gen, "score_s": score, "train_s": t2 - t1,
+                            "other_s": (t1 - t0) - gen - score, "gen_tokens": tokens})  # fmt: skip
+    # the switch itself: eval/train + (at ZeRO-3) gather and hook changes, without generating
+    switch = []
+    for _ in range(5):
+        t = time.monotonic()
+        with generation.generation_mode(engine.actor, gather=c["gather"]):
+            pass
+        switch.append(time.monotonic() - t)
+    return {"steps": results, "switch_s": sorted(switch)[len(switch) // 2]}
+
+
+def plain_generate(actor: str, answer_len: int, steps: int) -> dict[str, float]:
+    """Tokens/s of Hugging Face generate on a plain (non-DeepSpeed) copy of the actor, 64 prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_engine.config.data import DataConfig
+    from rlhf_engine.data.collate import collate_prompts
+    from rlhf_engine.data.pipeline import prepare_step
+
+    tok = AutoTokenizer.from_pretrained(actor)
+    model = AutoModelForCausalLM.from_pretrained(actor).eval()
+    prompts = prepare_step(DataConfig(), 3, tok).train
+    times, tokens = [], 0
+    for step in range(steps + 1):
+        b = collate_prompts([prompts.row(step * EXPERIENCES + i) for i in range(EXPERIENCES)], tok.pad_token_id)
+        t = time.monotonic()
+        with torch.no_grad():
+            out = model.generate(**b, max_new_tokens=answer_len, min_new_tokens=answer_len, do_sample=True, top_k=0,
+                                 pad_token_id=tok.pad_token_id)  # fmt: skip
+        if step:
+            times.append(time.monotonic() - t)
+            tokens += (out.shape[1] - b["input_ids"].shape[1]) * EXPERIENCES
+    return {"tokens_per_s": tokens / sum(times)}
+
+
+def _mean(rows: list[dict[str, float]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--actor-size", default="m")
+    p.add_argument("--critic-size", default="s")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--answer-len", type=int, default=48)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
+    p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    ns = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    actor, critic = (str(x) for x in _models(ns.actor_size, ns.critic_size))
+    if ns.one:
+        print("RESULT " + json.dumps(run_one(ns.one, actor, critic, ns.steps, ns.answer_len)))
+        return 0
+    if ns.plain:
+        print("RESULT " + json.dumps(plain_generate(actor, ns.answer_len, ns.steps)))
+        return 0
+
+    def child(extra: list[str]) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--actor-size", ns.actor_size, "--critic-size", ns.critic_size,
+               "--steps", str(ns.steps), "--answer-len", str(ns.answer_len), *extra]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"{extra} failed:\n{done.stderr[-3000:]}")
+        return dict(json.loads(line[7:]))
+
+    plain = child(["--plain"])
+    rows = {}
+    for name in ns.configs:
+        r = child(["--one", name])
+        steps = r["steps"]
+        rows[name] = {
+            "samples_per_s": EXPERIENCES / _mean(steps, "step_s"),
+            "step_s": _mean(steps, "step_s"), "gen_s": _mean(steps, "gen_s"), "score_s": _mean(steps, "score_s"),
+            "train_s": _mean(steps, "train_s"), "other_s": _mean(steps, "other_s"),
+            "gen_tokens_per_s": sum(s["gen_tokens"] for s in steps) / sum(s["gen_s"] for s in steps),
+            "switch_s": r["switch_s"],
+        }  # fmt: skip
+        print(f"{name}: {rows[name]['samples_per_s']:.2f} samples/s", flush=True)
+
+    import platform
+
+    import torch
+
+    base = rows.get("baseline")
+    print(f"\nstep 3, {EXPERIENCES} experiences per step, answers {ns.answer_len} tokens, actor {ns.actor_size}, "
+          f"critic {ns.critic_size}; plain generate: {plain['tokens_per_s']:.0f} tokens/s")  # fmt: skip
+    header = f"{'config':16} {'samples/s':>9} {'×base':>6} {'step s':>7} {'gen':>6} {'score':>6} {'train':>6} " \
+             f"{'other':>6} {'gen tok/s':>9} {'switch %':>8}"  # fmt: skip
+    print(header)
+    for name, r in rows.items():
+        ref = rows["zero3 baseline"] if name.startswith("zero3") and "zero3 baseline" in rows else base
+        speed = r["samples_per_s"] / ref["samples_per_s"] if ref else float("nan")
+        split = [100 * r[k] / r["step_s"] for k in ("gen_s", "score_s", "train_s", "other_s")]
+        print(f"{name:16} {r['samples_per_s']:9.2f} {speed:6.2f} {r['step_s']:7.2f} {split[0]:5.0f}% {split[1]:5.0f}% "
+              f"{split[2]:5.0f}% {split[3]:5.0f}% {r['gen_tokens_per_s']:9.0f} "
+              f"{100 * r['switch_s'] / r['step_s']:8.3f}")  # fmt: skip
+    out = ROOT / "bench" / "results" / f"step3-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+                               "settings": vars(ns), "plain_generate": plain, "configs": rows}, indent=2))  # fmt: skip
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
