@@ -31,7 +31,6 @@ from rlhf_engine.data.tokenize import TokenizedSplit
 from rlhf_engine.engine import checkpoint
 from rlhf_engine.engine.deepspeed_setup import resolve_dtype, torch_dtype
 from rlhf_engine.engine.distributed import Dist, barrier, init_distributed
-from rlhf_engine.engine.generation import generation_mode
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, check_hybrid_engine
 from rlhf_engine.engine.saving import gathered_state_dict, load_full_state, save_hf_model
 from rlhf_engine.models.loading import load_config, load_tokenizer, resolve_model
@@ -365,6 +364,3 @@ def _truncate_rollouts(step_dir: Path, after_step: int, *, enabled: bool) -> Non
         return
     keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
     path.write_text("".join(line + "\n" for line in keep))
-
-
-__all__ = ["STEP_DIR", "check", "evaluate", "generation_mode", "run"]

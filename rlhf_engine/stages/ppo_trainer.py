@@ -30,7 +30,7 @@ from rlhf_engine.algorithms.ppo import (
     token_logprobs,
     value_loss,
 )
-from rlhf_engine.engine.generation import generation_mode, lm_logits, needs_synced_gpus, position_ids
+from rlhf_engine.engine.generation import generation_mode, lm_logits, needs_synced_gpus
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, as_ppo_config
 from rlhf_engine.models.value import sequence_scores
 
@@ -258,6 +258,3 @@ class PPOTrainer:
 def sequence_kl(exp: Experience) -> torch.Tensor:
     """Per-row mean KL to the reference over the answer tokens: (B,)."""
     return masked_mean(exp.logprobs - exp.ref_logprobs, exp.action_mask.float(), dim=1)
-
-
-__all__ = ["Experience", "PPOTrainer", "answer_mask", "degenerate_rows", "position_ids", "sequence_kl"]

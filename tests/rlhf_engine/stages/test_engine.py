@@ -8,11 +8,6 @@ parameter resident and hide partitioning bugs (CPU_NOTES.md).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +15,7 @@ from safetensors.torch import load_file
 
 from rlhf_engine.stages.records import read_jsonl
 
-from .conftest import LAUNCH_VARS, SMALL, rlhf, rlhf_ok
+from .conftest import SMALL, kill_after_first_checkpoint, rlhf, rlhf_ok
 
 FAST = ["--per-device-train-batch-size", 4, "--checkpoint-interval", 0, "--max-seq-len", 128,
         "--eval-max-rows", 32]  # fmt: skip
@@ -104,21 +99,10 @@ def test_resume_after_sigkill_continues_exactly(tmp_path: Path, base_model: Path
     args = ["sft", "--model", base_model, "--per-device-train-batch-size", 2, "--max-steps", 150,
             "--checkpoint-interval", 10, "--max-seq-len", 128, "--eval-max-rows", 16]  # dropout stays on  # fmt: skip
     rlhf_ok(*args, "--output-dir", tmp_path / "straight")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *map(str, args), "--output-dir",
-                             str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    events = tmp_path / "killed" / "step1_sft" / "events.jsonl"
-    deadline = time.monotonic() + 120
-    while not (events.is_file() and "checkpoint_saved" in events.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, mid-way through the next steps
-    proc.wait()
     killed_dir = tmp_path / "killed" / "step1_sft"
-    assert not (killed_dir / "summary.json").exists()
-    k = max(e["data"]["global_step"] for e in read_jsonl(events) if e["type"] == "checkpoint_saved")
+    k = kill_after_first_checkpoint([*args, "--output-dir", tmp_path / "killed"], killed_dir)
     assert k < 150
+    events = killed_dir / "events.jsonl"
 
     rlhf_ok(*args, "--output-dir", tmp_path / "killed")
     straight, resumed = read_jsonl(tmp_path / "straight" / "step1_sft" / "metrics.jsonl"), read_jsonl(killed_dir / "metrics.jsonl")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from rlhf_engine.engine.launch import LAUNCH_VARS
 from rlhf_engine.stages.heldout import heldout_report
 from rlhf_engine.stages.records import read_jsonl
 
-from .conftest import rlhf, rlhf_ok
+from .conftest import kill_after_first_checkpoint, rlhf, rlhf_ok
 
 ROOT = Path(__file__).resolve().parents[3]
 STEP3_KEYS = {"step", "epoch", "time", "loss", "lr", "samples_per_s", "tokens_per_s", "reward_mean", "reward_std",
@@ -124,17 +123,7 @@ def test_step3_resumes_after_sigkill_with_the_same_metrics(tmp_path: Path, pipel
     rlhf_ok(*straight)
     killed = [*args]
     killed[killed.index(str(tmp_path / "X"))] = str(tmp_path / "killed")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *killed], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    events = tmp_path / "killed" / "step3_rlhf" / "events.jsonl"
-    deadline = time.monotonic() + 120
-    while not (events.is_file() and "checkpoint_saved" in events.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    k = max(e["data"]["global_step"] for e in read_jsonl(events) if e["type"] == "checkpoint_saved")
+    k = kill_after_first_checkpoint(killed, tmp_path / "killed" / "step3_rlhf")
     assert k < 40
     rlhf_ok(*killed)
     a = read_jsonl(tmp_path / "straight" / "step3_rlhf" / "metrics.jsonl")
