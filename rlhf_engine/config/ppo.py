@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhf_engine.config.data import DataConfig
-from rlhf_engine.config.train import ModelOptions, Scheduler
+from rlhf_engine.config.train import ModelOptions, Scheduler, check_ranges
 
 
 def _no_dropout() -> ModelOptions:
@@ -101,20 +101,17 @@ class PPOConfig:
             raise ValueError("actor_model_name_or_path: required; pass --actor-model DIR (the step-1 output)")
         if not self.critic_model_name_or_path:
             raise ValueError("critic_model_name_or_path: required; pass --critic-model DIR (the step-2 output)")
-        positive = ("max_answer_len", "per_device_generation_batch_size", "per_device_training_batch_size",
-                    "generation_batches", "ppo_epochs", "gradient_accumulation_steps", "num_train_epochs",
-                    "keep_checkpoints")  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
-        for name in ("max_steps", "num_warmup_steps", "eval_interval", "eval_max_rows", "rollouts_per_step",
-                     "checkpoint_interval", "kl_ctl", "clip_reward_value", "cliprange", "cliprange_value",
-                     "unsup_coef", "top_k", "actor_weight_decay", "critic_weight_decay", "gradient_clipping"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} {getattr(self, name)} must not be negative")
-        for name in ("actor_learning_rate", "critic_learning_rate"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} {getattr(self, name)} must be in (0, 1), e.g. 1e-5")
+        check_ranges(
+            self,
+            positive=("max_answer_len", "per_device_generation_batch_size", "per_device_training_batch_size",
+                      "generation_batches", "ppo_epochs", "gradient_accumulation_steps", "num_train_epochs",
+                      "keep_checkpoints"),
+            non_negative=("max_steps", "num_warmup_steps", "eval_interval", "eval_max_rows", "rollouts_per_step",
+                          "checkpoint_interval", "kl_ctl", "clip_reward_value", "cliprange", "cliprange_value",
+                          "unsup_coef", "top_k", "actor_weight_decay", "critic_weight_decay", "gradient_clipping"),
+            learning_rates=("actor_learning_rate", "critic_learning_rate"),
+            betas=("adam_beta1", "adam_beta2"),
+        )  # fmt: skip
         for name in ("gamma", "lam", "ema_beta", "top_p", "degenerate_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be in [0, 1]")

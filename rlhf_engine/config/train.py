@@ -17,6 +17,23 @@ Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
 
+def check_ranges(config: object, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 learning_rates: tuple[str, ...] = (), betas: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """The range checks every step config makes, each error naming the field and its allowed range."""
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} {getattr(config, name)} must be at least 1")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} {getattr(config, name)} must not be negative")
+    for name in learning_rates:
+        if not 0 < getattr(config, name) < 1:
+            raise ValueError(f"{name} {getattr(config, name)} must be in (0, 1), e.g. 1e-5")
+    for name in betas:
+        if not 0 <= getattr(config, name) < 1:
+            raise ValueError(f"{name} {getattr(config, name)} must be in [0, 1)")
+
+
 @dataclass
 class ModelOptions:
     """How one trainable model runs under DeepSpeed (the step-3 actor and critic each have one)."""
@@ -101,21 +118,15 @@ class TrainConfig:
             raise ValueError("model_name_or_path: required; pass --model DIR (a model directory or hub id)")
         if not self.output_dir:
             raise ValueError("output_dir: required")
-        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "num_train_epochs", "keep_checkpoints")  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
-        non_negative = ("num_warmup_steps", "max_steps", "eval_interval", "eval_max_rows", "checkpoint_interval",
-                        "weight_decay", "gradient_clipping")  # fmt: skip
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} {getattr(self, name)} must not be negative")
-        if not 0 < self.learning_rate < 1:
-            raise ValueError(f"learning_rate {self.learning_rate} must be in (0, 1), e.g. 1e-5")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} {getattr(self, name)} must be in [0, 1)")
+        check_ranges(
+            self,
+            positive=("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                      "num_train_epochs", "keep_checkpoints"),
+            non_negative=("num_warmup_steps", "max_steps", "eval_interval", "eval_max_rows", "checkpoint_interval",
+                          "weight_decay", "gradient_clipping"),
+            learning_rates=("learning_rate",),
+            betas=("adam_beta1", "adam_beta2"),
+        )  # fmt: skip
 
     @property
     def seed(self) -> int:

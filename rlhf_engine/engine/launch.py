@@ -9,12 +9,13 @@ runs can abort at exit after finishing correctly (CPU_NOTES.md).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
+
+from rlhf_engine.engine.distributed import free_port
 
 Launcher = Literal["deepspeed", "torchrun"]
 # set by a launcher for its workers; a fresh run started from inside one must not inherit them
@@ -25,16 +26,10 @@ def inside_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch_command(args: Sequence[str], *, processes: int, launcher: Launcher = "deepspeed",
                    hostfile: str | None = None) -> list[str]:  # fmt: skip
     """The command that runs `rlhf <args>` as `processes` workers (per node, with a hostfile)."""
-    port = str(_port())
+    port = str(free_port())
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                 f"--master_port={port}", "-m", "rlhf_engine.cli", *args]  # fmt: skip

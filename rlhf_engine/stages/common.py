@@ -95,20 +95,24 @@ def micro_batch_rows(order: list[int], step_in_epoch: int, *, micro: int, accum:
     return order[start : start + micro]
 
 
-def eval_batches(split: TokenizedSplit, collate: Callable[[list[dict[str, Any]], int], Batch], pad_id: int, *,
-                 batch_size: int, dist: Dist, max_rows: int) -> list[Batch]:  # fmt: skip
-    """This rank's evaluation batches, with a `weight` column (0 for padding rows).
+def rank_share(n: int, dist: Dist) -> tuple[list[int], list[float]]:
+    """This rank's rows of n (strided) and their weights, padded so every rank has the same count.
 
-    Every rank gets the same number of batches of the same size: under ZeRO-3 each forward pass is
-    collective, so a rank with one batch more would wait forever.
+    Under ZeRO-3 each forward pass is collective, so a rank with one batch more would wait forever;
+    padding rows repeat row 0 with weight 0.
     """
-    n = len(split) if not max_rows else min(max_rows, len(split))
     mine = list(range(dist.rank, n, dist.world_size))
     per_rank = math.ceil(n / dist.world_size) if n else 0
     weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
-    mine += [0] * (per_rank - len(mine))  # padding rows repeat row 0 with weight 0
+    return mine + [0] * (per_rank - len(mine)), weights
+
+
+def eval_batches(split: TokenizedSplit, collate: Callable[[list[dict[str, Any]], int], Batch], pad_id: int, *,
+                 batch_size: int, dist: Dist, max_rows: int) -> list[Batch]:  # fmt: skip
+    """This rank's evaluation batches (see `rank_share`), with a `weight` column (0 for padding rows)."""
+    mine, weights = rank_share(len(split) if not max_rows else min(max_rows, len(split)), dist)
     batches = []
-    for i in range(0, per_rank, batch_size):
+    for i in range(0, len(mine), batch_size):
         rows = [split.row(j) for j in mine[i : i + batch_size]]
         batch = collate(rows, pad_id)
         batch["weight"] = torch.tensor(weights[i : i + batch_size])
@@ -257,7 +261,7 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
         check_resumable(checkpoint.read_state(done[-1][1]), fingerprint, done[-1][1])
         state, _ = checkpoint.load({"model": engine}, done[-1][1], dist=dist)
         start_step, eval_before = state["global_step"], state["eval_before"]
-        records.truncate_metrics(start_step)
+        records.truncate(start_step)
         records.event("step_started", f"{spec.title}: resuming at step {start_step} of {total}",
                       resumed_from=str(done[-1][1]), global_step=start_step, total_steps=total)  # fmt: skip
     else:

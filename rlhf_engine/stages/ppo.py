@@ -41,6 +41,7 @@ from rlhf_engine.stages.common import (
     fingerprint_of,
     finished_summary,
     micro_batch_rows,
+    rank_share,
     set_seed,
 )
 from rlhf_engine.stages.ppo_trainer import Experience, PPOTrainer, sequence_kl
@@ -101,11 +102,7 @@ def evaluate(trainer: PPOTrainer, split: TokenizedSplit, *, max_rows: int, batch
     carry weight 0.
     """
     engine = trainer.engine
-    n = min(max_rows or len(split), len(split))
-    mine = list(range(dist.rank, n, dist.world_size))
-    per_rank = math.ceil(n / dist.world_size) if n else 0
-    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
-    mine += [0] * (per_rank - len(mine))
+    mine, weights = rank_share(min(max_rows or len(split), len(split)), dist)
     totals = [0.0, 0.0, 0.0, 0.0]  # rows, reward, kl, answer length
     actor = engine.actor
     if use_ema:  # generate (and score log-probs) with the EMA weights instead of the actor's
@@ -113,7 +110,7 @@ def evaluate(trainer: PPOTrainer, split: TokenizedSplit, *, max_rows: int, batch
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7919 + dist.rank)
-            for i in range(0, per_rank, batch_size):
+            for i in range(0, len(mine), batch_size):
                 batch = collate_prompts([split.row(j) for j in mine[i : i + batch_size]], trainer.pad_id)
                 w = torch.tensor(weights[i : i + batch_size])
                 exp = trainer.generate_experience(batch)
@@ -220,8 +217,8 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
             load_full_state(engine.actor_ema.module, extra, zero_stage=engine.actor_ema.zero_optimization_stage(),
                             is_main=dist.is_main)  # fmt: skip
         start_step, first, eval_before = state["global_step"], state["first"], state["eval_before"]
-        records.truncate_metrics(start_step)
-        _truncate_rollouts(step_dir, start_step, enabled=dist.is_main)
+        records.truncate(start_step)
+        records.truncate(start_step, name=ROLLOUTS)
         records.event("step_started", f"{TITLE}: resuming at step {start_step} of {total}",
                       resumed_from=str(done[-1][1]), global_step=start_step, total_steps=total)  # fmt: skip
     else:
@@ -278,13 +275,15 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
         for _ in range(cfg.ppo_epochs):
             for exp in experiences:
                 for mini in exp.split(mb):
-                    trainer.train_rlhf(mini)
-                    train_acc.add(trainer.last_metrics, len(mini))
                     if unsup is not None and unsup_order is not None:
                         # the corpus in a seeded order, each rank its own rows, continuing across steps
                         start = ((step * minis_per_step + m) * world + dist.rank) * mb
                         take = unsup_order[[(start + i) % len(unsup) for i in range(mb)]]
-                        unsup_losses.append(float(trainer.train_unsupervised(unsup[take], cfg.unsup_coef)))
+                        *_, lm_loss = trainer.train_rlhf_with_unsupervised(mini, unsup[take])
+                        unsup_losses.append(float(lm_loss))
+                    else:
+                        trainer.train_rlhf(mini)
+                    train_acc.add(trainer.last_metrics, len(mini))
                     m += 1
         train_s = time.monotonic() - t1
         means = {**acc.reduce(dist.device), **train_acc.reduce(dist.device)}
@@ -357,10 +356,3 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
     barrier()
     return summary
 
-
-def _truncate_rollouts(step_dir: Path, after_step: int, *, enabled: bool) -> None:
-    path = step_dir / ROLLOUTS
-    if not enabled or not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
-    path.write_text("".join(line + "\n" for line in keep))

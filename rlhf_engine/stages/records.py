@@ -79,15 +79,15 @@ class Records:
     def event(self, type_: str, message: str, *, level: Level = "info", **data: Any) -> None:
         self._append(EVENTS, {"time": time.time(), "level": level, "type": type_, "message": message, "data": data})
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop metric lines past `after_step` (they are about to be recomputed by a resumed run)."""
-        if not self.enabled:
+    def truncate(self, after_step: int, *, name: str = METRICS) -> None:
+        """Drop lines of `name` past `after_step` (a resumed run is about to write them again)."""
+        if not self.enabled or not (self.dir / name).is_file():
             return
-        rows = [r for r in read_jsonl(self.dir / METRICS) if r.get("step", 0) <= after_step]
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{METRICS}.")
+        rows = [r for r in read_jsonl(self.dir / name) if r.get("step", 0) <= after_step]
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.")
         with os.fdopen(fd, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, self.dir / METRICS)
+        os.replace(tmp, self.dir / name)
 
     def reset(self) -> None:
         """Start a step afresh: drop the records of an earlier run."""

@@ -129,6 +129,8 @@ def test_step3_resumes_after_sigkill_with_the_same_metrics(tmp_path: Path, pipel
     a = read_jsonl(tmp_path / "straight" / "step3_rlhf" / "metrics.jsonl")
     b = read_jsonl(tmp_path / "killed" / "step3_rlhf" / "metrics.jsonl")
     assert [m["step"] for m in b] == list(range(1, 41))
+    rollouts = read_jsonl(tmp_path / "killed" / "step3_rlhf" / "rollouts.jsonl")
+    assert [r["step"] for r in rollouts] == [s for s in range(1, 41) for _ in range(4)]  # cut back, none twice
     for key in ("reward_mean", "kl_to_ref", "actor_loss", "critic_loss", "answer_len"):
         assert [m[key] for m in b[k:]] == pytest.approx([m[key] for m in a[k:]], abs=1e-5), key
     sa = json.loads((tmp_path / "straight" / "step3_rlhf" / "summary.json").read_text())
