@@ -28,7 +28,7 @@ endif
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data"
 	@echo "make test   - create .venv, then run the whole test suite"
-	@echo "make bench  - step-3 throughput, ours vs DeepSpeed-Chat's loop (bench/results/)"
+	@echo "make bench  - step-3 throughput vs DeepSpeed-Chat's loop; chat engine backends and batching (bench/results/)"
 	@echo "make lint   - ruff and mypy"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
 	@echo "make clean  - remove .venv, .cache and $(DEMO_DIR)"
@@ -57,9 +57,12 @@ demo: $(STAMP)
 	  --reward-model $(DEMO_DIR)/run/step2_reward
 	HF_HUB_OFFLINE=1 $(RLHF) eval --model $(DEMO_DIR)/run/step3_rlhf/actor --reference $(DEMO_DIR)/run/step1_sft \
 	  --reward-model $(DEMO_DIR)/run/step2_reward
+	printf 'What is a kite?\nAnd where does the owl live?\nquit\n' | \
+	  HF_HUB_OFFLINE=1 $(RLHF) chat --path $(DEMO_DIR)/run --max-new-tokens 40 --temperature 0.7 --seed 0
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/step3.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/chat.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check rlhf_engine service workers tests bench

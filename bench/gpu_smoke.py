@@ -76,6 +76,31 @@ def rlhf(*args: object, log: Path) -> float:
     return time.monotonic() - started
 
 
+def chat_check(model: Path) -> dict[str, Any]:
+    """The chat engine on CUDA: each backend (kernel injection included) — greedy tokens against the
+    transformers backend, and 8-stream decode tokens/s."""
+    from rlhf_engine.chat import ChatEngine, SamplingParams
+
+    questions = [[{"role": "user", "content": q}] for q in ("What is a dog?", "Where does the owl live?")]
+    out: dict[str, Any] = {}
+    reference: list[list[int]] = []
+    for name, opts in (("transformers", {"backend": "transformers"}), ("deepspeed", {"backend": "deepspeed"}),
+                       ("deepspeed_inject", {"backend": "deepspeed", "kernel_inject": True})):  # fmt: skip
+        try:
+            with ChatEngine.load(str(model), dtype="fp16", **opts) as engine:
+                greedy = [engine.generate(q, SamplingParams(temperature=0, max_new_tokens=32)).choices[0].token_ids
+                          for q in questions]  # fmt: skip
+                reference = reference or greedy
+                started = time.monotonic()
+                handles = [engine.submit(questions[i % 2], SamplingParams(seed=i, max_new_tokens=128, ignore_eos=True))
+                           for i in range(8)]  # fmt: skip
+                tokens = sum(h.result().usage.completion_tokens for h in handles)
+                out[name] = {"greedy_equal": greedy == reference, "tokens_per_s": tokens / (time.monotonic() - started)}
+        except Exception as e:  # a smoke test reports what broke and goes on
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
 def main() -> int:
     import torch
     from transformers import AutoConfig
@@ -124,6 +149,7 @@ def main() -> int:
             "gen_s": gen_s, "train_s": train_s,
             "peak_memory_gib": max(m.get("peak_memory_gib", 0.0) for m in metrics),
         }  # fmt: skip
+    results["chat"] = chat_check(run / "step1_sft")
     results["device"] = torch.cuda.get_device_name(0)
     path = ROOT / "bench" / "results" / f"gpu_smoke-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf_engine.chat.errors import ChatError
 from rlhf_engine.config.args import add_dataclass_args, dataclass_from_args, load_config_file
 from rlhf_engine.config.data import DataConfig
 
@@ -272,6 +273,56 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- rlhf chat
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.chat.session import ChatSession
+    from rlhf_engine.config.chat import ChatEngineConfig, SamplingParams
+
+    engine_cfg = dataclass_from_args(ChatEngineConfig, ns)
+    params = dataclass_from_args(SamplingParams, ns)
+    if params.n != 1:
+        raise ValueError("n: the terminal chat shows one reply per turn; leave n at 1")
+    interactive = sys.stdin.isatty()
+    err = sys.stderr
+    with ChatEngine(engine_cfg) as engine:
+        loaded = engine.loaded
+        print(f"Chatting with {loaded.model_dir} ({loaded.module.config.model_type}, {loaded.backend} backend, "
+              f"{str(loaded.dtype).removeprefix('torch.')}, {loaded.device})"
+              + (f"; replies scored by {loaded.reward_dir}" if engine.scorer else ""), file=err)  # fmt: skip
+        print("Type 'clear' to start a new conversation, 'quit' (or Ctrl-D) to leave.", file=err)
+        session = ChatSession(engine, params, system=ns.system)
+        while True:
+            try:
+                line = input("Human: " if interactive else "")
+            except EOFError:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text == "quit":
+                break
+            if text == "clear":
+                session.clear()
+                print("(conversation cleared)", file=err, flush=True)
+                continue
+            dropped = session.dropped
+            print("Assistant:", end="", flush=True)
+            for piece in session.send(text):
+                print(piece, end="", flush=True)
+            print(flush=True)
+            last = session.last
+            if session.dropped > dropped:
+                print(f"(the oldest {session.dropped - dropped} turn(s) were dropped to fit the model's context)",
+                      file=err)  # fmt: skip
+            if last is not None and (last.finish_reason != "stop" or last.reward is not None):
+                notes = [f"finish: {last.finish_reason}"] + ([f"reward {last.reward:.3f}"] if last.reward is not None else [])
+                print(f"({', '.join(notes)})", file=err, flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -330,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    from rlhf_engine.config.chat import ChatEngineConfig, SamplingParams
+
+    ch = sub.add_parser("chat", help="talk to a finished model in the terminal (streams tokens; 'clear', 'quit')")
+    add_dataclass_args(ch, ChatEngineConfig)
+    add_dataclass_args(ch, SamplingParams)
+    ch.add_argument("--system", help="a system message that starts every conversation")
+    ch.set_defaults(func=cmd_chat)
     return parser
 
 
@@ -342,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = ns.func
     try:
         return func(ns)
-    except ValueError as e:  # DataError and config errors: the message says what to change
+    except (ValueError, ChatError) as e:  # DataError, config and chat errors: the message says what to change
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,3 +41,27 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("RLHF_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def base_model() -> Path:
+    """The tiny OPT (≈0.5M parameters) pretrained 200 steps on the bundled corpus (cached)."""
+    from rlhf_engine.models.tiny import build_tiny
+
+    return build_tiny("opt", "xs", pretrain_steps=200)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> Path:
+    """`rlhf train --config tiny` on the xs model as actor and reward model: steps 1, 2 and 3 (≈70 s).
+
+    Step 1: 2 epochs (540 steps, checkpoint every 50); step 2: 3 epochs; step 3: 60 PPO steps with EMA.
+    """
+    from tests.runs import rlhf
+
+    out = tmp_path_factory.mktemp("pipeline")
+    done = rlhf("train", "--actor-model", base_model, "--reward-model", base_model, "--output-dir", out,
+                "--config", "tiny", timeout=280)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out / "train.stdout").write_text(done.stdout)
+    return out

@@ -1,77 +1,10 @@
-"""Fixtures for the training steps: real DeepSpeed runs of the `rlhf` command, shared where possible.
-
-Every run is a subprocess, as a user or the training worker runs it; one session-scoped `rlhf train`
-run of all three steps serves the tests of every step.
-"""
+"""Fixtures for the training steps (the shared `rlhf train` run itself is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-from rlhf_engine.engine.launch import LAUNCH_VARS
-
-SMALL = ["--max-seq-len", "128", "--eval-max-rows", "200"]
-
-
-def rlhf(*args: object, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    return subprocess.run([sys.executable, "-m", "rlhf_engine.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=timeout)  # fmt: skip
-
-
-def rlhf_ok(*args: object, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    done = rlhf(*args, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def kill_after_first_checkpoint(args: list[object], step_dir: Path) -> int:
-    """Start `rlhf <args>`, SIGKILL its whole process group as soon as its first checkpoint is
-    recorded (mid-way through the following steps); return that checkpoint's global step."""
-    import json
-    import signal
-    import time
-
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *map(str, args)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    events = step_dir / "events.jsonl"
-    deadline = time.monotonic() + 120
-    while not (events.is_file() and "checkpoint_saved" in events.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (step_dir / "summary.json").exists()
-    saved = [json.loads(line) for line in events.read_text().splitlines() if '"checkpoint_saved"' in line]
-    return max(e["data"]["global_step"] for e in saved)
-
-
-@pytest.fixture(scope="session")
-def base_model() -> Path:
-    """The tiny OPT (≈0.5M parameters) pretrained 200 steps on the bundled corpus (cached)."""
-    from rlhf_engine.models.tiny import build_tiny
-
-    return build_tiny("opt", "xs", pretrain_steps=200)
-
-
-@pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> Path:
-    """`rlhf train --config tiny` on the xs model as actor and reward model: steps 1, 2 and 3 (≈70 s).
-
-    Step 1: 2 epochs (540 steps, checkpoint every 50); step 2: 3 epochs; step 3: 60 PPO steps with EMA.
-    """
-    out = tmp_path_factory.mktemp("pipeline")
-    done = rlhf("train", "--actor-model", base_model, "--reward-model", base_model, "--output-dir", out,
-                "--config", "tiny", timeout=280)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (out / "train.stdout").write_text(done.stdout)
-    return out
 
 
 @pytest.fixture(scope="session")

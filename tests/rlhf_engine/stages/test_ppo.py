@@ -20,8 +20,7 @@ from rlhf_engine.data.bundled.world import corpus_paragraph
 from rlhf_engine.engine.launch import LAUNCH_VARS
 from rlhf_engine.stages.heldout import heldout_report
 from rlhf_engine.stages.records import read_jsonl
-
-from .conftest import kill_after_first_checkpoint, rlhf, rlhf_ok
+from tests.runs import kill_after_first_checkpoint, rlhf, rlhf_ok
 
 ROOT = Path(__file__).resolve().parents[3]
 STEP3_KEYS = {"step", "epoch", "time", "loss", "lr", "samples_per_s", "tokens_per_s", "reward_mean", "reward_std",

@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_engine.data.formatter import encode_prompt
 from rlhf_engine.stages.records import read_jsonl
-
-from .conftest import rlhf, rlhf_ok
+from tests.runs import rlhf, rlhf_ok
 
 STEPS = 540  # the tiny preset: 2 epochs of 4,320 rows in batches of 16
 

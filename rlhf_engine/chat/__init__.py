@@ -1,0 +1,44 @@
+"""The chat engine: finished checkpoints served as streams of text, many requests batched together.
+
+    from rlhf_engine.chat import ChatEngine, SamplingParams
+    with ChatEngine.load("RUN") as engine:
+        for delta in engine.stream([{"role": "user", "content": "Hi"}], SamplingParams(seed=1)):
+            print(delta.text, end="", flush=True)
+
+`rlhf chat --path RUN` is this engine in a terminal; the inference worker serves it over the network.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rlhf_engine.chat.errors import (
+    ChatError,
+    ContextLengthExceeded,
+    EngineBusy,
+    EngineStopped,
+    GenerationFailed,
+    InvalidRequest,
+    ModelLoadError,
+)
+
+if TYPE_CHECKING:
+    from rlhf_engine.chat.engine import ChatEngine, ChatResult, Delta, RequestHandle, Usage
+    from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
+
+__all__ = ["ChatEngine", "ChatEngineConfig", "ChatError", "ChatLimits", "ChatResult", "ContextLengthExceeded", "Delta",
+           "EngineBusy", "EngineStopped", "GenerationFailed", "InvalidRequest", "ModelLoadError", "RequestHandle",
+           "SamplingParams", "Usage"]  # fmt: skip
+
+_LAZY = {"ChatEngine": "rlhf_engine.chat.engine", "ChatResult": "rlhf_engine.chat.engine",
+         "Delta": "rlhf_engine.chat.engine", "RequestHandle": "rlhf_engine.chat.engine", "Usage": "rlhf_engine.chat.engine",
+         "ChatEngineConfig": "rlhf_engine.config.chat", "ChatLimits": "rlhf_engine.config.chat",
+         "SamplingParams": "rlhf_engine.config.chat"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:  # torch is imported only when the engine is asked for
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
