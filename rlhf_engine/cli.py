@@ -200,10 +200,16 @@ def cmd_step(ns: argparse.Namespace) -> int:
         return run_launched(ns.argv, processes=ns.num_gpus, launcher=ns.launcher, marker=marker,
                             hostfile=ns.hostfile)  # fmt: skip
     from rlhf_engine.engine.distributed import finish
+    from rlhf_engine.engine.stopping import EXIT_STOPPED, StepStopped
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         summary = stage.run(config)
+    except StepStopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"rlhf: {e}; run the same command again to resume", file=sys.stderr)
+        finish(False, world, code=EXIT_STOPPED)
+        return EXIT_STOPPED
     except ValueError as e:
         if world > 1:  # a worker of a launched run: say why, then leave without the exit-time abort
             print(f"rlhf: error: {e}", file=sys.stderr)

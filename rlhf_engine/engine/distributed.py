@@ -68,7 +68,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def finish(ok: bool, world_size: int) -> None:
+def finish(ok: bool, world_size: int, *, code: int | None = None) -> None:
     """End a worker process of a multi-process run.
 
     Two-process gloo runs abort at interpreter exit in ~20% of runs *after* finishing correctly
@@ -86,4 +86,4 @@ def finish(ok: bool, world_size: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
-        os._exit(0 if ok else 1)
+        os._exit(code if code is not None else (0 if ok else 1))

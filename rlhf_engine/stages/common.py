@@ -37,6 +37,7 @@ from rlhf_engine.engine.deepspeed_setup import (
 )
 from rlhf_engine.engine.distributed import Dist, barrier, init_distributed
 from rlhf_engine.engine.saving import gathered_state_dict, save_hf_model
+from rlhf_engine.engine.stopping import StepStopped, StopRequest
 from rlhf_engine.models.loading import (
     ModelKind,
     apply_lora,
@@ -211,6 +212,8 @@ def run_step(config: TrainConfig, spec: StepSpec) -> dict[str, Any]:
     records = Records(step_dir, enabled=dist.is_main)
     try:
         return _run(config, spec, dist, step_dir, records, checked)
+    except StepStopped:
+        raise
     except Exception as e:
         records.event("error", f"{type(e).__name__}: {e}", level="error")
         raise
@@ -297,6 +300,8 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
     # --- train
     from tqdm import tqdm
 
+    stop = StopRequest(step_dir, dist)
+
     bar = tqdm(total=total, initial=start_step, desc=spec.title, unit="step",
                disable=not (dist.is_main and sys.stderr.isatty()))  # fmt: skip
     for step in range(start_step, total):
@@ -324,19 +329,26 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
                                      "learning rate or use fp32/bf16")  # fmt: skip
         records.metric(step=step + 1, epoch=round(epoch + (in_epoch + 1) / steps_per_epoch, 4), **means,
                        lr=engine.get_lr()[0], samples_per_s=global_batch / seconds,
-                       tokens_per_s=reduced[-1] / seconds)  # fmt: skip
+                       tokens_per_s=reduced[-1] / seconds, tokens=int(reduced[-1]))  # fmt: skip
         bar.update(1)
         bar.set_postfix(loss=f"{means['loss']:.4f}")
         done_steps = step + 1
         if config.eval_interval and done_steps % config.eval_interval == 0 and done_steps < total:
             eval_last = run_eval(done_steps)
-        if config.checkpoint_interval and done_steps % config.checkpoint_interval == 0 and done_steps < total:
+        stopping = done_steps < total and stop.requested()
+        if done_steps < total and (stopping or (config.checkpoint_interval
+                                                and done_steps % config.checkpoint_interval == 0)):  # fmt: skip
             folder = checkpoint.save({"model": engine}, ckpt_root, global_step=done_steps, dist=dist,
                                      keep=config.keep_checkpoints,
                                      state={"total_steps": total, "eval_before": eval_before,
                                             "fingerprint": fingerprint})  # fmt: skip
             records.event("checkpoint_saved", f"checkpoint at step {done_steps}", path=str(folder),
                           global_step=done_steps)  # fmt: skip
+            if stopping:
+                bar.close()
+                records.event("step_stopped", f"{spec.title}: stopped at step {done_steps} of {total}; rerun to resume",
+                              global_step=done_steps, path=str(folder))  # fmt: skip
+                raise StepStopped(done_steps, folder)
     bar.close()
     eval_last = run_eval(total)
 

@@ -33,6 +33,7 @@ from rlhf_engine.engine.deepspeed_setup import resolve_dtype, torch_dtype
 from rlhf_engine.engine.distributed import Dist, barrier, init_distributed
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, check_hybrid_engine
 from rlhf_engine.engine.saving import gathered_state_dict, load_full_state, save_hf_model
+from rlhf_engine.engine.stopping import StepStopped, StopRequest
 from rlhf_engine.models.loading import load_config, load_tokenizer, resolve_model
 from rlhf_engine.stages.common import (
     all_reduce_sum,
@@ -171,6 +172,8 @@ def run(config: PPOConfig) -> dict[str, Any]:
     records = Records(step_dir, enabled=dist.is_main)
     try:
         return _run(config, dist, step_dir, records, tokenizer)
+    except StepStopped:
+        raise
     except Exception as e:
         records.event("error", f"{type(e).__name__}: {e}", level="error")
         raise
@@ -245,6 +248,7 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
 
     from tqdm import tqdm
 
+    stop = StopRequest(step_dir, dist)
     bar = tqdm(total=total, initial=start_step, desc=TITLE, unit="step", disable=not (dist.is_main and sys.stderr.isatty()))
     unsup_order = torch.randperm(len(unsup), generator=torch.Generator().manual_seed(cfg.seed)) if unsup is not None else None
     last: dict[str, Any] = {}
@@ -301,6 +305,7 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
             "gen_s": gen_s, "score_s": score_s, "train_s": train_s, "other_s": seconds - gen_s - score_s - train_s,
             "samples_per_s": prompts_per_step / seconds,
             "tokens_per_s": gen_tokens[0] / max(gen_tokens[1] / world, 1e-9),
+            "tokens": int(gen_tokens[0]),  # answer tokens generated (and trained on) this step
         }  # fmt: skip
         if torch.cuda.is_available():
             last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -317,7 +322,8 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
         done_steps = step + 1
         if cfg.eval_interval and done_steps % cfg.eval_interval == 0 and done_steps < total:
             run_eval(done_steps)
-        if cfg.checkpoint_interval and done_steps % cfg.checkpoint_interval == 0 and done_steps < total:
+        stopping = done_steps < total and stop.requested()
+        if done_steps < total and (stopping or (cfg.checkpoint_interval and done_steps % cfg.checkpoint_interval == 0)):
             ema_state = (gathered_state_dict(engine.actor_ema.module, zero_stage=engine.actor_ema.zero_optimization_stage(),
                                              is_main=dist.is_main) if engine.actor_ema is not None else None)  # fmt: skip
             folder = checkpoint.save(trainable, ckpt_root, global_step=done_steps, dist=dist, keep=cfg.keep_checkpoints,
@@ -325,6 +331,11 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
                                             "fingerprint": fingerprint}, extra=ema_state)  # fmt: skip
             records.event("checkpoint_saved", f"checkpoint at step {done_steps}", path=str(folder),
                           global_step=done_steps)  # fmt: skip
+            if stopping:
+                bar.close()
+                records.event("step_stopped", f"step 3: stopped at step {done_steps} of {total}; rerun to resume",
+                              global_step=done_steps, path=str(folder))  # fmt: skip
+                raise StepStopped(done_steps, folder)
     bar.close()
     eval_after = run_eval(total)
     eval_ema = run_eval(total, use_ema=True) if engine.actor_ema is not None else None
