@@ -1,0 +1,125 @@
+"""The API server: `create_app(settings)` builds it; `rlhf serve` runs it under uvicorn.
+
+Every error leaves as OpenAI's envelope with the status of service.errors.ERROR_TABLE; FastAPI's
+422 for a malformed body becomes a 400 naming the field. The process never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.db.migrate import migrate
+from service.db.session import get_engine, session_scope
+from service.errors import ServiceError, Unauthenticated, status_of
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+UPLOAD_PATHS = ("/v1/files",)
+
+
+def _envelope(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+              code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status,
+                        headers=headers)  # fmt: skip
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (("." if out else "") + p)
+    return out or "body"
+
+
+def create_app(settings: Settings | None = None, *, run_migrations: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    if run_migrations:
+        migrate(settings.db_url)
+    app = FastAPI(title="rlhf-service", version="0.1.0", description="DeepSpeed-Chat's RLHF as a service: OpenAI-"
+                  "style fine-tuning jobs (SFT, reward model, PPO) and chat with the results.")  # fmt: skip
+    app.state.settings = settings
+    app.state.started = time.time()
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])  # fmt: skip
+
+    @app.middleware("http")
+    async def bound_body(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        limit = settings.max_file_bytes + (1 << 20) if request.url.path in UPLOAD_PATHS else settings.max_body_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return _envelope(413, f"request body larger than this server's limit of {limit} bytes", code="too_large")
+        response: Response = await call_next(request)
+        return response
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, e: ServiceError) -> JSONResponse:
+        status, _ = status_of(e)
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+        if isinstance(e, Unauthenticated):
+            headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
+        return JSONResponse(e.envelope(), status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {"loc": ("body",), "msg": "invalid request"}
+        param = _loc(tuple(first.get("loc", ())))
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        return _envelope(400, f"{param}: {msg}", param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on "
+                   f"{request.url.path}"}.get(e.status_code, str(e.detail))  # fmt: skip
+        return _envelope(e.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _envelope(500, "internal error; it was logged", kind="server_error")
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        try:
+            with get_engine(settings.db_url).connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as e:
+            return _envelope(503, f"database unavailable: {type(e).__name__}", kind="service_unavailable",
+                             headers={"Retry-After": "5"})  # fmt: skip
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        from service.services.keys import authenticate
+        from service.telemetry import render
+
+        with session_scope(settings.db_url) as session:
+            if not settings.metrics_public:
+                caller = authenticate(session=session, authorization=request.headers.get("authorization"))
+                if not caller.operator:
+                    return _envelope(403, "/metrics needs an operator key (rlhf keys create --operator)",
+                                     kind="permission_error")  # fmt: skip
+            body, content_type = render(session)
+        return PlainTextResponse(body, media_type=content_type)
+
+    from service.api import files, jobs, models
+
+    app.include_router(files.router)
+    app.include_router(jobs.router)
+    app.include_router(models.router)
+    return app

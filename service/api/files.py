@@ -1,0 +1,66 @@
+"""/v1/files: multipart upload streamed to disk under a size cap, validated by the data layer."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, UploadFile
+
+from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.errors import InvalidRequest, TooLarge
+from service.schemas import Deleted, FileList, FileObject
+from service.services import files as svc
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+CHUNK = 1 << 20
+
+
+@router.post("", response_model=FileObject)
+async def upload(file: UploadFile, caller: CallerDep, session: SessionDep, settings: SettingsDep,
+                 purpose: Annotated[str, Form()] = "fine-tune") -> Any:  # fmt: skip
+    svc.check_upload(filename=file.filename or "", purpose=purpose)
+    tmp_dir = settings.files_dir / ".uploads"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    size = 0
+    with tempfile.NamedTemporaryFile(dir=tmp_dir, delete=False) as out:
+        tmp = Path(out.name)
+        try:
+            while chunk := await file.read(CHUNK):
+                size += len(chunk)
+                if size > settings.max_file_bytes:
+                    raise TooLarge(f"file: larger than this server's limit of {settings.max_file_bytes} bytes",
+                                   param="file")  # fmt: skip
+                out.write(chunk)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    if size == 0:
+        tmp.unlink(missing_ok=True)
+        raise InvalidRequest("file: the upload is empty", param="file")
+    try:
+        f = svc.register_file(session=session, tenant=caller.tenant_id, filename=file.filename or "upload",
+                              purpose=purpose, upload=tmp, size=size, files_dir=settings.files_dir,
+                              max_bytes=settings.max_file_bytes)  # fmt: skip
+    finally:
+        tmp.unlink(missing_ok=True)
+    session.commit()
+    return svc.to_object(f)
+
+
+@router.get("", response_model=FileList)
+def list_files(caller: CallerDep, session: SessionDep) -> Any:
+    return FileList(data=[svc.to_object(f) for f in svc.list_files(session=session, tenant=caller.tenant_id)])
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(file_id: str, caller: CallerDep, session: SessionDep) -> Any:
+    return svc.to_object(svc.get_file(session=session, tenant=caller.tenant_id, file_id=file_id))
+
+
+@router.delete("/{file_id}", response_model=Deleted)
+def delete_file(file_id: str, caller: CallerDep, session: SessionDep) -> Any:
+    f = svc.delete_file(session=session, tenant=caller.tenant_id, file_id=file_id)
+    session.commit()
+    return Deleted(id=f.id, object="file")

@@ -1,0 +1,155 @@
+"""/v1/fine_tuning/jobs: OpenAI's fine-tuning API, plus pause/resume, metrics, rollouts and estimate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+
+from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.db.session import session_scope
+from service.errors import ServiceError
+from service.queue import enqueue_training
+from service.schemas import (
+    TERMINAL,
+    CheckpointList,
+    Estimate,
+    EstimateRequest,
+    EventList,
+    JobCreate,
+    JobList,
+    JobObject,
+    MetricList,
+    RolloutList,
+)
+from service.services import jobs as svc
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+@router.post("", response_model=JobObject)
+def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep,
+               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> Any:  # fmt: skip
+    job, created = svc.create_job(session=session, tenant=caller.tenant_id, req=body, settings=settings,
+                                  idempotency_key=idempotency_key)  # fmt: skip
+    session.commit()  # the job is on record before any worker can look for it
+    if created:
+        enqueue_training(job.id, settings)
+    return svc.to_object(job)
+
+
+@router.post("/estimate", response_model=Estimate)
+def estimate(body: EstimateRequest, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
+    return svc.estimate(session=session, tenant=caller.tenant_id, req=body, settings=settings)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 20) -> Any:
+    rows, more = svc.list_jobs(session=session, tenant=caller.tenant_id, after=after, limit=limit)
+    return JobList(data=[svc.to_object(j) for j in rows], has_more=more)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def get_job(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
+    return svc.to_object(svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
+    job = svc.cancel(session=session, tenant=caller.tenant_id, job_id=job_id)
+    session.commit()
+    return svc.to_object(job)
+
+
+@router.post("/{job_id}/pause", response_model=JobObject)
+def pause(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
+    job = svc.pause(session=session, tenant=caller.tenant_id, job_id=job_id)
+    session.commit()
+    return svc.to_object(job)
+
+
+@router.post("/{job_id}/resume", response_model=JobObject)
+def resume(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
+    job = svc.resume(session=session, tenant=caller.tenant_id, job_id=job_id)
+    session.commit()
+    enqueue_training(job.id, settings)
+    return svc.to_object(job)
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def events(request: Request, job_id: str, caller: CallerDep, session: SessionDep, after: str | None = None,
+           limit: Limit = 20, stream: bool = False) -> Any:  # fmt: skip
+    if stream:
+        svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)
+        return _event_stream(request, job_id)
+    rows, more = svc.list_events(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit)
+    return EventList(data=[svc.event_object(e) for e in rows], has_more=more)
+
+
+def _event_stream(request: Request, job_id: str) -> Any:
+    """Server-sent events: every event from the start, then live ones until the job ends; `[DONE]` last."""
+    from sse_starlette.sse import EventSourceResponse
+
+    url = request.app.state.settings.db_url
+
+    def poll(seq: int) -> tuple[list[dict[str, Any]], int, bool]:
+        with session_scope(url) as s:
+            rows = svc.events_since(session=s, job_id=job_id, seq=seq)
+            job = s.get(svc.Job, job_id)
+            done = job is None or job.status in TERMINAL or job.status == "paused"
+            return [svc.event_object(e).model_dump() for e in rows], (rows[-1].seq if rows else seq), done
+
+    async def gen() -> AsyncIterator[dict[str, str]]:
+        seq = 0
+        try:
+            while True:
+                items, seq, done = await asyncio.to_thread(poll, seq)
+                for item in items:
+                    yield {"data": json.dumps(item)}
+                if done:
+                    items, seq, _ = await asyncio.to_thread(poll, seq)  # what was written as it ended
+                    for item in items:
+                        yield {"data": json.dumps(item)}
+                    break
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.5)
+        except Exception as e:  # after the headers: an error event, then the end
+            err = e.envelope() if isinstance(e, ServiceError) else {"error": {"message": "event stream failed",
+                                                                            "type": "server_error"}}  # fmt: skip
+            yield {"event": "error", "data": json.dumps(err)}
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(gen(), ping=15)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def checkpoints(job_id: str, caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 10) -> Any:
+    job = svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)
+    rows, more = svc.list_checkpoints(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit)
+    data = [svc.checkpoint_object(c, job) for c in rows]
+    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
+                          last_id=data[-1].id if data else None)  # fmt: skip
+
+
+@router.get("/{job_id}/metrics", response_model=MetricList)
+def metrics(job_id: str, caller: CallerDep, session: SessionDep, step: Annotated[int | None, Query(ge=1, le=3)] = None,
+            after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> Any:  # fmt: skip
+    rows, more = svc.list_metrics(session=session, tenant=caller.tenant_id, job_id=job_id, step=step, after=after,
+                                  limit=limit)  # fmt: skip
+    return MetricList(data=rows, has_more=more)
+
+
+@router.get("/{job_id}/rollouts", response_model=RolloutList)
+def rollouts(job_id: str, caller: CallerDep, session: SessionDep, offset: Annotated[int, Query(ge=0)] = 0,
+             limit: Limit = 20) -> Any:  # fmt: skip
+    rows, more = svc.list_rollouts(session=session, tenant=caller.tenant_id, job_id=job_id, offset=offset, limit=limit)
+    return RolloutList(data=rows, has_more=more)
+
+
+__all__ = ["JSONResponse", "router"]

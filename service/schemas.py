@@ -1,0 +1,271 @@
+"""The API contract: request and response bodies (OpenAI's shapes where OpenAI has the concept).
+
+These pydantic models are the single source for REST and gRPC; the proto mirrors them. Per-step
+configuration is not re-declared here: `config.sft|reward|ppo` take exactly the fields of the
+engine's SFTConfig / RewardConfig / PPOConfig dataclasses and are checked by them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+JobStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
+ACTIVE = ("validating_files", "queued", "running", "paused")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------- files
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    format: str = Field(description="the data layer's detected row shape, e.g. prompt_chosen_rejected")
+    kind: str = Field(description="sft, preference or text")
+    rows: int = Field(description="rows read (after empty/invalid rows were counted out)")
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+class Hyperparameters(Strict):
+    n_epochs: int | Literal["auto"] = Field(default="auto", description="epochs of every step (auto: step defaults)")
+    batch_size: int | Literal["auto"] = Field(default="auto", description="per-device training batch size")
+    learning_rate_multiplier: float | Literal["auto"] = Field(default="auto",
+                                                             description="× each step's default learning rate")  # fmt: skip
+
+    @field_validator("n_epochs", "batch_size")
+    @classmethod
+    def _positive_int(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 10_000:
+            raise ValueError("must be between 1 and 10000")
+        return v
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _positive(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and not 0 < v <= 1000:
+            raise ValueError("must be > 0 and at most 1000")
+        return v
+
+
+class MethodParams(Strict):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(Strict):
+    type: Literal["supervised", "reinforcement", "dpo"] = Field(
+        description="supervised: step 1; reinforcement: steps 1→2→3 with reward_model (RLHF); dpo: not supported yet")
+    supervised: MethodParams | None = None
+    reinforcement: MethodParams | None = None
+    dpo: dict[str, Any] | None = None
+
+
+class StepConfigs(Strict):
+    sft: dict[str, Any] = Field(default_factory=dict, description="SFTConfig fields for step 1")
+    reward: dict[str, Any] = Field(default_factory=dict, description="RewardConfig fields for step 2")
+    ppo: dict[str, Any] = Field(default_factory=dict, description="PPOConfig fields for step 3")
+
+
+class JobCreate(Strict):
+    model: str = Field(max_length=255, description="the actor: a base model name or a fine-tuned model id")
+    training_file: str | None = Field(default=None, max_length=64, description="file id (purpose fine-tune)")
+    validation_file: str | None = Field(default=None, max_length=64, description="not supported yet")
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None
+    suffix: str | None = Field(default=None, max_length=64, description="part of the fine-tuned model's id")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    integrations: list[Any] | None = Field(default=None, description="accepted for compatibility; must be empty")
+    # ours
+    reward_model: str | None = Field(default=None, max_length=255, description="base model to train as reward model")
+    steps: list[int] | None = Field(default=None, description="steps to run (default from method)")
+    data_split: str | None = Field(default=None, max_length=32, description="shares of the data for steps 1,2,3")
+    preference_file: str | None = Field(default=None, max_length=64, description="file id for step 2 (and 3's prompts)")
+    prompt_file: str | None = Field(default=None, max_length=64, description="file id for step 3's prompts")
+    pretrain_file: str | None = Field(default=None, max_length=64, description="plain-text file id for PPO-ptx")
+    preset: str | None = Field(default=None, max_length=64, description="a shipped config preset, e.g. tiny")
+    config: StepConfigs | None = None
+    num_gpus: int = Field(default=1, ge=1, le=4096)
+    gpu_type: str = Field(default="cpu", max_length=32)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+            raise ValueError("may hold letters, digits, '.', '_' and '-' only (1-64 characters)")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("at most 16 keys of ≤ 64 characters with values of ≤ 512 characters")
+        return v
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Cost(BaseModel):
+    estimated_usd: float
+    accrued_usd: float
+    gpu_seconds: float
+    max_cost_usd: float | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    estimated_finish: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: JobStatus
+    training_file: str | None
+    validation_file: str | None
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    result_files: list[str] = Field(default_factory=list)
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str] | None
+    integrations: list[Any] = Field(default_factory=list)
+    # ours
+    reward_model: str | None
+    steps: list[int]
+    current_step: int | None
+    step_status: dict[str, str]
+    progress: float
+    cost: Cost
+    num_gpus: int
+    gpu_type: str
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    has_more: bool
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None = None
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventObject]
+    has_more: bool
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, Any]
+    step_number: int
+    step: int = Field(description="which RLHF step (1, 2, 3) the checkpoint belongs to")
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class MetricPoint(BaseModel):
+    step: int
+    global_step: int
+    time: float
+    values: dict[str, Any]
+
+
+class MetricList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[MetricPoint]
+    has_more: bool
+
+
+class RolloutList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    has_more: bool
+
+
+class StepEstimate(BaseModel):
+    step: int
+    tokens: int
+    seconds: float
+    usd: float
+
+
+class Estimate(BaseModel):
+    object: Literal["fine_tuning.job.estimate"] = "fine_tuning.job.estimate"
+    seconds: float
+    hours: float
+    usd: float
+    gpu_type: str
+    num_gpus: int
+    price_per_gpu_hour: float
+    steps: list[StepEstimate]
+
+
+class EstimateRequest(JobCreate):
+    tokens: dict[str, int] | None = Field(default=None, description="tokens per step ({'3': 135000000}) to plan "
+                                                                     "without data files")  # fmt: skip
+    model_parameters: int | None = Field(default=None, gt=0, description="actor size when the model is not here")
+    reward_model_parameters: int | None = Field(default=None, gt=0, description="reward model size, likewise")
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

@@ -1,0 +1,73 @@
+"""API keys: random high-entropy tokens, stored as SHA-256 hashes, each bound to a tenant."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.models import ApiKey, Tenant, utcnow
+from service.errors import InvalidRequest, NotFound, Unauthenticated
+
+PREFIX = "sk-rlhf-"
+TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+@dataclass
+class Caller:
+    tenant_id: str
+    key_id: str
+    operator: bool
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(*, session: Session, tenant: str, name: str = "", operator: bool = False) -> tuple[ApiKey, str]:
+    """A new key for `tenant` (created if new). The plain key is returned once and never stored."""
+    if not TENANT_RE.fullmatch(tenant):
+        raise InvalidRequest("tenant: use 1-63 lowercase letters, digits, '-' or '_'", param="tenant")
+    if session.get(Tenant, tenant) is None:
+        session.add(Tenant(id=tenant))
+        session.flush()
+    plain = PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(tenant_id=tenant, key_hash=hash_key(plain), prefix=plain[: len(PREFIX) + 4], name=name,
+                 operator=operator)  # fmt: skip
+    session.add(key)
+    session.flush()
+    return key, plain
+
+
+def list_keys(*, session: Session, tenant: str | None = None) -> list[ApiKey]:
+    q = select(ApiKey).order_by(ApiKey.created_at)
+    if tenant:
+        q = q.where(ApiKey.tenant_id == tenant)
+    return list(session.scalars(q))
+
+
+def revoke_key(*, session: Session, key_id: str) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"no API key {key_id}", param="key_id")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
+def authenticate(*, session: Session, authorization: str | None) -> Caller:
+    """The caller of an `Authorization: Bearer <key>` header, or Unauthenticated."""
+    if not authorization:
+        raise Unauthenticated("no API key: send 'Authorization: Bearer <key>' (create one with `rlhf keys create`)",
+                              code="missing_api_key")  # fmt: skip
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("the Authorization header must be 'Bearer <key>'", code="invalid_api_key")
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token.strip())))
+    if key is None or key.revoked_at is not None:
+        raise Unauthenticated("the API key is not valid (unknown or revoked)", code="invalid_api_key")
+    return Caller(tenant_id=key.tenant_id, key_id=key.id, operator=key.operator)

@@ -1,0 +1,86 @@
+"""All service settings in one validated class (environment variables, `RLHF_` prefix; `DATABASE_URL`
+and `REDIS_URL` as they are usually spelled).
+
+Development defaults need nothing else on the machine (SQLite in the data directory, a Celery
+transport on the filesystem); `environment=production` refuses those defaults.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RLHF_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Field(default=Path.home() / ".local" / "share" / "rlhf", description="files, runs, database")
+    database_url: str = Field(default="", validation_alias=AliasChoices("DATABASE_URL", "RLHF_DATABASE_URL"),
+                              description="SQLAlchemy URL; default: SQLite in data_dir")  # fmt: skip
+    redis_url: str = Field(default="", validation_alias=AliasChoices("REDIS_URL", "RLHF_REDIS_URL"),
+                           description="Celery broker; default: a filesystem transport in data_dir")  # fmt: skip
+    model_root: Path | None = Field(default=None, description="base models (default: data_dir/models)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the API")
+    metrics_public: bool = Field(default=False, description="serve /metrics without an operator key")
+
+    # limits on what a request may ask for
+    max_file_bytes: int = 512 * 2**20
+    max_model_bytes: int = 8 * 2**30
+    max_body_bytes: int = 1 * 2**20
+    max_gpus_per_job: int = 8
+    gpu_types: list[str] = Field(default_factory=lambda: ["cpu", "A100-80G", "A100-40G", "H100-80G", "V100-32G"])
+    max_seq_len: int = 4096
+    max_steps_per_stage: int = 1_000_000
+    max_jobs_per_page: int = 100
+
+    # workers
+    heartbeat_s: float = Field(default=5.0, description="how often a training worker reports")
+    lease_s: float = Field(default=30.0, description="a job whose worker has not reported for this long is re-queued")
+    sweep_s: float = Field(default=10.0, description="how often the sweeper looks for orphaned jobs")
+    cost_interval_s: float = Field(default=10.0, description="cost is accrued once per interval")
+    visibility_timeout_s: int = Field(default=3600, description="Redis redelivers an unacked task after this")
+    step_grace_s: float = Field(default=60.0, description="time a step gets to checkpoint after a stop request")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.environment == "production":
+            if not self.database_url or self.database_url.startswith("sqlite"):
+                raise ValueError("production needs DATABASE_URL pointing at PostgreSQL")
+            if not self.redis_url:
+                raise ValueError("production needs REDIS_URL")
+            if "*" in self.cors_origins:
+                raise ValueError("production refuses cors_origins '*'; list the front ends' origins")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'rlhf.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.model_root or self.data_dir / "models"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

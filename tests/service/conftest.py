@@ -1,0 +1,176 @@
+"""Real components for the service tests: PostgreSQL and SQLite, Redis, live HTTP servers, Celery workers.
+
+- `pg_url`: a fresh PostgreSQL database per test session (dropped at the end).
+- `make_stack(db)`: settings + a migrated database + a live uvicorn server on a free loopback port.
+- `start_worker(settings)`: a real `rlhf worker train` process (Celery, threads pool of 1) on Redis.
+Workers use short heartbeats, leases and sweeps so recovery happens in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from service.settings import Settings
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+FAST = {"heartbeat_s": 1.0, "lease_s": 6.0, "sweep_s": 2.0, "cost_interval_s": 2.0, "step_grace_s": 60.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    import psycopg
+
+    name = f"rlhf_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    from service.db.session import get_engine
+
+    get_engine.cache_clear()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[str]:
+    """A Redis database number of its own for this session (flushed before and after)."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/7"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    yield url
+    r.flushdb()
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    url: str
+    env: dict[str, str]
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def key(self, tenant: str, *, operator: bool = False) -> str:
+        from service.db.session import session_scope
+        from service.services.keys import create_key
+
+        with session_scope(self.settings.db_url) as s:
+            return create_key(session=s, tenant=tenant, operator=operator)[1]
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_") or k == "RLHF_CACHE_DIR"}
+    env |= {"RLHF_DATA_DIR": str(settings.data_dir), "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
+    env |= {f"RLHF_{k.upper()}": str(getattr(settings, k)) for k in FAST}
+    env["RLHF_VISIBILITY_TIMEOUT_S"] = str(settings.visibility_timeout_s)
+    return env
+
+
+def serve(settings: Settings) -> tuple[str, Callable[[], None]]:
+    """A live uvicorn server for `settings` on a free loopback port; returns (base url, stop)."""
+    import uvicorn
+
+    from service.api.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the API server did not start"
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="session")
+def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Stack]]:
+    stops: list[Callable[[], None]] = []
+
+    def make(database_url: str = "", redis_url: str = "", **overrides: Any) -> Stack:
+        data = tmp_path_factory.mktemp("svc")
+        settings = Settings(data_dir=data, database_url=database_url or f"sqlite:///{data / 'rlhf.db'}",
+                            redis_url=redis_url, **(FAST | overrides))  # fmt: skip
+        url, stop = serve(settings)
+        stops.append(stop)
+        return Stack(settings=settings, url=url, env=_env(settings))
+
+    yield make
+    for stop in stops:
+        stop()
+
+
+@pytest.fixture(scope="session")
+def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Stack], subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(stack: Stack, *, sweeper: bool = True) -> subprocess.Popen[bytes]:
+        log = tmp_path_factory.mktemp("worker") / "worker.log"
+        args = [sys.executable, "-m", "workers.cli", "worker", "train"] + ([] if sweeper else ["--no-sweeper"])
+        with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(args, env=stack.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log = log  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout} s: {job}"
+        time.sleep(0.5)
+
+
+def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    after = None
+    while True:
+        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100} | ({"after": after} if after else {})).json()
+        out += page["data"]
+        if not page["has_more"]:
+            return list(reversed(out))
+        after = page["data"][-1]["id"]
+
+
+SMALL_SFT = {"model": "tiny-opt-xs", "preset": "tiny", "config": {"sft": {"max_steps": 40, "checkpoint_interval": 10,
+                                                                          "eval_max_rows": 16}}}  # fmt: skip

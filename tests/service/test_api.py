@@ -1,0 +1,236 @@
+"""The REST contract on SQLite and on PostgreSQL, without workers (jobs stay queued).
+
+Auth on every route, tenant isolation, the error envelope with the field at fault, nothing stored on
+a refused request, files validated on upload, idempotency, state transitions, estimates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from service.db.models import File, Job, JobEvent
+from service.db.session import session_scope
+from tests.service.conftest import SMALL_SFT, Stack
+
+PREF = "\n".join(json.dumps({"prompt": f"Human: What is a dog {i}? Assistant:", "chosen": " A dog is an animal.",
+                             "rejected": " Blue."}) for i in range(40)) + "\n"  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stack(request: pytest.FixtureRequest, make_stack: Callable[..., Stack]) -> Stack:
+    if request.param == "postgresql":
+        return make_stack(database_url=request.getfixturevalue("pg_url"))
+    return make_stack()
+
+
+@pytest.fixture(scope="module")
+def alice(stack: Stack) -> Iterator[Any]:
+    with stack.client(stack.key("alice")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def bob(stack: Stack) -> Iterator[Any]:
+    with stack.client(stack.key("bob")) as c:
+        yield c
+
+
+def counts(stack: Stack) -> tuple[int, int, int]:
+    with session_scope(stack.settings.db_url) as s:
+        return (s.scalar(select(func.count()).select_from(Job)) or 0, s.scalar(select(func.count()).select_from(File)) or 0,
+                s.scalar(select(func.count()).select_from(JobEvent)) or 0)  # fmt: skip
+
+
+def upload(client: Any, text: str, name: str = "pref.jsonl") -> Any:
+    return client.post("/v1/files", files={"file": (name, text.encode())}, data={"purpose": "fine-tune"})
+
+
+def error(resp: Any, status: int, param: str | None = None) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body = resp.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert body["param"] == param, body
+    return dict(body)
+
+
+def test_health_needs_no_key(stack: Stack) -> None:
+    with stack.client() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/readyz").json() == {"status": "ready"}
+
+
+ROUTES = [("GET", "/v1/models"), ("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-x"),
+          ("DELETE", "/v1/files/file-x"), ("GET", "/v1/fine_tuning/jobs"), ("POST", "/v1/fine_tuning/jobs"),
+          ("POST", "/v1/fine_tuning/jobs/estimate"), ("GET", "/v1/fine_tuning/jobs/ftjob-x"),
+          ("POST", "/v1/fine_tuning/jobs/ftjob-x/cancel"), ("POST", "/v1/fine_tuning/jobs/ftjob-x/pause"),
+          ("POST", "/v1/fine_tuning/jobs/ftjob-x/resume"), ("GET", "/v1/fine_tuning/jobs/ftjob-x/events"),
+          ("GET", "/v1/fine_tuning/jobs/ftjob-x/checkpoints"), ("GET", "/v1/fine_tuning/jobs/ftjob-x/metrics"),
+          ("GET", "/v1/fine_tuning/jobs/ftjob-x/rollouts"), ("GET", "/metrics")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_every_route_needs_a_valid_key(stack: Stack, method: str, path: str) -> None:
+    with stack.client() as c:
+        assert error(c.request(method, path), 401)["code"] == "missing_api_key"
+    with stack.client("sk-rlhf-not-a-key") as c:
+        assert error(c.request(method, path), 401)["code"] == "invalid_api_key"
+
+
+def test_revoked_keys_stop_working_and_metrics_need_an_operator(stack: Stack) -> None:
+    from service.services.keys import revoke_key
+
+    key = stack.key("carol")
+    with stack.client(key) as c:
+        assert c.get("/v1/models").status_code == 200
+        error(c.get("/metrics"), 403)
+        with session_scope(stack.settings.db_url) as s:
+            from service.services.keys import list_keys
+
+            revoke_key(session=s, key_id=list_keys(session=s, tenant="carol")[0].id)
+        error(c.get("/v1/models"), 401)
+    with stack.client(stack.key("ops", operator=True)) as c:
+        body = c.get("/metrics").text
+        assert "rlhf_jobs{status=\"queued\"}" in body and "rlhf_queue_depth" in body
+
+
+def test_files_are_validated_on_upload_and_scoped_to_the_tenant(stack: Stack, alice: Any, bob: Any) -> None:
+    f = upload(alice, PREF).json()
+    assert (f["object"], f["kind"], f["rows"], f["purpose"]) == ("file", "preference", 40, "fine-tune")
+    assert alice.get(f"/v1/files/{f['id']}").json()["id"] == f["id"]
+    assert f["id"] in [x["id"] for x in alice.get("/v1/files").json()["data"]]
+    error(bob.get(f"/v1/files/{f['id']}"), 404, "file_id")
+    assert f["id"] not in [x["id"] for x in bob.get("/v1/files").json()["data"]]
+    before = counts(stack)
+    bad = error(upload(alice, '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": 3}\n'), 400, "file")
+    assert "line 2" in bad["message"]
+    error(upload(alice, "x", name="data.csv"), 400, "file")
+    error(alice.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "assistants"}), 400, "purpose")
+    error(upload(alice, "", name="empty.jsonl"), 400, "file")
+    assert counts(stack) == before
+    assert alice.delete(f"/v1/files/{f['id']}").json() == {"id": f["id"], "object": "file", "deleted": True}
+    error(alice.get(f"/v1/files/{f['id']}"), 404)
+
+
+def test_job_create_get_list_and_isolation(stack: Stack, alice: Any, bob: Any) -> None:
+    job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"suffix": "demo", "metadata": {"team": "a"}}).json()
+    assert job["object"] == "fine_tuning.job" and job["status"] == "queued"
+    assert job["method"]["type"] == "supervised" and job["steps"] == [1]
+    assert job["estimated_finish"] is not None and job["cost"]["estimated_usd"] > 0
+    assert alice.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["id"] == job["id"]
+    error(bob.get(f"/v1/fine_tuning/jobs/{job['id']}"), 404)
+    error(bob.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 404)
+    error(bob.get(f"/v1/fine_tuning/jobs/{job['id']}/events"), 404)
+    assert job["id"] not in [j["id"] for j in bob.get("/v1/fine_tuning/jobs").json()["data"]]
+    events = alice.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
+    assert events["data"][0]["object"] == "fine_tuning.job.event"
+
+
+def test_pagination_with_after_and_limit(alice: Any) -> None:
+    ids = [alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()["id"] for _ in range(3)]
+    page1 = alice.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page1["data"]] == ids[::-1][:2] and page1["has_more"]
+    page2 = alice.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": page1["data"][-1]["id"]}).json()
+    assert page2["data"][0]["id"] == ids[0]
+
+
+def test_reinforcement_job_from_one_preference_file(alice: Any) -> None:
+    f = upload(alice, PREF).json()
+    job = alice.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs",
+                                                   "training_file": f["id"], "seed": 7}).json()  # fmt: skip
+    assert job["method"]["type"] == "reinforcement" and job["steps"] == [1, 2, 3] and job["seed"] == 7
+    error(alice.delete(f"/v1/files/{f['id']}"), 409, "file_id")  # a live job uses it
+    alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert alice.delete(f"/v1/files/{f['id']}").json()["deleted"]
+
+
+BAD_JOBS = [
+    ({}, "model"),
+    ({"model": "tiny-opt-xs", "method": {"type": "dpo"}}, "method.type"),
+    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement"}}, "reward_model"),
+    ({"model": "no-such-model"}, "model"),
+    ({"model": "../etc"}, "model"),
+    ({"model": "tiny-opt-xs", "training_file": "file-nope"}, "training_file"),
+    ({"model": "tiny-opt-xs", "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+    ({"model": "tiny-opt-xs", "hyperparameters": {"n_epochs": 2}, "config": {"sft": {"num_train_epochs": 3}}},
+     "hyperparameters.n_epochs"),
+    ({"model": "tiny-opt-xs", "config": {"sft": {"learning_rate": 5}}}, "learning_rate"),
+    ({"model": "tiny-opt-xs", "config": {"sft": {"no_such_option": 1}}}, None),
+    ({"model": "tiny-opt-xs", "config": {"sft": {"output_dir": "/etc"}}}, "config.sft.output_dir"),
+    ({"model": "tiny-opt-xs", "num_gpus": 9}, "num_gpus"),
+    ({"model": "tiny-opt-xs", "gpu_type": "TPU"}, "gpu_type"),
+    ({"model": "tiny-opt-xs", "config": {"sft": {"max_seq_len": 100000}}}, "config.sft.max_seq_len"),
+    ({"model": "tiny-opt-xs", "data_split": "1,2"}, "data_split"),
+    ({"model": "tiny-opt-xs", "suffix": "bad suffix!"}, "suffix"),
+    ({"model": "tiny-opt-xs", "validation_file": "file-x"}, "validation_file"),
+    ({"model": "tiny-opt-xs", "unknown_field": 1}, "unknown_field"),
+    ({"model": "tiny-opt-xs", "max_cost_usd": -1}, "max_cost_usd"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_JOBS)
+def test_bad_job_requests_are_400_naming_the_field_and_store_nothing(stack: Stack, alice: Any, body: dict[str, Any],
+                                                                     param: str | None) -> None:  # fmt: skip
+    before = counts(stack)
+    err = error(alice.post("/v1/fine_tuning/jobs", json=body), 400, param)
+    assert err["message"]
+    assert counts(stack) == before
+
+
+def test_malformed_and_oversized_bodies(stack: Stack, alice: Any) -> None:
+    before = counts(stack)
+    error(alice.post("/v1/fine_tuning/jobs", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
+    error(alice.post("/v1/fine_tuning/jobs", json=["a list"]), 400)
+    big = {"model": "tiny-opt-xs", "metadata": {"k": "x" * (2 * stack.settings.max_body_bytes)}}
+    error(alice.post("/v1/fine_tuning/jobs", json=big), 413)
+    error(alice.get("/v1/fine_tuning/jobs", params={"limit": 0}), 400, "limit")
+    error(alice.get("/v1/nothing-here"), 404)
+    assert counts(stack) == before
+
+
+def test_idempotency_key(stack: Stack, alice: Any) -> None:
+    h = {"Idempotency-Key": "abc-123"}
+    first = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT, headers=h).json()
+    again = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT, headers=h).json()
+    assert first["id"] == again["id"]
+    before = counts(stack)
+    error(alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"seed": 5}, headers=h), 409, "Idempotency-Key")
+    assert counts(stack) == before
+
+
+def test_state_transitions(alice: Any) -> None:
+    job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()
+    url = f"/v1/fine_tuning/jobs/{job['id']}"
+    error(alice.post(f"{url}/resume"), 409)  # queued, not paused
+    assert alice.post(f"{url}/pause").json()["status"] == "paused"
+    error(alice.post(f"{url}/pause"), 409)
+    assert alice.post(f"{url}/resume").json()["status"] == "queued"
+    assert alice.post(f"{url}/cancel").json()["status"] == "cancelled"
+    for action in ("cancel", "pause", "resume"):
+        assert "cancelled" in error(alice.post(f"{url}/{action}"), 409)["message"]
+
+
+def test_estimate_matches_deepspeed_chat_table_1(alice: Any) -> None:
+    """OPT-13B + OPT-350M on 8×A100-80G, 135M tokens: ≈9 h and ≈$290; OPT-30B: ≈18 h, ≈$600 (±30%)."""
+    common = {"reward_model": "tiny-opt-xs", "steps": [1, 2, 3], "num_gpus": 8, "gpu_type": "A100-80G",
+              "tokens": {"1": 0, "2": 0, "3": 135_000_000}, "reward_model_parameters": 350_000_000}  # fmt: skip
+    for params, hours, usd in ((13e9, 9, 290), (30e9, 18, 600)):
+        est = alice.post("/v1/fine_tuning/jobs/estimate", json=common | {"model": "tiny-opt-xs",
+                                                                         "model_parameters": int(params)}).json()  # fmt: skip
+        step3 = next(s for s in est["steps"] if s["step"] == 3)
+        assert step3["seconds"] / 3600 == pytest.approx(hours, rel=0.3)
+        assert step3["usd"] == pytest.approx(usd, rel=0.3)
+    small = alice.post("/v1/fine_tuning/jobs/estimate", json=SMALL_SFT).json()
+    assert small["gpu_type"] == "cpu" and 0 < small["seconds"] < 600 and small["usd"] > 0
+
+
+def test_models_list_base_and_own_fine_tuned(alice: Any, bob: Any) -> None:
+    ids = [m["id"] for m in alice.get("/v1/models").json()["data"]]
+    assert "tiny-opt-xs" in ids
+    assert alice.get("/v1/models/tiny-opt-xs").json()["owned_by"] == "system"
+    error(bob.get("/v1/models/ft:tiny-opt-xs::ftjob-nope"), 404)

@@ -1,0 +1,48 @@
+"""The Celery worker app: the service's Celery configuration plus the task code.
+
+    rlhf worker train     one job at a time (threads pool of 1, prefetch 1, acks late), plus the sweeper
+
+SIGTERM (Celery's warm shutdown) sets `training.SHUTDOWN`: the running step checkpoints, the job is
+queued again, and the task returns before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+from celery.signals import worker_shutting_down
+
+from service.db.migrate import migrate
+from service.queue import TRAIN_QUEUE, TRAIN_TASK, make_celery
+from service.settings import get_settings
+from workers import training
+
+logger = logging.getLogger(__name__)
+settings = get_settings()
+app = make_celery(settings)
+
+
+@app.task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def train_job(self: Any, job_id: str) -> str:
+    return training.train_job(job_id, settings)
+
+
+@worker_shutting_down.connect
+def _on_shutdown(**_: Any) -> None:
+    training.SHUTDOWN.set()
+
+
+def run_training_worker(*, concurrency: int = 1, sweeper: bool = True, loglevel: str = "INFO") -> None:
+    migrate(settings.db_url)
+    stop = threading.Event()
+    if sweeper:
+        threading.Thread(target=training.sweeper_loop, args=(settings, stop), name="sweeper", daemon=True).start()
+    try:
+        app.worker_main(["worker", "-Q", TRAIN_QUEUE, "-c", str(concurrency), "-P", "threads", "--without-gossip",
+                         "--without-mingle", "--without-heartbeat", "-n", f"train-{training.WORKER_ID}@{socket.gethostname()}",
+                         "--loglevel", loglevel])  # fmt: skip
+    finally:
+        stop.set()

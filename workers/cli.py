@@ -1,0 +1,144 @@
+"""The `rlhf` command: the service's commands here, everything else from rlhf_engine.cli.
+
+    rlhf serve [--all-in-one] [--host H] [--port P]     the API server (and, all-in-one, a training worker)
+    rlhf worker train                                  a Celery training worker (+ the sweeper)
+    rlhf keys create --tenant T [--name N] [--operator] | list [--tenant T] | revoke KEY_ID
+
+This module sits in workers/ because it starts workers; the API server it starts never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+SERVICE_COMMANDS = ("serve", "worker", "keys")
+
+
+def _settings() -> Settings:
+    from service.settings import get_settings
+
+    return get_settings()
+
+
+def cmd_keys(ns: argparse.Namespace) -> int:
+    from service.db.migrate import migrate
+    from service.db.session import session_scope
+    from service.services import keys
+
+    settings = _settings()
+    migrate(settings.db_url)
+    with session_scope(settings.db_url) as s:
+        if ns.keys_command == "create":
+            key, plain = keys.create_key(session=s, tenant=ns.tenant, name=ns.name, operator=ns.operator)
+            print(plain)
+            print(f"key {key.id} for tenant {key.tenant_id}{' (operator)' if key.operator else ''}; shown once, "
+                  "stored only as a hash", file=sys.stderr)  # fmt: skip
+        elif ns.keys_command == "list":
+            for k in keys.list_keys(session=s, tenant=ns.tenant):
+                state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+                print(f"{k.id}  {k.tenant_id:<20} {k.prefix}…  {state}{'  operator' if k.operator else ''}  {k.name}")
+        else:
+            k = keys.revoke_key(session=s, key_id=ns.key_id)
+            print(f"revoked {k.id} ({k.tenant_id})")
+    return 0
+
+
+def cmd_worker(ns: argparse.Namespace) -> int:
+    from workers.app import run_training_worker
+
+    run_training_worker(concurrency=1, sweeper=not ns.no_sweeper, loglevel=ns.loglevel)
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.app import create_app
+
+    settings = _settings()
+    if ns.host:
+        settings.host = ns.host
+    if ns.port:
+        settings.port = ns.port
+    app = create_app(settings)  # migrates before any worker starts
+    children: list[subprocess.Popen[bytes]] = []
+    if ns.all_in_one:
+        env = dict(os.environ, RLHF_DATA_DIR=str(settings.data_dir))
+        children.append(subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "train"], env=env))
+        print(f"rlhf: all-in-one — API on http://{settings.host}:{settings.port}, training worker pid "
+              f"{children[0].pid}, database {settings.db_url}, broker {settings.redis_url or 'filesystem (no Redis)'}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=ns.loglevel.lower(), access_log=False)
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + settings.step_grace_s + 15
+        for child in children:
+            try:
+                child.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="The service's commands (see `rlhf --help` for all).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sv = sub.add_parser("serve", help="run the API server")
+    sv.add_argument("--all-in-one", action="store_true", help="also run a training worker (SQLite + no Redis work)")
+    sv.add_argument("--host", help="bind address (default RLHF_HOST or 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="HTTP port (default RLHF_PORT or 8000)")
+    sv.add_argument("--loglevel", default="INFO")
+    sv.set_defaults(func=cmd_serve)
+    wk = sub.add_parser("worker", help="run a worker")
+    wk.add_argument("kind", choices=["train"], help="train: Celery training worker")
+    wk.add_argument("--no-sweeper", action="store_true", help="do not re-enqueue orphaned jobs from this worker")
+    wk.add_argument("--loglevel", default="INFO")
+    wk.set_defaults(func=cmd_worker)
+    ks = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    kc = ks.add_parser("create", help="create a key (printed once)")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--name", default="")
+    kc.add_argument("--operator", action="store_true", help="may read /metrics")
+    kl = ks.add_parser("list", help="list keys (prefixes only)")
+    kl.add_argument("--tenant")
+    kr = ks.add_parser("revoke", help="revoke a key")
+    kr.add_argument("key_id")
+    for p in (kc, kl, kr):
+        p.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SERVICE_COMMANDS:
+        from rlhf_engine.cli import main as engine_main
+
+        return engine_main(argv)
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.errors import ServiceError
+
+    try:
+        return int(ns.func(ns))
+    except (ValueError, ServiceError) as e:
+        print(f"rlhf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

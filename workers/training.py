@@ -1,0 +1,463 @@
+"""The training task: one job, its steps as child processes, its progress into the database.
+
+    rlhf.train_job(job_id)
+      claim the job's lease (a second delivery of the same job sees the lease, acknowledges, exits)
+      for each step not finished yet: write its options, run `rlhf sft|reward|ppo --config F` (under
+        the DeepSpeed launcher when num_gpus > 1) in its own process group, and while it runs:
+          - copy new lines of its metrics.jsonl / events.jsonl into the database (idempotently)
+          - every heartbeat: renew the lease, progress, estimated finish
+          - every cost interval: one CostInterval row (unique per job/step/attempt/interval)
+          - cancel → kill the step; pause, budget reached or worker shutdown → STOP file: the step
+            checkpoints and exits, the job becomes paused (or queued again, for a shutdown)
+      the step succeeded iff its summary.json exists (the completion marker)
+
+Heavy imports stay out: the steps import torch in their own processes; this module does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.models import CostInterval, FineTunedModel, Job, JobCheckpoint, JobEvent, JobMetric, utcnow
+from service.db.session import session_scope
+from service.services import cost as costs
+from service.services import models as models_svc
+from service.services.jobs import add_event
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+COMMANDS = {1: "sft", 2: "reward", 3: "ppo"}
+STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
+SHUTDOWN = threading.Event()  # set when the worker is asked to stop (SIGTERM → Celery's warm shutdown)
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class LeaseLost(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Outcome:
+    kind: str  # "succeeded" | "failed" | "cancelled" | "paused" | "requeued" | "lost"
+    message: str = ""
+
+
+# ---------------------------------------------------------------------------- lease
+
+
+def claim(session: Session, job_id: str, settings: Settings, owner: str) -> Job | None:
+    """Take the job's lease if nobody holds a live one; None otherwise (a duplicate delivery)."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(("queued", "running")),
+               or_(Job.lease_owner.is_(None), Job.lease_until < now))  # fmt: skip
+        .values(lease_owner=owner, lease_until=now + timedelta(seconds=settings.lease_s), heartbeat_at=now,
+                status="running", attempts=Job.attempts + 1)  # fmt: skip
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    if job.started_at is None:
+        job.started_at = now
+    return job
+
+
+def renew(session: Session, job_id: str, settings: Settings, owner: str, **values: Any) -> Job:
+    now = utcnow()
+    res = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                          .values(lease_until=now + timedelta(seconds=settings.lease_s), heartbeat_at=now, **values)
+                          .execution_options(synchronize_session=False))  # fmt: skip
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(job_id)
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    return job
+
+
+# ---------------------------------------------------------------------------- records → database
+
+
+class Ingest:
+    """Reads a step's metrics.jsonl / events.jsonl from where it left off; rows are keyed so a re-read
+    (after a worker restart) inserts nothing twice."""
+
+    def __init__(self, job_id: str, step: int, step_dir: Path) -> None:
+        self.job_id, self.step, self.dir = job_id, step, step_dir
+        self.offsets = {"metrics.jsonl": 0, "events.jsonl": 0}
+        self.last_metric: dict[str, Any] = {}
+        self.total_steps = 0
+
+    def _lines(self, name: str) -> list[dict[str, Any]]:
+        path = self.dir / name
+        if not path.is_file():
+            return []
+        size = path.stat().st_size
+        if size < self.offsets[name]:  # rewritten (a resumed step truncates its metrics)
+            self.offsets[name] = 0
+        out = []
+        with open(path, "rb") as f:
+            f.seek(self.offsets[name])
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # only whole lines; a partial last line is read next time
+        self.offsets[name] += end
+        for line in data[:end].splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def run(self, session: Session) -> None:
+        for m in self._lines("metrics.jsonl"):
+            gs = int(m.get("step", 0))
+            self.last_metric = m
+            if session.scalar(select(JobMetric.id).where(JobMetric.job_id == self.job_id, JobMetric.step == self.step,
+                                                         JobMetric.global_step == gs)) is None:  # fmt: skip
+                session.add(JobMetric(job_id=self.job_id, step=self.step, global_step=gs, time=float(m.get("time", 0.0)),
+                                      values=m))  # fmt: skip
+        for e in self._lines("events.jsonl"):
+            data = e.get("data") or {}
+            if "total_steps" in data:
+                self.total_steps = int(data["total_steps"])
+            key = f"{self.step}:{e.get('time')}:{e.get('type')}"
+            exists = session.scalar(select(JobEvent.seq).where(JobEvent.job_id == self.job_id, JobEvent.source_key == key))
+            if exists is None:
+                session.add(JobEvent(job_id=self.job_id, type=str(e.get("type", "message")), message=str(e.get("message", "")),
+                                     level=str(e.get("level", "info")), step=self.step, data=data, source_key=key))  # fmt: skip
+            if e.get("type") == "checkpoint_saved" and "global_step" in data:
+                gs = int(data["global_step"])
+                if session.scalar(select(JobCheckpoint.id).where(JobCheckpoint.job_id == self.job_id, JobCheckpoint.step == self.step,
+                                                                 JobCheckpoint.global_step == gs)) is None:  # fmt: skip
+                    metric = {k: v for k, v in self.last_metric.items() if isinstance(v, int | float)}
+                    session.add(JobCheckpoint(job_id=self.job_id, step=self.step, global_step=gs, path=str(data.get("path", "")),
+                                              metrics=metric))  # fmt: skip
+        session.flush()
+
+    @property
+    def global_step(self) -> int:
+        return int(self.last_metric.get("step", 0))
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+def _ensure_model(path: Path) -> None:
+    """Bundled tiny models are written into the model root on first use (needs torch: a child process)."""
+    if (path / "config.json").is_file():
+        return
+    m = models_svc.TINY_RE.fullmatch(path.name)
+    if not m:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", m.group(1), "--size", m.group(2),
+                    "--pretrain-steps", str(models_svc.TINY_PRETRAIN_STEPS), "--out", str(path), "--overwrite",
+                    "--sample", ""], check=True, capture_output=True, timeout=1800)  # fmt: skip
+
+
+def _step_command(job: Job, step: int, out: Path) -> tuple[list[str], Path]:
+    cfg_dir, log_dir = out / "configs", out / "logs"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg_dir / f"{STEP_DIRS[step]}.yaml"
+    cfg.write_text(yaml.safe_dump(job.plan[str(step)], sort_keys=True))
+    cmd = [sys.executable, "-m", "rlhf_engine.cli", COMMANDS[step], "--config", str(cfg)]
+    if job.num_gpus > 1:
+        cmd += ["--num-gpus", str(job.num_gpus)]
+    return cmd, log_dir / f"{STEP_DIRS[step]}.log"
+
+
+def _kill(proc: subprocess.Popen[bytes], grace: float) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
+    from rlhf_engine.engine.launch import LAUNCH_VARS
+    from rlhf_engine.engine.stopping import STOP_FILE
+
+    with session_scope(settings.db_url) as s:
+        job = renew(s, job_id, settings, owner, current_step=step,
+                    step_status={**s.get(Job, job_id).step_status, str(step): "running"})  # type: ignore[union-attr]
+        out = Path(job.output_dir)
+        step_dir = out / STEP_DIRS[step]
+        cmd, log = _step_command(job, step, out)
+        attempt, num_gpus, gpu_type, max_cost = job.attempts, job.num_gpus, job.gpu_type, job.max_cost_usd
+        add_event(session=s, job=job, type_="step_queued", step=step, message=f"step {step}: starting `rlhf "
+                  f"{COMMANDS[step]}` (attempt {attempt})")  # fmt: skip
+    (step_dir / STOP_FILE).unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    ingest = Ingest(job_id, step, step_dir)
+    started = time.monotonic()
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    interval_started, interval_idx = time.monotonic(), _next_interval(settings, job_id, step, attempt)
+    last_beat = 0.0
+    stopping: str | None = None  # "pause" | "budget" | "shutdown"
+    stop_deadline = 0.0
+    try:
+        while True:
+            code = proc.poll()
+            now = time.monotonic()
+            with session_scope(settings.db_url) as s:
+                ingest.run(s)
+                if now - interval_started >= settings.cost_interval_s or code is not None:
+                    _accrue(s, job_id, step, attempt, interval_idx, now - interval_started, num_gpus, gpu_type)
+                    interval_idx += 1
+                    interval_started = now
+                if code is not None:
+                    break
+                live = s.get(Job, job_id, populate_existing=True)
+                assert live is not None
+                job = live
+                if job.status == "cancelled" or job.control == "cancel":
+                    _kill(proc, 10)
+                    return Outcome("cancelled")
+                if now - last_beat >= settings.heartbeat_s:
+                    total = max(ingest.total_steps, 1)
+                    frac = min(ingest.global_step / total, 1.0)
+                    progress = _job_progress(job, step, frac)
+                    values: dict[str, Any] = {"progress": progress}
+                    elapsed = (utcnow() - job.started_at).total_seconds() if job.started_at else 0.0
+                    if progress > 0.05:
+                        values["estimated_finish"] = utcnow() + timedelta(seconds=elapsed * (1 - progress) / progress)
+                    renew(s, job_id, settings, owner, **values)
+                    last_beat = now
+                if stopping is None:
+                    if job.control == "pause":
+                        stopping = "pause"
+                    elif max_cost is not None and job.accrued_usd + costs.interval_usd(
+                            settings.cost_interval_s, num_gpus=num_gpus, gpu_type=gpu_type) > max_cost:  # fmt: skip
+                        stopping = "budget"
+                        add_event(session=s, job=job, type_="budget_reached", level="warning", step=step,
+                                  message=f"pausing: accrued ${job.accrued_usd:.4f} and the next interval would pass "
+                                  f"max_cost_usd ${max_cost}", data={"accrued_usd": job.accrued_usd})  # fmt: skip
+                    elif SHUTDOWN.is_set():
+                        stopping = "shutdown"
+                    if stopping:
+                        (step_dir / STOP_FILE).write_text(stopping)
+                        stop_deadline = now + settings.step_grace_s
+                elif now > stop_deadline:
+                    _kill(proc, 10)
+            time.sleep(0.5)
+    except LeaseLost:
+        _kill(proc, 10)
+        return Outcome("lost")
+    except BaseException:
+        _kill(proc, 10)
+        raise
+    seconds = time.monotonic() - started
+    if (step_dir / "summary.json").is_file():
+        return Outcome("succeeded", f"{seconds:.1f}")
+    if stopping:
+        return Outcome("requeued" if stopping == "shutdown" else "paused", stopping)
+    tail = log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines()
+    reason = next((ln for ln in reversed(tail) if ln.startswith("rlhf: error:")), tail[-1] if tail else "")
+    return Outcome("failed", f"step {step} ({COMMANDS[step]}) exited with status {proc.returncode}: {reason}")
+
+
+def _next_interval(settings: Settings, job_id: str, step: int, attempt: int) -> int:
+    from sqlalchemy import func
+
+    with session_scope(settings.db_url) as s:
+        last = s.scalar(select(func.max(CostInterval.interval)).where(CostInterval.job_id == job_id, CostInterval.step == step,
+                                                                       CostInterval.attempt == attempt))  # fmt: skip
+    return 0 if last is None else last + 1
+
+
+def _accrue(s: Session, job_id: str, step: int, attempt: int, interval: int, seconds: float, num_gpus: int,
+            gpu_type: str) -> None:  # fmt: skip
+    usd = costs.interval_usd(seconds, num_gpus=num_gpus, gpu_type=gpu_type)
+    try:
+        with s.begin_nested():
+            s.add(CostInterval(job_id=job_id, step=step, attempt=attempt, interval=interval, seconds=seconds, usd=usd))
+    except IntegrityError:
+        return  # already counted
+    s.execute(update(Job).where(Job.id == job_id).values(accrued_usd=Job.accrued_usd + usd,
+                                                         gpu_seconds=Job.gpu_seconds + seconds * num_gpus)
+              .execution_options(synchronize_session=False))  # fmt: skip
+
+
+def _job_progress(job: Job, step: int, frac: float) -> float:
+    done = sum(1 for s in job.steps if job.step_status.get(str(s)) == "succeeded")
+    return min((done + frac) / len(job.steps), 1.0)
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def train_job(job_id: str, settings: Settings) -> str:
+    owner = WORKER_ID
+    with session_scope(settings.db_url) as s:
+        job = claim(s, job_id, settings, owner)
+        if job is None:
+            logger.info("job %s: not claimed (finished, paused, cancelled or another worker holds it)", job_id)
+            return "skipped"
+        add_event(session=s, job=job, type_="job_started", message=f"worker {owner} took the job (attempt {job.attempts})")
+        steps, plan = list(job.steps), job.plan
+    try:
+        for ref in {Path(v["model_name_or_path"]) for v in plan.values() if "model_name_or_path" in v}:
+            _ensure_model(ref)
+        for step in steps:
+            step_dir = Path(_output_dir(settings, job_id)) / STEP_DIRS[step]
+            if (step_dir / "summary.json").is_file():  # finished by an earlier attempt
+                with session_scope(settings.db_url) as s:
+                    Ingest(job_id, step, step_dir).run(s)
+                _mark_step(settings, job_id, owner, step, "succeeded", step_dir)
+                continue
+            outcome = run_step(job_id, step, settings, owner)
+            if outcome.kind == "succeeded":
+                _mark_step(settings, job_id, owner, step, "succeeded", step_dir)
+                continue
+            return _finish(settings, job_id, owner, outcome, step)
+        return _finish(settings, job_id, owner, Outcome("succeeded"), steps[-1])
+    except LeaseLost:
+        return "lost"
+    except Exception as e:  # a bug or an environment problem: the job fails with the reason, never silently
+        logger.exception("job %s failed", job_id)
+        return _finish(settings, job_id, owner, Outcome("failed", f"{type(e).__name__}: {e}"), None)
+
+
+def _output_dir(settings: Settings, job_id: str) -> str:
+    with session_scope(settings.db_url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job.output_dir
+
+
+def _mark_step(settings: Settings, job_id: str, owner: str, step: int, status: str, step_dir: Path) -> None:
+    with session_scope(settings.db_url) as s:
+        job = s.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        summary = json.loads((step_dir / "summary.json").read_text()) if (step_dir / "summary.json").is_file() else {}
+        tokens = sum(int(v.get("tokens", 0) or 0) for v in s.scalars(select(JobMetric.values).where(
+            JobMetric.job_id == job_id, JobMetric.step == step)))  # fmt: skip
+        renew(s, job_id, settings, owner, step_status={**job.step_status, str(step): status},
+              trained_tokens=job.trained_tokens + tokens)  # fmt: skip
+        job = s.get(Job, job_id)
+        assert job is not None
+        renew(s, job_id, settings, owner, progress=_job_progress(job, step, 0.0))
+        add_event(session=s, job=job, type_="step_succeeded", step=step, message=f"step {step} ({COMMANDS[step]}) "
+                  f"succeeded: {tokens} tokens", data={"seconds": summary.get("seconds"), "summary": {k: v for k, v in summary.items()
+                                     if isinstance(v, int | float | str) and k != "options"}},
+                  source_key=f"step_succeeded:{step}")  # fmt: skip
+
+
+def _finish(settings: Settings, job_id: str, owner: str, outcome: Outcome, step: int | None) -> str:
+    with session_scope(settings.db_url) as s:
+        job = s.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        if job.lease_owner != owner:
+            return "lost"
+        job.lease_owner, job.lease_until = None, None
+        job.control = None
+        if step is not None and outcome.kind != "succeeded":
+            job.step_status = {**job.step_status, str(step): {"failed": "failed", "cancelled": "cancelled"}.get(
+                outcome.kind, "paused" if outcome.kind == "paused" else "pending")}  # fmt: skip
+        if outcome.kind == "succeeded":
+            job.status, job.progress, job.finished_at = "succeeded", 1.0, utcnow()
+            job.current_step = None
+            _register_models(s, job)
+            add_event(session=s, job=job, type_="job_succeeded", message=f"job succeeded: {job.fine_tuned_model}")
+        elif outcome.kind == "failed":
+            job.status, job.finished_at = "failed", utcnow()
+            job.error = {"code": "step_failed", "message": outcome.message[:2000], "param": None}
+            add_event(session=s, job=job, type_="job_failed", level="error", message=outcome.message[:2000], step=step)
+        elif outcome.kind == "cancelled":
+            job.status = "cancelled"
+            job.finished_at = job.finished_at or utcnow()
+            add_event(session=s, job=job, type_="step_killed", message=f"step {step} stopped for the cancellation",
+                      step=step)  # fmt: skip
+        elif outcome.kind == "paused":
+            job.status = "paused"
+            why = "max_cost_usd reached" if outcome.message == "budget" else "paused by the user"
+            add_event(session=s, job=job, type_="paused", message=f"job paused at a checkpoint of step {step}: {why}",
+                      step=step)  # fmt: skip
+        elif outcome.kind == "requeued":
+            job.status, job.enqueued_at = "queued", utcnow()
+            add_event(session=s, job=job, type_="requeued", message=f"worker shutting down: step {step} checkpointed; "
+                      "the job is queued again", step=step)  # fmt: skip
+    if outcome.kind == "requeued":
+        from service.queue import enqueue_training
+
+        enqueue_training(job_id, settings)
+    return outcome.kind
+
+
+def _register_models(s: Session, job: Job) -> None:
+    out = Path(job.output_dir)
+    base = job.model.split(":")[1] if job.model.startswith("ft:") else job.model
+    main_id = models_svc.fine_tuned_id(base, job.suffix, job.id)
+    if 3 in job.steps:
+        paths = {main_id: out / "step3_rlhf" / "actor", f"{main_id}:sft": out / "step1_sft"}
+        if (out / "step3_rlhf" / "actor_ema" / "config.json").is_file():
+            paths[f"{main_id}:ema"] = out / "step3_rlhf" / "actor_ema"
+    else:
+        paths = {main_id: out / "step1_sft"}
+    for model_id, path in paths.items():
+        if (path / "config.json").is_file() and s.get(FineTunedModel, model_id) is None:
+            s.add(FineTunedModel(id=model_id, tenant_id=job.tenant_id, job_id=job.id, path=str(path)))
+    job.fine_tuned_model = main_id
+
+
+# ---------------------------------------------------------------------------- sweeper
+
+
+def sweep(settings: Settings) -> list[str]:
+    """Re-enqueue jobs that lost their message or their worker; returns the ids re-enqueued."""
+    from service.queue import enqueue_training
+
+    now = utcnow()
+    stale = now - timedelta(seconds=max(settings.sweep_s * 2, settings.lease_s))
+    out = []
+    with session_scope(settings.db_url) as s:
+        orphans = s.scalars(select(Job).where(
+            ((Job.status == "queued") & (Job.enqueued_at < stale) & or_(Job.lease_until.is_(None), Job.lease_until < now))
+            | ((Job.status == "running") & (Job.lease_until < now)))).all()  # fmt: skip
+        for job in orphans:
+            if job.status == "running":
+                add_event(session=s, job=job, type_="worker_lost", level="warning", message="the job's worker stopped "
+                          "reporting; queued again, it resumes from its last checkpoint")  # fmt: skip
+            job.status, job.lease_owner, job.lease_until, job.enqueued_at = "queued", None, None, now
+            out.append(job.id)
+    for job_id in out:
+        enqueue_training(job_id, settings)
+    return out
+
+
+def sweeper_loop(settings: Settings, stop: threading.Event) -> None:
+    while not stop.wait(settings.sweep_s):
+        try:
+            ids = sweep(settings)
+            if ids:
+                logger.info("sweeper re-enqueued %s", ", ".join(ids))
+        except Exception:
+            logger.exception("sweep failed")
