@@ -254,12 +254,12 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
                 if stopping is None:
                     if job.control == "pause":
                         stopping = "pause"
-                    elif max_cost is not None and job.accrued_usd + costs.interval_usd(
-                            settings.cost_interval_s, num_gpus=num_gpus, gpu_type=gpu_type) > max_cost:  # fmt: skip
+                    elif costs.budget_exhausted(accrued_usd=job.accrued_usd, max_cost_usd=max_cost, interval_usd=costs.interval_usd(
+                            settings.cost_interval_s, num_gpus=num_gpus, gpu_type=gpu_type)):  # fmt: skip
                         stopping = "budget"
                         add_event(session=s, job=job, type_="budget_reached", level="warning", step=step,
-                                  message=f"pausing: accrued ${job.accrued_usd:.4f} and the next interval would pass "
-                                  f"max_cost_usd ${max_cost}", data={"accrued_usd": job.accrued_usd})  # fmt: skip
+                                  message=f"pausing: accrued ${job.accrued_usd:.6f}; another interval and the stop "
+                                  f"would pass max_cost_usd ${max_cost}", data={"accrued_usd": job.accrued_usd})  # fmt: skip
                     elif SHUTDOWN.is_set():
                         stopping = "shutdown"
                     if stopping:

@@ -75,7 +75,7 @@ def pause(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
 
 @router.post("/{job_id}/resume", response_model=JobObject)
 def resume(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
-    job = svc.resume(session=session, tenant=caller.tenant_id, job_id=job_id)
+    job = svc.resume(session=session, tenant=caller.tenant_id, job_id=job_id, settings=settings)
     session.commit()
     enqueue_training(job.id, settings)
     return svc.to_object(job)

@@ -51,6 +51,12 @@ def step_cost(step: int, *, tokens: int, params_b: float, gpu_type: str, num_gpu
     return StepCost(step=step, tokens=tokens, seconds=seconds, usd=usd)
 
 
+def budget_exhausted(*, accrued_usd: float, max_cost_usd: float | None, interval_usd: float) -> bool:
+    """Whether a job must stop now to stay within max_cost_usd: the step needs up to an interval to
+    checkpoint and exit, which is accrued too, so it stops two intervals before the cap."""
+    return max_cost_usd is not None and accrued_usd + 2 * interval_usd > max_cost_usd
+
+
 def interval_usd(seconds: float, *, num_gpus: int, gpu_type: str) -> float:
     """One accrual interval's price: wall seconds × GPUs × price per GPU-hour / 3600."""
     return seconds * num_gpus * price(gpu_type) / 3600

@@ -454,12 +454,13 @@ def pause(*, session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-def resume(*, session: Session, tenant: str, job_id: str) -> Job:
+def resume(*, session: Session, tenant: str, job_id: str, settings: Settings) -> Job:
     job = get_job(session=session, tenant=tenant, job_id=job_id)
     if job.status != "paused":
         raise Conflict(f"job {job_id} is {job.status}; only a paused job can be resumed", param="fine_tuning_job_id")
-    if job.max_cost_usd is not None and job.accrued_usd >= job.max_cost_usd:
-        raise Conflict(f"job {job_id} has spent ${job.accrued_usd:.4f} of its max_cost_usd ${job.max_cost_usd}; "
+    interval = costs.interval_usd(settings.cost_interval_s, num_gpus=job.num_gpus, gpu_type=job.gpu_type)
+    if costs.budget_exhausted(accrued_usd=job.accrued_usd, max_cost_usd=job.max_cost_usd, interval_usd=interval):
+        raise Conflict(f"job {job_id} has spent ${job.accrued_usd:.6f} of its max_cost_usd ${job.max_cost_usd}; "
                        "it cannot resume within its budget", param="max_cost_usd")  # fmt: skip
     job.status = "queued"
     job.control = None
@@ -473,6 +474,9 @@ def resume(*, session: Session, tenant: str, job_id: str) -> Job:
 
 def add_event(*, session: Session, job: Job, type_: str, message: str, level: str = "info", step: int | None = None,
               data: dict[str, Any] | None = None, source_key: str | None = None) -> None:  # fmt: skip
+    if source_key is not None and session.scalar(
+            select(JobEvent.seq).where(JobEvent.job_id == job.id, JobEvent.source_key == source_key)) is not None:
+        return  # recorded once, whoever records it again (a worker redoing a finished step's bookkeeping)
     session.add(JobEvent(job_id=job.id, type=type_, message=message, level=level, step=step, data=data,
                          source_key=source_key))  # fmt: skip
 

@@ -51,15 +51,23 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_db() -> Iterator[str]:
-    """A Redis database number of its own for this session (flushed before and after)."""
+def new_redis() -> Iterator[Callable[[], str]]:
+    """Redis databases of their own (6, 7, …; flushed before and after), one per stack: workers of one
+    stack must not take another stack's tasks."""
     import redis
 
-    url = "redis://127.0.0.1:6379/7"
-    r = redis.Redis.from_url(url)
-    r.flushdb()
-    yield url
-    r.flushdb()
+    used: list[str] = []
+
+    def make() -> str:
+        url = f"redis://127.0.0.1:6379/{6 + len(used)}"
+        assert len(used) < 10, "out of Redis databases for tests"
+        redis.Redis.from_url(url).flushdb()
+        used.append(url)
+        return url
+
+    yield make
+    for url in used:
+        redis.Redis.from_url(url).flushdb()
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""Jobs end to end: real API server, PostgreSQL, Redis and a real Celery training worker running the
+DeepSpeed steps as child processes. One finished 3-step tiny job serves most assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from service.db.models import CostInterval, FineTunedModel, Job
+from service.db.session import session_scope
+from service.services.cost import price
+from tests.service.conftest import SMALL_SFT, Stack, events, wait_for
+
+THREE_STEPS = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "e2e",
+               "config": {"sft": {"max_steps": 120}, "reward": {"max_steps": 120}, "ppo": {"max_steps": 12,
+                                                                                         "checkpoint_interval": 6}}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack: Callable[..., Stack], pg_url: str, new_redis: Callable[[], str],
+          start_worker: Callable[..., Any]) -> Stack:  # fmt: skip
+    s = make_stack(database_url=pg_url, redis_url=new_redis())
+    start_worker(s)
+    return s
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.client(stack.key("e2e")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def finished(client: httpx.Client) -> dict[str, Any]:
+    created = client.post("/v1/fine_tuning/jobs", json=THREE_STEPS).json()
+    assert created["status"] == "queued", created
+    job = wait_for(client, created["id"], ("succeeded", "failed", "cancelled"), timeout=280)
+    assert job["status"] == "succeeded", job
+    return {"created": created, "job": job}
+
+
+def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished: dict[str, Any]) -> None:
+    job = finished["job"]
+    assert job["step_status"] == {"1": "succeeded", "2": "succeeded", "3": "succeeded"}
+    assert job["fine_tuned_model"] == f"ft:tiny-opt-xs:e2e:{job['id']}"
+    assert job["progress"] == 1.0 and job["trained_tokens"] > 0 and job["error"] is None
+    types = [e["data"]["event_type"] for e in events(client, job["id"])]
+    for t in ("job_created", "job_started", "step_started", "checkpoint_saved", "eval", "step_finished",
+              "step_succeeded", "job_succeeded"):  # fmt: skip
+        assert t in types, t
+    assert types.count("step_started") == 3
+    series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 3}).json()["data"]
+    assert [p["global_step"] for p in series] == list(range(1, 13))
+    assert {"reward_mean", "kl_to_ref", "actor_loss", "critic_loss"} <= set(series[0]["values"])
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
+    assert {c["step"] for c in ckpts} == {1, 2, 3}
+    assert all(c["object"] == "fine_tuning.job.checkpoint" and c["step_number"] > 0 for c in ckpts)
+    rollouts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/rollouts", params={"limit": 3}).json()
+    assert len(rollouts["data"]) == 3 and {"prompt", "answer", "reward"} <= set(rollouts["data"][0])
+
+
+def test_finished_models_are_listed_and_load(client: httpx.Client, finished: dict[str, Any], stack: Stack) -> None:
+    from transformers import AutoModelForCausalLM
+
+    job = finished["job"]
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    main = job["fine_tuned_model"]
+    assert {main, f"{main}:ema", f"{main}:sft"} <= set(ids)
+    with session_scope(stack.settings.db_url) as s:
+        path = s.get(FineTunedModel, main).path  # type: ignore[union-attr]
+    assert path.endswith("step3_rlhf/actor")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "opt"
+    with stack.client(stack.key("someone-else")) as other:
+        assert main not in [m["id"] for m in other.get("/v1/models").json()["data"]]
+
+
+def test_estimate_was_given_and_within_2x_of_the_actual_time(finished: dict[str, Any]) -> None:
+    created, job = finished["created"], finished["job"]
+    assert created["estimated_finish"] is not None
+    estimated = created["estimated_finish"] - created["created_at"]
+    actual = job["finished_at"] - job["created_at"]
+    assert actual / 2 <= estimated <= actual * 2, (estimated, actual)
+
+
+def test_accrued_cost_is_the_sum_of_intervals_times_price(finished: dict[str, Any], stack: Stack) -> None:
+    job = finished["job"]
+    with session_scope(stack.settings.db_url) as s:
+        rows = s.scalars(select(CostInterval).where(CostInterval.job_id == job["id"])).all()
+        keys = [(r.step, r.attempt, r.interval) for r in rows]
+        record = s.get(Job, job["id"])
+        assert record is not None
+    assert len(keys) == len(set(keys)) > 3
+    seconds = sum(r.seconds for r in rows)
+    assert job["cost"]["accrued_usd"] == pytest.approx(seconds * price("cpu") / 3600, rel=1e-6, abs=1e-6)
+    assert job["cost"]["gpu_seconds"] == pytest.approx(seconds, rel=1e-3)
+    wall = (record.finished_at - record.started_at).total_seconds()  # type: ignore[operator]
+    assert 0.5 * wall <= seconds <= wall + 1
+
+
+def test_live_events_stream_over_sse(client: httpx.Client, finished: dict[str, Any]) -> None:
+    job_id = finished["job"]["id"]
+    lines = []
+    with client.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[6:])
+    assert lines[-1] == "[DONE]"
+    first = json.loads(lines[0])
+    assert first["object"] == "fine_tuning.job.event" and first["data"]["event_type"] == "job_created"
+    assert json.loads(lines[-2])["data"]["event_type"] == "job_succeeded"
+
+
+def test_openai_sdk_creates_retrieves_lists_and_cancels(stack: Stack, finished: dict[str, Any], tmp_path: Any) -> None:
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key("e2e"), max_retries=0)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i}?"},
+                                                     {"role": "assistant", "content": f"It is {i}."}]}) + "\n"
+                            for i in range(64)))  # fmt: skip
+    f = sdk.files.create(file=data.open("rb"), purpose="fine-tune")
+    assert f.id.startswith("file-") and f.bytes == data.stat().st_size
+    job = sdk.fine_tuning.jobs.create(model="tiny-opt-xs", training_file=f.id, suffix="sdk", seed=3,
+                                      extra_body={"preset": "tiny", "config": {"sft": {"max_steps": 400}}})  # fmt: skip
+    assert job.status == "queued" and job.training_file == f.id and job.seed == 3
+    assert sdk.fine_tuning.jobs.retrieve(job.id).id == job.id
+    assert job.id in [j.id for j in sdk.fine_tuning.jobs.list(limit=10).data]
+    cancelled = sdk.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    done = finished["job"]["id"]
+    evs = sdk.fine_tuning.jobs.list_events(done, limit=5)
+    assert len(evs.data) == 5 and evs.has_more
+    ckpts = sdk.fine_tuning.jobs.checkpoints.list(done)
+    assert ckpts.data and ckpts.data[0].fine_tuning_job_id == done
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        sdk.fine_tuning.jobs.retrieve("ftjob-nope")
+
+
+def test_pause_checkpoints_and_resume_continues(client: httpx.Client, finished: dict[str, Any]) -> None:
+    body = SMALL_SFT | {"config": {"sft": {"max_steps": 300, "checkpoint_interval": 0, "eval_max_rows": 16}}}
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    url = f"/v1/fine_tuning/jobs/{job['id']}"
+    deadline = time.monotonic() + 120
+    while not client.get(f"{url}/metrics", params={"limit": 1}).json()["data"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert client.post(f"{url}/pause").json()["status"] == "running"  # asked; the step checkpoints first
+    paused = wait_for(client, job["id"], ("paused", "succeeded", "failed"), timeout=120)
+    assert paused["status"] == "paused", paused
+    ckpts = client.get(f"{url}/checkpoints").json()["data"]
+    assert len(ckpts) == 1 and 0 < ckpts[0]["step_number"] < 300
+    at = ckpts[0]["step_number"]
+    assert client.post(f"{url}/resume").json()["status"] == "queued"
+    done = wait_for(client, job["id"], ("succeeded", "failed"), timeout=180)
+    assert done["status"] == "succeeded", done
+    steps = [p["global_step"] for p in client.get(f"{url}/metrics", params={"limit": 1000}).json()["data"]]
+    assert steps == list(range(1, 301))
+    msgs = [e["message"] for e in events(client, job["id"])]
+    assert any(f"resuming at step {at}" in m for m in msgs)
+
+
+def test_budget_cap_pauses_the_job(client: httpx.Client, stack: Stack, finished: dict[str, Any]) -> None:
+    cap = 12 * price("cpu") / 3600  # 12 CPU-seconds
+    body = SMALL_SFT | {"max_cost_usd": cap, "config": {"sft": {"max_steps": 2000, "checkpoint_interval": 0}}}
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    paused = wait_for(client, job["id"], ("paused", "succeeded", "failed"), timeout=150)
+    assert paused["status"] == "paused", paused
+    interval = stack.settings.cost_interval_s * price("cpu") / 3600
+    assert paused["cost"]["accrued_usd"] <= cap + interval + 1e-9
+    assert any(e["data"]["event_type"] == "budget_reached" for e in events(client, job["id"]))
+    r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")
+    assert r.status_code == 409 and r.json()["error"]["param"] == "max_cost_usd"
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
