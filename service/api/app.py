@@ -22,7 +22,6 @@ from service.errors import ServiceError, Unauthenticated, status_of
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
-UPLOAD_PATHS = ("/v1/files",)
 
 
 def _envelope(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
@@ -57,7 +56,8 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     @app.middleware("http")
     async def bound_body(request: Request, call_next: Any) -> Response:
         length = request.headers.get("content-length")
-        limit = settings.max_file_bytes + (1 << 20) if request.url.path in UPLOAD_PATHS else settings.max_body_bytes
+        limit = {"/v1/files": settings.max_file_bytes + (1 << 20),
+                 "/v1/models": settings.max_model_bytes + (1 << 20)}.get(request.url.path, settings.max_body_bytes)
         if length is not None and (not length.isdigit() or int(length) > limit):
             return _envelope(413, f"request body larger than this server's limit of {limit} bytes", code="too_large")
         response: Response = await call_next(request)

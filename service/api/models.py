@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, BackgroundTasks, Form, UploadFile
+from fastapi.responses import FileResponse
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
-from service.errors import NotFound
+from service.errors import NotFound, TooLarge
 from service.schemas import ModelList, ModelObject
 from service.services import models as svc
 
@@ -17,6 +23,50 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 @router.get("", response_model=ModelList)
 def list_models(caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
     return ModelList(data=svc.list_models(session=session, tenant=caller.tenant_id, models_dir=settings.models_dir))
+
+
+@router.post("", response_model=ModelObject)
+async def upload_model(file: UploadFile, name: Annotated[str, Form()], caller: CallerDep, session: SessionDep,
+                       settings: SettingsDep) -> Any:  # fmt: skip
+    """A Hugging Face model directory as a .tar/.tar.gz (safetensors only) becomes one of your base models."""
+    tmp_dir = settings.data_dir / "uploads" / ".incoming"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    size = 0
+    with tempfile.NamedTemporaryFile(dir=tmp_dir, delete=False) as out:
+        tmp = Path(out.name)
+        try:
+            while chunk := await file.read(1 << 20):
+                size += len(chunk)
+                if size > settings.max_model_bytes:
+                    raise TooLarge(f"file: larger than this server's limit of {settings.max_model_bytes} bytes",
+                                   param="file")  # fmt: skip
+                out.write(chunk)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    try:
+        row = await asyncio.to_thread(svc.upload_model, session=session, tenant=caller.tenant_id, name=name,
+                                      archive=tmp, models_dir=settings.models_dir,
+                                      uploads_dir=settings.data_dir / "uploads", max_bytes=settings.max_model_bytes)  # fmt: skip
+    finally:
+        tmp.unlink(missing_ok=True)
+    session.commit()
+    return ModelObject(id=row.name, created=int(row.created_at.timestamp()), owned_by=caller.tenant_id)
+
+
+@router.get("/{model_id:path}/content")
+def download_model(model_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep,
+                   background: BackgroundTasks) -> Any:  # fmt: skip
+    """Your fine-tuned (or uploaded) model's directory as a .tar.gz."""
+    path = svc.model_path(session=session, tenant=caller.tenant_id, model_id=model_id)
+    tmp_dir = settings.data_dir / "uploads" / ".outgoing"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".tar.gz")
+    os.close(fd)
+    svc.archive_model(path, Path(name))
+    background.add_task(os.unlink, name)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_id)
+    return FileResponse(name, media_type="application/gzip", filename=f"{safe}.tar.gz")
 
 
 @router.get("/{model_id:path}", response_model=ModelObject)

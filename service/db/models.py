@@ -197,3 +197,16 @@ class FineTunedModel(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class UploadedModel(Base):
+    """A base model a tenant uploaded (a Hugging Face directory); only that tenant sees or uses it."""
+
+    __tablename__ = "uploaded_models"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("model"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(Text)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

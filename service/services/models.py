@@ -16,8 +16,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import FineTunedModel
-from service.errors import InvalidRequest
+from service.db.models import FineTunedModel, UploadedModel
+from service.errors import Conflict, InvalidRequest, NotFound
 from service.schemas import ModelObject
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -43,6 +43,9 @@ def resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param
     if not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidRequest(f"{param}: {name!r} is not a model name; use a base model from GET /v1/models",
                              param=param)  # fmt: skip
+    own = session.scalar(select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name))
+    if own is not None:
+        return ModelRef(name=name, path=Path(own.path), base=name)
     root = models_dir.resolve()
     path = (models_dir / name).resolve()
     if TINY_RE.fullmatch(name):
@@ -67,8 +70,130 @@ def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[Mode
     rows = session.scalars(select(FineTunedModel).where(FineTunedModel.tenant_id == tenant)
                            .order_by(FineTunedModel.created_at)).all()  # fmt: skip
     out += [ModelObject(id=r.id, created=int(r.created_at.timestamp()), owned_by=tenant) for r in rows]
+    uploads = session.scalars(select(UploadedModel).where(UploadedModel.tenant_id == tenant)
+                              .order_by(UploadedModel.created_at)).all()  # fmt: skip
+    out += [ModelObject(id=u.name, created=int(u.created_at.timestamp()), owned_by=tenant) for u in uploads]
     return out
+
+
+def model_path(*, session: Session, tenant: str, model_id: str) -> Path:
+    """The directory of one of the tenant's own models (fine-tuned or uploaded), for download."""
+    if model_id.startswith("ft:"):
+        ft = session.get(FineTunedModel, model_id)
+        if ft is not None and ft.tenant_id == tenant:
+            return Path(ft.path)
+    else:
+        own = session.scalar(select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == model_id))
+        if own is not None:
+            return Path(own.path)
+    raise NotFound(f"no model {model_id} of yours to download (base models are not downloadable)", param="model")
+
+
+def upload_model(*, session: Session, tenant: str, name: str, archive: Path, models_dir: Path, uploads_dir: Path,
+                 max_bytes: int) -> UploadedModel:  # fmt: skip
+    if not NAME_RE.fullmatch(name) or name.startswith("ft:") or TINY_RE.fullmatch(name):
+        raise InvalidRequest("name: use letters, digits, '.', '_' or '-' (1-128), not a bundled model's name",
+                             param="name")  # fmt: skip
+    if name in base_models(models_dir) or session.scalar(
+            select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name)) is not None:  # fmt: skip
+        raise Conflict(f"name: a model called {name!r} exists; choose another name", param="name")
+    import secrets
+    import shutil
+
+    dest = uploads_dir / tenant / f"{name}-{secrets.token_hex(4)}"
+    try:
+        size = extract_model(archive, dest, max_bytes=max_bytes)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    row = UploadedModel(tenant_id=tenant, name=name, path=str(dest), bytes=size)
+    session.add(row)
+    session.flush()
+    return row
 
 
 def fine_tuned_id(base: str, suffix: str | None, job_id: str) -> str:
     return f"ft:{base}:{suffix or ''}:{job_id}"
+
+
+# ---------------------------------------------------------------------------- upload and download
+
+ALLOWED = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|vocab|added_tokens|"
+                     r"preprocessor_config|model\.safetensors\.index)\.json|merges\.txt|vocab\.txt|chat_template\.jinja|"
+                     r"tokenizer\.model|spiece\.model|[\w.-]+\.safetensors|README\.md|LICENSE(\.txt)?")  # fmt: skip
+PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
+
+
+def extract_model(archive: Path, dest: Path, *, max_bytes: int) -> int:
+    """Unpack an uploaded model archive (.tar, .tar.gz) into `dest`, checking every member first:
+    plain files only, no paths that leave the directory, no pickled weights, a size cap. Returns bytes."""
+    import tarfile
+
+    try:
+        tf = tarfile.open(archive)  # noqa: SIM115 (closed by the `with tf:` below)
+    except (tarfile.TarError, OSError):
+        raise InvalidRequest("file: not a .tar or .tar.gz archive of a model directory", param="file") from None
+    with tf:
+        members = [m for m in tf.getmembers() if not m.isdir()]
+        names = {}
+        total = 0
+        for m in members:
+            parts = Path(m.name).parts
+            if m.name.startswith("/") or ".." in parts:
+                raise InvalidRequest(f"file: archive member {m.name!r} leaves the model directory", param="file")
+            if not m.isfile():
+                raise InvalidRequest(f"file: archive member {m.name!r} is not a plain file (links are refused)",
+                                     param="file")  # fmt: skip
+            base = parts[-1]
+            if base.endswith(PICKLED):
+                raise InvalidRequest(f"file: {base} is pickled weights, which can run code when loaded; upload "
+                                     "safetensors (model.save_pretrained(dir, safe_serialization=True))", param="file")  # fmt: skip
+            if not ALLOWED.fullmatch(base):
+                raise InvalidRequest(f"file: {base} is not a model file this server accepts (config, tokenizer, "
+                                     "*.safetensors)", param="file")  # fmt: skip
+            total += m.size
+            if total > max_bytes:
+                raise InvalidRequest(f"file: the model is larger than this server's limit of {max_bytes} bytes",
+                                     param="file")  # fmt: skip
+            names[base] = m
+        if len(names) != len(members):
+            raise InvalidRequest("file: the archive holds two files of the same name", param="file")
+        if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+            raise InvalidRequest("file: a model needs config.json and *.safetensors weights", param="file")
+        dest.mkdir(parents=True, exist_ok=False)
+        for base, m in names.items():
+            src = tf.extractfile(m)
+            assert src is not None
+            with src, open(dest / base, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+    check_config(dest / "config.json")
+    return total
+
+
+def check_config(path: Path) -> None:
+    import json
+
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise InvalidRequest("file: config.json is not valid JSON", param="file") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise InvalidRequest("file: config.json has no model_type", param="file")
+    if config.get("auto_map"):
+        raise InvalidRequest("file: config.json needs custom code (auto_map); trust_remote_code is off here",
+                             param="file")  # fmt: skip
+    archs = config.get("architectures") or []
+    if not any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel", "ForSequenceClassification"))
+               for a in archs):  # fmt: skip
+        raise InvalidRequest(f"file: architectures {archs} hold no causal LM (…ForCausalLM)", param="file")
+
+
+def archive_model(path: Path, out: Path) -> None:
+    """A .tar.gz of a model directory's files (what `extract_model` accepts back)."""
+    import tarfile
+
+    with tarfile.open(out, "w:gz") as tf:
+        for f in sorted(path.iterdir()):
+            if f.is_file() and ALLOWED.fullmatch(f.name):
+                tf.add(f, arcname=f.name)

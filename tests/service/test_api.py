@@ -234,3 +234,66 @@ def test_models_list_base_and_own_fine_tuned(alice: Any, bob: Any) -> None:
     assert "tiny-opt-xs" in ids
     assert alice.get("/v1/models/tiny-opt-xs").json()["owned_by"] == "system"
     error(bob.get("/v1/models/ft:tiny-opt-xs::ftjob-nope"), 404)
+
+
+def _tar(tmp_path: Any, files: dict[str, bytes], *, link: str | None = None) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+def test_model_upload_is_checked_private_and_usable(stack: Stack, alice: Any, bob: Any, base_model: Any,
+                                                    tmp_path: Any) -> None:  # fmt: skip
+    files = {p.name: p.read_bytes() for p in base_model.iterdir() if p.is_file() and p.suffix != ".md"}
+    files.pop("tiny_model.json", None)
+    archive = _tar(tmp_path, files)
+    name = f"my-opt-{stack.settings.db_url[:6].replace(':', '')}"
+    up = alice.post("/v1/models", files={"file": ("m.tar.gz", archive)}, data={"name": name}).json()
+    assert up == {"id": name, "object": "model", "created": up["created"], "owned_by": "alice"}
+    assert name in [m["id"] for m in alice.get("/v1/models").json()["data"]]
+    assert name not in [m["id"] for m in bob.get("/v1/models").json()["data"]]
+    assert alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"model": name}).json()["model"] == name
+    error(bob.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"model": name}), 400, "model")
+    error(alice.post("/v1/models", files={"file": ("m.tar.gz", archive)}, data={"name": name}), 409, "name")
+    # the same directory comes back as an archive
+    import io
+    import tarfile
+
+    got = alice.get(f"/v1/models/{name}/content")
+    assert got.status_code == 200 and got.headers["content-type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(got.content)) as tf:
+        assert {m.name: tf.extractfile(m).read() for m in tf.getmembers()} == files  # type: ignore[union-attr]
+    error(bob.get(f"/v1/models/{name}/content"), 404)
+    error(alice.get("/v1/models/tiny-opt-xs/content"), 404)
+    # refused archives
+    config = files["config.json"]
+    bad = [({"config.json": config, "pytorch_model.bin": b"x"}, "pickled"),
+           ({"config.json": config, "../model.safetensors": b"x"}, "leaves"),
+           ({"config.json": config, "model.safetensors": files["model.safetensors"]}, None),
+           ({"config.json": b'{"model_type": "opt", "architectures": ["OPTForCausalLM"], "auto_map": {"a": "b"}}',
+             "model.safetensors": b"x"}, "trust_remote_code"),
+           ({"model.safetensors": b"x"}, "config.json"),
+           ({"config.json": config, "evil.py": b"import os", "model.safetensors": b"x"}, "not a model file")]  # fmt: skip
+    before = counts(stack)
+    for i, (members, words) in enumerate(bad):
+        link = "link.json" if words is None else None
+        resp = alice.post("/v1/models", files={"file": ("m.tar.gz", _tar(tmp_path, members, link=link))},
+                          data={"name": f"bad-{i}"})  # fmt: skip
+        assert words is None or words in error(resp, 400, "file")["message"], resp.text
+        if words is None:
+            assert "not a plain file" in error(resp, 400, "file")["message"]
+    error(alice.post("/v1/models", files={"file": ("m.tar.gz", b"not a tar")}, data={"name": "junk"}), 400, "file")
+    assert name not in [m["id"] for m in bob.get("/v1/models").json()["data"]]
+    assert counts(stack) == before

@@ -80,6 +80,37 @@ def test_finished_models_are_listed_and_load(client: httpx.Client, finished: dic
     assert model.config.model_type == "opt"
     with stack.client(stack.key("someone-else")) as other:
         assert main not in [m["id"] for m in other.get("/v1/models").json()["data"]]
+        assert other.get(f"/v1/models/{main}/content").status_code == 404
+    import io
+    import tarfile
+
+    archive = client.get(f"/v1/models/{main}/content")
+    assert archive.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tf:
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(tf.getnames())
+
+
+def test_cancelling_a_running_job_stops_its_step(client: httpx.Client, stack: Stack, finished: dict[str, Any]) -> None:
+    body = SMALL_SFT | {"config": {"sft": {"max_steps": 3000, "checkpoint_interval": 0, "eval_max_rows": 16}}}
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    url = f"/v1/fine_tuning/jobs/{job['id']}"
+    deadline = time.monotonic() + 120
+    while not client.get(f"{url}/metrics", params={"limit": 1}).json()["data"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert client.post(f"{url}/cancel").json()["status"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while "step_killed" not in [e["data"]["event_type"] for e in events(client, job["id"])]:
+        assert time.monotonic() < deadline, "the step was not stopped"
+        time.sleep(0.3)
+    with session_scope(stack.settings.db_url) as s:
+        out = s.get(Job, job["id"]).output_dir  # type: ignore[union-attr]
+    import subprocess
+
+    assert subprocess.run(["pgrep", "-f", out], capture_output=True).returncode == 1  # no step process left
+    n = len(client.get(f"{url}/metrics", params={"limit": 10000}).json()["data"])
+    assert 0 < n < 3000
+    assert client.get(url).json()["status"] == "cancelled"
 
 
 def test_estimate_was_given_and_within_2x_of_the_actual_time(finished: dict[str, Any]) -> None:

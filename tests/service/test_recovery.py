@@ -61,6 +61,36 @@ def test_killed_worker_during_step_2_resumes_from_its_checkpoint(make_stack: Cal
         assert done["cost"]["accrued_usd"] == pytest.approx(sum(r.usd for r in rows), abs=1e-6)  # shown to 6 places
 
 
+def test_worker_sigterm_checkpoints_and_requeues(make_stack: Callable[..., Stack], pg_url: str,
+                                                 new_redis: Callable[[], str],
+                                                 start_worker: Callable[..., Any]) -> None:  # fmt: skip
+    """A deploy stops the worker (SIGTERM): the running step checkpoints, the job is queued again, and
+    the next worker resumes it from that checkpoint."""
+    stack = make_stack(database_url=pg_url, redis_url=new_redis())
+    worker = start_worker(stack)
+    body = SMALL_SFT | {"config": {"sft": {"max_steps": 400, "checkpoint_interval": 0, "eval_max_rows": 16}}}
+    with stack.client(stack.key("deploy")) as c:
+        job = c.post("/v1/fine_tuning/jobs", json=body).json()
+        url = f"/v1/fine_tuning/jobs/{job['id']}"
+        deadline = time.monotonic() + 120
+        while not c.get(f"{url}/metrics", params={"limit": 1}).json()["data"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        os.kill(worker.pid, signal.SIGTERM)  # Celery's warm shutdown
+        assert worker.wait(timeout=90) == 0
+        requeued = c.get(url).json()
+        assert requeued["status"] == "queued", requeued
+        ckpts = c.get(f"{url}/checkpoints").json()["data"]
+        assert len(ckpts) == 1
+        at = ckpts[0]["step_number"]
+        start_worker(stack)
+        done = wait_for(c, job["id"], ("succeeded", "failed"), timeout=150)
+        assert done["status"] == "succeeded", done
+        msgs = [e["message"] for e in events(c, job["id"])]
+        assert any("worker shutting down" in m for m in msgs)
+        assert any(f"resuming at step {at}" in m for m in msgs)
+
+
 def test_job_survives_a_wiped_broker(make_stack: Callable[..., Stack], pg_url: str, new_redis: Callable[[], str],
                                      start_worker: Callable[..., Any]) -> None:  # fmt: skip
     """The broker loses the message (FLUSHDB of its database, as FLUSHALL would): the sweeper re-sends it."""
