@@ -48,11 +48,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(RLHF) data list
-	HF_HUB_OFFLINE=1 $(RLHF) models tiny --arch opt --size s --pretrain-steps 200 --out $(DEMO_DIR)/models/actor --overwrite
-	HF_HUB_OFFLINE=1 $(RLHF) models tiny --arch opt --size xs --pretrain-steps 200 --out $(DEMO_DIR)/models/reward --overwrite
-	HF_HUB_OFFLINE=1 $(RLHF) data preview --tokenizer $(DEMO_DIR)/models/actor
-	HF_HUB_OFFLINE=1 $(RLHF) train --actor-model $(DEMO_DIR)/models/actor --reward-model $(DEMO_DIR)/models/reward \
-	  --output-dir $(DEMO_DIR)/run --config tiny
+	HF_HUB_OFFLINE=1 $(RLHF) data preview --examples 1
+	HF_HUB_OFFLINE=1 $(RLHF) demo --data-dir $(DEMO_DIR)/service --run-link $(DEMO_DIR)/run
 	HF_HUB_OFFLINE=1 $(RLHF) eval --model $(DEMO_DIR)/run/step1_sft --reference $(DEMO_DIR)/run/step1_sft \
 	  --reward-model $(DEMO_DIR)/run/step2_reward
 	HF_HUB_OFFLINE=1 $(RLHF) eval --model $(DEMO_DIR)/run/step3_rlhf/actor --reference $(DEMO_DIR)/run/step1_sft \

@@ -3,6 +3,7 @@
     rlhf serve [--all-in-one] [--host H] [--port P]     the API server (and, all-in-one, a training worker)
     rlhf worker train                                  a Celery training worker (+ the sweeper)
     rlhf keys create --tenant T [--name N] [--operator] | list [--tenant T] | revoke KEY_ID
+    rlhf demo [--data-dir D] [--run-link L]            all-in-one server + a 3-step job over HTTP
 
 This module sits in workers/ because it starts workers; the API server it starts never imports torch.
 """
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from service.settings import Settings
 
-SERVICE_COMMANDS = ("serve", "worker", "keys")
+SERVICE_COMMANDS = ("serve", "worker", "keys", "demo")
 
 
 def _settings() -> Settings:
@@ -93,6 +94,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from workers.demo import run_demo
+
+    return run_demo(Path(ns.data_dir), Path(ns.run_link) if ns.run_link else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="The service's commands (see `rlhf --help` for all).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("key_id")
     for p in (kc, kl, kr):
         p.set_defaults(func=cmd_keys)
+    dm = sub.add_parser("demo", help="all-in-one server + a 3-step job on tiny models over HTTP, with progress")
+    dm.add_argument("--data-dir", default=".demo/service", help="the demo server's data directory")
+    dm.add_argument("--run-link", help="symlink to create at the job's run directory (for rlhf eval / chat)")
+    dm.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -129,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return engine_main(argv)
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the output
     from service.errors import ServiceError
 
     try:

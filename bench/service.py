@@ -1,0 +1,166 @@
+"""Job API under load (`make bench`): submission latency at a fixed rate, and status-poll throughput.
+
+A real `rlhf serve` process (uvicorn, one worker process) on loopback, PostgreSQL as the database and
+Redis as the broker (no training worker: submitted jobs stay queued). An open-loop load generator
+submits jobs at `--rate` per second for `--seconds` (each request is sent on schedule, whether or not
+earlier ones have returned, so a slow server cannot hide its queueing), then `--pollers` clients poll
+job status as fast as they can. Target (issue 6): p99 submit latency < 50 ms at 100 submissions/s, no
+errors. JSON goes to bench/results/.
+
+    python bench/service.py [--rate 100 --seconds 10 --pollers 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+JOB = {"model": "tiny-opt-xs", "preset": "tiny", "config": {"sft": {"max_steps": 10}}}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def submit_load(base: str, key: str, rate: float, seconds: float) -> dict[str, Any]:
+    import httpx
+
+    lat: list[float] = []
+    errors: list[str] = []
+    ids: list[str] = []
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, limits=limits,
+                                 timeout=30) as client:  # fmt: skip
+
+        async def one() -> None:
+            t = time.perf_counter()
+            try:
+                r = await client.post("/v1/fine_tuning/jobs", json=JOB)
+                lat.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                else:
+                    ids.append(r.json()["id"])
+            except httpx.HTTPError as e:
+                errors.append(repr(e))
+
+        n = int(rate * seconds)
+        start = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return {"requests": n, "errors": len(errors), "first_errors": errors[:3], "achieved_per_s": n / elapsed,
+            "p50_ms": 1000 * _pct(lat, 0.5), "p90_ms": 1000 * _pct(lat, 0.9), "p99_ms": 1000 * _pct(lat, 0.99),
+            "max_ms": 1000 * max(lat), "mean_ms": 1000 * statistics.mean(lat), "ids": ids}  # fmt: skip
+
+
+async def poll_load(base: str, key: str, ids: list[str], pollers: int, seconds: float) -> dict[str, Any]:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        stop = time.perf_counter() + seconds
+
+        async def loop(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                r = await client.get(f"/v1/fine_tuning/jobs/{ids[i % len(ids)]}")
+                lat.append(time.perf_counter() - t)
+                errors += r.status_code != 200
+                i += pollers
+
+        await asyncio.gather(*(loop(k) for k in range(pollers)))
+    return {"requests": len(lat), "errors": errors, "per_s": len(lat) / seconds, "p50_ms": 1000 * _pct(lat, 0.5),
+            "p99_ms": 1000 * _pct(lat, 0.99)}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=100)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--pollers", type=int, default=16)
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/15")
+    ns = ap.parse_args()
+    import psycopg
+
+    db = f"rlhf_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    data = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
+    env = dict(os.environ, RLHF_DATA_DIR=str(data), DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}",
+               REDIS_URL=ns.redis)  # fmt: skip
+    port = _port()
+    server = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--loglevel", "warning"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(data / "server.log", "wb"))  # noqa: SIM115
+    try:
+        import httpx
+
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            if time.monotonic() > deadline:
+                print("server did not start", file=sys.stderr)
+                return 1
+        key = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", "bench"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        asyncio.run(submit_load(base, key, 10, 1))  # warm-up (first plan reads the bundled data)
+        submit = asyncio.run(submit_load(base, key, ns.rate, ns.seconds))
+        ids = submit.pop("ids")
+        poll = asyncio.run(poll_load(base, key, ids, ns.pollers, ns.seconds))
+    finally:
+        server.terminate()
+        server.wait()
+        with psycopg.connect(PG, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
+        import redis
+
+        redis.Redis.from_url(ns.redis).flushdb()
+    ok = submit["errors"] == 0 and submit["p99_ms"] < 50
+    print(f"submit: {submit['requests']} jobs at {ns.rate:.0f}/s (achieved {submit['achieved_per_s']:.1f}/s): p50 "
+          f"{submit['p50_ms']:.1f} ms, p90 {submit['p90_ms']:.1f} ms, p99 {submit['p99_ms']:.1f} ms, max "
+          f"{submit['max_ms']:.1f} ms, errors {submit['errors']} — target p99 < 50 ms: {'met' if ok else 'MISSED'}")  # fmt: skip
+    print(f"status polls: {poll['per_s']:.0f}/s with {ns.pollers} clients, p50 {poll['p50_ms']:.1f} ms, p99 "
+          f"{poll['p99_ms']:.1f} ms, errors {poll['errors']}")  # fmt: skip
+    out = ROOT / "bench" / "results" / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rate": ns.rate, "seconds": ns.seconds, "pollers": ns.pollers, "cpu_count": os.cpu_count(),
+                               "submit": submit, "poll": poll}, indent=2) + "\n")  # fmt: skip
+    print(f"written: {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`rlhf demo`: the service end to end on one machine, as a client sees it.
+
+Starts `rlhf serve --all-in-one` (SQLite, a Celery worker on the filesystem transport: nothing else
+needed), creates an API key, asks for an estimate, submits a 3-step RLHF job on the bundled tiny
+models over HTTP, follows its events over SSE with a progress line, and prints the fine-tuned
+model's id. `--run-link` points a symlink at the job's run directory for `rlhf eval` / `rlhf chat`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+JOB = {"model": "tiny-opt-s", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "demo", "seed": 1234}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800) -> int:
+    import httpx
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    port = _port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["RLHF_DATA_DIR"] = str(data_dir.resolve())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 (closed in finally, after the server)
+    server = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--all-in-one", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                console.print(f"[red]the server did not start; see {data_dir / 'server.log'}[/red]")
+                return 1
+            time.sleep(0.3)
+        key = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", "demo", "--name", "make demo"],
+                             env=env, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        console.print(f"[bold]rlhf serve --all-in-one[/bold] on {base} (database and queue in {data_dir})")
+        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        est = client.post("/v1/fine_tuning/jobs/estimate", json=JOB).json()
+        console.print(f"POST /v1/fine_tuning/jobs/estimate → {est['seconds'] / 60:.1f} min, ${est['usd']:.5f} on "
+                      f"{est['num_gpus']}× {est['gpu_type']}")  # fmt: skip
+        resp = client.post("/v1/fine_tuning/jobs", json=JOB)
+        if resp.status_code != 200:
+            console.print(f"[red]{resp.json()['error']['message']}[/red]")
+            return 1
+        job = resp.json()
+        console.print(f"POST /v1/fine_tuning/jobs → {job['id']} ({job['status']}): steps {job['steps']}, "
+                      f"{job['model']} + reward model {job['reward_model']}")  # fmt: skip
+        started = time.monotonic()
+        with client.stream("GET", f"/v1/fine_tuning/jobs/{job['id']}/events", params={"stream": "true"},
+                           timeout=httpx.Timeout(60, read=timeout_s)) as stream:  # fmt: skip
+            for line in stream.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                e = json.loads(line[6:])
+                kind = e["data"].get("event_type")
+                if kind in ("metrics",) or (kind == "checkpoint_saved"):
+                    continue
+                step = e["data"].get("step")
+                now = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+                console.print(f"  {time.monotonic() - started:6.1f}s  {100 * now['progress']:5.1f}%  "
+                              f"{'step ' + str(step) if step else '      '}  {e['message']}", markup=False)  # fmt: skip
+        final: dict[str, Any] = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        if final["status"] != "succeeded":
+            console.print(f"[red]job {final['status']}: {final.get('error')}[/red]")
+            return 1
+        cost = final["cost"]
+        console.print(f"\n[bold]{final['status']}[/bold] in {time.monotonic() - started:.0f} s; accrued "
+                      f"${cost['accrued_usd']:.5f} (estimated ${cost['estimated_usd']:.5f}), "
+                      f"{final['trained_tokens']} tokens")  # fmt: skip
+        console.print(f"[bold]Fine-tuned model:[/bold] {final['fine_tuned_model']}")
+        ids = [m["id"] for m in client.get("/v1/models").json()["data"] if m["id"].startswith("ft:")]
+        console.print(f"GET /v1/models → {', '.join(ids)}")
+        if run_link is not None:
+            from service.db.models import Job
+            from service.db.session import session_scope
+            from service.settings import Settings
+
+            with session_scope(Settings(data_dir=data_dir.resolve()).db_url) as s:
+                out = s.get(Job, job["id"]).output_dir  # type: ignore[union-attr]
+            if run_link.is_symlink() or run_link.exists():
+                run_link.unlink()
+            run_link.parent.mkdir(parents=True, exist_ok=True)
+            run_link.symlink_to(out)
+            console.print(f"run directory: {out} (linked as {run_link})")
+        return 0
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
