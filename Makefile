@@ -60,6 +60,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/step3.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/chat.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/service.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check rlhf_engine service workers tests bench

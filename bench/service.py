@@ -50,7 +50,7 @@ async def submit_load(base: str, key: str, rate: float, seconds: float) -> dict[
     ids: list[str] = []
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, limits=limits,
-                                 timeout=30) as client:  # fmt: skip
+                                 timeout=10) as client:  # fmt: skip
 
         async def one() -> None:
             t = time.perf_counter()
@@ -77,6 +77,28 @@ async def submit_load(base: str, key: str, rate: float, seconds: float) -> dict[
     return {"requests": n, "errors": len(errors), "first_errors": errors[:3], "achieved_per_s": n / elapsed,
             "p50_ms": 1000 * _pct(lat, 0.5), "p90_ms": 1000 * _pct(lat, 0.9), "p99_ms": 1000 * _pct(lat, 0.99),
             "max_ms": 1000 * max(lat), "mean_ms": 1000 * statistics.mean(lat), "ids": ids}  # fmt: skip
+
+
+async def closed_loop(base: str, key: str, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` submitting back to back: the most submissions per second this server sustains here."""
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        stop = time.perf_counter() + seconds
+
+        async def loop() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                r = await client.post("/v1/fine_tuning/jobs", json=JOB)
+                lat.append(time.perf_counter() - t)
+                errors += r.status_code != 200
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+    return {"clients": clients, "requests": len(lat), "errors": errors, "per_s": len(lat) / seconds,
+            "p50_ms": 1000 * _pct(lat, 0.5), "p99_ms": 1000 * _pct(lat, 0.99)}  # fmt: skip
 
 
 async def poll_load(base: str, key: str, ids: list[str], pollers: int, seconds: float) -> dict[str, Any]:
@@ -137,6 +159,7 @@ def main() -> int:
         key = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", "bench"], env=env,
                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
         asyncio.run(submit_load(base, key, 10, 1))  # warm-up (first plan reads the bundled data)
+        capacity = asyncio.run(closed_loop(base, key, 8, ns.seconds))
         submit = asyncio.run(submit_load(base, key, ns.rate, ns.seconds))
         ids = submit.pop("ids")
         poll = asyncio.run(poll_load(base, key, ids, ns.pollers, ns.seconds))
@@ -152,12 +175,14 @@ def main() -> int:
     print(f"submit: {submit['requests']} jobs at {ns.rate:.0f}/s (achieved {submit['achieved_per_s']:.1f}/s): p50 "
           f"{submit['p50_ms']:.1f} ms, p90 {submit['p90_ms']:.1f} ms, p99 {submit['p99_ms']:.1f} ms, max "
           f"{submit['max_ms']:.1f} ms, errors {submit['errors']} — target p99 < 50 ms: {'met' if ok else 'MISSED'}")  # fmt: skip
+    print(f"capacity: {capacity['per_s']:.0f} submissions/s with {capacity['clients']} clients back to back, p50 "
+          f"{capacity['p50_ms']:.1f} ms, p99 {capacity['p99_ms']:.1f} ms, errors {capacity['errors']}")  # fmt: skip
     print(f"status polls: {poll['per_s']:.0f}/s with {ns.pollers} clients, p50 {poll['p50_ms']:.1f} ms, p99 "
           f"{poll['p99_ms']:.1f} ms, errors {poll['errors']}")  # fmt: skip
     out = ROOT / "bench" / "results" / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rate": ns.rate, "seconds": ns.seconds, "pollers": ns.pollers, "cpu_count": os.cpu_count(),
-                               "submit": submit, "poll": poll}, indent=2) + "\n")  # fmt: skip
+                               "capacity": capacity, "submit": submit, "poll": poll}, indent=2) + "\n")  # fmt: skip
     print(f"written: {out.relative_to(ROOT)}")
     return 0
 

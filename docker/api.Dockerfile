@@ -16,5 +16,5 @@ RUN pip install --no-cache-dir -c constraints.txt '.[service]' \
 USER rlhf
 VOLUME ["/data"]
 EXPOSE 8000 50051
-# `rlhf serve` arrives with the service (issue 6); until then the image only carries the CLI.
+# Migrates the database (under a lock) on start; `rlhf keys create --tenant T` makes API keys.
 CMD ["rlhf", "serve", "--host", "0.0.0.0", "--port", "8000"]

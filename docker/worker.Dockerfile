@@ -25,5 +25,5 @@ RUN pip install --no-cache-dir torch==2.13.0 \
     && useradd --create-home --uid 10001 rlhf && mkdir -p /data && chown rlhf /data
 USER rlhf
 VOLUME ["/data"]
-# `rlhf worker …` arrives with the service (issues 6 and 7).
+# `rlhf worker train` runs one job at a time, plus the sweeper; `rlhf worker inference` arrives with issue 7.
 CMD ["rlhf", "worker", "train"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -35,9 +36,15 @@ def _sub_prefix(f: dataclasses.Field[Any], prefix: str) -> str:
     return prefix + f.metadata.get("prefix", f.name + "_")
 
 
+@functools.lru_cache(maxsize=64)
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a config dataclass (resolving them is slow; classes do not change)."""
+    return get_type_hints(cls)
+
+
 def _leaves(cls: type, prefix: str = "", default: Any = None) -> Iterator[tuple[str, dataclasses.Field[Any], Any, Any]]:
     """(flat name, field, type, default) for every non-dataclass field, recursively."""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -110,7 +117,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _build(cls: type[T], prefix: str, values: dict[str, Any]) -> T:
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if not f.init:

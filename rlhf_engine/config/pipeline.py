@@ -7,7 +7,9 @@ shared by the steps (data, ZeRO stages); per-step options come from the `sft:`, 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -92,7 +94,15 @@ def split_sections(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, di
 
 
 def load_pipeline_file(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    return split_sections(load_config_file(resolve_config_path(name)))
+    path = resolve_config_path(name)
+    top, sections = _load_cached(str(path), path.stat().st_mtime_ns)
+    return copy.deepcopy(top), copy.deepcopy(sections)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_cached(path: str, mtime_ns: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Parsed once per file version (the job API reads the same preset for every submission)."""
+    return split_sections(load_config_file(path))
 
 
 def step_values(cfg: PipelineConfig, step: int, section: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.db.session import session_scope
@@ -29,6 +30,11 @@ from service.schemas import (
 from service.services import jobs as svc
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+def respond(model: BaseModel) -> Response:
+    """The body, serialised once (returning the model would have FastAPI validate it again)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
@@ -40,7 +46,7 @@ def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings
     session.commit()  # the job is on record before any worker can look for it
     if created:
         enqueue_training(job.id, settings)
-    return svc.to_object(job)
+    return respond(svc.to_object(job))
 
 
 @router.post("/estimate", response_model=Estimate)
@@ -51,26 +57,26 @@ def estimate(body: EstimateRequest, caller: CallerDep, session: SessionDep, sett
 @router.get("", response_model=JobList)
 def list_jobs(caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 20) -> Any:
     rows, more = svc.list_jobs(session=session, tenant=caller.tenant_id, after=after, limit=limit)
-    return JobList(data=[svc.to_object(j) for j in rows], has_more=more)
+    return respond(JobList(data=[svc.to_object(j) for j in rows], has_more=more))
 
 
 @router.get("/{job_id}", response_model=JobObject)
 def get_job(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
-    return svc.to_object(svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id))
+    return respond(svc.to_object(svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)
 def cancel(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
     job = svc.cancel(session=session, tenant=caller.tenant_id, job_id=job_id)
     session.commit()
-    return svc.to_object(job)
+    return respond(svc.to_object(job))
 
 
 @router.post("/{job_id}/pause", response_model=JobObject)
 def pause(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
     job = svc.pause(session=session, tenant=caller.tenant_id, job_id=job_id)
     session.commit()
-    return svc.to_object(job)
+    return respond(svc.to_object(job))
 
 
 @router.post("/{job_id}/resume", response_model=JobObject)
@@ -78,7 +84,7 @@ def resume(job_id: str, caller: CallerDep, session: SessionDep, settings: Settin
     job = svc.resume(session=session, tenant=caller.tenant_id, job_id=job_id, settings=settings)
     session.commit()
     enqueue_training(job.id, settings)
-    return svc.to_object(job)
+    return respond(svc.to_object(job))
 
 
 @router.get("/{job_id}/events", response_model=EventList)

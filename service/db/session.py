@@ -25,12 +25,17 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_recycle=1800)
 
 
 @lru_cache(maxsize=8)
 def _factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+def new_session(url: str) -> Session:
+    """A session of the pool for `url` (it connects on first use)."""
+    return _factory(url)()
 
 
 @contextmanager
