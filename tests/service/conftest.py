@@ -1,6 +1,6 @@
 """Real components for the service tests: PostgreSQL and SQLite, Redis, live HTTP servers, Celery workers.
 
-- `pg_url`: a fresh PostgreSQL database per test session (dropped at the end).
+- `new_pg()`: a fresh PostgreSQL database per stack (dropped at the end).
 - `make_stack(db)`: settings + a migrated database + a live uvicorn server on a free loopback port.
 - `start_worker(settings)`: a real `rlhf worker train` process (Celery, threads pool of 1) on Redis.
 Workers use short heartbeats, leases and sweeps so recovery happens in seconds.
@@ -36,18 +36,29 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def new_pg() -> Iterator[Callable[[], str]]:
+    """Fresh PostgreSQL databases, one per stack (a stack's sweeper must not find another stack's
+    queued jobs), dropped at the end of the session."""
     import psycopg
 
-    name = f"rlhf_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"rlhf_test_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        names.append(name)
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+    yield make
     from service.db.session import get_engine
 
+    for engine_url in [f"postgresql+psycopg://postgres@127.0.0.1:5432/{n}" for n in names]:
+        get_engine(engine_url).dispose()
     get_engine.cache_clear()
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

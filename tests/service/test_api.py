@@ -24,7 +24,7 @@ PREF = "\n".join(json.dumps({"prompt": f"Human: What is a dog {i}? Assistant:", 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stack(request: pytest.FixtureRequest, make_stack: Callable[..., Stack]) -> Stack:
     if request.param == "postgresql":
-        return make_stack(database_url=request.getfixturevalue("pg_url"))
+        return make_stack(database_url=request.getfixturevalue("new_pg")())
     return make_stack()
 
 
@@ -297,3 +297,15 @@ def test_model_upload_is_checked_private_and_usable(stack: Stack, alice: Any, bo
     error(alice.post("/v1/models", files={"file": ("m.tar.gz", b"not a tar")}, data={"name": "junk"}), 400, "file")
     assert name not in [m["id"] for m in bob.get("/v1/models").json()["data"]]
     assert counts(stack) == before
+
+
+@pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("POST", "/cancel"), ("POST", "/pause"), ("POST", "/resume"),
+                                               ("GET", "/events"), ("GET", "/checkpoints"), ("GET", "/metrics"),
+                                               ("GET", "/rollouts")])  # fmt: skip
+def test_another_tenants_job_is_not_found_on_every_route(stack: Stack, alice: Any, bob: Any, method: str,
+                                                         suffix: str) -> None:  # fmt: skip
+    job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()
+    before = counts(stack)
+    error(bob.request(method, f"/v1/fine_tuning/jobs/{job['id']}{suffix}"), 404)
+    assert counts(stack) == before
+    assert alice.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"  # untouched

@@ -24,9 +24,9 @@ THREE_STEPS = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": 
 
 
 @pytest.fixture(scope="module")
-def stack(make_stack: Callable[..., Stack], pg_url: str, new_redis: Callable[[], str],
+def stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str],
           start_worker: Callable[..., Any]) -> Stack:  # fmt: skip
-    s = make_stack(database_url=pg_url, redis_url=new_redis())
+    s = make_stack(database_url=new_pg(), redis_url=new_redis())
     start_worker(s)
     return s
 

@@ -30,10 +30,10 @@ def _kill_worker_and_its_step(worker: subprocess.Popen[bytes], output_dir: str) 
     worker.wait()
 
 
-def test_killed_worker_during_step_2_resumes_from_its_checkpoint(make_stack: Callable[..., Stack], pg_url: str,
+def test_killed_worker_during_step_2_resumes_from_its_checkpoint(make_stack: Callable[..., Stack], new_pg: Callable[[], str],
                                                                  new_redis: Callable[[], str],
                                                                  start_worker: Callable[..., Any]) -> None:  # fmt: skip
-    stack = make_stack(database_url=pg_url, redis_url=new_redis())
+    stack = make_stack(database_url=new_pg(), redis_url=new_redis())
     worker = start_worker(stack)
     with stack.client(stack.key("recovery")) as c:
         job = c.post("/v1/fine_tuning/jobs", json=TWO_STEPS).json()
@@ -61,12 +61,12 @@ def test_killed_worker_during_step_2_resumes_from_its_checkpoint(make_stack: Cal
         assert done["cost"]["accrued_usd"] == pytest.approx(sum(r.usd for r in rows), abs=1e-6)  # shown to 6 places
 
 
-def test_worker_sigterm_checkpoints_and_requeues(make_stack: Callable[..., Stack], pg_url: str,
+def test_worker_sigterm_checkpoints_and_requeues(make_stack: Callable[..., Stack], new_pg: Callable[[], str],
                                                  new_redis: Callable[[], str],
                                                  start_worker: Callable[..., Any]) -> None:  # fmt: skip
     """A deploy stops the worker (SIGTERM): the running step checkpoints, the job is queued again, and
     the next worker resumes it from that checkpoint."""
-    stack = make_stack(database_url=pg_url, redis_url=new_redis())
+    stack = make_stack(database_url=new_pg(), redis_url=new_redis())
     worker = start_worker(stack)
     body = SMALL_SFT | {"config": {"sft": {"max_steps": 400, "checkpoint_interval": 0, "eval_max_rows": 16}}}
     with stack.client(stack.key("deploy")) as c:
@@ -91,11 +91,11 @@ def test_worker_sigterm_checkpoints_and_requeues(make_stack: Callable[..., Stack
         assert any(f"resuming at step {at}" in m for m in msgs)
 
 
-def test_job_survives_a_wiped_broker(make_stack: Callable[..., Stack], pg_url: str, new_redis: Callable[[], str],
+def test_job_survives_a_wiped_broker(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str],
                                      start_worker: Callable[..., Any]) -> None:  # fmt: skip
     """The broker loses the message (FLUSHDB of its database, as FLUSHALL would): the sweeper re-sends it."""
     broker = new_redis()
-    stack = make_stack(database_url=pg_url, redis_url=broker)
+    stack = make_stack(database_url=new_pg(), redis_url=broker)
     with stack.client(stack.key("flush")) as c:
         job = c.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()
         r = redis.Redis.from_url(broker)
@@ -106,12 +106,12 @@ def test_job_survives_a_wiped_broker(make_stack: Callable[..., Stack], pg_url: s
         assert done["status"] == "succeeded", done
 
 
-def test_redelivery_and_duplicates_never_run_a_job_twice(make_stack: Callable[..., Stack], pg_url: str,
+def test_redelivery_and_duplicates_never_run_a_job_twice(make_stack: Callable[..., Stack], new_pg: Callable[[], str],
                                                          new_redis: Callable[[], str],
                                                          start_worker: Callable[..., Any]) -> None:  # fmt: skip
     """visibility_timeout 5 s and a ≥ 30 s job: Redis hands the unacked task to the second worker; the
     same job is also enqueued twice. One trainer runs it; the others see the lease and acknowledge."""
-    stack = make_stack(database_url=pg_url, redis_url=new_redis(), visibility_timeout_s=5)
+    stack = make_stack(database_url=new_pg(), redis_url=new_redis(), visibility_timeout_s=5)
     start_worker(stack)
     start_worker(stack, sweeper=False)
     body = SMALL_SFT | {"config": {"sft": {"max_steps": 500, "checkpoint_interval": 0, "eval_max_rows": 16}}}
