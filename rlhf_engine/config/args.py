@@ -117,7 +117,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _build(cls: type[T], prefix: str, values: dict[str, Any]) -> T:
-    hints = _hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]  # classes are hashable
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if not f.init:
