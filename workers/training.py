@@ -163,17 +163,36 @@ class Ingest:
 # ---------------------------------------------------------------------------- one step
 
 
-def _ensure_model(path: Path) -> None:
-    """Bundled tiny models are written into the model root on first use (needs torch: a child process)."""
+def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> None:
+    """Bundled tiny models are written into the model root on first use (building one needs torch: a
+    child process; the first build pretrains it for a minute or two, so the lease is renewed meanwhile)."""
     if (path / "config.json").is_file():
         return
     m = models_svc.TINY_RE.fullmatch(path.name)
     if not m:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", m.group(1), "--size", m.group(2),
-                    "--pretrain-steps", str(models_svc.TINY_PRETRAIN_STEPS), "--out", str(path), "--overwrite",
-                    "--sample", ""], check=True, capture_output=True, timeout=1800)  # fmt: skip
+    with session_scope(settings.db_url) as s:
+        job = renew(s, job_id, settings, owner)
+        add_event(session=s, job=job, type_="preparing_model", message=f"preparing base model {path.name} (first use "
+                  "on this server: built and pretrained on the bundled corpus)")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", m.group(1), "--size",
+                             m.group(2), "--pretrain-steps", str(models_svc.TINY_PRETRAIN_STEPS), "--out", str(path),
+                             "--overwrite", "--sample", ""], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        while True:
+            try:
+                _, err = proc.communicate(timeout=settings.heartbeat_s)
+                break
+            except subprocess.TimeoutExpired:
+                with session_scope(settings.db_url) as s:
+                    renew(s, job_id, settings, owner)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"building {path.name} failed: {err.decode(errors='replace')[-500:]}")
 
 
 def _step_command(job: Job, step: int, out: Path) -> tuple[list[str], Path]:
@@ -325,7 +344,7 @@ def train_job(job_id: str, settings: Settings) -> str:
         steps, plan = list(job.steps), job.plan
     try:
         for ref in {Path(v["model_name_or_path"]) for v in plan.values() if "model_name_or_path" in v}:
-            _ensure_model(ref)
+            _ensure_model(ref, job_id, settings, owner)
         for step in steps:
             step_dir = Path(_output_dir(settings, job_id)) / STEP_DIRS[step]
             if (step_dir / "summary.json").is_file():  # finished by an earlier attempt

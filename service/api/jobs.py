@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
@@ -158,4 +158,4 @@ def rollouts(job_id: str, caller: CallerDep, session: SessionDep, offset: Annota
     return RolloutList(data=rows, has_more=more)
 
 
-__all__ = ["JSONResponse", "router"]
+__all__ = ["router"]

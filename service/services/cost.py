@@ -5,8 +5,8 @@ parameters (floored at 0.5M parameters for tiny models), plus a fixed start-up p
 
 - A100-80G, step 3: DeepSpeed-Chat's Table 1 — OPT-13B actor + OPT-350M reward model on 8×A100-80G
   trains 135M tokens in about 9 h for about $290, OPT-30B in about 18 h for about $600. 135M tokens /
-  (9 h × 8 GPUs) = 521 tokens/s/GPU at 13B and 260 at 30B → K ≈ 7,200 (our estimate: 8.5 h / $273
-  and 19.5 h / $629, both within ±30%); the price that makes $290 of 72 GPU-hours: $4.03/GPU-hour.
+  (9 h × 8 GPUs) = 521 tokens/s/GPU at 13B and 260 at 30B → K ≈ 7,200 (our estimate: 8.5 h / $274
+  and 19.6 h / $631, both within ±30%); the price that makes $290 of 72 GPU-hours: $4.03/GPU-hour.
 - Steps 1 and 2 (no generation, one forward+backward per token) run ≈ 4× step 3's tokens/s.
 - cpu: measured on the 2-core CI machine with the tiny `xs` model (0.53M parameters): step 1 12.2K
   tokens/s, step 2 15.7K, step 3 6K (prompt + answer tokens), and ≈ 10 s of start-up per step.
