@@ -36,11 +36,12 @@ def make_celery(settings: Settings) -> Celery:
         conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout_s}
     else:
         folder = settings.queue_dir
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_url"] = "filesystem://"
         conf["broker_transport_options"] = {"data_folder_in": str(folder / "out"), "data_folder_out": str(folder / "out"),
-                                            "processed_folder": str(folder / "processed"), "store_processed": False}  # fmt: skip
+                                            "processed_folder": str(folder / "processed"), "store_processed": False,
+                                            "control_folder": str(folder / "control")}  # fmt: skip
     app.conf.update(conf)
     return app
 
