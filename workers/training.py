@@ -341,12 +341,12 @@ def train_job(job_id: str, settings: Settings) -> str:
             logger.info("job %s: not claimed (finished, paused, cancelled or another worker holds it)", job_id)
             return "skipped"
         add_event(session=s, job=job, type_="job_started", message=f"worker {owner} took the job (attempt {job.attempts})")
-        steps, plan = list(job.steps), job.plan
+        steps, plan, out = list(job.steps), job.plan, Path(job.output_dir)
     try:
         for ref in {Path(v["model_name_or_path"]) for v in plan.values() if "model_name_or_path" in v}:
             _ensure_model(ref, job_id, settings, owner)
         for step in steps:
-            step_dir = Path(_output_dir(settings, job_id)) / STEP_DIRS[step]
+            step_dir = out / STEP_DIRS[step]
             if (step_dir / "summary.json").is_file():  # finished by an earlier attempt
                 with session_scope(settings.db_url) as s:
                     Ingest(job_id, step, step_dir).run(s)
@@ -363,13 +363,6 @@ def train_job(job_id: str, settings: Settings) -> str:
     except Exception as e:  # a bug or an environment problem: the job fails with the reason, never silently
         logger.exception("job %s failed", job_id)
         return _finish(settings, job_id, owner, Outcome("failed", f"{type(e).__name__}: {e}"), None)
-
-
-def _output_dir(settings: Settings, job_id: str) -> str:
-    with session_scope(settings.db_url) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        return job.output_dir
 
 
 def _mark_step(settings: Settings, job_id: str, owner: str, step: int, status: str, step_dir: Path) -> None:

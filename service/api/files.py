@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, UploadFile
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
-from service.errors import InvalidRequest, TooLarge
+from service.api.uploads import save_upload
+from service.errors import InvalidRequest
 from service.schemas import Deleted, FileList, FileObject
 from service.services import files as svc
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
-CHUNK = 1 << 20
 
 
 @router.post("", response_model=FileObject)
 async def upload(file: UploadFile, caller: CallerDep, session: SessionDep, settings: SettingsDep,
                  purpose: Annotated[str, Form()] = "fine-tune") -> Any:  # fmt: skip
     svc.check_upload(filename=file.filename or "", purpose=purpose)
-    tmp_dir = settings.files_dir / ".uploads"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    size = 0
-    with tempfile.NamedTemporaryFile(dir=tmp_dir, delete=False) as out:
-        tmp = Path(out.name)
-        try:
-            while chunk := await file.read(CHUNK):
-                size += len(chunk)
-                if size > settings.max_file_bytes:
-                    raise TooLarge(f"file: larger than this server's limit of {settings.max_file_bytes} bytes",
-                                   param="file")  # fmt: skip
-                out.write(chunk)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    tmp, size = await save_upload(file, settings.files_dir / ".uploads", max_bytes=settings.max_file_bytes)
     if size == 0:
         tmp.unlink(missing_ok=True)
         raise InvalidRequest("file: the upload is empty", param="file")

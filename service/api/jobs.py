@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.db.models import Job
 from service.db.session import session_scope
 from service.errors import ServiceError
 from service.queue import enqueue_training
@@ -106,7 +107,7 @@ def _event_stream(request: Request, job_id: str) -> Any:
     def poll(seq: int) -> tuple[list[dict[str, Any]], int, bool]:
         with session_scope(url) as s:
             rows = svc.events_since(session=s, job_id=job_id, seq=seq)
-            job = s.get(svc.Job, job_id)
+            job = s.get(Job, job_id)
             done = job is None or job.status in TERMINAL or job.status == "paused"
             return [svc.event_object(e).model_dump() for e in rows], (rows[-1].seq if rows else seq), done
 

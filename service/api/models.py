@@ -13,7 +13,8 @@ from fastapi import APIRouter, BackgroundTasks, Form, UploadFile
 from fastapi.responses import FileResponse
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
-from service.errors import NotFound, TooLarge
+from service.api.uploads import save_upload
+from service.errors import NotFound
 from service.schemas import ModelList, ModelObject
 from service.services import models as svc
 
@@ -29,21 +30,7 @@ def list_models(caller: CallerDep, session: SessionDep, settings: SettingsDep) -
 async def upload_model(file: UploadFile, name: Annotated[str, Form()], caller: CallerDep, session: SessionDep,
                        settings: SettingsDep) -> Any:  # fmt: skip
     """A Hugging Face model directory as a .tar/.tar.gz (safetensors only) becomes one of your base models."""
-    tmp_dir = settings.data_dir / "uploads" / ".incoming"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    size = 0
-    with tempfile.NamedTemporaryFile(dir=tmp_dir, delete=False) as out:
-        tmp = Path(out.name)
-        try:
-            while chunk := await file.read(1 << 20):
-                size += len(chunk)
-                if size > settings.max_model_bytes:
-                    raise TooLarge(f"file: larger than this server's limit of {settings.max_model_bytes} bytes",
-                                   param="file")  # fmt: skip
-                out.write(chunk)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    tmp, _ = await save_upload(file, settings.data_dir / "uploads" / ".incoming", max_bytes=settings.max_model_bytes)
     try:
         row = await asyncio.to_thread(svc.upload_model, session=session, tenant=caller.tenant_id, name=name,
                                       archive=tmp, models_dir=settings.models_dir,

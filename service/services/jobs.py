@@ -333,7 +333,8 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
         if req.gpu_type not in settings.gpu_types:
             raise InvalidRequest(f"gpu_type: {req.gpu_type!r} is not offered here", param="gpu_type")
     else:
-        est = make_plan(session=session, tenant=tenant, req=job_req, settings=settings, output_dir=Path("/tmp/est")).estimate
+        est = make_plan(session=session, tenant=tenant, req=job_req, settings=settings,
+                        output_dir=settings.runs_dir / tenant / "estimate").estimate  # planned only, never written
     seconds = sum(s.seconds for s in est)
     usd = sum(s.usd for s in est)
     return {"seconds": seconds, "hours": seconds / 3600, "usd": usd, "gpu_type": req.gpu_type, "num_gpus": req.num_gpus,
@@ -390,15 +391,12 @@ def get_job(*, session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(*, session: Session, tenant: str, after: str | None, limit: int,
-              metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:  # fmt: skip
+def list_jobs(*, session: Session, tenant: str, after: str | None, limit: int) -> tuple[list[Job], bool]:
     q = select(Job).where(Job.tenant_id == tenant).order_by(Job.created_at.desc(), Job.id.desc())
     if after:
         anchor = get_job(session=session, tenant=tenant, job_id=after)
         q = q.where((Job.created_at < anchor.created_at) | ((Job.created_at == anchor.created_at) & (Job.id < anchor.id)))
     rows = list(session.scalars(q.limit(limit + 1)))
-    if metadata:
-        rows = [j for j in rows if all((j.job_metadata or {}).get(k) == v for k, v in metadata.items())]
     return rows[:limit], len(rows) > limit
 
 

@@ -180,6 +180,14 @@ def wait_for(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeo
         time.sleep(0.5)
 
 
+def wait_for_training(client: httpx.Client, job_id: str, timeout: float = 120) -> None:
+    """Until the job's first training step is on record (its step is running, past model loading)."""
+    deadline = time.monotonic() + timeout
+    while not client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics", params={"limit": 1}).json()["data"]:
+        assert time.monotonic() < deadline, f"job {job_id} did not start training within {timeout} s"
+        time.sleep(0.3)
+
+
 def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     after = None

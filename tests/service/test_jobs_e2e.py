@@ -16,7 +16,7 @@ from sqlalchemy import select
 from service.db.models import CostInterval, FineTunedModel, Job
 from service.db.session import session_scope
 from service.services.cost import price
-from tests.service.conftest import SMALL_SFT, Stack, events, wait_for
+from tests.service.conftest import SMALL_SFT, Stack, events, wait_for, wait_for_training
 
 THREE_STEPS = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "e2e",
                "config": {"sft": {"max_steps": 120}, "reward": {"max_steps": 120}, "ppo": {"max_steps": 12,
@@ -94,10 +94,7 @@ def test_cancelling_a_running_job_stops_its_step(client: httpx.Client, stack: St
     body = SMALL_SFT | {"config": {"sft": {"max_steps": 3000, "checkpoint_interval": 0, "eval_max_rows": 16}}}
     job = client.post("/v1/fine_tuning/jobs", json=body).json()
     url = f"/v1/fine_tuning/jobs/{job['id']}"
-    deadline = time.monotonic() + 120
-    while not client.get(f"{url}/metrics", params={"limit": 1}).json()["data"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    wait_for_training(client, job["id"])
     assert client.post(f"{url}/cancel").json()["status"] == "cancelled"
     deadline = time.monotonic() + 30
     while "step_killed" not in [e["data"]["event_type"] for e in events(client, job["id"])]:
@@ -182,10 +179,7 @@ def test_pause_checkpoints_and_resume_continues(client: httpx.Client, finished: 
     body = SMALL_SFT | {"config": {"sft": {"max_steps": 300, "checkpoint_interval": 0, "eval_max_rows": 16}}}
     job = client.post("/v1/fine_tuning/jobs", json=body).json()
     url = f"/v1/fine_tuning/jobs/{job['id']}"
-    deadline = time.monotonic() + 120
-    while not client.get(f"{url}/metrics", params={"limit": 1}).json()["data"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    wait_for_training(client, job["id"])
     assert client.post(f"{url}/pause").json()["status"] == "running"  # asked; the step checkpoints first
     paused = wait_for(client, job["id"], ("paused", "succeeded", "failed"), timeout=120)
     assert paused["status"] == "paused", paused

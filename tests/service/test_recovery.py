@@ -16,7 +16,7 @@ from sqlalchemy import select
 from service.db.models import CostInterval, Job
 from service.db.session import session_scope
 from service.queue import enqueue_training
-from tests.service.conftest import SMALL_SFT, Stack, events, wait_for
+from tests.service.conftest import SMALL_SFT, Stack, events, wait_for, wait_for_training
 
 TWO_STEPS = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny", "steps": [1, 2],
              "config": {"sft": {"max_steps": 30, "checkpoint_interval": 0},
@@ -72,10 +72,7 @@ def test_worker_sigterm_checkpoints_and_requeues(make_stack: Callable[..., Stack
     with stack.client(stack.key("deploy")) as c:
         job = c.post("/v1/fine_tuning/jobs", json=body).json()
         url = f"/v1/fine_tuning/jobs/{job['id']}"
-        deadline = time.monotonic() + 120
-        while not c.get(f"{url}/metrics", params={"limit": 1}).json()["data"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        wait_for_training(c, job["id"])
         os.kill(worker.pid, signal.SIGTERM)  # Celery's warm shutdown
         assert worker.wait(timeout=90) == 0
         requeued = c.get(url).json()
