@@ -11,7 +11,9 @@ COPY rlhf_engine ./rlhf_engine
 COPY service ./service
 COPY workers ./workers
 COPY proto ./proto
-RUN pip install --no-cache-dir -c constraints.txt '.[service]' \
+# the gRPC code is generated from proto/ before the package is installed (it is never committed)
+RUN pip install --no-cache-dir -c constraints.txt grpcio-tools && python service/grpc/build.py \
+    && pip install --no-cache-dir -c constraints.txt '.[service]' \
     && useradd --create-home --uid 10001 rlhf && mkdir -p /data && chown rlhf /data
 USER rlhf
 VOLUME ["/data"]

@@ -21,9 +21,10 @@ COPY workers ./workers
 COPY proto ./proto
 # torch first, as the Makefile does: on this base PyPI's torch==2.13.0 is the CUDA build.
 RUN pip install --no-cache-dir torch==2.13.0 \
+    && pip install --no-cache-dir -c constraints.txt grpcio-tools && python service/grpc/build.py \
     && pip install --no-cache-dir -c constraints.txt '.[all]' \
     && useradd --create-home --uid 10001 rlhf && mkdir -p /data && chown rlhf /data
 USER rlhf
 VOLUME ["/data"]
-# `rlhf worker train` runs one job at a time, plus the sweeper; `rlhf worker inference` arrives with issue 7.
+# `rlhf worker train` runs one job at a time, plus the sweeper; `rlhf worker inference` serves chat.
 CMD ["rlhf", "worker", "train"]
