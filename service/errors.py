@@ -56,6 +56,16 @@ class Unavailable(ServiceError):
     kind = "service_unavailable"
 
 
+class Timeout(ServiceError):
+    kind = "timeout"
+
+
+class WorkerFailed(ServiceError):
+    """An inference worker failed while answering (not the client's doing)."""
+
+    kind = "server_error"
+
+
 # error class → (HTTP status, gRPC status code name)
 ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     InvalidRequest: (400, "INVALID_ARGUMENT"),
@@ -66,6 +76,8 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     TooLarge: (413, "RESOURCE_EXHAUSTED"),
     RateLimited: (429, "RESOURCE_EXHAUSTED"),
     Unavailable: (503, "UNAVAILABLE"),
+    Timeout: (504, "DEADLINE_EXCEEDED"),
+    WorkerFailed: (502, "INTERNAL"),
 }
 
 

@@ -8,7 +8,7 @@ engine's SFTConfig / RewardConfig / PPOConfig dataclasses and are checked by the
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -269,3 +269,120 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+class ContentPart(Strict):
+    type: Literal["text"] = Field(description="only text parts are supported")
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="developer is taken as system")
+    content: str | list[ContentPart] = Field(description="the turn's text (or a list of text parts)")
+    name: str | None = Field(default=None, max_length=64, description="accepted, not used by the prompt formatter")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = Field(default=False, description="send a last chunk with usage (and usage: null before)")
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat-completions request; parameters we do not support are refused by name, not ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(max_length=255, description="a base model name or one of your fine-tuned model ids")
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation, oldest first")
+    max_tokens: int | None = Field(default=None, ge=1, description="tokens to generate at most")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="newer name of max_tokens")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 = greedy (default 1)")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus sampling (default 1)")
+    stop: str | list[str] | None = Field(default=None, description="strings that end a reply, at most 4")
+    n: int | None = Field(default=None, ge=1, description="replies to generate (default 1)")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="the same seed gives the same tokens")
+    stream: bool = Field(default=False, description="send chat.completion.chunk events over SSE, then [DONE]")
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256, description="accepted for compatibility, not used")
+
+    # OpenAI parameters accepted only at their neutral value; anything else unknown is refused by name
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
+               "parallel_tool_calls": (True, False), "store": (False,), "metadata": ({},), "service_tier": ("auto",),
+               "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",)}  # fmt: skip
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and not all(stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    def unsupported(self) -> str | None:
+        """The first parameter this server does not support (with a value that would change the answer)."""
+        for name, value in (self.model_extra or {}).items():
+            if value is None or value in self.NEUTRAL.get(name, ()):
+                continue
+            return name
+        return None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+    reward: float | None = Field(default=None, description="the run's reward model's score of the reply (last chunk)")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+    reward: float | None = Field(default=None, description="the run's reward model's score of the reply")
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage

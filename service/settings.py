@@ -49,6 +49,27 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=3600, description="Redis redelivers an unacked task after this")
     step_grace_s: float = Field(default=60.0, description="time a step gets to checkpoint after a stop request")
 
+    # serving: inference workers and chat
+    inference_host: str = Field(default="127.0.0.1", description="an inference worker's bind address")
+    inference_port: int = Field(default=0, description="an inference worker's gRPC port (0: any free port)")
+    inference_advertise: str = Field(default="", description="host:port the API reaches a worker at (default: the "
+                                     "bind address and port; set it when binding 0.0.0.0)")  # fmt: skip
+    inference_max_models: int = Field(default=2, ge=1, description="models one worker keeps loaded (LRU)")
+    inference_capacity: int = Field(default=64, ge=1, description="requests one worker serves at once")
+    inference_backend: Literal["auto", "transformers", "deepspeed"] = "auto"
+    inference_device: str = Field(default="auto", description="cpu, cuda, cuda:N (auto: cuda when available)")
+    inference_threads: int = Field(default=0, ge=0, description="torch threads of an inference worker (0: torch's "
+                                   "default, one per core)")  # fmt: skip
+    inference_heartbeat_s: float = Field(default=2.0, gt=0, description="how often a worker reports")
+    inference_ttl_s: float = Field(default=10.0, gt=0, description="a worker silent this long gets no requests")
+    chat_max_tokens: int = Field(default=2048, ge=1, description="largest max_tokens a request may ask for")
+    chat_default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when a request gives none")
+    chat_max_n: int = Field(default=8, ge=1, description="largest n")
+    chat_max_messages: int = Field(default=256, ge=1, description="most messages in one request")
+    chat_max_message_chars: int = Field(default=65536, ge=1, description="longest message content")
+    chat_timeout_s: float = Field(default=300.0, gt=0, description="a chat request ends with a timeout after this")
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 503 (no worker, no dependency)")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.environment == "production":

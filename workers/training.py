@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -176,23 +177,51 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
         job = renew(s, job_id, settings, owner)
         add_event(session=s, job=job, type_="preparing_model", message=f"preparing base model {path.name} (first use "
                   "on this server: built and pretrained on the bundled corpus)")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", m.group(1), "--size",
-                             m.group(2), "--pretrain-steps", str(models_svc.TINY_PRETRAIN_STEPS), "--out", str(path),
-                             "--overwrite", "--sample", ""], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
+    build_tiny(path, every_s=settings.heartbeat_s, tick=lambda: _renew_quietly(settings, job_id, owner))
+
+
+def _renew_quietly(settings: Settings, job_id: str, owner: str) -> None:
+    with session_scope(settings.db_url) as s:
+        renew(s, job_id, settings, owner)
+
+
+def build_tiny(path: Path, *, every_s: float, tick: Callable[[], None]) -> None:
+    """Build and pretrain a bundled tiny model into `path` in a child process (torch stays out of the
+    caller), calling `tick` every `every_s` seconds meanwhile. One builder per path (a file lock), so a
+    training and an inference worker asking at once build it once."""
+    import fcntl
+
+    m = models_svc.TINY_RE.fullmatch(path.name)
+    if not m:
+        raise ValueError(f"{path.name} is not a bundled tiny model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
         while True:
             try:
-                _, err = proc.communicate(timeout=settings.heartbeat_s)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except subprocess.TimeoutExpired:
-                with session_scope(settings.db_url) as s:
-                    renew(s, job_id, settings, owner)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"building {path.name} failed: {err.decode(errors='replace')[-500:]}")
+            except BlockingIOError:
+                tick()
+                time.sleep(min(every_s, 1.0))
+        if (path / "config.json").is_file():  # another process built it while we waited
+            return
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", m.group(1),
+                                 "--size", m.group(2), "--pretrain-steps", str(models_svc.TINY_PRETRAIN_STEPS), "--out",
+                                 str(path), "--overwrite", "--sample", ""], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            while True:
+                try:
+                    _, err = proc.communicate(timeout=every_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    tick()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {path.name} failed: {err.decode(errors='replace')[-500:]}")
 
 
 def _step_command(job: Job, step: int, out: Path) -> tuple[list[str], Path]:

@@ -13,6 +13,7 @@ seed s uses s + i), so a seed gives the same tokens whether the request runs alo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -20,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,7 @@ class RequestHandle:
         self._cancel = threading.Event()
         self._open = params.n  # replies still running
         self._consumed = False
+        self._wake: Callable[[], None] | None = None  # set by an async reader: called after each event
 
     @property
     def cancelled(self) -> bool:
@@ -128,6 +130,40 @@ class RequestHandle:
             if self._open:
                 self.cancel()
 
+    async def aiter(self) -> AsyncIterator[Delta]:
+        """The same stream for an asyncio reader: the scheduler thread wakes the event loop per event
+        (no thread blocked per request). Leaving early cancels the request, as with `iter`."""
+        import asyncio
+
+        if self._consumed:
+            raise RuntimeError("a request's stream can be read once")
+        self._consumed = True
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(ready.set)
+
+        self._wake = wake
+        try:
+            while True:
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    ready.clear()
+                    if self._events.empty():  # an event put after this check sets `ready` again
+                        await ready.wait()
+                    continue
+                if isinstance(event, _Done):
+                    return
+                if isinstance(event, ChatError):
+                    raise event
+                yield event
+        finally:
+            self._wake = None
+            if self._open:
+                self.cancel()
+
     def result(self) -> ChatResult:
         """Wait for every reply and return them whole."""
         parts: dict[int, list[Delta]] = {i: [] for i in range(self.params.n)}
@@ -150,12 +186,20 @@ class RequestHandle:
             if self._open == 0:
                 self.finished_at = time.monotonic()
                 self._events.put(_Done())
+        self._notify()
 
     def _fail(self, error: ChatError) -> None:
         if self._open:
             self._open = 0
             self.finished_at = time.monotonic()
             self._events.put(error)
+            self._notify()
+
+    def _notify(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(RuntimeError):  # the reader's event loop is closed: nobody listens
+                wake()
 
 
 @dataclass

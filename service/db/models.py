@@ -210,3 +210,22 @@ class UploadedModel(Base):
     path: Mapped[str] = mapped_column(Text)
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class InferenceWorker(Base):
+    """A live inference worker (`rlhf worker inference`): where it listens and what it holds.
+
+    The worker writes its row at start, refreshes it every heartbeat (and whenever it loads or evicts
+    a model) and deletes it on a clean exit; the API routes only to rows with a fresh heartbeat."""
+
+    __tablename__ = "inference_workers"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("iw"))
+    address: Mapped[str] = mapped_column(String(255))  # host:port of its gRPC endpoint
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)  # model ids loaded, most recently used last
+    max_models: Mapped[int] = mapped_column(Integer, default=2)  # LRU cap
+    capacity: Mapped[int] = mapped_column(Integer, default=32)  # requests it serves at once
+    active: Mapped[int] = mapped_column(Integer, default=0)  # requests being served at the last report
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

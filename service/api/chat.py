@@ -1,0 +1,107 @@
+"""POST /v1/chat/completions: OpenAI's chat protocol, streamed over SSE or answered whole.
+
+The request is checked and accepted by a worker before the response starts, so a bad parameter, an
+unknown model or no worker is a plain 4xx/503. Once streaming, a failure is an error event followed
+by `data: [DONE]`; a client that disconnects cancels the worker's generation. Chunks are the
+`ChatCompletionChunk` schema, written as JSON directly (one per token: the relay's cost per token
+competes with generation for the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import Response, StreamingResponse
+
+from service.api.deps import SettingsDep
+from service.errors import ServiceError
+from service.schemas import AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Usage
+from service.services import chat as svc
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/chat", tags=["chat"])
+
+
+@router.post("/completions", response_model=ChatCompletion,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or SSE chunks "
+                              "(chat.completion.chunk) ending in data: [DONE]"}})  # fmt: skip
+async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep,
+                           authorization: Annotated[str | None, Header()] = None) -> Any:  # fmt: skip
+    stream = await svc.open_chat(settings=settings, req=body, authorization=authorization)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _SSE(sse_chunks(stream, include_usage=include_usage), on_close=stream.cancel)
+    try:
+        choices, finished = await svc.complete(stream)
+    finally:
+        stream.cancel()
+    body_out = ChatCompletion(id=stream.id, created=stream.created, model=stream.model,
+                              choices=[ChatChoice(index=c["index"], message=AssistantMessage(content=c["text"]),
+                                                  finish_reason=_finish(c["finish_reason"]), reward=c["reward"])
+                                       for c in choices], usage=_usage(finished))  # fmt: skip
+    return Response(body_out.model_dump_json(), media_type="application/json")
+
+
+class _SSE(StreamingResponse):
+    """text/event-stream that always runs `on_close` when the response ends — also when the client
+    disconnected mid-stream, where the body generator is abandoned without being closed."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _finish(reason: str | None) -> Any:
+    return reason if reason in ("stop", "length") else None
+
+
+def _usage(f: svc.Finished) -> Usage:
+    return Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens,
+                 total_tokens=f.prompt_tokens + f.completion_tokens)  # fmt: skip
+
+
+async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIterator[bytes]:
+    """chat.completion.chunk events; an error event if the stream fails; always `[DONE]` last."""
+    head = {"id": stream.id, "object": "chat.completion.chunk", "created": stream.created, "model": stream.model,
+            "system_fingerprint": None}  # fmt: skip
+    tail = {"usage": None} if include_usage else {}
+
+    def frame(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + json.dumps(head | {"choices": choices} | tail | extra, separators=(",", ":")).encode() + b"\n\n"
+
+    try:
+        yield frame([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+                     for i in range(stream.n)])  # fmt: skip
+        async for item in stream:
+            if isinstance(item, svc.Finished):
+                if include_usage:
+                    yield frame([], usage=_usage(item).model_dump())
+                break
+            if not item.text and item.finish_reason is None:
+                continue  # text held back (a possible stop string, a split character)
+            choice = {"index": item.index, "delta": {"content": item.text} if item.text else {},
+                      "finish_reason": _finish(item.finish_reason), "logprobs": None}  # fmt: skip
+            if item.reward is not None:
+                choice["reward"] = item.reward
+            yield frame([choice])
+    except ServiceError as e:  # after the headers: an error event, then the end
+        yield b"event: error\ndata: " + json.dumps(e.envelope()).encode() + b"\n\n"
+    except Exception:
+        logger.exception("chat stream %s failed", stream.id)
+        yield b"event: error\ndata: " + json.dumps({"error": {"message": "the chat stream failed; it was logged",
+                                                             "type": "server_error", "param": None,
+                                                             "code": None}}).encode() + b"\n\n"  # fmt: skip
+    finally:
+        stream.cancel()
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,285 @@
+"""Chat: check a request, resolve its model for the caller, route it to an inference worker, relay the
+worker's stream. Shared by REST (`/v1/chat/completions`) and gRPC (`ChatService.Chat`).
+
+Routing (CONTRACTS.md §6): among workers with a fresh heartbeat, one that holds the model (least
+busy first); else the one with the most room, which loads it (LRU cap per worker). None → 503 with
+Retry-After. A worker that cannot be reached before answering is skipped (and marked stale until its
+next heartbeat) and the next one is tried. Only grpc and the generated messages are imported here:
+the API process never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import InferenceWorker, utcnow
+from service.db.session import session_scope
+from service.errors import (
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    ServiceError,
+    Timeout,
+    Unavailable,
+    WorkerFailed,
+)
+from service.schemas import ChatCompletionRequest
+from service.services import models as models_svc
+from service.settings import Settings
+
+ROLE = {"developer": "system"}
+
+
+@dataclass
+class Route:
+    model_id: str
+    path: Path
+    workers: list[tuple[str, str]]  # (worker id, address), best first
+
+
+@dataclass
+class Piece:
+    index: int
+    text: str
+    tokens: int
+    finish_reason: str | None
+    reward: float | None
+
+
+@dataclass
+class Finished:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ChatStream:
+    """An accepted request: iterate it for `Piece`s then one `Finished`; errors raise `ServiceError`."""
+
+    id: str
+    created: int
+    model: str
+    n: int
+    prompt_tokens: int
+    worker_id: str
+    call: Any
+    timeout_s: float
+    first: list[Any] = field(default_factory=list)
+
+    async def __aiter__(self) -> AsyncIterator[Piece | Finished]:
+        try:
+            while True:
+                try:
+                    reply = await self.call.read()
+                except grpc.aio.AioRpcError as e:
+                    raise _error(e, self.timeout_s, started=True) from None
+                if reply is grpc.aio.EOF:
+                    raise WorkerFailed("the inference worker ended the reply early; retry", code="worker_failed")
+                kind = reply.WhichOneof("reply")
+                if kind == "piece":
+                    p = reply.piece
+                    yield Piece(index=p.index, text=p.text, tokens=p.tokens,
+                                finish_reason=p.finish_reason if p.HasField("finish_reason") else None,
+                                reward=p.reward if p.HasField("reward") else None)  # fmt: skip
+                elif kind == "finished":
+                    yield Finished(prompt_tokens=reply.finished.prompt_tokens,
+                                   completion_tokens=reply.finished.completion_tokens)  # fmt: skip
+                    return
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away): the worker cancels the request."""
+        self.call.cancel()
+
+
+# ---------------------------------------------------------------------------- checking and routing
+
+
+def check(req: ChatCompletionRequest, settings: Settings) -> None:
+    """What the API can refuse without a worker: unsupported parameters and the operator's bounds."""
+    name = req.unsupported()
+    if name:
+        raise InvalidRequest(f"{name}: not supported by this server; remove it", param=name, code="unsupported_parameter")
+    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise InvalidRequest("max_completion_tokens: give max_tokens or max_completion_tokens, not both",
+                             param="max_completion_tokens")  # fmt: skip
+    limit = req.max_new_tokens
+    if limit is not None and limit > settings.chat_max_tokens:
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        raise InvalidRequest(f"{param}: {limit} is above this server's limit of {settings.chat_max_tokens}", param=param)
+    if (req.n or 1) > settings.chat_max_n:
+        raise InvalidRequest(f"n: {req.n} is above this server's limit of {settings.chat_max_n}", param="n")
+    if len(req.messages) > settings.chat_max_messages:
+        raise InvalidRequest(f"messages: {len(req.messages)} messages, at most {settings.chat_max_messages} allowed; "
+                             "drop the oldest turns", param="messages")  # fmt: skip
+    for i, m in enumerate(req.messages):
+        if len(m.text()) > settings.chat_max_message_chars:
+            raise InvalidRequest(f"messages[{i}].content: longer than this server's limit of "
+                                 f"{settings.chat_max_message_chars} characters", param=f"messages[{i}].content")  # fmt: skip
+    if req.messages[-1].role != "user":
+        raise InvalidRequest("messages: the last message must be the user's turn", param="messages")
+    if req.stop is not None and len(req.stop) > 4:
+        raise InvalidRequest(f"stop: {len(req.stop)} strings given, at most 4 allowed", param="stop")
+
+
+def resolve_model(*, session: Session, tenant: str, model: str, settings: Settings) -> tuple[str, Path]:
+    """(model id, directory) of a model the caller may chat with; another tenant's model is not found."""
+    try:
+        ref = models_svc.resolve(session=session, tenant=tenant, name=model, models_dir=settings.models_dir,
+                                 param="model")  # fmt: skip
+    except InvalidRequest as e:
+        if e.code == "model_not_found":
+            raise NotFound(f"model: no model {model!r} (see GET /v1/models)", param="model",
+                           code="model_not_found") from None  # fmt: skip
+        raise
+    return ref.name, ref.path
+
+
+def route(*, session: Session, tenant: str, req: ChatCompletionRequest, settings: Settings,
+          inflight: dict[str, int]) -> Route:  # fmt: skip
+    model_id, path = resolve_model(session=session, tenant=tenant, model=req.model, settings=settings)
+    fresh = utcnow() - timedelta(seconds=settings.inference_ttl_s)
+    workers = list(session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at > fresh)))
+    if not workers:
+        raise Unavailable("no inference worker is running; start one with `rlhf worker inference` and retry",
+                          code="no_worker", retry_after=settings.retry_after_s)  # fmt: skip
+
+    def load(w: InferenceWorker) -> float:
+        return (max(w.active, inflight.get(w.id, 0)) + 1) / max(1, w.capacity)
+
+    holding = sorted((w for w in workers if model_id in (w.models or [])), key=lambda w: (load(w), w.id))
+    others = sorted((w for w in workers if model_id not in (w.models or [])),
+                    key=lambda w: (len(w.models or []) >= w.max_models, load(w), len(w.models or []), w.id))  # fmt: skip
+    return Route(model_id=model_id, path=path, workers=[(w.id, w.address) for w in holding + others])
+
+
+def mark_stale(settings: Settings, worker_id: str) -> None:
+    """A worker we could not reach gets no requests until its next heartbeat says it is back."""
+    with session_scope(settings.db_url) as s:
+        stale = utcnow() - timedelta(seconds=settings.inference_ttl_s + 1)
+        s.execute(update(InferenceWorker).where(InferenceWorker.id == worker_id).values(heartbeat_at=stale))
+
+
+# ---------------------------------------------------------------------------- the relay
+
+_stubs: dict[tuple[int, str], Any] = {}
+_inflight: dict[str, int] = {}  # requests this API process has open per worker (between heartbeats)
+
+
+def _stub(address: str) -> Any:
+    """One channel per worker address and event loop (aio channels belong to the loop that made them)."""
+    from service.grpc.pb import worker_pb2_grpc
+
+    key = (id(asyncio.get_running_loop()), address)
+    stub = _stubs.get(key)
+    if stub is None:
+        channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+        stub = _stubs[key] = worker_pb2_grpc.InferenceWorkerStub(channel)
+    return stub
+
+
+def _error(e: grpc.aio.AioRpcError, timeout_s: float, *, started: bool) -> ServiceError:
+    meta = dict(e.trailing_metadata() or ())
+    param, code = meta.get("error-param") or None, meta.get("error-code") or None
+    message = e.details() or e.code().name
+    status = e.code()
+    if status == grpc.StatusCode.INVALID_ARGUMENT:  # in the API's words (the engine says max_new_tokens)
+        if param == "max_new_tokens":
+            param, message = "max_tokens", message.replace("max_new_tokens", "max_tokens")
+        return InvalidRequest(message, param=param, code=code)
+    if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return RateLimited(f"the model is busy: {message}", code=code or "busy", retry_after=1)
+    if status == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Timeout(f"the reply took longer than this server's limit of {timeout_s:g} s", code="timeout")
+    if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and started:
+        return WorkerFailed("the inference worker stopped while answering; retry the request", code="worker_lost")
+    if status == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"inference worker unavailable: {message}", code=code or "worker_unavailable", retry_after=5)
+    return WorkerFailed(f"the inference worker failed: {message}", code=code or "worker_failed")
+
+
+async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: str | None = None,
+                    authorization: str | None = None) -> ChatStream:  # fmt: skip
+    """Route and submit the request; returns once a worker accepted it (so parameter errors, an
+    unknown model or no worker raise here, before any response has started). Give the caller's
+    `tenant`, or the `authorization` header to check in the same thread hop as the routing (one
+    hand-off instead of two: it shows in time to first token)."""
+    check(req, settings)
+    r = await asyncio.to_thread(_route_in_thread, settings, tenant, authorization, req)
+    message = _generate_request(r, req)
+    last: ServiceError | None = None
+    for worker_id, address in r.workers:
+        call = _stub(address).Generate(message, timeout=settings.chat_timeout_s)
+        _inflight[worker_id] = _inflight.get(worker_id, 0) + 1
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as e:
+            _inflight[worker_id] -= 1
+            if e.code() == grpc.StatusCode.UNAVAILABLE:  # not reachable: try the next worker
+                await asyncio.to_thread(mark_stale, settings, worker_id)
+                last = _error(e, settings.chat_timeout_s, started=False)
+                continue
+            raise _error(e, settings.chat_timeout_s, started=False) from None
+        if first is grpc.aio.EOF or first.WhichOneof("reply") != "started":
+            _inflight[worker_id] -= 1
+            call.cancel()
+            raise WorkerFailed("the inference worker answered out of order", code="worker_failed")
+        call.add_done_callback(lambda _c, w=worker_id: _inflight.__setitem__(w, max(0, _inflight.get(w, 1) - 1)))
+        return ChatStream(id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()), model=r.model_id,
+                          n=req.n or 1, prompt_tokens=first.started.prompt_tokens, worker_id=worker_id, call=call,
+                          timeout_s=settings.chat_timeout_s)  # fmt: skip
+    assert last is not None
+    raise Unavailable(f"no inference worker could be reached ({last.message}); retry shortly", code="no_worker",
+                      retry_after=settings.retry_after_s)  # fmt: skip
+
+
+def _route_in_thread(settings: Settings, tenant: str | None, authorization: str | None,
+                     req: ChatCompletionRequest) -> Route:  # fmt: skip
+    with session_scope(settings.db_url) as s:
+        if tenant is None:
+            from service.services.keys import authenticate
+
+            tenant = authenticate(session=s, authorization=authorization).tenant_id
+        return route(session=s, tenant=tenant, req=req, settings=settings, inflight=_inflight)
+
+
+def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:
+    from service.grpc.pb import worker_pb2
+
+    msg = worker_pb2.GenerateRequest(
+        model_id=r.model_id, model_path=str(r.path),
+        messages=[worker_pb2.Turn(role=ROLE.get(m.role, m.role), content=m.text()) for m in req.messages],
+        temperature=1.0 if req.temperature is None else req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
+        stop=req.stop or [], n=req.n or 1)  # fmt: skip
+    if req.max_new_tokens is not None:
+        msg.max_new_tokens = req.max_new_tokens
+    if req.seed is not None:
+        msg.seed = req.seed
+    return msg
+
+
+async def complete(stream: ChatStream) -> tuple[list[dict[str, Any]], Finished]:
+    """Read a whole stream: each reply's text, finish reason and reward, and the usage."""
+    texts: dict[int, list[str]] = {i: [] for i in range(stream.n)}
+    ends: dict[int, tuple[str, float | None]] = {}
+    async for item in stream:
+        if isinstance(item, Finished):
+            choices = [{"index": i, "text": "".join(texts[i]), "finish_reason": ends.get(i, ("stop", None))[0],
+                        "reward": ends.get(i, ("stop", None))[1]} for i in range(stream.n)]  # fmt: skip
+            return choices, item
+        texts[item.index].append(item.text)
+        if item.finish_reason is not None:
+            ends[item.index] = (item.finish_reason, item.reward)
+    raise WorkerFailed("the inference worker ended the reply early; retry", code="worker_failed")

@@ -1,0 +1,298 @@
+"""The inference worker (`rlhf worker inference`): serves finished models to the API over gRPC.
+
+It listens on an internal endpoint (proto/rlhf/internal/v1/worker.proto), registers its address,
+models, capacity and heartbeat in the database, and loads a model on the first request for it,
+keeping at most `inference_max_models` (the least recently used idle one is evicted). The API
+routes each chat request to a live worker that holds the model, or to the least loaded one, which
+then loads it — so a model finished after the worker started is served without a restart.
+
+Torch runs only on each model's chat-engine thread (and once per model in the thread that loads
+it): one asyncio loop tokenises requests and relays every stream, woken by the engine per token (a
+second thread running torch would get its own OpenMP team and halve throughput on a small CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from sqlalchemy import delete, update
+
+from service.db.models import InferenceWorker, new_id, utcnow
+from service.db.session import session_scope
+from service.grpc.pb import worker_pb2, worker_pb2_grpc
+from service.services import models as models_svc
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# engine errors → gRPC codes; the API maps these back through service.errors.ERROR_TABLE
+_CODES = {"invalid_request": grpc.StatusCode.INVALID_ARGUMENT, "context_length_exceeded": grpc.StatusCode.INVALID_ARGUMENT,
+          "model_load_error": grpc.StatusCode.INVALID_ARGUMENT, "engine_busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
+          "engine_stopped": grpc.StatusCode.UNAVAILABLE, "generation_failed": grpc.StatusCode.INTERNAL}  # fmt: skip
+
+
+class Engines:
+    """Loaded chat engines by model id, least recently used first."""
+
+    def __init__(self, settings: Settings, on_change: Any = None) -> None:
+        self.settings = settings
+        self.on_change = on_change or (lambda: None)
+        self._engines: OrderedDict[str, Any] = OrderedDict()
+        self._busy: dict[str, int] = {}  # requests in flight per model
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        roots = [settings.data_dir, settings.models_dir]
+        self._roots = [r.resolve() for r in roots]
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._engines)
+
+    def active(self) -> int:
+        with self._lock:
+            return sum(self._busy.values())
+
+    def acquire(self, model_id: str, path: str) -> Any:
+        """The engine for `model_id` (loaded from `path` on first use), counted busy until `release`."""
+        with self._lock:
+            engine = self._engines.get(model_id)
+            if engine is not None:
+                self._engines.move_to_end(model_id)
+                self._busy[model_id] = self._busy.get(model_id, 0) + 1
+                return engine
+            load_lock = self._loading.setdefault(model_id, threading.Lock())
+        with load_lock:  # one load per model; other requests for it wait here
+            with self._lock:
+                engine = self._engines.get(model_id)
+            if engine is None:
+                engine = self._load(model_id, path)
+                with self._lock:
+                    self._engines[model_id] = engine
+                    evicted = self._evict()
+                for old in evicted:
+                    old.close()
+                self.on_change()
+            with self._lock:
+                self._engines.move_to_end(model_id)
+                self._busy[model_id] = self._busy.get(model_id, 0) + 1
+                return engine
+
+    def try_acquire(self, model_id: str) -> Any:
+        """The engine if already loaded (counted busy), else None — never blocks."""
+        with self._lock:
+            engine = self._engines.get(model_id)
+            if engine is not None:
+                self._engines.move_to_end(model_id)
+                self._busy[model_id] = self._busy.get(model_id, 0) + 1
+            return engine
+
+    def release(self, model_id: str) -> None:
+        with self._lock:
+            self._busy[model_id] = max(0, self._busy.get(model_id, 0) - 1)
+
+    def _evict(self) -> list[Any]:
+        out = []
+        for model_id in list(self._engines):
+            if len(self._engines) <= self.settings.inference_max_models:
+                break
+            if self._busy.get(model_id, 0) == 0 and list(self._engines)[-1] != model_id:
+                logger.info("evicting %s (least recently used; cap %d)", model_id, self.settings.inference_max_models)
+                out.append(self._engines.pop(model_id))
+        return out
+
+    def _load(self, model_id: str, path_str: str) -> Any:
+        from rlhf_engine.chat.engine import ChatEngine
+        from rlhf_engine.chat.errors import ModelLoadError
+        from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits
+
+        path = Path(path_str)
+        real = path.resolve()
+        if not any(real == r or r in real.parents for r in self._roots):
+            raise ModelLoadError(f"model: {model_id} lies outside this worker's data and model roots", param="model")
+        if not (path / "config.json").exists() and models_svc.TINY_RE.fullmatch(path.name):
+            from workers.training import build_tiny
+
+            logger.info("building bundled model %s on first use", path.name)
+            build_tiny(path, every_s=self.settings.inference_heartbeat_s, tick=self.on_change)
+        s = self.settings
+        limits = ChatLimits(max_new_tokens_limit=s.chat_max_tokens, default_max_new_tokens=s.chat_default_max_tokens,
+                            max_n=s.chat_max_n)  # fmt: skip
+        started = time.monotonic()
+        engine = ChatEngine(ChatEngineConfig(model_path=str(path), backend=s.inference_backend, device=s.inference_device,
+                                             max_batch_size=max(32, s.chat_max_n), max_queue=s.inference_capacity,
+                                             limits=limits))  # fmt: skip
+        logger.info("loaded %s from %s in %.1f s (%s backend)", model_id, path, time.monotonic() - started,
+                    engine.loaded.backend if hasattr(engine.loaded, "backend") else s.inference_backend)  # fmt: skip
+        return engine
+
+    def close(self) -> None:
+        with self._lock:
+            engines, self._engines = list(self._engines.values()), OrderedDict()
+        for engine in engines:
+            engine.close()
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Any) -> None:
+    code = _CODES.get(getattr(error, "code", ""), grpc.StatusCode.INTERNAL)
+    context.set_trailing_metadata((("error-code", error.code), ("error-param", error.param or "")))
+    await context.abort(code, error.message)
+
+
+class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
+    """One asyncio loop serves every stream: the engine's scheduler thread wakes it per token (no
+    thread per request, no thread hand-off per message)."""
+
+    def __init__(self, worker_id: str, engines: Engines) -> None:
+        self.worker_id = worker_id
+        self.engines = engines
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
+        from rlhf_engine.chat.errors import ChatError
+        from rlhf_engine.config.chat import SamplingParams
+
+        engine = self.engines.try_acquire(request.model_id)
+        if engine is None:  # first request for the model here: load it off the event loop
+            try:
+                engine = await asyncio.to_thread(self.engines.acquire, request.model_id, request.model_path)
+            except ChatError as e:
+                await _abort(context, e)
+        handle: Any = None
+        how = "failed"
+        try:
+            try:
+                params = SamplingParams(
+                    max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
+                    temperature=request.temperature, top_p=request.top_p, stop=list(request.stop), n=request.n or 1,
+                    seed=request.seed if request.HasField("seed") else None)  # fmt: skip
+                handle = engine.submit([{"role": m.role, "content": m.content} for m in request.messages], params)
+            except ChatError as e:
+                how = e.code
+                await _abort(context, e)
+                return
+            yield worker_pb2.GenerateReply(started=worker_pb2.Started(prompt_tokens=len(handle.prompt_ids),
+                                                                      worker_id=self.worker_id))  # fmt: skip
+            ends: list[str] = []
+            how = "cancelled"  # until the stream ends: the caller hanging up cancels this task
+            try:
+                async for d in handle.aiter():
+                    piece = worker_pb2.Piece(index=d.index, text=d.text, tokens=len(d.token_ids))
+                    if d.finish_reason is not None:
+                        piece.finish_reason = d.finish_reason
+                        ends.append(d.finish_reason)
+                    if d.reward is not None:
+                        piece.reward = d.reward
+                    yield worker_pb2.GenerateReply(piece=piece)
+            except ChatError as e:
+                how = e.code
+                await _abort(context, e)
+                return
+            how = ",".join(ends)
+            usage = handle.usage
+            yield worker_pb2.GenerateReply(finished=worker_pb2.Finished(prompt_tokens=usage.prompt_tokens,
+                                                                        completion_tokens=usage.completion_tokens))  # fmt: skip
+        finally:
+            self.engines.release(request.model_id)
+            if handle is not None:
+                if how == "cancelled":
+                    handle.cancel()
+                ttft = (handle.first_token_at - handle.submitted) * 1e3 if handle.first_token_at else float("nan")
+                logger.info("%s %s: %s; %d prompt + %d completion tokens; first token %.1f ms", handle.id,
+                            request.model_id, how, len(handle.prompt_ids), handle.completion_tokens, ttft)  # fmt: skip
+
+
+class Registration:
+    """The worker's row in `inference_workers`, refreshed every heartbeat and on every load."""
+
+    def __init__(self, settings: Settings, worker_id: str, address: str, engines: Engines) -> None:
+        self.settings, self.id, self.address, self.engines = settings, worker_id, address, engines
+        self._lock = threading.Lock()
+
+    def report(self) -> None:
+        values = {"models": self.engines.ids(), "active": self.engines.active(), "heartbeat_at": utcnow()}
+        with self._lock, session_scope(self.settings.db_url) as s:
+            result: Any = s.execute(update(InferenceWorker).where(InferenceWorker.id == self.id).values(**values))
+            done = result.rowcount
+            if not done:  # removed (or never written): register again
+                s.add(InferenceWorker(id=self.id, address=self.address, hostname=socket.gethostname(), pid=os.getpid(),
+                                      max_models=self.settings.inference_max_models,
+                                      capacity=self.settings.inference_capacity, **values))  # fmt: skip
+
+    def report_quietly(self) -> None:
+        try:
+            self.report()
+        except Exception:  # the database may be briefly away; the next heartbeat tries again
+            logger.warning("heartbeat failed", exc_info=True)
+
+    def remove(self) -> None:
+        with session_scope(self.settings.db_url) as s:
+            s.execute(delete(InferenceWorker).where(InferenceWorker.id == self.id))
+
+
+def run_inference_worker(settings: Settings, *, port: int | None = None) -> int:
+    from service.db.migrate import migrate
+
+    if settings.inference_threads:  # before torch is imported: OpenMP reads it once
+        os.environ["OMP_NUM_THREADS"] = str(settings.inference_threads)
+
+    migrate(settings.db_url)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional (not on Windows)
+        return asyncio.run(_serve(settings, port))
+    return uvloop.run(_serve(settings, port))
+
+
+async def _serve(settings: Settings, port: int | None) -> int:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    worker_id = new_id("iw")
+    engines = Engines(settings)
+    server = grpc.aio.server(maximum_concurrent_rpcs=settings.inference_capacity)
+    worker_pb2_grpc.add_InferenceWorkerServicer_to_server(InferenceServicer(worker_id, engines), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    host = settings.inference_host
+    bound = server.add_insecure_port(f"{host}:{settings.inference_port if port is None else port}")
+    if not bound:
+        raise ValueError(f"inference_port: cannot listen on {host}:{settings.inference_port}")
+    advertise = settings.inference_advertise or f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{bound}"
+    reg = Registration(settings, worker_id, advertise, engines)
+    engines.on_change = reg.report_quietly
+    await server.start()
+    await asyncio.to_thread(reg.report)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    logger.info("inference worker %s serving on %s (up to %d models, %d requests at once)", worker_id, advertise,
+                settings.inference_max_models, settings.inference_capacity)  # fmt: skip
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=settings.inference_heartbeat_s)
+                break
+            except asyncio.TimeoutError:
+                await asyncio.to_thread(reg.report_quietly)
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        try:
+            await asyncio.to_thread(reg.remove)  # no new requests routed here
+        except Exception:
+            logger.warning("could not remove the worker's registration", exc_info=True)
+        await server.stop(grace=5.0)  # streams in flight get 5 s to finish
+        await asyncio.to_thread(engines.close)
+        logger.info("inference worker %s stopped", worker_id)
+    return 0
