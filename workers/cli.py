@@ -1,7 +1,9 @@
 """The `rlhf` command: the service's commands here, everything else from rlhf_engine.cli.
 
-    rlhf serve [--all-in-one] [--host H] [--port P]     the API server (and, all-in-one, a training worker)
+    rlhf serve [--all-in-one] [--host H] [--port P] [--grpc-port G]
+                                                       the REST + gRPC API server (all-in-one: and both workers)
     rlhf worker train                                  a Celery training worker (+ the sweeper)
+    rlhf worker inference [--port P]                   serves finished models to the API (gRPC, internal)
     rlhf keys create --tenant T [--name N] [--operator] | list [--tenant T] | revoke KEY_ID
     rlhf demo [--data-dir D] [--run-link L]            all-in-one server + a 3-step job over HTTP
 
@@ -11,6 +13,7 @@ This module sits in workers/ because it starts workers; the API server it starts
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -56,6 +59,10 @@ def cmd_keys(ns: argparse.Namespace) -> int:
 
 
 def cmd_worker(ns: argparse.Namespace) -> int:
+    if ns.kind == "inference":
+        from workers.inference import run_inference_worker
+
+        return run_inference_worker(_settings(), port=ns.port)
     from workers.app import run_training_worker
 
     run_training_worker(concurrency=1, sweeper=not ns.no_sweeper, loglevel=ns.loglevel)
@@ -63,8 +70,6 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.api.app import create_app
 
     settings = _settings()
@@ -72,16 +77,20 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         settings.host = ns.host
     if ns.port:
         settings.port = ns.port
+    if ns.grpc_port is not None:
+        settings.grpc_port = ns.grpc_port
     app = create_app(settings)  # migrates before any worker starts
     children: list[subprocess.Popen[bytes]] = []
     if ns.all_in_one:
         env = dict(os.environ, RLHF_DATA_DIR=str(settings.data_dir))
-        children.append(subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "train"], env=env))
-        print(f"rlhf: all-in-one — API on http://{settings.host}:{settings.port}, training worker pid "
-              f"{children[0].pid}, database {settings.db_url}, broker {settings.redis_url or 'filesystem (no Redis)'}",
+        for kind in ("train", "inference"):
+            children.append(subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", kind], env=env))
+        print(f"rlhf: all-in-one — API on http://{settings.host}:{settings.port}, gRPC on {settings.host}:"
+              f"{settings.grpc_port}, training worker pid {children[0].pid}, inference worker pid {children[1].pid}, "
+              f"database {settings.db_url}, broker {settings.redis_url or 'filesystem (no Redis)'}",
               file=sys.stderr, flush=True)  # fmt: skip
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=ns.loglevel.lower(), access_log=False)
+        _run_loop(_serve(app, settings, loglevel=ns.loglevel.lower(), grpc=not ns.no_grpc))
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)
@@ -92,6 +101,35 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
     return 0
+
+
+def _run_loop(main: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional (not on Windows)
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+async def _serve(app: Any, settings: Settings, *, loglevel: str, grpc: bool) -> None:
+    """uvicorn (REST, SSE) and the gRPC server in one event loop; the first to stop stops both."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=loglevel,
+                                           access_log=False))  # fmt: skip
+    grpc_server = None
+    if grpc:
+        from service.grpc.server import start_server
+
+        grpc_server, port = await start_server(settings)
+        logging.getLogger("rlhf.serve").info("gRPC API on %s:%d (JobService, ChatService, ModelService, health, "
+                                             "reflection)", settings.host, port)  # fmt: skip
+    try:
+        await server.serve()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
@@ -106,13 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="The service's commands (see `rlhf --help` for all).")
     sub = parser.add_subparsers(dest="command", required=True)
     sv = sub.add_parser("serve", help="run the API server")
-    sv.add_argument("--all-in-one", action="store_true", help="also run a training worker (SQLite + no Redis work)")
+    sv.add_argument("--all-in-one", action="store_true",
+                    help="also run a training and an inference worker (SQLite + no Redis work)")  # fmt: skip
     sv.add_argument("--host", help="bind address (default RLHF_HOST or 127.0.0.1)")
     sv.add_argument("--port", type=int, help="HTTP port (default RLHF_PORT or 8000)")
+    sv.add_argument("--grpc-port", type=int, help="gRPC port (default RLHF_GRPC_PORT or 50051)")
+    sv.add_argument("--no-grpc", action="store_true", help="serve REST only")
     sv.add_argument("--loglevel", default="INFO")
     sv.set_defaults(func=cmd_serve)
     wk = sub.add_parser("worker", help="run a worker")
-    wk.add_argument("kind", choices=["train"], help="train: Celery training worker")
+    wk.add_argument("kind", choices=["train", "inference"],
+                    help="train: Celery training worker; inference: serves finished models to the API")  # fmt: skip
+    wk.add_argument("--port", type=int, help="inference: gRPC port (default RLHF_INFERENCE_PORT, 0 = any free port)")
     wk.add_argument("--no-sweeper", action="store_true", help="do not re-enqueue orphaned jobs from this worker")
     wk.add_argument("--loglevel", default="INFO")
     wk.set_defaults(func=cmd_worker)

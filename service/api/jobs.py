@@ -15,7 +15,6 @@ from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.db.models import Job
 from service.db.session import session_scope
 from service.errors import ServiceError
-from service.queue import enqueue_training
 from service.schemas import (
     TERMINAL,
     CheckpointList,
@@ -42,11 +41,8 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 @router.post("", response_model=JobObject)
 def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> Any:  # fmt: skip
-    job, created = svc.create_job(session=session, tenant=caller.tenant_id, req=body, settings=settings,
-                                  idempotency_key=idempotency_key)  # fmt: skip
-    session.commit()  # the job is on record before any worker can look for it
-    if created:
-        enqueue_training(job.id, settings)
+    job = svc.submit_job(session=session, tenant=caller.tenant_id, req=body, settings=settings,
+                         idempotency_key=idempotency_key)  # fmt: skip
     return respond(svc.to_object(job))
 
 
@@ -82,9 +78,7 @@ def pause(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
 
 @router.post("/{job_id}/resume", response_model=JobObject)
 def resume(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
-    job = svc.resume(session=session, tenant=caller.tenant_id, job_id=job_id, settings=settings)
-    session.commit()
-    enqueue_training(job.id, settings)
+    job = svc.resume_job(session=session, tenant=caller.tenant_id, job_id=job_id, settings=settings)
     return respond(svc.to_object(job))
 
 

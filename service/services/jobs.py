@@ -384,6 +384,29 @@ def create_job(*, session: Session, tenant: str, req: JobCreate, settings: Setti
     return job, True
 
 
+def submit_job(*, session: Session, tenant: str, req: JobCreate, settings: Settings,
+               idempotency_key: str | None = None) -> Job:  # fmt: skip
+    """Create the job, commit it (on record before any worker looks for it), then enqueue it."""
+    from service.queue import enqueue_training
+
+    job, created = create_job(session=session, tenant=tenant, req=req, settings=settings,
+                              idempotency_key=idempotency_key)  # fmt: skip
+    session.commit()
+    if created:
+        enqueue_training(job.id, settings)
+    return job
+
+
+def resume_job(*, session: Session, tenant: str, job_id: str, settings: Settings) -> Job:
+    """Resume a paused job: committed, then re-enqueued."""
+    from service.queue import enqueue_training
+
+    job = resume(session=session, tenant=tenant, job_id=job_id, settings=settings)
+    session.commit()
+    enqueue_training(job.id, settings)
+    return job
+
+
 def get_job(*, session: Session, tenant: str, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant:
@@ -532,6 +555,13 @@ def list_metrics(*, session: Session, tenant: str, job_id: str, step: int | None
         q = q.where(JobMetric.step == step)
     rows = list(session.scalars(q.limit(limit + 1)))
     return [MetricPoint(step=m.step, global_step=m.global_step, time=m.time, values=m.values) for m in rows[:limit]], len(rows) > limit
+
+
+def metrics_since(*, session: Session, job_id: str, after_id: int) -> list[tuple[int, MetricPoint]]:
+    """(row id, point) of metrics newer than `after_id`, oldest first (for live streams)."""
+    rows = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.id > after_id)
+                           .order_by(JobMetric.id))  # fmt: skip
+    return [(m.id, MetricPoint(step=m.step, global_step=m.global_step, time=m.time, values=m.values)) for m in rows]
 
 
 def list_rollouts(*, session: Session, tenant: str, job_id: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], bool]:

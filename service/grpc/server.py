@@ -1,0 +1,368 @@
+"""The public gRPC API: JobService, ChatService, ModelService, plus health checking and reflection.
+
+Each RPC authenticates `authorization: Bearer <key>` metadata, converts its request to the same
+pydantic model REST validates, and calls the same service function; a `ServiceError` leaves with the
+gRPC code of service.errors.ERROR_TABLE and the field at fault in the trailing metadata
+(`error-param`, `error-code`). `RPC_ROUTES` pairs every RPC with its REST route (a test checks that
+the two surfaces match); `REST_ONLY` lists the routes that stay REST-only and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from service.db.models import Job
+from service.db.session import session_scope
+from service.errors import InvalidRequest, ServiceError, from_value_error, status_of
+from service.grpc.convert import from_pb, to_dict, to_pb
+from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+from service.schemas import (
+    TERMINAL,
+    ChatCompletionRequest,
+    CheckpointList,
+    Estimate,
+    EstimateRequest,
+    EventList,
+    JobCreate,
+    JobList,
+    MetricList,
+    ModelList,
+    RolloutList,
+)
+from service.services import chat as chat_svc
+from service.services import jobs as svc
+from service.services import models as models_svc
+from service.services.keys import Caller, authenticate
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RPC_ROUTES: dict[str, tuple[str, str]] = {
+    "JobService.CreateJob": ("POST", "/v1/fine_tuning/jobs"),
+    "JobService.EstimateJob": ("POST", "/v1/fine_tuning/jobs/estimate"),
+    "JobService.ListJobs": ("GET", "/v1/fine_tuning/jobs"),
+    "JobService.GetJob": ("GET", "/v1/fine_tuning/jobs/{job_id}"),
+    "JobService.CancelJob": ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"),
+    "JobService.PauseJob": ("POST", "/v1/fine_tuning/jobs/{job_id}/pause"),
+    "JobService.ResumeJob": ("POST", "/v1/fine_tuning/jobs/{job_id}/resume"),
+    "JobService.ListEvents": ("GET", "/v1/fine_tuning/jobs/{job_id}/events"),
+    "JobService.WatchJob": ("GET", "/v1/fine_tuning/jobs/{job_id}/events"),  # ?stream=true
+    "JobService.ListCheckpoints": ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints"),
+    "JobService.ListMetrics": ("GET", "/v1/fine_tuning/jobs/{job_id}/metrics"),
+    "JobService.ListRollouts": ("GET", "/v1/fine_tuning/jobs/{job_id}/rollouts"),
+    "ChatService.Chat": ("POST", "/v1/chat/completions"),
+    "ModelService.ListModels": ("GET", "/v1/models"),
+    "ModelService.GetModel": ("GET", "/v1/models/{model_id}"),
+}
+REST_ONLY: dict[tuple[str, str], str] = {
+    ("POST", "/v1/files"): "multipart upload",
+    ("GET", "/v1/files"): "files are REST-only",
+    ("GET", "/v1/files/{file_id}"): "files are REST-only",
+    ("DELETE", "/v1/files/{file_id}"): "files are REST-only",
+    ("POST", "/v1/models"): "model archive upload",
+    ("GET", "/v1/models/{model_id}/content"): "model archive download",
+}
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def _abort_args(e: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    if isinstance(e, ValidationError):
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        e = InvalidRequest(f"{param}: {str(first.get('msg', 'invalid value')).removeprefix('Value error, ')}",
+                           param=param, code="invalid_value")  # fmt: skip
+    elif isinstance(e, ValueError) and not isinstance(e, ServiceError):
+        e = from_value_error(e)
+    assert isinstance(e, ServiceError)
+    _, code = status_of(e)
+    meta = [("error-code", e.code or ""), ("error-param", e.param or "")]
+    if e.retry_after:
+        meta.append(("retry-after", str(e.retry_after)))
+    return grpc.StatusCode[code], e.message, tuple(meta)
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
+    code, message, meta = _abort_args(e)
+    context.set_trailing_metadata(meta)
+    await context.abort(code, message)
+
+
+def rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Unary RPC: the caller is authenticated, errors leave through the one table."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Base, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            caller = await self.caller(context)
+            return await fn(self, request, context, caller)
+        except (ServiceError, ValueError) as e:  # ValidationError is a ValueError
+            await _abort(context, e)
+        except Exception:
+            logger.exception("gRPC %s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; it was logged")
+
+    return wrapper
+
+
+def stream_rpc(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+    """Server-streaming RPC: as `rpc`; an error after some messages ends the stream with its status."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Base, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            caller = await self.caller(context)
+            async for item in fn(self, request, context, caller):
+                yield item
+        except (ServiceError, ValueError) as e:
+            await _abort(context, e)
+        except Exception:
+            logger.exception("gRPC %s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; it was logged")
+
+    return wrapper
+
+
+class Base:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        return await self.db(lambda s: authenticate(session=s, authorization=authorization))
+
+    async def db(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn(session)` in a worker thread (the service functions are synchronous)."""
+
+        def run() -> T:
+            with session_scope(self.settings.db_url) as s:
+                return fn(s)
+
+        return await asyncio.to_thread(run)
+
+
+def _opt(request: Any, name: str, default: Any = None) -> Any:
+    return getattr(request, name) if request.HasField(name) else default
+
+
+def _limit(request: Any, default: int, top: int = 100) -> int:
+    limit = _opt(request, "limit", default)
+    if not 1 <= limit <= top:
+        raise InvalidRequest(f"limit: must be between 1 and {top}", param="limit")
+    return int(limit)
+
+
+# ---------------------------------------------------------------------------- services
+
+
+class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
+    @rpc
+    async def CreateJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        req = from_pb(request.job, JobCreate)
+        key = request.idempotency_key or None
+        job = await self.db(lambda s: svc.to_object(svc.submit_job(session=s, tenant=caller.tenant_id, req=req,
+                                                                   settings=self.settings, idempotency_key=key)))  # fmt: skip
+        return to_pb(job, jobs_pb2.Job)
+
+    @rpc
+    async def EstimateJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        extra = to_dict(request)
+        extra.pop("job", None)
+        req = from_pb(request.job, EstimateRequest, **extra)
+        est = await self.db(lambda s: svc.estimate(session=s, tenant=caller.tenant_id, req=req, settings=self.settings))
+        return to_pb(Estimate.model_validate(est), jobs_pb2.Estimate)
+
+    @rpc
+    async def GetJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        job = await self.db(lambda s: svc.to_object(svc.get_job(session=s, tenant=caller.tenant_id, job_id=request.id)))
+        return to_pb(job, jobs_pb2.Job)
+
+    @rpc
+    async def ListJobs(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        after, limit = _opt(request, "after"), _limit(request, 20)
+
+        def run(s: Session) -> JobList:
+            rows, more = svc.list_jobs(session=s, tenant=caller.tenant_id, after=after, limit=limit)
+            return JobList(data=[svc.to_object(j) for j in rows], has_more=more)
+
+        return to_pb(await self.db(run), jobs_pb2.ListJobsResponse)
+
+    async def _transition(self, action: Callable[..., Job], request: Any, caller: Caller, **kw: Any) -> Any:
+        job = await self.db(lambda s: svc.to_object(action(session=s, tenant=caller.tenant_id, job_id=request.id, **kw)))
+        return to_pb(job, jobs_pb2.Job)
+
+    @rpc
+    async def CancelJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        return await self._transition(svc.cancel, request, caller)
+
+    @rpc
+    async def PauseJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        return await self._transition(svc.pause, request, caller)
+
+    @rpc
+    async def ResumeJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        return await self._transition(svc.resume_job, request, caller, settings=self.settings)
+
+    @rpc
+    async def ListEvents(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        after, limit = _opt(request, "after"), _limit(request, 20)
+
+        def run(s: Session) -> EventList:
+            rows, more = svc.list_events(session=s, tenant=caller.tenant_id, job_id=request.id, after=after, limit=limit)
+            return EventList(data=[svc.event_object(e) for e in rows], has_more=more)
+
+        return to_pb(await self.db(run), jobs_pb2.ListEventsResponse)
+
+    @rpc
+    async def ListCheckpoints(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        after, limit = _opt(request, "after"), _limit(request, 10)
+
+        def run(s: Session) -> CheckpointList:
+            job = svc.get_job(session=s, tenant=caller.tenant_id, job_id=request.id)
+            rows, more = svc.list_checkpoints(session=s, tenant=caller.tenant_id, job_id=request.id, after=after,
+                                              limit=limit)  # fmt: skip
+            data = [svc.checkpoint_object(c, job) for c in rows]
+            return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
+                                  last_id=data[-1].id if data else None)  # fmt: skip
+
+        return to_pb(await self.db(run), jobs_pb2.ListCheckpointsResponse)
+
+    @rpc
+    async def ListMetrics(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        step, after, limit = _opt(request, "step"), _opt(request, "after", 0), _limit(request, 1000, 10_000)
+        if step is not None and not 1 <= step <= 3:
+            raise InvalidRequest("step: must be 1, 2 or 3", param="step")
+
+        def run(s: Session) -> MetricList:
+            rows, more = svc.list_metrics(session=s, tenant=caller.tenant_id, job_id=request.id, step=step, after=after,
+                                          limit=limit)  # fmt: skip
+            return MetricList(data=rows, has_more=more)
+
+        return to_pb(await self.db(run), jobs_pb2.ListMetricsResponse)
+
+    @rpc
+    async def ListRollouts(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        offset, limit = _opt(request, "offset", 0), _limit(request, 20)
+
+        def run(s: Session) -> RolloutList:
+            rows, more = svc.list_rollouts(session=s, tenant=caller.tenant_id, job_id=request.id, offset=offset,
+                                           limit=limit)  # fmt: skip
+            return RolloutList(data=rows, has_more=more)
+
+        return to_pb(await self.db(run), jobs_pb2.ListRolloutsResponse)
+
+    @stream_rpc
+    async def WatchJob(self, request: Any, context: Any, caller: Caller) -> AsyncIterator[Any]:  # noqa: N802
+        await self.db(lambda s: svc.get_job(session=s, tenant=caller.tenant_id, job_id=request.id))
+        seq, metric_id = 0, 0
+
+        def poll(s: Session) -> tuple[list[Any], list[Any], Any]:
+            nonlocal seq, metric_id
+            events = svc.events_since(session=s, job_id=request.id, seq=seq)
+            metrics = svc.metrics_since(session=s, job_id=request.id, after_id=metric_id)
+            seq = events[-1].seq if events else seq
+            metric_id = metrics[-1][0] if metrics else metric_id
+            job = s.get(Job, request.id)
+            ended = job is not None and (job.status in TERMINAL or job.status == "paused")
+            return ([svc.event_object(e) for e in events], [m for _, m in metrics],
+                    svc.to_object(job) if ended and job is not None else None)  # fmt: skip
+
+        while True:
+            events, metrics, ended = await self.db(poll)
+            for e in events:
+                yield jobs_pb2.WatchJobUpdate(event=to_pb(e, jobs_pb2.Event))
+            for m in metrics:
+                yield jobs_pb2.WatchJobUpdate(metric=to_pb(m, jobs_pb2.MetricPoint))
+            if ended is not None:
+                events, metrics, _ = await self.db(poll)  # what was written as it ended
+                for e in events:
+                    yield jobs_pb2.WatchJobUpdate(event=to_pb(e, jobs_pb2.Event))
+                for m in metrics:
+                    yield jobs_pb2.WatchJobUpdate(metric=to_pb(m, jobs_pb2.MetricPoint))
+                yield jobs_pb2.WatchJobUpdate(job=to_pb(ended, jobs_pb2.Job))
+                return
+            await asyncio.sleep(0.5)
+
+
+class ModelService(Base, models_pb2_grpc.ModelServiceServicer):
+    def _list(self, s: Session, caller: Caller) -> ModelList:
+        return ModelList(data=models_svc.list_models(session=s, tenant=caller.tenant_id,
+                                                     models_dir=self.settings.models_dir))  # fmt: skip
+
+    @rpc
+    async def ListModels(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        return to_pb(await self.db(lambda s: self._list(s, caller)), models_pb2.ListModelsResponse)
+
+    @rpc
+    async def GetModel(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        models = await self.db(lambda s: self._list(s, caller))
+        for m in models.data:
+            if m.id == request.id:
+                return to_pb(m, models_pb2.Model)
+        from service.errors import NotFound
+
+        raise NotFound(f"no model {request.id}", param="id")
+
+
+class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
+    @stream_rpc
+    async def Chat(self, request: Any, context: Any, caller: Caller) -> AsyncIterator[Any]:  # noqa: N802
+        req = from_pb(request, ChatCompletionRequest, stream=True)
+        stream = await chat_svc.open_chat(settings=self.settings, req=req, tenant=caller.tenant_id)
+        head: dict[str, Any] = {"id": stream.id, "object": "chat.completion.chunk", "created": stream.created,
+                                "model": stream.model}  # fmt: skip
+        try:
+            yield chat_pb2.ChatChunk(**head, choices=[chat_pb2.ChatChunkChoice(index=i, delta=chat_pb2.ChatDelta(
+                role="assistant", content="")) for i in range(stream.n)])  # fmt: skip
+            async for item in stream:
+                if isinstance(item, chat_svc.Finished):
+                    usage = chat_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
+                                           total_tokens=item.prompt_tokens + item.completion_tokens)  # fmt: skip
+                    yield chat_pb2.ChatChunk(**head, usage=usage)
+                    return
+                choice = chat_pb2.ChatChunkChoice(index=item.index, delta=chat_pb2.ChatDelta(content=item.text))
+                if item.finish_reason in ("stop", "length"):
+                    choice.finish_reason = item.finish_reason
+                if item.reward is not None:
+                    choice.reward = item.reward
+                if item.text or choice.HasField("finish_reason"):
+                    yield chat_pb2.ChatChunk(**head, choices=[choice])
+        finally:
+            stream.cancel()
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+SERVICE_NAMES = ["rlhf.v1.JobService", "rlhf.v1.ChatService", "rlhf.v1.ModelService"]
+
+
+async def start_server(settings: Settings, *, host: str | None = None, port: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the public gRPC server (health and reflection included); returns it and its port."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes)])
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(settings), server)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatService(settings), server)
+    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(settings), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *SERVICE_NAMES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host or settings.host}:{settings.grpc_port if port is None else port}")
+    if not bound:
+        raise ValueError(f"grpc_port: cannot listen on {host or settings.host}:{settings.grpc_port}")
+    await server.start()
+    return server, bound
