@@ -138,6 +138,13 @@ def load_chat_model(config: ChatEngineConfig) -> LoadedModel:
     if config.kernel_inject and hf_config.model_type not in INJECT_ARCHS:
         raise ModelLoadError(f"kernel_inject: DeepSpeed has no injection policy for {hf_config.model_type}; "
                              "leave kernel_inject off", param="kernel_inject")  # fmt: skip
+    if config.kernel_inject:
+        from rlhf_engine.engine.injection import injection_unsupported
+
+        why = injection_unsupported()
+        if why:
+            raise ModelLoadError(f"kernel_inject: {why}; leave kernel_inject off (the deepspeed backend without "
+                                 "injection gives the same tokens)", param="kernel_inject")  # fmt: skip
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # a per-shard loading bar would land in the chat transcript

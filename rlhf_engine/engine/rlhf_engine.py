@@ -57,6 +57,12 @@ def check_hybrid_engine(config: PPOConfig, model_config: Any) -> None:
     if model_config.model_type not in ("opt", "gpt2", "llama", "bloom", "gptj", "gpt_neox"):
         raise ValueError(f"enable_hybrid_engine: DeepSpeed has no injection policy for {model_config.model_type}; "
                          "drop the flag")  # fmt: skip
+    from rlhf_engine.engine.injection import injection_unsupported
+
+    why = injection_unsupported()
+    if why:
+        raise ValueError(f"enable_hybrid_engine: {why}; drop the flag — the default generation path gathers once "
+                         "per generation and runs everywhere")  # fmt: skip
     if config.actor.lora_dim:
         raise ValueError("enable_hybrid_engine with actor LoRA is not supported by our glue; drop one of them")
 
