@@ -201,3 +201,33 @@ def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
 
 SMALL_SFT = {"model": "tiny-opt-xs", "preset": "tiny", "config": {"sft": {"max_steps": 40, "checkpoint_interval": 10,
                                                                           "eval_max_rows": 16}}}  # fmt: skip
+
+
+THREE_STEPS = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "e2e",
+               "config": {"sft": {"max_steps": 120}, "reward": {"max_steps": 120}, "ppo": {"max_steps": 12,
+                                                                                         "checkpoint_interval": 6}}}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def e2e_stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str],
+              start_worker: Callable[..., Any]) -> Stack:  # fmt: skip
+    """PostgreSQL, Redis, the API server and a Celery training worker; shared by the job and serving tests."""
+    s = make_stack(database_url=new_pg(), redis_url=new_redis())
+    start_worker(s)
+    return s
+
+
+@pytest.fixture(scope="session")
+def e2e_client(e2e_stack: Stack) -> Iterator[httpx.Client]:
+    with e2e_stack.client(e2e_stack.key("e2e")) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def e2e_finished(e2e_client: httpx.Client) -> dict[str, Any]:
+    """One finished 3-step tiny job (SFT, reward model, PPO) on the e2e stack."""
+    created = e2e_client.post("/v1/fine_tuning/jobs", json=THREE_STEPS).json()
+    assert created["status"] == "queued", created
+    job = wait_for(e2e_client, created["id"], ("succeeded", "failed", "cancelled"), timeout=280)
+    assert job["status"] == "succeeded", job
+    return {"created": created, "job": job}

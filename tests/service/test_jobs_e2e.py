@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -18,32 +17,20 @@ from service.db.session import session_scope
 from service.services.cost import price
 from tests.service.conftest import SMALL_SFT, Stack, events, wait_for, wait_for_training
 
-THREE_STEPS = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "e2e",
-               "config": {"sft": {"max_steps": 120}, "reward": {"max_steps": 120}, "ppo": {"max_steps": 12,
-                                                                                         "checkpoint_interval": 6}}}  # fmt: skip
+
+@pytest.fixture(scope="module")
+def stack(e2e_stack: Stack) -> Stack:
+    return e2e_stack
 
 
 @pytest.fixture(scope="module")
-def stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str],
-          start_worker: Callable[..., Any]) -> Stack:  # fmt: skip
-    s = make_stack(database_url=new_pg(), redis_url=new_redis())
-    start_worker(s)
-    return s
+def client(e2e_client: httpx.Client) -> httpx.Client:
+    return e2e_client
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client(stack.key("e2e")) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def finished(client: httpx.Client) -> dict[str, Any]:
-    created = client.post("/v1/fine_tuning/jobs", json=THREE_STEPS).json()
-    assert created["status"] == "queued", created
-    job = wait_for(client, created["id"], ("succeeded", "failed", "cancelled"), timeout=280)
-    assert job["status"] == "succeeded", job
-    return {"created": created, "job": job}
+def finished(e2e_finished: dict[str, Any]) -> dict[str, Any]:
+    return e2e_finished
 
 
 def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished: dict[str, Any]) -> None:

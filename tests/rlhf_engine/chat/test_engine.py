@@ -10,11 +10,13 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from rlhf_engine.chat import ChatEngine, SamplingParams
+from rlhf_engine.chat.engine import RequestHandle
 from rlhf_engine.chat.errors import (
     ContextLengthExceeded,
     EngineBusy,
@@ -164,6 +166,38 @@ def test_a_reader_that_stops_reading_cancels_its_request(engine: ChatEngine) -> 
     assert handle.cancelled
     wait_idle(engine)
     assert handle.usage.completion_tokens < 100
+
+
+def test_an_asyncio_reader_gets_the_same_stream_and_leaving_cancels(engine: ChatEngine) -> None:
+    """`aiter()` (the inference worker's reader: woken per token, no thread per request)."""
+    import asyncio
+
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True, seed=9, n=2)
+    whole = engine.generate(DOG, params)
+
+    async def read() -> tuple[dict[int, str], RequestHandle]:
+        handle = engine.submit(DOG, params)
+        texts: dict[int, str] = {0: "", 1: ""}
+        async for d in handle.aiter():
+            texts[d.index] += d.text
+        early = engine.submit(DOG, SamplingParams(max_new_tokens=450, ignore_eos=True, seed=4))
+        async for i, _ in _enumerate(early.aiter()):
+            if i == 2:
+                break  # a client that went away
+        return texts, early
+
+    texts, early = asyncio.run(read())
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert early.cancelled
+    wait_idle(engine)
+    assert early.usage.completion_tokens < 100
+
+
+async def _enumerate(it: Any) -> Any:
+    i = 0
+    async for x in it:
+        yield i, x
+        i += 1
 
 
 def test_full_queue_is_busy_and_close_ends_every_request(base_model: Path) -> None:

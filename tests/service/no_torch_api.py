@@ -1,0 +1,26 @@
+"""`python -m tests.service.no_torch_api serve …`: the `rlhf` command with torch, transformers and
+deepspeed unimportable — the API process must never need them (CONTRACTS.md §6). An attempt is
+recorded in $RLHF_BLOCKED_LOG as well as raised, so a caught ImportError cannot hide it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+BLOCKED = ("torch", "transformers", "deepspeed")
+
+
+class Block:
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.split(".")[0] in BLOCKED:
+            with open(os.environ["RLHF_BLOCKED_LOG"], "a") as f:
+                f.write(f"{name}\n")
+            raise ImportError(f"{name} is blocked in the API process")
+
+
+if __name__ == "__main__":
+    sys.meta_path.insert(0, Block())
+    from workers.cli import main
+
+    sys.exit(main(sys.argv[1:]))

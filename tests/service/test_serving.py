@@ -1,0 +1,448 @@
+"""Serving end to end: an API server that cannot import torch (REST + gRPC), real inference workers
+(subprocesses on loopback gRPC), PostgreSQL, Redis, and the models of a real finished 3-step job.
+Clients are the official `openai` package, httpx for SSE details, and a gRPC client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+from sqlalchemy import select
+
+from service.db.models import FineTunedModel, InferenceWorker
+from service.db.session import session_scope
+from service.schemas import ChatCompletionChunk
+from tests.service.conftest import SMALL_SFT, Stack, free_port, serve
+
+pytestmark = pytest.mark.slow
+KITE = [{"role": "user", "content": "What is a kite?"}]
+LONG = 400  # tokens the noisy model generates without an end-of-text (checked in its fixture)
+
+
+@dataclass
+class Api:
+    url: str
+    grpc_address: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def api(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """`rlhf serve` (REST and gRPC) in a process where torch, transformers and deepspeed are blocked."""
+    tmp = tmp_path_factory.mktemp("api")
+    blocked = tmp / "blocked.log"
+    port, gport = free_port(), free_port()
+    env = e2e_stack.env | {"RLHF_BLOCKED_LOG": str(blocked)}
+    with open(tmp / "api.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.service.no_torch_api", "serve", "--port", str(port),
+                                 "--grpc-port", str(gport)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "api.log").read_text()[-3000:]
+        time.sleep(0.2)
+    yield Api(url=url, grpc_address=f"127.0.0.1:{gport}", proc=proc, log=tmp / "api.log")
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert not blocked.exists(), f"the API process tried to import {blocked.read_text()}"
+
+
+class Workers:
+    """Inference worker subprocesses on the e2e stack, with their logs."""
+
+    def __init__(self, stack: Stack, tmp: Path) -> None:
+        self.stack, self.tmp, self.procs = stack, tmp, {}  # type: dict[int, tuple[subprocess.Popen[bytes], Path]]
+
+    def start(self) -> int:
+        log = self.tmp / f"worker-{len(self.procs)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "inference"], env=self.stack.env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.procs[proc.pid] = (proc, log)
+        deadline = time.monotonic() + 60
+        while self.row(proc.pid) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        return proc.pid
+
+    def row(self, pid: int) -> InferenceWorker | None:
+        with session_scope(self.stack.settings.db_url) as s:
+            row = s.scalar(select(InferenceWorker).where(InferenceWorker.pid == pid))
+            if row is not None:
+                s.expunge(row)
+            return row
+
+    def holding(self, model_id: str) -> list[int]:
+        with session_scope(self.stack.settings.db_url) as s:
+            return [w.pid for w in s.scalars(select(InferenceWorker)) if model_id in (w.models or [])]
+
+    def log(self, pid: int) -> str:
+        return self.procs[pid][1].read_text()
+
+    def stop(self) -> None:
+        for proc, _ in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _ in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def workers(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    w = Workers(e2e_stack, tmp_path_factory.mktemp("inference"))
+    w.first = w.start()  # type: ignore[attr-defined]
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def key(e2e_client: httpx.Client) -> str:
+    return e2e_client.headers["Authorization"].removeprefix("Bearer ")
+
+
+@pytest.fixture(scope="module")
+def model(e2e_finished: dict[str, Any]) -> str:
+    return str(e2e_finished["job"]["fine_tuned_model"])
+
+
+@pytest.fixture(scope="module")
+def sdk(api: Api, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def noisy(e2e_stack: Stack) -> str:
+    """A base model with random weights: greedy decoding runs LONG tokens without end-of-text (checked
+    in process), so a stream is surely still running when a test kills its worker or hangs up."""
+    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.config.chat import SamplingParams
+    from rlhf_engine.models.tiny import write_tiny
+
+    path = write_tiny(e2e_stack.settings.models_dir / "noisy", "opt", "xs", pretrain_steps=0, seed=7)
+    with ChatEngine.load(str(path)) as engine:
+        done = engine.generate(KITE, SamplingParams(max_new_tokens=LONG, temperature=0))
+    assert done.choices[0].finish_reason == "length"
+    return "noisy"
+
+
+def sse(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a server-sent-event stream."""
+    event = "message"
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            yield event, line.split(":", 1)[1].strip()
+            event = "message"
+
+
+# ---------------------------------------------------------------------------- REST, openai SDK
+
+
+def test_openai_sdk_streams_and_completes_a_fine_tuned_model(sdk: openai.OpenAI, workers: Workers, model: str,
+                                                             e2e_stack: Stack) -> None:  # fmt: skip
+    from transformers import AutoTokenizer
+
+    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.config.chat import SamplingParams
+    from rlhf_engine.data.formatter import encode_prompt
+
+    chunks = list(sdk.chat.completions.create(model=model, messages=KITE, max_tokens=24, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))  # type: ignore[call-overload]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = chunks[-1].usage
+    assert text.strip() and len(finish) == 1 and usage is not None and not chunks[-1].choices
+    whole = sdk.chat.completions.create(model=model, messages=KITE, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+    assert whole.object == "chat.completion" and whole.choices[0].message.content == text
+    assert whole.choices[0].finish_reason == finish[0]
+    assert whole.usage is not None and (whole.usage.prompt_tokens, whole.usage.completion_tokens,
+                                        whole.usage.total_tokens) == (usage.prompt_tokens, usage.completion_tokens,
+                                                                      usage.prompt_tokens + usage.completion_tokens)  # fmt: skip
+    # the same reply as the chat engine in process, and token counts as the shared formatter counts them
+    with session_scope(e2e_stack.settings.db_url) as s:
+        path = s.get(FineTunedModel, model).path  # type: ignore[union-attr]
+    assert usage.prompt_tokens == len(encode_prompt(KITE, AutoTokenizer.from_pretrained(path)))
+    with ChatEngine.load(path, score_replies=False) as engine:
+        local = engine.generate(KITE, SamplingParams(max_new_tokens=24, temperature=0))
+    assert local.choices[0].text == text and usage.completion_tokens == len(local.choices[0].token_ids)
+    assert finish[0] == local.choices[0].finish_reason
+    # n replies, seeded: a seed gives the same replies again
+    two = [sdk.chat.completions.create(model=model, messages=KITE, max_tokens=12, n=2, seed=5, temperature=1.0)
+           for _ in range(2)]  # type: ignore[call-overload]  # fmt: skip
+    assert [c.message.content for c in two[0].choices] == [c.message.content for c in two[1].choices]
+    assert len(two[0].choices) == 2 and two[0].usage.completion_tokens <= 24  # type: ignore[union-attr]
+
+
+def test_models_are_listed_per_tenant_and_another_tenants_model_is_404(sdk: openai.OpenAI, api: Api, model: str,
+                                                                       e2e_stack: Stack, workers: Workers) -> None:  # fmt: skip
+    ids = [m.id for m in sdk.models.list()]
+    assert {model, f"{model}:sft", "tiny-opt-xs"} <= set(ids)
+    other = openai.OpenAI(base_url=f"{api.url}/v1", api_key=e2e_stack.key("other-tenant"), max_retries=0)
+    assert model not in [m.id for m in other.models.list()] and "tiny-opt-xs" in [m.id for m in other.models.list()]
+    with pytest.raises(openai.NotFoundError) as e:
+        other.chat.completions.create(model=model, messages=KITE)  # type: ignore[arg-type]
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"messages": []}, 400, "messages"),
+    ({"max_tokens": 10**7}, 400, "max_tokens"),
+    ({"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ({"n": 99}, 400, "n"),
+    ({"temperature": 3}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "kite " * 600}]}, 400, "messages"),  # longer than the context
+    ({"max_tokens": 500, "messages": [{"role": "user", "content": "kite " * 60}]}, 400, "max_tokens"),
+    ({"model": "no-such-model"}, 404, "model"),
+    ({"model": "../etc"}, 400, "model"),
+])  # fmt: skip
+def test_bad_chat_requests_get_a_clear_4xx(api: Api, key: str, model: str, workers: Workers, body: dict[str, Any],
+                                           status: int, param: str) -> None:  # fmt: skip
+    r = httpx.post(f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                   json={"model": model, "messages": KITE, "stream": True} | body)  # fmt: skip
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param.split("[")[0] in error["message"], error
+
+
+def test_malformed_oversized_and_unauthenticated_requests(api: Api, key: str, model: str) -> None:
+    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    r = httpx.post(f"{api.url}/v1/chat/completions", headers=auth, content=b'{"model": "x", "messages": [')
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    huge = json.dumps({"model": model, "messages": [{"role": "user", "content": "a" * (2 << 20)}]})
+    r = httpx.post(f"{api.url}/v1/chat/completions", headers=auth, content=huge)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    r = httpx.post(f"{api.url}/v1/chat/completions", json={"model": model, "messages": KITE})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+
+
+# ---------------------------------------------------------------------------- routing and failures
+
+
+def test_two_workers_serve_their_own_models(sdk: openai.OpenAI, workers: Workers, model: str) -> None:
+    first = workers.first  # type: ignore[attr-defined]
+    sdk.chat.completions.create(model=model, messages=KITE, max_tokens=4)  # type: ignore[arg-type]
+    assert workers.holding(model) == [first]
+    second = workers.start()
+    reply = sdk.chat.completions.create(model=f"{model}:sft", messages=KITE, max_tokens=8)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content
+    assert workers.holding(f"{model}:sft") == [second]  # the idle worker loaded it; the first kept its model
+    for _ in range(3):
+        sdk.chat.completions.create(model=model, messages=KITE, max_tokens=4)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model=f"{model}:sft", messages=KITE, max_tokens=4)  # type: ignore[arg-type]
+    assert workers.holding(model) == [first] and workers.holding(f"{model}:sft") == [second]
+    assert workers.row(second).models == [f"{model}:sft"]  # type: ignore[union-attr]
+
+
+def test_a_client_that_hangs_up_stops_generation(api: Api, key: str, workers: Workers, noisy: str) -> None:
+    body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                      timeout=60) as r:  # fmt: skip
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for event, data in sse(r):
+            chunk = ChatCompletionChunk.model_validate_json(data)  # the contract's shape
+            if event == "message" and chunk.choices[0].delta.content:
+                break  # first text: hang up
+    [pid] = workers.holding(noisy)
+    deadline = time.monotonic() + 20
+    while " noisy: cancelled;" not in workers.log(pid):
+        assert time.monotonic() < deadline, workers.log(pid)[-2000:]
+        time.sleep(0.1)
+    line = next(x for x in workers.log(pid).splitlines() if " noisy: cancelled;" in x)
+    assert int(line.split(" + ")[1].split()[0]) < LONG  # stopped early, not run to max_tokens
+
+
+def test_killing_the_worker_mid_stream_ends_with_an_error_event(api: Api, key: str, workers: Workers,
+                                                                noisy: str) -> None:  # fmt: skip
+    body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0, "stream": True}
+    events: list[tuple[str, str]] = []
+    with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                      timeout=60) as r:  # fmt: skip
+        for event, data in sse(r):
+            events.append((event, data))
+            if len(events) == 2:  # the first text is out: kill whoever is generating it
+                for pid in workers.holding(noisy):
+                    os.kill(pid, signal.SIGKILL)
+    assert events[-1] == ("message", "[DONE]")
+    event, data = events[-2]
+    assert event == "error" and json.loads(data)["error"]["code"] == "worker_lost", events[-3:]
+    # the dead worker's row is still fresh: the next request skips it and another worker serves
+    reply = httpx.post(f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                       json={"model": noisy, "messages": KITE, "max_tokens": 5})  # fmt: skip
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5, reply.text
+
+
+def test_a_slow_reply_times_out_cleanly(e2e_stack: Stack, key: str, workers: Workers, noisy: str) -> None:
+    url, stop = serve(e2e_stack.settings.model_copy(update={"chat_timeout_s": 0.3}))
+    try:
+        body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0}
+        auth = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True}, headers=auth,
+                          timeout=60) as s:  # fmt: skip
+            events = list(sse(s))
+        assert events[-1] == ("message", "[DONE]") and events[-2][0] == "error"
+        assert json.loads(events[-2][1])["error"]["code"] == "timeout"
+    finally:
+        stop()
+
+
+def test_no_live_worker_is_503_with_retry_after(e2e_stack: Stack, key: str, tmp_path: Path) -> None:
+    from service.settings import Settings
+
+    lonely = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'rlhf.db'}")
+    url, stop = serve(lonely)
+    try:
+        from service.services.keys import create_key
+
+        with session_scope(lonely.db_url) as s:
+            k = create_key(session=s, tenant="t")[1]
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny-opt-xs", "messages": KITE},
+                       headers={"Authorization": f"Bearer {k}"})  # fmt: skip
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5" and r.json()["error"]["code"] == "no_worker"
+        assert "rlhf worker inference" in r.json()["error"]["message"]
+    finally:
+        stop()
+
+
+# ---------------------------------------------------------------------------- gRPC
+
+
+@pytest.fixture(scope="module")
+def channel(api: Api) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(api.grpc_address) as ch:
+        yield ch
+
+
+def test_grpc_every_rpc_and_a_model_finished_after_the_workers_started(
+        channel: grpc.Channel, key: str, e2e_stack: Stack, e2e_finished: dict[str, Any], workers: Workers) -> None:  # fmt: skip
+    from google.protobuf import json_format
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+
+    md = [("authorization", f"Bearer {key}")]
+    jobs = jobs_pb2_grpc.JobServiceStub(channel)
+    spec = json_format.ParseDict(SMALL_SFT | {"suffix": "grpc"}, jobs_pb2.JobSpec())
+
+    est = jobs.EstimateJob(jobs_pb2.EstimateJobRequest(job=spec), metadata=md)
+    assert est.object == "fine_tuning.job.estimate" and est.seconds > 0 and [s.step for s in est.steps] == [1]
+    job = jobs.CreateJob(jobs_pb2.CreateJobRequest(job=spec, idempotency_key="grpc-1"), metadata=md)
+    assert job.status == "queued" and job.id.startswith("ftjob-") and list(job.steps) == [1]
+    assert jobs.CreateJob(jobs_pb2.CreateJobRequest(job=spec, idempotency_key="grpc-1"), metadata=md).id == job.id
+    assert jobs.GetJob(jobs_pb2.GetJobRequest(id=job.id), metadata=md).model == "tiny-opt-xs"
+    assert job.id in [j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=100), metadata=md).data]
+
+    updates = list(jobs.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), metadata=md, timeout=240))
+    kinds = [u.WhichOneof("update") for u in updates]
+    assert kinds[-1] == "job" and "event" in kinds and "metric" in kinds
+    done = updates[-1].job
+    assert done.status == "succeeded" and done.fine_tuned_model == f"ft:tiny-opt-xs:grpc:{job.id}"
+    events = [u.event for u in updates if u.HasField("event")]
+    assert events[0].data["event_type"] == "job_created" and events[-1].data["event_type"] == "job_succeeded"
+    listed = jobs.ListEvents(jobs_pb2.ListEventsRequest(id=job.id, limit=100), metadata=md).data
+    assert {e.id for e in listed} == {e.id for e in events}
+    assert jobs.ListCheckpoints(jobs_pb2.ListCheckpointsRequest(id=job.id), metadata=md).data[0].step == 1
+    metrics = jobs.ListMetrics(jobs_pb2.ListMetricsRequest(id=job.id, step=1), metadata=md).data
+    assert [m.global_step for m in metrics] == [m.metric.global_step for m in updates if m.HasField("metric")]
+    three = e2e_finished["job"]["id"]
+    rollouts = jobs.ListRollouts(jobs_pb2.ListRolloutsRequest(id=three, limit=3), metadata=md)
+    assert len(rollouts.data) == 3 and "reward" in rollouts.data[0]
+
+    # the model did not exist when the workers started; chat with it at once
+    chat = chat_pb2_grpc.ChatServiceStub(channel)
+    chunks = list(chat.Chat(chat_pb2.ChatRequest(model=done.fine_tuned_model, messages=[chat_pb2.ChatMessage(
+        role="user", content="What is a kite?")], max_tokens=16, temperature=0), metadata=md))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content for c in chunks if c.choices)
+    assert text.strip() and chunks[-1].usage.completion_tokens <= 16 and chunks[-1].usage.prompt_tokens > 0
+
+    models = models_pb2_grpc.ModelServiceStub(channel)
+    assert done.fine_tuned_model in [m.id for m in models.ListModels(models_pb2.ListModelsRequest(), metadata=md).data]
+    assert models.GetModel(models_pb2.GetModelRequest(id=done.fine_tuned_model), metadata=md).owned_by == "e2e"
+
+    # transitions: pause a queued job, resume it, cancel it; a finished job cannot be cancelled
+    other = jobs.CreateJob(jobs_pb2.CreateJobRequest(job=spec), metadata=md)
+    paused = jobs.PauseJob(jobs_pb2.GetJobRequest(id=other.id), metadata=md)
+    assert paused.status in ("paused", "running")  # a running job pauses at its next checkpoint
+    if paused.status == "paused":
+        assert jobs.ResumeJob(jobs_pb2.GetJobRequest(id=other.id), metadata=md).status == "queued"
+    assert jobs.CancelJob(jobs_pb2.GetJobRequest(id=other.id), metadata=md).status == "cancelled"
+    with pytest.raises(grpc.RpcError) as e:
+        jobs.CancelJob(jobs_pb2.GetJobRequest(id=job.id), metadata=md)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="rlhf.v1.JobService"))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    [answer] = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"rlhf.v1.JobService", "rlhf.v1.ChatService", "rlhf.v1.ModelService", "grpc.health.v1.Health"} <= names
+
+
+def test_grpc_errors_use_the_one_table(channel: grpc.Channel, key: str, model: str, e2e_stack: Stack,
+                                       workers: Workers) -> None:  # fmt: skip
+    from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+
+    md = [("authorization", f"Bearer {key}")]
+    other = [("authorization", f"Bearer {e2e_stack.key('grpc-other')}")]
+    jobs, chat = jobs_pb2_grpc.JobServiceStub(channel), chat_pb2_grpc.ChatServiceStub(channel)
+    msgs = [chat_pb2.ChatMessage(role="user", content="hi")]
+
+    def code(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+        with pytest.raises(grpc.RpcError) as e:
+            result = call()
+            if hasattr(result, "__iter__"):
+                list(result)
+        return e.value.code(), e.value.details(), dict(e.value.trailing_metadata() or ())
+
+    c, details, meta = code(lambda: jobs.ListJobs(jobs_pb2.ListJobsRequest()))
+    assert c == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in details
+    c, details, meta = code(lambda: jobs.CreateJob(jobs_pb2.CreateJobRequest(job=jobs_pb2.JobSpec(
+        model="tiny-opt-xs", suffix="bad suffix!")), metadata=md))  # fmt: skip
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "suffix" and "suffix" in details
+    c, details, meta = code(lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs, n=99), metadata=md))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "n"
+    c, details, meta = code(lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs, max_tokens=600),
+                                              metadata=md))  # fmt: skip
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "max_tokens" and "max_tokens" in details
+    c, _, meta = code(lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs), metadata=other))
+    assert c == grpc.StatusCode.NOT_FOUND and meta["error-param"] == "model"
+    c, _, _ = code(lambda: jobs.GetJob(jobs_pb2.GetJobRequest(id="ftjob-nope"), metadata=md))
+    assert c == grpc.StatusCode.NOT_FOUND
+    c, _, _ = code(lambda: models_pb2_grpc.ModelServiceStub(channel).GetModel(
+        models_pb2.GetModelRequest(id=model), metadata=other))  # fmt: skip
+    assert c == grpc.StatusCode.NOT_FOUND
+    c, _, meta = code(lambda: jobs.ListEvents(jobs_pb2.ListEventsRequest(id="x", limit=1000), metadata=md))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "limit"
