@@ -23,12 +23,13 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install demo test bench lint lock clean
+.PHONY: help install proto demo test bench lint lock clean
 
 help:
-	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data"
+	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
 	@echo "make test   - create .venv, then run the whole test suite"
-	@echo "make bench  - step-3 throughput vs DeepSpeed-Chat's loop; chat engine backends and batching (bench/results/)"
+	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead (bench/results/)"
+	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
 	@echo "make lint   - ruff and mypy"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
 	@echo "make clean  - remove .venv, .cache and $(DEMO_DIR)"
@@ -43,26 +44,30 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# gRPC code generated from proto/ (never committed, never edited by hand)
+PROTOS := $(shell find proto -name '*.proto')
+PROTO_STAMP := service/grpc/gen/README
+$(PROTO_STAMP): $(PROTOS) service/grpc/build.py $(STAMP)
+	$(BIN)/python -m service.grpc.build
+
+proto: $(STAMP)
+	$(BIN)/python -m service.grpc.build
+
+test: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(RLHF) data list
 	HF_HUB_OFFLINE=1 $(RLHF) data preview --examples 1
 	HF_HUB_OFFLINE=1 $(RLHF) demo --data-dir $(DEMO_DIR)/service --run-link $(DEMO_DIR)/run
-	HF_HUB_OFFLINE=1 $(RLHF) eval --model $(DEMO_DIR)/run/step1_sft --reference $(DEMO_DIR)/run/step1_sft \
-	  --reward-model $(DEMO_DIR)/run/step2_reward
-	HF_HUB_OFFLINE=1 $(RLHF) eval --model $(DEMO_DIR)/run/step3_rlhf/actor --reference $(DEMO_DIR)/run/step1_sft \
-	  --reward-model $(DEMO_DIR)/run/step2_reward
-	printf 'What is a kite?\nAnd where does the owl live?\nquit\n' | \
-	  HF_HUB_OFFLINE=1 $(RLHF) chat --path $(DEMO_DIR)/run --max-new-tokens 40 --temperature 0.7 --seed 0
 
-bench: $(STAMP)
+bench: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/step3.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/chat.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/service.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py
 
-lint: $(STAMP)
+lint: $(STAMP) $(PROTO_STAMP)
 	$(BIN)/ruff check rlhf_engine service workers tests bench
 	$(BIN)/mypy rlhf_engine service workers
 
@@ -72,4 +77,4 @@ lock: $(STAMP)
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e' | sed 's/+cpu$$//' | sort -f; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) .cache $(DEMO_DIR)
+	rm -rf $(VENV) .cache $(DEMO_DIR) service/grpc/gen

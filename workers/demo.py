@@ -2,8 +2,10 @@
 
 Starts `rlhf serve --all-in-one` (SQLite, a Celery worker on the filesystem transport: nothing else
 needed), creates an API key, asks for an estimate, submits a 3-step RLHF job on the bundled tiny
-models over HTTP, follows its events over SSE with a progress line, and prints the fine-tuned
-model's id. `--run-link` points a symlink at the job's run directory for `rlhf eval` / `rlhf chat`.
+models over HTTP, follows its events over SSE with a progress line, prints the fine-tuned model's id,
+evaluates the SFT and RLHF models against the reward model (`rlhf eval`), and ends by chatting with
+the new model through the streaming endpoint (`POST /v1/chat/completions`, `stream: true`), as a GUI
+would. `--run-link` points a symlink at the job's run directory for `rlhf eval` / `rlhf chat`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 JOB = {"model": "tiny-opt-s", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "demo", "seed": 1234}
+TURNS = ["What is a kite?", "And where does the owl live?"]
 
 
 def _port() -> int:
@@ -37,7 +40,8 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800) -> 
     env["RLHF_DATA_DIR"] = str(data_dir.resolve())
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir / "server.log", "ab")  # noqa: SIM115 (closed in finally, after the server)
-    server = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--all-in-one", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--all-in-one", "--port", str(port),
+                               "--grpc-port", str(_port())],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
@@ -91,23 +95,72 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800) -> 
         console.print(f"[bold]Fine-tuned model:[/bold] {final['fine_tuned_model']}")
         ids = [m["id"] for m in client.get("/v1/models").json()["data"] if m["id"].startswith("ft:")]
         console.print(f"GET /v1/models → {', '.join(ids)}")
-        if run_link is not None:
-            from service.db.models import Job
-            from service.db.session import session_scope
-            from service.settings import Settings
+        from service.db.models import Job
+        from service.db.session import session_scope
+        from service.settings import Settings
 
-            with session_scope(Settings(data_dir=data_dir.resolve()).db_url) as s:
-                out = s.get(Job, job["id"]).output_dir  # type: ignore[union-attr]
+        with session_scope(Settings(data_dir=data_dir.resolve()).db_url) as s:
+            out = Path(s.get(Job, job["id"]).output_dir)  # type: ignore[union-attr]
+        if run_link is not None:
             if run_link.is_symlink() or run_link.exists():
                 run_link.unlink()
             run_link.parent.mkdir(parents=True, exist_ok=True)
             run_link.symlink_to(out)
             console.print(f"run directory: {out} (linked as {run_link})")
-        return 0
+        for name, model_dir in (("SFT model (step 1)", out / "step1_sft"), ("RLHF model (step 3)", out / "step3_rlhf" / "actor")):
+            console.print(f"\n[bold]rlhf eval[/bold] — {name} against the reward model:")
+            subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "eval", "--model", str(model_dir), "--reference",
+                            str(out / "step1_sft"), "--reward-model", str(out / "step2_reward")], env=env, check=True)  # fmt: skip
+        return chat(console, client, final["fine_tuned_model"])
     finally:
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)  # the server stops its workers
         try:
             server.wait(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def chat(console: Any, client: Any, model: str) -> int:
+    """Talk to the model through the streaming endpoint, printing text as it arrives."""
+    console.print(f"\n[bold]POST /v1/chat/completions[/bold] (stream: true) with {model}:")
+    messages: list[dict[str, str]] = []
+    for turn in TURNS:
+        messages.append({"role": "user", "content": turn})
+        console.print(f"[bold]you:[/bold] {turn}")
+        console.print("[bold]model:[/bold] ", end="")
+        body = {"model": model, "messages": messages, "max_tokens": 40, "temperature": 0.7, "seed": 0, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        sent, first, reply, usage, reward, error = time.monotonic(), None, [], None, None, None
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                console.print(f"[red]{r.json()['error']['message']}[/red]")
+                return 1
+            event = "message"
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                if not line.startswith("data:") or line.endswith("[DONE]"):
+                    continue
+                data = json.loads(line[5:])
+                if event == "error":
+                    error = data["error"]["message"]
+                    continue
+                usage = data.get("usage") or usage
+                for choice in data["choices"]:
+                    text = choice["delta"].get("content") or ""
+                    if text and first is None:
+                        first = time.monotonic()
+                    reply.append(text)
+                    reward = choice.get("reward", reward)
+                    console.print(text, end="", markup=False)
+        if error:
+            console.print(f"\n[red]stream error: {error}[/red]")
+            return 1
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        took = time.monotonic() - sent
+        detail = f"first token {1000 * ((first or sent) - sent):.0f} ms, {usage['completion_tokens']} tokens in " \
+                 f"{took:.2f} s" if usage else ""
+        console.print(f"\n[dim]  ({detail}{f', reward {reward:+.2f}' if reward is not None else ''})[/dim]")
+    return 0

@@ -1,0 +1,286 @@
+"""Serving overhead (`make bench`): time to first token and tokens/s through the API vs the chat engine
+in process, on the `s` tiny model with several concurrent streams over a few hundred requests.
+
+In process: `--streams` threads each submit requests one after another to one `ChatEngine`; time to
+first token (TTFT) is submit → first token. Through the service: a real `rlhf serve` (uvicorn + the
+gRPC relay) and a real `rlhf worker inference` on loopback, SQLite in a temporary data directory, and
+`--streams` async clients streaming `POST /v1/chat/completions` (SSE); TTFT is request sent → first
+text chunk received. Same prompts, greedy, same max_tokens, so both sides generate the same tokens.
+Target (issue 7): the service adds ≤ 10 ms p50 and ≤ 30 ms p99 to TTFT. JSON goes to bench/results/.
+
+    python bench/serving.py [--streams 4 --requests 240 --max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ["What is a kite?", "Where does the owl live?", "What color is the sky?", "Who bakes the bread?",
+             "What does the fox eat?", "Why is the river cold?", "How tall is the tower?", "What is a lamp?"]  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _summary(ttft: list[float], tokens: int, seconds: float) -> dict[str, Any]:
+    return {"requests": len(ttft), "ttft_p50_ms": 1e3 * _pct(ttft, 0.5), "ttft_p99_ms": 1e3 * _pct(ttft, 0.99),
+            "ttft_mean_ms": 1e3 * statistics.fmean(ttft), "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds}  # fmt: skip
+
+
+def in_process(model: Path, streams: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.config.chat import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0)
+    ttft: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+    with ChatEngine.load(str(model), score_replies=False) as engine:
+        engine.generate([{"role": "user", "content": "warm up"}], params)
+
+        def client(i: int) -> None:
+            nonlocal tokens
+            for j in range(i, requests, streams):
+                h = engine.submit([{"role": "user", "content": QUESTIONS[j % len(QUESTIONS)]}], params)
+                r = h.result()
+                with lock:
+                    ttft.append(r.time_to_first_token)
+                    tokens += r.usage.completion_tokens
+
+        t = time.monotonic()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return _summary(ttft, tokens, time.monotonic() - t)
+
+
+class RawClient:
+    """A minimal HTTP/1.1 client on one keep-alive connection: the measurement should be the
+    service's time, not a client library's (httpx adds about 1-2 ms per request here)."""
+
+    def __init__(self, host: str, port: int, key: str) -> None:
+        self.host, self.port, self.key = host, port, key
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def chat(self, body: dict[str, Any]) -> tuple[float | None, int, float]:
+        """(seconds to the first text chunk, completion tokens, sent-at) of one streamed request."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        payload = json.dumps(body).encode()
+        sent = time.perf_counter()
+        self.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer "
+                          + self.key.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                          + str(len(payload)).encode() + b"\r\n\r\n" + payload)  # fmt: skip
+        status = await self.reader.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(status.decode().strip())
+        while (await self.reader.readline()) not in (b"\r\n", b""):
+            pass  # headers
+        first, tokens = None, 0
+        while True:
+            size = int((await self.reader.readline()).strip() or b"0", 16)  # chunked transfer encoding
+            if size == 0:
+                await self.reader.readline()
+                return (None if first is None else first - sent), tokens, sent
+            chunk = await self.reader.readexactly(size + 2)
+            for line in chunk.split(b"\n"):
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                data = json.loads(line[6:])
+                if first is None and any(ch["delta"].get("content") for ch in data["choices"]):
+                    first = time.perf_counter()
+                if data.get("usage"):
+                    tokens += data["usage"]["completion_tokens"]
+
+
+async def through_api_raw(port: int, key: str, model: str, streams: int, requests: int,
+                          max_tokens: int) -> dict[str, Any]:  # fmt: skip
+    ttft: list[float] = []
+    tokens = 0
+    errors: list[str] = []
+    clients = [RawClient("127.0.0.1", port, key) for _ in range(streams)]
+
+    def body(q: str) -> dict[str, Any]:
+        return {"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+    await clients[0].chat(body("warm up"))  # the worker loads the model on the first request
+
+    async def client(i: int) -> None:
+        nonlocal tokens
+        for j in range(i, requests, streams):
+            try:
+                first, n, _ = await clients[i].chat(body(QUESTIONS[j % len(QUESTIONS)]))
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors.append(str(e))
+                continue
+            tokens += n
+            if first is None:
+                errors.append("no text")
+            else:
+                ttft.append(first)
+
+    t = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(streams)))
+    out = _summary(ttft, tokens, time.monotonic() - t)
+    out["errors"] = len(errors)
+    if errors:
+        out["first_error"] = errors[0]
+    return out
+
+
+async def through_api(base: str, key: str, model: str, streams: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    import httpx
+
+    ttft: list[float] = []
+    tokens = 0
+    errors: list[str] = []
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+
+        async def one(question: str) -> None:
+            nonlocal tokens
+            body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            sent = time.perf_counter()
+            first = None
+            async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    errors.append((await r.aread()).decode()[:200])
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:") or line.endswith("[DONE]"):
+                        continue
+                    data = json.loads(line[5:])
+                    if first is None and any(ch["delta"].get("content") for ch in data["choices"]):
+                        first = time.perf_counter()
+                    if data.get("usage"):
+                        tokens += data["usage"]["completion_tokens"]
+            if first is None:
+                errors.append("no text")
+            else:
+                ttft.append(first - sent)
+
+        await one("warm up")  # the worker loads the model on the first request
+        ttft.clear()
+        tokens = 0
+
+        async def client(i: int) -> None:
+            for j in range(i, requests, streams):
+                await one(QUESTIONS[j % len(QUESTIONS)])
+
+        t = time.monotonic()
+        await asyncio.gather(*(client(i) for i in range(streams)))
+        out = _summary(ttft, tokens, time.monotonic() - t)
+    out["errors"] = len(errors)
+    if errors:
+        out["first_error"] = errors[0]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=240)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="raw: a minimal HTTP/1.1 client (measures the service); httpx: the library's own cost too")
+    ap.add_argument("--engine-threads", type=int, default=1,
+                    help="torch threads of the engine, in process and in the worker (RLHF_INFERENCE_THREADS; 0: "
+                         "torch's default, one per core — which on 2 cores leaves none for the API)")  # fmt: skip
+    ns = ap.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if ns.engine_threads:  # the same engine threads in process as in the worker (set before torch loads)
+        os.environ["OMP_NUM_THREADS"] = str(ns.engine_threads)
+    from rlhf_engine.models.tiny import build_tiny
+
+    model = build_tiny("opt", "s", pretrain_steps=200)
+    local = in_process(model, ns.streams, ns.requests, ns.max_tokens)
+
+    data = Path(tempfile.mkdtemp(prefix="rlhf-bench-serving-"))
+    shutil.copytree(model, data / "models" / "bench-s")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")} | {"RLHF_DATA_DIR": str(data)}
+    env["RLHF_INFERENCE_THREADS"] = str(ns.engine_threads)
+    port = _port()
+    procs = [subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--grpc-port",
+                               str(_port()), "--loglevel", "WARNING"], env=env, stderr=subprocess.DEVNULL),
+             subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "inference"], env=env,
+                              stderr=open(data / "worker.log", "wb"))]  # noqa: SIM115  # fmt: skip
+    try:
+        import httpx
+
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            if time.monotonic() > deadline:
+                raise SystemExit("the API server did not start")
+        key = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", "bench"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        time.sleep(3)  # the worker registers
+        if ns.client == "raw":
+            api = asyncio.run(through_api_raw(port, key, "bench-s", ns.streams, ns.requests, ns.max_tokens))
+        else:
+            api = asyncio.run(through_api(base, key, "bench-s", ns.streams, ns.requests, ns.max_tokens))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+        # the engine's own time to first token inside the worker (submit → first token), per request
+        inside = [float(line.rsplit("first token ", 1)[1].split()[0]) for line in
+                  (data / "worker.log").read_text().splitlines() if "first token " in line][1:]  # fmt: skip
+        shutil.rmtree(data, ignore_errors=True)
+    if inside:
+        api["engine_ttft_in_worker_p50_ms"] = _pct(inside, 0.5)
+        api["engine_ttft_in_worker_p99_ms"] = _pct(inside, 0.99)
+
+    added = {"ttft_p50_ms": api["ttft_p50_ms"] - local["ttft_p50_ms"], "ttft_p99_ms": api["ttft_p99_ms"] - local["ttft_p99_ms"]}
+    print(f"tiny-opt-s, {ns.streams} concurrent streams, {ns.requests} requests of {ns.max_tokens} tokens (greedy), "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
+    print(f"{'':14} {'TTFT p50':>10} {'TTFT p99':>10} {'tokens/s':>10} {'errors':>7}")
+    for name, r in (("in process", local), ("through API", api)):
+        print(f"{name:14} {r['ttft_p50_ms']:8.1f}ms {r['ttft_p99_ms']:8.1f}ms {r['tokens_per_s']:10.0f} {r.get('errors', 0):7}")
+    if inside:
+        print(f"{'(in worker)':14} {api['engine_ttft_in_worker_p50_ms']:8.1f}ms {api['engine_ttft_in_worker_p99_ms']:8.1f}ms"
+              "   the engine's own submit → first token inside the worker")
+    print(f"{'added':14} {added['ttft_p50_ms']:8.1f}ms {added['ttft_p99_ms']:8.1f}ms   (target ≤ 10 ms p50, ≤ 30 ms p99)")
+    out = ROOT / "bench" / "results" / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": vars(ns), "in_process": local, "through_api": api, "added": added}, indent=2))
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
