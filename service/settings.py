@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     inference_port: int = Field(default=0, description="an inference worker's gRPC port (0: any free port)")
     inference_advertise: str = Field(default="", description="host:port the API reaches a worker at (default: the "
                                      "bind address and port; set it when binding 0.0.0.0)")  # fmt: skip
+    inference_token: str = Field(default="", description="shared secret the API sends to inference workers (set it "
+                                 "wherever workers listen beyond loopback)")  # fmt: skip
     inference_max_models: int = Field(default=2, ge=1, description="models one worker keeps loaded (LRU)")
     inference_capacity: int = Field(default=64, ge=1, description="requests one worker serves at once")
     inference_backend: Literal["auto", "transformers", "deepspeed"] = "auto"
@@ -77,6 +79,8 @@ class Settings(BaseSettings):
                 raise ValueError("production needs DATABASE_URL pointing at PostgreSQL")
             if not self.redis_url:
                 raise ValueError("production needs REDIS_URL")
+            if not self.inference_token:
+                raise ValueError("production needs RLHF_INFERENCE_TOKEN (inference workers trust only the API)")
             if "*" in self.cors_origins:
                 raise ValueError("production refuses cors_origins '*'; list the front ends' origins")
         return self

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -116,8 +117,17 @@ async def _serve(app: Any, settings: Settings, *, loglevel: str, grpc: bool) -> 
     """uvicorn (REST, SSE) and the gRPC server in one event loop; the first to stop stops both."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=loglevel,
-                                           access_log=False))  # fmt: skip
+    class Server(uvicorn.Server):
+        # uvicorn re-raises SIGTERM/SIGINT after serve() returns, which would kill this process before
+        # the gRPC server drains and before `rlhf serve --all-in-one` stops its workers; handle them here
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=loglevel, access_log=False))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     grpc_server = None
     if grpc:
         from service.grpc.server import start_server

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # engine errors → gRPC codes; the API maps these back through service.errors.ERROR_TABLE
 _CODES = {"invalid_request": grpc.StatusCode.INVALID_ARGUMENT, "context_length_exceeded": grpc.StatusCode.INVALID_ARGUMENT,
-          "model_load_error": grpc.StatusCode.INVALID_ARGUMENT, "engine_busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
+          "model_load_error": grpc.StatusCode.FAILED_PRECONDITION, "engine_busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
           "engine_stopped": grpc.StatusCode.UNAVAILABLE, "generation_failed": grpc.StatusCode.INTERNAL}  # fmt: skip
 
 
@@ -63,33 +63,27 @@ class Engines:
         with self._lock:
             return sum(self._busy.values())
 
-    def acquire(self, model_id: str, path: str) -> Any:
-        """The engine for `model_id` (loaded from `path` on first use), counted busy until `release`."""
+    def ensure_loaded(self, model_id: str, path: str) -> None:
+        """Load `model_id` from `path` unless loaded (blocking: run it in a thread). The new engine is
+        inserted and the least recently used idle ones evicted in one critical section."""
         with self._lock:
-            engine = self._engines.get(model_id)
-            if engine is not None:
-                self._engines.move_to_end(model_id)
-                self._busy[model_id] = self._busy.get(model_id, 0) + 1
-                return engine
+            if model_id in self._engines:
+                return
             load_lock = self._loading.setdefault(model_id, threading.Lock())
         with load_lock:  # one load per model; other requests for it wait here
             with self._lock:
-                engine = self._engines.get(model_id)
-            if engine is None:
-                engine = self._load(model_id, path)
-                with self._lock:
-                    self._engines[model_id] = engine
-                    evicted = self._evict()
-                for old in evicted:
-                    old.close()
-                self.on_change()
+                if model_id in self._engines:
+                    return
+            engine = self._load(model_id, path)
             with self._lock:
-                self._engines.move_to_end(model_id)
-                self._busy[model_id] = self._busy.get(model_id, 0) + 1
-                return engine
+                self._engines[model_id] = engine
+                evicted = self._evict(keep=model_id)
+        for old in evicted:
+            old.close()
+        self.on_change()
 
     def try_acquire(self, model_id: str) -> Any:
-        """The engine if already loaded (counted busy), else None — never blocks."""
+        """The engine if loaded (counted busy until `release`), else None — never blocks."""
         with self._lock:
             engine = self._engines.get(model_id)
             if engine is not None:
@@ -100,21 +94,25 @@ class Engines:
     def release(self, model_id: str) -> None:
         with self._lock:
             self._busy[model_id] = max(0, self._busy.get(model_id, 0) - 1)
+            evicted = self._evict()  # over the cap because every engine was busy at the last load
+        for old in evicted:
+            old.close()
+        if evicted:
+            self.on_change()
 
-    def _evict(self) -> list[Any]:
+    def _evict(self, keep: str | None = None) -> list[Any]:
+        """Idle engines beyond the cap, least recently used first (call with the lock held)."""
         out = []
         for model_id in list(self._engines):
             if len(self._engines) <= self.settings.inference_max_models:
                 break
-            if self._busy.get(model_id, 0) == 0 and list(self._engines)[-1] != model_id:
+            if model_id != keep and self._busy.get(model_id, 0) == 0:
                 logger.info("evicting %s (least recently used; cap %d)", model_id, self.settings.inference_max_models)
                 out.append(self._engines.pop(model_id))
         return out
 
     def _load(self, model_id: str, path_str: str) -> Any:
-        from rlhf_engine.chat.engine import ChatEngine
         from rlhf_engine.chat.errors import ModelLoadError
-        from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits
 
         path = Path(path_str)
         real = path.resolve()
@@ -125,6 +123,16 @@ class Engines:
 
             logger.info("building bundled model %s on first use", path.name)
             build_tiny(path, every_s=self.settings.inference_heartbeat_s, tick=self.on_change)
+        try:
+            return self._build(path)
+        except ModelLoadError as e:  # the client knows the model by its id, not by our paths
+            message = e.message.replace(str(path), model_id).replace("model_path: ", "")
+            raise ModelLoadError(f"model: {model_id} cannot be served: {message}", param="model") from None
+
+    def _build(self, path: Path) -> Any:
+        from rlhf_engine.chat.engine import ChatEngine
+        from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits
+
         s = self.settings
         limits = ChatLimits(max_new_tokens_limit=s.chat_max_tokens, default_max_new_tokens=s.chat_default_max_tokens,
                             max_n=s.chat_max_n)  # fmt: skip
@@ -132,8 +140,8 @@ class Engines:
         engine = ChatEngine(ChatEngineConfig(model_path=str(path), backend=s.inference_backend, device=s.inference_device,
                                              max_batch_size=max(32, s.chat_max_n), max_queue=s.inference_capacity,
                                              limits=limits))  # fmt: skip
-        logger.info("loaded %s from %s in %.1f s (%s backend)", model_id, path, time.monotonic() - started,
-                    engine.loaded.backend if hasattr(engine.loaded, "backend") else s.inference_backend)  # fmt: skip
+        logger.info("loaded %s in %.1f s (%s backend)", path, time.monotonic() - started,
+                    getattr(engine.loaded, "backend", s.inference_backend))  # fmt: skip
         return engine
 
     def close(self) -> None:
@@ -161,12 +169,18 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
         from rlhf_engine.chat.errors import ChatError
         from rlhf_engine.config.chat import SamplingParams
 
+        token = self.engines.settings.inference_token
+        if token and dict(context.invocation_metadata() or ()).get("x-worker-token") != token:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this endpoint is for the API server only")
         engine = self.engines.try_acquire(request.model_id)
-        if engine is None:  # first request for the model here: load it off the event loop
-            try:
-                engine = await asyncio.to_thread(self.engines.acquire, request.model_id, request.model_path)
+        if engine is None:  # first request for the model here: load it off the event loop (not counted
+            try:  # busy until acquired below, so a caller hanging up meanwhile leaks nothing)
+                await asyncio.to_thread(self.engines.ensure_loaded, request.model_id, request.model_path)
             except ChatError as e:
                 await _abort(context, e)
+            engine = self.engines.try_acquire(request.model_id)
+            if engine is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the model was evicted while loading; retry")
         handle: Any = None
         how = "failed"
         try:
@@ -175,7 +189,11 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                     max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
                     temperature=request.temperature, top_p=request.top_p, stop=list(request.stop), n=request.n or 1,
                     seed=request.seed if request.HasField("seed") else None)  # fmt: skip
-                handle = engine.submit([{"role": m.role, "content": m.content} for m in request.messages], params)
+                messages = [{"role": m.role, "content": m.content} for m in request.messages]
+                if sum(len(m["content"]) for m in messages) > 8192:  # long prompts tokenise off the loop
+                    handle = await asyncio.to_thread(engine.submit, messages, params)
+                else:
+                    handle = engine.submit(messages, params)
             except ChatError as e:
                 how = e.code
                 await _abort(context, e)

@@ -9,12 +9,13 @@ competes with generation for the CPU).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response, StreamingResponse
 
 from service.api.deps import SettingsDep
@@ -29,14 +30,19 @@ router = APIRouter(prefix="/v1/chat", tags=["chat"])
 @router.post("/completions", response_model=ChatCompletion,
              responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or SSE chunks "
                               "(chat.completion.chunk) ending in data: [DONE]"}})  # fmt: skip
-async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep,
+async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, request: Request,
                            authorization: Annotated[str | None, Header()] = None) -> Any:  # fmt: skip
     stream = await svc.open_chat(settings=settings, req=body, authorization=authorization)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _SSE(sse_chunks(stream, include_usage=include_usage), on_close=stream.cancel)
+    whole = asyncio.ensure_future(svc.complete(stream))
     try:
-        choices, finished = await svc.complete(stream)
+        while not (await asyncio.wait({whole}, timeout=0.5))[0]:
+            if await request.is_disconnected():  # nobody will read the answer: stop generating it
+                whole.cancel()
+                return Response(status_code=499)
+        choices, finished = whole.result()
     finally:
         stream.cancel()
     body_out = ChatCompletion(id=stream.id, created=stream.created, model=stream.model,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -43,7 +44,8 @@ ROLE = {"developer": "system"}
 
 @dataclass
 class Route:
-    model_id: str
+    model_id: str  # as the client named it
+    key: str  # unique across tenants: what workers cache the model under
     path: Path
     workers: list[tuple[str, str]]  # (worker id, address), best first
 
@@ -134,22 +136,22 @@ def check(req: ChatCompletionRequest, settings: Settings) -> None:
         raise InvalidRequest(f"stop: {len(req.stop)} strings given, at most 4 allowed", param="stop")
 
 
-def resolve_model(*, session: Session, tenant: str, model: str, settings: Settings) -> tuple[str, Path]:
-    """(model id, directory) of a model the caller may chat with; another tenant's model is not found."""
+def resolve_model(*, session: Session, tenant: str, model: str, settings: Settings) -> models_svc.ModelRef:
+    """A model the caller may chat with; another tenant's model is not found."""
     try:
-        ref = models_svc.resolve(session=session, tenant=tenant, name=model, models_dir=settings.models_dir,
-                                 param="model")  # fmt: skip
+        return models_svc.resolve(session=session, tenant=tenant, name=model, models_dir=settings.models_dir,
+                                  param="model")  # fmt: skip
     except InvalidRequest as e:
         if e.code == "model_not_found":
             raise NotFound(f"model: no model {model!r} (see GET /v1/models)", param="model",
                            code="model_not_found") from None  # fmt: skip
         raise
-    return ref.name, ref.path
 
 
 def route(*, session: Session, tenant: str, req: ChatCompletionRequest, settings: Settings,
           inflight: dict[str, int]) -> Route:  # fmt: skip
-    model_id, path = resolve_model(session=session, tenant=tenant, model=req.model, settings=settings)
+    ref = resolve_model(session=session, tenant=tenant, model=req.model, settings=settings)
+    key = ref.key
     fresh = utcnow() - timedelta(seconds=settings.inference_ttl_s)
     workers = list(session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at > fresh)))
     if not workers:
@@ -159,10 +161,10 @@ def route(*, session: Session, tenant: str, req: ChatCompletionRequest, settings
     def load(w: InferenceWorker) -> float:
         return (max(w.active, inflight.get(w.id, 0)) + 1) / max(1, w.capacity)
 
-    holding = sorted((w for w in workers if model_id in (w.models or [])), key=lambda w: (load(w), w.id))
-    others = sorted((w for w in workers if model_id not in (w.models or [])),
+    holding = sorted((w for w in workers if key in (w.models or [])), key=lambda w: (load(w), w.id))
+    others = sorted((w for w in workers if key not in (w.models or [])),
                     key=lambda w: (len(w.models or []) >= w.max_models, load(w), len(w.models or []), w.id))  # fmt: skip
-    return Route(model_id=model_id, path=path, workers=[(w.id, w.address) for w in holding + others])
+    return Route(model_id=ref.name, key=key, path=ref.path, workers=[(w.id, w.address) for w in holding + others])
 
 
 def mark_stale(settings: Settings, worker_id: str) -> None:
@@ -174,7 +176,7 @@ def mark_stale(settings: Settings, worker_id: str) -> None:
 
 # ---------------------------------------------------------------------------- the relay
 
-_stubs: dict[tuple[int, str], Any] = {}
+_stubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = weakref.WeakKeyDictionary()
 _inflight: dict[str, int] = {}  # requests this API process has open per worker (between heartbeats)
 
 
@@ -182,23 +184,31 @@ def _stub(address: str) -> Any:
     """One channel per worker address and event loop (aio channels belong to the loop that made them)."""
     from service.grpc.pb import worker_pb2_grpc
 
-    key = (id(asyncio.get_running_loop()), address)
-    stub = _stubs.get(key)
-    if stub is None:
+    stubs = _stubs.setdefault(asyncio.get_running_loop(), {})
+    if address not in stubs:
         channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
-        stub = _stubs[key] = worker_pb2_grpc.InferenceWorkerStub(channel)
-    return stub
+        stubs[address] = (worker_pb2_grpc.InferenceWorkerStub(channel), channel)
+    return stubs[address][0]
 
 
-def _error(e: grpc.aio.AioRpcError, timeout_s: float, *, started: bool) -> ServiceError:
+async def _forget(address: str) -> None:
+    """Close the channel to a worker that is gone (its address will not come back: ports are fresh)."""
+    entry = _stubs.get(asyncio.get_running_loop(), {}).pop(address, None)
+    if entry is not None:
+        await entry[1].close()
+
+
+def _error(e: grpc.aio.AioRpcError, timeout_s: float, *, started: bool, tokens_field: str = "max_tokens") -> ServiceError:
     meta = dict(e.trailing_metadata() or ())
     param, code = meta.get("error-param") or None, meta.get("error-code") or None
     message = e.details() or e.code().name
     status = e.code()
     if status == grpc.StatusCode.INVALID_ARGUMENT:  # in the API's words (the engine says max_new_tokens)
         if param == "max_new_tokens":
-            param, message = "max_tokens", message.replace("max_new_tokens", "max_tokens")
+            param, message = tokens_field, message.replace("max_new_tokens", tokens_field)
         return InvalidRequest(message, param=param, code=code)
+    if status == grpc.StatusCode.FAILED_PRECONDITION:  # the model cannot be loaded: not the client's doing
+        return WorkerFailed(message, param=param or "model", code=code or "model_load_error")
     if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return RateLimited(f"the model is busy: {message}", code=code or "busy", retry_after=1)
     if status == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -212,26 +222,36 @@ def _error(e: grpc.aio.AioRpcError, timeout_s: float, *, started: bool) -> Servi
 
 async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: str | None = None,
                     authorization: str | None = None) -> ChatStream:  # fmt: skip
-    """Route and submit the request; returns once a worker accepted it (so parameter errors, an
-    unknown model or no worker raise here, before any response has started). Give the caller's
-    `tenant`, or the `authorization` header to check in the same thread hop as the routing (one
-    hand-off instead of two: it shows in time to first token)."""
-    check(req, settings)
+    """Route and submit the request; returns once a worker accepted it (so a bad key, a bad
+    parameter, an unknown model or no worker raise here, before any response has started). Give the
+    caller's `tenant`, or the `authorization` header to check in the same thread hop as the routing
+    (one hand-off instead of two: it shows in time to first token)."""
     r = await asyncio.to_thread(_route_in_thread, settings, tenant, authorization, req)
     message = _generate_request(r, req)
-    last: ServiceError | None = None
+    tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    meta = (("x-worker-token", settings.inference_token),) if settings.inference_token else None
+    busy = False
     for worker_id, address in r.workers:
-        call = _stub(address).Generate(message, timeout=settings.chat_timeout_s)
+        call = _stub(address).Generate(message, timeout=settings.chat_timeout_s, metadata=meta)
         _inflight[worker_id] = _inflight.get(worker_id, 0) + 1
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as e:
             _inflight[worker_id] -= 1
-            if e.code() == grpc.StatusCode.UNAVAILABLE:  # not reachable: try the next worker
-                await asyncio.to_thread(mark_stale, settings, worker_id)
-                last = _error(e, settings.chat_timeout_s, started=False)
+            code = e.code()
+            app_level = bool(dict(e.trailing_metadata() or ()).get("error-code"))
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (code == grpc.StatusCode.UNAVAILABLE and app_level):
+                busy = True  # full, or the model is being swapped out there: try the next worker
                 continue
-            raise _error(e, settings.chat_timeout_s, started=False) from None
+            if code == grpc.StatusCode.UNAVAILABLE:  # not reachable: skip it until its next heartbeat
+                await asyncio.to_thread(mark_stale, settings, worker_id)
+                await _forget(address)
+                continue
+            raise _error(e, settings.chat_timeout_s, started=False, tokens_field=tokens_field) from None
+        except BaseException:  # cancelled while waiting (the client left): nothing leaks
+            _inflight[worker_id] -= 1
+            call.cancel()
+            raise
         if first is grpc.aio.EOF or first.WhichOneof("reply") != "started":
             _inflight[worker_id] -= 1
             call.cancel()
@@ -240,9 +260,8 @@ async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: s
         return ChatStream(id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()), model=r.model_id,
                           n=req.n or 1, prompt_tokens=first.started.prompt_tokens, worker_id=worker_id, call=call,
                           timeout_s=settings.chat_timeout_s)  # fmt: skip
-    assert last is not None
-    raise Unavailable(f"no inference worker could be reached ({last.message}); retry shortly", code="no_worker",
-                      retry_after=settings.retry_after_s)  # fmt: skip
+    why = "every inference worker is at capacity" if busy else "no inference worker could be reached"
+    raise Unavailable(f"{why}; retry shortly", code="busy" if busy else "no_worker", retry_after=settings.retry_after_s)
 
 
 def _route_in_thread(settings: Settings, tenant: str | None, authorization: str | None,
@@ -252,6 +271,7 @@ def _route_in_thread(settings: Settings, tenant: str | None, authorization: str 
             from service.services.keys import authenticate
 
             tenant = authenticate(session=s, authorization=authorization).tenant_id
+        check(req, settings)  # after the key: an unknown caller learns nothing about our limits
         return route(session=s, tenant=tenant, req=req, settings=settings, inflight=_inflight)
 
 
@@ -259,7 +279,7 @@ def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:
     from service.grpc.pb import worker_pb2
 
     msg = worker_pb2.GenerateRequest(
-        model_id=r.model_id, model_path=str(r.path),
+        model_id=r.key, model_path=str(r.path),
         messages=[worker_pb2.Turn(role=ROLE.get(m.role, m.role), content=m.text()) for m in req.messages],
         temperature=1.0 if req.temperature is None else req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
         stop=req.stop or [], n=req.n or 1)  # fmt: skip

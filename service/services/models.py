@@ -32,6 +32,10 @@ class ModelRef:
     path: Path  # where the worker reads it
     base: str  # the base model's name (for fine-tuned ids)
     tiny: bool = False
+    key: str = ""  # unique across tenants (uploaded names are only unique per tenant): how workers cache it
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
 
 
 def resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param: str) -> ModelRef:
@@ -45,7 +49,7 @@ def resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param
                              param=param)  # fmt: skip
     own = session.scalar(select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name))
     if own is not None:
-        return ModelRef(name=name, path=Path(own.path), base=name)
+        return ModelRef(name=name, path=Path(own.path), base=name, key=f"upload:{own.id}")
     root = models_dir.resolve()
     path = (models_dir / name).resolve()
     if TINY_RE.fullmatch(name):

@@ -73,10 +73,10 @@ class Workers:
     def __init__(self, stack: Stack, tmp: Path) -> None:
         self.stack, self.tmp, self.procs = stack, tmp, {}  # type: dict[int, tuple[subprocess.Popen[bytes], Path]]
 
-    def start(self) -> int:
+    def start(self, **env: str) -> int:
         log = self.tmp / f"worker-{len(self.procs)}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "inference"], env=self.stack.env,
+            proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "inference"], env=self.stack.env | env,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         self.procs[proc.pid] = (proc, log)
         deadline = time.monotonic() + 60
@@ -248,13 +248,48 @@ def test_malformed_oversized_and_unauthenticated_requests(api: Api, key: str, mo
 # ---------------------------------------------------------------------------- routing and failures
 
 
+def _tar(directory: Path) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for p in directory.iterdir():
+            if p.is_file() and p.name != "tiny_model.json" and p.suffix != ".md":
+                tf.add(p, arcname=p.name)
+    return buf.getvalue()
+
+
+def test_two_tenants_uploading_the_same_name_chat_with_their_own_model(api: Api, e2e_stack: Stack, workers: Workers,
+                                                                       noisy: str) -> None:  # fmt: skip
+    """Uploaded names are unique per tenant only; workers must not mix their engines."""
+    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.config.chat import SamplingParams
+
+    models = e2e_stack.settings.models_dir
+    replies = {}
+    for tenant, source in (("up-a", models / noisy), ("up-b", models / "tiny-opt-xs")):
+        auth = {"Authorization": f"Bearer {e2e_stack.key(tenant)}"}
+        up = httpx.post(f"{api.url}/v1/models", headers=auth, files={"file": ("m.tar.gz", _tar(source))},
+                        data={"name": "mine"}, timeout=60)  # fmt: skip
+        assert up.status_code == 200, up.text
+        r = httpx.post(f"{api.url}/v1/chat/completions", headers=auth, timeout=60,
+                       json={"model": "mine", "messages": KITE, "max_tokens": 8, "temperature": 0})  # fmt: skip
+        assert r.status_code == 200 and r.json()["model"] == "mine", r.text
+        with ChatEngine.load(str(source), score_replies=False) as engine:
+            own = engine.generate(KITE, SamplingParams(max_new_tokens=8, temperature=0)).choices[0].text
+        replies[tenant] = (r.json()["choices"][0]["message"]["content"], own)
+    assert replies["up-a"][0] == replies["up-a"][1] and replies["up-b"][0] == replies["up-b"][1]
+    assert replies["up-a"][0] != replies["up-b"][0]
+
+
 def test_two_workers_serve_their_own_models(sdk: openai.OpenAI, workers: Workers, model: str) -> None:
     first = workers.first  # type: ignore[attr-defined]
     sdk.chat.completions.create(model=model, messages=KITE, max_tokens=4)  # type: ignore[arg-type]
     assert workers.holding(model) == [first]
     second = workers.start()
-    reply = sdk.chat.completions.create(model=f"{model}:sft", messages=KITE, max_tokens=8)  # type: ignore[arg-type]
-    assert reply.choices[0].message.content
+    reply = sdk.chat.completions.create(model=f"{model}:sft", messages=KITE, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content and reply.model == f"{model}:sft"
     assert workers.holding(f"{model}:sft") == [second]  # the idle worker loaded it; the first kept its model
     for _ in range(3):
         sdk.chat.completions.create(model=model, messages=KITE, max_tokens=4)  # type: ignore[arg-type]
@@ -297,15 +332,17 @@ def test_killing_the_worker_mid_stream_ends_with_an_error_event(api: Api, key: s
     assert event == "error" and json.loads(data)["error"]["code"] == "worker_lost", events[-3:]
     # the dead worker's row is still fresh: the next request skips it and another worker serves
     reply = httpx.post(f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                       json={"model": noisy, "messages": KITE, "max_tokens": 5})  # fmt: skip
+                       json={"model": noisy, "messages": KITE, "max_tokens": 5, "temperature": 0})  # fmt: skip
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5, reply.text
 
 
-def test_a_slow_reply_times_out_cleanly(e2e_stack: Stack, key: str, workers: Workers, noisy: str) -> None:
-    url, stop = serve(e2e_stack.settings.model_copy(update={"chat_timeout_s": 0.3}))
+def test_a_slow_reply_times_out_cleanly(e2e_stack: Stack, api: Api, key: str, workers: Workers, noisy: str) -> None:
+    body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0}
+    auth = {"Authorization": f"Bearer {key}"}
+    warm = httpx.post(f"{api.url}/v1/chat/completions", json=body | {"max_tokens": 1}, headers=auth, timeout=60)
+    assert warm.status_code == 200  # loaded: the limit below is spent generating, not loading
+    url, stop = serve(e2e_stack.settings.model_copy(update={"chat_timeout_s": 0.1}))  # LONG tokens take longer
     try:
-        body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0}
-        auth = {"Authorization": f"Bearer {key}"}
         r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True}, headers=auth,
@@ -315,6 +352,30 @@ def test_a_slow_reply_times_out_cleanly(e2e_stack: Stack, key: str, workers: Wor
         assert json.loads(events[-2][1])["error"]["code"] == "timeout"
     finally:
         stop()
+
+
+def test_a_worker_with_a_token_serves_only_callers_that_send_it(workers: Workers) -> None:
+    from service.grpc.pb import worker_pb2, worker_pb2_grpc
+
+    pid = workers.start(RLHF_INFERENCE_TOKEN="s3cret")
+    row = workers.row(pid)
+    assert row is not None
+    request = worker_pb2.GenerateRequest(model_id="x", model_path="/etc", messages=[worker_pb2.Turn(role="user",
+                                         content="hi")], temperature=1, top_p=1, n=1)  # fmt: skip
+    try:
+        with grpc.insecure_channel(row.address) as ch:
+            stub = worker_pb2_grpc.InferenceWorkerStub(ch)
+            for metadata in (None, [("x-worker-token", "wrong")]):
+                with pytest.raises(grpc.RpcError) as e:
+                    list(stub.Generate(request, metadata=metadata, timeout=30))
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as e:  # with the token it gets as far as refusing the path
+                list(stub.Generate(request, metadata=[("x-worker-token", "s3cret")], timeout=30))
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "outside" in (e.value.details() or "")
+    finally:
+        os.killpg(pid, signal.SIGTERM)
+        workers.procs[pid][0].wait(timeout=30)
+    assert workers.row(pid) is None  # a clean stop removes its registration
 
 
 def test_no_live_worker_is_503_with_retry_after(e2e_stack: Stack, key: str, tmp_path: Path) -> None:

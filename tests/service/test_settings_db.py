@@ -22,11 +22,14 @@ def test_production_refuses_development_defaults(tmp_path: Path) -> None:
         Settings(environment="production", data_dir=tmp_path)
     with pytest.raises(ValidationError, match="production needs REDIS_URL"):
         Settings(environment="production", data_dir=tmp_path, database_url="postgresql+psycopg://db/x")
+    with pytest.raises(ValidationError, match="RLHF_INFERENCE_TOKEN"):
+        Settings(environment="production", data_dir=tmp_path, database_url="postgresql+psycopg://db/x",
+                 redis_url="redis://r")  # fmt: skip
     with pytest.raises(ValidationError, match="cors_origins"):
         Settings(environment="production", data_dir=tmp_path, database_url="postgresql+psycopg://db/x",
-                 redis_url="redis://r", cors_origins=["*"])  # fmt: skip
+                 redis_url="redis://r", inference_token="s3cret", cors_origins=["*"])  # fmt: skip
     ok = Settings(environment="production", data_dir=tmp_path, database_url="postgresql+psycopg://db/x",
-                  redis_url="redis://r")  # fmt: skip
+                  redis_url="redis://r", inference_token="s3cret")  # fmt: skip
     assert ok.db_url.startswith("postgresql")
     assert Settings(data_dir=tmp_path).db_url == f"sqlite:///{tmp_path / 'rlhf.db'}"
 
@@ -58,10 +61,16 @@ def test_concurrent_starts_migrate_once(kind: str, tmp_path: Path, request: pyte
     for t in threads:
         t.join()
     assert errors == []
+    from alembic.script import ScriptDirectory
+
+    from service.db.migrate import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     engine = get_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
-    assert {"jobs", "job_events", "api_keys", "files", "cost_intervals", "uploaded_models"} <= set(inspect(engine).get_table_names())
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head
+    assert {"jobs", "job_events", "api_keys", "files", "cost_intervals", "uploaded_models",
+            "inference_workers"} <= set(inspect(engine).get_table_names())  # fmt: skip
     if kind == "sqlite":
         with engine.connect() as conn:
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
