@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LEN, ANSWER_LEN, BATCH = 256, 256, 8
 
 
-def dschat_flops(cfg: Any, factor: float, batch: int, seq: int) -> float:
+def dschat_flops(cfg: Any, factor: float, batch: int, seq: float) -> float:
     L, H, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     return 24 * factor * batch * seq * L * H**2 * (1.0 + seq / (6.0 * H) + V / (16.0 * L * H))
 
@@ -148,6 +148,15 @@ def main() -> int:
             "samples_per_s": sum(m["samples_per_s"] for m in metrics) / len(metrics),
             "gen_s": gen_s, "train_s": train_s,
             "peak_memory_gib": max(m.get("peak_memory_gib", 0.0) for m in metrics),
+        }  # fmt: skip
+        # DeepSpeed-Chat's S is the configured maximum; random-weight answers end far earlier (≈14 of 256
+        # tokens on an H200), so the same formula at the measured length says what was really computed
+        real = PROMPT_LEN + sum(m.get("answer_len", ANSWER_LEN) for m in metrics) / len(metrics)
+        results[variant] |= {
+            "mean_seq_len": real,
+            "gen_tflops_measured_len": dschat_flops(actor_cfg, 1, BATCH, real) / gen_s / 1e12,
+            "train_tflops_measured_len": (dschat_flops(actor_cfg, 3, BATCH, real)
+                                          + dschat_flops(critic_cfg, 3, BATCH, real)) / train_s / 1e12,
         }  # fmt: skip
     results["chat"] = chat_check(run / "step1_sft")
     results["device"] = torch.cuda.get_device_name(0)
