@@ -160,7 +160,8 @@ def chat(console: Any, client: Any, model: str) -> int:
             return 1
         messages.append({"role": "assistant", "content": "".join(reply)})
         took = time.monotonic() - sent
-        detail = f"first token {1000 * ((first or sent) - sent):.0f} ms, {usage['completion_tokens']} tokens in " \
-                 f"{took:.2f} s" if usage else ""
+        loaded = " (the inference worker loaded the model for this first request)" if len(messages) == 2 else ""
+        detail = f"first token {1000 * ((first or sent) - sent):.0f} ms{loaded}, {usage['completion_tokens']} tokens " \
+                 f"in {took:.2f} s" if usage else ""
         console.print(f"\n[dim]  ({detail}{f', reward {reward:+.2f}' if reward is not None else ''})[/dim]")
     return 0
