@@ -216,6 +216,7 @@ class CheckpointList(BaseModel):
 
 
 class MetricPoint(BaseModel):
+    id: int = Field(description="the point's position: pass it as `after` for the next page")
     step: int
     global_step: int
     time: float

@@ -554,14 +554,16 @@ def list_metrics(*, session: Session, tenant: str, job_id: str, step: int | None
     if step is not None:
         q = q.where(JobMetric.step == step)
     rows = list(session.scalars(q.limit(limit + 1)))
-    return [MetricPoint(step=m.step, global_step=m.global_step, time=m.time, values=m.values) for m in rows[:limit]], len(rows) > limit
+    return [MetricPoint(id=m.id, step=m.step, global_step=m.global_step, time=m.time, values=m.values)
+            for m in rows[:limit]], len(rows) > limit  # fmt: skip
 
 
 def metrics_since(*, session: Session, job_id: str, after_id: int) -> list[tuple[int, MetricPoint]]:
     """(row id, point) of metrics newer than `after_id`, oldest first (for live streams)."""
     rows = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.id > after_id)
                            .order_by(JobMetric.id))  # fmt: skip
-    return [(m.id, MetricPoint(step=m.step, global_step=m.global_step, time=m.time, values=m.values)) for m in rows]
+    return [(m.id, MetricPoint(id=m.id, step=m.step, global_step=m.global_step, time=m.time, values=m.values))
+            for m in rows]  # fmt: skip
 
 
 def list_rollouts(*, session: Session, tenant: str, job_id: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], bool]:

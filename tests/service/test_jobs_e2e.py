@@ -46,6 +46,15 @@ def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished:
     series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 3}).json()["data"]
     assert [p["global_step"] for p in series] == list(range(1, 13))
     assert {"reward_mean", "kl_to_ref", "actor_loss", "critic_loss"} <= set(series[0]["values"])
+    pages, after = [], 0  # paging by the points' ids gives the same series
+    while True:
+        page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 3, "limit": 5,
+                                                                              "after": after}).json()  # fmt: skip
+        pages += page["data"]
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    assert pages == series
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
     assert {c["step"] for c in ckpts} == {1, 2, 3}
     assert all(c["object"] == "fine_tuning.job.checkpoint" and c["step_number"] > 0 for c in ckpts)
