@@ -27,14 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import pct
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Tell me about the dog.", "What is a kite?", "Where does the owl live?", "Describe the sea.",
            "What color is the apple?", "Why do cats sleep?", "How big is the moon?", "Who has a lamp?"]  # fmt: skip
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def _single(engine: Any, msgs: list[dict[str, str]], tokens: int) -> tuple[float, float]:
@@ -84,7 +81,7 @@ def run_one(which: str, model: str, tokens: int, streams: int, repeats: int) -> 
     return {"backend": which, "load_s": load_s, "threads": torch.get_num_threads(),
             "single_tokens_per_s": statistics.median(single), "single_ttft_ms": 1000 * statistics.median(ttft),
             "concurrent_tokens_per_s": statistics.median(c["rate"] for c in conc),
-            "concurrent_ttft_p50_ms": 1000 * _pct(all_ttft, 0.5), "concurrent_ttft_p95_ms": 1000 * _pct(all_ttft, 0.95),
+            "concurrent_ttft_p50_ms": 1000 * pct(all_ttft, 0.5), "concurrent_ttft_p95_ms": 1000 * pct(all_ttft, 0.95),
             "late_request_ttft_ms": 1000 * statistics.median(c["late"] for c in conc)}  # fmt: skip
 
 

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,20 +25,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from common import pct
+
+from workers.local import create_key, free_port, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 JOB = {"model": "tiny-opt-xs", "preset": "tiny", "config": {"sft": {"max_steps": 10}}}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 async def submit_load(base: str, key: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -75,7 +67,7 @@ async def submit_load(base: str, key: str, rate: float, seconds: float) -> dict[
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     return {"requests": n, "errors": len(errors), "first_errors": errors[:3], "achieved_per_s": n / elapsed,
-            "p50_ms": 1000 * _pct(lat, 0.5), "p90_ms": 1000 * _pct(lat, 0.9), "p99_ms": 1000 * _pct(lat, 0.99),
+            "p50_ms": 1000 * pct(lat, 0.5), "p90_ms": 1000 * pct(lat, 0.9), "p99_ms": 1000 * pct(lat, 0.99),
             "max_ms": 1000 * max(lat), "mean_ms": 1000 * statistics.mean(lat), "ids": ids}  # fmt: skip
 
 
@@ -98,7 +90,7 @@ async def closed_loop(base: str, key: str, clients: int, seconds: float) -> dict
 
         await asyncio.gather(*(loop() for _ in range(clients)))
     return {"clients": clients, "requests": len(lat), "errors": errors, "per_s": len(lat) / seconds,
-            "p50_ms": 1000 * _pct(lat, 0.5), "p99_ms": 1000 * _pct(lat, 0.99)}  # fmt: skip
+            "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99)}  # fmt: skip
 
 
 async def poll_load(base: str, key: str, ids: list[str], pollers: int, seconds: float) -> dict[str, Any]:
@@ -120,8 +112,8 @@ async def poll_load(base: str, key: str, ids: list[str], pollers: int, seconds: 
                 i += pollers
 
         await asyncio.gather(*(loop(k) for k in range(pollers)))
-    return {"requests": len(lat), "errors": errors, "per_s": len(lat) / seconds, "p50_ms": 1000 * _pct(lat, 0.5),
-            "p99_ms": 1000 * _pct(lat, 0.99)}  # fmt: skip
+    return {"requests": len(lat), "errors": errors, "per_s": len(lat) / seconds, "p50_ms": 1000 * pct(lat, 0.5),
+            "p99_ms": 1000 * pct(lat, 0.99)}  # fmt: skip
 
 
 def main() -> int:
@@ -139,25 +131,16 @@ def main() -> int:
     data = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
     env = dict(os.environ, RLHF_DATA_DIR=str(data), DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}",
                REDIS_URL=ns.redis)  # fmt: skip
-    port = _port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--loglevel", "warning"],
                               env=env, stdout=subprocess.DEVNULL, stderr=open(data / "server.log", "wb"))  # noqa: SIM115
     try:
-        import httpx
 
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-            if time.monotonic() > deadline:
-                print("server did not start", file=sys.stderr)
-                return 1
-        key = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", "bench"], env=env,
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        if not wait_healthy(base, server):
+            print("server did not start", file=sys.stderr)
+            return 1
+        key = create_key(env, "bench")
         asyncio.run(submit_load(base, key, 10, 1))  # warm-up (first plan reads the bundled data)
         capacity = asyncio.run(closed_loop(base, key, 8, ns.seconds))
         submit = asyncio.run(submit_load(base, key, ns.rate, ns.seconds))

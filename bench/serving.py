@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,24 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import pct
+
+from workers.local import create_key, free_port, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is a kite?", "Where does the owl live?", "What color is the sky?", "Who bakes the bread?",
              "What does the fox eat?", "Why is the river cold?", "How tall is the tower?", "What is a lamp?"]  # fmt: skip
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def _summary(ttft: list[float], tokens: int, seconds: float) -> dict[str, Any]:
-    return {"requests": len(ttft), "ttft_p50_ms": 1e3 * _pct(ttft, 0.5), "ttft_p99_ms": 1e3 * _pct(ttft, 0.99),
+    return {"requests": len(ttft), "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
             "ttft_mean_ms": 1e3 * statistics.fmean(ttft), "tokens": tokens, "seconds": seconds,
             "tokens_per_s": tokens / seconds}  # fmt: skip
 
@@ -131,7 +123,7 @@ async def through_api_raw(port: int, key: str, model: str, streams: int, request
         return {"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
                 "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
 
-    await clients[0].chat(body("warm up"))  # the worker loads the model on the first request
+    await clients[0].chat(body("warm up"))  # the first request on a path pays for its setup
 
     async def client(i: int) -> None:
         nonlocal tokens
@@ -187,7 +179,7 @@ async def through_api(base: str, key: str, model: str, streams: int, requests: i
             else:
                 ttft.append(first - sent)
 
-        await one("warm up")  # the worker loads the model on the first request
+        await one("warm up")  # the first request on a path pays for its setup
         ttft.clear()
         tokens = 0
 
@@ -227,27 +219,25 @@ def main() -> int:
     shutil.copytree(model, data / "models" / "bench-s")
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")} | {"RLHF_DATA_DIR": str(data)}
     env["RLHF_INFERENCE_THREADS"] = str(ns.engine_threads)
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--grpc-port",
-                               str(_port()), "--loglevel", "WARNING"], env=env, stderr=subprocess.DEVNULL),
+                               str(free_port()), "--loglevel", "WARNING"], env=env, stderr=subprocess.DEVNULL),
              subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "inference"], env=env,
                               stderr=open(data / "worker.log", "wb"))]  # noqa: SIM115  # fmt: skip
     try:
         import httpx
 
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        if not wait_healthy(base, procs[0]):
+            raise SystemExit("the API server did not start")
+        key = create_key(env, "bench")
+        deadline = time.monotonic() + 120  # until the worker has registered and loaded the model
+        warm = {"model": "bench-s", "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1}
+        while httpx.post(f"{base}/v1/chat/completions", json=warm, headers={"Authorization": f"Bearer {key}"},
+                         timeout=60).status_code != 200:  # fmt: skip
             if time.monotonic() > deadline:
-                raise SystemExit("the API server did not start")
-        key = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", "bench"], env=env,
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        time.sleep(3)  # the worker registers
+                raise SystemExit("no inference worker answered")
+            time.sleep(0.5)
         if ns.client == "raw":
             api = asyncio.run(through_api_raw(port, key, "bench-s", ns.streams, ns.requests, ns.max_tokens))
         else:
@@ -262,8 +252,8 @@ def main() -> int:
                   (data / "worker.log").read_text().splitlines() if "first token " in line][1:]  # fmt: skip
         shutil.rmtree(data, ignore_errors=True)
     if inside:
-        api["engine_ttft_in_worker_p50_ms"] = _pct(inside, 0.5)
-        api["engine_ttft_in_worker_p99_ms"] = _pct(inside, 0.99)
+        api["engine_ttft_in_worker_p50_ms"] = pct(inside, 0.5)
+        api["engine_ttft_in_worker_p99_ms"] = pct(inside, 0.99)
 
     added = {"ttft_p50_ms": api["ttft_p50_ms"] - local["ttft_p50_ms"], "ttft_p99_ms": api["ttft_p99_ms"] - local["ttft_p99_ms"]}
     print(f"tiny-opt-s, {ns.streams} concurrent streams, {ns.requests} requests of {ns.max_tokens} tokens (greedy), "

@@ -72,6 +72,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     from service.api.app import create_app
+    from workers.local import run_loop
 
     settings = _settings()
     if ns.host:
@@ -91,7 +92,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
               f"database {settings.db_url}, broker {settings.redis_url or 'filesystem (no Redis)'}",
               file=sys.stderr, flush=True)  # fmt: skip
     try:
-        _run_loop(_serve(app, settings, loglevel=ns.loglevel.lower(), grpc=not ns.no_grpc))
+        run_loop(_serve(app, settings, loglevel=ns.loglevel.lower(), grpc=not ns.no_grpc))
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)
@@ -102,15 +103,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
     return 0
-
-
-def _run_loop(main: Any) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is optional (not on Windows)
-        asyncio.run(main)
-        return
-    uvloop.run(main)
 
 
 async def _serve(app: Any, settings: Settings, *, loglevel: str, grpc: bool) -> None:

@@ -13,21 +13,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from workers.local import create_key, free_port, wait_healthy
+
 JOB = {"model": "tiny-opt-s", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "demo", "seed": 1234}
 TURNS = ["What is a kite?", "And where does the owl live?"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800) -> int:
@@ -35,29 +30,20 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800) -> 
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
-    port = _port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env["RLHF_DATA_DIR"] = str(data_dir.resolve())
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir / "server.log", "ab")  # noqa: SIM115 (closed in finally, after the server)
     server = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--all-in-one", "--port", str(port),
-                               "--grpc-port", str(_port())],
+                               "--grpc-port", str(free_port())],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                console.print(f"[red]the server did not start; see {data_dir / 'server.log'}[/red]")
-                return 1
-            time.sleep(0.3)
-        key = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", "demo", "--name", "make demo"],
-                             env=env, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        if not wait_healthy(base, server, timeout_s=120):
+            console.print(f"[red]the server did not start; see {data_dir / 'server.log'}[/red]")
+            return 1
+        key = create_key(env, "demo", "make demo")
         console.print(f"[bold]rlhf serve --all-in-one[/bold] on {base} (database and queue in {data_dir})")
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         est = client.post("/v1/fine_tuning/jobs/estimate", json=JOB).json()

@@ -77,6 +77,7 @@ class Engines:
             engine = self._load(model_id, path)
             with self._lock:
                 self._engines[model_id] = engine
+                self._loading.pop(model_id, None)  # later requests find the engine; waiters re-check it
                 evicted = self._evict(keep=model_id)
         for old in evicted:
             old.close()
@@ -264,11 +265,9 @@ def run_inference_worker(settings: Settings, *, port: int | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(settings.inference_threads)
 
     migrate(settings.db_url)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - optional (not on Windows)
-        return asyncio.run(_serve(settings, port))
-    return uvloop.run(_serve(settings, port))
+    from workers.local import run_loop
+
+    return run_loop(_serve(settings, port))
 
 
 async def _serve(settings: Settings, port: int | None) -> int:

@@ -115,17 +115,10 @@ class RequestHandle:
         return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=self.completion_tokens)
 
     def __iter__(self) -> Iterator[Delta]:
-        if self._consumed:
-            raise RuntimeError("a request's stream can be read once")
-        self._consumed = True
+        self._start_reading()
         try:
-            while True:
-                event = self._events.get()
-                if isinstance(event, _Done):
-                    return
-                if isinstance(event, ChatError):
-                    raise event
-                yield event
+            while (delta := self._unwrap(self._events.get())) is not None:
+                yield delta
         finally:  # the reader stopped early (client gone): stop generating for it
             if self._open:
                 self.cancel()
@@ -135,9 +128,7 @@ class RequestHandle:
         (no thread blocked per request). Leaving early cancels the request, as with `iter`."""
         import asyncio
 
-        if self._consumed:
-            raise RuntimeError("a request's stream can be read once")
-        self._consumed = True
+        self._start_reading()
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
 
@@ -154,15 +145,27 @@ class RequestHandle:
                     if self._events.empty():  # an event put after this check sets `ready` again
                         await ready.wait()
                     continue
-                if isinstance(event, _Done):
+                if (delta := self._unwrap(event)) is None:
                     return
-                if isinstance(event, ChatError):
-                    raise event
-                yield event
+                yield delta
         finally:
             self._wake = None
             if self._open:
                 self.cancel()
+
+    def _start_reading(self) -> None:
+        if self._consumed:
+            raise RuntimeError("a request's stream can be read once")
+        self._consumed = True
+
+    @staticmethod
+    def _unwrap(event: Delta | _Done | ChatError) -> Delta | None:
+        """The delta of an event; None at the end of the stream; the error raised."""
+        if isinstance(event, _Done):
+            return None
+        if isinstance(event, ChatError):
+            raise event
+        return event
 
     def result(self) -> ChatResult:
         """Wait for every reply and return them whole."""

@@ -94,8 +94,6 @@ async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIte
                 if include_usage:
                     yield frame([], usage=_usage(item).model_dump())
                 break
-            if not item.text and item.finish_reason is None:
-                continue  # text held back (a possible stop string, a split character)
             choice = {"index": item.index, "delta": {"content": item.text} if item.text else {},
                       "finish_reason": _finish(item.finish_reason), "logprobs": None}  # fmt: skip
             if item.reward is not None:
@@ -108,6 +106,4 @@ async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIte
         yield b"event: error\ndata: " + json.dumps({"error": {"message": "the chat stream failed; it was logged",
                                                              "type": "server_error", "param": None,
                                                              "code": None}}).encode() + b"\n\n"  # fmt: skip
-    finally:
-        stream.cancel()
     yield b"data: [DONE]\n\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -12,15 +11,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
-from service.db.models import Job
-from service.db.session import session_scope
 from service.errors import ServiceError
 from service.schemas import (
-    TERMINAL,
     CheckpointList,
     Estimate,
     EstimateRequest,
     EventList,
+    EventObject,
     JobCreate,
     JobList,
     JobObject,
@@ -96,30 +93,11 @@ def _event_stream(request: Request, job_id: str) -> Any:
     """Server-sent events: every event from the start, then live ones until the job ends; `[DONE]` last."""
     from sse_starlette.sse import EventSourceResponse
 
-    url = request.app.state.settings.db_url
-
-    def poll(seq: int) -> tuple[list[dict[str, Any]], int, bool]:
-        with session_scope(url) as s:
-            rows = svc.events_since(session=s, job_id=job_id, seq=seq)
-            job = s.get(Job, job_id)
-            done = job is None or job.status in TERMINAL or job.status == "paused"
-            return [svc.event_object(e).model_dump() for e in rows], (rows[-1].seq if rows else seq), done
-
     async def gen() -> AsyncIterator[dict[str, str]]:
-        seq = 0
         try:
-            while True:
-                items, seq, done = await asyncio.to_thread(poll, seq)
-                for item in items:
-                    yield {"data": json.dumps(item)}
-                if done:
-                    items, seq, _ = await asyncio.to_thread(poll, seq)  # what was written as it ended
-                    for item in items:
-                        yield {"data": json.dumps(item)}
-                    break
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(0.5)
+            async for item in svc.follow(db_url=request.app.state.settings.db_url, job_id=job_id):
+                if isinstance(item, EventObject):
+                    yield {"data": item.model_dump_json()}
         except Exception as e:  # after the headers: an error event, then the end
             err = e.envelope() if isinstance(e, ServiceError) else {"error": {"message": "event stream failed",
                                                                             "type": "server_error"}}  # fmt: skip

@@ -14,7 +14,6 @@ from fastapi.responses import FileResponse
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.uploads import save_upload
-from service.errors import NotFound
 from service.schemas import ModelList, ModelObject
 from service.services import models as svc
 
@@ -58,7 +57,4 @@ def download_model(model_id: str, caller: CallerDep, session: SessionDep, settin
 
 @router.get("/{model_id:path}", response_model=ModelObject)
 def get_model(model_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
-    for m in svc.list_models(session=session, tenant=caller.tenant_id, models_dir=settings.models_dir):
-        if m.id == model_id:
-            return m
-    raise NotFound(f"no model {model_id}", param="model")
+    return svc.get_model(session=session, tenant=caller.tenant_id, models_dir=settings.models_dir, model_id=model_id)

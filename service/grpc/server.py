@@ -25,15 +25,16 @@ from service.errors import InvalidRequest, ServiceError, from_value_error, statu
 from service.grpc.convert import from_pb, to_dict, to_pb
 from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from service.schemas import (
-    TERMINAL,
     ChatCompletionRequest,
     CheckpointList,
     Estimate,
     EstimateRequest,
     EventList,
+    EventObject,
     JobCreate,
     JobList,
     MetricList,
+    MetricPoint,
     ModelList,
     RolloutList,
 )
@@ -264,34 +265,13 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
     @stream_rpc
     async def WatchJob(self, request: Any, context: Any, caller: Caller) -> AsyncIterator[Any]:  # noqa: N802
         await self.db(lambda s: svc.get_job(session=s, tenant=caller.tenant_id, job_id=request.id))
-        seq, metric_id = 0, 0
-
-        def poll(s: Session) -> tuple[list[Any], list[Any], Any]:
-            nonlocal seq, metric_id
-            events = svc.events_since(session=s, job_id=request.id, seq=seq)
-            metrics = svc.metrics_since(session=s, job_id=request.id, after_id=metric_id)
-            seq = events[-1].seq if events else seq
-            metric_id = metrics[-1][0] if metrics else metric_id
-            job = s.get(Job, request.id)
-            ended = job is not None and (job.status in TERMINAL or job.status == "paused")
-            return ([svc.event_object(e) for e in events], [m for _, m in metrics],
-                    svc.to_object(job) if ended and job is not None else None)  # fmt: skip
-
-        while True:
-            events, metrics, ended = await self.db(poll)
-            for e in events:
-                yield jobs_pb2.WatchJobUpdate(event=to_pb(e, jobs_pb2.Event))
-            for m in metrics:
-                yield jobs_pb2.WatchJobUpdate(metric=to_pb(m, jobs_pb2.MetricPoint))
-            if ended is not None:
-                events, metrics, _ = await self.db(poll)  # what was written as it ended
-                for e in events:
-                    yield jobs_pb2.WatchJobUpdate(event=to_pb(e, jobs_pb2.Event))
-                for m in metrics:
-                    yield jobs_pb2.WatchJobUpdate(metric=to_pb(m, jobs_pb2.MetricPoint))
-                yield jobs_pb2.WatchJobUpdate(job=to_pb(ended, jobs_pb2.Job))
-                return
-            await asyncio.sleep(0.5)
+        async for item in svc.follow(db_url=self.settings.db_url, job_id=request.id, metrics=True):
+            if isinstance(item, EventObject):
+                yield jobs_pb2.WatchJobUpdate(event=to_pb(item, jobs_pb2.Event))
+            elif isinstance(item, MetricPoint):
+                yield jobs_pb2.WatchJobUpdate(metric=to_pb(item, jobs_pb2.MetricPoint))
+            else:
+                yield jobs_pb2.WatchJobUpdate(job=to_pb(item, jobs_pb2.Job))
 
 
 class ModelService(Base, models_pb2_grpc.ModelServiceServicer):
@@ -305,13 +285,9 @@ class ModelService(Base, models_pb2_grpc.ModelServiceServicer):
 
     @rpc
     async def GetModel(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        models = await self.db(lambda s: self._list(s, caller))
-        for m in models.data:
-            if m.id == request.id:
-                return to_pb(m, models_pb2.Model)
-        from service.errors import NotFound
-
-        raise NotFound(f"no model {request.id}", param="id")
+        model = await self.db(lambda s: models_svc.get_model(session=s, tenant=caller.tenant_id,
+                                                             models_dir=self.settings.models_dir, model_id=request.id))  # fmt: skip
+        return to_pb(model, models_pb2.Model)
 
 
 class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
@@ -335,8 +311,7 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
                     choice.finish_reason = item.finish_reason
                 if item.reward is not None:
                     choice.reward = item.reward
-                if item.text or choice.HasField("finish_reason"):
-                    yield chat_pb2.ChatChunk(**head, choices=[choice])
+                yield chat_pb2.ChatChunk(**head, choices=[choice])
         finally:
             stream.cancel()
 

@@ -15,7 +15,7 @@ import secrets
 import time
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from service.db.session import session_scope
 from service.errors import (
     InvalidRequest,
     NotFound,
-    RateLimited,
     ServiceError,
     Timeout,
     Unavailable,
@@ -77,7 +76,6 @@ class ChatStream:
     worker_id: str
     call: Any
     timeout_s: float
-    first: list[Any] = field(default_factory=list)
 
     async def __aiter__(self) -> AsyncIterator[Piece | Finished]:
         try:
@@ -91,6 +89,8 @@ class ChatStream:
                 kind = reply.WhichOneof("reply")
                 if kind == "piece":
                     p = reply.piece
+                    if not p.text and not p.HasField("finish_reason"):
+                        continue  # text held back (a possible stop string, a split character): nothing to relay
                     yield Piece(index=p.index, text=p.text, tokens=p.tokens,
                                 finish_reason=p.finish_reason if p.HasField("finish_reason") else None,
                                 reward=p.reward if p.HasField("reward") else None)  # fmt: skip
@@ -110,7 +110,8 @@ class ChatStream:
 
 
 def check(req: ChatCompletionRequest, settings: Settings) -> None:
-    """What the API can refuse without a worker: unsupported parameters and the operator's bounds."""
+    """What the API can refuse without a worker: unsupported parameters and the operator's bounds (the
+    worker's chat engine checks the conversation itself, stop strings and the model's context)."""
     name = req.unsupported()
     if name:
         raise InvalidRequest(f"{name}: not supported by this server; remove it", param=name, code="unsupported_parameter")
@@ -130,10 +131,6 @@ def check(req: ChatCompletionRequest, settings: Settings) -> None:
         if len(m.text()) > settings.chat_max_message_chars:
             raise InvalidRequest(f"messages[{i}].content: longer than this server's limit of "
                                  f"{settings.chat_max_message_chars} characters", param=f"messages[{i}].content")  # fmt: skip
-    if req.messages[-1].role != "user":
-        raise InvalidRequest("messages: the last message must be the user's turn", param="messages")
-    if req.stop is not None and len(req.stop) > 4:
-        raise InvalidRequest(f"stop: {len(req.stop)} strings given, at most 4 allowed", param="stop")
 
 
 def resolve_model(*, session: Session, tenant: str, model: str, settings: Settings) -> models_svc.ModelRef:
@@ -209,8 +206,6 @@ def _error(e: grpc.aio.AioRpcError, timeout_s: float, *, started: bool, tokens_f
         return InvalidRequest(message, param=param, code=code)
     if status == grpc.StatusCode.FAILED_PRECONDITION:  # the model cannot be loaded: not the client's doing
         return WorkerFailed(message, param=param or "model", code=code or "model_load_error")
-    if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RateLimited(f"the model is busy: {message}", code=code or "busy", retry_after=1)
     if status == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Timeout(f"the reply took longer than this server's limit of {timeout_s:g} s", code="timeout")
     if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and started:

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import secrets
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -518,6 +519,44 @@ def events_since(*, session: Session, job_id: str, seq: int) -> list[JobEvent]:
     """Events newer than `seq`, oldest first (for live streams)."""
     q = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq).order_by(JobEvent.seq)
     return list(session.scalars(q))
+
+
+async def follow(*, db_url: str, job_id: str, metrics: bool = False,
+                 poll_s: float = 0.5) -> AsyncIterator[EventObject | MetricPoint | JobObject]:  # fmt: skip
+    """Every event (and, with `metrics`, every metric point) of a job from the start, then live ones
+    until the job ends or pauses, what was written as it ended, and last the job itself. Shared by
+    REST's `events?stream=true` and gRPC's WatchJob; the caller has checked the job is the tenant's."""
+    import asyncio
+
+    from service.db.session import session_scope
+
+    seq, metric_id = 0, 0
+
+    def poll() -> tuple[list[EventObject | MetricPoint], bool, JobObject | None]:
+        nonlocal seq, metric_id
+        with session_scope(db_url) as s:
+            events = events_since(session=s, job_id=job_id, seq=seq)
+            points = metrics_since(session=s, job_id=job_id, after_id=metric_id) if metrics else []
+            seq = events[-1].seq if events else seq
+            metric_id = points[-1][0] if points else metric_id
+            job = s.get(Job, job_id)
+            items: list[EventObject | MetricPoint] = [event_object(e) for e in events] + [p for _, p in points]
+            if job is None:
+                return items, True, None
+            return items, job.status in TERMINAL or job.status == "paused", to_object(job)
+
+    while True:
+        items, ended, job = await asyncio.to_thread(poll)
+        for item in items:
+            yield item
+        if ended:
+            items, _, job = await asyncio.to_thread(poll)  # what was written as it ended
+            for item in items:
+                yield item
+            if job is not None:
+                yield job
+            return
+        await asyncio.sleep(poll_s)
 
 
 def event_object(e: JobEvent) -> EventObject:

@@ -80,6 +80,14 @@ def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[Mode
     return out
 
 
+def get_model(*, session: Session, tenant: str, models_dir: Path, model_id: str) -> ModelObject:
+    """One model the caller can use (base or their own); another tenant's is not found."""
+    for m in list_models(session=session, tenant=tenant, models_dir=models_dir):
+        if m.id == model_id:
+            return m
+    raise NotFound(f"no model {model_id}", param="model")
+
+
 def model_path(*, session: Session, tenant: str, model_id: str) -> Path:
     """The directory of one of the tenant's own models (fine-tuned or uploaded), for download."""
     if model_id.startswith("ft:"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,15 +23,10 @@ import httpx
 import pytest
 
 from service.settings import Settings
+from workers.local import free_port
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 FAST = {"heartbeat_s": 1.0, "lease_s": 6.0, "sweep_s": 2.0, "cost_interval_s": 2.0, "step_grace_s": 60.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,8 @@ from sqlalchemy import select
 from service.db.models import FineTunedModel, InferenceWorker
 from service.db.session import session_scope
 from service.schemas import ChatCompletionChunk
-from tests.service.conftest import SMALL_SFT, Stack, free_port, serve
+from tests.service.conftest import SMALL_SFT, Stack, serve
+from workers.local import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 KITE = [{"role": "user", "content": "What is a kite?"}]
@@ -52,15 +53,7 @@ def api(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                                  "--grpc-port", str(gport)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "api.log").read_text()[-3000:]
-        time.sleep(0.2)
+    assert wait_healthy(url, proc, timeout_s=30), (tmp / "api.log").read_text()[-3000:]
     yield Api(url=url, grpc_address=f"127.0.0.1:{gport}", proc=proc, log=tmp / "api.log")
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
