@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     grpc_port: int = 50051
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the API")
     metrics_public: bool = Field(default=False, description="serve /metrics without an operator key")
+    auth_cache_s: float = Field(default=5.0, ge=0, description="seconds an API server trusts a verified key without "
+                                "asking the database again: a revoked key stops working within this time (0: "
+                                "check every request)")  # fmt: skip
 
     # limits on what a request may ask for
     max_file_bytes: int = 512 * 2**20
@@ -64,6 +67,9 @@ class Settings(BaseSettings):
                                    "default, one per core)")  # fmt: skip
     inference_heartbeat_s: float = Field(default=2.0, gt=0, description="how often a worker reports")
     inference_ttl_s: float = Field(default=10.0, gt=0, description="a worker silent this long gets no requests")
+    route_cache_s: float = Field(default=0.5, ge=0, description="seconds the API reuses its view of the live "
+                                 "inference workers (a new worker gets requests within this time; 0: read it for "
+                                 "every request)")  # fmt: skip
     chat_max_tokens: int = Field(default=2048, ge=1, description="largest max_tokens a request may ask for")
     chat_default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when a request gives none")
     chat_max_n: int = Field(default=8, ge=1, description="largest n")

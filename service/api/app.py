@@ -136,7 +136,8 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
         with session_scope(settings.db_url) as session:
             if not settings.metrics_public:
-                caller = authenticate(session=session, authorization=request.headers.get("authorization"))
+                caller = authenticate(session=session, authorization=request.headers.get("authorization"),
+                                      cache_s=settings.auth_cache_s)  # fmt: skip
                 if not caller.operator:
                     return _envelope(403, "/metrics needs an operator key (rlhf keys create --operator)",
                                      kind="permission_error")  # fmt: skip

@@ -2,7 +2,8 @@
 
 The dependencies are async so FastAPI does not hand each one to the thread pool (every hop costs a
 thread wake-up, which under load is most of a request's latency): the session is created lazily (no
-I/O), the key check runs in one worker thread, and the route body in one more.
+I/O), the key check runs in one worker thread (none when the key was verified within
+`auth_cache_s`), and the route body in one more.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.db.session import new_session
-from service.services.keys import Caller, authenticate
+from service.services.keys import Caller, authenticate, cached_caller
 from service.settings import Settings
 
 
@@ -32,11 +33,15 @@ async def session_dep(request: Request) -> AsyncIterator[Session]:
         session.close()  # returns the connection to the pool (a rollback round trip at most)
 
 
-async def caller_dep(session: Annotated[Session, Depends(session_dep)],
+async def caller_dep(request: Request, session: Annotated[Session, Depends(session_dep)],
                      authorization: Annotated[str | None, Header()] = None) -> Caller:  # fmt: skip
+    cache_s = request.app.state.settings.auth_cache_s
+    if cache_s > 0 and (caller := cached_caller(authorization)) is not None:
+        return caller  # verified moments ago: no database, no thread hop
+
     def check() -> Caller:
         try:
-            return authenticate(session=session, authorization=authorization)
+            return authenticate(session=session, authorization=authorization, cache_s=cache_s)
         finally:
             session.rollback()  # hands the connection back while the request waits for a route thread
 

@@ -41,7 +41,7 @@ from service.schemas import (
 from service.services import chat as chat_svc
 from service.services import jobs as svc
 from service.services import models as models_svc
-from service.services.keys import Caller, authenticate
+from service.services.keys import Caller, authenticate, cached_caller
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,10 @@ class Base:
 
     async def caller(self, context: grpc.aio.ServicerContext) -> Caller:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
-        return await self.db(lambda s: authenticate(session=s, authorization=authorization))
+        cache_s = self.settings.auth_cache_s
+        if cache_s > 0 and (caller := cached_caller(authorization)) is not None:
+            return caller
+        return await self.db(lambda s: authenticate(session=s, authorization=authorization, cache_s=cache_s))
 
     async def db(self, fn: Callable[[Session], T]) -> T:
         """Run `fn(session)` in a worker thread (the service functions are synchronous)."""

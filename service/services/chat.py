@@ -4,7 +4,9 @@ worker's stream. Shared by REST (`/v1/chat/completions`) and gRPC (`ChatService.
 Routing (CONTRACTS.md §6): among workers with a fresh heartbeat, one that holds the model (least
 busy first); else the one with the most room, which loads it (LRU cap per worker). None → 503 with
 Retry-After. A worker that cannot be reached before answering is skipped (and marked stale until its
-next heartbeat) and the next one is tried. Only grpc and the generated messages are imported here:
+next heartbeat) and the next one is tried. The API keeps its view of the workers for
+`route_cache_s` and a model's location once resolved, so most requests are routed without the
+database. Only grpc and the generated messages are imported here:
 the API process never imports torch.
 """
 
@@ -145,27 +147,77 @@ def resolve_model(*, session: Session, tenant: str, model: str, settings: Settin
         raise
 
 
+@dataclass(frozen=True)
+class WorkerView:
+    """What routing needs of a live worker's row (a snapshot: rows belong to their session)."""
+
+    id: str
+    address: str
+    models: tuple[str, ...]
+    active: int
+    capacity: int
+    max_models: int
+
+
+# The API's recent view of the workers and of the models it resolved, so a request whose key was
+# verified moments ago is routed with no database and no thread hop. Keyed by database URL (one
+# process may serve several databases: tests do). Empty views and unknown models are never kept.
+_views: dict[str, tuple[float, list[WorkerView]]] = {}
+_refs: dict[tuple[str, str, str], models_svc.ModelRef] = {}  # a model's location never changes once it exists
+_REFS_MAX = 10_000
+
+
+def live_workers(*, session: Session, settings: Settings) -> list[WorkerView]:
+    fresh = utcnow() - timedelta(seconds=settings.inference_ttl_s)
+    rows = session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at > fresh))
+    view = [WorkerView(id=w.id, address=w.address, models=tuple(w.models or ()), active=w.active, capacity=w.capacity,
+                       max_models=w.max_models) for w in rows]  # fmt: skip
+    if view and settings.route_cache_s > 0:
+        _views[settings.db_url] = (time.monotonic() + settings.route_cache_s, view)
+    return view
+
+
 def route(*, session: Session, tenant: str, req: ChatCompletionRequest, settings: Settings,
           inflight: dict[str, int]) -> Route:  # fmt: skip
-    ref = resolve_model(session=session, tenant=tenant, model=req.model, settings=settings)
-    key = ref.key
-    fresh = utcnow() - timedelta(seconds=settings.inference_ttl_s)
-    workers = list(session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at > fresh)))
+    ref = _refs.get((settings.db_url, tenant, req.model))
+    if ref is None:
+        ref = resolve_model(session=session, tenant=tenant, model=req.model, settings=settings)
+        if len(_refs) >= _REFS_MAX:
+            _refs.clear()
+        _refs[(settings.db_url, tenant, req.model)] = ref
+    return _pick(ref, live_workers(session=session, settings=settings), settings, inflight)
+
+
+def cached_route(*, tenant: str, req: ChatCompletionRequest, settings: Settings, inflight: dict[str, int]) -> Route | None:
+    """The route from the API's recent view alone (no database), or None when it has no view of the
+    workers or has not resolved this model for this tenant yet."""
+    ref = _refs.get((settings.db_url, tenant, req.model))
+    view = _views.get(settings.db_url)
+    if ref is None or view is None or view[0] < time.monotonic() or not view[1]:
+        return None
+    return _pick(ref, view[1], settings, inflight)
+
+
+def _pick(ref: models_svc.ModelRef, workers: list[WorkerView], settings: Settings, inflight: dict[str, int]) -> Route:
     if not workers:
         raise Unavailable("no inference worker is running; start one with `rlhf worker inference` and retry",
                           code="no_worker", retry_after=settings.retry_after_s)  # fmt: skip
+    key = ref.key
 
-    def load(w: InferenceWorker) -> float:
+    def load(w: WorkerView) -> float:
         return (max(w.active, inflight.get(w.id, 0)) + 1) / max(1, w.capacity)
 
-    holding = sorted((w for w in workers if key in (w.models or [])), key=lambda w: (load(w), w.id))
-    others = sorted((w for w in workers if key not in (w.models or [])),
-                    key=lambda w: (len(w.models or []) >= w.max_models, load(w), len(w.models or []), w.id))  # fmt: skip
+    holding = sorted((w for w in workers if key in w.models), key=lambda w: (load(w), w.id))
+    others = sorted((w for w in workers if key not in w.models),
+                    key=lambda w: (len(w.models) >= w.max_models, load(w), len(w.models), w.id))  # fmt: skip
     return Route(model_id=ref.name, key=key, path=ref.path, workers=[(w.id, w.address) for w in holding + others])
 
 
 def mark_stale(settings: Settings, worker_id: str) -> None:
     """A worker we could not reach gets no requests until its next heartbeat says it is back."""
+    view = _views.get(settings.db_url)
+    if view is not None:
+        _views[settings.db_url] = (view[0], [w for w in view[1] if w.id != worker_id])
     with session_scope(settings.db_url) as s:
         stale = utcnow() - timedelta(seconds=settings.inference_ttl_s + 1)
         s.execute(update(InferenceWorker).where(InferenceWorker.id == worker_id).values(heartbeat_at=stale))
@@ -220,8 +272,19 @@ async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: s
     """Route and submit the request; returns once a worker accepted it (so a bad key, a bad
     parameter, an unknown model or no worker raise here, before any response has started). Give the
     caller's `tenant`, or the `authorization` header to check in the same thread hop as the routing
-    (one hand-off instead of two: it shows in time to first token)."""
-    r = await asyncio.to_thread(_route_in_thread, settings, tenant, authorization, req)
+    (one hand-off instead of two: it shows in time to first token). A key verified within
+    `auth_cache_s`, a model resolved before and a view of the workers younger than `route_cache_s`
+    route the request with no hand-off at all."""
+    from service.services.keys import cached_caller
+
+    r = None
+    if tenant is None and settings.auth_cache_s > 0 and (caller := cached_caller(authorization)) is not None:
+        tenant = caller.tenant_id
+    if tenant is not None:
+        check(req, settings)  # after the key: an unknown caller learns nothing about our limits
+        r = cached_route(tenant=tenant, req=req, settings=settings, inflight=_inflight)
+    if r is None:
+        r = await asyncio.to_thread(_route_in_thread, settings, tenant, authorization, req)
     message = _generate_request(r, req)
     tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     meta = (("x-worker-token", settings.inference_token),) if settings.inference_token else None
@@ -262,11 +325,11 @@ async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: s
 def _route_in_thread(settings: Settings, tenant: str | None, authorization: str | None,
                      req: ChatCompletionRequest) -> Route:  # fmt: skip
     with session_scope(settings.db_url) as s:
-        if tenant is None:
+        if tenant is None:  # (else the request was checked on the loop)
             from service.services.keys import authenticate
 
-            tenant = authenticate(session=s, authorization=authorization).tenant_id
-        check(req, settings)  # after the key: an unknown caller learns nothing about our limits
+            tenant = authenticate(session=s, authorization=authorization, cache_s=settings.auth_cache_s).tenant_id
+            check(req, settings)  # after the key: an unknown caller learns nothing about our limits
         return route(session=s, tenant=tenant, req=req, settings=settings, inflight=_inflight)
 
 

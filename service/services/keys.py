@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -59,15 +60,46 @@ def revoke_key(*, session: Session, key_id: str) -> ApiKey:
     return key
 
 
-def authenticate(*, session: Session, authorization: str | None) -> Caller:
-    """The caller of an `Authorization: Bearer <key>` header, or Unauthenticated."""
+# Verified keys, by hash, until a deadline: a request whose key was checked within
+# `Settings.auth_cache_s` skips the database (a revoked key stops working within that time).
+_VERIFIED: dict[str, tuple[Caller, float]] = {}
+_VERIFIED_MAX = 10_000
+
+
+def _token_hash(authorization: str | None) -> str:
     if not authorization:
         raise Unauthenticated("no API key: send 'Authorization: Bearer <key>' (create one with `rlhf keys create`)",
                               code="missing_api_key")  # fmt: skip
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("the Authorization header must be 'Bearer <key>'", code="invalid_api_key")
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token.strip())))
+    return hash_key(token.strip())
+
+
+def cached_caller(authorization: str | None) -> Caller | None:
+    """The caller of a key verified within the cache time, without touching the database; else None."""
+    if not authorization:
+        return None
+    try:
+        hit = _VERIFIED.get(_token_hash(authorization))
+    except Unauthenticated:
+        return None
+    return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+
+def authenticate(*, session: Session, authorization: str | None, cache_s: float = 0.0) -> Caller:
+    """The caller of an `Authorization: Bearer <key>` header, or Unauthenticated. With `cache_s` > 0 a
+    verified key is remembered for that long (unknown and revoked keys are never remembered)."""
+    digest = _token_hash(authorization)
+    if cache_s > 0 and (hit := _VERIFIED.get(digest)) is not None and hit[1] > time.monotonic():
+        return hit[0]
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
     if key is None or key.revoked_at is not None:
+        _VERIFIED.pop(digest, None)
         raise Unauthenticated("the API key is not valid (unknown or revoked)", code="invalid_api_key")
-    return Caller(tenant_id=key.tenant_id, key_id=key.id, operator=key.operator)
+    caller = Caller(tenant_id=key.tenant_id, key_id=key.id, operator=key.operator)
+    if cache_s > 0:
+        if len(_VERIFIED) >= _VERIFIED_MAX:  # many keys in use: start over rather than grow without bound
+            _VERIFIED.clear()
+        _VERIFIED[digest] = (caller, time.monotonic() + cache_s)
+    return caller

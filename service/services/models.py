@@ -47,13 +47,13 @@ def resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param
     if not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidRequest(f"{param}: {name!r} is not a model name; use a base model from GET /v1/models",
                              param=param)  # fmt: skip
+    if TINY_RE.fullmatch(name):  # bundled (an upload cannot take these names): no database needed
+        return ModelRef(name=name, path=models_dir.resolve() / name, base=name, tiny=True)
     own = session.scalar(select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name))
     if own is not None:
         return ModelRef(name=name, path=Path(own.path), base=name, key=f"upload:{own.id}")
     root = models_dir.resolve()
     path = (models_dir / name).resolve()
-    if TINY_RE.fullmatch(name):
-        return ModelRef(name=name, path=root / name, base=name, tiny=True)
     if path.parent != root or not (path / "config.json").is_file():
         raise InvalidRequest(f"{param}: no base model {name!r} (see GET /v1/models)", param=param, code="model_not_found")
     return ModelRef(name=name, path=path, base=name)

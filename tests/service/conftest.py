@@ -26,7 +26,8 @@ from service.settings import Settings
 from workers.local import free_port
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-FAST = {"heartbeat_s": 1.0, "lease_s": 6.0, "sweep_s": 2.0, "cost_interval_s": 2.0, "step_grace_s": 60.0}
+FAST = {"heartbeat_s": 1.0, "lease_s": 6.0, "sweep_s": 2.0, "cost_interval_s": 2.0, "step_grace_s": 60.0,
+        "auth_cache_s": 1.0}
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ a refused request, files validated on upload, idempotency, state transitions, es
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -83,17 +84,19 @@ def test_every_route_needs_a_valid_key(stack: Stack, method: str, path: str) -> 
 
 
 def test_revoked_keys_stop_working_and_metrics_need_an_operator(stack: Stack) -> None:
-    from service.services.keys import revoke_key
+    from service.services.keys import list_keys, revoke_key
 
     key = stack.key("carol")
     with stack.client(key) as c:
         assert c.get("/v1/models").status_code == 200
         error(c.get("/metrics"), 403)
         with session_scope(stack.settings.db_url) as s:
-            from service.services.keys import list_keys
-
             revoke_key(session=s, key_id=list_keys(session=s, tenant="carol")[0].id)
-        error(c.get("/v1/models"), 401)
+        revoked = time.monotonic()
+        while (r := c.get("/v1/models")).status_code == 200 and time.monotonic() - revoked < 10:
+            time.sleep(0.05)  # a verified key is trusted for auth_cache_s (1 s here; 5 s by default)
+        error(r, 401)
+        assert time.monotonic() - revoked <= stack.settings.auth_cache_s + 0.5
     with stack.client(stack.key("ops", operator=True)) as c:
         body = c.get("/metrics").text
         assert "rlhf_jobs{status=\"queued\"}" in body and "rlhf_queue_depth" in body
@@ -309,3 +312,20 @@ def test_another_tenants_job_is_not_found_on_every_route(stack: Stack, alice: An
     error(bob.request(method, f"/v1/fine_tuning/jobs/{job['id']}{suffix}"), 404)
     assert counts(stack) == before
     assert alice.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"  # untouched
+
+
+def test_a_failed_key_check_forgets_the_key_at_once(stack: Stack) -> None:
+    from service.errors import Unauthenticated
+    from service.services.keys import authenticate, cached_caller, list_keys, revoke_key
+
+    header = "Bearer " + stack.key("dave")
+    with session_scope(stack.settings.db_url) as s:
+        assert authenticate(session=s, authorization=header, cache_s=60).tenant_id == "dave"
+    assert cached_caller(header) is not None and cached_caller(header).tenant_id == "dave"  # type: ignore[union-attr]
+    with session_scope(stack.settings.db_url) as s:
+        revoke_key(session=s, key_id=list_keys(session=s, tenant="dave")[0].id)
+    with session_scope(stack.settings.db_url) as s, pytest.raises(Unauthenticated):
+        authenticate(session=s, authorization=header, cache_s=0)  # 0: the database is asked every time
+    assert cached_caller(header) is None
+    with session_scope(stack.settings.db_url) as s, pytest.raises(Unauthenticated):
+        authenticate(session=s, authorization=header, cache_s=60)  # a revoked key is never remembered
