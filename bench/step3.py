@@ -6,8 +6,9 @@ work is identical). Each configuration runs in its own process:
 
   baseline     DeepSpeed-Chat with its hybrid engine off: 4 generate calls of 16 prompts (generation
                batch = training batch), Hugging Face `generate` with its defaults (KV cache on), a
-               separate full forward pass per model to score (actor, reference, critic, reward)
-  +keep        … scoring computes the LM head only over the answer positions (logits_to_keep)
+               separate full forward pass per model to score (actor, reference, critic, reward), and
+               its train_rlhf: the actor's log-probs over the whole sequence, sliced to the answer
+  +keep        … scoring and training compute the LM head only over the answer positions (logits_to_keep)
   +reuse       … the actor's log-probs come from the logits `generate` already produced (one pass less)
   +wide        … one generate call of 64 prompts, trained in 4 micro-batches of 16 (= ours)
   zero3 pair   baseline and ours again at ZeRO-3: per-layer gathers on every token vs one gather per call
@@ -56,7 +57,7 @@ def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> 
     from transformers import AutoTokenizer
 
     from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
-    from rlhf_engine.algorithms.ppo import token_logprobs
+    from rlhf_engine.algorithms.ppo import gae, kl_penalized_rewards, policy_loss, token_logprobs, value_loss
     from rlhf_engine.data.collate import collate_prompts
     from rlhf_engine.data.pipeline import prepare_step
     from rlhf_engine.engine import generation
@@ -98,7 +99,30 @@ def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> 
         return Experience(seq, attn, P, am, lp, rlp, values, scores, degenerate_rows(answers, am, trainer.eos_id),
                           gen_seconds=gen_s, score_seconds=time.monotonic() - t1)  # fmt: skip
 
+    def baseline_train(exp: Experience) -> None:
+        """DeepSpeed-Chat's train_rlhf: its actor_loss_fn takes the log-probs of the whole sequence
+        (the LM head and log-softmax over every position) and slices the answer out; the same losses."""
+        cfg = trainer.args
+        mask = exp.action_mask.float()
+        with torch.no_grad():
+            rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, mask, kl_ctl=cfg.kl_ctl,
+                                           clip_reward_value=cfg.clip_reward_value)  # fmt: skip
+            advantages, returns = gae(exp.values, rewards, mask, gamma=cfg.gamma, lam=cfg.lam)
+        P = exp.prompt_len
+        engine.actor.train()
+        logits = generation.lm_logits(engine.actor, exp.seq, exp.attention_mask)
+        logprobs = token_logprobs(logits[:, :-1], exp.seq[:, 1:])[:, P - 1 :]
+        actor_loss, _ = policy_loss(logprobs, exp.logprobs, advantages, mask, cliprange=cfg.cliprange)
+        engine.actor.backward(actor_loss)
+        engine.actor.step()
+        engine.critic.train()
+        values = engine.critic(exp.seq, exp.attention_mask)[:, P - 1 : -1]
+        critic_loss, _ = value_loss(values, exp.values, returns, mask, cliprange_value=cfg.cliprange_value)
+        engine.critic.backward(critic_loss)
+        engine.critic.step()
+
     make = trainer.generate_experience if c["keep"] else baseline_experience
+    train = trainer.train_rlhf if c["keep"] else baseline_train
     results = []
     for step in range(steps + 1):  # step 0 warms up (allocations, first-call costs)
         t0 = time.monotonic()
@@ -109,7 +133,7 @@ def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> 
         t1 = time.monotonic()
         for exp in exps:
             for mini in exp.split(TRAIN_BATCH):
-                trainer.train_rlhf(mini)
+                train(mini)
         t2 = time.monotonic()
         gen = sum(e.gen_seconds for e in exps)
         score = sum(e.score_seconds for e in exps)
