@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -22,8 +23,10 @@ class RawHTTP:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """(status, body) of one request; the body of a chunked reply is joined."""
+    async def request(self, method: str, path: str, body: bytes | None = None, *,
+                      on_chunk: Callable[[bytes], None] | None = None) -> tuple[int, bytes]:  # fmt: skip
+        """(status, body) of one request; the body of a chunked reply is joined, and each chunk is
+        handed to `on_chunk` as it arrives (for streamed replies: SSE)."""
         head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\n".encode() + self.auth
         if body is not None:
             head += b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
@@ -52,6 +55,8 @@ class RawHTTP:
         parts = []
         while size := int((await self.reader.readline()).strip() or b"0", 16):
             parts.append((await self.reader.readexactly(size + 2))[:-2])
+            if on_chunk is not None:
+                on_chunk(parts[-1])
         await self.reader.readline()
         return status, b"".join(parts)
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import pct
+from common import RawHTTP, pct
 
 from workers.local import create_key, free_port, wait_healthy
 
@@ -71,124 +71,92 @@ def in_process(model: Path, streams: int, requests: int, max_tokens: int) -> dic
         return _summary(ttft, tokens, time.monotonic() - t)
 
 
-class RawClient:
-    """A minimal HTTP/1.1 client on one keep-alive connection: the measurement should be the
-    service's time, not a client library's (httpx adds about 1-2 ms per request here)."""
-
-    def __init__(self, host: str, port: int, key: str) -> None:
-        self.host, self.port, self.key = host, port, key
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def chat(self, body: dict[str, Any]) -> tuple[float | None, int, float]:
-        """(seconds to the first text chunk, completion tokens, sent-at) of one streamed request."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        payload = json.dumps(body).encode()
-        sent = time.perf_counter()
-        self.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer "
-                          + self.key.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
-                          + str(len(payload)).encode() + b"\r\n\r\n" + payload)  # fmt: skip
-        status = await self.reader.readline()
-        if b" 200 " not in status:
-            raise RuntimeError(status.decode().strip())
-        while (await self.reader.readline()) not in (b"\r\n", b""):
-            pass  # headers
-        first, tokens = None, 0
-        while True:
-            size = int((await self.reader.readline()).strip() or b"0", 16)  # chunked transfer encoding
-            if size == 0:
-                await self.reader.readline()
-                return (None if first is None else first - sent), tokens, sent
-            chunk = await self.reader.readexactly(size + 2)
-            for line in chunk.split(b"\n"):
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                data = json.loads(line[6:])
-                if first is None and any(ch["delta"].get("content") for ch in data["choices"]):
-                    first = time.perf_counter()
-                if data.get("usage"):
-                    tokens += data["usage"]["completion_tokens"]
+def _body(model: str, question: str, max_tokens: int) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
 
 
-async def through_api_raw(port: int, key: str, model: str, streams: int, requests: int,
-                          max_tokens: int) -> dict[str, Any]:  # fmt: skip
-    ttft: list[float] = []
-    tokens = 0
-    errors: list[str] = []
-    clients = [RawClient("127.0.0.1", port, key) for _ in range(streams)]
+class _Reply:
+    """Reads one streamed reply's SSE lines: when the first text arrived, and the completion tokens."""
 
-    def body(q: str) -> dict[str, Any]:
-        return {"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
-                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.tokens = 0
 
-    await clients[0].chat(body("warm up"))  # the first request on a path pays for its setup
-
-    async def client(i: int) -> None:
-        nonlocal tokens
-        for j in range(i, requests, streams):
-            try:
-                first, n, _ = await clients[i].chat(body(QUESTIONS[j % len(QUESTIONS)]))
-            except Exception as e:  # noqa: BLE001 - counted and reported
-                errors.append(str(e))
+    def lines(self, text: bytes) -> None:
+        for line in text.split(b"\n"):
+            if not line.startswith(b"data:") or line.rstrip().endswith(b"[DONE]"):
                 continue
-            tokens += n
-            if first is None:
-                errors.append("no text")
-            else:
-                ttft.append(first)
-
-    t = time.monotonic()
-    await asyncio.gather(*(client(i) for i in range(streams)))
-    out = _summary(ttft, tokens, time.monotonic() - t)
-    out["errors"] = len(errors)
-    if errors:
-        out["first_error"] = errors[0]
-    return out
+            data = json.loads(line[5:])
+            if self.first is None and any(ch["delta"].get("content") for ch in data["choices"]):
+                self.first = time.perf_counter()
+            if data.get("usage"):
+                self.tokens += data["usage"]["completion_tokens"]
 
 
-async def through_api(base: str, key: str, model: str, streams: int, requests: int, max_tokens: int) -> dict[str, Any]:
+class RawClient:
+    """A minimal HTTP/1.1 client on one keep-alive connection (bench/common.RawHTTP): the measurement
+    should be the service's time, not a client library's (httpx adds about 1-2 ms per request here)."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self.http = RawHTTP("127.0.0.1", port, key)
+
+    async def chat(self, body: dict[str, Any]) -> tuple[float | None, int]:
+        """(seconds to the first text chunk, completion tokens) of one streamed request."""
+        reply = _Reply()
+        sent = time.perf_counter()
+        status, text = await self.http.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                                               on_chunk=reply.lines)  # fmt: skip
+        if status != 200:
+            raise RuntimeError(f"{status}: {text[:200].decode(errors='replace')}")
+        return (None if reply.first is None else reply.first - sent), reply.tokens
+
+
+class HttpxClient:
+    """The same through httpx (`--client httpx`): the library's own cost included."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def chat(self, body: dict[str, Any]) -> tuple[float | None, int]:
+        reply = _Reply()
+        sent = time.perf_counter()
+        async with self.client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code}: {(await r.aread()).decode()[:200]}")
+            async for line in r.aiter_lines():
+                reply.lines(line.encode())
+        return (None if reply.first is None else reply.first - sent), reply.tokens
+
+
+async def through_api(port: int, key: str, model: str, streams: int, requests: int, max_tokens: int,
+                      client: str) -> dict[str, Any]:  # fmt: skip
     import httpx
 
     ttft: list[float] = []
     tokens = 0
     errors: list[str] = []
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
+                                 timeout=60) as hx:  # fmt: skip
+        clients = [RawClient(port, key) if client == "raw" else HttpxClient(hx) for _ in range(streams)]
+        await clients[0].chat(_body(model, "warm up", max_tokens))  # the first request on a path pays for its setup
 
-        async def one(question: str) -> None:
+        async def run(i: int) -> None:
             nonlocal tokens
-            body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-            sent = time.perf_counter()
-            first = None
-            async with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    errors.append((await r.aread()).decode()[:200])
-                    return
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:") or line.endswith("[DONE]"):
-                        continue
-                    data = json.loads(line[5:])
-                    if first is None and any(ch["delta"].get("content") for ch in data["choices"]):
-                        first = time.perf_counter()
-                    if data.get("usage"):
-                        tokens += data["usage"]["completion_tokens"]
-            if first is None:
-                errors.append("no text")
-            else:
-                ttft.append(first - sent)
-
-        await one("warm up")  # the first request on a path pays for its setup
-        ttft.clear()
-        tokens = 0
-
-        async def client(i: int) -> None:
             for j in range(i, requests, streams):
-                await one(QUESTIONS[j % len(QUESTIONS)])
+                try:
+                    first, n = await clients[i].chat(_body(model, QUESTIONS[j % len(QUESTIONS)], max_tokens))
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    errors.append(str(e))
+                    continue
+                tokens += n
+                if first is None:
+                    errors.append("no text")
+                else:
+                    ttft.append(first)
 
         t = time.monotonic()
-        await asyncio.gather(*(client(i) for i in range(streams)))
+        await asyncio.gather(*(run(i) for i in range(streams)))
         out = _summary(ttft, tokens, time.monotonic() - t)
     out["errors"] = len(errors)
     if errors:
@@ -238,10 +206,7 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("no inference worker answered")
             time.sleep(0.5)
-        if ns.client == "raw":
-            api = asyncio.run(through_api_raw(port, key, "bench-s", ns.streams, ns.requests, ns.max_tokens))
-        else:
-            api = asyncio.run(through_api(base, key, "bench-s", ns.streams, ns.requests, ns.max_tokens))
+        api = asyncio.run(through_api(port, key, "bench-s", ns.streams, ns.requests, ns.max_tokens, ns.client))
     finally:
         for p in procs:
             p.terminate()

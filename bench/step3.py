@@ -57,7 +57,7 @@ def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> 
     from transformers import AutoTokenizer
 
     from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
-    from rlhf_engine.algorithms.ppo import gae, kl_penalized_rewards, policy_loss, token_logprobs, value_loss
+    from rlhf_engine.algorithms.ppo import policy_loss, token_logprobs
     from rlhf_engine.data.collate import collate_prompts
     from rlhf_engine.data.pipeline import prepare_step
     from rlhf_engine.engine import generation
@@ -101,25 +101,17 @@ def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> 
 
     def baseline_train(exp: Experience) -> None:
         """DeepSpeed-Chat's train_rlhf: its actor_loss_fn takes the log-probs of the whole sequence
-        (the LM head and log-softmax over every position) and slices the answer out; the same losses."""
-        cfg = trainer.args
-        mask = exp.action_mask.float()
-        with torch.no_grad():
-            rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, mask, kl_ctl=cfg.kl_ctl,
-                                           clip_reward_value=cfg.clip_reward_value)  # fmt: skip
-            advantages, returns = gae(exp.values, rewards, mask, gamma=cfg.gamma, lam=cfg.lam)
-        P = exp.prompt_len
+        (the LM head and log-softmax over every position) and slices the answer out; the same losses
+        and the same critic step as ours."""
+        advantages, returns = trainer.advantages(exp)
         engine.actor.train()
         logits = generation.lm_logits(engine.actor, exp.seq, exp.attention_mask)
-        logprobs = token_logprobs(logits[:, :-1], exp.seq[:, 1:])[:, P - 1 :]
-        actor_loss, _ = policy_loss(logprobs, exp.logprobs, advantages, mask, cliprange=cfg.cliprange)
+        logprobs = token_logprobs(logits[:, :-1], exp.seq[:, 1:])[:, exp.prompt_len - 1 :]
+        actor_loss, _ = policy_loss(logprobs, exp.logprobs, advantages, exp.action_mask.float(),
+                                    cliprange=trainer.args.cliprange)  # fmt: skip
         engine.actor.backward(actor_loss)
         engine.actor.step()
-        engine.critic.train()
-        values = engine.critic(exp.seq, exp.attention_mask)[:, P - 1 : -1]
-        critic_loss, _ = value_loss(values, exp.values, returns, mask, cliprange_value=cfg.cliprange_value)
-        engine.critic.backward(critic_loss)
-        engine.critic.step()
+        trainer.critic_step(exp, returns)
 
     make = trainer.generate_experience if c["keep"] else baseline_experience
     train = trainer.train_rlhf if c["keep"] else baseline_train

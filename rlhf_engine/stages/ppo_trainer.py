@@ -193,12 +193,9 @@ class PPOTrainer:
         """One clipped policy step and one clipped value step on `exp`; returns (actor_loss, critic_loss)."""
         cfg = self.args
         mask = exp.action_mask.float()
-        with torch.no_grad():
-            rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, mask, kl_ctl=cfg.kl_ctl,
-                                           clip_reward_value=cfg.clip_reward_value)  # fmt: skip
-            advantages, returns = gae(exp.values, rewards, mask, gamma=cfg.gamma, lam=cfg.lam)
+        advantages, returns = self.advantages(exp)
         A = exp.action_mask.shape[1]
-        actor, critic = self.engine.actor, self.engine.critic
+        actor = self.engine.actor
         actor.train()
         logits = lm_logits(actor, exp.seq, exp.attention_mask, keep_last=A + 1)[:, :-1]
         logprobs = token_logprobs(logits, exp.seq[:, exp.prompt_len :])
@@ -208,11 +205,7 @@ class PPOTrainer:
         actor.step()
         if stepped:
             self.engine.update_ema()
-        critic.train()
-        values = critic(exp.seq, exp.attention_mask)[:, exp.prompt_len - 1 : -1]
-        critic_loss, value_clipfrac = value_loss(values, exp.values, returns, mask, cliprange_value=cfg.cliprange_value)
-        critic.backward(critic_loss)
-        critic.step()
+        critic_loss, value_clipfrac = self.critic_step(exp, returns)
         self.last_metrics = {
             "actor_loss": float(actor_loss.detach()),
             "critic_loss": float(critic_loss.detach()),
@@ -222,6 +215,26 @@ class PPOTrainer:
             "return_mean": float(masked_mean(returns, mask)),
         }
         return actor_loss.detach(), critic_loss.detach()
+
+    @torch.no_grad()
+    def advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages, returns) of `exp`: GAE over the KL-penalised per-token rewards."""
+        cfg = self.args
+        mask = exp.action_mask.float()
+        rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, mask, kl_ctl=cfg.kl_ctl,
+                                       clip_reward_value=cfg.clip_reward_value)  # fmt: skip
+        return gae(exp.values, rewards, mask, gamma=cfg.gamma, lam=cfg.lam)
+
+    def critic_step(self, exp: Experience, returns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One clipped value step towards `returns`; (critic_loss, value clip fraction)."""
+        critic = self.engine.critic
+        critic.train()
+        values = critic(exp.seq, exp.attention_mask)[:, exp.prompt_len - 1 : -1]
+        loss, clipfrac = value_loss(values, exp.values, returns, exp.action_mask.float(),
+                                    cliprange_value=self.args.cliprange_value)  # fmt: skip
+        critic.backward(loss)
+        critic.step()
+        return loss, clipfrac
 
     def train_unsupervised(self, input_ids: torch.Tensor, unsup_coef: float) -> torch.Tensor:
         """PPO-ptx: one actor step on unsup_coef × the LM loss of plain-text blocks; returns the LM loss."""

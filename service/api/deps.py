@@ -36,7 +36,7 @@ async def session_dep(request: Request) -> AsyncIterator[Session]:
 async def caller_dep(request: Request, session: Annotated[Session, Depends(session_dep)],
                      authorization: Annotated[str | None, Header()] = None) -> Caller:  # fmt: skip
     cache_s = request.app.state.settings.auth_cache_s
-    if cache_s > 0 and (caller := cached_caller(authorization)) is not None:
+    if (caller := cached_caller(authorization, cache_s)) is not None:
         return caller  # verified moments ago: no database, no thread hop
 
     def check() -> Caller:

@@ -141,7 +141,7 @@ class Base:
     async def caller(self, context: grpc.aio.ServicerContext) -> Caller:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         cache_s = self.settings.auth_cache_s
-        if cache_s > 0 and (caller := cached_caller(authorization)) is not None:
+        if (caller := cached_caller(authorization, cache_s)) is not None:
             return caller
         return await self.db(lambda s: authenticate(session=s, authorization=authorization, cache_s=cache_s))
 

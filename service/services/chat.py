@@ -38,6 +38,7 @@ from service.errors import (
 )
 from service.schemas import ChatCompletionRequest
 from service.services import models as models_svc
+from service.services.keys import authenticate, cached_caller
 from service.settings import Settings
 
 ROLE = {"developer": "system"}
@@ -275,10 +276,8 @@ async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: s
     (one hand-off instead of two: it shows in time to first token). A key verified within
     `auth_cache_s`, a model resolved before and a view of the workers younger than `route_cache_s`
     route the request with no hand-off at all."""
-    from service.services.keys import cached_caller
-
     r = None
-    if tenant is None and settings.auth_cache_s > 0 and (caller := cached_caller(authorization)) is not None:
+    if tenant is None and (caller := cached_caller(authorization, settings.auth_cache_s)) is not None:
         tenant = caller.tenant_id
     if tenant is not None:
         check(req, settings)  # after the key: an unknown caller learns nothing about our limits
@@ -326,8 +325,6 @@ def _route_in_thread(settings: Settings, tenant: str | None, authorization: str 
                      req: ChatCompletionRequest) -> Route:  # fmt: skip
     with session_scope(settings.db_url) as s:
         if tenant is None:  # (else the request was checked on the loop)
-            from service.services.keys import authenticate
-
             tenant = authenticate(session=s, authorization=authorization, cache_s=settings.auth_cache_s).tenant_id
             check(req, settings)  # after the key: an unknown caller learns nothing about our limits
         return route(session=s, tenant=tenant, req=req, settings=settings, inflight=_inflight)

@@ -76,9 +76,10 @@ def _token_hash(authorization: str | None) -> str:
     return hash_key(token.strip())
 
 
-def cached_caller(authorization: str | None) -> Caller | None:
-    """The caller of a key verified within the cache time, without touching the database; else None."""
-    if not authorization:
+def cached_caller(authorization: str | None, cache_s: float) -> Caller | None:
+    """The caller of a key verified within the last `cache_s` (> 0), without touching the database;
+    else None (then `authenticate`)."""
+    if cache_s <= 0 or not authorization:
         return None
     try:
         hit = _VERIFIED.get(_token_hash(authorization))
@@ -88,11 +89,10 @@ def cached_caller(authorization: str | None) -> Caller | None:
 
 
 def authenticate(*, session: Session, authorization: str | None, cache_s: float = 0.0) -> Caller:
-    """The caller of an `Authorization: Bearer <key>` header, or Unauthenticated. With `cache_s` > 0 a
-    verified key is remembered for that long (unknown and revoked keys are never remembered)."""
+    """The caller of an `Authorization: Bearer <key>` header (asking the database), or Unauthenticated.
+    With `cache_s` > 0 a verified key is remembered for that long, for `cached_caller` (unknown and
+    revoked keys are never remembered)."""
     digest = _token_hash(authorization)
-    if cache_s > 0 and (hit := _VERIFIED.get(digest)) is not None and hit[1] > time.monotonic():
-        return hit[0]
     key = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
     if key is None or key.revoked_at is not None:
         _VERIFIED.pop(digest, None)

@@ -321,11 +321,13 @@ def test_a_failed_key_check_forgets_the_key_at_once(stack: Stack) -> None:
     header = "Bearer " + stack.key("dave")
     with session_scope(stack.settings.db_url) as s:
         assert authenticate(session=s, authorization=header, cache_s=60).tenant_id == "dave"
-    assert cached_caller(header) is not None and cached_caller(header).tenant_id == "dave"  # type: ignore[union-attr]
+    assert (remembered := cached_caller(header, 60)) is not None and remembered.tenant_id == "dave"
+    assert cached_caller(header, 0) is None  # 0: the cache is not consulted
     with session_scope(stack.settings.db_url) as s:
         revoke_key(session=s, key_id=list_keys(session=s, tenant="dave")[0].id)
     with session_scope(stack.settings.db_url) as s, pytest.raises(Unauthenticated):
         authenticate(session=s, authorization=header, cache_s=0)  # 0: the database is asked every time
-    assert cached_caller(header) is None
+    assert cached_caller(header, 60) is None
     with session_scope(stack.settings.db_url) as s, pytest.raises(Unauthenticated):
         authenticate(session=s, authorization=header, cache_s=60)  # a revoked key is never remembered
+    assert cached_caller(header, 60) is None
