@@ -228,7 +228,9 @@ class ChatEngine:
         self.scorer = ReplyScorer(self.loaded.reward_dir, self.loaded.device) if self.loaded.reward_dir else None
         params = _forward_params(self.loaded.module)
         self._takes_positions = "position_ids" in params
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        from rlhf_engine.engine.kv_cache import cache_kwarg
+
+        self._cache_arg = cache_kwarg(self.loaded.module)
         self._pending: queue.Queue[RequestHandle | None] = queue.Queue()
         self._ids = itertools.count()
         self._closed = False

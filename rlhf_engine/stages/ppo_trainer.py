@@ -31,6 +31,7 @@ from rlhf_engine.algorithms.ppo import (
     value_loss,
 )
 from rlhf_engine.engine.generation import generation_mode, lm_logits, needs_synced_gpus
+from rlhf_engine.engine.kv_cache import cache_kwarg, reserved_cache
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, as_ppo_config
 from rlhf_engine.models.value import sequence_scores
 
@@ -122,6 +123,7 @@ class PPOTrainer:
         self.device = engine.dist.device
         self.use_ds_hybrid = self.args.enable_hybrid_engine
         self.gather_for_generation = True
+        self.reserve_kv_cache = True  # False: Hugging Face's default cache (the bench's baseline)
         self.warnings: list[str] = []  # for the caller to turn into events
         self.generate_kwargs: dict[str, Any] = {}  # extra arguments for `generate` (e.g. min_new_tokens)
         self.last_metrics: dict[str, float] = {}
@@ -151,6 +153,8 @@ class PPOTrainer:
             if keep_logits:  # the raw (untempered) logits of every sampled position
                 kwargs |= {"return_dict_in_generate": True, "output_logits": True}
             with generation_mode(actor, gather=self.gather_for_generation) as model:
+                if self.reserve_kv_cache and (cache := reserved_cache(model, cfg.max_answer_len)) is not None:
+                    kwargs[cache_kwarg(model)] = cache  # written in place, not re-copied every token
                 out = model.generate(prompts, synced_gpus=synced, **kwargs)
         if not keep_logits:
             return out, None
