@@ -2,7 +2,9 @@
 
 Same machine, same DeepSpeed engines and ZeRO stage, same prompts, same hyperparameters, same number
 of experiences per PPO step (64) and the same answers' length (forced to `--answer-len` tokens so the
-work is identical). Each configuration runs in its own process:
+work is identical). The configurations of one ZeRO stage share a process and one set of engines and
+take turns, step by step (order rotating), so that drift in the machine's speed — seen here as ±20%
+between runs minutes apart — hits all of them alike; plain `generate` takes its turn too:
 
   baseline     DeepSpeed-Chat with its hybrid engine off: 4 generate calls of 16 prompts (generation
                batch = training batch), Hugging Face `generate` with its defaults (KV cache on), a
@@ -10,14 +12,17 @@ work is identical). Each configuration runs in its own process:
                its train_rlhf: the actor's log-probs over the whole sequence, sliced to the answer
   +keep        … scoring and training compute the LM head only over the answer positions (logits_to_keep)
   +reuse       … the actor's log-probs come from the logits `generate` already produced (one pass less)
-  +wide        … one generate call of 64 prompts, trained in 4 micro-batches of 16 (= ours)
-  zero3 pair   baseline and ours again at ZeRO-3: per-layer gathers on every token vs one gather per call
+  +wide        … one generate call of 64 prompts, trained in 4 micro-batches of 16
+  +reserve     … the KV cache reserves room for the answer and is written in place, where Hugging
+               Face's default cache copies itself on every token (= ours)
+  zero3 pair   baseline and ours again at ZeRO-3 (a second process): per-layer gathers on every token
+               vs one gather per call
 
 Reports samples/s, the generation / scoring / training / other split per step (as DeepSpeed-Chat's
 step-3 log does), generation tokens/s against plain `generate` on a plain copy of the actor, and the
 cost of the train↔generate switch. JSON goes to bench/results/.
 
-    python bench/step3.py [--actor-size m --critic-size s --steps 3 --answer-len 48]
+    python bench/step3.py [--actor-size m --critic-size s --steps 4 --answer-len 48]
 """
 
 from __future__ import annotations
@@ -35,13 +40,18 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIENCES = 64
 TRAIN_BATCH = 16
 
+def _config(zero: int, *, wide: bool, keep: bool, reuse: bool, reserve: bool, gather: bool = True) -> dict[str, Any]:
+    return {"zero": zero, "wide": wide, "keep": keep, "reuse": reuse, "reserve": reserve, "gather": gather}
+
+
 CONFIGS: dict[str, dict[str, Any]] = {
-    "baseline": {"zero": 0, "wide": False, "keep": False, "reuse": False, "gather": True},
-    "+keep": {"zero": 0, "wide": False, "keep": True, "reuse": False, "gather": True},
-    "+reuse": {"zero": 0, "wide": False, "keep": True, "reuse": True, "gather": True},
-    "+wide (ours)": {"zero": 0, "wide": True, "keep": True, "reuse": True, "gather": True},
-    "zero3 baseline": {"zero": 3, "wide": False, "keep": False, "reuse": False, "gather": False},
-    "zero3 ours": {"zero": 3, "wide": True, "keep": True, "reuse": True, "gather": True},
+    "baseline": _config(0, wide=False, keep=False, reuse=False, reserve=False),
+    "+keep": _config(0, wide=False, keep=True, reuse=False, reserve=False),
+    "+reuse": _config(0, wide=False, keep=True, reuse=True, reserve=False),
+    "+wide": _config(0, wide=True, keep=True, reuse=True, reserve=False),
+    "+reserve (ours)": _config(0, wide=True, keep=True, reuse=True, reserve=True),
+    "zero3 baseline": _config(3, wide=False, keep=False, reuse=False, reserve=False, gather=False),
+    "zero3 ours": _config(3, wide=True, keep=True, reuse=True, reserve=True),
 }
 
 
@@ -51,10 +61,12 @@ def _models(actor_size: str, critic_size: str) -> tuple[Path, Path]:
     return build_tiny("opt", actor_size), build_tiny("opt", critic_size)  # type: ignore[arg-type]
 
 
-def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> dict[str, Any]:
-    """One configuration, in this process: returns per-step timings."""
+def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len: int) -> dict[str, Any]:
+    """Configurations that share a ZeRO stage, in this process, on one set of engines, interleaved:
+    every PPO step runs each configuration once (in rotating order), so a machine whose speed drifts
+    during the run slows them all alike. Returns per-step timings per configuration."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
     from rlhf_engine.algorithms.ppo import policy_loss, token_logprobs
@@ -64,22 +76,21 @@ def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> 
     from rlhf_engine.models.value import sequence_scores
     from rlhf_engine.stages.ppo_trainer import Experience, answer_mask, degenerate_rows
 
-    c = CONFIGS[name]
-    gen_bs = EXPERIENCES if c["wide"] else TRAIN_BATCH
-    opts = {"zero_stage": c["zero"], "dropout": 0.0}
-    if c["zero"] == 3:
+    zero = CONFIGS[names[0]]["zero"]
+    opts = {"zero_stage": zero, "dropout": 0.0}
+    if zero == 3:
         opts["zero_param_persistence_threshold"] = 0
     args = PPOConfig(actor_model_name_or_path=actor, critic_model_name_or_path=critic,
-                     per_device_generation_batch_size=gen_bs, per_device_training_batch_size=TRAIN_BATCH,
-                     generation_batches=EXPERIENCES // gen_bs, max_answer_len=answer_len, num_warmup_steps=0,
-                     reuse_generation_logits=c["reuse"], actor=opts, critic=dict(opts))  # fmt: skip
+                     per_device_generation_batch_size=EXPERIENCES, per_device_training_batch_size=TRAIN_BATCH,
+                     generation_batches=1, max_answer_len=answer_len, num_warmup_steps=0, actor=opts,
+                     critic=dict(opts))  # fmt: skip
     tok = AutoTokenizer.from_pretrained(actor)
     prompts = prepare_step(args.data, 3, tok).train
     engine = RLHFEngine(actor_model_name_or_path=actor, critic_model_name_or_path=critic, tokenizer=tok,
-                        num_total_iters=(steps + 1) * 4, args=args)  # fmt: skip
+                        num_total_iters=(steps + 1) * len(names) * 4, args=args)  # fmt: skip
     trainer = PPOTrainer(engine=engine, args=args)
-    trainer.gather_for_generation = c["gather"]
     trainer.generate_kwargs = {"min_new_tokens": answer_len}  # identical work in every configuration
+    plain = AutoModelForCausalLM.from_pretrained(actor).eval() if zero == 0 else None
 
     def baseline_experience(batch: dict[str, torch.Tensor]) -> Experience:
         """DeepSpeed-Chat's generate_experience: plain generate, one full forward per model."""
@@ -113,10 +124,13 @@ def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> 
         engine.actor.step()
         trainer.critic_step(exp, returns)
 
-    make = trainer.generate_experience if c["keep"] else baseline_experience
-    train = trainer.train_rlhf if c["keep"] else baseline_train
-    results = []
-    for step in range(steps + 1):  # step 0 warms up (allocations, first-call costs)
+    def ppo_step(c: dict[str, Any], step: int) -> dict[str, float]:
+        trainer.gather_for_generation = c["gather"]
+        trainer.reserve_kv_cache = c["reserve"]
+        trainer.args.reuse_generation_logits = c["reuse"]
+        make = trainer.generate_experience if c["keep"] else baseline_experience
+        train = trainer.train_rlhf if c["keep"] else baseline_train
+        gen_bs = EXPERIENCES if c["wide"] else TRAIN_BATCH
         t0 = time.monotonic()
         exps = []
         for g in range(EXPERIENCES // gen_bs):
@@ -129,43 +143,43 @@ def run_one(name: str, actor: str, critic: str, steps: int, answer_len: int) -> 
         t2 = time.monotonic()
         gen = sum(e.gen_seconds for e in exps)
         score = sum(e.score_seconds for e in exps)
-        tokens = sum(int(e.answer_lengths.sum()) for e in exps)
-        if step:
-            results.append({"step_s": t2 - t0, "gen_s": gen, "score_s": score, "train_s": t2 - t1,
-                            "other_s": (t1 - t0) - gen - score, "gen_tokens": tokens})  # fmt: skip
-    # the switch itself: eval/train + (at ZeRO-3) gather and hook changes, without generating
-    switch = []
-    for _ in range(5):
-        t = time.monotonic()
-        with generation.generation_mode(engine.actor, gather=c["gather"]):
-            pass
-        switch.append(time.monotonic() - t)
-    return {"steps": results, "switch_s": sorted(switch)[len(switch) // 2]}
+        return {"step_s": t2 - t0, "gen_s": gen, "score_s": score, "train_s": t2 - t1,
+                "other_s": (t1 - t0) - gen - score, "gen_tokens": sum(int(e.answer_lengths.sum()) for e in exps)}  # fmt: skip
 
-
-def plain_generate(actor: str, answer_len: int, steps: int) -> dict[str, float]:
-    """Tokens/s of Hugging Face generate on a plain (non-DeepSpeed) copy of the actor, 64 prompts."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf_engine.config.data import DataConfig
-    from rlhf_engine.data.collate import collate_prompts
-    from rlhf_engine.data.pipeline import prepare_step
-
-    tok = AutoTokenizer.from_pretrained(actor)
-    model = AutoModelForCausalLM.from_pretrained(actor).eval()
-    prompts = prepare_step(DataConfig(), 3, tok).train
-    times, tokens = [], 0
-    for step in range(steps + 1):
-        b = collate_prompts([prompts.row(step * EXPERIENCES + i) for i in range(EXPERIENCES)], tok.pad_token_id)
+    def plain_generate(step: int) -> dict[str, float]:
+        """Hugging Face generate on a plain (non-DeepSpeed) copy of the actor, the same 64 prompts."""
+        assert plain is not None
+        rows = [prompts.row((step * EXPERIENCES + i) % len(prompts)) for i in range(EXPERIENCES)]
+        b = collate_prompts(rows, tok.pad_token_id)
         t = time.monotonic()
         with torch.no_grad():
-            out = model.generate(**b, max_new_tokens=answer_len, min_new_tokens=answer_len, do_sample=True, top_k=0,
+            out = plain.generate(**b, max_new_tokens=answer_len, min_new_tokens=answer_len, do_sample=True, top_k=0,
                                  pad_token_id=tok.pad_token_id)  # fmt: skip
-        if step:
+        return {"gen_s": time.monotonic() - t, "gen_tokens": (out.shape[1] - b["input_ids"].shape[1]) * EXPERIENCES}
+
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    plain_steps: list[dict[str, float]] = []
+    for step in range(steps + 1):  # step 0 warms up (allocations, first-call costs)
+        shift = step % len(names)
+        for name in names[shift:] + names[:shift]:
+            r = ppo_step(CONFIGS[name], step)
+            if step:
+                results[name].append(r)
+        if plain is not None:
+            r = plain_generate(step)
+            if step:
+                plain_steps.append(r)
+    # the switch itself: eval/train + (at ZeRO-3) gather and hook changes, without generating
+    switch = {}
+    for name in names:
+        times = []
+        for _ in range(5):
+            t = time.monotonic()
+            with generation.generation_mode(engine.actor, gather=CONFIGS[name]["gather"]):
+                pass
             times.append(time.monotonic() - t)
-            tokens += (out.shape[1] - b["input_ids"].shape[1]) * EXPERIENCES
-    return {"tokens_per_s": tokens / sum(times)}
+        switch[name] = sorted(times)[len(times) // 2]
+    return {"steps": results, "switch_s": switch, "plain": plain_steps}
 
 
 def _mean(rows: list[dict[str, float]], key: str) -> float:
@@ -176,44 +190,44 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--actor-size", default="m")
     p.add_argument("--critic-size", default="s")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--answer-len", type=int, default=48)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
-    p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--group", nargs="+", help=argparse.SUPPRESS)  # internal: run configurations, print JSON
     ns = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     actor, critic = (str(x) for x in _models(ns.actor_size, ns.critic_size))
-    if ns.one:
-        print("RESULT " + json.dumps(run_one(ns.one, actor, critic, ns.steps, ns.answer_len)))
-        return 0
-    if ns.plain:
-        print("RESULT " + json.dumps(plain_generate(actor, ns.answer_len, ns.steps)))
+    if ns.group:
+        print("RESULT " + json.dumps(run_group(ns.group, actor, critic, ns.steps, ns.answer_len)))
         return 0
 
-    def child(extra: list[str]) -> dict[str, Any]:
+    def child(names: list[str]) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--actor-size", ns.actor_size, "--critic-size", ns.critic_size,
-               "--steps", str(ns.steps), "--answer-len", str(ns.answer_len), *extra]  # fmt: skip
+               "--steps", str(ns.steps), "--answer-len", str(ns.answer_len), "--group", *names]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            raise RuntimeError(f"{extra} failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"{names} failed:\n{done.stderr[-3000:]}")
         return dict(json.loads(line[7:]))
 
-    plain = child(["--plain"])
-    rows = {}
-    for name in ns.configs:
-        r = child(["--one", name])
-        steps = r["steps"]
-        rows[name] = {
-            "samples_per_s": EXPERIENCES / _mean(steps, "step_s"),
-            "step_s": _mean(steps, "step_s"), "gen_s": _mean(steps, "gen_s"), "score_s": _mean(steps, "score_s"),
-            "train_s": _mean(steps, "train_s"), "other_s": _mean(steps, "other_s"),
-            "gen_tokens_per_s": sum(s["gen_tokens"] for s in steps) / sum(s["gen_s"] for s in steps),
-            "switch_s": r["switch_s"],
-        }  # fmt: skip
-        print(f"{name}: {rows[name]['samples_per_s']:.2f} samples/s", flush=True)
+    rows: dict[str, dict[str, float]] = {}
+    plain: dict[str, float] = {}
+    for zero in sorted({CONFIGS[n]["zero"] for n in ns.configs}):
+        names = [n for n in ns.configs if CONFIGS[n]["zero"] == zero]
+        r = child(names)
+        if r["plain"]:
+            plain = {"tokens_per_s": sum(s["gen_tokens"] for s in r["plain"]) / sum(s["gen_s"] for s in r["plain"])}
+        for name in names:
+            steps = r["steps"][name]
+            rows[name] = {
+                "samples_per_s": EXPERIENCES / _mean(steps, "step_s"),
+                "step_s": _mean(steps, "step_s"), "gen_s": _mean(steps, "gen_s"), "score_s": _mean(steps, "score_s"),
+                "train_s": _mean(steps, "train_s"), "other_s": _mean(steps, "other_s"),
+                "gen_tokens_per_s": sum(s["gen_tokens"] for s in steps) / sum(s["gen_s"] for s in steps),
+                "switch_s": r["switch_s"][name], "steps": steps,
+            }  # fmt: skip
+            print(f"{name}: {rows[name]['samples_per_s']:.2f} samples/s", flush=True)
 
     import platform
 
@@ -221,7 +235,7 @@ def main() -> int:
 
     base = rows.get("baseline")
     print(f"\nstep 3, {EXPERIENCES} experiences per step, answers {ns.answer_len} tokens, actor {ns.actor_size}, "
-          f"critic {ns.critic_size}; plain generate: {plain['tokens_per_s']:.0f} tokens/s")  # fmt: skip
+          f"critic {ns.critic_size}; plain generate: {plain.get('tokens_per_s', float('nan')):.0f} tokens/s")  # fmt: skip
     header = f"{'config':16} {'samples/s':>9} {'×base':>6} {'step s':>7} {'gen':>6} {'score':>6} {'train':>6} " \
              f"{'other':>6} {'gen tok/s':>9} {'switch %':>8}"  # fmt: skip
     print(header)
