@@ -186,6 +186,24 @@ def _mean(rows: list[dict[str, float]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
+def machine_probe() -> dict[str, float]:
+    """GFLOPS of two fp32 matmuls: one that streams its 4 MB weight for 16 rows (what small-batch
+    decoding waits on: memory bandwidth, which other tenants of this machine share) and one that
+    computes (what training waits on). They tell two runs' machines apart."""
+    import torch
+
+    out = {}
+    for name, rows in (("linear_16_rows_gflops", 16), ("linear_1024_rows_gflops", 1024)):
+        x, w = torch.randn(rows, 512), torch.randn(2048, 512)
+        for _ in range(5):
+            torch.nn.functional.linear(x, w)
+        n, t = 50, time.perf_counter()
+        for _ in range(n):
+            torch.nn.functional.linear(x, w)
+        out[name] = 2 * rows * 512 * 2048 * n / (time.perf_counter() - t) / 1e9
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--actor-size", default="m")
@@ -211,8 +229,9 @@ def main() -> int:
             raise RuntimeError(f"{names} failed:\n{done.stderr[-3000:]}")
         return dict(json.loads(line[7:]))
 
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     plain: dict[str, float] = {}
+    probe_before = machine_probe()
     for zero in sorted({CONFIGS[n]["zero"] for n in ns.configs}):
         names = [n for n in ns.configs if CONFIGS[n]["zero"] == zero]
         r = child(names)
@@ -233,23 +252,29 @@ def main() -> int:
 
     import torch
 
+    probe_after = machine_probe()
     base = rows.get("baseline")
-    print(f"\nstep 3, {EXPERIENCES} experiences per step, answers {ns.answer_len} tokens, actor {ns.actor_size}, "
+    probe = "; ".join(f"{k[:-6]} {probe_before[k]:.0f} → {probe_after[k]:.0f} GFLOPS" for k in probe_before)
+    print(f"\nmachine before → after: {probe}")
+    print(f"step 3, {EXPERIENCES} experiences per step, answers {ns.answer_len} tokens, actor {ns.actor_size}, "
           f"critic {ns.critic_size}; plain generate: {plain.get('tokens_per_s', float('nan')):.0f} tokens/s")  # fmt: skip
     header = f"{'config':16} {'samples/s':>9} {'×base':>6} {'step s':>7} {'gen':>6} {'score':>6} {'train':>6} " \
-             f"{'other':>6} {'gen tok/s':>9} {'switch %':>8}"  # fmt: skip
+             f"{'other':>6} {'gen tok/s':>9} {'switch %':>8} {'×base per step':>15}"  # fmt: skip
     print(header)
     for name, r in rows.items():
         ref = rows["zero3 baseline"] if name.startswith("zero3") and "zero3 baseline" in rows else base
         speed = r["samples_per_s"] / ref["samples_per_s"] if ref else float("nan")
+        paired = sorted(b["step_s"] / o["step_s"] for b, o in zip(ref["steps"], r["steps"], strict=True)) if ref else []
+        spread = f"{paired[0]:.2f}-{paired[-1]:.2f}" if paired else ""
         split = [100 * r[k] / r["step_s"] for k in ("gen_s", "score_s", "train_s", "other_s")]
         print(f"{name:16} {r['samples_per_s']:9.2f} {speed:6.2f} {r['step_s']:7.2f} {split[0]:5.0f}% {split[1]:5.0f}% "
               f"{split[2]:5.0f}% {split[3]:5.0f}% {r['gen_tokens_per_s']:9.0f} "
-              f"{100 * r['switch_s'] / r['step_s']:8.3f}")  # fmt: skip
+              f"{100 * r['switch_s'] / r['step_s']:8.3f} {spread:>15}")  # fmt: skip
     out = ROOT / "bench" / "results" / f"step3-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+                                           "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                                           "probe_before": probe_before, "probe_after": probe_after},
                                "settings": vars(ns), "plain_generate": plain, "configs": rows}, indent=2))  # fmt: skip
     print(f"\nwritten to {out}")
     return 0
