@@ -33,6 +33,7 @@ from rlhf_engine.chat.loading import LoadedModel, ReplyScorer, load_chat_model
 from rlhf_engine.chat.sampling import next_token
 from rlhf_engine.chat.text import StreamText
 from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
+from rlhf_engine.engine.generation import cache_kwarg, forward_params
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +227,7 @@ class ChatEngine:
         self.loaded: LoadedModel = load_chat_model(config)
         self.tokenizer = self.loaded.tokenizer
         self.scorer = ReplyScorer(self.loaded.reward_dir, self.loaded.device) if self.loaded.reward_dir else None
-        params = _forward_params(self.loaded.module)
-        self._takes_positions = "position_ids" in params
-        from rlhf_engine.engine.kv_cache import cache_kwarg
-
+        self._takes_positions = "position_ids" in forward_params(self.loaded.module)
         self._cache_arg = cache_kwarg(self.loaded.module)
         self._pending: queue.Queue[RequestHandle | None] = queue.Queue()
         self._ids = itertools.count()
@@ -489,12 +487,6 @@ def _pad_left(x: torch.Tensor, width: int, *, dim: int = 2) -> torch.Tensor:
         return x
     pad = [0, 0] * (x.dim() - 1 - dim) + [missing, 0]
     return F.pad(x, pad)
-
-
-def _forward_params(module: Any) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(module.forward).parameters)
 
 
 def check_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:

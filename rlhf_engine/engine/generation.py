@@ -79,9 +79,15 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _forward_params(module: Any) -> Any:
+def forward_params(module: Any) -> Any:
+    """The parameters a model's (or a DeepSpeed engine's model's) `forward` takes, by name."""
     target = getattr(module, "module", module)  # a DeepSpeed engine wraps the model
     return inspect.signature(target.forward).parameters
+
+
+def cache_kwarg(module: Any) -> str:
+    """The name `generate` / `forward` take a KV cache by: `cache` (transformers 5.2x) or `past_key_values`."""
+    return "cache" if "cache" in forward_params(module) else "past_key_values"
 
 
 def lm_logits(engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -91,7 +97,7 @@ def lm_logits(engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (B, T, V); with `keep_last` = k only the last k positions' logits are computed, (B, k, V) — the
     LM head over a prompt's positions is wasted work when only the answer is scored.
     """
-    params = _forward_params(engine)
+    params = forward_params(engine)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if "position_ids" in params:
         kwargs["position_ids"] = position_ids(attention_mask)

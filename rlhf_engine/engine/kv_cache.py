@@ -15,7 +15,6 @@ builds its default cache.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -89,12 +88,6 @@ class ReservedLayer(DynamicLayer):
         super().reset()
         self._k = self._v = None
         self._n = 0
-
-
-def cache_kwarg(model: Any) -> str:
-    """The name `generate` / `forward` take a cache by: `cache` (transformers 5.2x) or `past_key_values`."""
-    target = getattr(model, "module", model)
-    return "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
 
 
 def reserved_cache(model: Any, reserve: int) -> DynamicCache | None:

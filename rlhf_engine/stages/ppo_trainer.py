@@ -30,8 +30,8 @@ from rlhf_engine.algorithms.ppo import (
     token_logprobs,
     value_loss,
 )
-from rlhf_engine.engine.generation import generation_mode, lm_logits, needs_synced_gpus
-from rlhf_engine.engine.kv_cache import cache_kwarg, reserved_cache
+from rlhf_engine.engine.generation import cache_kwarg, generation_mode, lm_logits, needs_synced_gpus
+from rlhf_engine.engine.kv_cache import reserved_cache
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, as_ppo_config
 from rlhf_engine.models.value import sequence_scores
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, MistralForCausalLM
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from rlhf_engine.engine.kv_cache import ReservedLayer, cache_kwarg, reserved_cache
+from rlhf_engine.engine.generation import cache_kwarg
+from rlhf_engine.engine.kv_cache import ReservedLayer, reserved_cache
 from rlhf_engine.models.tiny import build_tiny
 
 
@@ -61,5 +62,6 @@ def test_a_reserved_layer_crops_and_selects_rows_like_the_default() -> None:
 def test_layers_of_another_kind_keep_hugging_faces_cache() -> None:
     config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=4)  # fmt: skip
-    cache = reserved_cache(MistralForCausalLM(config), reserve=8)
-    assert cache is None or all(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers)
+    model = MistralForCausalLM(config)
+    assert all(type(layer) is DynamicSlidingWindowLayer for layer in DynamicCache(config=config).layers)
+    assert reserved_cache(model, reserve=8) is None  # no plain layer to replace: generate builds its own
