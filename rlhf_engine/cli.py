@@ -189,17 +189,32 @@ def _step_config_class(command: str) -> Any:
 def cmd_step(ns: argparse.Namespace) -> int:
     import importlib
 
+    from rlhf_engine.engine import fencing
     from rlhf_engine.engine.launch import inside_launcher, run_launched
 
+    fencing.start_watchdog()  # a step whose worker (or top process) is gone stops, never trains on alone
     cls = _step_config_class(ns.command)
     config = dataclass_from_args(cls, ns, file_values=load_config_file(ns.config) if ns.config else None)
     stage = importlib.import_module(STEPS[ns.command][0])
-    if ns.num_gpus > 1 and not inside_launcher():
+    step_dir = Path(config.output_dir) / stage.STEP_DIR
+    if inside_launcher():
+        with fencing.rank(step_dir):
+            return _run_stage(stage, config)
+    if ns.num_gpus > 1:
         stage.check(config)  # bad input fails here once, not in every worker
-        marker = Path(config.output_dir) / stage.STEP_DIR / "summary.json"
-        return run_launched(ns.argv, processes=ns.num_gpus, launcher=ns.launcher, marker=marker,
-                            hostfile=ns.hostfile)  # fmt: skip
+    with fencing.writer(step_dir) as waited:
+        if waited > 1:
+            print(f"rlhf: waited {waited:.0f} s for an earlier process writing {step_dir} to stop", file=sys.stderr)
+        if ns.num_gpus > 1:
+            return run_launched(ns.argv, processes=ns.num_gpus, launcher=ns.launcher, marker=step_dir / "summary.json",
+                                hostfile=ns.hostfile)  # fmt: skip
+        return _run_stage(stage, config)
+
+
+def _run_stage(stage: Any, config: Any) -> int:
+    """Run a step in this process (the only one, or one rank of a launched run)."""
     from rlhf_engine.engine.distributed import finish
+    from rlhf_engine.engine.fencing import EXIT_SUPERSEDED, Superseded
     from rlhf_engine.engine.stopping import EXIT_STOPPED, StepStopped
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -210,6 +225,10 @@ def cmd_step(ns: argparse.Namespace) -> int:
             print(f"rlhf: {e}; run the same command again to resume", file=sys.stderr)
         finish(False, world, code=EXIT_STOPPED)
         return EXIT_STOPPED
+    except Superseded as e:
+        print(f"rlhf: {e}", file=sys.stderr)
+        finish(False, world, code=EXIT_SUPERSEDED)
+        return EXIT_SUPERSEDED
     except ValueError as e:
         if world > 1:  # a worker of a launched run: say why, then leave without the exit-time abort
             print(f"rlhf: error: {e}", file=sys.stderr)

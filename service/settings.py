@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     cost_interval_s: float = Field(default=10.0, description="cost is accrued once per interval")
     visibility_timeout_s: int = Field(default=3600, description="Redis redelivers an unacked task after this")
     step_grace_s: float = Field(default=60.0, description="time a step gets to checkpoint after a stop request")
+    step_restarts: int = Field(default=2, ge=0, description="times a step killed by a signal (e.g. the OOM killer) "
+                               "is restarted from its last checkpoint before the job fails")  # fmt: skip
 
     # serving: inference workers and chat
     inference_host: str = Field(default="127.0.0.1", description="an inference worker's bind address")

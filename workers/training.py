@@ -58,7 +58,7 @@ class LeaseLost(Exception):
 
 @dataclasses.dataclass
 class Outcome:
-    kind: str  # "succeeded" | "failed" | "cancelled" | "paused" | "requeued" | "lost"
+    kind: str  # "succeeded" | "failed" | "cancelled" | "paused" | "requeued" | "lost" | "killed"
     message: str = ""
 
 
@@ -249,6 +249,7 @@ def _kill(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 
 def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
+    from rlhf_engine.engine import fencing
     from rlhf_engine.engine.launch import LAUNCH_VARS
     from rlhf_engine.engine.stopping import STOP_FILE
 
@@ -261,8 +262,13 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
         attempt, num_gpus, gpu_type, max_cost = job.attempts, job.num_gpus, job.gpu_type, job.max_cost_usd
         add_event(session=s, job=job, type_="step_queued", step=step, message=f"step {step}: starting `rlhf "
                   f"{COMMANDS[step]}` (attempt {attempt})")  # fmt: skip
+    # the folder's fencing token: a step of an earlier attempt still running (its worker died) stops
+    # without writing, and the new step waits for its lock (rlhf_engine/engine/fencing.py)
+    fencing.write_fence(step_dir, attempt)
     (step_dir / STOP_FILE).unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env |= {fencing.ATTEMPT_ENV: str(attempt), fencing.WATCH_ENV: str(os.getpid()),
+            fencing.GRACE_ENV: str(settings.step_grace_s)}  # fmt: skip
     ingest = Ingest(job_id, step, step_dir)
     started = time.monotonic()
     with open(log, "ab") as logf:
@@ -327,6 +333,10 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
         return Outcome("succeeded", f"{seconds:.1f}")
     if stopping:
         return Outcome("requeued" if stopping == "shutdown" else "paused", stopping)
+    if proc.returncode == fencing.EXIT_SUPERSEDED:  # a newer attempt owns the folder: this worker lost the job
+        return Outcome("lost")
+    if proc.returncode < 0:  # killed by a signal (the OOM killer, an operator): not the step's own failure
+        return Outcome("killed", f"step {step} ({COMMANDS[step]}) was killed by signal {-proc.returncode}")
     tail = log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines()
     reason = next((ln for ln in reversed(tail) if ln.startswith("rlhf: error:")), tail[-1] if tail else "")
     return Outcome("failed", f"step {step} ({COMMANDS[step]}) exited with status {proc.returncode}: {reason}")
@@ -382,6 +392,17 @@ def train_job(job_id: str, settings: Settings) -> str:
                 _mark_step(settings, job_id, owner, step, "succeeded", step_dir)
                 continue
             outcome = run_step(job_id, step, settings, owner)
+            for restart in range(1, settings.step_restarts + 1):
+                if outcome.kind != "killed":
+                    break
+                with session_scope(settings.db_url) as s:
+                    job = renew(s, job_id, settings, owner)
+                    add_event(session=s, job=job, type_="step_restarted", level="warning", step=step,
+                              message=f"{outcome.message}; restarting it from its last checkpoint ({restart} of "
+                              f"{settings.step_restarts})")  # fmt: skip
+                outcome = run_step(job_id, step, settings, owner)
+            if outcome.kind == "killed":
+                outcome = Outcome("failed", f"{outcome.message} {settings.step_restarts + 1} times")
             if outcome.kind == "succeeded":
                 _mark_step(settings, job_id, owner, step, "succeeded", step_dir)
                 continue

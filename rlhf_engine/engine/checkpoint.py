@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf_engine.engine import fencing
 from rlhf_engine.engine.distributed import Dist, barrier
 from rlhf_engine.stages.records import write_json_atomic
 
@@ -73,6 +74,9 @@ def save(engines: dict[str, Any], root: Path, *, global_step: int, state: dict[s
     from safetensors.torch import save_file
 
     folder = root / f"global_step{global_step}"
+    if _any_rank(fencing.superseded(), dist):  # every rank agrees, or one would wait in a collective forever
+        fencing.check()
+        raise fencing.Superseded(f"a newer attempt owns {root.parent}; checkpoint {global_step} not written")
     if dist.is_main and folder.exists():
         shutil.rmtree(folder)  # an incomplete leftover of a killed save
     barrier()
@@ -90,6 +94,16 @@ def save(engines: dict[str, Any], root: Path, *, global_step: int, state: dict[s
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return folder
+
+
+def _any_rank(flag: bool, dist: Dist) -> bool:
+    if dist.world_size == 1:
+        return flag
+    import torch.distributed as tdist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def read_state(folder: Path) -> dict[str, Any]:

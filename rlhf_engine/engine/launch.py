@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf_engine.engine.distributed import free_port
+from rlhf_engine.engine.fencing import WATCH_ENV
 
 Launcher = Literal["deepspeed", "torchrun"]
 # set by a launcher for its workers; a fresh run started from inside one must not inherit them
@@ -45,6 +46,7 @@ def run_launched(args: Sequence[str], *, processes: int, launcher: Launcher, mar
     """Run the step's workers and wait; 0 if the step's summary.json exists afterwards."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes on a few cores: no thread oversubscription
+    env[WATCH_ENV] = str(os.getpid())  # the ranks stop when this process ends (fencing.py)
     done = subprocess.run(launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile), env=env)
     if marker.is_file():
         return 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rlhf_engine.engine import fencing
 from rlhf_engine.models.loading import ModelKind
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def save_hf_model(state: dict[str, torch.Tensor], *, config: Any, kind: ModelKin
                   lora: Any | None, dropout_restore: dict[str, float], tokenizer: Any, tokenizer_src: str,
                   dtype: torch.dtype) -> None:  # fmt: skip
     """Rank 0: write `state` as a loadable model folder at `out` (atomically replaced)."""
+    fencing.check()
     for key, value in dropout_restore.items():
         setattr(config, key, value)
     model = _fresh_model(config, kind)

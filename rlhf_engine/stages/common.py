@@ -26,7 +26,7 @@ import torch
 from rlhf_engine.config.train import TrainConfig
 from rlhf_engine.data.pipeline import prepare_step
 from rlhf_engine.data.tokenize import TokenizedSplit
-from rlhf_engine.engine import checkpoint
+from rlhf_engine.engine import checkpoint, fencing
 from rlhf_engine.engine.deepspeed_setup import (
     build_ds_config,
     initialize,
@@ -212,7 +212,7 @@ def run_step(config: TrainConfig, spec: StepSpec) -> dict[str, Any]:
     records = Records(step_dir, enabled=dist.is_main)
     try:
         return _run(config, spec, dist, step_dir, records, checked)
-    except StepStopped:
+    except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step
         raise
     except Exception as e:
         records.event("error", f"{type(e).__name__}: {e}", level="error")

@@ -17,6 +17,7 @@ import yaml
 
 from rlhf_engine.config.args import dataclass_from_args
 from rlhf_engine.config.pipeline import STEP_CLASSES, PipelineConfig, step_values
+from rlhf_engine.engine.fencing import WATCH_ENV
 from rlhf_engine.engine.launch import LAUNCH_VARS
 from rlhf_engine.stages.records import is_finished
 
@@ -48,6 +49,7 @@ def plan(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> dict[int, 
 def _run_logged(cmd: list[str], log: Path) -> int:
     """Run `cmd`, copying its output to the console and to `log`."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env[WATCH_ENV] = str(os.getpid())  # a step stops when the pipeline ends (fencing.py)
     with open(log, "a") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                                text=True, bufsize=1) as proc:  # fmt: skip
         assert proc.stdout is not None

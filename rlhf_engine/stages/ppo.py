@@ -28,7 +28,7 @@ from rlhf_engine.config.ppo import PPOConfig
 from rlhf_engine.data.collate import collate_prompts
 from rlhf_engine.data.pipeline import prepare_corpus, prepare_step
 from rlhf_engine.data.tokenize import TokenizedSplit
-from rlhf_engine.engine import checkpoint
+from rlhf_engine.engine import checkpoint, fencing
 from rlhf_engine.engine.deepspeed_setup import resolve_dtype, torch_dtype
 from rlhf_engine.engine.distributed import Dist, barrier, init_distributed
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, check_hybrid_engine
@@ -172,7 +172,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
     records = Records(step_dir, enabled=dist.is_main)
     try:
         return _run(config, dist, step_dir, records, tokenizer)
-    except StepStopped:
+    except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step
         raise
     except Exception as e:
         records.event("error", f"{type(e).__name__}: {e}", level="error")

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf_engine.engine import fencing
+
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
@@ -69,6 +71,7 @@ class Records:
     def _append(self, name: str, obj: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        fencing.check()  # a superseded attempt writes nothing
         with open(self.dir / name, "a") as f:
             f.write(json.dumps(_clean(obj)) + "\n")
             f.flush()
@@ -83,6 +86,7 @@ class Records:
         """Drop lines of `name` past `after_step` (a resumed run is about to write them again)."""
         if not self.enabled or not (self.dir / name).is_file():
             return
+        fencing.check()
         rows = [r for r in read_jsonl(self.dir / name) if r.get("step", 0) <= after_step]
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.")
         with os.fdopen(fd, "w") as f:
@@ -92,11 +96,13 @@ class Records:
     def reset(self) -> None:
         """Start a step afresh: drop the records of an earlier run."""
         if self.enabled:
+            fencing.check()
             for name in (METRICS, EVENTS, SUMMARY):
                 (self.dir / name).unlink(missing_ok=True)
 
     def summary(self, data: dict[str, Any]) -> None:
         if self.enabled:
+            fencing.check()
             write_json_atomic(self.dir / SUMMARY, data)
 
 
