@@ -26,6 +26,7 @@ from typing import Any
 from rlhf_engine.chat.errors import ChatError
 from rlhf_engine.config.args import add_dataclass_args, dataclass_from_args, load_config_file
 from rlhf_engine.config.data import DataConfig
+from rlhf_engine.models.tiny import ARCHS
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="model utilities").add_subparsers(dest="models_command", required=True)
     tiny = models.add_parser("tiny", help="write a tiny offline model (config, safetensors, tokenizer)")
-    tiny.add_argument("--arch", choices=["opt", "gpt2", "llama"], default="opt")
+    tiny.add_argument("--arch", choices=ARCHS, default="opt")
     tiny.add_argument("--size", choices=["xs", "s", "m"], default="xs",
                       help="xs ≈ 0.5M, s ≈ 3.5M, m ≈ 25M parameters")  # fmt: skip
     tiny.add_argument("--pretrain-steps", type=int, default=0,

@@ -373,12 +373,10 @@ class ChatEngine:
         return out.logits[:, -1].float().cpu()  # (B, V)
 
     def _prefill(self, handle: RequestHandle) -> None:
-        from transformers import DynamicCache
-
         device = self.loaded.device
         ids = torch.tensor([handle.prompt_ids], device=device)  # (1, P)
         mask = torch.ones_like(ids)
-        cache = DynamicCache(config=self.loaded.module.config)
+        cache = _batch_cache(self.loaded.module.config)
         logits = self._forward(ids, mask, cache)[0]  # (V,)
         n = handle.params.n
         seed = handle.params.seed if handle.params.seed is not None else int.from_bytes(os.urandom(7), "little")
@@ -478,6 +476,20 @@ class ChatEngine:
         for row in self._rows:
             row.handle._fail(error)
         self._rows, self._cache, self._mask, self._next = [], None, None, []
+
+
+def _batch_cache(config: Any) -> Any:
+    """A KV cache whose layers all hold every position, so batches can be joined and trimmed column
+    by column. Sliding-window layers (Mistral, Gemma 2/3) keep only their window, a length of their
+    own; for them a plain layer is used: the attention mask still limits each layer to its window
+    (built from the config's layer types), so replies are the same, at the memory of a full cache."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        return cache
+    return DynamicCache()
 
 
 def _pad_left(x: torch.Tensor, width: int, *, dim: int = 2) -> torch.Tensor:

@@ -32,6 +32,7 @@ from rlhf_engine.engine.deepspeed_setup import (
     resolve_dtype,
 )
 from rlhf_engine.engine.distributed import Dist, init_distributed
+from rlhf_engine.engine.saving import check_saveable
 from rlhf_engine.models.loading import apply_lora, load_config, load_model, resolve_model, set_dropout
 from rlhf_engine.models.value import ValueModel
 
@@ -141,6 +142,7 @@ class RLHFEngine:
         restore = set_dropout(model_config, opts.dropout)
         model = load_model(path, kind=kind, opts=opts, ds_config=ds_config, config=model_config)  # type: ignore[arg-type]
         lora = apply_lora(model, opts, kind=kind) if opts.lora_dim else None  # type: ignore[arg-type]
+        check_saveable(model, config=model_config, kind=kind, lora=lora)  # type: ignore[arg-type]
         module = ValueModel(model) if kind == "value" else model
         optimizer = make_optimizer(module, opts, lr=lr, weight_decay=weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
         scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, warmup=cfg.num_warmup_steps, total=self.num_total_iters)

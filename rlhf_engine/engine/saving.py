@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,51 @@ def gathered_state_dict(module: torch.nn.Module, *, zero_stage: int, is_main: bo
         elif is_main:
             state[name] = p.detach().to("cpu", copy=True)
     if is_main:
-        for name, b in module.named_buffers():
+        for name, b in persistent_buffers(module):
             state[name] = b.detach().to("cpu", copy=True)
     return state
+
+
+def persistent_buffers(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The buffers `state_dict()` holds. Not `named_buffers()`: transformers 5 registers rotary
+    embeddings' `inv_freq` / `original_inv_freq` as non-persistent, and a saved model with them does
+    not load (every Llama, Qwen, Mistral, Gemma, Phi and GPT-NeoX model)."""
+    for prefix, mod in module.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), buf
+
+
+def saved_keys(module: torch.nn.Module) -> set[str]:
+    """The keys `gathered_state_dict` will write for `module` (names only: nothing is gathered)."""
+    return {n for n, _ in module.named_parameters()} | {n for n, _ in persistent_buffers(module)}
+
+
+def _misfit(target: torch.nn.Module, keys: set[str]) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) keys of a state dict with `keys` for `target`; tied output layers may be
+    missing (they are the input embedding)."""
+    expected = set(target.state_dict(keep_vars=True))
+    tied = {k for k in expected - keys if k.endswith(("lm_head.weight", "embed_out.weight"))}
+    return sorted(expected - keys - tied), sorted(keys - expected)
+
+
+def check_saveable(module: torch.nn.Module, *, config: Any, kind: ModelKind, lora: Any | None) -> None:
+    """Before training: the model this step will save fits the class it is saved as and loaded with
+    (on the meta device: no memory, no weights). A mismatch found here costs nothing; at the end it
+    cost the whole run."""
+    import copy
+
+    with torch.device("meta"):
+        fresh = _fresh_model(copy.deepcopy(config), kind)
+        if lora is not None:
+            from peft import get_peft_model
+
+            get_peft_model(fresh, copy.deepcopy(lora))
+    missing, unexpected = _misfit(fresh, saved_keys(module))
+    if missing or unexpected:
+        raise ValueError(f"this {config.model_type} model could not be saved as {type(fresh).__name__} after training "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}); this is a bug of ours for this "
+                         "architecture: please report it with the model's config.json")  # fmt: skip
 
 
 def load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, zero_stage: int,
@@ -94,11 +137,10 @@ def save_hf_model(state: dict[str, torch.Tensor], *, config: Any, kind: ModelKin
         from peft import get_peft_model
 
         model = get_peft_model(model, lora)  # same parameter names as the trained model
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith(("lm_head.weight", "embed_out.weight"))}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"saving: state dict does not fit the model (missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)})")  # fmt: skip
+    missing, unexpected = _misfit(target, set(state))
+    if missing or unexpected:
+        raise RuntimeError(f"saving: state dict does not fit the model (missing {missing}, unexpected {unexpected})")
+    target.load_state_dict(state, strict=False)
     if lora is not None:
         model = model.merge_and_unload()
     model.tie_weights()

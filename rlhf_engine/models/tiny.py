@@ -1,4 +1,8 @@
-"""The offline model kit: tiny OPT / GPT-2 / Llama models built from a config, no download.
+"""The offline model kit: tiny models of every popular architecture, built from a config, no download.
+
+Architectures (`--arch`): opt, gpt2, gpt_neox (learned / partial-rotary positions) and the rotary
+families people bring — llama, mistral (sliding window), qwen2 (qkv bias), qwen3 (qk-norm), gemma3
+(text: soft-capping, tied embeddings, sliding and full layers mixed), phi3 (fused qkv and gate/up).
 
 `rlhf models tiny --arch opt --size xs --out DIR` writes an ordinary Hugging Face model directory
 (config.json, model.safetensors, generation_config.json, the bundled tokenizer with its chat
@@ -25,10 +29,11 @@ from rlhf_engine.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-Arch = Literal["opt", "gpt2", "llama"]
+Arch = Literal["opt", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "gpt_neox"]
 Size = Literal["xs", "s", "m"]
-ARCHS: tuple[Arch, ...] = ("opt", "gpt2", "llama")
-KIT_VERSION = "v1"  # bump when configs or pretraining change
+ARCHS: tuple[Arch, ...] = ("opt", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "gpt_neox")
+SIZES_ORDER: tuple[Size, ...] = ("xs", "s", "m")
+KIT_VERSION = "v1"  # bump when configs or pretraining change (new architectures need no bump)
 
 
 @dataclass(frozen=True)
@@ -47,13 +52,24 @@ SIZES: dict[Size, Shape] = {
     "m": Shape(hidden=512, layers=8, heads=8, ffn=2048, lr=6e-4),
 }
 MAX_POSITIONS = 512
+SLIDING_WINDOW = 64
 PRETRAIN_BLOCK = 128
 PRETRAIN_BATCH = 16
 
 
 def tiny_config(arch: Arch, size: Size, tokenizer: Any) -> Any:
     """A transformers config of the given architecture and size for `tokenizer`'s vocabulary."""
-    from transformers import GPT2Config, LlamaConfig, OPTConfig
+    from transformers import (
+        Gemma3TextConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     sh = SIZES[size]
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -66,12 +82,31 @@ def tiny_config(arch: Arch, size: Size, tokenizer: Any) -> Any:
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=sh.hidden, n_layer=sh.layers, n_head=sh.heads,
                           n_inner=sh.ffn, n_positions=MAX_POSITIONS, **ids)  # fmt: skip
+    # rotary families: SwiGLU has three matrices, so 2/3 of the width keeps a plain MLP's parameter
+    # count; grouped-query attention with half as many KV heads, as Llama 3 / Qwen / Mistral have
+    rotary = {"vocab_size": vocab, "hidden_size": sh.hidden, "num_hidden_layers": sh.layers,
+              "num_attention_heads": sh.heads, "num_key_value_heads": max(1, sh.heads // 2),
+              "intermediate_size": (2 * sh.ffn) // 3, "max_position_embeddings": MAX_POSITIONS, **ids}  # fmt: skip
     if arch == "llama":
-        # SwiGLU has three matrices: 2/3 of the width keeps the parameter count of a plain MLP
-        return LlamaConfig(vocab_size=vocab, hidden_size=sh.hidden, num_hidden_layers=sh.layers,
-                           num_attention_heads=sh.heads, num_key_value_heads=max(1, sh.heads // 2),
-                           intermediate_size=(2 * sh.ffn) // 3, max_position_embeddings=MAX_POSITIONS,
-                           tie_word_embeddings=True, **ids)  # fmt: skip
+        return LlamaConfig(**rotary, tie_word_embeddings=True)
+    if arch == "mistral":  # a window shorter than the test sequences, so the sliding path runs
+        return MistralConfig(**rotary, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)
+    if arch == "qwen2":  # q/k/v projections with bias
+        return Qwen2Config(**rotary, tie_word_embeddings=True, use_sliding_window=False)
+    if arch == "qwen3":  # RMS norm on queries and keys; explicit head_dim
+        return Qwen3Config(**rotary, head_dim=sh.hidden // sh.heads, tie_word_embeddings=True)
+    if arch == "gemma3":  # sliding and full layers mixed (a hybrid cache), logit soft-capping, tied embeddings
+        kinds = ["sliding_attention", "full_attention"] * (sh.layers // 2)
+        return Gemma3TextConfig(**rotary, head_dim=sh.hidden // sh.heads, sliding_window=SLIDING_WINDOW,
+                                layer_types=kinds, final_logit_softcapping=30.0, tie_word_embeddings=True)  # fmt: skip
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**rotary, original_max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False)
+    if arch == "gpt_neox":  # Pythia's shape: partial rotary, parallel residual, fused query_key_value
+        return GPTNeoXConfig(vocab_size=vocab, hidden_size=sh.hidden, num_hidden_layers=sh.layers,
+                             num_attention_heads=sh.heads, intermediate_size=sh.ffn,
+                             max_position_embeddings=MAX_POSITIONS, use_parallel_residual=True,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                             tie_word_embeddings=False, **ids)  # fmt: skip
     raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
 
 

@@ -36,7 +36,7 @@ from rlhf_engine.engine.deepspeed_setup import (
     torch_dtype,
 )
 from rlhf_engine.engine.distributed import Dist, barrier, init_distributed
-from rlhf_engine.engine.saving import gathered_state_dict, save_hf_model
+from rlhf_engine.engine.saving import check_saveable, gathered_state_dict, save_hf_model
 from rlhf_engine.engine.stopping import StepStopped, StopRequest
 from rlhf_engine.models.loading import (
     ModelKind,
@@ -248,6 +248,7 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
     dropout_restore = set_dropout(model_config, config.model.dropout)
     model = load_model(model_path, kind=spec.kind, opts=config.model, ds_config=ds_config, config=model_config)
     lora = apply_lora(model, config.model, kind=spec.kind) if config.model.lora_dim else None
+    check_saveable(model, config=model_config, kind=spec.kind, lora=lora)  # before training, not after it
     module = spec.wrap(model)
     optimizer = make_optimizer(module, config.model, lr=config.learning_rate, weight_decay=config.weight_decay,
                                betas=(config.adam_beta1, config.adam_beta2))  # fmt: skip

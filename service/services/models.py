@@ -16,13 +16,14 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from rlhf_engine.models import tiny
 from service.db.models import FineTunedModel, UploadedModel
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.schemas import ModelObject
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-TINY_RE = re.compile(r"tiny-(opt|gpt2|llama)-(xs|s|m)")
-TINY_NAMES = [f"tiny-{a}-{s}" for a in ("opt", "gpt2", "llama") for s in ("xs", "s", "m")]
+TINY_RE = re.compile(rf"tiny-({'|'.join(tiny.ARCHS)})-({'|'.join(tiny.SIZES_ORDER)})")
+TINY_NAMES = [f"tiny-{a}-{s}" for a in tiny.ARCHS for s in tiny.SIZES_ORDER]
 TINY_PRETRAIN_STEPS = 200
 
 
