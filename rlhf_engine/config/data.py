@@ -56,6 +56,11 @@ class DataConfig:
     )
     max_file_bytes: int = field(default=4 << 30, metadata={"help": "cap on a data file's (decompressed) size"})
     max_line_bytes: int = field(default=16 << 20, metadata={"help": "cap on one line / record of a data file"})
+    max_bad_rows: float = field(
+        default=0.02,
+        metadata={"help": "share of a file's rows that may be unusable: they are skipped and reported; above "
+                  "it the file is refused, naming the first such lines"},  # fmt: skip
+    )
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -69,6 +74,8 @@ class DataConfig:
             if any(w <= 0 for w in self.data_weights):
                 raise ValueError("data_weights must be positive; drop a dataset instead of weighting it 0")
         parse_split(self.data_split)
+        if not 0.0 <= self.max_bad_rows < 1.0:
+            raise ValueError(f"max_bad_rows {self.max_bad_rows} must be a share in [0, 1), e.g. 0.02 (2% of rows)")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction {self.eval_fraction} must be in [0, 1), e.g. 0.1")
         if self.max_seq_len < 8:

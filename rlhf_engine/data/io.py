@@ -26,6 +26,7 @@ class ReadLimits:
 
     max_bytes: int = 4 << 30  # 4 GiB of text per file
     max_line_bytes: int = 16 << 20  # 16 MiB per line / record
+    max_bad_rows: float = 0.02  # share of a file's rows that may be unusable (skipped, reported)
 
 
 def is_gzip(path: Path) -> bool:

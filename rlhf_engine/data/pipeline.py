@@ -41,7 +41,7 @@ CACHE_VERSION = 1
 
 def load_datasets(config: DataConfig, *, names: list[str] | None = None) -> list[Dataset]:
     """Read every dataset of `config.data` (or `names`), failing on the first bad row."""
-    limits = ReadLimits(config.max_file_bytes, config.max_line_bytes)
+    limits = ReadLimits(config.max_file_bytes, config.max_line_bytes, config.max_bad_rows)
     return [read_dataset(spec, limits) for spec in (names if names is not None else config.data)]
 
 

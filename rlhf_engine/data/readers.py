@@ -32,7 +32,12 @@ from rlhf_engine.data.io import ReadLimits, fingerprint, iter_json_records, iter
 from rlhf_engine.data.types import Dataset, Kind, Message, Sample
 
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_TURN = re.compile(r"(?:^|\n\n|\n| )(Human|Assistant):")
+# HH-RLHF separates turns with "\n\nHuman:" / "\n\nAssistant:" and real answers contain "Human:"
+# ("…\n\nAssistant: Human: No, you are…"): when a transcript uses that separator, only it splits;
+# DeepSpeed-Chat's " Human: … Assistant:" layout (no blank lines) splits on the words anywhere
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_HH_SEPARATOR = re.compile(r"\n\n(Human|Assistant):")
+_TURN = re.compile(r"(?:^|\n| )(Human|Assistant):")
 
 
 class _Row:
@@ -69,7 +74,7 @@ class _Row:
 
 def parse_transcript(text: str) -> list[Message]:
     """"\\n\\nHuman: q\\n\\nAssistant: a…" (HH-RLHF) or " Human: q Assistant: a" → messages."""
-    parts = _TURN.split(text)
+    parts = (_HH_TURN if _HH_SEPARATOR.search(text) else _TURN).split(text)
     messages: list[Message] = []
     if parts[0].strip():
         messages.append(Message("system", parts[0].strip()))
@@ -214,29 +219,51 @@ def detect_shape(record: Any, *, path: str, line: int) -> str:
     raise DataError(f"unknown row shape with fields {sorted(keys)}; {_EXPECTED}", path=path, line=line)
 
 
-def _read_records(records: Iterable[tuple[int, Any]], path: str) -> tuple[str, list[Sample] | list[str], Counter[str]]:
+def _read_records(records: Iterable[tuple[int, Any]], path: str,
+                  max_bad_rows: float = 0.02) -> tuple[str, list[Sample] | list[str], Counter[str]]:  # fmt: skip
+    """Rows of one file. A row that cannot be used (a transcript without an answer, a wrong type) is
+    skipped and counted under `unusable: <reason>`; above `max_bad_rows` of the file the whole file is
+    refused, naming the first such lines (a real dataset has a few odd rows; a wrong file has many)."""
     shape: str | None = None
     rows: list[Any] = []
     filtered: Counter[str] = Counter()
+    bad: list[DataError] = []
+    seen = 0
     for line, record in records:
         if shape is None:
             shape = detect_shape(record, path=path, line=line)
-        row = _Row(record, path, line)
-        if shape == "text":
-            text = row.text("text", allow_empty=True)
-            if text.strip():
-                rows.append(text)
-            else:
-                filtered["empty_text"] += 1
+        seen += 1
+        try:
+            sample = _one_row(shape, record, path, line)
+        except DataError as e:
+            bad.append(e)
+            filtered[f"unusable: {e.field + ': ' if e.field else ''}{e.message}"] += 1
             continue
-        sample = SHAPES[shape][1](row)
-        if not sample.chosen.strip() or (sample.rejected is not None and not sample.rejected.strip()):
-            filtered["empty_answer"] += 1  # real HH data has a few; count them, don't fail the file
+        if sample is None:
+            filtered["empty_text" if shape == "text" else "empty_answer"] += 1
             continue
         rows.append(sample)
     if shape is None:
         raise DataError("the dataset is empty; it needs at least one row", path=path)
+    if bad and (len(bad) > max_bad_rows * seen or not rows):
+        first = bad[0]
+        lines = ", ".join(str(e.line) for e in bad[:5])
+        raise DataError(f"{len(bad)} of {seen} rows cannot be used (more than max_bad_rows {max_bad_rows:g} of "
+                        f"the file; first at lines {lines}); the first: {first.message}. Fix those rows, or "
+                        "raise max_bad_rows to skip them", path=path, line=first.line, field=first.field)  # fmt: skip
     return shape, rows, filtered
+
+
+def _one_row(shape: str, record: Any, path: str, line: int) -> Sample | str | None:
+    """One record as a sample (or text); None when it is empty and is to be left out."""
+    row = _Row(record, path, line)
+    if shape == "text":
+        text = row.text("text", allow_empty=True)
+        return text if text.strip() else None
+    sample = SHAPES[shape][1](row)
+    if not sample.chosen.strip() or (sample.rejected is not None and not sample.rejected.strip()):
+        return None  # real HH data has a few empty answers; count them, don't fail the file
+    return sample
 
 
 def _kind(shape: str) -> Kind:
@@ -263,7 +290,7 @@ def _read_file(path: Path, name: str, limits: ReadLimits) -> Dataset:
             "or a directory saved with datasets' save_to_disk",
             path=str(path),
         )
-    shape, rows, filtered = _read_records(iter_json_records(path, limits), str(path))
+    shape, rows, filtered = _read_records(iter_json_records(path, limits), str(path), limits.max_bad_rows)
     if shape == "text":
         return Dataset(name, "text", fp, shape, [], texts=rows, filtered=filtered)  # type: ignore[arg-type]
     return Dataset(name, _kind(shape), fp, shape, rows, filtered=filtered)  # type: ignore[arg-type]

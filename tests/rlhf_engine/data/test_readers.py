@@ -145,7 +145,8 @@ def test_missing_field_names_file_line_and_field(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     err = _error(path)
     assert (err.path, err.line, err.field) == (str(path), 3, "rejected")
-    assert str(err).startswith(f"{path}, line 3, field 'rejected': missing")
+    assert str(err).startswith(f"{path}, line 3, field 'rejected': 1 of 3 rows cannot be used")
+    assert "the first: missing" in str(err)
 
 
 def test_malformed_json_line(tmp_path: Path) -> None:
@@ -231,3 +232,50 @@ def test_gzip_caps_and_corruption(tmp_path: Path) -> None:
     garbage = tmp_path / "bad.jsonl.gz"
     garbage.write_bytes(b"\x1f\x8b" + b"not really gzip" * 10)
     assert "gzip" in str(_error(garbage))
+
+
+# ---------------------------------------------------------------- real HH-RLHF shapes
+
+
+def _hh(q: str, a: str, *, before: str = "") -> str:
+    return f"{before}\n\nHuman: {q}\n\nAssistant: {a}"
+
+
+def test_hh_answers_that_contain_human_are_one_answer(tmp_path: Path) -> None:
+    """harmless-base has answers like '…\\n\\nAssistant: Human: No, you are racist…' (1.6% of its test
+    file parsed wrongly when turns were split on ' Human:' anywhere)."""
+    chosen = _hh("Why are you racist?", "Human: No, you are racist. Assistant: see?")
+    rejected = _hh("Why are you racist?", "I am not.")
+    ds = read_dataset(str(write_jsonl(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}])))
+    [row] = ds.rows
+    assert row.conversation == (Message("user", "Why are you racist?"),)
+    assert row.chosen == "Human: No, you are racist. Assistant: see?" and row.rejected == "I am not."
+
+
+def test_hh_multi_turn_and_deepspeed_chat_layout(tmp_path: Path) -> None:
+    multi = _hh("And its colour?", "Red.", before=_hh("What is a fox?", "An animal."))
+    ds = read_dataset(str(write_jsonl(tmp_path / "m.jsonl", [{"chosen": multi, "rejected": multi[:-4] + "Blue."}])))
+    assert [m.role for m in ds.rows[0].conversation] == ["user", "assistant", "user"]
+    assert (ds.rows[0].chosen, ds.rows[0].rejected) == ("Red.", "Blue.")
+    # DeepSpeed-Chat's own layout has no blank lines: the words split it
+    flat = {"prompt": " Human: What is a fox? Assistant: An animal. Human: Its colour? Assistant:",
+            "chosen": "Red.", "rejected": "Blue."}  # fmt: skip
+    ds = read_dataset(str(write_jsonl(tmp_path / "f.jsonl", [flat])))
+    assert [m.content for m in ds.rows[0].conversation] == ["What is a fox?", "An animal.", "Its colour?"]
+
+
+def test_a_few_unusable_rows_are_skipped_and_counted_too_many_refuse_the_file(tmp_path: Path) -> None:
+    good = {"chosen": _hh("Hi?", "Hello."), "rejected": _hh("Hi?", "Go away.")}
+    no_answer = {"chosen": "\n\nHuman: Hi?", "rejected": "\n\nHuman: Hi?"}  # harmless-base line 30's kind
+    differ = {"chosen": _hh("Hi?", "Hello."), "rejected": _hh("Bye?", "Go away.")}  # differ before the last turn
+    empty = {"chosen": _hh("Hi?", ""), "rejected": _hh("Hi?", "Go away.")}
+    rows = [good] * 97 + [no_answer, differ, empty]
+    ds = read_dataset(str(write_jsonl(tmp_path / "few.jsonl", rows)))
+    assert len(ds.rows) == 97
+    assert ds.filtered["empty_answer"] == 1
+    assert sum(n for k, n in ds.filtered.items() if k.startswith("unusable: ")) == 2
+    assert any("chosen: an HH transcript must end with an 'Assistant:' turn" in k for k in ds.filtered)
+    many = [good] * 10 + [no_answer] * 3
+    with pytest.raises(DataError, match=r"3 of 13 rows cannot be used .*first at lines 11, 12, 13"):
+        read_dataset(str(write_jsonl(tmp_path / "many.jsonl", many)))
+    assert len(read_dataset(str(write_jsonl(tmp_path / "m2.jsonl", many)), ReadLimits(max_bad_rows=0.5)).rows) == 10
