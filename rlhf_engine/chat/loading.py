@@ -15,6 +15,7 @@ import torch
 
 from rlhf_engine.chat.errors import ModelLoadError
 from rlhf_engine.config.chat import ChatEngineConfig
+from rlhf_engine.models.gguf import gguf_to_hf, is_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ def resolve_model_dir(path: str) -> tuple[Path, Path | None]:
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(f"model_path: {path} does not exist", param="model_path")
+    if p.is_file() and is_gguf(p):  # a llama.cpp file: dequantised once into a cached folder
+        try:
+            p = gguf_to_hf(p, field="model_path")
+        except ValueError as e:
+            raise ModelLoadError(str(e), param="model_path") from None
     if (p / "config.json").is_file():
         model_dir = p
     else:

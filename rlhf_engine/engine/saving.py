@@ -57,7 +57,13 @@ def persistent_buffers(module: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
 
 def saved_keys(module: torch.nn.Module) -> set[str]:
     """The keys `gathered_state_dict` will write for `module` (names only: nothing is gathered)."""
-    return {n for n, _ in module.named_parameters()} | {n for n, _ in persistent_buffers(module)}
+    return set(_saved_shapes(module))
+
+
+def _saved_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Key → full shape of what `gathered_state_dict` will write (ZeRO-3 keeps it in `ds_shape`)."""
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+    return shapes | {n: tuple(b.shape) for n, b in persistent_buffers(module)}
 
 
 def _misfit(target: torch.nn.Module, keys: set[str]) -> tuple[list[str], list[str]]:
@@ -80,11 +86,15 @@ def check_saveable(module: torch.nn.Module, *, config: Any, kind: ModelKind, lor
             from peft import get_peft_model
 
             get_peft_model(fresh, copy.deepcopy(lora))
-    missing, unexpected = _misfit(fresh, saved_keys(module))
-    if missing or unexpected:
+    shapes = _saved_shapes(module)
+    missing, unexpected = _misfit(fresh, set(shapes))
+    expected = fresh.state_dict(keep_vars=True)
+    wrong = [f"{k} {list(shapes[k])} vs {list(expected[k].shape)}" for k in sorted(set(shapes) & set(expected))
+             if shapes[k] != tuple(expected[k].shape)]  # fmt: skip
+    if missing or unexpected or wrong:
         raise ValueError(f"this {config.model_type} model could not be saved as {type(fresh).__name__} after training "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}); this is a bug of ours for this "
-                         "architecture: please report it with the model's config.json")  # fmt: skip
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {wrong[:5]}); this is "
+                         "a bug of ours for this architecture: please report it with the model's config.json")  # fmt: skip
 
 
 def load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, zero_stage: int,
@@ -107,8 +117,10 @@ def load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, 
 def _fresh_model(config: Any, kind: ModelKind) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
-    return cls.from_config(config)
+    if kind == "value":
+        config.num_labels = 1  # one score (a causal LM's config says 2, the default)
+        return AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def copy_tokenizer(src: str, dest: Path, tokenizer: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from rlhf_engine.config.train import ModelOptions
+from rlhf_engine.models.gguf import is_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,10 @@ ModelKind = Literal["causal_lm", "value"]
 def resolve_model(name: str, *, field: str = "model_name_or_path") -> str:
     """A local directory (checked) or a hub id (left for transformers, unless offline)."""
     path = Path(name).expanduser()
+    if is_gguf(name) and path.is_file():  # a llama.cpp file: dequantised once into a cached folder
+        from rlhf_engine.models.gguf import gguf_to_hf
+
+        return str(gguf_to_hf(path, field=field))
     if path.exists():
         if not (path / "config.json").is_file() and field != "tokenizer":
             raise ValueError(f"{field}: {name} has no config.json; point it at a Hugging Face model directory")

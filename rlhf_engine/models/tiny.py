@@ -146,8 +146,8 @@ def pretrain(model: Any, blocks: Any, *, steps: int, lr: float, seed: int, progr
     return losses
 
 
-def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0,
-               progress: bool = False) -> Path:  # fmt: skip
+def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0, progress: bool = False,
+               tokenizer_from: str | None = None) -> Path:  # fmt: skip
     """The cached model directory for these settings, built on first use."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -157,6 +157,7 @@ def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0
     from rlhf_engine.data.bundled import bundled_path
     from rlhf_engine.data.io import fingerprint
     from rlhf_engine.data.pipeline import prepare_corpus
+    from rlhf_engine.engine.saving import TOKENIZER_FILES
     from rlhf_engine.models.tokenizer import bundled_tokenizer_dir
 
     if arch not in ARCHS:
@@ -165,7 +166,9 @@ def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0
         raise ValueError(f"size {size!r} is not one of {', '.join(SIZES)}")
     if pretrain_steps < 0:
         raise ValueError(f"pretrain_steps must be 0 or more, got {pretrain_steps}")
-    tok_dir = bundled_tokenizer_dir()
+    tok_dir = Path(tokenizer_from) if tokenizer_from else bundled_tokenizer_dir()
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise ValueError(f"tokenizer: {tok_dir} has no tokenizer.json; point it at a model folder")
     key = _key(arch, size, pretrain_steps, seed, tok_dir, fingerprint(bundled_path("bundled:corpus")))
     dest = cache_dir("models") / f"tiny-{arch}-{size}-p{pretrain_steps}-{key[:12]}"
     if (dest / "config.json").is_file():
@@ -191,7 +194,8 @@ def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0
     )  # fmt: skip
     model.save_pretrained(str(tmp), safe_serialization=True)
     for f in tok_dir.iterdir():
-        shutil.copy2(f, tmp / f.name)
+        if f.name in TOKENIZER_FILES:
+            shutil.copy2(f, tmp / f.name)
     (tmp / "tiny_model.json").write_text(json.dumps(info, indent=2) + "\n")
     try:
         os.replace(tmp, dest)
@@ -201,11 +205,11 @@ def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0
 
 
 def write_tiny(out: Path, arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0,
-               overwrite: bool = False, progress: bool = False) -> Path:  # fmt: skip
+               overwrite: bool = False, progress: bool = False, tokenizer_from: str | None = None) -> Path:  # fmt: skip
     """Build (or reuse) a tiny model and copy it to `out`."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"out: {out} exists and is not empty; choose another folder or pass --overwrite")
-    src = build_tiny(arch, size, pretrain_steps=pretrain_steps, seed=seed, progress=progress)
+    src = build_tiny(arch, size, pretrain_steps=pretrain_steps, seed=seed, progress=progress, tokenizer_from=tokenizer_from)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(src, out)

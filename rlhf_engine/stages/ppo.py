@@ -61,14 +61,33 @@ def check(config: PPOConfig) -> Any:
     resolve_dtype(config.critic)
     actor = resolve_model(config.actor_model_name_or_path, field="actor_model_name_or_path")
     actor_config = load_config(actor, kind="causal_lm", field="actor_model_name_or_path")
+    tokenizer = load_tokenizer(actor, field="actor_model_name_or_path")
     for field, path in (("critic_model_name_or_path", config.critic_model_name_or_path),
                         ("reward_model_name_or_path", config.reward_path)):  # fmt: skip
-        load_config(resolve_model(path, field=field), kind="value", field=field)
+        resolved = resolve_model(path, field=field)
+        value_config = load_config(resolved, kind="value", field=field)
+        _check_same_tokens(tokenizer, resolved, value_config, field=field)
     check_hybrid_engine(config, actor_config)
-    tokenizer = load_tokenizer(actor, field="actor_model_name_or_path")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _check_same_tokens(tokenizer: Any, path: str, value_config: Any, *, field: str) -> None:
+    """The critic and reward model read the actor's token ids (DeepSpeed-Chat's design): a model built
+    on another tokenizer would read them as other words, or index past its embedding."""
+    fix = ("train the reward model from a model with the actor's tokenizer (e.g. `rlhf models tiny --tokenizer "
+           "ACTOR_DIR` for a small one)")  # fmt: skip
+    if value_config.vocab_size < len(tokenizer):
+        raise ValueError(f"{field}: {path} has a vocabulary of {value_config.vocab_size} tokens, fewer than the "
+                         f"actor's tokenizer ({len(tokenizer)}); {fix}")  # fmt: skip
+    try:
+        theirs = load_tokenizer(path, field=field)
+    except ValueError:
+        return  # no tokenizer files beside the weights: the vocabulary size is all there is to check
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{field}: {path} was built on another tokenizer than the actor's (their vocabularies "
+                         f"differ); {fix}")  # fmt: skip
 
 
 class _Accumulator:

