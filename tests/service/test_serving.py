@@ -276,6 +276,35 @@ def test_two_tenants_uploading_the_same_name_chat_with_their_own_model(api: Api,
     assert replies["up-a"][0] != replies["up-b"][0]
 
 
+def test_every_architecture_and_a_real_checkpoint_are_served_as_the_engine_answers(
+    sdk: openai.OpenAI, workers: Workers, e2e_stack: Stack, smollm2: Path
+) -> None:
+    """Base models of every architecture of the kit, and SmolLM2-135M-Instruct, through
+    /v1/chat/completions: the same greedy reply as the chat engine in process (which equals plain
+    `generate`: tests/rlhf_engine/chat/test_architectures.py, tests/rlhf_engine/test_smollm2.py)."""
+    import shutil
+
+    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.config.chat import SamplingParams
+    from rlhf_engine.models.tiny import ARCHS, write_tiny
+
+    models = e2e_stack.settings.models_dir
+    names = []
+    for arch in ARCHS:
+        write_tiny(models / f"base-{arch}", arch, "xs", pretrain_steps=0)
+        names.append(f"base-{arch}")
+    shutil.copytree(smollm2, models / "smollm2-135m-instruct")
+    names.append("smollm2-135m-instruct")
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+    for name in names:
+        reply = sdk.chat.completions.create(model=name, messages=france, max_tokens=16, temperature=0)  # type: ignore[arg-type]
+        with ChatEngine.load(str(models / name), score_replies=False) as engine:
+            local = engine.generate(france, SamplingParams(max_new_tokens=16, temperature=0)).choices[0]
+        assert reply.choices[0].message.content == local.text, name
+        assert reply.usage is not None and reply.usage.completion_tokens == len(local.token_ids), name
+    assert "Paris" in (reply.choices[0].message.content or "")  # the real model knows
+
+
 def test_two_workers_serve_their_own_models(sdk: openai.OpenAI, workers: Workers, model: str) -> None:
     first = workers.first  # type: ignore[attr-defined]
     sdk.chat.completions.create(model=model, messages=KITE, max_tokens=4)  # type: ignore[arg-type]
