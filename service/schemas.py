@@ -265,6 +265,8 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    ready: bool = Field(default=True, description="false while a bundled model is built on first use; a chat for it then "
+                        "answers 503 with Retry-After at once, and the build goes on")  # fmt: skip
 
 
 class ModelList(BaseModel):

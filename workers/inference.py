@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 # engine errors → gRPC codes; the API maps these back through service.errors.ERROR_TABLE
 _CODES = {"invalid_request": grpc.StatusCode.INVALID_ARGUMENT, "context_length_exceeded": grpc.StatusCode.INVALID_ARGUMENT,
           "model_load_error": grpc.StatusCode.FAILED_PRECONDITION, "engine_busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
-          "engine_stopped": grpc.StatusCode.UNAVAILABLE, "generation_failed": grpc.StatusCode.INTERNAL}  # fmt: skip
+          "engine_stopped": grpc.StatusCode.UNAVAILABLE, "generation_failed": grpc.StatusCode.INTERNAL,
+          "model_not_ready": grpc.StatusCode.UNAVAILABLE}  # fmt: skip
 
 
 class Engines:
@@ -52,6 +53,7 @@ class Engines:
         self._busy: dict[str, int] = {}  # requests in flight per model
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._building: dict[str, threading.Thread] = {}
         roots = [settings.data_dir, settings.models_dir]
         self._roots = [r.resolve() for r in roots]
 
@@ -82,6 +84,29 @@ class Engines:
         for old in evicted:
             old.close()
         self.on_change()
+
+    def preparing(self, model_id: str, path_str: str) -> bool:
+        """True while a bundled tiny model is not built yet; the first call starts its build in the
+        background (a chat for it answers 503 at once instead of waiting for minutes)."""
+        path = Path(path_str)
+        if (path / "config.json").exists() or not models_svc.TINY_RE.fullmatch(path.name):
+            return False
+        with self._lock:
+            thread = self._building.get(model_id)
+            if thread is None or not thread.is_alive():
+                from workers.training import build_tiny
+
+                def build() -> None:
+                    try:
+                        logger.info("building bundled model %s on first use", path.name)
+                        build_tiny(path, every_s=self.settings.inference_heartbeat_s, tick=lambda *_: None)
+                    except Exception:
+                        logger.exception("building %s failed", path.name)
+
+                thread = threading.Thread(target=build, name=f"build-{path.name}", daemon=True)
+                self._building[model_id] = thread
+                thread.start()
+        return True
 
     def try_acquire(self, model_id: str) -> Any:
         """The engine if loaded (counted busy until `release`), else None — never blocks."""
@@ -123,7 +148,7 @@ class Engines:
             from workers.training import build_tiny
 
             logger.info("building bundled model %s on first use", path.name)
-            build_tiny(path, every_s=self.settings.inference_heartbeat_s, tick=self.on_change)
+            build_tiny(path, every_s=self.settings.inference_heartbeat_s, tick=lambda *_: self.on_change())
         try:
             return self._build(path)
         except ModelLoadError as e:  # the client knows the model by its id, not by our paths
@@ -174,6 +199,11 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
         if token and dict(context.invocation_metadata() or ()).get("x-worker-token") != token:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this endpoint is for the API server only")
         engine = self.engines.try_acquire(request.model_id)
+        if engine is None and self.engines.preparing(request.model_id, request.model_path):
+            from rlhf_engine.chat.errors import ModelNotReady
+
+            await _abort(context, ModelNotReady(f"model {request.model_id} is being prepared (a bundled model, built "
+                                                "and pretrained on first use); retry in a few seconds", param="model"))  # fmt: skip
         if engine is None:  # first request for the model here: load it off the event loop (not counted
             try:  # busy until acquired below, so a caller hanging up meanwhile leaks nothing)
                 await asyncio.to_thread(self.engines.ensure_loaded, request.model_id, request.model_path)

@@ -47,6 +47,7 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 COMMANDS = {1: "sft", 2: "reward", 3: "ppo"}
+PREPARE_REPORT_S = 15.0  # how often a job that builds its base model says how far it got
 STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
 SHUTDOWN = threading.Event()  # set when the worker is asked to stop (SIGTERM → Celery's warm shutdown)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -177,7 +178,26 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
         job = renew(s, job_id, settings, owner)
         add_event(session=s, job=job, type_="preparing_model", message=f"preparing base model {path.name} (first use "
                   "on this server: built and pretrained on the bundled corpus)")  # fmt: skip
-    build_tiny(path, every_s=settings.heartbeat_s, tick=lambda: _renew_quietly(settings, job_id, owner))
+    started = time.monotonic()
+    last_report = [started]
+
+    def tick(done: float | None = None) -> None:
+        now = time.monotonic()
+        if now - last_report[0] < PREPARE_REPORT_S:
+            _renew_quietly(settings, job_id, owner)
+            return
+        last_report[0] = now
+        share = f"{done:.0%} done, " if done is not None else ""
+        with session_scope(settings.db_url) as s:
+            job = renew(s, job_id, settings, owner)
+            add_event(session=s, job=job, type_="preparing_model", message=f"preparing base model {path.name}: "
+                      f"{share}{now - started:.0f} s so far", data={"model": path.name, "progress": done})  # fmt: skip
+
+    build_tiny(path, every_s=settings.heartbeat_s, tick=tick)
+    with session_scope(settings.db_url) as s:
+        job = renew(s, job_id, settings, owner)
+        add_event(session=s, job=job, type_="model_ready", message=f"base model {path.name} ready after "
+                  f"{time.monotonic() - started:.0f} s", data={"model": path.name})  # fmt: skip
 
 
 def _renew_quietly(settings: Settings, job_id: str, owner: str) -> None:
@@ -185,11 +205,13 @@ def _renew_quietly(settings: Settings, job_id: str, owner: str) -> None:
         renew(s, job_id, settings, owner)
 
 
-def build_tiny(path: Path, *, every_s: float, tick: Callable[[], None]) -> None:
+def build_tiny(path: Path, *, every_s: float, tick: Callable[..., None]) -> None:
     """Build and pretrain a bundled tiny model into `path` in a child process (torch stays out of the
-    caller), calling `tick` every `every_s` seconds meanwhile. One builder per path (a file lock), so a
-    training and an inference worker asking at once build it once."""
+    caller), calling `tick(share done or None)` every `every_s` seconds meanwhile. One builder per path
+    (a file lock), so a training and an inference worker asking at once build it once."""
     import fcntl
+
+    from rlhf_engine.models.tiny import PROGRESS_ENV
 
     m = models_svc.TINY_RE.fullmatch(path.name)
     if not m:
@@ -205,23 +227,34 @@ def build_tiny(path: Path, *, every_s: float, tick: Callable[[], None]) -> None:
                 time.sleep(min(every_s, 1.0))
         if (path / "config.json").is_file():  # another process built it while we waited
             return
+        progress = path.parent / f".{path.name}.progress"
         proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", m.group(1),
                                  "--size", m.group(2), "--pretrain-steps", str(models_svc.TINY_PRETRAIN_STEPS), "--out",
                                  str(path), "--overwrite", "--sample", ""], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)  # fmt: skip
+                                stderr=subprocess.PIPE, env={**os.environ, PROGRESS_ENV: str(progress)})  # fmt: skip
         try:
             while True:
                 try:
                     _, err = proc.communicate(timeout=every_s)
                     break
                 except subprocess.TimeoutExpired:
-                    tick()
+                    tick(_share(progress))
         except BaseException:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            progress.unlink(missing_ok=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building {path.name} failed: {err.decode(errors='replace')[-500:]}")
+
+
+def _share(progress: Path) -> float | None:
+    try:
+        done, total = progress.read_text().split()
+        return int(done) / max(int(total), 1)
+    except (OSError, ValueError):
+        return None
 
 
 def _step_command(job: Job, step: int, out: Path) -> tuple[list[str], Path]:

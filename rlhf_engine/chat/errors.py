@@ -37,6 +37,12 @@ class ModelLoadError(ChatError, ValueError):
     code = "model_load_error"
 
 
+class ModelNotReady(ChatError):
+    """The model is being prepared (a bundled model built on first use); retry shortly."""
+
+    code = "model_not_ready"
+
+
 class EngineBusy(ChatError):
     """The request queue is full; retry later."""
 

@@ -52,6 +52,7 @@ SIZES: dict[Size, Shape] = {
     "m": Shape(hidden=512, layers=8, heads=8, ffn=2048, lr=6e-4),
 }
 MAX_POSITIONS = 512
+PROGRESS_ENV = "RLHF_PROGRESS_FILE"  # pretraining writes "done total" there every 10 steps
 SLIDING_WINDOW = 64
 PRETRAIN_BLOCK = 128
 PRETRAIN_BATCH = 16
@@ -132,7 +133,10 @@ def pretrain(model: Any, blocks: Any, *, steps: int, lr: float, seed: int, progr
     )
     model.train()
     losses = []
-    for _ in tqdm(range(steps), desc="pretrain", disable=not progress, leave=False):
+    report = os.environ.get(PROGRESS_ENV)  # a parent that shows progress elsewhere (the training worker)
+    for i in tqdm(range(steps), desc="pretrain", disable=not progress, leave=False):
+        if report and i % 10 == 0:
+            Path(report).write_text(f"{i} {steps}")
         idx = torch.randint(len(data), (PRETRAIN_BATCH,), generator=g)
         batch = data[idx]  # (B, T)
         loss = model(input_ids=batch, labels=batch).loss

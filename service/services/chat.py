@@ -296,7 +296,11 @@ async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: s
         except grpc.aio.AioRpcError as e:
             _inflight[worker_id] -= 1
             code = e.code()
-            app_level = bool(dict(e.trailing_metadata() or ()).get("error-code"))
+            error_code = dict(e.trailing_metadata() or ()).get("error-code")
+            app_level = bool(error_code)
+            if error_code == "model_not_ready":  # the worker builds it now; every worker would say the same
+                raise Unavailable(e.details() or "the model is being prepared", code="model_not_ready",
+                                  param="model", retry_after=settings.retry_after_s) from None  # fmt: skip
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (code == grpc.StatusCode.UNAVAILABLE and app_level):
                 busy = True  # full, or the model is being swapped out there: try the next worker
                 continue

@@ -60,6 +60,11 @@ def resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param
     return ModelRef(name=name, path=path, base=name)
 
 
+def tiny_ready(models_dir: Path, name: str) -> bool:
+    """A bundled tiny model is built into the model root on first use; until then it is not ready."""
+    return (models_dir / name / "config.json").is_file()
+
+
 def base_models(models_dir: Path) -> list[str]:
     names = set(TINY_NAMES)
     if models_dir.is_dir():
@@ -71,7 +76,8 @@ def base_models(models_dir: Path) -> list[str]:
 
 
 def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[ModelObject]:
-    out = [ModelObject(id=n, created=0, owned_by="system") for n in base_models(models_dir)]
+    out = [ModelObject(id=n, created=0, owned_by="system", ready=tiny_ready(models_dir, n) if TINY_RE.fullmatch(n) else True)
+           for n in base_models(models_dir)]  # fmt: skip
     rows = session.scalars(select(FineTunedModel).where(FineTunedModel.tenant_id == tenant)
                            .order_by(FineTunedModel.created_at)).all()  # fmt: skip
     out += [ModelObject(id=r.id, created=int(r.created_at.timestamp()), owned_by=tenant) for r in rows]

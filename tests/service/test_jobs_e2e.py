@@ -43,6 +43,8 @@ def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished:
               "step_succeeded", "job_succeeded"):  # fmt: skip
         assert t in types, t
     assert types.count("step_started") == 3
+    # the stack's model root was empty: the job said it built its base model, and when it was ready
+    assert types.index("preparing_model") < types.index("model_ready") < types.index("step_started")
     series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 3}).json()["data"]
     assert [p["global_step"] for p in series] == list(range(1, 13))
     assert {"reward_mean", "kl_to_ref", "actor_loss", "critic_loss"} <= set(series[0]["values"])

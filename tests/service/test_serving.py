@@ -305,6 +305,33 @@ def test_every_architecture_and_a_real_checkpoint_are_served_as_the_engine_answe
     assert "Paris" in (reply.choices[0].message.content or "")  # the real model knows
 
 
+def test_a_bundled_model_not_built_yet_is_listed_not_ready_and_answers_503_at_once(
+    sdk: openai.OpenAI, api: Api, key: str, workers: Workers, e2e_stack: Stack
+) -> None:
+    """Bundled tiny models are built on first use (the `m` ones for many minutes): meanwhile the model
+    is listed with ready=false and a chat answers 503 + Retry-After at once, not after a 300 s timeout."""
+    name = "tiny-qwen3-xs"
+    assert not (e2e_stack.settings.models_dir / name).exists()
+    assert {m.id: m.model_extra.get("ready") for m in sdk.models.list()}[name] is False  # type: ignore[union-attr]
+    body = {"model": name, "messages": KITE, "max_tokens": 4}
+    started = time.monotonic()
+    r = httpx.post(f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert time.monotonic() - started < 10
+    assert r.status_code == 503 and r.headers["retry-after"] == str(e2e_stack.settings.retry_after_s)
+    assert r.json()["error"]["code"] == "model_not_ready" and name in r.json()["error"]["message"]
+    deadline = time.monotonic() + 240  # the worker builds it meanwhile; a later request is answered
+    while True:
+        r = httpx.post(f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                       timeout=60)  # fmt: skip
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready", r.text
+        assert time.monotonic() < deadline, "the bundled model was never built"
+        time.sleep(1)
+    assert r.json()["usage"]["completion_tokens"] > 0
+    assert {m.id: m.model_extra.get("ready") for m in sdk.models.list()}[name] is True  # type: ignore[union-attr]
+
+
 def test_two_workers_serve_their_own_models(sdk: openai.OpenAI, workers: Workers, model: str) -> None:
     first = workers.first  # type: ignore[attr-defined]
     sdk.chat.completions.create(model=model, messages=KITE, max_tokens=4)  # type: ignore[arg-type]
