@@ -1,8 +1,10 @@
 """GPU smoke test of all three steps at DeepSpeed-Chat's scale (prepared for one CUDA GPU; < 8 min on H100).
 
-An OPT-1.3B-shaped actor and an OPT-350M-shaped reward model with random weights (from config; no
-download), the bundled data, a few steps of each step; step 3 twice: our generation path and
-DeepSpeed's HybridEngine (kernel injection). Reports, per step 3 variant, effective TFLOPs by
+Three families with random weights (from config; no download), the bundled data, a few steps of each
+step: an OPT-1.3B-shaped actor with an OPT-350M-shaped reward model (step 3 twice: our generation
+path and DeepSpeed's HybridEngine with kernel injection), a Llama-3.2-1B-shaped and a
+Qwen2.5-1.5B-shaped actor (rotary, grouped-query attention, 128k/152k vocabularies) each with a
+350M reward model of its family (`--arch` picks families). Reports, per step 3 variant, effective TFLOPs by
 DeepSpeed-Chat's formula (below), generation tokens/s and peak GPU memory; writes
 bench/results/gpu_smoke-*.json.
 
@@ -38,27 +40,57 @@ def dschat_flops(cfg: Any, factor: float, batch: int, seq: float) -> float:
     return 24 * factor * batch * seq * L * H**2 * (1.0 + seq / (6.0 * H) + V / (16.0 * L * H))
 
 
-def make_models(root: Path) -> tuple[Path, Path]:
-    """Random OPT-1.3B- and OPT-350M-shaped models with the bundled tokenizer (vocab padded to OPT's)."""
+ARCHS = ("opt", "llama", "qwen2")
+
+
+def shapes(arch: str, ids: dict[str, Any]) -> dict[str, Any]:
+    """The actor and reward-model configs of one family, at the sizes people run: OPT-1.3B + OPT-350M
+    (DeepSpeed-Chat's example), Llama-3.2-1B-shaped + a 350M Llama, Qwen2.5-1.5B-shaped + a 350M Qwen2."""
+    from transformers import LlamaConfig, OPTConfig, Qwen2Config
+
+    if arch == "opt":
+        return {
+            "actor": OPTConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                               word_embed_proj_dim=2048, vocab_size=50272, max_position_embeddings=2048, **ids),
+            "reward": OPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                                word_embed_proj_dim=512, vocab_size=50272, max_position_embeddings=2048, **ids),
+        }  # fmt: skip
+    if arch == "llama":
+        return {
+            "actor": LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                 intermediate_size=8192, vocab_size=128256, max_position_embeddings=4096,
+                                 tie_word_embeddings=True, **ids),
+            "reward": LlamaConfig(hidden_size=1024, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4,
+                                  intermediate_size=2816, vocab_size=128256, max_position_embeddings=4096,
+                                  tie_word_embeddings=True, **ids),
+        }  # fmt: skip
+    if arch == "qwen2":
+        return {
+            "actor": Qwen2Config(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                 intermediate_size=8960, vocab_size=151936, max_position_embeddings=4096,
+                                 tie_word_embeddings=True, use_sliding_window=False, **ids),
+            "reward": Qwen2Config(hidden_size=1024, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4,
+                                  intermediate_size=2816, vocab_size=151936, max_position_embeddings=4096,
+                                  tie_word_embeddings=True, use_sliding_window=False, **ids),
+        }  # fmt: skip
+    raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
+
+
+def make_models(root: Path, arch: str) -> tuple[Path, Path]:
+    """Random-weight actor and reward model of `arch` with the bundled tokenizer (vocab padded)."""
     import shutil
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_engine.models.tokenizer import bundled_tokenizer_dir
 
     tok_dir = bundled_tokenizer_dir()
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    shapes = {
-        "actor_1.3b": OPTConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
-                                word_embed_proj_dim=2048, vocab_size=50272, max_position_embeddings=2048, **ids),
-        "reward_350m": OPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
-                                 word_embed_proj_dim=512, vocab_size=50272, max_position_embeddings=2048, **ids),
-    }  # fmt: skip
     out = []
-    for name, cfg in shapes.items():
-        d = root / name
+    for name, cfg in shapes(arch, ids).items():
+        d = root / f"{arch}_{name}"
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(str(d), safe_serialization=True)
         for f in tok_dir.iterdir():
@@ -101,30 +133,28 @@ def chat_check(model: Path) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
-    import torch
+def run_arch(arch: str, work: Path, *, hybrid: bool) -> dict[str, Any]:
+    """SFT, reward model and PPO (ours; and DeepSpeed's HybridEngine where asked) for one family."""
     from transformers import AutoConfig
 
-    if not torch.cuda.is_available():
-        print("gpu_smoke: no CUDA device here; run it on a GPU machine (see the docstring)")
-        return 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(tempfile.mkdtemp(prefix="gpu_smoke."))
-    actor, reward = make_models(work)
-    run = work / "run"
+    actor, reward = make_models(work, arch)
+    run = work / f"run_{arch}"
     common = ["--max-seq-len", PROMPT_LEN + ANSWER_LEN, "--checkpoint-interval", 0, "--eval-max-rows", 64]
     seconds = {
         "sft": rlhf("sft", "--model", actor, "--output-dir", run, "--max-steps", 5, "--per-device-train-batch-size", BATCH,
-                    "--gradient-accumulation-steps", 1, "--zero-stage", 2, "--dtype", "bf16", *common, log=work / "sft.log"),
+                    "--gradient-accumulation-steps", 1, "--zero-stage", 2, "--dtype", "bf16", *common,
+                    log=work / f"{arch}_sft.log"),
         "reward": rlhf("reward", "--model", reward, "--output-dir", run, "--max-steps", 5, "--per-device-train-batch-size",
                        BATCH, "--gradient-accumulation-steps", 1, "--zero-stage", 2, "--dtype", "bf16", *common,
-                       log=work / "reward.log"),
+                       log=work / f"{arch}_reward.log"),
     }  # fmt: skip
     actor_cfg = AutoConfig.from_pretrained(str(actor))
     critic_cfg = AutoConfig.from_pretrained(str(reward))
-    results: dict[str, Any] = {"seconds": seconds}
-    for variant, extra in (("ours", []), ("deepspeed_hybrid_engine", ["--enable-hybrid-engine"])):
-        out = work / f"ppo_{variant}"
+    results: dict[str, Any] = {"seconds": seconds,
+                               "actor_params_b": _params(actor_cfg) / 1e9, "reward_params_b": _params(critic_cfg) / 1e9}  # fmt: skip
+    variants = [("ours", [])] + ([("deepspeed_hybrid_engine", ["--enable-hybrid-engine"])] if hybrid else [])
+    for variant, extra in variants:
+        out = work / f"ppo_{arch}_{variant}"
         out.mkdir()
         for step in ("step1_sft", "step2_reward"):
             (out / step).symlink_to(run / step)
@@ -133,7 +163,7 @@ def main() -> int:
                  "--max-steps", 4, "--per-device-generation-batch-size", BATCH, "--per-device-training-batch-size", BATCH,
                  "--max-prompt-len", PROMPT_LEN, "--max-answer-len", ANSWER_LEN, "--actor-zero-stage", 2,
                  "--critic-zero-stage", 2, "--actor-dtype", "bf16", "--critic-dtype", "bf16", "--rollouts-per-step", 0,
-                 "--checkpoint-interval", 0, "--eval-max-rows", 16, *extra, log=work / f"ppo_{variant}.log")  # fmt: skip
+                 "--checkpoint-interval", 0, "--eval-max-rows", 16, *extra, log=work / f"ppo_{arch}_{variant}.log")  # fmt: skip
         except RuntimeError as e:
             results[variant] = {"error": str(e)}
             continue
@@ -159,11 +189,43 @@ def main() -> int:
                                           + dschat_flops(critic_cfg, 3, BATCH, real)) / train_s / 1e12,
         }  # fmt: skip
     results["chat"] = chat_check(run / "step1_sft")
-    results["device"] = torch.cuda.get_device_name(0)
+    return results
+
+
+def _params(cfg: Any) -> float:
+    """Parameters of a decoder from its config (embeddings once when tied)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+def main() -> int:
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS),
+                        help="families to run (all by default: OPT with the HybridEngine variant, Llama, Qwen2)")  # fmt: skip
+    ns = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_smoke: no CUDA device here; run it on a GPU machine (see the docstring)")
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="gpu_smoke."))
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(0)}
+    for arch in ns.arch:
+        try:
+            results[arch] = run_arch(arch, work, hybrid=arch == "opt")
+        except Exception as e:  # a smoke test reports what broke and goes on
+            results[arch] = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps({arch: results[arch]}, indent=2), flush=True)
     path = ROOT / "bench" / "results" / f"gpu_smoke-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
     return 0
 
 

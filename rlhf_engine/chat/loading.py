@@ -16,6 +16,7 @@ import torch
 from rlhf_engine.chat.errors import ModelLoadError
 from rlhf_engine.config.chat import ChatEngineConfig
 from rlhf_engine.models.gguf import gguf_to_hf, is_gguf
+from rlhf_engine.models.loading import HUB_ID, hub_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ def resolve_model_dir(path: str) -> tuple[Path, Path | None]:
     if not path:
         raise ModelLoadError("model_path: give the model to chat with (--path DIR)", param="model_path")
     p = Path(path).expanduser()
+    if not p.exists() and HUB_ID.fullmatch(path):  # a hub id: its snapshot in the Hugging Face cache
+        try:
+            p = Path(hub_snapshot(path, field="model_path"))
+        except ValueError as e:
+            raise ModelLoadError(str(e), param="model_path") from None
     if not p.exists():
         raise ModelLoadError(f"model_path: {path} does not exist", param="model_path")
     if p.is_file() and is_gguf(p):  # a llama.cpp file: dequantised once into a cached folder

@@ -27,8 +27,37 @@ DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dr
 ModelKind = Literal["causal_lm", "value"]
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")  # org/name, optionally @revision (branch, tag or commit)
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]  # never pickled weights
+
+
+def hub_snapshot(name: str, *, field: str = "model_name_or_path") -> str:
+    """The local folder of hub id `org/name[@revision]`: the Hugging Face cache's snapshot, fetched
+    first when the hub is reachable (safetensors, configs and tokenizer files only; never pickles).
+    With HF_HUB_OFFLINE=1 only what the cache holds."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, _, revision = name.partition("@")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at import: tests and workers set it late
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=offline,
+                                        allow_patterns=HUB_FILES))  # fmt: skip
+    except LocalEntryNotFoundError:
+        where = cache or "the Hugging Face cache"
+        raise ValueError(f"{field}: {name} is not in {where} and the hub is off (HF_HUB_OFFLINE=1); download it "
+                         "where the hub is reachable (huggingface-cli download), or give a model folder") from None  # fmt: skip
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ValueError(f"{field}: {name}: {type(e).__name__}: {e}") from None
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{field}: {name}{'' if revision else ' (main)'} has no config.json")
+    return str(folder)
+
+
 def resolve_model(name: str, *, field: str = "model_name_or_path") -> str:
-    """A local directory (checked) or a hub id (left for transformers, unless offline)."""
+    """A local directory (checked), a `.gguf` file (converted once) or a hub id `org/name[@rev]` (its
+    local snapshot folder: everything downstream reads a folder)."""
     path = Path(name).expanduser()
     if is_gguf(name) and path.is_file():  # a llama.cpp file: dequantised once into a cached folder
         from rlhf_engine.models.gguf import gguf_to_hf
@@ -38,10 +67,9 @@ def resolve_model(name: str, *, field: str = "model_name_or_path") -> str:
         if not (path / "config.json").is_file() and field != "tokenizer":
             raise ValueError(f"{field}: {name} has no config.json; point it at a Hugging Face model directory")
         return str(path)
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    if offline or name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        raise ValueError(f"{field}: {name} does not exist" + (" (and hub ids are off: HF_HUB_OFFLINE=1)" if offline else ""))
-    return name
+    if name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
+        raise ValueError(f"{field}: {name} does not exist (a folder, a .gguf file, or a hub id org/name[@revision])")
+    return hub_snapshot(name, field=field)
 
 
 def load_tokenizer(name: str, *, field: str = "model_name_or_path") -> Any:
@@ -65,8 +93,9 @@ def load_config(name: str, *, kind: ModelKind, field: str = "model_name_or_path"
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     )
 
+    folder = resolve_model(name, field=field)  # (its errors name the field already)
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{field}: cannot load the config of {name}: {e}") from None
     if getattr(config, "auto_map", None):
