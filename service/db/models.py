@@ -90,6 +90,7 @@ class File(Base):
     tokens_estimate: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    skipped: Mapped[dict[str, int]] = mapped_column(JSON, default=dict, server_default="{}")  # rows left out, by reason
 
 
 class Job(Base):

@@ -53,7 +53,7 @@ def register_file(*, session: Session, tenant: str, filename: str, purpose: str,
         len(s.prompt_text) + len(s.chosen or "") for s in ds.rows)  # fmt: skip
     f = File(id=file_id, tenant_id=tenant, filename=re.sub(r"[\x00-\x1f/\\]", "_", filename)[:255], purpose=purpose,
              bytes=size, path=str(dest), format=ds.format, kind=ds.kind, rows=rows,
-             tokens_estimate=chars // CHARS_PER_TOKEN)  # fmt: skip
+             tokens_estimate=chars // CHARS_PER_TOKEN, skipped=dict(ds.filtered))  # fmt: skip
     session.add(f)
     session.flush()
     return f
@@ -85,4 +85,4 @@ def delete_file(*, session: Session, tenant: str, file_id: str) -> File:
 
 def to_object(f: File) -> FileObject:
     return FileObject(id=f.id, bytes=f.bytes, created_at=int(f.created_at.timestamp()), filename=f.filename,
-                      purpose=f.purpose, format=f.format, kind=f.kind, rows=f.rows)  # fmt: skip
+                      purpose=f.purpose, format=f.format, kind=f.kind, rows=f.rows, skipped=f.skipped or {})  # fmt: skip

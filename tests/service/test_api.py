@@ -120,6 +120,22 @@ def test_files_are_validated_on_upload_and_scoped_to_the_tenant(stack: Stack, al
     error(alice.get(f"/v1/files/{f['id']}"), 404)
 
 
+def test_real_hh_data_with_a_few_odd_rows_is_taken_and_the_rows_left_out_are_shown(alice: Any) -> None:
+    """Anthropic's HH-RLHF as it is: answers containing "Human:", a few transcripts without an answer."""
+    def hh(q: str, a: str) -> str:
+        return f"\n\nHuman: {q}\n\nAssistant: {a}"
+
+    good = [{"chosen": hh(f"Question {i}?", "Human: No, you are."), "rejected": hh(f"Question {i}?", "Sure.")}
+            for i in range(99)]  # fmt: skip
+    odd = {"chosen": "\n\nHuman: Hi?", "rejected": "\n\nHuman: Hi?"}
+    f = upload(alice, "\n".join(json.dumps(r) for r in [*good, odd]) + "\n").json()
+    assert (f["kind"], f["rows"]) == ("preference", 99)
+    assert f["skipped"] == {"unusable: chosen: an HH transcript must end with an 'Assistant:' turn": 1}
+    assert alice.get(f"/v1/files/{f['id']}").json()["skipped"] == f["skipped"]
+    bad = error(upload(alice, "\n".join(json.dumps(r) for r in [*good[:10], odd, odd]) + "\n"), 400, "file")
+    assert "2 of 12 rows cannot be used" in bad["message"] and "first at lines 11, 12" in bad["message"]
+
+
 def test_job_create_get_list_and_isolation(stack: Stack, alice: Any, bob: Any) -> None:
     job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"suffix": "demo", "metadata": {"team": "a"}}).json()
     assert job["object"] == "fine_tuning.job" and job["status"] == "queued"
