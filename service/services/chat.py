@@ -140,7 +140,7 @@ def resolve_model(*, session: Session, tenant: str, model: str, settings: Settin
     """A model the caller may chat with; another tenant's model is not found."""
     try:
         return models_svc.resolve(session=session, tenant=tenant, name=model, models_dir=settings.models_dir,
-                                  param="model")  # fmt: skip
+                                  param="model", max_bytes=settings.max_model_bytes)  # fmt: skip
     except InvalidRequest as e:
         if e.code == "model_not_found":
             raise NotFound(f"model: no model {model!r} (see GET /v1/models)", param="model",

@@ -163,9 +163,11 @@ def make_plan(*, session: Session, tenant: str, req: JobCreate, settings: Settin
                              param="num_gpus")  # fmt: skip
     method, hp = _method(req)
     steps = _steps(req, method)
-    actor = models_svc.resolve(session=session, tenant=tenant, name=req.model, models_dir=settings.models_dir, param="model")
+    actor = models_svc.resolve(session=session, tenant=tenant, name=req.model, models_dir=settings.models_dir,
+                               param="model", max_bytes=settings.max_model_bytes)  # fmt: skip
     reward = (models_svc.resolve(session=session, tenant=tenant, name=req.reward_model, models_dir=settings.models_dir,
-                                 param="reward_model") if req.reward_model else None)  # fmt: skip
+                                 param="reward_model", max_bytes=settings.max_model_bytes)
+              if req.reward_model else None)  # fmt: skip
 
     # data files by role
     train = _file(session, tenant, req.training_file, "training_file",

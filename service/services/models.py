@@ -39,7 +39,21 @@ class ModelRef:
         self.key = self.key or self.name
 
 
-def resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param: str) -> ModelRef:
+def resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param: str,
+            max_bytes: int | None = None) -> ModelRef:  # fmt: skip
+    """The model `name` as the caller may use it; one whose weights are over `max_bytes` (the operator's
+    RLHF_MAX_MODEL_BYTES) is refused here, before a worker loads anything."""
+    ref = _resolve(session=session, tenant=tenant, name=name, models_dir=models_dir, param=param)
+    if max_bytes is not None and not ref.tiny:
+        size = sum(f.stat().st_size for f in ref.path.glob("*.safetensors")) if ref.path.is_dir() else 0
+        if size > max_bytes:
+            raise InvalidRequest(f"{param}: {name} has {size / 2**30:.2f} GiB of weights, over this server's limit of "
+                                 f"{max_bytes / 2**30:.2f} GiB (RLHF_MAX_MODEL_BYTES); choose a smaller model, or ask "
+                                 "the operator to raise the limit", param=param, code="model_too_large")  # fmt: skip
+    return ref
+
+
+def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param: str) -> ModelRef:
     if name.startswith("ft:"):
         ft = session.get(FineTunedModel, name)
         if ft is None or ft.tenant_id != tenant:

@@ -347,3 +347,17 @@ def test_a_failed_key_check_forgets_the_key_at_once(stack: Stack) -> None:
     with session_scope(stack.settings.db_url) as s, pytest.raises(Unauthenticated):
         authenticate(session=s, authorization=header, cache_s=60)  # a revoked key is never remembered
     assert cached_caller(header, 60) is None
+
+
+def test_a_model_over_the_operators_limit_is_refused_before_anything_runs(make_stack: Callable[..., Stack]) -> None:
+    from rlhf_engine.models.tiny import write_tiny
+
+    small = make_stack(max_model_bytes=1_000_000)  # 1 MB: the xs model's 2 MB of weights are over it
+    write_tiny(small.settings.models_dir / "big-base", "opt", "xs")
+    with small.client(small.key("limits")) as c:
+        before = counts(small)
+        e = error(c.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"model": "big-base"}), 400, "model")
+        assert e["code"] == "model_too_large" and "RLHF_MAX_MODEL_BYTES" in e["message"] and "big-base" in e["message"]
+        chat = {"model": "big-base", "messages": [{"role": "user", "content": "hi"}]}
+        assert error(c.post("/v1/chat/completions", json=chat), 400, "model")["code"] == "model_too_large"
+        assert counts(small) == before  # nothing stored, nothing queued
