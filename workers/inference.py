@@ -89,7 +89,7 @@ class Engines:
         """True while a bundled tiny model is not built yet; the first call starts its build in the
         background (a chat for it answers 503 at once instead of waiting for minutes)."""
         path = Path(path_str)
-        if (path / "config.json").exists() or not models_svc.TINY_RE.fullmatch(path.name):
+        if (path / "config.json").exists() or not models_svc.is_bundled(path.name):
             return False
         with self._lock:
             thread = self._building.get(model_id)
@@ -144,7 +144,7 @@ class Engines:
         real = path.resolve()
         if not any(real == r or r in real.parents for r in self._roots):
             raise ModelLoadError(f"model: {model_id} lies outside this worker's data and model roots", param="model")
-        if not (path / "config.json").exists() and models_svc.TINY_RE.fullmatch(path.name):
+        if not (path / "config.json").exists() and models_svc.is_bundled(path.name):
             from workers.training import build_tiny
 
             logger.info("building bundled model %s on first use", path.name)

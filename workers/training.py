@@ -170,14 +170,13 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
     child process; the first build pretrains it for a minute or two, so the lease is renewed meanwhile)."""
     if (path / "config.json").is_file():
         return
-    m = models_svc.TINY_RE.fullmatch(path.name)
-    if not m:
+    if not models_svc.is_bundled(path.name):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with session_scope(settings.db_url) as s:
         job = renew(s, job_id, settings, owner)
         add_event(session=s, job=job, type_="preparing_model", message=f"preparing base model {path.name} (first use "
-                  "on this server: built and pretrained on the bundled corpus)")  # fmt: skip
+                  "on this server: built into the model root, then cached)")  # fmt: skip
     started = time.monotonic()
     last_report = [started]
 
@@ -213,9 +212,7 @@ def build_tiny(path: Path, *, every_s: float, tick: Callable[..., None]) -> None
 
     from rlhf_engine.models.tiny import PROGRESS_ENV
 
-    m = models_svc.TINY_RE.fullmatch(path.name)
-    if not m:
-        raise ValueError(f"{path.name} is not a bundled tiny model")
+    args = models_svc.build_args(path.name)  # (a ValueError for a name that is not bundled)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         while True:
@@ -228,10 +225,9 @@ def build_tiny(path: Path, *, every_s: float, tick: Callable[..., None]) -> None
         if (path / "config.json").is_file():  # another process built it while we waited
             return
         progress = path.parent / f".{path.name}.progress"
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", m.group(1),
-                                 "--size", m.group(2), "--pretrain-steps", str(models_svc.TINY_PRETRAIN_STEPS), "--out",
-                                 str(path), "--overwrite", "--sample", ""], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env={**os.environ, PROGRESS_ENV: str(progress)})  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *args, "--out", str(path), "--overwrite"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, PROGRESS_ENV: str(progress)})  # fmt: skip
         try:
             while True:
                 try:

@@ -170,6 +170,10 @@ def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0
         raise ValueError(f"size {size!r} is not one of {', '.join(SIZES)}")
     if pretrain_steps < 0:
         raise ValueError(f"pretrain_steps must be 0 or more, got {pretrain_steps}")
+    if tokenizer_from == "smollm2":  # the real checkpoint the kit builds (rlhf_engine/models/gguf.py)
+        from rlhf_engine.models.gguf import build_smollm2
+
+        tokenizer_from = str(build_smollm2())
     tok_dir = Path(tokenizer_from) if tokenizer_from else bundled_tokenizer_dir()
     if not (tok_dir / "tokenizer.json").is_file():
         raise ValueError(f"tokenizer: {tok_dir} has no tokenizer.json; point it at a model folder")

@@ -258,6 +258,10 @@ def _params(path: Path) -> float:
     name = path.name
     if models_svc.TINY_RE.fullmatch(name):
         return {"xs": 0.00053, "s": 0.0034, "m": 0.0258}[name.rsplit("-", 1)[1]]
+    if name == models_svc.SMOLLM2:
+        return 0.1345
+    if name == models_svc.SMOLLM2_RM:
+        return 0.0067
     return costs.KNOWN_PARAMS_B.get(name, 1.0)
 
 

@@ -25,6 +25,29 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TINY_RE = re.compile(rf"tiny-({'|'.join(tiny.ARCHS)})-({'|'.join(tiny.SIZES_ORDER)})")
 TINY_NAMES = [f"tiny-{a}-{s}" for a in tiny.ARCHS for s in tiny.SIZES_ORDER]
 TINY_PRETRAIN_STEPS = 200
+# the real checkpoint the kit builds offline, and a small reward model on its tokenizer (a reward
+# model must read the actor's token ids): `rlhf demo --model smollm2` trains with the two
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_RM = "smollm2-rm-xs"
+BUNDLED_NAMES = [*TINY_NAMES, SMOLLM2, SMOLLM2_RM]
+
+
+def is_bundled(name: str) -> bool:
+    """A model the server builds into its model root on first use (no upload can take these names)."""
+    return bool(TINY_RE.fullmatch(name)) or name in (SMOLLM2, SMOLLM2_RM)
+
+
+def build_args(name: str) -> list[str]:
+    """The `rlhf` arguments that build bundled model `name` (into the folder given with --out)."""
+    if m := TINY_RE.fullmatch(name):
+        return ["models", "tiny", "--arch", m.group(1), "--size", m.group(2), "--pretrain-steps",
+                str(TINY_PRETRAIN_STEPS), "--sample", ""]  # fmt: skip
+    if name == SMOLLM2:
+        return ["models", "smollm2"]
+    if name == SMOLLM2_RM:
+        return ["models", "tiny", "--arch", "llama", "--size", "xs", "--tokenizer", "smollm2", "--pretrain-steps",
+                str(TINY_PRETRAIN_STEPS), "--sample", ""]  # fmt: skip
+    raise ValueError(f"{name} is not a bundled model")
 
 
 @dataclass
@@ -62,7 +85,7 @@ def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, para
     if not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidRequest(f"{param}: {name!r} is not a model name; use a base model from GET /v1/models",
                              param=param)  # fmt: skip
-    if TINY_RE.fullmatch(name):  # bundled (an upload cannot take these names): no database needed
+    if is_bundled(name):  # bundled (an upload cannot take these names): no database needed
         return ModelRef(name=name, path=models_dir.resolve() / name, base=name, tiny=True)
     own = session.scalar(select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name))
     if own is not None:
@@ -80,7 +103,7 @@ def tiny_ready(models_dir: Path, name: str) -> bool:
 
 
 def base_models(models_dir: Path) -> list[str]:
-    names = set(TINY_NAMES)
+    names = set(BUNDLED_NAMES)
     if models_dir.is_dir():
         root = models_dir.resolve()
         for p in models_dir.iterdir():
@@ -90,7 +113,7 @@ def base_models(models_dir: Path) -> list[str]:
 
 
 def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[ModelObject]:
-    out = [ModelObject(id=n, created=0, owned_by="system", ready=tiny_ready(models_dir, n) if TINY_RE.fullmatch(n) else True)
+    out = [ModelObject(id=n, created=0, owned_by="system", ready=tiny_ready(models_dir, n) if is_bundled(n) else True)
            for n in base_models(models_dir)]  # fmt: skip
     rows = session.scalars(select(FineTunedModel).where(FineTunedModel.tenant_id == tenant)
                            .order_by(FineTunedModel.created_at)).all()  # fmt: skip
@@ -124,7 +147,7 @@ def model_path(*, session: Session, tenant: str, model_id: str) -> Path:
 
 def upload_model(*, session: Session, tenant: str, name: str, archive: Path, models_dir: Path, uploads_dir: Path,
                  max_bytes: int) -> UploadedModel:  # fmt: skip
-    if not NAME_RE.fullmatch(name) or name.startswith("ft:") or TINY_RE.fullmatch(name):
+    if not NAME_RE.fullmatch(name) or name.startswith("ft:") or is_bundled(name):
         raise InvalidRequest("name: use letters, digits, '.', '_' or '-' (1-128), not a bundled model's name",
                              param="name")  # fmt: skip
     if name in base_models(models_dir) or session.scalar(

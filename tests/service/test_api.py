@@ -361,3 +361,17 @@ def test_a_model_over_the_operators_limit_is_refused_before_anything_runs(make_s
         chat = {"model": "big-base", "messages": [{"role": "user", "content": "hi"}]}
         assert error(c.post("/v1/chat/completions", json=chat), 400, "model")["code"] == "model_too_large"
         assert counts(small) == before  # nothing stored, nothing queued
+
+
+def test_the_smollm2_demo_job_is_accepted_with_its_bundled_models(alice: Any) -> None:
+    """`rlhf demo --model smollm2`'s job: SmolLM2 and the small reward model on its tokenizer are bundled
+    names (built by a worker on first use, listed as not ready until then) and the preset is valid."""
+    from workers.demo import JOBS
+
+    body = JOBS["smollm2"]
+    ready = {m["id"]: m["ready"] for m in alice.get("/v1/models").json()["data"]}
+    assert ready[body["model"]] is False and ready[body["reward_model"]] is False
+    est = alice.post("/v1/fine_tuning/jobs/estimate", json=body)
+    assert est.status_code == 200, est.text
+    assert est.json()["seconds"] > 0
+    error(alice.post("/v1/models", files={"file": ("m.tar.gz", b"x")}, data={"name": body["model"]}), 400, "name")
