@@ -42,7 +42,10 @@ def _console() -> Any:
 
 
 def cmd_models_tiny(ns: argparse.Namespace) -> int:
+    from rlhf_engine.engine import fencing
     from rlhf_engine.models.tiny import write_tiny
+
+    fencing.start_watchdog()  # a build started by a worker ends with the worker
 
     out = write_tiny(Path(ns.out), ns.arch, ns.size, pretrain_steps=ns.pretrain_steps, seed=ns.seed,
                      overwrite=ns.overwrite, progress=sys.stderr.isatty(), tokenizer_from=ns.tokenizer)  # fmt: skip
@@ -58,7 +61,10 @@ def cmd_models_tiny(ns: argparse.Namespace) -> int:
 
 
 def cmd_models_smollm2(ns: argparse.Namespace) -> int:
+    from rlhf_engine.engine import fencing
     from rlhf_engine.models.gguf import SMOLLM2_NAME, SMOLLM2_REQUIREMENT, write_smollm2
+
+    fencing.start_watchdog()  # a build started by a worker ends with the worker
 
     out = write_smollm2(Path(ns.out), overwrite=ns.overwrite)
     _console().print(f"[bold]{SMOLLM2_NAME}[/bold] (from the GGUF file of {SMOLLM2_REQUIREMENT}) → {out}")

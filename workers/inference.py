@@ -86,20 +86,21 @@ class Engines:
         self.on_change()
 
     def preparing(self, model_id: str, path_str: str) -> bool:
-        """True while a bundled tiny model is not built yet; the first call starts its build in the
-        background (a chat for it answers 503 at once instead of waiting for minutes)."""
+        """True while a bundled model is not built yet; the first call starts its build in the
+        background (a chat for it answers 503 at once instead of waiting for minutes). Generate asks
+        this before loading, so a model is never built on the request's path."""
         path = Path(path_str)
         if (path / "config.json").exists() or not models_svc.is_bundled(path.name):
             return False
         with self._lock:
             thread = self._building.get(model_id)
             if thread is None or not thread.is_alive():
-                from workers.training import build_tiny
+                from workers.training import build_bundled
 
                 def build() -> None:
                     try:
                         logger.info("building bundled model %s on first use", path.name)
-                        build_tiny(path, every_s=self.settings.inference_heartbeat_s, tick=lambda *_: None)
+                        build_bundled(path, every_s=self.settings.inference_heartbeat_s, tick=lambda *_: None)
                     except Exception:
                         logger.exception("building %s failed", path.name)
 
@@ -144,11 +145,6 @@ class Engines:
         real = path.resolve()
         if not any(real == r or r in real.parents for r in self._roots):
             raise ModelLoadError(f"model: {model_id} lies outside this worker's data and model roots", param="model")
-        if not (path / "config.json").exists() and models_svc.is_bundled(path.name):
-            from workers.training import build_tiny
-
-            logger.info("building bundled model %s on first use", path.name)
-            build_tiny(path, every_s=self.settings.inference_heartbeat_s, tick=lambda *_: self.on_change())
         try:
             return self._build(path)
         except ModelLoadError as e:  # the client knows the model by its id, not by our paths

@@ -192,7 +192,7 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
             add_event(session=s, job=job, type_="preparing_model", message=f"preparing base model {path.name}: "
                       f"{share}{now - started:.0f} s so far", data={"model": path.name, "progress": done})  # fmt: skip
 
-    build_tiny(path, every_s=settings.heartbeat_s, tick=tick)
+    build_bundled(path, every_s=settings.heartbeat_s, tick=tick)
     with session_scope(settings.db_url) as s:
         job = renew(s, job_id, settings, owner)
         add_event(session=s, job=job, type_="model_ready", message=f"base model {path.name} ready after "
@@ -204,12 +204,13 @@ def _renew_quietly(settings: Settings, job_id: str, owner: str) -> None:
         renew(s, job_id, settings, owner)
 
 
-def build_tiny(path: Path, *, every_s: float, tick: Callable[..., None]) -> None:
-    """Build and pretrain a bundled tiny model into `path` in a child process (torch stays out of the
+def build_bundled(path: Path, *, every_s: float, tick: Callable[..., None]) -> None:
+    """Build a bundled model (models_svc.build_args) into `path` in a child process (torch stays out of the
     caller), calling `tick(share done or None)` every `every_s` seconds meanwhile. One builder per path
     (a file lock), so a training and an inference worker asking at once build it once."""
     import fcntl
 
+    from rlhf_engine.engine.fencing import WATCH_ENV
     from rlhf_engine.models.tiny import PROGRESS_ENV
 
     args = models_svc.build_args(path.name)  # (a ValueError for a name that is not bundled)
@@ -227,7 +228,7 @@ def build_tiny(path: Path, *, every_s: float, tick: Callable[..., None]) -> None
         progress = path.parent / f".{path.name}.progress"
         proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *args, "--out", str(path), "--overwrite"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env={**os.environ, PROGRESS_ENV: str(progress)})  # fmt: skip
+                                env={**os.environ, PROGRESS_ENV: str(progress), WATCH_ENV: str(os.getpid())})  # fmt: skip
         try:
             while True:
                 try:

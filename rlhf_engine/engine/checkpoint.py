@@ -75,7 +75,6 @@ def save(engines: dict[str, Any], root: Path, *, global_step: int, state: dict[s
 
     folder = root / f"global_step{global_step}"
     if _any_rank(fencing.superseded(), dist):  # every rank agrees, or one would wait in a collective forever
-        fencing.check()
         raise fencing.Superseded(f"a newer attempt owns {root.parent}; checkpoint {global_step} not written")
     if dist.is_main and folder.exists():
         shutil.rmtree(folder)  # an incomplete leftover of a killed save

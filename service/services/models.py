@@ -97,8 +97,8 @@ def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, para
     return ModelRef(name=name, path=path, base=name)
 
 
-def tiny_ready(models_dir: Path, name: str) -> bool:
-    """A bundled tiny model is built into the model root on first use; until then it is not ready."""
+def bundled_ready(models_dir: Path, name: str) -> bool:
+    """A bundled model is built into the model root on first use; until then it is not ready."""
     return (models_dir / name / "config.json").is_file()
 
 
@@ -113,7 +113,7 @@ def base_models(models_dir: Path) -> list[str]:
 
 
 def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[ModelObject]:
-    out = [ModelObject(id=n, created=0, owned_by="system", ready=tiny_ready(models_dir, n) if is_bundled(n) else True)
+    out = [ModelObject(id=n, created=0, owned_by="system", ready=bundled_ready(models_dir, n) if is_bundled(n) else True)
            for n in base_models(models_dir)]  # fmt: skip
     rows = session.scalars(select(FineTunedModel).where(FineTunedModel.tenant_id == tenant)
                            .order_by(FineTunedModel.created_at)).all()  # fmt: skip

@@ -158,3 +158,22 @@ def test_a_step_whose_starter_is_already_gone_does_not_start() -> None:
     )
     out, err = child.communicate(timeout=15)
     assert child.returncode == fencing.EXIT_ORPHANED and "trained" not in out, err
+
+
+def test_a_model_build_started_by_a_worker_ends_with_it(tmp_path: Path) -> None:
+    """Workers build bundled models in child processes; a build outliving its worker would race the next
+    worker's build into the same folder."""
+    worker = subprocess.Popen(["sleep", "300"])
+    build = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", "llama", "--size", "m",
+         "--pretrain-steps", "5000", "--seed", "99", "--out", str(tmp_path / "m"), "--sample", ""],
+        env={**os.environ, fencing.WATCH_ENV: str(worker.pid)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    time.sleep(8)  # imports done, pretraining under way
+    assert build.poll() is None
+    worker.kill()
+    worker.wait()
+    _, err = build.communicate(timeout=30)
+    assert build.returncode == -signal.SIGTERM, err[-2000:]
+    assert not (tmp_path / "m" / "config.json").exists()
