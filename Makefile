@@ -23,11 +23,12 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto demo test bench lint lock clean
+.PHONY: help install proto demo test fuzz bench lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
 	@echo "make test   - create .venv, then run the whole test suite"
+	@echo "make fuzz   - schemathesis against a live API server from /openapi.json, many examples per route"
 	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead (bench/results/)"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
 	@echo "make lint   - ruff and mypy"
@@ -61,11 +62,16 @@ demo: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(RLHF) data preview --examples 1
 	HF_HUB_OFFLINE=1 $(RLHF) demo --data-dir $(DEMO_DIR)/service --run-link $(DEMO_DIR)/run
 
+# the fuzzer of `make test` (tests/service/test_openapi.py) with many more examples per route
+fuzz: $(STAMP) $(PROTO_STAMP)
+	HF_HUB_OFFLINE=1 RLHF_FUZZ_EXAMPLES=$${RLHF_FUZZ_EXAMPLES:-300} $(BIN)/pytest tests/service/test_openapi.py -k fuzzer
+
 bench: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/step3.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/chat.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/service.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/peer.py
 
 lint: $(STAMP) $(PROTO_STAMP)
 	$(BIN)/ruff check rlhf_engine service workers tests bench

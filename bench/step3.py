@@ -55,9 +55,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _models(actor_size: str, critic_size: str) -> tuple[Path, Path]:
+def _models(model: str, actor_size: str, critic_size: str) -> tuple[Path, Path]:
+    """(actor, critic): OPT-shaped tiny models, or SmolLM2-135M-Instruct (a 49k vocabulary, so the LM
+    head is a large share of the work) with the Llama-shaped critic on its tokenizer that `rlhf demo
+    --model smollm2` uses (bundled `smollm2-rm-xs`)."""
     from rlhf_engine.models.tiny import build_tiny
 
+    if model == "smollm2":
+        from rlhf_engine.models.gguf import build_smollm2
+
+        return build_smollm2(), build_tiny("llama", "xs", pretrain_steps=200, tokenizer_from="smollm2")
     return build_tiny("opt", actor_size), build_tiny("opt", critic_size)  # type: ignore[arg-type]
 
 
@@ -144,7 +151,8 @@ def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len:
         gen = sum(e.gen_seconds for e in exps)
         score = sum(e.score_seconds for e in exps)
         return {"step_s": t2 - t0, "gen_s": gen, "score_s": score, "train_s": t2 - t1,
-                "other_s": (t1 - t0) - gen - score, "gen_tokens": sum(int(e.answer_lengths.sum()) for e in exps)}  # fmt: skip
+                "other_s": (t1 - t0) - gen - score, "gen_tokens": sum(int(e.answer_lengths.sum()) for e in exps),
+                "rss_mb": _rss_mb()}  # fmt: skip
 
     def plain_generate(step: int) -> dict[str, float]:
         """Hugging Face generate on a plain (non-DeepSpeed) copy of the actor, the same 64 prompts."""
@@ -182,6 +190,12 @@ def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len:
     return {"steps": results, "switch_s": switch, "plain": plain_steps}
 
 
+def _rss_mb() -> float:
+    """Resident memory of this process (MB): growth across steps shows memory held between them."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _mean(rows: list[dict[str, float]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
@@ -206,6 +220,8 @@ def machine_probe() -> dict[str, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                   help="tiny: OPT-shaped actor/critic of --actor-size/--critic-size; smollm2: the real checkpoint")  # fmt: skip
     p.add_argument("--actor-size", default="m")
     p.add_argument("--critic-size", default="s")
     p.add_argument("--steps", type=int, default=4)
@@ -214,13 +230,13 @@ def main() -> int:
     p.add_argument("--group", nargs="+", help=argparse.SUPPRESS)  # internal: run configurations, print JSON
     ns = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    actor, critic = (str(x) for x in _models(ns.actor_size, ns.critic_size))
+    actor, critic = (str(x) for x in _models(ns.model, ns.actor_size, ns.critic_size))
     if ns.group:
         print("RESULT " + json.dumps(run_group(ns.group, actor, critic, ns.steps, ns.answer_len)))
         return 0
 
     def child(names: list[str]) -> dict[str, Any]:
-        cmd = [sys.executable, __file__, "--actor-size", ns.actor_size, "--critic-size", ns.critic_size,
+        cmd = [sys.executable, __file__, "--model", ns.model, "--actor-size", ns.actor_size, "--critic-size", ns.critic_size,
                "--steps", str(ns.steps), "--answer-len", str(ns.answer_len), "--group", *names]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -256,8 +272,8 @@ def main() -> int:
     base = rows.get("baseline")
     probe = "; ".join(f"{k[:-6]} {probe_before[k]:.0f} → {probe_after[k]:.0f} GFLOPS" for k in probe_before)
     print(f"\nmachine before → after: {probe}")
-    print(f"step 3, {EXPERIENCES} experiences per step, answers {ns.answer_len} tokens, actor {ns.actor_size}, "
-          f"critic {ns.critic_size}; plain generate: {plain.get('tokens_per_s', float('nan')):.0f} tokens/s")  # fmt: skip
+    print(f"step 3, {EXPERIENCES} experiences per step, answers {ns.answer_len} tokens, actor "
+          f"{Path(actor).name if ns.model == 'smollm2' else ns.actor_size}, critic {Path(critic).name}; plain generate: {plain.get('tokens_per_s', float('nan')):.0f} tokens/s")  # fmt: skip
     header = f"{'config':16} {'samples/s':>9} {'×base':>6} {'step s':>7} {'gen':>6} {'score':>6} {'train':>6} " \
              f"{'other':>6} {'gen tok/s':>9} {'switch %':>8} {'×base per step':>15}"  # fmt: skip
     print(header)

@@ -283,6 +283,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 1
     console = _console()
+    if model is None:
+        console.print(f"\n[bold]Reward model:[/bold] {cfg.step_dir(2)} (score answers with it in `rlhf eval`, or "
+                      "train step 3 against it)")  # fmt: skip
+        return 0
     console.print(f"\n[bold]Chat model:[/bold] {model}")
     console.print("Load it anywhere: AutoModelForCausalLM.from_pretrained(" + repr(str(model)) + ")", highlight=False)
     if (model.parent / "actor_ema").is_dir():

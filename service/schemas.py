@@ -392,3 +392,20 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class ErrorObject(BaseModel):
+    message: str = Field(description="what is wrong and how to fix it")
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error, rate_limit_error, "
+                      "service_unavailable, timeout or server_error")  # fmt: skip
+    param: str | None = Field(default=None, description="the request field at fault, when one is")
+    code: str | None = Field(default=None, description="a machine-readable reason, e.g. model_not_ready")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: every error of the API has this body (service/errors.py)."""
+
+    error: ErrorObject

@@ -97,10 +97,18 @@ def encode_prompt(conversation: Conversation, tokenizer: Any) -> list[int]:
 
 
 def encode_answer(conversation: Conversation, answer: str, tokenizer: Any) -> list[int]:
-    """Token ids of `render_answer`, ending with EOS (added unless the template already wrote it)."""
+    """Token ids of `render_answer`, ending with EOS.
+
+    A template whose end-of-turn marker is EOS (ChatML's `<|im_end|>`, as SmolLM2 and Qwen write it)
+    is cut right after it: what it writes next (`\n`) is never generated, since generation stops at
+    EOS, so SFT must not learn it and a reward model must be trained to score at EOS, where step 3,
+    `rlhf eval` and chat read its score. Otherwise EOS is appended.
+    """
     text = render_answer(conversation, answer, tokenizer)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
-    if eos is not None and eos not in ids[-2:]:
-        ids.append(eos)
-    return ids
+    if eos is None:
+        return ids
+    if eos in ids:
+        return ids[: len(ids) - ids[::-1].index(eos)]
+    return ids + [eos]

@@ -59,8 +59,9 @@ def _run_logged(cmd: list[str], log: Path) -> int:
         return proc.wait()
 
 
-def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Path:
-    """Run the steps; returns the chat model's folder (the last step's model)."""
+def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Path | None:
+    """Run the steps; returns the chat model's folder (step 3's actor, else step 1's model), or None
+    when only the reward model ran (it is no chat model)."""
     steps = plan(cfg, sections)
     out = Path(cfg.output_dir)
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,6 @@ def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Pa
             raise StepFailed(f"{TITLES[step]} did not finish (exit status {code}); see {out / 'logs' / (name + '.log')}")
         attempt.replace(config_file)
         print(f"==> {TITLES[step]}: done in {time.monotonic() - started:.0f} s", flush=True)
-    last = max(steps) if steps else 3
-    if last == 3:
+    if 3 in steps:
         return cfg.step_dir(3) / "actor"
-    return cfg.step_dir(last)
+    return cfg.step_dir(1) if 1 in steps else None

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.openapi import openapi_document
 from service.db.migrate import migrate
 from service.db.session import get_engine, session_scope
 from service.errors import ServiceError, Unauthenticated, status_of
@@ -150,4 +151,5 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app

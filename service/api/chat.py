@@ -19,17 +19,19 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response, StreamingResponse
 
 from service.api.deps import SettingsDep
+from service.api.openapi import COMMON, errors
 from service.errors import ServiceError
 from service.schemas import AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Usage
 from service.services import chat as svc
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/chat", tags=["chat"])
+router = APIRouter(prefix="/v1/chat", tags=["chat"], responses=errors(*COMMON))
 
 
 @router.post("/completions", response_model=ChatCompletion,
              responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or SSE chunks "
-                              "(chat.completion.chunk) ending in data: [DONE]"}})  # fmt: skip
+                              "(chat.completion.chunk) ending in data: [DONE]"},
+                        **errors(404, 502, 503, 504)})  # fmt: skip
 async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, request: Request,
                            authorization: Annotated[str | None, Header()] = None) -> Any:  # fmt: skip
     stream = await svc.open_chat(settings=settings, req=body, authorization=authorization)

@@ -7,12 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, UploadFile
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.api.openapi import COMMON, errors
 from service.api.uploads import save_upload
 from service.errors import InvalidRequest
 from service.schemas import Deleted, FileList, FileObject
 from service.services import files as svc
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=errors(*COMMON))
 
 
 @router.post("", response_model=FileObject)
@@ -38,12 +39,12 @@ def list_files(caller: CallerDep, session: SessionDep) -> Any:
     return FileList(data=[svc.to_object(f) for f in svc.list_files(session=session, tenant=caller.tenant_id)])
 
 
-@router.get("/{file_id}", response_model=FileObject)
+@router.get("/{file_id}", response_model=FileObject, responses=errors(404))
 def get_file(file_id: str, caller: CallerDep, session: SessionDep) -> Any:
     return svc.to_object(svc.get_file(session=session, tenant=caller.tenant_id, file_id=file_id))
 
 
-@router.delete("/{file_id}", response_model=Deleted)
+@router.delete("/{file_id}", response_model=Deleted, responses=errors(404, 409))
 def delete_file(file_id: str, caller: CallerDep, session: SessionDep) -> Any:
     f = svc.delete_file(session=session, tenant=caller.tenant_id, file_id=file_id)
     session.commit()

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.api.openapi import COMMON, errors
 from service.errors import ServiceError
 from service.schemas import (
     CheckpointList,
@@ -26,7 +27,7 @@ from service.schemas import (
 )
 from service.services import jobs as svc
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=errors(*COMMON))
 
 
 def respond(model: BaseModel) -> Response:
@@ -35,7 +36,7 @@ def respond(model: BaseModel) -> Response:
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
-@router.post("", response_model=JobObject)
+@router.post("", response_model=JobObject, responses=errors(404, 409))
 def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> Any:  # fmt: skip
     job = svc.submit_job(session=session, tenant=caller.tenant_id, req=body, settings=settings,
@@ -43,43 +44,43 @@ def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings
     return respond(svc.to_object(job))
 
 
-@router.post("/estimate", response_model=Estimate)
+@router.post("/estimate", response_model=Estimate, responses=errors(404))
 def estimate(body: EstimateRequest, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
     return svc.estimate(session=session, tenant=caller.tenant_id, req=body, settings=settings)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=errors(404))
 def list_jobs(caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 20) -> Any:
     rows, more = svc.list_jobs(session=session, tenant=caller.tenant_id, after=after, limit=limit)
     return respond(JobList(data=[svc.to_object(j) for j in rows], has_more=more))
 
 
-@router.get("/{job_id}", response_model=JobObject)
+@router.get("/{job_id}", response_model=JobObject, responses=errors(404))
 def get_job(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
     return respond(svc.to_object(svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)))
 
 
-@router.post("/{job_id}/cancel", response_model=JobObject)
+@router.post("/{job_id}/cancel", response_model=JobObject, responses=errors(404, 409))
 def cancel(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
     job = svc.cancel(session=session, tenant=caller.tenant_id, job_id=job_id)
     session.commit()
     return respond(svc.to_object(job))
 
 
-@router.post("/{job_id}/pause", response_model=JobObject)
+@router.post("/{job_id}/pause", response_model=JobObject, responses=errors(404, 409))
 def pause(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
     job = svc.pause(session=session, tenant=caller.tenant_id, job_id=job_id)
     session.commit()
     return respond(svc.to_object(job))
 
 
-@router.post("/{job_id}/resume", response_model=JobObject)
+@router.post("/{job_id}/resume", response_model=JobObject, responses=errors(404, 409))
 def resume(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
     job = svc.resume_job(session=session, tenant=caller.tenant_id, job_id=job_id, settings=settings)
     return respond(svc.to_object(job))
 
 
-@router.get("/{job_id}/events", response_model=EventList)
+@router.get("/{job_id}/events", response_model=EventList, responses=errors(404))
 def events(request: Request, job_id: str, caller: CallerDep, session: SessionDep, after: str | None = None,
            limit: Limit = 20, stream: bool = False) -> Any:  # fmt: skip
     if stream:
@@ -107,7 +108,7 @@ def _event_stream(request: Request, job_id: str) -> Any:
     return EventSourceResponse(gen(), ping=15)
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=errors(404))
 def checkpoints(job_id: str, caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 10) -> Any:
     job = svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)
     rows, more = svc.list_checkpoints(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit)
@@ -116,7 +117,7 @@ def checkpoints(job_id: str, caller: CallerDep, session: SessionDep, after: str 
                           last_id=data[-1].id if data else None)  # fmt: skip
 
 
-@router.get("/{job_id}/metrics", response_model=MetricList)
+@router.get("/{job_id}/metrics", response_model=MetricList, responses=errors(404))
 def metrics(job_id: str, caller: CallerDep, session: SessionDep, step: Annotated[int | None, Query(ge=1, le=3)] = None,
             after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> Any:  # fmt: skip
     rows, more = svc.list_metrics(session=session, tenant=caller.tenant_id, job_id=job_id, step=step, after=after,
@@ -124,7 +125,7 @@ def metrics(job_id: str, caller: CallerDep, session: SessionDep, step: Annotated
     return MetricList(data=rows, has_more=more)
 
 
-@router.get("/{job_id}/rollouts", response_model=RolloutList)
+@router.get("/{job_id}/rollouts", response_model=RolloutList, responses=errors(404))
 def rollouts(job_id: str, caller: CallerDep, session: SessionDep, offset: Annotated[int, Query(ge=0)] = 0,
              limit: Limit = 20) -> Any:  # fmt: skip
     rows, more = svc.list_rollouts(session=session, tenant=caller.tenant_id, job_id=job_id, offset=offset, limit=limit)

@@ -13,11 +13,12 @@ from fastapi import APIRouter, BackgroundTasks, Form, UploadFile
 from fastapi.responses import FileResponse
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.api.openapi import COMMON, errors
 from service.api.uploads import save_upload
 from service.schemas import ModelList, ModelObject
 from service.services import models as svc
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=errors(*COMMON))
 
 
 @router.get("", response_model=ModelList)
@@ -25,7 +26,7 @@ def list_models(caller: CallerDep, session: SessionDep, settings: SettingsDep) -
     return ModelList(data=svc.list_models(session=session, tenant=caller.tenant_id, models_dir=settings.models_dir))
 
 
-@router.post("", response_model=ModelObject)
+@router.post("", response_model=ModelObject, responses=errors(409))
 async def upload_model(file: UploadFile, name: Annotated[str, Form()], caller: CallerDep, session: SessionDep,
                        settings: SettingsDep) -> Any:  # fmt: skip
     """A Hugging Face model directory as a .tar/.tar.gz (safetensors only) becomes one of your base models."""
@@ -40,7 +41,7 @@ async def upload_model(file: UploadFile, name: Annotated[str, Form()], caller: C
     return ModelObject(id=row.name, created=int(row.created_at.timestamp()), owned_by=caller.tenant_id)
 
 
-@router.get("/{model_id:path}/content")
+@router.get("/{model_id:path}/content", responses=errors(404))
 def download_model(model_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep,
                    background: BackgroundTasks) -> Any:  # fmt: skip
     """Your fine-tuned (or uploaded) model's directory as a .tar.gz."""
@@ -55,6 +56,6 @@ def download_model(model_id: str, caller: CallerDep, session: SessionDep, settin
     return FileResponse(name, media_type="application/gzip", filename=f"{safe}.tar.gz")
 
 
-@router.get("/{model_id:path}", response_model=ModelObject)
+@router.get("/{model_id:path}", response_model=ModelObject, responses=errors(404))
 def get_model(model_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
     return svc.get_model(session=session, tenant=caller.tenant_id, models_dir=settings.models_dir, model_id=model_id)

@@ -332,13 +332,18 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
     method, _ = _method(job_req)
     steps = _steps(job_req, method)
     if req.model_parameters or req.tokens:  # planning for a model / data not on this server
+        if req.gpu_type not in settings.gpu_types:
+            raise InvalidRequest(f"gpu_type: {req.gpu_type!r} is not offered here; choose one of "
+                                 f"{', '.join(settings.gpu_types)}", param="gpu_type")  # fmt: skip
+        for name, count in (req.tokens or {}).items():
+            if name not in ("1", "2", "3") or count < 0:
+                raise InvalidRequest(f"tokens: {name!r}: {count} must be a step (1, 2 or 3) and a count of at least "
+                                     "0 tokens, e.g. {'3': 135000000}", param="tokens")  # fmt: skip
         actor_p = (req.model_parameters or 1e9) / 1e9
         reward_p = (req.reward_model_parameters or 3.5e8) / 1e9
         plan: dict[str, Any] = {str(s): {} for s in steps}
         est = estimate_steps(plan=plan, steps=steps, files=[], actor_params=actor_p, reward_params=reward_p,
                              gpu_type=req.gpu_type, num_gpus=req.num_gpus, tokens_override=req.tokens)  # fmt: skip
-        if req.gpu_type not in settings.gpu_types:
-            raise InvalidRequest(f"gpu_type: {req.gpu_type!r} is not offered here", param="gpu_type")
     else:
         est = make_plan(session=session, tenant=tenant, req=job_req, settings=settings,
                         output_dir=settings.runs_dir / tenant / "estimate").estimate  # planned only, never written

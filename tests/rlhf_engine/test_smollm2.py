@@ -43,8 +43,13 @@ def test_its_own_chat_template_is_what_training_and_chat_render(engine: ChatEngi
     tokenized, _ = tokenize_rows(1, rows, tok, max_seq_len=512, max_prompt_len=256)
     for row, (ids, prompt_len) in zip(rows, tokenized, strict=True):
         assert engine.prompt_ids([m.as_dict() for m in row.conversation]) == list(ids[:prompt_len])
-        # step 1 teaches it to end its turn: the template's "<|im_end|>\n" closes the answer
-        assert list(ids[-2:]) == [tok.convert_tokens_to_ids("<|im_end|>"), tok.encode("\n")[0]]
+        # step 1 teaches it to end its turn with the template's "<|im_end|>" (its EOS), where generation stops
+        assert ids[-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+        assert list(ids).count(tok.eos_token_id) == 3  # the ends of the system, user and assistant turns
+    # the reward model learns to score at that EOS too: step 3, `rlhf eval` and chat read its score there
+    pairs, _ = tokenize_rows(2, load_datasets(DataConfig(data=["bundled:preference"]))[0].rows[:20], tok,
+                             max_seq_len=512, max_prompt_len=256)  # fmt: skip
+    assert pairs and all(chosen[-1] == rejected[-1] == tok.eos_token_id for chosen, rejected, *_ in pairs)
 
 
 def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatEngine, smollm2: Path) -> None:

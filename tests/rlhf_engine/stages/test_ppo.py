@@ -77,6 +77,12 @@ def test_rlhf_train_writes_configs_and_logs_and_skips_finished_steps(pipeline_ru
     assert again.stdout.count("finished earlier") == 3
     assert time.monotonic() - started < 60  # nothing retrained
     assert summaries == [(pipeline_run / d / "summary.json").read_text() for d in ("step1_sft", "step2_reward", "step3_rlhf")]
+    # without step 3 the chat model is step 1's, never the reward model; the reward model alone is no chat model
+    for steps, line in (([1, 2], f"Chat model: {pipeline_run / 'step1_sft'}"),
+                        ([2], f"Reward model: {pipeline_run / 'step2_reward'}")):  # fmt: skip
+        part = rlhf_ok("train", "--actor-model", base_model, "--reward-model", base_model, "--output-dir", pipeline_run,
+                       "--config", "tiny", "--step", *steps)  # fmt: skip
+        assert line in part.stdout.replace("\n", " ") and "Chat model" not in part.stdout.replace(line, ""), part.stdout
     # the same run with another actor: step 1 refuses (finished with other options) and the pipeline says so
     other = rlhf("train", "--actor-model", pipeline_run / "step1_sft", "--reward-model", base_model,
                  "--output-dir", pipeline_run, "--config", "tiny")  # fmt: skip
