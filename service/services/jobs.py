@@ -226,6 +226,7 @@ def make_plan(*, session: Session, tenant: str, req: JobCreate, settings: Settin
             values = step_values(cfg, step, sections[SECTION[step]])
             built: Any = dataclass_from_args(STEP_CLASSES[step], argparse.Namespace(), file_values=values)
             _check_limits(built, step, settings)
+            _check_fills_a_batch(built, step, [f for f in (train, pref, prompts) if f is not None], req.num_gpus)
             plan[str(step)] = values
     except InvalidRequest:
         raise
@@ -237,6 +238,68 @@ def make_plan(*, session: Session, tenant: str, req: JobCreate, settings: Settin
                               gpu_type=req.gpu_type, num_gpus=req.num_gpus)  # fmt: skip
     return Planned(method=method, steps=steps, plan=plan, file_ids=file_ids, actor=actor, reward=reward,
                    hyperparameters=shown_hp, estimate=estimate)  # fmt: skip
+
+
+def _train_rows_at_most(data: DataConfig, step: int, files: list[File]) -> int | None:
+    """The most training rows `step` can get from its datasets (the split as the step makes it, before
+    rows the tokeniser leaves out), or None when a dataset is not known here (e.g. a hub id)."""
+    from rlhf_engine.data.split import bounds
+
+    by_path = {f.path: f for f in files}
+    weights = data.data_weights or [1.0] * len(data.data)
+    total = 0.0
+    for path, weight in zip(data.data, weights, strict=False):
+        kind: str | None
+        if path in by_path:
+            rows, kind, own_eval = by_path[path].rows, by_path[path].kind, False
+        else:
+            rows, kind, own_eval = _bundled_kind_and_rows(path)
+            if kind is None:
+                return None
+        n_eval = 0 if own_eval else round(rows * data.eval_fraction)
+        n_eval = max(1, n_eval) if not own_eval and data.eval_fraction > 0 and rows >= 2 else n_eval
+        train = rows - n_eval
+        if kind == "sft":
+            got = train if step == 1 else 0
+        else:
+            cuts = bounds(train, data.shares)
+            got = cuts[step] - cuts[step - 1]
+        total += got * weight
+    return int(total)
+
+
+def _check_fills_a_batch(built: Any, step: int, files: list[File], num_gpus: int) -> None:
+    """A step whose data cannot fill one global batch is refused at submit, not after the queue, the
+    model build and the tokenisation (the step itself would stop with the same numbers)."""
+    rows = _train_rows_at_most(built.data, step, files)
+    if rows is None:
+        return
+    sec = SECTION[step]
+    if step < 3:
+        need = built.per_device_train_batch_size * built.gradient_accumulation_steps * num_gpus
+        what = f"per_device_train_batch_size × gradient_accumulation_steps × num_gpus = {need}"
+        fix = f"config.{sec}.per_device_train_batch_size or gradient_accumulation_steps"
+    else:
+        need = built.per_device_generation_batch_size * built.generation_batches * num_gpus
+        what = f"per_device_generation_batch_size × generation_batches × num_gpus = {need}"
+        fix = f"config.{sec}.per_device_generation_batch_size"
+    if rows < need:
+        raise InvalidRequest(f"config.{sec}: step {step} gets at most {rows} training rows of its data (data_split "
+                             f"{built.data.data_split}, eval_fraction {built.data.eval_fraction}), fewer than one "
+                             f"batch: {what}; lower {fix}, or give more data", param=f"config.{sec}")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _bundled_kind_and_rows(name: str) -> tuple[int, str | None, bool]:
+    """(rows, kind, has its own eval split) of a bundled (or server-side) dataset, read once per
+    process; kind None when it cannot be read here."""
+    from rlhf_engine.data.readers import read_dataset
+
+    try:
+        ds = read_dataset(name)
+    except ValueError:
+        return 0, None, False
+    return (len(ds) if ds.kind == "text" else len(ds.rows)), ds.kind, ds.eval_rows is not None
 
 
 def _check_limits(built: Any, step: int, settings: Settings) -> None:

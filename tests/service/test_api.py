@@ -159,7 +159,7 @@ def test_pagination_with_after_and_limit(alice: Any) -> None:
 
 
 def test_reinforcement_job_from_one_preference_file(alice: Any) -> None:
-    f = upload(alice, PREF).json()
+    f = upload(alice, PREF * 20).json()  # 800 rows: a default global batch for every step (step 1: 144 ≥ 16 × 8)
     job = alice.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs",
                                                    "training_file": f["id"], "seed": 7}).json()  # fmt: skip
     assert job["method"]["type"] == "reinforcement" and job["steps"] == [1, 2, 3] and job["seed"] == 7
@@ -190,6 +190,28 @@ BAD_JOBS = [
     ({"model": "tiny-opt-xs", "unknown_field": 1}, "unknown_field"),
     ({"model": "tiny-opt-xs", "max_cost_usd": -1}, "max_cost_usd"),
 ]  # fmt: skip
+
+
+def test_a_job_whose_data_cannot_fill_one_batch_is_refused_at_submit(stack: Stack, alice: Any) -> None:
+    """40 rows, 10% held out for eval, split 2,4,4: steps 1, 2 and 3 get 7, 15 and 14 rows; step 1's default
+    global batch is 16 × 8."""
+    f = upload(alice, PREF).json()
+    before = counts(stack)
+    body = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "training_file": f["id"]}
+    err = error(alice.post("/v1/fine_tuning/jobs", json=body), 400, "config.sft")
+    assert "step 1 gets at most 7 training rows" in err["message"], err
+    assert "per_device_train_batch_size × gradient_accumulation_steps × num_gpus = 128" in err["message"], err
+    # smaller batches fit step 1; then step 2 (15 rows; 4 × 4 = 16) is the one refused
+    body["config"] = {"sft": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
+                      "reward": {"per_device_train_batch_size": 4}}
+    err = error(alice.post("/v1/fine_tuning/jobs", json=body), 400, "config.reward")
+    assert "step 2 gets at most 15 training rows" in err["message"], err
+    assert counts(stack) == before
+    body["config"] |= {"reward": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+                       "ppo": {"per_device_generation_batch_size": 8, "per_device_training_batch_size": 8}}  # fmt: skip
+    job = alice.post("/v1/fine_tuning/jobs", json=body).json()
+    assert job["status"] == "queued", job
+    alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
 
 
 @pytest.mark.parametrize(("body", "param"), BAD_JOBS)

@@ -115,7 +115,7 @@ with session_scope(settings.db_url) as s:
 async def main():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
                                  headers={{"Authorization": "Bearer " + key}}) as c:
-        f = await c.post("/v1/files", files={{"file": ("p.jsonl", b'{{"prompt": "a?", "chosen": "b", "rejected": "c"}}\\n' * 20)}},
+        f = await c.post("/v1/files", files={{"file": ("p.jsonl", b'{{"prompt": "a?", "chosen": "b", "rejected": "c"}}\\n' * 200)}},
                          data={{"purpose": "fine-tune"}})
         assert f.status_code == 200, f.text
         j = await c.post("/v1/fine_tuning/jobs", json={{"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs",
