@@ -79,6 +79,15 @@ class Settings(BaseSettings):
     chat_max_message_chars: int = Field(default=65536, ge=1, description="longest message content")
     chat_timeout_s: float = Field(default=300.0, gt=0, description="a chat request ends with a timeout after this")
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 503 (no worker, no dependency)")
+    # limits and quotas (0 = off): over one → 429 rate_limit_error with Retry-After; counted in Redis when
+    # REDIS_URL is set (shared by every API process), else in the database
+    rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per minute per API key, every /v1 "
+                                       "route (chat included)")  # fmt: skip
+    chat_tokens_per_minute: int = Field(default=0, ge=0, description="streamed completion tokens per minute per "
+                                        "API key; a chat request over it is refused until the minute ends")  # fmt: skip
+    max_active_jobs: int = Field(default=0, ge=0, description="live jobs (queued, running, paused) per tenant")
+    max_queued_gpu_hours: float = Field(default=0.0, ge=0, description="estimated GPU-hours of a tenant's live "
+                                        "jobs, the new one included")  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -20,6 +20,7 @@ from service.api.openapi import openapi_document
 from service.db.migrate import migrate
 from service.db.session import get_engine, session_scope
 from service.errors import ServiceError, Unauthenticated, status_of
+from service.limits import Counter, RateLimit
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
     limits = {"/v1/files": settings.max_file_bytes + (1 << 20), "/v1/models": settings.max_model_bytes + (1 << 20)}
     app.add_middleware(BodyLimit, limits=limits, default=settings.max_body_bytes)
+    app.state.counter = Counter(settings)
+    if settings.rate_limit_per_minute:  # added last: runs first, before any body is read
+        app.add_middleware(RateLimit, counter=app.state.counter, per_minute=settings.rate_limit_per_minute)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> JSONResponse:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -21,6 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from service.api.deps import SettingsDep
 from service.api.openapi import COMMON, errors
 from service.errors import ServiceError
+from service.limits import check_chat_tokens, count_chat_tokens
 from service.schemas import AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Usage
 from service.services import chat as svc
 
@@ -34,23 +35,32 @@ router = APIRouter(prefix="/v1/chat", tags=["chat"], responses=errors(*COMMON))
                         **errors(404, 502, 503, 504)})  # fmt: skip
 async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, request: Request,
                            authorization: Annotated[str | None, Header()] = None) -> Any:  # fmt: skip
+    counter = request.app.state.counter
+    if settings.chat_tokens_per_minute:
+        await check_chat_tokens(counter, settings, authorization)
     stream = await svc.open_chat(settings=settings, req=body, authorization=authorization)
+
+    async def finished(f: svc.Finished) -> None:
+        if settings.chat_tokens_per_minute:
+            await count_chat_tokens(counter, settings, authorization, f.completion_tokens)
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _SSE(sse_chunks(stream, include_usage=include_usage), on_close=stream.cancel)
+        return _SSE(sse_chunks(stream, include_usage=include_usage, on_finished=finished), on_close=stream.cancel)
     whole = asyncio.ensure_future(svc.complete(stream))
     try:
         while not (await asyncio.wait({whole}, timeout=0.5))[0]:
             if await request.is_disconnected():  # nobody will read the answer: stop generating it
                 whole.cancel()
                 return Response(status_code=499)
-        choices, finished = whole.result()
+        choices, done = whole.result()
     finally:
         stream.cancel()
+    await finished(done)
     body_out = ChatCompletion(id=stream.id, created=stream.created, model=stream.model,
                               choices=[ChatChoice(index=c["index"], message=AssistantMessage(content=c["text"]),
                                                   finish_reason=_finish(c["finish_reason"]), reward=c["reward"])
-                                       for c in choices], usage=_usage(finished))  # fmt: skip
+                                       for c in choices], usage=_usage(done))  # fmt: skip
     return Response(body_out.model_dump_json(), media_type="application/json")
 
 
@@ -79,7 +89,8 @@ def _usage(f: svc.Finished) -> Usage:
                  total_tokens=f.prompt_tokens + f.completion_tokens)  # fmt: skip
 
 
-async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIterator[bytes]:
+async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool,
+                     on_finished: Callable[[svc.Finished], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:  # fmt: skip
     """chat.completion.chunk events; an error event if the stream fails; always `[DONE]` last."""
     head = {"id": stream.id, "object": "chat.completion.chunk", "created": stream.created, "model": stream.model,
             "system_fingerprint": None}  # fmt: skip
@@ -93,6 +104,8 @@ async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIte
                      for i in range(stream.n)])  # fmt: skip
         async for item in stream:
             if isinstance(item, svc.Finished):
+                if on_finished is not None:
+                    await on_finished(item)
                 if include_usage:
                     yield frame([], usage=_usage(item).model_dump())
                 break

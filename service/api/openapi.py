@@ -29,8 +29,9 @@ DESCRIPTIONS = {
     "seconds",
     504: "no answer in time",
 }
-# what every authenticated route can answer: a bad parameter or body, no key, a body over the limit
-COMMON = (400, 401, 413)
+# what every authenticated route can answer: a bad parameter or body, no key, a body over the limit,
+# over the key's rate limit (when the operator sets one)
+COMMON = (400, 401, 413, 429)
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

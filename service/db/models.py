@@ -230,3 +230,12 @@ class InferenceWorker(Base):
     active: Mapped[int] = mapped_column(Integer, default=0)  # requests being served at the last report
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class RateCounter(Base):
+    """Requests or tokens counted per key and minute (service/limits.py) when there is no Redis."""
+
+    __tablename__ = "rate_counters"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)  # what is counted, for whom
+    window: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # minute since the epoch
+    count: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -441,6 +441,12 @@ def create_job(*, session: Session, tenant: str, req: JobCreate, settings: Setti
     output_dir = settings.runs_dir / tenant / job_id
     planned = make_plan(session=session, tenant=tenant, req=req, settings=settings, output_dir=output_dir)
     est_s = sum(s.seconds for s in planned.estimate)
+    if settings.max_active_jobs or settings.max_queued_gpu_hours:
+        from service.db.models import Tenant
+        from service.limits import check_job_quota
+
+        session.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())  # one create at a time
+        check_job_quota(session=session, tenant=tenant, settings=settings, gpu_hours=est_s * req.num_gpus / 3600)
     job = Job(id=job_id, tenant_id=tenant, status="queued", method=planned.method, model=req.model,
               reward_model=req.reward_model, suffix=req.suffix,
               seed=req.seed if req.seed is not None else int(planned.plan[str(planned.steps[0])].get("seed", 1234)),

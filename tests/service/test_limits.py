@@ -1,0 +1,92 @@
+"""Limits and quotas: requests per key and minute across API processes (Redis) and on one process
+without Redis (the database), streamed chat tokens per key, a tenant's live jobs and queued GPU-hours.
+Over a limit: 429, OpenAI's rate_limit_error envelope, Retry-After; other keys are unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from service.limits import WINDOW_S, Counter, key_id
+from tests.service.conftest import SMALL_SFT, Stack
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _fresh_minute() -> None:
+    """Start well inside a minute: the counts of a fixed window reset when it ends."""
+    left = WINDOW_S - time.time() % WINDOW_S
+    if left < 15:
+        time.sleep(left + 0.5)
+
+
+def _limited(r: httpx.Response) -> dict[str, Any]:
+    assert r.status_code == 429, (r.status_code, r.text)
+    assert 1 <= int(r.headers["Retry-After"]) <= WINDOW_S
+    err = r.json()["error"]
+    assert err["type"] == "rate_limit_error" and err["message"], err
+    return dict(err)
+
+
+@pytest.mark.parametrize("store", ["redis", "database"])
+def test_requests_per_key_are_limited_across_api_processes(make_stack: Callable[..., Stack], new_pg: Callable[[], str],
+                                                          new_redis: Callable[[], str], store: str) -> None:  # fmt: skip
+    shared = {"database_url": new_pg(), "redis_url": new_redis() if store == "redis" else "",
+              "rate_limit_per_minute": 5}  # fmt: skip
+    a, b = make_stack(**shared), make_stack(**shared)  # two API processes' worth of apps, one database
+    alice, bob = a.key("alice"), a.key("bob")
+    _fresh_minute()
+    with a.client(alice) as a1, b.client(alice) as b1, a.client(bob) as a2:
+        answers = [a1.get("/v1/files"), b1.get("/v1/models"), a1.get("/v1/fine_tuning/jobs"), b1.get("/v1/files"),
+                   a1.get("/v1/files")]  # fmt: skip
+        assert [r.status_code for r in answers] == [200] * 5
+        assert [int(r.headers["x-ratelimit-remaining-requests"]) for r in answers] == [4, 3, 2, 1, 0]
+        err = _limited(b1.get("/v1/files"))  # the 6th of this minute, on the other process
+        assert err["code"] == "rate_limit_exceeded" and "5 requests per minute" in err["message"]
+        _limited(a1.post("/v1/fine_tuning/jobs", json=SMALL_SFT))  # every route counts, nothing is created
+        assert a2.get("/v1/files").status_code == 200  # another key is unaffected
+        assert httpx.get(f"{a.url}/healthz").status_code == 200  # health checks are not limited
+    from service.db.models import Job
+    from service.db.session import session_scope
+
+    with session_scope(a.settings.db_url) as session:
+        assert session.query(Job).count() == 0  # the refused POST stored nothing
+
+
+def test_streamed_chat_tokens_per_key(make_stack: Callable[..., Stack]) -> None:
+    """Once a key's replies this minute reach RLHF_CHAT_TOKENS_PER_MINUTE, its next chat request is
+    refused before routing (this stack has no inference worker: a request let through answers 503)."""
+    s = make_stack(chat_tokens_per_minute=100)
+    alice, bob = s.key("alice"), s.key("bob")
+    body = {"model": "tiny-opt-xs", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    _fresh_minute()
+    with s.client(alice) as c, s.client(bob) as other:
+        assert c.post("/v1/chat/completions", json=body).status_code == 503  # under the limit: routed (no worker)
+        counter = Counter(s.settings)
+        asyncio.run(counter.add(f"tok:{key_id('Bearer ' + alice)}", 100))  # what the replies streamed
+        err = _limited(c.post("/v1/chat/completions", json=body | {"stream": True}))
+        assert "100 streamed tokens per minute" in err["message"]
+        assert other.post("/v1/chat/completions", json=body).status_code == 503  # bob is not limited
+
+
+def test_live_jobs_and_queued_gpu_hours_per_tenant(make_stack: Callable[..., Stack]) -> None:
+    s = make_stack(max_active_jobs=2)
+    with s.client(s.key("alice")) as c, s.client(s.key("bob")) as other:
+        first, second = (c.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json() for _ in range(2))
+        assert first["status"] == second["status"] == "queued"
+        err = _limited(c.post("/v1/fine_tuning/jobs", json=SMALL_SFT))
+        assert err["code"] == "quota_active_jobs" and "2 live jobs" in err["message"]
+        assert len(c.get("/v1/fine_tuning/jobs").json()["data"]) == 2  # nothing stored for the refused one
+        assert other.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()["status"] == "queued"
+        c.post(f"/v1/fine_tuning/jobs/{first['id']}/cancel")
+        assert c.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()["status"] == "queued"  # room again
+    hours = make_stack(max_queued_gpu_hours=1e-6)
+    with hours.client(hours.key("carol")) as c:
+        err = _limited(c.post("/v1/fine_tuning/jobs", json=SMALL_SFT))
+        assert err["code"] == "quota_gpu_hours" and "RLHF_MAX_QUEUED_GPU_HOURS" in err["message"]
+        assert c.post("/v1/fine_tuning/jobs/estimate", json=SMALL_SFT).status_code == 200  # estimates are free
