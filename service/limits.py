@@ -127,6 +127,16 @@ class RateLimit:
         await self.app(scope, receive, with_headers)
 
 
+async def check_requests(counter: Counter, per_minute: int, authorization: str | None) -> None:
+    """Count one request of this key (gRPC; the REST API counts in `RateLimit`)."""
+    who = key_id(authorization)
+    if who is None:
+        return
+    count, left = await counter.add(f"req:{who}", 1)
+    if count > per_minute:
+        raise _too_many("requests", per_minute, "RLHF_RATE_LIMIT_PER_MINUTE", left)
+
+
 async def check_chat_tokens(counter: Counter, settings: Settings, authorization: str | None) -> None:
     """Refuse a chat request once its key has streamed its tokens of this minute."""
     limit, who = settings.chat_tokens_per_minute, key_id(authorization)

@@ -24,6 +24,7 @@ from service.db.session import session_scope
 from service.errors import InvalidRequest, ServiceError, from_value_error, status_of
 from service.grpc.convert import from_pb, to_dict, to_pb
 from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+from service.limits import Counter, check_chat_tokens, check_requests, count_chat_tokens
 from service.schemas import (
     ChatCompletionRequest,
     CheckpointList,
@@ -137,13 +138,16 @@ def stream_rpc(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
 class Base:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.counter = Counter(settings)  # the REST API's limits, counted in the same place
 
     async def caller(self, context: grpc.aio.ServicerContext) -> Caller:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         cache_s = self.settings.auth_cache_s
-        if (caller := cached_caller(authorization, cache_s)) is not None:
-            return caller
-        return await self.db(lambda s: authenticate(session=s, authorization=authorization, cache_s=cache_s))
+        if (caller := cached_caller(authorization, cache_s)) is None:
+            caller = await self.db(lambda s: authenticate(session=s, authorization=authorization, cache_s=cache_s))
+        if self.settings.rate_limit_per_minute:
+            await check_requests(self.counter, self.settings.rate_limit_per_minute, authorization)
+        return caller
 
     async def db(self, fn: Callable[[Session], T]) -> T:
         """Run `fn(session)` in a worker thread (the service functions are synchronous)."""
@@ -297,6 +301,9 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
     @stream_rpc
     async def Chat(self, request: Any, context: Any, caller: Caller) -> AsyncIterator[Any]:  # noqa: N802
         req = from_pb(request, ChatCompletionRequest, stream=True)
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        if self.settings.chat_tokens_per_minute:
+            await check_chat_tokens(self.counter, self.settings, authorization)
         stream = await chat_svc.open_chat(settings=self.settings, req=req, tenant=caller.tenant_id)
         head: dict[str, Any] = {"id": stream.id, "object": "chat.completion.chunk", "created": stream.created,
                                 "model": stream.model}  # fmt: skip
@@ -305,6 +312,7 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
                 role="assistant", content="")) for i in range(stream.n)])  # fmt: skip
             async for item in stream:
                 if isinstance(item, chat_svc.Finished):
+                    await count_chat_tokens(self.counter, self.settings, authorization, item.completion_tokens)
                     usage = chat_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
                                            total_tokens=item.prompt_tokens + item.completion_tokens)  # fmt: skip
                     yield chat_pb2.ChatChunk(**head, usage=usage)

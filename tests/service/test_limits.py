@@ -90,3 +90,35 @@ def test_live_jobs_and_queued_gpu_hours_per_tenant(make_stack: Callable[..., Sta
         err = _limited(c.post("/v1/fine_tuning/jobs", json=SMALL_SFT))
         assert err["code"] == "quota_gpu_hours" and "RLHF_MAX_QUEUED_GPU_HOURS" in err["message"]
         assert c.post("/v1/fine_tuning/jobs/estimate", json=SMALL_SFT).status_code == 200  # estimates are free
+
+
+def test_grpc_counts_against_the_same_limit(make_stack: Callable[..., Stack], new_redis: Callable[[], str]) -> None:
+    """Internal tools on gRPC share a key's budget with its REST traffic."""
+    import threading
+
+    import grpc
+
+    from service.grpc.pb import jobs_pb2, jobs_pb2_grpc
+    from service.grpc.server import start_server
+
+    s = make_stack(redis_url=new_redis(), rate_limit_per_minute=3)
+    key = s.key("alice")
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(start_server(s.settings, host="127.0.0.1", port=0), loop).result(30)
+    try:
+        _fresh_minute()
+        with s.client(key) as c, grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            assert c.get("/v1/files").status_code == 200
+            jobs, md = jobs_pb2_grpc.JobServiceStub(ch), [("authorization", f"Bearer {key}")]
+            for _ in range(2):
+                jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=5), metadata=md)
+            with pytest.raises(grpc.RpcError) as e:
+                jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=5), metadata=md)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            trailing = dict(e.value.trailing_metadata() or ())
+            assert trailing["error-code"] == "rate_limit_exceeded" and 1 <= int(trailing["retry-after"]) <= WINDOW_S
+            _limited(c.get("/v1/files"))
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
