@@ -12,6 +12,7 @@ traffic never touches another's count.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -26,6 +27,7 @@ from service.schemas import ACTIVE
 from service.services.keys import hash_key
 from service.settings import Settings
 
+logger = logging.getLogger(__name__)
 WINDOW_S = 60
 
 
@@ -105,12 +107,17 @@ class RateLimit:
         if who is None:  # no key: the route answers 401
             await self.app(scope, receive, send)
             return
-        count, left = await self.counter.add(f"req:{who}", 1)
+        try:
+            count, left = await self.counter.add(f"req:{who}", 1)
+        except Exception as e:  # noqa: BLE001 - the count's store is down: serve rather than refuse everyone
+            logger.warning("rate limit not counted (%s: %s); request let through", type(e).__name__, e)
+            await self.app(scope, receive, send)
+            return
         if count > self.per_minute:
             from service.api.app import _envelope
 
-            e = _too_many("requests", self.per_minute, "RLHF_RATE_LIMIT_PER_MINUTE", left)
-            response = _envelope(429, e.message, kind=e.kind, code=e.code, headers={
+            over = _too_many("requests", self.per_minute, "RLHF_RATE_LIMIT_PER_MINUTE", left)
+            response = _envelope(429, over.message, kind=over.kind, code=over.code, headers={
                 "Retry-After": str(left), "x-ratelimit-limit-requests": str(self.per_minute),
                 "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{left}s"})  # fmt: skip
             await response(scope, receive, send)

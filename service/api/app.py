@@ -7,6 +7,7 @@ Every error leaves as OpenAI's envelope with the status of service.errors.ERROR_
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -14,11 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.openapi import openapi_document
 from service.db.migrate import migrate
-from service.db.session import get_engine, session_scope
+from service.db.session import DB_DOWN, get_engine, session_scope
 from service.errors import ServiceError, Unauthenticated, status_of
 from service.limits import Counter, RateLimit
 from service.settings import Settings, get_settings
@@ -73,14 +76,51 @@ class BodyLimit:
         await self.app(scope, bounded, send)
 
 
+class DatabaseGate:
+    """503 with Retry-After on every /v1 route until the database has been migrated (a server that
+    started while its database was down serves /healthz and /readyz, and retries the migrations)."""
+
+    def __init__(self, app: Any, *, state: Any, retry_after: int) -> None:
+        self.app, self.state, self.retry_after = app, state, retry_after
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self.state.migrated and scope["path"].startswith("/v1/"):
+            response = _envelope(503, "the database is unavailable; retry shortly", kind="service_unavailable",
+                                 code="database_unavailable", headers={"Retry-After": str(self.retry_after)})  # fmt: skip
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _migrate_until_done(state: Any, settings: Settings) -> None:
+    while not state.migrated:
+        time.sleep(min(settings.retry_after_s, 2))
+        try:
+            migrate(settings.db_url)
+        except DB_DOWN as e:
+            logger.info("database still unavailable (%s); retrying", type(e).__name__)
+            continue
+        state.migrated = True
+        logger.warning("database reachable again: migrated, serving")
+
+
 def create_app(settings: Settings | None = None, *, run_migrations: bool = True) -> FastAPI:
     settings = settings or get_settings()
+    migrated = True
     if run_migrations:
-        migrate(settings.db_url)
+        try:
+            migrate(settings.db_url)
+        except DB_DOWN as e:  # start anyway: 503 until the database answers, then migrate and serve
+            logger.warning("database unavailable at start (%s); answering 503 and retrying", type(e).__name__)
+            migrated = False
     app = FastAPI(title="rlhf-service", version="0.1.0", description="DeepSpeed-Chat's RLHF as a service: OpenAI-"
                   "style fine-tuning jobs (SFT, reward model, PPO) and chat with the results.")  # fmt: skip
     app.state.settings = settings
     app.state.started = time.time()
+    app.state.migrated = migrated
+    if not migrated:
+        threading.Thread(target=_migrate_until_done, args=(app.state, settings), daemon=True,
+                         name="migrate-retry").start()  # fmt: skip
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -91,8 +131,17 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     limits = {"/v1/files": settings.max_file_bytes + (1 << 20), "/v1/models": settings.max_model_bytes + (1 << 20)}
     app.add_middleware(BodyLimit, limits=limits, default=settings.max_body_bytes)
     app.state.counter = Counter(settings)
-    if settings.rate_limit_per_minute:  # added last: runs first, before any body is read
+    if settings.rate_limit_per_minute:
         app.add_middleware(RateLimit, counter=app.state.counter, per_minute=settings.rate_limit_per_minute)
+    app.add_middleware(DatabaseGate, state=app.state, retry_after=settings.retry_after_s)  # added last: runs first
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def database_down(request: Request, e: Exception) -> JSONResponse:
+        logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(e).__name__)
+        return _envelope(503, "the database is unavailable; retry shortly", kind="service_unavailable",
+                         code="database_unavailable", headers={"Retry-After": str(settings.retry_after_s)})  # fmt: skip
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> JSONResponse:
@@ -126,6 +175,9 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
     @app.get("/readyz", include_in_schema=False)
     def readyz() -> JSONResponse:
+        if not app.state.migrated:
+            return _envelope(503, "database unavailable since start; migrations are retried", kind="service_unavailable",
+                             headers={"Retry-After": "5"})  # fmt: skip
         try:
             with get_engine(settings.db_url).connect() as conn:
                 conn.execute(text("SELECT 1"))

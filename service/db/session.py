@@ -8,7 +8,12 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+
+# the database is unreachable (down, restarting, pool exhausted): 503 and retry, not the request's fault
+DB_DOWN = (OperationalError, InterfaceError, PoolTimeout)
 
 
 @lru_cache(maxsize=8)
@@ -25,7 +30,10 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_recycle=1800)
+    # a database that does not answer fails a request in seconds (503), not after the OS's TCP timeout
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_recycle=1800, pool_timeout=10,
+                         connect_args=connect_args)  # fmt: skip
 
 
 @lru_cache(maxsize=8)

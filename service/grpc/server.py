@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from service.db.models import Job
-from service.db.session import session_scope
-from service.errors import InvalidRequest, ServiceError, from_value_error, status_of
+from service.db.session import DB_DOWN, session_scope
+from service.errors import InvalidRequest, ServiceError, Unavailable, from_value_error, status_of
 from service.grpc.convert import from_pb, to_dict, to_pb
 from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from service.limits import Counter, check_chat_tokens, check_requests, count_chat_tokens
@@ -110,6 +110,9 @@ def rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
             return await fn(self, request, context, caller)
         except (ServiceError, ValueError) as e:  # ValidationError is a ValueError
             await _abort(context, e)
+        except DB_DOWN:
+            await _abort(context, Unavailable("the database is unavailable; retry shortly", code="database_unavailable",
+                                              retry_after=self.settings.retry_after_s))  # fmt: skip
         except Exception:
             logger.exception("gRPC %s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; it was logged")
@@ -128,6 +131,9 @@ def stream_rpc(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
                 yield item
         except (ServiceError, ValueError) as e:
             await _abort(context, e)
+        except DB_DOWN:
+            await _abort(context, Unavailable("the database is unavailable; retry shortly", code="database_unavailable",
+                                              retry_after=self.settings.retry_after_s))  # fmt: skip
         except Exception:
             logger.exception("gRPC %s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; it was logged")
