@@ -55,7 +55,10 @@ def cmd_keys(ns: argparse.Namespace) -> int:
                 print(f"{k.id}  {k.tenant_id:<20} {k.prefix}…  {state}{'  operator' if k.operator else ''}  {k.name}")
         else:
             k = keys.revoke_key(session=s, key_id=ns.key_id)
-            print(f"revoked {k.id} ({k.tenant_id})")
+    if ns.keys_command == "revoke":  # committed: now every API process forgets it
+        told = keys.announce_revoked(k, settings.redis_url)
+        print(f"revoked {k.id} ({k.tenant_id}); " + ("every API process was told at once" if told else
+              f"API processes stop accepting it within {settings.auth_cache_s:g} s (RLHF_AUTH_CACHE_S)"))  # fmt: skip
     return 0
 
 

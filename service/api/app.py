@@ -131,6 +131,10 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     limits = {"/v1/files": settings.max_file_bytes + (1 << 20), "/v1/models": settings.max_model_bytes + (1 << 20)}
     app.add_middleware(BodyLimit, limits=limits, default=settings.max_body_bytes)
     app.state.counter = Counter(settings)
+    if settings.auth_cache_s > 0:
+        from service.services.keys import listen_for_revocations
+
+        listen_for_revocations(settings.redis_url)  # a revoked key stops working everywhere within a second
     if settings.rate_limit_per_minute:
         app.add_middleware(RateLimit, counter=app.state.counter, per_minute=settings.rate_limit_per_minute)
     app.add_middleware(DatabaseGate, state=app.state, retry_after=settings.retry_after_s)  # added last: runs first

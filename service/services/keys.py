@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -14,6 +16,7 @@ from sqlalchemy.orm import Session
 from service.db.models import ApiKey, Tenant, utcnow
 from service.errors import InvalidRequest, NotFound, Unauthenticated
 
+logger = logging.getLogger(__name__)
 PREFIX = "sk-rlhf-"
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -52,12 +55,68 @@ def list_keys(*, session: Session, tenant: str | None = None) -> list[ApiKey]:
 
 
 def revoke_key(*, session: Session, key_id: str) -> ApiKey:
+    """Mark the key revoked (the caller commits, then calls `announce_revoked`)."""
     key = session.get(ApiKey, key_id)
     if key is None:
         raise NotFound(f"no API key {key_id}", param="key_id")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+    _VERIFIED.pop(key.key_hash, None)
     return key
+
+
+# A revocation reaches every API process within a second: it is published on Redis, and each process
+# that caches keys listens (`listen_for_revocations`) and forgets the key; without Redis the cache's
+# `auth_cache_s` bounds how long a revoked key keeps working.
+REVOKED_CHANNEL = "rlhf:keys:revoked"
+_LISTENING: set[str] = set()
+_LISTEN_LOCK = threading.Lock()
+
+
+def announce_revoked(key: ApiKey, redis_url: str) -> bool:
+    """Tell every API process to forget `key` now (after the revocation is committed); False if
+    Redis could not be reached (then the caches expire within auth_cache_s)."""
+    if not redis_url:
+        return False
+    import redis
+
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        client.publish(REVOKED_CHANNEL, key.key_hash)
+        client.close()
+    except redis.RedisError as e:
+        logger.warning("revocation of %s not announced (%s); caches expire within auth_cache_s", key.id, e)
+        return False
+    return True
+
+
+def listen_for_revocations(redis_url: str) -> None:
+    """Start (once per process and Redis) a thread that forgets revoked keys as they are announced."""
+    if not redis_url:
+        return
+    with _LISTEN_LOCK:
+        if redis_url in _LISTENING:
+            return
+        _LISTENING.add(redis_url)
+    threading.Thread(target=_listen, args=(redis_url,), daemon=True, name="key-revocations").start()
+
+
+def _listen(redis_url: str) -> None:
+    import redis
+
+    while True:
+        try:
+            client = redis.Redis.from_url(redis_url, socket_keepalive=True, health_check_interval=30)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(REVOKED_CHANNEL)
+            _VERIFIED.clear()  # (re)subscribed: a revocation may have been missed meanwhile
+            for message in pubsub.listen():
+                data = message.get("data")
+                if isinstance(data, bytes):
+                    _VERIFIED.pop(data.decode(), None)
+        except Exception as e:  # noqa: BLE001 - Redis away: retry; the cache's expiry is the fallback
+            logger.info("listening for key revocations: %s; retrying", e)
+            time.sleep(2)
 
 
 # Verified keys, by hash, until a deadline: a request whose key was checked within
