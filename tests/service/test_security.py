@@ -76,3 +76,33 @@ def test_no_log_line_carries_a_key(make_stack: Callable[..., Stack], caplog: pyt
     text = caplog.text
     assert len(caplog.records) > 0
     assert key not in text and secret not in text and secret[:12] not in text
+
+
+ESCAPES = ["../etc", "..", "/etc/passwd", "t/../../x", "ft:../../x", "%2e%2e%2fetc", "models/../../rlhf.db"]
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_path_like_fields_cannot_escape_the_data_directory(make_stack: Callable[..., Stack], name: str) -> None:
+    """Every field or path segment that names a stored object is a name, never a path: a traversal or
+    an absolute path is refused (400) or not found (404), on every route that takes one."""
+    stack = make_stack()
+    outside = stack.settings.data_dir.parent / "outside-secret"
+    outside.mkdir(exist_ok=True)
+    (outside / "config.json").write_text('{"model_type": "opt"}')
+    with stack.client(stack.key("alice")) as c:
+        answers = [
+            c.post("/v1/fine_tuning/jobs", json={"model": name}),
+            c.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "reward_model": name}),
+            c.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "training_file": name}),
+            c.post("/v1/fine_tuning/jobs", json={"model": str(outside)}),
+            c.post("/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "hi"}]}),
+            c.get(f"/v1/models/{name}"),
+            c.get(f"/v1/models/{name}/content"),
+            c.get(f"/v1/files/{name}"),
+            c.get(f"/v1/fine_tuning/jobs/{name}"),
+            c.post("/v1/models", files={"file": ("m.tar.gz", b"not a tar")}, data={"name": name}),
+        ]
+        for r in answers:
+            assert r.status_code in (400, 404), (r.request.method, r.request.url, r.status_code, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert c.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
