@@ -23,12 +23,13 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto demo test fuzz bench lint lock clean
+.PHONY: help install proto demo test fuzz chaos bench lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
 	@echo "make test   - create .venv, then run the whole test suite"
 	@echo "make fuzz   - schemathesis against a live API server from /openapi.json, many examples per route"
+	@echo "make chaos  - kill the training worker's process group K times during a 3-step job (and the database)"
 	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead (bench/results/)"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
 	@echo "make lint   - ruff and mypy"
@@ -65,6 +66,10 @@ demo: $(STAMP) $(PROTO_STAMP)
 # the fuzzer of `make test` (tests/service/test_openapi.py) with many more examples per route
 fuzz: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 RLHF_FUZZ_EXAMPLES=$${RLHF_FUZZ_EXAMPLES:-300} $(BIN)/pytest tests/service/test_openapi.py -k fuzzer
+
+# the chaos drill of `make test` (tests/service/test_chaos.py) with more kills, and database restarts
+chaos: $(STAMP) $(PROTO_STAMP)
+	HF_HUB_OFFLINE=1 RLHF_CHAOS_KILLS=$${RLHF_CHAOS_KILLS:-6} $(BIN)/pytest -s tests/service/test_chaos.py
 
 bench: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/step3.py
