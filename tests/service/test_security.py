@@ -106,3 +106,82 @@ def test_path_like_fields_cannot_escape_the_data_directory(make_stack: Callable[
             assert r.status_code in (400, 404), (r.request.method, r.request.url, r.status_code, r.text)
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert c.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
+
+
+def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(make_stack: Callable[..., Stack],
+                                                                      base_model: Path) -> None:  # fmt: skip
+    """Generated from the route table (OpenAPI document) and the gRPC services: every route or method
+    that names an object answers 404 / NOT_FOUND to another tenant, and every list leaves it out."""
+    import asyncio
+    import io
+    import json
+    import tarfile
+    import threading
+
+    import grpc
+
+    from service.grpc.pb import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+    from service.grpc.server import start_server
+
+    stack = make_stack()
+    alice, bob = stack.key("alice"), stack.key("bob")
+    with stack.client(alice) as a:
+        pref = "".join(json.dumps({"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."}) + "\n" for i in range(40))
+        file_id = a.post("/v1/files", files={"file": ("p.jsonl", pref.encode())}, data={"purpose": "fine-tune"}).json()["id"]
+        job_id = a.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()["id"]
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            for p in base_model.iterdir():
+                if p.is_file() and p.suffix != ".md" and p.name != "tiny_model.json":  # the kit's own note
+                    tf.add(p, arcname=p.name)
+        up = a.post("/v1/models", files={"file": ("m.tar.gz", buf.getvalue())}, data={"name": "alices-model"})
+        assert up.status_code == 200, up.text
+        model_id = up.json()["id"]
+        ids = {"file_id": file_id, "job_id": job_id, "model_id": model_id}
+        doc = a.get("/openapi.json").json()
+        own = {path: a.request(method, path.format(**ids)).status_code for path, ops in doc["paths"].items()
+               for method in ops if "{" in path and method == "get"}  # fmt: skip
+        assert all(code == 200 for code in own.values()), own  # alice sees her objects on every such route
+    checked = []
+    with stack.client(bob) as b:
+        for path, ops in doc["paths"].items():
+            if "{" not in path:
+                continue
+            for method in ops:
+                body = {} if method in ("post", "put", "patch") else None
+                r = b.request(method, path.format(**ids), json=body)
+                assert r.status_code == 404, (method, path, r.status_code, r.text)
+                checked.append(f"{method.upper()} {path}")
+        lists = {"/v1/files": file_id, "/v1/fine_tuning/jobs": job_id, "/v1/models": model_id}
+        for path, hidden in lists.items():
+            assert hidden not in [o["id"] for o in b.get(path).json()["data"]], path
+        chat = b.post("/v1/chat/completions", json={"model": model_id, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 404, chat.text
+    assert len(checked) >= 11, checked
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(start_server(stack.settings, host="127.0.0.1", port=0), loop).result(30)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            jobs, models = jobs_pb2_grpc.JobServiceStub(ch), models_pb2_grpc.ModelServiceStub(ch)
+            md = [("authorization", f"Bearer {bob}")]
+            named = 0
+            for module, stub, object_id in ((jobs_pb2, jobs, job_id), (models_pb2, models, model_id)):
+                for service in module.DESCRIPTOR.services_by_name.values():
+                    for method in service.methods:  # every RPC whose request names an object by id
+                        if "id" not in method.input_type.fields_by_name:
+                            continue
+                        req = getattr(module, method.input_type.name)(id=object_id)
+                        with pytest.raises(grpc.RpcError) as e:
+                            reply = getattr(stub, method.name)(req, metadata=md)
+                            if method.server_streaming:
+                                next(iter(reply))
+                        assert e.value.code() == grpc.StatusCode.NOT_FOUND, method.name
+                        named += 1
+            assert named >= 10
+            assert job_id not in [j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=100), metadata=md).data]
+            assert model_id not in [m.id for m in models.ListModels(models_pb2.ListModelsRequest(), metadata=md).data]
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
