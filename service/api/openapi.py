@@ -30,8 +30,8 @@ DESCRIPTIONS = {
     504: "no answer in time",
 }
 # what every authenticated route can answer: a bad parameter or body, no key, a body over the limit,
-# over the key's rate limit (when the operator sets one)
-COMMON = (400, 401, 413, 429)
+# over the key's rate limit (when the operator sets one), the database unavailable
+COMMON = (400, 401, 413, 429, 503)
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
