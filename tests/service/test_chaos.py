@@ -83,14 +83,17 @@ def test_a_job_survives_random_node_deaths(make_stack: Callable[..., Stack], new
         with session_scope(stack.settings.db_url) as s:
             out = Path(s.get(Job, job["id"]).output_dir)  # type: ignore[union-attr]
         count = TrainerCount(str(out))
-        # kills spread over the job: at a random point of the step running then, after its first checkpoint
+        # kill k lands in step k mod 3 (or the one running by then), at a random point after its first checkpoint
+        order = list(TOTALS)
         for k in range(KILLS):
+            target = k % 3
+            at = {name: INTERVALS[name] + rng.randint(0, INTERVALS[name]) for name in order}  # this kill's moment
             deadline = time.monotonic() + 300
             while True:
                 assert time.monotonic() < deadline, c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
                 step_dir = _running_step(out)
-                if step_dir is not None and trainers(str(out)) and \
-                        _last_step(step_dir) >= INTERVALS[step_dir.name] + rng.randint(0, INTERVALS[step_dir.name]):
+                if step_dir is not None and order.index(step_dir.name) >= target and trainers(str(out)) and \
+                        _last_step(step_dir) >= at[step_dir.name]:
                     break  # fmt: skip
                 time.sleep(0.2)
             before, resumes = _last_step(step_dir), len(_resumes(step_dir))
