@@ -214,8 +214,8 @@ def main() -> int:
     for i, streams in enumerate(ns.streams):
         servers = [Ours(env), Peer(env, model_dir)]
         for server in servers if i % 2 == 0 else servers[::-1]:
-            base, model, headers = server.start()
-            try:
+            try:  # stopped also when it fails to start: nothing outlives the bench
+                base, model, headers = server.start()
                 r = asyncio.run(level(base, model, headers, streams, streams * ns.rounds, ns.max_tokens, tok))
             finally:
                 server.stop()

@@ -56,6 +56,12 @@ class Unavailable(ServiceError):
     kind = "service_unavailable"
 
 
+def database_unavailable(retry_after: int) -> Unavailable:
+    """What REST and gRPC answer while the database cannot be reached (not the request's fault)."""
+    return Unavailable("the database is unavailable; retry shortly", code="database_unavailable",
+                       retry_after=retry_after)  # fmt: skip
+
+
 class Timeout(ServiceError):
     kind = "timeout"
 

@@ -22,9 +22,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from service.db.models import Job, RateCounter
-from service.errors import RateLimited
+from service.errors import RateLimited, Unauthenticated
 from service.schemas import ACTIVE
-from service.services.keys import hash_key
+from service.services.keys import token_hash
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,10 +38,12 @@ def _window(now: float | None = None) -> tuple[int, int]:
 
 
 def key_id(authorization: str | None) -> str | None:
-    """Who a request is counted as: the stored hash of its bearer key (None without one)."""
-    if not authorization or not authorization.lower().startswith("bearer "):
+    """Who a request is counted as: the stored hash of its bearer key (None without a well-formed one:
+    the route answers 401)."""
+    try:
+        return token_hash(authorization)[:40]
+    except Unauthenticated:
         return None
-    return hash_key(authorization[7:].strip())[:40]
 
 
 class Counter:
@@ -64,11 +66,6 @@ class Counter:
                 count, _ = await pipe.incrby(key, n).expire(key, 2 * WINDOW_S).execute()
             return int(count), left
         return await asyncio.to_thread(_db_add, self.settings.db_url, name, window, n), left
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
 
 
 def _db_add(db_url: str, name: str, window: int, n: int) -> int:
@@ -146,8 +143,8 @@ async def check_requests(counter: Counter, per_minute: int, authorization: str |
 
 async def check_chat_tokens(counter: Counter, settings: Settings, authorization: str | None) -> None:
     """Refuse a chat request once its key has streamed its tokens of this minute."""
-    limit, who = settings.chat_tokens_per_minute, key_id(authorization)
-    if not limit or who is None:
+    limit = settings.chat_tokens_per_minute
+    if not limit or (who := key_id(authorization)) is None:
         return
     used, left = await counter.add(f"tok:{who}", 0)
     if used >= limit:
@@ -156,8 +153,7 @@ async def check_chat_tokens(counter: Counter, settings: Settings, authorization:
 
 async def count_chat_tokens(counter: Counter, settings: Settings, authorization: str | None, tokens: int) -> None:
     """Add a finished reply's completion tokens to its key's count of this minute."""
-    who = key_id(authorization)
-    if settings.chat_tokens_per_minute and who is not None and tokens:
+    if settings.chat_tokens_per_minute and tokens and (who := key_id(authorization)) is not None:
         await counter.add(f"tok:{who}", tokens)
 
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.openapi import openapi_document
 from service.db.migrate import migrate
 from service.db.session import DB_DOWN, get_engine, session_scope
-from service.errors import ServiceError, Unauthenticated, status_of
+from service.errors import ServiceError, Unauthenticated, database_unavailable, status_of
 from service.limits import Counter, RateLimit
 from service.settings import Settings, get_settings
 
@@ -41,6 +41,15 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (("." if out else "") + p)
     return out or "body"
+
+
+def _error_response(e: ServiceError) -> JSONResponse:
+    """A domain error as the client sees it: the table's status, the envelope, Retry-After."""
+    status, _ = status_of(e)
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+    if isinstance(e, Unauthenticated):
+        headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(e.envelope(), status_code=status, headers=headers)
 
 
 class BodyLimit:
@@ -85,9 +94,7 @@ class DatabaseGate:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not self.state.migrated and scope["path"].startswith("/v1/"):
-            response = _envelope(503, "the database is unavailable; retry shortly", kind="service_unavailable",
-                                 code="database_unavailable", headers={"Retry-After": str(self.retry_after)})  # fmt: skip
-            await response(scope, receive, send)
+            await _error_response(database_unavailable(self.retry_after))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -144,16 +151,11 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     @app.exception_handler(PoolTimeout)
     async def database_down(request: Request, e: Exception) -> JSONResponse:
         logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(e).__name__)
-        return _envelope(503, "the database is unavailable; retry shortly", kind="service_unavailable",
-                         code="database_unavailable", headers={"Retry-After": str(settings.retry_after_s)})  # fmt: skip
+        return _error_response(database_unavailable(settings.retry_after_s))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> JSONResponse:
-        status, _ = status_of(e)
-        headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-        if isinstance(e, Unauthenticated):
-            headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
-        return JSONResponse(e.envelope(), status_code=status, headers=headers)
+        return _error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:

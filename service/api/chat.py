@@ -36,13 +36,11 @@ router = APIRouter(prefix="/v1/chat", tags=["chat"], responses=errors(*COMMON))
 async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, request: Request,
                            authorization: Annotated[str | None, Header()] = None) -> Any:  # fmt: skip
     counter = request.app.state.counter
-    if settings.chat_tokens_per_minute:
-        await check_chat_tokens(counter, settings, authorization)
+    await check_chat_tokens(counter, settings, authorization)  # (both return at once when the limit is off)
     stream = await svc.open_chat(settings=settings, req=body, authorization=authorization)
 
     async def finished(f: svc.Finished) -> None:
-        if settings.chat_tokens_per_minute:
-            await count_chat_tokens(counter, settings, authorization, f.completion_tokens)
+        await count_chat_tokens(counter, settings, authorization, f.completion_tokens)
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Job
 from service.db.session import DB_DOWN, session_scope
-from service.errors import InvalidRequest, ServiceError, Unavailable, from_value_error, status_of
+from service.errors import InvalidRequest, ServiceError, database_unavailable, from_value_error, status_of
 from service.grpc.convert import from_pb, to_dict, to_pb
 from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from service.limits import Counter, check_chat_tokens, check_requests, count_chat_tokens
@@ -111,8 +111,7 @@ def rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (ServiceError, ValueError) as e:  # ValidationError is a ValueError
             await _abort(context, e)
         except DB_DOWN:
-            await _abort(context, Unavailable("the database is unavailable; retry shortly", code="database_unavailable",
-                                              retry_after=self.settings.retry_after_s))  # fmt: skip
+            await _abort(context, database_unavailable(self.settings.retry_after_s))
         except Exception:
             logger.exception("gRPC %s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; it was logged")
@@ -132,8 +131,7 @@ def stream_rpc(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
         except (ServiceError, ValueError) as e:
             await _abort(context, e)
         except DB_DOWN:
-            await _abort(context, Unavailable("the database is unavailable; retry shortly", code="database_unavailable",
-                                              retry_after=self.settings.retry_after_s))  # fmt: skip
+            await _abort(context, database_unavailable(self.settings.retry_after_s))
         except Exception:
             logger.exception("gRPC %s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; it was logged")
@@ -308,8 +306,7 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
     async def Chat(self, request: Any, context: Any, caller: Caller) -> AsyncIterator[Any]:  # noqa: N802
         req = from_pb(request, ChatCompletionRequest, stream=True)
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
-        if self.settings.chat_tokens_per_minute:
-            await check_chat_tokens(self.counter, self.settings, authorization)
+        await check_chat_tokens(self.counter, self.settings, authorization)
         stream = await chat_svc.open_chat(settings=self.settings, req=req, tenant=caller.tenant_id)
         head: dict[str, Any] = {"id": stream.id, "object": "chat.completion.chunk", "created": stream.created,
                                 "model": stream.model}  # fmt: skip

@@ -253,7 +253,8 @@ def _train_rows_at_most(data: DataConfig, step: int, files: list[File]) -> int |
         if path in by_path:
             rows, kind, own_eval = by_path[path].rows, by_path[path].kind, False
         else:
-            rows, kind, own_eval = _bundled_kind_and_rows(path)
+            d = _server_data(path)
+            rows, kind, own_eval = d.rows, d.kind, d.own_eval
             if kind is None:
                 return None
         n_eval = 0 if own_eval else round(rows * data.eval_fraction)
@@ -287,19 +288,6 @@ def _check_fills_a_batch(built: Any, step: int, files: list[File], num_gpus: int
         raise InvalidRequest(f"config.{sec}: step {step} gets at most {rows} training rows of its data (data_split "
                              f"{built.data.data_split}, eval_fraction {built.data.eval_fraction}), fewer than one "
                              f"batch: {what}; lower {fix}, or give more data", param=f"config.{sec}")  # fmt: skip
-
-
-@functools.lru_cache(maxsize=16)
-def _bundled_kind_and_rows(name: str) -> tuple[int, str | None, bool]:
-    """(rows, kind, has its own eval split) of a bundled (or server-side) dataset, read once per
-    process; kind None when it cannot be read here."""
-    from rlhf_engine.data.readers import read_dataset
-
-    try:
-        ds = read_dataset(name)
-    except ValueError:
-        return 0, None, False
-    return (len(ds) if ds.kind == "text" else len(ds.rows)), ds.kind, ds.eval_rows is not None
 
 
 def _check_limits(built: Any, step: int, settings: Settings) -> None:
@@ -340,23 +328,33 @@ def _rows_and_tokens(paths: list[str], files: list[File]) -> tuple[int, float]:
             rows += by_path[p].rows
             tokens += by_path[p].tokens_estimate
         else:
-            r, t = _bundled_stats(p)
+            d = _server_data(p)
+            r, t = d.rows, d.tokens
             rows, tokens = rows + r, tokens + t
     return rows, (tokens / rows if rows else 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ServerData:
+    rows: int
+    tokens: int  # estimated
+    kind: str | None  # None: it cannot be read here (e.g. a hub id)
+    own_eval: bool  # it has its own eval split
+
+
 @functools.lru_cache(maxsize=16)
-def _bundled_stats(name: str) -> tuple[int, int]:
-    """Rows and estimated tokens of a bundled (or server-side) dataset, read once per process."""
+def _server_data(name: str) -> _ServerData:
+    """A bundled (or server-side) dataset's size and kind, read once per process."""
     from rlhf_engine.data.readers import read_dataset
 
     try:
         ds = read_dataset(name)
     except ValueError:
-        return 0, 0
+        return _ServerData(0, 0, None, False)
     if ds.kind == "text":
-        return len(ds), sum(len(t) for t in ds.texts or []) // files_svc.CHARS_PER_TOKEN
-    return len(ds.rows), sum(len(s.prompt_text) + len(s.chosen) for s in ds.rows) // files_svc.CHARS_PER_TOKEN
+        return _ServerData(len(ds), sum(len(t) for t in ds.texts or []) // files_svc.CHARS_PER_TOKEN, ds.kind, False)
+    tokens = sum(len(s.prompt_text) + len(s.chosen) for s in ds.rows) // files_svc.CHARS_PER_TOKEN
+    return _ServerData(len(ds.rows), tokens, ds.kind, ds.eval_rows is not None)
 
 
 def estimate_steps(*, plan: dict[str, Any], steps: list[int], files: list[File], actor_params: float,

@@ -125,7 +125,7 @@ _VERIFIED: dict[str, tuple[Caller, float]] = {}
 _VERIFIED_MAX = 10_000
 
 
-def _token_hash(authorization: str | None) -> str:
+def token_hash(authorization: str | None) -> str:
     if not authorization:
         raise Unauthenticated("no API key: send 'Authorization: Bearer <key>' (create one with `rlhf keys create`)",
                               code="missing_api_key")  # fmt: skip
@@ -141,7 +141,7 @@ def cached_caller(authorization: str | None, cache_s: float) -> Caller | None:
     if cache_s <= 0 or not authorization:
         return None
     try:
-        hit = _VERIFIED.get(_token_hash(authorization))
+        hit = _VERIFIED.get(token_hash(authorization))
     except Unauthenticated:
         return None
     return hit[0] if hit is not None and hit[1] > time.monotonic() else None
@@ -151,7 +151,7 @@ def authenticate(*, session: Session, authorization: str | None, cache_s: float 
     """The caller of an `Authorization: Bearer <key>` header (asking the database), or Unauthenticated.
     With `cache_s` > 0 a verified key is remembered for that long, for `cached_caller` (unknown and
     revoked keys are never remembered)."""
-    digest = _token_hash(authorization)
+    digest = token_hash(authorization)
     key = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
     if key is None or key.revoked_at is not None:
         _VERIFIED.pop(digest, None)
