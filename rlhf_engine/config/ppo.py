@@ -132,6 +132,11 @@ class PPOConfig:
     def seed(self) -> int:
         return self.data.seed
 
+    def batch_rows(self, processes: int) -> tuple[int, str]:
+        """Prompts one PPO step takes with `processes` data-parallel processes, and how."""
+        n = self.per_device_generation_batch_size * self.generation_batches * processes
+        return n, f"per_device_generation_batch_size × generation_batches × processes = {n}"
+
     @property
     def reward_path(self) -> str:
         return self.reward_model_name_or_path or self.critic_model_name_or_path

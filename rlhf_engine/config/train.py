@@ -132,6 +132,11 @@ class TrainConfig:
     def seed(self) -> int:
         return self.data.seed
 
+    def batch_rows(self, processes: int) -> tuple[int, str]:
+        """Training rows one optimizer step takes with `processes` data-parallel processes, and how."""
+        n = self.per_device_train_batch_size * self.gradient_accumulation_steps * processes
+        return n, f"per_device_train_batch_size × gradient_accumulation_steps × processes = {n}"
+
 
 @dataclass
 class SFTConfig(TrainConfig):

@@ -231,13 +231,11 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
     if not dist.is_main:
         prepared = prepare_step(config.data, spec.data_step, tokenizer)
     micro, accum, world = config.per_device_train_batch_size, config.gradient_accumulation_steps, dist.world_size
-    global_batch = micro * accum * world
+    global_batch, how = config.batch_rows(world)
     steps_per_epoch = len(prepared.train) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"per_device_train_batch_size × gradient_accumulation_steps × processes = {global_batch} is more than "
-            f"the {len(prepared.train)} training rows of {spec.title}; lower the batch size or add data"
-        )
+        raise ValueError(f"{how} is more than the {len(prepared.train)} training rows of {spec.title}; lower the "
+                         "batch size or add data")  # fmt: skip
     total = config.num_train_epochs * steps_per_epoch
     if config.max_steps:
         total = min(total, config.max_steps)

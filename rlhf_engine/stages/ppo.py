@@ -207,11 +207,10 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
     if not dist.is_main:
         prepared = prepare_step(cfg.data, 3, tokenizer)
     gen_bs, world = cfg.per_device_generation_batch_size, dist.world_size
-    prompts_per_step = gen_bs * cfg.generation_batches * world
+    prompts_per_step, how = cfg.batch_rows(world)
     steps_per_epoch = len(prepared.train) // prompts_per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"per_device_generation_batch_size × generation_batches × processes = {prompts_per_step} "
-                         f"is more than the {len(prepared.train)} step-3 prompts; lower it or add data")  # fmt: skip
+        raise ValueError(f"{how} is more than the {len(prepared.train)} step-3 prompts; lower it or add data")
     total = cfg.num_train_epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)

@@ -276,14 +276,9 @@ def _check_fills_a_batch(built: Any, step: int, files: list[File], num_gpus: int
     if rows is None:
         return
     sec = SECTION[step]
-    if step < 3:
-        need = built.per_device_train_batch_size * built.gradient_accumulation_steps * num_gpus
-        what = f"per_device_train_batch_size × gradient_accumulation_steps × num_gpus = {need}"
-        fix = f"config.{sec}.per_device_train_batch_size or gradient_accumulation_steps"
-    else:
-        need = built.per_device_generation_batch_size * built.generation_batches * num_gpus
-        what = f"per_device_generation_batch_size × generation_batches × num_gpus = {need}"
-        fix = f"config.{sec}.per_device_generation_batch_size"
+    need, what = built.batch_rows(num_gpus)  # the step's own count, with num_gpus processes
+    fix = f"config.{sec}." + ("per_device_train_batch_size or gradient_accumulation_steps" if step < 3 else
+                              "per_device_generation_batch_size")  # fmt: skip
     if rows < need:
         raise InvalidRequest(f"config.{sec}: step {step} gets at most {rows} training rows of its data (data_split "
                              f"{built.data.data_split}, eval_fraction {built.data.eval_fraction}), fewer than one "

@@ -200,7 +200,7 @@ def test_a_job_whose_data_cannot_fill_one_batch_is_refused_at_submit(stack: Stac
     body = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "training_file": f["id"]}
     err = error(alice.post("/v1/fine_tuning/jobs", json=body), 400, "config.sft")
     assert "step 1 gets at most 7 training rows" in err["message"], err
-    assert "per_device_train_batch_size × gradient_accumulation_steps × num_gpus = 128" in err["message"], err
+    assert "per_device_train_batch_size × gradient_accumulation_steps × processes = 128" in err["message"], err
     # smaller batches fit step 1; then step 2 (15 rows; 4 × 4 = 16) is the one refused
     body["config"] = {"sft": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
                       "reward": {"per_device_train_batch_size": 4}}
