@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Job, RateCounter
 from service.errors import RateLimited, Unauthenticated
-from service.schemas import ACTIVE
+from service.jobs.states import ACTIVE
 from service.services.keys import token_hash
 from service.settings import Settings
 

@@ -12,13 +12,22 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-JobStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
-ACTIVE = ("validating_files", "queued", "running", "paused")
-TERMINAL = ("succeeded", "failed", "cancelled")
+from service.jobs.states import JobStatus, StepStatus
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Page(BaseModel):
+    """Every list pages one way: ask with `after` (the `id` of the last item of the previous page) and
+    `limit`; `has_more` says whether to ask again."""
+
+    object: Literal["list"] = "list"
+    data: list[Any]
+    has_more: bool = False
+    first_id: str | None = Field(default=None, description="the id of the first item on this page")
+    last_id: str | None = Field(default=None, description="the id of the last item: pass it as `after` for the next page")
 
 
 # ---------------------------------------------------------------------------- files
@@ -40,10 +49,8 @@ class FileObject(BaseModel):
                                     "refused instead")  # fmt: skip
 
 
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
+class FileList(Page):
     data: list[FileObject]
-    has_more: bool = False
 
 
 class Deleted(BaseModel):
@@ -170,17 +177,15 @@ class JobObject(BaseModel):
     reward_model: str | None
     steps: list[int]
     current_step: int | None
-    step_status: dict[str, str]
+    step_status: dict[str, StepStatus]
     progress: float
     cost: Cost
     num_gpus: int
     gpu_type: str
 
 
-class JobList(BaseModel):
-    object: Literal["list"] = "list"
+class JobList(Page):
     data: list[JobObject]
-    has_more: bool
 
 
 class EventObject(BaseModel):
@@ -193,10 +198,8 @@ class EventObject(BaseModel):
     data: dict[str, Any] | None = None
 
 
-class EventList(BaseModel):
-    object: Literal["list"] = "list"
+class EventList(Page):
     data: list[EventObject]
-    has_more: bool
 
 
 class CheckpointObject(BaseModel):
@@ -210,12 +213,8 @@ class CheckpointObject(BaseModel):
     step: int = Field(description="which RLHF step (1, 2, 3) the checkpoint belongs to")
 
 
-class CheckpointList(BaseModel):
-    object: Literal["list"] = "list"
+class CheckpointList(Page):
     data: list[CheckpointObject]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
 
 
 class MetricPoint(BaseModel):
@@ -226,16 +225,16 @@ class MetricPoint(BaseModel):
     values: dict[str, Any]
 
 
-class MetricList(BaseModel):
-    object: Literal["list"] = "list"
+class MetricList(Page):
     data: list[MetricPoint]
-    has_more: bool
+    first_id: int | None = None  # type: ignore[assignment]  # (positions)
+    last_id: int | None = None  # type: ignore[assignment]
 
 
-class RolloutList(BaseModel):
-    object: Literal["list"] = "list"
+class RolloutList(Page):
     data: list[dict[str, Any]]
-    has_more: bool
+    first_id: int | None = None  # type: ignore[assignment]  # (positions)
+    last_id: int | None = None  # type: ignore[assignment]
 
 
 class StepEstimate(BaseModel):
@@ -272,8 +271,7 @@ class ModelObject(BaseModel):
                         "answers 503 with Retry-After at once, and the build goes on")  # fmt: skip
 
 
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
+class ModelList(Page):
     data: list[ModelObject]
 
 

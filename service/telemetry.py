@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db.models import Job, JobEvent
-from service.schemas import ACTIVE, TERMINAL
+from service.jobs.states import ACTIVE, TERMINAL
 
 
 def render(session: Session) -> tuple[bytes, str]:

@@ -34,15 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db.models import CostInterval, FineTunedModel, Job, JobCheckpoint, JobEvent, JobMetric, utcnow
+from service.db.models import CostInterval, Job, JobCheckpoint, JobEvent, JobMetric, utcnow
 from service.db.session import session_scope
+from service.jobs import lifecycle
+from service.jobs.lifecycle import LeaseLost, add_event
+from service.jobs.states import StepOutcome, StopReason
 from service.services import cost as costs
 from service.services import models as models_svc
-from service.services.jobs import add_event
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,49 +55,14 @@ SHUTDOWN = threading.Event()  # set when the worker is asked to stop (SIGTERM �
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class LeaseLost(Exception):
-    pass
-
-
 @dataclasses.dataclass
 class Outcome:
-    kind: str  # "succeeded" | "failed" | "cancelled" | "paused" | "requeued" | "lost" | "killed"
+    kind: StepOutcome
     message: str = ""
 
 
-# ---------------------------------------------------------------------------- lease
-
-
-def claim(session: Session, job_id: str, settings: Settings, owner: str) -> Job | None:
-    """Take the job's lease if nobody holds a live one; None otherwise (a duplicate delivery)."""
-    now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "running")),
-               or_(Job.lease_owner.is_(None), Job.lease_until < now))  # fmt: skip
-        .values(lease_owner=owner, lease_until=now + timedelta(seconds=settings.lease_s), heartbeat_at=now,
-                status="running", attempts=Job.attempts + 1)  # fmt: skip
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    if job.started_at is None:
-        job.started_at = now
-    return job
-
-
-def renew(session: Session, job_id: str, settings: Settings, owner: str, **values: Any) -> Job:
-    now = utcnow()
-    res = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
-                          .values(lease_until=now + timedelta(seconds=settings.lease_s), heartbeat_at=now, **values)
-                          .execution_options(synchronize_session=False))  # fmt: skip
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        raise LeaseLost(job_id)
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    return job
+def renew(s: Session, job_id: str, settings: Settings, owner: str, **values: Any) -> Job:
+    return lifecycle.renew(session=s, job_id=job_id, owner=owner, settings=settings, **values)
 
 
 # ---------------------------------------------------------------------------- records → database
@@ -284,8 +251,7 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
     from rlhf_engine.engine.stopping import STOP_FILE
 
     with session_scope(settings.db_url) as s:
-        job = renew(s, job_id, settings, owner, current_step=step,
-                    step_status={**s.get(Job, job_id).step_status, str(step): "running"})  # type: ignore[union-attr]
+        job = lifecycle.set_step(session=s, job_id=job_id, owner=owner, settings=settings, step=step, status="running")
         out = Path(job.output_dir)
         step_dir = out / STEP_DIRS[step]
         cmd, log = _step_command(job, step, out)
@@ -305,7 +271,7 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     interval_started, interval_idx = time.monotonic(), _next_interval(settings, job_id, step, attempt)
     last_beat = 0.0
-    stopping: str | None = None  # "pause" | "budget" | "shutdown"
+    stopping: StopReason | None = None
     stop_deadline = 0.0
     try:
         while True:
@@ -329,11 +295,9 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
                     total = max(ingest.total_steps, 1)
                     frac = min(ingest.global_step / total, 1.0)
                     progress = _job_progress(job, step, frac)
-                    values: dict[str, Any] = {"progress": progress}
                     elapsed = (utcnow() - job.started_at).total_seconds() if job.started_at else 0.0
-                    if progress > 0.05:
-                        values["estimated_finish"] = utcnow() + timedelta(seconds=elapsed * (1 - progress) / progress)
-                    renew(s, job_id, settings, owner, **values)
+                    eta = utcnow() + timedelta(seconds=elapsed * (1 - progress) / progress) if progress > 0.05 else None
+                    renew(s, job_id, settings, owner, progress=progress, estimated_finish=eta)
                     last_beat = now
                 if stopping is None:
                     if job.control == "pause":
@@ -405,7 +369,7 @@ def _job_progress(job: Job, step: int, frac: float) -> float:
 def train_job(job_id: str, settings: Settings) -> str:
     owner = WORKER_ID
     with session_scope(settings.db_url) as s:
-        job = claim(s, job_id, settings, owner)
+        job = lifecycle.claim(session=s, job_id=job_id, owner=owner, settings=settings)
         if job is None:
             logger.info("job %s: not claimed (finished, paused, cancelled or another worker holds it)", job_id)
             return "skipped"
@@ -419,7 +383,7 @@ def train_job(job_id: str, settings: Settings) -> str:
             if (step_dir / "summary.json").is_file():  # finished by an earlier attempt
                 with session_scope(settings.db_url) as s:
                     Ingest(job_id, step, step_dir).run(s)
-                _mark_step(settings, job_id, owner, step, "succeeded", step_dir)
+                _step_succeeded(settings, job_id, owner, step, step_dir)
                 continue
             outcome = run_step(job_id, step, settings, owner)
             for restart in range(1, settings.step_restarts + 1):
@@ -434,7 +398,7 @@ def train_job(job_id: str, settings: Settings) -> str:
             if outcome.kind == "killed":
                 outcome = Outcome("failed", f"{outcome.message} {settings.step_restarts + 1} times")
             if outcome.kind == "succeeded":
-                _mark_step(settings, job_id, owner, step, "succeeded", step_dir)
+                _step_succeeded(settings, job_id, owner, step, step_dir)
                 continue
             return _finish(settings, job_id, owner, outcome, step)
         return _finish(settings, job_id, owner, Outcome("succeeded"), steps[-1])
@@ -445,18 +409,13 @@ def train_job(job_id: str, settings: Settings) -> str:
         return _finish(settings, job_id, owner, Outcome("failed", f"{type(e).__name__}: {e}"), None)
 
 
-def _mark_step(settings: Settings, job_id: str, owner: str, step: int, status: str, step_dir: Path) -> None:
+def _step_succeeded(settings: Settings, job_id: str, owner: str, step: int, step_dir: Path) -> None:
     with session_scope(settings.db_url) as s:
-        job = s.get(Job, job_id, populate_existing=True)
-        assert job is not None
         summary = json.loads((step_dir / "summary.json").read_text()) if (step_dir / "summary.json").is_file() else {}
         tokens = sum(int(v.get("tokens", 0) or 0) for v in s.scalars(select(JobMetric.values).where(
             JobMetric.job_id == job_id, JobMetric.step == step)))  # fmt: skip
-        renew(s, job_id, settings, owner, step_status={**job.step_status, str(step): status},
-              trained_tokens=job.trained_tokens + tokens)  # fmt: skip
-        job = s.get(Job, job_id)
-        assert job is not None
-        renew(s, job_id, settings, owner, progress=_job_progress(job, step, 0.0))
+        job = lifecycle.set_step(session=s, job_id=job_id, owner=owner, settings=settings, step=step,
+                                 status="succeeded", tokens=tokens)  # fmt: skip
         add_event(session=s, job=job, type_="step_succeeded", step=step, message=f"step {step} ({COMMANDS[step]}) "
                   f"succeeded: {tokens} tokens", data={"seconds": summary.get("seconds"), "summary": {k: v for k, v in summary.items()
                                      if isinstance(v, int | float | str) and k != "options"}},
@@ -465,46 +424,20 @@ def _mark_step(settings: Settings, job_id: str, owner: str, step: int, status: s
 
 def _finish(settings: Settings, job_id: str, owner: str, outcome: Outcome, step: int | None) -> str:
     with session_scope(settings.db_url) as s:
-        job = s.get(Job, job_id, populate_existing=True)
+        job = s.get(Job, job_id)
         assert job is not None
-        if job.lease_owner != owner:
-            return "lost"
-        job.lease_owner, job.lease_until = None, None
-        job.control = None
-        if step is not None and outcome.kind != "succeeded":
-            job.step_status = {**job.step_status, str(step): {"failed": "failed", "cancelled": "cancelled"}.get(
-                outcome.kind, "paused" if outcome.kind == "paused" else "pending")}  # fmt: skip
-        if outcome.kind == "succeeded":
-            job.status, job.progress, job.finished_at = "succeeded", 1.0, utcnow()
-            job.current_step = None
-            _register_models(s, job)
-            add_event(session=s, job=job, type_="job_succeeded", message=f"job succeeded: {job.fine_tuned_model}")
-        elif outcome.kind == "failed":
-            job.status, job.finished_at = "failed", utcnow()
-            job.error = {"code": "step_failed", "message": outcome.message[:2000], "param": None}
-            add_event(session=s, job=job, type_="job_failed", level="error", message=outcome.message[:2000], step=step)
-        elif outcome.kind == "cancelled":
-            job.status = "cancelled"
-            job.finished_at = job.finished_at or utcnow()
-            add_event(session=s, job=job, type_="step_killed", message=f"step {step} stopped for the cancellation",
-                      step=step)  # fmt: skip
-        elif outcome.kind == "paused":
-            job.status = "paused"
-            why = "max_cost_usd reached" if outcome.message == "budget" else "paused by the user"
-            add_event(session=s, job=job, type_="paused", message=f"job paused at a checkpoint of step {step}: {why}",
-                      step=step)  # fmt: skip
-        elif outcome.kind == "requeued":
-            job.status, job.enqueued_at = "queued", utcnow()
-            add_event(session=s, job=job, type_="requeued", message=f"worker shutting down: step {step} checkpointed; "
-                      "the job is queued again", step=step)  # fmt: skip
-    if outcome.kind == "requeued":
+        models, main_id = _fine_tuned_models(job) if outcome.kind == "succeeded" else ({}, None)
+        done = lifecycle.finish(session=s, job_id=job_id, owner=owner, outcome=outcome.kind, step=step,
+                                message=outcome.message, models=models, fine_tuned_model=main_id)  # fmt: skip
+    if done == "requeued":
         from service.queue import enqueue_training
 
         enqueue_training(job_id, settings)
-    return outcome.kind
+    return done
 
 
-def _register_models(s: Session, job: Job) -> None:
+def _fine_tuned_models(job: Job) -> tuple[dict[str, Path], str]:
+    """The models a finished job registers (id → folder; only folders holding a model) and its main id."""
     out = Path(job.output_dir)
     base = job.model.split(":")[1] if job.model.startswith("ft:") else job.model
     main_id = models_svc.fine_tuned_id(base, job.suffix, job.id)
@@ -514,10 +447,7 @@ def _register_models(s: Session, job: Job) -> None:
             paths[f"{main_id}:ema"] = out / "step3_rlhf" / "actor_ema"
     else:
         paths = {main_id: out / "step1_sft"}
-    for model_id, path in paths.items():
-        if (path / "config.json").is_file() and s.get(FineTunedModel, model_id) is None:
-            s.add(FineTunedModel(id=model_id, tenant_id=job.tenant_id, job_id=job.id, path=str(path)))
-    job.fine_tuned_model = main_id
+    return {k: p for k, p in paths.items() if (p / "config.json").is_file()}, main_id
 
 
 # ---------------------------------------------------------------------------- sweeper
@@ -527,19 +457,8 @@ def sweep(settings: Settings) -> list[str]:
     """Re-enqueue jobs that lost their message or their worker; returns the ids re-enqueued."""
     from service.queue import enqueue_training
 
-    now = utcnow()
-    stale = now - timedelta(seconds=max(settings.sweep_s * 2, settings.lease_s))
-    out = []
     with session_scope(settings.db_url) as s:
-        orphans = s.scalars(select(Job).where(
-            ((Job.status == "queued") & (Job.enqueued_at < stale) & or_(Job.lease_until.is_(None), Job.lease_until < now))
-            | ((Job.status == "running") & (Job.lease_until < now)))).all()  # fmt: skip
-        for job in orphans:
-            if job.status == "running":
-                add_event(session=s, job=job, type_="worker_lost", level="warning", message="the job's worker stopped "
-                          "reporting; queued again, it resumes from its last checkpoint")  # fmt: skip
-            job.status, job.lease_owner, job.lease_until, job.enqueued_at = "queued", None, None, now
-            out.append(job.id)
+        out = lifecycle.sweep(session=s, settings=settings)
     for job_id in out:
         enqueue_training(job_id, settings)
     return out

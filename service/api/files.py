@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.openapi import COMMON, errors
@@ -34,9 +34,10 @@ async def upload(file: UploadFile, caller: CallerDep, session: SessionDep, setti
     return svc.to_object(f)
 
 
-@router.get("", response_model=FileList)
-def list_files(caller: CallerDep, session: SessionDep) -> Any:
-    return FileList(data=[svc.to_object(f) for f in svc.list_files(session=session, tenant=caller.tenant_id)])
+@router.get("", response_model=FileList, responses=errors(404))
+def list_files(caller: CallerDep, session: SessionDep, after: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10_000, description="page size")] = 10_000) -> Any:  # fmt: skip
+    return svc.list_files(session=session, tenant=caller.tenant_id, after=after, limit=limit)
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=errors(404))

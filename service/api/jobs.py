@@ -13,6 +13,8 @@ from pydantic import BaseModel
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.openapi import COMMON, errors
 from service.errors import ServiceError
+from service.jobs import lifecycle, plan
+from service.jobs import queries as svc
 from service.schemas import (
     CheckpointList,
     Estimate,
@@ -25,7 +27,6 @@ from service.schemas import (
     MetricList,
     RolloutList,
 )
-from service.services import jobs as svc
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=errors(*COMMON))
 
@@ -33,26 +34,27 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], response
 def respond(model: BaseModel) -> Response:
     """The body, serialised once (returning the model would have FastAPI validate it again)."""
     return Response(model.model_dump_json(), media_type="application/json")
-Limit = Annotated[int, Query(ge=1, le=100)]
+Limit = Annotated[int, Query(ge=1, le=100, description="page size")]
+# the `after` cursor of the time series (metrics, rollouts), whose ids are positions
+Position = Annotated[int | None, Query(ge=0, description="the last id of the previous page")]
 
 
 @router.post("", response_model=JobObject, responses=errors(404, 409))
 def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> Any:  # fmt: skip
-    job = svc.submit_job(session=session, tenant=caller.tenant_id, req=body, settings=settings,
+    job = lifecycle.submit_job(session=session, tenant=caller.tenant_id, req=body, settings=settings,
                          idempotency_key=idempotency_key)  # fmt: skip
     return respond(svc.to_object(job))
 
 
 @router.post("/estimate", response_model=Estimate, responses=errors(404))
 def estimate(body: EstimateRequest, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
-    return svc.estimate(session=session, tenant=caller.tenant_id, req=body, settings=settings)
+    return plan.estimate(session=session, tenant=caller.tenant_id, req=body, settings=settings)
 
 
 @router.get("", response_model=JobList, responses=errors(404))
 def list_jobs(caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 20) -> Any:
-    rows, more = svc.list_jobs(session=session, tenant=caller.tenant_id, after=after, limit=limit)
-    return respond(JobList(data=[svc.to_object(j) for j in rows], has_more=more))
+    return respond(svc.list_jobs(session=session, tenant=caller.tenant_id, after=after, limit=limit))
 
 
 @router.get("/{job_id}", response_model=JobObject, responses=errors(404))
@@ -62,21 +64,21 @@ def get_job(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
 
 @router.post("/{job_id}/cancel", response_model=JobObject, responses=errors(404, 409))
 def cancel(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
-    job = svc.cancel(session=session, tenant=caller.tenant_id, job_id=job_id)
+    job = lifecycle.cancel(session=session, tenant=caller.tenant_id, job_id=job_id)
     session.commit()
     return respond(svc.to_object(job))
 
 
 @router.post("/{job_id}/pause", response_model=JobObject, responses=errors(404, 409))
 def pause(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
-    job = svc.pause(session=session, tenant=caller.tenant_id, job_id=job_id)
+    job = lifecycle.pause(session=session, tenant=caller.tenant_id, job_id=job_id)
     session.commit()
     return respond(svc.to_object(job))
 
 
 @router.post("/{job_id}/resume", response_model=JobObject, responses=errors(404, 409))
 def resume(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
-    job = svc.resume_job(session=session, tenant=caller.tenant_id, job_id=job_id, settings=settings)
+    job = lifecycle.resume_job(session=session, tenant=caller.tenant_id, job_id=job_id, settings=settings)
     return respond(svc.to_object(job))
 
 
@@ -86,8 +88,7 @@ def events(request: Request, job_id: str, caller: CallerDep, session: SessionDep
     if stream:
         svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)
         return _event_stream(request, job_id)
-    rows, more = svc.list_events(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit)
-    return EventList(data=[svc.event_object(e) for e in rows], has_more=more)
+    return respond(svc.list_events(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit))
 
 
 def _event_stream(request: Request, job_id: str) -> Any:
@@ -110,26 +111,20 @@ def _event_stream(request: Request, job_id: str) -> Any:
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=errors(404))
 def checkpoints(job_id: str, caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 10) -> Any:
-    job = svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)
-    rows, more = svc.list_checkpoints(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit)
-    data = [svc.checkpoint_object(c, job) for c in rows]
-    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
-                          last_id=data[-1].id if data else None)  # fmt: skip
+    return respond(svc.list_checkpoints(session=session, tenant=caller.tenant_id, job_id=job_id, after=after,
+                                        limit=limit))  # fmt: skip
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList, responses=errors(404))
 def metrics(job_id: str, caller: CallerDep, session: SessionDep, step: Annotated[int | None, Query(ge=1, le=3)] = None,
-            after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> Any:  # fmt: skip
-    rows, more = svc.list_metrics(session=session, tenant=caller.tenant_id, job_id=job_id, step=step, after=after,
-                                  limit=limit)  # fmt: skip
-    return MetricList(data=rows, has_more=more)
+            after: Position = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> Any:  # fmt: skip
+    return respond(svc.list_metrics(session=session, tenant=caller.tenant_id, job_id=job_id, step=step, after=after,
+                                    limit=limit))  # fmt: skip
 
 
 @router.get("/{job_id}/rollouts", response_model=RolloutList, responses=errors(404))
-def rollouts(job_id: str, caller: CallerDep, session: SessionDep, offset: Annotated[int, Query(ge=0)] = 0,
-             limit: Limit = 20) -> Any:  # fmt: skip
-    rows, more = svc.list_rollouts(session=session, tenant=caller.tenant_id, job_id=job_id, offset=offset, limit=limit)
-    return RolloutList(data=rows, has_more=more)
+def rollouts(job_id: str, caller: CallerDep, session: SessionDep, after: Position = None, limit: Limit = 20) -> Any:
+    return respond(svc.list_rollouts(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit))
 
 
 __all__ = ["router"]

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Form, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
@@ -21,9 +21,11 @@ from service.services import models as svc
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=errors(*COMMON))
 
 
-@router.get("", response_model=ModelList)
-def list_models(caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
-    return ModelList(data=svc.list_models(session=session, tenant=caller.tenant_id, models_dir=settings.models_dir))
+@router.get("", response_model=ModelList, responses=errors(404))
+def list_models(caller: CallerDep, session: SessionDep, settings: SettingsDep, after: str | None = None,
+                limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 1000) -> Any:  # fmt: skip
+    return svc.list_page(session=session, tenant=caller.tenant_id, models_dir=settings.models_dir, after=after,
+                         limit=limit)  # fmt: skip
 
 
 @router.post("", response_model=ModelObject, responses=errors(409))

@@ -24,6 +24,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from service.jobs.states import Control, JobStatus, StepStatus
+
 NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
           "ck": "ck_%(table_name)s_%(constraint_name)s",
           "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}  # fmt: skip
@@ -98,8 +100,8 @@ class Job(Base):
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"), Index("ix_jobs_status_lease", "status", "lease_until"))
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    status: Mapped[str] = mapped_column(String(24), default="queued")
-    control: Mapped[str | None] = mapped_column(String(16), nullable=True)  # cancel | pause asked of the worker
+    status: Mapped[JobStatus] = mapped_column(String(24), default="queued")  # moved only by service/jobs/lifecycle.py
+    control: Mapped[Control | None] = mapped_column(String(16), nullable=True)  # asked of the worker
     method: Mapped[str] = mapped_column(String(24))
     model: Mapped[str] = mapped_column(String(255))
     reward_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
@@ -112,7 +114,7 @@ class Job(Base):
     plan: Mapped[dict[str, Any]] = mapped_column(JSON)  # per step: the flat options its command runs with
     job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     steps: Mapped[list[int]] = mapped_column(JSON)
-    step_status: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    step_status: Mapped[dict[str, StepStatus]] = mapped_column(JSON, default=dict)
     current_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

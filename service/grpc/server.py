@@ -24,23 +24,18 @@ from service.db.session import DB_DOWN, session_scope
 from service.errors import InvalidRequest, ServiceError, database_unavailable, from_value_error, status_of
 from service.grpc.convert import from_pb, to_dict, to_pb
 from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+from service.jobs import lifecycle, plan
+from service.jobs import queries as svc
 from service.limits import Counter, check_chat_tokens, check_requests, count_chat_tokens
 from service.schemas import (
     ChatCompletionRequest,
-    CheckpointList,
     Estimate,
     EstimateRequest,
-    EventList,
     EventObject,
     JobCreate,
-    JobList,
-    MetricList,
     MetricPoint,
-    ModelList,
-    RolloutList,
 )
 from service.services import chat as chat_svc
-from service.services import jobs as svc
 from service.services import models as models_svc
 from service.services.keys import Caller, authenticate, cached_caller
 from service.settings import Settings
@@ -182,7 +177,7 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
     async def CreateJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         req = from_pb(request.job, JobCreate)
         key = request.idempotency_key or None
-        job = await self.db(lambda s: svc.to_object(svc.submit_job(session=s, tenant=caller.tenant_id, req=req,
+        job = await self.db(lambda s: svc.to_object(lifecycle.submit_job(session=s, tenant=caller.tenant_id, req=req,
                                                                    settings=self.settings, idempotency_key=key)))  # fmt: skip
         return to_pb(job, jobs_pb2.Job)
 
@@ -191,7 +186,7 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
         extra = to_dict(request)
         extra.pop("job", None)
         req = from_pb(request.job, EstimateRequest, **extra)
-        est = await self.db(lambda s: svc.estimate(session=s, tenant=caller.tenant_id, req=req, settings=self.settings))
+        est = await self.db(lambda s: plan.estimate(session=s, tenant=caller.tenant_id, req=req, settings=self.settings))
         return to_pb(Estimate.model_validate(est), jobs_pb2.Estimate)
 
     @rpc
@@ -203,11 +198,8 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
     async def ListJobs(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         after, limit = _opt(request, "after"), _limit(request, 20)
 
-        def run(s: Session) -> JobList:
-            rows, more = svc.list_jobs(session=s, tenant=caller.tenant_id, after=after, limit=limit)
-            return JobList(data=[svc.to_object(j) for j in rows], has_more=more)
-
-        return to_pb(await self.db(run), jobs_pb2.ListJobsResponse)
+        page = await self.db(lambda s: svc.list_jobs(session=s, tenant=caller.tenant_id, after=after, limit=limit))
+        return to_pb(page, jobs_pb2.ListJobsResponse)
 
     async def _transition(self, action: Callable[..., Job], request: Any, caller: Caller, **kw: Any) -> Any:
         job = await self.db(lambda s: svc.to_object(action(session=s, tenant=caller.tenant_id, job_id=request.id, **kw)))
@@ -215,63 +207,49 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
 
     @rpc
     async def CancelJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        return await self._transition(svc.cancel, request, caller)
+        return await self._transition(lifecycle.cancel, request, caller)
 
     @rpc
     async def PauseJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        return await self._transition(svc.pause, request, caller)
+        return await self._transition(lifecycle.pause, request, caller)
 
     @rpc
     async def ResumeJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        return await self._transition(svc.resume_job, request, caller, settings=self.settings)
+        return await self._transition(lifecycle.resume_job, request, caller, settings=self.settings)
 
     @rpc
     async def ListEvents(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         after, limit = _opt(request, "after"), _limit(request, 20)
 
-        def run(s: Session) -> EventList:
-            rows, more = svc.list_events(session=s, tenant=caller.tenant_id, job_id=request.id, after=after, limit=limit)
-            return EventList(data=[svc.event_object(e) for e in rows], has_more=more)
-
-        return to_pb(await self.db(run), jobs_pb2.ListEventsResponse)
+        page = await self.db(lambda s: svc.list_events(session=s, tenant=caller.tenant_id, job_id=request.id, after=after,
+                                                       limit=limit))  # fmt: skip
+        return to_pb(page, jobs_pb2.ListEventsResponse)
 
     @rpc
     async def ListCheckpoints(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         after, limit = _opt(request, "after"), _limit(request, 10)
 
-        def run(s: Session) -> CheckpointList:
-            job = svc.get_job(session=s, tenant=caller.tenant_id, job_id=request.id)
-            rows, more = svc.list_checkpoints(session=s, tenant=caller.tenant_id, job_id=request.id, after=after,
-                                              limit=limit)  # fmt: skip
-            data = [svc.checkpoint_object(c, job) for c in rows]
-            return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
-                                  last_id=data[-1].id if data else None)  # fmt: skip
-
-        return to_pb(await self.db(run), jobs_pb2.ListCheckpointsResponse)
+        page = await self.db(lambda s: svc.list_checkpoints(session=s, tenant=caller.tenant_id, job_id=request.id,
+                                                            after=after, limit=limit))  # fmt: skip
+        return to_pb(page, jobs_pb2.ListCheckpointsResponse)
 
     @rpc
     async def ListMetrics(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        step, after, limit = _opt(request, "step"), _opt(request, "after", 0), _limit(request, 1000, 10_000)
+        step, after, limit = _opt(request, "step"), _opt(request, "after"), _limit(request, 1000, 10_000)
         if step is not None and not 1 <= step <= 3:
             raise InvalidRequest("step: must be 1, 2 or 3", param="step")
 
-        def run(s: Session) -> MetricList:
-            rows, more = svc.list_metrics(session=s, tenant=caller.tenant_id, job_id=request.id, step=step, after=after,
-                                          limit=limit)  # fmt: skip
-            return MetricList(data=rows, has_more=more)
-
-        return to_pb(await self.db(run), jobs_pb2.ListMetricsResponse)
+        page = await self.db(lambda s: svc.list_metrics(session=s, tenant=caller.tenant_id, job_id=request.id, step=step,
+                                                        after=after, limit=limit))  # fmt: skip
+        return to_pb(page, jobs_pb2.ListMetricsResponse)
 
     @rpc
     async def ListRollouts(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        offset, limit = _opt(request, "offset", 0), _limit(request, 20)
+        after, limit = _opt(request, "after"), _limit(request, 20)
 
-        def run(s: Session) -> RolloutList:
-            rows, more = svc.list_rollouts(session=s, tenant=caller.tenant_id, job_id=request.id, offset=offset,
-                                           limit=limit)  # fmt: skip
-            return RolloutList(data=rows, has_more=more)
-
-        return to_pb(await self.db(run), jobs_pb2.ListRolloutsResponse)
+        page = await self.db(lambda s: svc.list_rollouts(session=s, tenant=caller.tenant_id, job_id=request.id,
+                                                         after=after, limit=limit))  # fmt: skip
+        return to_pb(page, jobs_pb2.ListRolloutsResponse)
 
     @stream_rpc
     async def WatchJob(self, request: Any, context: Any, caller: Caller) -> AsyncIterator[Any]:  # noqa: N802
@@ -286,13 +264,12 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
 
 
 class ModelService(Base, models_pb2_grpc.ModelServiceServicer):
-    def _list(self, s: Session, caller: Caller) -> ModelList:
-        return ModelList(data=models_svc.list_models(session=s, tenant=caller.tenant_id,
-                                                     models_dir=self.settings.models_dir))  # fmt: skip
-
     @rpc
     async def ListModels(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        return to_pb(await self.db(lambda s: self._list(s, caller)), models_pb2.ListModelsResponse)
+        after, limit = _opt(request, "after"), _limit(request, 1000, 1000)
+        page = await self.db(lambda s: models_svc.list_page(session=s, tenant=caller.tenant_id, after=after, limit=limit,
+                                                            models_dir=self.settings.models_dir))  # fmt: skip
+        return to_pb(page, models_pb2.ListModelsResponse)
 
     @rpc
     async def GetModel(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802

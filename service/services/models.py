@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 from rlhf_engine.models import tiny
 from service.db.models import FineTunedModel, UploadedModel
 from service.errors import Conflict, InvalidRequest, NotFound
-from service.schemas import ModelObject
+from service.pagination import cut, paged
+from service.schemas import ModelList, ModelObject
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TINY_RE = re.compile(rf"tiny-({'|'.join(tiny.ARCHS)})-({'|'.join(tiny.SIZES_ORDER)})")
@@ -122,6 +123,13 @@ def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[Mode
                               .order_by(UploadedModel.created_at)).all()  # fmt: skip
     out += [ModelObject(id=u.name, created=int(u.created_at.timestamp()), owned_by=tenant) for u in uploads]
     return out
+
+
+def list_page(*, session: Session, tenant: str, models_dir: Path, after: str | None, limit: int) -> ModelList:
+    """A page of `list_models` (base models first, then the tenant's own, oldest first)."""
+    rows, more = cut(list_models(session=session, tenant=tenant, models_dir=models_dir), after=after, limit=limit,
+                     id_of=lambda m: m.id, what="model")  # fmt: skip
+    return paged(ModelList, rows, more)
 
 
 def get_model(*, session: Session, tenant: str, models_dir: Path, model_id: str) -> ModelObject:

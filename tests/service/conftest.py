@@ -226,3 +226,27 @@ def e2e_finished(e2e_client: httpx.Client) -> dict[str, Any]:
     job = wait_for(e2e_client, created["id"], ("succeeded", "failed", "cancelled"), timeout=280)
     assert job["status"] == "succeeded", job
     return {"created": created, "job": job}
+
+
+def _walk(client: httpx.Client, url: str, limit: int, **params: Any) -> list[dict[str, Any]]:
+    """Every item of a list route, read `limit` at a time the one way every list pages: `after` = the
+    previous page's `last_id`, until `has_more` is false (each page's first/last ids checked)."""
+    items: list[dict[str, Any]] = []
+    after: Any = None
+    while True:
+        page = client.get(url, params={"limit": limit, **params} | ({"after": after} if after is not None else {}))
+        assert page.status_code == 200, page.text
+        body = page.json()
+        assert body["object"] == "list" and len(body["data"]) <= limit
+        ids = [d["id"] for d in body["data"]]
+        assert (body["first_id"], body["last_id"]) == ((ids[0], ids[-1]) if ids else (None, None))
+        items += body["data"]
+        if not body["has_more"]:
+            return items
+        assert ids, "has_more with an empty page"
+        after = body["last_id"]
+
+
+@pytest.fixture(scope="session")
+def walk() -> Callable[..., list[dict[str, Any]]]:
+    return _walk

@@ -150,12 +150,28 @@ def test_job_create_get_list_and_isolation(stack: Stack, alice: Any, bob: Any) -
     assert events["data"][0]["object"] == "fine_tuning.job.event"
 
 
-def test_pagination_with_after_and_limit(alice: Any) -> None:
+def test_every_list_pages_one_way(alice: Any, walk: Any) -> None:
+    """Jobs, events, files and models: `after` = the last id of the previous page, `limit`, and
+    `has_more`/`first_id`/`last_id` in the answer; page by page gives the whole list, in order."""
     ids = [alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()["id"] for _ in range(3)]
     page1 = alice.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
     assert [j["id"] for j in page1["data"]] == ids[::-1][:2] and page1["has_more"]
-    page2 = alice.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": page1["data"][-1]["id"]}).json()
+    page2 = alice.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": page1["last_id"]}).json()
     assert page2["data"][0]["id"] == ids[0]
+    alice.post(f"/v1/fine_tuning/jobs/{ids[0]}/pause")
+    alice.post(f"/v1/fine_tuning/jobs/{ids[0]}/resume")
+    for _ in range(3):
+        upload(alice, PREF)
+    for url, newest_first in (("/v1/fine_tuning/jobs", True), (f"/v1/fine_tuning/jobs/{ids[0]}/events", True),
+                              ("/v1/files", True), ("/v1/models", False)):  # fmt: skip
+        whole = alice.get(url, params={"limit": 100}).json()
+        assert not whole["has_more"] and len(whole["data"]) >= 3, url
+        for limit in (1, 2):
+            assert walk(alice, url, limit) == whole["data"], (url, limit)
+        if newest_first:
+            created = [d["created_at"] for d in whole["data"]]
+            assert created == sorted(created, reverse=True), url
+        error(alice.get(url, params={"after": "no-such-id"}), 404, "after")
 
 
 def test_reinforcement_job_from_one_preference_file(alice: Any) -> None:

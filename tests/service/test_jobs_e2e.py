@@ -33,7 +33,7 @@ def finished(e2e_finished: dict[str, Any]) -> dict[str, Any]:
     return e2e_finished
 
 
-def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished: dict[str, Any]) -> None:
+def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished: dict[str, Any], walk: Any) -> None:
     job = finished["job"]
     assert job["step_status"] == {"1": "succeeded", "2": "succeeded", "3": "succeeded"}
     assert job["fine_tuned_model"] == f"ft:tiny-opt-xs:e2e:{job['id']}"
@@ -48,20 +48,17 @@ def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished:
     series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 3}).json()["data"]
     assert [p["global_step"] for p in series] == list(range(1, 13))
     assert {"reward_mean", "kl_to_ref", "actor_loss", "critic_loss"} <= set(series[0]["values"])
-    pages, after = [], 0  # paging by the points' ids gives the same series
-    while True:
-        page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 3, "limit": 5,
-                                                                              "after": after}).json()  # fmt: skip
-        pages += page["data"]
-        if not page["has_more"]:
-            break
-        after = page["data"][-1]["id"]
-    assert pages == series
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
     assert {c["step"] for c in ckpts} == {1, 2, 3}
     assert all(c["object"] == "fine_tuning.job.checkpoint" and c["step_number"] > 0 for c in ckpts)
     rollouts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/rollouts", params={"limit": 3}).json()
-    assert len(rollouts["data"]) == 3 and {"prompt", "answer", "reward"} <= set(rollouts["data"][0])
+    assert len(rollouts["data"]) == 3 and {"id", "prompt", "answer", "reward"} <= set(rollouts["data"][0])
+    # every list pages one way: `after` = the previous page's last id
+    whole = client.get(f"/v1/fine_tuning/jobs/{job['id']}/rollouts", params={"limit": 100}).json()["data"]
+    assert [r["id"] for r in whole] == list(range(1, len(whole) + 1)) and len(whole) > 4
+    assert walk(client, f"/v1/fine_tuning/jobs/{job['id']}/rollouts", 4) == whole
+    assert walk(client, f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", 1) == ckpts
+    assert walk(client, f"/v1/fine_tuning/jobs/{job['id']}/metrics", 5, step=3) == series
 
 
 def test_finished_models_are_listed_and_load(client: httpx.Client, finished: dict[str, Any], stack: Stack) -> None:

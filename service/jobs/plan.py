@@ -1,0 +1,432 @@
+"""From an OpenAI-shaped job request to the per-step options the worker runs, with its estimate.
+
+The per-step options are checked by the engine's own config dataclasses (`plan` of `rlhf train`),
+so the API refuses exactly what `rlhf sft|reward|ppo` would refuse, naming the same field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from rlhf_engine.config.data import DataConfig, parse_split
+from rlhf_engine.config.pipeline import STEP_CLASSES, PipelineConfig, load_pipeline_file, presets
+from service.db.models import File
+from service.errors import InvalidRequest, NotFound, from_value_error
+from service.jobs.estimate import estimate_steps, model_params, server_data, step_default
+from service.schemas import EstimateRequest, Hyperparameters, JobCreate, StepEstimate
+from service.services import cost as costs
+from service.services import files as files_svc
+from service.services import models as models_svc
+from service.settings import Settings
+
+SECTION = {1: "sft", 2: "reward", 3: "ppo"}
+
+
+@dataclasses.dataclass
+class Planned:
+    method: str
+    steps: list[int]
+    plan: dict[str, Any]  # {"1": {flat options}, ...}
+    file_ids: list[str]
+    actor: models_svc.ModelRef
+    reward: models_svc.ModelRef | None
+    hyperparameters: dict[str, Any]
+    estimate: list[costs.StepCost]
+
+
+def _method(req: JobCreate) -> tuple[str, Hyperparameters | None]:
+    kind = req.method.type if req.method else ("reinforcement" if req.reward_model else "supervised")
+    if kind == "dpo":
+        raise InvalidRequest(
+            "method.type: dpo is not supported yet; use supervised (step 1) or reinforcement "
+            "(steps 1→2→3 with reward_model)",
+            param="method.type",
+        )
+    nested = getattr(req.method, kind, None) if req.method else None
+    inner = nested.hyperparameters if nested else None
+    if inner is not None and req.hyperparameters is not None:
+        raise InvalidRequest(
+            f"hyperparameters and method.{kind}.hyperparameters: give one of them", param="hyperparameters"
+        )
+    return kind, inner or req.hyperparameters
+
+
+def _steps(req: JobCreate, method: str) -> list[int]:
+    if method == "supervised":
+        if req.steps not in (None, [1]):
+            raise InvalidRequest(
+                "steps: a supervised job runs step 1 only; use method reinforcement for steps 2-3",
+                param="steps",
+            )
+        if req.reward_model:
+            raise InvalidRequest(
+                "reward_model: only reinforcement jobs train a reward model; drop it or set "
+                "method.type reinforcement",
+                param="reward_model",
+            )
+        return [1]
+    if not req.reward_model:
+        raise InvalidRequest(
+            "reward_model: a reinforcement job needs the model to train as reward model (e.g. tiny-opt-xs)",
+            param="reward_model",
+        )
+    steps = sorted(set(req.steps or [1, 2, 3]))
+    if not steps or any(s not in (1, 2, 3) for s in steps):
+        raise InvalidRequest("steps: give some of 1, 2, 3", param="steps")
+    if 3 in steps and not {1, 2} <= set(steps):
+        raise InvalidRequest("steps: step 3 needs steps 1 and 2 in the same job", param="steps")
+    return steps
+
+
+def _file(
+    session: Session, tenant: str, file_id: str | None, param: str, kinds: tuple[str, ...]
+) -> File | None:
+    if file_id is None:
+        return None
+    try:
+        f = files_svc.get_file(session=session, tenant=tenant, file_id=file_id, param=param)
+    except NotFound as e:  # a reference inside the body: the request is invalid (OpenAI answers 400 too)
+        raise InvalidRequest(e.message, param=param, code="file_not_found") from None
+    if f.kind not in kinds:
+        raise InvalidRequest(
+            f"{param}: file {file_id} holds {f.kind} data ({f.format}); this role needs "
+            f"{' or '.join(kinds)} data",
+            param=param,
+        )
+    return f
+
+
+def _apply_hyperparameters(
+    hp: Hyperparameters | None,
+    sections: dict[str, dict[str, Any]],
+    explicit: dict[str, dict[str, Any]],
+    steps: list[int],
+) -> dict[str, Any]:
+    """OpenAI's hyperparameters onto the step configs; a field also set in `config` → 400 naming both."""
+    shown = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    if hp is None:
+        return shown
+    for step in steps:
+        sec = SECTION[step]
+        cls = STEP_CLASSES[step]
+        targets: dict[str, Any] = {}
+        if hp.n_epochs != "auto":
+            targets["num_train_epochs"] = hp.n_epochs
+        if hp.batch_size != "auto":
+            targets["per_device_train_batch_size" if step < 3 else "per_device_training_batch_size"] = (
+                hp.batch_size
+            )
+        if hp.learning_rate_multiplier != "auto":
+            m = float(hp.learning_rate_multiplier)
+            names = ["learning_rate"] if step < 3 else ["actor_learning_rate", "critic_learning_rate"]
+            for name in names:
+                base = sections[sec].get(name, step_default(cls, name))
+                targets[name] = base * m
+        for name, value in targets.items():
+            if name in explicit.get(sec, {}):
+                hp_name = {"num_train_epochs": "n_epochs"}.get(
+                    name, "batch_size" if "batch" in name else "learning_rate_multiplier"
+                )
+                raise InvalidRequest(
+                    f"hyperparameters.{hp_name} and config.{sec}.{name} both set {name}; give one",
+                    param=f"hyperparameters.{hp_name}",
+                )
+            sections[sec][name] = value
+    return {k: getattr(hp, k) for k in shown}
+
+
+def make_plan(
+    *, session: Session, tenant: str, req: JobCreate, settings: Settings, output_dir: Path
+) -> Planned:
+    import argparse
+
+    from rlhf_engine.config.args import dataclass_from_args
+    from rlhf_engine.config.pipeline import step_values
+
+    if req.validation_file:
+        raise InvalidRequest(
+            "validation_file: not supported yet; evaluation rows are held out of the training data "
+            "(config.<step>.eval_fraction)",
+            param="validation_file",
+        )
+    if req.integrations:
+        raise InvalidRequest("integrations: not supported", param="integrations")
+    if req.gpu_type not in settings.gpu_types:
+        raise InvalidRequest(
+            f"gpu_type: {req.gpu_type!r} is not offered here; choose one of {', '.join(settings.gpu_types)}",
+            param="gpu_type",
+        )
+    if req.num_gpus > settings.max_gpus_per_job:
+        raise InvalidRequest(
+            f"num_gpus: {req.num_gpus} is above this server's limit of {settings.max_gpus_per_job}",
+            param="num_gpus",
+        )
+    method, hp = _method(req)
+    steps = _steps(req, method)
+    actor = models_svc.resolve(
+        session=session,
+        tenant=tenant,
+        name=req.model,
+        models_dir=settings.models_dir,
+        param="model",
+        max_bytes=settings.max_model_bytes,
+    )
+    reward = (
+        models_svc.resolve(
+            session=session,
+            tenant=tenant,
+            name=req.reward_model,
+            models_dir=settings.models_dir,
+            param="reward_model",
+            max_bytes=settings.max_model_bytes,
+        )
+        if req.reward_model
+        else None
+    )
+
+    # data files by role
+    train = _file(
+        session,
+        tenant,
+        req.training_file,
+        "training_file",
+        ("sft", "preference") if method == "supervised" else ("preference", "sft"),
+    )
+    pref = _file(session, tenant, req.preference_file, "preference_file", ("preference",))
+    prompts = _file(session, tenant, req.prompt_file, "prompt_file", ("preference", "sft"))
+    pretrain = _file(session, tenant, req.pretrain_file, "pretrain_file", ("text",))
+    if (
+        method == "reinforcement"
+        and train is not None
+        and train.kind == "sft"
+        and 2 in steps
+        and pref is None
+    ):
+        raise InvalidRequest(
+            "training_file: an SFT file cannot train the reward model; give a preference file "
+            "(chosen/rejected), or add preference_file",
+            param="training_file",
+        )
+    split = req.data_split or ("10,0,0" if method == "supervised" else "2,4,4")
+    try:
+        parse_split(split)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="data_split") from None
+
+    # preset < request config < hyperparameters
+    if req.preset is not None and req.preset not in presets():
+        raise InvalidRequest(f"preset: {req.preset!r} is not one of {', '.join(presets())}", param="preset")
+    top, sections = (
+        load_pipeline_file(req.preset) if req.preset else ({}, {"sft": {}, "reward": {}, "ppo": {}})
+    )
+    explicit = req.config.model_dump() if req.config else {"sft": {}, "reward": {}, "ppo": {}}
+    for sec in SECTION.values():
+        for forbidden in (
+            "output_dir",
+            "model_name_or_path",
+            "actor_model_name_or_path",
+            "critic_model_name_or_path",
+            "reward_model_name_or_path",
+            "data",
+            "unsup_data",
+            "overwrite",
+            "resume",
+        ):
+            if forbidden in explicit[sec]:
+                raise InvalidRequest(
+                    f"config.{sec}.{forbidden}: set by the job itself (model, files, output); remove it",
+                    param=f"config.{sec}.{forbidden}",
+                )
+        sections[sec] = {**sections[sec], **explicit[sec]}
+    shown_hp = _apply_hyperparameters(hp, sections, explicit, steps)
+
+    data = [train.path] if train else list(DataConfig().data)
+    top = {**top, "data": data, "data_split": split}
+    if req.seed is not None:
+        top["seed"] = req.seed
+    if pref is not None:
+        sections["reward"] |= {"data": [pref.path], "data_split": "0,10,0"}
+        if prompts is None:
+            sections["ppo"] |= {"data": [pref.path], "data_split": "0,0,10"}
+    if prompts is not None:
+        sections["ppo"] |= {"data": [prompts.path], "data_split": "0,0,10"}
+    if pretrain is not None:
+        sections["ppo"] |= {"unsup_data": [pretrain.path]}
+        sections["ppo"].setdefault("unsup_coef", 1.0)
+    pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)} | {
+        f.name for f in dataclasses.fields(DataConfig)
+    }
+    unknown = sorted(set(top) - pipeline_fields)
+    if unknown:
+        raise InvalidRequest(f"preset: unknown options {', '.join(unknown)}", param="preset")
+    try:
+        data_cfg = DataConfig(
+            **{k: v for k, v in top.items() if k in {f.name for f in dataclasses.fields(DataConfig)}}
+        )
+        cfg = PipelineConfig(
+            actor_model=str(actor.path),
+            reward_model=str(reward.path) if reward else "",
+            output_dir=str(output_dir),
+            step=steps,
+            data=data_cfg,
+            **{
+                k: v
+                for k, v in top.items()
+                if k in {f.name for f in dataclasses.fields(PipelineConfig)} and k != "data"
+            },
+        )
+        plan: dict[str, Any] = {}
+        for step in steps:
+            values = step_values(cfg, step, sections[SECTION[step]])
+            built: Any = dataclass_from_args(STEP_CLASSES[step], argparse.Namespace(), file_values=values)
+            _check_limits(built, step, settings)
+            _check_fills_a_batch(
+                built, step, [f for f in (train, pref, prompts) if f is not None], req.num_gpus
+            )
+            plan[str(step)] = values
+    except InvalidRequest:
+        raise
+    except (ValueError, TypeError) as e:
+        raise from_value_error(ValueError(str(e))) from None
+    file_ids = [f.id for f in (train, pref, prompts, pretrain) if f is not None]
+    estimate = estimate_steps(
+        plan=plan,
+        steps=steps,
+        files=[f for f in (train, pref, prompts) if f is not None],
+        actor_params=model_params(actor.path),
+        reward_params=model_params(reward.path) if reward else 0.0,
+        gpu_type=req.gpu_type,
+        num_gpus=req.num_gpus,
+    )
+    return Planned(
+        method=method,
+        steps=steps,
+        plan=plan,
+        file_ids=file_ids,
+        actor=actor,
+        reward=reward,
+        hyperparameters=shown_hp,
+        estimate=estimate,
+    )
+
+
+def _train_rows_at_most(data: DataConfig, step: int, files: list[File]) -> int | None:
+    """The most training rows `step` can get from its datasets (the split as the step makes it, before
+    rows the tokeniser leaves out), or None when a dataset is not known here (e.g. a hub id)."""
+    from rlhf_engine.data.split import bounds
+
+    by_path = {f.path: f for f in files}
+    weights = data.data_weights or [1.0] * len(data.data)
+    total = 0.0
+    for path, weight in zip(data.data, weights, strict=False):
+        kind: str | None
+        if path in by_path:
+            rows, kind, own_eval = by_path[path].rows, by_path[path].kind, False
+        else:
+            d = server_data(path)
+            rows, kind, own_eval = d.rows, d.kind, d.own_eval
+            if kind is None:
+                return None
+        n_eval = 0 if own_eval else round(rows * data.eval_fraction)
+        n_eval = max(1, n_eval) if not own_eval and data.eval_fraction > 0 and rows >= 2 else n_eval
+        train = rows - n_eval
+        if kind == "sft":
+            got = train if step == 1 else 0
+        else:
+            cuts = bounds(train, data.shares)
+            got = cuts[step] - cuts[step - 1]
+        total += got * weight
+    return int(total)
+
+
+def _check_fills_a_batch(built: Any, step: int, files: list[File], num_gpus: int) -> None:
+    """A step whose data cannot fill one global batch is refused at submit, not after the queue, the
+    model build and the tokenisation (the step itself would stop with the same numbers)."""
+    rows = _train_rows_at_most(built.data, step, files)
+    if rows is None:
+        return
+    sec = SECTION[step]
+    need, what = built.batch_rows(num_gpus)  # the step's own count, with num_gpus processes
+    fix = f"config.{sec}." + (
+        "per_device_train_batch_size or gradient_accumulation_steps"
+        if step < 3
+        else "per_device_generation_batch_size"
+    )
+    if rows < need:
+        raise InvalidRequest(
+            f"config.{sec}: step {step} gets at most {rows} training rows of its data (data_split "
+            f"{built.data.data_split}, eval_fraction {built.data.eval_fraction}), fewer than one "
+            f"batch: {what}; lower {fix}, or give more data",
+            param=f"config.{sec}",
+        )
+
+
+def _check_limits(built: Any, step: int, settings: Settings) -> None:
+    if built.data.max_seq_len > settings.max_seq_len:
+        raise InvalidRequest(
+            f"config.{SECTION[step]}.max_seq_len: {built.data.max_seq_len} is above this server's "
+            f"limit of {settings.max_seq_len}",
+            param=f"config.{SECTION[step]}.max_seq_len",
+        )
+    if built.max_steps > settings.max_steps_per_stage:
+        raise InvalidRequest(
+            f"config.{SECTION[step]}.max_steps: above this server's limit of {settings.max_steps_per_stage}",
+            param=f"config.{SECTION[step]}.max_steps",
+        )
+
+
+def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: Settings) -> dict[str, Any]:
+    body = req.model_dump(exclude={"tokens", "model_parameters", "reward_model_parameters"})
+    job_req = JobCreate(**body)
+    method, _ = _method(job_req)
+    steps = _steps(job_req, method)
+    if req.model_parameters or req.tokens:  # planning for a model / data not on this server
+        if req.gpu_type not in settings.gpu_types:
+            raise InvalidRequest(
+                f"gpu_type: {req.gpu_type!r} is not offered here; choose one of "
+                f"{', '.join(settings.gpu_types)}",
+                param="gpu_type",
+            )
+        for name, count in (req.tokens or {}).items():
+            if name not in ("1", "2", "3") or count < 0:
+                raise InvalidRequest(
+                    f"tokens: {name!r}: {count} must be a step (1, 2 or 3) and a count of at least "
+                    "0 tokens, e.g. {'3': 135000000}",
+                    param="tokens",
+                )
+        actor_p = (req.model_parameters or 1e9) / 1e9
+        reward_p = (req.reward_model_parameters or 3.5e8) / 1e9
+        plan: dict[str, Any] = {str(s): {} for s in steps}
+        est = estimate_steps(
+            plan=plan,
+            steps=steps,
+            files=[],
+            actor_params=actor_p,
+            reward_params=reward_p,
+            gpu_type=req.gpu_type,
+            num_gpus=req.num_gpus,
+            tokens_override=req.tokens,
+        )
+    else:
+        est = make_plan(
+            session=session,
+            tenant=tenant,
+            req=job_req,
+            settings=settings,
+            output_dir=settings.runs_dir / tenant / "estimate",
+        ).estimate  # planned only, never written
+    seconds = sum(s.seconds for s in est)
+    usd = sum(s.usd for s in est)
+    return {
+        "seconds": seconds,
+        "hours": seconds / 3600,
+        "usd": usd,
+        "gpu_type": req.gpu_type,
+        "num_gpus": req.num_gpus,
+        "price_per_gpu_hour": costs.price(req.gpu_type),
+        "steps": [StepEstimate(step=s.step, tokens=s.tokens, seconds=s.seconds, usd=s.usd) for s in est],
+    }

@@ -1,0 +1,254 @@
+"""Reading jobs and what they wrote: the job object, its events, checkpoints, metrics and rollouts,
+and the live stream of them. Nothing here writes.
+
+Every list pages one way (OpenAI's): `after` is the `id` of the last item of the previous page,
+`limit` the page size; the answer carries `data`, `has_more`, `first_id` and `last_id`. Jobs,
+events and checkpoints come newest first; metrics and rollouts (time series) oldest first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.models import Job, JobCheckpoint, JobEvent, JobMetric
+from service.errors import NotFound
+from service.jobs.states import TERMINAL
+from service.pagination import cut, paged
+from service.schemas import (
+    CheckpointList,
+    CheckpointObject,
+    Cost,
+    EventList,
+    EventObject,
+    JobError,
+    JobList,
+    JobObject,
+    MetricList,
+    MetricPoint,
+    RolloutList,
+)
+from service.services import models as models_svc
+
+
+def get_job(*, session: Session, tenant: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant:
+        raise NotFound(f"no fine-tuning job {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(*, session: Session, tenant: str, after: str | None, limit: int) -> JobList:
+    q = select(Job).where(Job.tenant_id == tenant).order_by(Job.created_at.desc(), Job.id.desc())
+    if after:
+        try:
+            anchor = get_job(session=session, tenant=tenant, job_id=after)
+        except NotFound:
+            raise NotFound(f"after: no fine-tuning job {after}", param="after") from None
+        q = q.where(
+            (Job.created_at < anchor.created_at)
+            | ((Job.created_at == anchor.created_at) & (Job.id < anchor.id))
+        )
+    rows = list(session.scalars(q.limit(limit + 1)))
+    return paged(JobList, [to_object(j) for j in rows[:limit]], len(rows) > limit)
+
+
+def _ts(d: datetime | None) -> int | None:
+    return int(d.timestamp()) if d else None
+
+
+def to_object(job: Job) -> JobObject:
+    req = job.request or {}
+    method_obj: dict[str, Any] = {
+        "type": job.method,
+        job.method: {"hyperparameters": req.get("_hyperparameters", {})},
+    }
+    return JobObject(
+        id=job.id,
+        created_at=int(job.created_at.timestamp()),
+        finished_at=_ts(job.finished_at),
+        estimated_finish=_ts(job.estimated_finish) if job.status in ("queued", "running") else None,
+        model=job.model,
+        fine_tuned_model=job.fine_tuned_model,
+        organization_id=job.tenant_id,
+        status=job.status,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        hyperparameters=req.get("_hyperparameters", {}),
+        method=method_obj,
+        trained_tokens=job.trained_tokens if job.status == "succeeded" else None,
+        error=JobError(**job.error) if job.error else None,
+        seed=job.seed,
+        suffix=job.suffix,
+        metadata=job.job_metadata,
+        reward_model=job.reward_model,
+        steps=job.steps,
+        current_step=job.current_step,
+        step_status=job.step_status,
+        progress=round(job.progress, 4),
+        cost=Cost(
+            estimated_usd=round(job.estimated_usd, 6),
+            accrued_usd=round(job.accrued_usd, 6),
+            gpu_seconds=round(job.gpu_seconds, 3),
+            max_cost_usd=job.max_cost_usd,
+        ),
+        num_gpus=job.num_gpus,
+        gpu_type=job.gpu_type,
+    )
+
+
+# ---------------------------------------------------------------------------- events
+
+
+def list_events(*, session: Session, tenant: str, job_id: str, after: str | None, limit: int) -> EventList:
+    get_job(session=session, tenant=tenant, job_id=job_id)
+    q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc())
+    if after:
+        anchor = session.scalar(select(JobEvent).where(JobEvent.id == after, JobEvent.job_id == job_id))
+        if anchor is None:
+            raise NotFound(f"after: no event {after} in job {job_id}", param="after")
+        q = q.where(JobEvent.seq < anchor.seq)
+    rows = list(session.scalars(q.limit(limit + 1)))
+    return paged(EventList, [event_object(e) for e in rows[:limit]], len(rows) > limit)
+
+
+def events_since(*, session: Session, job_id: str, seq: int) -> list[JobEvent]:
+    """Events newer than `seq`, oldest first (for live streams)."""
+    q = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq).order_by(JobEvent.seq)
+    return list(session.scalars(q))
+
+
+def event_object(e: JobEvent) -> EventObject:
+    kind: Literal["message", "metrics"] = "metrics" if e.type == "metrics" else "message"
+    data = dict(e.data or {}) | ({"step": e.step} if e.step is not None else {}) | {"event_type": e.type}
+    return EventObject(
+        id=e.id,
+        created_at=int(e.created_at.timestamp()),
+        level=e.level,
+        message=e.message,
+        type=kind,
+        data=data,
+    )
+
+
+async def follow(
+    *, db_url: str, job_id: str, metrics: bool = False, poll_s: float = 0.5
+) -> AsyncIterator[EventObject | MetricPoint | JobObject]:
+    """Every event (and, with `metrics`, every metric point) of a job from the start, then live ones
+    until the job ends or pauses, what was written as it ended, and last the job itself. Shared by
+    REST's `events?stream=true` and gRPC's WatchJob; the caller has checked the job is the tenant's."""
+    import asyncio
+
+    from service.db.session import session_scope
+
+    seq, metric_id = 0, 0
+
+    def poll() -> tuple[list[EventObject | MetricPoint], bool, JobObject | None]:
+        nonlocal seq, metric_id
+        with session_scope(db_url) as s:
+            events = events_since(session=s, job_id=job_id, seq=seq)
+            points = metrics_since(session=s, job_id=job_id, after_id=metric_id) if metrics else []
+            seq = events[-1].seq if events else seq
+            metric_id = points[-1].id if points else metric_id
+            job = s.get(Job, job_id)
+            items: list[EventObject | MetricPoint] = [event_object(e) for e in events] + list(points)
+            if job is None:
+                return items, True, None
+            return items, job.status in TERMINAL or job.status == "paused", to_object(job)
+
+    while True:
+        items, ended, job = await asyncio.to_thread(poll)
+        for item in items:
+            yield item
+        if ended:
+            items, _, job = await asyncio.to_thread(poll)  # what was written as it ended
+            for item in items:
+                yield item
+            if job is not None:
+                yield job
+            return
+        await asyncio.sleep(poll_s)
+
+
+# ---------------------------------------------------------------------------- checkpoints, metrics, rollouts
+
+
+def list_checkpoints(
+    *, session: Session, tenant: str, job_id: str, after: str | None, limit: int
+) -> CheckpointList:
+    job = get_job(session=session, tenant=tenant, job_id=job_id)
+    q = (
+        select(JobCheckpoint)
+        .where(JobCheckpoint.job_id == job_id)
+        .order_by(JobCheckpoint.step.desc(), JobCheckpoint.global_step.desc())
+    )
+    rows, more = cut(
+        list(session.scalars(q)), after=after, limit=limit, id_of=lambda c: c.id, what="checkpoint"
+    )
+    return paged(CheckpointList, [checkpoint_object(c, job) for c in rows], more)
+
+
+def checkpoint_object(c: JobCheckpoint, job: Job) -> CheckpointObject:
+    name = f"{job.fine_tuned_model or models_svc.fine_tuned_id(job.model, job.suffix, job.id)}:ckpt-step{c.step}-{c.global_step}"
+    return CheckpointObject(
+        id=c.id,
+        created_at=int(c.created_at.timestamp()),
+        fine_tuned_model_checkpoint=name,
+        fine_tuning_job_id=job.id,
+        metrics=(c.metrics or {}) | {"step": c.global_step},
+        step_number=c.global_step,
+        step=c.step,
+    )
+
+
+def _point(m: JobMetric) -> MetricPoint:
+    return MetricPoint(id=m.id, step=m.step, global_step=m.global_step, time=m.time, values=m.values)
+
+
+def list_metrics(
+    *, session: Session, tenant: str, job_id: str, step: int | None, after: int | None, limit: int
+) -> MetricList:
+    get_job(session=session, tenant=tenant, job_id=job_id)
+    q = (
+        select(JobMetric)
+        .where(JobMetric.job_id == job_id, JobMetric.id > (after or 0))
+        .order_by(JobMetric.id)
+    )
+    if step is not None:
+        q = q.where(JobMetric.step == step)
+    rows = list(session.scalars(q.limit(limit + 1)))
+    return paged(MetricList, [_point(m) for m in rows[:limit]], len(rows) > limit)
+
+
+def metrics_since(*, session: Session, job_id: str, after_id: int) -> list[MetricPoint]:
+    """Metrics newer than `after_id`, oldest first (for live streams)."""
+    q = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.id > after_id).order_by(JobMetric.id)
+    return [_point(m) for m in session.scalars(q)]
+
+
+def list_rollouts(
+    *, session: Session, tenant: str, job_id: str, after: int | None, limit: int
+) -> RolloutList:
+    """Sampled PPO experiences, oldest first; a rollout's `id` is its line in rollouts.jsonl (from 1)."""
+    job = get_job(session=session, tenant=tenant, job_id=job_id)
+    path = Path(job.output_dir) / "step3_rlhf" / "rollouts.jsonl"
+    if not path.is_file():
+        return paged(RolloutList, [], False)
+    out: list[dict[str, Any]] = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if line_no <= (after or 0):
+                continue
+            if len(out) > limit:
+                break
+            try:
+                out.append(json.loads(line) | {"id": line_no})
+            except ValueError:
+                continue  # a line being written
+    return paged(RolloutList, out[:limit], len(out) > limit)
