@@ -48,6 +48,12 @@ class TooLarge(ServiceError):
     kind = "invalid_request_error"
 
 
+class SlowBody(ServiceError):
+    """The request body arrived too slowly (a client trickling bytes holds a connection, never a thread)."""
+
+    kind = "invalid_request_error"
+
+
 class RateLimited(ServiceError):
     kind = "rate_limit_error"
 
@@ -79,6 +85,7 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     Forbidden: (403, "PERMISSION_DENIED"),
     NotFound: (404, "NOT_FOUND"),
     Conflict: (409, "FAILED_PRECONDITION"),
+    SlowBody: (408, "DEADLINE_EXCEEDED"),
     TooLarge: (413, "RESOURCE_EXHAUSTED"),
     RateLimited: (429, "RESOURCE_EXHAUSTED"),
     Unavailable: (503, "UNAVAILABLE"),

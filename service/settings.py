@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_file_bytes: int = 512 * 2**20
     max_model_bytes: int = 8 * 2**30
     max_body_bytes: int = 1 * 2**20
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request body that sends nothing for this long, "
+                                  "or falls behind min_body_bytes_per_s after it, is answered 408")  # fmt: skip
+    min_body_bytes_per_s: int = Field(default=64 * 2**10, ge=1, description="the slowest average body rate taken "
+                                      "(after body_timeout_s): uploads slower than this are cut off")  # fmt: skip
     max_gpus_per_job: int = 8
     gpu_types: list[str] = Field(default_factory=lambda: ["cpu", "A100-80G", "A100-40G", "H100-80G", "V100-32G"])
     max_seq_len: int = 4096

@@ -6,6 +6,7 @@ Every error leaves as OpenAI's envelope with the status of service.errors.ERROR_
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.openapi import openapi_document
 from service.db.migrate import migrate
 from service.db.session import DB_DOWN, get_engine, session_scope
-from service.errors import ServiceError, Unauthenticated, database_unavailable, status_of
+from service.errors import ServiceError, SlowBody, TooLarge, Unauthenticated, database_unavailable, status_of
 from service.limits import Counter, RateLimit
 from service.settings import Settings, get_settings
 
@@ -52,12 +53,15 @@ def _error_response(e: ServiceError) -> JSONResponse:
     return JSONResponse(e.envelope(), status_code=status, headers=headers)
 
 
-class BodyLimit:
-    """413 for a declared body over the route's limit, and for a streamed body that grows past it
-    (pure ASGI: cheaper per request than a BaseHTTPMiddleware)."""
+class BodyGuard:
+    """The request body: 413 for a declared body over the route's limit and for a streamed body that
+    grows past it; 408 for one that trickles in — nothing for `idle_s`, or an average below
+    `min_rate` bytes/s once `idle_s` has passed. Reading a body holds a coroutine, never a worker
+    thread (FastAPI reads it before handing a request to the thread pool), and the deadline frees
+    that too. Pure ASGI: cheaper per request than a BaseHTTPMiddleware."""
 
-    def __init__(self, app: Any, *, limits: dict[str, int], default: int) -> None:
-        self.app, self.limits, self.default = app, limits, default
+    def __init__(self, app: Any, *, limits: dict[str, int], default: int, idle_s: float, min_rate: int) -> None:
+        self.app, self.limits, self.default, self.idle_s, self.min_rate = app, limits, default, idle_s, min_rate
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -69,20 +73,51 @@ class BodyLimit:
             response = _envelope(413, f"request body larger than this server's limit of {limit} bytes", code="too_large")
             await response(scope, receive, send)
             return
-        seen = 0
+        seen, done, started = 0, False, time.monotonic()
+        failure: ServiceError | None = None  # the body's fault: answered by us, whatever the app makes of it
+        answered = False
 
-        async def bounded() -> Any:
-            nonlocal seen
-            message = await receive()
+        async def guarded() -> Any:
+            nonlocal seen, done, failure
+            if done:  # the body is in: what comes next is the client going away, however late
+                return await receive()
+            deadline = started + self.idle_s + seen / self.min_rate
+            wait = min(self.idle_s, deadline - time.monotonic())
+            try:
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                message = await asyncio.wait_for(receive(), wait)
+            except asyncio.TimeoutError:
+                failure = SlowBody(f"request body too slow: {seen} bytes in {time.monotonic() - started:.0f} s; "
+                                   f"send it within {self.idle_s:g} s, at {self.min_rate} bytes/s or faster",
+                                   code="request_timeout")  # fmt: skip
+                raise failure from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                done = not message.get("more_body", False)
                 if seen > limit:
-                    from service.errors import TooLarge
-
-                    raise TooLarge(f"request body larger than this server's limit of {limit} bytes", code="too_large")
+                    failure = TooLarge(f"request body larger than this server's limit of {limit} bytes", code="too_large")
+                    raise failure
+            else:
+                done = True
             return message
 
-        await self.app(scope, bounded, send)
+        async def answer(message: Any) -> None:
+            nonlocal answered
+            if failure is None:
+                await send(message)
+            elif not answered:  # (FastAPI would answer a body that failed to arrive with a 400)
+                answered = True
+                await _error_response(failure)(scope, receive, send)
+
+        try:
+            await self.app(scope, guarded, answer)
+        except ServiceError:
+            if failure is None:
+                raise
+            if not answered:
+                answered = True
+                await _error_response(failure)(scope, receive, send)
 
 
 class DatabaseGate:
@@ -136,7 +171,8 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])  # fmt: skip
 
     limits = {"/v1/files": settings.max_file_bytes + (1 << 20), "/v1/models": settings.max_model_bytes + (1 << 20)}
-    app.add_middleware(BodyLimit, limits=limits, default=settings.max_body_bytes)
+    app.add_middleware(BodyGuard, limits=limits, default=settings.max_body_bytes, idle_s=settings.body_timeout_s,
+                       min_rate=settings.min_body_bytes_per_s)
     app.state.counter = Counter(settings)
     if settings.auth_cache_s > 0:
         from service.services.keys import listen_for_revocations

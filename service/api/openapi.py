@@ -21,6 +21,7 @@ DESCRIPTIONS = {
     401: "missing or unknown API key",
     403: "the key may not do this",
     404: "no such object for this key",
+    408: "the request body arrived too slowly (settings body_timeout_s, min_body_bytes_per_s)",
     409: "the object's state does not allow this now",
     413: "request body over this server's limit",
     429: "over a rate limit or quota; retry after Retry-After seconds",
@@ -29,9 +30,9 @@ DESCRIPTIONS = {
     "seconds",
     504: "no answer in time",
 }
-# what every authenticated route can answer: a bad parameter or body, no key, a body over the limit,
-# over the key's rate limit (when the operator sets one), the database unavailable
-COMMON = (400, 401, 413, 429, 503)
+# what every authenticated route can answer: a bad parameter or body, no key, a body too slow or over
+# the limit, over the key's rate limit (when the operator sets one), the database unavailable
+COMMON = (400, 401, 408, 413, 429, 503)
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

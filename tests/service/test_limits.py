@@ -5,6 +5,7 @@ Over a limit: 429, OpenAI's rate_limit_error envelope, Retry-After; other keys a
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -122,3 +123,68 @@ def test_grpc_counts_against_the_same_limit(make_stack: Callable[..., Stack], ne
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_a_body_that_trickles_in_is_cut_off_and_holds_no_worker_thread(make_stack: Callable[..., Stack]) -> None:
+    """Slow clients (slowloris on the body): 60 connections each send a job request's headers and then
+    a byte at a time, more connections than the server has worker threads (40). Each gets 408 in the
+    envelope once it stops sending for body_timeout_s or falls behind min_body_bytes_per_s; a normal
+    client is served all the while; nothing is stored. An honest slow upload above the rate passes."""
+    import select
+    import socket
+    import threading
+
+    stack = make_stack(body_timeout_s=2.0, min_body_bytes_per_s=200, max_body_bytes=4000)
+    key = stack.key("alice")
+    host, port = stack.url.removeprefix("http://").split(":")
+    body = b'{"model": "tiny-opt-xs", "suffix": "' + b"x" * 400 + b'"}'
+
+    def trickle(pause_s: float, step: int = 1) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n")  # fmt: skip
+            sent = 0
+            while sent < len(body) and not select.select([sock], [], [], pause_s)[0]:  # until it answers
+                sock.sendall(body[sent : sent + step])
+                sent += step
+            raw = b""
+            while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < _length(raw):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+            return raw
+
+    answers: list[bytes] = []
+    threads = [threading.Thread(target=lambda: answers.append(trickle(0.5))) for _ in range(60)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    with stack.client(key) as client:  # meanwhile an ordinary client is served
+        assert client.get("/v1/models").status_code == 200
+        assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+    for t in threads:
+        t.join(60)
+    assert len(answers) == 60
+    for raw in answers:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), raw[:200]
+        err = json.loads(rest)["error"]
+        assert err["code"] == "request_timeout" and "too slow" in err["message"], err
+    # a body that keeps above the rate (10 bytes every 20 ms ≈ 500 bytes/s) is taken, however long it takes
+    head = trickle(0.02, step=10).partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 400"), head  # (the request itself is refused: its suffix is too long)
+    with stack.client(key) as client:
+        # a chunked body (no Content-Length) that grows past the limit: 413, not FastAPI's 400
+        big = client.post("/v1/fine_tuning/jobs", content=(b" " * 1000 for _ in range(8)))
+        assert big.status_code == 413 and big.json()["error"]["code"] == "too_large", big.text
+        assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing stored by any of them
+
+
+def _length(raw: bytes) -> int:
+    for line in raw.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
