@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -155,7 +156,8 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
         except DB_DOWN as e:  # start anyway: 503 until the database answers, then migrate and serve
             logger.warning("database unavailable at start (%s); answering 503 and retrying", type(e).__name__)
             migrated = False
-    app = FastAPI(title="rlhf-service", version="0.1.0", description="DeepSpeed-Chat's RLHF as a service: OpenAI-"
+    # /docs and /redoc from assets shipped in a package, not a CDN (air-gapped clusters see them too)
+    app = FastAPIOffline(title="rlhf-service", version="0.1.0", description="DeepSpeed-Chat's RLHF as a service: OpenAI-"
                   "style fine-tuning jobs (SFT, reward model, PPO) and chat with the results.")  # fmt: skip
     app.state.settings = settings
     app.state.started = time.time()

@@ -55,6 +55,23 @@ def test_every_route_declares_its_errors_with_the_envelope_and_no_422(stack: Sta
     assert {"404", "409"} <= set(doc["paths"]["/v1/fine_tuning/jobs/{job_id}/cancel"]["post"]["responses"])
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_docs_load_with_nothing_from_the_internet(stack: Stack, page: str) -> None:
+    """Swagger UI and ReDoc in an air-gapped cluster: the page names only this server's own assets, and
+    each one is served (a CDN link would leave the page blank there)."""
+    import re
+
+    html = httpx.get(f"{stack.url}{page}").text
+    assert "/openapi.json" in html
+    assert not re.findall(r"https?://[^\s\"'<>]+", html), "the page loads something from another host"
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+    assert any(a.endswith(".js") for a in assets), assets
+    for asset in assets:
+        assert asset.startswith("/"), asset
+        r = httpx.get(f"{stack.url}{asset}")
+        assert r.status_code == 200 and len(r.content) > 1000, (asset, r.status_code)
+
+
 def test_an_answer_with_an_error_matches_what_the_document_declares(stack: Stack) -> None:
     """Spot checks of the statuses clients see most, against the document's declarations."""
     doc = httpx.get(f"{stack.url}/openapi.json").json()
