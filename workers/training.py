@@ -416,10 +416,26 @@ def _step_succeeded(settings: Settings, job_id: str, owner: str, step: int, step
             JobMetric.job_id == job_id, JobMetric.step == step)))  # fmt: skip
         job = lifecycle.set_step(session=s, job_id=job_id, owner=owner, settings=settings, step=step,
                                  status="succeeded", tokens=tokens)  # fmt: skip
+        _final_checkpoint(s, job_id, step, step_dir / ("actor" if step == 3 else ""))
         add_event(session=s, job=job, type_="step_succeeded", step=step, message=f"step {step} ({COMMANDS[step]}) "
                   f"succeeded: {tokens} tokens", data={"seconds": summary.get("seconds"), "summary": {k: v for k, v in summary.items()
                                      if isinstance(v, int | float | str) and k != "options"}},
                   source_key=f"step_succeeded:{step}")  # fmt: skip
+
+
+def _final_checkpoint(s: Session, job_id: str, step: int, model_dir: Path) -> None:
+    """A step's final model is one of the job's checkpoints (OpenAI always lists the final one), at the
+    step's last global step, with its last metrics; a mid-run save at that same step becomes it."""
+    last = s.scalar(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step == step)
+                    .order_by(JobMetric.global_step.desc()).limit(1))  # fmt: skip
+    gs = last.global_step if last is not None else 0
+    metrics = {k: v for k, v in (last.values if last is not None else {}).items() if isinstance(v, int | float)}
+    row = s.scalar(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id, JobCheckpoint.step == step,
+                                               JobCheckpoint.global_step == gs))  # fmt: skip
+    if row is None:
+        s.add(JobCheckpoint(job_id=job_id, step=step, global_step=gs, path=str(model_dir), metrics=metrics | {"final": 1}))
+    elif not (row.metrics or {}).get("final"):
+        row.path, row.metrics = str(model_dir), (row.metrics or {}) | metrics | {"final": 1}
 
 
 def _finish(settings: Settings, job_id: str, owner: str, outcome: Outcome, step: int | None) -> str:

@@ -51,6 +51,11 @@ def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished:
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
     assert {c["step"] for c in ckpts} == {1, 2, 3}
     assert all(c["object"] == "fine_tuning.job.checkpoint" and c["step_number"] > 0 for c in ckpts)
+    for step in (1, 2, 3):  # every step's final model is listed too, at its last step, with its last metrics
+        last = walk(client, f"/v1/fine_tuning/jobs/{job['id']}/metrics", 1000, step=step)[-1]
+        final = [c for c in ckpts if c["step"] == step and c["metrics"].get("final")]
+        assert len(final) == 1 and final[0]["step_number"] == last["global_step"], (step, final)
+        assert final[0]["metrics"]["loss" if step < 3 else "reward_mean"] == last["values"]["loss" if step < 3 else "reward_mean"]
     rollouts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/rollouts", params={"limit": 3}).json()
     assert len(rollouts["data"]) == 3 and {"id", "prompt", "answer", "reward"} <= set(rollouts["data"][0])
     # every list pages one way: `after` = the previous page's last id
