@@ -448,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a step's log (or `rlhf train`'s relay) fills line by line
     ns = build_parser().parse_args(argv)
     ns.argv = argv
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,

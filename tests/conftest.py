@@ -61,7 +61,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> 
 
     out = tmp_path_factory.mktemp("pipeline")
     done = rlhf("train", "--actor-model", base_model, "--reward-model", base_model, "--output-dir", out,
-                "--config", "tiny", timeout=280)  # fmt: skip
+                "--config", "tiny", "--enable-tensorboard", timeout=280)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out / "train.stdout").write_text(done.stdout)
     return out

@@ -264,7 +264,7 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
     (step_dir / STOP_FILE).unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env |= {fencing.ATTEMPT_ENV: str(attempt), fencing.WATCH_ENV: str(os.getpid()),
-            fencing.GRACE_ENV: str(settings.step_grace_s)}  # fmt: skip
+            fencing.GRACE_ENV: str(settings.step_grace_s), "PYTHONUNBUFFERED": "1"}  # fmt: skip
     ingest = Ingest(job_id, step, step_dir)
     started = time.monotonic()
     with open(log, "ab") as logf:

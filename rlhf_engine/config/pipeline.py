@@ -39,6 +39,8 @@ class PipelineConfig:
     hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (multi_node)"})
     actor_zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage of the actor (steps 1 and 3)"})
     reward_zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage of the reward model / critic (steps 2 and 3)"})
+    enable_tensorboard: bool = field(default=False, metadata={"help": "every step writes its metrics for TensorBoard "
+                                                                      "(into its folder's tensorboard/)"})  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig, metadata={"flatten": True})
 
     def __post_init__(self) -> None:
@@ -110,7 +112,9 @@ def step_values(cfg: PipelineConfig, step: int, section: dict[str, Any]) -> dict
     the step's own section on top."""
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if v is not None}
     out: dict[str, Any] = dict(data)
-    run = {"output_dir": cfg.output_dir}
+    run: dict[str, Any] = {"output_dir": cfg.output_dir}
+    if cfg.enable_tensorboard:
+        run["enable_tensorboard"] = True
     if step == 1:
         out |= run | {"model_name_or_path": cfg.actor_model}
         if cfg.actor_zero_stage is not None:

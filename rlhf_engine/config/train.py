@@ -9,7 +9,7 @@ model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from rlhf_engine.config.data import DataConfig
 
@@ -32,6 +32,24 @@ def check_ranges(config: object, *, positive: tuple[str, ...] = (), non_negative
     for name in betas:
         if not 0 <= getattr(config, name) < 1:
             raise ValueError(f"{name} {getattr(config, name)} must be in [0, 1)")
+
+
+TENSORBOARD_HELP = ("TensorBoard folder inside output_dir (relative: to output_dir; default: the step's folder/"
+                    "tensorboard)")  # fmt: skip
+
+
+def check_tensorboard_path(config: Any) -> None:
+    """A TensorBoard folder stays inside the run directory (a job's files never land elsewhere)."""
+    from pathlib import Path
+
+    path = config.tensorboard_path
+    if not path:
+        return
+    run = Path(config.output_dir).resolve()
+    where = (run / path).resolve()
+    if where != run and run not in where.parents:
+        raise ValueError(f"tensorboard_path {path!r} is outside output_dir {str(run)!r}; give a folder inside it, "
+                         "e.g. tensorboard/ (or leave it empty for the step's own folder)")  # fmt: skip
 
 
 @dataclass
@@ -106,6 +124,8 @@ class TrainConfig:
     eval_max_rows: int = field(default=0, metadata={"help": "evaluate on at most N rows (0 = all)"})
     checkpoint_interval: int = field(default=100, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    enable_tensorboard: bool = field(default=False, metadata={"help": "write the metrics for TensorBoard"})
+    tensorboard_path: str = field(default="", metadata={"help": TENSORBOARD_HELP})
     resume: bool = field(default=True, metadata={"help": "continue from the step's latest checkpoint if there is one"})
     overwrite: bool = field(default=False, metadata={"help": "retrain even if the step already finished"})
 
@@ -127,6 +147,7 @@ class TrainConfig:
             learning_rates=("learning_rate",),
             betas=("adam_beta1", "adam_beta2"),
         )  # fmt: skip
+        check_tensorboard_path(self)
 
     @property
     def seed(self) -> int:

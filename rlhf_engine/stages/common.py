@@ -13,7 +13,6 @@ import logging
 import math
 import random
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,7 +46,7 @@ from rlhf_engine.models.loading import (
     resolve_model,
     set_dropout,
 )
-from rlhf_engine.stages.records import SUMMARY, Records, is_finished
+from rlhf_engine.stages.records import SUMMARY, Records, is_finished, tensorboard_dir
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +130,7 @@ def all_reduce_sum(values: list[float], device: str) -> list[float]:
 
 
 RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_interval", "eval_max_rows", "checkpoint_interval",
+                    "enable_tensorboard", "tensorboard_path",
                     "keep_checkpoints", "rollouts_per_step")  # fmt: skip
 
 
@@ -209,7 +209,7 @@ def run_step(config: TrainConfig, spec: StepSpec) -> dict[str, Any]:
         return summary
     checked = check_inputs(config, spec)
     dist = init_distributed()
-    records = Records(step_dir, enabled=dist.is_main)
+    records = Records(step_dir, enabled=dist.is_main, title=spec.title, tensorboard=tensorboard_dir(config, step_dir))
     try:
         return _run(config, spec, dist, step_dir, records, checked)
     except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step
@@ -217,6 +217,8 @@ def run_step(config: TrainConfig, spec: StepSpec) -> dict[str, Any]:
     except Exception as e:
         records.event("error", f"{type(e).__name__}: {e}", level="error")
         raise
+    finally:
+        records.close()
 
 
 def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, records: Records,
@@ -297,12 +299,8 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
     eval_last = eval_before
 
     # --- train
-    from tqdm import tqdm
-
     stop = StopRequest(step_dir, dist)
 
-    bar = tqdm(total=total, initial=start_step, desc=spec.title, unit="step",
-               disable=not (dist.is_main and sys.stderr.isatty()))  # fmt: skip
     for step in range(start_step, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(prepared.train), config.seed, epoch)
@@ -329,8 +327,6 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
         records.metric(step=step + 1, epoch=round(epoch + (in_epoch + 1) / steps_per_epoch, 4), **means,
                        lr=engine.get_lr()[0], samples_per_s=global_batch / seconds,
                        tokens_per_s=reduced[-1] / seconds, tokens=int(reduced[-1]))  # fmt: skip
-        bar.update(1)
-        bar.set_postfix(loss=f"{means['loss']:.4f}")
         done_steps = step + 1
         if config.eval_interval and done_steps % config.eval_interval == 0 and done_steps < total:
             eval_last = run_eval(done_steps)
@@ -344,11 +340,9 @@ def _run(config: TrainConfig, spec: StepSpec, dist: Dist, step_dir: Path, record
             records.event("checkpoint_saved", f"checkpoint at step {done_steps}", path=str(folder),
                           global_step=done_steps)  # fmt: skip
             if stopping:
-                bar.close()
                 records.event("step_stopped", f"{spec.title}: stopped at step {done_steps} of {total}; rerun to resume",
                               global_step=done_steps, path=str(folder))  # fmt: skip
                 raise StepStopped(done_steps, folder)
-    bar.close()
     eval_last = run_eval(total)
 
     # --- save the model (collective at ZeRO-3), then the summary last

@@ -19,6 +19,7 @@ from rlhf_engine.config.args import dataclass_from_args
 from rlhf_engine.config.pipeline import STEP_CLASSES, PipelineConfig, step_values
 from rlhf_engine.engine.fencing import WATCH_ENV
 from rlhf_engine.engine.launch import LAUNCH_VARS
+from rlhf_engine.stages.progress import EVERY_ENV
 from rlhf_engine.stages.records import is_finished
 
 COMMANDS = {1: "sft", 2: "reward", 3: "ppo"}
@@ -50,6 +51,7 @@ def _run_logged(cmd: list[str], log: Path) -> int:
     """Run `cmd`, copying its output to the console and to `log`."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env[WATCH_ENV] = str(os.getpid())  # a step stops when the pipeline ends (fencing.py)
+    env["PYTHONUNBUFFERED"] = "1"  # its lines (progress included) reach the console and the log as written
     with open(log, "a") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                                text=True, bufsize=1) as proc:  # fmt: skip
         assert proc.stdout is not None
@@ -75,7 +77,8 @@ def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Pa
         if is_finished(cfg.step_dir(step)):
             print(f"==> {TITLES[step]}: finished earlier in {cfg.step_dir(step)}; checking its options", flush=True)
         else:
-            print(f"==> {TITLES[step]}: options in {config_file}, log in {out / 'logs' / (name + '.log')}", flush=True)
+            print(f"==> {TITLES[step]}: options in {config_file}, log in {out / 'logs' / (name + '.log')}; progress "
+                  f"every {os.environ.get(EVERY_ENV, '10')} s", flush=True)  # fmt: skip
         cmd = [sys.executable, "-m", "rlhf_engine.cli", COMMANDS[step], "--config", str(attempt)]
         if procs > 1 or cfg.hostfile:
             cmd += ["--num-gpus", str(procs)] + (["--hostfile", cfg.hostfile] if cfg.hostfile else [])

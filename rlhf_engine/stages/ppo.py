@@ -13,11 +13,9 @@ before and after, for the actor and (when on) its EMA.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from rlhf_engine.stages.common import (
     set_seed,
 )
 from rlhf_engine.stages.ppo_trainer import Experience, PPOTrainer, sequence_kl
-from rlhf_engine.stages.records import Records
+from rlhf_engine.stages.records import Records, tensorboard_dir
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +186,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
         return summary
     tokenizer = check(config)
     dist = init_distributed()
-    records = Records(step_dir, enabled=dist.is_main)
+    records = Records(step_dir, enabled=dist.is_main, title=TITLE, tensorboard=tensorboard_dir(config, step_dir))
     try:
         return _run(config, dist, step_dir, records, tokenizer)
     except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step
@@ -196,6 +194,8 @@ def run(config: PPOConfig) -> dict[str, Any]:
     except Exception as e:
         records.event("error", f"{type(e).__name__}: {e}", level="error")
         raise
+    finally:
+        records.close()
 
 
 def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer: Any) -> dict[str, Any]:
@@ -264,10 +264,7 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
     if eval_before is None:
         eval_before = run_eval(0)
 
-    from tqdm import tqdm
-
     stop = StopRequest(step_dir, dist)
-    bar = tqdm(total=total, initial=start_step, desc=TITLE, unit="step", disable=not (dist.is_main and sys.stderr.isatty()))
     unsup_order = torch.randperm(len(unsup), generator=torch.Generator().manual_seed(cfg.seed)) if unsup is not None else None
     last: dict[str, Any] = {}
     for step in range(start_step, total):
@@ -332,11 +329,7 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
         records.metric(step=step + 1, epoch=round(epoch + (in_epoch + 1) / steps_per_epoch, 4),
                        lr=engine.actor.get_lr()[0], critic_lr=engine.critic.get_lr()[0], **last)  # fmt: skip
         if dist.is_main and cfg.rollouts_per_step:
-            with open(step_dir / ROLLOUTS, "a") as f:
-                for r in _rollouts(trainer, experiences[0], step + 1, cfg.rollouts_per_step):
-                    f.write(json.dumps(r) + "\n")
-        bar.update(1)
-        bar.set_postfix(reward=f"{reward_mean:.3f}", kl=f"{last['kl_to_ref']:.3f}")
+            records.rollouts(ROLLOUTS, _rollouts(trainer, experiences[0], step + 1, cfg.rollouts_per_step), step + 1)
         done_steps = step + 1
         if cfg.eval_interval and done_steps % cfg.eval_interval == 0 and done_steps < total:
             run_eval(done_steps)
@@ -350,11 +343,9 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
             records.event("checkpoint_saved", f"checkpoint at step {done_steps}", path=str(folder),
                           global_step=done_steps)  # fmt: skip
             if stopping:
-                bar.close()
                 records.event("step_stopped", f"step 3: stopped at step {done_steps} of {total}; rerun to resume",
                               global_step=done_steps, path=str(folder))  # fmt: skip
                 raise StepStopped(done_steps, folder)
-    bar.close()
     eval_after = run_eval(total)
     eval_ema = run_eval(total, use_ema=True) if engine.actor_ema is not None else None
 

@@ -241,7 +241,7 @@ def make_plan(
                     f"config.{sec}.{forbidden}: set by the job itself (model, files, output); remove it",
                     param=f"config.{sec}.{forbidden}",
                 )
-        sections[sec] = {**sections[sec], **explicit[sec]}
+        sections[sec] = {"enable_tensorboard": True, **sections[sec], **explicit[sec]}  # jobs write it always
     shown_hp = _apply_hyperparameters(hp, sections, explicit, steps)
 
     data = [train.path] if train else list(DataConfig().data)

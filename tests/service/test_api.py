@@ -197,6 +197,7 @@ BAD_JOBS = [
     ({"model": "tiny-opt-xs", "config": {"sft": {"learning_rate": 5}}}, "learning_rate"),
     ({"model": "tiny-opt-xs", "config": {"sft": {"no_such_option": 1}}}, None),
     ({"model": "tiny-opt-xs", "config": {"sft": {"output_dir": "/etc"}}}, "config.sft.output_dir"),
+    ({"model": "tiny-opt-xs", "config": {"sft": {"tensorboard_path": "/etc/tb"}}}, "tensorboard_path"),
     ({"model": "tiny-opt-xs", "num_gpus": 9}, "num_gpus"),
     ({"model": "tiny-opt-xs", "gpu_type": "TPU"}, "gpu_type"),
     ({"model": "tiny-opt-xs", "config": {"sft": {"max_seq_len": 100000}}}, "config.sft.max_seq_len"),

@@ -5,7 +5,9 @@ DeepSpeed steps as child processes. One finished 3-step tiny job serves most ass
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -64,6 +66,21 @@ def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished:
     assert walk(client, f"/v1/fine_tuning/jobs/{job['id']}/rollouts", 4) == whole
     assert walk(client, f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", 1) == ckpts
     assert walk(client, f"/v1/fine_tuning/jobs/{job['id']}/metrics", 5, step=3) == series
+
+
+def test_a_job_writes_tensorboard_and_its_step_logs_show_progress(finished: dict[str, Any], stack: Stack) -> None:
+    """What a person watching the job's run folder sees: each step's TensorBoard events and a step log
+    filled line by line with its progress (the worker's step processes are piped, not on a terminal)."""
+    from service.db.models import Job
+    from service.db.session import session_scope
+
+    with session_scope(stack.settings.db_url) as s:
+        out = Path(s.get(Job, finished["job"]["id"]).output_dir)  # type: ignore[union-attr]
+    for name, title in (("step1_sft", "step 1 (SFT)"), ("step2_reward", "step 2 (reward model)"),
+                        ("step3_rlhf", "step 3 (PPO)")):  # fmt: skip
+        assert list((out / name / "tensorboard").glob("events.out.tfevents.*")), name
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert re.search(rf"{re.escape(title)}: step (\d+)/\1 \(100%\)", log), log[-1500:]
 
 
 def test_finished_models_are_listed_and_load(client: httpx.Client, finished: dict[str, Any], stack: Stack) -> None:
