@@ -62,6 +62,28 @@ class Deleted(BaseModel):
 # ---------------------------------------------------------------------------- jobs
 
 
+class WandbIntegration(Strict):
+    """OpenAI's wandb integration. The API key is not part of it: workers read WANDB_API_KEY from their
+    own environment, so a key never enters the database or the logs."""
+
+    project: str = Field(min_length=1, max_length=128, pattern=r"^[\w.\- ]+$", description="W&B project")
+    name: str | None = Field(default=None, max_length=128, description="run name (each step adds a suffix)")
+    entity: str | None = Field(default=None, max_length=128, description="W&B team or user")
+    tags: list[str] | None = Field(default=None, max_length=32, description="run tags")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not 0 < len(t) <= 64 for t in v):
+            raise ValueError("each tag: 1 to 64 characters")
+        return v
+
+
+class Integration(Strict):
+    type: Literal["wandb"] = Field(description="only wandb (Weights & Biases) here")
+    wandb: WandbIntegration
+
+
 class Hyperparameters(Strict):
     n_epochs: int | Literal["auto"] = Field(default="auto", description="epochs of every step (auto: step defaults)")
     batch_size: int | Literal["auto"] = Field(default="auto", description="per-device training batch size")
@@ -110,7 +132,8 @@ class JobCreate(Strict):
     suffix: str | None = Field(default=None, max_length=64, description="part of the fine-tuned model's id")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
-    integrations: list[Any] | None = Field(default=None, description="accepted for compatibility; must be empty")
+    integrations: list[Integration] | None = Field(default=None, max_length=1, description="OpenAI's: "
+                                                   "[{type: wandb, wandb: {project, name, entity, tags}}]")
     # ours
     reward_model: str | None = Field(default=None, max_length=255, description="base model to train as reward model")
     steps: list[int] | None = Field(default=None, description="steps to run (default from method)")

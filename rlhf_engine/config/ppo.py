@@ -10,13 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhf_engine.config.data import DataConfig
-from rlhf_engine.config.train import (
-    TENSORBOARD_HELP,
-    ModelOptions,
-    Scheduler,
-    check_ranges,
-    check_tensorboard_path,
-)
+from rlhf_engine.config.train import ModelOptions, Scheduler, Tracking, check_ranges
 
 
 def _no_dropout() -> ModelOptions:
@@ -96,13 +90,12 @@ class PPOConfig:
     rollouts_per_step: int = field(default=4, metadata={"help": "sampled rollouts written to rollouts.jsonl per step"})
     checkpoint_interval: int = field(default=100, metadata={"help": "checkpoint every N PPO steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    enable_tensorboard: bool = field(default=False, metadata={"help": "write the metrics and rollouts for TensorBoard"})
-    tensorboard_path: str = field(default="", metadata={"help": TENSORBOARD_HELP})
+    tracking: Tracking = field(default_factory=Tracking, metadata={"flatten": True})
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint if there is one"})
     overwrite: bool = field(default=False, metadata={"help": "retrain even if step 3 already finished"})
 
     def __post_init__(self) -> None:
-        for name, cls in (("data", DataConfig), ("actor", ModelOptions), ("critic", ModelOptions)):
+        for name, cls in (("data", DataConfig), ("actor", ModelOptions), ("critic", ModelOptions), ("tracking", Tracking)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
         if not self.actor_model_name_or_path:
@@ -125,7 +118,7 @@ class PPOConfig:
                 raise ValueError(f"{name} {getattr(self, name)} must be in [0, 1]")
         if self.temperature <= 0:
             raise ValueError(f"temperature {self.temperature} must be positive (PPO needs sampling)")
-        check_tensorboard_path(self)
+        self.tracking.check(self.output_dir)
         experiences = self.per_device_generation_batch_size * self.generation_batches
         micro = self.per_device_training_batch_size * self.gradient_accumulation_steps
         if experiences % micro:

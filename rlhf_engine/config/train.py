@@ -9,7 +9,7 @@ model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from rlhf_engine.config.data import DataConfig
 
@@ -34,22 +34,31 @@ def check_ranges(config: object, *, positive: tuple[str, ...] = (), non_negative
             raise ValueError(f"{name} {getattr(config, name)} must be in [0, 1)")
 
 
-TENSORBOARD_HELP = ("TensorBoard folder inside output_dir (relative: to output_dir; default: the step's folder/"
-                    "tensorboard)")  # fmt: skip
+@dataclass
+class Tracking:
+    """Where a step reports besides its own records: TensorBoard (DeepSpeed-Chat's flags) and Weights &
+    Biases (OpenAI's `integrations: [{"type": "wandb", …}]`). Neither changes what the step computes."""
 
+    enable_tensorboard: bool = field(default=False, metadata={"help": "write the metrics for TensorBoard"})
+    tensorboard_path: str = field(default="", metadata={"help": "TensorBoard folder inside output_dir (relative: to "
+                                  "output_dir; default: the step's folder/tensorboard)"})  # fmt: skip
+    wandb_project: str = field(default="", metadata={"help": "log to this Weights & Biases project (the wandb extra; "
+                               "WANDB_API_KEY and WANDB_MODE from the environment, e.g. WANDB_MODE=offline)"})  # fmt: skip
+    wandb_name: str = field(default="", metadata={"help": "W&B run name (each step adds its own suffix)"})
+    wandb_entity: str = field(default="", metadata={"help": "W&B entity (team or user)"})
+    wandb_tags: list[str] = field(default_factory=list, metadata={"help": "W&B run tags"})
 
-def check_tensorboard_path(config: Any) -> None:
-    """A TensorBoard folder stays inside the run directory (a job's files never land elsewhere)."""
-    from pathlib import Path
+    def check(self, output_dir: str) -> None:
+        """A TensorBoard folder stays inside the run directory (a job's files never land elsewhere)."""
+        from pathlib import Path
 
-    path = config.tensorboard_path
-    if not path:
-        return
-    run = Path(config.output_dir).resolve()
-    where = (run / path).resolve()
-    if where != run and run not in where.parents:
-        raise ValueError(f"tensorboard_path {path!r} is outside output_dir {str(run)!r}; give a folder inside it, "
-                         "e.g. tensorboard/ (or leave it empty for the step's own folder)")  # fmt: skip
+        if not self.tensorboard_path:
+            return
+        run = Path(output_dir).resolve()
+        where = (run / self.tensorboard_path).resolve()
+        if where != run and run not in where.parents:
+            raise ValueError(f"tensorboard_path {self.tensorboard_path!r} is outside output_dir {str(run)!r}; give a "
+                             "folder inside it, e.g. tensorboard/ (or leave it empty for the step's own folder)")  # fmt: skip
 
 
 @dataclass
@@ -124,8 +133,7 @@ class TrainConfig:
     eval_max_rows: int = field(default=0, metadata={"help": "evaluate on at most N rows (0 = all)"})
     checkpoint_interval: int = field(default=100, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    enable_tensorboard: bool = field(default=False, metadata={"help": "write the metrics for TensorBoard"})
-    tensorboard_path: str = field(default="", metadata={"help": TENSORBOARD_HELP})
+    tracking: Tracking = field(default_factory=Tracking, metadata={"flatten": True})
     resume: bool = field(default=True, metadata={"help": "continue from the step's latest checkpoint if there is one"})
     overwrite: bool = field(default=False, metadata={"help": "retrain even if the step already finished"})
 
@@ -134,6 +142,8 @@ class TrainConfig:
             self.data = DataConfig(**self.data)
         if isinstance(self.model, dict):
             self.model = ModelOptions(**self.model)
+        if isinstance(self.tracking, dict):
+            self.tracking = Tracking(**self.tracking)
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path: required; pass --model DIR (a model directory or hub id)")
         if not self.output_dir:
@@ -147,7 +157,7 @@ class TrainConfig:
             learning_rates=("learning_rate",),
             betas=("adam_beta1", "adam_beta2"),
         )  # fmt: skip
-        check_tensorboard_path(self)
+        self.tracking.check(self.output_dir)
 
     @property
     def seed(self) -> int:

@@ -46,7 +46,7 @@ from rlhf_engine.models.loading import (
     resolve_model,
     set_dropout,
 )
-from rlhf_engine.stages.records import SUMMARY, Records, is_finished, tensorboard_dir
+from rlhf_engine.stages.records import SUMMARY, Records, is_finished, tensorboard_dir, wandb_settings
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def all_reduce_sum(values: list[float], device: str) -> list[float]:
 
 
 RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_interval", "eval_max_rows", "checkpoint_interval",
-                    "enable_tensorboard", "tensorboard_path",
-                    "keep_checkpoints", "rollouts_per_step")  # fmt: skip
+                    "keep_checkpoints", "rollouts_per_step", "tracking")  # fmt: skip
 
 
 def fingerprint_of(config: Any, world_size: int) -> dict[str, Any]:
@@ -209,7 +208,8 @@ def run_step(config: TrainConfig, spec: StepSpec) -> dict[str, Any]:
         return summary
     checked = check_inputs(config, spec)
     dist = init_distributed()
-    records = Records(step_dir, enabled=dist.is_main, title=spec.title, tensorboard=tensorboard_dir(config, step_dir))
+    records = Records(step_dir, enabled=dist.is_main, title=spec.title, tensorboard=tensorboard_dir(config, step_dir),
+                      wandb=wandb_settings(config, step_dir))
     try:
         return _run(config, spec, dist, step_dir, records, checked)
     except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step

@@ -44,7 +44,7 @@ from rlhf_engine.stages.common import (
     set_seed,
 )
 from rlhf_engine.stages.ppo_trainer import Experience, PPOTrainer, sequence_kl
-from rlhf_engine.stages.records import Records, tensorboard_dir
+from rlhf_engine.stages.records import Records, tensorboard_dir, wandb_settings
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ def run(config: PPOConfig) -> dict[str, Any]:
         return summary
     tokenizer = check(config)
     dist = init_distributed()
-    records = Records(step_dir, enabled=dist.is_main, title=TITLE, tensorboard=tensorboard_dir(config, step_dir))
+    records = Records(step_dir, enabled=dist.is_main, title=TITLE, tensorboard=tensorboard_dir(config, step_dir),
+                      wandb=wandb_settings(config, step_dir))
     try:
         return _run(config, dist, step_dir, records, tokenizer)
     except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step

@@ -11,11 +11,13 @@ live, and a resumed run first cuts `metrics.jsonl` back to its checkpoint so no 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,11 @@ EVENTS = "events.jsonl"
 
 Level = Literal["info", "warning", "error"]
 ROLLOUT_COLUMNS = ("prompt", "answer", "reward", "kl")
+WANDB_ID = ".wandb_id"
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _clean(value: Any) -> Any:
@@ -64,22 +71,39 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def tensorboard_dir(config: Any, step_dir: Path) -> Path | None:
     """Where a step writes for TensorBoard: None when off; `tensorboard_path` (inside the run, checked
     by the config) or the step's own `tensorboard/` folder."""
-    if not config.enable_tensorboard:
+    t = config.tracking
+    if not t.enable_tensorboard:
         return None
-    return Path(config.output_dir) / config.tensorboard_path if config.tensorboard_path else step_dir / "tensorboard"
+    return Path(config.output_dir) / t.tensorboard_path if t.tensorboard_path else step_dir / "tensorboard"
+
+
+def wandb_settings(config: Any, step_dir: Path) -> dict[str, Any] | None:
+    """`wandb.init` arguments for a step (None when off): one W&B run per step, grouped by the run
+    directory. The API key and the mode (online/offline) come from the environment, never from here."""
+    t = config.tracking
+    if not t.wandb_project:
+        return None
+    run = Path(config.output_dir).resolve().name
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k != "tracking"}
+    return {"project": t.wandb_project, "entity": t.wandb_entity or None, "tags": list(t.wandb_tags) or None,
+            "name": f"{t.wandb_name or run}-{step_dir.name}", "group": t.wandb_name or run, "job_type": step_dir.name,
+            "config": options}  # fmt: skip
 
 
 class Records:
     """Writer of one step folder's metrics, events, rollouts and summary (a no-op off rank 0), and of
     what people watch: the step's progress (a bar on a terminal, lines in a log) and, when asked,
-    TensorBoard (every number of a metrics line as a scalar, evaluations, rollouts as text)."""
+    TensorBoard and Weights & Biases (every number of a metrics line, evaluations, rollouts)."""
 
-    def __init__(self, step_dir: Path, *, enabled: bool, title: str = "", tensorboard: Path | None = None) -> None:
+    def __init__(self, step_dir: Path, *, enabled: bool, title: str = "", tensorboard: Path | None = None,
+                 wandb: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.dir = step_dir
         self.enabled = enabled
         self.progress = Progress(title or step_dir.name) if enabled else None
         self.tensorboard = tensorboard if enabled else None
+        self.wandb = wandb if enabled else None
         self._tb: Any = None
+        self._wb: Any = None
         self._purge_step: int | None = None
         if enabled:
             step_dir.mkdir(parents=True, exist_ok=True)
@@ -100,41 +124,60 @@ class Records:
             self._tb = SummaryWriter(str(self.tensorboard), purge_step=self._purge_step)
         return self._tb
 
+    def _run(self) -> Any:
+        if self._wb is None and self.wandb is not None:
+            import wandb
+
+            ids = self.dir / WANDB_ID  # a resumed step goes on logging into the same W&B run
+            run_id = ids.read_text().strip() if ids.is_file() else uuid.uuid4().hex[:16]
+            ids.write_text(run_id)
+            self._wb = wandb.init(**self.wandb, id=run_id, resume="allow", dir=str(self.dir))
+        return self._wb
+
+    def _publish(self, scalars: dict[str, float], step: int) -> None:
+        if not scalars:
+            return
+        if (tb := self._writer()) is not None:
+            for tag, value in scalars.items():
+                tb.add_scalar(tag, value, step)
+            tb.flush()
+        if (wb := self._run()) is not None:
+            wb.log(scalars, step=step)
+
     def metric(self, **values: Any) -> None:
         self._append(METRICS, {"time": time.time(), **values})
         if self.progress is not None:
             self.progress.update(values)
-        if (tb := self._writer()) is not None:
-            step = int(values.get("step", 0))
-            for key, value in values.items():
-                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                    tb.add_scalar(f"train/{key}", value, step)
-            tb.flush()
+        self._publish({f"train/{k}": float(v) for k, v in values.items() if k != "step" and _number(v)},
+                      int(values.get("step", 0)))  # fmt: skip
 
     def event(self, type_: str, message: str, *, level: Level = "info", **data: Any) -> None:
         self._append(EVENTS, {"time": time.time(), "level": level, "type": type_, "message": message, "data": data})
         if self.progress is not None and "total_steps" in data:
             self.progress.start(int(data["total_steps"]), int(data.get("global_step", 0)))
-        if type_ == "eval" and (tb := self._writer()) is not None:
-            at = int(data.get("global_step", 0))
+        if type_ == "eval":
             who = str(data.get("model", "")).lower().replace(" ", "_")  # step 3: the actor, or its EMA
             prefix = f"eval/{who}" if who else "eval"
-            for key, value in data.items():
-                if key != "global_step" and isinstance(value, int | float) and not isinstance(value, bool) \
-                        and math.isfinite(value):
-                    tb.add_scalar(f"{prefix}/{key}", value, at)
-            tb.flush()
+            self._publish({f"{prefix}/{k}": float(v) for k, v in data.items() if k != "global_step" and _number(v)},
+                          int(data.get("global_step", 0)))  # fmt: skip
 
     def rollouts(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
-        """Sampled experiences of one step: lines of `name`, and a text table in TensorBoard."""
+        """Sampled experiences of one step: lines of `name`, and a table in TensorBoard and W&B."""
         for row in rows:
             self._append(name, row)
-        if rows and (tb := self._writer()) is not None:
+        if not rows:
+            return
+        if (tb := self._writer()) is not None:
             cells = [" | ".join(str(r.get(k, "")).replace("|", "\\|").replace("\n", " ") for k in ROLLOUT_COLUMNS)
                      for r in rows]  # fmt: skip
             table = "\n".join([" | ".join(ROLLOUT_COLUMNS), " | ".join("---" for _ in ROLLOUT_COLUMNS), *cells])
             tb.add_text("rollouts", table, step)
             tb.flush()
+        if (wb := self._run()) is not None:
+            import wandb
+
+            data = [[r.get(k) for k in ROLLOUT_COLUMNS] for r in rows]
+            wb.log({"rollouts": wandb.Table(columns=list(ROLLOUT_COLUMNS), data=data)}, step=step)
 
     def truncate(self, after_step: int, *, name: str = METRICS) -> None:
         """Drop lines of `name` past `after_step` (a resumed run is about to write them again)."""
@@ -170,6 +213,9 @@ class Records:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wb is not None:
+            self._wb.finish()
+            self._wb = None
 
 
 def is_finished(step_dir: Path) -> bool:

@@ -139,6 +139,28 @@ def _apply_hyperparameters(
     return {k: getattr(hp, k) for k in shown}
 
 
+def _wandb_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except ValueError:  # (imported as None: blocked)
+        return False
+
+
+def _integrations(req: JobCreate) -> dict[str, Any]:
+    """OpenAI's `integrations` as step options (the wandb_* fields of every step's config)."""
+    for item in req.integrations or []:
+        if not _wandb_installed():
+            raise InvalidRequest("integrations[0]: the wandb integration needs the wandb library on this server; "
+                                 "install the extra (pip install 'rlhf-service[wandb]') or drop the integration",
+                                 param="integrations")  # fmt: skip
+        w = item.wandb
+        return {"wandb_project": w.project, "wandb_name": w.name or "", "wandb_entity": w.entity or "",
+                "wandb_tags": list(w.tags or [])}  # fmt: skip
+    return {}
+
+
 def make_plan(
     *, session: Session, tenant: str, req: JobCreate, settings: Settings, output_dir: Path
 ) -> Planned:
@@ -153,8 +175,7 @@ def make_plan(
             "(config.<step>.eval_fraction)",
             param="validation_file",
         )
-    if req.integrations:
-        raise InvalidRequest("integrations: not supported", param="integrations")
+    tracking = _integrations(req)
     if req.gpu_type not in settings.gpu_types:
         raise InvalidRequest(
             f"gpu_type: {req.gpu_type!r} is not offered here; choose one of {', '.join(settings.gpu_types)}",
@@ -241,7 +262,7 @@ def make_plan(
                     f"config.{sec}.{forbidden}: set by the job itself (model, files, output); remove it",
                     param=f"config.{sec}.{forbidden}",
                 )
-        sections[sec] = {"enable_tensorboard": True, **sections[sec], **explicit[sec]}  # jobs write it always
+        sections[sec] = {"enable_tensorboard": True, **tracking, **sections[sec], **explicit[sec]}  # TensorBoard: always
     shown_hp = _apply_hyperparameters(hp, sections, explicit, steps)
 
     data = [train.path] if train else list(DataConfig().data)

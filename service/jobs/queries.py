@@ -87,6 +87,7 @@ def to_object(job: Job) -> JobObject:
         seed=job.seed,
         suffix=job.suffix,
         metadata=job.job_metadata,
+        integrations=req.get("integrations") or [],
         reward_model=job.reward_model,
         steps=job.steps,
         current_step=job.current_step,

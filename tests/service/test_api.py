@@ -174,6 +174,27 @@ def test_every_list_pages_one_way(alice: Any, walk: Any) -> None:
         error(alice.get(url, params={"after": "no-such-id"}), 404, "after")
 
 
+def test_a_wandb_integration_reaches_every_step_and_a_key_never_enters(alice: Any, stack: Stack,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    wandb = {"type": "wandb", "wandb": {"project": "rlhf", "name": "demo", "entity": "team", "tags": ["a"]}}
+    job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [wandb]}).json()
+    assert job["integrations"] == [wandb]
+    from service.db.models import Job
+    from service.db.session import session_scope
+
+    with session_scope(stack.settings.db_url) as s:
+        plan = s.get(Job, job["id"]).plan  # type: ignore[union-attr]
+    assert plan["1"]["wandb_project"] == "rlhf" and plan["1"]["wandb_tags"] == ["a"] and plan["1"]["enable_tensorboard"]
+    keyed = {"type": "wandb", "wandb": {"project": "rlhf", "api_key": "x" * 40}}
+    error(alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [keyed]}), 400,
+          "integrations[0].wandb.api_key")  # fmt: skip
+    other = {"type": "slack", "wandb": {"project": "p"}}
+    error(alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [other]}), 400, "integrations[0].type")
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # a server without the wandb extra
+    missing = error(alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [wandb]}), 400, "integrations")
+    assert "rlhf-service[wandb]" in missing["message"]
+
+
 def test_reinforcement_job_from_one_preference_file(alice: Any) -> None:
     f = upload(alice, PREF * 20).json()  # 800 rows: a default global batch for every step (step 1: 144 ≥ 16 × 8)
     job = alice.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs",

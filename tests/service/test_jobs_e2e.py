@@ -112,6 +112,16 @@ def test_cancelling_a_running_job_stops_its_step(client: httpx.Client, stack: St
     job = client.post("/v1/fine_tuning/jobs", json=body).json()
     url = f"/v1/fine_tuning/jobs/{job['id']}"
     wait_for_training(client, job["id"])
+    # an operator's Prometheus sees the running job's step, speed and loss (read from the database)
+    with stack.client(stack.key("ops", operator=True)) as ops:
+        scraped = ops.get("/metrics").text
+    mine = {name: (dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value))
+            for name, labels, value in re.findall(r"^(rlhf_job_\w+)\{([^}]*)\} (\S+)$", scraped, flags=re.M)
+            if f'job="{job["id"]}"' in labels}  # fmt: skip
+    assert mine["rlhf_job_step"][1] == 1.0, scraped[-3000:]
+    for gauge in ("global_step", "samples_per_s", "loss"):
+        labels, value = mine[f"rlhf_job_{gauge}"]
+        assert labels["step"] == "1" and labels["tenant"] and value > 0, (gauge, labels, value)
     assert client.post(f"{url}/cancel").json()["status"] == "cancelled"
     deadline = time.monotonic() + 30
     while "step_killed" not in [e["data"]["event_type"] for e in events(client, job["id"])]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_engine.config.train import SFTConfig
+from rlhf_engine.config.train import SFTConfig, Tracking
 from rlhf_engine.stages.progress import Progress
-from rlhf_engine.stages.records import read_jsonl
+from rlhf_engine.stages.records import Records, read_jsonl, wandb_settings
 
 STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
 
@@ -50,11 +50,73 @@ def test_progress_is_a_line_every_few_seconds_when_piped_and_a_bar_on_a_terminal
 
 
 def test_a_tensorboard_path_outside_the_run_is_refused(tmp_path: Path) -> None:
+    def config(path: str) -> SFTConfig:
+        return SFTConfig(model_name_or_path="m", output_dir=str(tmp_path), tracking=Tracking(tensorboard_path=path))
+
     with pytest.raises(ValueError, match="tensorboard_path '/tmp/elsewhere' is outside output_dir"):
-        SFTConfig(model_name_or_path="m", output_dir=str(tmp_path), tensorboard_path="/tmp/elsewhere")
+        config("/tmp/elsewhere")
     with pytest.raises(ValueError, match="tensorboard_path '../up' is outside"):
-        SFTConfig(model_name_or_path="m", output_dir=str(tmp_path), tensorboard_path="../up")
-    SFTConfig(model_name_or_path="m", output_dir=str(tmp_path), tensorboard_path="tb/sft")  # inside: fine
+        config("../up")
+    config("tb/sft")  # inside: fine
+
+
+def test_a_step_reports_to_weights_and_biases_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenAI's wandb integration with WANDB_MODE=offline (a local run, no network): metrics,
+    evaluations and rollouts reach the step's run; a resumed step goes on in the same run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_API_KEY", "never-written-anywhere-0123456789abcdef01234567")
+    cfg = SFTConfig(model_name_or_path="m", output_dir=str(tmp_path / "run"),
+                    tracking=Tracking(wandb_project="rlhf-test", wandb_tags=["ci"]))  # fmt: skip
+    step_dir = tmp_path / "run" / "step1_sft"
+    settings = wandb_settings(cfg, step_dir)
+    assert settings is not None and settings["project"] == "rlhf-test" and settings["name"] == "run-step1_sft"
+    assert settings["config"]["learning_rate"] == cfg.learning_rate and settings["tags"] == ["ci"]
+    records = Records(step_dir, enabled=True, title="step 1 (SFT)", wandb=settings)
+    records.event("step_started", "go", total_steps=2, global_step=0)
+    records.metric(step=1, loss=2.0, lr=1e-3)
+    records.metric(step=2, loss=1.5, lr=1e-3)
+    records.event("eval", "eval at step 2", global_step=2, loss=1.25, perplexity=3.5)
+    records.rollouts("rollouts.jsonl", [{"step": 2, "prompt": "q", "answer": "a", "reward": 1.0, "kl": 0.1}], 2)
+    run_id = records._run().id
+    records.close()
+    files = list(step_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 1
+    history = _wandb_history(files[0])
+    assert history[1]["train/loss"] == 2.0 and history[2]["train/loss"] == 1.5 and history[2]["train/lr"] == 1e-3
+    assert history[2]["eval/perplexity"] == 3.5 and history[2]["rollouts/nrows"] == 1
+    assert not any(b"never-written-anywhere" in f.read_bytes() for f in step_dir.rglob("*") if f.is_file())
+    resumed = Records(step_dir, enabled=True, wandb=settings)
+    assert resumed._run().id == run_id
+    resumed.close()
+
+
+def _wandb_history(path: Path) -> dict[int, dict[str, object]]:
+    """step → logged values, read from an offline run's .wandb file (LevelDB's log format: 32 KiB blocks
+    of records with a 7-byte header, after a 7-byte file header; each record a wandb Record message)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+    history: dict[int, dict[str, object]] = {}
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                history.setdefault(record.history.step.num, {}).update(items)
+    return history
 
 
 def _scalars(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, str]]]]:
