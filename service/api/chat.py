@@ -39,12 +39,13 @@ async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, r
     await check_chat_tokens(counter, settings, authorization)  # (both return at once when the limit is off)
     stream = await svc.open_chat(settings=settings, req=body, authorization=authorization)
 
-    async def finished(f: svc.Finished) -> None:
-        await count_chat_tokens(counter, settings, authorization, f.completion_tokens)
+    async def close() -> None:  # however the reply ended: stop generating, charge what was generated
+        stream.cancel()
+        await count_chat_tokens(counter, settings, authorization, stream.take_tokens())
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _SSE(sse_chunks(stream, include_usage=include_usage, on_finished=finished), on_close=stream.cancel)
+        return _SSE(sse_chunks(stream, include_usage=include_usage), on_close=close)
     whole = asyncio.ensure_future(svc.complete(stream))
     try:
         while not (await asyncio.wait({whole}, timeout=0.5))[0]:
@@ -53,8 +54,7 @@ async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, r
                 return Response(status_code=499)
         choices, done = whole.result()
     finally:
-        stream.cancel()
-    await finished(done)
+        await close()
     body_out = ChatCompletion(id=stream.id, created=stream.created, model=stream.model,
                               choices=[ChatChoice(index=c["index"], message=AssistantMessage(content=c["text"]),
                                                   finish_reason=_finish(c["finish_reason"]), reward=c["reward"])
@@ -66,7 +66,7 @@ class _SSE(StreamingResponse):
     """text/event-stream that always runs `on_close` when the response ends — also when the client
     disconnected mid-stream, where the body generator is abandoned without being closed."""
 
-    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], None]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], Awaitable[None]]) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         self.on_close = on_close
@@ -75,7 +75,7 @@ class _SSE(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.on_close()
+            await self.on_close()
 
 
 def _finish(reason: str | None) -> Any:
@@ -87,8 +87,7 @@ def _usage(f: svc.Finished) -> Usage:
                  total_tokens=f.prompt_tokens + f.completion_tokens)  # fmt: skip
 
 
-async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool,
-                     on_finished: Callable[[svc.Finished], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:  # fmt: skip
+async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIterator[bytes]:
     """chat.completion.chunk events; an error event if the stream fails; always `[DONE]` last."""
     head = {"id": stream.id, "object": "chat.completion.chunk", "created": stream.created, "model": stream.model,
             "system_fingerprint": None}  # fmt: skip
@@ -102,8 +101,6 @@ async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool,
                      for i in range(stream.n)])  # fmt: skip
         async for item in stream:
             if isinstance(item, svc.Finished):
-                if on_finished is not None:
-                    await on_finished(item)
                 if include_usage:
                     yield frame([], usage=_usage(item).model_dump())
                 break

@@ -292,7 +292,6 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
                 role="assistant", content="")) for i in range(stream.n)])  # fmt: skip
             async for item in stream:
                 if isinstance(item, chat_svc.Finished):
-                    await count_chat_tokens(self.counter, self.settings, authorization, item.completion_tokens)
                     usage = chat_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
                                            total_tokens=item.prompt_tokens + item.completion_tokens)  # fmt: skip
                     yield chat_pb2.ChatChunk(**head, usage=usage)
@@ -303,8 +302,9 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
                 if item.reward is not None:
                     choice.reward = item.reward
                 yield chat_pb2.ChatChunk(**head, choices=[choice])
-        finally:
+        finally:  # however the reply ended (the caller gone too): stop generating, charge what was generated
             stream.cancel()
+            await count_chat_tokens(self.counter, self.settings, authorization, stream.take_tokens())
 
 
 # ---------------------------------------------------------------------------- the server

@@ -79,6 +79,16 @@ class ChatStream:
     worker_id: str
     call: Any
     timeout_s: float
+    tokens: int = 0  # completion tokens generated so far (the worker's own count once it finished)
+    settled: bool = False
+
+    def take_tokens(self) -> int:
+        """The reply's completion tokens, once, however it ended (finished, cancelled, the client gone):
+        what its key's per-minute token count is charged."""
+        if self.settled:
+            return 0
+        self.settled = True
+        return self.tokens
 
     async def __aiter__(self) -> AsyncIterator[Piece | Finished]:
         try:
@@ -92,12 +102,14 @@ class ChatStream:
                 kind = reply.WhichOneof("reply")
                 if kind == "piece":
                     p = reply.piece
+                    self.tokens += p.tokens
                     if not p.text and not p.HasField("finish_reason"):
                         continue  # text held back (a possible stop string, a split character): nothing to relay
                     yield Piece(index=p.index, text=p.text, tokens=p.tokens,
                                 finish_reason=p.finish_reason if p.HasField("finish_reason") else None,
                                 reward=p.reward if p.HasField("reward") else None)  # fmt: skip
                 elif kind == "finished":
+                    self.tokens = reply.finished.completion_tokens
                     yield Finished(prompt_tokens=reply.finished.prompt_tokens,
                                    completion_tokens=reply.finished.completion_tokens)  # fmt: skip
                     return

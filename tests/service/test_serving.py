@@ -47,7 +47,8 @@ def api(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     tmp = tmp_path_factory.mktemp("api")
     blocked = tmp / "blocked.log"
     port, gport = free_port(), free_port()
-    env = e2e_stack.env | {"RLHF_BLOCKED_LOG": str(blocked)}
+    # streamed tokens are counted per key (a limit high enough never to refuse anything here)
+    env = e2e_stack.env | {"RLHF_BLOCKED_LOG": str(blocked), "RLHF_CHAT_TOKENS_PER_MINUTE": str(10**9)}
     with open(tmp / "api.log", "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tests.service.no_torch_api", "serve", "--port", str(port),
                                  "--grpc-port", str(gport)], env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -347,7 +348,24 @@ def test_two_workers_serve_their_own_models(sdk: openai.OpenAI, workers: Workers
     assert workers.row(second).models == [f"{model}:sft"]  # type: ignore[union-attr]
 
 
-def test_a_client_that_hangs_up_stops_generation(api: Api, key: str, workers: Workers, noisy: str) -> None:
+def _tokens_counted(stack: Stack, key: str) -> int:
+    """The streamed tokens this minute's count holds for `key` (what RLHF_CHAT_TOKENS_PER_MINUTE checks)."""
+    import asyncio
+
+    from service.limits import WINDOW_S, Counter, key_id
+
+    if WINDOW_S - time.time() % WINDOW_S < 1:
+        time.sleep(1.5)  # (not across a window's end)
+    return asyncio.run(Counter(stack.settings).add(f"tok:{key_id('Bearer ' + key)}", 0))[0]
+
+
+def test_a_client_that_hangs_up_stops_generation(api: Api, key: str, workers: Workers, noisy: str,
+                                                 e2e_stack: Stack) -> None:  # fmt: skip
+    from service.limits import WINDOW_S
+
+    if WINDOW_S - time.time() % WINDOW_S < 20:
+        time.sleep(WINDOW_S - time.time() % WINDOW_S + 0.5)  # all of it inside one window of the token count
+    before = _tokens_counted(e2e_stack, key)
     body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
                       timeout=60) as r:  # fmt: skip
@@ -363,6 +381,12 @@ def test_a_client_that_hangs_up_stops_generation(api: Api, key: str, workers: Wo
         time.sleep(0.1)
     line = next(x for x in workers.log(pid).splitlines() if " noisy: cancelled;" in x)
     assert int(line.split(" + ")[1].split()[0]) < LONG  # stopped early, not run to max_tokens
+    # the tokens it did generate count against the key's per-minute limit (hanging up is no way around it)
+    deadline = time.monotonic() + 10
+    while (counted := _tokens_counted(e2e_stack, key) - before) == 0:
+        assert time.monotonic() < deadline, "the abandoned reply's tokens were not counted"
+        time.sleep(0.2)
+    assert 0 < counted < LONG
 
 
 def test_killing_the_worker_mid_stream_ends_with_an_error_event(api: Api, key: str, workers: Workers,
