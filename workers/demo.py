@@ -62,9 +62,13 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
         console.print(f"POST /v1/fine_tuning/jobs → {job['id']} ({job['status']}): steps {job['steps']}, "
                       f"{job['model']} + reward model {job['reward_model']}")  # fmt: skip
         started = time.monotonic()
+        seen_metric: int | None = None
         with client.stream("GET", f"/v1/fine_tuning/jobs/{job['id']}/events", params={"stream": "true"},
                            timeout=httpx.Timeout(60, read=timeout_s)) as stream:  # fmt: skip
             for line in stream.iter_lines():
+                if line.startswith(":"):  # the stream's keep-alive (every 15 s): how far training got meanwhile
+                    seen_metric = _show_progress(console, client, job["id"], started, seen_metric)
+                    continue
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 e = json.loads(line[6:])
@@ -110,6 +114,22 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def _show_progress(console: Any, client: Any, job_id: str, started: float, after: int | None) -> int | None:
+    """One line with the job's progress and its newest training metrics, when there are new ones."""
+    now = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    page = client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics",
+                      params={"limit": 10_000} | ({"after": after} if after is not None else {})).json()  # fmt: skip
+    if not page["data"]:
+        return after
+    point = page["data"][-1]
+    values = point["values"]
+    shown = "  ".join(f"{label} {values[key]:.4g}" for key, label in (("loss", "loss"), ("reward_mean", "reward"),
+                      ("kl_to_ref", "KL"), ("samples_per_s", "samples/s")) if isinstance(values.get(key), int | float))  # fmt: skip
+    console.print(f"  {time.monotonic() - started:6.1f}s  {100 * now['progress']:5.1f}%  step {point['step']}  "
+                  f"training: step {point['global_step']}  {shown}", markup=False)  # fmt: skip
+    return int(page["last_id"])
 
 
 def chat(console: Any, client: Any, model: str) -> int:
