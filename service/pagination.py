@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from sqlalchemy import Select
+from sqlalchemy.orm import Session
+
 from service.errors import NotFound
 from service.schemas import Page
 
@@ -19,6 +22,17 @@ def paged(cls: type[P], data: Sequence[Any], has_more: bool) -> P:
     return cls(
         data=list(data), has_more=has_more, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None
     )
+
+
+def newest_first(session: Session, q: Select[Any], model: Any, anchor: Any | None, limit: int) -> tuple[list[Any], bool]:
+    """(rows after `anchor`, has_more) of `q` ordered newest first by (created_at, id): keyset paging,
+    for tables whose rows carry both (jobs, files)."""
+    q = q.order_by(model.created_at.desc(), model.id.desc())
+    if anchor is not None:
+        q = q.where((model.created_at < anchor.created_at)
+                    | ((model.created_at == anchor.created_at) & (model.id < anchor.id)))  # fmt: skip
+    rows = list(session.scalars(q.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
 def cut(

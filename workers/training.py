@@ -294,7 +294,7 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
                 if now - last_beat >= settings.heartbeat_s:
                     total = max(ingest.total_steps, 1)
                     frac = min(ingest.global_step / total, 1.0)
-                    progress = _job_progress(job, step, frac)
+                    progress = lifecycle.progress_of(job, running=frac)
                     elapsed = (utcnow() - job.started_at).total_seconds() if job.started_at else 0.0
                     eta = utcnow() + timedelta(seconds=elapsed * (1 - progress) / progress) if progress > 0.05 else None
                     renew(s, job_id, settings, owner, progress=progress, estimated_finish=eta)
@@ -356,11 +356,6 @@ def _accrue(s: Session, job_id: str, step: int, attempt: int, interval: int, sec
     s.execute(update(Job).where(Job.id == job_id).values(accrued_usd=Job.accrued_usd + usd,
                                                          gpu_seconds=Job.gpu_seconds + seconds * num_gpus)
               .execution_options(synchronize_session=False))  # fmt: skip
-
-
-def _job_progress(job: Job, step: int, frac: float) -> float:
-    done = sum(1 for s in job.steps if job.step_status.get(str(s)) == "succeeded")
-    return min((done + frac) / len(job.steps), 1.0)
 
 
 # ---------------------------------------------------------------------------- the job

@@ -307,6 +307,13 @@ def renew(
     return _held(session, job_id, owner, settings, **values)
 
 
+def progress_of(job: Job, step_status: dict[str, StepStatus] | None = None, running: float = 0.0) -> float:
+    """The share of the job done: its succeeded steps, plus `running` (0-1) of the one running now."""
+    status = job.step_status if step_status is None else step_status
+    done = sum(1 for s in job.steps if status.get(str(s)) == "succeeded")
+    return min((done + running) / len(job.steps), 1.0)
+
+
 def set_step(
     *,
     session: Session,
@@ -326,8 +333,7 @@ def set_step(
         values["current_step"] = step
     if status == "succeeded":
         values["trained_tokens"] = Job.trained_tokens + tokens
-        done = sum(1 for s in job.steps if step_status.get(str(s)) == "succeeded")
-        values["progress"] = min(done / len(job.steps), 1.0)
+        values["progress"] = progress_of(job, step_status)
     return _held(session, job_id, owner, settings, **values)
 
 

@@ -161,6 +161,12 @@ def _integrations(req: JobCreate) -> dict[str, Any]:
     return {}
 
 
+def _check_gpu_type(gpu_type: str, settings: Settings) -> None:
+    if gpu_type not in settings.gpu_types:
+        raise InvalidRequest(f"gpu_type: {gpu_type!r} is not offered here; choose one of "
+                             f"{', '.join(settings.gpu_types)}", param="gpu_type")  # fmt: skip
+
+
 def make_plan(
     *, session: Session, tenant: str, req: JobCreate, settings: Settings, output_dir: Path
 ) -> Planned:
@@ -176,11 +182,7 @@ def make_plan(
             param="validation_file",
         )
     tracking = _integrations(req)
-    if req.gpu_type not in settings.gpu_types:
-        raise InvalidRequest(
-            f"gpu_type: {req.gpu_type!r} is not offered here; choose one of {', '.join(settings.gpu_types)}",
-            param="gpu_type",
-        )
+    _check_gpu_type(req.gpu_type, settings)
     if req.num_gpus > settings.max_gpus_per_job:
         raise InvalidRequest(
             f"num_gpus: {req.num_gpus} is above this server's limit of {settings.max_gpus_per_job}",
@@ -188,26 +190,12 @@ def make_plan(
         )
     method, hp = _method(req)
     steps = _steps(req, method)
-    actor = models_svc.resolve(
-        session=session,
-        tenant=tenant,
-        name=req.model,
-        models_dir=settings.models_dir,
-        param="model",
-        max_bytes=settings.max_model_bytes,
-    )
-    reward = (
-        models_svc.resolve(
-            session=session,
-            tenant=tenant,
-            name=req.reward_model,
-            models_dir=settings.models_dir,
-            param="reward_model",
-            max_bytes=settings.max_model_bytes,
-        )
-        if req.reward_model
-        else None
-    )
+    def resolve(name: str, param: str) -> models_svc.ModelRef:
+        return models_svc.resolve(session=session, tenant=tenant, name=name, models_dir=settings.models_dir,
+                                  param=param, max_bytes=settings.max_model_bytes)  # fmt: skip
+
+    actor = resolve(req.model, "model")
+    reward = resolve(req.reward_model, "reward_model") if req.reward_model else None
 
     # data files by role
     train = _file(
@@ -406,12 +394,7 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
     method, _ = _method(job_req)
     steps = _steps(job_req, method)
     if req.model_parameters or req.tokens:  # planning for a model / data not on this server
-        if req.gpu_type not in settings.gpu_types:
-            raise InvalidRequest(
-                f"gpu_type: {req.gpu_type!r} is not offered here; choose one of "
-                f"{', '.join(settings.gpu_types)}",
-                param="gpu_type",
-            )
+        _check_gpu_type(req.gpu_type, settings)
         for name, count in (req.tokens or {}).items():
             if name not in ("1", "2", "3") or count < 0:
                 raise InvalidRequest(

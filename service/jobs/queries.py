@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from service.db.models import Job, JobCheckpoint, JobEvent, JobMetric
 from service.errors import NotFound
 from service.jobs.states import TERMINAL
-from service.pagination import cut, paged
+from service.pagination import cut, newest_first, paged
 from service.schemas import (
     CheckpointList,
     CheckpointObject,
@@ -45,18 +45,14 @@ def get_job(*, session: Session, tenant: str, job_id: str) -> Job:
 
 
 def list_jobs(*, session: Session, tenant: str, after: str | None, limit: int) -> JobList:
-    q = select(Job).where(Job.tenant_id == tenant).order_by(Job.created_at.desc(), Job.id.desc())
+    anchor = None
     if after:
         try:
             anchor = get_job(session=session, tenant=tenant, job_id=after)
         except NotFound:
             raise NotFound(f"after: no fine-tuning job {after}", param="after") from None
-        q = q.where(
-            (Job.created_at < anchor.created_at)
-            | ((Job.created_at == anchor.created_at) & (Job.id < anchor.id))
-        )
-    rows = list(session.scalars(q.limit(limit + 1)))
-    return paged(JobList, [to_object(j) for j in rows[:limit]], len(rows) > limit)
+    rows, more = newest_first(session, select(Job).where(Job.tenant_id == tenant), Job, anchor, limit)
+    return paged(JobList, [to_object(j) for j in rows], more)
 
 
 def _ts(d: datetime | None) -> int | None:

@@ -102,9 +102,5 @@ TRANSITIONS: tuple[Transition, ...] = (
 )
 
 
-def allowed(source: JobStatus, target: JobStatus) -> bool:
-    return any(source in t.source and t.target == target for t in TRANSITIONS)
-
-
 assert set(ACTIVE) | set(TERMINAL) == set(get_args(JobStatus))
 assert not any(set(t.source) & set(TERMINAL) for t in TRANSITIONS), "a finished job never moves again"

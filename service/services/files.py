@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from service.db.models import File, Job, new_id
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.jobs.states import ACTIVE
-from service.pagination import paged
+from service.pagination import newest_first, paged
 from service.schemas import FileList, FileObject
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".jsonl.gz", ".json.gz", ".txt.gz")
@@ -70,16 +70,15 @@ def get_file(*, session: Session, tenant: str, file_id: str, param: str = "file_
 
 def list_files(*, session: Session, tenant: str, after: str | None = None, limit: int = 100) -> FileList:
     """The tenant's files, newest first."""
-    q = select(File).where(File.tenant_id == tenant, File.deleted.is_(False)).order_by(File.created_at.desc(),
-                                                                                      File.id.desc())  # fmt: skip
+    anchor = None
     if after:
         try:
             anchor = get_file(session=session, tenant=tenant, file_id=after)
         except NotFound:
             raise NotFound(f"after: no file {after}", param="after") from None
-        q = q.where((File.created_at < anchor.created_at) | ((File.created_at == anchor.created_at) & (File.id < anchor.id)))
-    rows = list(session.scalars(q.limit(limit + 1)))
-    return paged(FileList, [to_object(f) for f in rows[:limit]], len(rows) > limit)
+    q = select(File).where(File.tenant_id == tenant, File.deleted.is_(False))
+    rows, more = newest_first(session, q, File, anchor, limit)
+    return paged(FileList, [to_object(f) for f in rows], more)
 
 
 def delete_file(*, session: Session, tenant: str, file_id: str) -> File:

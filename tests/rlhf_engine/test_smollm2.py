@@ -73,9 +73,10 @@ def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatEngine, sm
 @pytest.fixture(scope="module")
 def lora_sft(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smollm2_run")
-    rlhf_ok("sft", "--model", smollm2, "--output-dir", out, "--lora-dim", 8, "--max-steps", 2,
-            "--per-device-train-batch-size", 4, "--max-seq-len", 96, "--eval-max-rows", 16, "--learning-rate", 1e-3,
-            "--checkpoint-interval", 0, timeout=600)  # fmt: skip
+    done = rlhf_ok("sft", "--model", smollm2, "--output-dir", out, "--lora-dim", 8, "--max-steps", 2,
+                   "--per-device-train-batch-size", 4, "--max-seq-len", 96, "--eval-max-rows", 16,
+                   "--learning-rate", 1e-3, "--checkpoint-interval", 0, "--enable-tensorboard", timeout=600)  # fmt: skip
+    (out / "sft.stderr").write_text(done.stderr)
     return out
 
 
@@ -89,6 +90,15 @@ def test_two_lora_sft_steps_lower_the_loss_and_save_a_model_that_loads(lora_sft:
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
     assert AutoTokenizer.from_pretrained(str(lora_sft / "step1_sft")).chat_template  # the template travels on
+    # watched as a user would: the piped progress line, and TensorBoard's own reader sees the same losses
+    assert "step 1 (SFT): step 2/2 (100%)  loss " in (lora_sft / "sft.stderr").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(lora_sft / "step1_sft" / "tensorboard"))
+    tb.Reload()
+    losses = [m["loss"] for m in read_jsonl(lora_sft / "step1_sft" / "metrics.jsonl")]
+    assert [e.value for e in tb.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    assert [e.step for e in tb.Scalars("train/loss")] == [1, 2]
 
 
 def test_one_ppo_step_with_the_smollm2_actor_and_a_tiny_reward_model(lora_sft: Path, smollm2: Path,
@@ -101,9 +111,17 @@ def test_one_ppo_step_with_the_smollm2_actor_and_a_tiny_reward_model(lora_sft: P
             "--output-dir", lora_sft, "--actor-lora-dim", 8, "--max-steps", 1, "--per-device-generation-batch-size", 2,
             "--per-device-training-batch-size", 2, "--max-answer-len", 8, "--max-seq-len", 96, "--max-prompt-len", 64,
             "--eval-max-rows", 2, "--checkpoint-interval", 0, "--num-warmup-steps", 0]  # fmt: skip
-    rlhf_ok("ppo", *args, timeout=600)
+    rlhf_ok("ppo", *args, "--enable-tensorboard", timeout=600)
     [m] = read_jsonl(lora_sft / "step3_rlhf" / "metrics.jsonl")
     assert m["answer_len"] > 0 and m["kl_to_ref"] is not None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(lora_sft / "step3_rlhf" / "tensorboard"), size_guidance={"tensors": 0})
+    tb.Reload()
+    assert [e.value for e in tb.Scalars("train/reward_mean")] == pytest.approx([m["reward_mean"]], rel=1e-6)
+    [shown] = tb.Tensors("rollouts/text_summary")  # SmolLM2's own answers, decoded, as a table
+    [first, *_] = read_jsonl(lora_sft / "step3_rlhf" / "rollouts.jsonl")
+    assert first["answer"].replace("|", "\\|").replace("\n", " ")[:30] in shown.tensor_proto.string_val[0].decode()
     assert (lora_sft / "step3_rlhf" / "actor" / "model.safetensors").is_file()
     # a reward model on another tokenizer would read the actor's ids as other words (or past its vocabulary)
     bundled = write_tiny(tmp_path / "rm_bundled", "llama", "xs")

@@ -237,4 +237,5 @@ def test_the_readme_lists_the_transitions_the_code_allows() -> None:
     assert table == [(t.name, t.source, t.target, t.by) for t in states.TRANSITIONS]
     for source in states.ACTIVE:
         for target in states.TERMINAL:
-            assert states.allowed(source, target) == (target == "cancelled" or source == "running"), (source, target)
+            allowed = any(source in t.source and t.target == target for t in states.TRANSITIONS)
+            assert allowed == (target == "cancelled" or source == "running"), (source, target)
