@@ -87,6 +87,27 @@ def frozen_ds_config(*, zero_stage: int, offload: bool, dtype: str, micro_batch:
     }
 
 
+def frozen_engine(path: str, *, kind: str, dtype: str, zero_stage: int, offload: bool, micro_batch: int,
+                  world_size: int, persistence_threshold: int | None = None,
+                  lora: ModelOptions | None = None) -> Any:  # fmt: skip
+    """A model that only runs forward passes (a reference, a reward model, an EMA) as a DeepSpeed
+    engine in eval mode, with no gradients; partitioned like its trained partner at ZeRO-3, its
+    weights in CPU memory with `offload`."""
+    import deepspeed
+
+    ds_config = frozen_ds_config(zero_stage=zero_stage, offload=offload, dtype=dtype, micro_batch=micro_batch,
+                                 world_size=world_size, persistence_threshold=persistence_threshold)  # fmt: skip
+    model = load_model(path, kind=kind, opts=ModelOptions(dropout=0.0), ds_config=ds_config)  # type: ignore[arg-type]
+    if lora is not None and lora.lora_dim:
+        apply_lora(model, lora, kind=kind)  # type: ignore[arg-type]
+    module = ValueModel(model) if kind == "value" else model
+    for p in module.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+    engine.eval()
+    return engine
+
+
 class RLHFEngine:
     """Actor, reference, critic, reward model and optional EMA actor as DeepSpeed engines."""
 
@@ -151,21 +172,9 @@ class RLHFEngine:
 
     def _frozen(self, name: str, path: str, *, kind: str, dtype: str, zero_stage: int, offload: bool,
                 lora: ModelOptions | None = None) -> Any:  # fmt: skip
-        import deepspeed
-
-        ds_config = frozen_ds_config(zero_stage=zero_stage, offload=offload, dtype=dtype,
-                                     micro_batch=self.args.per_device_training_batch_size,
-                                     world_size=self.dist.world_size,
-                                     persistence_threshold=self.args.actor.zero_param_persistence_threshold)  # fmt: skip
-        opts = ModelOptions(dropout=0.0)
-        model = load_model(path, kind=kind, opts=opts, ds_config=ds_config)  # type: ignore[arg-type]
-        if lora is not None and lora.lora_dim:
-            apply_lora(model, lora, kind=kind)  # type: ignore[arg-type]
-        module = ValueModel(model) if kind == "value" else model
-        for p in module.parameters():
-            p.requires_grad_(False)
-        engine, *_ = deepspeed.initialize(model=module, config=ds_config)
-        engine.eval()
+        engine = frozen_engine(path, kind=kind, dtype=dtype, zero_stage=zero_stage, offload=offload,
+                               micro_batch=self.args.per_device_training_batch_size, world_size=self.dist.world_size,
+                               persistence_threshold=self.args.actor.zero_param_persistence_threshold, lora=lora)  # fmt: skip
         self._count(name)
         return engine
 

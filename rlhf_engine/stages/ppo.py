@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,27 +23,16 @@ import torch
 
 from rlhf_engine.config.ppo import PPOConfig
 from rlhf_engine.data.collate import collate_prompts
-from rlhf_engine.data.pipeline import prepare_corpus, prepare_step
+from rlhf_engine.data.pipeline import prepare_corpus
 from rlhf_engine.data.tokenize import TokenizedSplit
-from rlhf_engine.engine import checkpoint, fencing
 from rlhf_engine.engine.deepspeed_setup import resolve_dtype, torch_dtype
-from rlhf_engine.engine.distributed import Dist, barrier, init_distributed
+from rlhf_engine.engine.distributed import Dist, barrier
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, check_hybrid_engine
 from rlhf_engine.engine.saving import gathered_state_dict, load_full_state, save_hf_model
-from rlhf_engine.engine.stopping import StepStopped, StopRequest
 from rlhf_engine.models.loading import load_config, load_tokenizer, resolve_model
-from rlhf_engine.stages.common import (
-    all_reduce_sum,
-    check_resumable,
-    epoch_order,
-    fingerprint_of,
-    finished_summary,
-    micro_batch_rows,
-    rank_share,
-    set_seed,
-)
+from rlhf_engine.stages.common import all_reduce_sum, rank_share
+from rlhf_engine.stages.loop import Evaluation, Loop, Method, Row, run_method
 from rlhf_engine.stages.ppo_trainer import Experience, PPOTrainer, sequence_kl
-from rlhf_engine.stages.records import Records, tensorboard_dir, wandb_settings
 
 logger = logging.getLogger(__name__)
 
@@ -177,108 +165,67 @@ def _save_models(engine: RLHFEngine, cfg: PPOConfig, step_dir: Path, dist: Dist)
     barrier()
 
 
-def run(config: PPOConfig) -> dict[str, Any]:
-    from transformers.utils import logging as hf_logging
+class PPOMethod(Method):
+    """Step 3 in the loop shell: actor, critic, reference, reward model (and EMA) as one RLHFEngine."""
 
-    hf_logging.disable_progress_bar()
-    step_dir = Path(config.output_dir) / STEP_DIR
-    if (summary := finished_summary(step_dir, config, TITLE)) is not None:
-        return summary
-    tokenizer = check(config)
-    dist = init_distributed()
-    records = Records(step_dir, enabled=dist.is_main, title=TITLE, tensorboard=tensorboard_dir(config, step_dir),
-                      wandb=wandb_settings(config, step_dir))
-    try:
-        return _run(config, dist, step_dir, records, tokenizer)
-    except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step
-        raise
-    except Exception as e:
-        records.event("error", f"{type(e).__name__}: {e}", level="error")
-        raise
-    finally:
-        records.close()
+    dir_name, title, data_step, unit = STEP_DIR, TITLE, 3, "prompts"
+    record_files = (ROLLOUTS,)
 
+    def __init__(self, config: PPOConfig) -> None:
+        super().__init__(config)
+        self.first: dict[str, Any] = {}  # the first step's metrics (the summary's "before")
+        self.last: dict[str, Any] = {}
+        self.experiences: list[Experience] = []
 
-def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer: Any) -> dict[str, Any]:
-    started = time.monotonic()
-    set_seed(cfg.seed)
-    if dist.is_main:
-        prepared = prepare_step(cfg.data, 3, tokenizer)
-    barrier()
-    if not dist.is_main:
-        prepared = prepare_step(cfg.data, 3, tokenizer)
-    gen_bs, world = cfg.per_device_generation_batch_size, dist.world_size
-    prompts_per_step, how = cfg.batch_rows(world)
-    steps_per_epoch = len(prepared.train) // prompts_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{how} is more than the {len(prepared.train)} step-3 prompts; lower it or add data")
-    total = cfg.num_train_epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    unsup = None
-    if cfg.unsup_coef > 0:
-        unsup = torch.as_tensor(prepare_corpus(cfg.data, tokenizer, cfg.data.max_prompt_len + cfg.max_answer_len))
+    def check(self) -> None:
+        self.tokenizer = check(self.config)
 
-    engine = RLHFEngine(actor_model_name_or_path=cfg.actor_model_name_or_path,
-                        critic_model_name_or_path=cfg.critic_model_name_or_path, tokenizer=tokenizer,
-                        num_total_iters=total * cfg.optimizer_steps_per_ppo_step(), args=cfg,
-                        reward_model_name_or_path=cfg.reward_path)  # fmt: skip
-    trainer = PPOTrainer(engine=engine, args=cfg)
-    trainable = {"actor": engine.actor, "critic": engine.critic}
+    def batch_shape(self, world: int) -> tuple[int, int]:
+        return self.config.per_device_generation_batch_size, self.config.generation_batches
 
-    ckpt_root = step_dir / "checkpoints"
-    fingerprint = fingerprint_of(cfg, world)
-    done = checkpoint.complete_checkpoints(ckpt_root) if cfg.resume and not cfg.overwrite else []
-    start_step = 0
-    first: dict[str, Any] = {}
-    eval_before: dict[str, Any] | None = None
-    if done:
-        check_resumable(checkpoint.read_state(done[-1][1]), fingerprint, done[-1][1])
-        state, extra = checkpoint.load(trainable, done[-1][1], dist=dist)
-        if engine.actor_ema is not None:
-            load_full_state(engine.actor_ema.module, extra, zero_stage=engine.actor_ema.zero_optimization_stage(),
-                            is_main=dist.is_main)  # fmt: skip
-        start_step, first, eval_before = state["global_step"], state["first"], state["eval_before"]
-        records.truncate(start_step)
-        records.truncate(start_step, name=ROLLOUTS)
-        records.event("step_started", f"{TITLE}: resuming at step {start_step} of {total}",
-                      resumed_from=str(done[-1][1]), global_step=start_step, total_steps=total)  # fmt: skip
-    else:
-        if dist.is_main:
-            records.reset()
-            (step_dir / ROLLOUTS).unlink(missing_ok=True)
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-        barrier()
-        records.event("step_started", f"{TITLE}: {total} steps of {prompts_per_step} prompts",
-                      total_steps=total, prompts_per_step=prompts_per_step, processes=world,
-                      engines=engine.init_counts, train_prompts=len(prepared.train),
-                      eval_prompts=len(prepared.eval), data=prepared.report_dicts())  # fmt: skip
+    def build(self, loop: Loop) -> dict[str, Any]:
+        cfg = self.config
+        self.unsup = None
+        if cfg.unsup_coef > 0:
+            self.unsup = torch.as_tensor(prepare_corpus(cfg.data, self.tokenizer,
+                                                        cfg.data.max_prompt_len + cfg.max_answer_len))  # fmt: skip
+            self.unsup_order = torch.randperm(len(self.unsup), generator=torch.Generator().manual_seed(cfg.seed))
+        self.engine = RLHFEngine(actor_model_name_or_path=cfg.actor_model_name_or_path,
+                                 critic_model_name_or_path=cfg.critic_model_name_or_path, tokenizer=self.tokenizer,
+                                 num_total_iters=loop.total * cfg.optimizer_steps_per_ppo_step(), args=cfg,
+                                 reward_model_name_or_path=cfg.reward_path)  # fmt: skip
+        self.trainer = PPOTrainer(engine=self.engine, args=cfg)
+        return {"engines": self.engine.init_counts}
 
-    def run_eval(at_step: int, *, use_ema: bool = False) -> dict[str, Any]:
-        result = evaluate(trainer, prepared.eval, max_rows=cfg.eval_max_rows, batch_size=gen_bs, dist=dist,
-                          seed=cfg.seed, use_ema=use_ema)  # fmt: skip
-        who = "EMA actor" if use_ema else "actor"
-        records.event("eval", f"eval of the {who} at step {at_step}: reward {result['reward_mean']:.4g}, "
-                      f"KL {result['kl_to_ref']:.4g}", global_step=at_step, model=who, **result)  # fmt: skip
-        return result
+    def engines(self) -> dict[str, Any]:
+        return {"actor": self.engine.actor, "critic": self.engine.critic}
 
-    if eval_before is None:
-        eval_before = run_eval(0)
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"first": self.first}
 
-    stop = StopRequest(step_dir, dist)
-    unsup_order = torch.randperm(len(unsup), generator=torch.Generator().manual_seed(cfg.seed)) if unsup is not None else None
-    last: dict[str, Any] = {}
-    for step in range(start_step, total):
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = epoch_order(len(prepared.train), cfg.seed, epoch)
+    def checkpoint_extra(self) -> dict[str, Any] | None:
+        ema = self.engine.actor_ema
+        assert self.loop is not None
+        return (gathered_state_dict(ema.module, zero_stage=ema.zero_optimization_stage(), is_main=self.loop.dist.is_main)
+                if ema is not None else None)  # fmt: skip
+
+    def restore(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
+        assert self.loop is not None
+        self.first = state["first"]
+        if (ema := self.engine.actor_ema) is not None:
+            load_full_state(ema.module, extra, zero_stage=ema.zero_optimization_stage(), is_main=self.loop.dist.is_main)
+
+    def train_step(self, step: int, batches: list[list[Row]]) -> dict[str, Any]:
+        assert self.loop is not None
+        cfg, trainer, engine, records = self.config, self.trainer, self.engine, self.loop.records
+        dist, world = self.loop.dist, self.loop.dist.world_size
+        gen_bs = cfg.per_device_generation_batch_size
         t0 = time.monotonic()
         experiences, gen_s, score_s = [], 0.0, 0.0
         scores: list[float] = []
         acc, train_acc = _Accumulator(), _Accumulator()  # experience metrics per answer, training per update
-        for g in range(cfg.generation_batches):
-            rows = micro_batch_rows(order, in_epoch, micro=gen_bs, accum=cfg.generation_batches, world=world,
-                                    rank=dist.rank, index=g)  # fmt: skip
-            exp = trainer.generate_experience(collate_prompts([prepared.train.row(j) for j in rows], trainer.pad_id))
+        for rows in batches:
+            exp = trainer.generate_experience(collate_prompts(rows, trainer.pad_id))
             experiences.append(exp)
             gen_s += exp.gen_seconds
             score_s += exp.score_seconds
@@ -295,11 +242,11 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
         for _ in range(cfg.ppo_epochs):
             for exp in experiences:
                 for mini in exp.split(mb):
-                    if unsup is not None and unsup_order is not None:
+                    if self.unsup is not None:
                         # the corpus in a seeded order, each rank its own rows, continuing across steps
                         start = ((step * minis_per_step + m) * world + dist.rank) * mb
-                        take = unsup_order[[(start + i) % len(unsup) for i in range(mb)]]
-                        *_, lm_loss = trainer.train_rlhf_with_unsupervised(mini, unsup[take])
+                        take = self.unsup_order[[(start + i) % len(self.unsup) for i in range(mb)]]
+                        *_, lm_loss = trainer.train_rlhf_with_unsupervised(mini, self.unsup[take])
                         unsup_losses.append(float(lm_loss))
                     else:
                         trainer.train_rlhf(mini)
@@ -319,61 +266,57 @@ def _run(cfg: PPOConfig, dist: Dist, step_dir: Path, records: Records, tokenizer
             "clip_frac": means["clip_frac"], "value_clip_frac": means["value_clip_frac"],
             "answer_len": means["answer_len"], "degenerate_rate": means["degenerate_rate"],
             "gen_s": gen_s, "score_s": score_s, "train_s": train_s, "other_s": seconds - gen_s - score_s - train_s,
-            "samples_per_s": prompts_per_step / seconds,
+            "samples_per_s": self.loop.global_batch / seconds,
             "tokens_per_s": gen_tokens[0] / max(gen_tokens[1] / world, 1e-9),
             "tokens": int(gen_tokens[0]),  # answer tokens generated (and trained on) this step
         }  # fmt: skip
         if torch.cuda.is_available():
             last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if not first:
-            first = dict(last)
-        records.metric(step=step + 1, epoch=round(epoch + (in_epoch + 1) / steps_per_epoch, 4),
-                       lr=engine.actor.get_lr()[0], critic_lr=engine.critic.get_lr()[0], **last)  # fmt: skip
-        if dist.is_main and cfg.rollouts_per_step:
-            records.rollouts(ROLLOUTS, _rollouts(trainer, experiences[0], step + 1, cfg.rollouts_per_step), step + 1)
-        done_steps = step + 1
-        if cfg.eval_interval and done_steps % cfg.eval_interval == 0 and done_steps < total:
-            run_eval(done_steps)
-        stopping = done_steps < total and stop.requested()
-        if done_steps < total and (stopping or (cfg.checkpoint_interval and done_steps % cfg.checkpoint_interval == 0)):
-            ema_state = (gathered_state_dict(engine.actor_ema.module, zero_stage=engine.actor_ema.zero_optimization_stage(),
-                                             is_main=dist.is_main) if engine.actor_ema is not None else None)  # fmt: skip
-            folder = checkpoint.save(trainable, ckpt_root, global_step=done_steps, dist=dist, keep=cfg.keep_checkpoints,
-                                     state={"total_steps": total, "first": first, "eval_before": eval_before,
-                                            "fingerprint": fingerprint}, extra=ema_state)  # fmt: skip
-            records.event("checkpoint_saved", f"checkpoint at step {done_steps}", path=str(folder),
-                          global_step=done_steps)  # fmt: skip
-            if stopping:
-                records.event("step_stopped", f"step 3: stopped at step {done_steps} of {total}; rerun to resume",
-                              global_step=done_steps, path=str(folder))  # fmt: skip
-                raise StepStopped(done_steps, folder)
-    eval_after = run_eval(total)
-    eval_ema = run_eval(total, use_ema=True) if engine.actor_ema is not None else None
+        self.last, self.experiences = last, experiences
+        if not self.first:
+            self.first = dict(last)
+        return {"lr": engine.actor.get_lr()[0], "critic_lr": engine.critic.get_lr()[0], **last}
 
-    _save_models(engine, cfg, step_dir, dist)
-    summary: dict[str, Any] = {}
-    if dist.is_main:
-        summary = {
-            "step": STEP_DIR,
-            "model_path": str(step_dir / "actor"),
-            "ema_model_path": str(step_dir / "actor_ema") if eval_ema else None,
-            "global_steps": total,
-            "processes": world,
-            "seconds": round(time.monotonic() - started, 2),
+    def after_step(self, step: int) -> None:
+        assert self.loop is not None
+        if self.loop.dist.is_main and self.config.rollouts_per_step:
+            self.loop.records.rollouts(ROLLOUTS, _rollouts(self.trainer, self.experiences[0], step,
+                                                           self.config.rollouts_per_step), step)  # fmt: skip
+        self.experiences = []
+
+    def evaluate(self, *, final: bool) -> list[Evaluation]:
+        assert self.loop is not None
+        cfg = self.config
+        whose = [("actor", False)] + ([("EMA actor", True)] if final and self.engine.actor_ema is not None else [])
+        return [(who, evaluate(self.trainer, self.loop.prepared.eval, max_rows=cfg.eval_max_rows,
+                               batch_size=cfg.per_device_generation_batch_size, dist=self.loop.dist, seed=cfg.seed,
+                               use_ema=use_ema))
+                for who, use_ema in whose]  # fmt: skip
+
+    def save(self) -> str:
+        assert self.loop is not None
+        _save_models(self.engine, self.config, self.loop.step_dir, self.loop.dist)
+        return str(self.loop.step_dir / "actor")
+
+    def summarize(self, before: dict[str, Any], after: list[Evaluation]) -> dict[str, Any]:
+        assert self.loop is not None
+        first, last = self.first, self.last
+        results = dict(after)
+        eval_after, eval_ema = results["actor"], results.get("EMA actor")
+        return {
+            "ema_model_path": str(self.loop.step_dir / "actor_ema") if eval_ema else None,
             "reward_mean_first": first.get("reward_mean"),
             "reward_mean_last": last.get("reward_mean", first.get("reward_mean")),
             "kl_to_ref_last": last.get("kl_to_ref", first.get("kl_to_ref")),
-            "eval_reward_before": eval_before["reward_mean"],
+            "eval_reward_before": before["reward_mean"],
             "eval_reward_after": eval_after["reward_mean"],
             "eval_kl_to_ref_after": eval_after["kl_to_ref"],
             "eval_answer_len_after": eval_after["answer_len"],
             "ema_eval_reward": eval_ema["reward_mean"] if eval_ema else None,
             "ema_eval_kl_to_ref": eval_ema["kl_to_ref"] if eval_ema else None,
-            "engines": engine.init_counts,
-            "options": fingerprint,
+            "engines": self.engine.init_counts,
         }
-        records.event("step_finished", f"{TITLE} finished", **{k: v for k, v in summary.items() if k != "options"})
-        records.summary(summary)
-    barrier()
-    return summary
 
+
+def run(config: PPOConfig) -> dict[str, Any]:
+    return run_method(PPOMethod(config))

@@ -16,7 +16,8 @@ from rlhf_engine.config.train import RewardConfig
 from rlhf_engine.data.collate import collate_pairs
 from rlhf_engine.engine.distributed import Dist
 from rlhf_engine.models.value import ValueModel, sequence_scores
-from rlhf_engine.stages.common import Batch, StepSpec, check_inputs, run_step
+from rlhf_engine.stages.common import Batch
+from rlhf_engine.stages.supervised import StepSpec, check_inputs, run_step
 
 STEP_DIR = "step2_reward"
 

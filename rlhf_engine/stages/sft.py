@@ -14,7 +14,8 @@ from rlhf_engine.algorithms.losses import lm_loss, lm_nll
 from rlhf_engine.config.train import SFTConfig
 from rlhf_engine.data.collate import collate_sft
 from rlhf_engine.engine.distributed import Dist
-from rlhf_engine.stages.common import Batch, StepSpec, all_reduce_sum, check_inputs, run_step
+from rlhf_engine.stages.common import Batch, all_reduce_sum
+from rlhf_engine.stages.supervised import StepSpec, check_inputs, run_step
 
 STEP_DIR = "step1_sft"
 
