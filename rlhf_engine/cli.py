@@ -6,6 +6,7 @@
     rlhf sft --model DIR --output-dir OUT [--zero-stage 3 --lora-dim 8 … | --config FILE] [--num-gpus N]
     rlhf reward --model DIR --output-dir OUT [...]
     rlhf ppo --actor-model RUN/step1_sft --critic-model RUN/step2_reward --output-dir RUN [...]
+    rlhf dpo --model RUN/step1_sft --output-dir RUN [--beta 0.1 --loss sigmoid|ipo|simpo --rpo-alpha A]
     rlhf train --actor-model A --reward-model R [--num-gpus N] [--step 1 2 3] [--config FILE|tiny]
     rlhf eval --model RUN/step3_rlhf/actor --reference RUN/step1_sft --reward-model RUN/step2_reward
 
@@ -193,6 +194,7 @@ STEPS: dict[str, tuple[str, str, str]] = {
     "sft": ("rlhf_engine.stages.sft", "rlhf_engine.config.train", "SFTConfig"),
     "reward": ("rlhf_engine.stages.reward", "rlhf_engine.config.train", "RewardConfig"),
     "ppo": ("rlhf_engine.stages.ppo", "rlhf_engine.config.ppo", "PPOConfig"),
+    "dpo": ("rlhf_engine.stages.dpo", "rlhf_engine.config.train", "DPOConfig"),
 }
 
 
@@ -417,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_parser(sub, "sft", "step 1: supervised fine-tuning of the actor")
     _add_step_parser(sub, "reward", "step 2: train the reward model")
     _add_step_parser(sub, "ppo", "step 3: PPO of the step-1 actor against the step-2 reward model")
+    _add_step_parser(sub, "dpo", "step 2 the DPO way: the step-1 model learns from chosen/rejected pairs directly "
+                     "(no reward model, no step 3)")  # fmt: skip
 
     from rlhf_engine.config.pipeline import PipelineConfig
 

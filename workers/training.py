@@ -38,6 +38,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from rlhf_engine.config.pipeline import STEPS
 from service.db.models import CostInterval, Job, JobCheckpoint, JobEvent, JobMetric, utcnow
 from service.db.session import session_scope
 from service.jobs import lifecycle
@@ -48,9 +49,9 @@ from service.services import models as models_svc
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-COMMANDS = {1: "sft", 2: "reward", 3: "ppo"}
+COMMANDS = {n: step.command for n, step in STEPS["rlhf"].items()}
 PREPARE_REPORT_S = 15.0  # how often a job that builds its base model says how far it got
-STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
+STEP_DIRS = {n: step.dir for n, step in STEPS["rlhf"].items()}
 SHUTDOWN = threading.Event()  # set when the worker is asked to stop (SIGTERM → Celery's warm shutdown)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 

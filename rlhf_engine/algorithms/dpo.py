@@ -10,12 +10,11 @@ TRL use them; the caller passes what the loss wants). Nothing here knows a confi
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-PreferenceLoss = Literal["sigmoid", "ipo", "simpo"]
+from rlhf_engine.config.train import PreferenceLoss
 
 
 @dataclasses.dataclass
@@ -27,7 +26,7 @@ class PreferenceOutput:
     def metrics(self) -> dict[str, float]:
         """Per step: the loss, the implicit rewards, their margin and how often chosen beats rejected."""
         margin = self.chosen_rewards - self.rejected_rewards
-        return {"loss": float(self.losses.mean()), "rewards_chosen": float(self.chosen_rewards.mean()),
+        return {"loss": float(self.losses.detach().mean()), "rewards_chosen": float(self.chosen_rewards.mean()),
                 "rewards_rejected": float(self.rejected_rewards.mean()), "rewards_margin": float(margin.mean()),
                 "rewards_accuracy": float((margin > 0).float().mean())}  # fmt: skip
 

@@ -1,8 +1,10 @@
-"""`rlhf train`: the three steps as one command, configured once.
+"""`rlhf train`: the steps of a method as one command, configured once.
 
-The pipeline config names the two input models, the run directory, what runs where, and options
-shared by the steps (data, ZeRO stages); per-step options come from the `sft:`, `reward:` and
-`ppo:` sections of a config file, with exactly the fields of SFTConfig, RewardConfig and PPOConfig.
+The pipeline config names the method (`rlhf`: SFT → reward model → PPO, DeepSpeed-Chat's three
+steps; `dpo`: SFT → DPO), the input models, the run directory, what runs where, and options shared
+by the steps (data, ZeRO stages); per-step options come from the `sft:`, `reward:`, `ppo:` and `dpo:`
+sections of a config file, with exactly the fields of SFTConfig, RewardConfig, PPOConfig, DPOConfig.
+`STEPS` is the one table of the steps: number, command, folder, title, config class.
 """
 
 from __future__ import annotations
@@ -18,19 +20,42 @@ from typing import Any, Literal
 from rlhf_engine.config.args import load_config_file
 from rlhf_engine.config.data import DataConfig
 from rlhf_engine.config.ppo import PPOConfig
-from rlhf_engine.config.train import RewardConfig, SFTConfig
+from rlhf_engine.config.train import DPOConfig, RewardConfig, SFTConfig
 
 Deployment = Literal["single_gpu", "single_node", "multi_node"]
-SECTIONS = ("sft", "reward", "ppo")
-STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
+PipelineMethod = Literal["rlhf", "dpo"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step: `rlhf <command>` writes RUN/<dir>/ (CONTRACTS.md §1)."""
+
+    number: int
+    command: str  # also the name of its section in a pipeline config file
+    dir: str
+    title: str
+    config: type
+
+
+SFT = Step(1, "sft", "step1_sft", "step 1 (SFT)", SFTConfig)
+REWARD = Step(2, "reward", "step2_reward", "step 2 (reward model)", RewardConfig)
+PPO = Step(3, "ppo", "step3_rlhf", "step 3 (PPO)", PPOConfig)
+DPO = Step(2, "dpo", "step2_dpo", "step 2 (DPO)", DPOConfig)
+STEPS: dict[PipelineMethod, dict[int, Step]] = {"rlhf": {1: SFT, 2: REWARD, 3: PPO}, "dpo": {1: SFT, 2: DPO}}
+SECTIONS = ("sft", "reward", "ppo", "dpo")
 
 
 @dataclass
 class PipelineConfig:
     actor_model: str = field(default="", metadata={"help": "pretrained causal LM to fine-tune (path or hub id)"})
-    reward_model: str = field(default="", metadata={"help": "model to train as the reward model (path or hub id)"})
-    output_dir: str = field(default="output", metadata={"help": "run directory: step1_sft/, step2_reward/, step3_rlhf/"})
-    step: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "which steps to run"})
+    reward_model: str = field(default="", metadata={"help": "model to train as the reward model (path or hub id; "
+                              "method rlhf)"})  # fmt: skip
+    output_dir: str = field(default="output", metadata={"help": "run directory: step1_sft/, step2_reward/, step3_rlhf/ "
+                            "(method dpo: step1_sft/, step2_dpo/)"})  # fmt: skip
+    method: PipelineMethod = field(default="rlhf", metadata={"help": "rlhf: SFT, reward model, PPO (DeepSpeed-Chat's "
+                                   "three steps); dpo: SFT, then DPO on the preference pairs"})  # fmt: skip
+    step: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "which steps to run (method dpo "
+                            "has steps 1 and 2; its default is both)"})  # fmt: skip
     num_gpus: int = field(default=1, metadata={"help": "processes per node (GPUs; on CPU, CPU processes)"})
     deployment_type: Deployment = field(
         default="single_gpu",
@@ -46,12 +71,17 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
+        if self.method not in STEPS:
+            raise ValueError(f"method {self.method!r}: choose {' or '.join(STEPS)}")
+        if self.method == "dpo" and self.step == [1, 2, 3]:
+            self.step = [1, 2]  # the default: every step of the method
+        if not self.step or any(s not in STEPS[self.method] for s in self.step):
+            raise ValueError(f"step {self.step}: method {self.method} has steps "
+                             f"{' '.join(map(str, STEPS[self.method]))}; give some of them")  # fmt: skip
         if not self.actor_model and 1 in self.step:
             raise ValueError("actor_model: required for step 1; pass --actor-model PATH")
-        if not self.reward_model and 2 in self.step:
+        if not self.reward_model and 2 in self.step and self.method == "rlhf":
             raise ValueError("reward_model: required for step 2; pass --reward-model PATH")
-        if not self.step or any(s not in (1, 2, 3) for s in self.step):
-            raise ValueError(f"step {self.step}: give some of 1 2 3")
         if self.num_gpus < 1:
             raise ValueError(f"num_gpus {self.num_gpus} must be at least 1")
         if self.deployment_type == "multi_node" and not self.hostfile:
@@ -63,8 +93,12 @@ class PipelineConfig:
             if v is not None and v not in (0, 1, 2, 3):
                 raise ValueError(f"{name} {v} must be 0, 1, 2 or 3")
 
+    def steps(self) -> dict[int, Step]:
+        """The method's steps, by number."""
+        return STEPS[self.method]
+
     def step_dir(self, step: int) -> Path:
-        return Path(self.output_dir) / STEP_DIRS[step]
+        return Path(self.output_dir) / self.steps()[step].dir
 
 
 def resolve_config_path(name: str) -> Path:
@@ -119,6 +153,10 @@ def step_values(cfg: PipelineConfig, step: int, section: dict[str, Any]) -> dict
         out |= run | {"model_name_or_path": cfg.actor_model}
         if cfg.actor_zero_stage is not None:
             out["zero_stage"] = cfg.actor_zero_stage
+    elif step == 2 and cfg.method == "dpo":
+        out |= run | {"model_name_or_path": str(cfg.step_dir(1))}
+        if cfg.actor_zero_stage is not None:
+            out["zero_stage"] = cfg.actor_zero_stage
     elif step == 2:
         out |= run | {"model_name_or_path": cfg.reward_model}
         if cfg.reward_zero_stage is not None:
@@ -134,4 +172,4 @@ def step_values(cfg: PipelineConfig, step: int, section: dict[str, Any]) -> dict
     return out
 
 
-STEP_CLASSES: dict[int, type] = {1: SFTConfig, 2: RewardConfig, 3: PPOConfig}
+STEP_CLASSES: dict[int, type] = {n: step.config for n, step in STEPS["rlhf"].items()}

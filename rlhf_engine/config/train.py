@@ -15,6 +15,7 @@ from rlhf_engine.config.data import DataConfig
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+PreferenceLoss = Literal["sigmoid", "ipo", "simpo"]  # DPO's loss, IPO's, SimPO's (reference-free)
 
 
 def check_ranges(config: object, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
@@ -187,3 +188,40 @@ class RewardConfig(TrainConfig):
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on biases and norms)"})
     model: ModelOptions = field(default_factory=lambda: ModelOptions(dropout=0.0), metadata={"flatten": True})
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Step 2, the DPO way (DeepSpeed-Chat's step2_dpo): the step-1 model learns from the chosen and
+    rejected answers of step 2's data directly, against a frozen copy of itself; no reward model, no
+    step 3. Writes a causal LM, the chat model of the run."""
+
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "preference pairs per micro-batch"})
+    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    beta: float = field(default=0.1, metadata={"help": "strength of the pull towards the reference (DPO's beta)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "probability that a pair's preference is wrong "
+                                   "(conservative DPO); in [0, 0.5)"})  # fmt: skip
+    loss: PreferenceLoss = field(default="sigmoid", metadata={"help": "sigmoid = DPO, ipo = IPO, simpo = SimPO "
+                                 "(reference-free, length-normalised)"})  # fmt: skip
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin"})
+    rpo_alpha: float = field(default=0.0, metadata={"help": "add this times the SFT loss of the chosen answer (RPO); "
+                             "0 = off"})  # fmt: skip
+    reference_model_name_or_path: str = field(default="", metadata={"help": "the frozen reference (default: the model "
+                                              "being trained, as it was before this step)"})  # fmt: skip
+    offload_reference_model: bool = field(default=False, metadata={"help": "keep the reference's weights in CPU "
+                                          "memory (ZeRO-3 parameter offload)"})  # fmt: skip
+    model: ModelOptions = field(default_factory=lambda: ModelOptions(dropout=0.0), metadata={"flatten": True})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"beta {self.beta} must be positive, e.g. 0.1")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing {self.label_smoothing} must be in [0, 0.5)")
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to the sigmoid and simpo losses, not ipo; drop one of them")
+        check_ranges(self, non_negative=("simpo_gamma", "rpo_alpha"))
+        if self.loss == "simpo" and (self.reference_model_name_or_path or self.offload_reference_model):
+            raise ValueError("loss simpo is reference-free: drop reference_model_name_or_path and "
+                             "offload_reference_model (or choose loss sigmoid or ipo)")  # fmt: skip

@@ -1,4 +1,4 @@
-"""`rlhf train`: steps 1 → 2 → 3, each as its own `rlhf sft|reward|ppo` process (under the DeepSpeed
+"""`rlhf train`: steps 1 → 2 → 3 (method dpo: 1 → 2), each as its own `rlhf sft|reward|ppo|dpo` process (under the DeepSpeed
 launcher when there are several processes), with its options written to `RUN/configs/`, its output
 to `RUN/logs/`, and success judged by its summary.json. A finished step is skipped (the step itself
 refuses to reuse one finished with other options); an interrupted one resumes from its checkpoint.
@@ -16,18 +16,15 @@ from typing import Any
 import yaml
 
 from rlhf_engine.config.args import dataclass_from_args
-from rlhf_engine.config.pipeline import STEP_CLASSES, PipelineConfig, step_values
+from rlhf_engine.config.pipeline import PipelineConfig, step_values
 from rlhf_engine.engine.fencing import WATCH_ENV
 from rlhf_engine.engine.launch import LAUNCH_VARS
 from rlhf_engine.stages.progress import EVERY_ENV
 from rlhf_engine.stages.records import is_finished
 
-COMMANDS = {1: "sft", 2: "reward", 3: "ppo"}
-
 
 class StepFailed(RuntimeError):
     """A step of the pipeline did not finish; the message points at its log."""
-TITLES = {1: "step 1 (SFT)", 2: "step 2 (reward model)", 3: "step 3 (PPO)"}
 
 
 def plan(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -35,15 +32,17 @@ def plan(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> dict[int, 
     import argparse
 
     out = {}
+    steps = cfg.steps()
     for step in sorted(set(cfg.step)):
-        values = step_values(cfg, step, sections[COMMANDS[step]])
-        dataclass_from_args(STEP_CLASSES[step], argparse.Namespace(), file_values=values)  # raises with the field
+        values = step_values(cfg, step, sections.get(steps[step].command, {}))
+        dataclass_from_args(steps[step].config, argparse.Namespace(), file_values=values)  # raises with the field
         out[step] = values
-    if 3 in out:
-        for needed in (1, 2):
+    last = max(steps)  # the step that trains from all the others' outputs (PPO; DPO from SFT)
+    if last in out:
+        for needed in range(1, last):
             if needed not in out and not is_finished(cfg.step_dir(needed)):
-                raise ValueError(f"step 3 needs the finished step {needed} in {cfg.step_dir(needed)}; "
-                                 f"run it too (--step {needed} 3) or point output_dir at a run that has it")  # fmt: skip
+                raise ValueError(f"step {last} needs the finished step {needed} in {cfg.step_dir(needed)}; "
+                                 f"run it too (--step {needed} {last}) or point output_dir at a run that has it")  # fmt: skip
     return out
 
 
@@ -62,24 +61,25 @@ def _run_logged(cmd: list[str], log: Path) -> int:
 
 
 def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Path | None:
-    """Run the steps; returns the chat model's folder (step 3's actor, else step 1's model), or None
-    when only the reward model ran (it is no chat model)."""
+    """Run the steps; returns the chat model's folder (step 3's actor, DPO's model, else step 1's model),
+    or None when only the reward model ran (it is no chat model)."""
     steps = plan(cfg, sections)
     out = Path(cfg.output_dir)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     procs = cfg.num_gpus if cfg.deployment_type != "single_gpu" else 1
     for step, values in steps.items():
+        title, command = cfg.steps()[step].title, cfg.steps()[step].command
         name = cfg.step_dir(step).name
         config_file = out / "configs" / f"{name}.yaml"
         attempt = config_file.with_suffix(".next.yaml")  # becomes {name}.yaml once the step has run with it
         attempt.write_text(yaml.safe_dump(values, sort_keys=True))
         if is_finished(cfg.step_dir(step)):
-            print(f"==> {TITLES[step]}: finished earlier in {cfg.step_dir(step)}; checking its options", flush=True)
+            print(f"==> {title}: finished earlier in {cfg.step_dir(step)}; checking its options", flush=True)
         else:
-            print(f"==> {TITLES[step]}: options in {config_file}, log in {out / 'logs' / (name + '.log')}; progress "
+            print(f"==> {title}: options in {config_file}, log in {out / 'logs' / (name + '.log')}; progress "
                   f"every {os.environ.get(EVERY_ENV, '10')} s", flush=True)  # fmt: skip
-        cmd = [sys.executable, "-m", "rlhf_engine.cli", COMMANDS[step], "--config", str(attempt)]
+        cmd = [sys.executable, "-m", "rlhf_engine.cli", command, "--config", str(attempt)]
         if procs > 1 or cfg.hostfile:
             cmd += ["--num-gpus", str(procs)] + (["--hostfile", cfg.hostfile] if cfg.hostfile else [])
         started = time.monotonic()
@@ -91,9 +91,11 @@ def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Pa
         # finishing); but a step that refused to run (e.g. finished with other options) fails
         if not (written_now or (code == 0 and summary.is_file())):
             attempt.unlink(missing_ok=True)
-            raise StepFailed(f"{TITLES[step]} did not finish (exit status {code}); see {out / 'logs' / (name + '.log')}")
+            raise StepFailed(f"{title} did not finish (exit status {code}); see {out / 'logs' / (name + '.log')}")
         attempt.replace(config_file)
-        print(f"==> {TITLES[step]}: done in {time.monotonic() - started:.0f} s", flush=True)
+        print(f"==> {title}: done in {time.monotonic() - started:.0f} s", flush=True)
     if 3 in steps:
         return cfg.step_dir(3) / "actor"
+    if cfg.method == "dpo" and 2 in steps:
+        return cfg.step_dir(2)
     return cfg.step_dir(1) if 1 in steps else None
