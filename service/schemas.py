@@ -109,18 +109,36 @@ class MethodParams(Strict):
     hyperparameters: Hyperparameters | None = None
 
 
+class DPOHyperparameters(Hyperparameters):
+    beta: float | Literal["auto"] = Field(default="auto", description="DPO's beta: how strongly the model is held "
+                                          "to its SFT starting point (auto: 0.1, or the preset's)")  # fmt: skip
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and not 0 < v <= 100:
+            raise ValueError("must be > 0 and at most 100")
+        return v
+
+
+class DPOMethodParams(Strict):
+    hyperparameters: DPOHyperparameters | None = None
+
+
 class Method(Strict):
     type: Literal["supervised", "reinforcement", "dpo"] = Field(
-        description="supervised: step 1; reinforcement: steps 1→2→3 with reward_model (RLHF); dpo: not supported yet")
+        description="supervised: step 1; reinforcement: steps 1→2→3 with reward_model (RLHF); dpo: step 1, then "
+                    "DPO on the preference pairs (no reward model)")  # fmt: skip
     supervised: MethodParams | None = None
     reinforcement: MethodParams | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DPOMethodParams | None = None
 
 
 class StepConfigs(Strict):
     sft: dict[str, Any] = Field(default_factory=dict, description="SFTConfig fields for step 1")
     reward: dict[str, Any] = Field(default_factory=dict, description="RewardConfig fields for step 2")
     ppo: dict[str, Any] = Field(default_factory=dict, description="PPOConfig fields for step 3")
+    dpo: dict[str, Any] = Field(default_factory=dict, description="DPOConfig fields for step 2 of a dpo job")
 
 
 class JobCreate(Strict):

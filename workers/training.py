@@ -38,20 +38,19 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from rlhf_engine.config.pipeline import STEPS
+from rlhf_engine.config.pipeline import Step
 from service.db.models import CostInterval, Job, JobCheckpoint, JobEvent, JobMetric, utcnow
 from service.db.session import session_scope
 from service.jobs import lifecycle
 from service.jobs.lifecycle import LeaseLost, add_event
+from service.jobs.plan import step_table
 from service.jobs.states import StepOutcome, StopReason
 from service.services import cost as costs
 from service.services import models as models_svc
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-COMMANDS = {n: step.command for n, step in STEPS["rlhf"].items()}
 PREPARE_REPORT_S = 15.0  # how often a job that builds its base model says how far it got
-STEP_DIRS = {n: step.dir for n, step in STEPS["rlhf"].items()}
 SHUTDOWN = threading.Event()  # set when the worker is asked to stop (SIGTERM → Celery's warm shutdown)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -222,16 +221,22 @@ def _share(progress: Path) -> float | None:
         return None
 
 
+def _step_of(method: str, step: int) -> Step:
+    """Which command a step of a job runs, and where (a dpo job's step 2 is `rlhf dpo`)."""
+    return step_table(method)[step]
+
+
 def _step_command(job: Job, step: int, out: Path) -> tuple[list[str], Path]:
     cfg_dir, log_dir = out / "configs", out / "logs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    cfg = cfg_dir / f"{STEP_DIRS[step]}.yaml"
+    st = _step_of(job.method, step)
+    cfg = cfg_dir / f"{st.dir}.yaml"
     cfg.write_text(yaml.safe_dump(job.plan[str(step)], sort_keys=True))
-    cmd = [sys.executable, "-m", "rlhf_engine.cli", COMMANDS[step], "--config", str(cfg)]
+    cmd = [sys.executable, "-m", "rlhf_engine.cli", st.command, "--config", str(cfg)]
     if job.num_gpus > 1:
         cmd += ["--num-gpus", str(job.num_gpus)]
-    return cmd, log_dir / f"{STEP_DIRS[step]}.log"
+    return cmd, log_dir / f"{st.dir}.log"
 
 
 def _kill(proc: subprocess.Popen[bytes], grace: float) -> None:
@@ -254,11 +259,12 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
     with session_scope(settings.db_url) as s:
         job = lifecycle.set_step(session=s, job_id=job_id, owner=owner, settings=settings, step=step, status="running")
         out = Path(job.output_dir)
-        step_dir = out / STEP_DIRS[step]
+        command = _step_of(job.method, step).command
+        step_dir = out / _step_of(job.method, step).dir
         cmd, log = _step_command(job, step, out)
         attempt, num_gpus, gpu_type, max_cost = job.attempts, job.num_gpus, job.gpu_type, job.max_cost_usd
         add_event(session=s, job=job, type_="step_queued", step=step, message=f"step {step}: starting `rlhf "
-                  f"{COMMANDS[step]}` (attempt {attempt})")  # fmt: skip
+                  f"{command}` (attempt {attempt})")  # fmt: skip
     # the folder's fencing token: a step of an earlier attempt still running (its worker died) stops
     # without writing, and the new step waits for its lock (rlhf_engine/engine/fencing.py)
     fencing.write_fence(step_dir, attempt)
@@ -331,10 +337,10 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
     if proc.returncode == fencing.EXIT_SUPERSEDED:  # a newer attempt owns the folder: this worker lost the job
         return Outcome("lost")
     if proc.returncode < 0:  # killed by a signal (the OOM killer, an operator): not the step's own failure
-        return Outcome("killed", f"step {step} ({COMMANDS[step]}) was killed by signal {-proc.returncode}")
+        return Outcome("killed", f"step {step} ({command}) was killed by signal {-proc.returncode}")
     tail = log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines()
     reason = next((ln for ln in reversed(tail) if ln.startswith("rlhf: error:")), tail[-1] if tail else "")
-    return Outcome("failed", f"step {step} ({COMMANDS[step]}) exited with status {proc.returncode}: {reason}")
+    return Outcome("failed", f"step {step} ({command}) exited with status {proc.returncode}: {reason}")
 
 
 def _next_interval(settings: Settings, job_id: str, step: int, attempt: int) -> int:
@@ -370,12 +376,12 @@ def train_job(job_id: str, settings: Settings) -> str:
             logger.info("job %s: not claimed (finished, paused, cancelled or another worker holds it)", job_id)
             return "skipped"
         add_event(session=s, job=job, type_="job_started", message=f"worker {owner} took the job (attempt {job.attempts})")
-        steps, plan, out = list(job.steps), job.plan, Path(job.output_dir)
+        steps, plan, out, method = list(job.steps), job.plan, Path(job.output_dir), job.method
     try:
         for ref in {Path(v["model_name_or_path"]) for v in plan.values() if "model_name_or_path" in v}:
             _ensure_model(ref, job_id, settings, owner)
         for step in steps:
-            step_dir = out / STEP_DIRS[step]
+            step_dir = out / _step_of(method, step).dir
             if (step_dir / "summary.json").is_file():  # finished by an earlier attempt
                 with session_scope(settings.db_url) as s:
                     Ingest(job_id, step, step_dir).run(s)
@@ -413,7 +419,8 @@ def _step_succeeded(settings: Settings, job_id: str, owner: str, step: int, step
         job = lifecycle.set_step(session=s, job_id=job_id, owner=owner, settings=settings, step=step,
                                  status="succeeded", tokens=tokens)  # fmt: skip
         _final_checkpoint(s, job_id, step, step_dir / ("actor" if step == 3 else ""))
-        add_event(session=s, job=job, type_="step_succeeded", step=step, message=f"step {step} ({COMMANDS[step]}) "
+        add_event(session=s, job=job, type_="step_succeeded", step=step, message=f"step {step} "
+                  f"({_step_of(job.method, step).command}) "
                   f"succeeded: {tokens} tokens", data={"seconds": summary.get("seconds"), "summary": {k: v for k, v in summary.items()
                                      if isinstance(v, int | float | str) and k != "options"}},
                   source_key=f"step_succeeded:{step}")  # fmt: skip
@@ -453,7 +460,9 @@ def _fine_tuned_models(job: Job) -> tuple[dict[str, Path], str]:
     out = Path(job.output_dir)
     base = job.model.split(":")[1] if job.model.startswith("ft:") else job.model
     main_id = models_svc.fine_tuned_id(base, job.suffix, job.id)
-    if 3 in job.steps:
+    if job.method == "dpo":
+        paths = {main_id: out / _step_of("dpo", 2).dir, f"{main_id}:sft": out / _step_of("dpo", 1).dir}
+    elif 3 in job.steps:
         paths = {main_id: out / "step3_rlhf" / "actor", f"{main_id}:sft": out / "step1_sft"}
         if (out / "step3_rlhf" / "actor_ema" / "config.json").is_file():
             paths[f"{main_id}:ema"] = out / "step3_rlhf" / "actor_ema"

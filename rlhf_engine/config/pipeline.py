@@ -172,4 +172,3 @@ def step_values(cfg: PipelineConfig, step: int, section: dict[str, Any]) -> dict
     return out
 
 
-STEP_CLASSES: dict[int, type] = {n: step.config for n, step in STEPS["rlhf"].items()}

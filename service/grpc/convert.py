@@ -27,6 +27,8 @@ PAIRS: list[tuple[type[BaseModel], type[Message], set[str], set[str]]] = [
     (schemas.EstimateRequest, jobs_pb2.EstimateJobRequest, set(schemas.JobCreate.model_fields), {"job"}),
     (schemas.Hyperparameters, jobs_pb2.Hyperparameters, set(), set()),
     (schemas.MethodParams, jobs_pb2.MethodParams, set(), set()),
+    (schemas.DPOHyperparameters, jobs_pb2.DPOHyperparameters, set(), set()),
+    (schemas.DPOMethodParams, jobs_pb2.DPOMethodParams, set(), set()),
     (schemas.Method, jobs_pb2.Method, set(), set()),
     (schemas.StepConfigs, jobs_pb2.StepConfigs, set(), set()),
     (schemas.JobObject, jobs_pb2.Job, set(), set()),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_engine.config.data import DataConfig, parse_split
-from rlhf_engine.config.pipeline import STEP_CLASSES
+from rlhf_engine.config.pipeline import STEPS
 from service.db.models import File
 from service.services import cost as costs
 from service.services import files as files_svc
@@ -81,6 +81,7 @@ def estimate_steps(
     *,
     plan: dict[str, Any],
     steps: list[int],
+    method: str,
     files: list[File],
     actor_params: float,
     reward_params: float,
@@ -91,9 +92,9 @@ def estimate_steps(
     out = []
     for step in steps:
         v = plan[str(step)]
-        cls = STEP_CLASSES[step]
+        cls = STEPS["dpo" if method == "dpo" else "rlhf"][step].config
         get = lambda name, v=v, cls=cls: v.get(name, step_default(cls, name))  # noqa: E731
-        params = reward_params if step == 2 else actor_params
+        params = reward_params if step == 2 and method != "dpo" else actor_params  # DPO trains the actor
         if tokens_override and str(step) in tokens_override:
             tokens = int(tokens_override[str(step)])
         else:

@@ -13,17 +13,24 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from rlhf_engine.config.data import DataConfig, parse_split
-from rlhf_engine.config.pipeline import STEP_CLASSES, PipelineConfig, load_pipeline_file, presets
+from rlhf_engine.config.pipeline import SECTIONS, STEPS, PipelineConfig, Step, load_pipeline_file, presets
 from service.db.models import File
 from service.errors import InvalidRequest, NotFound, from_value_error
 from service.jobs.estimate import estimate_steps, model_params, server_data, step_default
-from service.schemas import EstimateRequest, Hyperparameters, JobCreate, StepEstimate
+from service.schemas import DPOHyperparameters, EstimateRequest, Hyperparameters, JobCreate, StepEstimate
 from service.services import cost as costs
 from service.services import files as files_svc
 from service.services import models as models_svc
 from service.settings import Settings
 
-SECTION = {1: "sft", 2: "reward", 3: "ppo"}
+
+def _no_sections() -> dict[str, dict[str, Any]]:
+    return {sec: {} for sec in SECTIONS}
+
+
+def step_table(method: str) -> dict[int, Step]:
+    """A job method's steps (supervised: step 1 of the RLHF table; dpo: SFT then DPO)."""
+    return STEPS["dpo" if method == "dpo" else "rlhf"]
 
 
 @dataclasses.dataclass
@@ -40,12 +47,6 @@ class Planned:
 
 def _method(req: JobCreate) -> tuple[str, Hyperparameters | None]:
     kind = req.method.type if req.method else ("reinforcement" if req.reward_model else "supervised")
-    if kind == "dpo":
-        raise InvalidRequest(
-            "method.type: dpo is not supported yet; use supervised (step 1) or reinforcement "
-            "(steps 1→2→3 with reward_model)",
-            param="method.type",
-        )
     nested = getattr(req.method, kind, None) if req.method else None
     inner = nested.hyperparameters if nested else None
     if inner is not None and req.hyperparameters is not None:
@@ -69,6 +70,18 @@ def _steps(req: JobCreate, method: str) -> list[int]:
                 param="reward_model",
             )
         return [1]
+    if method == "dpo":
+        if req.reward_model:
+            raise InvalidRequest(
+                "reward_model: a dpo job learns from the preference pairs directly and trains no reward "
+                "model; drop it, or set method.type reinforcement",
+                param="reward_model",
+            )
+        if req.steps not in (None, [1, 2]):
+            raise InvalidRequest(
+                "steps: a dpo job runs steps 1 and 2 (SFT, then DPO); drop steps", param="steps"
+            )
+        return [1, 2]
     if not req.reward_model:
         raise InvalidRequest(
             "reward_model: a reinforcement job needs the model to train as reward model (e.g. tiny-opt-xs)",
@@ -105,15 +118,21 @@ def _apply_hyperparameters(
     sections: dict[str, dict[str, Any]],
     explicit: dict[str, dict[str, Any]],
     steps: list[int],
+    method: str,
 ) -> dict[str, Any]:
     """OpenAI's hyperparameters onto the step configs; a field also set in `config` → 400 naming both."""
-    shown = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    shown: dict[str, Any] = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    if method == "dpo":
+        shown["beta"] = "auto"
     if hp is None:
         return shown
+    table = step_table(method)
     for step in steps:
-        sec = SECTION[step]
-        cls = STEP_CLASSES[step]
+        sec = table[step].command
+        cls = table[step].config
         targets: dict[str, Any] = {}
+        if isinstance(hp, DPOHyperparameters) and hp.beta != "auto" and sec == "dpo":
+            targets["beta"] = float(hp.beta)
         if hp.n_epochs != "auto":
             targets["num_train_epochs"] = hp.n_epochs
         if hp.batch_size != "auto":
@@ -128,7 +147,7 @@ def _apply_hyperparameters(
                 targets[name] = base * m
         for name, value in targets.items():
             if name in explicit.get(sec, {}):
-                hp_name = {"num_train_epochs": "n_epochs"}.get(
+                hp_name = {"num_train_epochs": "n_epochs", "beta": "beta"}.get(
                     name, "batch_size" if "batch" in name else "learning_rate_multiplier"
                 )
                 raise InvalidRequest(
@@ -136,7 +155,7 @@ def _apply_hyperparameters(
                     param=f"hyperparameters.{hp_name}",
                 )
             sections[sec][name] = value
-    return {k: getattr(hp, k) for k in shown}
+    return {k: getattr(hp, k, "auto") for k in shown}
 
 
 def _wandb_installed() -> bool:
@@ -190,6 +209,7 @@ def make_plan(
         )
     method, hp = _method(req)
     steps = _steps(req, method)
+
     def resolve(name: str, param: str) -> models_svc.ModelRef:
         return models_svc.resolve(session=session, tenant=tenant, name=name, models_dir=settings.models_dir,
                                   param=param, max_bytes=settings.max_model_bytes)  # fmt: skip
@@ -220,7 +240,21 @@ def make_plan(
             "(chosen/rejected), or add preference_file",
             param="training_file",
         )
-    split = req.data_split or ("10,0,0" if method == "supervised" else "2,4,4")
+    if method == "dpo":
+        if train is not None and train.kind == "sft" and pref is None:
+            raise InvalidRequest(
+                "training_file: DPO learns from chosen/rejected pairs and this file has none; give a "
+                "preference file, or add preference_file",
+                param="training_file",
+            )
+        for param, given in (("prompt_file", prompts), ("pretrain_file", pretrain)):
+            if given is not None:
+                raise InvalidRequest(
+                    f"{param}: a dpo job has no step 3 (PPO) to use it; drop it, or set method.type "
+                    "reinforcement",
+                    param=param,
+                )
+    split = req.data_split or {"supervised": "10,0,0", "dpo": "4,6,0"}.get(method, "2,4,4")
     try:
         parse_split(split)
     except ValueError as e:
@@ -229,17 +263,17 @@ def make_plan(
     # preset < request config < hyperparameters
     if req.preset is not None and req.preset not in presets():
         raise InvalidRequest(f"preset: {req.preset!r} is not one of {', '.join(presets())}", param="preset")
-    top, sections = (
-        load_pipeline_file(req.preset) if req.preset else ({}, {"sft": {}, "reward": {}, "ppo": {}})
-    )
-    explicit = req.config.model_dump() if req.config else {"sft": {}, "reward": {}, "ppo": {}}
-    for sec in SECTION.values():
+    top, sections = load_pipeline_file(req.preset) if req.preset else ({}, _no_sections())
+    explicit = req.config.model_dump() if req.config else _no_sections()
+    table = step_table(method)
+    for sec in SECTIONS:
         for forbidden in (
             "output_dir",
             "model_name_or_path",
             "actor_model_name_or_path",
             "critic_model_name_or_path",
             "reward_model_name_or_path",
+            "reference_model_name_or_path",
             "data",
             "unsup_data",
             "overwrite",
@@ -250,15 +284,20 @@ def make_plan(
                     f"config.{sec}.{forbidden}: set by the job itself (model, files, output); remove it",
                     param=f"config.{sec}.{forbidden}",
                 )
-        sections[sec] = {"enable_tensorboard": True, **tracking, **sections[sec], **explicit[sec]}  # TensorBoard: always
-    shown_hp = _apply_hyperparameters(hp, sections, explicit, steps)
+        sections[sec] = {
+            "enable_tensorboard": True,
+            **tracking,
+            **sections[sec],
+            **explicit[sec],
+        }  # TensorBoard: always
+    shown_hp = _apply_hyperparameters(hp, sections, explicit, steps, method)
 
     data = [train.path] if train else list(DataConfig().data)
     top = {**top, "data": data, "data_split": split}
     if req.seed is not None:
         top["seed"] = req.seed
     if pref is not None:
-        sections["reward"] |= {"data": [pref.path], "data_split": "0,10,0"}
+        sections["dpo" if method == "dpo" else "reward"] |= {"data": [pref.path], "data_split": "0,10,0"}
         if prompts is None:
             sections["ppo"] |= {"data": [pref.path], "data_split": "0,0,10"}
     if prompts is not None:
@@ -280,6 +319,7 @@ def make_plan(
             actor_model=str(actor.path),
             reward_model=str(reward.path) if reward else "",
             output_dir=str(output_dir),
+            method="dpo" if method == "dpo" else "rlhf",
             step=steps,
             data=data_cfg,
             **{
@@ -290,11 +330,12 @@ def make_plan(
         )
         plan: dict[str, Any] = {}
         for step in steps:
-            values = step_values(cfg, step, sections[SECTION[step]])
-            built: Any = dataclass_from_args(STEP_CLASSES[step], argparse.Namespace(), file_values=values)
-            _check_limits(built, step, settings)
+            sec = table[step].command
+            values = step_values(cfg, step, sections[sec])
+            built: Any = dataclass_from_args(table[step].config, argparse.Namespace(), file_values=values)
+            _check_limits(built, sec, settings)
             _check_fills_a_batch(
-                built, step, [f for f in (train, pref, prompts) if f is not None], req.num_gpus
+                built, step, sec, [f for f in (train, pref, prompts) if f is not None], req.num_gpus
             )
             plan[str(step)] = values
     except InvalidRequest:
@@ -305,6 +346,7 @@ def make_plan(
     estimate = estimate_steps(
         plan=plan,
         steps=steps,
+        method=method,
         files=[f for f in (train, pref, prompts) if f is not None],
         actor_params=model_params(actor.path),
         reward_params=model_params(reward.path) if reward else 0.0,
@@ -352,13 +394,12 @@ def _train_rows_at_most(data: DataConfig, step: int, files: list[File]) -> int |
     return int(total)
 
 
-def _check_fills_a_batch(built: Any, step: int, files: list[File], num_gpus: int) -> None:
+def _check_fills_a_batch(built: Any, step: int, sec: str, files: list[File], num_gpus: int) -> None:
     """A step whose data cannot fill one global batch is refused at submit, not after the queue, the
     model build and the tokenisation (the step itself would stop with the same numbers)."""
     rows = _train_rows_at_most(built.data, step, files)
     if rows is None:
         return
-    sec = SECTION[step]
     need, what = built.batch_rows(num_gpus)  # the step's own count, with num_gpus processes
     fix = f"config.{sec}." + (
         "per_device_train_batch_size or gradient_accumulation_steps"
@@ -374,17 +415,17 @@ def _check_fills_a_batch(built: Any, step: int, files: list[File], num_gpus: int
         )
 
 
-def _check_limits(built: Any, step: int, settings: Settings) -> None:
+def _check_limits(built: Any, sec: str, settings: Settings) -> None:
     if built.data.max_seq_len > settings.max_seq_len:
         raise InvalidRequest(
-            f"config.{SECTION[step]}.max_seq_len: {built.data.max_seq_len} is above this server's "
+            f"config.{sec}.max_seq_len: {built.data.max_seq_len} is above this server's "
             f"limit of {settings.max_seq_len}",
-            param=f"config.{SECTION[step]}.max_seq_len",
+            param=f"config.{sec}.max_seq_len",
         )
     if built.max_steps > settings.max_steps_per_stage:
         raise InvalidRequest(
-            f"config.{SECTION[step]}.max_steps: above this server's limit of {settings.max_steps_per_stage}",
-            param=f"config.{SECTION[step]}.max_steps",
+            f"config.{sec}.max_steps: above this server's limit of {settings.max_steps_per_stage}",
+            param=f"config.{sec}.max_steps",
         )
 
 
@@ -408,6 +449,7 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
         est = estimate_steps(
             plan=plan,
             steps=steps,
+            method=method,
             files=[],
             actor_params=actor_p,
             reward_params=reward_p,

@@ -207,7 +207,14 @@ def test_reinforcement_job_from_one_preference_file(alice: Any) -> None:
 
 BAD_JOBS = [
     ({}, "model"),
-    ({"model": "tiny-opt-xs", "method": {"type": "dpo"}}, "method.type"),
+    ({"model": "tiny-opt-xs", "method": {"type": "dpo"}, "reward_model": "tiny-opt-xs"}, "reward_model"),
+    ({"model": "tiny-opt-xs", "method": {"type": "dpo"}, "steps": [1, 2, 3]}, "steps"),
+    ({"model": "tiny-opt-xs", "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+     "method.dpo.hyperparameters.beta"),
+    ({"model": "tiny-opt-xs", "method": {"type": "dpo"}, "config": {"dpo": {"loss": "simpo",
+      "offload_reference_model": True}}}, "loss"),
+    ({"model": "tiny-opt-xs", "method": {"type": "dpo"}, "config": {"dpo": {"reference_model_name_or_path": "/x"}}},
+     "config.dpo.reference_model_name_or_path"),
     ({"model": "tiny-opt-xs", "method": {"type": "reinforcement"}}, "reward_model"),
     ({"model": "no-such-model"}, "model"),
     ({"model": "../etc"}, "model"),

@@ -49,6 +49,10 @@ def test_a_job_request_survives_the_round_trip() -> None:
                                     "steps": [1, 2], "max_cost_usd": 2.5})  # fmt: skip
     back = from_pb(to_pb(req, jobs_pb2.JobSpec), JobCreate)
     assert back == req and isinstance(back.config.sft["max_steps"], int)  # type: ignore[union-attr]
+    dpo = JobCreate.model_validate({"model": "tiny-opt-xs", "method": {"type": "dpo", "dpo": {"hyperparameters": {
+        "beta": 0.25, "n_epochs": 2}}}, "config": {"dpo": {"loss": "ipo", "max_steps": 7}}})  # fmt: skip
+    back = from_pb(to_pb(dpo, jobs_pb2.JobSpec), JobCreate)
+    assert back == dpo and back.method.dpo.hyperparameters.beta == 0.25  # type: ignore[union-attr]
 
 
 def test_every_proto_message_field_and_rpc_is_commented() -> None:

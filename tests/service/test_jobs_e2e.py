@@ -234,3 +234,39 @@ def test_budget_cap_pauses_the_job(client: httpx.Client, stack: Stack, finished:
     r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")
     assert r.status_code == 409 and r.json()["error"]["param"] == "max_cost_usd"
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+
+
+def test_a_dpo_job_runs_sft_then_dpo_and_registers_the_dpo_model(client: httpx.Client, stack: Stack,
+                                                                  finished: dict[str, Any]) -> None:  # fmt: skip
+    """OpenAI's `method: {type: dpo, dpo: {hyperparameters: {beta}}}` through the real stack: step 1, then
+    `rlhf dpo` on its output; the job's model is the DPO model, its events, metrics and checkpoints as
+    for any job."""
+    body = {"model": "tiny-opt-xs", "preset": "tiny", "suffix": "dpo",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3}}},
+            "config": {"sft": {"max_steps": 60}, "dpo": {"max_steps": 40, "checkpoint_interval": 20}}}  # fmt: skip
+    estimate = client.post("/v1/fine_tuning/jobs/estimate", json=body).json()
+    assert [s["step"] for s in estimate["steps"]] == [1, 2] and estimate["usd"] > 0
+    created = client.post("/v1/fine_tuning/jobs", json=body).json()
+    assert created["method"]["type"] == "dpo" and created["steps"] == [1, 2], created
+    assert created["method"]["dpo"]["hyperparameters"]["beta"] == 0.3
+    job = wait_for(client, created["id"], ("succeeded", "failed", "cancelled"), timeout=240)
+    assert job["status"] == "succeeded", job
+    assert job["step_status"] == {"1": "succeeded", "2": "succeeded"}
+    main = job["fine_tuned_model"]
+    with session_scope(stack.settings.db_url) as s:
+        paths = {m.id: m.path for m in s.scalars(select(FineTunedModel).where(FineTunedModel.job_id == job["id"]))}
+        out = Path(s.get(Job, job["id"]).output_dir)  # type: ignore[union-attr]
+    assert paths[main].endswith("step2_dpo") and paths[f"{main}:sft"].endswith("step1_sft")
+    assert main in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    import yaml
+
+    ran_with = yaml.safe_load((out / "configs" / "step2_dpo.yaml").read_text())
+    assert ran_with["beta"] == 0.3 and ran_with["model_name_or_path"] == str(out / "step1_sft")
+    series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 2, "limit": 100}).json()["data"]
+    assert [p["global_step"] for p in series] == list(range(1, 41))
+    assert {"loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"} <= set(series[0]["values"])
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
+    assert any(c["step"] == 2 and c["step_number"] == 20 for c in ckpts)
+    assert any(c["step"] == 2 and c["metrics"].get("final") and c["step_number"] == 40 for c in ckpts)
+    types = [e["data"]["event_type"] for e in events(client, job["id"])]
+    assert types.count("step_succeeded") == 2 and "job_succeeded" in types
