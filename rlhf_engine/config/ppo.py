@@ -8,6 +8,7 @@ EMA beta; here each is a field. Everything that cannot work together is refused 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rlhf_engine.config.data import DataConfig
 from rlhf_engine.config.train import ModelOptions, Scheduler, Tracking, check_ranges
@@ -63,6 +64,17 @@ class PPOConfig:
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip ε around the old values"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE λ"})
+    # --- the algorithm: PPO (DeepSpeed-Chat's, with a critic) or group-relative (no critic)
+    algorithm: Literal["ppo", "grpo", "rloo"] = field(default="ppo", metadata={"help": "ppo: clipped policy and "
+                                                      "value steps with GAE (DeepSpeed-Chat's); grpo / rloo: no "
+                                                      "critic, samples_per_prompt answers per prompt, advantages "
+                                                      "from the group (mean/std, or leave-one-out)"})  # fmt: skip
+    samples_per_prompt: int = field(default=1, metadata={"help": "answers sampled per prompt (grpo/rloo: at least 2)"})
+    kl_in: Literal["reward", "loss"] = field(default="reward", metadata={"help": "grpo/rloo: KL to the reference "
+                                             "subtracted from the reward (kl_ctl × its sum; DeepSpeed-Chat's way) or "
+                                             "added to the loss (kl_ctl × the k3 estimate; GRPO's way)"})  # fmt: skip
+    filter_groups: bool = field(default=False, metadata={"help": "grpo/rloo: leave out of the loss the groups whose "
+                                                         "rewards are all equal (they carry no signal)"})  # fmt: skip
     # --- sampling
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the actor"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling p (1 = off)"})
@@ -100,11 +112,19 @@ class PPOConfig:
                 setattr(self, name, cls(**getattr(self, name)))
         if not self.actor_model_name_or_path:
             raise ValueError("actor_model_name_or_path: required; pass --actor-model DIR (the step-1 output)")
-        if not self.critic_model_name_or_path:
+        if self.algorithm == "ppo" and not self.critic_model_name_or_path:
             raise ValueError("critic_model_name_or_path: required; pass --critic-model DIR (the step-2 output)")
+        if not self.reward_path:
+            raise ValueError("reward_model_name_or_path: required; pass --reward-model DIR (the step-2 output)")
+        if self.algorithm != "ppo" and self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt {self.samples_per_prompt}: {self.algorithm} compares each answer "
+                             "with the other answers to its prompt; give at least 2 (e.g. 4)")  # fmt: skip
+        if self.algorithm == "ppo" and (self.kl_in != "reward" or self.filter_groups):
+            raise ValueError("kl_in loss and filter_groups are options of grpo and rloo; set algorithm, or drop them")
         check_ranges(
             self,
             positive=("max_answer_len", "per_device_generation_batch_size", "per_device_training_batch_size",
+                      "samples_per_prompt",
                       "generation_batches", "ppo_epochs", "gradient_accumulation_steps", "num_train_epochs",
                       "keep_checkpoints"),
             non_negative=("max_steps", "num_warmup_steps", "eval_interval", "eval_max_rows", "rollouts_per_step",
@@ -119,13 +139,13 @@ class PPOConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature {self.temperature} must be positive (PPO needs sampling)")
         self.tracking.check(self.output_dir)
-        experiences = self.per_device_generation_batch_size * self.generation_batches
+        experiences = self.experiences_per_step()
         micro = self.per_device_training_batch_size * self.gradient_accumulation_steps
         if experiences % micro:
             raise ValueError(
-                f"per_device_generation_batch_size × generation_batches = {experiences} experiences per step must "
-                f"divide into optimizer steps of per_device_training_batch_size × gradient_accumulation_steps = "
-                f"{micro}; e.g. make them equal (DeepSpeed-Chat's stable setting)"
+                f"per_device_generation_batch_size × generation_batches × samples_per_prompt = {experiences} "
+                f"experiences per step must divide into optimizer steps of per_device_training_batch_size × "
+                f"gradient_accumulation_steps = {micro}; e.g. make them equal (DeepSpeed-Chat's stable setting)"
             )
         if self.data.max_prompt_len + self.max_answer_len > 100_000:
             raise ValueError("max_prompt_len + max_answer_len is implausibly large; keep it within the model's context")
@@ -143,6 +163,10 @@ class PPOConfig:
     def reward_path(self) -> str:
         return self.reward_model_name_or_path or self.critic_model_name_or_path
 
+    def experiences_per_step(self) -> int:
+        """Answers one process samples (and trains on) per step."""
+        return self.per_device_generation_batch_size * self.generation_batches * self.samples_per_prompt
+
     def optimizer_steps_per_ppo_step(self) -> int:
-        experiences = self.per_device_generation_batch_size * self.generation_batches
+        experiences = self.experiences_per_step()
         return self.ppo_epochs * experiences // (self.per_device_training_batch_size * self.gradient_accumulation_steps)

@@ -119,12 +119,15 @@ class RLHFEngine:
         self.num_total_iters = max(1, num_total_iters)
         self.dist: Dist = init_distributed()
         self.actor_path = resolve_model(actor_model_name_or_path, field="actor_model_name_or_path")
-        self.critic_path = resolve_model(critic_model_name_or_path, field="critic_model_name_or_path")
+        self.has_critic = cfg.algorithm == "ppo"  # grpo and rloo take their baseline from the group instead
+        self.critic_path = (resolve_model(critic_model_name_or_path, field="critic_model_name_or_path")
+                            if self.has_critic else "")  # fmt: skip
         self.reward_path = resolve_model(reward_model_name_or_path or cfg.reward_path, field="reward_model_name_or_path")
         self.actor_dtype = resolve_dtype(cfg.actor)
         self.critic_dtype = resolve_dtype(cfg.critic)
         self.actor_config = load_config(self.actor_path, kind="causal_lm", field="actor_model_name_or_path")
-        self.critic_config = load_config(self.critic_path, kind="value", field="critic_model_name_or_path")
+        self.critic_config = (load_config(self.critic_path, kind="value", field="critic_model_name_or_path")
+                              if self.has_critic else None)  # fmt: skip
         check_hybrid_engine(cfg, self.actor_config)
         self.init_counts: dict[str, int] = {}
 
@@ -138,9 +141,13 @@ class RLHFEngine:
             # same structure as the actor (LoRA included) so parameters pair up one to one
             self.actor_ema = self._frozen("actor_ema", self.actor_path, kind="causal_lm", dtype=self.actor_dtype,
                                           zero_stage=cfg.actor.zero_stage, offload=False, lora=cfg.actor)  # fmt: skip
-        self.critic, self.critic_lora, self.critic_dropout_restore = self._trainable(
-            "critic", self.critic_path, cfg.critic, self.critic_dtype, lr=cfg.critic_learning_rate,
-            weight_decay=cfg.critic_weight_decay, kind="value")  # fmt: skip
+        self.critic: Any = None
+        self.critic_lora: Any = None
+        self.critic_dropout_restore: dict[str, float] = {}
+        if self.has_critic:
+            self.critic, self.critic_lora, self.critic_dropout_restore = self._trainable(
+                "critic", self.critic_path, cfg.critic, self.critic_dtype, lr=cfg.critic_learning_rate,
+                weight_decay=cfg.critic_weight_decay, kind="value")  # fmt: skip
         self.reward = self._frozen("reward", self.reward_path, kind="value", dtype=self.critic_dtype,
                                    zero_stage=cfg.critic.zero_stage, offload=cfg.offload_reward_model)  # fmt: skip
 

@@ -48,8 +48,10 @@ def check(config: PPOConfig) -> Any:
     actor = resolve_model(config.actor_model_name_or_path, field="actor_model_name_or_path")
     actor_config = load_config(actor, kind="causal_lm", field="actor_model_name_or_path")
     tokenizer = load_tokenizer(actor, field="actor_model_name_or_path")
-    for field, path in (("critic_model_name_or_path", config.critic_model_name_or_path),
-                        ("reward_model_name_or_path", config.reward_path)):  # fmt: skip
+    value_models = [("reward_model_name_or_path", config.reward_path)]
+    if config.algorithm == "ppo":  # grpo and rloo train no critic
+        value_models.insert(0, ("critic_model_name_or_path", config.critic_model_name_or_path))
+    for field, path in value_models:
         resolved = resolve_model(path, field=field)
         value_config = load_config(resolved, kind="value", field=field)
         _check_same_tokens(tokenizer, resolved, value_config, field=field)
@@ -119,7 +121,7 @@ def evaluate(trainer: PPOTrainer, split: TokenizedSplit, *, max_rows: int, batch
             for i in range(0, len(mine), batch_size):
                 batch = collate_prompts([split.row(j) for j in mine[i : i + batch_size]], trainer.pad_id)
                 w = torch.tensor(weights[i : i + batch_size])
-                exp = trainer.generate_experience(batch)
+                exp = trainer.generate_experience(batch, samples=1)
                 totals[0] += float(w.sum())
                 totals[1] += float((exp.scores.cpu() * w).sum())
                 totals[2] += float((sequence_kl(exp).cpu() * w).sum())
@@ -144,13 +146,21 @@ def _rollouts(trainer: PPOTrainer, exp: Experience, step: int, k: int) -> list[d
     return out
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (ru_maxrss; Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _save_models(engine: RLHFEngine, cfg: PPOConfig, step_dir: Path, dist: Dist) -> None:
     """actor/, critic/ (and actor_ema/) as Hugging Face folders (collective at ZeRO-3)."""
     tok = engine.tokenizer
     jobs = [("actor", engine.actor.module, cfg.actor.zero_stage, "causal_lm", engine.actor_config, engine.actor_lora,
-             engine.actor_dropout_restore, engine.actor_path, engine.actor_dtype),
-            ("critic", engine.critic.module.model, cfg.critic.zero_stage, "value", engine.critic_config,
-             engine.critic_lora, engine.critic_dropout_restore, engine.critic_path, engine.critic_dtype)]  # fmt: skip
+             engine.actor_dropout_restore, engine.actor_path, engine.actor_dtype)]
+    if engine.critic is not None:
+        jobs.append(("critic", engine.critic.module.model, cfg.critic.zero_stage, "value", engine.critic_config,
+                     engine.critic_lora, engine.critic_dropout_restore, engine.critic_path, engine.critic_dtype))  # fmt: skip
     if engine.actor_ema is not None:
         jobs.append(("actor_ema", engine.actor_ema.module, engine.actor_ema.zero_optimization_stage(), "causal_lm",
                      engine.actor_config, engine.actor_lora, engine.actor_dropout_restore, engine.actor_path,
@@ -173,6 +183,8 @@ class PPOMethod(Method):
 
     def __init__(self, config: PPOConfig) -> None:
         super().__init__(config)
+        if config.algorithm != "ppo":
+            self.title = f"step 3 ({config.algorithm.upper()})"
         self.first: dict[str, Any] = {}  # the first step's metrics (the summary's "before")
         self.last: dict[str, Any] = {}
         self.experiences: list[Experience] = []
@@ -195,10 +207,14 @@ class PPOMethod(Method):
                                  num_total_iters=loop.total * cfg.optimizer_steps_per_ppo_step(), args=cfg,
                                  reward_model_name_or_path=cfg.reward_path)  # fmt: skip
         self.trainer = PPOTrainer(engine=self.engine, args=cfg)
-        return {"engines": self.engine.init_counts}
+        return {"engines": self.engine.init_counts, "algorithm": cfg.algorithm,
+                "samples_per_prompt": cfg.samples_per_prompt}  # fmt: skip
 
     def engines(self) -> dict[str, Any]:
-        return {"actor": self.engine.actor, "critic": self.engine.critic}
+        engines = {"actor": self.engine.actor}
+        if self.engine.critic is not None:
+            engines["critic"] = self.engine.critic
+        return engines
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"first": self.first}
@@ -237,7 +253,7 @@ class PPOMethod(Method):
         t1 = time.monotonic()
         unsup_losses: list[float] = []
         mb = cfg.per_device_training_batch_size
-        minis_per_step = cfg.ppo_epochs * cfg.generation_batches * math.ceil(gen_bs / mb)
+        minis_per_step = cfg.ppo_epochs * cfg.generation_batches * math.ceil(gen_bs * cfg.samples_per_prompt / mb)
         m = 0
         for _ in range(cfg.ppo_epochs):
             for exp in experiences:
@@ -261,21 +277,25 @@ class PPOMethod(Method):
         seconds = time.monotonic() - t0
         last = {
             "reward_mean": reward_mean, "reward_std": reward_std, "kl_to_ref": means["kl_to_ref"],
-            "loss": means["actor_loss"], "actor_loss": means["actor_loss"], "critic_loss": means["critic_loss"],
+            "loss": means["actor_loss"], "actor_loss": means["actor_loss"], "critic_loss": means.get("critic_loss"),
             "unsup_loss": unsup_loss[0] / unsup_loss[1] if unsup_loss[1] else None,
-            "clip_frac": means["clip_frac"], "value_clip_frac": means["value_clip_frac"],
+            "clip_frac": means["clip_frac"], "value_clip_frac": means.get("value_clip_frac"),
             "answer_len": means["answer_len"], "degenerate_rate": means["degenerate_rate"],
             "gen_s": gen_s, "score_s": score_s, "train_s": train_s, "other_s": seconds - gen_s - score_s - train_s,
             "samples_per_s": self.loop.global_batch / seconds,
             "tokens_per_s": gen_tokens[0] / max(gen_tokens[1] / world, 1e-9),
             "tokens": int(gen_tokens[0]),  # answer tokens generated (and trained on) this step
         }  # fmt: skip
+        for key in ("kl_loss", "filtered_rate"):  # grpo/rloo
+            if key in means:
+                last[key] = means[key]
         if torch.cuda.is_available():
             last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.last, self.experiences = last, experiences
         if not self.first:
             self.first = dict(last)
-        return {"lr": engine.actor.get_lr()[0], "critic_lr": engine.critic.get_lr()[0], **last}
+        critic_lr = engine.critic.get_lr()[0] if engine.critic is not None else None
+        return {"lr": engine.actor.get_lr()[0], "critic_lr": critic_lr, **last}
 
     def after_step(self, step: int) -> None:
         assert self.loop is not None
@@ -315,6 +335,8 @@ class PPOMethod(Method):
             "ema_eval_reward": eval_ema["reward_mean"] if eval_ema else None,
             "ema_eval_kl_to_ref": eval_ema["kl_to_ref"] if eval_ema else None,
             "engines": self.engine.init_counts,
+            "algorithm": self.config.algorithm,
+            "peak_rss_mib": _peak_rss_mib(),
         }
 
 

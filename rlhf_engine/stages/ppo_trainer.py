@@ -9,6 +9,12 @@
 sequence once with each model: actor and reference log-probabilities of the answer tokens, critic
 values, reward-model score. `train_rlhf` turns them into KL-penalised rewards and GAE advantages and
 takes one clipped policy step and one clipped value step (the math is in `algorithms/ppo.py`).
+
+With `algorithm` grpo or rloo there is no critic: each prompt gets `samples_per_prompt` answers (its
+group, consecutive rows), every answer's advantage is its reward against its group's
+(`algorithms/group.py`), the same for each of its tokens, and `train_rlhf` takes the clipped policy
+step alone — with kl_ctl × the k3 KL estimate added to the loss when `kl_in` is loss (else the KL sum
+is taken off the reward, as PPO does).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 import torch
 
+from rlhf_engine.algorithms.group import grpo_advantages, informative_groups, kl_k3, rloo_advantages
 from rlhf_engine.algorithms.losses import lm_loss
 from rlhf_engine.algorithms.ppo import (
     gae,
@@ -60,6 +67,8 @@ class Experience:
     degenerate: torch.Tensor  # (B,) bool: empty or one token repeated
     gen_seconds: float = 0.0
     score_seconds: float = 0.0
+    advantages: torch.Tensor | None = None  # (B,) grpo/rloo: each answer's advantage within its group
+    weights: torch.Tensor | None = None  # (B,) grpo/rloo: 0 for answers of a filtered group
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -161,9 +170,13 @@ class PPOTrainer:
         return out.sequences, torch.stack(out.logits, dim=1)  # (B, A, V)
 
     @torch.no_grad()
-    def generate_experience(self, batch: Any, step: int | None = None) -> Experience:
-        """Sample answers for a batch of left-padded prompts and score them with every model."""
+    def generate_experience(self, batch: Any, step: int | None = None, *, samples: int | None = None) -> Experience:
+        """Sample answers for a batch of left-padded prompts and score them with every model
+        (`samples` answers per prompt: default samples_per_prompt; evaluation samples 1)."""
         prompts, prompt_mask = (t.to(self.device) for t in _unpack(batch))
+        group = samples or self.args.samples_per_prompt
+        if group > 1:  # each prompt's answers are consecutive rows: its group
+            prompts, prompt_mask = prompts.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0)
         t0 = time.monotonic()
         reuse = self.args.reuse_generation_logits and not self.use_ds_hybrid
         seq, gen_logits = self._generate_with_logits(prompts, prompt_mask, keep_logits=reuse)
@@ -186,15 +199,37 @@ class PPOTrainer:
         else:
             logprobs = token_logprobs(lm_logits(self.engine.actor, seq, attn, keep_last=A + 1)[:, :-1], answers)
         ref_logprobs = token_logprobs(lm_logits(self.engine.ref, seq, attn, keep_last=A + 1)[:, :-1], answers)
-        values = self.engine.critic(seq, attn)[:, P - 1 : -1]  # V(state before each answer token)
+        if self.engine.critic is not None:
+            values = self.engine.critic(seq, attn)[:, P - 1 : -1]  # V(state before each answer token)
+        else:
+            values = torch.zeros_like(logprobs)
         scores = sequence_scores(self.engine.reward(seq, attn), attn)
-        return Experience(seq, attn, P, action_mask, logprobs, ref_logprobs, values, scores, degenerate,
-                          gen_seconds=gen_s, score_seconds=time.monotonic() - t1)  # fmt: skip
+        exp = Experience(seq, attn, P, action_mask, logprobs, ref_logprobs, values, scores, degenerate,
+                         gen_seconds=gen_s, score_seconds=time.monotonic() - t1)  # fmt: skip
+        if self.args.algorithm != "ppo" and group > 1:
+            exp.advantages, exp.weights = self.group_advantages(exp)
+        return exp
+
+    @torch.no_grad()
+    def group_advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantage per answer (B,), loss weight per answer (B,)) from the rewards of each group."""
+        cfg = self.args
+        mask = exp.action_mask.float()
+        rewards = exp.scores.float().clamp(-cfg.clip_reward_value, cfg.clip_reward_value)
+        if cfg.kl_in == "reward":  # the KL penalty PPO spreads over the tokens, as one sum per answer
+            rewards = rewards - cfg.kl_ctl * ((exp.logprobs - exp.ref_logprobs) * mask).sum(1)
+        grouped = rewards.view(-1, cfg.samples_per_prompt)
+        adv = grpo_advantages(grouped) if cfg.algorithm == "grpo" else rloo_advantages(grouped)
+        keep = informative_groups(grouped) if cfg.filter_groups else torch.ones(len(grouped), dtype=torch.bool)
+        weights = keep.to(rewards.device).float().repeat_interleave(cfg.samples_per_prompt)
+        return adv.reshape(-1), weights
 
     # ------------------------------------------------------------------ learning
 
     def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         """One clipped policy step and one clipped value step on `exp`; returns (actor_loss, critic_loss)."""
+        if exp.advantages is not None:
+            return self.train_group(exp)
         cfg = self.args
         mask = exp.action_mask.float()
         advantages, returns = self.advantages(exp)
@@ -219,6 +254,38 @@ class PPOTrainer:
             "return_mean": float(masked_mean(returns, mask)),
         }
         return actor_loss.detach(), critic_loss.detach()
+
+    def train_group(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """GRPO/RLOO: one clipped policy step with the group advantages (no critic); (actor_loss, 0)."""
+        cfg = self.args
+        assert exp.advantages is not None and exp.weights is not None
+        mask = exp.action_mask.float() * exp.weights.unsqueeze(1)
+        advantages = exp.advantages.unsqueeze(1).expand_as(mask)
+        A = exp.action_mask.shape[1]
+        actor = self.engine.actor
+        actor.train()
+        logits = lm_logits(actor, exp.seq, exp.attention_mask, keep_last=A + 1)[:, :-1]
+        logprobs = token_logprobs(logits, exp.seq[:, exp.prompt_len :])
+        if mask.sum() > 0:
+            actor_loss, clipfrac = policy_loss(logprobs, exp.logprobs, advantages, mask, cliprange=cfg.cliprange)
+            kl_loss = masked_mean(kl_k3(logprobs, exp.ref_logprobs), mask)
+        else:  # every group of this micro-batch was filtered out: a step that changes nothing (ZeRO-3 stays in step)
+            actor_loss, clipfrac, kl_loss = (logprobs * 0).sum(), torch.zeros(()), (logprobs * 0).sum()
+        if cfg.kl_in == "loss":
+            actor_loss = actor_loss + cfg.kl_ctl * kl_loss
+        actor.backward(actor_loss)
+        stepped = actor.is_gradient_accumulation_boundary()
+        actor.step()
+        if stepped:
+            self.engine.update_ema()
+        self.last_metrics = {
+            "actor_loss": float(actor_loss.detach()),
+            "clip_frac": float(clipfrac),
+            "kl_loss": float(kl_loss.detach()),
+            "advantage_mean": float(masked_mean(advantages, mask)) if mask.sum() > 0 else 0.0,
+        }
+        zero = torch.zeros(())
+        return actor_loss.detach(), zero
 
     @torch.no_grad()
     def advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,12 +331,15 @@ class PPOTrainer:
 
     def experience_metrics(self, exp: Experience) -> dict[str, float]:
         mask = exp.action_mask.float()
-        return {
+        out = {
             "reward_mean": float(exp.scores.mean()),
             "kl_to_ref": float(mean_kl(exp.logprobs, exp.ref_logprobs, mask)),
             "answer_len": float(exp.answer_lengths.float().mean()),
             "degenerate_rate": float(exp.degenerate.float().mean()),
         }
+        if exp.weights is not None:  # grpo/rloo: the share of answers whose group was filtered out
+            out["filtered_rate"] = float(1 - exp.weights.float().mean())
+        return out
 
 
 def sequence_kl(exp: Experience) -> torch.Tensor:
