@@ -448,3 +448,29 @@ class ErrorResponse(BaseModel):
     """OpenAI's error envelope: every error of the API has this body (service/errors.py)."""
 
     error: ErrorObject
+
+
+# ---------------------------------------------------------------------------- graders
+
+
+class GraderValidateRequest(Strict):
+    grader: dict[str, Any] = Field(description="a grader in OpenAI's shape: string_check, text_similarity, "
+                                   "score_model or multi (python graders are refused)")  # fmt: skip
+
+
+class GraderValidateResponse(BaseModel):
+    grader: dict[str, Any]
+
+
+class GraderRunRequest(Strict):
+    grader: dict[str, Any] = Field(description="the grader (score_model graders run inside jobs only)")
+    model_sample: str = Field(max_length=100_000, description="the model's answer to grade ({{sample.output_text}})")
+    item: dict[str, Any] | None = Field(default=None, description="the training row its templates read "
+                                        "({{item.<field>}})")  # fmt: skip
+
+
+class GraderRunResponse(BaseModel):
+    reward: float
+    sub_rewards: dict[str, float] = Field(description="each named part's score (multi: its graders)")
+    metadata: dict[str, Any]
+    model_grader_token_usage_per_model: dict[str, Any]

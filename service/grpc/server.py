@@ -61,6 +61,8 @@ RPC_ROUTES: dict[str, tuple[str, str]] = {
     "ModelService.GetModel": ("GET", "/v1/models/{model_id}"),
 }
 REST_ONLY: dict[tuple[str, str], str] = {
+    ("POST", "/v1/fine_tuning/alpha/graders/validate"): "OpenAI's alpha grader endpoints: REST-only for now",
+    ("POST", "/v1/fine_tuning/alpha/graders/run"): "OpenAI's alpha grader endpoints: REST-only for now",
     ("POST", "/v1/files"): "multipart upload",
     ("GET", "/v1/files"): "files are REST-only",
     ("GET", "/v1/files/{file_id}"): "files are REST-only",

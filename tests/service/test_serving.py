@@ -203,6 +203,17 @@ def test_models_are_listed_per_tenant_and_another_tenants_model_is_404(sdk: open
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"  # type: ignore[index]
 
 
+def test_the_api_process_runs_every_text_similarity_grader_without_torch(sdk: openai.OpenAI) -> None:
+    """The API server (torch, transformers and deepspeed blocked, see the `api` fixture) grades samples
+    itself: every metric's library loads there."""
+    for metric in ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_5", "rouge_l"):
+        grader = {"type": "text_similarity", "name": metric, "input": "{{sample.output_text}}",
+                  "reference": "{{item.ref}}", "evaluation_metric": metric}  # fmt: skip
+        out = sdk.fine_tuning.alpha.graders.run(grader=grader, model_sample="a kite flies high in the wind",  # type: ignore[arg-type]
+                                                item={"ref": "a kite flies high in the wind"})  # fmt: skip
+        assert out.reward == pytest.approx(1.0), (metric, out)
+
+
 @pytest.mark.parametrize(("body", "status", "param"), [
     ({"messages": []}, 400, "messages"),
     ({"max_tokens": 10**7}, 400, "max_tokens"),
