@@ -119,7 +119,8 @@ def estimate_steps(
                     else min(usable * epochs, get("max_steps") * batch)
                 )
                 prompt = min(per_row * 0.5, v.get("max_prompt_len", DataConfig().max_prompt_len))
-                tokens = int(n * (prompt + get("max_answer_len")))
+                # grpo/rloo sample (and train on) samples_per_prompt answers to every prompt
+                tokens = int(n * (prompt + get("max_answer_len")) * get("samples_per_prompt"))
         out.append(
             costs.step_cost(step, tokens=tokens, params_b=params, gpu_type=gpu_type, num_gpus=num_gpus)
         )

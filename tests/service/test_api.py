@@ -313,6 +313,12 @@ def test_estimate_matches_deepspeed_chat_table_1(alice: Any) -> None:
         assert step3["usd"] == pytest.approx(usd, rel=0.3)
     small = alice.post("/v1/fine_tuning/jobs/estimate", json=SMALL_SFT).json()
     assert small["gpu_type"] == "cpu" and 0 < small["seconds"] < 600 and small["usd"] > 0
+    # GRPO samples 4 answers to each of the same prompts: step 3 generates and trains on 4 times the tokens
+    rl = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny"}
+    ppo = alice.post("/v1/fine_tuning/jobs/estimate", json=rl).json()["steps"][2]
+    grpo = alice.post("/v1/fine_tuning/jobs/estimate", json=rl | {"config": {"ppo": {
+        "algorithm": "grpo", "samples_per_prompt": 4}}}).json()["steps"][2]  # fmt: skip
+    assert grpo["tokens"] == pytest.approx(4 * ppo["tokens"], rel=0.01)
 
 
 def test_models_list_base_and_own_fine_tuned(alice: Any, bob: Any) -> None:
