@@ -60,18 +60,18 @@ def resolve_model_dir(path: str) -> tuple[Path, Path | None]:
     if (p / "config.json").is_file():
         model_dir = p
     else:
-        for sub in ("step3_rlhf/actor", "step1_sft"):
+        for sub in ("step3_rlhf/actor", "step2_dpo", "step1_sft"):  # the run's chat model: RLHF, DPO, else SFT
             if (p / sub / "config.json").is_file():
                 model_dir = p / sub
                 break
         else:
             raise ModelLoadError(f"model_path: {path} holds no model: expected config.json, or a run directory with "
-                                 "step3_rlhf/actor or step1_sft", param="model_path")  # fmt: skip
+                                 "step3_rlhf/actor, step2_dpo or step1_sft", param="model_path")  # fmt: skip
     model_dir = model_dir.resolve()
     run_dir = None
     if model_dir.parent.name == "step3_rlhf" and model_dir.name in ("actor", "actor_ema"):
         run_dir = model_dir.parent.parent
-    elif model_dir.name == "step1_sft":
+    elif model_dir.name in ("step1_sft", "step2_dpo"):
         run_dir = model_dir.parent
     return model_dir, run_dir
 

@@ -13,6 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from rlhf_engine.chat.loading import resolve_model_dir
 from rlhf_engine.data.collate import collate_pairs
 from rlhf_engine.stages.dpo import answer_token_logps
 from rlhf_engine.stages.heldout import heldout_report
@@ -144,6 +145,8 @@ def test_rlhf_train_method_dpo_runs_step_1_then_dpo(pipeline_run: Path, base_mod
     summary = json.loads((tmp_path / "step2_dpo" / "summary.json").read_text())
     assert summary["eval_rewards_accuracy_after"] >= 0.9, summary
     assert (tmp_path / "logs" / "step2_dpo.log").is_file()
+    # `rlhf chat --path RUN` (and serving a run directory) picks the run's chat model: DPO's, not step 1's
+    assert resolve_model_dir(str(tmp_path)) == ((tmp_path / "step2_dpo").resolve(), tmp_path.resolve())
     # it learns what the preference data prefers: on 200 held-out questions (measured: on topic 39% → 82%,
     # KL 0.32 nats/token to the SFT model) — the reward model only reports, DPO never saw it
     sft, reward = str(tmp_path / "step1_sft"), str(pipeline_run / "step2_reward")
