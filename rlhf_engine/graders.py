@@ -120,6 +120,10 @@ class Grader(ABC):
         """Each named part's score (multi: its graders; others: itself)."""
         return {self.name: self.grade(sample, item, scorer)}
 
+    def combine(self, scores: dict[str, float]) -> float:
+        """The reward from `sub_scores` (multi: its formula; others: their own score)."""
+        return scores[self.name]
+
 
 @dataclass
 class StringCheck(Grader):
@@ -399,5 +403,5 @@ def run(grader: Grader, sample: str, item: dict[str, Any], scorer: Scorer | None
     """Grade one sample; a multi grader's parts are scored once and combined."""
     started = time.monotonic()
     parts = grader.sub_scores(sample, item, scorer)
-    reward = grader.combine(parts) if isinstance(grader, Multi) else parts[grader.name]
+    reward = grader.combine(parts)
     return Result(reward, parts, time.monotonic() - started)

@@ -259,8 +259,8 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
     with session_scope(settings.db_url) as s:
         job = lifecycle.set_step(session=s, job_id=job_id, owner=owner, settings=settings, step=step, status="running")
         out = Path(job.output_dir)
-        command = _step_of(job.method, step).command
-        step_dir = out / _step_of(job.method, step).dir
+        st = _step_of(job.method, step)
+        command, step_dir = st.command, out / st.dir
         cmd, log = _step_command(job, step, out)
         attempt, num_gpus, gpu_type, max_cost = job.attempts, job.num_gpus, job.gpu_type, job.max_cost_usd
         add_event(session=s, job=job, type_="step_queued", step=step, message=f"step {step}: starting `rlhf "

@@ -3,7 +3,8 @@
     python arch_matrix.py OUT [ARCH ...]
 
 For each architecture: SFT with LoRA (ZeRO-0), the reward model (ZeRO-2), then PPO with a LoRA actor
-at ZeRO-3 (every parameter partitioned), EMA and PPO-ptx. Writes OUT/report.json: per architecture
+at ZeRO-3 (every parameter partitioned), EMA and PPO-ptx; then, from the same SFT and reward models
+into OUT/ARCH/methods/, DPO with LoRA and GRPO with a LoRA actor at ZeRO-3. Writes OUT/report.json: per architecture
 and step, the summary or the error (one architecture's failure does not hide the others').
 """
 
@@ -17,9 +18,9 @@ from typing import Any
 
 from rlhf_engine.config.data import DataConfig
 from rlhf_engine.config.ppo import PPOConfig
-from rlhf_engine.config.train import ModelOptions, RewardConfig, SFTConfig
+from rlhf_engine.config.train import DPOConfig, ModelOptions, RewardConfig, SFTConfig
 from rlhf_engine.models.tiny import ARCHS, build_tiny
-from rlhf_engine.stages import ppo, reward, sft
+from rlhf_engine.stages import dpo, ppo, reward, sft
 
 
 def run_arch(arch: str, out: Path) -> dict[str, Any]:
@@ -39,6 +40,14 @@ def run_arch(arch: str, out: Path) -> dict[str, Any]:
             critic=ModelOptions(dropout=0.0), max_answer_len=8, per_device_generation_batch_size=4,
             per_device_training_batch_size=4, max_steps=1, num_warmup_steps=0, enable_ema=True, unsup_coef=1.0,
             eval_max_rows=4, checkpoint_interval=0, rollouts_per_step=1))),  # fmt: skip
+        ("dpo", lambda: dpo.run(DPOConfig(model_name_or_path=str(out / "step1_sft"), model=ModelOptions(lora_dim=4,
+                                dropout=0.0), learning_rate=1e-4, **common | {"output_dir": str(out / "methods")}))),  # fmt: skip
+        ("grpo", lambda: ppo.run(PPOConfig(
+            actor_model_name_or_path=str(out / "step1_sft"), reward_model_name_or_path=str(out / "step2_reward"),
+            output_dir=str(out / "methods"), data=data, algorithm="grpo", samples_per_prompt=2,
+            actor=ModelOptions(zero_stage=3, lora_dim=4, zero_param_persistence_threshold=0, dropout=0.0),
+            max_answer_len=8, per_device_generation_batch_size=2, per_device_training_batch_size=4, max_steps=1,
+            num_warmup_steps=0, eval_max_rows=4, checkpoint_interval=0, rollouts_per_step=1))),  # fmt: skip
     ]
     for name, step in steps:
         try:

@@ -75,6 +75,16 @@ def test_three_steps_train_and_save_loadable_models(arch: str, matrix: dict[str,
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert any(a in k for k in changed for a in ATTENTION), sorted(changed)
     assert any(a in k for k in changed for a in MLP), sorted(changed)
+    # the other methods on the same models: DPO (LoRA) and GRPO (LoRA actor at ZeRO-3, no critic)
+    for step in ("dpo", "grpo"):
+        assert step in report and report[step]["ok"], report.get(step, {}).get("trace", report)
+    methods = run / "methods"
+    _loads_exactly(methods / "step2_dpo", "causal_lm")
+    assert {"rewards_margin", "rewards_accuracy"} <= set(read_jsonl(methods / "step2_dpo" / "metrics.jsonl")[-1])
+    _loads_exactly(methods / "step3_rlhf" / "actor", "causal_lm")
+    assert not (methods / "step3_rlhf" / "critic").exists()
+    [g] = read_jsonl(methods / "step3_rlhf" / "metrics.jsonl")
+    assert g["critic_loss"] is None and g["reward_mean"] is not None and g["kl_to_ref"] is not None
 
 
 @pytest.mark.parametrize("arch", ARCHS)
