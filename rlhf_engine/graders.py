@@ -405,3 +405,26 @@ def run(grader: Grader, sample: str, item: dict[str, Any], scorer: Scorer | None
     parts = grader.sub_scores(sample, item, scorer)
     reward = grader.combine(parts)
     return Result(reward, parts, time.monotonic() - started)
+
+
+MAX_GRADER_BYTES = 1 << 20
+
+
+def load(value: str, where: str = "grader") -> dict[str, Any]:
+    """A grader's JSON from inline JSON (`{...}`) or a file path; parsed and checked, or a GraderError."""
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            with open(value, "rb") as f:
+                raw = f.read(MAX_GRADER_BYTES + 1)
+        except OSError as e:
+            raise GraderError(where, f"cannot read {value!r} ({e.strerror}); pass a JSON file or inline JSON") from None
+        if len(raw) > MAX_GRADER_BYTES:
+            raise GraderError(where, f"{value!r} is over {MAX_GRADER_BYTES} bytes")
+        text = raw.decode("utf-8", errors="replace")
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GraderError(where, f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    parse(spec, where)
+    return spec  # type: ignore[no-any-return]

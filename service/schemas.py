@@ -125,12 +125,22 @@ class DPOMethodParams(Strict):
     hyperparameters: DPOHyperparameters | None = None
 
 
+class ReinforcementMethodParams(Strict):
+    grader: dict[str, Any] | None = Field(default=None, description="the reward as a grader (string_check, "
+                                          "text_similarity, score_model, multi; python is refused): step 3 runs "
+                                          "GRPO on the prompts with it (config.ppo.algorithm selects rloo or "
+                                          "grpo), after SFT when the training file has answers; without it, "
+                                          "reward_model is trained in step 2 (RLHF)")  # fmt: skip
+    hyperparameters: Hyperparameters | None = None
+
+
 class Method(Strict):
     type: Literal["supervised", "reinforcement", "dpo"] = Field(
-        description="supervised: step 1; reinforcement: steps 1→2→3 with reward_model (RLHF); dpo: step 1, then "
-                    "DPO on the preference pairs (no reward model)")  # fmt: skip
+        description="supervised: step 1; reinforcement: steps 1→2→3 with reward_model (RLHF), or step 3 with a "
+                    "grader (after step 1 when the data has answers); dpo: step 1, then DPO on the preference "
+                    "pairs (no reward model)")  # fmt: skip
     supervised: MethodParams | None = None
-    reinforcement: MethodParams | None = None
+    reinforcement: ReinforcementMethodParams | None = None
     dpo: DPOMethodParams | None = None
 
 

@@ -7,6 +7,7 @@ EMA beta; here each is a field. Everything that cannot work together is refused 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,6 +30,10 @@ class PPOConfig:
     reward_model_name_or_path: str = field(
         default="", metadata={"help": "the reward model (default: the critic's path)", "aliases": ["--reward-model"]}
     )
+    grader: str = field(default="", metadata={"help": "a grader (OpenAI's shape; a JSON file or inline JSON) as the "
+                        "reward instead of a reward model: string_check, text_similarity, score_model (a reward "
+                        "model as a part) or multi; templates read {{sample.output_text}} and {{item.<field>}}, the "
+                        "prompt row's other fields"})  # fmt: skip
     output_dir: str = field(default="output", metadata={"help": "run directory; step 3 writes step3_rlhf/ in it"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"flatten": True})
     actor: ModelOptions = field(default_factory=_no_dropout, metadata={"prefix": "actor_"})
@@ -114,8 +119,17 @@ class PPOConfig:
             raise ValueError("actor_model_name_or_path: required; pass --actor-model DIR (the step-1 output)")
         if self.algorithm == "ppo" and not self.critic_model_name_or_path:
             raise ValueError("critic_model_name_or_path: required; pass --critic-model DIR (the step-2 output)")
-        if not self.reward_path:
-            raise ValueError("reward_model_name_or_path: required; pass --reward-model DIR (the step-2 output)")
+        if self.grader:
+            from rlhf_engine import graders
+
+            if self.reward_model_name_or_path:
+                raise ValueError("reward_model_name_or_path: with a grader, the grader is the reward; to add a "
+                                 "reward model's score, make it a score_model part of a multi grader (model: its "
+                                 "path), or drop one of the two")  # fmt: skip
+            self.grader = json.dumps(graders.load(self.grader), sort_keys=True)  # the options record what ran
+        elif not self.reward_path:
+            raise ValueError("reward_model_name_or_path: required; pass --reward-model DIR (the step-2 output), or "
+                             "--grader grader.json")  # fmt: skip
         if self.algorithm != "ppo" and self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt {self.samples_per_prompt}: {self.algorithm} compares each answer "
                              "with the other answers to its prompt; give at least 2 (e.g. 4)")  # fmt: skip
@@ -161,6 +175,9 @@ class PPOConfig:
 
     @property
     def reward_path(self) -> str:
+        """The reward model to load ("" when a grader is the reward)."""
+        if self.grader:
+            return ""
         return self.reward_model_name_or_path or self.critic_model_name_or_path
 
     def experiences_per_step(self) -> int:

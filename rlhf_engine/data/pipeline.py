@@ -36,7 +36,7 @@ from rlhf_engine.data.tokenize import (
 from rlhf_engine.data.types import Dataset
 from rlhf_engine.paths import cache_dir
 
-CACHE_VERSION = 2  # 2: answers end at a template's EOS (formatter.encode_answer)
+CACHE_VERSION = 3  # 2: answers end at a template's EOS (formatter.encode_answer); 3: step 3's item column
 
 
 def load_datasets(config: DataConfig, *, names: list[str] | None = None) -> list[Dataset]:

@@ -10,7 +10,12 @@ Row shapes (detected from the first record, then required of every record):
 | prompt_chosen_rejected | prompt, chosen, rejected                                      | preference |
 | hh_rlhf                | chosen, rejected: whole "\\n\\nHuman: …\\n\\nAssistant: …" transcripts | preference |
 | sft_pair               | prompt, response (or completion)                              | sft        |
+| openai_prompt          | messages ending with the user's turn (OpenAI reinforcement)   | prompt     |
+| prompt_only            | prompt (and no answer field)                                  | prompt     |
 | text                   | text                                                          | text       |
+
+A row's other fields (e.g. `reference_answer` beside `messages`) are kept as the sample's `item`:
+what a grader's `{{item.<field>}}` reads in step 3. Prompt-only rows feed step 3 alone.
 
 Files: `.jsonl`, `.json` (JSON Lines or one array), `.txt` (paragraphs), each optionally gzipped, and
 directories written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`. A prompt given
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -183,19 +189,40 @@ def _sft_pair(row: _Row) -> Sample:
     return Sample(_prompt_conversation(row, "prompt"), row.text(field, allow_empty=True), None, row.line)
 
 
-SHAPES: dict[str, tuple[Kind, Callable[[_Row], Sample]]] = {
-    "openai_preference": ("preference", _openai_preference),
-    "openai_chat": ("sft", _openai_chat),
-    "rm_static": ("preference", _prompt_chosen_rejected),
-    "prompt_chosen_rejected": ("preference", _prompt_chosen_rejected),
-    "hh_rlhf": ("preference", _hh_rlhf),
-    "sft_pair": ("sft", _sft_pair),
-}
+def _openai_prompt(row: _Row) -> Sample:
+    msgs = _messages(row, "messages", row.get("messages"))
+    if msgs[-1].role != "user":
+        raise row.error("messages", "a prompt row (the first row ends with a user turn) must end with a user turn; "
+                        "the actor writes the answer")  # fmt: skip
+    return Sample(tuple(msgs), "", None, row.line)
+
+
+def _prompt_only(row: _Row) -> Sample:
+    return Sample(_prompt_conversation(row, "prompt"), "", None, row.line)
+
+
+# shape → (kind, reader, the fields it reads; the others become the sample's item)
+SHAPES: dict[str, tuple[Kind, Callable[[_Row], Sample], frozenset[str]]] = {
+    "openai_preference": ("preference", _openai_preference,
+                          frozenset({"input", "preferred_output", "non_preferred_output"})),
+    "openai_chat": ("sft", _openai_chat, frozenset({"messages"})),
+    "rm_static": ("preference", _prompt_chosen_rejected, frozenset({"prompt", "response", "chosen", "rejected"})),
+    "prompt_chosen_rejected": ("preference", _prompt_chosen_rejected, frozenset({"prompt", "chosen", "rejected"})),
+    "hh_rlhf": ("preference", _hh_rlhf, frozenset({"chosen", "rejected"})),
+    "sft_pair": ("sft", _sft_pair, frozenset({"prompt", "response", "completion"})),
+    "openai_prompt": ("prompt", _openai_prompt, frozenset({"messages"})),
+    "prompt_only": ("prompt", _prompt_only, frozenset({"prompt"})),
+}  # fmt: skip
 _EXPECTED = (
     "expected one of: {prompt, chosen, rejected}; {prompt, response, chosen, rejected}; "
     "{chosen, rejected} HH transcripts; {prompt, response}; {messages}; "
-    "{input, preferred_output, non_preferred_output}; {text}"
+    "{input, preferred_output, non_preferred_output}; {prompt} (prompts only); {text}"
 )
+
+
+def _ends_with_user(messages: Any) -> bool:
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) and \
+        messages[-1].get("role") == "user"  # fmt: skip
 
 
 def detect_shape(record: Any, *, path: str, line: int) -> str:
@@ -205,7 +232,7 @@ def detect_shape(record: Any, *, path: str, line: int) -> str:
     if {"input", "preferred_output", "non_preferred_output"} <= keys:
         return "openai_preference"
     if "messages" in keys:
-        return "openai_chat"
+        return "openai_prompt" if _ends_with_user(record["messages"]) else "openai_chat"
     if {"prompt", "response", "chosen", "rejected"} <= keys:
         return "rm_static"
     if {"prompt", "chosen", "rejected"} <= keys:
@@ -216,6 +243,8 @@ def detect_shape(record: Any, *, path: str, line: int) -> str:
         return "sft_pair"
     if "text" in keys:
         return "text"
+    if "prompt" in keys and not ({"chosen", "rejected"} & keys):
+        return "prompt_only"
     raise DataError(f"unknown row shape with fields {sorted(keys)}; {_EXPECTED}", path=path, line=line)
 
 
@@ -260,9 +289,12 @@ def _one_row(shape: str, record: Any, path: str, line: int) -> Sample | str | No
     if shape == "text":
         text = row.text("text", allow_empty=True)
         return text if text.strip() else None
-    sample = SHAPES[shape][1](row)
-    if not sample.chosen.strip() or (sample.rejected is not None and not sample.rejected.strip()):
+    kind, read, fields = SHAPES[shape]
+    sample = read(row)
+    if kind != "prompt" and (not sample.chosen.strip() or (sample.rejected is not None and not sample.rejected.strip())):
         return None  # real HH data has a few empty answers; count them, don't fail the file
+    if item := {k: v for k, v in record.items() if k not in fields}:
+        sample = replace(sample, item=item)
     return sample
 
 

@@ -4,7 +4,7 @@
 For each conversation dataset: one seeded permutation of its rows; the first `eval_fraction` become
 evaluation rows (unless the source brought its own eval split), the rest training rows; each of the
 two is then cut into three contiguous slices by the shares. SFT-only datasets give all their rows to
-step 1. Blending concatenates the steps' slices of all datasets (training rows repeated or sampled by
+step 1, prompt-only datasets all theirs to step 3. Blending concatenates the steps' slices of all datasets (training rows repeated or sampled by
 the dataset's weight) and shuffles them with the seed.
 """
 
@@ -70,6 +70,8 @@ def slice_dataset(ds: Dataset, shares: tuple[float, float, float], *, seed: int,
     train_rows = [ds.rows[i] for i in train_idx]
     if ds.kind == "sft":  # SFT-only data feeds step 1 only, whatever the shares
         return DatasetSlices(ds.name, ds.kind, [train_rows, [], []], [eval_rows, [], []])
+    if ds.kind == "prompt":  # prompts without answers feed step 3 only
+        return DatasetSlices(ds.name, ds.kind, [[], [], train_rows], [[], [], eval_rows])
     tb, eb = bounds(len(train_rows), shares), bounds(len(eval_rows), shares)
     return DatasetSlices(
         ds.name,
@@ -102,10 +104,19 @@ def require_rows(step: int, slices: list[DatasetSlices], shares: tuple[float, fl
     if any(s.train[step - 1] for s in slices):
         return
     what = STEP_NAMES[step]
-    if step in (2, 3) and not any(s.kind == "preference" for s in slices):
+    names = ", ".join(s.name for s in slices)
+    if step == 1 and not any(s.kind in ("preference", "sft") for s in slices):
+        raise DataError(f"{what} needs answers to train on, but every dataset in data holds prompts only ({names}); "
+                        "add an SFT or preference dataset, e.g. bundled:sft")  # fmt: skip
+    if step == 2 and not any(s.kind == "preference" for s in slices):
         raise DataError(
-            f"{what} needs preference data (prompt, chosen, rejected), but every dataset in data is "
-            f"SFT-only ({', '.join(s.name for s in slices)}); add one, e.g. bundled:preference"
+            f"{what} needs preference data (prompt, chosen, rejected), but no dataset in data has it ({names}); "
+            "add one, e.g. bundled:preference"
+        )
+    if step == 3 and not any(s.kind in ("preference", "prompt") for s in slices):
+        raise DataError(
+            f"{what} needs prompts (a preference or prompt-only dataset), but every dataset in data is SFT-only "
+            f"({names}); add one, e.g. bundled:preference or bundled:questions"
         )
     if shares[step - 1] == 0:
         raise DataError(

@@ -2,7 +2,8 @@
 
 - step 1: prompt + chosen answer; `prompt_len` marks where the loss starts (loss on the answer only).
 - step 2: (prompt + chosen, prompt + rejected) pairs.
-- step 3: prompts only (left-padded by the collator for generation).
+- step 3: prompts (left-padded by the collator for generation) and each row's `item` (its other
+  fields, as UTF-8 JSON bytes: what graders read).
 - corpus: plain text, concatenated and cut into fixed-size blocks (the pretraining mix).
 
 Sequences are stored ragged (one flat int32 array + offsets) so a tokenised split can be cached as a
@@ -118,7 +119,7 @@ def tokenize_rows(step: int, rows: list[Sample], tokenizer: Any, *, max_seq_len:
                   max_prompt_len: int) -> tuple[list[tuple[Any, ...]], TokenStats]:  # fmt: skip
     """Tokenise one dataset's rows for `step`. Returns one tuple per kept row and the stats.
 
-    step 1 → (ids, prompt_len); step 2 → (chosen_ids, rejected_ids, prompt_len); step 3 → (prompt_ids,).
+    step 1 → (ids, prompt_len); step 2 → (chosen_ids, rejected_ids, prompt_len); step 3 → (prompt_ids, item).
     """
     stats = TokenStats(rows=len(rows))
     filtered: Counter[str] = Counter()
@@ -129,7 +130,7 @@ def tokenize_rows(step: int, rows: list[Sample], tokenizer: Any, *, max_seq_len:
             if len(prompt) > max_prompt_len:
                 filtered["prompt_too_long"] += 1
                 continue
-            out.append((prompt,))
+            out.append((prompt, encode_item(s.item)))
             stats.lengths.append(len(prompt))
             continue
         if len(prompt) >= max_seq_len:
@@ -157,7 +158,19 @@ def tokenize_rows(step: int, rows: list[Sample], tokenizer: Any, *, max_seq_len:
     return out, stats
 
 
-_COLUMNS = {1: ("input_ids", "prompt_len"), 2: ("chosen_ids", "rejected_ids", "prompt_len"), 3: ("prompt_ids",)}
+_COLUMNS = {1: ("input_ids", "prompt_len"), 2: ("chosen_ids", "rejected_ids", "prompt_len"),
+            3: ("prompt_ids", "item")}  # fmt: skip
+
+
+def encode_item(item: dict[str, Any] | None) -> bytes:
+    """A row's item as UTF-8 JSON (a ragged byte column: cached without pickle)."""
+    return json.dumps(item or {}, ensure_ascii=False, sort_keys=True).encode()
+
+
+def decode_item(column: np.ndarray) -> dict[str, Any]:
+    """The inverse of `encode_item`, from a row's `item` column."""
+    value: dict[str, Any] = json.loads(column.astype(np.uint8).tobytes())
+    return value
 
 
 def to_split(step: int, rows: list[tuple[Any, ...]]) -> TokenizedSplit:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
-Kind = Literal["preference", "sft", "text"]
+Kind = Literal["preference", "sft", "prompt", "text"]
 
 
 @dataclass(frozen=True)
@@ -22,14 +22,17 @@ class Message:
 class Sample:
     """One row: the conversation so far (ending with a user turn) and the final answer(s).
 
-    `rejected` is None for SFT-only rows. `line` is where the row came from (1-based; for JSON
-    arrays the element index + 1) so later errors can still point at it.
+    `rejected` is None for SFT-only rows; `chosen` is empty for prompt-only rows (step 3's prompts,
+    the answers come from the actor). `line` is where the row came from (1-based; for JSON arrays the
+    element index + 1) so later errors can still point at it. `item` holds the row's other fields
+    (those its shape does not read): what a grader's `{{item.<field>}}` refers to.
     """
 
     conversation: tuple[Message, ...]
     chosen: str
     rejected: str | None = None
     line: int = 0
+    item: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def prompt_text(self) -> str:
@@ -41,7 +44,7 @@ class Sample:
 class Dataset:
     """A dataset read from one source.
 
-    Conversation datasets fill `rows` (kind `preference` or `sft`); plain text fills `texts`.
+    Conversation datasets fill `rows` (kind `preference`, `sft` or `prompt`); plain text fills `texts`.
     `eval_rows` holds a source's own evaluation split when it has one (a `datasets` directory with a
     `test` split); otherwise evaluation rows are carved from `rows` by the splitter.
     """

@@ -16,11 +16,13 @@ eval mode (see `generation.py`), nothing is copied or reloaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any
 
 import torch
 
+from rlhf_engine import graders
 from rlhf_engine.algorithms.ppo import ema_update
 from rlhf_engine.config.ppo import PPOConfig
 from rlhf_engine.config.train import ModelOptions
@@ -122,7 +124,8 @@ class RLHFEngine:
         self.has_critic = cfg.algorithm == "ppo"  # grpo and rloo take their baseline from the group instead
         self.critic_path = (resolve_model(critic_model_name_or_path, field="critic_model_name_or_path")
                             if self.has_critic else "")  # fmt: skip
-        self.reward_path = resolve_model(reward_model_name_or_path or cfg.reward_path, field="reward_model_name_or_path")
+        reward = reward_model_name_or_path or cfg.reward_path
+        self.reward_path = resolve_model(reward, field="reward_model_name_or_path") if reward else ""
         self.actor_dtype = resolve_dtype(cfg.actor)
         self.critic_dtype = resolve_dtype(cfg.critic)
         self.actor_config = load_config(self.actor_path, kind="causal_lm", field="actor_model_name_or_path")
@@ -148,8 +151,15 @@ class RLHFEngine:
             self.critic, self.critic_lora, self.critic_dropout_restore = self._trainable(
                 "critic", self.critic_path, cfg.critic, self.critic_dtype, lr=cfg.critic_learning_rate,
                 weight_decay=cfg.critic_weight_decay, kind="value")  # fmt: skip
-        self.reward = self._frozen("reward", self.reward_path, kind="value", dtype=self.critic_dtype,
-                                   zero_stage=cfg.critic.zero_stage, offload=cfg.offload_reward_model)  # fmt: skip
+        self.reward: Any = None  # with a grader, its score_model parts are the only reward models
+        if self.reward_path:
+            self.reward = self._frozen("reward", self.reward_path, kind="value", dtype=self.critic_dtype,
+                                       zero_stage=cfg.critic.zero_stage, offload=cfg.offload_reward_model)  # fmt: skip
+        self.score_models: dict[str, Any] = {}  # a grader's score_model parts, by the name the grader gives
+        for name in sorted(graders.parse(json.loads(cfg.grader)).score_models() if cfg.grader else ()):
+            path = resolve_model(name, field="grader.model")
+            self.score_models[name] = self._frozen("score_model", path, kind="value", dtype=self.critic_dtype,
+                                                   zero_stage=cfg.critic.zero_stage, offload=cfg.offload_reward_model)  # fmt: skip
 
     # ------------------------------------------------------------------ construction
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from rlhf_engine.data.bundled import BUNDLED, GENERATOR_VERSION, bundled_path
+from rlhf_engine.data.bundled import GENERATOR_VERSION, bundled_path
 from rlhf_engine.data.formatter import DS_CHAT_TEMPLATE
 from rlhf_engine.paths import cache_dir
 
@@ -75,8 +75,13 @@ def save_tokenizer(tok: Tokenizer, out: Path, *, chat_template: str = DS_CHAT_TE
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
 
+# the files the tokenizer was trained on (bundled:questions, added later, has the same words: adding
+# it would change every token id and so every cached model)
+TRAINED_ON = ("bundled:sft", "bundled:preference", "bundled:corpus")
+
+
 def _bundled_texts() -> Iterable[str]:
-    for name in BUNDLED:
+    for name in TRAINED_ON:
         path = bundled_path(name)
         if path.suffix == ".txt":
             yield from path.read_text(encoding="utf-8").split("\n\n")

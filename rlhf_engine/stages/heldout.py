@@ -41,7 +41,7 @@ def heldout_report(model: str, *, reference: str, reward_model: str, n: int = 20
     rm = ValueModel(_load(reward_model, "rm"))
     questions = heldout_questions()[:n]
     gen = torch.Generator().manual_seed(seed)
-    hits = 0
+    hits = named = 0
     scores: list[float] = []
     kls: list[float] = []
     lengths: list[int] = []
@@ -66,12 +66,14 @@ def heldout_report(model: str, *, reference: str, reward_model: str, n: int = 20
         for q, a, m in zip(batch, answers, am, strict=True):
             text = str(tok.decode(a[m > 0], skip_special_tokens=True))
             hits += on_topic(q.text, text)
+            named += q.subject in text.lower()
             lengths.append(int(m.sum()))
             if len(examples) < 5:
                 examples.append({"prompt": q.text, "answer": text.strip(), "on_topic": on_topic(q.text, text)})
     return {
         "questions": len(questions),
         "property_rate": hits / len(questions),
+        "subject_rate": named / len(questions),  # answers that name the subject asked about (the grader task)
         "reward_mean": sum(scores) / len(scores),
         "kl_to_ref": sum(kls) / len(kls),
         "answer_len": sum(lengths) / len(lengths),

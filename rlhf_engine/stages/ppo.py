@@ -13,6 +13,7 @@ before and after, for the actor and (when on) its EMA.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -21,10 +22,11 @@ from typing import Any
 
 import torch
 
+from rlhf_engine import graders
 from rlhf_engine.config.ppo import PPOConfig
 from rlhf_engine.data.collate import collate_prompts
 from rlhf_engine.data.pipeline import prepare_corpus
-from rlhf_engine.data.tokenize import TokenizedSplit
+from rlhf_engine.data.tokenize import TokenizedSplit, decode_item
 from rlhf_engine.engine.deepspeed_setup import resolve_dtype, torch_dtype
 from rlhf_engine.engine.distributed import Dist, barrier
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, check_hybrid_engine
@@ -48,7 +50,9 @@ def check(config: PPOConfig) -> Any:
     actor = resolve_model(config.actor_model_name_or_path, field="actor_model_name_or_path")
     actor_config = load_config(actor, kind="causal_lm", field="actor_model_name_or_path")
     tokenizer = load_tokenizer(actor, field="actor_model_name_or_path")
-    value_models = [("reward_model_name_or_path", config.reward_path)]
+    value_models = [("reward_model_name_or_path", config.reward_path)] if config.reward_path else []
+    if config.grader:  # its score_model parts read the actor's tokens like a reward model does
+        value_models += [("grader.model", m) for m in sorted(graders.parse(json.loads(config.grader)).score_models())]
     if config.algorithm == "ppo":  # grpo and rloo train no critic
         value_models.insert(0, ("critic_model_name_or_path", config.critic_model_name_or_path))
     for field, path in value_models:
@@ -96,6 +100,24 @@ class _Accumulator:
         return {k: total[i] / max(total[-1], 1.0) for i, k in enumerate(keys)}
 
 
+def row_items(rows: list[Row]) -> list[dict[str, Any]]:
+    """Each step-3 row's item (its other fields: what a grader reads)."""
+    return [decode_item(r["item"]) if "item" in r else {} for r in rows]
+
+
+def check_items(grader_json: str, split: TokenizedSplit, what: str) -> None:
+    """Every row has the fields the grader's templates read: found before training, not at step 900."""
+    grader = graders.parse(json.loads(grader_json))
+    if not grader.item_fields():
+        return
+    for i in range(len(split)):
+        try:
+            graders.check_row(grader, row_items([split.row(i)])[0], where="grader")
+        except graders.GraderError as e:
+            raise graders.GraderError(e.param, f"{str(e).removeprefix(e.param + ': ')} ({what} row {i + 1} of step "
+                                               "3's prompts)") from None  # fmt: skip
+
+
 def _score_stats(scores: list[float], device: str) -> tuple[float, float]:
     n, s, s2 = all_reduce_sum([len(scores), sum(scores), sum(x * x for x in scores)], device)
     mean = s / max(n, 1.0)
@@ -119,9 +141,10 @@ def evaluate(trainer: PPOTrainer, split: TokenizedSplit, *, max_rows: int, batch
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7919 + dist.rank)
             for i in range(0, len(mine), batch_size):
-                batch = collate_prompts([split.row(j) for j in mine[i : i + batch_size]], trainer.pad_id)
+                rows = [split.row(j) for j in mine[i : i + batch_size]]
                 w = torch.tensor(weights[i : i + batch_size])
-                exp = trainer.generate_experience(batch, samples=1)
+                exp = trainer.generate_experience(collate_prompts(rows, trainer.pad_id), samples=1,
+                                                  items=row_items(rows))  # fmt: skip
                 totals[0] += float(w.sum())
                 totals[1] += float((exp.scores.cpu() * w).sum())
                 totals[2] += float((sequence_kl(exp).cpu() * w).sum())
@@ -142,7 +165,8 @@ def _rollouts(trainer: PPOTrainer, exp: Experience, step: int, k: int) -> list[d
         answer = exp.seq[i, exp.prompt_len :][exp.action_mask[i] > 0]
         out.append({"step": step, "prompt": tok.decode(prompt, skip_special_tokens=True),
                     "answer": tok.decode(answer, skip_special_tokens=True), "reward": float(exp.scores[i]),
-                    "kl": float(kl[i]), "degenerate": bool(exp.degenerate[i])})  # fmt: skip
+                    "kl": float(kl[i]), "degenerate": bool(exp.degenerate[i]),
+                    **({"grades": exp.grades[i]} if exp.grades else {})})  # fmt: skip
     return out
 
 
@@ -197,6 +221,9 @@ class PPOMethod(Method):
 
     def build(self, loop: Loop) -> dict[str, Any]:
         cfg = self.config
+        if cfg.grader:  # before any model is loaded
+            check_items(cfg.grader, loop.prepared.train, "training")
+            check_items(cfg.grader, loop.prepared.eval, "held-out")
         self.unsup = None
         if cfg.unsup_coef > 0:
             self.unsup = torch.as_tensor(prepare_corpus(cfg.data, self.tokenizer,
@@ -241,7 +268,7 @@ class PPOMethod(Method):
         scores: list[float] = []
         acc, train_acc = _Accumulator(), _Accumulator()  # experience metrics per answer, training per update
         for rows in batches:
-            exp = trainer.generate_experience(collate_prompts(rows, trainer.pad_id))
+            exp = trainer.generate_experience(collate_prompts(rows, trainer.pad_id), items=row_items(rows))
             experiences.append(exp)
             gen_s += exp.gen_seconds
             score_s += exp.score_seconds
@@ -286,8 +313,8 @@ class PPOMethod(Method):
             "tokens_per_s": gen_tokens[0] / max(gen_tokens[1] / world, 1e-9),
             "tokens": int(gen_tokens[0]),  # answer tokens generated (and trained on) this step
         }  # fmt: skip
-        for key in ("kl_loss", "filtered_rate"):  # grpo/rloo
-            if key in means:
+        for key in means:  # grpo/rloo: kl_loss, filtered_rate; a grader: grader_<part>
+            if key in ("kl_loss", "filtered_rate") or key.startswith("grader_"):
                 last[key] = means[key]
         if torch.cuda.is_available():
             last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -19,6 +19,7 @@ is taken off the reward, as PPO does).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, fields
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from rlhf_engine import graders
 from rlhf_engine.algorithms.group import grpo_advantages, informative_groups, kl_k3, rloo_advantages
 from rlhf_engine.algorithms.losses import lm_loss
 from rlhf_engine.algorithms.ppo import (
@@ -69,6 +71,7 @@ class Experience:
     score_seconds: float = 0.0
     advantages: torch.Tensor | None = None  # (B,) grpo/rloo: each answer's advantage within its group
     weights: torch.Tensor | None = None  # (B,) grpo/rloo: 0 for answers of a filtered group
+    grades: list[dict[str, float]] | None = None  # with a grader: each answer's score per named part
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -79,7 +82,7 @@ class Experience:
         for i in range(0, len(self), size):
             parts = {f.name: getattr(self, f.name) for f in fields(self)}
             for k, v in parts.items():
-                if isinstance(v, torch.Tensor):
+                if isinstance(v, torch.Tensor | list):
                     parts[k] = v[i : i + size]
             out.append(Experience(**parts))
         return out
@@ -136,6 +139,7 @@ class PPOTrainer:
         self.warnings: list[str] = []  # for the caller to turn into events
         self.generate_kwargs: dict[str, Any] = {}  # extra arguments for `generate` (e.g. min_new_tokens)
         self.last_metrics: dict[str, float] = {}
+        self.grader = graders.parse(json.loads(self.args.grader)) if self.args.grader else None
 
     # ------------------------------------------------------------------ experience
 
@@ -170,11 +174,17 @@ class PPOTrainer:
         return out.sequences, torch.stack(out.logits, dim=1)  # (B, A, V)
 
     @torch.no_grad()
-    def generate_experience(self, batch: Any, step: int | None = None, *, samples: int | None = None) -> Experience:
+    def generate_experience(self, batch: Any, step: int | None = None, *, samples: int | None = None,
+                            items: list[dict[str, Any]] | None = None) -> Experience:  # fmt: skip
         """Sample answers for a batch of left-padded prompts and score them with every model
-        (`samples` answers per prompt: default samples_per_prompt; evaluation samples 1)."""
+        (`samples` answers per prompt: default samples_per_prompt; evaluation samples 1). With a
+        grader, `items` are the prompts' rows (what its templates read)."""
         prompts, prompt_mask = (t.to(self.device) for t in _unpack(batch))
         group = samples or self.args.samples_per_prompt
+        if self.grader is not None:
+            if items is None or len(items) != len(prompts):
+                raise ValueError("a grader needs each prompt's item (its row's fields)")
+            items = [it for it in items for _ in range(group)]
         if group > 1:  # each prompt's answers are consecutive rows: its group
             prompts, prompt_mask = prompts.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0)
         t0 = time.monotonic()
@@ -203,12 +213,38 @@ class PPOTrainer:
             values = self.engine.critic(seq, attn)[:, P - 1 : -1]  # V(state before each answer token)
         else:
             values = torch.zeros_like(logprobs)
-        scores = sequence_scores(self.engine.reward(seq, attn), attn)
+        grades = None
+        if self.grader is not None:
+            scores, grades = self.grade(seq, attn, answers, action_mask, items or [])
+        else:
+            scores = sequence_scores(self.engine.reward(seq, attn), attn)
         exp = Experience(seq, attn, P, action_mask, logprobs, ref_logprobs, values, scores, degenerate,
-                         gen_seconds=gen_s, score_seconds=time.monotonic() - t1)  # fmt: skip
+                         gen_seconds=gen_s, score_seconds=time.monotonic() - t1, grades=grades)  # fmt: skip
         if self.args.algorithm != "ppo" and group > 1:
             exp.advantages, exp.weights = self.group_advantages(exp)
         return exp
+
+    @torch.no_grad()
+    def grade(self, seq: torch.Tensor, attn: torch.Tensor, answers: torch.Tensor, action_mask: torch.Tensor,
+              items: list[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, float]]]:  # fmt: skip
+        """The grader's reward per answer (B,) and each answer's score per named part.
+
+        The answer text is what a chat client would see: decoded without special tokens, stripped.
+        score_model parts read the whole sequence with their reward model, once per batch."""
+        assert self.grader is not None
+        model_scores = {name: sequence_scores(model(seq, attn), attn).tolist()
+                        for name, model in self.engine.score_models.items()}  # fmt: skip
+        rewards, grades = [], []
+        for i, (ids, mask) in enumerate(zip(answers, action_mask, strict=True)):
+            text = str(self.tokenizer.decode(ids[mask > 0], skip_special_tokens=True)).strip()
+
+            def scorer(model: str, sample: str, item: dict[str, Any], i: int = i) -> float:
+                return float(model_scores[model][i])
+
+            result = graders.run(self.grader, text, items[i], scorer)
+            rewards.append(result.reward)
+            grades.append(result.sub_rewards)
+        return torch.tensor(rewards, dtype=torch.float32, device=seq.device), grades
 
     @torch.no_grad()
     def group_advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,6 +375,8 @@ class PPOTrainer:
         }
         if exp.weights is not None:  # grpo/rloo: the share of answers whose group was filtered out
             out["filtered_rate"] = float(1 - exp.weights.float().mean())
+        for name in exp.grades[0] if exp.grades else ():  # each named part of the grader, averaged
+            out[f"grader_{name}"] = sum(g[name] for g in exp.grades) / len(exp.grades)
         return out
 
 

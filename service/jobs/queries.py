@@ -65,6 +65,9 @@ def to_object(job: Job) -> JobObject:
         "type": job.method,
         job.method: {"hyperparameters": req.get("_hyperparameters", {})},
     }
+    grader = ((req.get("method") or {}).get("reinforcement") or {}).get("grader")
+    if job.method == "reinforcement" and grader:
+        method_obj["reinforcement"]["grader"] = grader
     return JobObject(
         id=job.id,
         created_at=int(job.created_at.timestamp()),

@@ -10,8 +10,14 @@ omitted. Names (`rlhf data list`):
   is on topic, the rejected one states another fact, or the asked fact and more, in the same words.
 - `bundled:corpus` — 3,000 plain-text paragraphs about the same world, for step 3's pretraining mix
   and for `rlhf models tiny --pretrain-steps`.
+- `bundled:questions` — 2,000 prompts without answers in OpenAI's reinforcement shape (`messages`
+  ending with the user's question) with the fields a grader checks against: `subject`, `topic` (what
+  is asked: color, size, place, habit or all) and `facts` (the subject's four facts). The verifiable
+  task of the grader examples: "the answer names the subject" is
+  `{"type": "string_check", "operation": "ilike", "input": "{{sample.output_text}}",
+  "reference": "{{item.subject}}"}`.
 
-The remaining ~19,600 questions of the world are never written to any file: `heldout_questions()`
+The remaining ~17,600 questions of the world are never written to any file: `heldout_questions()`
 gives prompts no step trained on.
 """
 
@@ -23,8 +29,9 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from rlhf_engine.data.bundled.world import Question, all_questions, answer, corpus_paragraph, off_topic
+from rlhf_engine.data.bundled.world import TOPICS, Question, all_questions, answer, corpus_paragraph, off_topic, world
 from rlhf_engine.paths import cache_dir
 
 # Bump when anything below changes what is generated: the cache folder is keyed by it.
@@ -33,6 +40,7 @@ SEED = 1234
 N_SFT = 4000
 N_PREFERENCE = 4000
 N_CORPUS = 3000
+N_QUESTIONS = 2000  # taken from the end of the shuffled questions: held-out prompts keep their order
 SFT_PROPERTY_RATE = 0.30
 
 
@@ -57,6 +65,11 @@ BUNDLED: dict[str, BundledDataset] = {
         BundledDataset(
             "bundled:corpus", "corpus.txt", f"{N_CORPUS} plain-text paragraphs (pretraining mix)"
         ),
+        BundledDataset(
+            "bundled:questions",
+            "questions.jsonl",
+            f"{N_QUESTIONS} prompts with subject/topic/facts fields for graders (step 3 only)",
+        ),
     )
 }
 DEFAULT_DATA = ("bundled:sft", "bundled:preference")
@@ -70,8 +83,14 @@ def _questions() -> list[Question]:
 
 
 def heldout_questions() -> list[Question]:
-    """Questions that appear in no bundled file (about 19,600): held-out prompts for evaluation."""
-    return _questions()[N_SFT + N_PREFERENCE :]
+    """Questions that appear in no bundled file (about 17,600): held-out prompts for evaluation."""
+    return _questions()[N_SFT + N_PREFERENCE : -N_QUESTIONS]
+
+
+def _question_rows(qs: list[Question]) -> list[dict[str, Any]]:
+    facts = world()
+    return [{"messages": [{"role": "user", "content": q.text}], "subject": q.subject, "topic": q.kind,
+             "facts": {k: getattr(facts[q.subject], k) for k in TOPICS}} for q in qs]  # fmt: skip
 
 
 def _sft_rows(qs: list[Question], rng: random.Random) -> list[dict[str, str]]:
@@ -107,6 +126,8 @@ def generate(dest: Path) -> None:
     _atomic_write(dest / "sft.jsonl", "".join(json.dumps(r) + "\n" for r in sft))
     _atomic_write(dest / "preference.jsonl", "".join(json.dumps(r) + "\n" for r in pref))
     _atomic_write(dest / "corpus.txt", corpus)
+    rows = _question_rows(qs[-N_QUESTIONS:])
+    _atomic_write(dest / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -200,8 +200,12 @@ def test_hh_prefix_mismatch(tmp_path: Path) -> None:
 
 
 def test_openai_shapes_bad_rows(tmp_path: Path) -> None:
-    err = _error(write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]))
-    assert err.field == "messages" and "last message must be the assistant" in str(err)
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    prompt = {"messages": [{"role": "user", "content": "hi"}]}
+    err = _error(write_jsonl(tmp_path / "c.jsonl", [chat, prompt]))  # the first row makes it an SFT file
+    assert (err.line, err.field) == (2, "messages") and "last message must be the assistant" in str(err)
+    err = _error(write_jsonl(tmp_path / "q.jsonl", [prompt, chat]))  # the first row makes it a prompt file
+    assert (err.line, err.field) == (2, "messages") and "must end with a user turn" in str(err)
     err = _error(write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "tool", "content": "x"},
                                                                    {"role": "assistant", "content": "y"}]}]))  # fmt: skip
     assert err.field == "messages[0].role"
@@ -279,3 +283,22 @@ def test_a_few_unusable_rows_are_skipped_and_counted_too_many_refuse_the_file(tm
     with pytest.raises(DataError, match=r"3 of 13 rows cannot be used .*first at lines 11, 12, 13"):
         read_dataset(str(write_jsonl(tmp_path / "many.jsonl", many)))
     assert len(read_dataset(str(write_jsonl(tmp_path / "m2.jsonl", many)), ReadLimits(max_bad_rows=0.5)).rows) == 10
+
+
+def test_prompt_only_rows_keep_their_other_fields_as_the_item(tmp_path: Path) -> None:
+    """OpenAI's reinforcement rows (messages ending with the user's turn, plus fields for the grader)
+    and {prompt} rows are prompt-only data: step 3 alone uses them, with the extra fields as `item`."""
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+             "reference_answer": "4", "meta": {"level": 1}},
+            {"messages": [{"role": "user", "content": "3+3?"}], "reference_answer": "6"}]  # fmt: skip
+    d = read_dataset(str(write_jsonl(tmp_path / "rft.jsonl", rows)))
+    assert (d.kind, d.format, len(d)) == ("prompt", "openai_prompt", 2)
+    assert d.rows[0].conversation[-1].content == "2+2?" and d.rows[0].chosen == ""
+    assert d.rows[0].item == {"reference_answer": "4", "meta": {"level": 1}}
+    assert d.rows[1].item == {"reference_answer": "6"}
+    d = read_dataset(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?", "subject": "dog"}])))
+    assert (d.kind, d.format, d.rows[0].item) == ("prompt", "prompt_only", {"subject": "dog"})
+    # an SFT row's fields beyond its shape are its item too; rows without any have none
+    d = read_dataset(str(write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "response": "b", "id": 7},
+                                                             {"prompt": "c", "response": "d"}])))  # fmt: skip
+    assert [r.item for r in d.rows] == [{"id": 7}, None]

@@ -92,7 +92,17 @@ def test_a_step_that_needs_data_and_gets_none_is_an_error(files: dict[str, str],
         require_rows(2, slices, config.shares)
     only_sft = DataConfig(data=[files["s"]])
     with pytest.raises(DataError, match="needs preference data"):
+        require_rows(2, slice_all(only_sft, load_datasets(only_sft)), only_sft.shares)
+    with pytest.raises(DataError, match="needs prompts .* every dataset in data is SFT-only"):
         require_rows(3, slice_all(only_sft, load_datasets(only_sft)), only_sft.shares)
+    # prompt-only data feeds step 3 whatever the shares, and cannot feed step 1
+    prompts = DataConfig(data=["bundled:questions"], data_split="10,0,0")
+    slices = slice_all(prompts, load_datasets(prompts))
+    require_rows(3, slices, prompts.shares)
+    assert len(slices[0].train[2]) + len(slices[0].eval[2]) == 2000
+    assert not slices[0].train[0] and not slices[0].train[1]
+    with pytest.raises(DataError, match="needs answers to train on.*prompts only"):
+        require_rows(1, slices, prompts.shares)
     corpus = tmp_path / "c.txt"
     corpus.write_text("some text\n")
     text_cfg = DataConfig(data=[str(corpus)])
