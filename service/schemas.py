@@ -42,7 +42,7 @@ class FileObject(BaseModel):
     purpose: str
     status: Literal["processed"] = "processed"
     format: str = Field(description="the data layer's detected row shape, e.g. prompt_chosen_rejected")
-    kind: str = Field(description="sft, preference or text")
+    kind: str = Field(description="sft, preference, prompt (prompts only: step 3) or text")
     rows: int = Field(description="rows read (after empty/invalid rows were counted out)")
     skipped: dict[str, int] = Field(default_factory=dict, description="rows left out, by reason (empty_answer, "
                                     "unusable: <what is wrong>); above the file's max_bad_rows share the upload is "

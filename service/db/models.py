@@ -87,7 +87,7 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(Text)
     format: Mapped[str] = mapped_column(String(32))
-    kind: Mapped[str] = mapped_column(String(32))  # sft | preference | text
+    kind: Mapped[str] = mapped_column(String(32))  # sft | preference | prompt | text
     rows: Mapped[int] = mapped_column(Integer)
     tokens_estimate: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -56,6 +56,37 @@ def _method(req: JobCreate) -> tuple[str, Hyperparameters | None]:
     return kind, inner or req.hyperparameters
 
 
+def _grader(req: JobCreate) -> dict[str, Any] | None:
+    """The reinforcement method's grader, checked (400 naming the field), or None (RLHF with reward_model)."""
+    from rlhf_engine import graders
+
+    params = req.method.reinforcement if req.method and req.method.type == "reinforcement" else None
+    if params is None or params.grader is None:
+        return None
+    try:
+        graders.parse(params.grader, "method.reinforcement.grader")
+    except graders.GraderError as e:
+        raise InvalidRequest(str(e), param=e.param) from None
+    return params.grader
+
+
+def _graded_steps(req: JobCreate, train_kind: str | None) -> list[int]:
+    """A grader job: step 3 on prompts, after SFT (step 1) when the training data has answers."""
+    if req.reward_model:
+        raise InvalidRequest("reward_model: with a grader, the grader is the reward and no reward model is trained; "
+                             "drop reward_model, or drop method.reinforcement.grader for RLHF",
+                             param="reward_model")  # fmt: skip
+    default = [3] if train_kind == "prompt" else [1, 3]
+    steps = sorted(set(req.steps)) if req.steps else default
+    if steps not in ([3], [1, 3]):
+        raise InvalidRequest("steps: a grader job runs step 3, after step 1 (SFT) when the data has answers; give "
+                             "[1, 3] or [3]", param="steps")  # fmt: skip
+    if 1 in steps and train_kind == "prompt":
+        raise InvalidRequest("steps: the training file holds prompts only, so step 1 (SFT) has no answers to learn; "
+                             "give steps [3], or a training file with answers", param="steps")  # fmt: skip
+    return steps
+
+
 def _steps(req: JobCreate, method: str) -> list[int]:
     if method == "supervised":
         if req.steps not in (None, [1]):
@@ -208,7 +239,8 @@ def make_plan(
             param="num_gpus",
         )
     method, hp = _method(req)
-    steps = _steps(req, method)
+    grader = _grader(req)
+    steps = _steps(req, method) if grader is None else []
 
     def resolve(name: str, param: str) -> models_svc.ModelRef:
         return models_svc.resolve(session=session, tenant=tenant, name=name, models_dir=settings.models_dir,
@@ -218,16 +250,22 @@ def make_plan(
     reward = resolve(req.reward_model, "reward_model") if req.reward_model else None
 
     # data files by role
-    train = _file(
-        session,
-        tenant,
-        req.training_file,
-        "training_file",
-        ("sft", "preference") if method == "supervised" else ("preference", "sft"),
+    train_kinds = {"supervised": ("sft",), "dpo": ("preference", "sft")}.get(
+        method, ("preference", "sft", "prompt") if grader is not None else ("preference", "sft")
     )
+    train = _file(session, tenant, req.training_file, "training_file", train_kinds)
     pref = _file(session, tenant, req.preference_file, "preference_file", ("preference",))
-    prompts = _file(session, tenant, req.prompt_file, "prompt_file", ("preference", "sft"))
+    prompts = _file(session, tenant, req.prompt_file, "prompt_file", ("preference", "prompt"))
     pretrain = _file(session, tenant, req.pretrain_file, "pretrain_file", ("text",))
+    if grader is not None:
+        steps = _graded_steps(req, train.kind if train else None)
+        if pref is not None:
+            raise InvalidRequest("preference_file: a grader job trains no reward model; give prompts as prompt_file "
+                                 "(or in training_file)", param="preference_file")  # fmt: skip
+        if train is not None and train.kind == "sft" and prompts is None:
+            raise InvalidRequest("prompt_file: step 3 needs prompts with the fields the grader reads, and an SFT "
+                                 "training file feeds step 1 only; add prompt_file (rows of messages ending with "
+                                 "the user's turn, plus the grader's fields)", param="prompt_file")  # fmt: skip
     if (
         method == "reinforcement"
         and train is not None
@@ -254,7 +292,9 @@ def make_plan(
                     "reinforcement",
                     param=param,
                 )
-    split = req.data_split or {"supervised": "10,0,0", "dpo": "4,6,0"}.get(method, "2,4,4")
+    split = req.data_split or {"supervised": "10,0,0", "dpo": "4,6,0"}.get(
+        method, "2,4,4" if grader is None else "5,0,5"
+    )
     try:
         parse_split(split)
     except ValueError as e:
@@ -305,6 +345,8 @@ def make_plan(
     if pretrain is not None:
         sections["ppo"] |= {"unsup_data": [pretrain.path]}
         sections["ppo"].setdefault("unsup_coef", 1.0)
+    if grader is not None:
+        _graded_sections(sections["ppo"], explicit["ppo"], grader, steps, actor, train, prompts)
     pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)} | {
         f.name for f in dataclasses.fields(DataConfig)
     }
@@ -365,6 +407,51 @@ def make_plan(
     )
 
 
+def _graded_sections(ppo: dict[str, Any], explicit: dict[str, Any], grader: dict[str, Any], steps: list[int],
+                     actor: models_svc.ModelRef, train: File | None, prompts: File | None) -> None:  # fmt: skip
+    """Step 3's options for a grader job: the grader as the reward, GRPO unless config.ppo says rloo, and
+    the prompts (prompt_file, else the training file, else bundled:questions); the rows are checked to
+    carry every field the grader reads."""
+    import json
+
+    algorithm = ppo.setdefault("algorithm", "grpo")
+    if algorithm == "ppo":
+        raise InvalidRequest("config.ppo.algorithm: ppo needs a critic, which a grader job does not train; use grpo "
+                             "or rloo, or drop the grader and give reward_model for RLHF",
+                             param="config.ppo.algorithm")  # fmt: skip
+    if "samples_per_prompt" not in explicit:  # as many answers per step as the preset's PPO: G per prompt
+        ppo["samples_per_prompt"] = group = 4
+        if "per_device_generation_batch_size" not in explicit and "per_device_generation_batch_size" in ppo:
+            ppo["per_device_generation_batch_size"] = max(1, ppo["per_device_generation_batch_size"] // group)
+    ppo |= {"grader": json.dumps(grader, sort_keys=True), "critic_model_name_or_path": "",
+            "reward_model_name_or_path": ""}  # fmt: skip
+    if 1 not in steps:
+        ppo["actor_model_name_or_path"] = str(actor.path)
+    source = prompts or (train if train is not None and train.kind != "sft" else None)
+    data = [source.path] if source is not None else ["bundled:questions"]
+    ppo.setdefault("data", data)
+    if source is None or source.kind == "prompt":
+        ppo.setdefault("data_split", "0,0,10")
+    _check_grader_rows(grader, ppo["data"])
+
+
+def _check_grader_rows(grader: dict[str, Any], paths: list[str]) -> None:
+    """Every prompt row carries the fields the grader's templates read: a 400 now, not a failed job later."""
+    from rlhf_engine import graders
+    from rlhf_engine.data.readers import read_dataset
+
+    parsed = graders.parse(grader, "method.reinforcement.grader")
+    if not parsed.item_fields():
+        return
+    for path in paths:
+        ds = read_dataset(path)
+        for row in [*ds.rows, *(ds.eval_rows or [])]:
+            try:
+                graders.check_row(parsed, row.item or {}, where="method.reinforcement.grader")
+            except graders.GraderError as e:
+                raise InvalidRequest(f"{e} (row {row.line} of the prompts)", param=e.param) from None
+
+
 def _train_rows_at_most(data: DataConfig, step: int, files: list[File]) -> int | None:
     """The most training rows `step` can get from its datasets (the split as the step makes it, before
     rows the tokeniser leaves out), or None when a dataset is not known here (e.g. a hub id)."""
@@ -385,8 +472,8 @@ def _train_rows_at_most(data: DataConfig, step: int, files: list[File]) -> int |
         n_eval = 0 if own_eval else round(rows * data.eval_fraction)
         n_eval = max(1, n_eval) if not own_eval and data.eval_fraction > 0 and rows >= 2 else n_eval
         train = rows - n_eval
-        if kind == "sft":
-            got = train if step == 1 else 0
+        if kind in ("sft", "prompt"):  # SFT rows feed step 1 only, prompt-only rows step 3 only
+            got = train if step == (1 if kind == "sft" else 3) else 0
         else:
             cuts = bounds(train, data.shares)
             got = cuts[step] - cuts[step - 1]
@@ -433,7 +520,7 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
     body = req.model_dump(exclude={"tokens", "model_parameters", "reward_model_parameters"})
     job_req = JobCreate(**body)
     method, _ = _method(job_req)
-    steps = _steps(job_req, method)
+    steps = _steps(job_req, method) if _grader(job_req) is None else _graded_steps(job_req, None)
     if req.model_parameters or req.tokens:  # planning for a model / data not on this server
         _check_gpu_type(req.gpu_type, settings)
         for name, count in (req.tokens or {}).items():

@@ -18,6 +18,8 @@ from service.db.models import File, Job, JobEvent
 from service.db.session import session_scope
 from tests.service.conftest import SMALL_SFT, Stack
 
+SUBJECT = {"type": "string_check", "name": "names_subject", "operation": "ilike", "input": "{{sample.output_text}}",
+           "reference": "{{item.subject}}"}  # fmt: skip
 PREF = "\n".join(json.dumps({"prompt": f"Human: What is a dog {i}? Assistant:", "chosen": " A dog is an animal.",
                              "rejected": " Blue."}) for i in range(40)) + "\n"  # fmt: skip
 
@@ -216,6 +218,20 @@ BAD_JOBS = [
     ({"model": "tiny-opt-xs", "method": {"type": "dpo"}, "config": {"dpo": {"reference_model_name_or_path": "/x"}}},
      "config.dpo.reference_model_name_or_path"),
     ({"model": "tiny-opt-xs", "method": {"type": "reinforcement"}}, "reward_model"),
+    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python",
+      "source": "def grade(sample, item): return 1.0"}}}}, "method.reinforcement.grader.type"),
+    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT | {
+      "reference": "{{item.answer}}"}}}}, "method.reinforcement.grader"),  # bundled:questions rows have no answer
+    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "multi",
+      "graders": {"a": SUBJECT}, "calculate_output": "a + b"}}}}, "method.reinforcement.grader.calculate_output"),
+    ({"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "method": {"type": "reinforcement",
+      "reinforcement": {"grader": SUBJECT}}}, "reward_model"),
+    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
+      "config": {"ppo": {"algorithm": "ppo"}}}, "config.ppo.algorithm"),
+    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
+      "config": {"ppo": {"samples_per_prompt": 1}}}, "samples_per_prompt"),
+    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
+      "steps": [1, 2, 3]}, "steps"),
     ({"model": "no-such-model"}, "model"),
     ({"model": "../etc"}, "model"),
     ({"model": "tiny-opt-xs", "training_file": "file-nope"}, "training_file"),
@@ -448,3 +464,42 @@ def test_the_smollm2_demo_job_is_accepted_with_its_bundled_models(alice: Any) ->
     assert est.status_code == 200, est.text
     assert est.json()["seconds"] > 0
     error(alice.post("/v1/models", files={"file": ("m.tar.gz", b"x")}, data={"name": body["model"]}), 400, "name")
+
+
+def test_data_files_must_suit_the_method(stack: Stack, alice: Any) -> None:
+    """A preference file for a supervised job, an SFT file as a grader job's only data, prompt rows without
+    the grader's field: 400 naming the field, nothing stored. A prompt-only file (OpenAI's reinforcement
+    rows) runs a grader job's step 3 alone, on the base model."""
+    pref = upload(alice, PREF).json()
+    sft = upload(alice, "".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n" for i in range(40)),
+                 "sft.jsonl").json()  # fmt: skip
+    rows = [{"messages": [{"role": "user", "content": f"What color is the dog {i}?"}], "subject": "dog"}
+            for i in range(40)]  # fmt: skip
+    prompts = upload(alice, "".join(json.dumps(r) + "\n" for r in rows), "rft.jsonl").json()
+    assert prompts["kind"] == "prompt" and prompts["rows"] == 40
+    lacking = upload(alice, "".join(json.dumps(r) + "\n" for r in [*rows, {"messages": rows[0]["messages"]}]),
+                     "rft2.jsonl").json()  # fmt: skip
+    graded = {"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}}}
+    before = counts(stack)
+    err = error(alice.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "training_file": pref["id"]}), 400,
+                "training_file")  # fmt: skip
+    assert "holds preference data" in err["message"] and "needs sft data" in err["message"]
+    err = error(alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": sft["id"]}), 400, "prompt_file")
+    assert "step 3 needs prompts" in err["message"]
+    err = error(alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": lacking["id"]}), 400,
+                "method.reinforcement.grader")  # fmt: skip
+    assert "no field 'subject'" in err["message"] and "row 41 of the prompts" in err["message"], err
+    err = error(alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": prompts["id"], "steps": [1, 3]}),
+                400, "steps")  # fmt: skip
+    assert "prompts only" in err["message"]
+    assert counts(stack) == before
+    small = {"ppo": {"per_device_generation_batch_size": 2, "per_device_training_batch_size": 8}}
+    job = alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": prompts["id"], "config": small}).json()
+    assert job["steps"] == [3] and job["method"]["reinforcement"]["grader"] == SUBJECT, job
+    with session_scope(stack.settings.db_url) as s:
+        plan = s.get(Job, job["id"]).plan["3"]  # type: ignore[union-attr]
+        prompts_path = s.get(File, prompts["id"]).path  # type: ignore[union-attr]
+    assert json.loads(plan["grader"]) == SUBJECT and plan["algorithm"] == "grpo" and plan["samples_per_prompt"] == 4
+    assert plan["actor_model_name_or_path"].endswith("tiny-opt-xs") and plan["data"] == [prompts_path]
+    assert not plan["critic_model_name_or_path"] and not plan["reward_model_name_or_path"]
+    alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")

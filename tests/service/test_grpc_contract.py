@@ -53,6 +53,14 @@ def test_a_job_request_survives_the_round_trip() -> None:
         "beta": 0.25, "n_epochs": 2}}}, "config": {"dpo": {"loss": "ipo", "max_steps": 7}}})  # fmt: skip
     back = from_pb(to_pb(dpo, jobs_pb2.JobSpec), JobCreate)
     assert back == dpo and back.method.dpo.hyperparameters.beta == 0.25  # type: ignore[union-attr]
+    grader = {"type": "multi", "calculate_output": "0.5 * a + b", "graders": {
+        "a": {"type": "string_check", "operation": "ilike", "input": "{{sample.output_text}}", "reference": "{{item.x}}"},
+        "b": {"type": "text_similarity", "evaluation_metric": "rouge_l", "input": "{{sample.output_text}}",
+              "reference": "{{item.y.z}}", "pass_threshold": 0.5}}}  # fmt: skip
+    graded = JobCreate.model_validate({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {
+        "grader": grader, "hyperparameters": {"n_epochs": 2}}}, "config": {"ppo": {"algorithm": "rloo"}}})  # fmt: skip
+    back = from_pb(to_pb(graded, jobs_pb2.JobSpec), JobCreate)
+    assert back == graded and back.method.reinforcement.grader == grader  # type: ignore[union-attr]
 
 
 def test_every_proto_message_field_and_rpc_is_commented() -> None:

@@ -270,3 +270,36 @@ def test_a_dpo_job_runs_sft_then_dpo_and_registers_the_dpo_model(client: httpx.C
     assert any(c["step"] == 2 and c["metrics"].get("final") and c["step_number"] == 40 for c in ckpts)
     types = [e["data"]["event_type"] for e in events(client, job["id"])]
     assert types.count("step_succeeded") == 2 and "job_succeeded" in types
+
+
+def test_a_grader_job_runs_sft_then_grpo_on_the_prompts(client: httpx.Client, stack: Stack,
+                                                         finished: dict[str, Any]) -> None:  # fmt: skip
+    """OpenAI's `method: {type: reinforcement, reinforcement: {grader}}` through the real stack: step 1 on the
+    bundled data, then GRPO on bundled:questions with the grader as the reward (no reward model trained);
+    each answer's grade is in the rollouts and each part's mean in the metrics."""
+    grader = {"type": "string_check", "name": "names_subject", "operation": "ilike",
+              "input": "{{sample.output_text}}", "reference": "{{item.subject}}"}  # fmt: skip
+    body = {"model": "tiny-opt-xs", "preset": "tiny", "suffix": "graded",
+            "method": {"type": "reinforcement", "reinforcement": {"grader": grader}},
+            "config": {"sft": {"max_steps": 60}, "ppo": {"max_steps": 20, "checkpoint_interval": 10,
+                                                         "eval_max_rows": 32}}}  # fmt: skip
+    estimate = client.post("/v1/fine_tuning/jobs/estimate", json=body).json()
+    assert [s["step"] for s in estimate["steps"]] == [1, 3] and estimate["usd"] > 0
+    created = client.post("/v1/fine_tuning/jobs", json=body).json()
+    assert created["steps"] == [1, 3] and created["method"]["reinforcement"]["grader"] == grader, created
+    job = wait_for(client, created["id"], ("succeeded", "failed", "cancelled"), timeout=240)
+    assert job["status"] == "succeeded", job
+    assert job["step_status"] == {"1": "succeeded", "3": "succeeded"}
+    with session_scope(stack.settings.db_url) as s:
+        paths = {m.id: m.path for m in s.scalars(select(FineTunedModel).where(FineTunedModel.job_id == job["id"]))}
+        out = Path(s.get(Job, job["id"]).output_dir)  # type: ignore[union-attr]
+    assert paths[job["fine_tuned_model"]].endswith("step3_rlhf/actor") and not (out / "step2_reward").exists()
+    summary = json.loads((out / "step3_rlhf" / "summary.json").read_text())
+    assert summary["algorithm"] == "grpo" and summary["engines"] == {"actor": 1, "ref": 1, "actor_ema": 1}
+    series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 3, "limit": 100}).json()["data"]
+    assert [p["global_step"] for p in series] == list(range(1, 21))
+    assert all(p["values"]["grader_names_subject"] == p["values"]["reward_mean"] for p in series)
+    rollouts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/rollouts", params={"limit": 100}).json()["data"]
+    assert rollouts and all(r["grades"] == {"names_subject": r["reward"]} for r in rollouts)
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
+    assert any(c["step"] == 3 and c["step_number"] == 10 for c in ckpts)
