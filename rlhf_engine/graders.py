@@ -418,7 +418,9 @@ def load(value: str, where: str = "grader") -> dict[str, Any]:
             with open(value, "rb") as f:
                 raw = f.read(MAX_GRADER_BYTES + 1)
         except OSError as e:
-            raise GraderError(where, f"cannot read {value!r} ({e.strerror}); pass a JSON file or inline JSON") from None
+            raise GraderError(
+                where, f"cannot read {value!r} ({e.strerror}); pass a JSON file or inline JSON"
+            ) from None
         if len(raw) > MAX_GRADER_BYTES:
             raise GraderError(where, f"{value!r} is over {MAX_GRADER_BYTES} bytes")
         text = raw.decode("utf-8", errors="replace")
@@ -427,4 +429,4 @@ def load(value: str, where: str = "grader") -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise GraderError(where, f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     parse(spec, where)
-    return spec  # type: ignore[no-any-return]
+    return spec

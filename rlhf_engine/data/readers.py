@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import replace
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -141,10 +141,10 @@ def evaluate(trainer: PPOTrainer, split: TokenizedSplit, *, max_rows: int, batch
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7919 + dist.rank)
             for i in range(0, len(mine), batch_size):
-                rows = [split.row(j) for j in mine[i : i + batch_size]]
+                batch = [split.row(j) for j in mine[i : i + batch_size]]
                 w = torch.tensor(weights[i : i + batch_size])
-                exp = trainer.generate_experience(collate_prompts(rows, trainer.pad_id), samples=1,
-                                                  items=row_items(rows))  # fmt: skip
+                exp = trainer.generate_experience(collate_prompts(batch, trainer.pad_id), samples=1,
+                                                  items=row_items(batch))  # fmt: skip
                 totals[0] += float(w.sum())
                 totals[1] += float((exp.scores.cpu() * w).sum())
                 totals[2] += float((sequence_kl(exp).cpu() * w).sum())

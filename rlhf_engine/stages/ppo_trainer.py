@@ -375,8 +375,9 @@ class PPOTrainer:
         }
         if exp.weights is not None:  # grpo/rloo: the share of answers whose group was filtered out
             out["filtered_rate"] = float(1 - exp.weights.float().mean())
-        for name in exp.grades[0] if exp.grades else ():  # each named part of the grader, averaged
-            out[f"grader_{name}"] = sum(g[name] for g in exp.grades) / len(exp.grades)
+        grades = exp.grades or []
+        for name in grades[0] if grades else ():  # each named part of the grader, averaged
+            out[f"grader_{name}"] = float(sum(g[name] for g in grades)) / len(grades)
         return out
 
 

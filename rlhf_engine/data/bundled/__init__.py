@@ -31,7 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_engine.data.bundled.world import TOPICS, Question, all_questions, answer, corpus_paragraph, off_topic, world
+from rlhf_engine.data.bundled.world import (
+    TOPICS,
+    Question,
+    all_questions,
+    answer,
+    corpus_paragraph,
+    off_topic,
+    world,
+)
 from rlhf_engine.paths import cache_dir
 
 # Bump when anything below changes what is generated: the cache folder is keyed by it.

@@ -37,10 +37,15 @@ def graded_run(tmp_path_factory: pytest.TempPathFactory, pipeline_run: Path) -> 
     return out / "step3_rlhf"
 
 
-def test_grpo_with_a_string_check_grader_raises_the_held_out_pass_rate(graded_run: Path, pipeline_run: Path) -> None:
+def test_grpo_with_a_string_check_grader_raises_the_held_out_pass_rate(
+    graded_run: Path, pipeline_run: Path
+) -> None:
     summary = json.loads((graded_run / "summary.json").read_text())
     assert summary["algorithm"] == "grpo"
-    assert summary["engines"] == {"actor": 1, "ref": 1}  # the grader is the reward: no reward model, no critic
+    assert summary["engines"] == {
+        "actor": 1,
+        "ref": 1,
+    }  # the grader is the reward: no reward model, no critic
     # the step's own evaluation: the grader's pass rate on held-out prompts of the file (200), before and after
     # (measured: 40.0% → 80.5% at KL 0.08 in 30 steps, 5 s)
     assert summary["eval_reward_after"] >= summary["eval_reward_before"] + 0.15, summary
@@ -72,16 +77,24 @@ def test_a_killed_graded_run_resumes_with_identical_metrics(graded_run: Path, pi
         assert [m[key] for m in resumed] == pytest.approx([m[key] for m in straight], abs=1e-6), key
 
 
-def test_a_multi_grader_records_each_part_with_a_reward_model_among_them(pipeline_run: Path, tmp_path: Path) -> None:
+def test_a_multi_grader_records_each_part_with_a_reward_model_among_them(
+    pipeline_run: Path, tmp_path: Path
+) -> None:
     grader = {"type": "multi", "calculate_output": "subject + 0.5 * color + 0.1 * rm",
               "graders": {"subject": NAMES_SUBJECT,
                           "color": {"type": "text_similarity", "evaluation_metric": "fuzzy_match",
                                     "input": "{{sample.output_text}}", "reference": "{{item.facts.color}}"},
                           "rm": {"type": "score_model", "model": str(pipeline_run / "step2_reward"),
                                  "range": [-1, 1]}}}  # fmt: skip
-    rlhf_ok(*_args(pipeline_run, tmp_path, grader, "--algorithm", "rloo", "--max-steps", 2, "--eval-max-rows", 8))
+    rlhf_ok(
+        *_args(pipeline_run, tmp_path, grader, "--algorithm", "rloo", "--max-steps", 2, "--eval-max-rows", 8)
+    )
     step = tmp_path / "step3_rlhf"
-    assert json.loads((step / "summary.json").read_text())["engines"] == {"actor": 1, "ref": 1, "score_model": 1}
+    assert json.loads((step / "summary.json").read_text())["engines"] == {
+        "actor": 1,
+        "ref": 1,
+        "score_model": 1,
+    }
     for m in read_jsonl(step / "metrics.jsonl"):
         parts = m["grader_subject"] + 0.5 * m["grader_color"] + 0.1 * m["grader_rm"]
         assert m["reward_mean"] == pytest.approx(parts, abs=1e-5)
@@ -95,11 +108,19 @@ def test_a_multi_grader_records_each_part_with_a_reward_model_among_them(pipelin
 @pytest.mark.parametrize(
     ("grader", "extra", "message"),
     [
-        ({**NAMES_SUBJECT, "reference": "{{item.answer}}"}, [], "grader: the grader reads {{item.answer}} but the "
-         "row has no field 'answer' (its fields: facts, subject, topic) (training row 1"),
+        (
+            {**NAMES_SUBJECT, "reference": "{{item.answer}}"},
+            [],
+            "grader: the grader reads {{item.answer}} but the "
+            "row has no field 'answer' (its fields: facts, subject, topic) (training row 1",
+        ),
         ({"type": "python", "source": "def grade(s, i): return 1"}, [], "grader.type: python graders run"),
         ({**NAMES_SUBJECT, "operation": "regex"}, [], "grader.operation: 'regex'"),
-        (NAMES_SUBJECT, ["--reward-model", "STEP2"], "reward_model_name_or_path: with a grader, the grader is"),
+        (
+            NAMES_SUBJECT,
+            ["--reward-model", "STEP2"],
+            "reward_model_name_or_path: with a grader, the grader is",
+        ),
         ("not json", [], "grader: cannot read 'not json'"),
     ],
 )
