@@ -23,7 +23,7 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto demo test fuzz chaos bench lint lock clean
+.PHONY: help install proto demo test fuzz chaos bench bench-trl lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
@@ -31,6 +31,7 @@ help:
 	@echo "make fuzz   - schemathesis against a live API server from /openapi.json, many examples per route"
 	@echo "make chaos  - kill the training worker's process group K times during a 3-step job (and the database)"
 	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead (bench/results/)"
+	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
 	@echo "make lint   - ruff and mypy"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
@@ -78,6 +79,20 @@ bench: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/peer.py
 
+# TRL for the GRPO bench only: a venv layered on .venv (the same torch and transformers, found through a
+# .pth file) with TRL pinned and installed without dependencies, so the product's pins stay untouched
+TRL_VERSION := 1.16.0
+TRL_VENV := .venv-bench-trl
+$(TRL_VENV)/.installed: $(STAMP)
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0]); print('$(CURDIR)')" > \
+	  "$$($(TRL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/rlhf_base.pth"
+	$(TRL_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps trl==$(TRL_VERSION)
+	touch $@
+
+bench-trl: $(TRL_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(TRL_VENV)/bin/python bench/grpo_trl.py
+
 lint: $(STAMP) $(PROTO_STAMP)
 	$(BIN)/ruff check rlhf_engine service workers tests bench
 	$(BIN)/mypy rlhf_engine service workers
@@ -88,4 +103,4 @@ lock: $(STAMP)
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e' | sed 's/+cpu$$//' | sort -f; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) .cache $(DEMO_DIR) service/grpc/gen
+	rm -rf $(VENV) $(TRL_VENV) .cache $(DEMO_DIR) service/grpc/gen

@@ -141,6 +141,8 @@ def cmd_data_preview(ns: argparse.Namespace) -> int:
                     ex["chosen"] = render_answer(r.conversation, r.chosen, tokenizer)
                 if step == 2 and r.rejected is not None:
                     ex["rejected"] = render_answer(r.conversation, r.rejected, tokenizer)
+                if step == 3 and r.item:
+                    ex["item"] = r.item  # what a grader's {{item.<field>}} reads
                 examples.append(ex)
     unsup = None if corpus is None else {"datasets": config.unsup_data, "blocks": int(corpus.shape[0]),
                                          "block_size": ns.block_size}  # fmt: skip
@@ -181,7 +183,7 @@ def _print_preview(config: DataConfig, reports: list[dict[str, Any]], unsup: dic
                       f"{unsup['block_size']} tokens")  # fmt: skip
     for ex in examples:
         console.print(f"[bold]step {ex['step']} example[/bold]")
-        for k in ("prompt", "chosen", "rejected"):
+        for k in ("prompt", "chosen", "rejected", "item"):
             if k in ex:
                 console.print(f"  {k:8} {ex[k]!r}", markup=False, highlight=False)
 

@@ -107,3 +107,25 @@ def test_corpus_blocks(tokenizer) -> None:
     blocks = prepare_corpus(DataConfig(), tokenizer, 64)
     assert blocks.ndim == 2 and blocks.shape[1] == 64 and blocks.shape[0] > 100
     assert tokenizer.eos_token_id in blocks  # documents are separated by EOS
+
+
+def test_step3_rows_carry_their_item_through_the_cache(tokenizer, fresh_cache: Path) -> None:
+    """A prompt row's other fields (what a grader reads) survive tokenisation and the .npz cache (no pickle),
+    row for row with the prompts; rows without fields carry an empty item."""
+    from rlhf_engine.data.readers import read_dataset
+    from rlhf_engine.data.tokenize import decode_item
+
+    config = DataConfig(data=["bundled:questions"], max_prompt_len=64)
+    first = prepare_step(config, 3, tokenizer)
+    cached = prepare_step(config, 3, tokenizer)
+    rows = {r.conversation[-1].content: r.item for r in read_dataset("bundled:questions").rows}
+    assert len(first.train) + len(first.eval) == 2000
+    for split in (first.train, cached.train, cached.eval):
+        for i in (0, len(split) // 2, len(split) - 1):
+            row = split.row(i)
+            prompt = tokenizer.decode(row["prompt_ids"])
+            question = next(q for q in rows if q in prompt)
+            assert decode_item(row["item"]) == rows[question]
+    assert set(decode_item(cached.train.row(0)["item"])) == {"subject", "topic", "facts"}
+    plain = prepare_step(DataConfig(data=["bundled:preference"], data_split="0,0,10"), 3, tokenizer)
+    assert decode_item(plain.train.row(0)["item"]) == {}
