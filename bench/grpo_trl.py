@@ -226,7 +226,7 @@ def main() -> int:
     report["machine_after"] = machine_probe()
     out = ROOT / "bench" / "results" / f"grpo_trl-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=1))
-    print(f"\n| model | side | answers/s | step s | generate s | score s | train s | peak RSS MiB |")
+    print("\n| model | side | answers/s | step s | generate s | score s | train s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, m in report["models"].items():
         for side in ("grpo", "trl", "ppo"):
