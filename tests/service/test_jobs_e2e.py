@@ -303,3 +303,53 @@ def test_a_grader_job_runs_sft_then_grpo_on_the_prompts(client: httpx.Client, st
     assert rollouts and all(r["grades"] == {"names_subject": r["reward"]} for r in rollouts)
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
     assert any(c["step"] == 3 and c["step_number"] == 10 for c in ckpts)
+
+
+def test_a_grader_job_pauses_and_resumes_in_step_3(client: httpx.Client, finished: dict[str, Any]) -> None:
+    """Pause and resume work for grader jobs as for any: step 3 (GRPO, no SFT: steps [3] runs on the base
+    model) checkpoints on pause and continues from there, its metrics one unbroken series."""
+    grader = {"type": "string_check", "operation": "ilike", "input": "{{sample.output_text}}",
+              "reference": "{{item.subject}}"}  # fmt: skip
+    body = {"model": "tiny-opt-xs", "preset": "tiny", "steps": [3],
+            "method": {"type": "reinforcement", "reinforcement": {"grader": grader}},
+            "config": {"ppo": {"max_steps": 150, "checkpoint_interval": 0, "eval_max_rows": 16}}}  # fmt: skip
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    assert job["steps"] == [3], job
+    url = f"/v1/fine_tuning/jobs/{job['id']}"
+    wait_for_training(client, job["id"])
+    assert client.post(f"{url}/pause").json()["status"] == "running"
+    paused = wait_for(client, job["id"], ("paused", "succeeded", "failed"), timeout=120)
+    assert paused["status"] == "paused", paused
+    at = client.get(f"{url}/checkpoints").json()["data"][0]["step_number"]
+    assert 0 < at < 150
+    assert client.post(f"{url}/resume").json()["status"] == "queued"
+    done = wait_for(client, job["id"], ("succeeded", "failed"), timeout=180)
+    assert done["status"] == "succeeded", done
+    points = client.get(f"{url}/metrics", params={"limit": 1000}).json()["data"]
+    assert [p["global_step"] for p in points] == list(range(1, 151))
+    assert all("grader_string_check" in p["values"] for p in points)
+    assert any(f"resuming at step {at}" in e["message"] for e in events(client, job["id"]))
+
+
+def test_a_dpo_job_pauses_and_resumes_in_its_dpo_step(client: httpx.Client, finished: dict[str, Any]) -> None:
+    """Pause in step 2 (DPO) of a dpo job: it checkpoints, resumes from there, one unbroken series."""
+    body = {"model": "tiny-opt-xs", "preset": "tiny", "method": {"type": "dpo"},
+            "config": {"sft": {"max_steps": 20}, "dpo": {"max_steps": 400, "num_train_epochs": 2, "checkpoint_interval": 0,
+                                                         "eval_max_rows": 16}}}  # fmt: skip
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    url = f"/v1/fine_tuning/jobs/{job['id']}"
+    deadline = time.monotonic() + 180
+    while not client.get(f"{url}/metrics", params={"step": 2, "limit": 1}).json()["data"]:
+        assert time.monotonic() < deadline, "the DPO step did not start"
+        time.sleep(0.2)
+    assert client.post(f"{url}/pause").json()["status"] == "running"
+    paused = wait_for(client, job["id"], ("paused", "succeeded", "failed"), timeout=120)
+    assert paused["status"] == "paused" and paused["step_status"]["1"] == "succeeded", paused
+    at = [c for c in client.get(f"{url}/checkpoints").json()["data"] if c["step"] == 2][0]["step_number"]
+    assert 0 < at < 400
+    assert client.post(f"{url}/resume").json()["status"] == "queued"
+    done = wait_for(client, job["id"], ("succeeded", "failed"), timeout=180)
+    assert done["status"] == "succeeded", done
+    points = client.get(f"{url}/metrics", params={"step": 2, "limit": 1000}).json()["data"]
+    assert [p["global_step"] for p in points] == list(range(1, 401))
+    assert any(f"resuming at step {at}" in e["message"] for e in events(client, job["id"]))
