@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from rlhf_engine.config.data import DataConfig
 from rlhf_engine.config.train import ModelOptions, Scheduler, Tracking, check_ranges
@@ -179,6 +179,13 @@ class PPOConfig:
         if self.grader:
             return ""
         return self.reward_model_name_or_path or self.critic_model_name_or_path
+
+    def parsed_grader(self) -> Any:
+        """The grader as `graders.Grader` (None when a reward model is the reward): the one place that
+        turns the stored JSON back into a grader."""
+        from rlhf_engine import graders
+
+        return graders.parse(json.loads(self.grader)) if self.grader else None
 
     def experiences_per_step(self) -> int:
         """Answers one process samples (and trains on) per step."""

@@ -221,8 +221,8 @@ _EXPECTED = (
 
 
 def _ends_with_user(messages: Any) -> bool:
-    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) and \
-        messages[-1].get("role") == "user"  # fmt: skip
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    return isinstance(last, dict) and last.get("role") == "user"
 
 
 def detect_shape(record: Any, *, path: str, line: int) -> str:

@@ -16,13 +16,11 @@ eval mode (see `generation.py`), nothing is copied or reloaded.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any
 
 import torch
 
-from rlhf_engine import graders
 from rlhf_engine.algorithms.ppo import ema_update
 from rlhf_engine.config.ppo import PPOConfig
 from rlhf_engine.config.train import ModelOptions
@@ -156,7 +154,8 @@ class RLHFEngine:
             self.reward = self._frozen("reward", self.reward_path, kind="value", dtype=self.critic_dtype,
                                        zero_stage=cfg.critic.zero_stage, offload=cfg.offload_reward_model)  # fmt: skip
         self.score_models: dict[str, Any] = {}  # a grader's score_model parts, by the name the grader gives
-        for name in sorted(graders.parse(json.loads(cfg.grader)).score_models() if cfg.grader else ()):
+        grader = cfg.parsed_grader()
+        for name in sorted(grader.score_models() if grader is not None else ()):
             path = resolve_model(name, field="grader.model")
             self.score_models[name] = self._frozen("score_model", path, kind="value", dtype=self.critic_dtype,
                                                    zero_stage=cfg.critic.zero_stage, offload=cfg.offload_reward_model)  # fmt: skip

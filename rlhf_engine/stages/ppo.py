@@ -13,7 +13,6 @@ before and after, for the actor and (when on) its EMA.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -51,8 +50,8 @@ def check(config: PPOConfig) -> Any:
     actor_config = load_config(actor, kind="causal_lm", field="actor_model_name_or_path")
     tokenizer = load_tokenizer(actor, field="actor_model_name_or_path")
     value_models = [("reward_model_name_or_path", config.reward_path)] if config.reward_path else []
-    if config.grader:  # its score_model parts read the actor's tokens like a reward model does
-        value_models += [("grader.model", m) for m in sorted(graders.parse(json.loads(config.grader)).score_models())]
+    if (grader := config.parsed_grader()) is not None:  # its score_model parts read the actor's tokens too
+        value_models += [("grader.model", m) for m in sorted(grader.score_models())]
     if config.algorithm == "ppo":  # grpo and rloo train no critic
         value_models.insert(0, ("critic_model_name_or_path", config.critic_model_name_or_path))
     for field, path in value_models:
@@ -105,14 +104,14 @@ def row_items(rows: list[Row]) -> list[dict[str, Any]]:
     return [decode_item(r["item"]) if "item" in r else {} for r in rows]
 
 
-def check_items(grader_json: str, split: TokenizedSplit, what: str) -> None:
+def check_items(grader: graders.Grader, split: TokenizedSplit, what: str) -> None:
     """Every row has the fields the grader's templates read: found before training, not at step 900."""
-    grader = graders.parse(json.loads(grader_json))
-    if not grader.item_fields():
+    if not grader.item_fields() or not len(split):
         return
+    items = split.columns["item"]
     for i in range(len(split)):
         try:
-            graders.check_row(grader, row_items([split.row(i)])[0], where="grader")
+            graders.check_row(grader, decode_item(items[i]), where="grader")
         except graders.GraderError as e:
             raise graders.GraderError(e.param, f"{str(e).removeprefix(e.param + ': ')} ({what} row {i + 1} of step "
                                                "3's prompts)") from None  # fmt: skip
@@ -221,9 +220,9 @@ class PPOMethod(Method):
 
     def build(self, loop: Loop) -> dict[str, Any]:
         cfg = self.config
-        if cfg.grader:  # before any model is loaded
-            check_items(cfg.grader, loop.prepared.train, "training")
-            check_items(cfg.grader, loop.prepared.eval, "held-out")
+        if (grader := cfg.parsed_grader()) is not None:  # before any model is loaded
+            check_items(grader, loop.prepared.train, "training")
+            check_items(grader, loop.prepared.eval, "held-out")
         self.unsup = None
         if cfg.unsup_coef > 0:
             self.unsup = torch.as_tensor(prepare_corpus(cfg.data, self.tokenizer,

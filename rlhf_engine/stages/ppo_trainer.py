@@ -19,7 +19,6 @@ is taken off the reward, as PPO does).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, fields
@@ -139,7 +138,7 @@ class PPOTrainer:
         self.warnings: list[str] = []  # for the caller to turn into events
         self.generate_kwargs: dict[str, Any] = {}  # extra arguments for `generate` (e.g. min_new_tokens)
         self.last_metrics: dict[str, float] = {}
-        self.grader = graders.parse(json.loads(self.args.grader)) if self.args.grader else None
+        self.grader = self.args.parsed_grader()
 
     # ------------------------------------------------------------------ experience
 
