@@ -23,7 +23,7 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto demo test fuzz chaos bench bench-trl lint lock clean
+.PHONY: help install proto console browser demo test fuzz chaos bench bench-trl lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
@@ -33,6 +33,7 @@ help:
 	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead (bench/results/)"
 	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
+	@echo "make console - build the web console (/ui/) from service/console with npm (also done by make test)"
 	@echo "make lint   - ruff and mypy"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
 	@echo "make clean  - remove .venv, .cache and $(DEMO_DIR)"
@@ -56,8 +57,26 @@ $(PROTO_STAMP): $(PROTOS) service/grpc/build.py $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m service.grpc.build
 
-test: $(STAMP) $(PROTO_STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
+# The web console: npm packages pinned by package-lock.json, built by Vite into service/console/dist/
+# (served by the API server at /ui/; never committed). Nothing is fetched when the page runs.
+CONSOLE := service/console
+CONSOLE_STAMP := $(CONSOLE)/dist/index.html
+$(CONSOLE_STAMP): $(CONSOLE)/package.json $(CONSOLE)/package-lock.json $(CONSOLE)/index.html $(CONSOLE)/vite.config.js $(wildcard $(CONSOLE)/src/*)
+	cd $(CONSOLE) && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
+
+console: $(CONSOLE_STAMP)
+
+# The console's tests drive Debian's chromium headless (Playwright pointed at it; no browser download).
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; \
+	else echo "the console tests need Debian's chromium at $(CHROMIUM): sudo apt-get install chromium (or set CHROMIUM=path)"; exit 1; fi
+
+browser: $(CHROMIUM)
+
+test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM)
+	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(RLHF) data list
@@ -103,4 +122,4 @@ lock: $(STAMP)
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e' | sed 's/+cpu$$//' | sort -f; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) $(TRL_VENV) .cache $(DEMO_DIR) service/grpc/gen
+	rm -rf $(VENV) $(TRL_VENV) .cache $(DEMO_DIR) service/grpc/gen $(CONSOLE)/node_modules $(CONSOLE)/dist

@@ -1,14 +1,24 @@
 # The API server (REST + gRPC). It never imports torch, so the image installs only the `service`
 # extra: no torch, no DeepSpeed, a few hundred MB instead of several GB.
 #   docker build -f docker/api.Dockerfile -t rlhf-api .
+# The web console (/ui/): built from the pinned npm packages in a Node stage; only its static files are kept.
+FROM node:20-slim AS console
+WORKDIR /console
+COPY service/console/package.json service/console/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY service/console/index.html service/console/vite.config.js ./
+COPY service/console/src ./src
+RUN npm run build
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    RLHF_CACHE_DIR=/data/cache
+    RLHF_CACHE_DIR=/data/cache RLHF_CONSOLE_DIR=/app/service/console/dist
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY rlhf_engine ./rlhf_engine
 COPY service ./service
+COPY --from=console /console/dist ./service/console/dist
 COPY workers ./workers
 COPY proto ./proto
 # the gRPC code is generated from proto/ before the package is installed (it is never committed)

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     grpc_port: int = 50051
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the API")
     metrics_public: bool = Field(default=False, description="serve /metrics without an operator key")
+    console_dir: Path | None = Field(default=None, description="the web console's built files, served at /ui/ "
+                                     "(default: service/console/dist, built by `make console`)")  # fmt: skip
     auth_cache_s: float = Field(default=5.0, ge=0, description="seconds an API server trusts a verified key without "
                                 "asking the database again: a revoked key stops working within this time (0: "
                                 "check every request)")  # fmt: skip

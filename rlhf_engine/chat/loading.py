@@ -7,6 +7,7 @@ allows pickled ones (`allow_pickle`), because unpickling a file runs whatever co
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ logger = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Architectures DeepSpeed-Inference has injection policies for (checked on a GPU before relying on it).
 INJECT_ARCHS = ("opt", "gpt2", "llama", "gptj", "gpt_neox", "bloom")
+# One model loads at a time per process: transformers' from_pretrained is not thread-safe (an inference
+# worker asked for a job's SFT, RLHF and EMA models at once failed with "Cannot copy out of meta tensor",
+# or with a half-finished lazy import of transformers). Loads are CPU-bound anyway.
+LOADING = threading.RLock()
 
 
 @dataclass
@@ -133,6 +138,11 @@ def _context_len(config: Any) -> int:
 
 
 def load_chat_model(config: ChatEngineConfig) -> LoadedModel:
+    with LOADING:
+        return _load_chat_model(config)
+
+
+def _load_chat_model(config: ChatEngineConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     from rlhf_engine.models.loading import load_config, load_tokenizer
@@ -189,6 +199,10 @@ class ReplyScorer:
     """Scores finished replies with a run's reward model, the way steps 2 and 3 score them."""
 
     def __init__(self, reward_dir: Path, device: torch.device) -> None:
+        with LOADING:
+            self._load(reward_dir, device)
+
+    def _load(self, reward_dir: Path, device: torch.device) -> None:
         from transformers import AutoModelForSequenceClassification
 
         from rlhf_engine.models.loading import load_tokenizer

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -147,6 +148,51 @@ def _migrate_until_done(state: Any, settings: Settings) -> None:
         logger.warning("database reachable again: migrated, serving")
 
 
+CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console" / "dist"
+# the console talks to this origin only and runs no inline code: a page that someone else's script got into
+# could not send the key anywhere else
+CONSOLE_HEADERS = [(b"content-security-policy", b"default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                    b"style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"),
+                   (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]  # fmt: skip
+
+
+class ConsoleFiles:
+    """The built console under /ui/ (static files; hash routes, so index.html answers /ui/), with CSP headers."""
+
+    def __init__(self, directory: Path) -> None:
+        from starlette.staticfiles import StaticFiles
+
+        self.files = StaticFiles(directory=directory, html=True)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + CONSOLE_HEADERS
+            await send(message)
+
+        await self.files(scope, receive, with_headers)
+
+
+def mount_console(app: FastAPI, settings: Settings) -> None:
+    """/ui/: the web console when it is built here; else a 404 that says how to build it."""
+    from fastapi.responses import RedirectResponse
+
+    directory = settings.console_dir or CONSOLE_DIR
+
+    @app.get("/ui", include_in_schema=False)
+    def ui_slash() -> Response:
+        return RedirectResponse("/ui/")
+
+    if (directory / "index.html").is_file():
+        app.mount("/ui", ConsoleFiles(directory), name="console")
+        return
+
+    @app.get("/ui/{rest:path}", include_in_schema=False)
+    def ui_missing(rest: str) -> JSONResponse:
+        return _envelope(404, f"the web console is not built on this server ({directory} has no index.html): run "
+                         "`make console` (needs Node.js and npm), or set RLHF_CONSOLE_DIR", code="console_not_built")  # fmt: skip
+
+
 def create_app(settings: Settings | None = None, *, run_migrations: bool = True) -> FastAPI:
     settings = settings or get_settings()
     migrated = True
@@ -252,5 +298,6 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     app.include_router(graders.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    mount_console(app, settings)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.openapi import COMMON, errors
-from service.errors import ServiceError
+from service.errors import InvalidRequest, ServiceError
 from service.jobs import lifecycle, plan
 from service.jobs import queries as svc
 from service.schemas import (
@@ -25,6 +25,7 @@ from service.schemas import (
     JobList,
     JobObject,
     MetricList,
+    MetricPoint,
     RolloutList,
 )
 
@@ -84,22 +85,29 @@ def resume(job_id: str, caller: CallerDep, session: SessionDep, settings: Settin
 
 @router.get("/{job_id}/events", response_model=EventList, responses=errors(404))
 def events(request: Request, job_id: str, caller: CallerDep, session: SessionDep, after: str | None = None,
-           limit: Limit = 20, stream: bool = False) -> Any:  # fmt: skip
+           limit: Limit = 20, stream: bool = False, metrics: bool = False) -> Any:  # fmt: skip
+    """With `stream=true`: server-sent events (every event from the start, then live ones; `[DONE]` last).
+    `metrics=true` adds each metric point as an `event: metric` and the job as it ended as an `event: job`
+    (what the web console draws its live curves from); without it the stream is OpenAI's."""
     if stream:
         svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)
-        return _event_stream(request, job_id)
+        return _event_stream(request, job_id, metrics=metrics)
+    if metrics:
+        raise InvalidRequest("metrics: only with stream=true (for metric points without a stream: GET "
+                             f"/v1/fine_tuning/jobs/{job_id}/metrics)", param="metrics")  # fmt: skip
     return respond(svc.list_events(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit))
 
 
-def _event_stream(request: Request, job_id: str) -> Any:
-    """Server-sent events: every event from the start, then live ones until the job ends; `[DONE]` last."""
+def _event_stream(request: Request, job_id: str, *, metrics: bool) -> Any:
     from sse_starlette.sse import EventSourceResponse
 
     async def gen() -> AsyncIterator[dict[str, str]]:
         try:
-            async for item in svc.follow(db_url=request.app.state.settings.db_url, job_id=job_id):
+            async for item in svc.follow(db_url=request.app.state.settings.db_url, job_id=job_id, metrics=metrics):
                 if isinstance(item, EventObject):
                     yield {"data": item.model_dump_json()}
+                elif metrics:
+                    yield {"event": "metric" if isinstance(item, MetricPoint) else "job", "data": item.model_dump_json()}
         except Exception as e:  # after the headers: an error event, then the end
             err = e.envelope() if isinstance(e, ServiceError) else {"error": {"message": "event stream failed",
                                                                             "type": "server_error"}}  # fmt: skip

@@ -503,3 +503,16 @@ def test_data_files_must_suit_the_method(stack: Stack, alice: Any) -> None:
     assert plan["actor_model_name_or_path"].endswith("tiny-opt-xs") and plan["data"] == [prompts_path]
     assert not plan["critic_model_name_or_path"] and not plan["reward_model_name_or_path"]
     alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+
+
+def test_a_server_without_the_built_console_says_how_to_build_it(tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'db'}", console_dir=tmp_path / "none")
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/ui/")
+        assert r.status_code == 404 and "make console" in r.json()["error"]["message"]
+        assert c.get("/ui/assets/x.js").status_code == 404

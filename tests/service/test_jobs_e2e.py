@@ -174,6 +174,28 @@ def test_live_events_stream_over_sse(client: httpx.Client, finished: dict[str, A
     assert json.loads(lines[-2])["data"]["event_type"] == "job_succeeded"
 
 
+def test_event_stream_with_metrics_carries_every_point_then_the_job(client: httpx.Client, finished: dict[str, Any],
+                                                                    walk: Any) -> None:  # fmt: skip
+    """`metrics=true` (what the console draws from): the plain stream's events unnamed as before, each metric
+    point as `event: metric`, the job as it ended as `event: job`, then [DONE]."""
+    job_id = finished["job"]["id"]
+    kinds: list[tuple[str, Any]] = []
+    with client.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true", "metrics": "true"}) as r:
+        name = "message"
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                kinds.append((name, line[6:] if line[6:] == "[DONE]" else json.loads(line[6:])))
+                name = "message"
+    assert kinds[-1] == ("message", "[DONE]") and kinds[-2][0] == "job" and kinds[-2][1]["status"] == "succeeded"
+    points = [d for k, d in kinds if k == "metric"]
+    assert points == walk(client, f"/v1/fine_tuning/jobs/{job_id}/metrics", 1000)  # all of them, in order
+    assert [d["data"]["event_type"] for k, d in kinds if k == "message" and d != "[DONE]"][-1] == "job_succeeded"
+    bad = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"metrics": "true"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "metrics"
+
+
 def test_openai_sdk_creates_retrieves_lists_and_cancels(stack: Stack, finished: dict[str, Any], tmp_path: Any) -> None:
     from openai import OpenAI
 

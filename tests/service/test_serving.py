@@ -20,12 +20,11 @@ import grpc
 import httpx
 import openai
 import pytest
-from sqlalchemy import select
 
-from service.db.models import FineTunedModel, InferenceWorker
+from service.db.models import FineTunedModel
 from service.db.session import session_scope
 from service.schemas import ChatCompletionChunk
-from tests.service.conftest import SMALL_SFT, Stack, serve
+from tests.service.conftest import SMALL_SFT, Stack, Workers, serve
 from workers.local import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -60,48 +59,6 @@ def api(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     proc.wait(timeout=30)
     assert not blocked.exists(), f"the API process tried to import {blocked.read_text()}"
 
-
-class Workers:
-    """Inference worker subprocesses on the e2e stack, with their logs."""
-
-    def __init__(self, stack: Stack, tmp: Path) -> None:
-        self.stack, self.tmp, self.procs = stack, tmp, {}  # type: dict[int, tuple[subprocess.Popen[bytes], Path]]
-
-    def start(self, **env: str) -> int:
-        log = self.tmp / f"worker-{len(self.procs)}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "inference"], env=self.stack.env | env,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        self.procs[proc.pid] = (proc, log)
-        deadline = time.monotonic() + 60
-        while self.row(proc.pid) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        return proc.pid
-
-    def row(self, pid: int) -> InferenceWorker | None:
-        with session_scope(self.stack.settings.db_url) as s:
-            row = s.scalar(select(InferenceWorker).where(InferenceWorker.pid == pid))
-            if row is not None:
-                s.expunge(row)
-            return row
-
-    def holding(self, model_id: str) -> list[int]:
-        with session_scope(self.stack.settings.db_url) as s:
-            return [w.pid for w in s.scalars(select(InferenceWorker)) if model_id in (w.models or [])]
-
-    def log(self, pid: int) -> str:
-        return self.procs[pid][1].read_text()
-
-    def stop(self) -> None:
-        for proc, _ in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc, _ in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

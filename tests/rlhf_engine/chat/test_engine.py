@@ -315,3 +315,28 @@ def test_run_directory_serves_the_actor_and_scores_replies(pipeline_run: Path) -
     with ChatEngine.load(str(pipeline_run / "step3_rlhf" / "actor_ema"), score_replies=False) as e:
         assert e.scorer is None
         assert e.generate(DOG, SamplingParams(max_new_tokens=5)).choices[0].reward is None
+
+
+def test_three_models_of_a_run_load_at_once_in_threads(pipeline_run: Path) -> None:
+    """What an inference worker does when a console compares a job's SFT, RLHF and EMA models: three
+    loads at once (each with the run's reward model). transformers' loading is not thread-safe: before
+    the per-process load lock, two of three failed ("Cannot copy out of meta tensor", a half-done import)."""
+    import threading
+
+    paths = [pipeline_run / "step1_sft", pipeline_run / "step3_rlhf" / "actor", pipeline_run / "step3_rlhf" / "actor_ema"]
+    replies: dict[str, str] = {}
+    errors: list[str] = []
+
+    def load(path: Path) -> None:
+        try:
+            with ChatEngine.load(str(path)) as e:
+                replies[path.name] = e.generate(DOG, SamplingParams(temperature=0, max_new_tokens=8)).choices[0].text
+        except Exception as ex:  # collected: an exception in a thread would not fail the test
+            errors.append(f"{path}: {ex!r}")
+
+    threads = [threading.Thread(target=load, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(replies) == 3, errors
