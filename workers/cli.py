@@ -90,7 +90,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         env = dict(os.environ, RLHF_DATA_DIR=str(settings.data_dir))
         for kind in ("train", "inference"):
             children.append(subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", kind], env=env))
-        print(f"rlhf: all-in-one — API on http://{settings.host}:{settings.port}, gRPC on {settings.host}:"
+        print(f"rlhf: all-in-one — API on http://{settings.host}:{settings.port} (console at /ui/), gRPC on {settings.host}:"
               f"{settings.grpc_port}, training worker pid {children[0].pid}, inference worker pid {children[1].pid}, "
               f"database {settings.db_url}, broker {settings.redis_url or 'filesystem (no Redis)'}",
               file=sys.stderr, flush=True)  # fmt: skip
