@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rlhf_engine.chat.errors import ChatError
 from rlhf_engine.config.args import add_dataclass_args, dataclass_from_args, load_config_file
@@ -298,6 +298,90 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- rlhf plan
+
+PLAN_METHODS: dict[str, tuple[Literal["rlhf", "dpo"], list[int], str | None]] = {"rlhf": ("rlhf", [1, 2, 3], None), "dpo": ("dpo", [1, 2], None), "grpo": ("rlhf", [1, 3], "grpo"),
+                "rloo": ("rlhf", [1, 3], "rloo"), "sft": ("rlhf", [1], None), "reward": ("rlhf", [2], None),
+                "ppo": ("rlhf", [3], "ppo")}  # fmt: skip
+
+
+def planned_steps(top: dict[str, Any], sections: dict[str, dict[str, Any]], *, method: str, actor: str, reward: str
+                  ) -> list[tuple[int, str, Any]]:  # fmt: skip
+    """(step, planner method, the step's built config) for each step of `method` (rlhf, dpo, grpo, rloo, or
+    one step: sft, reward, ppo), from a pipeline file's values (a preset's, the service's)."""
+    from rlhf_engine.config.args import dataclass_from_args
+    from rlhf_engine.config.pipeline import STEPS, PipelineConfig, step_values
+
+    pipeline_method, steps, algorithm = PLAN_METHODS[method]
+    if algorithm:
+        sections["ppo"] = {**sections.get("ppo", {}), "algorithm": algorithm}
+        if algorithm != "ppo":
+            sections["ppo"].setdefault("samples_per_prompt", 4)
+    cfg = dataclass_from_args(PipelineConfig, argparse.Namespace(), file_values={**top, "actor_model": actor,
+                              "reward_model": reward or "", "output_dir": "plan", "method": pipeline_method,
+                              "step": steps})  # fmt: skip
+    out = []
+    for step in steps:
+        spec = STEPS[pipeline_method][step]
+        values = step_values(cfg, step, sections.get(spec.command, {}))
+        if step == 3 and not reward:  # graders only
+            values |= {"critic_model_name_or_path": "", "grader": '{"type": "string_check", "name": "planned", '
+                       '"input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}'}  # fmt: skip
+        built: Any = dataclass_from_args(spec.config, argparse.Namespace(), file_values=values)
+        out.append((step, built.algorithm if step == 3 and pipeline_method == "rlhf" else spec.command, built))
+    return out
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from rlhf_engine import planner as pl
+    from rlhf_engine.config.pipeline import load_pipeline_file
+
+    if not (ns.actor_model or ns.actor_params):
+        raise pl.PlanError("actor_model: give the actor (--actor-model PATH or hub id) or its size (--actor-params 1.3e9)")
+    actor = pl.load_shape(ns.actor_params or ns.actor_model, name="actor")
+    if ns.gpu_type and ns.gpu_type not in pl.GPU_MEMORY_GIB:
+        raise pl.PlanError(f"gpu_type: {ns.gpu_type!r} is not known here ({', '.join(pl.GPU_MEMORY_GIB)}); give "
+                           "--gpu-memory-gb instead")  # fmt: skip
+    gib = ns.gpu_memory_gb or (pl.GPU_MEMORY_GIB[ns.gpu_type] if ns.gpu_type else None)
+    if not gib or gib <= 0:
+        raise pl.PlanError("gpu_memory_gb: say how much memory one GPU has (--gpu-memory-gb 80) or name it "
+                           f"(--gpu-type {' | '.join(pl.GPU_MEMORY_GIB)})")  # fmt: skip
+    label = ns.gpu_type or f"{gib:g} GiB GPU"
+    needs_reward = ns.method in ("rlhf", "reward", "ppo")
+    if needs_reward and not (ns.reward_model or ns.reward_params):
+        raise pl.PlanError(f"reward_model: method {ns.method} trains or scores with a reward model; give it "
+                           "(--reward-model PATH) or its size (--reward-params 350e6)")  # fmt: skip
+    reward = pl.load_shape(ns.reward_params or ns.reward_model, name="reward") if (ns.reward_model or ns.reward_params) else None
+    top, sections = load_pipeline_file(ns.config) if ns.config else ({}, {})
+    for flag in ("max_seq_len", "max_prompt_len"):
+        if getattr(ns, flag) is not None:
+            top[flag] = getattr(ns, flag)
+    if ns.max_answer_len is not None:
+        sections["ppo"] = {**sections.get("ppo", {}), "max_answer_len": ns.max_answer_len}
+    gpus = ns.num_gpus * ns.nodes
+    host = ns.host_memory_gb * pl.GiB if ns.host_memory_gb else None
+    results = []
+    steps = planned_steps(top, sections, method=ns.method, actor=str(ns.actor_model or "actor"),
+                          reward=str(ns.reward_model or ("reward" if reward else "")))  # fmt: skip
+    for step, method, built in steps:
+        w = pl.workload_of(built, method, dtype_bytes=ns.dtype_bytes)
+        p = pl.plan(w, actor, reward, gpus=gpus, gpus_per_node=ns.num_gpus, gpu_bytes=gib * pl.GiB, host_bytes=host)
+        results.append((step, p))
+    if ns.json:
+        print(json.dumps({"gpus": gpus, "gpu_memory_gib": gib, "actor_params": actor.params,
+                          "reward_params": reward.params if reward else None,
+                          "steps": {str(step): p.to_dict() for step, p in results}}, indent=2))  # fmt: skip
+    else:
+        print(f"actor: {actor.params / 1e9:.3g}B parameters ({actor.layers} layers, hidden {actor.hidden}, vocab "
+              f"{actor.vocab})" + (f"; reward model: {reward.params / 1e9:.3g}B ({reward.layers} layers, hidden "
+              f"{reward.hidden})" if reward else ""))  # fmt: skip
+        for step, p in results:
+            print(f"\nstep {step}: " + pl.render(p, gpu_label=label))
+            if p.best:
+                print(f"  options: {pl.as_flags(pl.step_options(p.best.choice, p.workload.method))}")
+    return 0 if all(p.best for _, p in results) else 3
+
+
 # ---------------------------------------------------------------------------- rlhf eval
 
 
@@ -431,6 +515,28 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="YAML/JSON file (or preset name, e.g. tiny) with shared options and "
                     "sft:/reward:/ppo: sections of per-step options")  # fmt: skip
     tr.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plan", help="memory per GPU of every model of each step, and the fastest ZeRO / offload / "
+                        "LoRA / checkpointing choice that fits (exit 3 when none does)")  # fmt: skip
+    pl.add_argument("--actor-model", help="the actor: a model directory or a known hub id")
+    pl.add_argument("--actor-params", type=float, help="…or its parameter count (e.g. 13e9)")
+    pl.add_argument("--reward-model", help="the reward model / critic: a model directory or a known hub id")
+    pl.add_argument("--reward-params", type=float, help="…or its parameter count (e.g. 350e6)")
+    pl.add_argument("--method", choices=list(PLAN_METHODS), default="rlhf",
+                    help="rlhf = steps 1-3 with PPO; dpo; grpo/rloo = step 1 then step 3 without a critic; or one step")  # fmt: skip
+    pl.add_argument("--num-gpus", type=int, default=1, help="GPUs per node")
+    pl.add_argument("--nodes", type=int, default=1)
+    pl.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GiB (as nvidia-smi says)")
+    pl.add_argument("--gpu-type", help="…or its name: " + ", ".join(__import__("rlhf_engine.planner").planner.GPU_MEMORY_GIB))
+    pl.add_argument("--host-memory-gb", type=float, help="host memory per node for offload (default 128 GiB per GPU)")
+    pl.add_argument("--config", help="a pipeline file or preset whose batch sizes and lengths to plan (default: the "
+                    "steps' defaults)")  # fmt: skip
+    pl.add_argument("--max-seq-len", type=int, help="override the sequence length of steps 1 and 2")
+    pl.add_argument("--max-prompt-len", type=int, help="override step 3's prompt length")
+    pl.add_argument("--max-answer-len", type=int, help="override step 3's answer length")
+    pl.add_argument("--dtype-bytes", type=int, choices=[2, 4], default=2, help="2: bf16/fp16 (GPU), 4: fp32")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     ev = sub.add_parser("eval", help="property rate, reward and KL of a model on held-out bundled questions")
     ev.add_argument("--model", required=True, help="the model to evaluate (e.g. RUN/step3_rlhf/actor)")

@@ -1,0 +1,683 @@
+"""The memory planner: per GPU, the bytes every model of a step holds — weights, gradients, optimizer
+states, activations (with and without gradient checkpointing), the generation KV cache — for each choice
+of ZeRO stage, offload, LoRA, checkpointing and reference/reward offload; and the fastest choice that fits.
+
+Torch-free (the API server plans jobs and never imports torch). Sizes come from a model's config.json and
+the tensor shapes in its safetensors headers (read as JSON, no weights loaded), or from a parameter count
+alone (an OPT-like shape is assumed). The arithmetic, per data-parallel rank of N:
+
+- weights: P × b (b = 2 for bf16/fp16, 4 for fp32); ÷ N at ZeRO-3; 0 on the GPU with parameter offload.
+- gradients: trainable P × b; ÷ N from ZeRO-2.
+- optimizer (Adam, mixed precision): trainable P × 12 (fp32 master, m, v; 8 in fp32 training); ÷ N from
+  ZeRO-1; 0 on the GPU with optimizer offload (it moves to host memory, reported per node).
+- LoRA (rank r, every linear layer, only the adapters train): trainable = r × (d_in + d_out) per linear.
+- activations of one micro-batch of B sequences of T tokens, per layer and token: b × (6H + 2I·g + 2H)
+  (g = 1.5 for gated MLPs), plus the logits B × T × V × (b + 8) (fp32 log-softmax and its gradient);
+  with gradient checkpointing, b × H per layer and token plus one layer's full activations.
+- KV cache of generation: 2 × L × B × (prompt + answer) × H_kv × b.
+- frozen models (reference, reward): weights only (÷ N when ZeRO-3 shards them; 0 when offloaded), plus
+  their forward pass over the batch's logits.
+- a step's peak = the resident models + the largest phase (step 3: generation, the actor's training,
+  the critic's training), × 1.10 for allocator fragmentation, + 1 GiB on a GPU (CUDA context, NCCL,
+  DeepSpeed's buffers).
+
+The cost model ranks the choices that fit by relative throughput (1.0 = plain data parallel): ZeRO-1
+×0.98, ZeRO-2 ×0.95, ZeRO-3 ×0.75 (all-gathers in every forward and backward, and in generation);
+optimizer offload ×0.55 (CPU Adam, PCIe), parameter offload ×0.5 more; gradient checkpointing ×0.77
+(a second forward); LoRA ×0.9 (not slower, but it trains adapters only: full fine-tuning is preferred
+when it fits); reference or reward model offload ×0.9 each. Ties go to the smaller footprint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+GiB = 2**30
+Method = Literal["sft", "reward", "dpo", "ppo", "grpo", "rloo"]
+METHODS: tuple[str, ...] = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
+# GPU memory as nvidia-smi reports it (GiB); the service's gpu_type names
+GPU_MEMORY_GIB = {"V100-32G": 32.0, "A100-40G": 40.0, "A6000-48G": 48.0, "A100-80G": 80.0, "H100-80G": 80.0,
+                  "H200-141G": 141.0}  # fmt: skip
+HOST_GIB_PER_GPU = 128.0  # host memory for offload, per GPU of a node, unless told (cloud GPU nodes: 110-240)
+FRAGMENTATION = 1.10
+GPU_OVERHEAD = 1.0 * GiB
+LORA_RANK = 16
+ZERO_SPEED = {0: 1.0, 1: 0.98, 2: 0.95, 3: 0.75}
+SPEED = {"offload": 0.55, "param_offload": 0.5, "checkpointing": 0.77, "lora": 0.9, "frozen_offload": 0.9}
+# OPT's shapes (layers, hidden) by size: a parameter count alone is planned with the nearest one's aspect
+OPT_SHAPES = {0.125e9: (12, 768), 0.35e9: (24, 1024), 1.3e9: (24, 2048), 2.7e9: (32, 2560), 6.7e9: (32, 4096),
+              13e9: (40, 5120), 30e9: (48, 7168), 66e9: (64, 9216), 175e9: (96, 12288)}  # fmt: skip
+
+
+class PlanError(ValueError):
+    """A plan request that cannot be answered as asked (the message says what to change)."""
+
+
+# ---------------------------------------------------------------------------- model shapes
+
+
+@dataclass(frozen=True)
+class Shape:
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    ffn: int
+    gated: bool  # llama-family MLP: gate, up and down projections
+    name: str = ""
+
+    @property
+    def kv_hidden(self) -> int:
+        return self.hidden * self.kv_heads // max(self.heads, 1)
+
+    def lora_params(self, rank: int) -> int:
+        """Adapters on every linear layer of the blocks (q, k, v, o and the MLP's projections)."""
+        h, kv, i = self.hidden, self.kv_hidden, self.ffn
+        attn = rank * ((h + h) * 2 + (h + kv) * 2)
+        mlp = rank * (h + i) * (3 if self.gated else 2)
+        return self.layers * (attn + mlp)
+
+    @classmethod
+    def from_params(cls, params: float, name: str = "") -> Shape:
+        """An OPT-like shape for a bare parameter count (vocabulary 50272, MLP 4H)."""
+        if not params or params <= 0:
+            raise PlanError(f"{name or 'model'}: a parameter count must be positive (e.g. 1.3e9)")
+        near = min(OPT_SHAPES, key=lambda p: abs(math.log(p / params)))
+        layers, hidden = OPT_SHAPES[near]
+        scale = (params / near) ** (1 / 3)  # keep the aspect: L and H grow together
+        layers, hidden = max(2, round(layers * scale)), max(64, round(hidden * scale / 64) * 64)
+        return cls(params=int(params), layers=layers, hidden=hidden, heads=max(1, hidden // 64),
+                   kv_heads=max(1, hidden // 64), vocab=50272, ffn=4 * hidden, gated=False, name=name)  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], params: int | None = None, name: str = "") -> Shape:
+        def get(*keys: str, default: int = 0) -> int:
+            for k in keys:
+                v = config.get(k)
+                if isinstance(v, int) and v > 0:
+                    return v
+            return default
+
+        hidden = get("hidden_size", "n_embd", "d_model")
+        layers = get("num_hidden_layers", "n_layer", "num_layers")
+        if not hidden or not layers:
+            raise PlanError(
+                f"{name or 'model'}: its config.json has no hidden size or layer count to plan from"
+            )
+        heads = get("num_attention_heads", "n_head", default=max(1, hidden // 64))
+        kv = get("num_key_value_heads", default=heads)
+        vocab = get("vocab_size", default=50272)
+        ffn = get("intermediate_size", "ffn_dim", "n_inner", default=4 * hidden)
+        gated = str(config.get("hidden_act", config.get("activation_function", ""))) in ("silu", "swiglu", "gelu_pytorch_tanh") \
+            and config.get("model_type") not in ("gpt2", "opt", "gpt_neox")  # fmt: skip
+        if params is None:
+            per_layer = (
+                2 * hidden * hidden + 2 * hidden * (hidden * kv // heads) + (3 if gated else 2) * hidden * ffn
+            )
+            tied = config.get("tie_word_embeddings", True)
+            params = (
+                layers * per_layer + vocab * hidden * (1 if tied else 2) + (2 * layers + 1) * hidden
+            )  # + norms
+        return cls(params=int(params), layers=layers, hidden=hidden, heads=heads, kv_heads=kv, vocab=vocab, ffn=ffn,
+                   gated=gated, name=name)  # fmt: skip
+
+
+def safetensors_params(directory: Path) -> int | None:
+    """Parameters counted from the safetensors headers (8-byte length, then JSON of shapes): no weights read."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for key, meta in header.items():
+            if key != "__metadata__":
+                total += math.prod(meta["shape"])
+    return total
+
+
+def load_shape(model: str | float | int, *, name: str = "model") -> Shape:
+    """A model as a directory (config.json, safetensors), a parameter count, or a known hub id."""
+    if isinstance(model, int | float):
+        return Shape.from_params(float(model), name=name)
+    try:
+        return Shape.from_params(float(model), name=name)
+    except ValueError:
+        pass
+    path = Path(model)
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        return Shape.from_config(config, safetensors_params(path), name=name)
+    if path.suffix == ".gguf":
+        raise PlanError(
+            f"{name}: plan a .gguf file by its parameter count (--{name.replace('_', '-')}-params)"
+        )
+    known = {"facebook/opt-125m": 0.125e9, "facebook/opt-350m": 0.35e9, "facebook/opt-1.3b": 1.3e9,
+             "facebook/opt-2.7b": 2.7e9, "facebook/opt-6.7b": 6.7e9, "facebook/opt-13b": 13e9, "facebook/opt-30b": 30e9,
+             "facebook/opt-66b": 66e9, "facebook/opt-175b": 175e9}  # fmt: skip
+    if model in known:
+        return Shape.from_params(known[model], name=name)
+    raise PlanError(f"{name}: {model!r} is not a model directory here, a known hub id or a parameter count; give "
+                    f"its size with --{name.replace('_', '-')}-params (e.g. 1.3e9)")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- a step's workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one step runs per GPU: its method, sequence lengths and micro-batches."""
+
+    method: Method
+    seq_len: int = 512  # prompt + answer (steps 1, 2 and DPO)
+    prompt_len: int = 256  # step 3
+    answer_len: int = 256  # step 3
+    micro_batch: int = 4  # training sequences per GPU per micro-batch (DPO: pairs)
+    generation_batch: int = 4  # prompts per GPU per generation call (step 3)
+    samples_per_prompt: int = 1  # grpo/rloo
+    dtype_bytes: int = 2
+    ema: bool = False
+    reward_model: bool = True  # step 3 scores with a reward model (False: graders only)
+    hybrid_engine: bool = False  # DeepSpeed's HybridEngine: generation gathers the whole actor on every GPU
+    inference_tp_size: int = 1  # …split over this many GPUs (DeepSpeed-Chat's --inference_tp_size)
+
+
+@dataclass(frozen=True)
+class Choice:
+    zero_stage: int = 0
+    offload: bool = False  # optimizer state (and parameters at ZeRO-3) in host memory
+    lora_dim: int = 0
+    gradient_checkpointing: bool = False
+    offload_frozen: bool = False  # reference and reward models in host memory (ZeRO-3 offload)
+
+    def speed(self) -> float:
+        s = ZERO_SPEED[self.zero_stage]
+        if self.offload:
+            s *= SPEED["offload"] * (SPEED["param_offload"] if self.zero_stage == 3 else 1.0)
+        if self.gradient_checkpointing:
+            s *= SPEED["checkpointing"]
+        if self.lora_dim:
+            s *= SPEED["lora"]
+        if self.offload_frozen:
+            s *= SPEED["frozen_offload"]
+        return s
+
+    def describe(self) -> str:
+        parts = [f"ZeRO-{self.zero_stage}"]
+        if self.offload:
+            parts.append("optimizer+parameter offload" if self.zero_stage == 3 else "optimizer offload")
+        if self.lora_dim:
+            parts.append(f"LoRA r={self.lora_dim} (adapters only)")
+        if self.gradient_checkpointing:
+            parts.append("gradient checkpointing")
+        if self.offload_frozen:
+            parts.append("reference/reward offload")
+        return ", ".join(parts)
+
+    def model_options(self) -> dict[str, Any]:
+        """The step options (ModelOptions fields) that apply this choice."""
+        out: dict[str, Any] = {"zero_stage": self.zero_stage, "offload": self.offload,
+                               "gradient_checkpointing": self.gradient_checkpointing, "lora_dim": self.lora_dim}  # fmt: skip
+        if self.lora_dim:
+            out["only_optimize_lora"] = True
+        return out
+
+
+@dataclass
+class Part:
+    """One line of the arithmetic: what, how many bytes per GPU, and how it was computed."""
+
+    model: str
+    what: str
+    bytes: float
+    formula: str
+
+
+@dataclass
+class StepPlan:
+    method: str
+    choice: Choice
+    gpus: int
+    gpu_bytes: float | None  # None: no limit (CPU)
+    host_bytes: float | None = None  # host memory per node for offload (None: no limit)
+    parts: list[Part] = field(default_factory=list)
+    peak_phase: str = ""
+    static_bytes: float = 0.0
+    phase_bytes: dict[str, float] = field(default_factory=dict)
+    host_bytes_per_node: float = 0.0
+    total_bytes: float = 0.0
+    activations_without_checkpointing: float = 0.0
+    activations_with_checkpointing: float = 0.0
+
+    @property
+    def fits(self) -> bool:
+        gpu = self.gpu_bytes is None or self.total_bytes <= self.gpu_bytes
+        return gpu and (self.host_bytes is None or self.host_bytes_per_node <= self.host_bytes)
+
+    @property
+    def headroom_bytes(self) -> float | None:
+        return None if self.gpu_bytes is None else self.gpu_bytes - self.total_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "choice": asdict(self.choice), "configuration": self.choice.describe(),
+                "step_options": self.choice.model_options(), "gpus": self.gpus, "gpu_bytes": self.gpu_bytes,
+                "total_bytes": round(self.total_bytes), "headroom_bytes": None if self.headroom_bytes is None
+                else round(self.headroom_bytes), "fits": self.fits, "speed": round(self.choice.speed(), 3),
+                "peak_phase": self.peak_phase, "phases": {k: round(v) for k, v in self.phase_bytes.items()},
+                "host_bytes_per_node": round(self.host_bytes_per_node),
+                "host_bytes_limit": self.host_bytes,
+                "activations_bytes": {"without_checkpointing": round(self.activations_without_checkpointing),
+                                      "with_checkpointing": round(self.activations_with_checkpointing)},
+                "parts": [asdict(p) | {"bytes": round(p.bytes)} for p in self.parts]}  # fmt: skip
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f} GiB"
+
+
+def activations(shape: Shape, *, batch: int, seq: int, b: int, checkpointing: bool) -> tuple[float, str]:
+    per_token_layer = b * (
+        6 * shape.hidden + 2 * shape.ffn * (1.5 if shape.gated else 1.0) + 2 * shape.hidden
+    )
+    logits = batch * seq * shape.vocab * (b + 8)
+    if checkpointing:
+        body = batch * seq * (shape.layers * b * shape.hidden + per_token_layer)
+        formula = f"{batch}×{seq} tok × ({shape.layers} layers × {b}·H + one layer) + logits {batch}×{seq}×{shape.vocab}×{b + 8}"
+    else:
+        body = batch * seq * shape.layers * per_token_layer
+        formula = f"{batch}×{seq} tok × {shape.layers} layers × {per_token_layer:.0f} B + logits {batch}×{seq}×{shape.vocab}×{b + 8}"
+    return body + logits, formula
+
+
+def _trained(plan: StepPlan, name: str, shape: Shape, c: Choice, n: int, b: int) -> None:
+    """Weights, gradients and optimizer state of a model that trains."""
+    p = shape.params
+    trainable = shape.lora_params(c.lora_dim) if c.lora_dim else p
+    w_div = n if c.zero_stage == 3 else 1
+    weights = 0.0 if (c.offload and c.zero_stage == 3) else p * b / w_div
+    plan.parts.append(
+        Part(name, "weights", weights, "offloaded" if weights == 0 else f"{p:.3g} × {b} B / {w_div}")
+    )
+    g_div = n if c.zero_stage >= 2 else 1
+    plan.parts.append(
+        Part(name, "gradients", trainable * b / g_div, f"{trainable:.3g} trainable × {b} B / {g_div}")
+    )
+    opt_bytes = 12 if b < 4 else 8
+    o_div = n if c.zero_stage >= 1 else 1
+    optim = trainable * opt_bytes / o_div
+    if c.offload:
+        plan.host_bytes_per_node += optim + (p * b / w_div if c.zero_stage == 3 else 0)
+        plan.parts.append(
+            Part(
+                name, "optimizer", 0.0, f"offloaded: {trainable:.3g} × {opt_bytes} B / {o_div} in host memory"
+            )
+        )
+    else:
+        plan.parts.append(Part(name, "optimizer", optim, f"{trainable:.3g} × {opt_bytes} B / {o_div}"))
+    if (
+        c.zero_stage in (1, 2) and n > 1
+    ):  # the reduce bucket (DeepSpeed's default 5e8 elements, capped by the model)
+        plan.parts.append(
+            Part(name, "ZeRO buckets", min(5e8, trainable) * b, f"min(5e8, {trainable:.3g}) × {b} B")
+        )
+
+
+def _frozen(
+    plan: StepPlan, name: str, shape: Shape, c: Choice, n: int, b: int, *, offloadable: bool = True
+) -> None:
+    div = n if c.zero_stage == 3 else 1
+    if offloadable and c.offload_frozen:
+        plan.host_bytes_per_node += shape.params * b
+        plan.parts.append(
+            Part(name, "weights (frozen)", 0.0, f"offloaded: {shape.params:.3g} × {b} B in host memory")
+        )
+    else:
+        plan.parts.append(
+            Part(name, "weights (frozen)", shape.params * b / div, f"{shape.params:.3g} × {b} B / {div}")
+        )
+
+
+def plan_step(w: Workload, actor: Shape, reward: Shape | None, c: Choice, *, gpus: int, gpus_per_node: int = 8,
+              gpu_bytes: float | None = None, host_bytes: float | None = None) -> StepPlan:  # fmt: skip
+    """The bytes per GPU of one step under one choice (`host_bytes`: host memory per node for offload)."""
+    n, b = gpus, w.dtype_bytes
+    plan = StepPlan(method=w.method, choice=c, gpus=n, gpu_bytes=gpu_bytes, host_bytes=host_bytes)
+    ck = c.gradient_checkpointing
+    if w.method in ("sft", "reward", "dpo"):
+        model = reward if (w.method == "reward" and reward is not None) else actor
+        name = "reward model" if w.method == "reward" else "actor"
+        _trained(plan, name, model, c, n, b)
+        batch = w.micro_batch * (2 if w.method in ("dpo", "reward") else 1)  # chosen and rejected together
+        if w.method == "dpo":
+            _frozen(plan, "reference", actor, c, n, b)
+        act, formula = activations(model, batch=batch, seq=w.seq_len, b=b, checkpointing=ck)
+        if w.method == "reward":  # a value head: no vocabulary-sized logits
+            act -= batch * w.seq_len * model.vocab * (b + 8)
+            formula = formula.split(" + logits")[0]
+        plan.activations_without_checkpointing = activations(
+            model, batch=batch, seq=w.seq_len, b=b, checkpointing=False
+        )[0]
+        plan.activations_with_checkpointing = activations(
+            model, batch=batch, seq=w.seq_len, b=b, checkpointing=True
+        )[0]
+        plan.phase_bytes = {"training": act}
+        plan.parts.append(Part(name, "activations", act, formula))
+    else:
+        critic = w.method == "ppo"
+        if critic and reward is None:
+            raise PlanError(
+                "reward_model: ppo trains a critic from the reward model; give one (or use grpo with a grader)"
+            )
+        _trained(plan, "actor", actor, c, n, b)
+        _frozen(plan, "reference", actor, c, n, b)
+        if w.ema:
+            _frozen(plan, "actor EMA", actor, c, n, b, offloadable=False)
+        if critic and reward is not None:
+            _trained(plan, "critic", reward, replace(c, lora_dim=0), n, b)
+        if reward is not None and w.reward_model:
+            _frozen(plan, "reward model", reward, c, n, b)
+        seq = w.prompt_len + w.answer_len
+        gen_batch = w.generation_batch * w.samples_per_prompt
+        kv = float(2 * actor.layers * gen_batch * seq * actor.kv_hidden * b)
+        gen_logits = gen_batch * actor.vocab * 4
+        plan.parts.append(
+            Part(
+                "actor",
+                "KV cache (generation)",
+                kv,
+                f"2 × {actor.layers} layers × {gen_batch} seq × {seq} tok × {actor.kv_hidden} × {b} B",
+            )
+        )
+        if w.hybrid_engine and c.zero_stage == 3:  # the hybrid engine gathers the whole actor to generate
+            tp = w.inference_tp_size
+            gathered = actor.params * b / tp - (0 if c.offload else actor.params * b / n)
+            kv += max(gathered, 0.0)
+            plan.parts.append(Part("actor", "gathered for generation (HE)", max(gathered, 0.0),
+                                   f"{actor.params:.3g} × {b} B / TP {tp}, less the resident shard"))  # fmt: skip
+        scoring = gen_batch * seq * actor.vocab * 4  # the actor's and reference's log-probs of the experience
+        act_a, f_a = activations(actor, batch=w.micro_batch, seq=seq, b=b, checkpointing=ck)
+        plan.activations_without_checkpointing = activations(
+            actor, batch=w.micro_batch, seq=seq, b=b, checkpointing=False
+        )[0]
+        plan.activations_with_checkpointing = activations(
+            actor, batch=w.micro_batch, seq=seq, b=b, checkpointing=True
+        )[0]
+        plan.phase_bytes = {"generation": kv + gen_logits, "experience": scoring, "actor training": act_a}
+        plan.parts.append(Part("actor", "activations (training)", act_a, f_a))
+        plan.parts.append(Part("actor+reference", "log-probs of the experience", scoring,
+                               f"{gen_batch} × {seq} × {actor.vocab} × 4 B"))  # fmt: skip
+        if critic and reward is not None:
+            act_c, f_c = activations(reward, batch=w.micro_batch, seq=seq, b=b, checkpointing=ck)
+            act_c -= w.micro_batch * seq * reward.vocab * (b + 8)
+            plan.phase_bytes["critic training"] = act_c
+            plan.parts.append(Part("critic", "activations (training)", act_c, f_c.split(" + logits")[0]))
+    if c.zero_stage == 3:  # the layers being gathered, and DeepSpeed's prefetch bucket (5e7 elements)
+        big = max(
+            [actor] + ([reward] if reward is not None and w.method != "sft" else []), key=lambda m: m.params
+        )
+        working = (2 * big.params / big.layers + min(5e7, big.params)) * b
+        plan.parts.append(
+            Part(
+                big.name or "largest model",
+                "ZeRO-3 working set",
+                working,
+                f"(2 layers + 5e7 prefetch) × {b} B",
+            )
+        )
+    phase_parts = ("activations", "KV", "log-probs", "gathered for generation")
+    static = sum(p.bytes for p in plan.parts if not any(k in p.what for k in phase_parts))
+    plan.static_bytes = static
+    plan.peak_phase = max(plan.phase_bytes, key=lambda k: plan.phase_bytes[k])
+    overhead = GPU_OVERHEAD if gpu_bytes is not None else 0.0
+    plan.total_bytes = (static + plan.phase_bytes[plan.peak_phase]) * FRAGMENTATION + overhead
+    plan.host_bytes_per_node *= min(gpus, gpus_per_node)
+    return plan
+
+
+def choices(method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool = True) -> list[Choice]:
+    """Every configuration worth planning (`offload=False`: no optimizer, parameter or frozen-model offload)."""
+    out = []
+    frozen = (False, True) if method in ("dpo", "ppo", "grpo", "rloo") and offload else (False,)
+    offloads = (False, True) if offload else (False,)
+    for zero, off, lora, ck, fr in itertools.product(
+        (0, 1, 2, 3), offloads, (0, lora_rank), (False, True), frozen
+    ):
+        if (off and zero == 0) or (fr and zero != 3):  # offload needs ZeRO; frozen offload is ZeRO-3 offload
+            continue
+        if gpus == 1 and zero in (1, 2) and not off:  # nothing to partition over: same as ZeRO-0
+            continue
+        if method == "reward" and lora:  # the reward model trains in full in step 2
+            continue
+        out.append(Choice(zero, off, lora, ck, fr))
+    return out
+
+
+@dataclass
+class Plan:
+    workload: Workload
+    best: StepPlan | None
+    smallest: StepPlan  # the least memory of all choices (what a no-fit is measured against)
+    considered: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workload": asdict(self.workload), "fits": self.best is not None, "considered": self.considered,
+                "plan": self.best.to_dict() if self.best else None, "smallest": self.smallest.to_dict()}  # fmt: skip
+
+
+def plan(w: Workload, actor: Shape, reward: Shape | None, *, gpus: int = 1, gpus_per_node: int = 8,
+         gpu_bytes: float | None = None, host_bytes: float | None = None, fixed: Choice | None = None,
+         allowed: Any = None, lora_rank: int = LORA_RANK, offload: bool = True) -> Plan:  # fmt: skip
+    """The fastest choice that fits (`best`, None if none does) and the smallest footprint."""
+    if w.method not in METHODS:
+        raise PlanError(f"method: {w.method!r} is not one of {', '.join(METHODS)}")
+    if gpus < 1:
+        raise PlanError("num_gpus: must be at least 1")
+    options = [fixed] if fixed else [c for c in choices(w.method, gpus, lora_rank=lora_rank, offload=offload)
+                                     if allowed is None or allowed(c)]  # fmt: skip
+    if not options:
+        raise PlanError("no configuration is left to plan: the options you fixed rule every one out")
+    if host_bytes is None and gpu_bytes is not None:
+        host_bytes = HOST_GIB_PER_GPU * GiB * min(gpus, gpus_per_node)
+    plans = [plan_step(w, actor, reward, c, gpus=gpus, gpus_per_node=gpus_per_node, gpu_bytes=gpu_bytes,
+                       host_bytes=host_bytes) for c in options]  # fmt: skip
+    fitting = [p for p in plans if p.fits]
+    best = max(fitting, key=lambda p: (p.choice.speed(), -p.total_bytes)) if fitting else None
+    return Plan(
+        workload=w, best=best, smallest=min(plans, key=lambda p: p.total_bytes), considered=len(plans)
+    )
+
+
+def smallest_fit(w: Workload, actor: Shape, reward: Shape | None, *, gpu_type: str, gpus: int) -> str:
+    """What would fit instead, said plainly: more GPUs of this type, or a larger GPU type."""
+    for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+        if (
+            n > gpus
+            and plan(w, actor, reward, gpus=n, gpu_bytes=GPU_MEMORY_GIB[gpu_type] * GiB).best is not None
+        ):
+            p = plan(w, actor, reward, gpus=n, gpu_bytes=GPU_MEMORY_GIB[gpu_type] * GiB).best
+            assert p is not None
+            bigger = [g for g, mem in sorted(GPU_MEMORY_GIB.items(), key=lambda kv: kv[1])
+                      if mem > GPU_MEMORY_GIB[gpu_type] and plan(w, actor, reward, gpus=gpus, gpu_bytes=mem * GiB).best]  # fmt: skip
+            alt = f", or {gpus}× {bigger[0]}" if bigger else ""
+            return f"{n}× {gpu_type} ({p.choice.describe()}){alt}"
+    return "no configuration of up to 512 GPUs of this type; use a smaller model or a larger GPU"
+
+
+def render(p: Plan, *, gpu_label: str) -> str:
+    """The plan as a person reads it: the choice, then each line of arithmetic."""
+    shown = p.best or p.smallest
+    lines = [f"{p.workload.method} on {shown.gpus}× {gpu_label}: " + (
+        f"fits with {shown.choice.describe()} — {_gib(shown.total_bytes)} per GPU"
+        + (f", {_gib(shown.headroom_bytes or 0)} headroom" if shown.gpu_bytes else "")
+        + f" (relative speed {shown.choice.speed():.2f}; {p.considered} configurations considered)"
+        if p.best else f"DOES NOT FIT: the smallest footprint ({shown.choice.describe()}) needs "
+        f"{_gib(shown.total_bytes)} per GPU of {_gib(shown.gpu_bytes or 0)}")]  # fmt: skip
+    for part in shown.parts:
+        lines.append(f"  {part.model:<16} {part.what:<30} {_gib(part.bytes):>12}   {part.formula}")
+    phases = ", ".join(f"{k} {_gib(v)}" for k, v in shown.phase_bytes.items())
+    lines.append(f"  peak = (resident {_gib(shown.static_bytes)} + largest phase: {shown.peak_phase}) × {FRAGMENTATION}"
+                 + (f" + {_gib(GPU_OVERHEAD)} GPU overhead" if shown.gpu_bytes else "") + f" = {_gib(shown.total_bytes)}")  # fmt: skip
+    lines.append(f"  phases: {phases}")
+    lines.append(f"  activations: {_gib(shown.activations_without_checkpointing)} without gradient checkpointing, "
+                 f"{_gib(shown.activations_with_checkpointing)} with")  # fmt: skip
+    if shown.host_bytes_per_node:
+        lines.append(f"  host memory per node for offload: {_gib(shown.host_bytes_per_node)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- a step's options ↔ the plan
+
+MEMORY_FIELDS = ("zero_stage", "offload", "lora_dim", "only_optimize_lora", "gradient_checkpointing")
+FROZEN_FIELDS = ("offload_reference_model", "offload_reward_model")
+
+
+def workload_of(cfg: Any, method: str, *, dtype_bytes: int = 2) -> Workload:
+    """The workload of a built step config (SFTConfig, RewardConfig, DPOConfig, PPOConfig)."""
+    data = cfg.data
+    if method in ("sft", "reward", "dpo"):
+        return Workload(method=method, seq_len=data.max_seq_len, micro_batch=cfg.per_device_train_batch_size,  # type: ignore[arg-type]
+                        dtype_bytes=dtype_bytes)  # fmt: skip
+    return Workload(method=cfg.algorithm, prompt_len=data.max_prompt_len, answer_len=cfg.max_answer_len,
+                    micro_batch=cfg.per_device_training_batch_size, generation_batch=cfg.per_device_generation_batch_size,
+                    samples_per_prompt=cfg.samples_per_prompt, dtype_bytes=dtype_bytes, ema=cfg.enable_ema,
+                    reward_model=not cfg.grader, hybrid_engine=cfg.enable_hybrid_engine)  # fmt: skip
+
+
+def choice_of(cfg: Any, method: str) -> Choice:
+    """The configuration a built step config asks for."""
+    m = cfg.actor if method not in ("sft", "reward", "dpo") else cfg.model
+    frozen = bool(
+        getattr(cfg, "offload_reference_model", False) or getattr(cfg, "offload_reward_model", False)
+    )
+    return Choice(zero_stage=m.zero_stage, offload=m.offload, lora_dim=m.lora_dim if m.only_optimize_lora else 0,
+                  gradient_checkpointing=m.gradient_checkpointing, offload_frozen=frozen)  # fmt: skip
+
+
+def step_options(c: Choice, method: str) -> dict[str, Any]:
+    """The flat step options (flags without dashes) that apply a choice."""
+    base = c.model_options()
+    if method in ("sft", "reward", "dpo"):
+        out = dict(base)
+        if method == "dpo":
+            out["offload_reference_model"] = c.offload_frozen
+        return out
+    out = {f"actor_{k}": v for k, v in base.items()}
+    out |= {f"critic_{k}": v for k, v in base.items() if k not in ("lora_dim", "only_optimize_lora")}
+    out |= {"offload_reference_model": c.offload_frozen, "offload_reward_model": c.offload_frozen}
+    return out
+
+
+def as_flags(options: dict[str, Any]) -> str:
+    """Step options as the step command's flags (booleans as --x / --no-x)."""
+    flag = lambda k: k.replace("_", "-")  # noqa: E731
+    return " ".join((f"--{flag(k)}" if v else f"--no-{flag(k)}") if isinstance(v, bool) else f"--{flag(k)} {v}"
+                    for k, v in options.items())  # fmt: skip
+
+
+def allowed_by(fixed: dict[str, Any], method: str) -> Any:
+    """A filter of choices that keeps what the caller set explicitly (flat step options)."""
+    want = {k.removeprefix("actor_"): v for k, v in fixed.items()
+            if k.removeprefix("actor_") in MEMORY_FIELDS or k in FROZEN_FIELDS}  # fmt: skip
+
+    def ok(c: Choice) -> bool:
+        opts = step_options(c, method)
+        for k, v in want.items():
+            if k == "lora_dim" and not want.get("only_optimize_lora"):
+                if c.lora_dim:  # adapters beside full training: planned as full training
+                    return False
+                continue
+            key = k if (k in FROZEN_FIELDS or method in ("sft", "reward", "dpo")) else f"actor_{k}"
+            if opts.get(key, False) != v:
+                return False
+        return True
+
+    return ok
+
+
+# ---------------------------------------------------------------------------- DeepSpeed-Chat's tables
+
+# What DeepSpeed-Chat published about step 3 (OPT actor, OPT-350M reward model; its README's Table 1 times
+# and the blog's Table 3, "max model size supported by DeepSpeed-HE on a single GPU"): True = a time was
+# published (it ran), False = not ("NA", or larger than the single-GPU maximum).
+DSCHAT_HARDWARE = [("1× V100-32G", "V100-32G", 1), ("1× A6000-48G", "A6000-48G", 1), ("1× A100-40G", "A100-40G", 1),
+                   ("1× A100-80G", "A100-80G", 1), ("8× A100-40G", "A100-40G", 8), ("8× A100-80G", "A100-80G", 8),
+                   ("64× A100-80G", "A100-80G", 64)]  # fmt: skip
+DSCHAT_SIZES = [1.3e9, 2.7e9, 6.7e9, 13e9, 30e9, 66e9, 175e9]
+DSCHAT_PUBLISHED: dict[str, dict[float, bool | None]] = {
+    # single GPU: Table 3's maximum (V100 2.7B, A6000 6.7B, A100-40G 6.7B, A100-80G 13B); None: not stated
+    "1× V100-32G": {1.3e9: True, 2.7e9: True, 6.7e9: False, 13e9: False, 30e9: False, 66e9: False, 175e9: False},
+    "1× A6000-48G": {1.3e9: True, 2.7e9: True, 6.7e9: True, 13e9: False, 30e9: False, 66e9: False, 175e9: False},
+    "1× A100-40G": {1.3e9: True, 2.7e9: True, 6.7e9: True, 13e9: False, 30e9: False, 66e9: False, 175e9: False},
+    "1× A100-80G": {1.3e9: True, 2.7e9: True, 6.7e9: True, 13e9: True, 30e9: False, 66e9: False, 175e9: False},
+    # 8 GPUs: Table 1 has times up to 30B on A100-40G (66B: "NA") and up to 66B on A100-80G
+    "8× A100-40G": {1.3e9: True, 2.7e9: None, 6.7e9: True, 13e9: True, 30e9: True, 66e9: False, 175e9: None},
+    "8× A100-80G": {1.3e9: True, 2.7e9: None, 6.7e9: True, 13e9: True, 30e9: True, 66e9: True, 175e9: None},
+    "64× A100-80G": {1.3e9: True, 2.7e9: None, 6.7e9: True, 13e9: True, 30e9: True, 66e9: True, 175e9: True},
+}  # fmt: skip
+
+
+def dschat_workload() -> Workload:
+    """DeepSpeed-Chat's step-3 benchmark: 256-token prompts and answers, 4 sequences per GPU, EMA off,
+    the hybrid engine on (generation holds the whole actor)."""
+    return Workload(method="ppo", prompt_len=256, answer_len=256, micro_batch=4, generation_batch=4,
+                    hybrid_engine=True)  # fmt: skip
+
+
+def dschat_table() -> list[dict[str, Any]]:
+    """Each (hardware, OPT size): DeepSpeed-Chat's published answer, ours under the settings of its scripts
+    (ZeRO 0-3, LoRA 128, gradient checkpointing, the hybrid engine with the smallest inference TP group that
+    fits; no offload of any kind: its scripts pass neither --offload nor --offload_reference_model), and
+    ours with every choice (offload too, our generation path without the hybrid engine)."""
+    reward = Shape.from_params(0.35e9, name="reward model")
+    rows = []
+    for label, gpu, n in DSCHAT_HARDWARE:
+        for size in DSCHAT_SIZES:
+            actor = Shape.from_params(size, name="actor")
+            mem = GPU_MEMORY_GIB[gpu] * GiB
+            for tp in (
+                t for t in (1, 2, 4, 8) if t <= min(n, 8)
+            ):  # the smallest tensor-parallel group that fits
+                theirs = plan(replace(dschat_workload(), inference_tp_size=tp), actor, reward, gpus=n, gpu_bytes=mem,
+                              lora_rank=128, offload=False)  # fmt: skip
+                if theirs.best is not None:
+                    break
+            any_ = plan(replace(dschat_workload(), hybrid_engine=False), actor, reward, gpus=n, gpu_bytes=mem)
+            rows.append({"hardware": label, "actor_params": size, "published": DSCHAT_PUBLISHED[label][size],
+                         "dschat_settings": theirs.best is not None,
+                         "dschat_choice": (theirs.best.choice.describe() + (f", inference TP {tp}" if tp > 1 else ""))
+                         if theirs.best else "",
+                         "any_choice": any_.best is not None,
+                         "any_choice_config": any_.best.choice.describe() if any_.best else ""})  # fmt: skip
+    return rows
+
+
+def dschat_markdown() -> str:
+    """The README's table: DeepSpeed-Chat's published answer beside the planner's (generated, then checked
+    against the README by a test)."""
+    rows = dschat_table()
+    mark = {True: "fits", False: "—", None: "n/a"}
+    sizes = [f"{s / 1e9:g}B" for s in DSCHAT_SIZES]
+    out = ["| hardware | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for label, _, _ in DSCHAT_HARDWARE:
+        cells = []
+        for r in (r for r in rows if r["hardware"] == label):
+            ours, pub = r["dschat_settings"], r["published"]
+            cell = f"{mark[pub]} / {mark[ours]}" + ("" if pub is None or pub == ours else " ≠")
+            cells.append(
+                cell + (f" ({mark[r['any_choice']]} with offload)" if r["any_choice"] != ours else "")
+            )
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    agree = sum(r["published"] == r["dschat_settings"] for r in rows if r["published"] is not None)
+    known = sum(r["published"] is not None for r in rows)
+    out.append(f"\n{agree} of {known} published answers agree.")
+    return "\n".join(out)

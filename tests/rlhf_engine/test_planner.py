@@ -1,0 +1,192 @@
+"""The memory planner: its arithmetic checked by hand, its choice, `rlhf plan`, and DeepSpeed-Chat's tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlhf_engine import planner as pl
+
+ROOT = Path(__file__).resolve().parents[2]
+# a round shape for hand arithmetic: 1e9 parameters, 10 layers of hidden 1000, MLP 4000, vocabulary 1000
+SHAPE = pl.Shape(
+    params=10**9, layers=10, hidden=1000, heads=10, kv_heads=10, vocab=1000, ffn=4000, gated=False
+)
+SMALL = pl.Shape(params=10**8, layers=4, hidden=500, heads=5, kv_heads=5, vocab=1000, ffn=2000, gated=False)
+
+
+def parts(p: pl.StepPlan) -> dict[tuple[str, str], float]:
+    return {(x.model, x.what): x.bytes for x in p.parts}
+
+
+def test_sft_at_zero_0_by_hand() -> None:
+    w = pl.Workload(method="sft", seq_len=100, micro_batch=2, dtype_bytes=2)
+    p = pl.plan_step(w, SHAPE, None, pl.Choice(), gpus=1, gpu_bytes=80 * pl.GiB)
+    got = parts(p)
+    assert got[("actor", "weights")] == 2e9 and got[("actor", "gradients")] == 2e9
+    assert got[("actor", "optimizer")] == 12e9  # fp32 master, m and v
+    # per layer and token 2 B × (6·1000 + 2·4000 + 2·1000) = 32,000 B; × 2 × 100 tokens × 10 layers = 64e6;
+    # logits 2 × 100 × 1000 × (2 + 8) = 2e6
+    assert got[("actor", "activations")] == 66e6
+    assert p.total_bytes == pytest.approx((16e9 + 66e6) * 1.1 + pl.GiB)
+    # with checkpointing: 2 × 100 tokens × (10 layers × 2 B × 1000 + one layer's 32,000 B) + logits = 12.4e6 + 2e6
+    assert p.activations_with_checkpointing == 2 * 100 * (10 * 2 * 1000 + 32_000) + 2e6
+    assert p.activations_without_checkpointing == 66e6
+
+
+def test_zero_stages_divide_what_they_partition() -> None:
+    w = pl.Workload(method="sft", seq_len=100, micro_batch=2)
+    by_stage = {z: parts(pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=z), gpus=8)) for z in (1, 2, 3)}
+    assert by_stage[1][("actor", "optimizer")] == 12e9 / 8 and by_stage[1][("actor", "gradients")] == 2e9
+    assert by_stage[2][("actor", "gradients")] == 2e9 / 8 and by_stage[2][("actor", "weights")] == 2e9
+    assert by_stage[1][("actor", "ZeRO buckets")] == 5e8 * 2  # DeepSpeed's reduce bucket, 5e8 elements
+    assert by_stage[3][("actor", "weights")] == 2e9 / 8
+    # ZeRO-3 gathers layers as it goes: two layers (2 × 1e9 / 10) and the 5e7-element prefetch bucket, × 2 B
+    assert by_stage[3][("largest model", "ZeRO-3 working set")] == (2 * 1e8 + 5e7) * 2
+
+
+def test_offload_moves_the_optimizer_and_parameters_to_host_memory() -> None:
+    w = pl.Workload(method="sft", seq_len=100, micro_batch=2)
+    two = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=2, offload=True), gpus=4, gpus_per_node=4)
+    assert parts(two)[("actor", "optimizer")] == 0 and parts(two)[("actor", "weights")] == 2e9
+    assert two.host_bytes_per_node == 12e9 / 4 * 4  # each rank's shard, 4 ranks on the node
+    three = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=3, offload=True), gpus=4, gpus_per_node=4)
+    assert parts(three)[("actor", "weights")] == 0
+    assert three.host_bytes_per_node == (12e9 / 4 + 2e9 / 4) * 4
+    starved = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=3, offload=True), gpus=4, gpus_per_node=4,
+                           gpu_bytes=80 * pl.GiB, host_bytes=1e9)  # fmt: skip
+    assert not starved.fits  # the GPU has room; the host has not
+
+
+def test_lora_trains_the_adapters_only() -> None:
+    r = 8
+    # q, k, v, o: r × (1000 + 1000) each; MLP: r × (1000 + 4000) twice; × 10 layers
+    assert SHAPE.lora_params(r) == 10 * (4 * r * 2000 + 2 * r * 5000)
+    w = pl.Workload(method="sft", seq_len=100, micro_batch=2)
+    got = parts(pl.plan_step(w, SHAPE, None, pl.Choice(lora_dim=r), gpus=1))
+    assert got[("actor", "weights")] == 2e9 and got[("actor", "optimizer")] == SHAPE.lora_params(r) * 12
+    gqa = pl.Shape(
+        params=10**9, layers=10, hidden=1000, heads=10, kv_heads=2, vocab=1000, ffn=3000, gated=True
+    )
+    assert gqa.kv_hidden == 200 and gqa.lora_params(r) == 10 * (r * 4000 + r * 2400 + 3 * r * 4000)
+
+
+def test_ppo_holds_four_models_and_peaks_in_its_largest_phase() -> None:
+    w = pl.Workload(method="ppo", prompt_len=60, answer_len=40, micro_batch=2, generation_batch=4, ema=True)
+    p = pl.plan_step(w, SHAPE, SMALL, pl.Choice(), gpus=1, gpu_bytes=80 * pl.GiB)
+    got = parts(p)
+    assert got[("reference", "weights (frozen)")] == 2e9 and got[("actor EMA", "weights (frozen)")] == 2e9
+    assert got[("critic", "optimizer")] == 12e8 and got[("reward model", "weights (frozen)")] == 2e8
+    assert got[("actor", "KV cache (generation)")] == 2 * 10 * 4 * 100 * 1000 * 2  # 2 × L × B × T × H_kv × b
+    assert p.phase_bytes["generation"] == 2 * 10 * 4 * 100 * 1000 * 2 + 4 * 1000 * 4
+    assert p.peak_phase == max(p.phase_bytes, key=p.phase_bytes.__getitem__)
+    resident = 2e9 + 2e9 + 12e9 + 2e9 + 2e9 + (2e8 + 2e8 + 12e8) + 2e8
+    assert p.static_bytes == resident
+    assert p.total_bytes == pytest.approx((resident + p.phase_bytes[p.peak_phase]) * 1.1 + pl.GiB)
+    grpo = pl.plan_step(pl.Workload(method="grpo", micro_batch=2, generation_batch=4, samples_per_prompt=4,
+                                    reward_model=False), SHAPE, None, pl.Choice(), gpus=1)  # fmt: skip
+    assert not any(m in ("critic", "reward model") for m, _ in parts(grpo))  # no critic, a grader instead
+    with pytest.raises(pl.PlanError, match="reward_model"):
+        pl.plan_step(pl.Workload(method="ppo"), SHAPE, None, pl.Choice(), gpus=1)
+
+
+def test_the_plan_is_the_fastest_choice_that_fits() -> None:
+    w = pl.Workload(method="sft", seq_len=512, micro_batch=8)
+    roomy = pl.plan(w, SHAPE, None, gpus=8, gpu_bytes=200 * pl.GiB)
+    assert (
+        roomy.best is not None and roomy.best.choice == pl.Choice()
+    )  # plain data parallel: nothing to give up
+    for gib in (16, 8, 4, 2):
+        p = pl.plan(w, SHAPE, None, gpus=8, gpu_bytes=gib * pl.GiB)
+        assert p.best is not None and p.best.fits, gib
+        fitting = [
+            c
+            for c in pl.choices("sft", 8)
+            if pl.plan_step(w, SHAPE, None, c, gpus=8, gpu_bytes=gib * pl.GiB).fits
+        ]
+        assert p.best.choice.speed() == max(c.speed() for c in fitting)
+        assert p.best.choice != pl.Choice()  # it had to give something up
+    none = pl.plan(w, SHAPE, None, gpus=1, gpu_bytes=1 * pl.GiB)
+    assert none.best is None and none.smallest.total_bytes > pl.GiB
+    assert pl.smallest_fit(w, SHAPE, None, gpu_type="V100-32G", gpus=1).startswith("2× V100-32G")
+    kept = pl.plan(
+        w, SHAPE, None, gpus=8, gpu_bytes=16 * pl.GiB, allowed=pl.allowed_by({"zero_stage": 3}, "sft")
+    )
+    assert kept.best is not None and kept.best.choice.zero_stage == 3  # what the caller fixed is kept
+
+
+def test_step_options_round_trip_through_the_step_configs() -> None:
+    import argparse
+
+    from rlhf_engine.config.args import dataclass_from_args
+    from rlhf_engine.config.ppo import PPOConfig
+    from rlhf_engine.config.train import SFTConfig
+
+    def build(cls: type, **values: object) -> object:
+        return dataclass_from_args(cls, argparse.Namespace(), file_values=values)
+
+    c = pl.Choice(zero_stage=3, offload=True, lora_dim=16, gradient_checkpointing=True, offload_frozen=True)
+    sft = build(SFTConfig, model_name_or_path="m", **pl.step_options(c, "sft"))
+    assert pl.choice_of(sft, "sft") == pl.replace(c, offload_frozen=False)
+    ppo: Any = build(
+        PPOConfig, actor_model_name_or_path="a", critic_model_name_or_path="c", **pl.step_options(c, "ppo")
+    )
+    assert pl.choice_of(ppo, "ppo") == c and ppo.critic.lora_dim == 0 and ppo.critic.zero_stage == 3
+    assert pl.as_flags({"zero_stage": 3, "offload": False}) == "--zero-stage 3 --no-offload"
+
+
+def test_sizes_come_from_the_safetensors_headers(base_model: Path, smollm2: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_model))
+    shape = pl.load_shape(str(base_model), name="actor")
+    assert shape.params == sum(p.numel() for p in model.parameters())  # (tied embeddings counted once)
+    assert (shape.layers, shape.hidden, shape.vocab) == (model.config.num_hidden_layers, model.config.hidden_size,
+                                                         model.config.vocab_size)  # fmt: skip
+    smol = pl.load_shape(str(smollm2), name="actor")  # a real Llama-family checkpoint: GQA, gated MLP, tied
+    assert smol.params == 134_515_008 and smol.gated and (smol.heads, smol.kv_heads) == (9, 3)
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert pl.Shape.from_config(config).params == smol.params  # the config's arithmetic agrees with the file
+
+
+def rlhf(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "plan", *args], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+def test_rlhf_plan_prints_the_arithmetic_and_says_when_nothing_fits() -> None:
+    out = rlhf(
+        "--actor-params", "13e9", "--reward-params", "350e6", "--gpu-type", "A100-80G", "--num-gpus", "8"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "step 3: ppo on 8× A100-80G: fits with" in out.stdout and "KV cache (generation)" in out.stdout
+    assert "activations:" in out.stdout and "options: --actor-zero-stage" in out.stdout
+    plan = json.loads(rlhf("--actor-params", "13e9", "--reward-params", "350e6", "--gpu-memory-gb", "80",
+                           "--num-gpus", "8", "--json").stdout)  # fmt: skip
+    assert set(plan["steps"]) == {"1", "2", "3"} and all(s["fits"] for s in plan["steps"].values())
+    assert plan["steps"]["3"]["plan"]["total_bytes"] <= 80 * pl.GiB
+    big = rlhf(
+        "--actor-params", "175e9", "--reward-params", "350e6", "--gpu-type", "V100-32G", "--method", "dpo"
+    )
+    assert big.returncode == 3 and "DOES NOT FIT" in big.stdout
+    for args, says in ((["--actor-params", "1e9"], "gpu_memory_gb"),
+                       (["--actor-params", "1e9", "--gpu-type", "K80"], "gpu_type: 'K80' is not known"),
+                       (["--actor-params", "1e9", "--gpu-memory-gb", "80"], "reward_model: method rlhf"),
+                       (["--actor-model", "/no/such", "--method", "sft", "--gpu-memory-gb", "80"], "--actor-params")):  # fmt: skip
+        bad = rlhf(*args)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, (
+            args,
+            bad.stderr,
+        )
+
+
+def test_deepspeed_chats_tables_on_paper_and_in_the_readme() -> None:
+    rows = pl.dschat_table()
+    known = [r for r in rows if r["published"] is not None]
+    assert sum(r["published"] == r["dschat_settings"] for r in known) >= len(known) - 1
+    assert pl.dschat_markdown() in (ROOT / "README.md").read_text()
