@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rlhf_engine.chat.errors import ChatError
 from rlhf_engine.config.args import add_dataclass_args, dataclass_from_args, load_config_file
@@ -300,38 +300,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- rlhf plan
 
-PLAN_METHODS: dict[str, tuple[Literal["rlhf", "dpo"], list[int], str | None]] = {"rlhf": ("rlhf", [1, 2, 3], None), "dpo": ("dpo", [1, 2], None), "grpo": ("rlhf", [1, 3], "grpo"),
-                "rloo": ("rlhf", [1, 3], "rloo"), "sft": ("rlhf", [1], None), "reward": ("rlhf", [2], None),
-                "ppo": ("rlhf", [3], "ppo")}  # fmt: skip
-
-
-def planned_steps(top: dict[str, Any], sections: dict[str, dict[str, Any]], *, method: str, actor: str, reward: str
-                  ) -> list[tuple[int, str, Any]]:  # fmt: skip
-    """(step, planner method, the step's built config) for each step of `method` (rlhf, dpo, grpo, rloo, or
-    one step: sft, reward, ppo), from a pipeline file's values (a preset's, the service's)."""
-    from rlhf_engine.config.args import dataclass_from_args
-    from rlhf_engine.config.pipeline import STEPS, PipelineConfig, step_values
-
-    pipeline_method, steps, algorithm = PLAN_METHODS[method]
-    if algorithm:
-        sections["ppo"] = {**sections.get("ppo", {}), "algorithm": algorithm}
-        if algorithm != "ppo":
-            sections["ppo"].setdefault("samples_per_prompt", 4)
-    cfg = dataclass_from_args(PipelineConfig, argparse.Namespace(), file_values={**top, "actor_model": actor,
-                              "reward_model": reward or "", "output_dir": "plan", "method": pipeline_method,
-                              "step": steps})  # fmt: skip
-    out = []
-    for step in steps:
-        spec = STEPS[pipeline_method][step]
-        values = step_values(cfg, step, sections.get(spec.command, {}))
-        if step == 3 and not reward:  # graders only
-            values |= {"critic_model_name_or_path": "", "grader": '{"type": "string_check", "name": "planned", '
-                       '"input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}'}  # fmt: skip
-        built: Any = dataclass_from_args(spec.config, argparse.Namespace(), file_values=values)
-        out.append((step, built.algorithm if step == 3 and pipeline_method == "rlhf" else spec.command, built))
-    return out
-
-
 def cmd_plan(ns: argparse.Namespace) -> int:
     from rlhf_engine import planner as pl
     from rlhf_engine.config.pipeline import load_pipeline_file
@@ -361,7 +329,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     gpus = ns.num_gpus * ns.nodes
     host = ns.host_memory_gb * pl.GiB if ns.host_memory_gb else None
     results = []
-    steps = planned_steps(top, sections, method=ns.method, actor=str(ns.actor_model or "actor"),
+    steps = pl.step_configs(top, sections, method=ns.method, actor=str(ns.actor_model or "actor"),
                           reward=str(ns.reward_model or ("reward" if reward else "")))  # fmt: skip
     for step, method, built in steps:
         w = pl.workload_of(built, method, dtype_bytes=ns.dtype_bytes)
@@ -378,7 +346,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         for step, p in results:
             print(f"\nstep {step}: " + pl.render(p, gpu_label=label))
             if p.best:
-                print(f"  options: {pl.as_flags(pl.step_options(p.best.choice, p.workload.method))}")
+                print(f"  options: {pl.as_flags(pl.step_options(p.best.choice, p.workload.method, p.workload))}")
     return 0 if all(p.best for _, p in results) else 3
 
 
@@ -516,18 +484,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "sft:/reward:/ppo: sections of per-step options")  # fmt: skip
     tr.set_defaults(func=cmd_train)
 
+    from rlhf_engine import planner
+
     pl = sub.add_parser("plan", help="memory per GPU of every model of each step, and the fastest ZeRO / offload / "
                         "LoRA / checkpointing choice that fits (exit 3 when none does)")  # fmt: skip
     pl.add_argument("--actor-model", help="the actor: a model directory or a known hub id")
     pl.add_argument("--actor-params", type=float, help="…or its parameter count (e.g. 13e9)")
     pl.add_argument("--reward-model", help="the reward model / critic: a model directory or a known hub id")
     pl.add_argument("--reward-params", type=float, help="…or its parameter count (e.g. 350e6)")
-    pl.add_argument("--method", choices=list(PLAN_METHODS), default="rlhf",
+    pl.add_argument("--method", choices=list(planner.PLAN_METHODS), default="rlhf",
                     help="rlhf = steps 1-3 with PPO; dpo; grpo/rloo = step 1 then step 3 without a critic; or one step")  # fmt: skip
     pl.add_argument("--num-gpus", type=int, default=1, help="GPUs per node")
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GiB (as nvidia-smi says)")
-    pl.add_argument("--gpu-type", help="…or its name: " + ", ".join(__import__("rlhf_engine.planner").planner.GPU_MEMORY_GIB))
+    pl.add_argument("--gpu-type", help="…or its name: " + ", ".join(planner.GPU_MEMORY_GIB))
     pl.add_argument("--host-memory-gb", type=float, help="host memory per node for offload (default 128 GiB per GPU)")
     pl.add_argument("--config", help="a pipeline file or preset whose batch sizes and lengths to plan (default: the "
                     "steps' defaults)")  # fmt: skip

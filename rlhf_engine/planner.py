@@ -49,7 +49,8 @@ FRAGMENTATION = 1.10
 GPU_OVERHEAD = 1.0 * GiB
 LORA_RANK = 16
 ZERO_SPEED = {0: 1.0, 1: 0.98, 2: 0.95, 3: 0.75}
-SPEED = {"offload": 0.55, "param_offload": 0.5, "checkpointing": 0.77, "lora": 0.9, "frozen_offload": 0.9}
+SPEED = {"offload": 0.55, "param_offload": 0.5, "checkpointing": 0.77, "lora": 0.9, "frozen_offload": 0.9,
+         "split": 0.95}  # fmt: skip
 # OPT's shapes (layers, hidden) by size: a parameter count alone is planned with the nearest one's aspect
 OPT_SHAPES = {0.125e9: (12, 768), 0.35e9: (24, 1024), 1.3e9: (24, 2048), 2.7e9: (32, 2560), 6.7e9: (32, 4096),
               13e9: (40, 5120), 30e9: (48, 7168), 66e9: (64, 9216), 175e9: (96, 12288)}  # fmt: skip
@@ -184,6 +185,8 @@ class Workload:
     answer_len: int = 256  # step 3
     micro_batch: int = 4  # training sequences per GPU per micro-batch (DPO: pairs)
     generation_batch: int = 4  # prompts per GPU per generation call (step 3)
+    accumulation: int = 1  # micro-batches per optimizer step
+    generation_batches: int = 1  # generation calls per PPO step
     samples_per_prompt: int = 1  # grpo/rloo
     dtype_bytes: int = 2
     ema: bool = False
@@ -199,6 +202,7 @@ class Choice:
     lora_dim: int = 0
     gradient_checkpointing: bool = False
     offload_frozen: bool = False  # reference and reward models in host memory (ZeRO-3 offload)
+    split: int = 1  # micro-batches (and generation calls) this many times smaller, that many more of them
 
     def speed(self) -> float:
         s = ZERO_SPEED[self.zero_stage]
@@ -210,7 +214,7 @@ class Choice:
             s *= SPEED["lora"]
         if self.offload_frozen:
             s *= SPEED["frozen_offload"]
-        return s
+        return s * SPEED["split"] ** math.log2(self.split)
 
     def describe(self) -> str:
         parts = [f"ZeRO-{self.zero_stage}"]
@@ -222,6 +226,8 @@ class Choice:
             parts.append("gradient checkpointing")
         if self.offload_frozen:
             parts.append("reference/reward offload")
+        if self.split > 1:
+            parts.append(f"micro-batches ÷{self.split} (× {self.split} accumulation)")
         return ", ".join(parts)
 
     def model_options(self) -> dict[str, Any]:
@@ -351,6 +357,11 @@ def plan_step(w: Workload, actor: Shape, reward: Shape | None, c: Choice, *, gpu
               gpu_bytes: float | None = None, host_bytes: float | None = None) -> StepPlan:  # fmt: skip
     """The bytes per GPU of one step under one choice (`host_bytes`: host memory per node for offload)."""
     n, b = gpus, w.dtype_bytes
+    w = replace(
+        w,
+        micro_batch=max(1, w.micro_batch // c.split),
+        generation_batch=max(1, w.generation_batch // c.split),
+    )
     plan = StepPlan(method=w.method, choice=c, gpus=n, gpu_bytes=gpu_bytes, host_bytes=host_bytes)
     ck = c.gradient_checkpointing
     if w.method in ("sft", "reward", "dpo"):
@@ -444,7 +455,8 @@ def plan_step(w: Workload, actor: Shape, reward: Shape | None, c: Choice, *, gpu
     return plan
 
 
-def choices(method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool = True) -> list[Choice]:
+def choices(method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool = True, micro_batch: int = 1
+            ) -> list[Choice]:  # fmt: skip
     """Every configuration worth planning (`offload=False`: no optimizer, parameter or frozen-model offload)."""
     out = []
     frozen = (False, True) if method in ("dpo", "ppo", "grpo", "rloo") and offload else (False,)
@@ -458,7 +470,12 @@ def choices(method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool
             continue
         if method == "reward" and lora:  # the reward model trains in full in step 2
             continue
-        out.append(Choice(zero, off, lora, ck, fr))
+        split = 1
+        while True:  # the micro-batch halved down to 1 sequence, the accumulation doubled to keep the batch
+            out.append(Choice(zero, off, lora, ck, fr, split))
+            if split * 2 > micro_batch:
+                break
+            split *= 2
     return out
 
 
@@ -482,8 +499,8 @@ def plan(w: Workload, actor: Shape, reward: Shape | None, *, gpus: int = 1, gpus
         raise PlanError(f"method: {w.method!r} is not one of {', '.join(METHODS)}")
     if gpus < 1:
         raise PlanError("num_gpus: must be at least 1")
-    options = [fixed] if fixed else [c for c in choices(w.method, gpus, lora_rank=lora_rank, offload=offload)
-                                     if allowed is None or allowed(c)]  # fmt: skip
+    options = [fixed] if fixed else [c for c in choices(w.method, gpus, lora_rank=lora_rank, offload=offload,
+                                                        micro_batch=w.micro_batch) if allowed is None or allowed(c)]  # fmt: skip
     if not options:
         raise PlanError("no configuration is left to plan: the options you fixed rule every one out")
     if host_bytes is None and gpu_bytes is not None:
@@ -537,6 +554,42 @@ def render(p: Plan, *, gpu_label: str) -> str:
 
 # ---------------------------------------------------------------------------- a step's options ↔ the plan
 
+PLAN_METHODS: dict[str, tuple[Literal["rlhf", "dpo"], list[int], str | None]] = {"rlhf": ("rlhf", [1, 2, 3], None), "dpo": ("dpo", [1, 2], None), "grpo": ("rlhf", [1, 3], "grpo"),
+                "rloo": ("rlhf", [1, 3], "rloo"), "sft": ("rlhf", [1], None), "reward": ("rlhf", [2], None),
+                "ppo": ("rlhf", [3], "ppo")}  # fmt: skip
+
+
+def step_configs(top: dict[str, Any], sections: dict[str, dict[str, Any]], *, method: str, actor: str, reward: str
+                  ) -> list[tuple[int, str, Any]]:  # fmt: skip
+    """(step, planner method, the step's built config) for each step of `method` (rlhf, dpo, grpo, rloo, or
+    one step: sft, reward, ppo), from a pipeline file's values (a preset's, the service's)."""
+    import argparse
+
+    from rlhf_engine.config.args import dataclass_from_args
+    from rlhf_engine.config.pipeline import STEPS, PipelineConfig, step_values
+
+    pipeline_method, steps, algorithm = PLAN_METHODS[method]
+    if algorithm:
+        sections["ppo"] = {**sections.get("ppo", {}), "algorithm": algorithm}
+        if algorithm != "ppo":
+            sections["ppo"].setdefault("samples_per_prompt", 4)
+    cfg = dataclass_from_args(PipelineConfig, argparse.Namespace(), file_values={**top, "actor_model": actor,
+                              "reward_model": reward or "", "output_dir": "plan", "method": pipeline_method,
+                              "step": steps})  # fmt: skip
+    out = []
+    for step in steps:
+        spec = STEPS[pipeline_method][step]
+        values = step_values(cfg, step, sections.get(spec.command, {}))
+        if step == 3 and not reward:  # graders only
+            values |= {"critic_model_name_or_path": "", "grader": '{"type": "string_check", "name": "planned", '
+                       '"input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}'}  # fmt: skip
+        built: Any = dataclass_from_args(spec.config, argparse.Namespace(), file_values=values)
+        out.append(
+            (step, built.algorithm if step == 3 and pipeline_method == "rlhf" else spec.command, built)
+        )
+    return out
+
+
 MEMORY_FIELDS = ("zero_stage", "offload", "lora_dim", "only_optimize_lora", "gradient_checkpointing")
 FROZEN_FIELDS = ("offload_reference_model", "offload_reward_model")
 
@@ -546,11 +599,12 @@ def workload_of(cfg: Any, method: str, *, dtype_bytes: int = 2) -> Workload:
     data = cfg.data
     if method in ("sft", "reward", "dpo"):
         return Workload(method=method, seq_len=data.max_seq_len, micro_batch=cfg.per_device_train_batch_size,  # type: ignore[arg-type]
-                        dtype_bytes=dtype_bytes)  # fmt: skip
+                        accumulation=cfg.gradient_accumulation_steps, dtype_bytes=dtype_bytes)  # fmt: skip
     return Workload(method=cfg.algorithm, prompt_len=data.max_prompt_len, answer_len=cfg.max_answer_len,
                     micro_batch=cfg.per_device_training_batch_size, generation_batch=cfg.per_device_generation_batch_size,
                     samples_per_prompt=cfg.samples_per_prompt, dtype_bytes=dtype_bytes, ema=cfg.enable_ema,
-                    reward_model=not cfg.grader, hybrid_engine=cfg.enable_hybrid_engine)  # fmt: skip
+                    reward_model=not cfg.grader, hybrid_engine=cfg.enable_hybrid_engine,
+                    accumulation=cfg.gradient_accumulation_steps, generation_batches=cfg.generation_batches)  # fmt: skip
 
 
 def choice_of(cfg: Any, method: str) -> Choice:
@@ -563,18 +617,28 @@ def choice_of(cfg: Any, method: str) -> Choice:
                   gradient_checkpointing=m.gradient_checkpointing, offload_frozen=frozen)  # fmt: skip
 
 
-def step_options(c: Choice, method: str) -> dict[str, Any]:
-    """The flat step options (flags without dashes) that apply a choice."""
+def step_options(c: Choice, method: str, w: Workload | None = None) -> dict[str, Any]:
+    """The flat step options (flags without dashes) that apply a choice (a split needs the workload's batches)."""
     base = c.model_options()
+    split: dict[str, Any] = {}
+    if c.split > 1 and w is not None:
+        if method in ("sft", "reward", "dpo"):
+            split = {"per_device_train_batch_size": max(1, w.micro_batch // c.split),
+                     "gradient_accumulation_steps": w.accumulation * c.split}  # fmt: skip
+        else:
+            split = {"per_device_training_batch_size": max(1, w.micro_batch // c.split),
+                     "gradient_accumulation_steps": w.accumulation * c.split,
+                     "per_device_generation_batch_size": max(1, w.generation_batch // c.split),
+                     "generation_batches": w.generation_batches * c.split}  # fmt: skip
     if method in ("sft", "reward", "dpo"):
         out = dict(base)
         if method == "dpo":
             out["offload_reference_model"] = c.offload_frozen
-        return out
+        return out | split
     out = {f"actor_{k}": v for k, v in base.items()}
     out |= {f"critic_{k}": v for k, v in base.items() if k not in ("lora_dim", "only_optimize_lora")}
     out |= {"offload_reference_model": c.offload_frozen, "offload_reward_model": c.offload_frozen}
-    return out
+    return out | split
 
 
 def as_flags(options: dict[str, Any]) -> str:
@@ -589,7 +653,12 @@ def allowed_by(fixed: dict[str, Any], method: str) -> Any:
     want = {k.removeprefix("actor_"): v for k, v in fixed.items()
             if k.removeprefix("actor_") in MEMORY_FIELDS or k in FROZEN_FIELDS}  # fmt: skip
 
+    batches = {"per_device_train_batch_size", "per_device_training_batch_size", "per_device_generation_batch_size",
+               "gradient_accumulation_steps", "generation_batches"} & set(fixed)  # fmt: skip
+
     def ok(c: Choice) -> bool:
+        if batches and c.split > 1:  # the caller chose the batches
+            return False
         opts = step_options(c, method)
         for k, v in want.items():
             if k == "lora_dim" and not want.get("only_optimize_lora"):

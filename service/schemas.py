@@ -174,6 +174,9 @@ class JobCreate(Strict):
     num_gpus: int = Field(default=1, ge=1, le=4096)
     gpu_type: str = Field(default="cpu", max_length=32)
     max_cost_usd: float | None = Field(default=None, gt=0)
+    memory: Literal["auto", "fixed"] = Field(default="auto", description="auto: a step whose options do not fit "
+                                             "on num_gpus × gpu_type takes the memory planner's fastest configuration "
+                                             "that does (keeping the options you set); fixed: as configured, or 400")  # fmt: skip
 
     @field_validator("suffix")
     @classmethod
@@ -295,6 +298,20 @@ class StepEstimate(BaseModel):
     usd: float
 
 
+class StepMemory(BaseModel):
+    step: int
+    method: str = Field(description="sft, reward, dpo, ppo, grpo or rloo")
+    configuration: str = Field(description="the configuration planned, e.g. 'ZeRO-3, gradient checkpointing'")
+    changed: bool = Field(description="the planner changed the step's options to fit (memory: auto)")
+    step_options: dict[str, Any] = Field(description="the step options of that configuration")
+    per_gpu_bytes: int = Field(description="planned peak bytes per GPU (per process on cpu)")
+    gpu_bytes: int | None = Field(description="one GPU's memory (null on cpu)")
+    headroom_bytes: int | None
+    fits: bool | None = Field(description="null on cpu (no GPU to fit)")
+    host_bytes_per_node: int = Field(description="host memory the offloaded states take per node")
+    peak_phase: str = Field(description="the phase of the step that peaks (training, generation, …)")
+
+
 class Estimate(BaseModel):
     object: Literal["fine_tuning.job.estimate"] = "fine_tuning.job.estimate"
     seconds: float
@@ -304,6 +321,7 @@ class Estimate(BaseModel):
     num_gpus: int
     price_per_gpu_hour: float
     steps: list[StepEstimate]
+    memory: list[StepMemory] = Field(default_factory=list, description="per step: the memory plan on these GPUs")
 
 
 class EstimateRequest(JobCreate):

@@ -418,12 +418,31 @@ def _step_succeeded(settings: Settings, job_id: str, owner: str, step: int, step
             JobMetric.job_id == job_id, JobMetric.step == step)))  # fmt: skip
         job = lifecycle.set_step(session=s, job_id=job_id, owner=owner, settings=settings, step=step,
                                  status="succeeded", tokens=tokens)  # fmt: skip
+        memory = _record_peak(s, job, step, summary)
         _final_checkpoint(s, job_id, step, step_dir / ("actor" if step == 3 else ""))
         add_event(session=s, job=job, type_="step_succeeded", step=step, message=f"step {step} "
                   f"({_step_of(job.method, step).command}) "
-                  f"succeeded: {tokens} tokens", data={"seconds": summary.get("seconds"), "summary": {k: v for k, v in summary.items()
+                  f"succeeded: {tokens} tokens{memory}", data={"seconds": summary.get("seconds"), "summary": {k: v for k, v in summary.items()
                                      if isinstance(v, int | float | str) and k != "options"}},
                   source_key=f"step_succeeded:{step}")  # fmt: skip
+
+
+def _record_peak(s: Session, job: Job, step: int, summary: dict[str, Any]) -> str:
+    """The step's measured peak memory (its summary) beside the planned one (the job's memory plan), on the
+    step's last metric point (so in the job's metrics and its final checkpoint); said in the event."""
+    measured = summary.get("peak_memory_mib")
+    planned = ((job.request or {}).get("_memory") or {}).get(str(step), {}).get("per_gpu_bytes")
+    values = {"peak_memory_mib": measured} if isinstance(measured, int | float) else {}
+    if isinstance(planned, int | float):
+        values["planned_peak_mib"] = round(planned / 2**20, 1)
+    last = s.scalar(select(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step == step)
+                    .order_by(JobMetric.global_step.desc()).limit(1))  # fmt: skip
+    if last is None or not values:
+        return ""
+    last.values = {**last.values, **values}
+    source = summary.get("peak_memory_source", "")
+    return (f"; peak memory {measured:.0f} MiB ({source})" if "peak_memory_mib" in values else "") + (
+        f", planned {values['planned_peak_mib']:.0f} MiB" if "planned_peak_mib" in values else "")
 
 
 def _final_checkpoint(s: Session, job_id: str, step: int, model_dir: Path) -> None:

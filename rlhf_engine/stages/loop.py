@@ -122,6 +122,20 @@ class Method(ABC):
         """The method's own fields of the summary."""
 
 
+def peak_memory() -> dict[str, Any]:
+    """This process's peak memory: the CUDA allocator's peak of tensors on a GPU, else the peak resident set
+    (ru_maxrss: every byte of the process, libraries included)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "peak_memory_source": "cuda_max_memory_allocated"}  # fmt: skip
+    return {"peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_memory_source": "ru_maxrss"}  # fmt: skip
+
+
 def run_method(method: Method) -> dict[str, Any]:
     """Run a step to completion, or resume it; returns its summary."""
     from transformers.utils import logging as hf_logging
@@ -259,6 +273,7 @@ def _loop(method: Method, dist: Dist, step_dir: Path, records: Records) -> dict[
             "global_steps": total,
             "processes": world,
             "seconds": round(time.monotonic() - started, 2),
+            **peak_memory(),
             **method.summarize(eval_before, eval_after),
             "options": fingerprint,
         }

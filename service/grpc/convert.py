@@ -45,6 +45,7 @@ PAIRS: list[tuple[type[BaseModel], type[Message], set[str], set[str]]] = [
     (schemas.RolloutList, jobs_pb2.ListRolloutsResponse, set(), set()),
     (schemas.Estimate, jobs_pb2.Estimate, set(), set()),
     (schemas.StepEstimate, jobs_pb2.StepEstimate, set(), set()),
+    (schemas.StepMemory, jobs_pb2.StepMemory, set(), set()),
     (schemas.ModelObject, models_pb2.Model, set(), set()),
     (schemas.ModelList, models_pb2.ListModelsResponse, set(), set()),
     # gRPC chat always streams (stream, stream_options are REST's SSE switches)

@@ -17,6 +17,7 @@ from rlhf_engine.config.pipeline import SECTIONS, STEPS, PipelineConfig, Step, l
 from service.db.models import File
 from service.errors import InvalidRequest, NotFound, from_value_error
 from service.jobs.estimate import estimate_steps, model_params, server_data, step_default
+from service.jobs.memory import Shapes, plan_step_memory, shape_of
 from service.schemas import DPOHyperparameters, EstimateRequest, Hyperparameters, JobCreate, StepEstimate
 from service.services import cost as costs
 from service.services import files as files_svc
@@ -43,6 +44,7 @@ class Planned:
     reward: models_svc.ModelRef | None
     hyperparameters: dict[str, Any]
     estimate: list[costs.StepCost]
+    memory: list[dict[str, Any]]  # per step: the memory plan (service.jobs.memory)
 
 
 def _method(req: JobCreate) -> tuple[str, Hyperparameters | None]:
@@ -371,10 +373,17 @@ def make_plan(
             },
         )
         plan: dict[str, Any] = {}
+        memory: list[dict[str, Any]] = []
+        shapes = Shapes(actor=shape_of(actor.path, model_params(actor.path), "actor"),
+                        reward=shape_of(reward.path, model_params(reward.path), "reward model") if reward else None)  # fmt: skip
         for step in steps:
             sec = table[step].command
             values = step_values(cfg, step, sections[sec])
             built: Any = dataclass_from_args(table[step].config, argparse.Namespace(), file_values=values)
+            built, mem = plan_step_memory(step=step, command=sec, built=built, values=values, explicit=explicit[sec],
+                                          shapes=shapes, gpu_type=req.gpu_type, num_gpus=req.num_gpus,
+                                          mode=req.memory, config_class=table[step].config)  # fmt: skip
+            memory.append(mem)
             _check_limits(built, sec, settings)
             _check_fills_a_batch(
                 built, step, sec, [f for f in (train, pref, prompts) if f is not None], req.num_gpus
@@ -404,6 +413,7 @@ def make_plan(
         reward=reward,
         hyperparameters=shown_hp,
         estimate=estimate,
+        memory=memory,
     )
 
 
@@ -544,14 +554,11 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
             num_gpus=req.num_gpus,
             tokens_override=req.tokens,
         )
+        memory = _memory_by_size(job_req, method, steps, actor_p, reward_p)
     else:
-        est = make_plan(
-            session=session,
-            tenant=tenant,
-            req=job_req,
-            settings=settings,
-            output_dir=settings.runs_dir / tenant / "estimate",
-        ).estimate  # planned only, never written
+        planned = make_plan(session=session, tenant=tenant, req=job_req, settings=settings,
+                            output_dir=settings.runs_dir / tenant / "estimate")  # planned only, never written
+        est, memory = planned.estimate, planned.memory
     seconds = sum(s.seconds for s in est)
     usd = sum(s.usd for s in est)
     return {
@@ -562,4 +569,34 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
         "num_gpus": req.num_gpus,
         "price_per_gpu_hour": costs.price(req.gpu_type),
         "steps": [StepEstimate(step=s.step, tokens=s.tokens, seconds=s.seconds, usd=s.usd) for s in est],
+        "memory": memory,
     }
+
+
+def _memory_by_size(req: JobCreate, method: str, steps: list[int], actor_b: float, reward_b: float) -> list[dict[str, Any]]:
+    """Memory plans for models given by size (not on this server): the preset's and the request's options."""
+    from rlhf_engine import planner as pl
+    from rlhf_engine.config.pipeline import load_pipeline_file
+
+    top, sections = load_pipeline_file(req.preset) if req.preset else ({}, {})
+    explicit = req.config.model_dump() if req.config else _no_sections()
+    for sec, values in explicit.items():
+        sections[sec] = {**sections.get(sec, {}), **values}
+    graded = _grader(req) is not None
+    name = {"supervised": "sft", "dpo": "dpo"}.get(method, "grpo" if graded else "rlhf")
+    shapes = Shapes(actor=pl.Shape.from_params(actor_b * 1e9, name="actor"),
+                    reward=None if graded else pl.Shape.from_params(reward_b * 1e9, name="reward model"))  # fmt: skip
+    try:
+        built_steps = pl.step_configs(top, sections, method=name, actor="actor", reward="" if graded else "reward")
+    except ValueError as e:
+        raise from_value_error(e) from None
+    out = []
+    for step, _, built in built_steps:
+        if step not in steps:
+            continue
+        command = step_table(method)[step].command
+        _, mem = plan_step_memory(step=step, command=command, built=built, values=None, explicit=explicit.get(command, {}),
+                                  shapes=shapes, gpu_type=req.gpu_type, num_gpus=req.num_gpus, mode=req.memory,
+                                  config_class=step_table(method)[step].config)  # fmt: skip
+        out.append(mem)
+    return out

@@ -98,17 +98,12 @@ def test_ppo_holds_four_models_and_peaks_in_its_largest_phase() -> None:
 def test_the_plan_is_the_fastest_choice_that_fits() -> None:
     w = pl.Workload(method="sft", seq_len=512, micro_batch=8)
     roomy = pl.plan(w, SHAPE, None, gpus=8, gpu_bytes=200 * pl.GiB)
-    assert (
-        roomy.best is not None and roomy.best.choice == pl.Choice()
-    )  # plain data parallel: nothing to give up
+    assert roomy.best is not None and roomy.best.choice == pl.Choice()  # plain data parallel: nothing given up
     for gib in (16, 8, 4, 2):
         p = pl.plan(w, SHAPE, None, gpus=8, gpu_bytes=gib * pl.GiB)
         assert p.best is not None and p.best.fits, gib
-        fitting = [
-            c
-            for c in pl.choices("sft", 8)
-            if pl.plan_step(w, SHAPE, None, c, gpus=8, gpu_bytes=gib * pl.GiB).fits
-        ]
+        every = pl.choices("sft", 8, micro_batch=8)
+        fitting = [c for c in every if pl.plan_step(w, SHAPE, None, c, gpus=8, gpu_bytes=gib * pl.GiB).fits]
         assert p.best.choice.speed() == max(c.speed() for c in fitting)
         assert p.best.choice != pl.Choice()  # it had to give something up
     none = pl.plan(w, SHAPE, None, gpus=1, gpu_bytes=1 * pl.GiB)

@@ -337,6 +337,49 @@ def test_estimate_matches_deepspeed_chat_table_1(alice: Any) -> None:
     assert grpo["tokens"] == pytest.approx(4 * ppo["tokens"], rel=0.01)
 
 
+def test_the_estimate_plans_each_steps_memory_and_refuses_what_cannot_fit(alice: Any, stack: Stack) -> None:
+    """The memory planner at submit: each step's plan on the requested GPUs; a step that does not fit as
+    configured takes the planner's fastest configuration that does (memory: auto), keeping what the
+    request set; memory: fixed, or nothing that fits, is a 400 that names what would fit."""
+    GiB = 2**30
+    tiny = alice.post("/v1/fine_tuning/jobs/estimate", json={"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs",
+                                                             "preset": "tiny", "gpu_type": "A100-80G"}).json()  # fmt: skip
+    assert [m["step"] for m in tiny["memory"]] == [1, 2, 3]
+    for m in tiny["memory"]:
+        assert m["fits"] and not m["changed"] and m["configuration"] == "ZeRO-0" and m["gpu_bytes"] == 80 * GiB
+        assert m["headroom_bytes"] == m["gpu_bytes"] - m["per_gpu_bytes"] and m["per_gpu_bytes"] > GiB  # (+1 GiB CUDA)
+    on_cpu = alice.post("/v1/fine_tuning/jobs/estimate", json=SMALL_SFT).json()["memory"][0]
+    assert on_cpu["fits"] is None and on_cpu["gpu_bytes"] is None and on_cpu["per_gpu_bytes"] > 0
+    big = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "steps": [1, 2, 3], "model_parameters": 13_000_000_000,
+           "reward_model_parameters": 350_000_000, "tokens": {"1": 0, "2": 0, "3": 135_000_000}, "gpu_type": "A100-40G"}  # fmt: skip
+    planned = alice.post("/v1/fine_tuning/jobs/estimate", json=big).json()["memory"]
+    assert planned[0]["changed"] and planned[0]["fits"] and planned[0]["per_gpu_bytes"] <= 40 * GiB
+    assert planned[0]["step_options"]["lora_dim"] > 0 or planned[0]["step_options"]["zero_stage"] == 3
+    assert not planned[1]["changed"]  # the 350M reward model fits as it is
+    kept = alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"config": {"sft": {"zero_stage": 3}}}).json()["memory"]
+    assert kept[0]["step_options"]["zero_stage"] == 3  # what the request set is kept
+    fixed = error(alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"memory": "fixed"}), 400, "gpu_type")
+    assert "as configured (ZeRO-0)" in fixed["message"] and "fits with" in fixed["message"] and "memory: auto" in fixed["message"]
+    huge = error(alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"model_parameters": 175_000_000_000,
+                                                                         "gpu_type": "V100-32G"}), 400, "gpu_type")  # fmt: skip
+    assert "host memory" in huge["message"] and "the smallest configuration that fits: 4× V100-32G" in huge["message"]
+    # a job: batches of 7,000 sequences of 512 tokens do not fit on a V100 as configured
+    before = counts(stack)
+    crowded = SMALL_SFT | {"gpu_type": "V100-32G", "hyperparameters": {"batch_size": 7000},
+                           "config": {"sft": SMALL_SFT["config"]["sft"] | {"max_seq_len": 512}}}  # fmt: skip
+    error(alice.post("/v1/fine_tuning/jobs", json=crowded | {"memory": "fixed"}), 400, "gpu_type")
+    assert counts(stack) == before  # nothing stored
+    job = alice.post("/v1/fine_tuning/jobs", json=crowded).json()  # memory: auto — the planner's choice runs
+    with session_scope(stack.settings.db_url) as s:
+        record = s.get(Job, job["id"])
+        assert record is not None
+        options, memory = record.plan["1"], record.request["_memory"]["1"]
+    assert memory["changed"] and memory["fits"] and memory["per_gpu_bytes"] <= 32 * GiB
+    assert options["per_device_train_batch_size"] < 7000  # smaller micro-batches …
+    assert options["per_device_train_batch_size"] * options["gradient_accumulation_steps"] == 7000  # … same batch
+    assert alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+
+
 def test_models_list_base_and_own_fine_tuned(alice: Any, bob: Any) -> None:
     ids = [m["id"] for m in alice.get("/v1/models").json()["data"]]
     assert "tiny-opt-xs" in ids
