@@ -23,7 +23,7 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto console browser demo test fuzz chaos bench bench-trl lint lock clean
+.PHONY: help install proto console browser demo test fuzz chaos bench bench-memory bench-trl lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
@@ -31,6 +31,7 @@ help:
 	@echo "make fuzz   - schemathesis against a live API server from /openapi.json, many examples per route"
 	@echo "make chaos  - kill the training worker's process group K times during a 3-step job (and the database)"
 	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead (bench/results/)"
+	@echo "make bench-memory - the memory planner's predictions against measured peak memory (bench/results/memory.json)"
 	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
 	@echo "make console - build the web console (/ui/) from service/console with npm (also done by make test)"
@@ -108,6 +109,10 @@ $(TRL_VENV)/.installed: $(STAMP)
 	  "$$($(TRL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/rlhf_base.pth"
 	$(TRL_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps trl==$(TRL_VERSION)
 	touch $@
+
+# the memory planner against measured peak tensor memory, 15 runs (tiny models and SmolLM2-135M, ≈4 min)
+bench-memory: $(STAMP) $(PROTO_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/memory.py
 
 bench-trl: $(TRL_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(TRL_VENV)/bin/python bench/grpo_trl.py

@@ -5,7 +5,8 @@ step: an OPT-1.3B-shaped actor with an OPT-350M-shaped reward model (step 3 twic
 path and DeepSpeed's HybridEngine with kernel injection), a Llama-3.2-1B-shaped and a
 Qwen2.5-1.5B-shaped actor (rotary, grouped-query attention, 128k/152k vocabularies) each with a
 350M reward model of its family (`--arch` picks families). Reports, per step 3 variant, effective TFLOPs by
-DeepSpeed-Chat's formula (below), generation tokens/s and peak GPU memory; writes
+DeepSpeed-Chat's formula (below), generation tokens/s and peak GPU memory, and for each step
+`torch.cuda.max_memory_allocated` beside the memory planner's prediction (`rlhf plan`); writes
 bench/results/gpu_smoke-*.json.
 
 DeepSpeed-Chat's formula (dschat/utils/perf.py, after Megatron-LM), per PPO step:
@@ -188,8 +189,35 @@ def run_arch(arch: str, work: Path, *, hybrid: bool) -> dict[str, Any]:
             "train_tflops_measured_len": (dschat_flops(actor_cfg, 3, BATCH, real)
                                           + dschat_flops(critic_cfg, 3, BATCH, real)) / train_s / 1e12,
         }  # fmt: skip
+    results["memory"] = memory_vs_plan(actor, reward, run, work / f"ppo_{arch}_ours")
     results["chat"] = chat_check(run / "step1_sft")
     return results
+
+
+def memory_vs_plan(actor: Path, reward: Path, run: Path, ppo_out: Path) -> dict[str, Any]:
+    """Each step's measured peak (`torch.cuda.max_memory_allocated`, from its summary) beside the memory
+    planner's prediction for the same options on this GPU."""
+    import torch
+
+    from rlhf_engine import planner as pl
+
+    gpu = torch.cuda.get_device_properties(0).total_memory
+    a, r = pl.load_shape(str(actor), name="actor"), pl.load_shape(str(reward), name="reward model")
+    z2 = pl.Choice(zero_stage=2)
+    cases = {"sft": (pl.Workload(method="sft", seq_len=PROMPT_LEN + ANSWER_LEN, micro_batch=BATCH), run / "step1_sft"),
+             "reward": (pl.Workload(method="reward", seq_len=PROMPT_LEN + ANSWER_LEN, micro_batch=BATCH), run / "step2_reward"),
+             "ppo": (pl.Workload(method="ppo", prompt_len=PROMPT_LEN, answer_len=ANSWER_LEN, micro_batch=BATCH,
+                                 generation_batch=BATCH), ppo_out / "step3_rlhf")}  # fmt: skip
+    out: dict[str, Any] = {}
+    for name, (w, step_dir) in cases.items():
+        plan = pl.plan_step(w, a, r, z2, gpus=1, gpu_bytes=gpu)
+        summary = json.loads((step_dir / "summary.json").read_text()) if (step_dir / "summary.json").is_file() else {}
+        measured = summary.get("peak_memory_mib")
+        planned = (plan.static_bytes + plan.phase_bytes[plan.peak_phase]) / 2**20  # tensors: no margin, no context
+        out[name] = {"measured_mib": measured, "source": summary.get("peak_memory_source"), "planned_mib": round(planned),
+                     "planned_with_margin_mib": round(plan.total_bytes / 2**20), "peak_phase": plan.peak_phase,
+                     "error": round(planned / measured - 1, 4) if measured else None}  # fmt: skip
+    return out
 
 
 def _params(cfg: Any) -> float:

@@ -5,7 +5,8 @@ Each row runs one step for a few optimizer steps in a fresh process, under torch
 allocator handed out (every allocation and free, from before the models load to the end of the step) —
 tensors only, not the interpreter, libraries or allocator slack. The prediction is the planner's for the
 same step options on one process in fp32: the resident models plus the largest phase, before the
-fragmentation margin and GPU overhead it adds on a GPU. Writes bench/results/memory.json and a table.
+fragmentation margin and GPU overhead it adds on a GPU (and with what it would offload to host memory,
+which on the CPU is the same memory). Writes bench/results/memory.json and a table.
 
     python bench/memory.py [--rows tiny|smollm2|all] [--steps 2]
 """
@@ -115,7 +116,8 @@ def measure(row: int, steps: int) -> dict[str, Any]:
     if command == "reward":
         a, r = r or a, a
     plan = pl.plan_step(pl.workload_of(config, method, dtype_bytes=4), a, r, pl.choice_of(config, method), gpus=1)
-    predicted = plan.static_bytes + plan.phase_bytes[plan.peak_phase]
+    # one process on the CPU: what the plan would offload to host memory lives in the same memory
+    predicted = plan.static_bytes + plan.phase_bytes[plan.peak_phase] + plan.host_bytes_per_node
     return {"row": label, "command": command, "measured_bytes": peak, "predicted_bytes": round(predicted),
             "error": round(predicted / peak - 1, 4), "peak_phase": plan.peak_phase, "seconds": round(seconds, 1),
             "actor_params": a.params, "configuration": plan.choice.describe()}  # fmt: skip

@@ -1,31 +1,38 @@
 """The memory planner: per GPU, the bytes every model of a step holds — weights, gradients, optimizer
 states, activations (with and without gradient checkpointing), the generation KV cache — for each choice
-of ZeRO stage, offload, LoRA, checkpointing and reference/reward offload; and the fastest choice that fits.
+of ZeRO stage, offload, LoRA, checkpointing, reference/reward offload and micro-batch split; and the
+fastest choice that fits.
 
 Torch-free (the API server plans jobs and never imports torch). Sizes come from a model's config.json and
 the tensor shapes in its safetensors headers (read as JSON, no weights loaded), or from a parameter count
-alone (an OPT-like shape is assumed). The arithmetic, per data-parallel rank of N:
+alone (an OPT-like shape is assumed). The arithmetic, per data-parallel rank of N (b = 2 for bf16/fp16,
+4 for fp32), calibrated against torch's allocator on this machine (bench/memory.py: 15 runs within 10%):
 
-- weights: P × b (b = 2 for bf16/fp16, 4 for fp32); ÷ N at ZeRO-3; 0 on the GPU with parameter offload.
-- gradients: trainable P × b; ÷ N from ZeRO-2.
-- optimizer (Adam, mixed precision): trainable P × 12 (fp32 master, m, v; 8 in fp32 training); ÷ N from
-  ZeRO-1; 0 on the GPU with optimizer offload (it moves to host memory, reported per node).
+- weights: P × b; ÷ N at ZeRO-3; in host memory with parameter offload.
+- optimizer: trainable × 12 (fp32 master, Adam's m and v; 8 when torch's AdamW steps fp32 weights in
+  place at ZeRO-0); ÷ N from ZeRO-1; in host memory with optimizer offload.
+- gradients: trainable × 4 (fp32 beside half weights; b at fp32 ZeRO-0); ÷ N from ZeRO-2, × 2 at ZeRO-3
+  (a flat buffer and the partitions). Kept between steps from ZeRO-1 or with accumulation; else they exist
+  only from backward to the optimizer step, which also makes AdamW's fp32 temporaries (trainable × 4 ÷ N).
+- ZeRO buckets: 2 × min(5e8, trainable) × b (1 at ZeRO-3, plus min(5e7, P) prefetch and two gathered
+  layers): our DeepSpeed configs cap them at the model's size; DeepSpeed's default is 5e8 whatever the model.
 - LoRA (rank r, every linear layer, only the adapters train): trainable = r × (d_in + d_out) per linear.
-- activations of one micro-batch of B sequences of T tokens, per layer and token: b × (6H + 2I·g + 2H)
-  (g = 1.5 for gated MLPs), plus the logits B × T × V × (b + 8) (fp32 log-softmax and its gradient);
-  with gradient checkpointing, b × H per layer and token plus one layer's full activations.
-- KV cache of generation: 2 × L × B × (prompt + answer) × H_kv × b.
-- frozen models (reference, reward): weights only (÷ N when ZeRO-3 shards them; 0 when offloaded), plus
-  their forward pass over the batch's logits.
-- a step's peak = the resident models + the largest phase (step 3: generation, the actor's training,
-  the critic's training), × 1.10 for allocator fragmentation, + 1 GiB on a GPU (CUDA context, NCCL,
-  DeepSpeed's buffers).
+- activations of B sequences of T tokens: per layer and token b × (6H + 2I), 4I with a gated MLP; logits of
+  the scored positions × V × (b + 4, + 4 in half precision); backward starts with the logits' fp32
+  gradient and the output embedding's gradient on top. With checkpointing: b × H per layer and token, plus
+  one layer.
+- KV cache of generation: 2 × L × B × (prompt + answer) × H_kv × b; step 3 scores the answer positions only.
+- frozen models (reference, EMA, reward): weights only (÷ N at ZeRO-3; in host memory when offloaded).
+- saving gathers CPU copies (P × b, twice with LoRA: merged into a copy): host memory, counted on a CPU.
+- a step's peak = resident bytes + its largest phase (training, optimizer step, generation, experience,
+  reference forward, save), × 1.10 for allocator fragmentation, + 1 GiB on a GPU (CUDA context, NCCL).
 
 The cost model ranks the choices that fit by relative throughput (1.0 = plain data parallel): ZeRO-1
 ×0.98, ZeRO-2 ×0.95, ZeRO-3 ×0.75 (all-gathers in every forward and backward, and in generation);
 optimizer offload ×0.55 (CPU Adam, PCIe), parameter offload ×0.5 more; gradient checkpointing ×0.77
 (a second forward); LoRA ×0.9 (not slower, but it trains adapters only: full fine-tuning is preferred
-when it fits); reference or reward model offload ×0.9 each. Ties go to the smaller footprint.
+when it fits); reference or reward model offload ×0.9 each; ×0.95 per halving of the micro-batch (with
+twice the accumulation, the batch stays). Ties go to the smaller footprint.
 """
 
 from __future__ import annotations
@@ -291,51 +298,103 @@ def _gib(x: float) -> str:
     return f"{x / GiB:.2f} GiB"
 
 
-def activations(shape: Shape, *, batch: int, seq: int, b: int, checkpointing: bool) -> tuple[float, str]:
-    per_token_layer = b * (
-        6 * shape.hidden + 2 * shape.ffn * (1.5 if shape.gated else 1.0) + 2 * shape.hidden
-    )
-    logits = batch * seq * shape.vocab * (b + 8)
+def logit_bytes(b: int) -> int:
+    """Per position and vocabulary entry: the logits, their fp32 copy in half precision, the log-softmax."""
+    return b + 4 + (4 if b < 4 else 0)
+
+
+def activations(
+    shape: Shape,
+    *,
+    batch: int,
+    seq: int,
+    b: int,
+    checkpointing: bool,
+    logits: bool = True,
+    scored: int | None = None,
+) -> tuple[float, str]:
+    """What autograd keeps for backward: per layer and token b × (6H + 2I), 4I for a gated MLP (measured on
+    OPT and SmolLM2 within 2%), plus the logits of the `scored` positions (default all); with
+    checkpointing, each layer's input and one layer recomputed."""
+    per_token_layer = b * (6 * shape.hidden + (4 if shape.gated else 2) * shape.ffn)
+    scored = seq if scored is None else scored
+    head = batch * scored * shape.vocab * logit_bytes(b) if logits else 0
     if checkpointing:
         body = batch * seq * (shape.layers * b * shape.hidden + per_token_layer)
-        formula = f"{batch}×{seq} tok × ({shape.layers} layers × {b}·H + one layer) + logits {batch}×{seq}×{shape.vocab}×{b + 8}"
+        formula = f"{batch}×{seq} tok × ({shape.layers} layers × {b}·H + one layer of {per_token_layer} B)"
     else:
         body = batch * seq * shape.layers * per_token_layer
-        formula = f"{batch}×{seq} tok × {shape.layers} layers × {per_token_layer:.0f} B + logits {batch}×{seq}×{shape.vocab}×{b + 8}"
-    return body + logits, formula
+        formula = f"{batch}×{seq} tok × {shape.layers} layers × {per_token_layer} B"
+    return body + head, formula + (
+        f" + logits {batch}×{scored}×{shape.vocab}×{logit_bytes(b)}" if logits else ""
+    )
 
 
-def _trained(plan: StepPlan, name: str, shape: Shape, c: Choice, n: int, b: int) -> None:
-    """Weights, gradients and optimizer state of a model that trains."""
+def backward_tail(shape: Shape, *, batch: int, seq: int, b: int) -> float:
+    """Backward starts at the head while every activation is alive: the logits' gradient (fp32) and the
+    output embedding's gradient come on top of them."""
+    return batch * seq * shape.vocab * 4 + shape.vocab * shape.hidden * b
+
+
+def _trained(
+    plan: StepPlan, name: str, shape: Shape, c: Choice, n: int, b: int, *, accumulation: int
+) -> dict[str, float]:
+    """Weights, gradients, optimizer state and ZeRO's buffers of a model that trains; returns the bytes of
+    its phases beyond them ("optimizer step": gradients when they are not kept between steps, and the
+    optimizer's temporaries; "save": the copy written out)."""
     p = shape.params
     trainable = shape.lora_params(c.lora_dim) if c.lora_dim else p
-    w_div = n if c.zero_stage == 3 else 1
-    weights = 0.0 if (c.offload and c.zero_stage == 3) else p * b / w_div
-    plan.parts.append(
-        Part(name, "weights", weights, "offloaded" if weights == 0 else f"{p:.3g} × {b} B / {w_div}")
-    )
-    g_div = n if c.zero_stage >= 2 else 1
-    plan.parts.append(
-        Part(name, "gradients", trainable * b / g_div, f"{trainable:.3g} trainable × {b} B / {g_div}")
-    )
-    opt_bytes = 12 if b < 4 else 8
-    o_div = n if c.zero_stage >= 1 else 1
+    z = c.zero_stage
+    w_div = n if z == 3 else 1
+    if c.offload and z == 3:
+        plan.host_bytes_per_node += p * b / w_div
+        plan.parts.append(Part(name, "weights", 0.0, f"offloaded: {p:.3g} × {b} B / {w_div} in host memory"))
+    else:
+        plan.parts.append(Part(name, "weights", p * b / w_div, f"{p:.3g} × {b} B / {w_div}"))
+    # Adam's m and v in fp32, and an fp32 master copy unless torch's AdamW steps fp32 weights in place
+    opt_bytes = 12 if (b < 4 or z >= 1) else 8
+    o_div = n if z >= 1 else 1
     optim = trainable * opt_bytes / o_div
+    grad_bytes = 4 if (b < 4 or z >= 1) else b  # DeepSpeed keeps gradients in fp32 beside half weights
+    g_div = n if z >= 2 else 1
+    grads = trainable * grad_bytes / g_div * (2 if z == 3 else 1)  # ZeRO-3: a flat buffer and the partitions
     if c.offload:
-        plan.host_bytes_per_node += optim + (p * b / w_div if c.zero_stage == 3 else 0)
+        plan.host_bytes_per_node += optim + grads
         plan.parts.append(
             Part(
                 name, "optimizer", 0.0, f"offloaded: {trainable:.3g} × {opt_bytes} B / {o_div} in host memory"
             )
         )
+        plan.parts.append(
+            Part(
+                name,
+                "gradients",
+                0.0,
+                f"offloaded: {trainable:.3g} × {grad_bytes} B / {g_div} in host memory",
+            )
+        )
     else:
         plan.parts.append(Part(name, "optimizer", optim, f"{trainable:.3g} × {opt_bytes} B / {o_div}"))
-    if (
-        c.zero_stage in (1, 2) and n > 1
-    ):  # the reduce bucket (DeepSpeed's default 5e8 elements, capped by the model)
+    kept = z >= 1 or accumulation > 1  # else set to None after each step, allocated again in backward
+    if not c.offload and kept:
         plan.parts.append(
-            Part(name, "ZeRO buckets", min(5e8, trainable) * b, f"min(5e8, {trainable:.3g}) × {b} B")
+            Part(
+                name,
+                "gradients",
+                grads,
+                f"{trainable:.3g} × {grad_bytes} B / {g_div}" + (" × 2" if z == 3 else ""),
+            )
         )
+    if z >= 1:  # ZeRO's reduce (and all-gather) buckets; our configs cap them at the trainable count
+        buckets = (1 if z == 3 else 2) * min(5e8, trainable) * b
+        plan.parts.append(
+            Part(name, "ZeRO buckets", buckets, f"{1 if z == 3 else 2} × min(5e8, {trainable:.3g}) × {b} B")
+        )
+    temps = (
+        0.0 if c.offload else 4 * trainable / o_div
+    )  # torch's AdamW (foreach): one fp32 temporary per parameter
+    save = p * b * (2 if c.lora_dim else 1) if z < 3 else 2 * p / shape.layers * b  # LoRA: merged into a copy
+    return {"optimizer step": (0.0 if (kept or c.offload) else grads) + temps, "save": save}
 
 
 def _frozen(
@@ -353,54 +412,65 @@ def _frozen(
         )
 
 
+def _merge(phases: dict[str, float], more: dict[str, float], who: str) -> None:
+    for k, v in more.items():
+        phases[f"{who} {k}" if who else k] = max(phases.get(f"{who} {k}" if who else k, 0.0), v)
+
+
 def plan_step(w: Workload, actor: Shape, reward: Shape | None, c: Choice, *, gpus: int, gpus_per_node: int = 8,
               gpu_bytes: float | None = None, host_bytes: float | None = None) -> StepPlan:  # fmt: skip
-    """The bytes per GPU of one step under one choice (`host_bytes`: host memory per node for offload)."""
+    """The bytes per GPU of one step under one choice (`host_bytes`: host memory per node for offload):
+    what stays resident, plus the largest of the step's phases."""
     n, b = gpus, w.dtype_bytes
-    w = replace(
-        w,
-        micro_batch=max(1, w.micro_batch // c.split),
-        generation_batch=max(1, w.generation_batch // c.split),
-    )
+    w = replace(w, micro_batch=max(1, w.micro_batch // c.split), generation_batch=max(1, w.generation_batch // c.split),
+                accumulation=w.accumulation * c.split)  # fmt: skip
     plan = StepPlan(method=w.method, choice=c, gpus=n, gpu_bytes=gpu_bytes, host_bytes=host_bytes)
     ck = c.gradient_checkpointing
+    phases: dict[str, float] = {}
     if w.method in ("sft", "reward", "dpo"):
         model = reward if (w.method == "reward" and reward is not None) else actor
         name = "reward model" if w.method == "reward" else "actor"
-        _trained(plan, name, model, c, n, b)
+        lm = w.method != "reward"  # a reward model has a value head: no vocabulary-sized logits
+        _merge(phases, _trained(plan, name, model, c, n, b, accumulation=w.accumulation), "")
         batch = w.micro_batch * (2 if w.method in ("dpo", "reward") else 1)  # chosen and rejected together
         if w.method == "dpo":
             _frozen(plan, "reference", actor, c, n, b)
-        act, formula = activations(model, batch=batch, seq=w.seq_len, b=b, checkpointing=ck)
-        if w.method == "reward":  # a value head: no vocabulary-sized logits
-            act -= batch * w.seq_len * model.vocab * (b + 8)
-            formula = formula.split(" + logits")[0]
+            phases["reference forward"] = batch * w.seq_len * actor.vocab * logit_bytes(b)
+        act, formula = activations(model, batch=batch, seq=w.seq_len, b=b, checkpointing=ck, logits=lm)
+        tail = backward_tail(model, batch=batch, seq=w.seq_len, b=b) if lm else 0.0
         plan.activations_without_checkpointing = activations(
-            model, batch=batch, seq=w.seq_len, b=b, checkpointing=False
+            model, batch=batch, seq=w.seq_len, b=b, checkpointing=False, logits=lm
         )[0]
         plan.activations_with_checkpointing = activations(
-            model, batch=batch, seq=w.seq_len, b=b, checkpointing=True
+            model, batch=batch, seq=w.seq_len, b=b, checkpointing=True, logits=lm
         )[0]
-        plan.phase_bytes = {"training": act}
-        plan.parts.append(Part(name, "activations", act, formula))
+        phases["training"] = act + tail
+        plan.parts.append(
+            Part(
+                name, "activations", act + tail, formula + (" + the backward's first gradients" if lm else "")
+            )
+        )
     else:
         critic = w.method == "ppo"
         if critic and reward is None:
             raise PlanError(
                 "reward_model: ppo trains a critic from the reward model; give one (or use grpo with a grader)"
             )
-        _trained(plan, "actor", actor, c, n, b)
+        _merge(phases, _trained(plan, "actor", actor, c, n, b, accumulation=w.accumulation), "actor")
         _frozen(plan, "reference", actor, c, n, b)
         if w.ema:
             _frozen(plan, "actor EMA", actor, c, n, b, offloadable=False)
         if critic and reward is not None:
-            _trained(plan, "critic", reward, replace(c, lora_dim=0), n, b)
+            _merge(
+                phases,
+                _trained(plan, "critic", reward, replace(c, lora_dim=0), n, b, accumulation=w.accumulation),
+                "critic",
+            )
         if reward is not None and w.reward_model:
             _frozen(plan, "reward model", reward, c, n, b)
         seq = w.prompt_len + w.answer_len
         gen_batch = w.generation_batch * w.samples_per_prompt
         kv = float(2 * actor.layers * gen_batch * seq * actor.kv_hidden * b)
-        gen_logits = gen_batch * actor.vocab * 4
         plan.parts.append(
             Part(
                 "actor",
@@ -411,28 +481,39 @@ def plan_step(w: Workload, actor: Shape, reward: Shape | None, c: Choice, *, gpu
         )
         if w.hybrid_engine and c.zero_stage == 3:  # the hybrid engine gathers the whole actor to generate
             tp = w.inference_tp_size
-            gathered = actor.params * b / tp - (0 if c.offload else actor.params * b / n)
-            kv += max(gathered, 0.0)
-            plan.parts.append(Part("actor", "gathered for generation (HE)", max(gathered, 0.0),
+            gathered = max(actor.params * b / tp - (0 if c.offload else actor.params * b / n), 0.0)
+            kv += gathered
+            plan.parts.append(Part("actor", "gathered for generation (HE)", gathered,
                                    f"{actor.params:.3g} × {b} B / TP {tp}, less the resident shard"))  # fmt: skip
-        scoring = gen_batch * seq * actor.vocab * 4  # the actor's and reference's log-probs of the experience
-        act_a, f_a = activations(actor, batch=w.micro_batch, seq=seq, b=b, checkpointing=ck)
+        phases["generation"] = kv + gen_batch * actor.vocab * 4
+        scored = w.answer_len + 1  # log-probs of the answer only (the LM head runs over those positions)
+        scoring = gen_batch * scored * actor.vocab * logit_bytes(b)  # the actor's, then the reference's
+        phases["experience"] = scoring
+        plan.parts.append(
+            Part("actor+reference", "log-probs of the experience", scoring,
+                 f"{gen_batch} × {scored} × {actor.vocab} × {logit_bytes(b)} B")
+        )  # fmt: skip
+        act_a, f_a = activations(actor, batch=w.micro_batch, seq=seq, b=b, checkpointing=ck, scored=scored)
+        act_a += backward_tail(actor, batch=w.micro_batch, seq=scored, b=b)
         plan.activations_without_checkpointing = activations(
             actor, batch=w.micro_batch, seq=seq, b=b, checkpointing=False
         )[0]
         plan.activations_with_checkpointing = activations(
             actor, batch=w.micro_batch, seq=seq, b=b, checkpointing=True
         )[0]
-        plan.phase_bytes = {"generation": kv + gen_logits, "experience": scoring, "actor training": act_a}
-        plan.parts.append(Part("actor", "activations (training)", act_a, f_a))
-        plan.parts.append(Part("actor+reference", "log-probs of the experience", scoring,
-                               f"{gen_batch} × {seq} × {actor.vocab} × 4 B"))  # fmt: skip
+        phases["actor training"] = act_a
+        plan.parts.append(
+            Part("actor", "activations (training)", act_a, f_a + " + the backward's first gradients")
+        )
         if critic and reward is not None:
-            act_c, f_c = activations(reward, batch=w.micro_batch, seq=seq, b=b, checkpointing=ck)
-            act_c -= w.micro_batch * seq * reward.vocab * (b + 8)
-            plan.phase_bytes["critic training"] = act_c
-            plan.parts.append(Part("critic", "activations (training)", act_c, f_c.split(" + logits")[0]))
-    if c.zero_stage == 3:  # the layers being gathered, and DeepSpeed's prefetch bucket (5e7 elements)
+            act_c, f_c = activations(
+                reward, batch=w.micro_batch, seq=seq, b=b, checkpointing=ck, logits=False
+            )
+            phases["critic training"] = act_c
+            plan.parts.append(Part("critic", "activations (training)", act_c, f_c))
+    if (
+        c.zero_stage == 3
+    ):  # the layers being gathered, and the prefetch bucket (5e7 elements, capped by the model)
         big = max(
             [actor] + ([reward] if reward is not None and w.method != "sft" else []), key=lambda m: m.params
         )
@@ -442,15 +523,17 @@ def plan_step(w: Workload, actor: Shape, reward: Shape | None, c: Choice, *, gpu
                 big.name or "largest model",
                 "ZeRO-3 working set",
                 working,
-                f"(2 layers + 5e7 prefetch) × {b} B",
+                f"(2 layers + min(5e7, P) prefetch) × {b} B",
             )
         )
     phase_parts = ("activations", "KV", "log-probs", "gathered for generation")
-    static = sum(p.bytes for p in plan.parts if not any(k in p.what for k in phase_parts))
-    plan.static_bytes = static
-    plan.peak_phase = max(plan.phase_bytes, key=lambda k: plan.phase_bytes[k])
+    plan.static_bytes = sum(p.bytes for p in plan.parts if not any(k in p.what for k in phase_parts))
+    if gpu_bytes is not None:  # the save gathers CPU copies: host memory, not the GPU's
+        phases = {k: v for k, v in phases.items() if not k.endswith("save")}
+    plan.phase_bytes = phases
+    plan.peak_phase = max(phases, key=lambda k: phases[k])
     overhead = GPU_OVERHEAD if gpu_bytes is not None else 0.0
-    plan.total_bytes = (static + plan.phase_bytes[plan.peak_phase]) * FRAGMENTATION + overhead
+    plan.total_bytes = (plan.static_bytes + phases[plan.peak_phase]) * FRAGMENTATION + overhead
     plan.host_bytes_per_node *= min(gpus, gpus_per_node)
     return plan
 

@@ -102,11 +102,32 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, *, warmup: int, 
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=max(1, total))
 
 
+REDUCE_BUCKET = int(5e8)  # DeepSpeed's default reduce/all-gather bucket, in elements
+PREFETCH_BUCKET = int(5e7)  # … and its ZeRO-3 prefetch bucket
+
+
+def size_buckets(ds_config: dict[str, Any], model: torch.nn.Module) -> None:
+    """ZeRO's gradient buckets no larger than the model's trainable parameters. DeepSpeed allocates its
+    reduce bucket at full size whatever the model (5e8 elements: 1.9 GiB in fp32, 0.9 GiB in bf16 per
+    process) — measured here as 1.9 GiB of a 25M-parameter model's 2.4 GiB peak at ZeRO-2 (bench/memory.py)."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0:
+        return
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    zero = ds_config["zero_optimization"]
+    zero.setdefault("reduce_bucket_size", max(1, min(REDUCE_BUCKET, trainable)))
+    zero.setdefault("allgather_bucket_size", max(1, min(REDUCE_BUCKET, trainable)))
+    if stage == 3:
+        zero.setdefault("stage3_prefetch_bucket_size", max(1, min(PREFETCH_BUCKET, total)))
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                ds_config: dict[str, Any]) -> Any:  # fmt: skip
     """`deepspeed.initialize` → the engine (it owns optimizer and scheduler steps)."""
     import deepspeed
 
+    size_buckets(ds_config, model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # one data-parallel rank: DeepSpeed's all-reduce would flatten every gradient into one buffer,

@@ -28,36 +28,47 @@ def test_sft_at_zero_0_by_hand() -> None:
     w = pl.Workload(method="sft", seq_len=100, micro_batch=2, dtype_bytes=2)
     p = pl.plan_step(w, SHAPE, None, pl.Choice(), gpus=1, gpu_bytes=80 * pl.GiB)
     got = parts(p)
-    assert got[("actor", "weights")] == 2e9 and got[("actor", "gradients")] == 2e9
+    assert got[("actor", "weights")] == 2e9
     assert got[("actor", "optimizer")] == 12e9  # fp32 master, m and v
-    # per layer and token 2 B × (6·1000 + 2·4000 + 2·1000) = 32,000 B; × 2 × 100 tokens × 10 layers = 64e6;
-    # logits 2 × 100 × 1000 × (2 + 8) = 2e6
-    assert got[("actor", "activations")] == 66e6
-    assert p.total_bytes == pytest.approx((16e9 + 66e6) * 1.1 + pl.GiB)
-    # with checkpointing: 2 × 100 tokens × (10 layers × 2 B × 1000 + one layer's 32,000 B) + logits = 12.4e6 + 2e6
-    assert p.activations_with_checkpointing == 2 * 100 * (10 * 2 * 1000 + 32_000) + 2e6
-    assert p.activations_without_checkpointing == 66e6
+    assert ("actor", "gradients") not in got  # set to None between steps: they exist from backward to the step
+    # per layer and token 2 B × (6·1000 + 2·4000) = 28,000 B; × 2 × 100 tokens × 10 layers = 56e6; logits
+    # 2 × 100 × 1000 × (2 + 4 + 4) = 2e6; backward's first gradients 2 × 100 × 1000 × 4 + 1000 × 1000 × 2 = 2.8e6
+    assert p.phase_bytes["training"] == 56e6 + 2e6 + 2.8e6
+    # the optimizer step: fp32 gradients (4e9) and torch AdamW's fp32 temporaries (4e9)
+    assert p.phase_bytes["optimizer step"] == 8e9 and p.peak_phase == "optimizer step"
+    assert "save" not in p.phase_bytes  # saving gathers CPU copies: host memory, not the GPU's
+    assert p.total_bytes == pytest.approx((14e9 + 8e9) * 1.1 + pl.GiB)
+    # with checkpointing: 2 × 100 tokens × (10 layers × 2 B × 1000 + one layer's 28,000 B) + logits
+    assert p.activations_with_checkpointing == 2 * 100 * (10 * 2 * 1000 + 28_000) + 2e6
+    assert p.activations_without_checkpointing == 58e6
+    on_cpu = pl.plan_step(pl.replace(w, dtype_bytes=4), SHAPE, None, pl.Choice(), gpus=1)
+    assert parts(on_cpu)[("actor", "optimizer")] == 8e9  # fp32: AdamW's m and v, no master copy
+    assert on_cpu.phase_bytes["save"] == 4e9 and on_cpu.total_bytes == pytest.approx((4e9 + 8e9 + 8e9) * 1.1)
 
 
 def test_zero_stages_divide_what_they_partition() -> None:
     w = pl.Workload(method="sft", seq_len=100, micro_batch=2)
     by_stage = {z: parts(pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=z), gpus=8)) for z in (1, 2, 3)}
-    assert by_stage[1][("actor", "optimizer")] == 12e9 / 8 and by_stage[1][("actor", "gradients")] == 2e9
-    assert by_stage[2][("actor", "gradients")] == 2e9 / 8 and by_stage[2][("actor", "weights")] == 2e9
-    assert by_stage[1][("actor", "ZeRO buckets")] == 5e8 * 2  # DeepSpeed's reduce bucket, 5e8 elements
+    assert by_stage[1][("actor", "optimizer")] == 12e9 / 8 and by_stage[1][("actor", "gradients")] == 4e9
+    assert by_stage[2][("actor", "gradients")] == 4e9 / 8 and by_stage[2][("actor", "weights")] == 2e9
+    assert by_stage[1][("actor", "ZeRO buckets")] == 2 * 5e8 * 2  # reduce and all-gather, 5e8 elements each
     assert by_stage[3][("actor", "weights")] == 2e9 / 8
+    assert by_stage[3][("actor", "gradients")] == 2 * 4e9 / 8  # a flat buffer and the partitions
     # ZeRO-3 gathers layers as it goes: two layers (2 × 1e9 / 10) and the 5e7-element prefetch bucket, × 2 B
     assert by_stage[3][("largest model", "ZeRO-3 working set")] == (2 * 1e8 + 5e7) * 2
+    small = parts(pl.plan_step(w, SMALL, None, pl.Choice(zero_stage=2), gpus=8))
+    assert small[("actor", "ZeRO buckets")] == 2 * 1e8 * 2  # capped at the trainable count (as our configs are)
 
 
 def test_offload_moves_the_optimizer_and_parameters_to_host_memory() -> None:
     w = pl.Workload(method="sft", seq_len=100, micro_batch=2)
     two = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=2, offload=True), gpus=4, gpus_per_node=4)
     assert parts(two)[("actor", "optimizer")] == 0 and parts(two)[("actor", "weights")] == 2e9
-    assert two.host_bytes_per_node == 12e9 / 4 * 4  # each rank's shard, 4 ranks on the node
+    assert two.host_bytes_per_node == (12e9 / 4 + 4e9 / 4) * 4  # each rank's optimizer and gradient shards
+    assert two.phase_bytes["optimizer step"] == 0  # DeepSpeed's CPU Adam steps in host memory
     three = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=3, offload=True), gpus=4, gpus_per_node=4)
     assert parts(three)[("actor", "weights")] == 0
-    assert three.host_bytes_per_node == (12e9 / 4 + 2e9 / 4) * 4
+    assert three.host_bytes_per_node == (2e9 / 4 + 12e9 / 4 + 2 * 4e9 / 4) * 4
     starved = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=3, offload=True), gpus=4, gpus_per_node=4,
                            gpu_bytes=80 * pl.GiB, host_bytes=1e9)  # fmt: skip
     assert not starved.fits  # the GPU has room; the host has not
@@ -84,10 +95,13 @@ def test_ppo_holds_four_models_and_peaks_in_its_largest_phase() -> None:
     assert got[("critic", "optimizer")] == 12e8 and got[("reward model", "weights (frozen)")] == 2e8
     assert got[("actor", "KV cache (generation)")] == 2 * 10 * 4 * 100 * 1000 * 2  # 2 × L × B × T × H_kv × b
     assert p.phase_bytes["generation"] == 2 * 10 * 4 * 100 * 1000 * 2 + 4 * 1000 * 4
-    assert p.peak_phase == max(p.phase_bytes, key=p.phase_bytes.__getitem__)
-    resident = 2e9 + 2e9 + 12e9 + 2e9 + 2e9 + (2e8 + 2e8 + 12e8) + 2e8
+    # the log-probs of the answer's 41 positions only, not the prompt's: the LM head runs over those
+    assert p.phase_bytes["experience"] == 4 * 41 * 1000 * 10
+    assert p.phase_bytes["actor optimizer step"] == 8e9 and p.phase_bytes["critic optimizer step"] == 8e8
+    assert p.peak_phase == "actor optimizer step"
+    resident = 2e9 + 12e9 + 2e9 + 2e9 + (2e8 + 12e8) + 2e8
     assert p.static_bytes == resident
-    assert p.total_bytes == pytest.approx((resident + p.phase_bytes[p.peak_phase]) * 1.1 + pl.GiB)
+    assert p.total_bytes == pytest.approx((resident + 8e9) * 1.1 + pl.GiB)
     grpo = pl.plan_step(pl.Workload(method="grpo", micro_batch=2, generation_batch=4, samples_per_prompt=4,
                                     reward_model=False), SHAPE, None, pl.Choice(), gpus=1)  # fmt: skip
     assert not any(m in ("critic", "reward model") for m, _ in parts(grpo))  # no critic, a grader instead
@@ -133,6 +147,10 @@ def test_step_options_round_trip_through_the_step_configs() -> None:
     )
     assert pl.choice_of(ppo, "ppo") == c and ppo.critic.lora_dim == 0 and ppo.critic.zero_stage == 3
     assert pl.as_flags({"zero_stage": 3, "offload": False}) == "--zero-stage 3 --no-offload"
+    split = pl.step_options(pl.Choice(split=4), "sft", pl.Workload(method="sft", micro_batch=16, accumulation=8))
+    assert split["per_device_train_batch_size"] == 4 and split["gradient_accumulation_steps"] == 32
+    fixed = pl.allowed_by({"per_device_train_batch_size": 16}, "sft")
+    assert not fixed(pl.Choice(split=2)) and fixed(pl.Choice(zero_stage=3))  # batches the caller set stay
 
 
 def test_sizes_come_from_the_safetensors_headers(base_model: Path, smollm2: Path) -> None:
