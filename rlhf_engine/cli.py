@@ -215,7 +215,10 @@ def cmd_step(ns: argparse.Namespace) -> int:
 
     fencing.start_watchdog()  # a step whose worker (or top process) is gone stops, never trains on alone
     cls = _step_config_class(ns.command)
-    config = dataclass_from_args(cls, ns, file_values=load_config_file(ns.config) if ns.config else None)
+    auto = ns.config == "auto"
+    config = dataclass_from_args(cls, ns, file_values=load_config_file(ns.config) if ns.config and not auto else None)
+    if auto:
+        config = dataclass_from_args(cls, ns, file_values=_auto_memory(config, ns.command, ns, cls))
     stage = importlib.import_module(STEPS[ns.command][0])
     step_dir = Path(config.output_dir) / stage.STEP_DIR
     if inside_launcher():
@@ -230,6 +233,59 @@ def cmd_step(ns: argparse.Namespace) -> int:
             return run_launched(ns.argv, processes=ns.num_gpus, launcher=ns.launcher, marker=step_dir / "summary.json",
                                 hostfile=ns.hostfile)  # fmt: skip
         return _run_stage(stage, config)
+
+
+def device_memory() -> tuple[float, bool, str]:
+    """(bytes of one accelerator, or of this host's memory on a CPU; on CUDA?; a label)."""
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        return float(total), True, f"{torch.cuda.get_device_name(0)} ({total / 2**30:.0f} GiB)"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return float(total), False, f"the CPU's {total / 2**30:.0f} GiB of memory"
+
+
+def _auto_memory(config: Any, command: str, ns: argparse.Namespace, cls: Any) -> dict[str, Any]:
+    """`--config auto`: the memory planner's fastest configuration for this machine; flags given stay."""
+    from rlhf_engine import planner as pl
+    from rlhf_engine.config.args import option_names
+
+    fixed = {k: getattr(ns, k) for k in option_names(cls) if getattr(ns, k, None) is not None}
+    total, cuda, label = device_memory()
+    options, plan = pl.auto_options(config, command, gpus=ns.num_gpus, device_bytes=total, cuda=cuda, fixed=fixed)
+    if plan.best is None:
+        raise pl.PlanError(f"--config auto: nothing fits on {label}: " + pl.render(plan, gpu_label=label).splitlines()[0])
+    print(f"rlhf: --config auto on {label}: {plan.best.choice.describe()}, {plan.best.total_bytes / 2**30:.2f} GiB "
+          f"planned per process ({pl.as_flags(options) or 'as configured'})", file=sys.stderr)  # fmt: skip
+    return options
+
+
+def _auto_pipeline(cfg: Any, sections: dict[str, dict[str, Any]]) -> None:
+    """`rlhf train --config auto`: each step's section takes the memory planner's choice for this machine,
+    planned on the input models (step 3's actor is step 1's output: the same shape)."""
+    from rlhf_engine import planner as pl
+    from rlhf_engine.config.pipeline import step_values
+
+    total, cuda, label = device_memory()
+    actor = pl.load_shape(cfg.actor_model, name="actor")
+    reward = pl.load_shape(cfg.reward_model, name="reward model") if cfg.reward_model else None
+    for step, spec in cfg.steps().items():
+        if step not in cfg.step:
+            continue
+        values = step_values(cfg, step, sections.get(spec.command, {}))
+        values |= {k: "planned" for k in ("model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path")
+                   if k in values and not values[k]}  # fmt: skip
+        built = dataclass_from_args(spec.config, argparse.Namespace(), file_values=values)
+        fixed = {k: v for k, v in values.items() if k.removeprefix("actor_") in pl.MEMORY_FIELDS}
+        options, plan = pl.auto_options(built, spec.command, gpus=cfg.num_gpus, device_bytes=total, cuda=cuda,
+                                        fixed=fixed, shapes=(actor, reward))  # fmt: skip
+        if plan.best is None:
+            raise pl.PlanError(f"--config auto: {spec.title} does not fit on {label}: "
+                               + pl.render(plan, gpu_label=label).splitlines()[0])  # fmt: skip
+        sections[spec.command] = {**sections.get(spec.command, {}), **options}
+        print(f"rlhf: --config auto, {spec.title} on {label}: {plan.best.choice.describe()}, "
+              f"{plan.best.total_bytes / 2**30:.2f} GiB planned per process", file=sys.stderr)  # fmt: skip
 
 
 def _run_stage(stage: Any, config: Any) -> int:
@@ -264,7 +320,8 @@ def _run_stage(stage: Any, config: Any) -> int:
 def _add_step_parser(sub: Any, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text)
     add_dataclass_args(p, _step_config_class(name))
-    p.add_argument("--config", help="YAML/JSON file of options (flags override it)")
+    p.add_argument("--config", help="YAML/JSON file of options (flags override it); auto: the memory planner's "
+                   "fastest ZeRO / offload / LoRA / checkpointing / micro-batch choice for this machine")  # fmt: skip
     p.add_argument("--num-gpus", type=int, default=1,
                    help="processes per node (GPUs; on a CPU machine, CPU processes); >1 runs under the launcher")  # fmt: skip
     p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
@@ -279,8 +336,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from rlhf_engine.config.pipeline import PipelineConfig, load_pipeline_file
     from rlhf_engine.stages.pipeline import StepFailed, run_pipeline
 
-    top, sections = load_pipeline_file(ns.config) if ns.config else ({}, {"sft": {}, "reward": {}, "ppo": {}})
+    auto = ns.config == "auto"
+    top, sections = load_pipeline_file(ns.config) if ns.config and not auto else ({}, {"sft": {}, "reward": {}, "ppo": {}})
     cfg = dataclass_from_args(PipelineConfig, ns, file_values=top)
+    if auto:
+        _auto_pipeline(cfg, sections)
     try:
         model = run_pipeline(cfg, sections)
     except StepFailed as e:

@@ -549,8 +549,6 @@ def choices(method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool
     ):
         if (off and zero == 0) or (fr and zero != 3):  # offload needs ZeRO; frozen offload is ZeRO-3 offload
             continue
-        if gpus == 1 and zero in (1, 2) and not off:  # nothing to partition over: same as ZeRO-0
-            continue
         if method == "reward" and lora:  # the reward model trains in full in step 2
             continue
         split = 1
@@ -754,6 +752,35 @@ def allowed_by(fixed: dict[str, Any], method: str) -> Any:
         return True
 
     return ok
+
+
+def auto_options(cfg: Any, command: str, *, gpus: int, device_bytes: float, cuda: bool, fixed: dict[str, Any],
+                 shapes: tuple[Shape, Shape | None] | None = None) -> tuple[dict[str, Any], Plan]:  # fmt: skip
+    """`--config auto`: the step options of the fastest configuration that fits a built step config on this
+    machine (`fixed`: the options given on the command line, kept; `shapes`: the models when the step's
+    inputs do not exist yet, as in `rlhf train`). On a CPU the "GPU" is the host memory and offload gains
+    nothing."""
+    method = cfg.algorithm if command == "ppo" else command
+    if shapes is not None:
+        actor, reward = shapes
+        if command == "reward":
+            actor = reward or actor
+        elif command in ("sft", "dpo") or (command == "ppo" and cfg.grader):
+            reward = None
+    elif command in ("sft", "dpo"):
+        actor, reward = load_shape(cfg.model_name_or_path, name="actor"), None
+    elif command == "reward":
+        actor = reward = load_shape(cfg.model_name_or_path, name="reward model")
+    else:
+        actor = load_shape(cfg.actor_model_name_or_path, name="actor")
+        critic = cfg.reward_model_name_or_path or cfg.critic_model_name_or_path
+        reward = load_shape(critic, name="reward model") if critic and not cfg.grader else None
+    w = workload_of(cfg, method, dtype_bytes=2 if cuda else 4)
+    p = plan(w, actor, reward, gpus=gpus, gpus_per_node=gpus, gpu_bytes=device_bytes, offload=cuda,
+             allowed=allowed_by(fixed, method))  # fmt: skip
+    if p.best is None:
+        return {}, p
+    return {k: v for k, v in step_options(p.best.choice, method, w).items() if k not in fixed}, p
 
 
 # ---------------------------------------------------------------------------- DeepSpeed-Chat's tables

@@ -161,6 +161,11 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     raise ValueError(f"config: {name} must be {kind}, got {value!r}")
 
 
+def option_names(cls: type, prefix: str = "") -> list[str]:
+    """The flat option names of a config dataclass (its command's flags, with underscores)."""
+    return [name for name, _, _, _ in _leaves(cls, prefix)]
+
+
 def dataclass_from_args(cls: type[T], ns: argparse.Namespace, *, prefix: str = "",
                         file_values: dict[str, Any] | None = None) -> T:  # fmt: skip
     """Build `cls` from flags (highest priority), then `file_values`, then the dataclass defaults.
