@@ -44,9 +44,21 @@ ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("SmolLM2 SFT, LoRA 16", "sft", "smollm2", "", {"lora_dim": 16, "only_optimize_lora": True}),
     ("SmolLM2 SFT, ZeRO-3", "sft", "smollm2", "", {"zero_stage": 3}),
     ("SmolLM2 DPO, LoRA 16", "dpo", "smollm2", "", {"lora_dim": 16, "only_optimize_lora": True}),
-    ("SmolLM2 PPO, LoRA 16", "ppo", "smollm2", "smollm2-rm", {"actor_lora_dim": 16, "actor_only_optimize_lora": True}),
+    (
+        "SmolLM2 PPO, LoRA 16",
+        "ppo",
+        "smollm2",
+        "smollm2-rm",
+        {"actor_lora_dim": 16, "actor_only_optimize_lora": True},
+    ),
 ]
-GRADER = {"type": "string_check", "name": "any", "input": "{{sample.output_text}}", "reference": "x", "operation": "ne"}
+GRADER = {
+    "type": "string_check",
+    "name": "any",
+    "input": "{{sample.output_text}}",
+    "reference": "x",
+    "operation": "ne",
+}
 
 
 def model_dir(name: str) -> str:
@@ -61,7 +73,9 @@ def model_dir(name: str) -> str:
     return str(build_tiny(*arch_size))  # type: ignore[arg-type]
 
 
-def options(command: str, actor: str, reward: str, extra: dict[str, Any], out: Path, steps: int) -> dict[str, Any]:
+def options(
+    command: str, actor: str, reward: str, extra: dict[str, Any], out: Path, steps: int
+) -> dict[str, Any]:
     data = dict(SMOL if "smollm2" in (actor + reward) else TINY)
     eval_rows = data.pop("eval_max_rows")
     common = {**data, "output_dir": str(out), "max_steps": steps, "checkpoint_interval": 0, "eval_max_rows": eval_rows,
@@ -106,16 +120,23 @@ def measure(row: int, steps: int) -> dict[str, Any]:
             stage.run(config)
         seconds = time.monotonic() - started
     live = peak = 0
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+    for e in sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    ):
         live += e.nbytes()
         peak = max(peak, live)
     method = config.algorithm if command == "ppo" else command
-    a = pl.load_shape(values.get("model_name_or_path") or values.get("actor_model_name_or_path"), name="actor")
+    a = pl.load_shape(
+        values.get("model_name_or_path") or values.get("actor_model_name_or_path"), name="actor"
+    )
     r_path = values.get("critic_model_name_or_path")
     r = pl.load_shape(r_path, name="reward model") if r_path else None
     if command == "reward":
         a, r = r or a, a
-    plan = pl.plan_step(pl.workload_of(config, method, dtype_bytes=4), a, r, pl.choice_of(config, method), gpus=1)
+    plan = pl.plan_step(
+        pl.workload_of(config, method, dtype_bytes=4), a, r, pl.choice_of(config, method), gpus=1
+    )
     # one process on the CPU: what the plan would offload to host memory lives in the same memory
     predicted = plan.static_bytes + plan.phase_bytes[plan.peak_phase] + plan.host_bytes_per_node
     return {"row": label, "command": command, "measured_bytes": peak, "predicted_bytes": round(predicted),
@@ -124,7 +145,9 @@ def measure(row: int, steps: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", choices=["tiny", "smollm2", "all"], default="all")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -132,8 +155,17 @@ def main() -> int:
     if ns.one is not None:
         print("RESULT " + json.dumps(measure(ns.one, ns.steps)), flush=True)
         return 0
-    picked = [i for i, r in enumerate(ROWS) if ns.rows == "all" or (ns.rows == "smollm2") == ("smollm2" in r[2] + r[3])]
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    picked = [
+        i
+        for i, r in enumerate(ROWS)
+        if ns.rows == "all" or (ns.rows == "smollm2") == ("smollm2" in r[2] + r[3])
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="2",
+        HF_HUB_OFFLINE="1",
+        DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+    )
     results = []
     for i in picked:
         done = subprocess.run([sys.executable, __file__, "--one", str(i), "--steps", str(ns.steps)], env=env,
@@ -148,7 +180,9 @@ def main() -> int:
               f"{r['predicted_bytes'] / 2**20:8.1f} MiB  {100 * r['error']:+6.1f}%  ({r['peak_phase']}, {r['seconds']} s)",
               flush=True)  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps({"rows": results, "machine": os.uname().nodename}, indent=2))
+    (RESULTS / "memory.json").write_text(
+        json.dumps({"rows": results, "machine": os.uname().nodename}, indent=2)
+    )
     worst = max(abs(r["error"]) for r in results)
     print(f"\nworst error {100 * worst:.1f}% over {len(results)} rows (target: within 15%)")
     return 0

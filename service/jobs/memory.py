@@ -68,7 +68,9 @@ def plan_step_memory(*, step: int, command: str, built: Any, values: dict[str, A
     from rlhf_engine.config.args import dataclass_from_args
 
     method = built.algorithm if command == "ppo" else command
-    reward = shapes.reward if command in ("reward", "ppo") and (command == "reward" or not built.grader) else None
+    reward = (
+        shapes.reward if command in ("reward", "ppo") and (command == "reward" or not built.grader) else None
+    )
     model_dtype = (built.actor if command == "ppo" else built.model).dtype
     limit_gib = pl.GPU_MEMORY_GIB.get(gpu_type)
     gpu = gpu_type != "cpu" and limit_gib is not None
@@ -85,7 +87,13 @@ def plan_step_memory(*, step: int, command: str, built: Any, values: dict[str, A
         if mode == "auto" and search.best is not None:
             chosen, changed = search.best, True
             if values is not None:
-                values.update({k: v for k, v in pl.step_options(search.best.choice, method, w).items() if k not in explicit})
+                values.update(
+                    {
+                        k: v
+                        for k, v in pl.step_options(search.best.choice, method, w).items()
+                        if k not in explicit
+                    }
+                )
                 built = dataclass_from_args(config_class, argparse.Namespace(), file_values=values)
         else:
             smallest = search.smallest

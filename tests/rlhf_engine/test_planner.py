@@ -30,7 +30,10 @@ def test_sft_at_zero_0_by_hand() -> None:
     got = parts(p)
     assert got[("actor", "weights")] == 2e9
     assert got[("actor", "optimizer")] == 12e9  # fp32 master, m and v
-    assert ("actor", "gradients") not in got  # set to None between steps: they exist from backward to the step
+    assert (
+        "actor",
+        "gradients",
+    ) not in got  # set to None between steps: they exist from backward to the step
     # per layer and token 2 B × (6·1000 + 2·4000) = 28,000 B; × 2 × 100 tokens × 10 layers = 56e6; logits
     # 2 × 100 × 1000 × (2 + 4 + 4) = 2e6; backward's first gradients 2 × 100 × 1000 × 4 + 1000 × 1000 × 2 = 2.8e6
     assert p.phase_bytes["training"] == 56e6 + 2e6 + 2.8e6
@@ -57,7 +60,9 @@ def test_zero_stages_divide_what_they_partition() -> None:
     # ZeRO-3 gathers layers as it goes: two layers (2 × 1e9 / 10) and the 5e7-element prefetch bucket, × 2 B
     assert by_stage[3][("largest model", "ZeRO-3 working set")] == (2 * 1e8 + 5e7) * 2
     small = parts(pl.plan_step(w, SMALL, None, pl.Choice(zero_stage=2), gpus=8))
-    assert small[("actor", "ZeRO buckets")] == 2 * 1e8 * 2  # capped at the trainable count (as our configs are)
+    assert (
+        small[("actor", "ZeRO buckets")] == 2 * 1e8 * 2
+    )  # capped at the trainable count (as our configs are)
 
 
 def test_offload_moves_the_optimizer_and_parameters_to_host_memory() -> None:
@@ -112,7 +117,9 @@ def test_ppo_holds_four_models_and_peaks_in_its_largest_phase() -> None:
 def test_the_plan_is_the_fastest_choice_that_fits() -> None:
     w = pl.Workload(method="sft", seq_len=512, micro_batch=8)
     roomy = pl.plan(w, SHAPE, None, gpus=8, gpu_bytes=200 * pl.GiB)
-    assert roomy.best is not None and roomy.best.choice == pl.Choice()  # plain data parallel: nothing given up
+    assert (
+        roomy.best is not None and roomy.best.choice == pl.Choice()
+    )  # plain data parallel: nothing given up
     for gib in (16, 8, 4, 2):
         p = pl.plan(w, SHAPE, None, gpus=8, gpu_bytes=gib * pl.GiB)
         assert p.best is not None and p.best.fits, gib
@@ -147,7 +154,9 @@ def test_step_options_round_trip_through_the_step_configs() -> None:
     )
     assert pl.choice_of(ppo, "ppo") == c and ppo.critic.lora_dim == 0 and ppo.critic.zero_stage == 3
     assert pl.as_flags({"zero_stage": 3, "offload": False}) == "--zero-stage 3 --no-offload"
-    split = pl.step_options(pl.Choice(split=4), "sft", pl.Workload(method="sft", micro_batch=16, accumulation=8))
+    split = pl.step_options(
+        pl.Choice(split=4), "sft", pl.Workload(method="sft", micro_batch=16, accumulation=8)
+    )
     assert split["per_device_train_batch_size"] == 4 and split["gradient_accumulation_steps"] == 32
     fixed = pl.allowed_by({"per_device_train_batch_size": 16}, "sft")
     assert not fixed(pl.Choice(split=2)) and fixed(pl.Choice(zero_stage=3))  # batches the caller set stay
@@ -227,7 +236,9 @@ def test_zero_buckets_are_capped_at_the_models_size() -> None:
     assert chosen["zero_optimization"]["reduce_bucket_size"] == 7  # an explicit size stays
 
 
-def test_config_auto_plans_for_this_machine_and_keeps_the_flags_given(base_model: Path, tmp_path: Path) -> None:
+def test_config_auto_plans_for_this_machine_and_keeps_the_flags_given(
+    base_model: Path, tmp_path: Path
+) -> None:
     from tests.runs import rlhf as run_rlhf
 
     done = run_rlhf("sft", "--model", base_model, "--output-dir", tmp_path, "--config", "auto", "--max-steps", 2,
@@ -250,6 +261,8 @@ def test_rlhf_train_config_auto_fills_each_steps_section(base_model: Path, tmp_p
         "actor_zero_stage": 3})  # fmt: skip
     sections: dict[str, dict[str, object]] = {"sft": {}, "reward": {}, "ppo": {}}
     _auto_pipeline(cfg, sections)
-    assert sections["sft"]["offload"] is False and "zero_stage" not in sections["sft"]  # ZeRO-3 was given: kept
+    assert (
+        sections["sft"]["offload"] is False and "zero_stage" not in sections["sft"]
+    )  # ZeRO-3 was given: kept
     assert sections["reward"]["zero_stage"] == 0
     assert "actor_zero_stage" not in sections["ppo"] and sections["ppo"]["actor_offload"] is False
