@@ -595,17 +595,19 @@ def plan(w: Workload, actor: Shape, reward: Shape | None, *, gpus: int = 1, gpus
     )
 
 
-def smallest_fit(w: Workload, actor: Shape, reward: Shape | None, *, gpu_type: str, gpus: int) -> str:
-    """What would fit instead, said plainly: more GPUs of this type, or a larger GPU type."""
+def smallest_fit(w: Workload, actor: Shape, reward: Shape | None, *, gpu_type: str, gpus: int,
+                 memory: dict[str, float] | None = None) -> str:  # fmt: skip
+    """What would fit instead, said plainly: more GPUs of this type, or a larger GPU type (`memory`: GiB
+    per GPU type, default GPU_MEMORY_GIB)."""
+    table = memory or GPU_MEMORY_GIB
+    own = table[gpu_type]
     for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
-        if (
-            n > gpus
-            and plan(w, actor, reward, gpus=n, gpu_bytes=GPU_MEMORY_GIB[gpu_type] * GiB).best is not None
-        ):
-            p = plan(w, actor, reward, gpus=n, gpu_bytes=GPU_MEMORY_GIB[gpu_type] * GiB).best
-            assert p is not None
-            bigger = [g for g, mem in sorted(GPU_MEMORY_GIB.items(), key=lambda kv: kv[1])
-                      if mem > GPU_MEMORY_GIB[gpu_type] and plan(w, actor, reward, gpus=gpus, gpu_bytes=mem * GiB).best]  # fmt: skip
+        if n <= gpus:
+            continue
+        p = plan(w, actor, reward, gpus=n, gpu_bytes=own * GiB).best
+        if p is not None:
+            bigger = [g for g, mem in sorted(table.items(), key=lambda kv: kv[1])
+                      if mem > own and plan(w, actor, reward, gpus=gpus, gpu_bytes=mem * GiB).best]  # fmt: skip
             alt = f", or {gpus}× {bigger[0]}" if bigger else ""
             return f"{n}× {gpu_type} ({p.choice.describe()}){alt}"
     return "no configuration of up to 512 GPUs of this type; use a smaller model or a larger GPU"

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
                                       "(after body_timeout_s): uploads slower than this are cut off")  # fmt: skip
     max_gpus_per_job: int = 8
     gpu_types: list[str] = Field(default_factory=lambda: ["cpu", "A100-80G", "A100-40G", "H100-80G", "V100-32G"])
+    gpu_memory_gib: dict[str, float] = Field(default_factory=dict, description="memory of GPU types the memory "
+                                             "planner does not know (or a different figure), e.g. {\"L40S-48G\": 48}")  # fmt: skip
     max_seq_len: int = 4096
     max_steps_per_stage: int = 1_000_000
     max_jobs_per_page: int = 100
@@ -97,6 +99,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        from service.services.cost import PRICE_PER_GPU_HOUR
+
+        unpriced = [g for g in self.gpu_types if g not in PRICE_PER_GPU_HOUR]
+        if unpriced:  # every job is priced: a type without a price would fail every estimate
+            raise ValueError(f"gpu_types: {', '.join(unpriced)} has no price in service/services/cost.py "
+                             f"(PRICE_PER_GPU_HOUR: {', '.join(PRICE_PER_GPU_HOUR)}); add one there or drop it")  # fmt: skip
         if self.environment == "production":
             if not self.database_url or self.database_url.startswith("sqlite"):
                 raise ValueError("production needs DATABASE_URL pointing at PostgreSQL")

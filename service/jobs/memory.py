@@ -62,7 +62,8 @@ def _gib(x: float) -> str:
 
 
 def plan_step_memory(*, step: int, command: str, built: Any, values: dict[str, Any] | None, explicit: dict[str, Any],
-                     shapes: Shapes, gpu_type: str, num_gpus: int, mode: str, config_class: type) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+                     shapes: Shapes, gpu_type: str, num_gpus: int, mode: str, config_class: type,
+                     gpu_memory: dict[str, float] | None = None) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """(the step's config, possibly re-planned, and its memory plan as the estimate shows it). `values` (the
     step's flat options; None: plan only) is updated in place when the planner changes the configuration."""
     from rlhf_engine.config.args import dataclass_from_args
@@ -72,9 +73,9 @@ def plan_step_memory(*, step: int, command: str, built: Any, values: dict[str, A
         shapes.reward if command in ("reward", "ppo") and (command == "reward" or not built.grader) else None
     )
     model_dtype = (built.actor if command == "ppo" else built.model).dtype
-    limit_gib = pl.GPU_MEMORY_GIB.get(gpu_type)
+    limit_gib = {**pl.GPU_MEMORY_GIB, **(gpu_memory or {})}.get(gpu_type)  # unknown: planned, not checked
     gpu = gpu_type != "cpu" and limit_gib is not None
-    w = pl.workload_of(built, method, dtype_bytes=4 if (not gpu or model_dtype == "fp32") else 2)
+    w = pl.workload_of(built, method, dtype_bytes=4 if (gpu_type == "cpu" or model_dtype == "fp32") else 2)
     actor = (shapes.reward or shapes.actor) if method == "reward" else shapes.actor
     limit = limit_gib * pl.GiB if gpu and limit_gib else None
     nodes_gpus = min(num_gpus, GPUS_PER_NODE)
@@ -99,7 +100,7 @@ def plan_step_memory(*, step: int, command: str, built: Any, values: dict[str, A
             smallest = search.smallest
             here = (f"on {num_gpus}× {gpu_type} it fits with {search.best.choice.describe()} (set memory: auto, or "
                     f"config.{command}: {json.dumps(pl.step_options(search.best.choice, method, w))})" if search.best is not None else
-                    f"the smallest configuration that fits: {pl.smallest_fit(w, actor, reward, gpu_type=gpu_type, gpus=num_gpus)}")  # fmt: skip
+                    f"the smallest configuration that fits: {pl.smallest_fit(w, actor, reward, gpu_type=gpu_type, gpus=num_gpus, memory={**pl.GPU_MEMORY_GIB, **(gpu_memory or {})})}")  # fmt: skip
             host = (f" and {_gib(smallest.host_bytes_per_node)} of host memory per node for what it offloads (more than "
                     f"the {_gib(smallest.host_bytes or 0)} planned for)" if smallest.host_bytes is not None
                     and smallest.host_bytes_per_node > smallest.host_bytes else "")  # fmt: skip

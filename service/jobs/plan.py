@@ -382,7 +382,8 @@ def make_plan(
             built: Any = dataclass_from_args(table[step].config, argparse.Namespace(), file_values=values)
             built, mem = plan_step_memory(step=step, command=sec, built=built, values=values, explicit=explicit[sec],
                                           shapes=shapes, gpu_type=req.gpu_type, num_gpus=req.num_gpus,
-                                          mode=req.memory, config_class=table[step].config)  # fmt: skip
+                                          mode=req.memory, config_class=table[step].config,
+                                          gpu_memory=settings.gpu_memory_gib)  # fmt: skip
             memory.append(mem)
             _check_limits(built, sec, settings)
             _check_fills_a_batch(
@@ -554,10 +555,16 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
             num_gpus=req.num_gpus,
             tokens_override=req.tokens,
         )
-        memory = _memory_by_size(job_req, method, steps, actor_p, reward_p)
+        memory = _memory_by_size(job_req, method, steps, actor_p, reward_p, settings)
     else:
-        planned = make_plan(session=session, tenant=tenant, req=job_req, settings=settings,
-                            output_dir=settings.runs_dir / tenant / "estimate")  # planned only, never written
+        try:
+            planned = make_plan(session=session, tenant=tenant, req=job_req, settings=settings,
+                                output_dir=settings.runs_dir / tenant / "estimate")  # planned only, never written
+        except InvalidRequest as e:
+            if e.param in ("model", "reward_model"):  # a model not on this server can still be planned by size
+                e.message += (f"; to estimate a model that is not here, give its size: "
+                              f"{'model_parameters' if e.param == 'model' else 'reward_model_parameters'}")
+            raise
         est, memory = planned.estimate, planned.memory
     seconds = sum(s.seconds for s in est)
     usd = sum(s.usd for s in est)
@@ -573,7 +580,8 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
     }
 
 
-def _memory_by_size(req: JobCreate, method: str, steps: list[int], actor_b: float, reward_b: float) -> list[dict[str, Any]]:
+def _memory_by_size(req: JobCreate, method: str, steps: list[int], actor_b: float, reward_b: float,
+                    settings: Settings) -> list[dict[str, Any]]:  # fmt: skip
     """Memory plans for models given by size (not on this server): the preset's and the request's options."""
     from rlhf_engine import planner as pl
     from rlhf_engine.config.pipeline import load_pipeline_file
@@ -597,6 +605,7 @@ def _memory_by_size(req: JobCreate, method: str, steps: list[int], actor_b: floa
         command = step_table(method)[step].command
         _, mem = plan_step_memory(step=step, command=command, built=built, values=None, explicit=explicit.get(command, {}),
                                   shapes=shapes, gpu_type=req.gpu_type, num_gpus=req.num_gpus, mode=req.memory,
-                                  config_class=step_table(method)[step].config)  # fmt: skip
+                                  config_class=step_table(method)[step].config,
+                                  gpu_memory=settings.gpu_memory_gib)  # fmt: skip
         out.append(mem)
     return out

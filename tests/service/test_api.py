@@ -559,3 +559,29 @@ def test_a_server_without_the_built_console_says_how_to_build_it(tmp_path: Any) 
         r = c.get("/ui/")
         assert r.status_code == 404 and "make console" in r.json()["error"]["message"]
         assert c.get("/ui/assets/x.js").status_code == 404
+
+
+def test_operator_gpu_types_are_planned_and_a_model_not_here_is_planned_by_size(tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.db.session import session_scope
+    from service.services.keys import create_key
+    from service.settings import Settings
+
+    with pytest.raises(ValueError, match="gpu_types: L4-24G has no price"):  # else every estimate of it fails
+        Settings(data_dir=tmp_path, gpu_types=["cpu", "L4-24G"])
+    # an operator's V100s are the 16 GB variant: the planner plans with the memory they say
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'db'}", gpu_memory_gib={"V100-32G": 16})
+    with TestClient(create_app(settings)) as c:
+        with session_scope(settings.db_url) as s:
+            key = create_key(session=s, tenant="ops")[1]
+        c.headers["Authorization"] = f"Bearer {key}"
+        body = {"model": "facebook/opt-6.7b", "gpu_type": "V100-32G", "steps": [1]}
+        hint = c.post("/v1/fine_tuning/jobs/estimate", json=body)
+        assert hint.status_code == 400 and "give its size: model_parameters" in hint.json()["error"]["message"]
+        sized = c.post("/v1/fine_tuning/jobs/estimate", json=body | {"model_parameters": 6_700_000_000,
+                                                                      "tokens": {"1": 1_000_000}}).json()  # fmt: skip
+        step = sized["memory"][0]
+        assert step["gpu_bytes"] == 16 * 2**30 and step["fits"] and step["per_gpu_bytes"] <= 16 * 2**30
+        assert step["changed"]  # 6.7B does not train in full on 16 GiB: the planner's choice
