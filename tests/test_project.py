@@ -72,3 +72,21 @@ def test_tests_cannot_reach_beyond_loopback() -> None:
     with socket.create_connection(server.getsockname(), timeout=1):
         pass  # loopback is allowed (PostgreSQL, Redis, our own servers)
     server.close()
+
+
+def test_the_consoles_lock_file_installs_with_npm_ci() -> None:
+    """`npm ci` (what `make console` runs on a clean clone) refuses a lock that lacks a package another one
+    lists, even an optional one: vite 8.4.0 lists `napi-windows-process-start-time`, which the registry does
+    not have, so its lock could never be complete (a checkout with node_modules built fine)."""
+    import json
+
+    console = ROOT / "service" / "console"
+    lock = json.loads((console / "package-lock.json").read_text())
+    pinned = json.loads((console / "package.json").read_text())
+    packages = lock["packages"]
+    assert packages[""]["dependencies"] == pinned["dependencies"]
+    assert packages[""]["devDependencies"] == pinned["devDependencies"]
+    for where, pkg in packages.items():
+        for dep in {**pkg.get("dependencies", {}), **pkg.get("optionalDependencies", {})}:
+            assert f"node_modules/{dep}" in packages or f"{where}/node_modules/{dep}" in packages, (where, dep)
+    assert all("==" not in v and not v.startswith(("^", "~")) for v in {**pinned["dependencies"], **pinned["devDependencies"]}.values())
