@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import write_result  # (bench/ is on the path when a script runs from it)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 PROMPT_LEN, ANSWER_LEN, BATCH = 256, 256, 16
@@ -141,9 +143,7 @@ def main() -> int:
           f"measured bf16 peak {peak:.0f} (target ≥ 35%; DeepSpeed-Chat on A100: 43.4 = 14%); generation "
           f"{result['gen_tokens_per_s']:.0f} tokens/s; peak memory {result['peak_memory_gib']:.1f} GiB, planned "
           f"{result['planned_gib']:.1f} ({100 * result['plan_error']:+.1f}%)")  # fmt: skip
-    out = ROOT / "bench" / "results" / f"gpu_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result("gpu_bench", result)
     return 0
 
 

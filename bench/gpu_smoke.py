@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import write_result  # (bench/ is on the path when a script runs from it)
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LEN, ANSWER_LEN, BATCH = 256, 256, 8
 
@@ -251,9 +253,7 @@ def main() -> int:
         except Exception as e:  # a smoke test reports what broke and goes on
             results[arch] = {"error": f"{type(e).__name__}: {e}"}
         print(json.dumps({arch: results[arch]}, indent=2), flush=True)
-    path = ROOT / "bench" / "results" / f"gpu_smoke-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    write_result("gpu_smoke", results)
     return 0
 
 

@@ -63,6 +63,15 @@ OPT_SHAPES = {0.125e9: (12, 768), 0.35e9: (24, 1024), 1.3e9: (24, 2048), 2.7e9: 
               13e9: (40, 5120), 30e9: (48, 7168), 66e9: (64, 9216), 175e9: (96, 12288)}  # fmt: skip
 
 
+# Sizes of well-known hub models (billions of parameters): planned and priced without their files
+KNOWN_PARAMS_B = {
+    "facebook/opt-125m": 0.125, "facebook/opt-350m": 0.35, "facebook/opt-1.3b": 1.3, "facebook/opt-2.7b": 2.7,
+    "facebook/opt-6.7b": 6.7, "facebook/opt-13b": 13.0, "facebook/opt-30b": 30.0, "facebook/opt-66b": 66.0,
+    "facebook/opt-175b": 175.0, "meta-llama/Llama-2-7b-hf": 6.7, "meta-llama/Llama-2-13b-hf": 13.0,
+    "meta-llama/Llama-2-70b-hf": 69.0, "bigscience/bloom-560m": 0.56, "EleutherAI/gpt-j-6b": 6.0, "gpt2": 0.124,
+}  # fmt: skip
+
+
 class PlanError(ValueError):
     """A plan request that cannot be answered as asked (the message says what to change)."""
 
@@ -170,11 +179,8 @@ def load_shape(model: str | float | int, *, name: str = "model") -> Shape:
         raise PlanError(
             f"{name}: plan a .gguf file by its parameter count (--{name.replace('_', '-')}-params)"
         )
-    known = {"facebook/opt-125m": 0.125e9, "facebook/opt-350m": 0.35e9, "facebook/opt-1.3b": 1.3e9,
-             "facebook/opt-2.7b": 2.7e9, "facebook/opt-6.7b": 6.7e9, "facebook/opt-13b": 13e9, "facebook/opt-30b": 30e9,
-             "facebook/opt-66b": 66e9, "facebook/opt-175b": 175e9}  # fmt: skip
-    if model in known:
-        return Shape.from_params(known[model], name=name)
+    if model in KNOWN_PARAMS_B:
+        return Shape.from_params(KNOWN_PARAMS_B[model] * 1e9, name=name)
     raise PlanError(f"{name}: {model!r} is not a model directory here, a known hub id or a parameter count; give "
                     f"its size with --{name.replace('_', '-')}-params (e.g. 1.3e9)")  # fmt: skip
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from rlhf_engine.config.data import DataConfig, parse_split
 from rlhf_engine.config.pipeline import STEPS
+from rlhf_engine.planner import KNOWN_PARAMS_B
 from service.db.models import File
 from service.services import cost as costs
 from service.services import files as files_svc
@@ -31,7 +32,7 @@ def model_params(path: Path) -> float:
         return 0.1345
     if name == models_svc.SMOLLM2_RM:
         return 0.0067
-    return costs.KNOWN_PARAMS_B.get(name, 1.0)
+    return KNOWN_PARAMS_B.get(name, 1.0)
 
 
 # ---------------------------------------------------------------------------- estimate

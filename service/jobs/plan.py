@@ -302,37 +302,8 @@ def make_plan(
     except ValueError as e:
         raise InvalidRequest(str(e), param="data_split") from None
 
-    # preset < request config < hyperparameters
-    if req.preset is not None and req.preset not in presets():
-        raise InvalidRequest(f"preset: {req.preset!r} is not one of {', '.join(presets())}", param="preset")
-    top, sections = load_pipeline_file(req.preset) if req.preset else ({}, _no_sections())
-    explicit = req.config.model_dump() if req.config else _no_sections()
+    top, sections, explicit, shown_hp = _step_sections(req, method, hp, steps, tracking)
     table = step_table(method)
-    for sec in SECTIONS:
-        for forbidden in (
-            "output_dir",
-            "model_name_or_path",
-            "actor_model_name_or_path",
-            "critic_model_name_or_path",
-            "reward_model_name_or_path",
-            "reference_model_name_or_path",
-            "data",
-            "unsup_data",
-            "overwrite",
-            "resume",
-        ):
-            if forbidden in explicit[sec]:
-                raise InvalidRequest(
-                    f"config.{sec}.{forbidden}: set by the job itself (model, files, output); remove it",
-                    param=f"config.{sec}.{forbidden}",
-                )
-        sections[sec] = {
-            "enable_tensorboard": True,
-            **tracking,
-            **sections[sec],
-            **explicit[sec],
-        }  # TensorBoard: always
-    shown_hp = _apply_hyperparameters(hp, sections, explicit, steps, method)
 
     data = [train.path] if train else list(DataConfig().data)
     top = {**top, "data": data, "data_split": split}
@@ -416,6 +387,42 @@ def make_plan(
         estimate=estimate,
         memory=memory,
     )
+
+
+def _step_sections(req: JobCreate, method: str, hp: Hyperparameters | None, steps: list[int],
+                   tracking: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """preset < request config < hyperparameters: (top-level values, each step's section, what the request
+    set itself, the hyperparameters as the job shows them). A preset is a shipped name, never a path."""
+    if req.preset is not None and req.preset not in presets():
+        raise InvalidRequest(f"preset: {req.preset!r} is not one of {', '.join(presets())}", param="preset")
+    top, sections = load_pipeline_file(req.preset) if req.preset else ({}, _no_sections())
+    explicit = req.config.model_dump() if req.config else _no_sections()
+    for sec in SECTIONS:
+        for forbidden in (
+            "output_dir",
+            "model_name_or_path",
+            "actor_model_name_or_path",
+            "critic_model_name_or_path",
+            "reward_model_name_or_path",
+            "reference_model_name_or_path",
+            "data",
+            "unsup_data",
+            "overwrite",
+            "resume",
+        ):
+            if forbidden in explicit[sec]:
+                raise InvalidRequest(
+                    f"config.{sec}.{forbidden}: set by the job itself (model, files, output); remove it",
+                    param=f"config.{sec}.{forbidden}",
+                )
+        sections[sec] = {
+            "enable_tensorboard": True,
+            **tracking,
+            **sections[sec],
+            **explicit[sec],
+        }  # TensorBoard: always
+    shown_hp = _apply_hyperparameters(hp, sections, explicit, steps, method)
+    return top, sections, explicit, shown_hp
 
 
 def _graded_sections(ppo: dict[str, Any], explicit: dict[str, Any], grader: dict[str, Any], steps: list[int],
@@ -584,12 +591,8 @@ def _memory_by_size(req: JobCreate, method: str, steps: list[int], actor_b: floa
                     settings: Settings) -> list[dict[str, Any]]:  # fmt: skip
     """Memory plans for models given by size (not on this server): the preset's and the request's options."""
     from rlhf_engine import planner as pl
-    from rlhf_engine.config.pipeline import load_pipeline_file
 
-    top, sections = load_pipeline_file(req.preset) if req.preset else ({}, {})
-    explicit = req.config.model_dump() if req.config else _no_sections()
-    for sec, values in explicit.items():
-        sections[sec] = {**sections.get(sec, {}), **values}
+    top, sections, explicit, _ = _step_sections(req, method, _method(req)[1], steps, {})
     graded = _grader(req) is not None
     name = {"supervised": "sft", "dpo": "dpo"}.get(method, "grpo" if graded else "rlhf")
     shapes = Shapes(actor=pl.Shape.from_params(actor_b * 1e9, name="actor"),

@@ -62,15 +62,6 @@ def interval_usd(seconds: float, *, num_gpus: int, gpu_type: str) -> float:
     return seconds * num_gpus * price(gpu_type) / 3600
 
 
-# Sizes of well-known hub models, for estimates when the model's config is not on this server.
-KNOWN_PARAMS_B = {
-    "facebook/opt-125m": 0.125, "facebook/opt-350m": 0.35, "facebook/opt-1.3b": 1.3, "facebook/opt-2.7b": 2.7,
-    "facebook/opt-6.7b": 6.7, "facebook/opt-13b": 13.0, "facebook/opt-30b": 30.0, "facebook/opt-66b": 66.0,
-    "meta-llama/Llama-2-7b-hf": 6.7, "meta-llama/Llama-2-13b-hf": 13.0, "meta-llama/Llama-2-70b-hf": 69.0,
-    "bigscience/bloom-560m": 0.56, "EleutherAI/gpt-j-6b": 6.0, "gpt2": 0.124,
-}  # fmt: skip
-
-
 def params_from_config(config: dict[str, object]) -> float:
     """Billions of parameters from a Hugging Face config.json (embeddings + 12·L·H² for the blocks)."""
 

@@ -358,6 +358,11 @@ def test_the_estimate_plans_each_steps_memory_and_refuses_what_cannot_fit(alice:
     assert not planned[1]["changed"]  # the 350M reward model fits as it is
     kept = alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"config": {"sft": {"zero_stage": 3}}}).json()["memory"]
     assert kept[0]["step_options"]["zero_stage"] == 3  # what the request set is kept
+    error(alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"preset": "/etc/hostname"}), 400, "preset")  # a name
+    fixed_big = big | {"memory": "fixed", "model_parameters": 350_000_000, "gpu_type": "A100-80G"}
+    one = alice.post("/v1/fine_tuning/jobs/estimate", json=fixed_big | {"hyperparameters": {"batch_size": 1}})
+    sixteen = alice.post("/v1/fine_tuning/jobs/estimate", json=fixed_big | {"hyperparameters": {"batch_size": 16}})
+    assert one.json()["memory"][0]["per_gpu_bytes"] < sixteen.json()["memory"][0]["per_gpu_bytes"]  # applied
     fixed = error(alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"memory": "fixed"}), 400, "gpu_type")
     assert "as configured (ZeRO-0)" in fixed["message"] and "fits with" in fixed["message"] and "memory: auto" in fixed["message"]
     huge = error(alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"model_parameters": 175_000_000_000,
