@@ -6,14 +6,16 @@ For 1, 8 and 32 concurrent streams (each stream sends its requests one after ano
 tokens/s (completion tokens over the wall time of the level, tokens counted by re-tokenising the
 streamed text with the model's tokenizer, the same on both sides) and time to first token (request
 sent → first text chunk). Greedy decoding and the same `max_tokens` on both sides. Each server runs
-alone on the machine (started for its turn, stopped after), the order alternates per level.
+alone on the machine (started for its turn, stopped after); each level runs `--repeats` times per side
+in alternating order (ours, peer, peer, ours …) so that a machine whose speed drifts — ±20% within
+minutes here — slows both alike, and the medians are compared.
 
 The machine's limit, measured in the same run: decoding S streams reads every weight once per token
 step, so `linear(x[S rows], W)` over as many bytes of weights as the model has gives the passes per
 second the memory system allows, i.e. at most that many × S tokens/s (an upper bound: it ignores
 attention and everything but the weights). Reported before and after.
 
-    python bench/peer.py [--streams 1 8 32 --rounds 2 --max-tokens 64]
+    python bench/peer.py [--streams 1 8 32 --rounds 2 --max-tokens 64 --repeats 2]
 """
 
 from __future__ import annotations
@@ -197,6 +199,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream at each level")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per side at each level (alternating order)")
     ns = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env |= {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu")}
@@ -210,18 +213,24 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     probe_before = weight_probe(weight_bytes)
-    results: dict[str, dict[int, dict[str, Any]]] = {"ours": {}, "transformers serve": {}}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {"ours": {}, "transformers serve": {}}
     for i, streams in enumerate(ns.streams):
-        servers = [Ours(env), Peer(env, model_dir)]
-        for server in servers if i % 2 == 0 else servers[::-1]:
-            try:  # stopped also when it fails to start: nothing outlives the bench
-                base, model, headers = server.start()
-                r = asyncio.run(level(base, model, headers, streams, streams * ns.rounds, ns.max_tokens, tok))
-            finally:
-                server.stop()
-            results[server.name][streams] = r
-            print(f"{server.name:20} {streams:3} streams: {r['tokens_per_s']:7.1f} tokens/s, TTFT p50 "
-                  f"{r.get('ttft_p50_ms', float('nan')):7.0f} ms, {r['errors']} errors", flush=True)  # fmt: skip
+        order = ["ours", "transformers serve"] if i % 2 == 0 else ["transformers serve", "ours"]
+        for r in range(ns.repeats):
+            for name in order if r % 2 == 0 else order[::-1]:
+                server = Ours(env) if name == "ours" else Peer(env, model_dir)
+                try:  # stopped also when it fails to start: nothing outlives the bench
+                    base, model, headers = server.start()
+                    got = asyncio.run(level(base, model, headers, streams, streams * ns.rounds, ns.max_tokens, tok))
+                finally:
+                    server.stop()
+                runs[name].setdefault(streams, []).append(got)
+                print(f"{name:20} {streams:3} streams: {got['tokens_per_s']:7.1f} tokens/s, TTFT p50 "
+                      f"{got.get('ttft_p50_ms', float('nan')):7.0f} ms, {got['errors']} errors", flush=True)  # fmt: skip
+    results = {name: {streams: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                                "ttft_p50_ms": statistics.median(r.get("ttft_p50_ms", float("nan")) for r in rs),
+                                "errors": sum(r["errors"] for r in rs), "runs": rs}
+                      for streams, rs in by.items()} for name, by in runs.items()}  # fmt: skip
     probe_after = weight_probe(weight_bytes)
     print(f"\nSmolLM2-135M-Instruct ({weight_bytes / 2**20:.0f} MB of weights), {ns.max_tokens} tokens per reply, "
           f"greedy, {os.cpu_count()} CPUs")  # fmt: skip

@@ -161,7 +161,7 @@ class Engines:
         started = time.monotonic()
         engine = ChatEngine(ChatEngineConfig(model_path=str(path), backend=s.inference_backend, device=s.inference_device,
                                              max_batch_size=max(32, s.chat_max_n), max_queue=s.inference_capacity,
-                                             limits=limits))  # fmt: skip
+                                             prefix_cache_mb=s.inference_prefix_cache_mb, limits=limits))  # fmt: skip
         logger.info("loaded %s in %.1f s (%s backend)", path, time.monotonic() - started,
                     getattr(engine.loaded, "backend", s.inference_backend))  # fmt: skip
         return engine
@@ -218,9 +218,9 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                     seed=request.seed if request.HasField("seed") else None)  # fmt: skip
                 messages = [{"role": m.role, "content": m.content} for m in request.messages]
                 if sum(len(m["content"]) for m in messages) > 8192:  # long prompts tokenise off the loop
-                    handle = await asyncio.to_thread(engine.submit, messages, params)
+                    handle = await asyncio.to_thread(engine.submit, messages, params, scope=request.cache_scope)
                 else:
-                    handle = engine.submit(messages, params)
+                    handle = engine.submit(messages, params, scope=request.cache_scope)
             except ChatError as e:
                 how = e.code
                 await _abort(context, e)

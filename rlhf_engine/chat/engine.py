@@ -27,8 +27,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from rlhf_engine.chat.errors import ChatError, EngineBusy, EngineStopped, GenerationFailed, InvalidRequest
+from rlhf_engine.chat.kv import PrefixCache, batch_cache, has_sliding_layers
 from rlhf_engine.chat.loading import LoadedModel, ReplyScorer, load_chat_model
 from rlhf_engine.chat.sampling import next_token
 from rlhf_engine.chat.text import StreamText
@@ -87,8 +89,9 @@ class RequestHandle:
     """One submitted request: iterate it for `Delta`s (each reply's pieces in order), `cancel()` it."""
 
     def __init__(self, request_id: str, messages: list[dict[str, str]], prompt_ids: list[int],
-                 params: SamplingParams, max_new_tokens: int) -> None:  # fmt: skip
+                 params: SamplingParams, max_new_tokens: int, scope: str = "") -> None:  # fmt: skip
         self.id = request_id
+        self.scope = scope
         self.messages = messages
         self.prompt_ids = prompt_ids
         self.params = params
@@ -229,6 +232,13 @@ class ChatEngine:
         self.scorer = ReplyScorer(self.loaded.reward_dir, self.loaded.device) if self.loaded.reward_dir else None
         self._takes_positions = "position_ids" in forward_params(self.loaded.module)
         self._cache_arg = cache_kwarg(self.loaded.module)
+        self._keeps_logits = "logits_to_keep" in forward_params(self.loaded.module)
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        model_config = self.loaded.module.config
+        # prompts' keys/values kept for reuse (not for sliding-window models: a reused start leaves a gap
+        # of padding columns inside a row, and their windows count columns)
+        reuse = self.config.prefix_cache_mb > 0 and not has_sliding_layers(model_config)
+        self._prefixes = PrefixCache(int(self.config.prefix_cache_mb * 2**20)) if reuse else None
         self._pending: queue.Queue[RequestHandle | None] = queue.Queue()
         self._ids = itertools.count()
         self._closed = False
@@ -236,7 +246,7 @@ class ChatEngine:
         self._lock = threading.Lock()
         # running batch: rows, their KV cache, attention mask (B, T) and the token each is to be fed next
         self._rows: list[_Seq] = []
-        self._cache: Any = None
+        self._cache, self._layers = batch_cache(model_config)
         self._mask: torch.Tensor | None = None
         self._next: list[int] = []
         self._thread = threading.Thread(target=self._run, name="chat-engine", daemon=True)
@@ -265,6 +275,13 @@ class ChatEngine:
         return len(self._rows)
 
     @property
+    def prompt_cache(self) -> dict[str, int]:
+        """Prompt tokens taken from the prompt cache and run through the model so far, its entries and bytes."""
+        p = self._prefixes
+        return {"reused_tokens": p.hits if p else 0, "prefilled_tokens": p.misses if p else 0,
+                "entries": len(p) if p else 0, "bytes": p.bytes if p else 0}  # fmt: skip
+
+    @property
     def waiting(self) -> int:
         """Requests queued, not started yet."""
         return self._pending.qsize()
@@ -277,13 +294,15 @@ class ChatEngine:
 
         return encode_prompt(check_messages(messages), self.tokenizer)
 
-    def submit(self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None) -> RequestHandle:
-        """Queue a request; its handle streams the replies. Bad parameters raise `InvalidRequest` here."""
+    def submit(self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None, *,
+               scope: str = "") -> RequestHandle:  # fmt: skip
+        """Queue a request; its handle streams the replies. Bad parameters raise `InvalidRequest` here.
+        Cached prompt keys/values are reused only among requests of one `scope` (a server's tenant)."""
         params = params or SamplingParams()
         msgs = check_messages(messages)
         prompt = self.prompt_ids(msgs)
         max_new = self.limits.check(params, prompt_tokens=len(prompt), context_len=self.context_len)
-        handle = RequestHandle(f"req-{next(self._ids)}", msgs, prompt, params, max_new)
+        handle = RequestHandle(f"req-{next(self._ids)}", msgs, prompt, params, max_new, scope)
         with self._lock:
             if self._closed:
                 raise EngineStopped("the chat engine is closed")
@@ -336,58 +355,104 @@ class ChatEngine:
                 handle._fail(EngineStopped("the chat engine was closed before the request started"))
 
     def _admit(self) -> bool:
-        """Start waiting requests while the batch has room (block when idle). False once closing."""
+        """Start the waiting requests the batch has room for, prefilled together (block when idle).
+        False once closing."""
+        handles: list[RequestHandle] = []
+        room, tokens = self.config.max_batch_size - len(self._rows), 0
         while True:
-            room = self.config.max_batch_size - len(self._rows)
             try:
-                if not self._rows:
+                if not self._rows and not handles:
                     handle = self._pending.get()
-                elif room > 0:
+                elif room > 0 and tokens < self.config.max_prefill_tokens:
                     handle = self._pending.get_nowait()
                 else:
-                    return True
+                    break
             except queue.Empty:
-                return True
+                break
             if handle is None:
+                self._start(handles)
                 return False
             if handle.params.n > room:  # wait for room; keep it first in line
                 self._pending.queue.appendleft(handle)
-                return True
+                break
             if handle.cancelled:
                 for i in range(handle.params.n):
                     handle._emit(Delta(index=i, text="", finish_reason="cancelled"))
                 continue
-            try:
-                self._prefill(handle)
-            except Exception as e:
-                logger.exception("prefill failed")
+            handles.append(handle)
+            room -= handle.params.n
+            tokens += len(handle.prompt_ids)
+        self._start(handles)
+        return True
+
+    def _start(self, handles: list[RequestHandle]) -> None:
+        if not handles:
+            return
+        try:
+            self._prefill(handles)
+        except Exception as e:
+            logger.exception("prefill failed")
+            for handle in handles:
                 handle._fail(GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, self._cache_arg: cache,
                                   "use_cache": True}  # fmt: skip
-        if self._takes_positions:  # left-padded rows count positions from their first real token
+        if self._takes_positions:  # padded rows count positions from their first real token
             positions = mask.long().cumsum(-1) - 1
             kwargs["position_ids"] = positions[:, -input_ids.shape[1] :].clamp(min=0)
+        if self._keeps_logits:  # the LM head on the last position only (a 49k vocabulary: a fifth of a prefill)
+            kwargs["logits_to_keep"] = 1
         out = self.loaded.model(**kwargs)
         return out.logits[:, -1].float().cpu()  # (B, V)
 
-    def _prefill(self, handle: RequestHandle) -> None:
+    def _prefill(self, handles: list[RequestHandle]) -> None:
+        """Run the new prompts through the model together: each row's cached prompt start (if any)
+        left-padded to the longest, then the rest of its prompt left-padded likewise; sample each
+        reply's first token and add the rows to the running batch."""
         device = self.loaded.device
-        ids = torch.tensor([handle.prompt_ids], device=device)  # (1, P)
-        mask = torch.ones_like(ids)
-        cache = _batch_cache(self.loaded.module.config)
-        logits = self._forward(ids, mask, cache)[0]  # (V,)
-        n = handle.params.n
-        seed = handle.params.seed if handle.params.seed is not None else int.from_bytes(os.urandom(7), "little")
-        rows = [_Seq(handle=handle, index=i, generator=torch.Generator().manual_seed(seed + i),
-                     text=StreamText(self.tokenizer, handle.prompt_ids, handle.params.stop)) for i in range(n)]  # fmt: skip
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            mask = mask.repeat(n, 1)
-        for row in rows:
-            self._step(row, logits)
-        self._join(rows, cache, mask)
+        reuse = [self._prefixes.match(h.prompt_ids, h.scope) if self._prefixes else (0, None) for h in handles]
+        rests = [h.prompt_ids[n:] for h, (n, _) in zip(handles, reuse, strict=True)]
+        width, rest_width = max(n for n, _ in reuse), max(len(r) for r in rests)
+        mask = torch.zeros(len(handles), width + rest_width, dtype=torch.long, device=device)
+        ids = torch.full((len(handles), rest_width), self._pad_id, dtype=torch.long, device=device)
+        for i, ((n, _), rest) in enumerate(zip(reuse, rests, strict=True)):
+            mask[i, width - n : width] = 1
+            mask[i, mask.shape[1] - len(rest) :] = 1
+            ids[i, rest_width - len(rest) :] = torch.tensor(rest, device=device)
+        cache = DynamicCache()
+        if width:
+            for layer in range(len(self._layers)):
+                kk = [_pad_left(e.kv[layer][0][:, :n], width) if e else None for n, e in reuse]
+                vv = [_pad_left(e.kv[layer][1][:, :n], width) if e else None for n, e in reuse]
+                like = next(k for k in kk if k is not None)
+                keys = torch.stack([k if k is not None else like.new_zeros(like.shape) for k in kk])
+                values = torch.stack([v if v is not None else like.new_zeros(like.shape) for v in vv])
+                cache.update(keys, values, layer)
+        logits = self._forward(ids, mask, cache)  # (R, V)
+        new_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(la.keys, la.values) for la in cache.layers]  # type: ignore[union-attr,misc]
+        if self._prefixes is not None:
+            for i, (h, (n, _)) in enumerate(zip(handles, reuse, strict=True)):
+                self._prefixes.hits += n
+                self._prefixes.misses += len(h.prompt_ids) - n
+                columns = mask[i].nonzero().squeeze(1)
+                kv = [(k[i][:, columns].clone(), v[i][:, columns].clone()) for k, v in new_kv]
+                self._prefixes.add(h.prompt_ids, kv, h.scope)
+        rows, index = [], []
+        for i, handle in enumerate(handles):
+            n = handle.params.n
+            seed = handle.params.seed if handle.params.seed is not None else int.from_bytes(os.urandom(7), "little")
+            for j in range(n):
+                row = _Seq(handle=handle, index=j, generator=torch.Generator().manual_seed(seed + j),
+                           text=StreamText(self.tokenizer, handle.prompt_ids, handle.params.stop))  # fmt: skip
+                self._step(row, logits[i])
+                rows.append(row)
+                index.append(i)
+        select = torch.tensor(index, device=device)
+        expand = len(index) != len(handles)
+        for mine, (keys, values) in zip(self._layers, new_kv, strict=True):
+            mine.add_rows(keys[select], values[select]) if expand else mine.add_rows(keys, values)
+        self._join(rows, mask[select] if expand else mask)
 
     def _decode(self) -> None:
         assert self._mask is not None
@@ -427,43 +492,50 @@ class ChatEngine:
         row.handle._emit(Delta(index=row.index, text=row.text.take(final=True), token_ids=tokens,
                                finish_reason=row.finish, reward=reward))  # fmt: skip
 
-    def _join(self, rows: list[_Seq], cache: Any, mask: torch.Tensor) -> None:
-        """Add freshly prefilled rows to the running batch (left-padding the shorter side)."""
-        nxt = [r.tokens[-1] for r in rows]
+    def _join(self, rows: list[_Seq], mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows (their keys and values already in the batch's cache) to the batch."""
         if not self._rows:
-            self._rows, self._cache, self._mask, self._next = rows, cache, mask, nxt
+            self._rows, self._mask = rows, mask
         else:
             assert self._mask is not None
             width = max(self._mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-                mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
             self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)])
             self._rows += rows
-            self._next += nxt
         self._leave()
 
     def _leave(self) -> None:
-        """Drop finished rows from the batch; trim padding columns no row needs any more."""
-        keep = [i for i, r in enumerate(self._rows) if r.finish is None]
-        if len(keep) == len(self._rows):
-            self._next = [r.tokens[-1] for r in self._rows]
+        """Drop finished rows from the batch (the last row takes a finished one's place); trim padding
+        columns no row needs any more once they are a quarter of the batch's width."""
+        rows = self._rows
+        gone = [i for i, r in enumerate(rows) if r.finish is not None]
+        if not gone:
+            self._next = [r.tokens[-1] for r in rows]
             return
-        if not keep:
-            self._rows, self._cache, self._mask, self._next = [], None, None, []
+        if len(gone) == len(rows):
+            self._clear()
             return
         assert self._mask is not None
-        index = torch.tensor(keep, device=self._mask.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        self._rows = [self._rows[i] for i in keep]
-        self._next = [r.tokens[-1] for r in self._rows]
+        for i in reversed(gone):  # rows after i are live: the last one fills the hole
+            last = len(rows) - 1
+            if i != last:
+                rows[i] = rows[last]
+                self._mask[i] = self._mask[last]
+                for layer in self._layers:
+                    layer.move_row(last, i)
+            rows.pop()
+        self._mask = self._mask[: len(rows)]
         lead = int((self._mask.cumsum(1) == 0).sum(1).min())  # padding columns shared by every row
-        if lead:
-            self._mask = self._mask[:, lead:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, lead:]
-                layer.values = layer.values[:, :, lead:]
+        if lead < max(16, self._mask.shape[1] // 4):
+            lead = 0
+        self._mask = self._mask[:, lead:]
+        for layer in self._layers:
+            layer.truncate(len(rows), lead)
+        self._next = [r.tokens[-1] for r in rows]
+
+    def _clear(self) -> None:
+        self._rows, self._mask, self._next = [], None, []
+        for layer in self._layers:
+            layer.truncate(0)
 
     def _drop_cancelled(self) -> None:
         for row in self._rows:
@@ -475,25 +547,12 @@ class ChatEngine:
     def _fail_all(self, error: ChatError) -> None:
         for row in self._rows:
             row.handle._fail(error)
-        self._rows, self._cache, self._mask, self._next = [], None, None, []
+        self._clear()
 
 
-def _batch_cache(config: Any) -> Any:
-    """A KV cache whose layers all hold every position, so batches can be joined and trimmed column
-    by column. Sliding-window layers (Mistral, Gemma 2/3) keep only their window, a length of their
-    own; for them a plain layer is used: the attention mask still limits each layer to its window
-    (built from the config's layer types), so replies are the same, at the memory of a full cache."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache(config=config)
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        return cache
-    return DynamicCache()
-
-
-def _pad_left(x: torch.Tensor, width: int, *, dim: int = 2) -> torch.Tensor:
-    """Zero-pad `x` on the left of `dim` to `width` (KV caches are (B, H, T, D), masks (B, T))."""
+def _pad_left(x: torch.Tensor, width: int, *, dim: int = -2) -> torch.Tensor:
+    """Zero-pad `x` on the left of `dim` to `width` (keys/values (…, T, D), masks (B, T) with dim=1)."""
+    dim = dim % x.dim()
     missing = width - x.shape[dim]
     if missing == 0:
         return x

@@ -123,6 +123,11 @@ class ChatEngineConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N (auto: cuda when available)"})
     max_batch_size: int = field(default=32, metadata={"help": "sequences decoded together at most"})
     max_queue: int = field(default=256, metadata={"help": "requests waiting to start at most (then 'busy')"})
+    max_prefill_tokens: int = field(default=4096, metadata={
+        "help": "prompt tokens started together in one forward pass at most (a longer prompt runs alone)"})  # fmt: skip
+    prefix_cache_mb: float = field(default=256.0, metadata={
+        "help": "memory for recent prompts' keys and values, reused by prompts that start alike (a shared "
+                "system prompt, earlier turns); 0: off"})  # fmt: skip
     allow_pickle: bool = field(default=False, metadata={
         "help": "also load pickled weights (pytorch_model.bin); off: safetensors only"})  # fmt: skip
     score_replies: bool = field(default=True, metadata={
@@ -130,8 +135,10 @@ class ChatEngineConfig:
     limits: ChatLimits = field(default_factory=ChatLimits, metadata={"flatten": True})
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be at least 1")
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_prefill_tokens < 1:
+            raise ValueError("max_batch_size, max_queue and max_prefill_tokens must be at least 1")
+        if self.prefix_cache_mb < 0:
+            raise ValueError("prefix_cache_mb must be 0 (off) or more")
         if self.limits.max_n > self.max_batch_size:
             raise ValueError(f"max_n {self.limits.max_n} must not exceed max_batch_size {self.max_batch_size}")
         if self.kernel_inject and self.backend == "transformers":

@@ -50,6 +50,7 @@ class Route:
     key: str  # unique across tenants: what workers cache the model under
     path: Path
     workers: list[tuple[str, str]]  # (worker id, address), best first
+    tenant: str = ""  # the caller's: the worker reuses cached prompts within one tenant only
 
 
 @dataclass
@@ -198,7 +199,7 @@ def route(*, session: Session, tenant: str, req: ChatCompletionRequest, settings
         if len(_refs) >= _REFS_MAX:
             _refs.clear()
         _refs[(settings.db_url, tenant, req.model)] = ref
-    return _pick(ref, live_workers(session=session, settings=settings), settings, inflight)
+    return _pick(ref, live_workers(session=session, settings=settings), settings, inflight, tenant)
 
 
 def cached_route(*, tenant: str, req: ChatCompletionRequest, settings: Settings, inflight: dict[str, int]) -> Route | None:
@@ -208,10 +209,11 @@ def cached_route(*, tenant: str, req: ChatCompletionRequest, settings: Settings,
     view = _views.get(settings.db_url)
     if ref is None or view is None or view[0] < time.monotonic() or not view[1]:
         return None
-    return _pick(ref, view[1], settings, inflight)
+    return _pick(ref, view[1], settings, inflight, tenant)
 
 
-def _pick(ref: models_svc.ModelRef, workers: list[WorkerView], settings: Settings, inflight: dict[str, int]) -> Route:
+def _pick(ref: models_svc.ModelRef, workers: list[WorkerView], settings: Settings, inflight: dict[str, int],
+          tenant: str) -> Route:  # fmt: skip
     if not workers:
         raise Unavailable("no inference worker is running; start one with `rlhf worker inference` and retry",
                           code="no_worker", retry_after=settings.retry_after_s)  # fmt: skip
@@ -223,7 +225,8 @@ def _pick(ref: models_svc.ModelRef, workers: list[WorkerView], settings: Setting
     holding = sorted((w for w in workers if key in w.models), key=lambda w: (load(w), w.id))
     others = sorted((w for w in workers if key not in w.models),
                     key=lambda w: (len(w.models) >= w.max_models, load(w), len(w.models), w.id))  # fmt: skip
-    return Route(model_id=ref.name, key=key, path=ref.path, workers=[(w.id, w.address) for w in holding + others])
+    return Route(model_id=ref.name, key=key, path=ref.path, workers=[(w.id, w.address) for w in holding + others],
+                 tenant=tenant)  # fmt: skip
 
 
 def mark_stale(settings: Settings, worker_id: str) -> None:
@@ -353,7 +356,7 @@ def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:
         model_id=r.key, model_path=str(r.path),
         messages=[worker_pb2.Turn(role=ROLE.get(m.role, m.role), content=m.text()) for m in req.messages],
         temperature=1.0 if req.temperature is None else req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
-        stop=req.stop or [], n=req.n or 1)  # fmt: skip
+        stop=req.stop or [], n=req.n or 1, cache_scope=r.tenant)  # fmt: skip
     if req.max_new_tokens is not None:
         msg.max_new_tokens = req.max_new_tokens
     if req.seed is not None:

@@ -6,10 +6,12 @@ does; LoRA SFT lowers the loss and saves a folder that loads; one PPO step runs 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,6 +70,38 @@ def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatEngine, sm
     assert done.returncode == 0, done.stderr[-2000:]
     [reply] = [line for line in done.stdout.splitlines() if line.startswith("Assistant:")]
     assert reply.removeprefix("Assistant:").strip() == ours.text.strip()
+
+
+def test_prompts_that_start_alike_reuse_cached_keys_and_answer_as_generate(engine: ChatEngine, smollm2: Path) -> None:
+    """The system prompt every SmolLM2 conversation starts with, and a conversation's earlier turns, are
+    taken from the prompt cache (within the caller's scope only), and the replies stay those of generate."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2)).eval()
+    greedy = SamplingParams(temperature=0, max_new_tokens=16)
+
+    def reference(messages: list[dict[str, str]]) -> list[int]:
+        ids = torch.tensor([engine.prompt_ids(messages)])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16)
+        return list(out[0, ids.shape[1] :].tolist())
+
+    def reused(messages: list[dict[str, str]], scope: str = "a") -> tuple[int, Any]:
+        before = engine.prompt_cache["reused_tokens"]
+        result = engine.submit(messages, greedy, scope=scope).result()
+        return engine.prompt_cache["reused_tokens"] - before, result.choices[0]
+
+    engine.submit(FRANCE, greedy, scope="a").result()
+    italy = [{"role": "user", "content": "What is the capital of Italy?"}]
+    shared = len(os.path.commonprefix([engine.prompt_ids(FRANCE), engine.prompt_ids(italy)]))
+    assert shared >= 20  # "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, …<|im_start|>user\n"
+    n, reply = reused(italy)
+    assert n == shared and reply.token_ids == reference(italy)
+    assert reused(italy, scope="b")[0] == 0  # another tenant's prompts are never reused
+    turn2 = [*italy, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "And of Spain?"}]
+    n, reply2 = reused(turn2)
+    assert n >= len(engine.prompt_ids(italy)) - 1  # the whole first turn's prompt
+    assert reply2.token_ids == reference(turn2)
 
 
 @pytest.fixture(scope="module")

@@ -185,3 +185,19 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(make_stack
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_a_chat_request_reaches_the_worker_scoped_to_its_tenant() -> None:
+    """Workers reuse cached prompt keys/values only within a scope; the API sends the caller's tenant as
+    that scope (both routing paths, the database's and its cached view, pick through `_pick`), so one tenant's prompts
+    never shorten another's prefill (a time-to-first-token side channel on shared base models)."""
+    from service.schemas import ChatCompletionRequest
+    from service.services import chat
+    from service.services.models import ModelRef
+
+    ref = ModelRef(name="tiny-opt-m", path=Path("/models/tiny-opt-m"), base="tiny-opt-m", key="tiny-opt-m")
+    worker = chat.WorkerView(id="w1", address="127.0.0.1:1", models=("tiny-opt-m",), active=0, capacity=4, max_models=2)
+    req = ChatCompletionRequest(model="tiny-opt-m", messages=[{"role": "user", "content": "hi"}])
+    for tenant in ("tenant-a", "tenant-b"):
+        route = chat._pick(ref, [worker], chat.Settings(), {}, tenant)
+        assert chat._generate_request(route, req).cache_scope == tenant
