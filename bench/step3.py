@@ -14,7 +14,9 @@ between runs minutes apart — hits all of them alike; plain `generate` takes it
   +reuse       … the actor's log-probs come from the logits `generate` already produced (one pass less)
   +wide        … one generate call of 64 prompts, trained in 4 micro-batches of 16
   +reserve     … the KV cache reserves room for the answer and is written in place, where Hugging
-               Face's default cache copies itself on every token (= ours)
+               Face's default cache copies itself on every token
+  +prefix      … the start every prompt shares (a chat template's system prompt: 24 of SmolLM2's 42
+               tokens) runs once, for generation and for the reference model's scoring (= ours)
   zero3 pair   baseline and ours again at ZeRO-3 (a second process): per-layer gathers on every token
                vs one gather per call
 
@@ -40,8 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIENCES = 64
 TRAIN_BATCH = 16
 
-def _config(zero: int, *, wide: bool, keep: bool, reuse: bool, reserve: bool, gather: bool = True) -> dict[str, Any]:
-    return {"zero": zero, "wide": wide, "keep": keep, "reuse": reuse, "reserve": reserve, "gather": gather}
+def _config(zero: int, *, wide: bool, keep: bool, reuse: bool, reserve: bool, prefix: bool = False,
+            gather: bool = True) -> dict[str, Any]:  # fmt: skip
+    return {"zero": zero, "wide": wide, "keep": keep, "reuse": reuse, "reserve": reserve, "prefix": prefix,
+            "gather": gather}  # fmt: skip
 
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -49,9 +53,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "+keep": _config(0, wide=False, keep=True, reuse=False, reserve=False),
     "+reuse": _config(0, wide=False, keep=True, reuse=True, reserve=False),
     "+wide": _config(0, wide=True, keep=True, reuse=True, reserve=False),
-    "+reserve (ours)": _config(0, wide=True, keep=True, reuse=True, reserve=True),
+    "+reserve": _config(0, wide=True, keep=True, reuse=True, reserve=True),
+    "+prefix (ours)": _config(0, wide=True, keep=True, reuse=True, reserve=True, prefix=True),
     "zero3 baseline": _config(3, wide=False, keep=False, reuse=False, reserve=False, gather=False),
-    "zero3 ours": _config(3, wide=True, keep=True, reuse=True, reserve=True),
+    "zero3 ours": _config(3, wide=True, keep=True, reuse=True, reserve=True, prefix=True),
 }
 
 
@@ -134,6 +139,7 @@ def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len:
     def ppo_step(c: dict[str, Any], step: int) -> dict[str, float]:
         trainer.gather_for_generation = c["gather"]
         trainer.reserve_kv_cache = c["reserve"]
+        trainer.share_prompt_prefix = c["prefix"]
         trainer.args.reuse_generation_logits = c["reuse"]
         make = trainer.generate_experience if c["keep"] else baseline_experience
         train = trainer.train_rlhf if c["keep"] else baseline_train

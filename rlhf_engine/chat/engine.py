@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from rlhf_engine.chat.errors import ChatError, EngineBusy, EngineStopped, GenerationFailed, InvalidRequest
-from rlhf_engine.chat.kv import PrefixCache, batch_cache, has_sliding_layers
+from rlhf_engine.chat.kv import PrefixCache, batch_cache
 from rlhf_engine.chat.loading import LoadedModel, ReplyScorer, load_chat_model
 from rlhf_engine.chat.sampling import next_token
 from rlhf_engine.chat.text import StreamText
 from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
 from rlhf_engine.engine.generation import cache_kwarg, forward_params
+from rlhf_engine.engine.prefix import has_sliding_layers
 
 logger = logging.getLogger(__name__)
 

@@ -140,12 +140,6 @@ def batch_cache(config: Any) -> tuple[DynamicCache, list[BatchLayer]]:
     return cache, layers
 
 
-def has_sliding_layers(config: Any) -> bool:
-    text = config.get_text_config(decoder=True)
-    kinds = getattr(text, "layer_types", None) or []
-    return bool(getattr(text, "sliding_window", None)) and (not kinds or any("sliding" in k for k in kinds))
-
-
 @dataclass
 class Prefix:
     scope: str

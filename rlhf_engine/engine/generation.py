@@ -90,17 +90,22 @@ def cache_kwarg(module: Any) -> str:
     return "cache" if "cache" in forward_params(module) else "past_key_values"
 
 
-def lm_logits(engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-              keep_last: int = 0) -> torch.Tensor:  # fmt: skip
-    """Next-token logits of a causal LM (or DeepSpeed engine of one) for left-padded rows.
+def lm_logits(engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, keep_last: int = 0,
+              cache: Any = None, cached: int = 0) -> torch.Tensor:  # fmt: skip
+    """Next-token logits of a causal LM (or DeepSpeed engine of one) for padded rows.
 
     (B, T, V); with `keep_last` = k only the last k positions' logits are computed, (B, k, V) — the
-    LM head over a prompt's positions is wasted work when only the answer is scored.
+    LM head over a prompt's positions is wasted work when only the answer is scored. With `cache`
+    holding the first `cached` columns (engine/prefix.py), only the rest run through the model.
     """
     params = forward_params(engine)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if "position_ids" in params:
         kwargs["position_ids"] = position_ids(attention_mask)
+    if cached:
+        kwargs |= {"input_ids": input_ids[:, cached:], "use_cache": True, cache_kwarg(engine): cache}
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = kwargs["position_ids"][:, cached:]
     if keep_last and "logits_to_keep" in params:
         kwargs["logits_to_keep"] = keep_last
     logits = engine(**kwargs).logits

@@ -40,12 +40,14 @@ from rlhf_engine.algorithms.ppo import (
 )
 from rlhf_engine.engine.generation import cache_kwarg, generation_mode, lm_logits, needs_synced_gpus
 from rlhf_engine.engine.kv_cache import reserved_cache
+from rlhf_engine.engine.prefix import has_sliding_layers, prefix_cache, prefix_first, shared_prefix_len
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, as_ppo_config
 from rlhf_engine.models.value import sequence_scores
 
 logger = logging.getLogger(__name__)
 
 REPEAT_MIN_TOKENS = 8
+MIN_SHARED_PREFIX = 8  # shorter shared starts are not worth the extra pass
 REPEAT_SHARE = 0.6
 
 
@@ -111,6 +113,11 @@ def degenerate_rows(answers: torch.Tensor, mask: torch.Tensor, eos_id: int) -> t
     return torch.tensor(out, dtype=torch.bool)
 
 
+def _zero_stage(model: Any) -> int:
+    stage = getattr(model, "zero_optimization_stage", None)
+    return int(stage()) if callable(stage) else 0
+
+
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
         ids = batch.get("input_ids", batch.get("prompt"))
@@ -135,6 +142,7 @@ class PPOTrainer:
         self.use_ds_hybrid = self.args.enable_hybrid_engine
         self.gather_for_generation = True
         self.reserve_kv_cache = True  # False: Hugging Face's default cache (the bench's baseline)
+        self.share_prompt_prefix = True  # run the prompts' shared start once (engine/prefix.py)
         self.warnings: list[str] = []  # for the caller to turn into events
         self.generate_kwargs: dict[str, Any] = {}  # extra arguments for `generate` (e.g. min_new_tokens)
         self.last_metrics: dict[str, float] = {}
@@ -145,9 +153,22 @@ class PPOTrainer:
     def _generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self._generate_with_logits(prompts, mask, keep_logits=False)[0]
 
-    def _generate_with_logits(self, prompts: torch.Tensor, mask: torch.Tensor, *,
-                              keep_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """(sequences (B, P + A), raw next-token logits of the answer positions (B, A, V) or None)."""
+    def _shareable_prefix(self, prompts: torch.Tensor, mask: torch.Tensor) -> int:
+        """Tokens all prompts start with, to run once (0: off, too few, or a case prefix.py excludes)."""
+        if not self.share_prompt_prefix or self.use_ds_hybrid:
+            return 0
+        models = [self.engine.actor, self.engine.ref]
+        if any(has_sliding_layers(getattr(m, "module", m).config) for m in models):
+            return 0
+        if self.engine.dist.world_size > 1 and any(_zero_stage(m) == 3 for m in models):
+            return 0  # ranks must run the same forward passes
+        k = shared_prefix_len(prompts, mask)
+        return k if k >= MIN_SHARED_PREFIX else 0
+
+    def _generate_with_logits(self, prompts: torch.Tensor, mask: torch.Tensor, *, keep_logits: bool,
+                              prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """(sequences (B, P + A), raw next-token logits of the answer positions (B, A, V) or None).
+        `prefix` = k: the prompts are laid out by `prefix_first` and their first k columns run once."""
         cfg = self.args
         kwargs: dict[str, Any] = {
             "attention_mask": mask, "max_new_tokens": cfg.max_answer_len, "do_sample": True,
@@ -165,8 +186,12 @@ class PPOTrainer:
             if keep_logits:  # the raw (untempered) logits of every sampled position
                 kwargs |= {"return_dict_in_generate": True, "output_logits": True}
             with generation_mode(actor, gather=self.gather_for_generation) as model:
-                if self.reserve_kv_cache and (cache := reserved_cache(model, cfg.max_answer_len)) is not None:
-                    kwargs[cache_kwarg(model)] = cache  # written in place, not re-copied every token
+                reserve = cfg.max_answer_len + (prompts.shape[1] - prefix if prefix else 0)
+                cache = reserved_cache(model, reserve) if self.reserve_kv_cache else None  # written in place
+                if prefix:
+                    cache = prefix_cache(model, prompts[0, :prefix], len(prompts), cache)
+                if cache is not None:
+                    kwargs[cache_kwarg(model)] = cache
                 out = model.generate(prompts, synced_gpus=synced, **kwargs)
         if not keep_logits:
             return out, None
@@ -188,7 +213,9 @@ class PPOTrainer:
             prompts, prompt_mask = prompts.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0)
         t0 = time.monotonic()
         reuse = self.args.reuse_generation_logits and not self.use_ds_hybrid
-        seq, gen_logits = self._generate_with_logits(prompts, prompt_mask, keep_logits=reuse)
+        if shared := self._shareable_prefix(prompts, prompt_mask):
+            prompts, prompt_mask = prefix_first(prompts, prompt_mask, shared, self.pad_id)
+        seq, gen_logits = self._generate_with_logits(prompts, prompt_mask, keep_logits=reuse, prefix=shared)
         gen_s = time.monotonic() - t0
         P = prompts.shape[1]
         if seq.shape[1] == P:  # every row ended at once (max_answer_len reached 0 new tokens?) — keep shapes sane
@@ -207,7 +234,9 @@ class PPOTrainer:
             logprobs = token_logprobs(gen_logits, answers)  # no second actor pass
         else:
             logprobs = token_logprobs(lm_logits(self.engine.actor, seq, attn, keep_last=A + 1)[:, :-1], answers)
-        ref_logprobs = token_logprobs(lm_logits(self.engine.ref, seq, attn, keep_last=A + 1)[:, :-1], answers)
+        ref_cache = prefix_cache(self.engine.ref, seq[0, :shared], len(seq)) if shared else None
+        ref_logits = lm_logits(self.engine.ref, seq, attn, keep_last=A + 1, cache=ref_cache, cached=shared)
+        ref_logprobs = token_logprobs(ref_logits[:, :-1], answers)
         if self.engine.critic is not None:
             values = self.engine.critic(seq, attn)[:, P - 1 : -1]  # V(state before each answer token)
         else:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf_engine.chat import ChatEngine, SamplingParams
-from rlhf_engine.chat.kv import has_sliding_layers
+from rlhf_engine.engine.prefix import has_sliding_layers
 from rlhf_engine.models.tiny import ARCHS, build_tiny
 
 NEW = 72  # past the sliding window (64) of mistral and gemma3: their windowed layers matter
