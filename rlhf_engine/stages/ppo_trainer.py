@@ -73,6 +73,7 @@ class Experience:
     advantages: torch.Tensor | None = None  # (B,) grpo/rloo: each answer's advantage within its group
     weights: torch.Tensor | None = None  # (B,) grpo/rloo: 0 for answers of a filtered group
     grades: list[dict[str, float]] | None = None  # with a grader: each answer's score per named part
+    shared_prefix: int = 0  # the first columns every row holds alike (engine/prefix.py), 0: left-padded
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -111,6 +112,15 @@ def degenerate_rows(answers: torch.Tensor, mask: torch.Tensor, eos_id: int) -> t
         top = int(torch.bincount(tokens).max())
         out.append(len(tokens) >= REPEAT_MIN_TOKENS and top / len(tokens) >= REPEAT_SHARE)
     return torch.tensor(out, dtype=torch.bool)
+
+
+def _dropout(module: Any) -> bool:
+    """Whether a training pass of the model drops anything (then rows' shared starts differ)."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules()):
+        return True
+    config = getattr(module, "config", None)
+    return any(isinstance(v, float) and v > 0 for key, v in vars(config).items()
+               if "dropout" in key or "pdrop" in key) if config is not None else False  # fmt: skip
 
 
 def _zero_stage(model: Any) -> int:
@@ -247,7 +257,8 @@ class PPOTrainer:
         else:
             scores = sequence_scores(self.engine.reward(seq, attn), attn)
         exp = Experience(seq, attn, P, action_mask, logprobs, ref_logprobs, values, scores, degenerate,
-                         gen_seconds=gen_s, score_seconds=time.monotonic() - t1, grades=grades)  # fmt: skip
+                         gen_seconds=gen_s, score_seconds=time.monotonic() - t1, grades=grades,
+                         shared_prefix=shared)  # fmt: skip
         if self.args.algorithm != "ppo" and group > 1:
             exp.advantages, exp.weights = self.group_advantages(exp)
         return exp
@@ -290,6 +301,22 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ learning
 
+    def policy_logprobs(self, exp: Experience) -> torch.Tensor:
+        """The actor's log-probs of the answers (B, A), with gradients. The rows' shared start
+        (`exp.shared_prefix`) runs once and its keys/values serve every row: the same values and the
+        same gradients (a broadcast's gradient is the sum over rows), where the start's activations
+        are the same in every row — no dropout, no gradient checkpointing (which drops the cache),
+        and no ZeRO-3 partitioning (one forward per backward there)."""
+        actor = self.engine.actor
+        A = exp.action_mask.shape[1]
+        k = exp.shared_prefix
+        module = getattr(actor, "module", actor)
+        if k and (_zero_stage(actor) == 3 or getattr(module, "is_gradient_checkpointing", False) or _dropout(module)):
+            k = 0
+        cache = prefix_cache(actor, exp.seq[0, :k], len(exp.seq)) if k else None
+        logits = lm_logits(actor, exp.seq, exp.attention_mask, keep_last=A + 1, cache=cache, cached=k)[:, :-1]
+        return token_logprobs(logits, exp.seq[:, exp.prompt_len :])
+
     def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         """One clipped policy step and one clipped value step on `exp`; returns (actor_loss, critic_loss)."""
         if exp.advantages is not None:
@@ -297,11 +324,9 @@ class PPOTrainer:
         cfg = self.args
         mask = exp.action_mask.float()
         advantages, returns = self.advantages(exp)
-        A = exp.action_mask.shape[1]
         actor = self.engine.actor
         actor.train()
-        logits = lm_logits(actor, exp.seq, exp.attention_mask, keep_last=A + 1)[:, :-1]
-        logprobs = token_logprobs(logits, exp.seq[:, exp.prompt_len :])
+        logprobs = self.policy_logprobs(exp)
         actor_loss, clipfrac = policy_loss(logprobs, exp.logprobs, advantages, mask, cliprange=cfg.cliprange)
         actor.backward(actor_loss)
         stepped = actor.is_gradient_accumulation_boundary()
@@ -325,11 +350,9 @@ class PPOTrainer:
         assert exp.advantages is not None and exp.weights is not None
         mask = exp.action_mask.float() * exp.weights.unsqueeze(1)
         advantages = exp.advantages.unsqueeze(1).expand_as(mask)
-        A = exp.action_mask.shape[1]
         actor = self.engine.actor
         actor.train()
-        logits = lm_logits(actor, exp.seq, exp.attention_mask, keep_last=A + 1)[:, :-1]
-        logprobs = token_logprobs(logits, exp.seq[:, exp.prompt_len :])
+        logprobs = self.policy_logprobs(exp)
         if mask.sum() > 0:
             actor_loss, clipfrac = policy_loss(logprobs, exp.logprobs, advantages, mask, cliprange=cfg.cliprange)
             kl_loss = masked_mean(kl_k3(logprobs, exp.ref_logprobs), mask)

@@ -81,7 +81,7 @@ def test_generation_and_scoring_from_the_shared_start_equal_the_left_padded_batc
 
 
 SHARED_START_PPO = """
-import sys, torch
+import dataclasses, sys, torch
 from transformers import AutoTokenizer
 from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
 from rlhf_engine.data.collate import collate_prompts
@@ -108,6 +108,22 @@ print("shared_columns", k, bool((shared.seq[:, :k] == shared.seq[:1, :k]).all())
 print("same_answers", torch.equal(plain.seq[:, P:], shared.seq[:, P:]))
 for name in ("logprobs", "ref_logprobs", "values", "scores"):
     print("gap", name, float((getattr(plain, name) - getattr(shared, name)).abs().max()))
+# the training pass: the start run once gives the same log-probs and the same gradients
+module = engine.actor.module
+from rlhf_engine.stages import ppo_trainer
+print("start_once_in_training", not (ppo_trainer._dropout(module) or ppo_trainer._zero_stage(engine.actor) == 3))
+engine.actor.train()
+got = {}
+for k in (0, shared.shared_prefix):
+    module.zero_grad(set_to_none=True)
+    lp = trainer.policy_logprobs(dataclasses.replace(shared, shared_prefix=k))
+    engine.actor.backward((lp * shared.action_mask).sum())
+    got[k] = (lp.detach(), [p.grad.clone() for p in module.parameters() if p.grad is not None])
+(lp0, g0), (lp1, g1) = got[0], got[shared.shared_prefix]
+print("gap policy", float((lp0 - lp1).abs().max()))
+print("gap grads", max(float((a - b).abs().max() / a.abs().max().clamp(min=1e-12)) for a, b in zip(g0, g1)))
+print("grads", len(g0), len(g1))
+module.zero_grad(set_to_none=True)
 actor_loss, critic_loss = trainer.train_rlhf(shared)
 print("losses", float(actor_loss), float(critic_loss))
 """
@@ -115,7 +131,8 @@ print("losses", float(actor_loss), float(critic_loss))
 
 def test_ppo_experience_from_the_shared_start_equals_the_left_padded_one(tmp_path: Path) -> None:
     """A chat template's system prompt (SmolLM2's tokenizer on a tiny Llama): step 3 runs it once, and
-    the experience — answers, actor and reference log-probs, values, rewards — is the left-padded one's."""
+    the experience — answers, actor and reference log-probs, values, rewards — is the left-padded one's;
+    so are the policy's log-probs and gradients in the training pass."""
     actor = build_tiny("llama", "xs", tokenizer_from="smollm2")
     script = tmp_path / "shared.py"
     script.write_text(SHARED_START_PPO)
@@ -126,7 +143,10 @@ def test_ppo_experience_from_the_shared_start_equals_the_left_padded_one(tmp_pat
     out = {" ".join(line.split()[:-1]): line.split()[-1] for line in done.stdout.splitlines() if " " in line}
     shared = [line.split() for line in done.stdout.splitlines() if line.startswith("shared_columns")]
     assert shared and int(shared[0][1]) >= 20 and shared[0][2] == "True"  # the system prompt, the user header
-    assert out["same_answers"] == "True"
-    for name in ("logprobs", "ref_logprobs", "values", "scores"):
+    assert out["same_answers"] == "True" and out["start_once_in_training"] == "True"
+    for name in ("logprobs", "ref_logprobs", "values", "scores", "policy"):
         assert float(out[f"gap {name}"]) < 1e-4, (name, done.stdout)
+    assert float(out["gap grads"]) < 1e-3, done.stdout  # relative to each gradient's largest entry
+    [counts] = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("grads ")]
+    assert counts[0] == counts[1] and int(counts[0]) > 10  # every trained parameter compared
     assert any(line.startswith("losses") for line in done.stdout.splitlines())
