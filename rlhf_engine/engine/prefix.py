@@ -4,8 +4,9 @@ Chat templates open every prompt alike (SmolLM2's ChatML writes a 24-token defau
 before each question: more than half of the bundled prompts' 42 tokens), and a generation batch is
 64 of them. `prefix_first` moves each row's padding from the left to just after the shared start —
 [shared start][padding][rest of the prompt] — so the start occupies the same columns in every row;
-`prefix_cache` runs those columns once (one row) and hands `generate`, or a scoring pass, a KV cache
-that holds them for every row. Positions come from the attention mask everywhere in this package
+`prefix_cache` runs those columns once (one row) and hands `generate`, the reference model's scoring
+pass and the policy's training pass a KV cache that holds them for every row (in training the
+broadcast's gradient is the sum over rows: the same gradients as running the start in every row). Positions come from the attention mask everywhere in this package
 (`generation.position_ids`), so a row's tokens keep the positions they had left-padded, and the
 padding columns are masked: the answers and log-probs are those of the left-padded batch up to the
 last bits of floating point (the shorter passes may round differently).
