@@ -6,8 +6,9 @@ before each question: more than half of the bundled prompts' 42 tokens), and a g
 [shared start][padding][rest of the prompt] — so the start occupies the same columns in every row;
 `prefix_cache` runs those columns once (one row) and hands `generate`, the reference model's scoring
 pass and the policy's training pass a KV cache that holds them for every row (in training the
-broadcast's gradient is the sum over rows: the same gradients as running the start in every row). Positions come from the attention mask everywhere in this package
-(`generation.position_ids`), so a row's tokens keep the positions they had left-padded, and the
+broadcast's gradient is the sum over rows: the same gradients as running the start in every row).
+Positions come from the attention mask everywhere in this package (`generation.position_ids`), so a
+row's tokens keep the positions they had left-padded, and the
 padding columns are masked: the answers and log-probs are those of the left-padded batch up to the
 last bits of floating point (the shorter passes may round differently).
 
@@ -22,13 +23,17 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def has_sliding_layers(config: Any) -> bool:
-    """Whether some attention layer of the model looks at a window of the last columns only."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    kinds = getattr(text, "layer_types", None) or []
-    return bool(getattr(text, "sliding_window", None)) and (not kinds or any("sliding" in k for k in kinds))
+    """Whether some layer of the model's KV cache is not a plain full-attention one (a sliding window,
+    which counts columns; anything else): the rule `kv_cache.reserved_cache` replaces layers by.
+    A config transformers cannot build a cache from counts as one."""
+    try:
+        return any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return True
 
 
 def shared_prefix_len(prompts: torch.Tensor, mask: torch.Tensor) -> int:

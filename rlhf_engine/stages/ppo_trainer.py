@@ -42,6 +42,7 @@ from rlhf_engine.engine.generation import cache_kwarg, generation_mode, lm_logit
 from rlhf_engine.engine.kv_cache import reserved_cache
 from rlhf_engine.engine.prefix import has_sliding_layers, prefix_cache, prefix_first, shared_prefix_len
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, as_ppo_config
+from rlhf_engine.models.loading import DROPOUT_KEYS
 from rlhf_engine.models.value import sequence_scores
 
 logger = logging.getLogger(__name__)
@@ -119,8 +120,7 @@ def _dropout(module: Any) -> bool:
     if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules()):
         return True
     config = getattr(module, "config", None)
-    return any(isinstance(v, float) and v > 0 for key, v in vars(config).items()
-               if "dropout" in key or "pdrop" in key) if config is not None else False  # fmt: skip
+    return any(isinstance(v := getattr(config, key, None), float) and v > 0 for key in DROPOUT_KEYS)
 
 
 def _zero_stage(model: Any) -> int:
