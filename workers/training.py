@@ -70,27 +70,37 @@ def renew(s: Session, job_id: str, settings: Settings, owner: str, **values: Any
 
 class Ingest:
     """Reads a step's metrics.jsonl / events.jsonl from where it left off; rows are keyed so a re-read
-    (after a worker restart) inserts nothing twice."""
+    (after a worker restart) inserts nothing twice.
+
+    A resumed step rewrites metrics.jsonl (cut back to its checkpoint, into a new file: os.replace) and
+    then appends the steps past it again. The file is followed by identity, not by size alone: a new
+    file is read from its start (the rewritten file can outgrow the old offset before the next read,
+    and reading on from there would skip the first steps written again), and a step's row takes the
+    values of its newest line (the resumed attempt's, not the killed one's)."""
+
+    FILES = ("metrics.jsonl", "events.jsonl")
 
     def __init__(self, job_id: str, step: int, step_dir: Path) -> None:
         self.job_id, self.step, self.dir = job_id, step, step_dir
-        self.offsets = {"metrics.jsonl": 0, "events.jsonl": 0}
+        self.offsets = dict.fromkeys(self.FILES, 0)
+        self.inodes: dict[str, int | None] = dict.fromkeys(self.FILES)
         self.last_metric: dict[str, Any] = {}
         self.total_steps = 0
 
     def _lines(self, name: str) -> list[dict[str, Any]]:
-        path = self.dir / name
-        if not path.is_file():
+        try:
+            f = open(self.dir / name, "rb")  # noqa: SIM115 - closed below; fstat needs the open file
+        except FileNotFoundError:
             return []
-        size = path.stat().st_size
-        if size < self.offsets[name]:  # rewritten (a resumed step truncates its metrics)
-            self.offsets[name] = 0
-        out = []
-        with open(path, "rb") as f:
+        with f:
+            st = os.fstat(f.fileno())  # the file opened, not whatever the path names a moment later
+            if st.st_ino != self.inodes[name] or st.st_size < self.offsets[name]:  # replaced or cut back
+                self.inodes[name], self.offsets[name] = st.st_ino, 0
             f.seek(self.offsets[name])
             data = f.read()
         end = data.rfind(b"\n") + 1  # only whole lines; a partial last line is read next time
         self.offsets[name] += end
+        out = []
         for line in data[:end].splitlines():
             try:
                 out.append(json.loads(line))
@@ -102,10 +112,13 @@ class Ingest:
         for m in self._lines("metrics.jsonl"):
             gs = int(m.get("step", 0))
             self.last_metric = m
-            if session.scalar(select(JobMetric.id).where(JobMetric.job_id == self.job_id, JobMetric.step == self.step,
-                                                         JobMetric.global_step == gs)) is None:  # fmt: skip
+            row = session.scalar(select(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.step == self.step,
+                                                         JobMetric.global_step == gs))  # fmt: skip
+            if row is None:
                 session.add(JobMetric(job_id=self.job_id, step=self.step, global_step=gs, time=float(m.get("time", 0.0)),
                                       values=m))  # fmt: skip
+            elif row.values != m:  # written again by a resumed attempt: the file's line is the record
+                row.time, row.values = float(m.get("time", 0.0)), m
         for e in self._lines("events.jsonl"):
             data = e.get("data") or {}
             if "total_steps" in data:
