@@ -112,11 +112,21 @@ class Ingest:
         for m in self._lines("metrics.jsonl"):
             gs = int(m.get("step", 0))
             self.last_metric = m
-            row = session.scalar(select(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.step == self.step,
-                                                         JobMetric.global_step == gs))  # fmt: skip
+            row = session.scalar(
+                select(JobMetric).where(
+                    JobMetric.job_id == self.job_id, JobMetric.step == self.step, JobMetric.global_step == gs
+                )
+            )
             if row is None:
-                session.add(JobMetric(job_id=self.job_id, step=self.step, global_step=gs, time=float(m.get("time", 0.0)),
-                                      values=m))  # fmt: skip
+                session.add(
+                    JobMetric(
+                        job_id=self.job_id,
+                        step=self.step,
+                        global_step=gs,
+                        time=float(m.get("time", 0.0)),
+                        values=m,
+                    )
+                )
             elif row.values != m:  # written again by a resumed attempt: the file's line is the record
                 row.time, row.values = float(m.get("time", 0.0)), m
         for e in self._lines("events.jsonl"):
@@ -124,17 +134,43 @@ class Ingest:
             if "total_steps" in data:
                 self.total_steps = int(data["total_steps"])
             key = f"{self.step}:{e.get('time')}:{e.get('type')}"
-            exists = session.scalar(select(JobEvent.seq).where(JobEvent.job_id == self.job_id, JobEvent.source_key == key))
+            exists = session.scalar(
+                select(JobEvent.seq).where(JobEvent.job_id == self.job_id, JobEvent.source_key == key)
+            )
             if exists is None:
-                session.add(JobEvent(job_id=self.job_id, type=str(e.get("type", "message")), message=str(e.get("message", "")),
-                                     level=str(e.get("level", "info")), step=self.step, data=data, source_key=key))  # fmt: skip
+                session.add(
+                    JobEvent(
+                        job_id=self.job_id,
+                        type=str(e.get("type", "message")),
+                        message=str(e.get("message", "")),
+                        level=str(e.get("level", "info")),
+                        step=self.step,
+                        data=data,
+                        source_key=key,
+                    )
+                )
             if e.get("type") == "checkpoint_saved" and "global_step" in data:
                 gs = int(data["global_step"])
-                if session.scalar(select(JobCheckpoint.id).where(JobCheckpoint.job_id == self.job_id, JobCheckpoint.step == self.step,
-                                                                 JobCheckpoint.global_step == gs)) is None:  # fmt: skip
+                if (
+                    session.scalar(
+                        select(JobCheckpoint.id).where(
+                            JobCheckpoint.job_id == self.job_id,
+                            JobCheckpoint.step == self.step,
+                            JobCheckpoint.global_step == gs,
+                        )
+                    )
+                    is None
+                ):
                     metric = {k: v for k, v in self.last_metric.items() if isinstance(v, int | float)}
-                    session.add(JobCheckpoint(job_id=self.job_id, step=self.step, global_step=gs, path=str(data.get("path", "")),
-                                              metrics=metric))  # fmt: skip
+                    session.add(
+                        JobCheckpoint(
+                            job_id=self.job_id,
+                            step=self.step,
+                            global_step=gs,
+                            path=str(data.get("path", "")),
+                            metrics=metric,
+                        )
+                    )
         session.flush()
 
     @property
@@ -155,8 +191,13 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     with session_scope(settings.db_url) as s:
         job = renew(s, job_id, settings, owner)
-        add_event(session=s, job=job, type_="preparing_model", message=f"preparing base model {path.name} (first use "
-                  "on this server: built into the model root, then cached)")  # fmt: skip
+        add_event(
+            session=s,
+            job=job,
+            type_="preparing_model",
+            message=f"preparing base model {path.name} (first use "
+            "on this server: built into the model root, then cached)",
+        )
     started = time.monotonic()
     last_report = [started]
 
@@ -169,14 +210,24 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
         share = f"{done:.0%} done, " if done is not None else ""
         with session_scope(settings.db_url) as s:
             job = renew(s, job_id, settings, owner)
-            add_event(session=s, job=job, type_="preparing_model", message=f"preparing base model {path.name}: "
-                      f"{share}{now - started:.0f} s so far", data={"model": path.name, "progress": done})  # fmt: skip
+            add_event(
+                session=s,
+                job=job,
+                type_="preparing_model",
+                message=f"preparing base model {path.name}: {share}{now - started:.0f} s so far",
+                data={"model": path.name, "progress": done},
+            )
 
     build_bundled(path, every_s=settings.heartbeat_s, tick=tick)
     with session_scope(settings.db_url) as s:
         job = renew(s, job_id, settings, owner)
-        add_event(session=s, job=job, type_="model_ready", message=f"base model {path.name} ready after "
-                  f"{time.monotonic() - started:.0f} s", data={"model": path.name})  # fmt: skip
+        add_event(
+            session=s,
+            job=job,
+            type_="model_ready",
+            message=f"base model {path.name} ready after {time.monotonic() - started:.0f} s",
+            data={"model": path.name},
+        )
 
 
 def _renew_quietly(settings: Settings, job_id: str, owner: str) -> None:
@@ -206,9 +257,12 @@ def build_bundled(path: Path, *, every_s: float, tick: Callable[..., None]) -> N
         if (path / "config.json").is_file():  # another process built it while we waited
             return
         progress = path.parent / f".{path.name}.progress"
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *args, "--out", str(path), "--overwrite"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env={**os.environ, PROGRESS_ENV: str(progress), WATCH_ENV: str(os.getpid())})  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlhf_engine.cli", *args, "--out", str(path), "--overwrite"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, PROGRESS_ENV: str(progress), WATCH_ENV: str(os.getpid())},
+        )
         try:
             while True:
                 try:
@@ -270,21 +324,32 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
     from rlhf_engine.engine.stopping import STOP_FILE
 
     with session_scope(settings.db_url) as s:
-        job = lifecycle.set_step(session=s, job_id=job_id, owner=owner, settings=settings, step=step, status="running")
+        job = lifecycle.set_step(
+            session=s, job_id=job_id, owner=owner, settings=settings, step=step, status="running"
+        )
         out = Path(job.output_dir)
         st = _step_of(job.method, step)
         command, step_dir = st.command, out / st.dir
         cmd, log = _step_command(job, step, out)
         attempt, num_gpus, gpu_type, max_cost = job.attempts, job.num_gpus, job.gpu_type, job.max_cost_usd
-        add_event(session=s, job=job, type_="step_queued", step=step, message=f"step {step}: starting `rlhf "
-                  f"{command}` (attempt {attempt})")  # fmt: skip
+        add_event(
+            session=s,
+            job=job,
+            type_="step_queued",
+            step=step,
+            message=f"step {step}: starting `rlhf {command}` (attempt {attempt})",
+        )
     # the folder's fencing token: a step of an earlier attempt still running (its worker died) stops
     # without writing, and the new step waits for its lock (rlhf_engine/engine/fencing.py)
     fencing.write_fence(step_dir, attempt)
     (step_dir / STOP_FILE).unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env |= {fencing.ATTEMPT_ENV: str(attempt), fencing.WATCH_ENV: str(os.getpid()),
-            fencing.GRACE_ENV: str(settings.step_grace_s), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env |= {
+        fencing.ATTEMPT_ENV: str(attempt),
+        fencing.WATCH_ENV: str(os.getpid()),
+        fencing.GRACE_ENV: str(settings.step_grace_s),
+        "PYTHONUNBUFFERED": "1",
+    }
     ingest = Ingest(job_id, step, step_dir)
     started = time.monotonic()
     with open(log, "ab") as logf:
@@ -300,7 +365,9 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
             with session_scope(settings.db_url) as s:
                 ingest.run(s)
                 if now - interval_started >= settings.cost_interval_s or code is not None:
-                    _accrue(s, job_id, step, attempt, interval_idx, now - interval_started, num_gpus, gpu_type)
+                    _accrue(
+                        s, job_id, step, attempt, interval_idx, now - interval_started, num_gpus, gpu_type
+                    )
                     interval_idx += 1
                     interval_started = now
                 if code is not None:
@@ -316,18 +383,34 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
                     frac = min(ingest.global_step / total, 1.0)
                     progress = lifecycle.progress_of(job, running=frac)
                     elapsed = (utcnow() - job.started_at).total_seconds() if job.started_at else 0.0
-                    eta = utcnow() + timedelta(seconds=elapsed * (1 - progress) / progress) if progress > 0.05 else None
+                    eta = (
+                        utcnow() + timedelta(seconds=elapsed * (1 - progress) / progress)
+                        if progress > 0.05
+                        else None
+                    )
                     renew(s, job_id, settings, owner, progress=progress, estimated_finish=eta)
                     last_beat = now
                 if stopping is None:
                     if job.control == "pause":
                         stopping = "pause"
-                    elif costs.budget_exhausted(accrued_usd=job.accrued_usd, max_cost_usd=max_cost, interval_usd=costs.interval_usd(
-                            settings.cost_interval_s, num_gpus=num_gpus, gpu_type=gpu_type)):  # fmt: skip
+                    elif costs.budget_exhausted(
+                        accrued_usd=job.accrued_usd,
+                        max_cost_usd=max_cost,
+                        interval_usd=costs.interval_usd(
+                            settings.cost_interval_s, num_gpus=num_gpus, gpu_type=gpu_type
+                        ),
+                    ):
                         stopping = "budget"
-                        add_event(session=s, job=job, type_="budget_reached", level="warning", step=step,
-                                  message=f"pausing: accrued ${job.accrued_usd:.6f}; another interval and the stop "
-                                  f"would pass max_cost_usd ${max_cost}", data={"accrued_usd": job.accrued_usd})  # fmt: skip
+                        add_event(
+                            session=s,
+                            job=job,
+                            type_="budget_reached",
+                            level="warning",
+                            step=step,
+                            message=f"pausing: accrued ${job.accrued_usd:.6f}; another interval and the stop "
+                            f"would pass max_cost_usd ${max_cost}",
+                            data={"accrued_usd": job.accrued_usd},
+                        )
                     elif SHUTDOWN.is_set():
                         stopping = "shutdown"
                     if stopping:
@@ -347,7 +430,8 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
         return Outcome("succeeded", f"{seconds:.1f}")
     if stopping:
         return Outcome("requeued" if stopping == "shutdown" else "paused", stopping)
-    if proc.returncode == fencing.EXIT_SUPERSEDED:  # a newer attempt owns the folder: this worker lost the job
+    # a newer attempt owns the folder: this worker lost the job
+    if proc.returncode == fencing.EXIT_SUPERSEDED:
         return Outcome("lost")
     if proc.returncode < 0:  # killed by a signal (the OOM killer, an operator): not the step's own failure
         return Outcome("killed", f"step {step} ({command}) was killed by signal {-proc.returncode}")
@@ -360,22 +444,40 @@ def _next_interval(settings: Settings, job_id: str, step: int, attempt: int) -> 
     from sqlalchemy import func
 
     with session_scope(settings.db_url) as s:
-        last = s.scalar(select(func.max(CostInterval.interval)).where(CostInterval.job_id == job_id, CostInterval.step == step,
-                                                                       CostInterval.attempt == attempt))  # fmt: skip
+        last = s.scalar(
+            select(func.max(CostInterval.interval)).where(
+                CostInterval.job_id == job_id, CostInterval.step == step, CostInterval.attempt == attempt
+            )
+        )
     return 0 if last is None else last + 1
 
 
-def _accrue(s: Session, job_id: str, step: int, attempt: int, interval: int, seconds: float, num_gpus: int,
-            gpu_type: str) -> None:  # fmt: skip
+def _accrue(
+    s: Session,
+    job_id: str,
+    step: int,
+    attempt: int,
+    interval: int,
+    seconds: float,
+    num_gpus: int,
+    gpu_type: str,
+) -> None:
     usd = costs.interval_usd(seconds, num_gpus=num_gpus, gpu_type=gpu_type)
     try:
         with s.begin_nested():
-            s.add(CostInterval(job_id=job_id, step=step, attempt=attempt, interval=interval, seconds=seconds, usd=usd))
+            s.add(
+                CostInterval(
+                    job_id=job_id, step=step, attempt=attempt, interval=interval, seconds=seconds, usd=usd
+                )
+            )
     except IntegrityError:
         return  # already counted
-    s.execute(update(Job).where(Job.id == job_id).values(accrued_usd=Job.accrued_usd + usd,
-                                                         gpu_seconds=Job.gpu_seconds + seconds * num_gpus)
-              .execution_options(synchronize_session=False))  # fmt: skip
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(accrued_usd=Job.accrued_usd + usd, gpu_seconds=Job.gpu_seconds + seconds * num_gpus)
+        .execution_options(synchronize_session=False)
+    )
 
 
 # ---------------------------------------------------------------------------- the job
@@ -386,9 +488,16 @@ def train_job(job_id: str, settings: Settings) -> str:
     with session_scope(settings.db_url) as s:
         job = lifecycle.claim(session=s, job_id=job_id, owner=owner, settings=settings)
         if job is None:
-            logger.info("job %s: not claimed (finished, paused, cancelled or another worker holds it)", job_id)
+            logger.info(
+                "job %s: not claimed (finished, paused, cancelled or another worker holds it)", job_id
+            )
             return "skipped"
-        add_event(session=s, job=job, type_="job_started", message=f"worker {owner} took the job (attempt {job.attempts})")
+        add_event(
+            session=s,
+            job=job,
+            type_="job_started",
+            message=f"worker {owner} took the job (attempt {job.attempts})",
+        )
         steps, plan, out, method = list(job.steps), job.plan, Path(job.output_dir), job.method
     try:
         for ref in {Path(v["model_name_or_path"]) for v in plan.values() if "model_name_or_path" in v}:
@@ -406,9 +515,15 @@ def train_job(job_id: str, settings: Settings) -> str:
                     break
                 with session_scope(settings.db_url) as s:
                     job = renew(s, job_id, settings, owner)
-                    add_event(session=s, job=job, type_="step_restarted", level="warning", step=step,
-                              message=f"{outcome.message}; restarting it from its last checkpoint ({restart} of "
-                              f"{settings.step_restarts})")  # fmt: skip
+                    add_event(
+                        session=s,
+                        job=job,
+                        type_="step_restarted",
+                        level="warning",
+                        step=step,
+                        message=f"{outcome.message}; restarting it from its last checkpoint ({restart} of "
+                        f"{settings.step_restarts})",
+                    )
                 outcome = run_step(job_id, step, settings, owner)
             if outcome.kind == "killed":
                 outcome = Outcome("failed", f"{outcome.message} {settings.step_restarts + 1} times")
@@ -426,18 +541,42 @@ def train_job(job_id: str, settings: Settings) -> str:
 
 def _step_succeeded(settings: Settings, job_id: str, owner: str, step: int, step_dir: Path) -> None:
     with session_scope(settings.db_url) as s:
-        summary = json.loads((step_dir / "summary.json").read_text()) if (step_dir / "summary.json").is_file() else {}
-        tokens = sum(int(v.get("tokens", 0) or 0) for v in s.scalars(select(JobMetric.values).where(
-            JobMetric.job_id == job_id, JobMetric.step == step)))  # fmt: skip
-        job = lifecycle.set_step(session=s, job_id=job_id, owner=owner, settings=settings, step=step,
-                                 status="succeeded", tokens=tokens)  # fmt: skip
+        summary = (
+            json.loads((step_dir / "summary.json").read_text())
+            if (step_dir / "summary.json").is_file()
+            else {}
+        )
+        tokens = sum(
+            int(v.get("tokens", 0) or 0)
+            for v in s.scalars(
+                select(JobMetric.values).where(JobMetric.job_id == job_id, JobMetric.step == step)
+            )
+        )
+        job = lifecycle.set_step(
+            session=s,
+            job_id=job_id,
+            owner=owner,
+            settings=settings,
+            step=step,
+            status="succeeded",
+            tokens=tokens,
+        )
         memory = _record_peak(s, job, step, summary)
         _final_checkpoint(s, job_id, step, step_dir / ("actor" if step == 3 else ""))
-        add_event(session=s, job=job, type_="step_succeeded", step=step, message=f"step {step} "
-                  f"({_step_of(job.method, step).command}) "
-                  f"succeeded: {tokens} tokens{memory}", data={"seconds": summary.get("seconds"), "summary": {k: v for k, v in summary.items()
-                                     if isinstance(v, int | float | str) and k != "options"}},
-                  source_key=f"step_succeeded:{step}")  # fmt: skip
+        add_event(
+            session=s,
+            job=job,
+            type_="step_succeeded",
+            step=step,
+            message=f"step {step} ({_step_of(job.method, step).command}) succeeded: {tokens} tokens{memory}",
+            data={
+                "seconds": summary.get("seconds"),
+                "summary": {
+                    k: v for k, v in summary.items() if isinstance(v, int | float | str) and k != "options"
+                },
+            },
+            source_key=f"step_succeeded:{step}",
+        )
 
 
 def _record_peak(s: Session, job: Job, step: int, summary: dict[str, Any]) -> str:
@@ -448,27 +587,45 @@ def _record_peak(s: Session, job: Job, step: int, summary: dict[str, Any]) -> st
     values = {"peak_memory_mib": measured} if isinstance(measured, int | float) else {}
     if isinstance(planned, int | float):
         values["planned_peak_mib"] = round(planned / 2**20, 1)
-    last = s.scalar(select(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step == step)
-                    .order_by(JobMetric.global_step.desc()).limit(1))  # fmt: skip
+    last = s.scalar(
+        select(JobMetric)
+        .where(JobMetric.job_id == job.id, JobMetric.step == step)
+        .order_by(JobMetric.global_step.desc())
+        .limit(1)
+    )
     if last is None or not values:
         return ""
     last.values = {**last.values, **values}
     source = summary.get("peak_memory_source", "")
     return (f"; peak memory {measured:.0f} MiB ({source})" if "peak_memory_mib" in values else "") + (
-        f", planned {values['planned_peak_mib']:.0f} MiB" if "planned_peak_mib" in values else "")
+        f", planned {values['planned_peak_mib']:.0f} MiB" if "planned_peak_mib" in values else ""
+    )
 
 
 def _final_checkpoint(s: Session, job_id: str, step: int, model_dir: Path) -> None:
     """A step's final model is one of the job's checkpoints (OpenAI always lists the final one), at the
     step's last global step, with its last metrics; a mid-run save at that same step becomes it."""
-    last = s.scalar(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step == step)
-                    .order_by(JobMetric.global_step.desc()).limit(1))  # fmt: skip
+    last = s.scalar(
+        select(JobMetric)
+        .where(JobMetric.job_id == job_id, JobMetric.step == step)
+        .order_by(JobMetric.global_step.desc())
+        .limit(1)
+    )
     gs = last.global_step if last is not None else 0
-    metrics = {k: v for k, v in (last.values if last is not None else {}).items() if isinstance(v, int | float)}
-    row = s.scalar(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id, JobCheckpoint.step == step,
-                                               JobCheckpoint.global_step == gs))  # fmt: skip
+    metrics = {
+        k: v for k, v in (last.values if last is not None else {}).items() if isinstance(v, int | float)
+    }
+    row = s.scalar(
+        select(JobCheckpoint).where(
+            JobCheckpoint.job_id == job_id, JobCheckpoint.step == step, JobCheckpoint.global_step == gs
+        )
+    )
     if row is None:
-        s.add(JobCheckpoint(job_id=job_id, step=step, global_step=gs, path=str(model_dir), metrics=metrics | {"final": 1}))
+        s.add(
+            JobCheckpoint(
+                job_id=job_id, step=step, global_step=gs, path=str(model_dir), metrics=metrics | {"final": 1}
+            )
+        )
     elif not (row.metrics or {}).get("final"):
         row.path, row.metrics = str(model_dir), (row.metrics or {}) | metrics | {"final": 1}
 
@@ -478,8 +635,16 @@ def _finish(settings: Settings, job_id: str, owner: str, outcome: Outcome, step:
         job = s.get(Job, job_id)
         assert job is not None
         models, main_id = _fine_tuned_models(job) if outcome.kind == "succeeded" else ({}, None)
-        done = lifecycle.finish(session=s, job_id=job_id, owner=owner, outcome=outcome.kind, step=step,
-                                message=outcome.message, models=models, fine_tuned_model=main_id)  # fmt: skip
+        done = lifecycle.finish(
+            session=s,
+            job_id=job_id,
+            owner=owner,
+            outcome=outcome.kind,
+            step=step,
+            message=outcome.message,
+            models=models,
+            fine_tuned_model=main_id,
+        )
     if done == "requeued":
         from service.queue import enqueue_training
 

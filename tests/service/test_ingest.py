@@ -43,7 +43,9 @@ def _job(settings: Settings, out: Path) -> str:
 
 def _rows(settings: Settings, job_id: str) -> dict[int, float]:
     with session_scope(settings.db_url) as db:
-        rows = db.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.global_step)).all()
+        rows = db.scalars(
+            select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.global_step)
+        ).all()
         steps = [r.global_step for r in rows]
         assert len(steps) == len(set(steps)), f"a step twice: {steps}"
         return {r.global_step: r.values["loss"] for r in rows}
