@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     inference_threads: int = Field(default=0, ge=0, description="torch threads of an inference worker (0: torch's "
                                    "default, one per core)")  # fmt: skip
     inference_prefix_cache_mb: float = Field(default=256.0, ge=0, description="memory per loaded model for recent "
-                                             "prompts' keys/values, reused by a tenant's prompts that start alike "
-                                             "(system prompt, earlier turns); 0: off")
+                                             "prompts' and replies' keys/values, reused by a tenant's prompts that "
+                                             "start alike (system prompt, a conversation's earlier turns); 0: off")
     inference_heartbeat_s: float = Field(default=2.0, gt=0, description="how often a worker reports")
     inference_ttl_s: float = Field(default=10.0, gt=0, description="a worker silent this long gets no requests")
     route_cache_s: float = Field(default=0.5, ge=0, description="seconds the API reuses its view of the live "

@@ -512,6 +512,7 @@ class ChatEngine:
         if not gone:
             self._next = [r.tokens[-1] for r in rows]
             return
+        self._keep_replies(gone)
         if len(gone) == len(rows):
             self._clear()
             return
@@ -532,6 +533,23 @@ class ChatEngine:
         for layer in self._layers:
             layer.truncate(len(rows), lead)
         self._next = [r.tokens[-1] for r in rows]
+
+    def _keep_replies(self, gone: list[int]) -> None:
+        """Put finished replies' keys and values (prompt and reply) in the prompt cache: a conversation's
+        next turn starts with them. The last token sampled has none yet (the model never saw it)."""
+        if self._prefixes is None:
+            return
+        assert self._mask is not None
+        for i in gone:
+            row = self._rows[i]
+            if row.finish == "cancelled":
+                continue
+            columns = self._mask[i].nonzero().squeeze(1)
+            tokens = row.handle.prompt_ids + row.tokens[:-1]
+            if len(columns) != len(tokens):  # never expected: keep nothing rather than a wrong entry
+                logger.warning("prompt cache: row %d holds %d positions for %d tokens", i, len(columns), len(tokens))
+                continue
+            self._prefixes.add(tokens, [layer.row(i, columns) for layer in self._layers], row.handle.scope)
 
     def _clear(self) -> None:
         self._rows, self._mask, self._next = [], None, []

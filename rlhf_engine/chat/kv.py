@@ -8,9 +8,9 @@ a 32-row SmolLM2-135M decode step on the 2-core CPU), a new sequence is written 
 and a finished one is replaced by the last row (one row copied, not the batch). Rows are left-padded
 to the batch's column count; padding columns hold zeros and are masked.
 
-`PrefixCache` keeps the keys and values of recent prompts. A new prompt that starts with the same
-tokens as one of them (a shared system prompt, the earlier turns of a conversation) takes those
-columns and runs only the rest through the model: the keys and values of a position depend only on
+`PrefixCache` keeps the keys and values of recent prompts and of finished replies (prompt and reply
+as one entry). A new prompt that starts with the same tokens as one of them (a shared system prompt,
+the earlier turns of a conversation) takes those columns and runs only the rest through the model: the keys and values of a position depend only on
 the tokens up to it, so the reply is the one a full prefill gives (up to the last bits of floating
 point, which may round differently between the two shapes of computation).
 """
@@ -149,7 +149,7 @@ class Prefix:
 
 
 class PrefixCache:
-    """Recent prompts' keys and values, least recently used dropped beyond `max_bytes`."""
+    """Recent prompts' (and replies') keys and values, least recently used dropped beyond `max_bytes`."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes

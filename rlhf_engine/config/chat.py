@@ -126,8 +126,8 @@ class ChatEngineConfig:
     max_prefill_tokens: int = field(default=4096, metadata={
         "help": "prompt tokens started together in one forward pass at most (a longer prompt runs alone)"})  # fmt: skip
     prefix_cache_mb: float = field(default=256.0, metadata={
-        "help": "memory for recent prompts' keys and values, reused by prompts that start alike (a shared "
-                "system prompt, earlier turns); 0: off"})  # fmt: skip
+        "help": "memory for recent prompts' and replies' keys and values, reused by prompts that start "
+                "alike (a shared system prompt, a conversation's earlier turns); 0: off"})  # fmt: skip
     allow_pickle: bool = field(default=False, metadata={
         "help": "also load pickled weights (pytorch_model.bin); off: safetensors only"})  # fmt: skip
     score_replies: bool = field(default=True, metadata={

@@ -73,8 +73,8 @@ def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatEngine, sm
 
 
 def test_prompts_that_start_alike_reuse_cached_keys_and_answer_as_generate(engine: ChatEngine, smollm2: Path) -> None:
-    """The system prompt every SmolLM2 conversation starts with, and a conversation's earlier turns, are
-    taken from the prompt cache (within the caller's scope only), and the replies stay those of generate."""
+    """The system prompt every SmolLM2 conversation starts with, and a conversation's earlier turns
+    (prompts and replies), are taken from the prompt cache (within the caller's scope only), and the replies stay those of generate."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2)).eval()
@@ -91,16 +91,26 @@ def test_prompts_that_start_alike_reuse_cached_keys_and_answer_as_generate(engin
         result = engine.submit(messages, greedy, scope=scope).result()
         return engine.prompt_cache["reused_tokens"] - before, result.choices[0]
 
-    engine.submit(FRANCE, greedy, scope="a").result()
+    france = engine.submit(FRANCE, greedy, scope="a").result().choices[0]
     italy = [{"role": "user", "content": "What is the capital of Italy?"}]
     shared = len(os.path.commonprefix([engine.prompt_ids(FRANCE), engine.prompt_ids(italy)]))
     assert shared >= 20  # "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, …<|im_start|>user\n"
     n, reply = reused(italy)
     assert n == shared and reply.token_ids == reference(italy)
     assert reused(italy, scope="b")[0] == 0  # another tenant's prompts are never reused
-    turn2 = [*italy, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "And of Spain?"}]
+    # a conversation's next turn: the first turn's prompt and reply come from the cache — all of the reply
+    # but its last token (the model never saw it) when the reply's text tokenises back to the same tokens
+    # ("The capital of France is Paris."), up to the first token that differs when it does not (this
+    # model answers Italy with "Il Coriobella", sampled as tokens the tokenizer would split otherwise)
+    spain = {"role": "user", "content": "And of Spain?"}
+    turn2 = [*FRANCE, {"role": "assistant", "content": france.text}, spain]
     n, reply2 = reused(turn2)
-    assert n >= len(engine.prompt_ids(italy)) - 1  # the whole first turn's prompt
+    assert n == len(engine.prompt_ids(FRANCE)) + len(france.token_ids) - 1
+    assert reply2.token_ids == reference(turn2)
+    turn2 = [*italy, {"role": "assistant", "content": reply.text}, spain]
+    start = engine.prompt_ids(italy) + reply.token_ids[:-1]
+    n, reply2 = reused(turn2)
+    assert n == len(os.path.commonprefix([start, engine.prompt_ids(turn2)])) > len(engine.prompt_ids(italy))
     assert reply2.token_ids == reference(turn2)
 
 
