@@ -30,7 +30,7 @@ help:
 	@echo "make test   - create .venv, then run the whole test suite"
 	@echo "make fuzz   - schemathesis against a live API server from /openapi.json, many examples per route"
 	@echo "make chaos  - kill the training worker's process group K times during a 3-step job (and the database)"
-	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead (bench/results/)"
+	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead; vs transformers serve; second turns (bench/results/)"
 	@echo "make bench-memory - the memory planner's predictions against measured peak memory (bench/results/memory.json)"
 	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
@@ -98,6 +98,7 @@ bench: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/service.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/peer.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/multiturn.py
 
 # TRL for the GRPO bench only: a venv layered on .venv (the same torch and transformers, found through a
 # .pth file) with TRL pinned and installed without dependencies, so the product's pins stay untouched
