@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -73,10 +73,12 @@ class Ingest:
     (after a worker restart) inserts nothing twice.
 
     A resumed step rewrites metrics.jsonl (cut back to its checkpoint, into a new file: os.replace) and
-    then appends the steps past it again. The file is followed by identity, not by size alone: a new
-    file is read from its start (the rewritten file can outgrow the old offset before the next read,
-    and reading on from there would skip the first steps written again), and a step's row takes the
-    values of its newest line (the resumed attempt's, not the killed one's)."""
+    appends the steps past it again; a step started afresh deletes both files. A file is followed by
+    identity, not by size alone — its inode, and the last line read still ending where reading stopped
+    (a new file may reuse a deleted one's inode, and can outgrow the old offset before the next read:
+    reading on from there would skip the steps written again). A file found rewritten is read from its
+    start: its steps' rows take the new lines' values, and rows past its last step (the killed
+    attempt's, not written again yet) are dropped, so the rows always mirror the file."""
 
     FILES = ("metrics.jsonl", "events.jsonl")
 
@@ -84,22 +86,37 @@ class Ingest:
         self.job_id, self.step, self.dir = job_id, step, step_dir
         self.offsets = dict.fromkeys(self.FILES, 0)
         self.inodes: dict[str, int | None] = dict.fromkeys(self.FILES)
+        self.tails = dict.fromkeys(self.FILES, b"")  # the last whole line read, which ends at the offset
+        self.rewritten: set[str] = set()
         self.last_metric: dict[str, Any] = {}
         self.total_steps = 0
+
+    def _restart(self, name: str, inode: int | None) -> None:
+        if self.offsets[name]:
+            self.rewritten.add(name)
+        self.inodes[name], self.offsets[name], self.tails[name] = inode, 0, b""
 
     def _lines(self, name: str) -> list[dict[str, Any]]:
         try:
             f = open(self.dir / name, "rb")  # noqa: SIM115 - closed below; fstat needs the open file
-        except FileNotFoundError:
+        except FileNotFoundError:  # deleted (the step starts afresh): what appears next is a new file
+            self._restart(name, None)
             return []
         with f:
             st = os.fstat(f.fileno())  # the file opened, not whatever the path names a moment later
-            if st.st_ino != self.inodes[name] or st.st_size < self.offsets[name]:  # replaced or cut back
-                self.inodes[name], self.offsets[name] = st.st_ino, 0
+            offset, tail = self.offsets[name], self.tails[name]
+            same = st.st_ino == self.inodes[name] and st.st_size >= offset
+            if same and tail:
+                f.seek(offset - len(tail))
+                same = f.read(len(tail)) == tail
+            if not same:
+                self._restart(name, st.st_ino)
             f.seek(self.offsets[name])
             data = f.read()
         end = data.rfind(b"\n") + 1  # only whole lines; a partial last line is read next time
-        self.offsets[name] += end
+        if end:
+            self.offsets[name] += end
+            self.tails[name] = data[data.rfind(b"\n", 0, end - 1) + 1 : end]
         out = []
         for line in data[:end].splitlines():
             try:
@@ -108,15 +125,31 @@ class Ingest:
                 continue
         return out
 
+    def _metric_row(self, session: Session, global_step: int) -> JobMetric | None:
+        return session.scalar(
+            select(JobMetric).where(
+                JobMetric.job_id == self.job_id,
+                JobMetric.step == self.step,
+                JobMetric.global_step == global_step,
+            )
+        )
+
     def run(self, session: Session) -> None:
-        for m in self._lines("metrics.jsonl"):
-            gs = int(m.get("step", 0))
-            self.last_metric = m
-            row = session.scalar(
-                select(JobMetric).where(
-                    JobMetric.job_id == self.job_id, JobMetric.step == self.step, JobMetric.global_step == gs
+        lines = self._lines("metrics.jsonl")
+        if "metrics.jsonl" in self.rewritten:  # read from the start: drop the rows the file no longer holds
+            self.rewritten.discard("metrics.jsonl")
+            newest = max((int(m.get("step", 0)) for m in lines), default=0)
+            session.execute(
+                delete(JobMetric).where(
+                    JobMetric.job_id == self.job_id,
+                    JobMetric.step == self.step,
+                    JobMetric.global_step > newest,
                 )
             )
+        for m in lines:
+            gs = int(m.get("step", 0))
+            self.last_metric = m
+            row = self._metric_row(session, gs)
             if row is None:
                 session.add(
                     JobMetric(
@@ -127,8 +160,12 @@ class Ingest:
                         values=m,
                     )
                 )
-            elif row.values != m:  # written again by a resumed attempt: the file's line is the record
-                row.time, row.values = float(m.get("time", 0.0)), m
+            elif (merged := {**row.values, **m}) != row.values:  # written again by a resumed attempt; what
+                row.time, row.values = (
+                    float(m.get("time", 0.0)),
+                    merged,
+                )  # the worker added (peak memory) stays
+        self.rewritten.discard("events.jsonl")  # events are a log: a rewritten file's lines are added
         for e in self._lines("events.jsonl"):
             data = e.get("data") or {}
             if "total_steps" in data:
@@ -161,7 +198,9 @@ class Ingest:
                     )
                     is None
                 ):
-                    metric = {k: v for k, v in self.last_metric.items() if isinstance(v, int | float)}
+                    row = self._metric_row(session, gs)  # the checkpoint's own step, not the newest read
+                    values = row.values if row is not None else self.last_metric
+                    metric = {k: v for k, v in values.items() if isinstance(v, int | float)}
                     session.add(
                         JobCheckpoint(
                             job_id=self.job_id,

@@ -8,6 +8,7 @@ on from the middle of a line.)"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -88,3 +89,54 @@ def test_a_resumed_step_rewriting_its_metrics_leaves_each_step_once_with_the_new
     _ingest(settings, ingest)
     _ingest(settings, ingest)
     assert _rows(settings, job_id) == in_file | {10: 0.5}
+
+
+def test_a_step_started_afresh_or_rewritten_in_place_is_mirrored_and_what_the_worker_added_stays(
+    settings: Settings, tmp_path: Path
+) -> None:
+    step_dir = tmp_path / "step1_sft"
+    job_id = _job(settings, tmp_path)
+    ingest = Ingest(job_id, 1, step_dir)
+    first = Records(step_dir, enabled=True)
+    for s in range(1, 6):
+        first.metric(step=s, loss=10.0 - s + 1 / 3)
+    _ingest(settings, ingest)
+
+    # what the worker adds to a row (the step's peak memory) survives a later re-read of the same line
+    with session_scope(settings.db_url) as db:
+        row = db.scalars(
+            select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.global_step == 5)
+        ).one()
+        row.values = {**row.values, "peak_memory_mib": 123.0}
+    _ingest(settings, Ingest(job_id, 1, step_dir))  # a worker restarted reads the file from its start
+    with session_scope(settings.db_url) as db:
+        row = db.scalars(
+            select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.global_step == 5)
+        ).one()
+        assert row.values["peak_memory_mib"] == 123.0
+
+    # the file rewritten in place (same inode) with other lines, longer than before: read from its start
+    lines = [{"time": 1.0, "step": s, "loss": float(s), "note": "rewritten"} for s in range(1, 8)]
+    with open(step_dir / METRICS, "r+") as f:
+        f.truncate(0)
+        f.writelines(json.dumps(m) + "\n" for m in lines)
+    _ingest(settings, ingest)
+    assert _rows(settings, job_id) == {s: float(s) for s in range(1, 8)}
+
+    # the step started afresh (no checkpoint): its files deleted, two new steps written before the next
+    # read; the rows are the new file's, the seven earlier ones gone
+    again = Records(step_dir, enabled=True)
+    again.reset()
+    again.metric(step=1, loss=-1.0)
+    again.metric(step=2, loss=-2.0)
+    _ingest(settings, ingest)
+    assert _rows(settings, job_id) == {1: -1.0, 2: -2.0}
+
+    # a resumed step that has not yet written again the steps past its checkpoint: the killed
+    # attempt's rows for them are dropped until it does
+    for s in range(3, 7):
+        again.metric(step=s, loss=-float(s))
+    _ingest(settings, ingest)
+    Records(step_dir, enabled=True).truncate(4)
+    _ingest(settings, ingest)
+    assert _rows(settings, job_id) == {s: -float(s) for s in range(1, 5)}
