@@ -536,20 +536,28 @@ class ChatEngine:
 
     def _keep_replies(self, gone: list[int]) -> None:
         """Put finished replies' keys and values (prompt and reply) in the prompt cache: a conversation's
-        next turn starts with them. The last token sampled has none yet (the model never saw it)."""
+        next turn starts with them. The last token sampled has none yet (the model never saw it). Only
+        what the cache will keep is copied (it fits, nothing holds it yet), and a failure here (out of
+        memory) costs the cache entry, never a reply."""
         if self._prefixes is None:
             return
         assert self._mask is not None
+        per_token = sum(layer.column_bytes for layer in self._layers)
         for i in gone:
             row = self._rows[i]
-            if row.finish == "cancelled":
+            tokens = row.handle.prompt_ids + row.tokens[:-1]
+            if row.finish == "cancelled" or not self._prefixes.wants(tokens, per_token * len(tokens), row.handle.scope):
                 continue
             columns = self._mask[i].nonzero().squeeze(1)
-            tokens = row.handle.prompt_ids + row.tokens[:-1]
             if len(columns) != len(tokens):  # never expected: keep nothing rather than a wrong entry
                 logger.warning("prompt cache: row %d holds %d positions for %d tokens", i, len(columns), len(tokens))
                 continue
-            self._prefixes.add(tokens, [layer.row(i, columns) for layer in self._layers], row.handle.scope)
+            try:
+                kv = [layer.row(i, columns) for layer in self._layers]
+            except Exception:  # a cache entry is extra
+                logger.exception("prompt cache: keeping a finished reply failed")
+                continue
+            self._prefixes.add(tokens, kv, row.handle.scope)
 
     def _clear(self) -> None:
         self._rows, self._mask, self._next = [], None, []

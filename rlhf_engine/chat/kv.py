@@ -124,6 +124,13 @@ class BatchLayer(DynamicLayer):
         if self._k is not None:
             self._view()
 
+    @property
+    def column_bytes(self) -> int:
+        """Bytes of one row's keys and values at one column."""
+        if self._k is None:
+            return 0
+        return 2 * self._k.shape[1] * self._k.shape[3] * self._k.element_size()
+
     def row(self, i: int, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row i's keys and values at the given columns (a copy): (H, len(columns), D)."""
         assert self._k is not None and self._v is not None
@@ -175,6 +182,16 @@ class PrefixCache:
             return 0, None
         self._entries.move_to_end(best_key)
         return best, self._entries[best_key]
+
+    def wants(self, tokens: list[int], nbytes: int, scope: str = "") -> bool:
+        """Whether `add` would keep these tokens (asked before copying their keys and values): they fit,
+        and no entry of the scope already covers them."""
+        if not 0 < nbytes <= self.max_bytes:
+            return False
+        for entry in self._entries.values():
+            if entry.scope == scope and len(entry.tokens) >= len(tokens) and entry.tokens[: len(tokens)] == tokens:
+                return False
+        return True
 
     def add(self, tokens: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], scope: str = "") -> None:
         """Keep a prompt's keys and values, unless an entry already covers it; an entry it extends is

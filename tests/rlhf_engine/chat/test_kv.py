@@ -81,3 +81,9 @@ def test_prefix_cache_longest_common_start_within_scope_and_memory_bound() -> No
     off = PrefixCache(max_bytes=0)
     off.add([1, 2, 3], entry(3))
     assert len(off) == 0
+    # asked before a finished reply's keys/values are copied: only what `add` would keep
+    assert cache.wants([7, 7, 7, 7, 7, 7, 7, 7, 3], 96 * 9, "a")  # a reply continuing a held prompt
+    assert not cache.wants([7, 7, 7, 7], 96 * 4, "a")  # already held
+    assert cache.wants([7, 7, 7, 7], 96 * 4, "b")  # not for this scope
+    assert not cache.wants(list(range(30)), 96 * 30, "a")  # larger than the whole cache
+    assert not off.wants([1, 2], 96 * 2)
