@@ -65,25 +65,29 @@ class Engines:
         with self._lock:
             return sum(self._busy.values())
 
-    def ensure_loaded(self, model_id: str, path: str) -> None:
-        """Load `model_id` from `path` unless loaded (blocking: run it in a thread). The new engine is
-        inserted and the least recently used idle ones evicted in one critical section."""
+    def load_acquired(self, model_id: str, path: str) -> Any:
+        """The engine of `model_id`, loaded from `path` unless loaded (blocking: run it in a thread),
+        counted busy until `release`. A fresh engine is inserted, acquired and the least recently used
+        idle ones evicted in one critical section: another model's load finishing a moment later must
+        not evict it before its caller gets it (three models asked for at once with a cap of two)."""
         with self._lock:
-            if model_id in self._engines:
-                return
+            if (engine := self._acquire(model_id)) is not None:
+                return engine
             load_lock = self._loading.setdefault(model_id, threading.Lock())
         with load_lock:  # one load per model; other requests for it wait here
             with self._lock:
-                if model_id in self._engines:
-                    return
+                if (engine := self._acquire(model_id)) is not None:
+                    return engine
             engine = self._load(model_id, path)
             with self._lock:
                 self._engines[model_id] = engine
                 self._loading.pop(model_id, None)  # later requests find the engine; waiters re-check it
+                self._acquire(model_id)
                 evicted = self._evict(keep=model_id)
         for old in evicted:
             old.close()
         self.on_change()
+        return engine
 
     def preparing(self, model_id: str, path_str: str) -> bool:
         """True while a bundled model is not built yet; the first call starts its build in the
@@ -112,11 +116,14 @@ class Engines:
     def try_acquire(self, model_id: str) -> Any:
         """The engine if loaded (counted busy until `release`), else None — never blocks."""
         with self._lock:
-            engine = self._engines.get(model_id)
-            if engine is not None:
-                self._engines.move_to_end(model_id)
-                self._busy[model_id] = self._busy.get(model_id, 0) + 1
-            return engine
+            return self._acquire(model_id)
+
+    def _acquire(self, model_id: str) -> Any:
+        engine = self._engines.get(model_id)  # (call with the lock held)
+        if engine is not None:
+            self._engines.move_to_end(model_id)
+            self._busy[model_id] = self._busy.get(model_id, 0) + 1
+        return engine
 
     def release(self, model_id: str) -> None:
         with self._lock:
@@ -187,6 +194,18 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
         self.worker_id = worker_id
         self.engines = engines
 
+    async def _load_acquired(self, model_id: str, path: str) -> Any:
+        """`Engines.load_acquired` in a thread; a caller hanging up meanwhile gives the engine back once
+        it is loaded (the load itself goes on: the next request for the model finds it)."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.engines.load_acquired, model_id, path))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(
+                lambda t: None if t.cancelled() or t.exception() is not None else self.engines.release(model_id)
+            )
+            raise
+
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
         from rlhf_engine.chat.errors import ChatError
         from rlhf_engine.config.chat import SamplingParams
@@ -200,14 +219,11 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
 
             await _abort(context, ModelNotReady(f"model {request.model_id} is being prepared (a bundled model, built "
                                                 "and pretrained on first use); retry in a few seconds", param="model"))  # fmt: skip
-        if engine is None:  # first request for the model here: load it off the event loop (not counted
-            try:  # busy until acquired below, so a caller hanging up meanwhile leaks nothing)
-                await asyncio.to_thread(self.engines.ensure_loaded, request.model_id, request.model_path)
+        if engine is None:  # first request for the model here: load it off the event loop
+            try:
+                engine = await self._load_acquired(request.model_id, request.model_path)
             except ChatError as e:
                 await _abort(context, e)
-            engine = self.engines.try_acquire(request.model_id)
-            if engine is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the model was evicted while loading; retry")
         handle: Any = None
         how = "failed"
         try:
