@@ -87,30 +87,26 @@ class Ingest:
         self.offsets = dict.fromkeys(self.FILES, 0)
         self.inodes: dict[str, int | None] = dict.fromkeys(self.FILES)
         self.tails = dict.fromkeys(self.FILES, b"")  # the last whole line read, which ends at the offset
-        self.rewritten: set[str] = set()
         self.last_metric: dict[str, Any] = {}
         self.total_steps = 0
 
-    def _restart(self, name: str, inode: int | None) -> None:
-        if self.offsets[name]:
-            self.rewritten.add(name)
-        self.inodes[name], self.offsets[name], self.tails[name] = inode, 0, b""
-
-    def _lines(self, name: str) -> list[dict[str, Any]]:
+    def _lines(self, name: str) -> tuple[list[dict[str, Any]], bool]:
+        """The whole lines added since the last read, and whether the file was found rewritten (read
+        from its start again, or deleted) after something had been read from it."""
+        offset, tail = self.offsets[name], self.tails[name]
         try:
             f = open(self.dir / name, "rb")  # noqa: SIM115 - closed below; fstat needs the open file
         except FileNotFoundError:  # deleted (the step starts afresh): what appears next is a new file
-            self._restart(name, None)
-            return []
+            self.inodes[name], self.offsets[name], self.tails[name] = None, 0, b""
+            return [], offset > 0
         with f:
             st = os.fstat(f.fileno())  # the file opened, not whatever the path names a moment later
-            offset, tail = self.offsets[name], self.tails[name]
             same = st.st_ino == self.inodes[name] and st.st_size >= offset
             if same and tail:
                 f.seek(offset - len(tail))
                 same = f.read(len(tail)) == tail
             if not same:
-                self._restart(name, st.st_ino)
+                self.inodes[name], self.offsets[name], self.tails[name] = st.st_ino, 0, b""
             f.seek(self.offsets[name])
             data = f.read()
         end = data.rfind(b"\n") + 1  # only whole lines; a partial last line is read next time
@@ -123,7 +119,7 @@ class Ingest:
                 out.append(json.loads(line))
             except ValueError:
                 continue
-        return out
+        return out, not same and offset > 0
 
     def _metric_row(self, session: Session, global_step: int) -> JobMetric | None:
         return session.scalar(
@@ -135,9 +131,8 @@ class Ingest:
         )
 
     def run(self, session: Session) -> None:
-        lines = self._lines("metrics.jsonl")
-        if "metrics.jsonl" in self.rewritten:  # read from the start: drop the rows the file no longer holds
-            self.rewritten.discard("metrics.jsonl")
+        lines, rewritten = self._lines("metrics.jsonl")
+        if rewritten:  # read from the start: drop the rows the file no longer holds
             newest = max((int(m.get("step", 0)) for m in lines), default=0)
             session.execute(
                 delete(JobMetric).where(
@@ -160,13 +155,10 @@ class Ingest:
                         values=m,
                     )
                 )
-            elif (merged := {**row.values, **m}) != row.values:  # written again by a resumed attempt; what
-                row.time, row.values = (
-                    float(m.get("time", 0.0)),
-                    merged,
-                )  # the worker added (peak memory) stays
-        self.rewritten.discard("events.jsonl")  # events are a log: a rewritten file's lines are added
-        for e in self._lines("events.jsonl"):
+            elif (merged := {**row.values, **m}) != row.values:
+                # written again by a resumed attempt; what the worker added (peak memory) stays
+                row.time, row.values = float(m.get("time", 0.0)), merged
+        for e in self._lines("events.jsonl")[0]:  # a log: a rewritten file's lines are added to it
             data = e.get("data") or {}
             if "total_steps" in data:
                 self.total_steps = int(data["total_steps"])

@@ -546,7 +546,8 @@ class ChatEngine:
         for i in gone:
             row = self._rows[i]
             tokens = row.handle.prompt_ids + row.tokens[:-1]
-            if row.finish == "cancelled" or not self._prefixes.wants(tokens, per_token * len(tokens), row.handle.scope):
+            wanted = self._prefixes.wants(tokens, per_token * len(tokens), row.handle.scope)
+            if row.finish == "cancelled" or not wanted:
                 continue
             columns = self._mask[i].nonzero().squeeze(1)
             if len(columns) != len(tokens):  # never expected: keep nothing rather than a wrong entry

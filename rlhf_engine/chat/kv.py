@@ -10,9 +10,10 @@ to the batch's column count; padding columns hold zeros and are masked.
 
 `PrefixCache` keeps the keys and values of recent prompts and of finished replies (prompt and reply
 as one entry). A new prompt that starts with the same tokens as one of them (a shared system prompt,
-the earlier turns of a conversation) takes those columns and runs only the rest through the model: the keys and values of a position depend only on
-the tokens up to it, so the reply is the one a full prefill gives (up to the last bits of floating
-point, which may round differently between the two shapes of computation).
+the earlier turns of a conversation) takes those columns and runs only the rest through the model:
+the keys and values of a position depend only on the tokens up to it, so the reply is the one a full
+prefill gives (up to the last bits of floating point, which may round differently between the two
+shapes of computation).
 """
 
 from __future__ import annotations
@@ -183,33 +184,30 @@ class PrefixCache:
         self._entries.move_to_end(best_key)
         return best, self._entries[best_key]
 
+    def _holder(self, tokens: list[int], scope: str) -> int | None:
+        """The key of an entry of the scope that already covers `tokens` (its tokens start with them)."""
+        n = len(tokens)
+        return next((key for key, e in self._entries.items() if e.scope == scope and e.tokens[:n] == tokens), None)
+
     def wants(self, tokens: list[int], nbytes: int, scope: str = "") -> bool:
         """Whether `add` would keep these tokens (asked before copying their keys and values): they fit,
         and no entry of the scope already covers them."""
-        if not 0 < nbytes <= self.max_bytes:
-            return False
-        for entry in self._entries.values():
-            if entry.scope == scope and len(entry.tokens) >= len(tokens) and entry.tokens[: len(tokens)] == tokens:
-                return False
-        return True
+        return 0 < nbytes <= self.max_bytes and self._holder(tokens, scope) is None
 
     def add(self, tokens: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], scope: str = "") -> None:
         """Keep a prompt's keys and values, unless an entry already covers it; an entry it extends is
         replaced by it."""
         if self.max_bytes <= 0:
             return
-        for key, entry in list(self._entries.items()):
-            if entry.scope != scope:
-                continue
-            common = len(os.path.commonprefix([entry.tokens, tokens]))
-            if common == len(tokens):  # already held
-                self._entries.move_to_end(key)
-                return
-            if common == len(entry.tokens):  # the new prompt continues this one
-                self._drop(key)
+        if (held := self._holder(tokens, scope)) is not None:
+            self._entries.move_to_end(held)
+            return
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
         if nbytes > self.max_bytes:
             return
+        for key, entry in list(self._entries.items()):  # the new prompt continues these
+            if entry.scope == scope and tokens[: len(entry.tokens)] == entry.tokens:
+                self._drop(key)
         self._ids += 1
         self._entries[self._ids] = Prefix(scope=scope, tokens=list(tokens), kv=kv, nbytes=nbytes)
         self.bytes += nbytes

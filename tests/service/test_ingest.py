@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from rlhf_engine.stages.records import METRICS, Records, read_jsonl
 from service.db.models import Job, JobMetric, Tenant
@@ -57,20 +58,32 @@ def _ingest(settings: Settings, ingest: Ingest) -> None:
         ingest.run(db)
 
 
+def _first_attempt(settings: Settings, tmp_path: Path, losses: dict[int, float]) -> tuple[Path, str, Ingest]:
+    """A job whose step 1 wrote `losses` (step → loss), all read by the worker: (step dir, job, reader)."""
+    step_dir = tmp_path / "step1_sft"
+    job_id = _job(settings, tmp_path)
+    ingest = Ingest(job_id, 1, step_dir)
+    first = Records(step_dir, enabled=True)
+    for s, loss in losses.items():
+        first.metric(step=s, loss=loss)
+    _ingest(settings, ingest)
+    assert sorted(_rows(settings, job_id)) == sorted(losses)
+    return step_dir, job_id, ingest
+
+
+def _metric(db: Session, job_id: str, step: int) -> JobMetric:
+    return db.scalars(
+        select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.global_step == step)
+    ).one()
+
+
 @pytest.mark.parametrize("longer", [False, True], ids=["shorter lines", "longer lines"])
 def test_a_resumed_step_rewriting_its_metrics_leaves_each_step_once_with_the_new_values(
     settings: Settings, tmp_path: Path, longer: bool
 ) -> None:
-    step_dir = tmp_path / "step1_sft"
-    job_id = _job(settings, tmp_path)
-    ingest = Ingest(job_id, 1, step_dir)
-
     # the first attempt: steps 1-7 (its checkpoint at 4), all read by the worker, then killed
-    first = Records(step_dir, enabled=True)
-    for s in range(1, 8):
-        first.metric(step=s, loss=round(10.0 - s, 1) if longer else 10.0 - s + 1 / 3)
-    _ingest(settings, ingest)
-    assert sorted(_rows(settings, job_id)) == list(range(1, 8))
+    losses = {s: round(10.0 - s, 1) if longer else 10.0 - s + 1 / 3 for s in range(1, 8)}
+    step_dir, job_id, ingest = _first_attempt(settings, tmp_path, losses)
 
     # the resumed attempt cuts the file back to step 4 and writes 5-9 before the worker reads again;
     # its lines differ in length from the killed attempt's, so the old read offset lands inside a line
@@ -94,26 +107,15 @@ def test_a_resumed_step_rewriting_its_metrics_leaves_each_step_once_with_the_new
 def test_a_step_started_afresh_or_rewritten_in_place_is_mirrored_and_what_the_worker_added_stays(
     settings: Settings, tmp_path: Path
 ) -> None:
-    step_dir = tmp_path / "step1_sft"
-    job_id = _job(settings, tmp_path)
-    ingest = Ingest(job_id, 1, step_dir)
-    first = Records(step_dir, enabled=True)
-    for s in range(1, 6):
-        first.metric(step=s, loss=10.0 - s + 1 / 3)
-    _ingest(settings, ingest)
+    step_dir, job_id, ingest = _first_attempt(settings, tmp_path, {s: 10.0 - s + 1 / 3 for s in range(1, 6)})
 
     # what the worker adds to a row (the step's peak memory) survives a later re-read of the same line
     with session_scope(settings.db_url) as db:
-        row = db.scalars(
-            select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.global_step == 5)
-        ).one()
+        row = _metric(db, job_id, 5)
         row.values = {**row.values, "peak_memory_mib": 123.0}
     _ingest(settings, Ingest(job_id, 1, step_dir))  # a worker restarted reads the file from its start
     with session_scope(settings.db_url) as db:
-        row = db.scalars(
-            select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.global_step == 5)
-        ).one()
-        assert row.values["peak_memory_mib"] == 123.0
+        assert _metric(db, job_id, 5).values["peak_memory_mib"] == 123.0
 
     # the file rewritten in place (same inode) with other lines, longer than before: read from its start
     lines = [{"time": 1.0, "step": s, "loss": float(s), "note": "rewritten"} for s in range(1, 8)]
