@@ -456,7 +456,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
               + (f"; replies scored by {loaded.reward_dir}" if engine.scorer else ""), file=err)  # fmt: skip
         print("Type 'clear' to start a new conversation, 'quit' (or Ctrl-D) to leave.", file=err)
         session = ChatSession(engine, params, system=ns.system)
-        while True:
+        while True:  # bounded: the user's 'quit' or end of input
             try:
                 line = input("Human: " if interactive else "")
             except EOFError:
@@ -590,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # transformers' per-file "Loading weights" bars would litter `rlhf eval`, `rlhf chat` and every step's log;
+    # our own progress says what is happening (read when transformers is first imported)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a step's log (or `rlhf train`'s relay) fills line by line
     ns = build_parser().parse_args(argv)

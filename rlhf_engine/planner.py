@@ -558,7 +558,8 @@ def choices(method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool
         if method == "reward" and lora:  # the reward model trains in full in step 2
             continue
         split = 1
-        while True:  # the micro-batch halved down to 1 sequence, the accumulation doubled to keep the batch
+        # the micro-batch halved down to 1 sequence, the accumulation doubled to keep the batch
+        while True:  # bounded: by the halving
             out.append(Choice(zero, off, lora, ck, fr, split))
             if split * 2 > micro_batch:
                 break

@@ -206,6 +206,21 @@ class Cost(BaseModel):
     max_cost_usd: float | None = None
 
 
+class JobPhase(BaseModel):
+    """What a running job does now, so that "running, 0%" never hides a wait."""
+
+    name: str = Field(description="starting, preparing_model, building_ops, tokenizing, loading_model, "
+                      "restoring_checkpoint, evaluating, training, saving_checkpoint or saving_model")  # fmt: skip
+    description: str = Field(description="as a person reads it, e.g. 'building DeepSpeed ops: 38 s, usually 45 s'")
+    step: int | None = Field(default=None, description="the job's step it belongs to (none: the worker's own work)")
+    started_at: int = Field(description="Unix seconds")
+    elapsed_s: float
+    typical_s: float | None = Field(default=None, description="how long it usually takes (the estimate, the "
+                                    "step's own history, the models' size)")  # fmt: skip
+    bound_s: float = Field(description="how long it may go without progress before the step counts as stalled "
+                           "and is ended and retried")  # fmt: skip
+
+
 class JobObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -233,6 +248,7 @@ class JobObject(BaseModel):
     current_step: int | None
     step_status: dict[str, StepStatus]
     progress: float
+    phase: JobPhase | None = None
     cost: Cost
     num_gpus: int
     gpu_type: str

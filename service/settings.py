@@ -60,7 +60,33 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=3600, description="Redis redelivers an unacked task after this")
     step_grace_s: float = Field(default=60.0, description="time a step gets to checkpoint after a stop request")
     step_restarts: int = Field(default=2, ge=0, description="times a step killed by a signal (e.g. the OOM killer) "
-                               "is restarted from its last checkpoint before the job fails")  # fmt: skip
+                               "or stalled is restarted from its last checkpoint before the job fails")  # fmt: skip
+    stall_floor_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="the least time a step may spend in one phase without progress (a training step ending, "
+        "rows tokenised, a batch evaluated) before it counts as stalled: it is ended, its cost stops, and it "
+        "is restarted from its last checkpoint",
+    )
+    stall_factor: float = Field(
+        default=5.0,
+        ge=1,
+        description="a phase without progress may last this many times its usual time (from the estimate, the "
+        "step's own history or the model's size), and at least stall_floor_s",
+    )
+    prebuild_ops: bool = Field(
+        default=True,
+        description="a training worker builds the DeepSpeed ops it lacks (about a minute each) before it takes "
+        "a job, so no job waits for them",
+    )
+    model_build_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="the longest a bundled base model may take to build, waiting for another builder included",
+    )
+    migrate_timeout_s: float = Field(
+        default=300.0, gt=0, description="the longest a process waits for another one's database migration"
+    )
 
     # serving: inference workers and chat
     inference_host: str = Field(default="127.0.0.1", description="an inference worker's bind address")
@@ -89,6 +115,12 @@ class Settings(BaseSettings):
     chat_max_messages: int = Field(default=256, ge=1, description="most messages in one request")
     chat_max_message_chars: int = Field(default=65536, ge=1, description="longest message content")
     chat_timeout_s: float = Field(default=300.0, gt=0, description="a chat request ends with a timeout after this")
+    inference_load_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="the longest a request waits for its model to load on a worker (another request's load "
+        "included) before it is answered 503",
+    )
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 503 (no worker, no dependency)")
     # limits and quotas (0 = off): over one → 429 rate_limit_error with Retry-After; counted in Redis when
     # REDIS_URL is set (shared by every API process), else in the database

@@ -36,7 +36,10 @@ def _on_shutdown(**_: Any) -> None:
 
 
 def run_training_worker(*, concurrency: int = 1, sweeper: bool = True, loglevel: str = "INFO") -> None:
-    migrate(settings.db_url)
+    migrate(settings.db_url, timeout_s=settings.migrate_timeout_s)
+    if settings.prebuild_ops:  # before the first job: none of them waits for a build
+        training.prebuild_ops(settings)
+    logger.info("training worker %s ready: taking jobs from queue %s", training.WORKER_ID, TRAIN_QUEUE)
     stop = threading.Event()
     if sweeper:
         threading.Thread(target=training.sweeper_loop, args=(settings, stop), name="sweeper", daemon=True).start()

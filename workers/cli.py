@@ -42,7 +42,7 @@ def cmd_keys(ns: argparse.Namespace) -> int:
     from service.services import keys
 
     settings = _settings()
-    migrate(settings.db_url)
+    migrate(settings.db_url, timeout_s=settings.migrate_timeout_s)
     with session_scope(settings.db_url) as s:
         if ns.keys_command == "create":
             key, plain = keys.create_key(session=s, tenant=ns.tenant, name=ns.name, operator=ns.operator)
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars in workers' logs
     if not argv or argv[0] not in SERVICE_COMMANDS:
         from rlhf_engine.cli import main as engine_main
 

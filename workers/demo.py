@@ -105,7 +105,8 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
         for name, model_dir in (("SFT model (step 1)", out / "step1_sft"), ("RLHF model (step 3)", out / "step3_rlhf" / "actor")):
             console.print(f"\n[bold]rlhf eval[/bold] — {name} against the reward model:")
             subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "eval", "--model", str(model_dir), "--reference",
-                            str(out / "step1_sft"), "--reward-model", str(out / "step2_reward")], env=env, check=True)  # fmt: skip
+                            str(out / "step1_sft"), "--reward-model", str(out / "step2_reward")], env=env, check=True,
+                           timeout=600)  # fmt: skip
         return chat(console, client, final["fine_tuned_model"])
     finally:
         server.send_signal(signal.SIGTERM)  # the server stops its workers

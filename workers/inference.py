@@ -74,7 +74,15 @@ class Engines:
             if (engine := self._acquire(model_id)) is not None:
                 return engine
             load_lock = self._loading.setdefault(model_id, threading.Lock())
-        with load_lock:  # one load per model; other requests for it wait here
+        # one load per model; other requests for it wait here, as long as a load may take
+        if not load_lock.acquire(timeout=self.settings.inference_load_timeout_s):
+            from rlhf_engine.chat.errors import ModelNotReady
+
+            raise ModelNotReady(
+                f"model: {model_id} is still loading on this worker after "
+                f"{self.settings.inference_load_timeout_s:.0f} s (RLHF_INFERENCE_LOAD_TIMEOUT_S); retry later"
+            )
+        try:
             with self._lock:
                 if (engine := self._acquire(model_id)) is not None:
                     return engine
@@ -84,6 +92,8 @@ class Engines:
                 self._loading.pop(model_id, None)  # later requests find the engine; waiters re-check it
                 self._acquire(model_id)
                 evicted = self._evict(keep=model_id)
+        finally:
+            load_lock.release()
         for old in evicted:
             old.close()
         self.on_change()
@@ -104,7 +114,8 @@ class Engines:
                 def build() -> None:
                     try:
                         logger.info("building bundled model %s on first use", path.name)
-                        build_bundled(path, every_s=self.settings.inference_heartbeat_s, tick=lambda *_: None)
+                        build_bundled(path, every_s=self.settings.inference_heartbeat_s, tick=lambda *_: None,
+                                      timeout_s=self.settings.model_build_timeout_s)
                     except Exception:
                         logger.exception("building %s failed", path.name)
 
@@ -306,7 +317,7 @@ def run_inference_worker(settings: Settings, *, port: int | None = None) -> int:
     if settings.inference_threads:  # before torch is imported: OpenMP reads it once
         os.environ["OMP_NUM_THREADS"] = str(settings.inference_threads)
 
-    migrate(settings.db_url)
+    migrate(settings.db_url, timeout_s=settings.migrate_timeout_s)
     from workers.local import run_loop
 
     return run_loop(_serve(settings, port))
@@ -339,9 +350,9 @@ async def _serve(settings: Settings, port: int | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        while True:
+        while True:  # bounded: serves until SIGTERM/SIGINT
             try:
-                await asyncio.wait_for(stop.wait(), timeout=settings.inference_heartbeat_s)
+                await asyncio.wait_for(stop.wait(), timeout=settings.inference_heartbeat_s)  # bounded: timeout
                 break
             except asyncio.TimeoutError:
                 await asyncio.to_thread(reg.report_quietly)

@@ -48,6 +48,7 @@ from service.jobs.states import StepOutcome, StopReason
 from service.services import cost as costs
 from service.services import models as models_svc
 from service.settings import Settings
+from workers.watch import PhaseWatch
 
 logger = logging.getLogger(__name__)
 PREPARE_REPORT_S = 15.0  # how often a job that builds its base model says how far it got
@@ -220,8 +221,17 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
     if not models_svc.is_bundled(path.name):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    started_at = time.time()
+    phase = {
+        "name": "preparing_model",
+        "label": f"preparing base model {path.name}",
+        "step": None,
+        "since": started_at,
+        "typical_s": None,
+        "bound_s": settings.model_build_timeout_s,
+    }
     with session_scope(settings.db_url) as s:
-        job = renew(s, job_id, settings, owner)
+        job = renew(s, job_id, settings, owner, phase=phase)
         add_event(
             session=s,
             job=job,
@@ -240,7 +250,7 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
         last_report[0] = now
         share = f"{done:.0%} done, " if done is not None else ""
         with session_scope(settings.db_url) as s:
-            job = renew(s, job_id, settings, owner)
+            job = renew(s, job_id, settings, owner, phase=phase)
             add_event(
                 session=s,
                 job=job,
@@ -249,7 +259,7 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
                 data={"model": path.name, "progress": done},
             )
 
-    build_bundled(path, every_s=settings.heartbeat_s, tick=tick)
+    build_bundled(path, every_s=settings.heartbeat_s, tick=tick, timeout_s=settings.model_build_timeout_s)
     with session_scope(settings.db_url) as s:
         job = renew(s, job_id, settings, owner)
         add_event(
@@ -266,25 +276,23 @@ def _renew_quietly(settings: Settings, job_id: str, owner: str) -> None:
         renew(s, job_id, settings, owner)
 
 
-def build_bundled(path: Path, *, every_s: float, tick: Callable[..., None]) -> None:
+def build_bundled(
+    path: Path, *, every_s: float, tick: Callable[..., None], timeout_s: float = 3600.0
+) -> None:
     """Build a bundled model (models_svc.build_args) into `path` in a child process (torch stays out of the
     caller), calling `tick(share done or None)` every `every_s` seconds meanwhile. One builder per path
-    (a file lock), so a training and an inference worker asking at once build it once."""
-    import fcntl
-
+    (a file lock, which dies with its holder), so a training and an inference worker asking at once build
+    it once. At most `timeout_s` in all, waiting for another builder included; then an error says so."""
+    from rlhf_engine import locks
     from rlhf_engine.engine.fencing import WATCH_ENV
     from rlhf_engine.models.tiny import PROGRESS_ENV
 
     args = models_svc.build_args(path.name)  # (a ValueError for a name that is not bundled)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                tick()
-                time.sleep(min(every_s, 1.0))
+    deadline = time.monotonic() + timeout_s
+    lock = path.parent / f".{path.name}.lock"
+    what = f"the build of base model {path.name} by another process"
+    with locks.hold(lock, what=what, timeout_s=timeout_s, poll_s=min(every_s, 1.0), on_wait=lambda _: tick()):
         if (path / "config.json").is_file():  # another process built it while we waited
             return
         progress = path.parent / f".{path.name}.progress"
@@ -295,20 +303,63 @@ def build_bundled(path: Path, *, every_s: float, tick: Callable[..., None]) -> N
             env={**os.environ, PROGRESS_ENV: str(progress), WATCH_ENV: str(os.getpid())},
         )
         try:
-            while True:
+            while True:  # bounded: the deadline
                 try:
                     _, err = proc.communicate(timeout=every_s)
                     break
                 except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"building base model {path.name} took longer than {timeout_s:.0f} s "
+                            "(RLHF_MODEL_BUILD_TIMEOUT_S); it was stopped"
+                        ) from None
                     tick(_share(progress))
         except BaseException:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=60)
             raise
         finally:
             progress.unlink(missing_ok=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building {path.name} failed: {err.decode(errors='replace')[-500:]}")
+
+
+def prebuild_ops(settings: Settings) -> None:
+    """Build the DeepSpeed ops this machine's steps load, before the worker takes a job (a child process:
+    torch stays out of the worker). Nothing to do when the cache has them; a failure is logged, and the
+    steps then build them themselves (under the same lock, each bounded)."""
+    from rlhf_engine.engine import ops
+    from rlhf_engine.engine.fencing import WATCH_ENV
+
+    names = ops.default_names()
+    if ops.is_built(names):
+        return
+    logger.info(
+        "building DeepSpeed's ops %s into %s before taking jobs (usually %.0f s)",
+        ", ".join(names),
+        ops.extensions_dir(),
+        ops.typical_s(names),
+    )
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "rlhf_engine.engine.ops"],
+            capture_output=True,
+            text=True,
+            timeout=float(os.environ.get(ops.TIMEOUT_ENV, "1800")) + 600,
+            env={**os.environ, WATCH_ENV: str(os.getpid())},
+        )
+    except subprocess.TimeoutExpired:
+        logger.error("building DeepSpeed's ops did not finish in time; steps will build them themselves")
+        return
+    if done.returncode != 0:
+        logger.error(
+            "building DeepSpeed's ops failed (%s); steps will try again: %s",
+            done.returncode,
+            (done.stderr or done.stdout)[-800:],
+        )
+        return
+    logger.info("DeepSpeed's ops ready after %.0f s", time.monotonic() - started)
 
 
 def _share(progress: Path) -> float | None:
@@ -338,21 +389,27 @@ def _step_command(job: Job, step: int, out: Path) -> tuple[list[str], Path]:
 
 
 def _kill(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """End the step's process group: SIGTERM, then SIGKILL after `grace` seconds (at once when 0)."""
     if proc.poll() is not None:
         return
     try:
+        if grace <= 0:
+            raise subprocess.TimeoutExpired(proc.args, 0)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.wait(
+            timeout=60
+        )  # bounded: SIGKILL cannot be refused (a process in the kernel finishes its call)
 
 
 def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
     from rlhf_engine.engine import fencing
     from rlhf_engine.engine.launch import LAUNCH_VARS
     from rlhf_engine.engine.stopping import STOP_FILE
+    from rlhf_engine.stages import phase
 
     with session_scope(settings.db_url) as s:
         job = lifecycle.set_step(
@@ -363,6 +420,7 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
         command, step_dir = st.command, out / st.dir
         cmd, log = _step_command(job, step, out)
         attempt, num_gpus, gpu_type, max_cost = job.attempts, job.num_gpus, job.gpu_type, job.max_cost_usd
+        estimate_s = ((job.request or {}).get("_seconds") or {}).get(str(step))
         add_event(
             session=s,
             job=job,
@@ -374,15 +432,20 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
     # without writing, and the new step waits for its lock (rlhf_engine/engine/fencing.py)
     fencing.write_fence(step_dir, attempt)
     (step_dir / STOP_FILE).unlink(missing_ok=True)
+    (step_dir / phase.PHASE_FILE).unlink(missing_ok=True)  # an earlier attempt's report
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env |= {
         fencing.ATTEMPT_ENV: str(attempt),
         fencing.WATCH_ENV: str(os.getpid()),
         fencing.GRACE_ENV: str(settings.step_grace_s),
+        phase.ESTIMATE_ENV: str(estimate_s or ""),
         "PYTHONUNBUFFERED": "1",
     }
     ingest = Ingest(job_id, step, step_dir)
     started = time.monotonic()
+    watch = PhaseWatch(
+        step_dir, started=time.time(), floor_s=settings.stall_floor_s, factor=settings.stall_factor
+    )
     with open(log, "ab") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     interval_started, interval_idx = time.monotonic(), _next_interval(settings, job_id, step, attempt)
@@ -390,12 +453,15 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
     stopping: StopReason | None = None
     stop_deadline = 0.0
     try:
-        while True:
+        while True:  # bounded: the step ends, or stalls (ended below), or the job is cancelled or lost
             code = proc.poll()
             now = time.monotonic()
+            seen = watch.read()
+            stalled = watch.stalled(seen) if code is None and stopping is None else None
             with session_scope(settings.db_url) as s:
                 ingest.run(s)
-                if now - interval_started >= settings.cost_interval_s or code is not None:
+                if now - interval_started >= settings.cost_interval_s or code is not None or stalled:
+                    # a stalled attempt is billed up to the moment the stall is seen, not while it is ended
                     _accrue(
                         s, job_id, step, attempt, interval_idx, now - interval_started, num_gpus, gpu_type
                     )
@@ -409,6 +475,21 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
                 if job.status == "cancelled" or job.control == "cancel":
                     _kill(proc, 10)
                     return Outcome("cancelled")
+                if stalled:
+                    _kill(proc, 0)  # it cannot checkpoint: it is stuck
+                    message = (
+                        f"step {step} ({command}) {stalled}; the attempt was ended and its cost stopped then"
+                    )
+                    add_event(
+                        session=s,
+                        job=job,
+                        type_="step_stalled",
+                        level="warning",
+                        step=step,
+                        message=message,
+                        data={"phase": seen.public(step)},
+                    )
+                    return Outcome("stalled", message)
                 if now - last_beat >= settings.heartbeat_s:
                     total = max(ingest.total_steps, 1)
                     frac = min(ingest.global_step / total, 1.0)
@@ -419,7 +500,15 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
                         if progress > 0.05
                         else None
                     )
-                    renew(s, job_id, settings, owner, progress=progress, estimated_finish=eta)
+                    renew(
+                        s,
+                        job_id,
+                        settings,
+                        owner,
+                        progress=progress,
+                        estimated_finish=eta,
+                        phase=seen.public(step),
+                    )
                     last_beat = now
                 if stopping is None:
                     if job.control == "pause":
@@ -542,7 +631,7 @@ def train_job(job_id: str, settings: Settings) -> str:
                 continue
             outcome = run_step(job_id, step, settings, owner)
             for restart in range(1, settings.step_restarts + 1):
-                if outcome.kind != "killed":
+                if outcome.kind not in ("killed", "stalled"):
                     break
                 with session_scope(settings.db_url) as s:
                     job = renew(s, job_id, settings, owner)
@@ -552,12 +641,17 @@ def train_job(job_id: str, settings: Settings) -> str:
                         type_="step_restarted",
                         level="warning",
                         step=step,
-                        message=f"{outcome.message}; restarting it from its last checkpoint ({restart} of "
-                        f"{settings.step_restarts})",
+                        message=(
+                            outcome.message + "; restarting it"
+                            if outcome.kind == "killed"
+                            else f"restarting step {step}"
+                        )  # a stall has its own event already
+                        + f" from its last checkpoint ({restart} of {settings.step_restarts})",
                     )
                 outcome = run_step(job_id, step, settings, owner)
-            if outcome.kind == "killed":
-                outcome = Outcome("failed", f"{outcome.message} {settings.step_restarts + 1} times")
+            if outcome.kind in ("killed", "stalled"):
+                tries = settings.step_restarts + 1
+                outcome = Outcome("failed", f"{outcome.message} (the last of {tries} attempts)")
             if outcome.kind == "succeeded":
                 _step_succeeded(settings, job_id, owner, step, step_dir)
                 continue
@@ -627,10 +721,15 @@ def _record_peak(s: Session, job: Job, step: int, summary: dict[str, Any]) -> st
     if last is None or not values:
         return ""
     last.values = {**last.values, **values}
-    source = summary.get("peak_memory_source", "")
-    return (f"; peak memory {measured:.0f} MiB ({source})" if "peak_memory_mib" in values else "") + (
-        f", planned {values['planned_peak_mib']:.0f} MiB" if "planned_peak_mib" in values else ""
-    )
+    planned_mib = values.get("planned_peak_mib")
+    if "peak_memory_mib" not in values:
+        return f"; planned tensor memory {planned_mib:.0f} MiB" if planned_mib is not None else ""
+    if summary.get("peak_memory_source") == "cuda_max_memory_allocated":  # like with like: tensors on the GPU
+        plan = f", planned {planned_mib:.0f} MiB" if planned_mib is not None else ""
+        return f"; peak tensor memory {measured:.0f} MiB (the CUDA allocator's){plan}"
+    # a CPU has no allocator peak: the process's resident set counts the interpreter and libraries too
+    plan = f"; the plan's {planned_mib:.0f} MiB counts tensors only" if planned_mib is not None else ""
+    return f"; peak resident memory {measured:.0f} MiB (the whole process, ru_maxrss{plan})"
 
 
 def _final_checkpoint(s: Session, job_id: str, step: int, model_dir: Path) -> None:

@@ -142,13 +142,13 @@ class RequestHandle:
 
         self._wake = wake
         try:
-            while True:
+            while True:  # bounded: the engine ends every request (its tokens, a stop, an error, close)
                 try:
                     event = self._events.get_nowait()
                 except queue.Empty:
                     ready.clear()
                     if self._events.empty():  # an event put after this check sets `ready` again
-                        await ready.wait()
+                        await ready.wait()  # bounded: woken by the engine's next event for this request
                     continue
                 if (delta := self._unwrap(event)) is None:
                     return
@@ -360,7 +360,7 @@ class ChatEngine:
         False once closing."""
         handles: list[RequestHandle] = []
         room, tokens = self.config.max_batch_size - len(self._rows), 0
-        while True:
+        while True:  # bounded: the batch's room and the prefill budget; idle, the engine waits for work
             try:
                 if not self._rows and not handles:
                     handle = self._pending.get()

@@ -32,7 +32,7 @@ class ChatSession:
 
     def send(self, user: str) -> Iterator[str]:
         """The reply's text as it is generated; the turn joins the history once the reply is complete."""
-        while True:
+        while True:  # bounded: each retry drops a turn of the history
             try:
                 handle = self.engine.submit(self.messages(user), self.params)
                 break

@@ -46,7 +46,7 @@ def iter_lines(path: Path, limits: ReadLimits) -> Iterator[tuple[int, str]]:
     line_no = 0
     try:
         with _open(path) as f:
-            while True:
+            while True:  # bounded: the end of the file (and the size limits)
                 raw = f.readline(limits.max_line_bytes + 1)
                 if not raw:
                     return

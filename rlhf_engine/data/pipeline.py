@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,17 @@ def _save_cached(path: Path, prepared: PreparedStep) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_step(config: DataConfig, step: int, tokenizer: Any, *, datasets: list[Dataset] | None = None,
-                 use_cache: bool = True, require: bool = True) -> PreparedStep:  # fmt: skip
-    """Tokenised train/eval data of `step` (1, 2 or 3).
+def prepare_step(
+    config: DataConfig,
+    step: int,
+    tokenizer: Any,
+    *,
+    datasets: list[Dataset] | None = None,
+    use_cache: bool = True,
+    require: bool = True,
+    on_progress: Callable[[], None] | None = None,
+) -> PreparedStep:
+    """Tokenised train/eval data of `step` (1, 2 or 3); `on_progress()` is called as rows are tokenised.
 
     With `require`, a step left without training rows is an error that says why (no preference
     data, a zero share, every prompt too long).
@@ -135,8 +144,8 @@ def prepare_step(config: DataConfig, step: int, tokenizer: Any, *, datasets: lis
     lengths = {"max_seq_len": config.max_seq_len, "max_prompt_len": config.max_prompt_len}
     train_parts, eval_rows, reports = [], [], []
     for d, sl in zip(datasets, slices, strict=True):
-        tr, tr_stats = tokenize_rows(step, sl.train[step - 1], tokenizer, **lengths)
-        ev, ev_stats = tokenize_rows(step, sl.eval[step - 1], tokenizer, **lengths)
+        tr, tr_stats = tokenize_rows(step, sl.train[step - 1], tokenizer, **lengths, on_progress=on_progress)
+        ev, ev_stats = tokenize_rows(step, sl.eval[step - 1], tokenizer, **lengths, on_progress=on_progress)
         train_parts.append(tr)
         eval_rows += ev
         reports.append(DatasetReport(d.name, d.format, d.kind, step, dict(d.filtered),

@@ -16,7 +16,7 @@ import hashlib
 import json
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,16 +115,26 @@ class TokenStats:
         }
 
 
-def tokenize_rows(step: int, rows: list[Sample], tokenizer: Any, *, max_seq_len: int,
-                  max_prompt_len: int) -> tuple[list[tuple[Any, ...]], TokenStats]:  # fmt: skip
-    """Tokenise one dataset's rows for `step`. Returns one tuple per kept row and the stats.
+def tokenize_rows(
+    step: int,
+    rows: list[Sample],
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    max_prompt_len: int,
+    on_progress: Callable[[], None] | None = None,
+) -> tuple[list[tuple[Any, ...]], TokenStats]:
+    """Tokenise one dataset's rows for `step`. Returns one tuple per kept row and the stats;
+    `on_progress()` is called every 256 rows (headway, for whoever watches a long tokenisation).
 
     step 1 → (ids, prompt_len); step 2 → (chosen_ids, rejected_ids, prompt_len); step 3 → (prompt_ids, item).
     """
     stats = TokenStats(rows=len(rows))
     filtered: Counter[str] = Counter()
     out: list[tuple[Any, ...]] = []
-    for s in rows:
+    for i, s in enumerate(rows):
+        if on_progress is not None and i % 256 == 0:
+            on_progress()
         prompt = encode_prompt(s.conversation, tokenizer)
         if step == 3:
             if len(prompt) > max_prompt_len:

@@ -92,6 +92,9 @@ def make_optimizer(model: torch.nn.Module, opts: ModelOptions, *, lr: float, wei
     if opts.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        from rlhf_engine.engine.ops import load_ops
+
+        load_ops(("CPUAdamBuilder",))  # under the build lock (loaded already when the step prepared its ops)
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
 

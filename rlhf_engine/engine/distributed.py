@@ -39,10 +39,13 @@ def init_distributed() -> Dist:
     """Join (or create) the process group: NCCL on CUDA, gloo on CPU. Idempotent."""
     import torch
 
-    from rlhf_engine.engine.ops import clear_stale_locks, extensions_dir
+    from rlhf_engine.engine.ops import load_ops, needed
 
-    extensions_dir()  # JIT ops are cached in the rlhf cache, built once per machine
-    clear_stale_locks()
+    cuda = torch.cuda.is_available()
+    if not dist_initialized():
+        # the collectives' op, built or loaded under the build lock before DeepSpeed asks for it inside the
+        # rendezvous (a build there would hold the lock while the other ranks wait for it)
+        load_ops(needed(offload=False))
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})  # fmt: skip
@@ -52,13 +55,18 @@ def init_distributed() -> Dist:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury our progress
     # torch 2.13 deprecates the collectives DeepSpeed calls, once per call: noise, not news
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
-    cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def barrier() -> None:

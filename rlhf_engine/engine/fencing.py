@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_engine import locks
+
 logger = logging.getLogger(__name__)
 
 ATTEMPT_ENV = "RLHF_ATTEMPT"  # the fencing token of this step process (set by the training worker)
@@ -68,8 +70,7 @@ def write_fence(step_dir: Path, attempt: int) -> int:
     """Raise the folder's fence to `attempt` (never lowers it: a stale worker cannot take a folder
     back). Returns the fence now in force."""
     step_dir.mkdir(parents=True, exist_ok=True)
-    with open(step_dir / f"{FENCE_FILE}.lock", "w") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
+    with locks.hold(step_dir / f"{FENCE_FILE}.lock", what="the step folder's fence", timeout_s=60):
         current = read_fence(step_dir)
         if current is not None and current >= attempt:
             return current
@@ -135,7 +136,7 @@ def _acquire(f: object, lock_path: Path, mode: int, *, wait_s: float, end_holder
     process of ours on this host) or an error names it."""
     started = time.monotonic()
     signalled: float | None = None
-    while True:
+    while True:  # bounded: ends the holder past wait_s, raises past wait_s * 2 + 30
         try:
             fcntl.flock(f, mode | fcntl.LOCK_NB)  # type: ignore[arg-type]
             return time.monotonic() - started
@@ -196,15 +197,13 @@ def writer(step_dir: Path, *, wait_s: float = 120.0) -> Iterator[float]:
 @contextlib.contextmanager
 def rank(step_dir: Path) -> Iterator[None]:
     """A rank of a launched run: a shared hold on the folder for as long as this process trains."""
-    step_dir.mkdir(parents=True, exist_ok=True)
-    with open(step_dir / RANKS_LOCK, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_SH)
+    # the top process holds it exclusively only while it waits for an earlier run's ranks to leave
+    with locks.hold(step_dir / RANKS_LOCK, what="the step folder's ranks lock", timeout_s=600, shared=True):
         _set_fence(step_dir)
         try:
             yield
         finally:
             _set_fence_none()
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _set_fence_none() -> None:
@@ -222,7 +221,7 @@ def _wait_for_end(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (AttributeError, OSError):  # no pidfd (an old kernel): poll the pid instead
-        while True:
+        while True:  # bounded: the watched process's life (the watchdog's own thread)
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:

@@ -47,6 +47,7 @@ def run_launched(args: Sequence[str], *, processes: int, launcher: Launcher, mar
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes on a few cores: no thread oversubscription
     env[WATCH_ENV] = str(os.getpid())  # the ranks stop when this process ends (fencing.py)
+    # bounded: the ranks end with the step (finished, stopped, or this process gone: fencing's watchdog)
     done = subprocess.run(launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile), env=env)
     if marker.is_file():
         return 0

@@ -24,6 +24,7 @@ from rlhf_engine.data.collate import collate_pairs
 from rlhf_engine.engine.distributed import Dist
 from rlhf_engine.engine.rlhf_engine import frozen_engine
 from rlhf_engine.models.loading import load_config, resolve_model
+from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import Batch, all_reduce_sum
 from rlhf_engine.stages.loop import Loop, run_method
 from rlhf_engine.stages.supervised import StepSpec, SupervisedMethod
@@ -112,6 +113,7 @@ class DPOMethod(SupervisedMethod):
         """Held-out pairs (padding rows weigh 0): the loss, implicit rewards, margin and accuracy."""
         sums = [0.0] * 6  # pairs, loss, chosen reward, rejected reward, wins, chosen NLL
         for b in batches:
+            phase.tick()
             out, chosen_nll = self._preferences(engine, b)
             w = b["weight"].to(out.losses.device, out.losses.dtype)
             margin = out.chosen_rewards - out.rejected_rewards

@@ -17,7 +17,9 @@ SFT and the reward model are `supervised.SupervisedMethod`, PPO is `ppo.PPOMetho
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import shutil
 import time
 from abc import ABC, abstractmethod
@@ -26,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_engine.data.pipeline import PreparedStep, prepare_step
-from rlhf_engine.engine import checkpoint, fencing
+from rlhf_engine.engine import checkpoint, fencing, ops
 from rlhf_engine.engine.distributed import Dist, barrier, init_distributed
 from rlhf_engine.engine.stopping import StepStopped, StopRequest
+from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import (
     check_resumable,
     epoch_order,
@@ -136,6 +139,30 @@ def peak_memory() -> dict[str, Any]:
             "peak_memory_source": "ru_maxrss"}  # fmt: skip
 
 
+def _offloads(config: Any) -> bool:
+    """Whether any model of the step offloads its optimizer state (DeepSpeedCPUAdam)."""
+    return any(
+        (f.name == "offload" and getattr(config, f.name) is True)
+        or (dataclasses.is_dataclass(value := getattr(config, f.name)) and _offloads(value))
+        for f in dataclasses.fields(config)
+    )
+
+
+def _weight_bytes(config: Any) -> int:
+    """Bytes of the weight files of the local models the step loads (its `*model_name_or_path` fields)."""
+    total = 0
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name.endswith("model_name_or_path") and value and Path(value).is_dir():
+            total += sum(p.stat().st_size for p in Path(value).glob("*.safetensors"))
+    return total
+
+
+def _io_s(nbytes: float) -> float:
+    """Seconds to read or write `nbytes` of weights and set them up (a cautious 100 MB/s, plus start-up)."""
+    return 5.0 + nbytes / 100e6
+
+
 def run_method(method: Method) -> dict[str, Any]:
     """Run a step to completion, or resume it; returns its summary."""
     from transformers.utils import logging as hf_logging
@@ -146,34 +173,52 @@ def run_method(method: Method) -> dict[str, Any]:
     if (summary := finished_summary(step_dir, config, method.title)) is not None:
         return summary
     method.check()
-    dist = init_distributed()
-    records = Records(step_dir, enabled=dist.is_main, title=method.title,
-                      tensorboard=tensorboard_dir(config, step_dir), wandb=wandb_settings(config, step_dir))  # fmt: skip
-    try:
-        return _loop(method, dist, step_dir, records)
-    except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step
-        raise
-    except Exception as e:
-        records.event("error", f"{type(e).__name__}: {e}", level="error")
-        raise
-    finally:
-        records.close()
+    # rank 0 reports the phase (the other ranks are in the same phase, or rank 0 waits for them in it)
+    with phase.running(step_dir, enabled=int(os.environ.get("RANK", "0")) == 0, title=method.title) as phases:
+        names = ops.needed(offload=_offloads(config))
+        phases.enter("building_ops", typical_s=ops.typical_s(names))
+        ops.load_ops(names)
+        dist = init_distributed()
+        records = Records(
+            step_dir,
+            enabled=dist.is_main,
+            title=method.title,
+            tensorboard=tensorboard_dir(config, step_dir),
+            wandb=wandb_settings(config, step_dir),
+        )
+        phases.progress = records.progress
+        try:
+            return _loop(method, dist, step_dir, records, phases)
+        except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step
+            raise
+        except Exception as e:
+            records.event("error", f"{type(e).__name__}: {e}", level="error")
+            raise
+        finally:
+            records.close()
 
 
 def _prepare(method: Method, dist: Dist) -> PreparedStep:
     """Rank 0 tokenises (and caches); the others then read its cache."""
     config = method.config
-    prepared = prepare_step(config.data, method.data_step, method.tokenizer) if dist.is_main else None
+    prepared = (
+        prepare_step(config.data, method.data_step, method.tokenizer, on_progress=phase.tick)
+        if dist.is_main
+        else None
+    )
     barrier()
     if prepared is None:
         prepared = prepare_step(config.data, method.data_step, method.tokenizer)
     return prepared
 
 
-def _loop(method: Method, dist: Dist, step_dir: Path, records: Records) -> dict[str, Any]:
+def _loop(
+    method: Method, dist: Dist, step_dir: Path, records: Records, phases: phase.Phases
+) -> dict[str, Any]:
     config, title, world = method.config, method.title, dist.world_size
     started = time.monotonic()
     set_seed(config.seed)
+    phases.enter("tokenizing")
     prepared = _prepare(method, dist)
     micro, accum = method.batch_shape(world)
     global_batch, how = config.batch_rows(world)
@@ -185,7 +230,10 @@ def _loop(method: Method, dist: Dist, step_dir: Path, records: Records) -> dict[
     if config.max_steps:
         total = min(total, config.max_steps)
     method.loop = loop = Loop(dist, step_dir, records, prepared, total, steps_per_epoch, global_batch)
+    weights = _weight_bytes(config)
+    phases.enter("loading_model", typical_s=_io_s(weights))
     details = method.build(loop)
+    estimate = float(os.environ.get(phase.ESTIMATE_ENV, "0") or 0) / total or None  # the service's, per step
 
     # --- resume, or start afresh (--overwrite retrains from scratch)
     ckpt_root = step_dir / "checkpoints"
@@ -195,6 +243,7 @@ def _loop(method: Method, dist: Dist, step_dir: Path, records: Records) -> dict[
     if done:
         folder = done[-1][1]
         check_resumable(checkpoint.read_state(folder), fingerprint, folder)
+        phases.enter("restoring_checkpoint", typical_s=_io_s(3 * weights), global_step=done[-1][0])
         state, extra = checkpoint.load(method.engines(), folder, dist=dist)
         method.restore(state, extra)
         start_step, eval_before = state["global_step"], state["eval_before"]
@@ -218,6 +267,7 @@ def _loop(method: Method, dist: Dist, step_dir: Path, records: Records) -> dict[
         records.event("warning", warning, level="warning")
 
     def run_eval(at_step: int, *, final: bool = False) -> list[Evaluation]:
+        phases.enter("evaluating", global_step=at_step, label=f"evaluating at step {at_step}")
         results = method.evaluate(final=final)
         for who, result in results:
             said = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
@@ -238,6 +288,7 @@ def _loop(method: Method, dist: Dist, step_dir: Path, records: Records) -> dict[
                     for j in micro_batch_rows(order, in_epoch, micro=micro, accum=accum, world=world, rank=dist.rank,
                                               index=i)]
                    for i in range(accum)]  # fmt: skip
+        phases.training(step, total, estimate_s=estimate)
         metrics = method.train_step(step, batches)
         loss = metrics.get("loss")
         if loss is not None and not math.isfinite(loss):
@@ -251,6 +302,12 @@ def _loop(method: Method, dist: Dist, step_dir: Path, records: Records) -> dict[
         stopping = done_steps < total and stop.requested()
         interval = config.checkpoint_interval
         if done_steps < total and (stopping or (interval and done_steps % interval == 0)):
+            phases.enter(
+                "saving_checkpoint",
+                typical_s=_io_s(3 * weights),
+                global_step=done_steps,
+                label=f"saving the checkpoint at step {done_steps}",
+            )
             folder = checkpoint.save(method.engines(), ckpt_root, global_step=done_steps, dist=dist,
                                      keep=config.keep_checkpoints, extra=method.checkpoint_extra(),
                                      state={"total_steps": total, "eval_before": eval_before,
@@ -264,6 +321,7 @@ def _loop(method: Method, dist: Dist, step_dir: Path, records: Records) -> dict[
     eval_after = run_eval(total, final=True)
 
     # --- save the model (collective at ZeRO-3), then the summary last
+    phases.enter("saving_model", typical_s=_io_s(weights), global_step=total)
     model_path = method.save()
     summary: dict[str, Any] = {}
     if dist.is_main:

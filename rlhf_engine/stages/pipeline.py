@@ -57,7 +57,7 @@ def _run_logged(cmd: list[str], log: Path) -> int:
         for line in proc.stdout:
             sys.stdout.write(line)
             f.write(line)
-        return proc.wait()
+        return proc.wait()  # bounded: its output ended, so it is exiting
 
 
 def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Path | None:

@@ -31,6 +31,7 @@ from rlhf_engine.engine.distributed import Dist, barrier
 from rlhf_engine.engine.rlhf_engine import RLHFEngine, check_hybrid_engine
 from rlhf_engine.engine.saving import gathered_state_dict, load_full_state, save_hf_model
 from rlhf_engine.models.loading import load_config, load_tokenizer, resolve_model
+from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import all_reduce_sum, rank_share
 from rlhf_engine.stages.loop import Evaluation, Loop, Method, Row, run_method
 from rlhf_engine.stages.ppo_trainer import Experience, PPOTrainer, sequence_kl
@@ -140,6 +141,7 @@ def evaluate(trainer: PPOTrainer, split: TokenizedSplit, *, max_rows: int, batch
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7919 + dist.rank)
             for i in range(0, len(mine), batch_size):
+                phase.tick()
                 batch = [split.row(j) for j in mine[i : i + batch_size]]
                 w = torch.tensor(weights[i : i + batch_size])
                 exp = trainer.generate_experience(collate_prompts(batch, trainer.pad_id), samples=1,

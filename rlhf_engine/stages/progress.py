@@ -74,6 +74,13 @@ class Progress:
         share = f" ({step / self.total:.0%})" if self.total else ""
         return "  ".join(p for p in (f"{self.title}: step {step}/{self.total}{share}", describe(values), eta) if p)
 
+    def note(self, text: str) -> None:
+        """A line beside the progress (what the step is doing between training steps)."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            self._line(text)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

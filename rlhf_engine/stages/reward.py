@@ -16,6 +16,7 @@ from rlhf_engine.config.train import RewardConfig
 from rlhf_engine.data.collate import collate_pairs
 from rlhf_engine.engine.distributed import Dist
 from rlhf_engine.models.value import ValueModel, sequence_scores
+from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import Batch
 from rlhf_engine.stages.supervised import StepSpec, check_inputs, run_step
 
@@ -43,6 +44,7 @@ def _evaluate(engine: Any, batches: list[Batch], dist: Dist) -> dict[str, Any]:
 
     pairs: list[tuple[float, float]] = []
     for b in batches:
+        phase.tick()
         chosen, rejected = pair_scores(engine, b)
         keep = b["weight"] > 0
         pairs += list(zip(chosen[keep].tolist(), rejected[keep].tolist(), strict=True))

@@ -14,6 +14,7 @@ from rlhf_engine.algorithms.losses import lm_loss, lm_nll
 from rlhf_engine.config.train import SFTConfig
 from rlhf_engine.data.collate import collate_sft
 from rlhf_engine.engine.distributed import Dist
+from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import Batch, all_reduce_sum
 from rlhf_engine.stages.supervised import StepSpec, check_inputs, run_step
 
@@ -28,6 +29,7 @@ def _loss(engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
 def _evaluate(engine: Any, batches: list[Batch], dist: Dist) -> dict[str, Any]:
     nll, count = 0.0, 0.0
     for b in batches:
+        phase.tick()
         logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
         labels = b["labels"].masked_fill(b["weight"].unsqueeze(1) == 0, -100)  # padding rows add nothing
         total, n = lm_nll(logits, labels)

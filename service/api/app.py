@@ -140,7 +140,7 @@ def _migrate_until_done(state: Any, settings: Settings) -> None:
     while not state.migrated:
         time.sleep(min(settings.retry_after_s, 2))
         try:
-            migrate(settings.db_url)
+            migrate(settings.db_url, timeout_s=settings.migrate_timeout_s)
         except DB_DOWN as e:
             logger.info("database still unavailable (%s); retrying", type(e).__name__)
             continue
@@ -198,7 +198,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     migrated = True
     if run_migrations:
         try:
-            migrate(settings.db_url)
+            migrate(settings.db_url, timeout_s=settings.migrate_timeout_s)
         except DB_DOWN as e:  # start anyway: 503 until the database answers, then migrate and serve
             logger.warning("database unavailable at start (%s); answering 503 and retrying", type(e).__name__)
             migrated = False

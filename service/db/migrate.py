@@ -7,8 +7,8 @@ starting together); SQLite: an exclusive lock on a file beside the database.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
+from rlhf_engine import locks
 from service.db.session import get_engine
 
 logger = logging.getLogger(__name__)
@@ -31,28 +32,39 @@ def alembic_config(url: str) -> Config:
 
 
 @contextlib.contextmanager
-def _lock(url: str) -> Iterator[None]:
+def _lock(url: str, timeout_s: float) -> Iterator[None]:
+    """One migrator at a time; both locks die with their holder (a file lock, a session's advisory lock)."""
     if url.startswith("sqlite"):
         path = Path(url.split("///", 1)[1] + ".migrate.lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with locks.hold(path, what="the database migration lock", timeout_s=timeout_s):
+            yield
         return
     with get_engine(url).connect() as conn:
-        conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": LOCK_ID})
+        deadline = time.monotonic() + timeout_s
+        while not conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": LOCK_ID}).scalar():
+            if time.monotonic() > deadline:
+                holder = conn.execute(
+                    text(
+                        "SELECT pid, application_name, client_addr FROM pg_stat_activity WHERE pid IN "
+                        "(SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :id AND granted)"
+                    ),
+                    {"id": LOCK_ID},
+                ).first()
+                raise locks.LockTimeout(
+                    f"waited {timeout_s:.0f} s for the database migration lock (PostgreSQL advisory lock "
+                    f"{LOCK_ID}, held by backend {tuple(holder) if holder else 'unknown'}); another process is "
+                    "migrating: let it finish, or end its session (pg_terminate_backend)"
+                )
+            time.sleep(0.2)
         try:
             yield
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": LOCK_ID})
 
 
-def migrate(url: str) -> None:
-    """Bring the database at `url` to the latest revision."""
+def migrate(url: str, *, timeout_s: float = 300.0) -> None:
+    """Bring the database at `url` to the latest revision (waiting at most `timeout_s` for another migrator)."""
     if url.startswith("sqlite"):
         Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-    with _lock(url):
+    with _lock(url, timeout_s):
         command.upgrade(alembic_config(url), "head")

@@ -117,6 +117,8 @@ class Job(Base):
     step_status: Mapped[dict[str, StepStatus]] = mapped_column(JSON, default=dict)
     current_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
+    # what the running step is doing (workers/watch.py): name, label, step, since, typical_s, bound_s
+    phase: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     num_gpus: Mapped[int] = mapped_column(Integer, default=1)
     gpu_type: Mapped[str] = mapped_column(String(32), default="cpu")

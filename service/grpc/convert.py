@@ -33,6 +33,7 @@ PAIRS: list[tuple[type[BaseModel], type[Message], set[str], set[str]]] = [
     (schemas.Method, jobs_pb2.Method, set(), set()),
     (schemas.StepConfigs, jobs_pb2.StepConfigs, set(), set()),
     (schemas.JobObject, jobs_pb2.Job, set(), set()),
+    (schemas.JobPhase, jobs_pb2.JobPhase, set(), set()),
     (schemas.JobError, jobs_pb2.JobError, set(), set()),
     (schemas.Cost, jobs_pb2.Cost, set(), set()),
     (schemas.JobList, jobs_pb2.ListJobsResponse, set(), set()),

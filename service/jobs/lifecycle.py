@@ -133,8 +133,12 @@ def create_job(
         training_file=req.training_file,
         validation_file=req.validation_file,
         file_ids=planned.file_ids,
-        request=req.model_dump(mode="json") | {"_hyperparameters": planned.hyperparameters,
-                                               "_memory": {str(m["step"]): m for m in planned.memory}},
+        request=req.model_dump(mode="json")
+        | {
+            "_hyperparameters": planned.hyperparameters,
+            "_memory": {str(m["step"]): m for m in planned.memory},
+            "_seconds": {str(e.step): e.seconds for e in planned.estimate},  # a step's "usually"
+        },
         plan=planned.plan,
         job_metadata=req.metadata,
         steps=planned.steps,
@@ -298,13 +302,16 @@ def renew(
     settings: Settings,
     progress: float | None = None,
     estimated_finish: Any = None,
+    phase: dict[str, Any] | None = None,
 ) -> Job:
-    """The worker's heartbeat: the lease, and the job's progress when given."""
+    """The worker's heartbeat: the lease, and the job's progress and phase when given."""
     values: dict[str, Any] = {}
     if progress is not None:
         values["progress"] = progress
     if estimated_finish is not None:
         values["estimated_finish"] = estimated_finish
+    if phase is not None:
+        values["phase"] = phase
     return _held(session, job_id, owner, settings, **values)
 
 
@@ -347,6 +354,7 @@ _STEP_AFTER: dict[StepOutcome, StepStatus] = {
     "requeued": "pending",
     "lost": "pending",
     "killed": "failed",
+    "stalled": "failed",
 }
 _FINISH: dict[StepOutcome, Transition] = {
     "succeeded": states.SUCCEED,
@@ -379,7 +387,7 @@ def finish(
     step_status = dict(job.step_status)
     if step is not None and outcome != "succeeded":
         step_status[str(step)] = _STEP_AFTER[outcome]
-    release: dict[str, Any] = {"lease_owner": None, "lease_until": None, "control": None}
+    release: dict[str, Any] = {"lease_owner": None, "lease_until": None, "control": None, "phase": None}
     code: FailureCode = "step_failed"
     by_outcome: dict[StepOutcome, dict[str, Any]] = {
         "succeeded": {
@@ -473,6 +481,7 @@ def sweep(*, session: Session, settings: Settings) -> list[str]:
             or_(lost_worker, lost_message),
             lease_owner=None,
             lease_until=None,
+            phase=None,
             enqueued_at=now,
         ):
             continue

@@ -9,6 +9,7 @@ events and checkpoints come newest first; metrics and rollouts (time series) old
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from rlhf_engine.stages import phase as phases
 from service.db.models import Job, JobCheckpoint, JobEvent, JobMetric
 from service.errors import NotFound
 from service.jobs.states import TERMINAL
@@ -30,6 +32,7 @@ from service.schemas import (
     JobError,
     JobList,
     JobObject,
+    JobPhase,
     MetricList,
     MetricPoint,
     RolloutList,
@@ -57,6 +60,21 @@ def list_jobs(*, session: Session, tenant: str, after: str | None, limit: int) -
 
 def _ts(d: datetime | None) -> int | None:
     return int(d.timestamp()) if d else None
+
+
+def phase_object(phase: dict[str, Any], now: float | None = None) -> JobPhase:
+    """The stored phase (workers/watch.py `Seen.public`) with its time so far."""
+    now = time.time() if now is None else now
+    since = float(phase.get("since") or now)
+    return JobPhase(
+        name=str(phase.get("name", "")),
+        description=phases.describe(phase, now=now),
+        step=phase.get("step"),
+        started_at=int(since),
+        elapsed_s=round(max(0.0, now - since), 1),
+        typical_s=phase.get("typical_s"),
+        bound_s=float(phase.get("bound_s") or 0.0),
+    )
 
 
 def to_object(job: Job) -> JobObject:
@@ -92,6 +110,7 @@ def to_object(job: Job) -> JobObject:
         current_step=job.current_step,
         step_status=job.step_status,
         progress=round(job.progress, 4),
+        phase=phase_object(job.phase) if job.status == "running" and job.phase else None,
         cost=Cost(
             estimated_usd=round(job.estimated_usd, 6),
             accrued_usd=round(job.accrued_usd, 6),
@@ -162,7 +181,7 @@ async def follow(
                 return items, True, None
             return items, job.status in TERMINAL or job.status == "paused", to_object(job)
 
-    while True:
+    while True:  # bounded: the job ends or pauses, or the client leaves
         items, ended, job = await asyncio.to_thread(poll)
         for item in items:
             yield item

@@ -24,7 +24,7 @@ Control = Literal["cancel", "pause"]
 StopReason = Literal["pause", "budget", "shutdown"]
 
 # how one attempt at a step ended, as the worker saw it
-StepOutcome = Literal["succeeded", "failed", "cancelled", "paused", "requeued", "lost", "killed"]
+StepOutcome = Literal["succeeded", "failed", "cancelled", "paused", "requeued", "lost", "killed", "stalled"]
 
 # why a job left `running`, as recorded with it (Job.error.code when it failed)
 FailureCode = Literal["step_failed"]
@@ -85,7 +85,7 @@ FAIL = Transition(
     ("running",),
     "failed",
     "worker",
-    "a step failed (or was killed more than RLHF_STEP_RESTARTS times)",
+    "a step failed (or was killed or stalled more than RLHF_STEP_RESTARTS times)",
 )
 
 TRANSITIONS: tuple[Transition, ...] = (

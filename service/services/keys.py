@@ -104,7 +104,7 @@ def listen_for_revocations(redis_url: str) -> None:
 def _listen(redis_url: str) -> None:
     import redis
 
-    while True:
+    while True:  # bounded: a daemon thread, listening for the life of the process
         try:
             client = redis.Redis.from_url(redis_url, socket_keepalive=True, health_check_interval=30)
             pubsub = client.pubsub(ignore_subscribe_messages=True)

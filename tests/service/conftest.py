@@ -98,10 +98,10 @@ class Stack:
             return create_key(session=s, tenant=tenant, operator=operator)[1]
 
 
-def _env(settings: Settings) -> dict[str, str]:
+def _env(settings: Settings, overrides: dict[str, Any] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_") or k == "RLHF_CACHE_DIR"}
     env |= {"RLHF_DATA_DIR": str(settings.data_dir), "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
-    env |= {f"RLHF_{k.upper()}": str(getattr(settings, k)) for k in FAST}
+    env |= {f"RLHF_{k.upper()}": str(getattr(settings, k)) for k in {*FAST, *(overrides or {})}}
     env["RLHF_VISIBILITY_TIMEOUT_S"] = str(settings.visibility_timeout_s)
     return env
 
@@ -138,7 +138,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
                             redis_url=redis_url, **(FAST | overrides))  # fmt: skip
         url, stop = serve(settings)
         stops.append(stop)
-        return Stack(settings=settings, url=url, env=_env(settings))
+        return Stack(settings=settings, url=url, env=_env(settings, overrides))
 
     yield make
     for stop in stops:
@@ -149,11 +149,13 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
 def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Stack], subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(stack: Stack, *, sweeper: bool = True) -> subprocess.Popen[bytes]:
+    def start(stack: Stack, *, sweeper: bool = True, **env: str) -> subprocess.Popen[bytes]:
+        """A training worker of `stack`; `env` adds to (or replaces) its environment (a cache folder of its own)."""
         log = tmp_path_factory.mktemp("worker") / "worker.log"
         args = [sys.executable, "-m", "workers.cli", "worker", "train"] + ([] if sweeper else ["--no-sweeper"])
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(args, env=stack.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(args, env=stack.env | env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # fmt: skip
         proc.log = log  # type: ignore[attr-defined]
         procs.append(proc)
         return proc

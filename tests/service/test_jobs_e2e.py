@@ -62,7 +62,9 @@ def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished:
         last = walk(client, f"/v1/fine_tuning/jobs/{job['id']}/metrics", 1000, step=step)[-1]["values"]
         assert last["peak_memory_mib"] > 0 and last["planned_peak_mib"] > 0, last
     said = [e["message"] for e in events(client, job["id"]) if e["data"]["event_type"] == "step_succeeded"]
-    assert len(said) == 3 and all("peak memory" in m and "(ru_maxrss)" in m and "planned" in m for m in said), said
+    # a CPU's resident set is named as such, never set beside the planned tensor bytes as if alike
+    assert len(said) == 3 and all("peak resident memory" in m and "ru_maxrss" in m and "counts tensors only" in m
+                                  for m in said), said
     rollouts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/rollouts", params={"limit": 3}).json()
     assert len(rollouts["data"]) == 3 and {"id", "prompt", "answer", "reward"} <= set(rollouts["data"][0])
     # every list pages one way: `after` = the previous page's last id

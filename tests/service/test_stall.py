@@ -1,0 +1,158 @@
+"""A stalled step is noticed, ended and retried; one that stalls every time fails with the reason
+(PostgreSQL, Redis, a real Celery worker, real steps; workers/watch.py).
+
+Two real ways a step stops making progress, no test hook in the product: the step process frozen
+(SIGSTOP — a process stuck in the kernel looks the same), and the op build's lock held by a live
+process outside the project's lock (another build on a shared cache that never ends).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from rlhf_engine.engine import ops
+from rlhf_engine.stages import phase
+from rlhf_engine.stages.records import read_jsonl
+from service.db.models import CostInterval, Job
+from service.db.session import session_scope
+from tests.service.conftest import Stack, events, wait_for
+from tests.service.test_one_trainer import trainers
+
+FLOOR_S = 4.0
+BODY = {
+    "model": "tiny-opt-xs",
+    "preset": "tiny",
+    "config": {"sft": {"max_steps": 60, "checkpoint_interval": 10, "eval_max_rows": 16}},
+}
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str]) -> Stack:
+    # a phase may go 4 s without progress (the tiny job's slowest phase takes under 2 s here)
+    return make_stack(
+        database_url=new_pg(), redis_url=new_redis(), stall_floor_s=FLOOR_S, stall_factor=1.0, step_restarts=1
+    )
+
+
+@pytest.fixture
+def worker(
+    stack: Stack, start_worker: Callable[..., subprocess.Popen[bytes]]
+) -> Iterator[Callable[..., Any]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(**env: str) -> subprocess.Popen[bytes]:
+        started.append(start_worker(stack, **env))
+        return started[-1]
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=60)
+
+
+def _output_dir(stack: Stack, job_id: str) -> Path:
+    with session_scope(stack.settings.db_url) as s:
+        return Path(s.get(Job, job_id).output_dir)  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_frozen_step_is_ended_and_resumed_and_its_phase_is_shown(
+    stack: Stack, worker: Callable[..., Any]
+) -> None:
+    worker()
+    with stack.client(stack.key("frozen")) as c:
+        job = c.post("/v1/fine_tuning/jobs", json=BODY).json()
+        url = f"/v1/fine_tuning/jobs/{job['id']}"
+        deadline = time.monotonic() + 120
+        while True:  # the job says what it does: the phase, its time so far, its bound
+            shown = c.get(url).json()
+            if (shown.get("phase") or {}).get("name") == "training" and shown["phase"]["step"] == 1:
+                break
+            assert time.monotonic() < deadline and shown["status"] in ("queued", "running"), shown
+            time.sleep(0.2)
+        assert shown["phase"]["description"].startswith("training step "), shown["phase"]
+        assert shown["phase"]["bound_s"] >= FLOOR_S and shown["phase"]["elapsed_s"] >= 0
+        out = _output_dir(stack, job["id"])
+        while (phase.read(out / "step1_sft") or {}).get("global_step", 0) < 25:  # past two checkpoints
+            assert time.monotonic() < deadline, phase.read(out / "step1_sft")
+            time.sleep(0.1)
+        [step] = trainers(str(out))
+        os.kill(step.pid, signal.SIGSTOP)  # frozen: no progress, no beat, the lock still held
+        frozen_at = time.time()
+        done = wait_for(c, job["id"], ("succeeded", "failed"), timeout=180)
+        said = events(c, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["phase"] is None  # a finished job does nothing
+    stalled = [e for e in said if e["data"]["event_type"] == "step_stalled"]
+    assert len(stalled) == 1, [e["message"] for e in said]
+    message = stalled[0]["message"]
+    assert "stalled while training step" in message and f"(bound {FLOOR_S:.0f} s" in message, message
+    assert "its cost stopped then" in message
+    noticed = stalled[0]["created_at"] - frozen_at
+    assert FLOOR_S - 1 <= noticed <= FLOOR_S + 6, noticed  # noticed once the bound ran out, not later
+    assert any("restarting step 1 from its last checkpoint (1 of 1)" in e["message"] for e in said)
+    step_dir = out / "step1_sft"
+    assert [m["step"] for m in read_jsonl(step_dir / "metrics.jsonl")] == list(range(1, 61))
+    with session_scope(stack.settings.db_url) as s:
+        record = s.get(Job, job["id"])
+        assert record is not None and record.started_at and record.finished_at
+        costs = s.scalars(select(CostInterval).where(CostInterval.job_id == job["id"])).all()
+        span = (record.finished_at - record.started_at).total_seconds()
+    # billed once, and not past the moment the stall was seen: never more than the job's wall time
+    assert len({(r.step, r.attempt, r.interval) for r in costs}) == len(costs)
+    assert sum(r.seconds for r in costs) <= span + 1.0, (sum(r.seconds for r in costs), span)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_step_that_stalls_every_time_fails_with_the_reason(
+    stack: Stack, worker: Callable[..., Any], tmp_path: Path
+) -> None:
+    source = ops.extensions_dir() / ops.OP_NAMES["ShareMemCommBuilder"]
+    extensions = tmp_path / "torch_extensions"
+    shutil.copytree(source, extensions / source.name, ignore=shutil.ignore_patterns(ops.BATON))
+    baton = extensions / source.name / ops.BATON
+    # this cache's record says the op builds in 0.5 s, so its phase may go 4 s (the floor) without progress
+    (extensions / ops.BUILD_TIMES).write_text(json.dumps({source.name: 0.5}))
+    hold = "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('held', flush=True); time.sleep(900)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(baton)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        # a build of the op that never ends, by a process outside this project's lock
+        worker(TORCH_EXTENSIONS_DIR=str(extensions), RLHF_PREBUILD_OPS="false")
+        with stack.client(stack.key("stuck")) as c:
+            job = c.post("/v1/fine_tuning/jobs", json=BODY).json()
+            done = wait_for(c, job["id"], ("succeeded", "failed"), timeout=180)
+            said = events(c, job["id"])
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert done["status"] == "failed", done
+    error = done["error"]["message"]
+    assert "stalled while building DeepSpeed ops" in error and "(the last of 2 attempts)" in error, error
+    stalled = [e["message"] for e in said if e["data"]["event_type"] == "step_stalled"]
+    assert len(stalled) == 2 and all("stalled while building DeepSpeed ops" in m for m in stalled), stalled
+    print("\n".join(e["message"] for e in said))
+    with session_scope(stack.settings.db_url) as s:
+        record = s.get(Job, job["id"])
+        assert record is not None and record.started_at and record.finished_at
+        billed = sum(
+            r.seconds for r in s.scalars(select(CostInterval).where(CostInterval.job_id == job["id"]))
+        )
+        span = (record.finished_at - record.started_at).total_seconds()
+    assert billed <= span + 1.0, (billed, span)
+    assert not trainers(str(_output_dir(stack, job["id"])))  # nothing of it goes on
