@@ -209,16 +209,22 @@ class Cost(BaseModel):
 class JobPhase(BaseModel):
     """What a running job does now, so that "running, 0%" never hides a wait."""
 
-    name: str = Field(description="starting, preparing_model, building_ops, tokenizing, loading_model, "
-                      "restoring_checkpoint, evaluating, training, saving_checkpoint or saving_model")  # fmt: skip
+    name: str = Field(
+        description="starting, preparing_model, building_ops, tokenizing, loading_model, "
+        "restoring_checkpoint, evaluating, training, saving_checkpoint or saving_model"
+    )
     description: str = Field(description="as a person reads it, e.g. 'building DeepSpeed ops: 38 s, usually 45 s'")
     step: int | None = Field(default=None, description="the job's step it belongs to (none: the worker's own work)")
     started_at: int = Field(description="Unix seconds")
     elapsed_s: float
-    typical_s: float | None = Field(default=None, description="how long it usually takes (the estimate, the "
-                                    "step's own history, the models' size)")  # fmt: skip
-    bound_s: float = Field(description="how long it may go without progress before the step counts as stalled "
-                           "and is ended and retried")  # fmt: skip
+    typical_s: float | None = Field(
+        default=None,
+        description="how long it usually takes (the estimate, the step's own history, the models' size)",
+    )
+    bound_s: float = Field(
+        description="how long it may go without progress before the step counts as stalled "
+        "and is ended and retried"
+    )
 
 
 class JobObject(BaseModel):

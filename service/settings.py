@@ -59,8 +59,12 @@ class Settings(BaseSettings):
     cost_interval_s: float = Field(default=10.0, description="cost is accrued once per interval")
     visibility_timeout_s: int = Field(default=3600, description="Redis redelivers an unacked task after this")
     step_grace_s: float = Field(default=60.0, description="time a step gets to checkpoint after a stop request")
-    step_restarts: int = Field(default=2, ge=0, description="times a step killed by a signal (e.g. the OOM killer) "
-                               "or stalled is restarted from its last checkpoint before the job fails")  # fmt: skip
+    step_restarts: int = Field(
+        default=2,
+        ge=0,
+        description="times a step killed by a signal (e.g. the OOM killer) "
+        "or stalled is restarted from its last checkpoint before the job fails",
+    )
     stall_floor_s: float = Field(
         default=300.0,
         gt=0,

