@@ -104,9 +104,23 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
             console.print(f"run directory: {out} (linked as {run_link})")
         for name, model_dir in (("SFT model (step 1)", out / "step1_sft"), ("RLHF model (step 3)", out / "step3_rlhf" / "actor")):
             console.print(f"\n[bold]rlhf eval[/bold] — {name} against the reward model:")
-            subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "eval", "--model", str(model_dir), "--reference",
-                            str(out / "step1_sft"), "--reward-model", str(out / "step2_reward")], env=env, check=True,
-                           timeout=600)  # fmt: skip
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "rlhf_engine.cli",
+                    "eval",
+                    "--model",
+                    str(model_dir),
+                    "--reference",
+                    str(out / "step1_sft"),
+                    "--reward-model",
+                    str(out / "step2_reward"),
+                ],
+                env=env,
+                check=True,
+                timeout=600,
+            )
         return chat(console, client, final["fine_tuned_model"])
     finally:
         server.send_signal(signal.SIGTERM)  # the server stops its workers
@@ -122,7 +136,13 @@ def _show_progress(console: Any, client: Any, job_id: str, started: float, after
     now = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     page = client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics",
                       params={"limit": 10_000} | ({"after": after} if after is not None else {})).json()  # fmt: skip
-    if not page["data"]:
+    if not page["data"]:  # no training step since: say what it does instead ("building DeepSpeed ops: 38 s, …")
+        if phase := now.get("phase"):
+            console.print(
+                f"  {time.monotonic() - started:6.1f}s  {100 * now['progress']:5.1f}%  "
+                f"{'step ' + str(phase['step']) if phase.get('step') else '      '}  {phase['description']}",
+                markup=False,
+            )
         return after
     point = page["data"][-1]
     values = point["values"]

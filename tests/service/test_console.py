@@ -188,6 +188,7 @@ def test_submit_a_job_see_its_curve_gain_points_live_then_cancel_it(
             f"the loss curve stayed at {chart.get_attribute('data-points')} points"
         )
         time.sleep(0.5)
+    page.locator("#phase", has_text="training step").wait_for()  # what it does now, with its time so far
     page.screenshot(path=str(ARTIFACTS / "live-curve.png"), full_page=True)
     page.click("#job-head button[data-action='cancel']")
     page.locator("#job-head [data-status='cancelled']").wait_for(timeout=60_000)

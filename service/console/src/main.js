@@ -123,7 +123,8 @@ function jobsPage() {
         h("td", {}, j.method?.type || "supervised"),
         h("td", {}, statusBadge(j.status)),
         h("td", {}, j.current_step ? `${j.current_step} of [${j.steps.join(", ")}]` : `[${j.steps.join(", ")}]`),
-        h("td", {}, h("progress", { max: 1, value: j.progress }), " ", fmt.pct(j.progress)),
+        h("td", {}, h("progress", { max: 1, value: j.progress }), " ", fmt.pct(j.progress),
+          j.phase ? h("div", { class: "hint phase" }, j.phase.description) : null),
         h("td", {}, fmt.usd(j.cost.accrued_usd)),
         h("td", {}, fmt.usd(j.cost.estimated_usd)),
         h("td", {}, fmt.time(j.created_at)),
@@ -167,6 +168,9 @@ function jobPage(id) {
         h("dt", {}, "Reward model"), h("dd", {}, j.reward_model || "–"),
         h("dt", {}, "Fine-tuned model"), h("dd", { id: "fine-tuned-model" }, j.fine_tuned_model || "–"),
         h("dt", {}, "Progress"), h("dd", {}, h("progress", { max: 1, value: j.progress }), " ", fmt.pct(j.progress)),
+        // what the running step does now, so that "running, 0%" never hides a wait
+        h("dt", {}, "Now"), h("dd", { id: "phase", title: j.phase ? `ended and retried if it makes no progress for ${Math.round(j.phase.bound_s)} s` : "" },
+          j.phase ? j.phase.description : "–"),
         h("dt", {}, "Cost"), h("dd", {}, `${fmt.usd(j.cost.accrued_usd)} so far of ${fmt.usd(j.cost.estimated_usd)} estimated (${j.num_gpus}× ${j.gpu_type})`),
         h("dt", {}, "Steps"), h("dd", { id: "step-status" }, j.steps.map((s) => h("span", { class: "step" },
           `${STEP_NAMES[s] || `Step ${s}`}: `, statusBadge(j.step_status[String(s)] || "pending")))),
@@ -219,6 +223,7 @@ function jobPage(id) {
     live.className = "live";
     let buffer = [];
     const flush = setInterval(() => { if (buffer.length) { curves.add(buffer); buffer = []; } }, 250);
+    const phaseTimer = setInterval(soonJob, 3000); // the phase's time so far, also while no event arrives
     try {
       await stream(`/v1/fine_tuning/jobs/${id}/events`, {
         params: { stream: "true", metrics: "true" }, signal: ctl.signal,
@@ -243,6 +248,7 @@ function jobPage(id) {
       if (e.name !== "AbortError") live.textContent = `stream lost: ${e.message}`;
     } finally {
       clearInterval(flush);
+      clearInterval(phaseTimer);
       if (buffer.length) curves.add(buffer);
       live.className = "hint";
       following = false;
