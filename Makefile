@@ -29,7 +29,7 @@ help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
 	@echo "make test   - create .venv, then run the whole test suite"
 	@echo "make fuzz   - schemathesis against a live API server from /openapi.json, many examples per route"
-	@echo "make chaos  - kill the training worker's process group K times during a 3-step job (and the database)"
+	@echo "make chaos  - kill the training worker in every phase of a step (3 seeds), K times at random, the database and Redis"
 	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead; vs transformers serve; second turns (bench/results/)"
 	@echo "make bench-memory - the memory planner's predictions against measured peak memory (bench/results/memory.json)"
 	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
@@ -88,9 +88,12 @@ demo: $(STAMP) $(PROTO_STAMP)
 fuzz: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 RLHF_FUZZ_EXAMPLES=$${RLHF_FUZZ_EXAMPLES:-300} $(BIN)/pytest tests/service/test_openapi.py -k fuzzer
 
-# the chaos drill of `make test` (tests/service/test_chaos.py) with more kills, and database restarts
+# the kill drills of `make test` with more: random kills (tests/service/test_chaos.py) with database and Redis
+# restarts, and a kill in every phase of a step with three seeds (tests/service/test_drill.py; the report goes
+# to bench/results/chaos-drill-*.json; docs/operations.md)
 chaos: $(STAMP) $(PROTO_STAMP)
-	HF_HUB_OFFLINE=1 RLHF_CHAOS_KILLS=$${RLHF_CHAOS_KILLS:-6} $(BIN)/pytest -s tests/service/test_chaos.py
+	HF_HUB_OFFLINE=1 RLHF_CHAOS_KILLS=$${RLHF_CHAOS_KILLS:-6} RLHF_CHAOS_PHASES=$${RLHF_CHAOS_PHASES:-all} \
+	  RLHF_CHAOS_SEEDS=$${RLHF_CHAOS_SEEDS:-3} RLHF_CHAOS_REPORT=1 $(BIN)/pytest -s tests/service/test_chaos.py tests/service/test_drill.py
 
 bench: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/step3.py

@@ -65,6 +65,11 @@ class Engines:
         with self._lock:
             return sum(self._busy.values())
 
+    def loading(self) -> list[str]:
+        """Models being loaded now."""
+        with self._lock:
+            return [m for m, lock in self._loading.items() if lock.locked()]
+
     def load_acquired(self, model_id: str, path: str) -> Any:
         """The engine of `model_id`, loaded from `path` unless loaded (blocking: run it in a thread),
         counted busy until `release`. A fresh engine is inserted, acquired and the least recently used
@@ -86,6 +91,7 @@ class Engines:
             with self._lock:
                 if (engine := self._acquire(model_id)) is not None:
                     return engine
+            self.on_change()  # the worker's row says what it is loading (an operator's view; the drill's cue)
             engine = self._load(model_id, path)
             with self._lock:
                 self._engines[model_id] = engine
@@ -291,7 +297,12 @@ class Registration:
         self._lock = threading.Lock()
 
     def report(self) -> None:
-        values = {"models": self.engines.ids(), "active": self.engines.active(), "heartbeat_at": utcnow()}
+        values = {
+            "models": self.engines.ids(),
+            "loading": self.engines.loading(),
+            "active": self.engines.active(),
+            "heartbeat_at": utcnow(),
+        }
         with self._lock, session_scope(self.settings.db_url) as s:
             result: Any = s.execute(update(InferenceWorker).where(InferenceWorker.id == self.id).values(**values))
             done = result.rowcount

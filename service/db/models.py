@@ -229,6 +229,7 @@ class InferenceWorker(Base):
     hostname: Mapped[str] = mapped_column(String(255), default="")
     pid: Mapped[int] = mapped_column(Integer, default=0)
     models: Mapped[list[str]] = mapped_column(JSON, default=list)  # model ids loaded, most recently used last
+    loading: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # model ids being loaded now
     max_models: Mapped[int] = mapped_column(Integer, default=2)  # LRU cap
     capacity: Mapped[int] = mapped_column(Integer, default=32)  # requests it serves at once
     active: Mapped[int] = mapped_column(Integer, default=0)  # requests being served at the last report

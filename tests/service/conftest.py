@@ -149,13 +149,16 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
 def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Stack], subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(stack: Stack, *, sweeper: bool = True, **env: str) -> subprocess.Popen[bytes]:
-        """A training worker of `stack`; `env` adds to (or replaces) its environment (a cache folder of its own)."""
+    def start(stack: Stack, *, sweeper: bool = True, nice: int = 0, **env: str) -> subprocess.Popen[bytes]:
+        """A training worker of `stack`; `env` adds to (or replaces) its environment (a cache folder of its own);
+        `nice` lowers its priority (and its steps'), so that the test reacts at once to what they do."""
         log = tmp_path_factory.mktemp("worker") / "worker.log"
         args = [sys.executable, "-m", "workers.cli", "worker", "train"] + ([] if sweeper else ["--no-sweeper"])
+        args = ["nice", "-n", str(nice), *args] if nice else args
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(args, env=stack.env | env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                args, env=stack.env | env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         proc.log = log  # type: ignore[attr-defined]
         procs.append(proc)
         return proc

@@ -37,9 +37,11 @@ BODY = {
 
 
 def trainers(output_dir: str) -> list[psutil.Process]:
-    """Step processes of this job (`python -m rlhf_engine.cli sft --config OUTPUT_DIR/configs/…`)."""
+    """Step processes of this job (`python -m rlhf_engine.cli sft --config OUTPUT_DIR/configs/…`), one per
+    process tree: a step's own children (its launched ranks, or a compiler it starts, which shows the
+    step's command line between fork and exec) are part of that trainer, not another one."""
     found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
+    for p in psutil.process_iter(["cmdline", "status", "ppid"]):
         cmd = p.info["cmdline"] or []
         if (
             p.info["status"] != psutil.STATUS_ZOMBIE
@@ -47,7 +49,8 @@ def trainers(output_dir: str) -> list[psutil.Process]:
             and any(output_dir in a for a in cmd)
         ):
             found.append(p)
-    return found
+    pids = {p.pid for p in found}
+    return [p for p in found if p.info["ppid"] not in pids]
 
 
 class TrainerCount:
@@ -55,12 +58,16 @@ class TrainerCount:
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir, self.most, self._stop = output_dir, 0, threading.Event()
+        self.seen: list[tuple[int, int, str]] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            self.most = max(self.most, len(trainers(self.output_dir)))
+            found = trainers(self.output_dir)
+            if len(found) > self.most:  # who they were, for the assertion's message
+                self.most = len(found)
+                self.seen = [(p.pid, p.ppid(), " ".join(p.info["cmdline"] or [])[-120:]) for p in found]
 
     def close(self) -> int:
         self._stop.set()

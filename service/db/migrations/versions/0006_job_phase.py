@@ -1,4 +1,5 @@
-"""Job phase: what the running step is doing now (its phase, since when, how long it usually takes)
+"""Job phase: what the running step is doing now (its phase, since when, how long it usually takes);
+inference workers' models being loaded
 
 Revision ID: 0006
 Revises: 0005
@@ -19,8 +20,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("phase", sa.JSON(), nullable=True))
+    with op.batch_alter_table("inference_workers") as batch:
+        batch.add_column(sa.Column("loading", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("inference_workers") as batch:
+        batch.drop_column("loading")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("phase")
