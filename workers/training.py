@@ -359,6 +359,10 @@ def prebuild_ops(settings: Settings) -> None:
             (done.stderr or done.stdout)[-800:],
         )
         return
+    for line in (
+        done.stderr + done.stdout
+    ).splitlines():  # what it did: a dead builder's lock removed, each op
+        logger.info("ops: %s", line)
     logger.info("DeepSpeed's ops ready after %.0f s", time.monotonic() - started)
 
 

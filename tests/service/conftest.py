@@ -265,6 +265,14 @@ def e2e_stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_r
 
 
 @pytest.fixture(scope="session")
+def kill_stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str]) -> Stack:
+    """PostgreSQL, Redis and the API server for the tests that start, kill and stop their own training
+    workers (one trainer, stalls, the kill drill): one Redis database for them all, each test's workers
+    stopped at its end and each job ended, so no test's worker finds another's work."""
+    return make_stack(database_url=new_pg(), redis_url=new_redis())
+
+
+@pytest.fixture(scope="session")
 def e2e_client(e2e_stack: Stack) -> Iterator[httpx.Client]:
     with e2e_stack.client(e2e_stack.key("e2e")) as c:
         yield c

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from sqlalchemy import select
 
@@ -42,6 +43,7 @@ from tests.service.test_one_trainer import TrainerCount, trainers
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = (
+    "preparing_model",  # the worker's, before the step: a bundled base model built on first use
     "building_ops",
     "tokenizing",
     "loading_model",
@@ -54,6 +56,7 @@ PHASES = (
 SHORT = ("building_ops", "restoring_checkpoint")
 _asked = os.environ.get("RLHF_CHAOS_PHASES", "")
 DRILL = PHASES if _asked == "all" else tuple(p for p in _asked.split(",") if p) or SHORT
+STEP_PHASES = tuple(p for p in DRILL if p != "preparing_model")
 SEEDS = int(os.environ.get("RLHF_CHAOS_SEEDS", "1"))
 STEPS, INTERVAL = 60, 10
 BODY = {
@@ -73,14 +76,12 @@ REPORT: list[dict[str, Any]] = []
 
 
 @pytest.fixture(scope="module")
-def stack(
-    make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str]
-) -> Iterator[Stack]:
-    yield make_stack(database_url=new_pg(), redis_url=new_redis())
+def stack(kill_stack: Stack) -> Iterator[Stack]:
+    yield kill_stack
     if REPORT:
         lines = [
             f"{r['phase']:>20} seed {r['seed']}: landed {r['landed']}, lost {r['lost_s']:.1f} s, redone "
-            f"{r['redone_steps']} steps, attempts {r['attempts']}"
+            f"{r['redone_steps']} steps, attempts {r['attempts']}, kill to finished step {r['kill_to_finish_s']:.1f} s"
             for r in REPORT
         ]
         print("\nkill drill:\n" + "\n".join(lines))
@@ -202,7 +203,7 @@ def _lost(step_dir: Path, pid: int, killed: float, target: str) -> tuple[int, fl
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(("target", "seed"), [(p, s) for p in DRILL for s in range(SEEDS)])
+@pytest.mark.parametrize(("target", "seed"), [(p, s) for p in STEP_PHASES for s in range(SEEDS)])
 def test_a_node_dies_in_every_phase(
     target: str, seed: int, stack: Stack, new_worker: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -283,6 +284,68 @@ def test_a_node_dies_in_every_phase(
             "kill_to_finish_s": round(summary_at - killed, 1),
         }
     )
+
+
+if "preparing_model" in DRILL:  # (not collected otherwise: `make test` runs the step phases only)
+
+    @pytest.mark.slow
+    @pytest.mark.timeout(600)
+    @pytest.mark.parametrize("seed", range(SEEDS))
+    def test_a_node_dies_while_its_worker_builds_the_base_model(
+        seed: int, stack: Stack, new_worker: Callable[..., Any]
+    ) -> None:
+        """The worker's own phase, before any step: a bundled base model built on first use (a model not built
+        on this server yet, one per seed). The build (a child that watches the worker) ends with the worker,
+        its lock with it, and the next worker builds the model and runs the job."""
+        model = f"tiny-{('gpt2', 'llama', 'qwen2')[seed % 3]}-xs"
+        worker = new_worker()
+        with stack.client(stack.key(f"drill-model-{seed}")) as c:
+            job = c.post("/v1/fine_tuning/jobs", json=BODY | {"model": model}).json()
+            deadline = time.monotonic() + 120
+            while True:  # the job says so: preparing base model …
+                with session_scope(stack.settings.db_url) as s:
+                    shown = (s.get(Job, job["id"]).phase or {}).get("name")  # type: ignore[union-attr]
+                if shown == "preparing_model":
+                    break
+                assert time.monotonic() < deadline, c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+                time.sleep(0.05)
+            time.sleep(random.Random(seed).uniform(0.5, 5.0))  # somewhere inside the build (10-20 s)
+            folder = stack.settings.models_dir / model
+            killed = _kill(worker, stack.settings.runs_dir)
+            landed = not (folder / "config.json").exists()
+            deadline = time.monotonic() + 60
+            while any(
+                "rlhf_engine.cli" in " ".join(p.info["cmdline"] or [])
+                and str(folder) in " ".join(p.info["cmdline"] or [])
+                for p in psutil.process_iter(["cmdline"])
+            ):
+                assert time.monotonic() < deadline, "the orphaned build is still running"
+                time.sleep(0.1)
+            new_worker()
+            done = wait_for(c, job["id"], ("succeeded", "failed"), timeout=300)
+            said = events(c, job["id"])
+        assert done["status"] == "succeeded", done
+        assert landed, "the build had finished before the kill"
+        assert sum(e["message"].startswith(f"base model {model} ready") for e in said) == 1, said
+        builds = [
+            e["created_at"]
+            for e in said
+            if e["message"].startswith(f"preparing base model {model} (first use")
+        ]
+        assert len(builds) == 2, said  # the killed build, and the one that finished
+        with session_scope(stack.settings.db_url) as s:
+            attempts = s.get(Job, job["id"]).attempts  # type: ignore[union-attr]
+        REPORT.append(
+            {
+                "phase": "preparing_model",
+                "seed": seed,
+                "landed": landed,
+                "attempts": attempts,
+                "redone_steps": 0,
+                "lost_s": float(builds[1] - builds[0]),  # the build lost and the restart
+                "kill_to_finish_s": round(done["finished_at"] - killed, 1),
+            }
+        )
 
 
 @pytest.mark.slow

@@ -83,3 +83,23 @@ def test_generated_code_matches_the_proto_files(tmp_path: Path) -> None:
     for path in fresh:
         rel = path.relative_to(tmp_path / "gen")
         assert (OUT / rel).read_text() == path.read_text(), f"{rel} is stale: run `make proto`"
+
+
+def test_a_running_jobs_phase_reaches_grpc_as_rest_shows_it() -> None:
+    from service.grpc.pb import jobs_pb2
+    from service.jobs.queries import phase_object
+
+    stored = {
+        "name": "building_ops",
+        "label": "building DeepSpeed ops",
+        "step": 1,
+        "since": 1000.0,
+        "typical_s": 45.0,
+        "bound_s": 300.0,
+    }
+    shown = phase_object(stored, now=1038.4)  # what the worker keeps, as REST shows it
+    assert shown.description == "building DeepSpeed ops: 38 s, usually 45 s" and shown.elapsed_s == 38.4
+    message = to_pb(shown, jobs_pb2.JobPhase)
+    assert (message.name, message.step, message.started_at) == ("building_ops", 1, 1000)
+    assert message.description == shown.description
+    assert (message.elapsed_s, message.typical_s, message.bound_s) == (38.4, 45.0, 300.0)

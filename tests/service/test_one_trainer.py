@@ -76,8 +76,8 @@ class TrainerCount:
 
 
 @pytest.fixture(scope="module")
-def stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str]) -> Stack:
-    return make_stack(database_url=new_pg(), redis_url=new_redis())
+def stack(kill_stack: Stack) -> Stack:
+    return kill_stack
 
 
 @pytest.fixture
