@@ -23,9 +23,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from rlhf_engine import locks
 from rlhf_engine.paths import cache_dir
@@ -108,7 +107,7 @@ def _record_build_time(op: str, seconds: float) -> None:
     os.replace(tmp, extensions_dir() / BUILD_TIMES)
 
 
-def clear_leftover_batons(*, deadline: float, on_wait: Callable[[float], Any] | None = None) -> list[Path]:
+def clear_leftover_batons(*, deadline: float) -> list[Path]:
     """Remove every baton no live process holds (call with the build lock held); wait, until
     `deadline` (time.monotonic), for one a live process holds. Returns the batons removed."""
     removed: list[Path] = []
@@ -131,15 +130,11 @@ def clear_leftover_batons(*, deadline: float, on_wait: Callable[[float], Any] | 
                     f"{time.monotonic() - started:.0f} s (a build outside this project's lock); end that "
                     f"process, or raise {TIMEOUT_ENV}"
                 )
-            if on_wait is not None:
-                on_wait(time.monotonic() - started)
             time.sleep(0.5)
     return removed
 
 
-def load_ops(
-    names: Iterable[str] | None = None, *, on_wait: Callable[[float], Any] | None = None
-) -> dict[str, float]:
+def load_ops(names: Iterable[str] | None = None) -> dict[str, float]:
     """Build (or load from the cache) the accelerator's ops `names` (default: all of its CPU ops on a
     CPU) into this process, one builder at a time; returns the seconds each took."""
     root = extensions_dir()
@@ -155,10 +150,8 @@ def load_ops(
     if not names:
         return seconds
     deadline = time.monotonic() + _timeout_s()
-    with locks.hold(
-        root / BUILD_LOCK, what="DeepSpeed's op build lock", timeout_s=_timeout_s(), on_wait=on_wait
-    ):
-        clear_leftover_batons(deadline=deadline, on_wait=on_wait)
+    with locks.hold(root / BUILD_LOCK, what="DeepSpeed's op build lock", timeout_s=_timeout_s()):
+        clear_leftover_batons(deadline=deadline)
         for name in names:
             started = time.monotonic()
             builder = acc.create_op_builder(name)

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -116,7 +117,7 @@ class Phases:
         self.attempt = os.environ.get(fencing.ATTEMPT_ENV)
         self.started = time.time()
         self.state: dict[str, Any] = {}
-        self.step_times: list[float] = []
+        self.step_times: deque[float] = deque(maxlen=20)  # the recent training steps' durations
         self.durations: dict[str, float] = {}  # the last duration of each phase in this process
         self._training_run: dict[str, Any] | None = None
         self._said = 0.0
@@ -139,7 +140,6 @@ class Phases:
         global_step: int | None = None,
         total_steps: int | None = None,
         label: str | None = None,
-        quiet: bool = False,
     ) -> None:
         """A new phase begins now (the one before it ends)."""
         if not self.enabled:
@@ -154,12 +154,12 @@ class Phases:
                 "label": label or LABELS[phase],
                 "since": now,
                 "progress_at": now,
-                "typical_s": round(typical_s, 1) if typical_s else None,
+                "typical_s": round(typical_s, 3) if typical_s else None,
                 "global_step": global_step,
                 "total_steps": total_steps,
             }
             self._write(now)
-        if not quiet and phase != "training":
+        if phase != "training":  # (a training step's progress is the step's own progress line)
             self._say(self._line(now), now)
 
     def training(self, global_step: int, total_steps: int, *, estimate_s: float | None = None) -> None:
@@ -169,8 +169,7 @@ class Phases:
         now = time.time()
         if self.state.get("phase") == "training":
             self.step_times.append(now - float(self.state["since"]))
-        recent = self.step_times[-20:]
-        typical = statistics.median(recent) if recent else estimate_s
+        typical = statistics.median(self.step_times) if self.step_times else estimate_s
         self.enter(
             "training",
             typical_s=typical,

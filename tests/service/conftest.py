@@ -174,6 +174,23 @@ def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
             os.killpg(p.pid, signal.SIGKILL)
 
 
+@pytest.fixture
+def case_workers(start_worker: Callable[..., subprocess.Popen[bytes]]) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """`start_worker` for one test: every worker it started is stopped at the test's end (the next test on
+    the same stack must find only its own)."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(stack: Stack, **options: Any) -> subprocess.Popen[bytes]:
+        started.append(start_worker(stack, **options))
+        return started[-1]
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=90)
+
+
 class Workers:
     """Inference worker subprocesses on the e2e stack, with their logs."""
 

@@ -17,6 +17,7 @@ time lost, work redone, attempts) to bench/results/chaos-drill-<time>.json.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import random
@@ -94,21 +95,11 @@ def stack(kill_stack: Stack) -> Iterator[Stack]:
 
 @pytest.fixture
 def new_worker(
-    stack: Stack, start_worker: Callable[..., subprocess.Popen[bytes]]
-) -> Iterator[Callable[..., Any]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(**env: str) -> subprocess.Popen[bytes]:
-        # the worker and its steps below the test's priority: the test freezes a step within a millisecond
-        # of its phase report, even while the step keeps both cores busy (a checkpoint takes 15 ms)
-        started.append(start_worker(stack, nice=10, **env))
-        return started[-1]
-
-    yield start
-    for p in started:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=90)
+    stack: Stack, case_workers: Callable[..., subprocess.Popen[bytes]]
+) -> Callable[..., subprocess.Popen[bytes]]:
+    # the worker and its steps below the test's priority: the test freezes a step within a millisecond of
+    # its phase report, even while the step keeps both cores busy (a checkpoint takes 15 ms)
+    return functools.partial(case_workers, stack, nice=10)
 
 
 class Cue:

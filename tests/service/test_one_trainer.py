@@ -8,12 +8,13 @@ and writes are fenced by the attempt number (rlhf_engine/engine/fencing.py).
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -82,20 +83,10 @@ def stack(kill_stack: Stack) -> Stack:
 
 @pytest.fixture
 def new_worker(
-    stack: Stack, start_worker: Callable[..., subprocess.Popen[bytes]]
-) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    stack: Stack, case_workers: Callable[..., subprocess.Popen[bytes]]
+) -> Callable[[], subprocess.Popen[bytes]]:
     """Workers for one case, all stopped at its end (the next case must find only its own)."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        started.append(start_worker(stack))
-        return started[-1]
-
-    yield start
-    for p in started:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=60)
+    return functools.partial(case_workers, stack)
 
 
 def _output_dir(stack: Stack, job_id: str) -> str:

@@ -8,6 +8,7 @@ process outside the project's lock (another build on a shared cache that never e
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +48,12 @@ def stack(kill_stack: Stack) -> Stack:
 
 @pytest.fixture
 def worker(
-    stack: Stack, start_worker: Callable[..., subprocess.Popen[bytes]]
-) -> Iterator[Callable[..., Any]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(**env: str) -> subprocess.Popen[bytes]:
-        # a phase may go 4 s without progress (the tiny job's slowest phase takes under 2 s here), and a
-        # stalled step is restarted once
-        bounds = {"RLHF_STALL_FLOOR_S": str(FLOOR_S), "RLHF_STALL_FACTOR": "1", "RLHF_STEP_RESTARTS": "1"}
-        started.append(start_worker(stack, **bounds, **env))
-        return started[-1]
-
-    yield start
-    for p in started:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=60)
+    stack: Stack, case_workers: Callable[..., subprocess.Popen[bytes]]
+) -> Callable[..., subprocess.Popen[bytes]]:
+    # a phase may go 4 s without progress (the tiny job's slowest phase takes under 2 s here), and a
+    # stalled step is restarted once
+    bounds = {"RLHF_STALL_FLOOR_S": str(FLOOR_S), "RLHF_STALL_FACTOR": "1", "RLHF_STEP_RESTARTS": "1"}
+    return functools.partial(case_workers, stack, **bounds)
 
 
 def _output_dir(stack: Stack, job_id: str) -> Path:
