@@ -300,17 +300,22 @@ if "preparing_model" in DRILL:  # (not collected otherwise: `make test` runs the
                     break
                 assert time.monotonic() < deadline, c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
                 time.sleep(0.05)
-            time.sleep(random.Random(seed).uniform(0.5, 5.0))  # somewhere inside the build (10-20 s)
             folder = stack.settings.models_dir / model
-            killed = _kill(worker, stack.settings.runs_dir)
-            landed = not (folder / "config.json").exists()
+            builders: list[psutil.Process] = []
+            while not builders and not (folder / "config.json").exists():  # its builder process, once started
+                assert time.monotonic() < deadline, "no builder started"
+                builders = [
+                    p
+                    for p in psutil.process_iter(["cmdline"])
+                    if "rlhf_engine.cli" in (cmd := " ".join(p.info["cmdline"] or [])) and str(folder) in cmd
+                ]
+            for b in builders:  # frozen where it is (a small model builds in seconds): the kill lands inside
+                b.suspend()
+            landed = bool(builders) and not (folder / "config.json").exists()
+            killed = _kill(worker, stack.settings.runs_dir)  # the build is in the worker's group: it dies too
             deadline = time.monotonic() + 60
-            while any(
-                "rlhf_engine.cli" in " ".join(p.info["cmdline"] or [])
-                and str(folder) in " ".join(p.info["cmdline"] or [])
-                for p in psutil.process_iter(["cmdline"])
-            ):
-                assert time.monotonic() < deadline, "the orphaned build is still running"
+            while any(b.is_running() and b.status() != psutil.STATUS_ZOMBIE for b in builders):
+                assert time.monotonic() < deadline, "the build outlived its worker"
                 time.sleep(0.1)
             new_worker()
             done = wait_for(c, job["id"], ("succeeded", "failed"), timeout=300)
