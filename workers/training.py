@@ -48,7 +48,7 @@ from service.jobs.states import StepOutcome, StopReason
 from service.services import cost as costs
 from service.services import models as models_svc
 from service.settings import Settings
-from workers.watch import PhaseWatch
+from workers.watch import PhaseWatch, Seen
 
 logger = logging.getLogger(__name__)
 PREPARE_REPORT_S = 15.0  # how often a job that builds its base model says how far it got
@@ -222,14 +222,8 @@ def _ensure_model(path: Path, job_id: str, settings: Settings, owner: str) -> No
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     started_at = time.time()
-    phase = {
-        "name": "preparing_model",
-        "label": f"preparing base model {path.name}",
-        "step": None,
-        "since": started_at,
-        "typical_s": None,
-        "bound_s": settings.model_build_timeout_s,
-    }
+    label, bound = f"preparing base model {path.name}", settings.model_build_timeout_s
+    phase = Seen("preparing_model", label, started_at, started_at, None, bound, None).public(step=None)
     with session_scope(settings.db_url) as s:
         job = renew(s, job_id, settings, owner, phase=phase)
         add_event(

@@ -32,9 +32,8 @@ class Seen:
     typical_s: float | None
     bound_s: float
     beat: float | None
-    global_step: int | None = None
 
-    def public(self, step: int) -> dict[str, Any]:
+    def public(self, step: int | None) -> dict[str, Any]:
         """What the job record keeps (and the API shows, with the elapsed time added)."""
         return {
             "name": self.name,
@@ -43,7 +42,6 @@ class Seen:
             "since": round(self.since, 3),
             "typical_s": self.typical_s,
             "bound_s": round(self.bound_s, 1),
-            "global_step": self.global_step,
         }
 
 
@@ -82,7 +80,6 @@ class PhaseWatch:
             typical_s=typical,
             bound_s=bound_s(typical, floor_s=self.floor_s, factor=self.factor),
             beat=float(report["beat"]) if isinstance(report.get("beat"), int | float) else None,
-            global_step=report.get("global_step"),
         )
 
     @staticmethod
