@@ -30,8 +30,16 @@ from typing import Any
 from common import pct
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["Tell me about the dog.", "What is a kite?", "Where does the owl live?", "Describe the sea.",
-           "What color is the apple?", "Why do cats sleep?", "How big is the moon?", "Who has a lamp?"]  # fmt: skip
+PROMPTS = [
+    "Tell me about the dog.",
+    "What is a kite?",
+    "Where does the owl live?",
+    "Describe the sea.",
+    "What color is the apple?",
+    "Why do cats sleep?",
+    "How big is the moon?",
+    "Who has a lamp?",
+]
 
 
 def _single(engine: Any, msgs: list[dict[str, str]], tokens: int) -> tuple[float, float]:
@@ -46,8 +54,10 @@ def _concurrent(engine: Any, msgs: list[list[dict[str, str]]], tokens: int, stre
     from rlhf_engine.chat import SamplingParams
 
     t = time.monotonic()
-    handles = [engine.submit(msgs[i % len(msgs)], SamplingParams(max_new_tokens=tokens, seed=i, ignore_eos=True))
-               for i in range(streams)]  # fmt: skip
+    handles = [
+        engine.submit(msgs[i % len(msgs)], SamplingParams(max_new_tokens=tokens, seed=i, ignore_eos=True))
+        for i in range(streams)
+    ]
     time.sleep(0.2)  # the long replies are decoding when the short request arrives
     short = engine.submit(msgs[0], SamplingParams(max_new_tokens=4, seed=99, ignore_eos=True))
     results = [h.result() for h in handles]
@@ -78,15 +88,22 @@ def run_one(which: str, model: str, tokens: int, streams: int, repeats: int) -> 
         conc.append(_concurrent(engine, msgs, tokens, streams))
     engine.close()
     all_ttft = [x for c in conc for x in c["ttft"]]
-    return {"backend": which, "load_s": load_s, "threads": torch.get_num_threads(),
-            "single_tokens_per_s": statistics.median(single), "single_ttft_ms": 1000 * statistics.median(ttft),
-            "concurrent_tokens_per_s": statistics.median(c["rate"] for c in conc),
-            "concurrent_ttft_p50_ms": 1000 * pct(all_ttft, 0.5), "concurrent_ttft_p95_ms": 1000 * pct(all_ttft, 0.95),
-            "late_request_ttft_ms": 1000 * statistics.median(c["late"] for c in conc)}  # fmt: skip
+    return {
+        "backend": which,
+        "load_s": load_s,
+        "threads": torch.get_num_threads(),
+        "single_tokens_per_s": statistics.median(single),
+        "single_ttft_ms": 1000 * statistics.median(ttft),
+        "concurrent_tokens_per_s": statistics.median(c["rate"] for c in conc),
+        "concurrent_ttft_p50_ms": 1000 * pct(all_ttft, 0.5),
+        "concurrent_ttft_p95_ms": 1000 * pct(all_ttft, 0.95),
+        "late_request_ttft_ms": 1000 * statistics.median(c["late"] for c in conc),
+    }
 
 
-def _plain_generate(engine: Any, model: str, msgs: list[list[dict[str, str]]], tokens: int,
-                    repeats: int) -> dict[str, Any]:  # fmt: skip
+def _plain_generate(
+    engine: Any, model: str, msgs: list[list[dict[str, str]]], tokens: int, repeats: int
+) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -99,8 +116,14 @@ def _plain_generate(engine: Any, model: str, msgs: list[list[dict[str, str]]], t
         ids = torch.tensor([prompts[r % len(prompts)]])
         t = time.monotonic()
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens,
-                              min_new_tokens=tokens, pad_token_id=pad)  # fmt: skip
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                pad_token_id=pad,
+            )
         if r:  # the first call warms up
             rates.append((out.shape[1] - ids.shape[1]) / (time.monotonic() - t))
     return {"backend": "hf generate", "single_tokens_per_s": statistics.median(rates)}
@@ -112,7 +135,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2, help="runs of every backend, alternating (medians reported)")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="runs of every backend, alternating (medians reported)"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -125,31 +150,68 @@ def main() -> int:
     runs: dict[str, list[dict[str, Any]]] = {b: [] for b in ("transformers", "deepspeed", "generate")}
     for _ in range(ns.rounds):  # A B C A B C: the machine's drift hits every backend alike
         for one in runs:
-            done = subprocess.run([sys.executable, __file__, "--one", one, "--size", ns.size, "--tokens",
-                                   str(ns.tokens), "--streams", str(ns.streams), "--repeats", str(ns.repeats)],
-                                  capture_output=True, text=True, check=False)  # fmt: skip
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    one,
+                    "--size",
+                    ns.size,
+                    "--tokens",
+                    str(ns.tokens),
+                    "--streams",
+                    str(ns.streams),
+                    "--repeats",
+                    str(ns.repeats),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if done.returncode or not lines:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
             runs[one].append(json.loads(lines[-1][7:]))
-    rows = [{k: (statistics.median(r[k] for r in rs) if isinstance(v, float) else v) for k, v in rs[0].items()}
-            for rs in runs.values()]  # fmt: skip
-    print(f"\nOPT {ns.size}, {ns.tokens} tokens per reply, {ns.streams} concurrent streams, median of {ns.repeats} × {ns.rounds} rounds")
-    print(f"{'backend':<14}{'1 stream tok/s':>16}{'TTFT ms':>10}{'N streams tok/s':>17}{'TTFT p50/p95 ms':>18}"
-          f"{'late TTFT ms':>14}")  # fmt: skip
+    rows = [
+        {k: (statistics.median(r[k] for r in rs) if isinstance(v, float) else v) for k, v in rs[0].items()}
+        for rs in runs.values()
+    ]
+    print(
+        f"\nOPT {ns.size}, {ns.tokens} tokens per reply, {ns.streams} concurrent streams, median of {ns.repeats} × {ns.rounds} rounds"
+    )
+    print(
+        f"{'backend':<14}{'1 stream tok/s':>16}{'TTFT ms':>10}{'N streams tok/s':>17}{'TTFT p50/p95 ms':>18}"
+        f"{'late TTFT ms':>14}"
+    )
     for r in rows:
         if "concurrent_tokens_per_s" in r:
-            print(f"{r['backend']:<14}{r['single_tokens_per_s']:>16.0f}{r['single_ttft_ms']:>10.1f}"
-                  f"{r['concurrent_tokens_per_s']:>17.0f}"
-                  f"{r['concurrent_ttft_p50_ms']:>9.1f}/{r['concurrent_ttft_p95_ms']:<8.1f}"
-                  f"{r['late_request_ttft_ms']:>14.1f}")  # fmt: skip
+            print(
+                f"{r['backend']:<14}{r['single_tokens_per_s']:>16.0f}{r['single_ttft_ms']:>10.1f}"
+                f"{r['concurrent_tokens_per_s']:>17.0f}"
+                f"{r['concurrent_ttft_p50_ms']:>9.1f}/{r['concurrent_ttft_p95_ms']:<8.1f}"
+                f"{r['late_request_ttft_ms']:>14.1f}"
+            )
         else:
             print(f"{r['backend']:<14}{r['single_tokens_per_s']:>16.0f}")
     out = ROOT / "bench" / "results" / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": ns.size, "tokens": ns.tokens, "streams": ns.streams, "repeats": ns.repeats, "rounds": ns.rounds,
-                               "cpu_count": os.cpu_count(), "rows": rows}, indent=2) + "\n")  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "size": ns.size,
+                "tokens": ns.tokens,
+                "streams": ns.streams,
+                "repeats": ns.repeats,
+                "rounds": ns.rounds,
+                "cpu_count": os.cpu_count(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwritten: {out.relative_to(ROOT)}")
     return 0
 

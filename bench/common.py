@@ -37,8 +37,14 @@ class RawHTTP:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: bytes | None = None, *,
-                      on_chunk: Callable[[bytes], None] | None = None) -> tuple[int, bytes]:  # fmt: skip
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        on_chunk: Callable[[bytes], None] | None = None,
+    ) -> tuple[int, bytes]:
         """(status, body) of one request; the body of a chunked reply is joined, and each chunk is
         handed to `on_chunk` as it arrives (for streamed replies: SSE)."""
         head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\n".encode() + self.auth

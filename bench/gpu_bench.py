@@ -69,15 +69,28 @@ def run(steps: int, checkpointing: bool) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="gpu_bench."))
     actor, critic = make_models(work, "opt")
     opts = {"zero_stage": 0, "dropout": 0.0, "dtype": "bf16", "gradient_checkpointing": checkpointing}
-    args = PPOConfig(actor_model_name_or_path=str(actor), critic_model_name_or_path=str(critic),
-                     per_device_generation_batch_size=BATCH, per_device_training_batch_size=BATCH, generation_batches=1,
-                     max_answer_len=ANSWER_LEN, num_warmup_steps=0, actor=opts, critic=dict(opts))  # fmt: skip
+    args = PPOConfig(
+        actor_model_name_or_path=str(actor),
+        critic_model_name_or_path=str(critic),
+        per_device_generation_batch_size=BATCH,
+        per_device_training_batch_size=BATCH,
+        generation_batches=1,
+        max_answer_len=ANSWER_LEN,
+        num_warmup_steps=0,
+        actor=opts,
+        critic=dict(opts),
+    )
     args.data.max_prompt_len = PROMPT_LEN
     tok = AutoTokenizer.from_pretrained(str(actor))
     prompts = prepare_step(args.data, 3, tok).train
     torch.cuda.reset_peak_memory_stats()
-    engine = RLHFEngine(actor_model_name_or_path=str(actor), critic_model_name_or_path=str(critic), tokenizer=tok,
-                        num_total_iters=steps + 1, args=args)  # fmt: skip
+    engine = RLHFEngine(
+        actor_model_name_or_path=str(actor),
+        critic_model_name_or_path=str(critic),
+        tokenizer=tok,
+        num_total_iters=steps + 1,
+        args=args,
+    )
     trainer = PPOTrainer(engine=engine, args=args)
     trainer.generate_kwargs = {"min_new_tokens": ANSWER_LEN}  # the work DeepSpeed-Chat's formula counts
     rows = []
@@ -94,10 +107,17 @@ def run(steps: int, checkpointing: bool) -> dict[str, Any]:
         torch.cuda.synchronize()
         t2 = time.monotonic()
         if step:
-            rows.append({"step_s": t2 - t0, "gen_s": exp.gen_seconds, "score_s": exp.score_seconds, "train_s": t2 - t1,
-                         "other_s": (t1 - t0) - exp.gen_seconds - exp.score_seconds,
-                         "gen_tokens": int(exp.answer_lengths.sum()),
-                         "seq_len": PROMPT_LEN + float(exp.answer_lengths.float().mean())})  # fmt: skip
+            rows.append(
+                {
+                    "step_s": t2 - t0,
+                    "gen_s": exp.gen_seconds,
+                    "score_s": exp.score_seconds,
+                    "train_s": t2 - t1,
+                    "other_s": (t1 - t0) - exp.gen_seconds - exp.score_seconds,
+                    "gen_tokens": int(exp.answer_lengths.sum()),
+                    "seq_len": PROMPT_LEN + float(exp.answer_lengths.float().mean()),
+                }
+            )
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     a_cfg, c_cfg = AutoConfig.from_pretrained(str(actor)), AutoConfig.from_pretrained(str(critic))
     f = 4 if checkpointing else 3
@@ -111,14 +131,27 @@ def run(steps: int, checkpointing: bool) -> dict[str, Any]:
     w = pl.Workload(
         method="ppo", prompt_len=PROMPT_LEN, answer_len=ANSWER_LEN, micro_batch=BATCH, generation_batch=BATCH
     )
-    plan = pl.plan_step(w, pl.load_shape(str(actor), name="actor"), pl.load_shape(str(critic), name="reward model"),
-                        pl.Choice(gradient_checkpointing=checkpointing), gpus=1,
-                        gpu_bytes=torch.cuda.get_device_properties(0).total_memory)  # fmt: skip
+    plan = pl.plan_step(
+        w,
+        pl.load_shape(str(actor), name="actor"),
+        pl.load_shape(str(critic), name="reward model"),
+        pl.Choice(gradient_checkpointing=checkpointing),
+        gpus=1,
+        gpu_bytes=torch.cuda.get_device_properties(0).total_memory,
+    )
     planned = plan.static_bytes + plan.phase_bytes[plan.peak_phase]
-    return {"checkpointing": checkpointing, "steps": rows, "mean": mean, "e2e_tflops": flops / mean["step_s"] / 1e12,
-            "gen_tokens_per_s": mean["gen_tokens"] / mean["gen_s"], "mean_seq_len": mean["seq_len"],
-            "peak_memory_gib": peak_bytes / 2**30, "planned_gib": planned / 2**30,
-            "planned_with_margin_gib": plan.total_bytes / 2**30, "plan_error": planned / peak_bytes - 1}  # fmt: skip
+    return {
+        "checkpointing": checkpointing,
+        "steps": rows,
+        "mean": mean,
+        "e2e_tflops": flops / mean["step_s"] / 1e12,
+        "gen_tokens_per_s": mean["gen_tokens"] / mean["gen_s"],
+        "mean_seq_len": mean["seq_len"],
+        "peak_memory_gib": peak_bytes / 2**30,
+        "planned_gib": planned / 2**30,
+        "planned_with_margin_gib": plan.total_bytes / 2**30,
+        "plan_error": planned / peak_bytes - 1,
+    }
 
 
 def main() -> int:
@@ -135,14 +168,21 @@ def main() -> int:
         return 2
     peak = matmul_peak_tflops()
     result = run(ns.steps, ns.checkpointing)
-    result |= {"device": torch.cuda.get_device_name(0), "bf16_peak_tflops": peak,
-               "share_of_peak": result["e2e_tflops"] / peak, "target_share": 0.35,
-               "dschat_a100_tflops": 43.4, "dschat_a100_share": 43.4 / 312}  # fmt: skip
+    result |= {
+        "device": torch.cuda.get_device_name(0),
+        "bf16_peak_tflops": peak,
+        "share_of_peak": result["e2e_tflops"] / peak,
+        "target_share": 0.35,
+        "dschat_a100_tflops": 43.4,
+        "dschat_a100_share": 43.4 / 312,
+    }
     print(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=2))
-    print(f"\n{result['device']}: {result['e2e_tflops']:.1f} TFLOPs/GPU e2e = {100 * result['share_of_peak']:.1f}% of the "
-          f"measured bf16 peak {peak:.0f} (target ≥ 35%; DeepSpeed-Chat on A100: 43.4 = 14%); generation "
-          f"{result['gen_tokens_per_s']:.0f} tokens/s; peak memory {result['peak_memory_gib']:.1f} GiB, planned "
-          f"{result['planned_gib']:.1f} ({100 * result['plan_error']:+.1f}%)")  # fmt: skip
+    print(
+        f"\n{result['device']}: {result['e2e_tflops']:.1f} TFLOPs/GPU e2e = {100 * result['share_of_peak']:.1f}% of the "
+        f"measured bf16 peak {peak:.0f} (target ≥ 35%; DeepSpeed-Chat on A100: 43.4 = 14%); generation "
+        f"{result['gen_tokens_per_s']:.0f} tokens/s; peak memory {result['peak_memory_gib']:.1f} GiB, planned "
+        f"{result['planned_gib']:.1f} ({100 * result['plan_error']:+.1f}%)"
+    )
     write_result("gpu_bench", result)
     return 0
 

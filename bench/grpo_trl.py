@@ -37,8 +37,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, GROUP, ANSWER_LEN, BETA, LR, THREADS = 4, 4, 32, 0.04, 1e-6, 2
-GRADER = {"type": "string_check", "name": "names_subject", "operation": "ilike",
-          "input": "{{sample.output_text}}", "reference": "{{item.subject}}"}  # fmt: skip
+GRADER = {
+    "type": "string_check",
+    "name": "names_subject",
+    "operation": "ilike",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.subject}}",
+}
 
 
 def _peak_rss_mib() -> float:
@@ -65,27 +70,56 @@ def run_ours(model: str, steps: int, algorithm: str) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as out:
         common: dict[str, Any] = {
-            "actor_model_name_or_path": model, "output_dir": out, "grader": json.dumps(GRADER),
+            "actor_model_name_or_path": model,
+            "output_dir": out,
+            "grader": json.dumps(GRADER),
             "data": {"data": ["bundled:questions"], "max_prompt_len": 128, "max_seq_len": 256},
-            "actor": {"dtype": "fp32", "dropout": 0.0}, "critic": {"dtype": "fp32", "dropout": 0.0},
-            "max_answer_len": ANSWER_LEN, "per_device_training_batch_size": PROMPTS * GROUP,
-            "actor_learning_rate": LR, "critic_learning_rate": LR, "num_warmup_steps": 0, "max_steps": steps,
-            "temperature": 1.0, "top_p": 1.0, "top_k": 0, "eval_max_rows": 1, "checkpoint_interval": 0,
+            "actor": {"dtype": "fp32", "dropout": 0.0},
+            "critic": {"dtype": "fp32", "dropout": 0.0},
+            "max_answer_len": ANSWER_LEN,
+            "per_device_training_batch_size": PROMPTS * GROUP,
+            "actor_learning_rate": LR,
+            "critic_learning_rate": LR,
+            "num_warmup_steps": 0,
+            "max_steps": steps,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "eval_max_rows": 1,
+            "checkpoint_interval": 0,
             "rollouts_per_step": 0,
-        }  # fmt: skip
+        }
         if algorithm == "grpo":
-            cfg = PPOConfig(**common, algorithm="grpo", samples_per_prompt=GROUP, per_device_generation_batch_size=PROMPTS,
-                            kl_in="loss", kl_ctl=BETA)  # fmt: skip
+            cfg = PPOConfig(
+                **common,
+                algorithm="grpo",
+                samples_per_prompt=GROUP,
+                per_device_generation_batch_size=PROMPTS,
+                kl_in="loss",
+                kl_ctl=BETA,
+            )
         else:  # PPO: as many answers per step, one per prompt, a critic from the same model
-            cfg = PPOConfig(**common, algorithm="ppo", critic_model_name_or_path=model,
-                            per_device_generation_batch_size=PROMPTS * GROUP, kl_ctl=BETA)  # fmt: skip
+            cfg = PPOConfig(
+                **common,
+                algorithm="ppo",
+                critic_model_name_or_path=model,
+                per_device_generation_batch_size=PROMPTS * GROUP,
+                kl_ctl=BETA,
+            )
         run(cfg)
         lines = (Path(out) / "step3_rlhf" / "metrics.jsonl").read_text().splitlines()
     per_step = []
     for m in map(json.loads, lines):  # (our samples_per_s counts prompts: the step's unit)
         step_s = m["gen_s"] + m["score_s"] + m["train_s"] + m["other_s"]
-        per_step.append({"step_s": step_s, "generate_s": m["gen_s"], "score_s": m["score_s"], "train_s": m["train_s"],
-                         "answer_len": m["answer_len"]})  # fmt: skip
+        per_step.append(
+            {
+                "step_s": step_s,
+                "generate_s": m["gen_s"],
+                "score_s": m["score_s"],
+                "train_s": m["train_s"],
+                "answer_len": m["answer_len"],
+            }
+        )
     return {"steady": _steady(per_step), "peak_rss_mib": _peak_rss_mib(), "steps": len(per_step)}
 
 
@@ -102,8 +136,12 @@ def run_trl(model: str, steps: int) -> dict[str, Any]:
 
     torch.set_num_threads(THREADS)
     rows = read_dataset("bundled:questions").rows[: PROMPTS * steps * 4]
-    data = Dataset.from_list([{"prompt": [m.as_dict() for m in r.conversation], "subject": (r.item or {})["subject"]}
-                              for r in rows])  # fmt: skip
+    data = Dataset.from_list(
+        [
+            {"prompt": [m.as_dict() for m in r.conversation], "subject": (r.item or {})["subject"]}
+            for r in rows
+        ]
+    )
     timers = {"generate_s": 0.0, "reward_s": 0.0}
 
     def names_subject(completions: list[Any], subject: list[str], **_: Any) -> list[float]:
@@ -122,8 +160,15 @@ def run_trl(model: str, steps: int) -> dict[str, Any]:
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             step_s = time.perf_counter() - self.t0
             gen, rew = (timers[k] - self.before[k] for k in ("generate_s", "reward_s"))
-            per_step.append({"step_s": step_s, "generate_s": gen, "score_s": rew, "train_s": step_s - gen - rew,
-                             "answer_len": 0.0})  # fmt: skip
+            per_step.append(
+                {
+                    "step_s": step_s,
+                    "generate_s": gen,
+                    "score_s": rew,
+                    "train_s": step_s - gen - rew,
+                    "answer_len": 0.0,
+                }
+            )
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if per_step and logs and "completions/mean_length" in logs:
@@ -134,15 +179,41 @@ def run_trl(model: str, steps: int) -> dict[str, Any]:
         tok.pad_token = tok.eos_token
     with tempfile.TemporaryDirectory() as out:
         args = trl.GRPOConfig(
-            output_dir=out, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
-            steps_per_generation=1, num_iterations=1, max_completion_length=ANSWER_LEN, temperature=1.0, top_p=1.0,
-            top_k=0, beta=BETA, epsilon=0.2, loss_type="grpo", learning_rate=LR, lr_scheduler_type="constant",
-            max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-            fp16=False, seed=0, disable_dropout=True, dataloader_num_workers=0, gradient_checkpointing=False,
+            output_dir=out,
+            per_device_train_batch_size=PROMPTS * GROUP,
+            num_generations=GROUP,
+            steps_per_generation=1,
+            num_iterations=1,
+            max_completion_length=ANSWER_LEN,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=BETA,
+            epsilon=0.2,
+            loss_type="grpo",
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            max_steps=steps,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            seed=0,
+            disable_dropout=True,
+            dataloader_num_workers=0,
+            gradient_checkpointing=False,
             model_init_kwargs={"dtype": torch.float32},
-        )  # fmt: skip
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=names_subject, args=args, train_dataset=data,
-                                  processing_class=tok, callbacks=[Steps()])  # fmt: skip
+        )
+        trainer = trl.GRPOTrainer(
+            model=model,
+            reward_funcs=names_subject,
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            callbacks=[Steps()],
+        )
         generate = trainer.model.generate
 
         def timed_generate(*a: Any, **kw: Any) -> Any:
@@ -154,8 +225,12 @@ def run_trl(model: str, steps: int) -> dict[str, Any]:
 
         trainer.model.generate = timed_generate
         trainer.train()
-    return {"steady": _steady(per_step), "peak_rss_mib": _peak_rss_mib(), "steps": len(per_step),
-            "trl": trl.__version__}  # fmt: skip
+    return {
+        "steady": _steady(per_step),
+        "peak_rss_mib": _peak_rss_mib(),
+        "steps": len(per_step),
+        "trl": trl.__version__,
+    }
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -176,10 +251,22 @@ def _models(names: list[str]) -> dict[str, str]:
 
 def _child(side: str, model: str, steps: int) -> dict[str, Any]:
     python = sys.executable if side == "trl" else str(ROOT / ".venv" / "bin" / "python")
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "1"}  # fmt: skip
-    done = subprocess.run([python, __file__, "--child", side, "--model", model, "--steps", str(steps)],
-                          capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(THREADS),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "DS_ACCELERATOR": "cpu",
+        "ACCELERATE_USE_CPU": "1",
+    }
+    done = subprocess.run(
+        [python, __file__, "--child", side, "--model", model, "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+        cwd=ROOT,
+    )
     if done.returncode != 0:
         raise SystemExit(f"{side} on {model} failed:\n{done.stderr[-4000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -201,13 +288,25 @@ def main() -> int:
     try:
         import trl  # noqa: F401
     except ImportError:
-        raise SystemExit("TRL is not installed here; run `make bench-trl` (it creates .venv-bench-trl)") from None
+        raise SystemExit(
+            "TRL is not installed here; run `make bench-trl` (it creates .venv-bench-trl)"
+        ) from None
     sys.path.insert(0, str(ROOT / "bench"))
     from step3 import machine_probe
 
-    report: dict[str, Any] = {"machine_before": machine_probe(), "setup": {
-        "prompts_per_step": PROMPTS, "group": GROUP, "answer_len": ANSWER_LEN, "beta": BETA, "threads": THREADS,
-        "rounds": a.rounds, "steps_per_run": a.steps}, "models": {}}  # fmt: skip
+    report: dict[str, Any] = {
+        "machine_before": machine_probe(),
+        "setup": {
+            "prompts_per_step": PROMPTS,
+            "group": GROUP,
+            "answer_len": ANSWER_LEN,
+            "beta": BETA,
+            "threads": THREADS,
+            "rounds": a.rounds,
+            "steps_per_run": a.steps,
+        },
+        "models": {},
+    }
     for name, model in _models(a.models).items():
         runs: dict[str, list[dict[str, Any]]] = {"grpo": [], "trl": [], "ppo": []}
         for _ in range(a.rounds):
@@ -221,8 +320,12 @@ def main() -> int:
             summary[side]["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
         summary["ours_vs_trl"] = summary["grpo"]["samples_per_s"] / summary["trl"]["samples_per_s"]
         summary["grpo_vs_ppo"] = summary["grpo"]["samples_per_s"] / summary["ppo"]["samples_per_s"]
-        report["models"][name] = {"path": model, "summary": summary, "runs": runs,
-                                  "trl_version": runs["trl"][0].get("trl")}  # fmt: skip
+        report["models"][name] = {
+            "path": model,
+            "summary": summary,
+            "runs": runs,
+            "trl_version": runs["trl"][0].get("trl"),
+        }
     report["machine_after"] = machine_probe()
     out = ROOT / "bench" / "results" / f"grpo_trl-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=1))
@@ -231,10 +334,16 @@ def main() -> int:
     for name, m in report["models"].items():
         for side in ("grpo", "trl", "ppo"):
             s = m["summary"][side]
-            print(f"| {name} | {side} | {s['samples_per_s']:.2f} | {s['step_s']:.2f} | {s['generate_s']:.2f} | "
-                  f"{s['score_s']:.2f} | {s['train_s']:.2f} | {s['peak_rss_mib']:.0f} |")  # fmt: skip
-        print(f"{name}: ours/TRL {m['summary']['ours_vs_trl']:.2f}x, our GRPO/PPO {m['summary']['grpo_vs_ppo']:.2f}x")
-    print(f"machine probe before/after: {report['machine_before']} / {report['machine_after']}\nwritten to {out}")
+            print(
+                f"| {name} | {side} | {s['samples_per_s']:.2f} | {s['step_s']:.2f} | {s['generate_s']:.2f} | "
+                f"{s['score_s']:.2f} | {s['train_s']:.2f} | {s['peak_rss_mib']:.0f} |"
+            )
+        print(
+            f"{name}: ours/TRL {m['summary']['ours_vs_trl']:.2f}x, our GRPO/PPO {m['summary']['grpo_vs_ppo']:.2f}x"
+        )
+    print(
+        f"machine probe before/after: {report['machine_before']} / {report['machine_after']}\nwritten to {out}"
+    )
     return 0
 
 

@@ -78,16 +78,42 @@ def options(
 ) -> dict[str, Any]:
     data = dict(SMOL if "smollm2" in (actor + reward) else TINY)
     eval_rows = data.pop("eval_max_rows")
-    common = {**data, "output_dir": str(out), "max_steps": steps, "checkpoint_interval": 0, "eval_max_rows": eval_rows,
-              "seed": 1}  # fmt: skip
+    common = {
+        **data,
+        "output_dir": str(out),
+        "max_steps": steps,
+        "checkpoint_interval": 0,
+        "eval_max_rows": eval_rows,
+        "seed": 1,
+    }
     if command in ("sft", "dpo"):
-        return common | {"model_name_or_path": model_dir(actor), "per_device_train_batch_size": 4,
-                         "per_device_eval_batch_size": 4, "gradient_accumulation_steps": 1} | extra  # fmt: skip
+        return (
+            common
+            | {
+                "model_name_or_path": model_dir(actor),
+                "per_device_train_batch_size": 4,
+                "per_device_eval_batch_size": 4,
+                "gradient_accumulation_steps": 1,
+            }
+            | extra
+        )
     if command == "reward":
-        return common | {"model_name_or_path": model_dir(reward), "per_device_train_batch_size": 4,
-                         "per_device_eval_batch_size": 4, "gradient_accumulation_steps": 1} | extra  # fmt: skip
-    ppo = common | {"actor_model_name_or_path": model_dir(actor), "per_device_generation_batch_size": 4,
-                    "per_device_training_batch_size": 4, "max_answer_len": 16}  # fmt: skip
+        return (
+            common
+            | {
+                "model_name_or_path": model_dir(reward),
+                "per_device_train_batch_size": 4,
+                "per_device_eval_batch_size": 4,
+                "gradient_accumulation_steps": 1,
+            }
+            | extra
+        )
+    ppo = common | {
+        "actor_model_name_or_path": model_dir(actor),
+        "per_device_generation_batch_size": 4,
+        "per_device_training_batch_size": 4,
+        "max_answer_len": 16,
+    }
     if reward:
         ppo["critic_model_name_or_path"] = model_dir(reward)
     else:
@@ -139,9 +165,17 @@ def measure(row: int, steps: int) -> dict[str, Any]:
     )
     # one process on the CPU: what the plan would offload to host memory lives in the same memory
     predicted = plan.static_bytes + plan.phase_bytes[plan.peak_phase] + plan.host_bytes_per_node
-    return {"row": label, "command": command, "measured_bytes": peak, "predicted_bytes": round(predicted),
-            "error": round(predicted / peak - 1, 4), "peak_phase": plan.peak_phase, "seconds": round(seconds, 1),
-            "actor_params": a.params, "configuration": plan.choice.describe()}  # fmt: skip
+    return {
+        "row": label,
+        "command": command,
+        "measured_bytes": peak,
+        "predicted_bytes": round(predicted),
+        "error": round(predicted / peak - 1, 4),
+        "peak_phase": plan.peak_phase,
+        "seconds": round(seconds, 1),
+        "actor_params": a.params,
+        "configuration": plan.choice.describe(),
+    }
 
 
 def main() -> int:
@@ -168,17 +202,24 @@ def main() -> int:
     )
     results = []
     for i in picked:
-        done = subprocess.run([sys.executable, __file__, "--one", str(i), "--steps", str(ns.steps)], env=env,
-                              capture_output=True, text=True, timeout=1800)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", str(i), "--steps", str(ns.steps)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{ROWS[i][0]}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
             return 1
         results.append(json.loads(line[7:]))
         r = results[-1]
-        print(f"{r['row']:<26} measured {r['measured_bytes'] / 2**20:8.1f} MiB  predicted "
-              f"{r['predicted_bytes'] / 2**20:8.1f} MiB  {100 * r['error']:+6.1f}%  ({r['peak_phase']}, {r['seconds']} s)",
-              flush=True)  # fmt: skip
+        print(
+            f"{r['row']:<26} measured {r['measured_bytes'] / 2**20:8.1f} MiB  predicted "
+            f"{r['predicted_bytes'] / 2**20:8.1f} MiB  {100 * r['error']:+6.1f}%  ({r['peak_phase']}, {r['seconds']} s)",
+            flush=True,
+        )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "memory.json").write_text(
         json.dumps({"rows": results, "machine": os.uname().nodename}, indent=2)

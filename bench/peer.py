@@ -39,9 +39,20 @@ from common import pct
 from workers.local import create_key, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ["What is a kite?", "Where does the owl live?", "Why is the sky blue?", "Who invented bread?",
-             "What does a fox eat?", "Why are rivers cold?", "How tall can a tower be?", "What is a lamp?",
-             "Name three colours.", "How do bees make honey?", "What is a whale?", "Describe a forest."]  # fmt: skip
+QUESTIONS = [
+    "What is a kite?",
+    "Where does the owl live?",
+    "Why is the sky blue?",
+    "Who invented bread?",
+    "What does a fox eat?",
+    "Why are rivers cold?",
+    "How tall can a tower be?",
+    "What is a lamp?",
+    "Name three colours.",
+    "How do bees make honey?",
+    "What is a whale?",
+    "Describe a forest.",
+]
 MODEL = "smollm2-135m-instruct"  # the bundled name (our server builds it into its model root from the cache)
 
 
@@ -84,8 +95,15 @@ async def _one(client: Any, url: str, body: dict[str, Any], headers: dict[str, s
     return first - sent, "".join(text)
 
 
-async def level(base: str, model: str, headers: dict[str, str], streams: int, requests: int, max_tokens: int,
-                tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+async def level(
+    base: str,
+    model: str,
+    headers: dict[str, str],
+    streams: int,
+    requests: int,
+    max_tokens: int,
+    tokenizer: Any,
+) -> dict[str, Any]:
     import httpx
 
     ttft: list[float] = []
@@ -96,8 +114,13 @@ async def level(base: str, model: str, headers: dict[str, str], streams: int, re
 
         async def run(i: int) -> None:
             for j in range(i, requests, streams):
-                body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[j % len(QUESTIONS)]}],
-                        "max_tokens": max_tokens, "temperature": 0, "stream": True}  # fmt: skip
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": QUESTIONS[j % len(QUESTIONS)]}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "stream": True,
+                }
                 try:
                     first, text = await _one(client, "/v1/chat/completions", body, headers)
                 except Exception as e:  # noqa: BLE001 - counted and reported
@@ -110,11 +133,20 @@ async def level(base: str, model: str, headers: dict[str, str], streams: int, re
         await asyncio.gather(*(run(i) for i in range(streams)))
         seconds = time.monotonic() - t
     tokens = sum(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in texts)
-    out: dict[str, Any] = {"streams": streams, "requests": len(texts), "errors": len(errors), "seconds": seconds,
-                           "tokens": tokens, "tokens_per_s": tokens / seconds}  # fmt: skip
+    out: dict[str, Any] = {
+        "streams": streams,
+        "requests": len(texts),
+        "errors": len(errors),
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+    }
     if ttft:
-        out |= {"ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p90_ms": 1e3 * pct(ttft, 0.9),
-                "ttft_mean_ms": 1e3 * statistics.fmean(ttft)}  # fmt: skip
+        out |= {
+            "ttft_p50_ms": 1e3 * pct(ttft, 0.5),
+            "ttft_p90_ms": 1e3 * pct(ttft, 0.9),
+            "ttft_mean_ms": 1e3 * statistics.fmean(ttft),
+        }
     if errors:
         out["first_error"] = errors[0]
     return out
@@ -146,17 +178,37 @@ class Ours:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> tuple[str, str, dict[str, str]]:
-        self.procs = [subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(self.port),
-                                        "--grpc-port", str(free_port()), "--loglevel", "WARNING"], env=self.env,
-                                       stderr=subprocess.DEVNULL),
-                      subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "inference"], env=self.env,
-                                       stderr=open(self.data / "worker.log", "wb"))]  # noqa: SIM115  # fmt: skip
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "workers.cli",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--grpc-port",
+                    str(free_port()),
+                    "--loglevel",
+                    "WARNING",
+                ],
+                env=self.env,
+                stderr=subprocess.DEVNULL,
+            ),
+            subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "worker", "inference"],
+                env=self.env,
+                stderr=open(self.data / "worker.log", "wb"),  # noqa: SIM115
+            ),
+        ]
         base = f"http://127.0.0.1:{self.port}"
         if not wait_healthy(base, self.procs[0]):
             raise SystemExit("our API server did not start")
         headers = {"Authorization": f"Bearer {create_key(self.env, 'bench')}"}
         warm = {"model": MODEL, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2}
-        _wait((f"{base}/v1/chat/completions", warm, headers), self.procs[0], 600, lambda r: r.status_code == 200)
+        _wait(
+            (f"{base}/v1/chat/completions", warm, headers), self.procs[0], 600, lambda r: r.status_code == 200
+        )
         return base, MODEL, headers
 
     def stop(self) -> None:
@@ -176,12 +228,30 @@ class Peer:
 
     def start(self) -> tuple[str, str, dict[str, str]]:
         exe = Path(sys.executable).with_name("transformers")
-        self.proc = subprocess.Popen([str(exe), "serve", "--continuous-batching", "--device", "cpu", "--host",
-                                      "127.0.0.1", "--port", str(self.port), str(self.model_dir)], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "serve",
+                "--continuous-batching",
+                "--device",
+                "cpu",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                str(self.model_dir),
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         base = f"http://127.0.0.1:{self.port}"
-        warm = {"model": str(self.model_dir), "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2,
-                "stream": True}  # fmt: skip
+        warm = {
+            "model": str(self.model_dir),
+            "messages": [{"role": "user", "content": "warm up"}],
+            "max_tokens": 2,
+            "stream": True,
+        }
         _wait((f"{base}/v1/chat/completions", warm, {}), self.proc, 600, lambda r: r.status_code == 200)
         return base, str(self.model_dir), {}
 
@@ -221,33 +291,67 @@ def main() -> int:
                 server = Ours(env) if name == "ours" else Peer(env, model_dir)
                 try:  # stopped also when it fails to start: nothing outlives the bench
                     base, model, headers = server.start()
-                    got = asyncio.run(level(base, model, headers, streams, streams * ns.rounds, ns.max_tokens, tok))
+                    got = asyncio.run(
+                        level(base, model, headers, streams, streams * ns.rounds, ns.max_tokens, tok)
+                    )
                 finally:
                     server.stop()
                 runs[name].setdefault(streams, []).append(got)
-                print(f"{name:20} {streams:3} streams: {got['tokens_per_s']:7.1f} tokens/s, TTFT p50 "
-                      f"{got.get('ttft_p50_ms', float('nan')):7.0f} ms, {got['errors']} errors", flush=True)  # fmt: skip
-    results = {name: {streams: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
-                                "ttft_p50_ms": statistics.median(r.get("ttft_p50_ms", float("nan")) for r in rs),
-                                "errors": sum(r["errors"] for r in rs), "runs": rs}
-                      for streams, rs in by.items()} for name, by in runs.items()}  # fmt: skip
+                print(
+                    f"{name:20} {streams:3} streams: {got['tokens_per_s']:7.1f} tokens/s, TTFT p50 "
+                    f"{got.get('ttft_p50_ms', float('nan')):7.0f} ms, {got['errors']} errors",
+                    flush=True,
+                )
+    results = {
+        name: {
+            streams: {
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                "ttft_p50_ms": statistics.median(r.get("ttft_p50_ms", float("nan")) for r in rs),
+                "errors": sum(r["errors"] for r in rs),
+                "runs": rs,
+            }
+            for streams, rs in by.items()
+        }
+        for name, by in runs.items()
+    }
     probe_after = weight_probe(weight_bytes)
-    print(f"\nSmolLM2-135M-Instruct ({weight_bytes / 2**20:.0f} MB of weights), {ns.max_tokens} tokens per reply, "
-          f"greedy, {os.cpu_count()} CPUs")  # fmt: skip
-    print(f"{'streams':>7} {'ours tok/s':>10} {'peer tok/s':>10} {'×peer':>6} {'ours TTFT':>10} {'peer TTFT':>10} "
-          f"{'limit tok/s':>11}")  # fmt: skip
+    print(
+        f"\nSmolLM2-135M-Instruct ({weight_bytes / 2**20:.0f} MB of weights), {ns.max_tokens} tokens per reply, "
+        f"greedy, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'streams':>7} {'ours tok/s':>10} {'peer tok/s':>10} {'×peer':>6} {'ours TTFT':>10} {'peer TTFT':>10} "
+        f"{'limit tok/s':>11}"
+    )
     for streams in ns.streams:
         o, p = results["ours"][streams], results["transformers serve"][streams]
         rows = min((r for r in (1, 8, 32) if r >= streams), default=32)
-        limit = min(probe_before[f"passes_per_s_{rows}_rows"], probe_after[f"passes_per_s_{rows}_rows"]) * streams
-        print(f"{streams:7} {o['tokens_per_s']:10.1f} {p['tokens_per_s']:10.1f} {o['tokens_per_s'] / p['tokens_per_s']:6.2f} "
-              f"{o.get('ttft_p50_ms', float('nan')):8.0f}ms {p.get('ttft_p50_ms', float('nan')):8.0f}ms {limit:11.0f}")  # fmt: skip
+        limit = (
+            min(probe_before[f"passes_per_s_{rows}_rows"], probe_after[f"passes_per_s_{rows}_rows"]) * streams
+        )
+        print(
+            f"{streams:7} {o['tokens_per_s']:10.1f} {p['tokens_per_s']:10.1f} {o['tokens_per_s'] / p['tokens_per_s']:6.2f} "
+            f"{o.get('ttft_p50_ms', float('nan')):8.0f}ms {p.get('ttft_p50_ms', float('nan')):8.0f}ms {limit:11.0f}"
+        )
     out = ROOT / "bench" / "results" / f"peer-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "torch": torch.__version__, "probe_before": probe_before,
-                                           "probe_after": probe_after, "weight_bytes": weight_bytes},
-                               "settings": vars(ns), "results": results}, indent=2))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "probe_before": probe_before,
+                    "probe_after": probe_after,
+                    "weight_bytes": weight_bytes,
+                },
+                "settings": vars(ns),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
 

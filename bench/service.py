@@ -74,12 +74,24 @@ async def submit_load(port: int, key: str, rate: float, seconds: float) -> dict[
     by_second: dict[int, list[float]] = {}
     for t, x in zip(sent, lat, strict=True):
         by_second.setdefault(int(t), []).append(x)
-    timeline = [{"second": s, "p50_ms": round(1000 * pct(v, 0.5), 1), "max_ms": round(1000 * max(v), 1)}
-                for s, v in sorted(by_second.items())]  # fmt: skip
-    return {"requests": n, "errors": len(errors), "first_errors": errors[:3], "achieved_per_s": n / elapsed,
-            "connections": pool.opened, "p50_ms": 1000 * pct(lat, 0.5), "p90_ms": 1000 * pct(lat, 0.9),
-            "p99_ms": 1000 * pct(lat, 0.99), "max_ms": 1000 * max(lat), "mean_ms": 1000 * statistics.mean(lat),
-            "timeline": timeline, "ids": ids}  # fmt: skip
+    timeline = [
+        {"second": s, "p50_ms": round(1000 * pct(v, 0.5), 1), "max_ms": round(1000 * max(v), 1)}
+        for s, v in sorted(by_second.items())
+    ]
+    return {
+        "requests": n,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "achieved_per_s": n / elapsed,
+        "connections": pool.opened,
+        "p50_ms": 1000 * pct(lat, 0.5),
+        "p90_ms": 1000 * pct(lat, 0.9),
+        "p99_ms": 1000 * pct(lat, 0.99),
+        "max_ms": 1000 * max(lat),
+        "mean_ms": 1000 * statistics.mean(lat),
+        "timeline": timeline,
+        "ids": ids,
+    }
 
 
 async def closed_loop(port: int, key: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -99,8 +111,14 @@ async def closed_loop(port: int, key: str, clients: int, seconds: float) -> dict
         await conn.close()
 
     await asyncio.gather(*(loop() for _ in range(clients)))
-    return {"clients": clients, "requests": len(lat), "errors": errors, "per_s": len(lat) / seconds,
-            "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99)}  # fmt: skip
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": errors,
+        "per_s": len(lat) / seconds,
+        "p50_ms": 1000 * pct(lat, 0.5),
+        "p99_ms": 1000 * pct(lat, 0.99),
+    }
 
 
 async def poll_load(port: int, key: str, ids: list[str], pollers: int, seconds: float) -> dict[str, Any]:
@@ -121,8 +139,13 @@ async def poll_load(port: int, key: str, ids: list[str], pollers: int, seconds: 
         await conn.close()
 
     await asyncio.gather(*(loop(k) for k in range(pollers)))
-    return {"requests": len(lat), "errors": errors, "per_s": len(lat) / seconds, "p50_ms": 1000 * pct(lat, 0.5),
-            "p99_ms": 1000 * pct(lat, 0.99)}  # fmt: skip
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "per_s": len(lat) / seconds,
+        "p50_ms": 1000 * pct(lat, 0.5),
+        "p99_ms": 1000 * pct(lat, 0.99),
+    }
 
 
 def main() -> int:
@@ -138,13 +161,20 @@ def main() -> int:
     with psycopg.connect(PG, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}"')
     data = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
-    env = dict(os.environ, RLHF_DATA_DIR=str(data), DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}",
-               REDIS_URL=ns.redis)  # fmt: skip
+    env = dict(
+        os.environ,
+        RLHF_DATA_DIR=str(data),
+        DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}",
+        REDIS_URL=ns.redis,
+    )
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--loglevel", "warning"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=open(data / "server.log", "wb"))  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--loglevel", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(data / "server.log", "wb"),  # noqa: SIM115
+    )
     try:
-
         base = f"http://127.0.0.1:{port}"
         if not wait_healthy(base, server):
             print("server did not start", file=sys.stderr)
@@ -164,17 +194,36 @@ def main() -> int:
 
         redis.Redis.from_url(ns.redis).flushdb()
     ok = submit["errors"] == 0 and submit["p99_ms"] < 50
-    print(f"submit: {submit['requests']} jobs at {ns.rate:.0f}/s (achieved {submit['achieved_per_s']:.1f}/s): p50 "
-          f"{submit['p50_ms']:.1f} ms, p90 {submit['p90_ms']:.1f} ms, p99 {submit['p99_ms']:.1f} ms, max "
-          f"{submit['max_ms']:.1f} ms, errors {submit['errors']} — target p99 < 50 ms: {'met' if ok else 'MISSED'}")  # fmt: skip
-    print(f"capacity: {capacity['per_s']:.0f} submissions/s with {capacity['clients']} clients back to back, p50 "
-          f"{capacity['p50_ms']:.1f} ms, p99 {capacity['p99_ms']:.1f} ms, errors {capacity['errors']}")  # fmt: skip
-    print(f"status polls: {poll['per_s']:.0f}/s with {ns.pollers} clients, p50 {poll['p50_ms']:.1f} ms, p99 "
-          f"{poll['p99_ms']:.1f} ms, errors {poll['errors']}")  # fmt: skip
+    print(
+        f"submit: {submit['requests']} jobs at {ns.rate:.0f}/s (achieved {submit['achieved_per_s']:.1f}/s): p50 "
+        f"{submit['p50_ms']:.1f} ms, p90 {submit['p90_ms']:.1f} ms, p99 {submit['p99_ms']:.1f} ms, max "
+        f"{submit['max_ms']:.1f} ms, errors {submit['errors']} — target p99 < 50 ms: {'met' if ok else 'MISSED'}"
+    )
+    print(
+        f"capacity: {capacity['per_s']:.0f} submissions/s with {capacity['clients']} clients back to back, p50 "
+        f"{capacity['p50_ms']:.1f} ms, p99 {capacity['p99_ms']:.1f} ms, errors {capacity['errors']}"
+    )
+    print(
+        f"status polls: {poll['per_s']:.0f}/s with {ns.pollers} clients, p50 {poll['p50_ms']:.1f} ms, p99 "
+        f"{poll['p99_ms']:.1f} ms, errors {poll['errors']}"
+    )
     out = ROOT / "bench" / "results" / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rate": ns.rate, "seconds": ns.seconds, "pollers": ns.pollers, "cpu_count": os.cpu_count(),
-                               "capacity": capacity, "submit": submit, "poll": poll}, indent=2) + "\n")  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "rate": ns.rate,
+                "seconds": ns.seconds,
+                "pollers": ns.pollers,
+                "cpu_count": os.cpu_count(),
+                "capacity": capacity,
+                "submit": submit,
+                "poll": poll,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"written: {out.relative_to(ROOT)}")
     return 0
 

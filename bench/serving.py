@@ -32,14 +32,28 @@ from common import RawHTTP, pct
 from workers.local import create_key, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ["What is a kite?", "Where does the owl live?", "What color is the sky?", "Who bakes the bread?",
-             "What does the fox eat?", "Why is the river cold?", "How tall is the tower?", "What is a lamp?"]  # fmt: skip
+QUESTIONS = [
+    "What is a kite?",
+    "Where does the owl live?",
+    "What color is the sky?",
+    "Who bakes the bread?",
+    "What does the fox eat?",
+    "Why is the river cold?",
+    "How tall is the tower?",
+    "What is a lamp?",
+]
 
 
 def _summary(ttft: list[float], tokens: int, seconds: float) -> dict[str, Any]:
-    return {"requests": len(ttft), "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
-            "ttft_mean_ms": 1e3 * statistics.fmean(ttft), "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds}  # fmt: skip
+    return {
+        "requests": len(ttft),
+        "ttft_p50_ms": 1e3 * pct(ttft, 0.5),
+        "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
+        "ttft_mean_ms": 1e3 * statistics.fmean(ttft),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 def in_process(model: Path, streams: int, requests: int, max_tokens: int) -> dict[str, Any]:
@@ -72,8 +86,14 @@ def in_process(model: Path, streams: int, requests: int, max_tokens: int) -> dic
 
 
 def _body(model: str, question: str, max_tokens: int) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 class _Reply:
@@ -105,8 +125,9 @@ class RawClient:
         """(seconds to the first text chunk, completion tokens) of one streamed request."""
         reply = _Reply()
         sent = time.perf_counter()
-        status, text = await self.http.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
-                                               on_chunk=reply.lines)  # fmt: skip
+        status, text = await self.http.request(
+            "POST", "/v1/chat/completions", json.dumps(body).encode(), on_chunk=reply.lines
+        )
         if status != 200:
             raise RuntimeError(f"{status}: {text[:200].decode(errors='replace')}")
         return (None if reply.first is None else reply.first - sent), reply.tokens
@@ -129,17 +150,21 @@ class HttpxClient:
         return (None if reply.first is None else reply.first - sent), reply.tokens
 
 
-async def through_api(port: int, key: str, model: str, streams: int, requests: int, max_tokens: int,
-                      client: str) -> dict[str, Any]:  # fmt: skip
+async def through_api(
+    port: int, key: str, model: str, streams: int, requests: int, max_tokens: int, client: str
+) -> dict[str, Any]:
     import httpx
 
     ttft: list[float] = []
     tokens = 0
     errors: list[str] = []
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
-                                 timeout=60) as hx:  # fmt: skip
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=60
+    ) as hx:
         clients = [RawClient(port, key) if client == "raw" else HttpxClient(hx) for _ in range(streams)]
-        await clients[0].chat(_body(model, "warm up", max_tokens))  # the first request on a path pays for its setup
+        await clients[0].chat(
+            _body(model, "warm up", max_tokens)
+        )  # the first request on a path pays for its setup
 
         async def run(i: int) -> None:
             nonlocal tokens
@@ -169,11 +194,19 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--requests", type=int, default=240)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
-                    help="raw: a minimal HTTP/1.1 client (measures the service); httpx: the library's own cost too")
-    ap.add_argument("--engine-threads", type=int, default=1,
-                    help="torch threads of the engine, in process and in the worker (RLHF_INFERENCE_THREADS; 0: "
-                         "torch's default, one per core — which on 2 cores leaves none for the API)")  # fmt: skip
+    ap.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="raw: a minimal HTTP/1.1 client (measures the service); httpx: the library's own cost too",
+    )
+    ap.add_argument(
+        "--engine-threads",
+        type=int,
+        default=1,
+        help="torch threads of the engine, in process and in the worker (RLHF_INFERENCE_THREADS; 0: "
+        "torch's default, one per core — which on 2 cores leaves none for the API)",
+    )
     ns = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if ns.engine_threads:  # the same engine threads in process as in the worker (set before torch loads)
@@ -185,13 +218,34 @@ def main() -> int:
 
     data = Path(tempfile.mkdtemp(prefix="rlhf-bench-serving-"))
     shutil.copytree(model, data / "models" / "bench-s")
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")} | {"RLHF_DATA_DIR": str(data)}
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")} | {
+        "RLHF_DATA_DIR": str(data)
+    }
     env["RLHF_INFERENCE_THREADS"] = str(ns.engine_threads)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--grpc-port",
-                               str(free_port()), "--loglevel", "WARNING"], env=env, stderr=subprocess.DEVNULL),
-             subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "inference"], env=env,
-                              stderr=open(data / "worker.log", "wb"))]  # noqa: SIM115  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "workers.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--grpc-port",
+                str(free_port()),
+                "--loglevel",
+                "WARNING",
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "worker", "inference"],
+            env=env,
+            stderr=open(data / "worker.log", "wb"),  # noqa: SIM115
+        ),
+    ]
     try:
         import httpx
 
@@ -201,38 +255,63 @@ def main() -> int:
         key = create_key(env, "bench")
         deadline = time.monotonic() + 120  # until the worker has registered and loaded the model
         warm = {"model": "bench-s", "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1}
-        while httpx.post(f"{base}/v1/chat/completions", json=warm, headers={"Authorization": f"Bearer {key}"},
-                         timeout=60).status_code != 200:  # fmt: skip
+        while (
+            httpx.post(
+                f"{base}/v1/chat/completions",
+                json=warm,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=60,
+            ).status_code
+            != 200
+        ):
             if time.monotonic() > deadline:
                 raise SystemExit("no inference worker answered")
             time.sleep(0.5)
-        api = asyncio.run(through_api(port, key, "bench-s", ns.streams, ns.requests, ns.max_tokens, ns.client))
+        api = asyncio.run(
+            through_api(port, key, "bench-s", ns.streams, ns.requests, ns.max_tokens, ns.client)
+        )
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
         # the engine's own time to first token inside the worker (submit → first token), per request
-        inside = [float(line.rsplit("first token ", 1)[1].split()[0]) for line in
-                  (data / "worker.log").read_text().splitlines() if "first token " in line][1:]  # fmt: skip
+        inside = [
+            float(line.rsplit("first token ", 1)[1].split()[0])
+            for line in (data / "worker.log").read_text().splitlines()
+            if "first token " in line
+        ][1:]
         shutil.rmtree(data, ignore_errors=True)
     if inside:
         api["engine_ttft_in_worker_p50_ms"] = pct(inside, 0.5)
         api["engine_ttft_in_worker_p99_ms"] = pct(inside, 0.99)
 
-    added = {"ttft_p50_ms": api["ttft_p50_ms"] - local["ttft_p50_ms"], "ttft_p99_ms": api["ttft_p99_ms"] - local["ttft_p99_ms"]}
-    print(f"tiny-opt-s, {ns.streams} concurrent streams, {ns.requests} requests of {ns.max_tokens} tokens (greedy), "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
+    added = {
+        "ttft_p50_ms": api["ttft_p50_ms"] - local["ttft_p50_ms"],
+        "ttft_p99_ms": api["ttft_p99_ms"] - local["ttft_p99_ms"],
+    }
+    print(
+        f"tiny-opt-s, {ns.streams} concurrent streams, {ns.requests} requests of {ns.max_tokens} tokens (greedy), "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'':14} {'TTFT p50':>10} {'TTFT p99':>10} {'tokens/s':>10} {'errors':>7}")
     for name, r in (("in process", local), ("through API", api)):
-        print(f"{name:14} {r['ttft_p50_ms']:8.1f}ms {r['ttft_p99_ms']:8.1f}ms {r['tokens_per_s']:10.0f} {r.get('errors', 0):7}")
+        print(
+            f"{name:14} {r['ttft_p50_ms']:8.1f}ms {r['ttft_p99_ms']:8.1f}ms {r['tokens_per_s']:10.0f} {r.get('errors', 0):7}"
+        )
     if inside:
-        print(f"{'(in worker)':14} {api['engine_ttft_in_worker_p50_ms']:8.1f}ms {api['engine_ttft_in_worker_p99_ms']:8.1f}ms"
-              "   the engine's own submit → first token inside the worker")
-    print(f"{'added':14} {added['ttft_p50_ms']:8.1f}ms {added['ttft_p99_ms']:8.1f}ms   (target ≤ 10 ms p50, ≤ 30 ms p99)")
+        print(
+            f"{'(in worker)':14} {api['engine_ttft_in_worker_p50_ms']:8.1f}ms {api['engine_ttft_in_worker_p99_ms']:8.1f}ms"
+            "   the engine's own submit → first token inside the worker"
+        )
+    print(
+        f"{'added':14} {added['ttft_p50_ms']:8.1f}ms {added['ttft_p99_ms']:8.1f}ms   (target ≤ 10 ms p50, ≤ 30 ms p99)"
+    )
     out = ROOT / "bench" / "results" / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(ns), "in_process": local, "through_api": api, "added": added}, indent=2))
+    out.write_text(
+        json.dumps({"config": vars(ns), "in_process": local, "through_api": api, "added": added}, indent=2)
+    )
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
 

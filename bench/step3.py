@@ -42,10 +42,26 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIENCES = 64
 TRAIN_BATCH = 16
 
-def _config(zero: int, *, wide: bool, keep: bool, reuse: bool, reserve: bool, prefix: bool = False,
-            gather: bool = True) -> dict[str, Any]:  # fmt: skip
-    return {"zero": zero, "wide": wide, "keep": keep, "reuse": reuse, "reserve": reserve, "prefix": prefix,
-            "gather": gather}  # fmt: skip
+
+def _config(
+    zero: int,
+    *,
+    wide: bool,
+    keep: bool,
+    reuse: bool,
+    reserve: bool,
+    prefix: bool = False,
+    gather: bool = True,
+) -> dict[str, Any]:
+    return {
+        "zero": zero,
+        "wide": wide,
+        "keep": keep,
+        "reuse": reuse,
+        "reserve": reserve,
+        "prefix": prefix,
+        "gather": gather,
+    }
 
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -92,14 +108,26 @@ def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len:
     opts = {"zero_stage": zero, "dropout": 0.0}
     if zero == 3:
         opts["zero_param_persistence_threshold"] = 0
-    args = PPOConfig(actor_model_name_or_path=actor, critic_model_name_or_path=critic,
-                     per_device_generation_batch_size=EXPERIENCES, per_device_training_batch_size=TRAIN_BATCH,
-                     generation_batches=1, max_answer_len=answer_len, num_warmup_steps=0, actor=opts,
-                     critic=dict(opts))  # fmt: skip
+    args = PPOConfig(
+        actor_model_name_or_path=actor,
+        critic_model_name_or_path=critic,
+        per_device_generation_batch_size=EXPERIENCES,
+        per_device_training_batch_size=TRAIN_BATCH,
+        generation_batches=1,
+        max_answer_len=answer_len,
+        num_warmup_steps=0,
+        actor=opts,
+        critic=dict(opts),
+    )
     tok = AutoTokenizer.from_pretrained(actor)
     prompts = prepare_step(args.data, 3, tok).train
-    engine = RLHFEngine(actor_model_name_or_path=actor, critic_model_name_or_path=critic, tokenizer=tok,
-                        num_total_iters=(steps + 1) * len(names) * 4, args=args)  # fmt: skip
+    engine = RLHFEngine(
+        actor_model_name_or_path=actor,
+        critic_model_name_or_path=critic,
+        tokenizer=tok,
+        num_total_iters=(steps + 1) * len(names) * 4,
+        args=args,
+    )
     trainer = PPOTrainer(engine=engine, args=args)
     trainer.generate_kwargs = {"min_new_tokens": answer_len}  # identical work in every configuration
     plain = AutoModelForCausalLM.from_pretrained(actor).eval() if zero == 0 else None
@@ -119,8 +147,19 @@ def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len:
             rlp = token_logprobs(generation.lm_logits(engine.ref, seq, attn)[:, P - 1 : -1], answers)
             values = engine.critic(seq, attn)[:, P - 1 : -1]
             scores = sequence_scores(engine.reward(seq, attn), attn)
-        return Experience(seq, attn, P, am, lp, rlp, values, scores, degenerate_rows(answers, am, trainer.eos_id),
-                          gen_seconds=gen_s, score_seconds=time.monotonic() - t1)  # fmt: skip
+        return Experience(
+            seq,
+            attn,
+            P,
+            am,
+            lp,
+            rlp,
+            values,
+            scores,
+            degenerate_rows(answers, am, trainer.eos_id),
+            gen_seconds=gen_s,
+            score_seconds=time.monotonic() - t1,
+        )
 
     def baseline_train(exp: Experience) -> None:
         """DeepSpeed-Chat's train_rlhf: its actor_loss_fn takes the log-probs of the whole sequence
@@ -130,8 +169,9 @@ def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len:
         engine.actor.train()
         logits = generation.lm_logits(engine.actor, exp.seq, exp.attention_mask)
         logprobs = token_logprobs(logits[:, :-1], exp.seq[:, 1:])[:, exp.prompt_len - 1 :]
-        actor_loss, _ = policy_loss(logprobs, exp.logprobs, advantages, exp.action_mask.float(),
-                                    cliprange=trainer.args.cliprange)  # fmt: skip
+        actor_loss, _ = policy_loss(
+            logprobs, exp.logprobs, advantages, exp.action_mask.float(), cliprange=trainer.args.cliprange
+        )
         engine.actor.backward(actor_loss)
         engine.actor.step()
         trainer.critic_step(exp, returns)
@@ -156,9 +196,15 @@ def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len:
         t2 = time.monotonic()
         gen = sum(e.gen_seconds for e in exps)
         score = sum(e.score_seconds for e in exps)
-        return {"step_s": t2 - t0, "gen_s": gen, "score_s": score, "train_s": t2 - t1,
-                "other_s": (t1 - t0) - gen - score, "gen_tokens": sum(int(e.answer_lengths.sum()) for e in exps),
-                "rss_mb": _rss_mb()}  # fmt: skip
+        return {
+            "step_s": t2 - t0,
+            "gen_s": gen,
+            "score_s": score,
+            "train_s": t2 - t1,
+            "other_s": (t1 - t0) - gen - score,
+            "gen_tokens": sum(int(e.answer_lengths.sum()) for e in exps),
+            "rss_mb": _rss_mb(),
+        }
 
     def plain_generate(step: int) -> dict[str, float]:
         """Hugging Face generate on a plain (non-DeepSpeed) copy of the actor, the same 64 prompts."""
@@ -167,9 +213,18 @@ def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len:
         b = collate_prompts(rows, tok.pad_token_id)
         t = time.monotonic()
         with torch.no_grad():
-            out = plain.generate(**b, max_new_tokens=answer_len, min_new_tokens=answer_len, do_sample=True, top_k=0,
-                                 pad_token_id=tok.pad_token_id)  # fmt: skip
-        return {"gen_s": time.monotonic() - t, "gen_tokens": (out.shape[1] - b["input_ids"].shape[1]) * EXPERIENCES}
+            out = plain.generate(
+                **b,
+                max_new_tokens=answer_len,
+                min_new_tokens=answer_len,
+                do_sample=True,
+                top_k=0,
+                pad_token_id=tok.pad_token_id,
+            )
+        return {
+            "gen_s": time.monotonic() - t,
+            "gen_tokens": (out.shape[1] - b["input_ids"].shape[1]) * EXPERIENCES,
+        }
 
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     plain_steps: list[dict[str, float]] = []
@@ -226,8 +281,12 @@ def machine_probe() -> dict[str, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                   help="tiny: OPT-shaped actor/critic of --actor-size/--critic-size; smollm2: the real checkpoint")  # fmt: skip
+    p.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: OPT-shaped actor/critic of --actor-size/--critic-size; smollm2: the real checkpoint",
+    )
     p.add_argument("--actor-size", default="m")
     p.add_argument("--critic-size", default="s")
     p.add_argument("--steps", type=int, default=4)
@@ -242,8 +301,22 @@ def main() -> int:
         return 0
 
     def child(names: list[str]) -> dict[str, Any]:
-        cmd = [sys.executable, __file__, "--model", ns.model, "--actor-size", ns.actor_size, "--critic-size", ns.critic_size,
-               "--steps", str(ns.steps), "--answer-len", str(ns.answer_len), "--group", *names]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model",
+            ns.model,
+            "--actor-size",
+            ns.actor_size,
+            "--critic-size",
+            ns.critic_size,
+            "--steps",
+            str(ns.steps),
+            "--answer-len",
+            str(ns.answer_len),
+            "--group",
+            *names,
+        ]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -258,16 +331,22 @@ def main() -> int:
         names = [n for n in ns.configs if CONFIGS[n]["zero"] == zero]
         r = child(names)
         if r["plain"]:
-            plain = {"tokens_per_s": sum(s["gen_tokens"] for s in r["plain"]) / sum(s["gen_s"] for s in r["plain"])}
+            plain = {
+                "tokens_per_s": sum(s["gen_tokens"] for s in r["plain"]) / sum(s["gen_s"] for s in r["plain"])
+            }
         for name in names:
             steps = r["steps"][name]
             rows[name] = {
                 "samples_per_s": EXPERIENCES / _mean(steps, "step_s"),
-                "step_s": _mean(steps, "step_s"), "gen_s": _mean(steps, "gen_s"), "score_s": _mean(steps, "score_s"),
-                "train_s": _mean(steps, "train_s"), "other_s": _mean(steps, "other_s"),
+                "step_s": _mean(steps, "step_s"),
+                "gen_s": _mean(steps, "gen_s"),
+                "score_s": _mean(steps, "score_s"),
+                "train_s": _mean(steps, "train_s"),
+                "other_s": _mean(steps, "other_s"),
                 "gen_tokens_per_s": sum(s["gen_tokens"] for s in steps) / sum(s["gen_s"] for s in steps),
-                "switch_s": r["switch_s"][name], "steps": steps,
-            }  # fmt: skip
+                "switch_s": r["switch_s"][name],
+                "steps": steps,
+            }
             print(f"{name}: {rows[name]['samples_per_s']:.2f} samples/s", flush=True)
 
     import platform
@@ -278,26 +357,50 @@ def main() -> int:
     base = rows.get("baseline")
     probe = "; ".join(f"{k[:-6]} {probe_before[k]:.0f} → {probe_after[k]:.0f} GFLOPS" for k in probe_before)
     print(f"\nmachine before → after: {probe}")
-    print(f"step 3, {EXPERIENCES} experiences per step, answers {ns.answer_len} tokens, actor "
-          f"{Path(actor).name if ns.model == 'smollm2' else ns.actor_size}, critic {Path(critic).name}; plain generate: {plain.get('tokens_per_s', float('nan')):.0f} tokens/s")  # fmt: skip
-    header = f"{'config':16} {'samples/s':>9} {'×base':>6} {'step s':>7} {'gen':>6} {'score':>6} {'train':>6} " \
-             f"{'other':>6} {'gen tok/s':>9} {'switch %':>8} {'×base per step':>15}"  # fmt: skip
+    print(
+        f"step 3, {EXPERIENCES} experiences per step, answers {ns.answer_len} tokens, actor "
+        f"{Path(actor).name if ns.model == 'smollm2' else ns.actor_size}, critic {Path(critic).name}; plain generate: {plain.get('tokens_per_s', float('nan')):.0f} tokens/s"
+    )
+    header = (
+        f"{'config':16} {'samples/s':>9} {'×base':>6} {'step s':>7} {'gen':>6} {'score':>6} {'train':>6} "
+        f"{'other':>6} {'gen tok/s':>9} {'switch %':>8} {'×base per step':>15}"
+    )
     print(header)
     for name, r in rows.items():
         ref = rows["zero3 baseline"] if name.startswith("zero3") and "zero3 baseline" in rows else base
         speed = r["samples_per_s"] / ref["samples_per_s"] if ref else float("nan")
-        paired = sorted(b["step_s"] / o["step_s"] for b, o in zip(ref["steps"], r["steps"], strict=True)) if ref else []
+        paired = (
+            sorted(b["step_s"] / o["step_s"] for b, o in zip(ref["steps"], r["steps"], strict=True))
+            if ref
+            else []
+        )
         spread = f"{paired[0]:.2f}-{paired[-1]:.2f}" if paired else ""
         split = [100 * r[k] / r["step_s"] for k in ("gen_s", "score_s", "train_s", "other_s")]
-        print(f"{name:16} {r['samples_per_s']:9.2f} {speed:6.2f} {r['step_s']:7.2f} {split[0]:5.0f}% {split[1]:5.0f}% "
-              f"{split[2]:5.0f}% {split[3]:5.0f}% {r['gen_tokens_per_s']:9.0f} "
-              f"{100 * r['switch_s'] / r['step_s']:8.3f} {spread:>15}")  # fmt: skip
+        print(
+            f"{name:16} {r['samples_per_s']:9.2f} {speed:6.2f} {r['step_s']:7.2f} {split[0]:5.0f}% {split[1]:5.0f}% "
+            f"{split[2]:5.0f}% {split[3]:5.0f}% {r['gen_tokens_per_s']:9.0f} "
+            f"{100 * r['switch_s'] / r['step_s']:8.3f} {spread:>15}"
+        )
     out = ROOT / "bench" / "results" / f"step3-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                                           "probe_before": probe_before, "probe_after": probe_after},
-                               "settings": vars(ns), "plain_generate": plain, "configs": rows}, indent=2))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "cuda": torch.cuda.is_available(),
+                    "probe_before": probe_before,
+                    "probe_after": probe_after,
+                },
+                "settings": vars(ns),
+                "plain_generate": plain,
+                "configs": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwritten to {out}")
     return 0
 

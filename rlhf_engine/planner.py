@@ -49,27 +49,59 @@ GiB = 2**30
 Method = Literal["sft", "reward", "dpo", "ppo", "grpo", "rloo"]
 METHODS: tuple[str, ...] = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
 # GPU memory as nvidia-smi reports it (GiB); the service's gpu_type names
-GPU_MEMORY_GIB = {"V100-32G": 32.0, "A100-40G": 40.0, "A6000-48G": 48.0, "A100-80G": 80.0, "H100-80G": 80.0,
-                  "H200-141G": 141.0}  # fmt: skip
+GPU_MEMORY_GIB = {
+    "V100-32G": 32.0,
+    "A100-40G": 40.0,
+    "A6000-48G": 48.0,
+    "A100-80G": 80.0,
+    "H100-80G": 80.0,
+    "H200-141G": 141.0,
+}
 HOST_GIB_PER_GPU = 128.0  # host memory for offload, per GPU of a node, unless told (cloud GPU nodes: 110-240)
 FRAGMENTATION = 1.10
 GPU_OVERHEAD = 1.0 * GiB
 LORA_RANK = 16
 ZERO_SPEED = {0: 1.0, 1: 0.98, 2: 0.95, 3: 0.75}
-SPEED = {"offload": 0.55, "param_offload": 0.5, "checkpointing": 0.77, "lora": 0.9, "frozen_offload": 0.9,
-         "split": 0.95}  # fmt: skip
+SPEED = {
+    "offload": 0.55,
+    "param_offload": 0.5,
+    "checkpointing": 0.77,
+    "lora": 0.9,
+    "frozen_offload": 0.9,
+    "split": 0.95,
+}
 # OPT's shapes (layers, hidden) by size: a parameter count alone is planned with the nearest one's aspect
-OPT_SHAPES = {0.125e9: (12, 768), 0.35e9: (24, 1024), 1.3e9: (24, 2048), 2.7e9: (32, 2560), 6.7e9: (32, 4096),
-              13e9: (40, 5120), 30e9: (48, 7168), 66e9: (64, 9216), 175e9: (96, 12288)}  # fmt: skip
+OPT_SHAPES = {
+    0.125e9: (12, 768),
+    0.35e9: (24, 1024),
+    1.3e9: (24, 2048),
+    2.7e9: (32, 2560),
+    6.7e9: (32, 4096),
+    13e9: (40, 5120),
+    30e9: (48, 7168),
+    66e9: (64, 9216),
+    175e9: (96, 12288),
+}
 
 
 # Sizes of well-known hub models (billions of parameters): planned and priced without their files
 KNOWN_PARAMS_B = {
-    "facebook/opt-125m": 0.125, "facebook/opt-350m": 0.35, "facebook/opt-1.3b": 1.3, "facebook/opt-2.7b": 2.7,
-    "facebook/opt-6.7b": 6.7, "facebook/opt-13b": 13.0, "facebook/opt-30b": 30.0, "facebook/opt-66b": 66.0,
-    "facebook/opt-175b": 175.0, "meta-llama/Llama-2-7b-hf": 6.7, "meta-llama/Llama-2-13b-hf": 13.0,
-    "meta-llama/Llama-2-70b-hf": 69.0, "bigscience/bloom-560m": 0.56, "EleutherAI/gpt-j-6b": 6.0, "gpt2": 0.124,
-}  # fmt: skip
+    "facebook/opt-125m": 0.125,
+    "facebook/opt-350m": 0.35,
+    "facebook/opt-1.3b": 1.3,
+    "facebook/opt-2.7b": 2.7,
+    "facebook/opt-6.7b": 6.7,
+    "facebook/opt-13b": 13.0,
+    "facebook/opt-30b": 30.0,
+    "facebook/opt-66b": 66.0,
+    "facebook/opt-175b": 175.0,
+    "meta-llama/Llama-2-7b-hf": 6.7,
+    "meta-llama/Llama-2-13b-hf": 13.0,
+    "meta-llama/Llama-2-70b-hf": 69.0,
+    "bigscience/bloom-560m": 0.56,
+    "EleutherAI/gpt-j-6b": 6.0,
+    "gpt2": 0.124,
+}
 
 
 class PlanError(ValueError):
@@ -111,8 +143,17 @@ class Shape:
         layers, hidden = OPT_SHAPES[near]
         scale = (params / near) ** (1 / 3)  # keep the aspect: L and H grow together
         layers, hidden = max(2, round(layers * scale)), max(64, round(hidden * scale / 64) * 64)
-        return cls(params=int(params), layers=layers, hidden=hidden, heads=max(1, hidden // 64),
-                   kv_heads=max(1, hidden // 64), vocab=50272, ffn=4 * hidden, gated=False, name=name)  # fmt: skip
+        return cls(
+            params=int(params),
+            layers=layers,
+            hidden=hidden,
+            heads=max(1, hidden // 64),
+            kv_heads=max(1, hidden // 64),
+            vocab=50272,
+            ffn=4 * hidden,
+            gated=False,
+            name=name,
+        )
 
     @classmethod
     def from_config(cls, config: dict[str, Any], params: int | None = None, name: str = "") -> Shape:
@@ -133,8 +174,11 @@ class Shape:
         kv = get("num_key_value_heads", default=heads)
         vocab = get("vocab_size", default=50272)
         ffn = get("intermediate_size", "ffn_dim", "n_inner", default=4 * hidden)
-        gated = str(config.get("hidden_act", config.get("activation_function", ""))) in ("silu", "swiglu", "gelu_pytorch_tanh") \
-            and config.get("model_type") not in ("gpt2", "opt", "gpt_neox")  # fmt: skip
+        gated = str(config.get("hidden_act", config.get("activation_function", ""))) in (
+            "silu",
+            "swiglu",
+            "gelu_pytorch_tanh",
+        ) and config.get("model_type") not in ("gpt2", "opt", "gpt_neox")
         if params is None:
             per_layer = (
                 2 * hidden * hidden + 2 * hidden * (hidden * kv // heads) + (3 if gated else 2) * hidden * ffn
@@ -143,8 +187,17 @@ class Shape:
             params = (
                 layers * per_layer + vocab * hidden * (1 if tied else 2) + (2 * layers + 1) * hidden
             )  # + norms
-        return cls(params=int(params), layers=layers, hidden=hidden, heads=heads, kv_heads=kv, vocab=vocab, ffn=ffn,
-                   gated=gated, name=name)  # fmt: skip
+        return cls(
+            params=int(params),
+            layers=layers,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv,
+            vocab=vocab,
+            ffn=ffn,
+            gated=gated,
+            name=name,
+        )
 
 
 def safetensors_params(directory: Path) -> int | None:
@@ -181,8 +234,10 @@ def load_shape(model: str | float | int, *, name: str = "model") -> Shape:
         )
     if model in KNOWN_PARAMS_B:
         return Shape.from_params(KNOWN_PARAMS_B[model] * 1e9, name=name)
-    raise PlanError(f"{name}: {model!r} is not a model directory here, a known hub id or a parameter count; give "
-                    f"its size with --{name.replace('_', '-')}-params (e.g. 1.3e9)")  # fmt: skip
+    raise PlanError(
+        f"{name}: {model!r} is not a model directory here, a known hub id or a parameter count; give "
+        f"its size with --{name.replace('_', '-')}-params (e.g. 1.3e9)"
+    )
 
 
 # ---------------------------------------------------------------------------- a step's workload
@@ -245,8 +300,12 @@ class Choice:
 
     def model_options(self) -> dict[str, Any]:
         """The step options (ModelOptions fields) that apply this choice."""
-        out: dict[str, Any] = {"zero_stage": self.zero_stage, "offload": self.offload,
-                               "gradient_checkpointing": self.gradient_checkpointing, "lora_dim": self.lora_dim}  # fmt: skip
+        out: dict[str, Any] = {
+            "zero_stage": self.zero_stage,
+            "offload": self.offload,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "lora_dim": self.lora_dim,
+        }
         if self.lora_dim:
             out["only_optimize_lora"] = True
         return out
@@ -288,16 +347,27 @@ class StepPlan:
         return None if self.gpu_bytes is None else self.gpu_bytes - self.total_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "choice": asdict(self.choice), "configuration": self.choice.describe(),
-                "step_options": self.choice.model_options(), "gpus": self.gpus, "gpu_bytes": self.gpu_bytes,
-                "total_bytes": round(self.total_bytes), "headroom_bytes": None if self.headroom_bytes is None
-                else round(self.headroom_bytes), "fits": self.fits, "speed": round(self.choice.speed(), 3),
-                "peak_phase": self.peak_phase, "phases": {k: round(v) for k, v in self.phase_bytes.items()},
-                "host_bytes_per_node": round(self.host_bytes_per_node),
-                "host_bytes_limit": self.host_bytes,
-                "activations_bytes": {"without_checkpointing": round(self.activations_without_checkpointing),
-                                      "with_checkpointing": round(self.activations_with_checkpointing)},
-                "parts": [asdict(p) | {"bytes": round(p.bytes)} for p in self.parts]}  # fmt: skip
+        return {
+            "method": self.method,
+            "choice": asdict(self.choice),
+            "configuration": self.choice.describe(),
+            "step_options": self.choice.model_options(),
+            "gpus": self.gpus,
+            "gpu_bytes": self.gpu_bytes,
+            "total_bytes": round(self.total_bytes),
+            "headroom_bytes": None if self.headroom_bytes is None else round(self.headroom_bytes),
+            "fits": self.fits,
+            "speed": round(self.choice.speed(), 3),
+            "peak_phase": self.peak_phase,
+            "phases": {k: round(v) for k, v in self.phase_bytes.items()},
+            "host_bytes_per_node": round(self.host_bytes_per_node),
+            "host_bytes_limit": self.host_bytes,
+            "activations_bytes": {
+                "without_checkpointing": round(self.activations_without_checkpointing),
+                "with_checkpointing": round(self.activations_with_checkpointing),
+            },
+            "parts": [asdict(p) | {"bytes": round(p.bytes)} for p in self.parts],
+        }
 
 
 def _gib(x: float) -> str:
@@ -423,13 +493,26 @@ def _merge(phases: dict[str, float], more: dict[str, float], who: str) -> None:
         phases[f"{who} {k}" if who else k] = max(phases.get(f"{who} {k}" if who else k, 0.0), v)
 
 
-def plan_step(w: Workload, actor: Shape, reward: Shape | None, c: Choice, *, gpus: int, gpus_per_node: int = 8,
-              gpu_bytes: float | None = None, host_bytes: float | None = None) -> StepPlan:  # fmt: skip
+def plan_step(
+    w: Workload,
+    actor: Shape,
+    reward: Shape | None,
+    c: Choice,
+    *,
+    gpus: int,
+    gpus_per_node: int = 8,
+    gpu_bytes: float | None = None,
+    host_bytes: float | None = None,
+) -> StepPlan:
     """The bytes per GPU of one step under one choice (`host_bytes`: host memory per node for offload):
     what stays resident, plus the largest of the step's phases."""
     n, b = gpus, w.dtype_bytes
-    w = replace(w, micro_batch=max(1, w.micro_batch // c.split), generation_batch=max(1, w.generation_batch // c.split),
-                accumulation=w.accumulation * c.split)  # fmt: skip
+    w = replace(
+        w,
+        micro_batch=max(1, w.micro_batch // c.split),
+        generation_batch=max(1, w.generation_batch // c.split),
+        accumulation=w.accumulation * c.split,
+    )
     plan = StepPlan(method=w.method, choice=c, gpus=n, gpu_bytes=gpu_bytes, host_bytes=host_bytes)
     ck = c.gradient_checkpointing
     phases: dict[str, float] = {}
@@ -489,16 +572,26 @@ def plan_step(w: Workload, actor: Shape, reward: Shape | None, c: Choice, *, gpu
             tp = w.inference_tp_size
             gathered = max(actor.params * b / tp - (0 if c.offload else actor.params * b / n), 0.0)
             kv += gathered
-            plan.parts.append(Part("actor", "gathered for generation (HE)", gathered,
-                                   f"{actor.params:.3g} × {b} B / TP {tp}, less the resident shard"))  # fmt: skip
+            plan.parts.append(
+                Part(
+                    "actor",
+                    "gathered for generation (HE)",
+                    gathered,
+                    f"{actor.params:.3g} × {b} B / TP {tp}, less the resident shard",
+                )
+            )
         phases["generation"] = kv + gen_batch * actor.vocab * 4
         scored = w.answer_len + 1  # log-probs of the answer only (the LM head runs over those positions)
         scoring = gen_batch * scored * actor.vocab * logit_bytes(b)  # the actor's, then the reference's
         phases["experience"] = scoring
         plan.parts.append(
-            Part("actor+reference", "log-probs of the experience", scoring,
-                 f"{gen_batch} × {scored} × {actor.vocab} × {logit_bytes(b)} B")
-        )  # fmt: skip
+            Part(
+                "actor+reference",
+                "log-probs of the experience",
+                scoring,
+                f"{gen_batch} × {scored} × {actor.vocab} × {logit_bytes(b)} B",
+            )
+        )
         act_a, f_a = activations(actor, batch=w.micro_batch, seq=seq, b=b, checkpointing=ck, scored=scored)
         act_a += backward_tail(actor, batch=w.micro_batch, seq=scored, b=b)
         plan.activations_without_checkpointing = activations(
@@ -544,8 +637,9 @@ def plan_step(w: Workload, actor: Shape, reward: Shape | None, c: Choice, *, gpu
     return plan
 
 
-def choices(method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool = True, micro_batch: int = 1
-            ) -> list[Choice]:  # fmt: skip
+def choices(
+    method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool = True, micro_batch: int = 1
+) -> list[Choice]:
     """Every configuration worth planning (`offload=False`: no optimizer, parameter or frozen-model offload)."""
     out = []
     frozen = (False, True) if method in ("dpo", "ppo", "grpo", "rloo") and offload else (False,)
@@ -575,26 +669,60 @@ class Plan:
     considered: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"workload": asdict(self.workload), "fits": self.best is not None, "considered": self.considered,
-                "plan": self.best.to_dict() if self.best else None, "smallest": self.smallest.to_dict()}  # fmt: skip
+        return {
+            "workload": asdict(self.workload),
+            "fits": self.best is not None,
+            "considered": self.considered,
+            "plan": self.best.to_dict() if self.best else None,
+            "smallest": self.smallest.to_dict(),
+        }
 
 
-def plan(w: Workload, actor: Shape, reward: Shape | None, *, gpus: int = 1, gpus_per_node: int = 8,
-         gpu_bytes: float | None = None, host_bytes: float | None = None, fixed: Choice | None = None,
-         allowed: Any = None, lora_rank: int = LORA_RANK, offload: bool = True) -> Plan:  # fmt: skip
+def plan(
+    w: Workload,
+    actor: Shape,
+    reward: Shape | None,
+    *,
+    gpus: int = 1,
+    gpus_per_node: int = 8,
+    gpu_bytes: float | None = None,
+    host_bytes: float | None = None,
+    fixed: Choice | None = None,
+    allowed: Any = None,
+    lora_rank: int = LORA_RANK,
+    offload: bool = True,
+) -> Plan:
     """The fastest choice that fits (`best`, None if none does) and the smallest footprint."""
     if w.method not in METHODS:
         raise PlanError(f"method: {w.method!r} is not one of {', '.join(METHODS)}")
     if gpus < 1:
         raise PlanError("num_gpus: must be at least 1")
-    options = [fixed] if fixed else [c for c in choices(w.method, gpus, lora_rank=lora_rank, offload=offload,
-                                                        micro_batch=w.micro_batch) if allowed is None or allowed(c)]  # fmt: skip
+    options = (
+        [fixed]
+        if fixed
+        else [
+            c
+            for c in choices(w.method, gpus, lora_rank=lora_rank, offload=offload, micro_batch=w.micro_batch)
+            if allowed is None or allowed(c)
+        ]
+    )
     if not options:
         raise PlanError("no configuration is left to plan: the options you fixed rule every one out")
     if host_bytes is None and gpu_bytes is not None:
         host_bytes = HOST_GIB_PER_GPU * GiB * min(gpus, gpus_per_node)
-    plans = [plan_step(w, actor, reward, c, gpus=gpus, gpus_per_node=gpus_per_node, gpu_bytes=gpu_bytes,
-                       host_bytes=host_bytes) for c in options]  # fmt: skip
+    plans = [
+        plan_step(
+            w,
+            actor,
+            reward,
+            c,
+            gpus=gpus,
+            gpus_per_node=gpus_per_node,
+            gpu_bytes=gpu_bytes,
+            host_bytes=host_bytes,
+        )
+        for c in options
+    ]
     fitting = [p for p in plans if p.fits]
     best = max(fitting, key=lambda p: (p.choice.speed(), -p.total_bytes)) if fitting else None
     return Plan(
@@ -602,8 +730,15 @@ def plan(w: Workload, actor: Shape, reward: Shape | None, *, gpus: int = 1, gpus
     )
 
 
-def smallest_fit(w: Workload, actor: Shape, reward: Shape | None, *, gpu_type: str, gpus: int,
-                 memory: dict[str, float] | None = None) -> str:  # fmt: skip
+def smallest_fit(
+    w: Workload,
+    actor: Shape,
+    reward: Shape | None,
+    *,
+    gpu_type: str,
+    gpus: int,
+    memory: dict[str, float] | None = None,
+) -> str:
     """What would fit instead, said plainly: more GPUs of this type, or a larger GPU type (`memory`: GiB
     per GPU type, default GPU_MEMORY_GIB)."""
     table = memory or GPU_MEMORY_GIB
@@ -613,8 +748,11 @@ def smallest_fit(w: Workload, actor: Shape, reward: Shape | None, *, gpu_type: s
             continue
         p = plan(w, actor, reward, gpus=n, gpu_bytes=own * GiB).best
         if p is not None:
-            bigger = [g for g, mem in sorted(table.items(), key=lambda kv: kv[1])
-                      if mem > own and plan(w, actor, reward, gpus=gpus, gpu_bytes=mem * GiB).best]  # fmt: skip
+            bigger = [
+                g
+                for g, mem in sorted(table.items(), key=lambda kv: kv[1])
+                if mem > own and plan(w, actor, reward, gpus=gpus, gpu_bytes=mem * GiB).best
+            ]
             alt = f", or {gpus}× {bigger[0]}" if bigger else ""
             return f"{n}× {gpu_type} ({p.choice.describe()}){alt}"
     return "no configuration of up to 512 GPUs of this type; use a smaller model or a larger GPU"
@@ -623,20 +761,30 @@ def smallest_fit(w: Workload, actor: Shape, reward: Shape | None, *, gpu_type: s
 def render(p: Plan, *, gpu_label: str) -> str:
     """The plan as a person reads it: the choice, then each line of arithmetic."""
     shown = p.best or p.smallest
-    lines = [f"{p.workload.method} on {shown.gpus}× {gpu_label}: " + (
-        f"fits with {shown.choice.describe()} — {_gib(shown.total_bytes)} per GPU"
-        + (f", {_gib(shown.headroom_bytes or 0)} headroom" if shown.gpu_bytes else "")
-        + f" (relative speed {shown.choice.speed():.2f}; {p.considered} configurations considered)"
-        if p.best else f"DOES NOT FIT: the smallest footprint ({shown.choice.describe()}) needs "
-        f"{_gib(shown.total_bytes)} per GPU of {_gib(shown.gpu_bytes or 0)}")]  # fmt: skip
+    lines = [
+        f"{p.workload.method} on {shown.gpus}× {gpu_label}: "
+        + (
+            f"fits with {shown.choice.describe()} — {_gib(shown.total_bytes)} per GPU"
+            + (f", {_gib(shown.headroom_bytes or 0)} headroom" if shown.gpu_bytes else "")
+            + f" (relative speed {shown.choice.speed():.2f}; {p.considered} configurations considered)"
+            if p.best
+            else f"DOES NOT FIT: the smallest footprint ({shown.choice.describe()}) needs "
+            f"{_gib(shown.total_bytes)} per GPU of {_gib(shown.gpu_bytes or 0)}"
+        )
+    ]
     for part in shown.parts:
         lines.append(f"  {part.model:<16} {part.what:<30} {_gib(part.bytes):>12}   {part.formula}")
     phases = ", ".join(f"{k} {_gib(v)}" for k, v in shown.phase_bytes.items())
-    lines.append(f"  peak = (resident {_gib(shown.static_bytes)} + largest phase: {shown.peak_phase}) × {FRAGMENTATION}"
-                 + (f" + {_gib(GPU_OVERHEAD)} GPU overhead" if shown.gpu_bytes else "") + f" = {_gib(shown.total_bytes)}")  # fmt: skip
+    lines.append(
+        f"  peak = (resident {_gib(shown.static_bytes)} + largest phase: {shown.peak_phase}) × {FRAGMENTATION}"
+        + (f" + {_gib(GPU_OVERHEAD)} GPU overhead" if shown.gpu_bytes else "")
+        + f" = {_gib(shown.total_bytes)}"
+    )
     lines.append(f"  phases: {phases}")
-    lines.append(f"  activations: {_gib(shown.activations_without_checkpointing)} without gradient checkpointing, "
-                 f"{_gib(shown.activations_with_checkpointing)} with")  # fmt: skip
+    lines.append(
+        f"  activations: {_gib(shown.activations_without_checkpointing)} without gradient checkpointing, "
+        f"{_gib(shown.activations_with_checkpointing)} with"
+    )
     if shown.host_bytes_per_node:
         lines.append(f"  host memory per node for offload: {_gib(shown.host_bytes_per_node)}")
     return "\n".join(lines)
@@ -644,13 +792,20 @@ def render(p: Plan, *, gpu_label: str) -> str:
 
 # ---------------------------------------------------------------------------- a step's options ↔ the plan
 
-PLAN_METHODS: dict[str, tuple[Literal["rlhf", "dpo"], list[int], str | None]] = {"rlhf": ("rlhf", [1, 2, 3], None), "dpo": ("dpo", [1, 2], None), "grpo": ("rlhf", [1, 3], "grpo"),
-                "rloo": ("rlhf", [1, 3], "rloo"), "sft": ("rlhf", [1], None), "reward": ("rlhf", [2], None),
-                "ppo": ("rlhf", [3], "ppo")}  # fmt: skip
+PLAN_METHODS: dict[str, tuple[Literal["rlhf", "dpo"], list[int], str | None]] = {
+    "rlhf": ("rlhf", [1, 2, 3], None),
+    "dpo": ("dpo", [1, 2], None),
+    "grpo": ("rlhf", [1, 3], "grpo"),
+    "rloo": ("rlhf", [1, 3], "rloo"),
+    "sft": ("rlhf", [1], None),
+    "reward": ("rlhf", [2], None),
+    "ppo": ("rlhf", [3], "ppo"),
+}
 
 
-def step_configs(top: dict[str, Any], sections: dict[str, dict[str, Any]], *, method: str, actor: str, reward: str
-                  ) -> list[tuple[int, str, Any]]:  # fmt: skip
+def step_configs(
+    top: dict[str, Any], sections: dict[str, dict[str, Any]], *, method: str, actor: str, reward: str
+) -> list[tuple[int, str, Any]]:
     """(step, planner method, the step's built config) for each step of `method` (rlhf, dpo, grpo, rloo, or
     one step: sft, reward, ppo), from a pipeline file's values (a preset's, the service's)."""
     import argparse
@@ -663,16 +818,28 @@ def step_configs(top: dict[str, Any], sections: dict[str, dict[str, Any]], *, me
         sections["ppo"] = {**sections.get("ppo", {}), "algorithm": algorithm}
         if algorithm != "ppo":
             sections["ppo"].setdefault("samples_per_prompt", 4)
-    cfg = dataclass_from_args(PipelineConfig, argparse.Namespace(), file_values={**top, "actor_model": actor,
-                              "reward_model": reward or "", "output_dir": "plan", "method": pipeline_method,
-                              "step": steps})  # fmt: skip
+    cfg = dataclass_from_args(
+        PipelineConfig,
+        argparse.Namespace(),
+        file_values={
+            **top,
+            "actor_model": actor,
+            "reward_model": reward or "",
+            "output_dir": "plan",
+            "method": pipeline_method,
+            "step": steps,
+        },
+    )
     out = []
     for step in steps:
         spec = STEPS[pipeline_method][step]
         values = step_values(cfg, step, sections.get(spec.command, {}))
         if step == 3 and not reward:  # graders only
-            values |= {"critic_model_name_or_path": "", "grader": '{"type": "string_check", "name": "planned", '
-                       '"input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}'}  # fmt: skip
+            values |= {
+                "critic_model_name_or_path": "",
+                "grader": '{"type": "string_check", "name": "planned", '
+                '"input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}',
+            }
         built: Any = dataclass_from_args(spec.config, argparse.Namespace(), file_values=values)
         out.append(
             (step, built.algorithm if step == 3 and pipeline_method == "rlhf" else spec.command, built)
@@ -688,13 +855,27 @@ def workload_of(cfg: Any, method: str, *, dtype_bytes: int = 2) -> Workload:
     """The workload of a built step config (SFTConfig, RewardConfig, DPOConfig, PPOConfig)."""
     data = cfg.data
     if method in ("sft", "reward", "dpo"):
-        return Workload(method=method, seq_len=data.max_seq_len, micro_batch=cfg.per_device_train_batch_size,  # type: ignore[arg-type]
-                        accumulation=cfg.gradient_accumulation_steps, dtype_bytes=dtype_bytes)  # fmt: skip
-    return Workload(method=cfg.algorithm, prompt_len=data.max_prompt_len, answer_len=cfg.max_answer_len,
-                    micro_batch=cfg.per_device_training_batch_size, generation_batch=cfg.per_device_generation_batch_size,
-                    samples_per_prompt=cfg.samples_per_prompt, dtype_bytes=dtype_bytes, ema=cfg.enable_ema,
-                    reward_model=not cfg.grader, hybrid_engine=cfg.enable_hybrid_engine,
-                    accumulation=cfg.gradient_accumulation_steps, generation_batches=cfg.generation_batches)  # fmt: skip
+        return Workload(
+            method=method,
+            seq_len=data.max_seq_len,
+            micro_batch=cfg.per_device_train_batch_size,  # type: ignore[arg-type]
+            accumulation=cfg.gradient_accumulation_steps,
+            dtype_bytes=dtype_bytes,
+        )
+    return Workload(
+        method=cfg.algorithm,
+        prompt_len=data.max_prompt_len,
+        answer_len=cfg.max_answer_len,
+        micro_batch=cfg.per_device_training_batch_size,
+        generation_batch=cfg.per_device_generation_batch_size,
+        samples_per_prompt=cfg.samples_per_prompt,
+        dtype_bytes=dtype_bytes,
+        ema=cfg.enable_ema,
+        reward_model=not cfg.grader,
+        hybrid_engine=cfg.enable_hybrid_engine,
+        accumulation=cfg.gradient_accumulation_steps,
+        generation_batches=cfg.generation_batches,
+    )
 
 
 def choice_of(cfg: Any, method: str) -> Choice:
@@ -703,8 +884,13 @@ def choice_of(cfg: Any, method: str) -> Choice:
     frozen = bool(
         getattr(cfg, "offload_reference_model", False) or getattr(cfg, "offload_reward_model", False)
     )
-    return Choice(zero_stage=m.zero_stage, offload=m.offload, lora_dim=m.lora_dim if m.only_optimize_lora else 0,
-                  gradient_checkpointing=m.gradient_checkpointing, offload_frozen=frozen)  # fmt: skip
+    return Choice(
+        zero_stage=m.zero_stage,
+        offload=m.offload,
+        lora_dim=m.lora_dim if m.only_optimize_lora else 0,
+        gradient_checkpointing=m.gradient_checkpointing,
+        offload_frozen=frozen,
+    )
 
 
 def step_options(c: Choice, method: str, w: Workload | None = None) -> dict[str, Any]:
@@ -713,13 +899,17 @@ def step_options(c: Choice, method: str, w: Workload | None = None) -> dict[str,
     split: dict[str, Any] = {}
     if c.split > 1 and w is not None:
         if method in ("sft", "reward", "dpo"):
-            split = {"per_device_train_batch_size": max(1, w.micro_batch // c.split),
-                     "gradient_accumulation_steps": w.accumulation * c.split}  # fmt: skip
+            split = {
+                "per_device_train_batch_size": max(1, w.micro_batch // c.split),
+                "gradient_accumulation_steps": w.accumulation * c.split,
+            }
         else:
-            split = {"per_device_training_batch_size": max(1, w.micro_batch // c.split),
-                     "gradient_accumulation_steps": w.accumulation * c.split,
-                     "per_device_generation_batch_size": max(1, w.generation_batch // c.split),
-                     "generation_batches": w.generation_batches * c.split}  # fmt: skip
+            split = {
+                "per_device_training_batch_size": max(1, w.micro_batch // c.split),
+                "gradient_accumulation_steps": w.accumulation * c.split,
+                "per_device_generation_batch_size": max(1, w.generation_batch // c.split),
+                "generation_batches": w.generation_batches * c.split,
+            }
     if method in ("sft", "reward", "dpo"):
         out = dict(base)
         if method == "dpo":
@@ -734,17 +924,27 @@ def step_options(c: Choice, method: str, w: Workload | None = None) -> dict[str,
 def as_flags(options: dict[str, Any]) -> str:
     """Step options as the step command's flags (booleans as --x / --no-x)."""
     flag = lambda k: k.replace("_", "-")  # noqa: E731
-    return " ".join((f"--{flag(k)}" if v else f"--no-{flag(k)}") if isinstance(v, bool) else f"--{flag(k)} {v}"
-                    for k, v in options.items())  # fmt: skip
+    return " ".join(
+        (f"--{flag(k)}" if v else f"--no-{flag(k)}") if isinstance(v, bool) else f"--{flag(k)} {v}"
+        for k, v in options.items()
+    )
 
 
 def allowed_by(fixed: dict[str, Any], method: str) -> Any:
     """A filter of choices that keeps what the caller set explicitly (flat step options)."""
-    want = {k.removeprefix("actor_"): v for k, v in fixed.items()
-            if k.removeprefix("actor_") in MEMORY_FIELDS or k in FROZEN_FIELDS}  # fmt: skip
+    want = {
+        k.removeprefix("actor_"): v
+        for k, v in fixed.items()
+        if k.removeprefix("actor_") in MEMORY_FIELDS or k in FROZEN_FIELDS
+    }
 
-    batches = {"per_device_train_batch_size", "per_device_training_batch_size", "per_device_generation_batch_size",
-               "gradient_accumulation_steps", "generation_batches"} & set(fixed)  # fmt: skip
+    batches = {
+        "per_device_train_batch_size",
+        "per_device_training_batch_size",
+        "per_device_generation_batch_size",
+        "gradient_accumulation_steps",
+        "generation_batches",
+    } & set(fixed)
 
     def ok(c: Choice) -> bool:
         if batches and c.split > 1:  # the caller chose the batches
@@ -763,8 +963,16 @@ def allowed_by(fixed: dict[str, Any], method: str) -> Any:
     return ok
 
 
-def auto_options(cfg: Any, command: str, *, gpus: int, device_bytes: float, cuda: bool, fixed: dict[str, Any],
-                 shapes: tuple[Shape, Shape | None] | None = None) -> tuple[dict[str, Any], Plan]:  # fmt: skip
+def auto_options(
+    cfg: Any,
+    command: str,
+    *,
+    gpus: int,
+    device_bytes: float,
+    cuda: bool,
+    fixed: dict[str, Any],
+    shapes: tuple[Shape, Shape | None] | None = None,
+) -> tuple[dict[str, Any], Plan]:
     """`--config auto`: the step options of the fastest configuration that fits a built step config on this
     machine (`fixed`: the options given on the command line, kept; `shapes`: the models when the step's
     inputs do not exist yet, as in `rlhf train`). On a CPU the "GPU" is the host memory and offload gains
@@ -785,8 +993,16 @@ def auto_options(cfg: Any, command: str, *, gpus: int, device_bytes: float, cuda
         critic = cfg.reward_model_name_or_path or cfg.critic_model_name_or_path
         reward = load_shape(critic, name="reward model") if critic and not cfg.grader else None
     w = workload_of(cfg, method, dtype_bytes=2 if cuda else 4)
-    p = plan(w, actor, reward, gpus=gpus, gpus_per_node=gpus, gpu_bytes=device_bytes, offload=cuda,
-             allowed=allowed_by(fixed, method))  # fmt: skip
+    p = plan(
+        w,
+        actor,
+        reward,
+        gpus=gpus,
+        gpus_per_node=gpus,
+        gpu_bytes=device_bytes,
+        offload=cuda,
+        allowed=allowed_by(fixed, method),
+    )
     if p.best is None:
         return {}, p
     return {k: v for k, v in step_options(p.best.choice, method, w).items() if k not in fixed}, p
@@ -797,28 +1013,67 @@ def auto_options(cfg: Any, command: str, *, gpus: int, device_bytes: float, cuda
 # What DeepSpeed-Chat published about step 3 (OPT actor, OPT-350M reward model; its README's Table 1 times
 # and the blog's Table 3, "max model size supported by DeepSpeed-HE on a single GPU"): True = a time was
 # published (it ran), False = not ("NA", or larger than the single-GPU maximum).
-DSCHAT_HARDWARE = [("1× V100-32G", "V100-32G", 1), ("1× A6000-48G", "A6000-48G", 1), ("1× A100-40G", "A100-40G", 1),
-                   ("1× A100-80G", "A100-80G", 1), ("8× A100-40G", "A100-40G", 8), ("8× A100-80G", "A100-80G", 8),
-                   ("64× A100-80G", "A100-80G", 64)]  # fmt: skip
+DSCHAT_HARDWARE = [
+    ("1× V100-32G", "V100-32G", 1),
+    ("1× A6000-48G", "A6000-48G", 1),
+    ("1× A100-40G", "A100-40G", 1),
+    ("1× A100-80G", "A100-80G", 1),
+    ("8× A100-40G", "A100-40G", 8),
+    ("8× A100-80G", "A100-80G", 8),
+    ("64× A100-80G", "A100-80G", 64),
+]
 DSCHAT_SIZES = [1.3e9, 2.7e9, 6.7e9, 13e9, 30e9, 66e9, 175e9]
 DSCHAT_PUBLISHED: dict[str, dict[float, bool | None]] = {
     # single GPU: Table 3's maximum (V100 2.7B, A6000 6.7B, A100-40G 6.7B, A100-80G 13B); None: not stated
-    "1× V100-32G": {1.3e9: True, 2.7e9: True, 6.7e9: False, 13e9: False, 30e9: False, 66e9: False, 175e9: False},
-    "1× A6000-48G": {1.3e9: True, 2.7e9: True, 6.7e9: True, 13e9: False, 30e9: False, 66e9: False, 175e9: False},
-    "1× A100-40G": {1.3e9: True, 2.7e9: True, 6.7e9: True, 13e9: False, 30e9: False, 66e9: False, 175e9: False},
-    "1× A100-80G": {1.3e9: True, 2.7e9: True, 6.7e9: True, 13e9: True, 30e9: False, 66e9: False, 175e9: False},
+    "1× V100-32G": {
+        1.3e9: True,
+        2.7e9: True,
+        6.7e9: False,
+        13e9: False,
+        30e9: False,
+        66e9: False,
+        175e9: False,
+    },
+    "1× A6000-48G": {
+        1.3e9: True,
+        2.7e9: True,
+        6.7e9: True,
+        13e9: False,
+        30e9: False,
+        66e9: False,
+        175e9: False,
+    },
+    "1× A100-40G": {
+        1.3e9: True,
+        2.7e9: True,
+        6.7e9: True,
+        13e9: False,
+        30e9: False,
+        66e9: False,
+        175e9: False,
+    },
+    "1× A100-80G": {
+        1.3e9: True,
+        2.7e9: True,
+        6.7e9: True,
+        13e9: True,
+        30e9: False,
+        66e9: False,
+        175e9: False,
+    },
     # 8 GPUs: Table 1 has times up to 30B on A100-40G (66B: "NA") and up to 66B on A100-80G
     "8× A100-40G": {1.3e9: True, 2.7e9: None, 6.7e9: True, 13e9: True, 30e9: True, 66e9: False, 175e9: None},
     "8× A100-80G": {1.3e9: True, 2.7e9: None, 6.7e9: True, 13e9: True, 30e9: True, 66e9: True, 175e9: None},
     "64× A100-80G": {1.3e9: True, 2.7e9: None, 6.7e9: True, 13e9: True, 30e9: True, 66e9: True, 175e9: True},
-}  # fmt: skip
+}
 
 
 def dschat_workload() -> Workload:
     """DeepSpeed-Chat's step-3 benchmark: 256-token prompts and answers, 4 sequences per GPU, EMA off,
     the hybrid engine on (generation holds the whole actor)."""
-    return Workload(method="ppo", prompt_len=256, answer_len=256, micro_batch=4, generation_batch=4,
-                    hybrid_engine=True)  # fmt: skip
+    return Workload(
+        method="ppo", prompt_len=256, answer_len=256, micro_batch=4, generation_batch=4, hybrid_engine=True
+    )
 
 
 def dschat_table() -> list[dict[str, Any]]:
@@ -835,17 +1090,33 @@ def dschat_table() -> list[dict[str, Any]]:
             for tp in (
                 t for t in (1, 2, 4, 8) if t <= min(n, 8)
             ):  # the smallest tensor-parallel group that fits
-                theirs = plan(replace(dschat_workload(), inference_tp_size=tp), actor, reward, gpus=n, gpu_bytes=mem,
-                              lora_rank=128, offload=False)  # fmt: skip
+                theirs = plan(
+                    replace(dschat_workload(), inference_tp_size=tp),
+                    actor,
+                    reward,
+                    gpus=n,
+                    gpu_bytes=mem,
+                    lora_rank=128,
+                    offload=False,
+                )
                 if theirs.best is not None:
                     break
             any_ = plan(replace(dschat_workload(), hybrid_engine=False), actor, reward, gpus=n, gpu_bytes=mem)
-            rows.append({"hardware": label, "actor_params": size, "published": DSCHAT_PUBLISHED[label][size],
-                         "dschat_settings": theirs.best is not None,
-                         "dschat_choice": (theirs.best.choice.describe() + (f", inference TP {tp}" if tp > 1 else ""))
-                         if theirs.best else "",
-                         "any_choice": any_.best is not None,
-                         "any_choice_config": any_.best.choice.describe() if any_.best else ""})  # fmt: skip
+            rows.append(
+                {
+                    "hardware": label,
+                    "actor_params": size,
+                    "published": DSCHAT_PUBLISHED[label][size],
+                    "dschat_settings": theirs.best is not None,
+                    "dschat_choice": (
+                        theirs.best.choice.describe() + (f", inference TP {tp}" if tp > 1 else "")
+                    )
+                    if theirs.best
+                    else "",
+                    "any_choice": any_.best is not None,
+                    "any_choice_config": any_.best.choice.describe() if any_.best else "",
+                }
+            )
     return rows
 
 

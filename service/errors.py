@@ -12,8 +12,14 @@ from typing import Any
 class ServiceError(Exception):
     kind = "invalid_request_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -64,8 +70,9 @@ class Unavailable(ServiceError):
 
 def database_unavailable(retry_after: int) -> Unavailable:
     """What REST and gRPC answer while the database cannot be reached (not the request's fault)."""
-    return Unavailable("the database is unavailable; retry shortly", code="database_unavailable",
-                       retry_after=retry_after)  # fmt: skip
+    return Unavailable(
+        "the database is unavailable; retry shortly", code="database_unavailable", retry_after=retry_after
+    )
 
 
 class Timeout(ServiceError):

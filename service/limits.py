@@ -77,7 +77,9 @@ def _db_add(db_url: str, name: str, window: int, n: int) -> int:
         else:
             from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
         stmt = insert(RateCounter).values(name=name, window=window, count=n)
-        stmt = stmt.on_conflict_do_update(index_elements=["name", "window"], set_={"count": RateCounter.count + n})
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["name", "window"], set_={"count": RateCounter.count + n}
+        )
         count = int(s.execute(stmt.returning(RateCounter.count)).scalar_one())
         if random.random() < 0.01:  # old minutes are never read again
             s.execute(delete(RateCounter).where(RateCounter.window < window - 1))
@@ -85,8 +87,11 @@ def _db_add(db_url: str, name: str, window: int, n: int) -> int:
 
 
 def _too_many(what: str, limit: int, setting: str, left: int) -> RateLimited:
-    return RateLimited(f"this API key has used its {limit} {what} per minute ({setting}); retry after {left} s",
-                       code="rate_limit_exceeded", retry_after=left)  # fmt: skip
+    return RateLimited(
+        f"this API key has used its {limit} {what} per minute ({setting}); retry after {left} s",
+        code="rate_limit_exceeded",
+        retry_after=left,
+    )
 
 
 class RateLimit:
@@ -114,14 +119,25 @@ class RateLimit:
             from service.api.app import _envelope
 
             over = _too_many("requests", self.per_minute, "RLHF_RATE_LIMIT_PER_MINUTE", left)
-            response = _envelope(429, over.message, kind=over.kind, code=over.code, headers={
-                "Retry-After": str(left), "x-ratelimit-limit-requests": str(self.per_minute),
-                "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{left}s"})  # fmt: skip
+            response = _envelope(
+                429,
+                over.message,
+                kind=over.kind,
+                code=over.code,
+                headers={
+                    "Retry-After": str(left),
+                    "x-ratelimit-limit-requests": str(self.per_minute),
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": f"{left}s",
+                },
+            )
             await response(scope, receive, send)
             return
-        extra = [(b"x-ratelimit-limit-requests", str(self.per_minute).encode()),
-                 (b"x-ratelimit-remaining-requests", str(self.per_minute - count).encode()),
-                 (b"x-ratelimit-reset-requests", f"{left}s".encode())]  # fmt: skip
+        extra = [
+            (b"x-ratelimit-limit-requests", str(self.per_minute).encode()),
+            (b"x-ratelimit-remaining-requests", str(self.per_minute - count).encode()),
+            (b"x-ratelimit-reset-requests", f"{left}s".encode()),
+        ]
 
         async def with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
@@ -151,7 +167,9 @@ async def check_chat_tokens(counter: Counter, settings: Settings, authorization:
         raise _too_many("streamed tokens", limit, "RLHF_CHAT_TOKENS_PER_MINUTE", left)
 
 
-async def count_chat_tokens(counter: Counter, settings: Settings, authorization: str | None, tokens: int) -> None:
+async def count_chat_tokens(
+    counter: Counter, settings: Settings, authorization: str | None, tokens: int
+) -> None:
     """Add a finished reply's completion tokens to its key's count of this minute."""
     if settings.chat_tokens_per_minute and tokens and (who := key_id(authorization)) is not None:
         await counter.add(f"tok:{who}", tokens)
@@ -162,13 +180,22 @@ def check_job_quota(*, session: Session, tenant: str, settings: Settings, gpu_ho
     if not settings.max_active_jobs and not settings.max_queued_gpu_hours:
         return
     live = select(func.count(), func.coalesce(func.sum(Job.estimated_seconds * Job.num_gpus), 0.0)).where(
-        Job.tenant_id == tenant, Job.status.in_(ACTIVE))
+        Job.tenant_id == tenant, Job.status.in_(ACTIVE)
+    )
     count, gpu_seconds = session.execute(live).one()
     hours = float(gpu_seconds) / 3600
     if settings.max_active_jobs and count >= settings.max_active_jobs:
-        raise RateLimited(f"this tenant has {count} live jobs, the limit of RLHF_MAX_ACTIVE_JOBS; retry once one "
-                          "has ended (or cancel one)", code="quota_active_jobs", retry_after=60)  # fmt: skip
+        raise RateLimited(
+            f"this tenant has {count} live jobs, the limit of RLHF_MAX_ACTIVE_JOBS; retry once one "
+            "has ended (or cancel one)",
+            code="quota_active_jobs",
+            retry_after=60,
+        )
     if settings.max_queued_gpu_hours and hours + gpu_hours > settings.max_queued_gpu_hours:
-        raise RateLimited(f"this job's estimated {gpu_hours:.2f} GPU-hours and the {hours:.2f} of this tenant's live "
-                          f"jobs exceed RLHF_MAX_QUEUED_GPU_HOURS ({settings.max_queued_gpu_hours:g}); retry once "
-                          "jobs have ended", code="quota_gpu_hours", retry_after=60)  # fmt: skip
+        raise RateLimited(
+            f"this job's estimated {gpu_hours:.2f} GPU-hours and the {hours:.2f} of this tenant's live "
+            f"jobs exceed RLHF_MAX_QUEUED_GPU_HOURS ({settings.max_queued_gpu_hours:g}); retry once "
+            "jobs have ended",
+            code="quota_gpu_hours",
+            retry_after=60,
+        )

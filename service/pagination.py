@@ -24,13 +24,17 @@ def paged(cls: type[P], data: Sequence[Any], has_more: bool) -> P:
     )
 
 
-def newest_first(session: Session, q: Select[Any], model: Any, anchor: Any | None, limit: int) -> tuple[list[Any], bool]:
+def newest_first(
+    session: Session, q: Select[Any], model: Any, anchor: Any | None, limit: int
+) -> tuple[list[Any], bool]:
     """(rows after `anchor`, has_more) of `q` ordered newest first by (created_at, id): keyset paging,
     for tables whose rows carry both (jobs, files)."""
     q = q.order_by(model.created_at.desc(), model.id.desc())
     if anchor is not None:
-        q = q.where((model.created_at < anchor.created_at)
-                    | ((model.created_at == anchor.created_at) & (model.id < anchor.id)))  # fmt: skip
+        q = q.where(
+            (model.created_at < anchor.created_at)
+            | ((model.created_at == anchor.created_at) & (model.id < anchor.id))
+        )
     rows = list(session.scalars(q.limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 

@@ -39,9 +39,13 @@ def make_celery(settings: Settings) -> Celery:
         for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_url"] = "filesystem://"
-        conf["broker_transport_options"] = {"data_folder_in": str(folder / "out"), "data_folder_out": str(folder / "out"),
-                                            "processed_folder": str(folder / "processed"), "store_processed": False,
-                                            "control_folder": str(folder / "control")}  # fmt: skip
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "control_folder": str(folder / "control"),
+        }
     app.conf.update(conf)
     return app
 
@@ -61,8 +65,13 @@ def celery_app(settings: Settings | None = None) -> Celery:
 def enqueue_training(job_id: str, settings: Settings) -> bool:
     """Send the job to the training queue; False (logged) if the broker is down — the sweeper retries."""
     try:
-        celery_app(settings).send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE, retry=True,
-                                       retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2})
+        celery_app(settings).send_task(
+            TRAIN_TASK,
+            args=[job_id],
+            queue=TRAIN_QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        )
         return True
     except Exception:  # the broker being down must not fail the request: the job is in the database
         logger.warning("could not enqueue %s; the sweeper will", job_id, exc_info=True)

@@ -27,7 +27,9 @@ class Page(BaseModel):
     data: list[Any]
     has_more: bool = False
     first_id: str | None = Field(default=None, description="the id of the first item on this page")
-    last_id: str | None = Field(default=None, description="the id of the last item: pass it as `after` for the next page")
+    last_id: str | None = Field(
+        default=None, description="the id of the last item: pass it as `after` for the next page"
+    )
 
 
 # ---------------------------------------------------------------------------- files
@@ -44,9 +46,12 @@ class FileObject(BaseModel):
     format: str = Field(description="the data layer's detected row shape, e.g. prompt_chosen_rejected")
     kind: str = Field(description="sft, preference, prompt (prompts only: step 3) or text")
     rows: int = Field(description="rows read (after empty/invalid rows were counted out)")
-    skipped: dict[str, int] = Field(default_factory=dict, description="rows left out, by reason (empty_answer, "
-                                    "unusable: <what is wrong>); above the file's max_bad_rows share the upload is "
-                                    "refused instead")  # fmt: skip
+    skipped: dict[str, int] = Field(
+        default_factory=dict,
+        description="rows left out, by reason (empty_answer, "
+        "unusable: <what is wrong>); above the file's max_bad_rows share the upload is "
+        "refused instead",
+    )
 
 
 class FileList(Page):
@@ -85,10 +90,13 @@ class Integration(Strict):
 
 
 class Hyperparameters(Strict):
-    n_epochs: int | Literal["auto"] = Field(default="auto", description="epochs of every step (auto: step defaults)")
+    n_epochs: int | Literal["auto"] = Field(
+        default="auto", description="epochs of every step (auto: step defaults)"
+    )
     batch_size: int | Literal["auto"] = Field(default="auto", description="per-device training batch size")
-    learning_rate_multiplier: float | Literal["auto"] = Field(default="auto",
-                                                             description="× each step's default learning rate")  # fmt: skip
+    learning_rate_multiplier: float | Literal["auto"] = Field(
+        default="auto", description="× each step's default learning rate"
+    )
 
     @field_validator("n_epochs", "batch_size")
     @classmethod
@@ -110,8 +118,11 @@ class MethodParams(Strict):
 
 
 class DPOHyperparameters(Hyperparameters):
-    beta: float | Literal["auto"] = Field(default="auto", description="DPO's beta: how strongly the model is held "
-                                          "to its SFT starting point (auto: 0.1, or the preset's)")  # fmt: skip
+    beta: float | Literal["auto"] = Field(
+        default="auto",
+        description="DPO's beta: how strongly the model is held "
+        "to its SFT starting point (auto: 0.1, or the preset's)",
+    )
 
     @field_validator("beta")
     @classmethod
@@ -126,19 +137,23 @@ class DPOMethodParams(Strict):
 
 
 class ReinforcementMethodParams(Strict):
-    grader: dict[str, Any] | None = Field(default=None, description="the reward as a grader (string_check, "
-                                          "text_similarity, score_model, multi; python is refused): step 3 runs "
-                                          "GRPO on the prompts with it (config.ppo.algorithm selects rloo or "
-                                          "grpo), after SFT when the training file has answers; without it, "
-                                          "reward_model is trained in step 2 (RLHF)")  # fmt: skip
+    grader: dict[str, Any] | None = Field(
+        default=None,
+        description="the reward as a grader (string_check, "
+        "text_similarity, score_model, multi; python is refused): step 3 runs "
+        "GRPO on the prompts with it (config.ppo.algorithm selects rloo or "
+        "grpo), after SFT when the training file has answers; without it, "
+        "reward_model is trained in step 2 (RLHF)",
+    )
     hyperparameters: Hyperparameters | None = None
 
 
 class Method(Strict):
     type: Literal["supervised", "reinforcement", "dpo"] = Field(
         description="supervised: step 1; reinforcement: steps 1→2→3 with reward_model (RLHF), or step 3 with a "
-                    "grader (after step 1 when the data has answers); dpo: step 1, then DPO on the preference "
-                    "pairs (no reward model)")  # fmt: skip
+        "grader (after step 1 when the data has answers); dpo: step 1, then DPO on the preference "
+        "pairs (no reward model)"
+    )
     supervised: MethodParams | None = None
     reinforcement: ReinforcementMethodParams | None = None
     dpo: DPOMethodParams | None = None
@@ -160,23 +175,37 @@ class JobCreate(Strict):
     suffix: str | None = Field(default=None, max_length=64, description="part of the fine-tuned model's id")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
-    integrations: list[Integration] | None = Field(default=None, max_length=1, description="OpenAI's: "
-                                                   "[{type: wandb, wandb: {project, name, entity, tags}}]")
+    integrations: list[Integration] | None = Field(
+        default=None,
+        max_length=1,
+        description="OpenAI's: [{type: wandb, wandb: {project, name, entity, tags}}]",
+    )
     # ours
-    reward_model: str | None = Field(default=None, max_length=255, description="base model to train as reward model")
+    reward_model: str | None = Field(
+        default=None, max_length=255, description="base model to train as reward model"
+    )
     steps: list[int] | None = Field(default=None, description="steps to run (default from method)")
-    data_split: str | None = Field(default=None, max_length=32, description="shares of the data for steps 1,2,3")
-    preference_file: str | None = Field(default=None, max_length=64, description="file id for step 2 (and 3's prompts)")
+    data_split: str | None = Field(
+        default=None, max_length=32, description="shares of the data for steps 1,2,3"
+    )
+    preference_file: str | None = Field(
+        default=None, max_length=64, description="file id for step 2 (and 3's prompts)"
+    )
     prompt_file: str | None = Field(default=None, max_length=64, description="file id for step 3's prompts")
-    pretrain_file: str | None = Field(default=None, max_length=64, description="plain-text file id for PPO-ptx")
+    pretrain_file: str | None = Field(
+        default=None, max_length=64, description="plain-text file id for PPO-ptx"
+    )
     preset: str | None = Field(default=None, max_length=64, description="a shipped config preset, e.g. tiny")
     config: StepConfigs | None = None
     num_gpus: int = Field(default=1, ge=1, le=4096)
     gpu_type: str = Field(default="cpu", max_length=32)
     max_cost_usd: float | None = Field(default=None, gt=0)
-    memory: Literal["auto", "fixed"] = Field(default="auto", description="auto: a step whose options do not fit "
-                                             "on num_gpus × gpu_type takes the memory planner's fastest configuration "
-                                             "that does (keeping the options you set); fixed: as configured, or 400")  # fmt: skip
+    memory: Literal["auto", "fixed"] = Field(
+        default="auto",
+        description="auto: a step whose options do not fit "
+        "on num_gpus × gpu_type takes the memory planner's fastest configuration "
+        "that does (keeping the options you set); fixed: as configured, or 400",
+    )
 
     @field_validator("suffix")
     @classmethod
@@ -213,8 +242,12 @@ class JobPhase(BaseModel):
         description="starting, preparing_model, building_ops, tokenizing, loading_model, "
         "restoring_checkpoint, evaluating, training, saving_checkpoint or saving_model"
     )
-    description: str = Field(description="as a person reads it, e.g. 'building DeepSpeed ops: 38 s, usually 45 s'")
-    step: int | None = Field(default=None, description="the job's step it belongs to (none: the worker's own work)")
+    description: str = Field(
+        description="as a person reads it, e.g. 'building DeepSpeed ops: 38 s, usually 45 s'"
+    )
+    step: int | None = Field(
+        default=None, description="the job's step it belongs to (none: the worker's own work)"
+    )
     started_at: int = Field(description="Unix seconds")
     elapsed_s: float
     typical_s: float | None = Field(
@@ -343,13 +376,18 @@ class Estimate(BaseModel):
     num_gpus: int
     price_per_gpu_hour: float
     steps: list[StepEstimate]
-    memory: list[StepMemory] = Field(default_factory=list, description="per step: the memory plan on these GPUs")
+    memory: list[StepMemory] = Field(
+        default_factory=list, description="per step: the memory plan on these GPUs"
+    )
 
 
 class EstimateRequest(JobCreate):
-    tokens: dict[str, int] | None = Field(default=None, description="tokens per step ({'3': 135000000}) to plan "
-                                                                     "without data files")  # fmt: skip
-    model_parameters: int | None = Field(default=None, gt=0, description="actor size when the model is not here")
+    tokens: dict[str, int] | None = Field(
+        default=None, description="tokens per step ({'3': 135000000}) to plan without data files"
+    )
+    model_parameters: int | None = Field(
+        default=None, gt=0, description="actor size when the model is not here"
+    )
     reward_model_parameters: int | None = Field(default=None, gt=0, description="reward model size, likewise")
 
 
@@ -358,8 +396,11 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    ready: bool = Field(default=True, description="false while a bundled model is built on first use; a chat for it then "
-                        "answers 503 with Retry-After at once, and the build goes on")  # fmt: skip
+    ready: bool = Field(
+        default=True,
+        description="false while a bundled model is built on first use; a chat for it then "
+        "answers 503 with Retry-After at once, and the build goes on",
+    )
 
 
 class ModelList(Page):
@@ -375,16 +416,22 @@ class ContentPart(Strict):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"] = Field(description="developer is taken as system")
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="developer is taken as system"
+    )
     content: str | list[ContentPart] = Field(description="the turn's text (or a list of text parts)")
-    name: str | None = Field(default=None, max_length=64, description="accepted, not used by the prompt formatter")
+    name: str | None = Field(
+        default=None, max_length=64, description="accepted, not used by the prompt formatter"
+    )
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class StreamOptions(Strict):
-    include_usage: bool = Field(default=False, description="send a last chunk with usage (and usage: null before)")
+    include_usage: bool = Field(
+        default=False, description="send a last chunk with usage (and usage: null before)"
+    )
 
 
 class ChatCompletionRequest(BaseModel):
@@ -399,15 +446,26 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus sampling (default 1)")
     stop: str | list[str] | None = Field(default=None, description="strings that end a reply, at most 4")
     n: int | None = Field(default=None, ge=1, description="replies to generate (default 1)")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="the same seed gives the same tokens")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="the same seed gives the same tokens"
+    )
     stream: bool = Field(default=False, description="send chat.completion.chunk events over SSE, then [DONE]")
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256, description="accepted for compatibility, not used")
 
     # OpenAI parameters accepted only at their neutral value; anything else unknown is refused by name
-    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
-               "parallel_tool_calls": (True, False), "store": (False,), "metadata": ({},), "service_tier": ("auto",),
-               "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",)}  # fmt: skip
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "frequency_penalty": (0, 0.0),
+        "presence_penalty": (0, 0.0),
+        "logprobs": (False,),
+        "parallel_tool_calls": (True, False),
+        "store": (False,),
+        "metadata": ({},),
+        "service_tier": ("auto",),
+        "response_format": ({"type": "text"},),
+        "tools": ([],),
+        "tool_choice": ("none",),
+    }
 
     @field_validator("stop")
     @classmethod
@@ -440,7 +498,9 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None = None
     logprobs: None = None
-    reward: float | None = Field(default=None, description="the run's reward model's score of the reply (last chunk)")
+    reward: float | None = Field(
+        default=None, description="the run's reward model's score of the reply (last chunk)"
+    )
 
 
 class Usage(BaseModel):
@@ -488,8 +548,10 @@ class ChatCompletion(BaseModel):
 
 class ErrorObject(BaseModel):
     message: str = Field(description="what is wrong and how to fix it")
-    type: str = Field(description="invalid_request_error, authentication_error, permission_error, rate_limit_error, "
-                      "service_unavailable, timeout or server_error")  # fmt: skip
+    type: str = Field(
+        description="invalid_request_error, authentication_error, permission_error, rate_limit_error, "
+        "service_unavailable, timeout or server_error"
+    )
     param: str | None = Field(default=None, description="the request field at fault, when one is")
     code: str | None = Field(default=None, description="a machine-readable reason, e.g. model_not_ready")
 
@@ -504,8 +566,10 @@ class ErrorResponse(BaseModel):
 
 
 class GraderValidateRequest(Strict):
-    grader: dict[str, Any] = Field(description="a grader in OpenAI's shape: string_check, text_similarity, "
-                                   "score_model or multi (python graders are refused)")  # fmt: skip
+    grader: dict[str, Any] = Field(
+        description="a grader in OpenAI's shape: string_check, text_similarity, "
+        "score_model or multi (python graders are refused)"
+    )
 
 
 class GraderValidateResponse(BaseModel):
@@ -514,9 +578,12 @@ class GraderValidateResponse(BaseModel):
 
 class GraderRunRequest(Strict):
     grader: dict[str, Any] = Field(description="the grader (score_model graders run inside jobs only)")
-    model_sample: str = Field(max_length=100_000, description="the model's answer to grade ({{sample.output_text}})")
-    item: dict[str, Any] | None = Field(default=None, description="the training row its templates read "
-                                        "({{item.<field>}})")  # fmt: skip
+    model_sample: str = Field(
+        max_length=100_000, description="the model's answer to grade ({{sample.output_text}})"
+    )
+    item: dict[str, Any] | None = Field(
+        default=None, description="the training row its templates read ({{item.<field>}})"
+    )
 
 
 class GraderRunResponse(BaseModel):

@@ -19,46 +19,80 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLHF_", extra="ignore")
 
     environment: Literal["development", "production"] = "development"
-    data_dir: Path = Field(default=Path.home() / ".local" / "share" / "rlhf", description="files, runs, database")
-    database_url: str = Field(default="", validation_alias=AliasChoices("DATABASE_URL", "RLHF_DATABASE_URL"),
-                              description="SQLAlchemy URL; default: SQLite in data_dir")  # fmt: skip
-    redis_url: str = Field(default="", validation_alias=AliasChoices("REDIS_URL", "RLHF_REDIS_URL"),
-                           description="Celery broker; default: a filesystem transport in data_dir")  # fmt: skip
+    data_dir: Path = Field(
+        default=Path.home() / ".local" / "share" / "rlhf", description="files, runs, database"
+    )
+    database_url: str = Field(
+        default="",
+        validation_alias=AliasChoices("DATABASE_URL", "RLHF_DATABASE_URL"),
+        description="SQLAlchemy URL; default: SQLite in data_dir",
+    )
+    redis_url: str = Field(
+        default="",
+        validation_alias=AliasChoices("REDIS_URL", "RLHF_REDIS_URL"),
+        description="Celery broker; default: a filesystem transport in data_dir",
+    )
     model_root: Path | None = Field(default=None, description="base models (default: data_dir/models)")
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
-    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the API")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="browser origins allowed to call the API"
+    )
     metrics_public: bool = Field(default=False, description="serve /metrics without an operator key")
-    console_dir: Path | None = Field(default=None, description="the web console's built files, served at /ui/ "
-                                     "(default: service/console/dist, built by `make console`)")  # fmt: skip
-    auth_cache_s: float = Field(default=5.0, ge=0, description="seconds an API server trusts a verified key without "
-                                "asking the database again: a revoked key stops working within this time (0: "
-                                "check every request)")  # fmt: skip
+    console_dir: Path | None = Field(
+        default=None,
+        description="the web console's built files, served at /ui/ "
+        "(default: service/console/dist, built by `make console`)",
+    )
+    auth_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="seconds an API server trusts a verified key without "
+        "asking the database again: a revoked key stops working within this time (0: "
+        "check every request)",
+    )
 
     # limits on what a request may ask for
     max_file_bytes: int = 512 * 2**20
     max_model_bytes: int = 8 * 2**30
     max_body_bytes: int = 1 * 2**20
-    body_timeout_s: float = Field(default=30.0, gt=0, description="a request body that sends nothing for this long, "
-                                  "or falls behind min_body_bytes_per_s after it, is answered 408")  # fmt: skip
-    min_body_bytes_per_s: int = Field(default=64 * 2**10, ge=1, description="the slowest average body rate taken "
-                                      "(after body_timeout_s): uploads slower than this are cut off")  # fmt: skip
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a request body that sends nothing for this long, "
+        "or falls behind min_body_bytes_per_s after it, is answered 408",
+    )
+    min_body_bytes_per_s: int = Field(
+        default=64 * 2**10,
+        ge=1,
+        description="the slowest average body rate taken "
+        "(after body_timeout_s): uploads slower than this are cut off",
+    )
     max_gpus_per_job: int = 8
-    gpu_types: list[str] = Field(default_factory=lambda: ["cpu", "A100-80G", "A100-40G", "H100-80G", "V100-32G"])
-    gpu_memory_gib: dict[str, float] = Field(default_factory=dict, description="memory of GPU types the memory "
-                                             "planner does not know (or a different figure), e.g. {\"L40S-48G\": 48}")  # fmt: skip
+    gpu_types: list[str] = Field(
+        default_factory=lambda: ["cpu", "A100-80G", "A100-40G", "H100-80G", "V100-32G"]
+    )
+    gpu_memory_gib: dict[str, float] = Field(
+        default_factory=dict,
+        description="memory of GPU types the memory "
+        'planner does not know (or a different figure), e.g. {"L40S-48G": 48}',
+    )
     max_seq_len: int = 4096
     max_steps_per_stage: int = 1_000_000
     max_jobs_per_page: int = 100
 
     # workers
     heartbeat_s: float = Field(default=5.0, description="how often a training worker reports")
-    lease_s: float = Field(default=30.0, description="a job whose worker has not reported for this long is re-queued")
+    lease_s: float = Field(
+        default=30.0, description="a job whose worker has not reported for this long is re-queued"
+    )
     sweep_s: float = Field(default=10.0, description="how often the sweeper looks for orphaned jobs")
     cost_interval_s: float = Field(default=10.0, description="cost is accrued once per interval")
     visibility_timeout_s: int = Field(default=3600, description="Redis redelivers an unacked task after this")
-    step_grace_s: float = Field(default=60.0, description="time a step gets to checkpoint after a stop request")
+    step_grace_s: float = Field(
+        default=60.0, description="time a step gets to checkpoint after a stop request"
+    )
     step_restarts: int = Field(
         default=2,
         ge=0,
@@ -95,30 +129,51 @@ class Settings(BaseSettings):
     # serving: inference workers and chat
     inference_host: str = Field(default="127.0.0.1", description="an inference worker's bind address")
     inference_port: int = Field(default=0, description="an inference worker's gRPC port (0: any free port)")
-    inference_advertise: str = Field(default="", description="host:port the API reaches a worker at (default: the "
-                                     "bind address and port; set it when binding 0.0.0.0)")  # fmt: skip
-    inference_token: str = Field(default="", description="shared secret the API sends to inference workers (set it "
-                                 "wherever workers listen beyond loopback)")  # fmt: skip
+    inference_advertise: str = Field(
+        default="",
+        description="host:port the API reaches a worker at (default: the "
+        "bind address and port; set it when binding 0.0.0.0)",
+    )
+    inference_token: str = Field(
+        default="",
+        description="shared secret the API sends to inference workers (set it "
+        "wherever workers listen beyond loopback)",
+    )
     inference_max_models: int = Field(default=2, ge=1, description="models one worker keeps loaded (LRU)")
     inference_capacity: int = Field(default=64, ge=1, description="requests one worker serves at once")
     inference_backend: Literal["auto", "transformers", "deepspeed"] = "auto"
     inference_device: str = Field(default="auto", description="cpu, cuda, cuda:N (auto: cuda when available)")
-    inference_threads: int = Field(default=0, ge=0, description="torch threads of an inference worker (0: torch's "
-                                   "default, one per core)")  # fmt: skip
-    inference_prefix_cache_mb: float = Field(default=256.0, ge=0, description="memory per loaded model for recent "
-                                             "prompts' and replies' keys/values, reused by a tenant's prompts that "
-                                             "start alike (system prompt, a conversation's earlier turns); 0: off")
+    inference_threads: int = Field(
+        default=0, ge=0, description="torch threads of an inference worker (0: torch's default, one per core)"
+    )
+    inference_prefix_cache_mb: float = Field(
+        default=256.0,
+        ge=0,
+        description="memory per loaded model for recent "
+        "prompts' and replies' keys/values, reused by a tenant's prompts that "
+        "start alike (system prompt, a conversation's earlier turns); 0: off",
+    )
     inference_heartbeat_s: float = Field(default=2.0, gt=0, description="how often a worker reports")
-    inference_ttl_s: float = Field(default=10.0, gt=0, description="a worker silent this long gets no requests")
-    route_cache_s: float = Field(default=0.5, ge=0, description="seconds the API reuses its view of the live "
-                                 "inference workers (a new worker gets requests within this time; 0: read it for "
-                                 "every request)")  # fmt: skip
+    inference_ttl_s: float = Field(
+        default=10.0, gt=0, description="a worker silent this long gets no requests"
+    )
+    route_cache_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="seconds the API reuses its view of the live "
+        "inference workers (a new worker gets requests within this time; 0: read it for "
+        "every request)",
+    )
     chat_max_tokens: int = Field(default=2048, ge=1, description="largest max_tokens a request may ask for")
-    chat_default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when a request gives none")
+    chat_default_max_tokens: int = Field(
+        default=256, ge=1, description="max_tokens when a request gives none"
+    )
     chat_max_n: int = Field(default=8, ge=1, description="largest n")
     chat_max_messages: int = Field(default=256, ge=1, description="most messages in one request")
     chat_max_message_chars: int = Field(default=65536, ge=1, description="longest message content")
-    chat_timeout_s: float = Field(default=300.0, gt=0, description="a chat request ends with a timeout after this")
+    chat_timeout_s: float = Field(
+        default=300.0, gt=0, description="a chat request ends with a timeout after this"
+    )
     inference_load_timeout_s: float = Field(
         default=600.0,
         gt=0,
@@ -128,13 +183,21 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 503 (no worker, no dependency)")
     # limits and quotas (0 = off): over one → 429 rate_limit_error with Retry-After; counted in Redis when
     # REDIS_URL is set (shared by every API process), else in the database
-    rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per minute per API key, every /v1 "
-                                       "route (chat included)")  # fmt: skip
-    chat_tokens_per_minute: int = Field(default=0, ge=0, description="streamed completion tokens per minute per "
-                                        "API key; a chat request over it is refused until the minute ends")  # fmt: skip
-    max_active_jobs: int = Field(default=0, ge=0, description="live jobs (queued, running, paused) per tenant")
-    max_queued_gpu_hours: float = Field(default=0.0, ge=0, description="estimated GPU-hours of a tenant's live "
-                                        "jobs, the new one included")  # fmt: skip
+    rate_limit_per_minute: int = Field(
+        default=0, ge=0, description="requests per minute per API key, every /v1 route (chat included)"
+    )
+    chat_tokens_per_minute: int = Field(
+        default=0,
+        ge=0,
+        description="streamed completion tokens per minute per "
+        "API key; a chat request over it is refused until the minute ends",
+    )
+    max_active_jobs: int = Field(
+        default=0, ge=0, description="live jobs (queued, running, paused) per tenant"
+    )
+    max_queued_gpu_hours: float = Field(
+        default=0.0, ge=0, description="estimated GPU-hours of a tenant's live jobs, the new one included"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -142,15 +205,19 @@ class Settings(BaseSettings):
 
         unpriced = [g for g in self.gpu_types if g not in PRICE_PER_GPU_HOUR]
         if unpriced:  # every job is priced: a type without a price would fail every estimate
-            raise ValueError(f"gpu_types: {', '.join(unpriced)} has no price in service/services/cost.py "
-                             f"(PRICE_PER_GPU_HOUR: {', '.join(PRICE_PER_GPU_HOUR)}); add one there or drop it")  # fmt: skip
+            raise ValueError(
+                f"gpu_types: {', '.join(unpriced)} has no price in service/services/cost.py "
+                f"(PRICE_PER_GPU_HOUR: {', '.join(PRICE_PER_GPU_HOUR)}); add one there or drop it"
+            )
         if self.environment == "production":
             if not self.database_url or self.database_url.startswith("sqlite"):
                 raise ValueError("production needs DATABASE_URL pointing at PostgreSQL")
             if not self.redis_url:
                 raise ValueError("production needs REDIS_URL")
             if not self.inference_token:
-                raise ValueError("production needs RLHF_INFERENCE_TOKEN (inference workers trust only the API)")
+                raise ValueError(
+                    "production needs RLHF_INFERENCE_TOKEN (inference workers trust only the API)"
+                )
             if "*" in self.cors_origins:
                 raise ValueError("production refuses cors_origins '*'; list the front ends' origins")
         return self

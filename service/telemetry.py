@@ -22,11 +22,19 @@ def render(session: Session) -> tuple[bytes, str]:
     cost.set(float(session.scalar(select(func.coalesce(func.sum(Job.accrued_usd), 0.0))) or 0.0))
     gpu = Gauge("rlhf_gpu_seconds", "GPU (or CPU process) seconds used by all jobs", registry=reg)
     gpu.set(float(session.scalar(select(func.coalesce(func.sum(Job.gpu_seconds), 0.0))) or 0.0))
-    durations = Gauge("rlhf_step_seconds_last", "duration of the most recently finished run of each step", ["step"],
-                      registry=reg)  # fmt: skip
+    durations = Gauge(
+        "rlhf_step_seconds_last",
+        "duration of the most recently finished run of each step",
+        ["step"],
+        registry=reg,
+    )
     for step in (1, 2, 3):
-        e = session.scalar(select(JobEvent).where(JobEvent.type == "step_succeeded", JobEvent.step == step)
-                           .order_by(JobEvent.seq.desc()).limit(1))  # fmt: skip
+        e = session.scalar(
+            select(JobEvent)
+            .where(JobEvent.type == "step_succeeded", JobEvent.step == step)
+            .order_by(JobEvent.seq.desc())
+            .limit(1)
+        )
         if e is not None and e.data and isinstance(e.data.get("seconds"), int | float):
             durations.labels(str(step)).set(float(e.data["seconds"]))
     _running(session, reg)
@@ -38,16 +46,25 @@ def _running(session: Session, reg: CollectorRegistry) -> None:
     the reward and KL — what an operator graphs to see a run stall or diverge."""
     labels = ["job", "tenant", "step"]
     step = Gauge("rlhf_job_step", "the RLHF step (1-3) a running job is in", ["job", "tenant"], registry=reg)
-    progress = Gauge("rlhf_job_progress", "share of a running job done (0-1)", ["job", "tenant"], registry=reg)
-    gauges = {key: Gauge(f"rlhf_job_{key}", help_, labels, registry=reg) for key, help_ in (
-        ("global_step", "optimizer (or PPO) steps done in the running step"),
-        ("samples_per_s", "training samples per second at the newest step"),
-        ("loss", "training loss at the newest step"),
-        ("reward_mean", "mean reward of the newest PPO step (step 3)"),
-        ("kl_to_ref", "KL to the reference at the newest PPO step (step 3)"),
-    )}  # fmt: skip
-    newest = select(func.max(JobMetric.id)).join(Job, Job.id == JobMetric.job_id).where(Job.status == "running") \
-        .group_by(JobMetric.job_id)  # fmt: skip
+    progress = Gauge(
+        "rlhf_job_progress", "share of a running job done (0-1)", ["job", "tenant"], registry=reg
+    )
+    gauges = {
+        key: Gauge(f"rlhf_job_{key}", help_, labels, registry=reg)
+        for key, help_ in (
+            ("global_step", "optimizer (or PPO) steps done in the running step"),
+            ("samples_per_s", "training samples per second at the newest step"),
+            ("loss", "training loss at the newest step"),
+            ("reward_mean", "mean reward of the newest PPO step (step 3)"),
+            ("kl_to_ref", "KL to the reference at the newest PPO step (step 3)"),
+        )
+    }
+    newest = (
+        select(func.max(JobMetric.id))
+        .join(Job, Job.id == JobMetric.job_id)
+        .where(Job.status == "running")
+        .group_by(JobMetric.job_id)
+    )
     points = {m.job_id: m for m in session.scalars(select(JobMetric).where(JobMetric.id.in_(newest)))}
     for job in session.scalars(select(Job).where(Job.status == "running")):
         step.labels(job.id, job.tenant_id).set(job.current_step or 0)

@@ -60,8 +60,19 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> 
     from tests.runs import rlhf
 
     out = tmp_path_factory.mktemp("pipeline")
-    done = rlhf("train", "--actor-model", base_model, "--reward-model", base_model, "--output-dir", out,
-                "--config", "tiny", "--enable-tensorboard", timeout=280)  # fmt: skip
+    done = rlhf(
+        "train",
+        "--actor-model",
+        base_model,
+        "--reward-model",
+        base_model,
+        "--output-dir",
+        out,
+        "--config",
+        "tiny",
+        "--enable-tensorboard",
+        timeout=280,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out / "train.stdout").write_text(done.stdout)
     return out

@@ -14,8 +14,13 @@ SMALL = ["--max-seq-len", "128", "--eval-max-rows", "200"]
 
 def rlhf(*args: object, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    return subprocess.run([sys.executable, "-m", "rlhf_engine.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_engine.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def rlhf_ok(*args: object, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -32,17 +37,22 @@ def kill_after_first_checkpoint(args: list[object], step_dir: Path) -> int:
     import time
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *map(str, args)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_engine.cli", *map(str, args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     events = step_dir / "events.jsonl"
     deadline = time.monotonic() + 120
     while not (events.is_file() and "checkpoint_saved" in events.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "the run ended before its first checkpoint"
+        )
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (step_dir / "summary.json").exists()
     saved = [json.loads(line) for line in events.read_text().splitlines() if '"checkpoint_saved"' in line]
     return max(e["data"]["global_step"] for e in saved)
-
-

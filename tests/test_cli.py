@@ -41,7 +41,10 @@ def test_bad_data_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
         (["--data", str(bad)], f"{bad}, line 2, field 'rejected'"),
         (["--data-split", "1,2"], "data_split"),
         (["--data", "bundled:sft", "--data-weights", "1", "2"], "one weight per --data entry"),
-        (["--data", "bundled:sft", "--steps", "2", "--no-unsup"], ""),  # SFT-only for step 2: reported, not fatal
+        (
+            ["--data", "bundled:sft", "--steps", "2", "--no-unsup"],
+            "",
+        ),  # SFT-only for step 2: reported, not fatal
         (["--tokenizer", str(tmp_path / "nope")], "tokenizer"),
     ]
     for args, message in cases:
@@ -56,8 +59,20 @@ def test_bad_data_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
 def test_config_file_supplies_options_and_flags_override(tmp_path: Path, tokenizer_dir: Path) -> None:
     cfg = tmp_path / "data.yaml"
     cfg.write_text("data_split: 10,0,0\nseed: 5\n")
-    done = rlhf("data", "preview", "--config", str(cfg), "--tokenizer", str(tokenizer_dir), "--seed", "6",
-                "--json", "--no-unsup", "--steps", "1")  # fmt: skip
+    done = rlhf(
+        "data",
+        "preview",
+        "--config",
+        str(cfg),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--seed",
+        "6",
+        "--json",
+        "--no-unsup",
+        "--steps",
+        "1",
+    )
     out = json.loads(done.stdout)
     assert out["split"] == "10,0,0" and out["seed"] == 6
     cfg.write_text("data_splitt: 1,1,1\n")
@@ -67,10 +82,12 @@ def test_config_file_supplies_options_and_flags_override(tmp_path: Path, tokeniz
 
 def test_config_file_values_are_type_checked(tmp_path: Path) -> None:
     cfg = tmp_path / "step.yaml"
-    for text, message in (("zero_stage: three\n", "zero_stage must be int"),
-                          ("dtype: fp8\n", "dtype must be one of"),
-                          ("data_split: [1, 2]\n", "data_split must be str"),
-                          ("- just\n- a list\n", "must hold a mapping")):  # fmt: skip
+    for text, message in (
+        ("zero_stage: three\n", "zero_stage must be int"),
+        ("dtype: fp8\n", "dtype must be one of"),
+        ("data_split: [1, 2]\n", "data_split must be str"),
+        ("- just\n- a list\n", "must hold a mapping"),
+    ):
         cfg.write_text(text)
         done = rlhf("sft", "--model", "x", "--config", str(cfg))
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

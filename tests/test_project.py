@@ -33,8 +33,11 @@ def test_makefile_has_the_targets_the_readme_names() -> None:
 
 
 def test_dependencies_are_pinned() -> None:
-    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-                if line and not line.startswith("#"))  # fmt: skip
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     for name in ("torch", "deepspeed", "transformers", "tokenizers", "fastapi", "celery", "sqlalchemy"):
         assert name in {k.lower() for k in pins}, name
     assert pins["torch"] == "2.13.0"
@@ -56,8 +59,13 @@ def test_compose_file_is_consistent() -> None:
             assert (context / svc["build"]["dockerfile"]).is_file(), name
         for dep in svc.get("depends_on", []):
             assert dep in compose["services"], f"{name} depends on unknown {dep}"
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        subprocess.run(["docker", "compose", "-f", str(ROOT / "docker" / "compose.yaml"), "config", "-q"], check=True)
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        subprocess.run(
+            ["docker", "compose", "-f", str(ROOT / "docker" / "compose.yaml"), "config", "-q"], check=True
+        )
 
 
 @pytest.mark.filterwarnings("ignore:A test tried to use socket")
@@ -88,5 +96,11 @@ def test_the_consoles_lock_file_installs_with_npm_ci() -> None:
     assert packages[""]["devDependencies"] == pinned["devDependencies"]
     for where, pkg in packages.items():
         for dep in {**pkg.get("dependencies", {}), **pkg.get("optionalDependencies", {})}:
-            assert f"node_modules/{dep}" in packages or f"{where}/node_modules/{dep}" in packages, (where, dep)
-    assert all("==" not in v and not v.startswith(("^", "~")) for v in {**pinned["dependencies"], **pinned["devDependencies"]}.values())
+            assert f"node_modules/{dep}" in packages or f"{where}/node_modules/{dep}" in packages, (
+                where,
+                dep,
+            )
+    assert all(
+        "==" not in v and not v.startswith(("^", "~"))
+        for v in {**pinned["dependencies"], **pinned["devDependencies"]}.values()
+    )

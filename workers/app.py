@@ -42,10 +42,27 @@ def run_training_worker(*, concurrency: int = 1, sweeper: bool = True, loglevel:
     logger.info("training worker %s ready: taking jobs from queue %s", training.WORKER_ID, TRAIN_QUEUE)
     stop = threading.Event()
     if sweeper:
-        threading.Thread(target=training.sweeper_loop, args=(settings, stop), name="sweeper", daemon=True).start()
+        threading.Thread(
+            target=training.sweeper_loop, args=(settings, stop), name="sweeper", daemon=True
+        ).start()
     try:
-        app.worker_main(["worker", "-Q", TRAIN_QUEUE, "-c", str(concurrency), "-P", "threads", "--without-gossip",
-                         "--without-mingle", "--without-heartbeat", "-n", f"train-{training.WORKER_ID}@{socket.gethostname()}",
-                         "--loglevel", loglevel])  # fmt: skip
+        app.worker_main(
+            [
+                "worker",
+                "-Q",
+                TRAIN_QUEUE,
+                "-c",
+                str(concurrency),
+                "-P",
+                "threads",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"train-{training.WORKER_ID}@{socket.gethostname()}",
+                "--loglevel",
+                loglevel,
+            ]
+        )
     finally:
         stop.set()

@@ -47,18 +47,29 @@ def cmd_keys(ns: argparse.Namespace) -> int:
         if ns.keys_command == "create":
             key, plain = keys.create_key(session=s, tenant=ns.tenant, name=ns.name, operator=ns.operator)
             print(plain)
-            print(f"key {key.id} for tenant {key.tenant_id}{' (operator)' if key.operator else ''}; shown once, "
-                  "stored only as a hash", file=sys.stderr)  # fmt: skip
+            print(
+                f"key {key.id} for tenant {key.tenant_id}{' (operator)' if key.operator else ''}; shown once, "
+                "stored only as a hash",
+                file=sys.stderr,
+            )
         elif ns.keys_command == "list":
             for k in keys.list_keys(session=s, tenant=ns.tenant):
                 state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
-                print(f"{k.id}  {k.tenant_id:<20} {k.prefix}…  {state}{'  operator' if k.operator else ''}  {k.name}")
+                print(
+                    f"{k.id}  {k.tenant_id:<20} {k.prefix}…  {state}{'  operator' if k.operator else ''}  {k.name}"
+                )
         else:
             k = keys.revoke_key(session=s, key_id=ns.key_id)
     if ns.keys_command == "revoke":  # committed: now every API process forgets it
         told = keys.announce_revoked(k, settings.redis_url)
-        print(f"revoked {k.id} ({k.tenant_id}); " + ("every API process was told at once" if told else
-              f"API processes stop accepting it within {settings.auth_cache_s:g} s (RLHF_AUTH_CACHE_S)"))  # fmt: skip
+        print(
+            f"revoked {k.id} ({k.tenant_id}); "
+            + (
+                "every API process was told at once"
+                if told
+                else f"API processes stop accepting it within {settings.auth_cache_s:g} s (RLHF_AUTH_CACHE_S)"
+            )
+        )
     return 0
 
 
@@ -90,10 +101,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         env = dict(os.environ, RLHF_DATA_DIR=str(settings.data_dir))
         for kind in ("train", "inference"):
             children.append(subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", kind], env=env))
-        print(f"rlhf: all-in-one — API on http://{settings.host}:{settings.port} (console at /ui/), gRPC on {settings.host}:"
-              f"{settings.grpc_port}, training worker pid {children[0].pid}, inference worker pid {children[1].pid}, "
-              f"database {settings.db_url}, broker {settings.redis_url or 'filesystem (no Redis)'}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"rlhf: all-in-one — API on http://{settings.host}:{settings.port} (console at /ui/), gRPC on {settings.host}:"
+            f"{settings.grpc_port}, training worker pid {children[0].pid}, inference worker pid {children[1].pid}, "
+            f"database {settings.db_url}, broker {settings.redis_url or 'filesystem (no Redis)'}",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         run_loop(_serve(app, settings, loglevel=ns.loglevel.lower(), grpc=not ns.no_grpc))
     finally:
@@ -119,7 +133,9 @@ async def _serve(app: Any, settings: Settings, *, loglevel: str, grpc: bool) -> 
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=loglevel, access_log=False))
+    server = Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level=loglevel, access_log=False)
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
@@ -128,8 +144,11 @@ async def _serve(app: Any, settings: Settings, *, loglevel: str, grpc: bool) -> 
         from service.grpc.server import start_server
 
         grpc_server, port = await start_server(settings)
-        logging.getLogger("rlhf.serve").info("gRPC API on %s:%d (JobService, ChatService, ModelService, health, "
-                                             "reflection)", settings.host, port)  # fmt: skip
+        logging.getLogger("rlhf.serve").info(
+            "gRPC API on %s:%d (JobService, ChatService, ModelService, health, reflection)",
+            settings.host,
+            port,
+        )
     try:
         await server.serve()
     finally:
@@ -146,11 +165,16 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="The service's commands (see `rlhf --help` for all).")
+    parser = argparse.ArgumentParser(
+        prog="rlhf", description="The service's commands (see `rlhf --help` for all)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sv = sub.add_parser("serve", help="run the API server")
-    sv.add_argument("--all-in-one", action="store_true",
-                    help="also run a training and an inference worker (SQLite + no Redis work)")  # fmt: skip
+    sv.add_argument(
+        "--all-in-one",
+        action="store_true",
+        help="also run a training and an inference worker (SQLite + no Redis work)",
+    )
     sv.add_argument("--host", help="bind address (default RLHF_HOST or 127.0.0.1)")
     sv.add_argument("--port", type=int, help="HTTP port (default RLHF_PORT or 8000)")
     sv.add_argument("--grpc-port", type=int, help="gRPC port (default RLHF_GRPC_PORT or 50051)")
@@ -158,10 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--loglevel", default="INFO")
     sv.set_defaults(func=cmd_serve)
     wk = sub.add_parser("worker", help="run a worker")
-    wk.add_argument("kind", choices=["train", "inference"],
-                    help="train: Celery training worker; inference: serves finished models to the API")  # fmt: skip
-    wk.add_argument("--port", type=int, help="inference: gRPC port (default RLHF_INFERENCE_PORT, 0 = any free port)")
-    wk.add_argument("--no-sweeper", action="store_true", help="do not re-enqueue orphaned jobs from this worker")
+    wk.add_argument(
+        "kind",
+        choices=["train", "inference"],
+        help="train: Celery training worker; inference: serves finished models to the API",
+    )
+    wk.add_argument(
+        "--port", type=int, help="inference: gRPC port (default RLHF_INFERENCE_PORT, 0 = any free port)"
+    )
+    wk.add_argument(
+        "--no-sweeper", action="store_true", help="do not re-enqueue orphaned jobs from this worker"
+    )
     wk.add_argument("--loglevel", default="INFO")
     wk.set_defaults(func=cmd_worker)
     ks = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
@@ -175,12 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("key_id")
     for p in (kc, kl, kr):
         p.set_defaults(func=cmd_keys)
-    dm = sub.add_parser("demo", help="all-in-one server + a 3-step job on tiny models over HTTP, with progress")
+    dm = sub.add_parser(
+        "demo", help="all-in-one server + a 3-step job on tiny models over HTTP, with progress"
+    )
     dm.add_argument("--data-dir", default=".demo/service", help="the demo server's data directory")
     dm.add_argument("--run-link", help="symlink to create at the job's run directory (for rlhf eval / chat)")
-    dm.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                    help="tiny: the bundled tiny OPT models (≈ 3 min); smollm2: SmolLM2-135M-Instruct with LoRA and a "
-                    "small reward model on its tokenizer (≈ 15 min on 2 cores)")  # fmt: skip
+    dm.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: the bundled tiny OPT models (≈ 3 min); smollm2: SmolLM2-135M-Instruct with LoRA and a "
+        "small reward model on its tokenizer (≈ 15 min on 2 cores)",
+    )
     dm.set_defaults(func=cmd_demo)
     return parser
 

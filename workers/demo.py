@@ -24,8 +24,16 @@ from workers.local import create_key, free_port, wait_healthy
 JOB = {"model": "tiny-opt-s", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "demo", "seed": 1234}
 # `--model smollm2`: the real checkpoint (LoRA) with the small reward model on its tokenizer; both are
 # built by the server on first use (≈ 20 s and ≈ 190 s on 2 cores), then cached
-JOBS = {"tiny": JOB, "smollm2": {"model": "smollm2-135m-instruct", "reward_model": "smollm2-rm-xs", "preset": "smollm2",
-                                 "suffix": "demo", "seed": 1234}}  # fmt: skip
+JOBS = {
+    "tiny": JOB,
+    "smollm2": {
+        "model": "smollm2-135m-instruct",
+        "reward_model": "smollm2-rm-xs",
+        "preset": "smollm2",
+        "suffix": "demo",
+        "seed": 1234,
+    },
+}
 TURNS = ["What is a kite?", "And where does the owl live?"]
 
 
@@ -39,9 +47,23 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
     env["RLHF_DATA_DIR"] = str(data_dir.resolve())
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir / "server.log", "ab")  # noqa: SIM115 (closed in finally, after the server)
-    server = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--all-in-one", "--port", str(port),
-                               "--grpc-port", str(free_port())],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "serve",
+            "--all-in-one",
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(free_port()),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         if not wait_healthy(base, server, timeout_s=120):
@@ -52,21 +74,31 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         job_body = JOBS[model]
         est = client.post("/v1/fine_tuning/jobs/estimate", json=job_body).json()
-        console.print(f"POST /v1/fine_tuning/jobs/estimate → {est['seconds'] / 60:.1f} min, ${est['usd']:.5f} on "
-                      f"{est['num_gpus']}× {est['gpu_type']}")  # fmt: skip
+        console.print(
+            f"POST /v1/fine_tuning/jobs/estimate → {est['seconds'] / 60:.1f} min, ${est['usd']:.5f} on "
+            f"{est['num_gpus']}× {est['gpu_type']}"
+        )
         resp = client.post("/v1/fine_tuning/jobs", json=job_body)
         if resp.status_code != 200:
             console.print(f"[red]{resp.json()['error']['message']}[/red]")
             return 1
         job = resp.json()
-        console.print(f"POST /v1/fine_tuning/jobs → {job['id']} ({job['status']}): steps {job['steps']}, "
-                      f"{job['model']} + reward model {job['reward_model']}")  # fmt: skip
+        console.print(
+            f"POST /v1/fine_tuning/jobs → {job['id']} ({job['status']}): steps {job['steps']}, "
+            f"{job['model']} + reward model {job['reward_model']}"
+        )
         started = time.monotonic()
         seen_metric: int | None = None
-        with client.stream("GET", f"/v1/fine_tuning/jobs/{job['id']}/events", params={"stream": "true"},
-                           timeout=httpx.Timeout(60, read=timeout_s)) as stream:  # fmt: skip
+        with client.stream(
+            "GET",
+            f"/v1/fine_tuning/jobs/{job['id']}/events",
+            params={"stream": "true"},
+            timeout=httpx.Timeout(60, read=timeout_s),
+        ) as stream:
             for line in stream.iter_lines():
-                if line.startswith(":"):  # the stream's keep-alive (every 15 s): how far training got meanwhile
+                if line.startswith(
+                    ":"
+                ):  # the stream's keep-alive (every 15 s): how far training got meanwhile
                     seen_metric = _show_progress(console, client, job["id"], started, seen_metric)
                     continue
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -77,16 +109,21 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
                     continue
                 step = e["data"].get("step")
                 now = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-                console.print(f"  {time.monotonic() - started:6.1f}s  {100 * now['progress']:5.1f}%  "
-                              f"{'step ' + str(step) if step else '      '}  {e['message']}", markup=False)  # fmt: skip
+                console.print(
+                    f"  {time.monotonic() - started:6.1f}s  {100 * now['progress']:5.1f}%  "
+                    f"{'step ' + str(step) if step else '      '}  {e['message']}",
+                    markup=False,
+                )
         final: dict[str, Any] = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
         if final["status"] != "succeeded":
             console.print(f"[red]job {final['status']}: {final.get('error')}[/red]")
             return 1
         cost = final["cost"]
-        console.print(f"\n[bold]{final['status']}[/bold] in {time.monotonic() - started:.0f} s; accrued "
-                      f"${cost['accrued_usd']:.5f} (estimated ${cost['estimated_usd']:.5f}), "
-                      f"{final['trained_tokens']} tokens")  # fmt: skip
+        console.print(
+            f"\n[bold]{final['status']}[/bold] in {time.monotonic() - started:.0f} s; accrued "
+            f"${cost['accrued_usd']:.5f} (estimated ${cost['estimated_usd']:.5f}), "
+            f"{final['trained_tokens']} tokens"
+        )
         console.print(f"[bold]Fine-tuned model:[/bold] {final['fine_tuned_model']}")
         ids = [m["id"] for m in client.get("/v1/models").json()["data"] if m["id"].startswith("ft:")]
         console.print(f"GET /v1/models → {', '.join(ids)}")
@@ -102,7 +139,10 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
             run_link.parent.mkdir(parents=True, exist_ok=True)
             run_link.symlink_to(out)
             console.print(f"run directory: {out} (linked as {run_link})")
-        for name, model_dir in (("SFT model (step 1)", out / "step1_sft"), ("RLHF model (step 3)", out / "step3_rlhf" / "actor")):
+        for name, model_dir in (
+            ("SFT model (step 1)", out / "step1_sft"),
+            ("RLHF model (step 3)", out / "step3_rlhf" / "actor"),
+        ):
             console.print(f"\n[bold]rlhf eval[/bold] — {name} against the reward model:")
             subprocess.run(
                 [
@@ -134,9 +174,13 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
 def _show_progress(console: Any, client: Any, job_id: str, started: float, after: int | None) -> int | None:
     """One line with the job's progress and its newest training metrics, when there are new ones."""
     now = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-    page = client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics",
-                      params={"limit": 10_000} | ({"after": after} if after is not None else {})).json()  # fmt: skip
-    if not page["data"]:  # no training step since: say what it does instead ("building DeepSpeed ops: 38 s, …")
+    page = client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/metrics",
+        params={"limit": 10_000} | ({"after": after} if after is not None else {}),
+    ).json()
+    if not page[
+        "data"
+    ]:  # no training step since: say what it does instead ("building DeepSpeed ops: 38 s, …")
         if phase := now.get("phase"):
             console.print(
                 f"  {time.monotonic() - started:6.1f}s  {100 * now['progress']:5.1f}%  "
@@ -146,10 +190,21 @@ def _show_progress(console: Any, client: Any, job_id: str, started: float, after
         return after
     point = page["data"][-1]
     values = point["values"]
-    shown = "  ".join(f"{label} {values[key]:.4g}" for key, label in (("loss", "loss"), ("reward_mean", "reward"),
-                      ("kl_to_ref", "KL"), ("samples_per_s", "samples/s")) if isinstance(values.get(key), int | float))  # fmt: skip
-    console.print(f"  {time.monotonic() - started:6.1f}s  {100 * now['progress']:5.1f}%  step {point['step']}  "
-                  f"training: step {point['global_step']}  {shown}", markup=False)  # fmt: skip
+    shown = "  ".join(
+        f"{label} {values[key]:.4g}"
+        for key, label in (
+            ("loss", "loss"),
+            ("reward_mean", "reward"),
+            ("kl_to_ref", "KL"),
+            ("samples_per_s", "samples/s"),
+        )
+        if isinstance(values.get(key), int | float)
+    )
+    console.print(
+        f"  {time.monotonic() - started:6.1f}s  {100 * now['progress']:5.1f}%  step {point['step']}  "
+        f"training: step {point['global_step']}  {shown}",
+        markup=False,
+    )
     return int(page["last_id"])
 
 
@@ -161,8 +216,15 @@ def chat(console: Any, client: Any, model: str) -> int:
         messages.append({"role": "user", "content": turn})
         console.print(f"[bold]you:[/bold] {turn}")
         console.print("[bold]model:[/bold] ", end="")
-        body = {"model": model, "messages": messages, "max_tokens": 40, "temperature": 0.7, "seed": 0, "stream": True,
-                "stream_options": {"include_usage": True}}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": 40,
+            "temperature": 0.7,
+            "seed": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         sent, first, reply, usage, reward, error = time.monotonic(), None, [], None, None, None
         with client.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -192,8 +254,14 @@ def chat(console: Any, client: Any, model: str) -> int:
             return 1
         messages.append({"role": "assistant", "content": "".join(reply)})
         took = time.monotonic() - sent
-        loaded = " (the inference worker loaded the model for this first request)" if len(messages) == 2 else ""
-        detail = f"first token {1000 * ((first or sent) - sent):.0f} ms{loaded}, {usage['completion_tokens']} tokens " \
-                 f"in {took:.2f} s" if usage else ""
+        loaded = (
+            " (the inference worker loaded the model for this first request)" if len(messages) == 2 else ""
+        )
+        detail = (
+            f"first token {1000 * ((first or sent) - sent):.0f} ms{loaded}, {usage['completion_tokens']} tokens "
+            f"in {took:.2f} s"
+            if usage
+            else ""
+        )
         console.print(f"\n[dim]  ({detail}{f', reward {reward:+.2f}' if reward is not None else ''})[/dim]")
     return 0

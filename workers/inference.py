@@ -37,10 +37,15 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 # engine errors → gRPC codes; the API maps these back through service.errors.ERROR_TABLE
-_CODES = {"invalid_request": grpc.StatusCode.INVALID_ARGUMENT, "context_length_exceeded": grpc.StatusCode.INVALID_ARGUMENT,
-          "model_load_error": grpc.StatusCode.FAILED_PRECONDITION, "engine_busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
-          "engine_stopped": grpc.StatusCode.UNAVAILABLE, "generation_failed": grpc.StatusCode.INTERNAL,
-          "model_not_ready": grpc.StatusCode.UNAVAILABLE}  # fmt: skip
+_CODES = {
+    "invalid_request": grpc.StatusCode.INVALID_ARGUMENT,
+    "context_length_exceeded": grpc.StatusCode.INVALID_ARGUMENT,
+    "model_load_error": grpc.StatusCode.FAILED_PRECONDITION,
+    "engine_busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "engine_stopped": grpc.StatusCode.UNAVAILABLE,
+    "generation_failed": grpc.StatusCode.INTERNAL,
+    "model_not_ready": grpc.StatusCode.UNAVAILABLE,
+}
 
 
 class Engines:
@@ -120,8 +125,12 @@ class Engines:
                 def build() -> None:
                     try:
                         logger.info("building bundled model %s on first use", path.name)
-                        build_bundled(path, every_s=self.settings.inference_heartbeat_s, tick=lambda *_: None,
-                                      timeout_s=self.settings.model_build_timeout_s)
+                        build_bundled(
+                            path,
+                            every_s=self.settings.inference_heartbeat_s,
+                            tick=lambda *_: None,
+                            timeout_s=self.settings.model_build_timeout_s,
+                        )
                     except Exception:
                         logger.exception("building %s failed", path.name)
 
@@ -158,7 +167,9 @@ class Engines:
             if len(self._engines) <= self.settings.inference_max_models:
                 break
             if model_id != keep and self._busy.get(model_id, 0) == 0:
-                logger.info("evicting %s (least recently used; cap %d)", model_id, self.settings.inference_max_models)
+                logger.info(
+                    "evicting %s (least recently used; cap %d)", model_id, self.settings.inference_max_models
+                )
                 out.append(self._engines.pop(model_id))
         return out
 
@@ -168,7 +179,9 @@ class Engines:
         path = Path(path_str)
         real = path.resolve()
         if not any(real == r or r in real.parents for r in self._roots):
-            raise ModelLoadError(f"model: {model_id} lies outside this worker's data and model roots", param="model")
+            raise ModelLoadError(
+                f"model: {model_id} lies outside this worker's data and model roots", param="model"
+            )
         try:
             return self._build(path)
         except ModelLoadError as e:  # the client knows the model by its id, not by our paths
@@ -180,14 +193,29 @@ class Engines:
         from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits
 
         s = self.settings
-        limits = ChatLimits(max_new_tokens_limit=s.chat_max_tokens, default_max_new_tokens=s.chat_default_max_tokens,
-                            max_n=s.chat_max_n)  # fmt: skip
+        limits = ChatLimits(
+            max_new_tokens_limit=s.chat_max_tokens,
+            default_max_new_tokens=s.chat_default_max_tokens,
+            max_n=s.chat_max_n,
+        )
         started = time.monotonic()
-        engine = ChatEngine(ChatEngineConfig(model_path=str(path), backend=s.inference_backend, device=s.inference_device,
-                                             max_batch_size=max(32, s.chat_max_n), max_queue=s.inference_capacity,
-                                             prefix_cache_mb=s.inference_prefix_cache_mb, limits=limits))  # fmt: skip
-        logger.info("loaded %s in %.1f s (%s backend)", path, time.monotonic() - started,
-                    getattr(engine.loaded, "backend", s.inference_backend))  # fmt: skip
+        engine = ChatEngine(
+            ChatEngineConfig(
+                model_path=str(path),
+                backend=s.inference_backend,
+                device=s.inference_device,
+                max_batch_size=max(32, s.chat_max_n),
+                max_queue=s.inference_capacity,
+                prefix_cache_mb=s.inference_prefix_cache_mb,
+                limits=limits,
+            )
+        )
+        logger.info(
+            "loaded %s in %.1f s (%s backend)",
+            path,
+            time.monotonic() - started,
+            getattr(engine.loaded, "backend", s.inference_backend),
+        )
         return engine
 
     def close(self) -> None:
@@ -219,7 +247,9 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(
-                lambda t: None if t.cancelled() or t.exception() is not None else self.engines.release(model_id)
+                lambda t: (
+                    None if t.cancelled() or t.exception() is not None else self.engines.release(model_id)
+                )
             )
             raise
 
@@ -234,8 +264,14 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
         if engine is None and self.engines.preparing(request.model_id, request.model_path):
             from rlhf_engine.chat.errors import ModelNotReady
 
-            await _abort(context, ModelNotReady(f"model {request.model_id} is being prepared (a bundled model, built "
-                                                "and pretrained on first use); retry in a few seconds", param="model"))  # fmt: skip
+            await _abort(
+                context,
+                ModelNotReady(
+                    f"model {request.model_id} is being prepared (a bundled model, built "
+                    "and pretrained on first use); retry in a few seconds",
+                    param="model",
+                ),
+            )
         if engine is None:  # first request for the model here: load it off the event loop
             try:
                 engine = await self._load_acquired(request.model_id, request.model_path)
@@ -247,19 +283,26 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
             try:
                 params = SamplingParams(
                     max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
-                    temperature=request.temperature, top_p=request.top_p, stop=list(request.stop), n=request.n or 1,
-                    seed=request.seed if request.HasField("seed") else None)  # fmt: skip
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    stop=list(request.stop),
+                    n=request.n or 1,
+                    seed=request.seed if request.HasField("seed") else None,
+                )
                 messages = [{"role": m.role, "content": m.content} for m in request.messages]
                 if sum(len(m["content"]) for m in messages) > 8192:  # long prompts tokenise off the loop
-                    handle = await asyncio.to_thread(engine.submit, messages, params, scope=request.cache_scope)
+                    handle = await asyncio.to_thread(
+                        engine.submit, messages, params, scope=request.cache_scope
+                    )
                 else:
                     handle = engine.submit(messages, params, scope=request.cache_scope)
             except ChatError as e:
                 how = e.code
                 await _abort(context, e)
                 return
-            yield worker_pb2.GenerateReply(started=worker_pb2.Started(prompt_tokens=len(handle.prompt_ids),
-                                                                      worker_id=self.worker_id))  # fmt: skip
+            yield worker_pb2.GenerateReply(
+                started=worker_pb2.Started(prompt_tokens=len(handle.prompt_ids), worker_id=self.worker_id)
+            )
             ends: list[str] = []
             how = "cancelled"  # until the stream ends: the caller hanging up cancels this task
             try:
@@ -277,16 +320,30 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 return
             how = ",".join(ends)
             usage = handle.usage
-            yield worker_pb2.GenerateReply(finished=worker_pb2.Finished(prompt_tokens=usage.prompt_tokens,
-                                                                        completion_tokens=usage.completion_tokens))  # fmt: skip
+            yield worker_pb2.GenerateReply(
+                finished=worker_pb2.Finished(
+                    prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens
+                )
+            )
         finally:
             self.engines.release(request.model_id)
             if handle is not None:
                 if how == "cancelled":
                     handle.cancel()
-                ttft = (handle.first_token_at - handle.submitted) * 1e3 if handle.first_token_at else float("nan")
-                logger.info("%s %s: %s; %d prompt + %d completion tokens; first token %.1f ms", handle.id,
-                            request.model_id, how, len(handle.prompt_ids), handle.completion_tokens, ttft)  # fmt: skip
+                ttft = (
+                    (handle.first_token_at - handle.submitted) * 1e3
+                    if handle.first_token_at
+                    else float("nan")
+                )
+                logger.info(
+                    "%s %s: %s; %d prompt + %d completion tokens; first token %.1f ms",
+                    handle.id,
+                    request.model_id,
+                    how,
+                    len(handle.prompt_ids),
+                    handle.completion_tokens,
+                    ttft,
+                )
 
 
 class Registration:
@@ -304,12 +361,22 @@ class Registration:
             "heartbeat_at": utcnow(),
         }
         with self._lock, session_scope(self.settings.db_url) as s:
-            result: Any = s.execute(update(InferenceWorker).where(InferenceWorker.id == self.id).values(**values))
+            result: Any = s.execute(
+                update(InferenceWorker).where(InferenceWorker.id == self.id).values(**values)
+            )
             done = result.rowcount
             if not done:  # removed (or never written): register again
-                s.add(InferenceWorker(id=self.id, address=self.address, hostname=socket.gethostname(), pid=os.getpid(),
-                                      max_models=self.settings.inference_max_models,
-                                      capacity=self.settings.inference_capacity, **values))  # fmt: skip
+                s.add(
+                    InferenceWorker(
+                        id=self.id,
+                        address=self.address,
+                        hostname=socket.gethostname(),
+                        pid=os.getpid(),
+                        max_models=self.settings.inference_max_models,
+                        capacity=self.settings.inference_capacity,
+                        **values,
+                    )
+                )
 
     def report_quietly(self) -> None:
         try:
@@ -347,14 +414,22 @@ async def _serve(settings: Settings, port: int | None) -> int:
     bound = server.add_insecure_port(f"{host}:{settings.inference_port if port is None else port}")
     if not bound:
         raise ValueError(f"inference_port: cannot listen on {host}:{settings.inference_port}")
-    advertise = settings.inference_advertise or f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{bound}"
+    advertise = (
+        settings.inference_advertise
+        or f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{bound}"
+    )
     reg = Registration(settings, worker_id, advertise, engines)
     engines.on_change = reg.report_quietly
     await server.start()
     await asyncio.to_thread(reg.report)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    logger.info("inference worker %s serving on %s (up to %d models, %d requests at once)", worker_id, advertise,
-                settings.inference_max_models, settings.inference_capacity)  # fmt: skip
+    logger.info(
+        "inference worker %s serving on %s (up to %d models, %d requests at once)",
+        worker_id,
+        advertise,
+        settings.inference_max_models,
+        settings.inference_capacity,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -363,7 +438,9 @@ async def _serve(settings: Settings, port: int | None) -> int:
     try:
         while True:  # bounded: serves until SIGTERM/SIGINT
             try:
-                await asyncio.wait_for(stop.wait(), timeout=settings.inference_heartbeat_s)  # bounded: timeout
+                await asyncio.wait_for(
+                    stop.wait(), timeout=settings.inference_heartbeat_s
+                )  # bounded: timeout
                 break
             except asyncio.TimeoutError:
                 await asyncio.to_thread(reg.report_quietly)

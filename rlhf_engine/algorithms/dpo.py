@@ -26,9 +26,13 @@ class PreferenceOutput:
     def metrics(self) -> dict[str, float]:
         """Per step: the loss, the implicit rewards, their margin and how often chosen beats rejected."""
         margin = self.chosen_rewards - self.rejected_rewards
-        return {"loss": float(self.losses.detach().mean()), "rewards_chosen": float(self.chosen_rewards.mean()),
-                "rewards_rejected": float(self.rejected_rewards.mean()), "rewards_margin": float(margin.mean()),
-                "rewards_accuracy": float((margin > 0).float().mean())}  # fmt: skip
+        return {
+            "loss": float(self.losses.detach().mean()),
+            "rewards_chosen": float(self.chosen_rewards.mean()),
+            "rewards_rejected": float(self.rejected_rewards.mean()),
+            "rewards_margin": float(margin.mean()),
+            "rewards_accuracy": float((margin > 0).float().mean()),
+        }
 
 
 def _smoothed(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -37,17 +41,24 @@ def _smoothed(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     return -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
 
 
-def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
-                    ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None,
-                    *, kind: PreferenceLoss = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                    simpo_gamma: float = 0.5) -> PreferenceOutput:  # fmt: skip
+def preference_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    kind: PreferenceLoss = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> PreferenceOutput:
     """Losses per pair and the implicit rewards.
 
-        h = (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))
-        sigmoid (DPO):  −(1−ε)·log σ(β·h) − ε·log σ(−β·h);  rewards β·(log π − log π_ref)
-        ipo:            (h − 1/(2β))²                        (per-token mean log-probs)
-        simpo:          −(1−ε)·log σ(β·(log π(c) − log π(r)) − γ) − ε·log σ(−…)
-                        no reference; per-token mean log-probs; rewards β·log π
+    h = (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))
+    sigmoid (DPO):  −(1−ε)·log σ(β·h) − ε·log σ(−β·h);  rewards β·(log π − log π_ref)
+    ipo:            (h − 1/(2β))²                        (per-token mean log-probs)
+    simpo:          −(1−ε)·log σ(β·(log π(c) − log π(r)) − γ) − ε·log σ(−…)
+                    no reference; per-token mean log-probs; rewards β·log π
     """
     if kind == "simpo":
         logits = beta * (chosen_logps - rejected_logps) - simpo_gamma

@@ -39,8 +39,15 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long() * positions).argmax(dim=1)
 
 
-def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
-                         mask: torch.Tensor, *, kl_ctl: float, clip_reward_value: float) -> torch.Tensor:  # fmt: skip
+def kl_penalized_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_ctl: float,
+    clip_reward_value: float,
+) -> torch.Tensor:
     """Per-token rewards: −kl_ctl·(log π − log π_ref) on every answer token, plus the reward model's
     score clipped to ±clip_reward_value on the last answer token. (B, T), 0 on padding.
 
@@ -53,8 +60,9 @@ def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, sco
     return rewards
 
 
-def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def gae(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimates and returns, computed from the end of each answer backwards.
 
         δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   R_t = A_t + V_t
@@ -77,8 +85,14 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, gamm
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, *, cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped surrogate loss, mean over answer tokens: max(−A·ρ, −A·clip(ρ, 1±ε)), ρ = π/π_old.
 
     Returns (loss, clip fraction = share of tokens where the clipped term was taken).
@@ -91,13 +105,21 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return loss, clipfrac
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
-               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss: ½·mean(max((V − R)², (clip(V, V_old ± ε) − R)²)) over answer tokens.
 
     Returns (loss, clip fraction).
     """
-    clipped_values = torch.maximum(torch.minimum(values, old_values + cliprange_value), old_values - cliprange_value)
+    clipped_values = torch.maximum(
+        torch.minimum(values, old_values + cliprange_value), old_values - cliprange_value
+    )
     unclipped = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)

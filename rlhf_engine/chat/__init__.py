@@ -26,14 +26,34 @@ if TYPE_CHECKING:
     from rlhf_engine.chat.engine import ChatEngine, ChatResult, Delta, RequestHandle, Usage
     from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
 
-__all__ = ["ChatEngine", "ChatEngineConfig", "ChatError", "ChatLimits", "ChatResult", "ContextLengthExceeded", "Delta",
-           "EngineBusy", "EngineStopped", "GenerationFailed", "InvalidRequest", "ModelLoadError", "RequestHandle",
-           "SamplingParams", "Usage"]  # fmt: skip
+__all__ = [
+    "ChatEngine",
+    "ChatEngineConfig",
+    "ChatError",
+    "ChatLimits",
+    "ChatResult",
+    "ContextLengthExceeded",
+    "Delta",
+    "EngineBusy",
+    "EngineStopped",
+    "GenerationFailed",
+    "InvalidRequest",
+    "ModelLoadError",
+    "RequestHandle",
+    "SamplingParams",
+    "Usage",
+]
 
-_LAZY = {"ChatEngine": "rlhf_engine.chat.engine", "ChatResult": "rlhf_engine.chat.engine",
-         "Delta": "rlhf_engine.chat.engine", "RequestHandle": "rlhf_engine.chat.engine", "Usage": "rlhf_engine.chat.engine",
-         "ChatEngineConfig": "rlhf_engine.config.chat", "ChatLimits": "rlhf_engine.config.chat",
-         "SamplingParams": "rlhf_engine.config.chat"}  # fmt: skip
+_LAZY = {
+    "ChatEngine": "rlhf_engine.chat.engine",
+    "ChatResult": "rlhf_engine.chat.engine",
+    "Delta": "rlhf_engine.chat.engine",
+    "RequestHandle": "rlhf_engine.chat.engine",
+    "Usage": "rlhf_engine.chat.engine",
+    "ChatEngineConfig": "rlhf_engine.config.chat",
+    "ChatLimits": "rlhf_engine.config.chat",
+    "SamplingParams": "rlhf_engine.config.chat",
+}
 
 
 def __getattr__(name: str) -> Any:  # torch is imported only when the engine is asked for

@@ -89,8 +89,15 @@ class _Done:
 class RequestHandle:
     """One submitted request: iterate it for `Delta`s (each reply's pieces in order), `cancel()` it."""
 
-    def __init__(self, request_id: str, messages: list[dict[str, str]], prompt_ids: list[int],
-                 params: SamplingParams, max_new_tokens: int, scope: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        request_id: str,
+        messages: list[dict[str, str]],
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        scope: str = "",
+    ) -> None:
         self.id = request_id
         self.scope = scope
         self.messages = messages
@@ -177,9 +184,16 @@ class RequestHandle:
         parts: dict[int, list[Delta]] = {i: [] for i in range(self.params.n)}
         for delta in self:
             parts[delta.index].append(delta)
-        choices = [Choice(index=i, text="".join(d.text for d in ds), token_ids=[t for d in ds for t in d.token_ids],
-                          finish_reason=ds[-1].finish_reason or "cancelled", reward=ds[-1].reward)
-                   for i, ds in parts.items()]  # fmt: skip
+        choices = [
+            Choice(
+                index=i,
+                text="".join(d.text for d in ds),
+                token_ids=[t for d in ds for t in d.token_ids],
+                finish_reason=ds[-1].finish_reason or "cancelled",
+                reward=ds[-1].reward,
+            )
+            for i, ds in parts.items()
+        ]
         ttft = (self.first_token_at or time.monotonic()) - self.submitted
         return ChatResult(choices=choices, usage=self.usage, time_to_first_token=ttft)
 
@@ -230,7 +244,9 @@ class ChatEngine:
         self.limits = config.limits
         self.loaded: LoadedModel = load_chat_model(config)
         self.tokenizer = self.loaded.tokenizer
-        self.scorer = ReplyScorer(self.loaded.reward_dir, self.loaded.device) if self.loaded.reward_dir else None
+        self.scorer = (
+            ReplyScorer(self.loaded.reward_dir, self.loaded.device) if self.loaded.reward_dir else None
+        )
         self._takes_positions = "position_ids" in forward_params(self.loaded.module)
         self._cache_arg = cache_kwarg(self.loaded.module)
         self._keeps_logits = "logits_to_keep" in forward_params(self.loaded.module)
@@ -279,8 +295,12 @@ class ChatEngine:
     def prompt_cache(self) -> dict[str, int]:
         """Prompt tokens taken from the prompt cache and run through the model so far, its entries and bytes."""
         p = self._prefixes
-        return {"reused_tokens": p.hits if p else 0, "prefilled_tokens": p.misses if p else 0,
-                "entries": len(p) if p else 0, "bytes": p.bytes if p else 0}  # fmt: skip
+        return {
+            "reused_tokens": p.hits if p else 0,
+            "prefilled_tokens": p.misses if p else 0,
+            "entries": len(p) if p else 0,
+            "bytes": p.bytes if p else 0,
+        }
 
     @property
     def waiting(self) -> int:
@@ -295,8 +315,9 @@ class ChatEngine:
 
         return encode_prompt(check_messages(messages), self.tokenizer)
 
-    def submit(self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None, *,
-               scope: str = "") -> RequestHandle:  # fmt: skip
+    def submit(
+        self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None, *, scope: str = ""
+    ) -> RequestHandle:
         """Queue a request; its handle streams the replies. Bad parameters raise `InvalidRequest` here.
         Cached prompt keys/values are reused only among requests of one `scope` (a server's tenant)."""
         params = params or SamplingParams()
@@ -312,11 +333,15 @@ class ChatEngine:
             self._pending.put(handle)
         return handle
 
-    def stream(self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None) -> Iterator[Delta]:
+    def stream(
+        self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None
+    ) -> Iterator[Delta]:
         """The replies' text as it is generated (stopping the iteration cancels the request)."""
         return iter(self.submit(messages, params))
 
-    def generate(self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None) -> ChatResult:
+    def generate(
+        self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None
+    ) -> ChatResult:
         return self.submit(messages, params).result()
 
     def close(self, *, drain_s: float = 0.0) -> None:
@@ -397,12 +422,18 @@ class ChatEngine:
                 handle._fail(GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, self._cache_arg: cache,
-                                  "use_cache": True}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            self._cache_arg: cache,
+            "use_cache": True,
+        }
         if self._takes_positions:  # padded rows count positions from their first real token
             positions = mask.long().cumsum(-1) - 1
             kwargs["position_ids"] = positions[:, -input_ids.shape[1] :].clamp(min=0)
-        if self._keeps_logits:  # the LM head on the last position only (a 49k vocabulary: a fifth of a prefill)
+        if (
+            self._keeps_logits
+        ):  # the LM head on the last position only (a 49k vocabulary: a fifth of a prefill)
             kwargs["logits_to_keep"] = 1
         out = self.loaded.model(**kwargs)
         return out.logits[:, -1].float().cpu()  # (B, V)
@@ -412,7 +443,9 @@ class ChatEngine:
         left-padded to the longest, then the rest of its prompt left-padded likewise; sample each
         reply's first token and add the rows to the running batch."""
         device = self.loaded.device
-        reuse = [self._prefixes.match(h.prompt_ids, h.scope) if self._prefixes else (0, None) for h in handles]
+        reuse = [
+            self._prefixes.match(h.prompt_ids, h.scope) if self._prefixes else (0, None) for h in handles
+        ]
         rests = [h.prompt_ids[n:] for h, (n, _) in zip(handles, reuse, strict=True)]
         width, rest_width = max(n for n, _ in reuse), max(len(r) for r in rests)
         mask = torch.zeros(len(handles), width + rest_width, dtype=torch.long, device=device)
@@ -442,10 +475,18 @@ class ChatEngine:
         rows, index = [], []
         for i, handle in enumerate(handles):
             n = handle.params.n
-            seed = handle.params.seed if handle.params.seed is not None else int.from_bytes(os.urandom(7), "little")
+            seed = (
+                handle.params.seed
+                if handle.params.seed is not None
+                else int.from_bytes(os.urandom(7), "little")
+            )
             for j in range(n):
-                row = _Seq(handle=handle, index=j, generator=torch.Generator().manual_seed(seed + j),
-                           text=StreamText(self.tokenizer, handle.prompt_ids, handle.params.stop))  # fmt: skip
+                row = _Seq(
+                    handle=handle,
+                    index=j,
+                    generator=torch.Generator().manual_seed(seed + j),
+                    text=StreamText(self.tokenizer, handle.prompt_ids, handle.params.stop),
+                )
                 self._step(row, logits[i])
                 rows.append(row)
                 index.append(i)
@@ -468,7 +509,9 @@ class ChatEngine:
     def _step(self, row: _Seq, logits: torch.Tensor) -> None:
         """Sample one token for `row`, hand out its text, and decide whether the reply ended."""
         p = row.handle.params
-        token = next_token(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=row.generator)
+        token = next_token(
+            logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=row.generator
+        )
         row.tokens.append(token)
         eos = token in self.loaded.eos_ids and not p.ignore_eos
         if not eos:
@@ -490,8 +533,15 @@ class ChatEngine:
                 reward = self.scorer.score(row.handle.messages, row.text.text)
             except Exception:  # a reward is extra: never lose the reply over it
                 logger.exception("scoring the reply failed")
-        row.handle._emit(Delta(index=row.index, text=row.text.take(final=True), token_ids=tokens,
-                               finish_reason=row.finish, reward=reward))  # fmt: skip
+        row.handle._emit(
+            Delta(
+                index=row.index,
+                text=row.text.take(final=True),
+                token_ids=tokens,
+                finish_reason=row.finish,
+                reward=reward,
+            )
+        )
 
     def _join(self, rows: list[_Seq], mask: torch.Tensor) -> None:
         """Add freshly prefilled rows (their keys and values already in the batch's cache) to the batch."""
@@ -551,7 +601,9 @@ class ChatEngine:
                 continue
             columns = self._mask[i].nonzero().squeeze(1)
             if len(columns) != len(tokens):  # never expected: keep nothing rather than a wrong entry
-                logger.warning("prompt cache: row %d holds %d positions for %d tokens", i, len(columns), len(tokens))
+                logger.warning(
+                    "prompt cache: row %d holds %d positions for %d tokens", i, len(columns), len(tokens)
+                )
                 continue
             try:
                 kv = [layer.row(i, columns) for layer in self._layers]
@@ -599,11 +651,14 @@ def check_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
         role = m.get("role") if isinstance(m, dict) else None
         content = m.get("content") if isinstance(m, dict) else None
         if role not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}",
-                                 param=f"messages[{i}].role")  # fmt: skip
+            raise InvalidRequest(
+                f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}", param=f"messages[{i}].role"
+            )
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content: must be a string", param=f"messages[{i}].content")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "user":
-        raise InvalidRequest("messages: the last message must be the user's (the model answers it)", param="messages")
+        raise InvalidRequest(
+            "messages: the last message must be the user's (the model answers it)", param="messages"
+        )
     return out

@@ -66,8 +66,9 @@ class BatchLayer(DynamicLayer):
         self.device = template.device
 
     # --- what the model calls
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `t` columns to every row (the model's call, once per layer and forward)."""
         t = key_states.shape[-2]
         if self._k is None:
@@ -187,7 +188,9 @@ class PrefixCache:
     def _holder(self, tokens: list[int], scope: str) -> int | None:
         """The key of an entry of the scope that already covers `tokens` (its tokens start with them)."""
         n = len(tokens)
-        return next((key for key, e in self._entries.items() if e.scope == scope and e.tokens[:n] == tokens), None)
+        return next(
+            (key for key, e in self._entries.items() if e.scope == scope and e.tokens[:n] == tokens), None
+        )
 
     def wants(self, tokens: list[int], nbytes: int, scope: str = "") -> bool:
         """Whether `add` would keep these tokens (asked before copying their keys and values): they fit,

@@ -65,13 +65,20 @@ def resolve_model_dir(path: str) -> tuple[Path, Path | None]:
     if (p / "config.json").is_file():
         model_dir = p
     else:
-        for sub in ("step3_rlhf/actor", "step2_dpo", "step1_sft"):  # the run's chat model: RLHF, DPO, else SFT
+        for sub in (
+            "step3_rlhf/actor",
+            "step2_dpo",
+            "step1_sft",
+        ):  # the run's chat model: RLHF, DPO, else SFT
             if (p / sub / "config.json").is_file():
                 model_dir = p / sub
                 break
         else:
-            raise ModelLoadError(f"model_path: {path} holds no model: expected config.json, or a run directory with "
-                                 "step3_rlhf/actor, step2_dpo or step1_sft", param="model_path")  # fmt: skip
+            raise ModelLoadError(
+                f"model_path: {path} holds no model: expected config.json, or a run directory with "
+                "step3_rlhf/actor, step2_dpo or step1_sft",
+                param="model_path",
+            )
     model_dir = model_dir.resolve()
     run_dir = None
     if model_dir.parent.name == "step3_rlhf" and model_dir.name in ("actor", "actor_ema"):
@@ -92,7 +99,9 @@ def check_weights(model_dir: Path, *, allow_pickle: bool) -> None:
         raise ModelLoadError(
             f"model_path: {model_dir} holds only pickled weights ({', '.join(pickled)}), which can run code when "
             "loaded; convert them to safetensors (model.save_pretrained(dir, safe_serialization=True)) or let the "
-            "operator allow pickled weights (allow_pickle)", param="model_path")  # fmt: skip
+            "operator allow pickled weights (allow_pickle)",
+            param="model_path",
+        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -101,7 +110,9 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ModelLoadError(f"device: {name!r} is not a device; use cpu, cuda or cuda:N", param="device") from None
+        raise ModelLoadError(
+            f"device: {name!r} is not a device; use cpu, cuda or cuda:N", param="device"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device: CUDA is not available on this machine; use cpu", param="device")
     return device
@@ -119,8 +130,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def pick_backend(config: ChatEngineConfig, device: torch.device) -> str:
     if config.kernel_inject and device.type != "cuda":
-        raise ModelLoadError("kernel_inject: DeepSpeed's inference kernels need CUDA; on CPU leave it off "
-                             "(deepspeed.init_inference then runs without injection)", param="kernel_inject")  # fmt: skip
+        raise ModelLoadError(
+            "kernel_inject: DeepSpeed's inference kernels need CUDA; on CPU leave it off "
+            "(deepspeed.init_inference then runs without injection)",
+            param="kernel_inject",
+        )
     if config.backend != "auto":
         return config.backend
     # Measured on the 2-core CPU (bench/chat.py, README): the same module either way, and the plain
@@ -158,23 +172,32 @@ def _load_chat_model(config: ChatEngineConfig) -> LoadedModel:
     except ValueError as e:
         raise ModelLoadError(str(e), param="model_path") from None
     if config.kernel_inject and hf_config.model_type not in INJECT_ARCHS:
-        raise ModelLoadError(f"kernel_inject: DeepSpeed has no injection policy for {hf_config.model_type}; "
-                             "leave kernel_inject off", param="kernel_inject")  # fmt: skip
+        raise ModelLoadError(
+            f"kernel_inject: DeepSpeed has no injection policy for {hf_config.model_type}; "
+            "leave kernel_inject off",
+            param="kernel_inject",
+        )
     if config.kernel_inject:
         from rlhf_engine.engine.injection import injection_unsupported
 
         why = injection_unsupported()
         if why:
-            raise ModelLoadError(f"kernel_inject: {why}; leave kernel_inject off (the deepspeed backend without "
-                                 "injection gives the same tokens)", param="kernel_inject")  # fmt: skip
+            raise ModelLoadError(
+                f"kernel_inject: {why}; leave kernel_inject off (the deepspeed backend without "
+                "injection gives the same tokens)",
+                param="kernel_inject",
+            )
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # a per-shard loading bar would land in the chat transcript
     try:
         module = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), config=hf_config, dtype=dtype, trust_remote_code=False,
+            str(model_dir),
+            config=hf_config,
+            dtype=dtype,
+            trust_remote_code=False,
             use_safetensors=None if config.allow_pickle else True,
-        )  # fmt: skip
+        )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"model_path: cannot load {model_dir}: {e}", param="model_path") from None
     module = module.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
@@ -182,7 +205,9 @@ def _load_chat_model(config: ChatEngineConfig) -> LoadedModel:
     if backend == "deepspeed":
         import deepspeed
 
-        model = deepspeed.init_inference(module, config={"dtype": dtype, "replace_with_kernel_inject": config.kernel_inject})
+        model = deepspeed.init_inference(
+            module, config={"dtype": dtype, "replace_with_kernel_inject": config.kernel_inject}
+        )
     eos = {tokenizer.eos_token_id}
     gen_eos = getattr(module.generation_config, "eos_token_id", None)
     eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
@@ -190,9 +215,19 @@ def _load_chat_model(config: ChatEngineConfig) -> LoadedModel:
     if run_dir is not None and config.score_replies and (run_dir / "step2_reward" / "config.json").is_file():
         reward_dir = run_dir / "step2_reward"
     logger.info("chat model %s (%s, %s, %s)", model_dir, backend, dtype, device)
-    return LoadedModel(model_dir=model_dir, run_dir=run_dir, reward_dir=reward_dir, model=model, module=module,
-                       tokenizer=tokenizer, backend=backend, device=device, dtype=dtype,
-                       context_len=_context_len(hf_config), eos_ids=frozenset(e for e in eos if e is not None))  # fmt: skip
+    return LoadedModel(
+        model_dir=model_dir,
+        run_dir=run_dir,
+        reward_dir=reward_dir,
+        model=model,
+        module=module,
+        tokenizer=tokenizer,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        context_len=_context_len(hf_config),
+        eos_ids=frozenset(e for e in eos if e is not None),
+    )
 
 
 class ReplyScorer:
@@ -210,8 +245,9 @@ class ReplyScorer:
 
         check_weights(reward_dir, allow_pickle=False)
         self.tokenizer = load_tokenizer(str(reward_dir), field="reward_model")
-        model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), trust_remote_code=False,
-                                                                   use_safetensors=True)  # fmt: skip
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(reward_dir), trust_remote_code=False, use_safetensors=True
+        )
         self.model = ValueModel(model.to(device).eval())
         self.device = device
         self.context_len = _context_len(model.config)

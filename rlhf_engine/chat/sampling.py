@@ -28,8 +28,9 @@ def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.Te
     return out
 
 
-def next_token(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
-               generator: torch.Generator) -> int:  # fmt: skip
+def next_token(
+    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+) -> int:
     """One token id from `logits` (V,): greedy at temperature 0, else sampled with `generator`."""
     logits = logits.float()
     if temperature == 0:

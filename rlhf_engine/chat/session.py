@@ -46,4 +46,7 @@ class ChatSession:
             parts.append(delta.text)
             self.last = delta
             yield delta.text
-        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": "".join(parts).strip()}]
+        self.history += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": "".join(parts).strip()},
+        ]

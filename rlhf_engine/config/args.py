@@ -42,7 +42,9 @@ def _hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
-def _leaves(cls: type, prefix: str = "", default: Any = None) -> Iterator[tuple[str, dataclasses.Field[Any], Any, Any]]:
+def _leaves(
+    cls: type, prefix: str = "", default: Any = None
+) -> Iterator[tuple[str, dataclasses.Field[Any], Any, Any]]:
     """(flat name, field, type, default) for every non-dataclass field, recursively."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -75,7 +77,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, prefix: st
         seen.add(name)
         help_text = f.metadata.get("help", "")
         if default not in (None, "", []):
-            help_text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+            help_text += (
+                f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+            )
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         origin = get_origin(tp)
         if tp is bool:
@@ -108,7 +112,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as e:  # yaml and json raise many types; the message is what matters
-        raise ValueError(f"config: {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {e}") from None
+        raise ValueError(
+            f"config: {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {e}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -126,7 +132,11 @@ def _build(cls: type[T], prefix: str, values: dict[str, Any]) -> T:
         if dataclasses.is_dataclass(tp):  # one level of nesting (DataConfig, ModelOptions)
             sub_prefix = _sub_prefix(f, prefix)
             base = _default_of(f)
-            sub = {name[len(sub_prefix) :]: values[name] for name, *_ in _leaves(tp, sub_prefix) if name in values}  # type: ignore[arg-type]
+            sub = {
+                name[len(sub_prefix) :]: values[name]
+                for name, *_ in _leaves(tp, sub_prefix)
+                if name in values
+            }  # type: ignore[arg-type]
             kwargs[f.name] = dataclasses.replace(base, **sub) if sub else base
         elif prefix + f.name in values:
             kwargs[f.name] = values[prefix + f.name]
@@ -166,8 +176,9 @@ def option_names(cls: type, prefix: str = "") -> list[str]:
     return [name for name, _, _, _ in _leaves(cls, prefix)]
 
 
-def dataclass_from_args(cls: type[T], ns: argparse.Namespace, *, prefix: str = "",
-                        file_values: dict[str, Any] | None = None) -> T:  # fmt: skip
+def dataclass_from_args(
+    cls: type[T], ns: argparse.Namespace, *, prefix: str = "", file_values: dict[str, Any] | None = None
+) -> T:
     """Build `cls` from flags (highest priority), then `file_values`, then the dataclass defaults.
 
     Unknown keys in `file_values` are an error naming them (a typo must not be ignored silently).

@@ -22,16 +22,28 @@ class SamplingParams:
     """How one request samples (OpenAI's chat-completion parameters, plus top_k and ignore_eos)."""
 
     max_new_tokens: int | None = field(
-        default=None, metadata={"help": "tokens to generate at most (default: the server's default, within context)"}
+        default=None,
+        metadata={"help": "tokens to generate at most (default: the server's default, within context)"},
     )
     temperature: float = field(default=1.0, metadata={"help": "0 = greedy; higher = more random (0-2)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the smallest set of tokens with this "
-                                                        "much probability (0 < top_p <= 1)"})  # fmt: skip
+    top_p: float = field(
+        default=1.0,
+        metadata={
+            "help": "nucleus sampling: keep the smallest set of tokens with this "
+            "much probability (0 < top_p <= 1)"
+        },
+    )
     top_k: int = field(default=0, metadata={"help": "keep only the k most likely tokens (0 = all)"})
-    stop: list[str] = field(default_factory=list, metadata={"help": "strings that end the reply (not included in it)"})
-    seed: int | None = field(default=None, metadata={"help": "sampling seed: the same seed gives the same tokens"})
+    stop: list[str] = field(
+        default_factory=list, metadata={"help": "strings that end the reply (not included in it)"}
+    )
+    seed: int | None = field(
+        default=None, metadata={"help": "sampling seed: the same seed gives the same tokens"}
+    )
     n: int = field(default=1, metadata={"help": "replies to generate for the request"})
-    ignore_eos: bool = field(default=False, metadata={"help": "keep generating past the end-of-sequence token"})
+    ignore_eos: bool = field(
+        default=False, metadata={"help": "keep generating past the end-of-sequence token"}
+    )
 
     def __post_init__(self) -> None:
         def bad(param: str, message: str) -> InvalidRequest:
@@ -67,8 +79,12 @@ def _is_number(v: object) -> bool:
 class ChatLimits:
     """Operator caps on what one request may ask for."""
 
-    max_new_tokens_limit: int = field(default=2048, metadata={"help": "largest max_new_tokens a request may ask for"})
-    default_max_new_tokens: int = field(default=256, metadata={"help": "max_new_tokens when a request gives none"})
+    max_new_tokens_limit: int = field(
+        default=2048, metadata={"help": "largest max_new_tokens a request may ask for"}
+    )
+    default_max_new_tokens: int = field(
+        default=256, metadata={"help": "max_new_tokens when a request gives none"}
+    )
     max_n: int = field(default=8, metadata={"help": "largest n (replies per request)"})
     max_stop: int = field(default=4, metadata={"help": "most stop strings per request"})
     max_stop_chars: int = field(default=64, metadata={"help": "longest stop string, in characters"})
@@ -83,27 +99,38 @@ class ChatLimits:
         if params.n > self.max_n:
             raise InvalidRequest(f"n: {params.n} is above this server's limit of {self.max_n}", param="n")
         if len(params.stop) > self.max_stop:
-            raise InvalidRequest(f"stop: {len(params.stop)} strings given, at most {self.max_stop} allowed",
-                                 param="stop")  # fmt: skip
+            raise InvalidRequest(
+                f"stop: {len(params.stop)} strings given, at most {self.max_stop} allowed", param="stop"
+            )
         if any(len(s) > self.max_stop_chars for s in params.stop):
-            raise InvalidRequest(f"stop: each string must be at most {self.max_stop_chars} characters", param="stop")
+            raise InvalidRequest(
+                f"stop: each string must be at most {self.max_stop_chars} characters", param="stop"
+            )
         if params.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens_limit:
-            raise InvalidRequest(f"max_new_tokens: {params.max_new_tokens} is above this server's limit of "
-                                 f"{self.max_new_tokens_limit}", param="max_new_tokens")  # fmt: skip
+            raise InvalidRequest(
+                f"max_new_tokens: {params.max_new_tokens} is above this server's limit of "
+                f"{self.max_new_tokens_limit}",
+                param="max_new_tokens",
+            )
         room = context_len - prompt_tokens
         if room < 1:
             raise ContextLengthExceeded(
                 f"messages: the prompt has {prompt_tokens} tokens and the model's context is {context_len}; "
-                "shorten the conversation", param="messages", prompt_tokens=prompt_tokens, context_len=context_len
-            )  # fmt: skip
+                "shorten the conversation",
+                param="messages",
+                prompt_tokens=prompt_tokens,
+                context_len=context_len,
+            )
         if params.max_new_tokens is None:
             return min(self.default_max_new_tokens, room)
         if params.max_new_tokens > room:
             raise ContextLengthExceeded(
                 f"max_new_tokens: the prompt has {prompt_tokens} tokens and the model's context is {context_len}, "
                 f"so at most {room} new tokens fit; lower max_new_tokens or shorten the conversation",
-                param="max_new_tokens", prompt_tokens=prompt_tokens, context_len=context_len,
-            )  # fmt: skip
+                param="max_new_tokens",
+                prompt_tokens=prompt_tokens,
+                context_len=context_len,
+            )
         return params.max_new_tokens
 
 
@@ -111,27 +138,49 @@ class ChatLimits:
 class ChatEngineConfig:
     """How the chat engine loads a model and schedules requests."""
 
-    model_path: str = field(default="", metadata={
-        "help": "a causal LM directory, or a run directory (its step3_rlhf/actor, else step1_sft)",
-        "aliases": ["--path"]})  # fmt: skip
-    backend: Backend = field(default="auto", metadata={
-        "help": "transformers, or deepspeed (deepspeed.init_inference); auto picks the faster one measured "
-                "(transformers on CPU, see README)"})  # fmt: skip
-    kernel_inject: bool = field(default=False, metadata={
-        "help": "DeepSpeed-Inference kernel injection (CUDA and supported architectures only)"})  # fmt: skip
+    model_path: str = field(
+        default="",
+        metadata={
+            "help": "a causal LM directory, or a run directory (its step3_rlhf/actor, else step1_sft)",
+            "aliases": ["--path"],
+        },
+    )
+    backend: Backend = field(
+        default="auto",
+        metadata={
+            "help": "transformers, or deepspeed (deepspeed.init_inference); auto picks the faster one measured "
+            "(transformers on CPU, see README)"
+        },
+    )
+    kernel_inject: bool = field(
+        default=False,
+        metadata={"help": "DeepSpeed-Inference kernel injection (CUDA and supported architectures only)"},
+    )
     dtype: DType = field(default="auto", metadata={"help": "weights dtype (auto: fp32 on CPU, bf16 on CUDA)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N (auto: cuda when available)"})
     max_batch_size: int = field(default=32, metadata={"help": "sequences decoded together at most"})
     max_queue: int = field(default=256, metadata={"help": "requests waiting to start at most (then 'busy')"})
-    max_prefill_tokens: int = field(default=4096, metadata={
-        "help": "prompt tokens started together in one forward pass at most (a longer prompt runs alone)"})  # fmt: skip
-    prefix_cache_mb: float = field(default=256.0, metadata={
-        "help": "memory for recent prompts' and replies' keys and values, reused by prompts that start "
-                "alike (a shared system prompt, a conversation's earlier turns); 0: off"})  # fmt: skip
-    allow_pickle: bool = field(default=False, metadata={
-        "help": "also load pickled weights (pytorch_model.bin); off: safetensors only"})  # fmt: skip
-    score_replies: bool = field(default=True, metadata={
-        "help": "score each reply with the run's reward model when the model came from a run"})  # fmt: skip
+    max_prefill_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "prompt tokens started together in one forward pass at most (a longer prompt runs alone)"
+        },
+    )
+    prefix_cache_mb: float = field(
+        default=256.0,
+        metadata={
+            "help": "memory for recent prompts' and replies' keys and values, reused by prompts that start "
+            "alike (a shared system prompt, a conversation's earlier turns); 0: off"
+        },
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "also load pickled weights (pytorch_model.bin); off: safetensors only"},
+    )
+    score_replies: bool = field(
+        default=True,
+        metadata={"help": "score each reply with the run's reward model when the model came from a run"},
+    )
     limits: ChatLimits = field(default_factory=ChatLimits, metadata={"flatten": True})
 
     def __post_init__(self) -> None:
@@ -140,6 +189,8 @@ class ChatEngineConfig:
         if self.prefix_cache_mb < 0:
             raise ValueError("prefix_cache_mb must be 0 (off) or more")
         if self.limits.max_n > self.max_batch_size:
-            raise ValueError(f"max_n {self.limits.max_n} must not exceed max_batch_size {self.max_batch_size}")
+            raise ValueError(
+                f"max_n {self.limits.max_n} must not exceed max_batch_size {self.max_batch_size}"
+            )
         if self.kernel_inject and self.backend == "transformers":
             raise ValueError("kernel_inject needs backend deepspeed (or auto)")

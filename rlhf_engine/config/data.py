@@ -8,7 +8,7 @@ from rlhf_engine.data.bundled import DEFAULT_DATA, DEFAULT_UNSUP_DATA
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
-    """"2,4,4" → (0.2, 0.4, 0.4). Raises ValueError naming the field and the fix."""
+    """ "2,4,4" → (0.2, 0.4, 0.4). Raises ValueError naming the field and the fix."""
     try:
         parts = [float(p) for p in str(text).split(",")]
     except ValueError:
@@ -26,18 +26,24 @@ def parse_split(text: str) -> tuple[float, float, float]:
 class DataConfig:
     data: list[str] = field(
         default_factory=lambda: list(DEFAULT_DATA),
-        metadata={"help": "datasets: files (.jsonl/.json/.txt, optionally .gz), save_to_disk "
-                  "directories, bundled names (rlhf data list) or hub ids; blended"},  # fmt: skip
+        metadata={
+            "help": "datasets: files (.jsonl/.json/.txt, optionally .gz), save_to_disk "
+            "directories, bundled names (rlhf data list) or hub ids; blended"
+        },
     )
     data_weights: list[float] | None = field(
         default=None,
-        metadata={"help": "one weight per --data entry: how often its training rows appear (2 = twice, "
-                  "0.5 = a seeded half); default 1 each"},  # fmt: skip
+        metadata={
+            "help": "one weight per --data entry: how often its training rows appear (2 = twice, "
+            "0.5 = a seeded half); default 1 each"
+        },
     )
     data_split: str = field(
         default="2,4,4",
-        metadata={"help": "shares of every dataset for steps 1,2,3 (disjoint, seeded); SFT-only data "
-                  "always goes to step 1"},  # fmt: skip
+        metadata={
+            "help": "shares of every dataset for steps 1,2,3 (disjoint, seeded); SFT-only data "
+            "always goes to step 1"
+        },
     )
     unsup_data: list[str] = field(
         default_factory=lambda: list(DEFAULT_UNSUP_DATA),
@@ -54,12 +60,18 @@ class DataConfig:
     max_prompt_len: int = field(
         default=256, metadata={"help": "max prompt tokens in step 3; longer prompts are left out and counted"}
     )
-    max_file_bytes: int = field(default=4 << 30, metadata={"help": "cap on a data file's (decompressed) size"})
-    max_line_bytes: int = field(default=16 << 20, metadata={"help": "cap on one line / record of a data file"})
+    max_file_bytes: int = field(
+        default=4 << 30, metadata={"help": "cap on a data file's (decompressed) size"}
+    )
+    max_line_bytes: int = field(
+        default=16 << 20, metadata={"help": "cap on one line / record of a data file"}
+    )
     max_bad_rows: float = field(
         default=0.02,
-        metadata={"help": "share of a file's rows that may be unusable: they are skipped and reported; above "
-                  "it the file is refused, naming the first such lines"},  # fmt: skip
+        metadata={
+            "help": "share of a file's rows that may be unusable: they are skipped and reported; above "
+            "it the file is refused, naming the first such lines"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -75,7 +87,9 @@ class DataConfig:
                 raise ValueError("data_weights must be positive; drop a dataset instead of weighting it 0")
         parse_split(self.data_split)
         if not 0.0 <= self.max_bad_rows < 1.0:
-            raise ValueError(f"max_bad_rows {self.max_bad_rows} must be a share in [0, 1), e.g. 0.02 (2% of rows)")
+            raise ValueError(
+                f"max_bad_rows {self.max_bad_rows} must be a share in [0, 1), e.g. 0.02 (2% of rows)"
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction {self.eval_fraction} must be in [0, 1), e.g. 0.1")
         if self.max_seq_len < 8:

@@ -47,25 +47,48 @@ SECTIONS = ("sft", "reward", "ppo", "dpo")
 
 @dataclass
 class PipelineConfig:
-    actor_model: str = field(default="", metadata={"help": "pretrained causal LM to fine-tune (path or hub id)"})
-    reward_model: str = field(default="", metadata={"help": "model to train as the reward model (path or hub id; "
-                              "method rlhf)"})  # fmt: skip
-    output_dir: str = field(default="output", metadata={"help": "run directory: step1_sft/, step2_reward/, step3_rlhf/ "
-                            "(method dpo: step1_sft/, step2_dpo/)"})  # fmt: skip
-    method: PipelineMethod = field(default="rlhf", metadata={"help": "rlhf: SFT, reward model, PPO (DeepSpeed-Chat's "
-                                   "three steps); dpo: SFT, then DPO on the preference pairs"})  # fmt: skip
-    step: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "which steps to run (method dpo "
-                            "has steps 1 and 2; its default is both)"})  # fmt: skip
+    actor_model: str = field(
+        default="", metadata={"help": "pretrained causal LM to fine-tune (path or hub id)"}
+    )
+    reward_model: str = field(
+        default="", metadata={"help": "model to train as the reward model (path or hub id; method rlhf)"}
+    )
+    output_dir: str = field(
+        default="output",
+        metadata={
+            "help": "run directory: step1_sft/, step2_reward/, step3_rlhf/ "
+            "(method dpo: step1_sft/, step2_dpo/)"
+        },
+    )
+    method: PipelineMethod = field(
+        default="rlhf",
+        metadata={
+            "help": "rlhf: SFT, reward model, PPO (DeepSpeed-Chat's "
+            "three steps); dpo: SFT, then DPO on the preference pairs"
+        },
+    )
+    step: list[int] = field(
+        default_factory=lambda: [1, 2, 3],
+        metadata={"help": "which steps to run (method dpo has steps 1 and 2; its default is both)"},
+    )
     num_gpus: int = field(default=1, metadata={"help": "processes per node (GPUs; on CPU, CPU processes)"})
     deployment_type: Deployment = field(
         default="single_gpu",
-        metadata={"help": "single_gpu: 1 process; single_node: num_gpus processes; multi_node: with --hostfile"},
+        metadata={
+            "help": "single_gpu: 1 process; single_node: num_gpus processes; multi_node: with --hostfile"
+        },
     )
     hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (multi_node)"})
-    actor_zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage of the actor (steps 1 and 3)"})
-    reward_zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage of the reward model / critic (steps 2 and 3)"})
-    enable_tensorboard: bool = field(default=False, metadata={"help": "every step writes its metrics for TensorBoard "
-                                                                      "(into its folder's tensorboard/)"})  # fmt: skip
+    actor_zero_stage: int | None = field(
+        default=None, metadata={"help": "ZeRO stage of the actor (steps 1 and 3)"}
+    )
+    reward_zero_stage: int | None = field(
+        default=None, metadata={"help": "ZeRO stage of the reward model / critic (steps 2 and 3)"}
+    )
+    enable_tensorboard: bool = field(
+        default=False,
+        metadata={"help": "every step writes its metrics for TensorBoard (into its folder's tensorboard/)"},
+    )
     data: DataConfig = field(default_factory=DataConfig, metadata={"flatten": True})
 
     def __post_init__(self) -> None:
@@ -76,8 +99,10 @@ class PipelineConfig:
         if self.method == "dpo" and self.step == [1, 2, 3]:
             self.step = [1, 2]  # the default: every step of the method
         if not self.step or any(s not in STEPS[self.method] for s in self.step):
-            raise ValueError(f"step {self.step}: method {self.method} has steps "
-                             f"{' '.join(map(str, STEPS[self.method]))}; give some of them")  # fmt: skip
+            raise ValueError(
+                f"step {self.step}: method {self.method} has steps "
+                f"{' '.join(map(str, STEPS[self.method]))}; give some of them"
+            )
         if not self.actor_model and 1 in self.step:
             raise ValueError("actor_model: required for step 1; pass --actor-model PATH")
         if not self.reward_model and 2 in self.step and self.method == "rlhf":
@@ -162,13 +187,13 @@ def step_values(cfg: PipelineConfig, step: int, section: dict[str, Any]) -> dict
         if cfg.reward_zero_stage is not None:
             out["zero_stage"] = cfg.reward_zero_stage
     else:
-        out |= run | {"actor_model_name_or_path": str(cfg.step_dir(1)),
-                      "critic_model_name_or_path": str(cfg.step_dir(2))}  # fmt: skip
+        out |= run | {
+            "actor_model_name_or_path": str(cfg.step_dir(1)),
+            "critic_model_name_or_path": str(cfg.step_dir(2)),
+        }
         if cfg.actor_zero_stage is not None:
             out["actor_zero_stage"] = cfg.actor_zero_stage
         if cfg.reward_zero_stage is not None:
             out["critic_zero_stage"] = cfg.reward_zero_stage
     out |= section
     return out
-
-

@@ -23,31 +23,51 @@ def _no_dropout() -> ModelOptions:
 
 @dataclass
 class PPOConfig:
-    actor_model_name_or_path: str = field(default="", metadata={"help": "the step-1 model (actor and reference)",
-                                                               "aliases": ["--actor-model"]})  # fmt: skip
-    critic_model_name_or_path: str = field(default="", metadata={"help": "the step-2 model (critic)",
-                                                                 "aliases": ["--critic-model"]})  # fmt: skip
-    reward_model_name_or_path: str = field(
-        default="", metadata={"help": "the reward model (default: the critic's path)", "aliases": ["--reward-model"]}
+    actor_model_name_or_path: str = field(
+        default="", metadata={"help": "the step-1 model (actor and reference)", "aliases": ["--actor-model"]}
     )
-    grader: str = field(default="", metadata={"help": "a grader (OpenAI's shape; a JSON file or inline JSON) as the "
-                        "reward instead of a reward model: string_check, text_similarity, score_model (a reward "
-                        "model as a part) or multi; templates read {{sample.output_text}} and {{item.<field>}}, the "
-                        "prompt row's other fields"})  # fmt: skip
-    output_dir: str = field(default="output", metadata={"help": "run directory; step 3 writes step3_rlhf/ in it"})
+    critic_model_name_or_path: str = field(
+        default="", metadata={"help": "the step-2 model (critic)", "aliases": ["--critic-model"]}
+    )
+    reward_model_name_or_path: str = field(
+        default="",
+        metadata={"help": "the reward model (default: the critic's path)", "aliases": ["--reward-model"]},
+    )
+    grader: str = field(
+        default="",
+        metadata={
+            "help": "a grader (OpenAI's shape; a JSON file or inline JSON) as the "
+            "reward instead of a reward model: string_check, text_similarity, score_model (a reward "
+            "model as a part) or multi; templates read {{sample.output_text}} and {{item.<field>}}, the "
+            "prompt row's other fields"
+        },
+    )
+    output_dir: str = field(
+        default="output", metadata={"help": "run directory; step 3 writes step3_rlhf/ in it"}
+    )
     data: DataConfig = field(default_factory=DataConfig, metadata={"flatten": True})
     actor: ModelOptions = field(default_factory=_no_dropout, metadata={"prefix": "actor_"})
     critic: ModelOptions = field(default_factory=_no_dropout, metadata={"prefix": "critic_"})
-    offload_reference_model: bool = field(default=False, metadata={"help": "keep the frozen reference on CPU (ZeRO-3 offload)"})
-    offload_reward_model: bool = field(default=False, metadata={"help": "keep the frozen reward model on CPU (ZeRO-3 offload)"})
+    offload_reference_model: bool = field(
+        default=False, metadata={"help": "keep the frozen reference on CPU (ZeRO-3 offload)"}
+    )
+    offload_reward_model: bool = field(
+        default=False, metadata={"help": "keep the frozen reward model on CPU (ZeRO-3 offload)"}
+    )
     enable_hybrid_engine: bool = field(
         default=False,
-        metadata={"help": "DeepSpeed's HybridEngine (kernel injection) for generation: CUDA and supported "
-                  "architectures only; the default path runs everywhere"},  # fmt: skip
+        metadata={
+            "help": "DeepSpeed's HybridEngine (kernel injection) for generation: CUDA and supported "
+            "architectures only; the default path runs everywhere"
+        },
     )
     max_answer_len: int = field(default=256, metadata={"help": "max generated tokens per answer"})
-    per_device_generation_batch_size: int = field(default=16, metadata={"help": "prompts per generation call per process"})
-    per_device_training_batch_size: int = field(default=16, metadata={"help": "experiences per PPO micro-batch"})
+    per_device_generation_batch_size: int = field(
+        default=16, metadata={"help": "prompts per generation call per process"}
+    )
+    per_device_training_batch_size: int = field(
+        default=16, metadata={"help": "experiences per PPO micro-batch"}
+    )
     generation_batches: int = field(default=1, metadata={"help": "generation calls per PPO step"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each step's experience"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -63,90 +83,163 @@ class PPOConfig:
     num_train_epochs: int = field(default=1, metadata={"help": "passes over the step-3 prompts"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many PPO steps (0 = epochs decide)"})
     # --- PPO (DeepSpeed-Chat's values)
-    kl_ctl: float = field(default=0.1, metadata={"help": "weight of the per-token KL penalty to the reference"})
-    clip_reward_value: float = field(default=5.0, metadata={"help": "reward-model scores are clipped to ±this"})
+    kl_ctl: float = field(
+        default=0.1, metadata={"help": "weight of the per-token KL penalty to the reference"}
+    )
+    clip_reward_value: float = field(
+        default=5.0, metadata={"help": "reward-model scores are clipped to ±this"}
+    )
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip ε"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip ε around the old values"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE λ"})
     # --- the algorithm: PPO (DeepSpeed-Chat's, with a critic) or group-relative (no critic)
-    algorithm: Literal["ppo", "grpo", "rloo"] = field(default="ppo", metadata={"help": "ppo: clipped policy and "
-                                                      "value steps with GAE (DeepSpeed-Chat's); grpo / rloo: no "
-                                                      "critic, samples_per_prompt answers per prompt, advantages "
-                                                      "from the group (mean/std, or leave-one-out)"})  # fmt: skip
-    samples_per_prompt: int = field(default=1, metadata={"help": "answers sampled per prompt (grpo/rloo: at least 2)"})
-    kl_in: Literal["reward", "loss"] = field(default="reward", metadata={"help": "grpo/rloo: KL to the reference "
-                                             "subtracted from the reward (kl_ctl × its sum; DeepSpeed-Chat's way) or "
-                                             "added to the loss (kl_ctl × the k3 estimate; GRPO's way)"})  # fmt: skip
-    filter_groups: bool = field(default=False, metadata={"help": "grpo/rloo: leave out of the loss the groups whose "
-                                                         "rewards are all equal (they carry no signal)"})  # fmt: skip
+    algorithm: Literal["ppo", "grpo", "rloo"] = field(
+        default="ppo",
+        metadata={
+            "help": "ppo: clipped policy and "
+            "value steps with GAE (DeepSpeed-Chat's); grpo / rloo: no "
+            "critic, samples_per_prompt answers per prompt, advantages "
+            "from the group (mean/std, or leave-one-out)"
+        },
+    )
+    samples_per_prompt: int = field(
+        default=1, metadata={"help": "answers sampled per prompt (grpo/rloo: at least 2)"}
+    )
+    kl_in: Literal["reward", "loss"] = field(
+        default="reward",
+        metadata={
+            "help": "grpo/rloo: KL to the reference "
+            "subtracted from the reward (kl_ctl × its sum; DeepSpeed-Chat's way) or "
+            "added to the loss (kl_ctl × the k3 estimate; GRPO's way)"
+        },
+    )
+    filter_groups: bool = field(
+        default=False,
+        metadata={
+            "help": "grpo/rloo: leave out of the loss the groups whose "
+            "rewards are all equal (they carry no signal)"
+        },
+    )
     # --- sampling
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the actor"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling p (1 = off)"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
     reuse_generation_logits: bool = field(
         default=True,
-        metadata={"help": "take the actor's log-probs of its answers from the logits generate() already "
-                  "computed instead of a second forward pass (off: DeepSpeed-Chat's extra pass)"},  # fmt: skip
+        metadata={
+            "help": "take the actor's log-probs of its answers from the logits generate() already "
+            "computed instead of a second forward pass (off: DeepSpeed-Chat's extra pass)"
+        },
     )
     # --- extras from InstructGPT
-    enable_ema: bool = field(default=False, metadata={"help": "keep an exponential moving average of the actor"})
+    enable_ema: bool = field(
+        default=False, metadata={"help": "keep an exponential moving average of the actor"}
+    )
     ema_beta: float = field(default=0.992, metadata={"help": "EMA β: ema = β·ema + (1−β)·actor"})
     unsup_coef: float = field(
         default=0.0,
-        metadata={"help": "weight of the LM loss on unsup_data (PPO-ptx); 0 = off. DeepSpeed-Chat's 27.8 was unstable"},
+        metadata={
+            "help": "weight of the LM loss on unsup_data (PPO-ptx); 0 = off. DeepSpeed-Chat's 27.8 was unstable"
+        },
     )
     # --- guard, evaluation, records
     degenerate_threshold: float = field(
         default=0.5,
-        metadata={"help": "share of empty/repetitive answers in a batch above which DeepSpeed's hybrid "
-                  "engine is abandoned for the plain path"},  # fmt: skip
+        metadata={
+            "help": "share of empty/repetitive answers in a batch above which DeepSpeed's hybrid "
+            "engine is abandoned for the plain path"
+        },
     )
-    eval_interval: int = field(default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"})
+    eval_interval: int = field(
+        default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"}
+    )
     eval_max_rows: int = field(default=200, metadata={"help": "held-out prompts per evaluation (0 = all)"})
-    rollouts_per_step: int = field(default=4, metadata={"help": "sampled rollouts written to rollouts.jsonl per step"})
-    checkpoint_interval: int = field(default=100, metadata={"help": "checkpoint every N PPO steps (0 = never)"})
+    rollouts_per_step: int = field(
+        default=4, metadata={"help": "sampled rollouts written to rollouts.jsonl per step"}
+    )
+    checkpoint_interval: int = field(
+        default=100, metadata={"help": "checkpoint every N PPO steps (0 = never)"}
+    )
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     tracking: Tracking = field(default_factory=Tracking, metadata={"flatten": True})
-    resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint if there is one"})
+    resume: bool = field(
+        default=True, metadata={"help": "continue from the latest checkpoint if there is one"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "retrain even if step 3 already finished"})
 
     def __post_init__(self) -> None:
-        for name, cls in (("data", DataConfig), ("actor", ModelOptions), ("critic", ModelOptions), ("tracking", Tracking)):
+        for name, cls in (
+            ("data", DataConfig),
+            ("actor", ModelOptions),
+            ("critic", ModelOptions),
+            ("tracking", Tracking),
+        ):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
         if not self.actor_model_name_or_path:
             raise ValueError("actor_model_name_or_path: required; pass --actor-model DIR (the step-1 output)")
         if self.algorithm == "ppo" and not self.critic_model_name_or_path:
-            raise ValueError("critic_model_name_or_path: required; pass --critic-model DIR (the step-2 output)")
+            raise ValueError(
+                "critic_model_name_or_path: required; pass --critic-model DIR (the step-2 output)"
+            )
         if self.grader:
             from rlhf_engine import graders
 
             if self.reward_model_name_or_path:
-                raise ValueError("reward_model_name_or_path: with a grader, the grader is the reward; to add a "
-                                 "reward model's score, make it a score_model part of a multi grader (model: its "
-                                 "path), or drop one of the two")  # fmt: skip
+                raise ValueError(
+                    "reward_model_name_or_path: with a grader, the grader is the reward; to add a "
+                    "reward model's score, make it a score_model part of a multi grader (model: its "
+                    "path), or drop one of the two"
+                )
             self.grader = json.dumps(graders.load(self.grader), sort_keys=True)  # the options record what ran
         elif not self.reward_path:
-            raise ValueError("reward_model_name_or_path: required; pass --reward-model DIR (the step-2 output), or "
-                             "--grader grader.json")  # fmt: skip
+            raise ValueError(
+                "reward_model_name_or_path: required; pass --reward-model DIR (the step-2 output), or "
+                "--grader grader.json"
+            )
         if self.algorithm != "ppo" and self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt {self.samples_per_prompt}: {self.algorithm} compares each answer "
-                             "with the other answers to its prompt; give at least 2 (e.g. 4)")  # fmt: skip
+            raise ValueError(
+                f"samples_per_prompt {self.samples_per_prompt}: {self.algorithm} compares each answer "
+                "with the other answers to its prompt; give at least 2 (e.g. 4)"
+            )
         if self.algorithm == "ppo" and (self.kl_in != "reward" or self.filter_groups):
-            raise ValueError("kl_in loss and filter_groups are options of grpo and rloo; set algorithm, or drop them")
+            raise ValueError(
+                "kl_in loss and filter_groups are options of grpo and rloo; set algorithm, or drop them"
+            )
         check_ranges(
             self,
-            positive=("max_answer_len", "per_device_generation_batch_size", "per_device_training_batch_size",
-                      "samples_per_prompt",
-                      "generation_batches", "ppo_epochs", "gradient_accumulation_steps", "num_train_epochs",
-                      "keep_checkpoints"),
-            non_negative=("max_steps", "num_warmup_steps", "eval_interval", "eval_max_rows", "rollouts_per_step",
-                          "checkpoint_interval", "kl_ctl", "clip_reward_value", "cliprange", "cliprange_value",
-                          "unsup_coef", "top_k", "actor_weight_decay", "critic_weight_decay", "gradient_clipping"),
+            positive=(
+                "max_answer_len",
+                "per_device_generation_batch_size",
+                "per_device_training_batch_size",
+                "samples_per_prompt",
+                "generation_batches",
+                "ppo_epochs",
+                "gradient_accumulation_steps",
+                "num_train_epochs",
+                "keep_checkpoints",
+            ),
+            non_negative=(
+                "max_steps",
+                "num_warmup_steps",
+                "eval_interval",
+                "eval_max_rows",
+                "rollouts_per_step",
+                "checkpoint_interval",
+                "kl_ctl",
+                "clip_reward_value",
+                "cliprange",
+                "cliprange_value",
+                "unsup_coef",
+                "top_k",
+                "actor_weight_decay",
+                "critic_weight_decay",
+                "gradient_clipping",
+            ),
             learning_rates=("actor_learning_rate", "critic_learning_rate"),
             betas=("adam_beta1", "adam_beta2"),
-        )  # fmt: skip
+        )
         for name in ("gamma", "lam", "ema_beta", "top_p", "degenerate_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be in [0, 1]")
@@ -162,7 +255,9 @@ class PPOConfig:
                 f"gradient_accumulation_steps = {micro}; e.g. make them equal (DeepSpeed-Chat's stable setting)"
             )
         if self.data.max_prompt_len + self.max_answer_len > 100_000:
-            raise ValueError("max_prompt_len + max_answer_len is implausibly large; keep it within the model's context")
+            raise ValueError(
+                "max_prompt_len + max_answer_len is implausibly large; keep it within the model's context"
+            )
 
     @property
     def seed(self) -> int:
@@ -193,4 +288,8 @@ class PPOConfig:
 
     def optimizer_steps_per_ppo_step(self) -> int:
         experiences = self.experiences_per_step()
-        return self.ppo_epochs * experiences // (self.per_device_training_batch_size * self.gradient_accumulation_steps)
+        return (
+            self.ppo_epochs
+            * experiences
+            // (self.per_device_training_batch_size * self.gradient_accumulation_steps)
+        )

@@ -18,8 +18,14 @@ Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 PreferenceLoss = Literal["sigmoid", "ipo", "simpo"]  # DPO's loss, IPO's, SimPO's (reference-free)
 
 
-def check_ranges(config: object, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
-                 learning_rates: tuple[str, ...] = (), betas: tuple[str, ...] = ()) -> None:  # fmt: skip
+def check_ranges(
+    config: object,
+    *,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    learning_rates: tuple[str, ...] = (),
+    betas: tuple[str, ...] = (),
+) -> None:
     """The range checks every step config makes, each error naming the field and its allowed range."""
     for name in positive:
         if getattr(config, name) < 1:
@@ -41,10 +47,20 @@ class Tracking:
     Biases (OpenAI's `integrations: [{"type": "wandb", …}]`). Neither changes what the step computes."""
 
     enable_tensorboard: bool = field(default=False, metadata={"help": "write the metrics for TensorBoard"})
-    tensorboard_path: str = field(default="", metadata={"help": "TensorBoard folder inside output_dir (relative: to "
-                                  "output_dir; default: the step's folder/tensorboard)"})  # fmt: skip
-    wandb_project: str = field(default="", metadata={"help": "log to this Weights & Biases project (the wandb extra; "
-                               "WANDB_API_KEY and WANDB_MODE from the environment, e.g. WANDB_MODE=offline)"})  # fmt: skip
+    tensorboard_path: str = field(
+        default="",
+        metadata={
+            "help": "TensorBoard folder inside output_dir (relative: to "
+            "output_dir; default: the step's folder/tensorboard)"
+        },
+    )
+    wandb_project: str = field(
+        default="",
+        metadata={
+            "help": "log to this Weights & Biases project (the wandb extra; "
+            "WANDB_API_KEY and WANDB_MODE from the environment, e.g. WANDB_MODE=offline)"
+        },
+    )
     wandb_name: str = field(default="", metadata={"help": "W&B run name (each step adds its own suffix)"})
     wandb_entity: str = field(default="", metadata={"help": "W&B entity (team or user)"})
     wandb_tags: list[str] = field(default_factory=list, metadata={"help": "W&B run tags"})
@@ -58,8 +74,10 @@ class Tracking:
         run = Path(output_dir).resolve()
         where = (run / self.tensorboard_path).resolve()
         if where != run and run not in where.parents:
-            raise ValueError(f"tensorboard_path {self.tensorboard_path!r} is outside output_dir {str(run)!r}; give a "
-                             "folder inside it, e.g. tensorboard/ (or leave it empty for the step's own folder)")  # fmt: skip
+            raise ValueError(
+                f"tensorboard_path {self.tensorboard_path!r} is outside output_dir {str(run)!r}; give a "
+                "folder inside it, e.g. tensorboard/ (or leave it empty for the step's own folder)"
+            )
 
 
 @dataclass
@@ -84,7 +102,9 @@ class ModelOptions:
     only_optimize_lora: bool = field(
         default=False, metadata={"help": "train only the LoRA weights (and a value head); needs lora_dim > 0"}
     )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward"}
+    )
     dropout: float | None = field(default=None, metadata={"help": "override the model's dropout rates"})
     zero_param_persistence_threshold: int | None = field(
         default=None,
@@ -95,7 +115,9 @@ class ModelOptions:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage {self.zero_stage} must be 0, 1, 2 or 3")
         if self.offload and self.zero_stage == 0:
-            raise ValueError("offload needs zero_stage 1, 2 or 3 (ZeRO-Offload); set zero_stage or drop offload")
+            raise ValueError(
+                "offload needs zero_stage 1, 2 or 3 (ZeRO-Offload); set zero_stage or drop offload"
+            )
         if self.lora_dim < 0:
             raise ValueError(f"lora_dim {self.lora_dim} must be 0 (off) or a positive rank such as 8")
         if self.only_optimize_lora and self.lora_dim == 0:
@@ -115,27 +137,37 @@ class TrainConfig:
     model_name_or_path: str = field(
         default="", metadata={"help": "model directory or hub id to start from", "aliases": ["--model"]}
     )
-    output_dir: str = field(default="output", metadata={"help": "run directory; the step writes a folder in it"})
+    output_dir: str = field(
+        default="output", metadata={"help": "run directory; the step writes a folder in it"}
+    )
     data: DataConfig = field(default_factory=DataConfig, metadata={"flatten": True})
     model: ModelOptions = field(default_factory=ModelOptions, metadata={"flatten": True})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "micro-batch per process"})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "eval batch per process"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"}
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
     lr_scheduler_type: Scheduler = field(default="cosine", metadata={"help": "learning-rate schedule"})
     num_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up optimizer steps"})
     num_train_epochs: int = field(default=1, metadata={"help": "passes over the training rows"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = epochs decide)"})
+    max_steps: int = field(
+        default=0, metadata={"help": "stop after this many optimizer steps (0 = epochs decide)"}
+    )
     gradient_clipping: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
-    eval_interval: int = field(default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"})
+    eval_interval: int = field(
+        default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"}
+    )
     eval_max_rows: int = field(default=0, metadata={"help": "evaluate on at most N rows (0 = all)"})
     checkpoint_interval: int = field(default=100, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     tracking: Tracking = field(default_factory=Tracking, metadata={"flatten": True})
-    resume: bool = field(default=True, metadata={"help": "continue from the step's latest checkpoint if there is one"})
+    resume: bool = field(
+        default=True, metadata={"help": "continue from the step's latest checkpoint if there is one"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "retrain even if the step already finished"})
 
     def __post_init__(self) -> None:
@@ -151,13 +183,25 @@ class TrainConfig:
             raise ValueError("output_dir: required")
         check_ranges(
             self,
-            positive=("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                      "num_train_epochs", "keep_checkpoints"),
-            non_negative=("num_warmup_steps", "max_steps", "eval_interval", "eval_max_rows", "checkpoint_interval",
-                          "weight_decay", "gradient_clipping"),
+            positive=(
+                "per_device_train_batch_size",
+                "per_device_eval_batch_size",
+                "gradient_accumulation_steps",
+                "num_train_epochs",
+                "keep_checkpoints",
+            ),
+            non_negative=(
+                "num_warmup_steps",
+                "max_steps",
+                "eval_interval",
+                "eval_max_rows",
+                "checkpoint_interval",
+                "weight_decay",
+                "gradient_clipping",
+            ),
             learning_rates=("learning_rate",),
             betas=("adam_beta1", "adam_beta2"),
-        )  # fmt: skip
+        )
         self.tracking.check(self.output_dir)
 
     @property
@@ -177,7 +221,9 @@ class SFTConfig(TrainConfig):
     per_device_train_batch_size: int = field(default=16, metadata={"help": "micro-batch per process"})
     gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"}
+    )
 
 
 @dataclass
@@ -186,7 +232,9 @@ class RewardConfig(TrainConfig):
 
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay (not on biases and norms)"}
+    )
     model: ModelOptions = field(default_factory=lambda: ModelOptions(dropout=0.0), metadata={"flatten": True})
 
 
@@ -198,19 +246,34 @@ class DPOConfig(TrainConfig):
 
     per_device_train_batch_size: int = field(default=8, metadata={"help": "preference pairs per micro-batch"})
     learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
-    beta: float = field(default=0.1, metadata={"help": "strength of the pull towards the reference (DPO's beta)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "probability that a pair's preference is wrong "
-                                   "(conservative DPO); in [0, 0.5)"})  # fmt: skip
-    loss: PreferenceLoss = field(default="sigmoid", metadata={"help": "sigmoid = DPO, ipo = IPO, simpo = SimPO "
-                                 "(reference-free, length-normalised)"})  # fmt: skip
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"}
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "strength of the pull towards the reference (DPO's beta)"}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "probability that a pair's preference is wrong (conservative DPO); in [0, 0.5)"},
+    )
+    loss: PreferenceLoss = field(
+        default="sigmoid",
+        metadata={"help": "sigmoid = DPO, ipo = IPO, simpo = SimPO (reference-free, length-normalised)"},
+    )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin"})
-    rpo_alpha: float = field(default=0.0, metadata={"help": "add this times the SFT loss of the chosen answer (RPO); "
-                             "0 = off"})  # fmt: skip
-    reference_model_name_or_path: str = field(default="", metadata={"help": "the frozen reference (default: the model "
-                                              "being trained, as it was before this step)"})  # fmt: skip
-    offload_reference_model: bool = field(default=False, metadata={"help": "keep the reference's weights in CPU "
-                                          "memory (ZeRO-3 parameter offload)"})  # fmt: skip
+    rpo_alpha: float = field(
+        default=0.0, metadata={"help": "add this times the SFT loss of the chosen answer (RPO); 0 = off"}
+    )
+    reference_model_name_or_path: str = field(
+        default="",
+        metadata={
+            "help": "the frozen reference (default: the model being trained, as it was before this step)"
+        },
+    )
+    offload_reference_model: bool = field(
+        default=False,
+        metadata={"help": "keep the reference's weights in CPU memory (ZeRO-3 parameter offload)"},
+    )
     model: ModelOptions = field(default_factory=lambda: ModelOptions(dropout=0.0), metadata={"flatten": True})
 
     def __post_init__(self) -> None:
@@ -220,8 +283,12 @@ class DPOConfig(TrainConfig):
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing {self.label_smoothing} must be in [0, 0.5)")
         if self.loss == "ipo" and self.label_smoothing:
-            raise ValueError("label_smoothing applies to the sigmoid and simpo losses, not ipo; drop one of them")
+            raise ValueError(
+                "label_smoothing applies to the sigmoid and simpo losses, not ipo; drop one of them"
+            )
         check_ranges(self, non_negative=("simpo_gamma", "rpo_alpha"))
         if self.loss == "simpo" and (self.reference_model_name_or_path or self.offload_reference_model):
-            raise ValueError("loss simpo is reference-free: drop reference_model_name_or_path and "
-                             "offload_reference_model (or choose loss sigmoid or ipo)")  # fmt: skip
+            raise ValueError(
+                "loss simpo is reference-free: drop reference_model_name_or_path and "
+                "offload_reference_model (or choose loss sigmoid or ipo)"
+            )

@@ -18,6 +18,7 @@ class DataError(ValueError):
         self.path = path
         self.line = line
         self.field = field
-        where = [p for p in (path, f"line {line}" if line else None,
-                             f"field '{field}'" if field else None) if p]  # fmt: skip
+        where = [
+            p for p in (path, f"line {line}" if line else None, f"field '{field}'" if field else None) if p
+        ]
         super().__init__(f"{', '.join(where)}: {message}" if where else message)

@@ -29,8 +29,10 @@ Conversation = Sequence[Message] | Sequence[dict[str, str]]
 
 
 def _dicts(conversation: Conversation) -> list[dict[str, str]]:
-    return [m.as_dict() if isinstance(m, Message) else {"role": m["role"], "content": m["content"]}
-            for m in conversation]  # fmt: skip
+    return [
+        m.as_dict() if isinstance(m, Message) else {"role": m["role"], "content": m["content"]}
+        for m in conversation
+    ]
 
 
 def _has_template(tokenizer: Any) -> bool:
@@ -73,8 +75,9 @@ def render_answer(conversation: Conversation, answer: str, tokenizer: Any = None
     """
     messages = _dicts(conversation)
     prompt = _render(messages, tokenizer, add_generation_prompt=True)
-    full = _render(messages + [{"role": "assistant", "content": answer}], tokenizer,
-                   add_generation_prompt=False)  # fmt: skip
+    full = _render(
+        messages + [{"role": "assistant", "content": answer}], tokenizer, add_generation_prompt=False
+    )
     if not full.startswith(prompt):
         raise ValueError(
             "the tokenizer's chat template renders a conversation differently once an answer is "

@@ -124,7 +124,9 @@ def iter_json_records(path: Path, limits: ReadLimits) -> Iterator[tuple[int, Any
         try:
             data = json.loads(_read_all(path, limits))
         except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path=str(path), line=e.lineno) from None
+            raise DataError(
+                f"invalid JSON: {e.msg} (column {e.colno})", path=str(path), line=e.lineno
+            ) from None
         if not isinstance(data, list):
             raise DataError("expected a JSON array of objects or JSON Lines", path=str(path))
         yield from enumerate(data, start=1)

@@ -47,8 +47,10 @@ def load_datasets(config: DataConfig, *, names: list[str] | None = None) -> list
 
 
 def slice_all(config: DataConfig, datasets: list[Dataset]) -> list[DatasetSlices]:
-    return [slice_dataset(d, config.shares, seed=config.seed, eval_fraction=config.eval_fraction)
-            for d in datasets]  # fmt: skip
+    return [
+        slice_dataset(d, config.shares, seed=config.seed, eval_fraction=config.eval_fraction)
+        for d in datasets
+    ]
 
 
 @dataclass
@@ -148,10 +150,18 @@ def prepare_step(
         ev, ev_stats = tokenize_rows(step, sl.eval[step - 1], tokenizer, **lengths, on_progress=on_progress)
         train_parts.append(tr)
         eval_rows += ev
-        reports.append(DatasetReport(d.name, d.format, d.kind, step, dict(d.filtered),
-                                     tr_stats.summary(), ev_stats.summary()))  # fmt: skip
-    train = blend(train_parts, [config.weight(i) for i in range(len(datasets))],
-                  [d.fingerprint for d in datasets], step=step, seed=config.seed)  # fmt: skip
+        reports.append(
+            DatasetReport(
+                d.name, d.format, d.kind, step, dict(d.filtered), tr_stats.summary(), ev_stats.summary()
+            )
+        )
+    train = blend(
+        train_parts,
+        [config.weight(i) for i in range(len(datasets))],
+        [d.fingerprint for d in datasets],
+        step=step,
+        seed=config.seed,
+    )
     if require and not train:
         reasons: Counter[str] = Counter()
         for r in reports:

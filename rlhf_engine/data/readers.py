@@ -79,7 +79,7 @@ class _Row:
 
 
 def parse_transcript(text: str) -> list[Message]:
-    """"\\n\\nHuman: q\\n\\nAssistant: a…" (HH-RLHF) or " Human: q Assistant: a" → messages."""
+    """ "\\n\\nHuman: q\\n\\nAssistant: a…" (HH-RLHF) or " Human: q Assistant: a" → messages."""
     parts = (_HH_TURN if _HH_SEPARATOR.search(text) else _TURN).split(text)
     messages: list[Message] = []
     if parts[0].strip():
@@ -127,7 +127,9 @@ def _messages(row: _Row, field: str, value: Any) -> list[Message]:
             raise row.error(where, "each message needs 'role' and 'content'")
         role = _ROLE_ALIASES.get(m["role"])
         if role is None:
-            raise row.error(f"{where}.role", f"role {m['role']!r} is not supported; use system, user or assistant")
+            raise row.error(
+                f"{where}.role", f"role {m['role']!r} is not supported; use system, user or assistant"
+            )
         out.append(Message(role, _content(row, f"{where}.content", m["content"])))  # type: ignore[arg-type]
     return out
 
@@ -140,7 +142,9 @@ def _answer(row: _Row, field: str) -> str:
     return msgs[0].content
 
 
-def _check_prompt(row: _Row, field: str, conversation: list[Message] | tuple[Message, ...]) -> tuple[Message, ...]:
+def _check_prompt(
+    row: _Row, field: str, conversation: list[Message] | tuple[Message, ...]
+) -> tuple[Message, ...]:
     if not conversation or conversation[-1].role != "user":
         raise row.error(field, "the conversation before the answer must end with a user message")
     return tuple(conversation)
@@ -166,7 +170,9 @@ def _openai_chat(row: _Row) -> Sample:
 
 def _prompt_chosen_rejected(row: _Row) -> Sample:
     conv = _prompt_conversation(row, "prompt")
-    return Sample(conv, row.text("chosen", allow_empty=True), row.text("rejected", allow_empty=True), row.line)
+    return Sample(
+        conv, row.text("chosen", allow_empty=True), row.text("rejected", allow_empty=True), row.line
+    )
 
 
 def _hh_rlhf(row: _Row) -> Sample:
@@ -192,8 +198,11 @@ def _sft_pair(row: _Row) -> Sample:
 def _openai_prompt(row: _Row) -> Sample:
     msgs = _messages(row, "messages", row.get("messages"))
     if msgs[-1].role != "user":
-        raise row.error("messages", "a prompt row (the first row ends with a user turn) must end with a user turn; "
-                        "the actor writes the answer")  # fmt: skip
+        raise row.error(
+            "messages",
+            "a prompt row (the first row ends with a user turn) must end with a user turn; "
+            "the actor writes the answer",
+        )
     return Sample(tuple(msgs), "", None, row.line)
 
 
@@ -203,16 +212,27 @@ def _prompt_only(row: _Row) -> Sample:
 
 # shape → (kind, reader, the fields it reads; the others become the sample's item)
 SHAPES: dict[str, tuple[Kind, Callable[[_Row], Sample], frozenset[str]]] = {
-    "openai_preference": ("preference", _openai_preference,
-                          frozenset({"input", "preferred_output", "non_preferred_output"})),
+    "openai_preference": (
+        "preference",
+        _openai_preference,
+        frozenset({"input", "preferred_output", "non_preferred_output"}),
+    ),
     "openai_chat": ("sft", _openai_chat, frozenset({"messages"})),
-    "rm_static": ("preference", _prompt_chosen_rejected, frozenset({"prompt", "response", "chosen", "rejected"})),
-    "prompt_chosen_rejected": ("preference", _prompt_chosen_rejected, frozenset({"prompt", "chosen", "rejected"})),
+    "rm_static": (
+        "preference",
+        _prompt_chosen_rejected,
+        frozenset({"prompt", "response", "chosen", "rejected"}),
+    ),
+    "prompt_chosen_rejected": (
+        "preference",
+        _prompt_chosen_rejected,
+        frozenset({"prompt", "chosen", "rejected"}),
+    ),
     "hh_rlhf": ("preference", _hh_rlhf, frozenset({"chosen", "rejected"})),
     "sft_pair": ("sft", _sft_pair, frozenset({"prompt", "response", "completion"})),
     "openai_prompt": ("prompt", _openai_prompt, frozenset({"messages"})),
     "prompt_only": ("prompt", _prompt_only, frozenset({"prompt"})),
-}  # fmt: skip
+}
 _EXPECTED = (
     "expected one of: {prompt, chosen, rejected}; {prompt, response, chosen, rejected}; "
     "{chosen, rejected} HH transcripts; {prompt, response}; {messages}; "
@@ -248,8 +268,9 @@ def detect_shape(record: Any, *, path: str, line: int) -> str:
     raise DataError(f"unknown row shape with fields {sorted(keys)}; {_EXPECTED}", path=path, line=line)
 
 
-def _read_records(records: Iterable[tuple[int, Any]], path: str,
-                  max_bad_rows: float = 0.02) -> tuple[str, list[Sample] | list[str], Counter[str]]:  # fmt: skip
+def _read_records(
+    records: Iterable[tuple[int, Any]], path: str, max_bad_rows: float = 0.02
+) -> tuple[str, list[Sample] | list[str], Counter[str]]:
     """Rows of one file. A row that cannot be used (a transcript without an answer, a wrong type) is
     skipped and counted under `unusable: <reason>`; above `max_bad_rows` of the file the whole file is
     refused, naming the first such lines (a real dataset has a few odd rows; a wrong file has many)."""
@@ -277,9 +298,14 @@ def _read_records(records: Iterable[tuple[int, Any]], path: str,
     if bad and (len(bad) > max_bad_rows * seen or not rows):
         first = bad[0]
         lines = ", ".join(str(e.line) for e in bad[:5])
-        raise DataError(f"{len(bad)} of {seen} rows cannot be used (more than max_bad_rows {max_bad_rows:g} of "
-                        f"the file; first at lines {lines}); the first: {first.message}. Fix those rows, or "
-                        "raise max_bad_rows to skip them", path=path, line=first.line, field=first.field)  # fmt: skip
+        raise DataError(
+            f"{len(bad)} of {seen} rows cannot be used (more than max_bad_rows {max_bad_rows:g} of "
+            f"the file; first at lines {lines}); the first: {first.message}. Fix those rows, or "
+            "raise max_bad_rows to skip them",
+            path=path,
+            line=first.line,
+            field=first.field,
+        )
     return shape, rows, filtered
 
 
@@ -291,7 +317,9 @@ def _one_row(shape: str, record: Any, path: str, line: int) -> Sample | str | No
         return text if text.strip() else None
     kind, read, fields = SHAPES[shape]
     sample = read(row)
-    if kind != "prompt" and (not sample.chosen.strip() or (sample.rejected is not None and not sample.rejected.strip())):
+    if kind != "prompt" and (
+        not sample.chosen.strip() or (sample.rejected is not None and not sample.rejected.strip())
+    ):
         return None  # real HH data has a few empty answers; count them, don't fail the file
     if item := {k: v for k, v in record.items() if k not in fields}:
         sample = replace(sample, item=item)
@@ -381,7 +409,11 @@ def read_dataset(spec: str, limits: ReadLimits | None = None) -> Dataset:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or path.suffix or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         raise DataError(
             f"no such file or directory, and not a bundled dataset ({', '.join(BUNDLED)})"
-            + (" (hub ids are not tried: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""),
+            + (
+                " (hub ids are not tried: HF_HUB_OFFLINE=1)"
+                if os.environ.get("HF_HUB_OFFLINE") == "1"
+                else ""
+            ),
             path=spec,
         )
     import datasets  # a hub id such as Dahoas/rm-static, where a hub is reachable

@@ -47,8 +47,9 @@ class DatasetSlices:
     eval: list[list[Sample]]
 
 
-def slice_dataset(ds: Dataset, shares: tuple[float, float, float], *, seed: int,
-                  eval_fraction: float) -> DatasetSlices:  # fmt: skip
+def slice_dataset(
+    ds: Dataset, shares: tuple[float, float, float], *, seed: int, eval_fraction: float
+) -> DatasetSlices:
     """Split one conversation dataset between the three steps (see the module docstring)."""
     if ds.kind == "text":
         raise DataError(
@@ -90,7 +91,9 @@ def apply_weight(rows: list[T], weight: float, *, seed: int, salt: str) -> list[
     return out
 
 
-def blend(per_dataset: list[list[T]], weights: list[float], names: list[str], *, step: int, seed: int) -> list[T]:
+def blend(
+    per_dataset: list[list[T]], weights: list[float], names: list[str], *, step: int, seed: int
+) -> list[T]:
     """One step's training rows from every dataset, each weighted, then shuffled with the seed."""
     out: list[T] = []
     for rows, w, name in zip(per_dataset, weights, names, strict=True):
@@ -106,8 +109,10 @@ def require_rows(step: int, slices: list[DatasetSlices], shares: tuple[float, fl
     what = STEP_NAMES[step]
     names = ", ".join(s.name for s in slices)
     if step == 1 and not any(s.kind in ("preference", "sft") for s in slices):
-        raise DataError(f"{what} needs answers to train on, but every dataset in data holds prompts only ({names}); "
-                        "add an SFT or preference dataset, e.g. bundled:sft")  # fmt: skip
+        raise DataError(
+            f"{what} needs answers to train on, but every dataset in data holds prompts only ({names}); "
+            "add an SFT or preference dataset, e.g. bundled:sft"
+        )
     if step == 2 and not any(s.kind == "preference" for s in slices):
         raise DataError(
             f"{what} needs preference data (prompt, chosen, rejected), but no dataset in data has it ({names}); "

@@ -168,8 +168,11 @@ def tokenize_rows(
     return out, stats
 
 
-_COLUMNS = {1: ("input_ids", "prompt_len"), 2: ("chosen_ids", "rejected_ids", "prompt_len"),
-            3: ("prompt_ids", "item")}  # fmt: skip
+_COLUMNS = {
+    1: ("input_ids", "prompt_len"),
+    2: ("chosen_ids", "rejected_ids", "prompt_len"),
+    3: ("prompt_ids", "item"),
+}
 
 
 def encode_item(item: dict[str, Any] | None) -> bytes:
@@ -216,6 +219,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(getattr(tokenizer, "chat_template", None)).encode())
-    h.update(json.dumps([type(tokenizer).__name__, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                         tokenizer.bos_token_id]).encode())  # fmt: skip
+    h.update(
+        json.dumps(
+            [type(tokenizer).__name__, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id]
+        ).encode()
+    )
     return h.hexdigest()

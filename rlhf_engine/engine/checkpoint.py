@@ -40,15 +40,19 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     version, internal, gauss = random.getstate()
     np_state: Any = np.random.get_state()
     kind, keys, pos, has_gauss, cached = np_state
-    plain = {"python": [version, list(internal), gauss],
-             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}  # fmt: skip
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
     return tensors, plain
 
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in tensors])
+        torch.cuda.set_rng_state_all(
+            [tensors[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in tensors]
+        )
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = plain["numpy"]
@@ -67,8 +71,16 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save(engines: dict[str, Any], root: Path, *, global_step: int, state: dict[str, Any], dist: Dist, keep: int,
-         extra: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
+def save(
+    engines: dict[str, Any],
+    root: Path,
+    *,
+    global_step: int,
+    state: dict[str, Any],
+    dist: Dist,
+    keep: int,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Collective: every rank saves its shards and RNG; rank 0 writes `extra` (full tensors, e.g. the
     EMA weights), marks the checkpoint complete and prunes old ones."""
     from safetensors.torch import save_file
@@ -82,7 +94,10 @@ def save(engines: dict[str, Any], root: Path, *, global_step: int, state: dict[s
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder), tag=name)
     tensors, plain = _rng_state()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"rng_state_rank{dist.rank}.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(folder / f"rng_state_rank{dist.rank}.safetensors"),
+    )
     (folder / f"rng_state_rank{dist.rank}.json").write_text(json.dumps(plain))
     if dist.is_main and extra:
         save_file({k: v.contiguous() for k, v in extra.items()}, str(folder / "extra.safetensors"))
@@ -109,7 +124,9 @@ def read_state(folder: Path) -> dict[str, Any]:
     return dict(json.loads((folder / STATE).read_text()))
 
 
-def load(engines: dict[str, Any], folder: Path, *, dist: Dist) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load(
+    engines: dict[str, Any], folder: Path, *, dist: Dist
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore each engine and this rank's RNG from a complete checkpoint.
 
     Returns (trainer state, extra tensors — on every rank, for collective restores)."""
@@ -117,15 +134,19 @@ def load(engines: dict[str, Any], folder: Path, *, dist: Dist) -> tuple[dict[str
 
     state = read_state(folder)
     for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(str(folder), tag=name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)  # fmt: skip
+        path, _ = engine.load_checkpoint(
+            str(folder), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the {name} checkpoint in {folder}")
     rng_file = folder / f"rng_state_rank{dist.rank}.safetensors"
     if rng_file.is_file():
         _set_rng_state(load_file(str(rng_file)), json.loads(rng_file.with_suffix(".json").read_text()))
     else:
-        logger.warning("no RNG state for rank %d in %s; sampling and dropout will differ from the original run",
-                       dist.rank, folder)  # fmt: skip
+        logger.warning(
+            "no RNG state for rank %d in %s; sampling and dropout will differ from the original run",
+            dist.rank,
+            folder,
+        )
     extra_file = folder / "extra.safetensors"
     return state, (load_file(str(extra_file)) if extra_file.is_file() else {})

@@ -26,7 +26,9 @@ def resolve_dtype(opts: ModelOptions, *, cuda: bool | None = None) -> str:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if opts.dtype == "fp16" and not cuda:
-        raise ValueError("dtype fp16 is not supported on CPU (DeepSpeed refuses it); use --dtype bf16 or fp32")
+        raise ValueError(
+            "dtype fp16 is not supported on CPU (DeepSpeed refuses it); use --dtype bf16 or fp32"
+        )
     return opts.dtype
 
 
@@ -34,8 +36,15 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def build_ds_config(opts: ModelOptions, *, micro_batch: int, grad_accum: int, world_size: int,
-                    gradient_clipping: float, dtype: str) -> dict[str, Any]:  # fmt: skip
+def build_ds_config(
+    opts: ModelOptions,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    gradient_clipping: float,
+    dtype: str,
+) -> dict[str, Any]:
     """A DeepSpeed config dict for a training engine."""
     zero: dict[str, Any] = {"stage": opts.zero_stage}
     if opts.offload:
@@ -83,8 +92,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: torch.nn.Module, opts: ModelOptions, *, lr: float, weight_decay: float,
-                   betas: tuple[float, float]) -> torch.optim.Optimizer:  # fmt: skip
+def make_optimizer(
+    model: torch.nn.Module, opts: ModelOptions, *, lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.Optimizer:
     """AdamW: DeepSpeedCPUAdam when the optimizer state is offloaded, else torch's AdamW."""
     groups = param_groups(model, weight_decay)
     if not groups:
@@ -125,13 +135,16 @@ def size_buckets(ds_config: dict[str, Any], model: torch.nn.Module) -> None:
         zero.setdefault("stage3_prefetch_bucket_size", max(1, min(PREFETCH_BUCKET, total)))
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               ds_config: dict[str, Any]) -> Any:  # fmt: skip
+def initialize(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]
+) -> Any:
     """`deepspeed.initialize` → the engine (it owns optimizer and scheduler steps)."""
     import deepspeed
 
     size_buckets(ds_config, model)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # one data-parallel rank: DeepSpeed's all-reduce would flatten every gradient into one buffer,
         # reduce it with nobody and copy it back (~25 ms a backward for the bench's 26M actor on CPU)

@@ -47,8 +47,15 @@ def init_distributed() -> Dist:
         # rendezvous (a build there would hold the lock while the other ranks wait for it)
         load_ops(needed(offload=False))
     if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})  # fmt: skip
+        os.environ.update(
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port()),
+            }
+        )
     import deepspeed
     import torch.distributed as dist
 

@@ -90,8 +90,15 @@ def cache_kwarg(module: Any) -> str:
     return "cache" if "cache" in forward_params(module) else "past_key_values"
 
 
-def lm_logits(engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, keep_last: int = 0,
-              cache: Any = None, cached: int = 0) -> torch.Tensor:  # fmt: skip
+def lm_logits(
+    engine: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    keep_last: int = 0,
+    cache: Any = None,
+    cached: int = 0,
+) -> torch.Tensor:
     """Next-token logits of a causal LM (or DeepSpeed engine of one) for padded rows.
 
     (B, T, V); with `keep_last` = k only the last k positions' logits are computed, (B, k, V) — the

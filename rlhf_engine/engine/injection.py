@@ -23,6 +23,8 @@ def injection_unsupported() -> str | None:
             ds = f"DeepSpeed {deepspeed.__version__}"
         except ImportError:  # pragma: no cover
             ds = "DeepSpeed"
-        return (f"{ds}'s kernel injection does not support transformers {transformers.__version__} (its injected "
-                "layers return tuples and keep their own KV cache; transformers 5 expects neither)")  # fmt: skip
+        return (
+            f"{ds}'s kernel injection does not support transformers {transformers.__version__} (its injected "
+            "layers return tuples and keep their own KV cache; transformers 5 expects neither)"
+        )
     return None

@@ -43,8 +43,9 @@ class ReservedLayer(DynamicLayer):
             v[..., : self._n, :] = self._v[..., : self._n, :]
         self._k, self._v = k, v
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.device = key_states.device
             self.is_initialized = True
@@ -98,7 +99,12 @@ def reserved_cache(model: Any, reserve: int) -> DynamicCache | None:
         return None
     try:
         cache = DynamicCache(config=config)
-    except (AttributeError, KeyError, TypeError, ValueError):  # a cache HF builds differently: keep its default
+    except (
+        AttributeError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ):  # a cache HF builds differently: keep its default
         return None
     replaced = 0
     for i, layer in enumerate(cache.layers):

@@ -27,28 +27,48 @@ def inside_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch_command(args: Sequence[str], *, processes: int, launcher: Launcher = "deepspeed",
-                   hostfile: str | None = None) -> list[str]:  # fmt: skip
+def launch_command(
+    args: Sequence[str], *, processes: int, launcher: Launcher = "deepspeed", hostfile: str | None = None
+) -> list[str]:
     """The command that runs `rlhf <args>` as `processes` workers (per node, with a hostfile)."""
     port = str(free_port())
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                f"--master_port={port}", "-m", "rlhf_engine.cli", *args]  # fmt: skip
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port", port,
-           "--no_local_rank"]  # LOCAL_RANK is in the environment; no --local_rank flag for our parser
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={port}",
+            "-m",
+            "rlhf_engine.cli",
+            *args,
+        ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(processes),
+        "--master_port",
+        port,
+        "--no_local_rank",
+    ]  # LOCAL_RANK is in the environment; no --local_rank flag for our parser
     if hostfile:
         cmd += ["--hostfile", hostfile]
     return [*cmd, "--module", "rlhf_engine.cli", *args]
 
 
-def run_launched(args: Sequence[str], *, processes: int, launcher: Launcher, marker: Path,
-                 hostfile: str | None = None) -> int:  # fmt: skip
+def run_launched(
+    args: Sequence[str], *, processes: int, launcher: Launcher, marker: Path, hostfile: str | None = None
+) -> int:
     """Run the step's workers and wait; 0 if the step's summary.json exists afterwards."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes on a few cores: no thread oversubscription
     env[WATCH_ENV] = str(os.getpid())  # the ranks stop when this process ends (fencing.py)
     # bounded: the ranks end with the step (finished, stopped, or this process gone: fencing's watchdog)
-    done = subprocess.run(launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile), env=env)
+    done = subprocess.run(
+        launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile), env=env
+    )
     if marker.is_file():
         return 0
     return done.returncode or 1

@@ -51,7 +51,9 @@ def shared_prefix_len(prompts: torch.Tensor, mask: torch.Tensor) -> int:
     return int(same.cumprod(0).sum())
 
 
-def prefix_first(prompts: torch.Tensor, mask: torch.Tensor, k: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_first(
+    prompts: torch.Tensor, mask: torch.Tensor, k: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts re-laid as [first k tokens][padding][the rest], same width."""
     B, P = prompts.shape
     lens = mask.long().sum(1)
@@ -64,7 +66,9 @@ def prefix_first(prompts: torch.Tensor, mask: torch.Tensor, k: int, pad_id: int)
     return out, (~in_gap).to(mask.dtype)
 
 
-def prefix_cache(model: Any, prefix: torch.Tensor, rows: int, cache: DynamicCache | None = None) -> DynamicCache:
+def prefix_cache(
+    model: Any, prefix: torch.Tensor, rows: int, cache: DynamicCache | None = None
+) -> DynamicCache:
     """A KV cache holding `prefix` (k,) for `rows` rows: the model runs it once. `cache`: an empty one to
     fill (e.g. `reserved_cache`'s, with room for what follows); default a plain DynamicCache."""
     from rlhf_engine.engine.generation import cache_kwarg, forward_params

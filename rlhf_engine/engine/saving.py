@@ -23,11 +23,21 @@ from rlhf_engine.models.loading import ModelKind
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
-def gathered_state_dict(module: torch.nn.Module, *, zero_stage: int, is_main: bool) -> dict[str, torch.Tensor]:
+def gathered_state_dict(
+    module: torch.nn.Module, *, zero_stage: int, is_main: bool
+) -> dict[str, torch.Tensor]:
     """Full CPU copies of every parameter and buffer (on rank 0; {} elsewhere). Collective at ZeRO-3."""
     state: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
@@ -89,16 +99,22 @@ def check_saveable(module: torch.nn.Module, *, config: Any, kind: ModelKind, lor
     shapes = _saved_shapes(module)
     missing, unexpected = _misfit(fresh, set(shapes))
     expected = fresh.state_dict(keep_vars=True)
-    wrong = [f"{k} {list(shapes[k])} vs {list(expected[k].shape)}" for k in sorted(set(shapes) & set(expected))
-             if shapes[k] != tuple(expected[k].shape)]  # fmt: skip
+    wrong = [
+        f"{k} {list(shapes[k])} vs {list(expected[k].shape)}"
+        for k in sorted(set(shapes) & set(expected))
+        if shapes[k] != tuple(expected[k].shape)
+    ]
     if missing or unexpected or wrong:
-        raise ValueError(f"this {config.model_type} model could not be saved as {type(fresh).__name__} after training "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {wrong[:5]}); this is "
-                         "a bug of ours for this architecture: please report it with the model's config.json")  # fmt: skip
+        raise ValueError(
+            f"this {config.model_type} model could not be saved as {type(fresh).__name__} after training "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {wrong[:5]}); this is "
+            "a bug of ours for this architecture: please report it with the model's config.json"
+        )
 
 
-def load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, zero_stage: int,
-                    is_main: bool) -> None:  # fmt: skip
+def load_full_state(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], *, zero_stage: int, is_main: bool
+) -> None:
     """Copy full tensors into the module's parameters (collective at ZeRO-3: rank 0's copy is
     scattered to every rank's partition)."""
     for name, p in module.named_parameters():
@@ -136,9 +152,18 @@ def copy_tokenizer(src: str, dest: Path, tokenizer: Any) -> None:
         tokenizer.save_pretrained(str(dest))
 
 
-def save_hf_model(state: dict[str, torch.Tensor], *, config: Any, kind: ModelKind, out: Path,
-                  lora: Any | None, dropout_restore: dict[str, float], tokenizer: Any, tokenizer_src: str,
-                  dtype: torch.dtype) -> None:  # fmt: skip
+def save_hf_model(
+    state: dict[str, torch.Tensor],
+    *,
+    config: Any,
+    kind: ModelKind,
+    out: Path,
+    lora: Any | None,
+    dropout_restore: dict[str, float],
+    tokenizer: Any,
+    tokenizer_src: str,
+    dtype: torch.dtype,
+) -> None:
     """Rank 0: write `state` as a loadable model folder at `out` (atomically replaced)."""
     fencing.check()
     for key, value in dropout_restore.items():
@@ -151,7 +176,9 @@ def save_hf_model(state: dict[str, torch.Tensor], *, config: Any, kind: ModelKin
         model = get_peft_model(model, lora)  # same parameter names as the trained model
     missing, unexpected = _misfit(target, set(state))
     if missing or unexpected:
-        raise RuntimeError(f"saving: state dict does not fit the model (missing {missing}, unexpected {unexpected})")
+        raise RuntimeError(
+            f"saving: state dict does not fit the model (missing {missing}, unexpected {unexpected})"
+        )
     target.load_state_dict(state, strict=False)
     if lora is not None:
         model = model.merge_and_unload()

@@ -22,7 +22,9 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, not failed; run again to continu
 
 class StepStopped(Exception):
     def __init__(self, global_step: int, checkpoint: Path | None) -> None:
-        super().__init__(f"stopped at step {global_step}" + (f" (checkpoint {checkpoint})" if checkpoint else ""))
+        super().__init__(
+            f"stopped at step {global_step}" + (f" (checkpoint {checkpoint})" if checkpoint else "")
+        )
         self.global_step = global_step
         self.checkpoint = checkpoint
 

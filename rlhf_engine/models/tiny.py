@@ -73,21 +73,46 @@ def tiny_config(arch: Arch, size: Size, tokenizer: Any) -> Any:
     )
 
     sh = SIZES[size]
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     vocab = len(tokenizer)
     if arch == "opt":
-        return OPTConfig(vocab_size=vocab, hidden_size=sh.hidden, num_hidden_layers=sh.layers,
-                         num_attention_heads=sh.heads, ffn_dim=sh.ffn, word_embed_proj_dim=sh.hidden,
-                         max_position_embeddings=MAX_POSITIONS, do_layer_norm_before=True, **ids)  # fmt: skip
+        return OPTConfig(
+            vocab_size=vocab,
+            hidden_size=sh.hidden,
+            num_hidden_layers=sh.layers,
+            num_attention_heads=sh.heads,
+            ffn_dim=sh.ffn,
+            word_embed_proj_dim=sh.hidden,
+            max_position_embeddings=MAX_POSITIONS,
+            do_layer_norm_before=True,
+            **ids,
+        )
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=sh.hidden, n_layer=sh.layers, n_head=sh.heads,
-                          n_inner=sh.ffn, n_positions=MAX_POSITIONS, **ids)  # fmt: skip
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=sh.hidden,
+            n_layer=sh.layers,
+            n_head=sh.heads,
+            n_inner=sh.ffn,
+            n_positions=MAX_POSITIONS,
+            **ids,
+        )
     # rotary families: SwiGLU has three matrices, so 2/3 of the width keeps a plain MLP's parameter
     # count; grouped-query attention with half as many KV heads, as Llama 3 / Qwen / Mistral have
-    rotary = {"vocab_size": vocab, "hidden_size": sh.hidden, "num_hidden_layers": sh.layers,
-              "num_attention_heads": sh.heads, "num_key_value_heads": max(1, sh.heads // 2),
-              "intermediate_size": (2 * sh.ffn) // 3, "max_position_embeddings": MAX_POSITIONS, **ids}  # fmt: skip
+    rotary = {
+        "vocab_size": vocab,
+        "hidden_size": sh.hidden,
+        "num_hidden_layers": sh.layers,
+        "num_attention_heads": sh.heads,
+        "num_key_value_heads": max(1, sh.heads // 2),
+        "intermediate_size": (2 * sh.ffn) // 3,
+        "max_position_embeddings": MAX_POSITIONS,
+        **ids,
+    }
     if arch == "llama":
         return LlamaConfig(**rotary, tie_word_embeddings=True)
     if arch == "mistral":  # a window shorter than the test sequences, so the sliding path runs
@@ -96,18 +121,33 @@ def tiny_config(arch: Arch, size: Size, tokenizer: Any) -> Any:
         return Qwen2Config(**rotary, tie_word_embeddings=True, use_sliding_window=False)
     if arch == "qwen3":  # RMS norm on queries and keys; explicit head_dim
         return Qwen3Config(**rotary, head_dim=sh.hidden // sh.heads, tie_word_embeddings=True)
-    if arch == "gemma3":  # sliding and full layers mixed (a hybrid cache), logit soft-capping, tied embeddings
+    if (
+        arch == "gemma3"
+    ):  # sliding and full layers mixed (a hybrid cache), logit soft-capping, tied embeddings
         kinds = ["sliding_attention", "full_attention"] * (sh.layers // 2)
-        return Gemma3TextConfig(**rotary, head_dim=sh.hidden // sh.heads, sliding_window=SLIDING_WINDOW,
-                                layer_types=kinds, final_logit_softcapping=30.0, tie_word_embeddings=True)  # fmt: skip
+        return Gemma3TextConfig(
+            **rotary,
+            head_dim=sh.hidden // sh.heads,
+            sliding_window=SLIDING_WINDOW,
+            layer_types=kinds,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+        )
     if arch == "phi3":  # fused qkv_proj and gate_up_proj
         return Phi3Config(**rotary, original_max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False)
     if arch == "gpt_neox":  # Pythia's shape: partial rotary, parallel residual, fused query_key_value
-        return GPTNeoXConfig(vocab_size=vocab, hidden_size=sh.hidden, num_hidden_layers=sh.layers,
-                             num_attention_heads=sh.heads, intermediate_size=sh.ffn,
-                             max_position_embeddings=MAX_POSITIONS, use_parallel_residual=True,
-                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-                             tie_word_embeddings=False, **ids)  # fmt: skip
+        return GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=sh.hidden,
+            num_hidden_layers=sh.layers,
+            num_attention_heads=sh.heads,
+            intermediate_size=sh.ffn,
+            max_position_embeddings=MAX_POSITIONS,
+            use_parallel_residual=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            tie_word_embeddings=False,
+            **ids,
+        )
     raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
 
 
@@ -115,12 +155,23 @@ def _key(arch: str, size: str, pretrain_steps: int, seed: int, tokenizer_dir: Pa
     import torch
     import transformers
 
-    payload = [KIT_VERSION, arch, size, pretrain_steps, seed, corpus_fp, torch.__version__,
-               transformers.__version__, (tokenizer_dir / "tokenizer.json").read_text()]  # fmt: skip
+    payload = [
+        KIT_VERSION,
+        arch,
+        size,
+        pretrain_steps,
+        seed,
+        corpus_fp,
+        torch.__version__,
+        transformers.__version__,
+        (tokenizer_dir / "tokenizer.json").read_text(),
+    ]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-def pretrain(model: Any, blocks: Any, *, steps: int, lr: float, seed: int, progress: bool = False) -> list[float]:
+def pretrain(
+    model: Any, blocks: Any, *, steps: int, lr: float, seed: int, progress: bool = False
+) -> list[float]:
     """Plain next-token training on corpus blocks (cosine schedule, AdamW); returns the losses."""
     import torch
     from tqdm import tqdm
@@ -150,8 +201,15 @@ def pretrain(model: Any, blocks: Any, *, steps: int, lr: float, seed: int, progr
     return losses
 
 
-def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0, progress: bool = False,
-               tokenizer_from: str | None = None) -> Path:  # fmt: skip
+def build_tiny(
+    arch: Arch,
+    size: Size,
+    *,
+    pretrain_steps: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+    tokenizer_from: str | None = None,
+) -> Path:
     """The cached model directory for these settings, built on first use."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -187,19 +245,31 @@ def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, size, tokenizer))
-    info: dict[str, Any] = {"arch": arch, "size": size, "pretrain_steps": pretrain_steps, "seed": seed,
-                            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    info: dict[str, Any] = {
+        "arch": arch,
+        "size": size,
+        "pretrain_steps": pretrain_steps,
+        "seed": seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if pretrain_steps:
         blocks = prepare_corpus(DataConfig(), tokenizer, PRETRAIN_BLOCK)
-        losses = pretrain(model, blocks, steps=pretrain_steps, lr=SIZES[size].lr, seed=seed, progress=progress)
-        info["pretrain_loss_first"], info["pretrain_loss_last"] = losses[0], sum(losses[-10:]) / len(losses[-10:])
+        losses = pretrain(
+            model, blocks, steps=pretrain_steps, lr=SIZES[size].lr, seed=seed, progress=progress
+        )
+        info["pretrain_loss_first"], info["pretrain_loss_last"] = (
+            losses[0],
+            sum(losses[-10:]) / len(losses[-10:]),
+        )
     info["build_seconds"] = round(time.monotonic() - started, 2)
 
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_new_tokens=64,
-    )  # fmt: skip
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=64,
+    )
     model.save_pretrained(str(tmp), safe_serialization=True)
     for f in tok_dir.iterdir():
         if f.name in TOKENIZER_FILES:
@@ -212,12 +282,23 @@ def build_tiny(arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0
     return dest
 
 
-def write_tiny(out: Path, arch: Arch, size: Size, *, pretrain_steps: int = 0, seed: int = 0,
-               overwrite: bool = False, progress: bool = False, tokenizer_from: str | None = None) -> Path:  # fmt: skip
+def write_tiny(
+    out: Path,
+    arch: Arch,
+    size: Size,
+    *,
+    pretrain_steps: int = 0,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+    tokenizer_from: str | None = None,
+) -> Path:
     """Build (or reuse) a tiny model and copy it to `out`."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"out: {out} exists and is not empty; choose another folder or pass --overwrite")
-    src = build_tiny(arch, size, pretrain_steps=pretrain_steps, seed=seed, progress=progress, tokenizer_from=tokenizer_from)
+    src = build_tiny(
+        arch, size, pretrain_steps=pretrain_steps, seed=seed, progress=progress, tokenizer_from=tokenizer_from
+    )
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(src, out)

@@ -47,14 +47,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tok
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, out: Path, *, chat_template: str = DS_CHAT_TEMPLATE,
-                   model_max_length: int = MODEL_MAX_LENGTH) -> None:  # fmt: skip
+def save_tokenizer(
+    tok: Tokenizer,
+    out: Path,
+    *,
+    chat_template: str = DS_CHAT_TEMPLATE,
+    model_max_length: int = MODEL_MAX_LENGTH,
+) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     added = {
-        str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                  "single_word": False, "special": True}  # fmt: skip
+        str(tok.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for t in (EOS, PAD)
     }
     config = {
@@ -90,8 +101,11 @@ def _bundled_texts() -> Iterable[str]:
             for line in f:
                 row = json.loads(line)
                 # rendered the way training sees it, so " Human:" / " Assistant:" become tokens too
-                yield " Human: " + row["prompt"] + " Assistant: " + " ".join(
-                    row[k] for k in ("response", "chosen", "rejected") if k in row
+                yield (
+                    " Human: "
+                    + row["prompt"]
+                    + " Assistant: "
+                    + " ".join(row[k] for k in ("response", "chosen", "rejected") if k in row)
                 )
 
 

@@ -34,7 +34,11 @@ class ValueModel(nn.Module):
         return self.model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "use_cache": False,
+        }
         if self._takes_positions:
             # left-padded rows (step 3) count positions from their first real token
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -39,8 +39,9 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_rows, generator=g).tolist()
 
 
-def micro_batch_rows(order: list[int], step_in_epoch: int, *, micro: int, accum: int, world: int,
-                     rank: int, index: int) -> list[int]:  # fmt: skip
+def micro_batch_rows(
+    order: list[int], step_in_epoch: int, *, micro: int, accum: int, world: int, rank: int, index: int
+) -> list[int]:
     """Rows of micro-batch `index` of `rank` in an optimizer step.
 
     The global batch is cut micro-batch by micro-batch, ranks interleaved: micro-batch i of rank r
@@ -64,8 +65,15 @@ def rank_share(n: int, dist: Dist) -> tuple[list[int], list[float]]:
     return mine + [0] * (per_rank - len(mine)), weights
 
 
-def eval_batches(split: TokenizedSplit, collate: Callable[[list[dict[str, Any]], int], Batch], pad_id: int, *,
-                 batch_size: int, dist: Dist, max_rows: int) -> list[Batch]:  # fmt: skip
+def eval_batches(
+    split: TokenizedSplit,
+    collate: Callable[[list[dict[str, Any]], int], Batch],
+    pad_id: int,
+    *,
+    batch_size: int,
+    dist: Dist,
+    max_rows: int,
+) -> list[Batch]:
     """This rank's evaluation batches (see `rank_share`), with a `weight` column (0 for padding rows)."""
     mine, weights = rank_share(len(split) if not max_rows else min(max_rows, len(split)), dist)
     batches = []
@@ -86,8 +94,17 @@ def all_reduce_sum(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
-RUN_ONLY_OPTIONS = ("output_dir", "resume", "overwrite", "eval_interval", "eval_max_rows", "checkpoint_interval",
-                    "keep_checkpoints", "rollouts_per_step", "tracking")  # fmt: skip
+RUN_ONLY_OPTIONS = (
+    "output_dir",
+    "resume",
+    "overwrite",
+    "eval_interval",
+    "eval_max_rows",
+    "checkpoint_interval",
+    "keep_checkpoints",
+    "rollouts_per_step",
+    "tracking",
+)
 
 
 def fingerprint_of(config: Any, world_size: int) -> dict[str, Any]:
@@ -111,8 +128,10 @@ def finished_summary(step_dir: Path, config: Any, title: str) -> dict[str, Any] 
     now.pop("world_size")
     changed = sorted(k for k in set(ran_with) | set(now) if ran_with.get(k) != now.get(k))
     if changed:
-        raise ValueError(f"{title} already finished in {step_dir} with other options ({', '.join(changed)}); "
-                         "pass --overwrite to train it again, or choose another output_dir")  # fmt: skip
+        raise ValueError(
+            f"{title} already finished in {step_dir} with other options ({', '.join(changed)}); "
+            "pass --overwrite to train it again, or choose another output_dir"
+        )
     logger.warning("%s already finished in %s; pass --overwrite to train it again", title, step_dir)
     return summary
 

@@ -48,9 +48,17 @@ class DPOMethod(SupervisedMethod):
     """The trained model as in steps 1 and 2, plus the frozen reference its loss compares against."""
 
     def __init__(self, config: DPOConfig) -> None:
-        spec = StepSpec(dir_name=STEP_DIR, title=TITLE, data_step=2, kind="causal_lm", collate=collate_pairs,
-                        wrap=lambda model: model, loss=self._loss, evaluate=self._evaluate,
-                        summarize=_summarize)  # fmt: skip
+        spec = StepSpec(
+            dir_name=STEP_DIR,
+            title=TITLE,
+            data_step=2,
+            kind="causal_lm",
+            collate=collate_pairs,
+            wrap=lambda model: model,
+            loss=self._loss,
+            evaluate=self._evaluate,
+            summarize=_summarize,
+        )
         super().__init__(config, spec)
         self.config: DPOConfig = config
         self.unit = "pairs"
@@ -63,9 +71,11 @@ class DPOMethod(SupervisedMethod):
             ref = resolve_model(self.config.reference_model_name_or_path, field=field)
             ref_config = load_config(ref, kind="causal_lm", field=field)
             if ref_config.vocab_size != self.checked.model_config.vocab_size:
-                raise ValueError(f"{field}: {ref} has a vocabulary of {ref_config.vocab_size} tokens, the model "
-                                 f"{self.checked.model_config.vocab_size}; the reference must read the model's "
-                                 "tokens (leave it empty to use the model itself)")  # fmt: skip
+                raise ValueError(
+                    f"{field}: {ref} has a vocabulary of {ref_config.vocab_size} tokens, the model "
+                    f"{self.checked.model_config.vocab_size}; the reference must read the model's "
+                    "tokens (leave it empty to use the model itself)"
+                )
 
     def build(self, loop: Loop) -> dict[str, Any]:
         details = super().build(loop)
@@ -74,12 +84,24 @@ class DPOMethod(SupervisedMethod):
             ref = (
                 resolve_model(cfg.reference_model_name_or_path) if cfg.reference_model_name_or_path else None
             )
-            self.ref = frozen_engine(ref or self.checked.model_path, kind="causal_lm", dtype=self.checked.dtype,
-                                     zero_stage=cfg.model.zero_stage, offload=cfg.offload_reference_model,
-                                     micro_batch=cfg.per_device_train_batch_size, world_size=loop.dist.world_size,
-                                     persistence_threshold=cfg.model.zero_param_persistence_threshold)  # fmt: skip
-        return {**details, "loss": cfg.loss, "beta": cfg.beta, "reference": "none" if self.ref is None else
-                cfg.reference_model_name_or_path or "the model's starting weights"}  # fmt: skip
+            self.ref = frozen_engine(
+                ref or self.checked.model_path,
+                kind="causal_lm",
+                dtype=self.checked.dtype,
+                zero_stage=cfg.model.zero_stage,
+                offload=cfg.offload_reference_model,
+                micro_batch=cfg.per_device_train_batch_size,
+                world_size=loop.dist.world_size,
+                persistence_threshold=cfg.model.zero_param_persistence_threshold,
+            )
+        return {
+            **details,
+            "loss": cfg.loss,
+            "beta": cfg.beta,
+            "reference": "none"
+            if self.ref is None
+            else cfg.reference_model_name_or_path or "the model's starting weights",
+        }
 
     def _preferences(self, engine: Any, batch: Batch) -> tuple[PreferenceOutput, torch.Tensor]:
         """The preference loss per pair (B,) and the chosen answers' mean NLL per token (B,)."""
@@ -94,8 +116,16 @@ class DPOMethod(SupervisedMethod):
                 ref_logps, _ = answer_token_logps(self.ref, batch)
                 ref_seq = answer_logps(ref_logps, answer, mean=mean)
             ref_c, ref_r = ref_seq[:half], ref_seq[half:]
-        out = preference_loss(seq[:half], seq[half:], ref_c, ref_r, kind=cfg.loss, beta=cfg.beta,
-                              label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)  # fmt: skip
+        out = preference_loss(
+            seq[:half],
+            seq[half:],
+            ref_c,
+            ref_r,
+            kind=cfg.loss,
+            beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing,
+            simpo_gamma=cfg.simpo_gamma,
+        )
         chosen_nll = -answer_logps(logps[:half], answer[:half], mean=True)
         return out, chosen_nll
 
@@ -117,22 +147,40 @@ class DPOMethod(SupervisedMethod):
             out, chosen_nll = self._preferences(engine, b)
             w = b["weight"].to(out.losses.device, out.losses.dtype)
             margin = out.chosen_rewards - out.rejected_rewards
-            for i, v in enumerate((w, out.losses * w, out.chosen_rewards * w, out.rejected_rewards * w,
-                                   (margin > 0).to(w.dtype) * w, chosen_nll * w)):  # fmt: skip
+            for i, v in enumerate(
+                (
+                    w,
+                    out.losses * w,
+                    out.chosen_rewards * w,
+                    out.rejected_rewards * w,
+                    (margin > 0).to(w.dtype) * w,
+                    chosen_nll * w,
+                )
+            ):
                 sums[i] += float(v.sum())
         n, loss, chosen, rejected, wins, nll = all_reduce_sum(sums, dist.device)
         n = max(n, 1.0)
-        return {"loss": loss / n, "rewards_chosen": chosen / n, "rewards_rejected": rejected / n,
-                "rewards_margin": (chosen - rejected) / n, "rewards_accuracy": wins / n, "chosen_nll": nll / n,
-                "pairs": int(n)}  # fmt: skip
+        return {
+            "loss": loss / n,
+            "rewards_chosen": chosen / n,
+            "rewards_rejected": rejected / n,
+            "rewards_margin": (chosen - rejected) / n,
+            "rewards_accuracy": wins / n,
+            "chosen_nll": nll / n,
+            "pairs": int(n),
+        }
 
 
 def _summarize(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    return {"eval_loss_before": before["loss"], "eval_loss_after": after["loss"],
-            "eval_rewards_accuracy_before": before["rewards_accuracy"],
-            "eval_rewards_accuracy_after": after["rewards_accuracy"],
-            "eval_rewards_margin_after": after["rewards_margin"], "eval_chosen_nll_after": after["chosen_nll"],
-            "eval_pairs": after["pairs"]}  # fmt: skip
+    return {
+        "eval_loss_before": before["loss"],
+        "eval_loss_after": after["loss"],
+        "eval_rewards_accuracy_before": before["rewards_accuracy"],
+        "eval_rewards_accuracy_after": after["rewards_accuracy"],
+        "eval_rewards_margin_after": after["rewards_margin"],
+        "eval_chosen_nll_after": after["chosen_nll"],
+        "eval_pairs": after["pairs"],
+    }
 
 
 def run(config: DPOConfig) -> dict[str, Any]:

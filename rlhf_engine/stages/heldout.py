@@ -31,8 +31,16 @@ def _load(path: str, kind: str) -> Any:
 
 
 @torch.no_grad()
-def heldout_report(model: str, *, reference: str, reward_model: str, n: int = 200, max_new_tokens: int = 32,
-                   batch_size: int = 50, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def heldout_report(
+    model: str,
+    *,
+    reference: str,
+    reward_model: str,
+    n: int = 200,
+    max_new_tokens: int = 32,
+    batch_size: int = 50,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Property rate, mean reward and mean KL of `model` on `n` held-out questions."""
     from transformers import AutoTokenizer
 
@@ -48,12 +56,23 @@ def heldout_report(model: str, *, reference: str, reward_model: str, n: int = 20
     examples: list[dict[str, Any]] = []
     for i in range(0, len(questions), batch_size):
         batch = questions[i : i + batch_size]
-        ids, mask = pad([encode_prompt([{"role": "user", "content": q.text}], tok) for q in batch], tok.pad_token_id,
-                        left=True)  # fmt: skip
+        ids, mask = pad(
+            [encode_prompt([{"role": "user", "content": q.text}], tok) for q in batch],
+            tok.pad_token_id,
+            left=True,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-            seq = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
-                                  temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)  # fmt: skip
+            seq = policy.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=tok.pad_token_id,
+            )
         P = ids.shape[1]
         answers = seq[:, P:]
         am = answer_mask(answers, tok.eos_token_id)
@@ -69,7 +88,9 @@ def heldout_report(model: str, *, reference: str, reward_model: str, n: int = 20
             named += q.subject in text.lower()
             lengths.append(int(m.sum()))
             if len(examples) < 5:
-                examples.append({"prompt": q.text, "answer": text.strip(), "on_topic": on_topic(q.text, text)})
+                examples.append(
+                    {"prompt": q.text, "answer": text.strip(), "on_topic": on_topic(q.text, text)}
+                )
     return {
         "questions": len(questions),
         "property_rate": hits / len(questions),

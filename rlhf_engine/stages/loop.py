@@ -133,10 +133,14 @@ def peak_memory() -> dict[str, Any]:
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return {"peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-                "peak_memory_source": "cuda_max_memory_allocated"}  # fmt: skip
-    return {"peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_memory_source": "ru_maxrss"}  # fmt: skip
+        return {
+            "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "peak_memory_source": "cuda_max_memory_allocated",
+        }
+    return {
+        "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_source": "ru_maxrss",
+    }
 
 
 def _offloads(config: Any) -> bool:
@@ -224,8 +228,10 @@ def _loop(
     global_batch, how = config.batch_rows(world)
     steps_per_epoch = len(prepared.train) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{how} is more than the {len(prepared.train)} training {method.unit} of {title}; lower "
-                         "the batch size or add data")  # fmt: skip
+        raise ValueError(
+            f"{how} is more than the {len(prepared.train)} training {method.unit} of {title}; lower "
+            "the batch size or add data"
+        )
     total = config.num_train_epochs * steps_per_epoch
     if config.max_steps:
         total = min(total, config.max_steps)
@@ -250,8 +256,13 @@ def _loop(
         records.truncate(start_step)
         for name in method.record_files:
             records.truncate(start_step, name=name)
-        records.event("step_started", f"{title}: resuming at step {start_step} of {total}", resumed_from=str(folder),
-                      global_step=start_step, total_steps=total)  # fmt: skip
+        records.event(
+            "step_started",
+            f"{title}: resuming at step {start_step} of {total}",
+            resumed_from=str(folder),
+            global_step=start_step,
+            total_steps=total,
+        )
     else:
         if dist.is_main:
             records.reset()
@@ -259,10 +270,18 @@ def _loop(
                 (step_dir / name).unlink(missing_ok=True)
             shutil.rmtree(ckpt_root, ignore_errors=True)
         barrier()
-        records.event("step_started", f"{title}: {total} steps of {global_batch} {method.unit}", total_steps=total,
-                      global_batch=global_batch, processes=world, train_rows=len(prepared.train),
-                      eval_rows=len(prepared.eval), rows_unused_per_epoch=len(prepared.train) % global_batch,
-                      **details, data=prepared.report_dicts())  # fmt: skip
+        records.event(
+            "step_started",
+            f"{title}: {total} steps of {global_batch} {method.unit}",
+            total_steps=total,
+            global_batch=global_batch,
+            processes=world,
+            train_rows=len(prepared.train),
+            eval_rows=len(prepared.eval),
+            rows_unused_per_epoch=len(prepared.train) % global_batch,
+            **details,
+            data=prepared.report_dicts(),
+        )
     for warning in method.warnings:
         records.event("warning", warning, level="warning")
 
@@ -272,8 +291,13 @@ def _loop(
         for who, result in results:
             said = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
             named: dict[str, Any] = {"model": who} if who else {}
-            records.event("eval", f"eval{f' of the {who}' if who else ''} at step {at_step}: {said}",
-                          global_step=at_step, **named, **result)  # fmt: skip
+            records.event(
+                "eval",
+                f"eval{f' of the {who}' if who else ''} at step {at_step}: {said}",
+                global_step=at_step,
+                **named,
+                **result,
+            )
         return results
 
     if eval_before is None:
@@ -284,16 +308,22 @@ def _loop(
     for step in range(start_step, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(prepared.train), config.seed, epoch)
-        batches = [[prepared.train.row(j)
-                    for j in micro_batch_rows(order, in_epoch, micro=micro, accum=accum, world=world, rank=dist.rank,
-                                              index=i)]
-                   for i in range(accum)]  # fmt: skip
+        batches = [
+            [
+                prepared.train.row(j)
+                for j in micro_batch_rows(
+                    order, in_epoch, micro=micro, accum=accum, world=world, rank=dist.rank, index=i
+                )
+            ]
+            for i in range(accum)
+        ]
         phases.training(step, total, estimate_s=estimate)
         metrics = method.train_step(step, batches)
         loss = metrics.get("loss")
         if loss is not None and not math.isfinite(loss):
-            raise FloatingPointError(f"{title}: loss became {loss} at step {step + 1}; lower the learning rate or "
-                                     "use fp32/bf16")  # fmt: skip
+            raise FloatingPointError(
+                f"{title}: loss became {loss} at step {step + 1}; lower the learning rate or use fp32/bf16"
+            )
         records.metric(step=step + 1, epoch=round(epoch + (in_epoch + 1) / steps_per_epoch, 4), **metrics)
         done_steps = step + 1
         method.after_step(done_steps)
@@ -308,15 +338,33 @@ def _loop(
                 global_step=done_steps,
                 label=f"saving the checkpoint at step {done_steps}",
             )
-            folder = checkpoint.save(method.engines(), ckpt_root, global_step=done_steps, dist=dist,
-                                     keep=config.keep_checkpoints, extra=method.checkpoint_extra(),
-                                     state={"total_steps": total, "eval_before": eval_before,
-                                            **method.checkpoint_state(), "fingerprint": fingerprint})  # fmt: skip
-            records.event("checkpoint_saved", f"checkpoint at step {done_steps}", path=str(folder),
-                          global_step=done_steps)  # fmt: skip
+            folder = checkpoint.save(
+                method.engines(),
+                ckpt_root,
+                global_step=done_steps,
+                dist=dist,
+                keep=config.keep_checkpoints,
+                extra=method.checkpoint_extra(),
+                state={
+                    "total_steps": total,
+                    "eval_before": eval_before,
+                    **method.checkpoint_state(),
+                    "fingerprint": fingerprint,
+                },
+            )
+            records.event(
+                "checkpoint_saved",
+                f"checkpoint at step {done_steps}",
+                path=str(folder),
+                global_step=done_steps,
+            )
             if stopping:
-                records.event("step_stopped", f"{title}: stopped at step {done_steps} of {total}; rerun to resume",
-                              global_step=done_steps, path=str(folder))  # fmt: skip
+                records.event(
+                    "step_stopped",
+                    f"{title}: stopped at step {done_steps} of {total}; rerun to resume",
+                    global_step=done_steps,
+                    path=str(folder),
+                )
                 raise StepStopped(done_steps, folder)
     eval_after = run_eval(total, final=True)
 

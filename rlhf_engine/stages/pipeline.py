@@ -35,14 +35,18 @@ def plan(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> dict[int, 
     steps = cfg.steps()
     for step in sorted(set(cfg.step)):
         values = step_values(cfg, step, sections.get(steps[step].command, {}))
-        dataclass_from_args(steps[step].config, argparse.Namespace(), file_values=values)  # raises with the field
+        dataclass_from_args(
+            steps[step].config, argparse.Namespace(), file_values=values
+        )  # raises with the field
         out[step] = values
     last = max(steps)  # the step that trains from all the others' outputs (PPO; DPO from SFT)
     if last in out:
         for needed in range(1, last):
             if needed not in out and not is_finished(cfg.step_dir(needed)):
-                raise ValueError(f"step {last} needs the finished step {needed} in {cfg.step_dir(needed)}; "
-                                 f"run it too (--step {needed} {last}) or point output_dir at a run that has it")  # fmt: skip
+                raise ValueError(
+                    f"step {last} needs the finished step {needed} in {cfg.step_dir(needed)}; "
+                    f"run it too (--step {needed} {last}) or point output_dir at a run that has it"
+                )
     return out
 
 
@@ -51,8 +55,12 @@ def _run_logged(cmd: list[str], log: Path) -> int:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env[WATCH_ENV] = str(os.getpid())  # a step stops when the pipeline ends (fencing.py)
     env["PYTHONUNBUFFERED"] = "1"  # its lines (progress included) reach the console and the log as written
-    with open(log, "a") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                               text=True, bufsize=1) as proc:  # fmt: skip
+    with (
+        open(log, "a") as f,
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1
+        ) as proc,
+    ):
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -77,8 +85,11 @@ def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Pa
         if is_finished(cfg.step_dir(step)):
             print(f"==> {title}: finished earlier in {cfg.step_dir(step)}; checking its options", flush=True)
         else:
-            print(f"==> {title}: options in {config_file}, log in {out / 'logs' / (name + '.log')}; progress "
-                  f"every {os.environ.get(EVERY_ENV, '10')} s", flush=True)  # fmt: skip
+            print(
+                f"==> {title}: options in {config_file}, log in {out / 'logs' / (name + '.log')}; progress "
+                f"every {os.environ.get(EVERY_ENV, '10')} s",
+                flush=True,
+            )
         cmd = [sys.executable, "-m", "rlhf_engine.cli", command, "--config", str(attempt)]
         if procs > 1 or cfg.hostfile:
             cmd += ["--num-gpus", str(procs)] + (["--hostfile", cfg.hostfile] if cfg.hostfile else [])
@@ -91,7 +102,9 @@ def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Pa
         # finishing); but a step that refused to run (e.g. finished with other options) fails
         if not (written_now or (code == 0 and summary.is_file())):
             attempt.unlink(missing_ok=True)
-            raise StepFailed(f"{title} did not finish (exit status {code}); see {out / 'logs' / (name + '.log')}")
+            raise StepFailed(
+                f"{title} did not finish (exit status {code}); see {out / 'logs' / (name + '.log')}"
+            )
         attempt.replace(config_file)
         print(f"==> {title}: done in {time.monotonic() - started:.0f} s", flush=True)
     if 3 in steps:

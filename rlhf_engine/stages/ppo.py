@@ -68,18 +68,24 @@ def check(config: PPOConfig) -> Any:
 def _check_same_tokens(tokenizer: Any, path: str, value_config: Any, *, field: str) -> None:
     """The critic and reward model read the actor's token ids (DeepSpeed-Chat's design): a model built
     on another tokenizer would read them as other words, or index past its embedding."""
-    fix = ("train the reward model from a model with the actor's tokenizer (e.g. `rlhf models tiny --tokenizer "
-           "ACTOR_DIR` for a small one)")  # fmt: skip
+    fix = (
+        "train the reward model from a model with the actor's tokenizer (e.g. `rlhf models tiny --tokenizer "
+        "ACTOR_DIR` for a small one)"
+    )
     if value_config.vocab_size < len(tokenizer):
-        raise ValueError(f"{field}: {path} has a vocabulary of {value_config.vocab_size} tokens, fewer than the "
-                         f"actor's tokenizer ({len(tokenizer)}); {fix}")  # fmt: skip
+        raise ValueError(
+            f"{field}: {path} has a vocabulary of {value_config.vocab_size} tokens, fewer than the "
+            f"actor's tokenizer ({len(tokenizer)}); {fix}"
+        )
     try:
         theirs = load_tokenizer(path, field=field)
     except ValueError:
         return  # no tokenizer files beside the weights: the vocabulary size is all there is to check
     if theirs.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"{field}: {path} was built on another tokenizer than the actor's (their vocabularies "
-                         f"differ); {fix}")  # fmt: skip
+        raise ValueError(
+            f"{field}: {path} was built on another tokenizer than the actor's (their vocabularies "
+            f"differ); {fix}"
+        )
 
 
 class _Accumulator:
@@ -114,8 +120,9 @@ def check_items(grader: graders.Grader, split: TokenizedSplit, what: str) -> Non
         try:
             graders.check_row(grader, decode_item(items[i]), where="grader")
         except graders.GraderError as e:
-            raise graders.GraderError(e.param, f"{str(e).removeprefix(e.param + ': ')} ({what} row {i + 1} of step "
-                                               "3's prompts)") from None  # fmt: skip
+            raise graders.GraderError(
+                e.param, f"{str(e).removeprefix(e.param + ': ')} ({what} row {i + 1} of step 3's prompts)"
+            ) from None
 
 
 def _score_stats(scores: list[float], device: str) -> tuple[float, float]:
@@ -124,8 +131,16 @@ def _score_stats(scores: list[float], device: str) -> tuple[float, float]:
     return mean, math.sqrt(max(s2 / max(n, 1.0) - mean * mean, 0.0))
 
 
-def evaluate(trainer: PPOTrainer, split: TokenizedSplit, *, max_rows: int, batch_size: int, dist: Dist,
-             seed: int, use_ema: bool = False) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    trainer: PPOTrainer,
+    split: TokenizedSplit,
+    *,
+    max_rows: int,
+    batch_size: int,
+    dist: Dist,
+    seed: int,
+    use_ema: bool = False,
+) -> dict[str, Any]:
     """Reward, KL and answer length of sampled answers to held-out prompts (fixed sampling seed).
 
     Every rank runs the same number of batches (ZeRO-3 forward passes are collective); padding rows
@@ -144,8 +159,9 @@ def evaluate(trainer: PPOTrainer, split: TokenizedSplit, *, max_rows: int, batch
                 phase.tick()
                 batch = [split.row(j) for j in mine[i : i + batch_size]]
                 w = torch.tensor(weights[i : i + batch_size])
-                exp = trainer.generate_experience(collate_prompts(batch, trainer.pad_id), samples=1,
-                                                  items=row_items(batch))  # fmt: skip
+                exp = trainer.generate_experience(
+                    collate_prompts(batch, trainer.pad_id), samples=1, items=row_items(batch)
+                )
                 totals[0] += float(w.sum())
                 totals[1] += float((exp.scores.cpu() * w).sum())
                 totals[2] += float((sequence_kl(exp).cpu() * w).sum())
@@ -154,7 +170,12 @@ def evaluate(trainer: PPOTrainer, split: TokenizedSplit, *, max_rows: int, batch
         engine.actor = actor
     rows, reward, kl, length = all_reduce_sum(totals, dist.device)
     rows = max(rows, 1.0)
-    return {"reward_mean": reward / rows, "kl_to_ref": kl / rows, "answer_len": length / rows, "prompts": rows}
+    return {
+        "reward_mean": reward / rows,
+        "kl_to_ref": kl / rows,
+        "answer_len": length / rows,
+        "prompts": rows,
+    }
 
 
 def _rollouts(trainer: PPOTrainer, exp: Experience, step: int, k: int) -> list[dict[str, Any]]:
@@ -164,10 +185,17 @@ def _rollouts(trainer: PPOTrainer, exp: Experience, step: int, k: int) -> list[d
     for i in range(min(k, len(exp))):
         prompt = exp.seq[i, : exp.prompt_len][exp.attention_mask[i, : exp.prompt_len] > 0]
         answer = exp.seq[i, exp.prompt_len :][exp.action_mask[i] > 0]
-        out.append({"step": step, "prompt": tok.decode(prompt, skip_special_tokens=True),
-                    "answer": tok.decode(answer, skip_special_tokens=True), "reward": float(exp.scores[i]),
-                    "kl": float(kl[i]), "degenerate": bool(exp.degenerate[i]),
-                    **({"grades": exp.grades[i]} if exp.grades else {})})  # fmt: skip
+        out.append(
+            {
+                "step": step,
+                "prompt": tok.decode(prompt, skip_special_tokens=True),
+                "answer": tok.decode(answer, skip_special_tokens=True),
+                "reward": float(exp.scores[i]),
+                "kl": float(kl[i]),
+                "degenerate": bool(exp.degenerate[i]),
+                **({"grades": exp.grades[i]} if exp.grades else {}),
+            }
+        )
     return out
 
 
@@ -181,22 +209,63 @@ def _peak_rss_mib() -> float:
 def _save_models(engine: RLHFEngine, cfg: PPOConfig, step_dir: Path, dist: Dist) -> None:
     """actor/, critic/ (and actor_ema/) as Hugging Face folders (collective at ZeRO-3)."""
     tok = engine.tokenizer
-    jobs = [("actor", engine.actor.module, cfg.actor.zero_stage, "causal_lm", engine.actor_config, engine.actor_lora,
-             engine.actor_dropout_restore, engine.actor_path, engine.actor_dtype)]
+    jobs = [
+        (
+            "actor",
+            engine.actor.module,
+            cfg.actor.zero_stage,
+            "causal_lm",
+            engine.actor_config,
+            engine.actor_lora,
+            engine.actor_dropout_restore,
+            engine.actor_path,
+            engine.actor_dtype,
+        )
+    ]
     if engine.critic is not None:
-        jobs.append(("critic", engine.critic.module.model, cfg.critic.zero_stage, "value", engine.critic_config,
-                     engine.critic_lora, engine.critic_dropout_restore, engine.critic_path, engine.critic_dtype))  # fmt: skip
+        jobs.append(
+            (
+                "critic",
+                engine.critic.module.model,
+                cfg.critic.zero_stage,
+                "value",
+                engine.critic_config,
+                engine.critic_lora,
+                engine.critic_dropout_restore,
+                engine.critic_path,
+                engine.critic_dtype,
+            )
+        )
     if engine.actor_ema is not None:
-        jobs.append(("actor_ema", engine.actor_ema.module, engine.actor_ema.zero_optimization_stage(), "causal_lm",
-                     engine.actor_config, engine.actor_lora, engine.actor_dropout_restore, engine.actor_path,
-                     engine.actor_dtype))  # fmt: skip
+        jobs.append(
+            (
+                "actor_ema",
+                engine.actor_ema.module,
+                engine.actor_ema.zero_optimization_stage(),
+                "causal_lm",
+                engine.actor_config,
+                engine.actor_lora,
+                engine.actor_dropout_restore,
+                engine.actor_path,
+                engine.actor_dtype,
+            )
+        )
     for name, module, stage, kind, model_config, lora, restore, src, dtype in jobs:
         state = gathered_state_dict(module, zero_stage=stage, is_main=dist.is_main)
         if dist.is_main:
             import copy
 
-            save_hf_model(state, config=copy.deepcopy(model_config), kind=kind, out=step_dir / name, lora=lora,  # type: ignore[arg-type]
-                          dropout_restore=restore, tokenizer=tok, tokenizer_src=src, dtype=torch_dtype(dtype))  # fmt: skip
+            save_hf_model(
+                state,
+                config=copy.deepcopy(model_config),
+                kind=kind,
+                out=step_dir / name,
+                lora=lora,  # type: ignore[arg-type]
+                dropout_restore=restore,
+                tokenizer=tok,
+                tokenizer_src=src,
+                dtype=torch_dtype(dtype),
+            )
     barrier()
 
 
@@ -227,16 +296,26 @@ class PPOMethod(Method):
             check_items(grader, loop.prepared.eval, "held-out")
         self.unsup = None
         if cfg.unsup_coef > 0:
-            self.unsup = torch.as_tensor(prepare_corpus(cfg.data, self.tokenizer,
-                                                        cfg.data.max_prompt_len + cfg.max_answer_len))  # fmt: skip
-            self.unsup_order = torch.randperm(len(self.unsup), generator=torch.Generator().manual_seed(cfg.seed))
-        self.engine = RLHFEngine(actor_model_name_or_path=cfg.actor_model_name_or_path,
-                                 critic_model_name_or_path=cfg.critic_model_name_or_path, tokenizer=self.tokenizer,
-                                 num_total_iters=loop.total * cfg.optimizer_steps_per_ppo_step(), args=cfg,
-                                 reward_model_name_or_path=cfg.reward_path)  # fmt: skip
+            self.unsup = torch.as_tensor(
+                prepare_corpus(cfg.data, self.tokenizer, cfg.data.max_prompt_len + cfg.max_answer_len)
+            )
+            self.unsup_order = torch.randperm(
+                len(self.unsup), generator=torch.Generator().manual_seed(cfg.seed)
+            )
+        self.engine = RLHFEngine(
+            actor_model_name_or_path=cfg.actor_model_name_or_path,
+            critic_model_name_or_path=cfg.critic_model_name_or_path,
+            tokenizer=self.tokenizer,
+            num_total_iters=loop.total * cfg.optimizer_steps_per_ppo_step(),
+            args=cfg,
+            reward_model_name_or_path=cfg.reward_path,
+        )
         self.trainer = PPOTrainer(engine=self.engine, args=cfg)
-        return {"engines": self.engine.init_counts, "algorithm": cfg.algorithm,
-                "samples_per_prompt": cfg.samples_per_prompt}  # fmt: skip
+        return {
+            "engines": self.engine.init_counts,
+            "algorithm": cfg.algorithm,
+            "samples_per_prompt": cfg.samples_per_prompt,
+        }
 
     def engines(self) -> dict[str, Any]:
         engines = {"actor": self.engine.actor}
@@ -250,14 +329,21 @@ class PPOMethod(Method):
     def checkpoint_extra(self) -> dict[str, Any] | None:
         ema = self.engine.actor_ema
         assert self.loop is not None
-        return (gathered_state_dict(ema.module, zero_stage=ema.zero_optimization_stage(), is_main=self.loop.dist.is_main)
-                if ema is not None else None)  # fmt: skip
+        return (
+            gathered_state_dict(
+                ema.module, zero_stage=ema.zero_optimization_stage(), is_main=self.loop.dist.is_main
+            )
+            if ema is not None
+            else None
+        )
 
     def restore(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
         assert self.loop is not None
         self.first = state["first"]
         if (ema := self.engine.actor_ema) is not None:
-            load_full_state(ema.module, extra, zero_stage=ema.zero_optimization_stage(), is_main=self.loop.dist.is_main)
+            load_full_state(
+                ema.module, extra, zero_stage=ema.zero_optimization_stage(), is_main=self.loop.dist.is_main
+            )
 
     def train_step(self, step: int, batches: list[list[Row]]) -> dict[str, Any]:
         assert self.loop is not None
@@ -281,7 +367,9 @@ class PPOMethod(Method):
         t1 = time.monotonic()
         unsup_losses: list[float] = []
         mb = cfg.per_device_training_batch_size
-        minis_per_step = cfg.ppo_epochs * cfg.generation_batches * math.ceil(gen_bs * cfg.samples_per_prompt / mb)
+        minis_per_step = (
+            cfg.ppo_epochs * cfg.generation_batches * math.ceil(gen_bs * cfg.samples_per_prompt / mb)
+        )
         m = 0
         for _ in range(cfg.ppo_epochs):
             for exp in experiences:
@@ -299,21 +387,35 @@ class PPOMethod(Method):
         train_s = time.monotonic() - t1
         means = {**acc.reduce(dist.device), **train_acc.reduce(dist.device)}
         reward_mean, reward_std = _score_stats(scores, dist.device)
-        gen_tokens = all_reduce_sum([float(sum(e.answer_lengths.sum() for e in experiences)), gen_s], dist.device)
-        unsup_loss = (all_reduce_sum([sum(unsup_losses), len(unsup_losses)], dist.device)
-                      if unsup_losses else [0.0, 0.0])  # fmt: skip
+        gen_tokens = all_reduce_sum(
+            [float(sum(e.answer_lengths.sum() for e in experiences)), gen_s], dist.device
+        )
+        unsup_loss = (
+            all_reduce_sum([sum(unsup_losses), len(unsup_losses)], dist.device)
+            if unsup_losses
+            else [0.0, 0.0]
+        )
         seconds = time.monotonic() - t0
         last = {
-            "reward_mean": reward_mean, "reward_std": reward_std, "kl_to_ref": means["kl_to_ref"],
-            "loss": means["actor_loss"], "actor_loss": means["actor_loss"], "critic_loss": means.get("critic_loss"),
+            "reward_mean": reward_mean,
+            "reward_std": reward_std,
+            "kl_to_ref": means["kl_to_ref"],
+            "loss": means["actor_loss"],
+            "actor_loss": means["actor_loss"],
+            "critic_loss": means.get("critic_loss"),
             "unsup_loss": unsup_loss[0] / unsup_loss[1] if unsup_loss[1] else None,
-            "clip_frac": means["clip_frac"], "value_clip_frac": means.get("value_clip_frac"),
-            "answer_len": means["answer_len"], "degenerate_rate": means["degenerate_rate"],
-            "gen_s": gen_s, "score_s": score_s, "train_s": train_s, "other_s": seconds - gen_s - score_s - train_s,
+            "clip_frac": means["clip_frac"],
+            "value_clip_frac": means.get("value_clip_frac"),
+            "answer_len": means["answer_len"],
+            "degenerate_rate": means["degenerate_rate"],
+            "gen_s": gen_s,
+            "score_s": score_s,
+            "train_s": train_s,
+            "other_s": seconds - gen_s - score_s - train_s,
             "samples_per_s": self.loop.global_batch / seconds,
             "tokens_per_s": gen_tokens[0] / max(gen_tokens[1] / world, 1e-9),
             "tokens": int(gen_tokens[0]),  # answer tokens generated (and trained on) this step
-        }  # fmt: skip
+        }
         for key in means:  # grpo/rloo: kl_loss, filtered_rate; a grader: grader_<part>
             if key in ("kl_loss", "filtered_rate") or key.startswith("grader_"):
                 last[key] = means[key]
@@ -328,18 +430,34 @@ class PPOMethod(Method):
     def after_step(self, step: int) -> None:
         assert self.loop is not None
         if self.loop.dist.is_main and self.config.rollouts_per_step:
-            self.loop.records.rollouts(ROLLOUTS, _rollouts(self.trainer, self.experiences[0], step,
-                                                           self.config.rollouts_per_step), step)  # fmt: skip
+            self.loop.records.rollouts(
+                ROLLOUTS,
+                _rollouts(self.trainer, self.experiences[0], step, self.config.rollouts_per_step),
+                step,
+            )
         self.experiences = []
 
     def evaluate(self, *, final: bool) -> list[Evaluation]:
         assert self.loop is not None
         cfg = self.config
-        whose = [("actor", False)] + ([("EMA actor", True)] if final and self.engine.actor_ema is not None else [])
-        return [(who, evaluate(self.trainer, self.loop.prepared.eval, max_rows=cfg.eval_max_rows,
-                               batch_size=cfg.per_device_generation_batch_size, dist=self.loop.dist, seed=cfg.seed,
-                               use_ema=use_ema))
-                for who, use_ema in whose]  # fmt: skip
+        whose = [("actor", False)] + (
+            [("EMA actor", True)] if final and self.engine.actor_ema is not None else []
+        )
+        return [
+            (
+                who,
+                evaluate(
+                    self.trainer,
+                    self.loop.prepared.eval,
+                    max_rows=cfg.eval_max_rows,
+                    batch_size=cfg.per_device_generation_batch_size,
+                    dist=self.loop.dist,
+                    seed=cfg.seed,
+                    use_ema=use_ema,
+                ),
+            )
+            for who, use_ema in whose
+        ]
 
     def save(self) -> str:
         assert self.loop is not None

@@ -147,7 +147,9 @@ class PPOTrainer:
         self.args = as_ppo_config(args if args is not None else engine.args)
         self.tokenizer = engine.tokenizer
         self.eos_id = int(self.tokenizer.eos_token_id)
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
+        self.pad_id = int(
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        )
         self.device = engine.dist.device
         self.use_ds_hybrid = self.args.enable_hybrid_engine
         self.gather_for_generation = True
@@ -175,16 +177,24 @@ class PPOTrainer:
         k = shared_prefix_len(prompts, mask)
         return k if k >= MIN_SHARED_PREFIX else 0
 
-    def _generate_with_logits(self, prompts: torch.Tensor, mask: torch.Tensor, *, keep_logits: bool,
-                              prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    def _generate_with_logits(
+        self, prompts: torch.Tensor, mask: torch.Tensor, *, keep_logits: bool, prefix: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sequences (B, P + A), raw next-token logits of the answer positions (B, A, V) or None).
         `prefix` = k: the prompts are laid out by `prefix_first` and their first k columns run once."""
         cfg = self.args
         kwargs: dict[str, Any] = {
-            "attention_mask": mask, "max_new_tokens": cfg.max_answer_len, "do_sample": True,
-            "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-            "pad_token_id": self.pad_id, "eos_token_id": self.eos_id, "use_cache": True, **self.generate_kwargs,
-        }  # fmt: skip
+            "attention_mask": mask,
+            "max_new_tokens": cfg.max_answer_len,
+            "do_sample": True,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "top_k": cfg.top_k,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": self.eos_id,
+            "use_cache": True,
+            **self.generate_kwargs,
+        }
         actor = self.engine.actor
         with torch.no_grad():
             if self.use_ds_hybrid:  # DeepSpeed's HybridEngine (CUDA): its own inference kernels
@@ -192,7 +202,9 @@ class PPOTrainer:
                 out = actor.generate(prompts, synced_gpus=self.engine.dist.world_size > 1, **kwargs)
                 actor.train()
                 return out, None
-            synced = needs_synced_gpus(actor, gather=self.gather_for_generation, world_size=self.engine.dist.world_size)
+            synced = needs_synced_gpus(
+                actor, gather=self.gather_for_generation, world_size=self.engine.dist.world_size
+            )
             if keep_logits:  # the raw (untempered) logits of every sampled position
                 kwargs |= {"return_dict_in_generate": True, "output_logits": True}
             with generation_mode(actor, gather=self.gather_for_generation) as model:
@@ -208,8 +220,14 @@ class PPOTrainer:
         return out.sequences, torch.stack(out.logits, dim=1)  # (B, A, V)
 
     @torch.no_grad()
-    def generate_experience(self, batch: Any, step: int | None = None, *, samples: int | None = None,
-                            items: list[dict[str, Any]] | None = None) -> Experience:  # fmt: skip
+    def generate_experience(
+        self,
+        batch: Any,
+        step: int | None = None,
+        *,
+        samples: int | None = None,
+        items: list[dict[str, Any]] | None = None,
+    ) -> Experience:
         """Sample answers for a batch of left-padded prompts and score them with every model
         (`samples` answers per prompt: default samples_per_prompt; evaluation samples 1). With a
         grader, `items` are the prompts' rows (what its templates read)."""
@@ -220,7 +238,10 @@ class PPOTrainer:
                 raise ValueError("a grader needs each prompt's item (its row's fields)")
             items = [it for it in items for _ in range(group)]
         if group > 1:  # each prompt's answers are consecutive rows: its group
-            prompts, prompt_mask = prompts.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0)
+            prompts, prompt_mask = (
+                prompts.repeat_interleave(group, 0),
+                prompt_mask.repeat_interleave(group, 0),
+            )
         t0 = time.monotonic()
         reuse = self.args.reuse_generation_logits and not self.use_ds_hybrid
         if shared := self._shareable_prefix(prompts, prompt_mask):
@@ -228,22 +249,28 @@ class PPOTrainer:
         seq, gen_logits = self._generate_with_logits(prompts, prompt_mask, keep_logits=reuse, prefix=shared)
         gen_s = time.monotonic() - t0
         P = prompts.shape[1]
-        if seq.shape[1] == P:  # every row ended at once (max_answer_len reached 0 new tokens?) — keep shapes sane
+        if (
+            seq.shape[1] == P
+        ):  # every row ended at once (max_answer_len reached 0 new tokens?) — keep shapes sane
             seq = torch.cat([seq, torch.full_like(seq[:, :1], self.eos_id)], dim=1)
         answers = seq[:, P:]
         action_mask = answer_mask(answers, self.eos_id)
         degenerate = degenerate_rows(answers.cpu(), action_mask.cpu(), self.eos_id)
         if self.use_ds_hybrid and float(degenerate.float().mean()) > self.args.degenerate_threshold:
             self.use_ds_hybrid = False
-            self.warnings.append(f"{int(degenerate.sum())}/{len(degenerate)} answers from DeepSpeed's hybrid engine "
-                                 "were empty or repetitive; generation falls back to the plain path")  # fmt: skip
+            self.warnings.append(
+                f"{int(degenerate.sum())}/{len(degenerate)} answers from DeepSpeed's hybrid engine "
+                "were empty or repetitive; generation falls back to the plain path"
+            )
         attn = torch.cat([prompt_mask, action_mask], dim=1)
         t1 = time.monotonic()
         A = answers.shape[1]
         if gen_logits is not None and gen_logits.shape[1] == A:
             logprobs = token_logprobs(gen_logits, answers)  # no second actor pass
         else:
-            logprobs = token_logprobs(lm_logits(self.engine.actor, seq, attn, keep_last=A + 1)[:, :-1], answers)
+            logprobs = token_logprobs(
+                lm_logits(self.engine.actor, seq, attn, keep_last=A + 1)[:, :-1], answers
+            )
         ref_cache = prefix_cache(self.engine.ref, seq[0, :shared], len(seq)) if shared else None
         ref_logits = lm_logits(self.engine.ref, seq, attn, keep_last=A + 1, cache=ref_cache, cached=shared)
         ref_logprobs = token_logprobs(ref_logits[:, :-1], answers)
@@ -256,23 +283,43 @@ class PPOTrainer:
             scores, grades = self.grade(seq, attn, answers, action_mask, items or [])
         else:
             scores = sequence_scores(self.engine.reward(seq, attn), attn)
-        exp = Experience(seq, attn, P, action_mask, logprobs, ref_logprobs, values, scores, degenerate,
-                         gen_seconds=gen_s, score_seconds=time.monotonic() - t1, grades=grades,
-                         shared_prefix=shared)  # fmt: skip
+        exp = Experience(
+            seq,
+            attn,
+            P,
+            action_mask,
+            logprobs,
+            ref_logprobs,
+            values,
+            scores,
+            degenerate,
+            gen_seconds=gen_s,
+            score_seconds=time.monotonic() - t1,
+            grades=grades,
+            shared_prefix=shared,
+        )
         if self.args.algorithm != "ppo" and group > 1:
             exp.advantages, exp.weights = self.group_advantages(exp)
         return exp
 
     @torch.no_grad()
-    def grade(self, seq: torch.Tensor, attn: torch.Tensor, answers: torch.Tensor, action_mask: torch.Tensor,
-              items: list[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, float]]]:  # fmt: skip
+    def grade(
+        self,
+        seq: torch.Tensor,
+        attn: torch.Tensor,
+        answers: torch.Tensor,
+        action_mask: torch.Tensor,
+        items: list[dict[str, Any]],
+    ) -> tuple[torch.Tensor, list[dict[str, float]]]:
         """The grader's reward per answer (B,) and each answer's score per named part.
 
         The answer text is what a chat client would see: decoded without special tokens, stripped.
         score_model parts read the whole sequence with their reward model, once per batch."""
         assert self.grader is not None
-        model_scores = {name: sequence_scores(model(seq, attn), attn).tolist()
-                        for name, model in self.engine.score_models.items()}  # fmt: skip
+        model_scores = {
+            name: sequence_scores(model(seq, attn), attn).tolist()
+            for name, model in self.engine.score_models.items()
+        }
         rewards, grades = [], []
         for i, (ids, mask) in enumerate(zip(answers, action_mask, strict=True)):
             text = str(self.tokenizer.decode(ids[mask > 0], skip_special_tokens=True)).strip()
@@ -295,7 +342,9 @@ class PPOTrainer:
             rewards = rewards - cfg.kl_ctl * ((exp.logprobs - exp.ref_logprobs) * mask).sum(1)
         grouped = rewards.view(-1, cfg.samples_per_prompt)
         adv = grpo_advantages(grouped) if cfg.algorithm == "grpo" else rloo_advantages(grouped)
-        keep = informative_groups(grouped) if cfg.filter_groups else torch.ones(len(grouped), dtype=torch.bool)
+        keep = (
+            informative_groups(grouped) if cfg.filter_groups else torch.ones(len(grouped), dtype=torch.bool)
+        )
         weights = keep.to(rewards.device).float().repeat_interleave(cfg.samples_per_prompt)
         return adv.reshape(-1), weights
 
@@ -311,7 +360,9 @@ class PPOTrainer:
         A = exp.action_mask.shape[1]
         k = exp.shared_prefix
         module = getattr(actor, "module", actor)
-        if k and (_zero_stage(actor) == 3 or getattr(module, "is_gradient_checkpointing", False) or _dropout(module)):
+        if k and (
+            _zero_stage(actor) == 3 or getattr(module, "is_gradient_checkpointing", False) or _dropout(module)
+        ):
             k = 0
         cache = prefix_cache(actor, exp.seq[0, :k], len(exp.seq)) if k else None
         logits = lm_logits(actor, exp.seq, exp.attention_mask, keep_last=A + 1, cache=cache, cached=k)[:, :-1]
@@ -354,7 +405,9 @@ class PPOTrainer:
         actor.train()
         logprobs = self.policy_logprobs(exp)
         if mask.sum() > 0:
-            actor_loss, clipfrac = policy_loss(logprobs, exp.logprobs, advantages, mask, cliprange=cfg.cliprange)
+            actor_loss, clipfrac = policy_loss(
+                logprobs, exp.logprobs, advantages, mask, cliprange=cfg.cliprange
+            )
             kl_loss = masked_mean(kl_k3(logprobs, exp.ref_logprobs), mask)
         else:  # every group of this micro-batch was filtered out: a step that changes nothing (ZeRO-3 stays in step)
             actor_loss, clipfrac, kl_loss = (logprobs * 0).sum(), torch.zeros(()), (logprobs * 0).sum()
@@ -379,8 +432,14 @@ class PPOTrainer:
         """(advantages, returns) of `exp`: GAE over the KL-penalised per-token rewards."""
         cfg = self.args
         mask = exp.action_mask.float()
-        rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, mask, kl_ctl=cfg.kl_ctl,
-                                       clip_reward_value=cfg.clip_reward_value)  # fmt: skip
+        rewards = kl_penalized_rewards(
+            exp.logprobs,
+            exp.ref_logprobs,
+            exp.scores,
+            mask,
+            kl_ctl=cfg.kl_ctl,
+            clip_reward_value=cfg.clip_reward_value,
+        )
         return gae(exp.values, rewards, mask, gamma=cfg.gamma, lam=cfg.lam)
 
     def critic_step(self, exp: Experience, returns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,8 +447,9 @@ class PPOTrainer:
         critic = self.engine.critic
         critic.train()
         values = critic(exp.seq, exp.attention_mask)[:, exp.prompt_len - 1 : -1]
-        loss, clipfrac = value_loss(values, exp.values, returns, exp.action_mask.float(),
-                                    cliprange_value=self.args.cliprange_value)  # fmt: skip
+        loss, clipfrac = value_loss(
+            values, exp.values, returns, exp.action_mask.float(), cliprange_value=self.args.cliprange_value
+        )
         critic.backward(loss)
         critic.step()
         return loss, clipfrac
@@ -409,7 +469,9 @@ class PPOTrainer:
             self.engine.update_ema()
         return loss.detach()
 
-    def train_rlhf_with_unsupervised(self, exp: Experience, unsup_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def train_rlhf_with_unsupervised(
+        self, exp: Experience, unsup_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """train_rlhf, then the mixture step (InstructGPT's PPO-ptx): (actor_loss, critic_loss, unsup_loss)."""
         actor_loss, critic_loss = self.train_rlhf(exp)
         return actor_loss, critic_loss, self.train_unsupervised(unsup_ids, self.args.unsup_coef)

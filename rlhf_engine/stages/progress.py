@@ -24,8 +24,13 @@ def describe(values: dict[str, Any]) -> str:
     """The numbers a person watches, from one metrics line: the loss (steps 1-2) or the reward and the
     KL to the reference (step 3), and the throughput."""
     parts = []
-    for key, label, fmt in (("loss", "loss", ".4f"), ("reward_mean", "reward", ".3f"), ("kl_to_ref", "kl", ".3f"),
-                            ("accuracy", "acc", ".3f"), ("samples_per_s", "samples/s", ".1f")):  # fmt: skip
+    for key, label, fmt in (
+        ("loss", "loss", ".4f"),
+        ("reward_mean", "reward", ".3f"),
+        ("kl_to_ref", "kl", ".3f"),
+        ("accuracy", "acc", ".3f"),
+        ("samples_per_s", "samples/s", ".1f"),
+    ):
         if isinstance(values.get(key), int | float):
             parts.append(f"{label} {values[key]:{fmt}}")
     return "  ".join(parts)
@@ -72,7 +77,9 @@ class Progress:
         else:
             eta = f"ETA {_duration(elapsed / done * (self.total - step))}" if done > 0 and self.total else ""
         share = f" ({step / self.total:.0%})" if self.total else ""
-        return "  ".join(p for p in (f"{self.title}: step {step}/{self.total}{share}", describe(values), eta) if p)
+        return "  ".join(
+            p for p in (f"{self.title}: step {step}/{self.total}{share}", describe(values), eta) if p
+        )
 
     def note(self, text: str) -> None:
         """A line beside the progress (what the step is doing between training steps)."""

@@ -85,9 +85,15 @@ def wandb_settings(config: Any, step_dir: Path) -> dict[str, Any] | None:
         return None
     run = Path(config.output_dir).resolve().name
     options = {k: v for k, v in dataclasses.asdict(config).items() if k != "tracking"}
-    return {"project": t.wandb_project, "entity": t.wandb_entity or None, "tags": list(t.wandb_tags) or None,
-            "name": f"{t.wandb_name or run}-{step_dir.name}", "group": t.wandb_name or run, "job_type": step_dir.name,
-            "config": options}  # fmt: skip
+    return {
+        "project": t.wandb_project,
+        "entity": t.wandb_entity or None,
+        "tags": list(t.wandb_tags) or None,
+        "name": f"{t.wandb_name or run}-{step_dir.name}",
+        "group": t.wandb_name or run,
+        "job_type": step_dir.name,
+        "config": options,
+    }
 
 
 class Records:
@@ -95,8 +101,15 @@ class Records:
     what people watch: the step's progress (a bar on a terminal, lines in a log) and, when asked,
     TensorBoard and Weights & Biases (every number of a metrics line, evaluations, rollouts)."""
 
-    def __init__(self, step_dir: Path, *, enabled: bool, title: str = "", tensorboard: Path | None = None,
-                 wandb: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        step_dir: Path,
+        *,
+        enabled: bool,
+        title: str = "",
+        tensorboard: Path | None = None,
+        wandb: dict[str, Any] | None = None,
+    ) -> None:
         self.dir = step_dir
         self.enabled = enabled
         self.progress = Progress(title or step_dir.name) if enabled else None
@@ -148,18 +161,24 @@ class Records:
         self._append(METRICS, {"time": time.time(), **values})
         if self.progress is not None:
             self.progress.update(values)
-        self._publish({f"train/{k}": float(v) for k, v in values.items() if k != "step" and _number(v)},
-                      int(values.get("step", 0)))  # fmt: skip
+        self._publish(
+            {f"train/{k}": float(v) for k, v in values.items() if k != "step" and _number(v)},
+            int(values.get("step", 0)),
+        )
 
     def event(self, type_: str, message: str, *, level: Level = "info", **data: Any) -> None:
-        self._append(EVENTS, {"time": time.time(), "level": level, "type": type_, "message": message, "data": data})
+        self._append(
+            EVENTS, {"time": time.time(), "level": level, "type": type_, "message": message, "data": data}
+        )
         if self.progress is not None and "total_steps" in data:
             self.progress.start(int(data["total_steps"]), int(data.get("global_step", 0)))
         if type_ == "eval":
             who = str(data.get("model", "")).lower().replace(" ", "_")  # step 3: the actor, or its EMA
             prefix = f"eval/{who}" if who else "eval"
-            self._publish({f"{prefix}/{k}": float(v) for k, v in data.items() if k != "global_step" and _number(v)},
-                          int(data.get("global_step", 0)))  # fmt: skip
+            self._publish(
+                {f"{prefix}/{k}": float(v) for k, v in data.items() if k != "global_step" and _number(v)},
+                int(data.get("global_step", 0)),
+            )
 
     def rollouts(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
         """Sampled experiences of one step: lines of `name`, and a table in TensorBoard and W&B."""
@@ -168,9 +187,13 @@ class Records:
         if not rows:
             return
         if (tb := self._writer()) is not None:
-            cells = [" | ".join(str(r.get(k, "")).replace("|", "\\|").replace("\n", " ") for k in ROLLOUT_COLUMNS)
-                     for r in rows]  # fmt: skip
-            table = "\n".join([" | ".join(ROLLOUT_COLUMNS), " | ".join("---" for _ in ROLLOUT_COLUMNS), *cells])
+            cells = [
+                " | ".join(str(r.get(k, "")).replace("|", "\\|").replace("\n", " ") for k in ROLLOUT_COLUMNS)
+                for r in rows
+            ]
+            table = "\n".join(
+                [" | ".join(ROLLOUT_COLUMNS), " | ".join("---" for _ in ROLLOUT_COLUMNS), *cells]
+            )
             tb.add_text("rollouts", table, step)
             tb.flush()
         if (wb := self._run()) is not None:

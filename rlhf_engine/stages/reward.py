@@ -34,8 +34,11 @@ def pair_scores(engine: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 def _loss(engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     chosen, rejected = pair_scores(engine, batch)
     c, r = chosen.detach(), rejected.detach()
-    metrics = {"accuracy": float((c > r).float().mean()), "chosen_score": float(c.mean()),
-               "rejected_score": float(r.mean())}  # fmt: skip
+    metrics = {
+        "accuracy": float((c > r).float().mean()),
+        "chosen_score": float(c.mean()),
+        "rejected_score": float(r.mean()),
+    }
     return pairwise_loss(chosen, rejected), metrics
 
 

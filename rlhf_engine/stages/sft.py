@@ -22,7 +22,9 @@ STEP_DIR = "step1_sft"
 
 
 def _loss(engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = engine(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
     return lm_loss(logits, batch["labels"]), {}
 
 
@@ -41,8 +43,12 @@ def _evaluate(engine: Any, batches: list[Batch], dist: Dist) -> dict[str, Any]:
 
 
 def _summarize(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    return {"eval_loss_before": before["loss"], "eval_loss_after": after["loss"],
-            "eval_perplexity_before": before["perplexity"], "eval_perplexity_after": after["perplexity"]}  # fmt: skip
+    return {
+        "eval_loss_before": before["loss"],
+        "eval_loss_after": after["loss"],
+        "eval_perplexity_before": before["perplexity"],
+        "eval_perplexity_after": after["perplexity"],
+    }
 
 
 SPEC = StepSpec(

@@ -95,24 +95,46 @@ class SupervisedMethod(Method):
     def build(self, loop: Loop) -> dict[str, Any]:
         config, spec, checked = self.config, self.spec, self.checked
         micro, accum = self.batch_shape(loop.dist.world_size)
-        ds_config = build_ds_config(config.model, micro_batch=micro, grad_accum=accum, world_size=loop.dist.world_size,
-                                    gradient_clipping=config.gradient_clipping, dtype=checked.dtype)  # fmt: skip
+        ds_config = build_ds_config(
+            config.model,
+            micro_batch=micro,
+            grad_accum=accum,
+            world_size=loop.dist.world_size,
+            gradient_clipping=config.gradient_clipping,
+            dtype=checked.dtype,
+        )
         self.dropout_restore = set_dropout(checked.model_config, config.model.dropout)
-        model = load_model(checked.model_path, kind=spec.kind, opts=config.model, ds_config=ds_config,
-                           config=checked.model_config)  # fmt: skip
+        model = load_model(
+            checked.model_path,
+            kind=spec.kind,
+            opts=config.model,
+            ds_config=ds_config,
+            config=checked.model_config,
+        )
         self.lora = apply_lora(model, config.model, kind=spec.kind) if config.model.lora_dim else None
         check_saveable(
             model, config=checked.model_config, kind=spec.kind, lora=self.lora
         )  # before training, not after
         module = spec.wrap(model)
-        optimizer = make_optimizer(module, config.model, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                   betas=(config.adam_beta1, config.adam_beta2))  # fmt: skip
-        scheduler = make_scheduler(optimizer, config.lr_scheduler_type, warmup=config.num_warmup_steps,
-                                   total=loop.total)  # fmt: skip
+        optimizer = make_optimizer(
+            module,
+            config.model,
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            betas=(config.adam_beta1, config.adam_beta2),
+        )
+        scheduler = make_scheduler(
+            optimizer, config.lr_scheduler_type, warmup=config.num_warmup_steps, total=loop.total
+        )
         self.engine = initialize(module, optimizer, scheduler, ds_config)
-        self.eval_batches = eval_batches(loop.prepared.eval, spec.collate, self.tokenizer.pad_token_id,
-                                         batch_size=config.per_device_eval_batch_size, dist=loop.dist,
-                                         max_rows=config.eval_max_rows)  # fmt: skip
+        self.eval_batches = eval_batches(
+            loop.prepared.eval,
+            spec.collate,
+            self.tokenizer.pad_token_id,
+            batch_size=config.per_device_eval_batch_size,
+            dist=loop.dist,
+            max_rows=config.eval_max_rows,
+        )
         return {"dtype": checked.dtype, "zero_stage": config.model.zero_stage}
 
     def engines(self) -> dict[str, Any]:
@@ -137,8 +159,13 @@ class SupervisedMethod(Method):
         reduced = all_reduce_sum([sums[k] for k in keys] + [tokens], device)
         seconds = time.monotonic() - t0
         means = {k: reduced[i] / (len(batches) * self.loop.dist.world_size) for i, k in enumerate(keys)}
-        return {**means, "lr": engine.get_lr()[0], "samples_per_s": self.loop.global_batch / seconds,
-                "tokens_per_s": reduced[-1] / seconds, "tokens": int(reduced[-1])}  # fmt: skip
+        return {
+            **means,
+            "lr": engine.get_lr()[0],
+            "samples_per_s": self.loop.global_batch / seconds,
+            "tokens_per_s": reduced[-1] / seconds,
+            "tokens": int(reduced[-1]),
+        }
 
     def evaluate(self, *, final: bool) -> list[Evaluation]:
         assert self.loop is not None
@@ -150,18 +177,33 @@ class SupervisedMethod(Method):
     def save(self) -> str:
         assert self.loop is not None
         spec, checked, step_dir = self.spec, self.checked, self.loop.step_dir
-        state_dict = gathered_state_dict(self.engine.module if spec.kind == "causal_lm" else self.engine.module.model,
-                                         zero_stage=self.config.model.zero_stage, is_main=self.loop.dist.is_main)  # fmt: skip
+        state_dict = gathered_state_dict(
+            self.engine.module if spec.kind == "causal_lm" else self.engine.module.model,
+            zero_stage=self.config.model.zero_stage,
+            is_main=self.loop.dist.is_main,
+        )
         if self.loop.dist.is_main:
-            save_hf_model(state_dict, config=checked.model_config, kind=spec.kind, out=step_dir, lora=self.lora,
-                          dropout_restore=self.dropout_restore, tokenizer=self.tokenizer,
-                          tokenizer_src=checked.model_path, dtype=torch_dtype(checked.dtype))  # fmt: skip
+            save_hf_model(
+                state_dict,
+                config=checked.model_config,
+                kind=spec.kind,
+                out=step_dir,
+                lora=self.lora,
+                dropout_restore=self.dropout_restore,
+                tokenizer=self.tokenizer,
+                tokenizer_src=checked.model_path,
+                dtype=torch_dtype(checked.dtype),
+            )
         return str(step_dir)
 
     def summarize(self, before: dict[str, Any], after: list[Evaluation]) -> dict[str, Any]:
         assert self.loop is not None
-        return {"base_model": self.config.model_name_or_path, "train_rows": len(self.loop.prepared.train),
-                "eval_rows": len(self.loop.prepared.eval), **self.spec.summarize(before, after[0][1])}  # fmt: skip
+        return {
+            "base_model": self.config.model_name_or_path,
+            "train_rows": len(self.loop.prepared.train),
+            "eval_rows": len(self.loop.prepared.eval),
+            **self.spec.summarize(before, after[0][1]),
+        }
 
 
 def run_step(config: TrainConfig, spec: StepSpec) -> dict[str, Any]:

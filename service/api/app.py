@@ -32,10 +32,20 @@ from service.settings import Settings, get_settings
 logger = logging.getLogger(__name__)
 
 
-def _envelope(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
-              code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status,
-                        headers=headers)  # fmt: skip
+def _envelope(
+    status: int,
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -62,8 +72,16 @@ class BodyGuard:
     thread (FastAPI reads it before handing a request to the thread pool), and the deadline frees
     that too. Pure ASGI: cheaper per request than a BaseHTTPMiddleware."""
 
-    def __init__(self, app: Any, *, limits: dict[str, int], default: int, idle_s: float, min_rate: int) -> None:
-        self.app, self.limits, self.default, self.idle_s, self.min_rate = app, limits, default, idle_s, min_rate
+    def __init__(
+        self, app: Any, *, limits: dict[str, int], default: int, idle_s: float, min_rate: int
+    ) -> None:
+        self.app, self.limits, self.default, self.idle_s, self.min_rate = (
+            app,
+            limits,
+            default,
+            idle_s,
+            min_rate,
+        )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -72,7 +90,9 @@ class BodyGuard:
         limit = self.limits.get(scope["path"], self.default)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            response = _envelope(413, f"request body larger than this server's limit of {limit} bytes", code="too_large")
+            response = _envelope(
+                413, f"request body larger than this server's limit of {limit} bytes", code="too_large"
+            )
             await response(scope, receive, send)
             return
         seen, done, started = 0, False, time.monotonic()
@@ -90,15 +110,19 @@ class BodyGuard:
                     raise asyncio.TimeoutError
                 message = await asyncio.wait_for(receive(), wait)
             except asyncio.TimeoutError:
-                failure = SlowBody(f"request body too slow: {seen} bytes in {time.monotonic() - started:.0f} s; "
-                                   f"send it within {self.idle_s:g} s, at {self.min_rate} bytes/s or faster",
-                                   code="request_timeout")  # fmt: skip
+                failure = SlowBody(
+                    f"request body too slow: {seen} bytes in {time.monotonic() - started:.0f} s; "
+                    f"send it within {self.idle_s:g} s, at {self.min_rate} bytes/s or faster",
+                    code="request_timeout",
+                )
                 raise failure from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 done = not message.get("more_body", False)
                 if seen > limit:
-                    failure = TooLarge(f"request body larger than this server's limit of {limit} bytes", code="too_large")
+                    failure = TooLarge(
+                        f"request body larger than this server's limit of {limit} bytes", code="too_large"
+                    )
                     raise failure
             else:
                 done = True
@@ -151,9 +175,15 @@ def _migrate_until_done(state: Any, settings: Settings) -> None:
 CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console" / "dist"
 # the console talks to this origin only and runs no inline code: a page that someone else's script got into
 # could not send the key anywhere else
-CONSOLE_HEADERS = [(b"content-security-policy", b"default-src 'self'; connect-src 'self'; img-src 'self' data:; "
-                    b"style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"),
-                   (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]  # fmt: skip
+CONSOLE_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+        b"style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 class ConsoleFiles:
@@ -189,8 +219,12 @@ def mount_console(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/ui/{rest:path}", include_in_schema=False)
     def ui_missing(rest: str) -> JSONResponse:
-        return _envelope(404, f"the web console is not built on this server ({directory} has no index.html): run "
-                         "`make console` (needs Node.js and npm), or set RLHF_CONSOLE_DIR", code="console_not_built")  # fmt: skip
+        return _envelope(
+            404,
+            f"the web console is not built on this server ({directory} has no index.html): run "
+            "`make console` (needs Node.js and npm), or set RLHF_CONSOLE_DIR",
+            code="console_not_built",
+        )
 
 
 def create_app(settings: Settings | None = None, *, run_migrations: bool = True) -> FastAPI:
@@ -203,24 +237,41 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
             logger.warning("database unavailable at start (%s); answering 503 and retrying", type(e).__name__)
             migrated = False
     # /docs and /redoc from assets shipped in a package, not a CDN (air-gapped clusters see them too)
-    app = FastAPIOffline(title="rlhf-service", version="0.1.0", description="DeepSpeed-Chat's RLHF as a service: OpenAI-"
-                  "style fine-tuning jobs (SFT, reward model, PPO) and chat with the results.")  # fmt: skip
+    app = FastAPIOffline(
+        title="rlhf-service",
+        version="0.1.0",
+        description="DeepSpeed-Chat's RLHF as a service: OpenAI-"
+        "style fine-tuning jobs (SFT, reward model, PPO) and chat with the results.",
+    )
     app.state.settings = settings
     app.state.started = time.time()
     app.state.migrated = migrated
     if not migrated:
-        threading.Thread(target=_migrate_until_done, args=(app.state, settings), daemon=True,
-                         name="migrate-retry").start()  # fmt: skip
+        threading.Thread(
+            target=_migrate_until_done, args=(app.state, settings), daemon=True, name="migrate-retry"
+        ).start()
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        )
 
-    limits = {"/v1/files": settings.max_file_bytes + (1 << 20), "/v1/models": settings.max_model_bytes + (1 << 20)}
-    app.add_middleware(BodyGuard, limits=limits, default=settings.max_body_bytes, idle_s=settings.body_timeout_s,
-                       min_rate=settings.min_body_bytes_per_s)
+    limits = {
+        "/v1/files": settings.max_file_bytes + (1 << 20),
+        "/v1/models": settings.max_model_bytes + (1 << 20),
+    }
+    app.add_middleware(
+        BodyGuard,
+        limits=limits,
+        default=settings.max_body_bytes,
+        idle_s=settings.body_timeout_s,
+        min_rate=settings.min_body_bytes_per_s,
+    )
     app.state.counter = Counter(settings)
     if settings.auth_cache_s > 0:
         from service.services.keys import listen_for_revocations
@@ -228,13 +279,17 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
         listen_for_revocations(settings.redis_url)  # a revoked key stops working everywhere within a second
     if settings.rate_limit_per_minute:
         app.add_middleware(RateLimit, counter=app.state.counter, per_minute=settings.rate_limit_per_minute)
-    app.add_middleware(DatabaseGate, state=app.state, retry_after=settings.retry_after_s)  # added last: runs first
+    app.add_middleware(
+        DatabaseGate, state=app.state, retry_after=settings.retry_after_s
+    )  # added last: runs first
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     @app.exception_handler(PoolTimeout)
     async def database_down(request: Request, e: Exception) -> JSONResponse:
-        logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(e).__name__)
+        logger.warning(
+            "database unavailable on %s %s: %s", request.method, request.url.path, type(e).__name__
+        )
         return _error_response(database_unavailable(settings.retry_after_s))
 
     @app.exception_handler(ServiceError)
@@ -250,8 +305,10 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on "
-                   f"{request.url.path}"}.get(e.status_code, str(e.detail))  # fmt: skip
+        message = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(e.status_code, str(e.detail))
         return _envelope(e.status_code, message)
 
     @app.exception_handler(Exception)
@@ -266,14 +323,22 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     @app.get("/readyz", include_in_schema=False)
     def readyz() -> JSONResponse:
         if not app.state.migrated:
-            return _envelope(503, "database unavailable since start; migrations are retried", kind="service_unavailable",
-                             headers={"Retry-After": "5"})  # fmt: skip
+            return _envelope(
+                503,
+                "database unavailable since start; migrations are retried",
+                kind="service_unavailable",
+                headers={"Retry-After": "5"},
+            )
         try:
             with get_engine(settings.db_url).connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as e:
-            return _envelope(503, f"database unavailable: {type(e).__name__}", kind="service_unavailable",
-                             headers={"Retry-After": "5"})  # fmt: skip
+            return _envelope(
+                503,
+                f"database unavailable: {type(e).__name__}",
+                kind="service_unavailable",
+                headers={"Retry-After": "5"},
+            )
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)
@@ -283,11 +348,17 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
         with session_scope(settings.db_url) as session:
             if not settings.metrics_public:
-                caller = authenticate(session=session, authorization=request.headers.get("authorization"),
-                                      cache_s=settings.auth_cache_s)  # fmt: skip
+                caller = authenticate(
+                    session=session,
+                    authorization=request.headers.get("authorization"),
+                    cache_s=settings.auth_cache_s,
+                )
                 if not caller.operator:
-                    return _envelope(403, "/metrics needs an operator key (rlhf keys create --operator)",
-                                     kind="permission_error")  # fmt: skip
+                    return _envelope(
+                        403,
+                        "/metrics needs an operator key (rlhf keys create --operator)",
+                        kind="permission_error",
+                    )
             body, content_type = render(session)
         return PlainTextResponse(body, media_type=content_type)
 

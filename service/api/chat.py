@@ -29,12 +29,23 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/chat", tags=["chat"], responses=errors(*COMMON))
 
 
-@router.post("/completions", response_model=ChatCompletion,
-             responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or SSE chunks "
-                              "(chat.completion.chunk) ending in data: [DONE]"},
-                        **errors(404, 502, 503, 504)})  # fmt: skip
-async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, request: Request,
-                           authorization: Annotated[str | None, Header()] = None) -> Any:  # fmt: skip
+@router.post(
+    "/completions",
+    response_model=ChatCompletion,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "chat.completion, or SSE chunks (chat.completion.chunk) ending in data: [DONE]",
+        },
+        **errors(404, 502, 503, 504),
+    },
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    settings: SettingsDep,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Any:
     counter = request.app.state.counter
     await check_chat_tokens(counter, settings, authorization)  # (both return at once when the limit is off)
     stream = await svc.open_chat(settings=settings, req=body, authorization=authorization)
@@ -55,10 +66,21 @@ async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, r
         choices, done = whole.result()
     finally:
         await close()
-    body_out = ChatCompletion(id=stream.id, created=stream.created, model=stream.model,
-                              choices=[ChatChoice(index=c["index"], message=AssistantMessage(content=c["text"]),
-                                                  finish_reason=_finish(c["finish_reason"]), reward=c["reward"])
-                                       for c in choices], usage=_usage(done))  # fmt: skip
+    body_out = ChatCompletion(
+        id=stream.id,
+        created=stream.created,
+        model=stream.model,
+        choices=[
+            ChatChoice(
+                index=c["index"],
+                message=AssistantMessage(content=c["text"]),
+                finish_reason=_finish(c["finish_reason"]),
+                reward=c["reward"],
+            )
+            for c in choices
+        ],
+        usage=_usage(done),
+    )
     return Response(body_out.model_dump_json(), media_type="application/json")
 
 
@@ -67,8 +89,11 @@ class _SSE(StreamingResponse):
     disconnected mid-stream, where the body generator is abandoned without being closed."""
 
     def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -83,29 +108,54 @@ def _finish(reason: str | None) -> Any:
 
 
 def _usage(f: svc.Finished) -> Usage:
-    return Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens,
-                 total_tokens=f.prompt_tokens + f.completion_tokens)  # fmt: skip
+    return Usage(
+        prompt_tokens=f.prompt_tokens,
+        completion_tokens=f.completion_tokens,
+        total_tokens=f.prompt_tokens + f.completion_tokens,
+    )
 
 
 async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIterator[bytes]:
     """chat.completion.chunk events; an error event if the stream fails; always `[DONE]` last."""
-    head = {"id": stream.id, "object": "chat.completion.chunk", "created": stream.created, "model": stream.model,
-            "system_fingerprint": None}  # fmt: skip
+    head = {
+        "id": stream.id,
+        "object": "chat.completion.chunk",
+        "created": stream.created,
+        "model": stream.model,
+        "system_fingerprint": None,
+    }
     tail = {"usage": None} if include_usage else {}
 
     def frame(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return b"data: " + json.dumps(head | {"choices": choices} | tail | extra, separators=(",", ":")).encode() + b"\n\n"
+        return (
+            b"data: "
+            + json.dumps(head | {"choices": choices} | tail | extra, separators=(",", ":")).encode()
+            + b"\n\n"
+        )
 
     try:
-        yield frame([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
-                     for i in range(stream.n)])  # fmt: skip
+        yield frame(
+            [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": None,
+                    "logprobs": None,
+                }
+                for i in range(stream.n)
+            ]
+        )
         async for item in stream:
             if isinstance(item, svc.Finished):
                 if include_usage:
                     yield frame([], usage=_usage(item).model_dump())
                 break
-            choice = {"index": item.index, "delta": {"content": item.text} if item.text else {},
-                      "finish_reason": _finish(item.finish_reason), "logprobs": None}  # fmt: skip
+            choice = {
+                "index": item.index,
+                "delta": {"content": item.text} if item.text else {},
+                "finish_reason": _finish(item.finish_reason),
+                "logprobs": None,
+            }
             if item.reward is not None:
                 choice["reward"] = item.reward
             yield frame([choice])
@@ -113,7 +163,18 @@ async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIte
         yield b"event: error\ndata: " + json.dumps(e.envelope()).encode() + b"\n\n"
     except Exception:
         logger.exception("chat stream %s failed", stream.id)
-        yield b"event: error\ndata: " + json.dumps({"error": {"message": "the chat stream failed; it was logged",
-                                                             "type": "server_error", "param": None,
-                                                             "code": None}}).encode() + b"\n\n"  # fmt: skip
+        yield (
+            b"event: error\ndata: "
+            + json.dumps(
+                {
+                    "error": {
+                        "message": "the chat stream failed; it was logged",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                }
+            ).encode()
+            + b"\n\n"
+        )
     yield b"data: [DONE]\n\n"

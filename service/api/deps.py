@@ -33,8 +33,11 @@ async def session_dep(request: Request) -> AsyncIterator[Session]:
         session.close()  # returns the connection to the pool (a rollback round trip at most)
 
 
-async def caller_dep(request: Request, session: Annotated[Session, Depends(session_dep)],
-                     authorization: Annotated[str | None, Header()] = None) -> Caller:  # fmt: skip
+async def caller_dep(
+    request: Request,
+    session: Annotated[Session, Depends(session_dep)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Caller:
     cache_s = request.app.state.settings.auth_cache_s
     if (caller := cached_caller(authorization, cache_s)) is not None:
         return caller  # verified moments ago: no database, no thread hop

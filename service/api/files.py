@@ -17,17 +17,29 @@ router = APIRouter(prefix="/v1/files", tags=["files"], responses=errors(*COMMON)
 
 
 @router.post("", response_model=FileObject)
-async def upload(file: UploadFile, caller: CallerDep, session: SessionDep, settings: SettingsDep,
-                 purpose: Annotated[str, Form()] = "fine-tune") -> Any:  # fmt: skip
+async def upload(
+    file: UploadFile,
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    purpose: Annotated[str, Form()] = "fine-tune",
+) -> Any:
     svc.check_upload(filename=file.filename or "", purpose=purpose)
     tmp, size = await save_upload(file, settings.files_dir / ".uploads", max_bytes=settings.max_file_bytes)
     if size == 0:
         tmp.unlink(missing_ok=True)
         raise InvalidRequest("file: the upload is empty", param="file")
     try:
-        f = svc.register_file(session=session, tenant=caller.tenant_id, filename=file.filename or "upload",
-                              purpose=purpose, upload=tmp, size=size, files_dir=settings.files_dir,
-                              max_bytes=settings.max_file_bytes)  # fmt: skip
+        f = svc.register_file(
+            session=session,
+            tenant=caller.tenant_id,
+            filename=file.filename or "upload",
+            purpose=purpose,
+            upload=tmp,
+            size=size,
+            files_dir=settings.files_dir,
+            max_bytes=settings.max_file_bytes,
+        )
     finally:
         tmp.unlink(missing_ok=True)
     session.commit()
@@ -35,8 +47,12 @@ async def upload(file: UploadFile, caller: CallerDep, session: SessionDep, setti
 
 
 @router.get("", response_model=FileList, responses=errors(404))
-def list_files(caller: CallerDep, session: SessionDep, after: str | None = None,
-               limit: Annotated[int, Query(ge=1, le=10_000, description="page size")] = 10_000) -> Any:  # fmt: skip
+def list_files(
+    caller: CallerDep,
+    session: SessionDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="page size")] = 10_000,
+) -> Any:
     return svc.list_files(session=session, tenant=caller.tenant_id, after=after, limit=limit)
 
 

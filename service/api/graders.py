@@ -35,9 +35,12 @@ def run(body: GraderRunRequest, caller: CallerDep) -> Any:
     """The reward the grader gives `model_sample` for training row `item`, and each part's score."""
     grader = _parse(body.grader)
     if grader.score_models():
-        raise InvalidRequest("grader: score_model graders score with a reward model loaded on a training worker; "
-                             "they run inside jobs. /run takes string_check, text_similarity and multi graders of "
-                             "those", param="grader")  # fmt: skip
+        raise InvalidRequest(
+            "grader: score_model graders score with a reward model loaded on a training worker; "
+            "they run inside jobs. /run takes string_check, text_similarity and multi graders of "
+            "those",
+            param="grader",
+        )
     item = body.item or {}
     try:
         graders.check_row(grader, item)

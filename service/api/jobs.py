@@ -35,16 +35,24 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], response
 def respond(model: BaseModel) -> Response:
     """The body, serialised once (returning the model would have FastAPI validate it again)."""
     return Response(model.model_dump_json(), media_type="application/json")
+
+
 Limit = Annotated[int, Query(ge=1, le=100, description="page size")]
 # the `after` cursor of the time series (metrics, rollouts), whose ids are positions
 Position = Annotated[int | None, Query(ge=0, description="the last id of the previous page")]
 
 
 @router.post("", response_model=JobObject, responses=errors(404, 409))
-def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep,
-               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> Any:  # fmt: skip
-    job = lifecycle.submit_job(session=session, tenant=caller.tenant_id, req=body, settings=settings,
-                         idempotency_key=idempotency_key)  # fmt: skip
+def create_job(
+    body: JobCreate,
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Any:
+    job = lifecycle.submit_job(
+        session=session, tenant=caller.tenant_id, req=body, settings=settings, idempotency_key=idempotency_key
+    )
     return respond(svc.to_object(job))
 
 
@@ -84,8 +92,16 @@ def resume(job_id: str, caller: CallerDep, session: SessionDep, settings: Settin
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=errors(404))
-def events(request: Request, job_id: str, caller: CallerDep, session: SessionDep, after: str | None = None,
-           limit: Limit = 20, stream: bool = False, metrics: bool = False) -> Any:  # fmt: skip
+def events(
+    request: Request,
+    job_id: str,
+    caller: CallerDep,
+    session: SessionDep,
+    after: str | None = None,
+    limit: Limit = 20,
+    stream: bool = False,
+    metrics: bool = False,
+) -> Any:
     """With `stream=true`: server-sent events (every event from the start, then live ones; `[DONE]` last).
     `metrics=true` adds each metric point as an `event: metric` and the job as it ended as an `event: job`
     (what the web console draws its live curves from); without it the stream is OpenAI's."""
@@ -93,9 +109,14 @@ def events(request: Request, job_id: str, caller: CallerDep, session: SessionDep
         svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)
         return _event_stream(request, job_id, metrics=metrics)
     if metrics:
-        raise InvalidRequest("metrics: only with stream=true (for metric points without a stream: GET "
-                             f"/v1/fine_tuning/jobs/{job_id}/metrics)", param="metrics")  # fmt: skip
-    return respond(svc.list_events(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit))
+        raise InvalidRequest(
+            "metrics: only with stream=true (for metric points without a stream: GET "
+            f"/v1/fine_tuning/jobs/{job_id}/metrics)",
+            param="metrics",
+        )
+    return respond(
+        svc.list_events(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit)
+    )
 
 
 def _event_stream(request: Request, job_id: str, *, metrics: bool) -> Any:
@@ -103,14 +124,22 @@ def _event_stream(request: Request, job_id: str, *, metrics: bool) -> Any:
 
     async def gen() -> AsyncIterator[dict[str, str]]:
         try:
-            async for item in svc.follow(db_url=request.app.state.settings.db_url, job_id=job_id, metrics=metrics):
+            async for item in svc.follow(
+                db_url=request.app.state.settings.db_url, job_id=job_id, metrics=metrics
+            ):
                 if isinstance(item, EventObject):
                     yield {"data": item.model_dump_json()}
                 elif metrics:
-                    yield {"event": "metric" if isinstance(item, MetricPoint) else "job", "data": item.model_dump_json()}
+                    yield {
+                        "event": "metric" if isinstance(item, MetricPoint) else "job",
+                        "data": item.model_dump_json(),
+                    }
         except Exception as e:  # after the headers: an error event, then the end
-            err = e.envelope() if isinstance(e, ServiceError) else {"error": {"message": "event stream failed",
-                                                                            "type": "server_error"}}  # fmt: skip
+            err = (
+                e.envelope()
+                if isinstance(e, ServiceError)
+                else {"error": {"message": "event stream failed", "type": "server_error"}}
+            )
             yield {"event": "error", "data": json.dumps(err)}
         yield {"data": "[DONE]"}
 
@@ -118,21 +147,39 @@ def _event_stream(request: Request, job_id: str, *, metrics: bool) -> Any:
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=errors(404))
-def checkpoints(job_id: str, caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 10) -> Any:
-    return respond(svc.list_checkpoints(session=session, tenant=caller.tenant_id, job_id=job_id, after=after,
-                                        limit=limit))  # fmt: skip
+def checkpoints(
+    job_id: str, caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 10
+) -> Any:
+    return respond(
+        svc.list_checkpoints(
+            session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit
+        )
+    )
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList, responses=errors(404))
-def metrics(job_id: str, caller: CallerDep, session: SessionDep, step: Annotated[int | None, Query(ge=1, le=3)] = None,
-            after: Position = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> Any:  # fmt: skip
-    return respond(svc.list_metrics(session=session, tenant=caller.tenant_id, job_id=job_id, step=step, after=after,
-                                    limit=limit))  # fmt: skip
+def metrics(
+    job_id: str,
+    caller: CallerDep,
+    session: SessionDep,
+    step: Annotated[int | None, Query(ge=1, le=3)] = None,
+    after: Position = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Any:
+    return respond(
+        svc.list_metrics(
+            session=session, tenant=caller.tenant_id, job_id=job_id, step=step, after=after, limit=limit
+        )
+    )
 
 
 @router.get("/{job_id}/rollouts", response_model=RolloutList, responses=errors(404))
-def rollouts(job_id: str, caller: CallerDep, session: SessionDep, after: Position = None, limit: Limit = 20) -> Any:
-    return respond(svc.list_rollouts(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit))
+def rollouts(
+    job_id: str, caller: CallerDep, session: SessionDep, after: Position = None, limit: Limit = 20
+) -> Any:
+    return respond(
+        svc.list_rollouts(session=session, tenant=caller.tenant_id, job_id=job_id, after=after, limit=limit)
+    )
 
 
 __all__ = ["router"]

@@ -22,21 +22,41 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=errors(*COMMO
 
 
 @router.get("", response_model=ModelList, responses=errors(404))
-def list_models(caller: CallerDep, session: SessionDep, settings: SettingsDep, after: str | None = None,
-                limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 1000) -> Any:  # fmt: skip
-    return svc.list_page(session=session, tenant=caller.tenant_id, models_dir=settings.models_dir, after=after,
-                         limit=limit)  # fmt: skip
+def list_models(
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 1000,
+) -> Any:
+    return svc.list_page(
+        session=session, tenant=caller.tenant_id, models_dir=settings.models_dir, after=after, limit=limit
+    )
 
 
 @router.post("", response_model=ModelObject, responses=errors(409))
-async def upload_model(file: UploadFile, name: Annotated[str, Form()], caller: CallerDep, session: SessionDep,
-                       settings: SettingsDep) -> Any:  # fmt: skip
+async def upload_model(
+    file: UploadFile,
+    name: Annotated[str, Form()],
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> Any:
     """A Hugging Face model directory as a .tar/.tar.gz (safetensors only) becomes one of your base models."""
-    tmp, _ = await save_upload(file, settings.data_dir / "uploads" / ".incoming", max_bytes=settings.max_model_bytes)
+    tmp, _ = await save_upload(
+        file, settings.data_dir / "uploads" / ".incoming", max_bytes=settings.max_model_bytes
+    )
     try:
-        row = await asyncio.to_thread(svc.upload_model, session=session, tenant=caller.tenant_id, name=name,
-                                      archive=tmp, models_dir=settings.models_dir,
-                                      uploads_dir=settings.data_dir / "uploads", max_bytes=settings.max_model_bytes)  # fmt: skip
+        row = await asyncio.to_thread(
+            svc.upload_model,
+            session=session,
+            tenant=caller.tenant_id,
+            name=name,
+            archive=tmp,
+            models_dir=settings.models_dir,
+            uploads_dir=settings.data_dir / "uploads",
+            max_bytes=settings.max_model_bytes,
+        )
     finally:
         tmp.unlink(missing_ok=True)
     session.commit()
@@ -44,8 +64,9 @@ async def upload_model(file: UploadFile, name: Annotated[str, Form()], caller: C
 
 
 @router.get("/{model_id:path}/content", responses=errors(404))
-def download_model(model_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep,
-                   background: BackgroundTasks) -> Any:  # fmt: skip
+def download_model(
+    model_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep, background: BackgroundTasks
+) -> Any:
     """Your fine-tuned (or uploaded) model's directory as a .tar.gz."""
     path = svc.model_path(session=session, tenant=caller.tenant_id, model_id=model_id)
     tmp_dir = settings.data_dir / "uploads" / ".outgoing"
@@ -60,4 +81,6 @@ def download_model(model_id: str, caller: CallerDep, session: SessionDep, settin
 
 @router.get("/{model_id:path}", response_model=ModelObject, responses=errors(404))
 def get_model(model_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
-    return svc.get_model(session=session, tenant=caller.tenant_id, models_dir=settings.models_dir, model_id=model_id)
+    return svc.get_model(
+        session=session, tenant=caller.tenant_id, models_dir=settings.models_dir, model_id=model_id
+    )

@@ -43,7 +43,9 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def openapi_document(app: FastAPI) -> dict[str, Any]:
     """The app's OpenAPI document, without FastAPI's 422 responses and their schemas."""
     if app.openapi_schema is None:
-        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        doc = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         for operations in doc.get("paths", {}).values():
             for op in operations.values():
                 op.get("responses", {}).pop("422", None)

@@ -23,7 +23,9 @@ async def save_upload(file: UploadFile, tmp_dir: Path, *, max_bytes: int) -> tup
             while chunk := await file.read(CHUNK):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise TooLarge(f"file: larger than this server's limit of {max_bytes} bytes", param="file")
+                    raise TooLarge(
+                        f"file: larger than this server's limit of {max_bytes} bytes", param="file"
+                    )
                 out.write(chunk)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -26,9 +26,13 @@ from sqlalchemy.types import TypeDecorator
 
 from service.jobs.states import Control, JobStatus, StepStatus
 
-NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
-          "ck": "ck_%(table_name)s_%(constraint_name)s",
-          "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}  # fmt: skip
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -92,15 +96,22 @@ class File(Base):
     tokens_estimate: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
-    skipped: Mapped[dict[str, int]] = mapped_column(JSON, default=dict, server_default="{}")  # rows left out, by reason
+    skipped: Mapped[dict[str, int]] = mapped_column(
+        JSON, default=dict, server_default="{}"
+    )  # rows left out, by reason
 
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"), Index("ix_jobs_status_lease", "status", "lease_until"))
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_jobs_status_lease", "status", "lease_until"),
+    )
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    status: Mapped[JobStatus] = mapped_column(String(24), default="queued")  # moved only by service/jobs/lifecycle.py
+    status: Mapped[JobStatus] = mapped_column(
+        String(24), default="queued"
+    )  # moved only by service/jobs/lifecycle.py
     control: Mapped[Control | None] = mapped_column(String(16), nullable=True)  # asked of the worker
     method: Mapped[str] = mapped_column(String(24))
     model: Mapped[str] = mapped_column(String(255))
@@ -110,7 +121,9 @@ class Job(Base):
     training_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
     validation_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
     file_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
-    request: Mapped[dict[str, Any]] = mapped_column(JSON)  # the request as received (for idempotency and display)
+    request: Mapped[dict[str, Any]] = mapped_column(
+        JSON
+    )  # the request as received (for idempotency and display)
     plan: Mapped[dict[str, Any]] = mapped_column(JSON)  # per step: the flat options its command runs with
     job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     steps: Mapped[list[int]] = mapped_column(JSON)

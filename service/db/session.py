@@ -32,8 +32,15 @@ def get_engine(url: str) -> Engine:
         return engine
     # a database that does not answer fails a request in seconds (503), not after the OS's TCP timeout
     connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_recycle=1800, pool_timeout=10,
-                         connect_args=connect_args)  # fmt: skip
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=20,
+        max_overflow=30,
+        pool_recycle=1800,
+        pool_timeout=10,
+        connect_args=connect_args,
+    )
 
 
 @lru_cache(maxsize=8)

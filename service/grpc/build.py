@@ -28,8 +28,15 @@ def build(out: Path = OUT) -> list[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     include = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
-    args = ["protoc", f"-I{PROTO}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-            f"--grpc_python_out={tmp}", *files]  # fmt: skip
+    args = [
+        "protoc",
+        f"-I{PROTO}",
+        f"-I{include}",
+        f"--python_out={tmp}",
+        f"--pyi_out={tmp}",
+        f"--grpc_python_out={tmp}",
+        *files,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed (see above)")
     for folder in [tmp, *[p for p in tmp.rglob("*") if p.is_dir()]]:
@@ -50,7 +57,9 @@ def build(out: Path = OUT) -> list[Path]:
         generated.append(path)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    (out / "README").write_text("Generated from proto/ by `make proto` (service/grpc/build.py). Do not edit.\n")
+    (out / "README").write_text(
+        "Generated from proto/ by `make proto` (service/grpc/build.py). Do not edit.\n"
+    )
     return [out / p.relative_to(tmp) for p in generated]
 
 

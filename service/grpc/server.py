@@ -79,8 +79,11 @@ def _abort_args(e: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, st
     if isinstance(e, ValidationError):
         first = e.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ())) or "request"
-        e = InvalidRequest(f"{param}: {str(first.get('msg', 'invalid value')).removeprefix('Value error, ')}",
-                           param=param, code="invalid_value")  # fmt: skip
+        e = InvalidRequest(
+            f"{param}: {str(first.get('msg', 'invalid value')).removeprefix('Value error, ')}",
+            param=param,
+            code="invalid_value",
+        )
     elif isinstance(e, ValueError) and not isinstance(e, ServiceError):
         e = from_value_error(e)
     assert isinstance(e, ServiceError)
@@ -145,7 +148,9 @@ class Base:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         cache_s = self.settings.auth_cache_s
         if (caller := cached_caller(authorization, cache_s)) is None:
-            caller = await self.db(lambda s: authenticate(session=s, authorization=authorization, cache_s=cache_s))
+            caller = await self.db(
+                lambda s: authenticate(session=s, authorization=authorization, cache_s=cache_s)
+            )
         if self.settings.rate_limit_per_minute:
             await check_requests(self.counter, self.settings.rate_limit_per_minute, authorization)
         return caller
@@ -179,8 +184,13 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
     async def CreateJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         req = from_pb(request.job, JobCreate)
         key = request.idempotency_key or None
-        job = await self.db(lambda s: svc.to_object(lifecycle.submit_job(session=s, tenant=caller.tenant_id, req=req,
-                                                                   settings=self.settings, idempotency_key=key)))  # fmt: skip
+        job = await self.db(
+            lambda s: svc.to_object(
+                lifecycle.submit_job(
+                    session=s, tenant=caller.tenant_id, req=req, settings=self.settings, idempotency_key=key
+                )
+            )
+        )
         return to_pb(job, jobs_pb2.Job)
 
     @rpc
@@ -188,23 +198,31 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
         extra = to_dict(request)
         extra.pop("job", None)
         req = from_pb(request.job, EstimateRequest, **extra)
-        est = await self.db(lambda s: plan.estimate(session=s, tenant=caller.tenant_id, req=req, settings=self.settings))
+        est = await self.db(
+            lambda s: plan.estimate(session=s, tenant=caller.tenant_id, req=req, settings=self.settings)
+        )
         return to_pb(Estimate.model_validate(est), jobs_pb2.Estimate)
 
     @rpc
     async def GetJob(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        job = await self.db(lambda s: svc.to_object(svc.get_job(session=s, tenant=caller.tenant_id, job_id=request.id)))
+        job = await self.db(
+            lambda s: svc.to_object(svc.get_job(session=s, tenant=caller.tenant_id, job_id=request.id))
+        )
         return to_pb(job, jobs_pb2.Job)
 
     @rpc
     async def ListJobs(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         after, limit = _opt(request, "after"), _limit(request, 20)
 
-        page = await self.db(lambda s: svc.list_jobs(session=s, tenant=caller.tenant_id, after=after, limit=limit))
+        page = await self.db(
+            lambda s: svc.list_jobs(session=s, tenant=caller.tenant_id, after=after, limit=limit)
+        )
         return to_pb(page, jobs_pb2.ListJobsResponse)
 
     async def _transition(self, action: Callable[..., Job], request: Any, caller: Caller, **kw: Any) -> Any:
-        job = await self.db(lambda s: svc.to_object(action(session=s, tenant=caller.tenant_id, job_id=request.id, **kw)))
+        job = await self.db(
+            lambda s: svc.to_object(action(session=s, tenant=caller.tenant_id, job_id=request.id, **kw))
+        )
         return to_pb(job, jobs_pb2.Job)
 
     @rpc
@@ -223,16 +241,22 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
     async def ListEvents(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         after, limit = _opt(request, "after"), _limit(request, 20)
 
-        page = await self.db(lambda s: svc.list_events(session=s, tenant=caller.tenant_id, job_id=request.id, after=after,
-                                                       limit=limit))  # fmt: skip
+        page = await self.db(
+            lambda s: svc.list_events(
+                session=s, tenant=caller.tenant_id, job_id=request.id, after=after, limit=limit
+            )
+        )
         return to_pb(page, jobs_pb2.ListEventsResponse)
 
     @rpc
     async def ListCheckpoints(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         after, limit = _opt(request, "after"), _limit(request, 10)
 
-        page = await self.db(lambda s: svc.list_checkpoints(session=s, tenant=caller.tenant_id, job_id=request.id,
-                                                            after=after, limit=limit))  # fmt: skip
+        page = await self.db(
+            lambda s: svc.list_checkpoints(
+                session=s, tenant=caller.tenant_id, job_id=request.id, after=after, limit=limit
+            )
+        )
         return to_pb(page, jobs_pb2.ListCheckpointsResponse)
 
     @rpc
@@ -241,16 +265,22 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
         if step is not None and not 1 <= step <= 3:
             raise InvalidRequest("step: must be 1, 2 or 3", param="step")
 
-        page = await self.db(lambda s: svc.list_metrics(session=s, tenant=caller.tenant_id, job_id=request.id, step=step,
-                                                        after=after, limit=limit))  # fmt: skip
+        page = await self.db(
+            lambda s: svc.list_metrics(
+                session=s, tenant=caller.tenant_id, job_id=request.id, step=step, after=after, limit=limit
+            )
+        )
         return to_pb(page, jobs_pb2.ListMetricsResponse)
 
     @rpc
     async def ListRollouts(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         after, limit = _opt(request, "after"), _limit(request, 20)
 
-        page = await self.db(lambda s: svc.list_rollouts(session=s, tenant=caller.tenant_id, job_id=request.id,
-                                                         after=after, limit=limit))  # fmt: skip
+        page = await self.db(
+            lambda s: svc.list_rollouts(
+                session=s, tenant=caller.tenant_id, job_id=request.id, after=after, limit=limit
+            )
+        )
         return to_pb(page, jobs_pb2.ListRolloutsResponse)
 
     @stream_rpc
@@ -269,14 +299,24 @@ class ModelService(Base, models_pb2_grpc.ModelServiceServicer):
     @rpc
     async def ListModels(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         after, limit = _opt(request, "after"), _limit(request, 1000, 1000)
-        page = await self.db(lambda s: models_svc.list_page(session=s, tenant=caller.tenant_id, after=after, limit=limit,
-                                                            models_dir=self.settings.models_dir))  # fmt: skip
+        page = await self.db(
+            lambda s: models_svc.list_page(
+                session=s,
+                tenant=caller.tenant_id,
+                after=after,
+                limit=limit,
+                models_dir=self.settings.models_dir,
+            )
+        )
         return to_pb(page, models_pb2.ListModelsResponse)
 
     @rpc
     async def GetModel(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        model = await self.db(lambda s: models_svc.get_model(session=s, tenant=caller.tenant_id,
-                                                             models_dir=self.settings.models_dir, model_id=request.id))  # fmt: skip
+        model = await self.db(
+            lambda s: models_svc.get_model(
+                session=s, tenant=caller.tenant_id, models_dir=self.settings.models_dir, model_id=request.id
+            )
+        )
         return to_pb(model, models_pb2.Model)
 
 
@@ -287,18 +327,32 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         await check_chat_tokens(self.counter, self.settings, authorization)
         stream = await chat_svc.open_chat(settings=self.settings, req=req, tenant=caller.tenant_id)
-        head: dict[str, Any] = {"id": stream.id, "object": "chat.completion.chunk", "created": stream.created,
-                                "model": stream.model}  # fmt: skip
+        head: dict[str, Any] = {
+            "id": stream.id,
+            "object": "chat.completion.chunk",
+            "created": stream.created,
+            "model": stream.model,
+        }
         try:
-            yield chat_pb2.ChatChunk(**head, choices=[chat_pb2.ChatChunkChoice(index=i, delta=chat_pb2.ChatDelta(
-                role="assistant", content="")) for i in range(stream.n)])  # fmt: skip
+            yield chat_pb2.ChatChunk(
+                **head,
+                choices=[
+                    chat_pb2.ChatChunkChoice(index=i, delta=chat_pb2.ChatDelta(role="assistant", content=""))
+                    for i in range(stream.n)
+                ],
+            )
             async for item in stream:
                 if isinstance(item, chat_svc.Finished):
-                    usage = chat_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
-                                           total_tokens=item.prompt_tokens + item.completion_tokens)  # fmt: skip
+                    usage = chat_pb2.Usage(
+                        prompt_tokens=item.prompt_tokens,
+                        completion_tokens=item.completion_tokens,
+                        total_tokens=item.prompt_tokens + item.completion_tokens,
+                    )
                     yield chat_pb2.ChatChunk(**head, usage=usage)
                     return
-                choice = chat_pb2.ChatChunkChoice(index=item.index, delta=chat_pb2.ChatDelta(content=item.text))
+                choice = chat_pb2.ChatChunkChoice(
+                    index=item.index, delta=chat_pb2.ChatDelta(content=item.text)
+                )
                 if item.finish_reason in ("stop", "length"):
                     choice.finish_reason = item.finish_reason
                 if item.reward is not None:
@@ -315,7 +369,9 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
 SERVICE_NAMES = ["rlhf.v1.JobService", "rlhf.v1.ChatService", "rlhf.v1.ModelService"]
 
 
-async def start_server(settings: Settings, *, host: str | None = None, port: int | None = None) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    settings: Settings, *, host: str | None = None, port: int | None = None
+) -> tuple[grpc.aio.Server, int]:
     """Start the public gRPC server (health and reflection included); returns it and its port."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
@@ -328,8 +384,12 @@ async def start_server(settings: Settings, *, host: str | None = None, port: int
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host or settings.host}:{settings.grpc_port if port is None else port}")
+    reflection.enable_server_reflection(
+        [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    bound = server.add_insecure_port(
+        f"{host or settings.host}:{settings.grpc_port if port is None else port}"
+    )
     if not bound:
         raise ValueError(f"grpc_port: cannot listen on {host or settings.host}:{settings.grpc_port}")
     await server.start()

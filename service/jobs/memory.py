@@ -46,14 +46,32 @@ def shape_of(path: Path, params_b: float, name: str) -> pl.Shape:
     params = round(params_b * 1e9)
     if m := models_svc.TINY_RE.fullmatch(path.name):
         t = tiny.SIZES[m.group(2)]  # type: ignore[index]
-        return pl.Shape(params=params, layers=t.layers, hidden=t.hidden, heads=t.heads, kv_heads=t.heads, vocab=556,
-                        ffn=t.ffn, gated=m.group(1) in GATED, name=name)  # fmt: skip
+        return pl.Shape(
+            params=params,
+            layers=t.layers,
+            hidden=t.hidden,
+            heads=t.heads,
+            kv_heads=t.heads,
+            vocab=556,
+            ffn=t.ffn,
+            gated=m.group(1) in GATED,
+            name=name,
+        )
     if path.name == models_svc.SMOLLM2:
         return pl.Shape(params=params, gated=True, name=name, **SMOLLM2)
     if path.name == models_svc.SMOLLM2_RM:
         t = tiny.SIZES["xs"]
-        return pl.Shape(params=params, layers=t.layers, hidden=t.hidden, heads=t.heads, kv_heads=t.heads,
-                        vocab=SMOLLM2["vocab"], ffn=t.ffn, gated=True, name=name)  # fmt: skip
+        return pl.Shape(
+            params=params,
+            layers=t.layers,
+            hidden=t.hidden,
+            heads=t.heads,
+            kv_heads=t.heads,
+            vocab=SMOLLM2["vocab"],
+            ffn=t.ffn,
+            gated=True,
+            name=name,
+        )
     return pl.Shape.from_params(params_b * 1e9, name=name)
 
 
@@ -61,9 +79,20 @@ def _gib(x: float) -> str:
     return f"{x / pl.GiB:.1f} GiB"
 
 
-def plan_step_memory(*, step: int, command: str, built: Any, values: dict[str, Any] | None, explicit: dict[str, Any],
-                     shapes: Shapes, gpu_type: str, num_gpus: int, mode: str, config_class: type,
-                     gpu_memory: dict[str, float] | None = None) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+def plan_step_memory(
+    *,
+    step: int,
+    command: str,
+    built: Any,
+    values: dict[str, Any] | None,
+    explicit: dict[str, Any],
+    shapes: Shapes,
+    gpu_type: str,
+    num_gpus: int,
+    mode: str,
+    config_class: type,
+    gpu_memory: dict[str, float] | None = None,
+) -> tuple[Any, dict[str, Any]]:
     """(the step's config, possibly re-planned, and its memory plan as the estimate shows it). `values` (the
     step's flat options; None: plan only) is updated in place when the planner changes the configuration."""
     from rlhf_engine.config.args import dataclass_from_args
@@ -79,12 +108,27 @@ def plan_step_memory(*, step: int, command: str, built: Any, values: dict[str, A
     actor = (shapes.reward or shapes.actor) if method == "reward" else shapes.actor
     limit = limit_gib * pl.GiB if gpu and limit_gib else None
     nodes_gpus = min(num_gpus, GPUS_PER_NODE)
-    configured = pl.plan_step(w, actor, reward, pl.choice_of(built, method), gpus=num_gpus, gpus_per_node=nodes_gpus,
-                              gpu_bytes=limit, host_bytes=pl.HOST_GIB_PER_GPU * pl.GiB * nodes_gpus if gpu else None)  # fmt: skip
+    configured = pl.plan_step(
+        w,
+        actor,
+        reward,
+        pl.choice_of(built, method),
+        gpus=num_gpus,
+        gpus_per_node=nodes_gpus,
+        gpu_bytes=limit,
+        host_bytes=pl.HOST_GIB_PER_GPU * pl.GiB * nodes_gpus if gpu else None,
+    )
     chosen, changed = configured, False
     if gpu and not configured.fits:
-        search = pl.plan(w, actor, reward, gpus=num_gpus, gpus_per_node=nodes_gpus, gpu_bytes=limit,
-                         allowed=pl.allowed_by(explicit, method))  # fmt: skip
+        search = pl.plan(
+            w,
+            actor,
+            reward,
+            gpus=num_gpus,
+            gpus_per_node=nodes_gpus,
+            gpu_bytes=limit,
+            allowed=pl.allowed_by(explicit, method),
+        )
         if mode == "auto" and search.best is not None:
             chosen, changed = search.best, True
             if values is not None:
@@ -98,21 +142,34 @@ def plan_step_memory(*, step: int, command: str, built: Any, values: dict[str, A
                 built = dataclass_from_args(config_class, argparse.Namespace(), file_values=values)
         else:
             smallest = search.smallest
-            here = (f"on {num_gpus}× {gpu_type} it fits with {search.best.choice.describe()} (set memory: auto, or "
-                    f"config.{command}: {json.dumps(pl.step_options(search.best.choice, method, w))})" if search.best is not None else
-                    f"the smallest configuration that fits: {pl.smallest_fit(w, actor, reward, gpu_type=gpu_type, gpus=num_gpus, memory={**pl.GPU_MEMORY_GIB, **(gpu_memory or {})})}")  # fmt: skip
-            host = (f" and {_gib(smallest.host_bytes_per_node)} of host memory per node for what it offloads (more than "
-                    f"the {_gib(smallest.host_bytes or 0)} planned for)" if smallest.host_bytes is not None
-                    and smallest.host_bytes_per_node > smallest.host_bytes else "")  # fmt: skip
+            here = (
+                f"on {num_gpus}× {gpu_type} it fits with {search.best.choice.describe()} (set memory: auto, or "
+                f"config.{command}: {json.dumps(pl.step_options(search.best.choice, method, w))})"
+                if search.best is not None
+                else f"the smallest configuration that fits: {pl.smallest_fit(w, actor, reward, gpu_type=gpu_type, gpus=num_gpus, memory={**pl.GPU_MEMORY_GIB, **(gpu_memory or {})})}"
+            )
+            host = (
+                f" and {_gib(smallest.host_bytes_per_node)} of host memory per node for what it offloads (more than "
+                f"the {_gib(smallest.host_bytes or 0)} planned for)"
+                if smallest.host_bytes is not None and smallest.host_bytes_per_node > smallest.host_bytes
+                else ""
+            )
             raise InvalidRequest(
                 f"gpu_type: step {step} ({method}) needs {_gib(configured.total_bytes)} per GPU as configured "
                 f"({configured.choice.describe()}) and {_gib(smallest.total_bytes)} at its smallest "
                 f"({smallest.choice.describe()}){host}; {gpu_type} has {limit_gib:g} GiB; {here}",
                 param="gpu_type",
             )
-    return built, {"step": step, "method": method, "configuration": chosen.choice.describe(), "changed": changed,
-                   "step_options": pl.step_options(chosen.choice, method, w), "per_gpu_bytes": round(chosen.total_bytes),
-                   "gpu_bytes": round(limit) if limit else None,
-                   "headroom_bytes": round(chosen.headroom_bytes) if chosen.headroom_bytes is not None else None,
-                   "fits": chosen.fits if gpu else None, "host_bytes_per_node": round(chosen.host_bytes_per_node),
-                   "peak_phase": chosen.peak_phase}  # fmt: skip
+    return built, {
+        "step": step,
+        "method": method,
+        "configuration": chosen.choice.describe(),
+        "changed": changed,
+        "step_options": pl.step_options(chosen.choice, method, w),
+        "per_gpu_bytes": round(chosen.total_bytes),
+        "gpu_bytes": round(limit) if limit else None,
+        "headroom_bytes": round(chosen.headroom_bytes) if chosen.headroom_bytes is not None else None,
+        "fits": chosen.fits if gpu else None,
+        "host_bytes_per_node": round(chosen.host_bytes_per_node),
+        "peak_phase": chosen.peak_phase,
+    }

@@ -75,17 +75,25 @@ def _grader(req: JobCreate) -> dict[str, Any] | None:
 def _graded_steps(req: JobCreate, train_kind: str | None) -> list[int]:
     """A grader job: step 3 on prompts, after SFT (step 1) when the training data has answers."""
     if req.reward_model:
-        raise InvalidRequest("reward_model: with a grader, the grader is the reward and no reward model is trained; "
-                             "drop reward_model, or drop method.reinforcement.grader for RLHF",
-                             param="reward_model")  # fmt: skip
+        raise InvalidRequest(
+            "reward_model: with a grader, the grader is the reward and no reward model is trained; "
+            "drop reward_model, or drop method.reinforcement.grader for RLHF",
+            param="reward_model",
+        )
     default = [3] if train_kind == "prompt" else [1, 3]
     steps = sorted(set(req.steps)) if req.steps else default
     if steps not in ([3], [1, 3]):
-        raise InvalidRequest("steps: a grader job runs step 3, after step 1 (SFT) when the data has answers; give "
-                             "[1, 3] or [3]", param="steps")  # fmt: skip
+        raise InvalidRequest(
+            "steps: a grader job runs step 3, after step 1 (SFT) when the data has answers; give "
+            "[1, 3] or [3]",
+            param="steps",
+        )
     if 1 in steps and train_kind == "prompt":
-        raise InvalidRequest("steps: the training file holds prompts only, so step 1 (SFT) has no answers to learn; "
-                             "give steps [3], or a training file with answers", param="steps")  # fmt: skip
+        raise InvalidRequest(
+            "steps: the training file holds prompts only, so step 1 (SFT) has no answers to learn; "
+            "give steps [3], or a training file with answers",
+            param="steps",
+        )
     return steps
 
 
@@ -204,19 +212,27 @@ def _integrations(req: JobCreate) -> dict[str, Any]:
     """OpenAI's `integrations` as step options (the wandb_* fields of every step's config)."""
     for item in req.integrations or []:
         if not _wandb_installed():
-            raise InvalidRequest("integrations[0]: the wandb integration needs the wandb library on this server; "
-                                 "install the extra (pip install 'rlhf-service[wandb]') or drop the integration",
-                                 param="integrations")  # fmt: skip
+            raise InvalidRequest(
+                "integrations[0]: the wandb integration needs the wandb library on this server; "
+                "install the extra (pip install 'rlhf-service[wandb]') or drop the integration",
+                param="integrations",
+            )
         w = item.wandb
-        return {"wandb_project": w.project, "wandb_name": w.name or "", "wandb_entity": w.entity or "",
-                "wandb_tags": list(w.tags or [])}  # fmt: skip
+        return {
+            "wandb_project": w.project,
+            "wandb_name": w.name or "",
+            "wandb_entity": w.entity or "",
+            "wandb_tags": list(w.tags or []),
+        }
     return {}
 
 
 def _check_gpu_type(gpu_type: str, settings: Settings) -> None:
     if gpu_type not in settings.gpu_types:
-        raise InvalidRequest(f"gpu_type: {gpu_type!r} is not offered here; choose one of "
-                             f"{', '.join(settings.gpu_types)}", param="gpu_type")  # fmt: skip
+        raise InvalidRequest(
+            f"gpu_type: {gpu_type!r} is not offered here; choose one of {', '.join(settings.gpu_types)}",
+            param="gpu_type",
+        )
 
 
 def make_plan(
@@ -245,8 +261,14 @@ def make_plan(
     steps = _steps(req, method) if grader is None else []
 
     def resolve(name: str, param: str) -> models_svc.ModelRef:
-        return models_svc.resolve(session=session, tenant=tenant, name=name, models_dir=settings.models_dir,
-                                  param=param, max_bytes=settings.max_model_bytes)  # fmt: skip
+        return models_svc.resolve(
+            session=session,
+            tenant=tenant,
+            name=name,
+            models_dir=settings.models_dir,
+            param=param,
+            max_bytes=settings.max_model_bytes,
+        )
 
     actor = resolve(req.model, "model")
     reward = resolve(req.reward_model, "reward_model") if req.reward_model else None
@@ -262,12 +284,18 @@ def make_plan(
     if grader is not None:
         steps = _graded_steps(req, train.kind if train else None)
         if pref is not None:
-            raise InvalidRequest("preference_file: a grader job trains no reward model; give prompts as prompt_file "
-                                 "(or in training_file)", param="preference_file")  # fmt: skip
+            raise InvalidRequest(
+                "preference_file: a grader job trains no reward model; give prompts as prompt_file "
+                "(or in training_file)",
+                param="preference_file",
+            )
         if train is not None and train.kind == "sft" and prompts is None:
-            raise InvalidRequest("prompt_file: step 3 needs prompts with the fields the grader reads, and an SFT "
-                                 "training file feeds step 1 only; add prompt_file (rows of messages ending with "
-                                 "the user's turn, plus the grader's fields)", param="prompt_file")  # fmt: skip
+            raise InvalidRequest(
+                "prompt_file: step 3 needs prompts with the fields the grader reads, and an SFT "
+                "training file feeds step 1 only; add prompt_file (rows of messages ending with "
+                "the user's turn, plus the grader's fields)",
+                param="prompt_file",
+            )
     if (
         method == "reinforcement"
         and train is not None
@@ -345,16 +373,27 @@ def make_plan(
         )
         plan: dict[str, Any] = {}
         memory: list[dict[str, Any]] = []
-        shapes = Shapes(actor=shape_of(actor.path, model_params(actor.path), "actor"),
-                        reward=shape_of(reward.path, model_params(reward.path), "reward model") if reward else None)  # fmt: skip
+        shapes = Shapes(
+            actor=shape_of(actor.path, model_params(actor.path), "actor"),
+            reward=shape_of(reward.path, model_params(reward.path), "reward model") if reward else None,
+        )
         for step in steps:
             sec = table[step].command
             values = step_values(cfg, step, sections[sec])
             built: Any = dataclass_from_args(table[step].config, argparse.Namespace(), file_values=values)
-            built, mem = plan_step_memory(step=step, command=sec, built=built, values=values, explicit=explicit[sec],
-                                          shapes=shapes, gpu_type=req.gpu_type, num_gpus=req.num_gpus,
-                                          mode=req.memory, config_class=table[step].config,
-                                          gpu_memory=settings.gpu_memory_gib)  # fmt: skip
+            built, mem = plan_step_memory(
+                step=step,
+                command=sec,
+                built=built,
+                values=values,
+                explicit=explicit[sec],
+                shapes=shapes,
+                gpu_type=req.gpu_type,
+                num_gpus=req.num_gpus,
+                mode=req.memory,
+                config_class=table[step].config,
+                gpu_memory=settings.gpu_memory_gib,
+            )
             memory.append(mem)
             _check_limits(built, sec, settings)
             _check_fills_a_batch(
@@ -389,8 +428,9 @@ def make_plan(
     )
 
 
-def _step_sections(req: JobCreate, method: str, hp: Hyperparameters | None, steps: list[int],
-                   tracking: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any]]:  # fmt: skip
+def _step_sections(
+    req: JobCreate, method: str, hp: Hyperparameters | None, steps: list[int], tracking: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any]]:
     """preset < request config < hyperparameters: (top-level values, each step's section, what the request
     set itself, the hyperparameters as the job shows them). A preset is a shipped name, never a path."""
     if req.preset is not None and req.preset not in presets():
@@ -425,8 +465,15 @@ def _step_sections(req: JobCreate, method: str, hp: Hyperparameters | None, step
     return top, sections, explicit, shown_hp
 
 
-def _graded_sections(ppo: dict[str, Any], explicit: dict[str, Any], grader: dict[str, Any], steps: list[int],
-                     actor: models_svc.ModelRef, train: File | None, prompts: File | None) -> None:  # fmt: skip
+def _graded_sections(
+    ppo: dict[str, Any],
+    explicit: dict[str, Any],
+    grader: dict[str, Any],
+    steps: list[int],
+    actor: models_svc.ModelRef,
+    train: File | None,
+    prompts: File | None,
+) -> None:
     """Step 3's options for a grader job: the grader as the reward, GRPO unless config.ppo says rloo, and
     the prompts (prompt_file, else the training file, else bundled:questions); the rows are checked to
     carry every field the grader reads."""
@@ -434,15 +481,20 @@ def _graded_sections(ppo: dict[str, Any], explicit: dict[str, Any], grader: dict
 
     algorithm = ppo.setdefault("algorithm", "grpo")
     if algorithm == "ppo":
-        raise InvalidRequest("config.ppo.algorithm: ppo needs a critic, which a grader job does not train; use grpo "
-                             "or rloo, or drop the grader and give reward_model for RLHF",
-                             param="config.ppo.algorithm")  # fmt: skip
+        raise InvalidRequest(
+            "config.ppo.algorithm: ppo needs a critic, which a grader job does not train; use grpo "
+            "or rloo, or drop the grader and give reward_model for RLHF",
+            param="config.ppo.algorithm",
+        )
     if "samples_per_prompt" not in explicit:  # as many answers per step as the preset's PPO: G per prompt
         ppo["samples_per_prompt"] = group = 4
         if "per_device_generation_batch_size" not in explicit and "per_device_generation_batch_size" in ppo:
             ppo["per_device_generation_batch_size"] = max(1, ppo["per_device_generation_batch_size"] // group)
-    ppo |= {"grader": json.dumps(grader, sort_keys=True), "critic_model_name_or_path": "",
-            "reward_model_name_or_path": ""}  # fmt: skip
+    ppo |= {
+        "grader": json.dumps(grader, sort_keys=True),
+        "critic_model_name_or_path": "",
+        "reward_model_name_or_path": "",
+    }
     if 1 not in steps:
         ppo["actor_model_name_or_path"] = str(actor.path)
     source = prompts or (train if train is not None and train.kind != "sft" else None)
@@ -565,12 +617,22 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
         memory = _memory_by_size(job_req, method, steps, actor_p, reward_p, settings)
     else:
         try:
-            planned = make_plan(session=session, tenant=tenant, req=job_req, settings=settings,
-                                output_dir=settings.runs_dir / tenant / "estimate")  # planned only, never written
+            planned = make_plan(
+                session=session,
+                tenant=tenant,
+                req=job_req,
+                settings=settings,
+                output_dir=settings.runs_dir / tenant / "estimate",
+            )  # planned only, never written
         except InvalidRequest as e:
-            if e.param in ("model", "reward_model"):  # a model not on this server can still be planned by size
-                e.message += (f"; to estimate a model that is not here, give its size: "
-                              f"{'model_parameters' if e.param == 'model' else 'reward_model_parameters'}")
+            if e.param in (
+                "model",
+                "reward_model",
+            ):  # a model not on this server can still be planned by size
+                e.message += (
+                    f"; to estimate a model that is not here, give its size: "
+                    f"{'model_parameters' if e.param == 'model' else 'reward_model_parameters'}"
+                )
             raise
         est, memory = planned.estimate, planned.memory
     seconds = sum(s.seconds for s in est)
@@ -587,18 +649,23 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
     }
 
 
-def _memory_by_size(req: JobCreate, method: str, steps: list[int], actor_b: float, reward_b: float,
-                    settings: Settings) -> list[dict[str, Any]]:  # fmt: skip
+def _memory_by_size(
+    req: JobCreate, method: str, steps: list[int], actor_b: float, reward_b: float, settings: Settings
+) -> list[dict[str, Any]]:
     """Memory plans for models given by size (not on this server): the preset's and the request's options."""
     from rlhf_engine import planner as pl
 
     top, sections, explicit, _ = _step_sections(req, method, _method(req)[1], steps, {})
     graded = _grader(req) is not None
     name = {"supervised": "sft", "dpo": "dpo"}.get(method, "grpo" if graded else "rlhf")
-    shapes = Shapes(actor=pl.Shape.from_params(actor_b * 1e9, name="actor"),
-                    reward=None if graded else pl.Shape.from_params(reward_b * 1e9, name="reward model"))  # fmt: skip
+    shapes = Shapes(
+        actor=pl.Shape.from_params(actor_b * 1e9, name="actor"),
+        reward=None if graded else pl.Shape.from_params(reward_b * 1e9, name="reward model"),
+    )
     try:
-        built_steps = pl.step_configs(top, sections, method=name, actor="actor", reward="" if graded else "reward")
+        built_steps = pl.step_configs(
+            top, sections, method=name, actor="actor", reward="" if graded else "reward"
+        )
     except ValueError as e:
         raise from_value_error(e) from None
     out = []
@@ -606,9 +673,18 @@ def _memory_by_size(req: JobCreate, method: str, steps: list[int], actor_b: floa
         if step not in steps:
             continue
         command = step_table(method)[step].command
-        _, mem = plan_step_memory(step=step, command=command, built=built, values=None, explicit=explicit.get(command, {}),
-                                  shapes=shapes, gpu_type=req.gpu_type, num_gpus=req.num_gpus, mode=req.memory,
-                                  config_class=step_table(method)[step].config,
-                                  gpu_memory=settings.gpu_memory_gib)  # fmt: skip
+        _, mem = plan_step_memory(
+            step=step,
+            command=command,
+            built=built,
+            values=None,
+            explicit=explicit.get(command, {}),
+            shapes=shapes,
+            gpu_type=req.gpu_type,
+            num_gpus=req.num_gpus,
+            mode=req.memory,
+            config_class=step_table(method)[step].config,
+            gpu_memory=settings.gpu_memory_gib,
+        )
         out.append(mem)
     return out

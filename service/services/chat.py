@@ -99,20 +99,28 @@ class ChatStream:
                 except grpc.aio.AioRpcError as e:
                     raise _error(e, self.timeout_s, started=True) from None
                 if reply is grpc.aio.EOF:
-                    raise WorkerFailed("the inference worker ended the reply early; retry", code="worker_failed")
+                    raise WorkerFailed(
+                        "the inference worker ended the reply early; retry", code="worker_failed"
+                    )
                 kind = reply.WhichOneof("reply")
                 if kind == "piece":
                     p = reply.piece
                     self.tokens += p.tokens
                     if not p.text and not p.HasField("finish_reason"):
                         continue  # text held back (a possible stop string, a split character): nothing to relay
-                    yield Piece(index=p.index, text=p.text, tokens=p.tokens,
-                                finish_reason=p.finish_reason if p.HasField("finish_reason") else None,
-                                reward=p.reward if p.HasField("reward") else None)  # fmt: skip
+                    yield Piece(
+                        index=p.index,
+                        text=p.text,
+                        tokens=p.tokens,
+                        finish_reason=p.finish_reason if p.HasField("finish_reason") else None,
+                        reward=p.reward if p.HasField("reward") else None,
+                    )
                 elif kind == "finished":
                     self.tokens = reply.finished.completion_tokens
-                    yield Finished(prompt_tokens=reply.finished.prompt_tokens,
-                                   completion_tokens=reply.finished.completion_tokens)  # fmt: skip
+                    yield Finished(
+                        prompt_tokens=reply.finished.prompt_tokens,
+                        completion_tokens=reply.finished.completion_tokens,
+                    )
                     return
         finally:
             self.cancel()
@@ -130,34 +138,57 @@ def check(req: ChatCompletionRequest, settings: Settings) -> None:
     worker's chat engine checks the conversation itself, stop strings and the model's context)."""
     name = req.unsupported()
     if name:
-        raise InvalidRequest(f"{name}: not supported by this server; remove it", param=name, code="unsupported_parameter")
-    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
-        raise InvalidRequest("max_completion_tokens: give max_tokens or max_completion_tokens, not both",
-                             param="max_completion_tokens")  # fmt: skip
+        raise InvalidRequest(
+            f"{name}: not supported by this server; remove it", param=name, code="unsupported_parameter"
+        )
+    if (
+        req.max_tokens is not None
+        and req.max_completion_tokens is not None
+        and req.max_tokens != req.max_completion_tokens
+    ):
+        raise InvalidRequest(
+            "max_completion_tokens: give max_tokens or max_completion_tokens, not both",
+            param="max_completion_tokens",
+        )
     limit = req.max_new_tokens
     if limit is not None and limit > settings.chat_max_tokens:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        raise InvalidRequest(f"{param}: {limit} is above this server's limit of {settings.chat_max_tokens}", param=param)
+        raise InvalidRequest(
+            f"{param}: {limit} is above this server's limit of {settings.chat_max_tokens}", param=param
+        )
     if (req.n or 1) > settings.chat_max_n:
         raise InvalidRequest(f"n: {req.n} is above this server's limit of {settings.chat_max_n}", param="n")
     if len(req.messages) > settings.chat_max_messages:
-        raise InvalidRequest(f"messages: {len(req.messages)} messages, at most {settings.chat_max_messages} allowed; "
-                             "drop the oldest turns", param="messages")  # fmt: skip
+        raise InvalidRequest(
+            f"messages: {len(req.messages)} messages, at most {settings.chat_max_messages} allowed; "
+            "drop the oldest turns",
+            param="messages",
+        )
     for i, m in enumerate(req.messages):
         if len(m.text()) > settings.chat_max_message_chars:
-            raise InvalidRequest(f"messages[{i}].content: longer than this server's limit of "
-                                 f"{settings.chat_max_message_chars} characters", param=f"messages[{i}].content")  # fmt: skip
+            raise InvalidRequest(
+                f"messages[{i}].content: longer than this server's limit of "
+                f"{settings.chat_max_message_chars} characters",
+                param=f"messages[{i}].content",
+            )
 
 
 def resolve_model(*, session: Session, tenant: str, model: str, settings: Settings) -> models_svc.ModelRef:
     """A model the caller may chat with; another tenant's model is not found."""
     try:
-        return models_svc.resolve(session=session, tenant=tenant, name=model, models_dir=settings.models_dir,
-                                  param="model", max_bytes=settings.max_model_bytes)  # fmt: skip
+        return models_svc.resolve(
+            session=session,
+            tenant=tenant,
+            name=model,
+            models_dir=settings.models_dir,
+            param="model",
+            max_bytes=settings.max_model_bytes,
+        )
     except InvalidRequest as e:
         if e.code == "model_not_found":
-            raise NotFound(f"model: no model {model!r} (see GET /v1/models)", param="model",
-                           code="model_not_found") from None  # fmt: skip
+            raise NotFound(
+                f"model: no model {model!r} (see GET /v1/models)", param="model", code="model_not_found"
+            ) from None
         raise
 
 
@@ -184,15 +215,25 @@ _REFS_MAX = 10_000
 def live_workers(*, session: Session, settings: Settings) -> list[WorkerView]:
     fresh = utcnow() - timedelta(seconds=settings.inference_ttl_s)
     rows = session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at > fresh))
-    view = [WorkerView(id=w.id, address=w.address, models=tuple(w.models or ()), active=w.active, capacity=w.capacity,
-                       max_models=w.max_models) for w in rows]  # fmt: skip
+    view = [
+        WorkerView(
+            id=w.id,
+            address=w.address,
+            models=tuple(w.models or ()),
+            active=w.active,
+            capacity=w.capacity,
+            max_models=w.max_models,
+        )
+        for w in rows
+    ]
     if view and settings.route_cache_s > 0:
         _views[settings.db_url] = (time.monotonic() + settings.route_cache_s, view)
     return view
 
 
-def route(*, session: Session, tenant: str, req: ChatCompletionRequest, settings: Settings,
-          inflight: dict[str, int]) -> Route:  # fmt: skip
+def route(
+    *, session: Session, tenant: str, req: ChatCompletionRequest, settings: Settings, inflight: dict[str, int]
+) -> Route:
     ref = _refs.get((settings.db_url, tenant, req.model))
     if ref is None:
         ref = resolve_model(session=session, tenant=tenant, model=req.model, settings=settings)
@@ -202,7 +243,9 @@ def route(*, session: Session, tenant: str, req: ChatCompletionRequest, settings
     return _pick(ref, live_workers(session=session, settings=settings), settings, inflight, tenant)
 
 
-def cached_route(*, tenant: str, req: ChatCompletionRequest, settings: Settings, inflight: dict[str, int]) -> Route | None:
+def cached_route(
+    *, tenant: str, req: ChatCompletionRequest, settings: Settings, inflight: dict[str, int]
+) -> Route | None:
     """The route from the API's recent view alone (no database), or None when it has no view of the
     workers or has not resolved this model for this tenant yet."""
     ref = _refs.get((settings.db_url, tenant, req.model))
@@ -212,21 +255,36 @@ def cached_route(*, tenant: str, req: ChatCompletionRequest, settings: Settings,
     return _pick(ref, view[1], settings, inflight, tenant)
 
 
-def _pick(ref: models_svc.ModelRef, workers: list[WorkerView], settings: Settings, inflight: dict[str, int],
-          tenant: str) -> Route:  # fmt: skip
+def _pick(
+    ref: models_svc.ModelRef,
+    workers: list[WorkerView],
+    settings: Settings,
+    inflight: dict[str, int],
+    tenant: str,
+) -> Route:
     if not workers:
-        raise Unavailable("no inference worker is running; start one with `rlhf worker inference` and retry",
-                          code="no_worker", retry_after=settings.retry_after_s)  # fmt: skip
+        raise Unavailable(
+            "no inference worker is running; start one with `rlhf worker inference` and retry",
+            code="no_worker",
+            retry_after=settings.retry_after_s,
+        )
     key = ref.key
 
     def load(w: WorkerView) -> float:
         return (max(w.active, inflight.get(w.id, 0)) + 1) / max(1, w.capacity)
 
     holding = sorted((w for w in workers if key in w.models), key=lambda w: (load(w), w.id))
-    others = sorted((w for w in workers if key not in w.models),
-                    key=lambda w: (len(w.models) >= w.max_models, load(w), len(w.models), w.id))  # fmt: skip
-    return Route(model_id=ref.name, key=key, path=ref.path, workers=[(w.id, w.address) for w in holding + others],
-                 tenant=tenant)  # fmt: skip
+    others = sorted(
+        (w for w in workers if key not in w.models),
+        key=lambda w: (len(w.models) >= w.max_models, load(w), len(w.models), w.id),
+    )
+    return Route(
+        model_id=ref.name,
+        key=key,
+        path=ref.path,
+        workers=[(w.id, w.address) for w in holding + others],
+        tenant=tenant,
+    )
 
 
 def mark_stale(settings: Settings, worker_id: str) -> None:
@@ -263,7 +321,9 @@ async def _forget(address: str) -> None:
         await entry[1].close()
 
 
-def _error(e: grpc.aio.AioRpcError, timeout_s: float, *, started: bool, tokens_field: str = "max_tokens") -> ServiceError:
+def _error(
+    e: grpc.aio.AioRpcError, timeout_s: float, *, started: bool, tokens_field: str = "max_tokens"
+) -> ServiceError:
     meta = dict(e.trailing_metadata() or ())
     param, code = meta.get("error-param") or None, meta.get("error-code") or None
     message = e.details() or e.code().name
@@ -277,14 +337,23 @@ def _error(e: grpc.aio.AioRpcError, timeout_s: float, *, started: bool, tokens_f
     if status == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Timeout(f"the reply took longer than this server's limit of {timeout_s:g} s", code="timeout")
     if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and started:
-        return WorkerFailed("the inference worker stopped while answering; retry the request", code="worker_lost")
+        return WorkerFailed(
+            "the inference worker stopped while answering; retry the request", code="worker_lost"
+        )
     if status == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"inference worker unavailable: {message}", code=code or "worker_unavailable", retry_after=5)
+        return Unavailable(
+            f"inference worker unavailable: {message}", code=code or "worker_unavailable", retry_after=5
+        )
     return WorkerFailed(f"the inference worker failed: {message}", code=code or "worker_failed")
 
 
-async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: str | None = None,
-                    authorization: str | None = None) -> ChatStream:  # fmt: skip
+async def open_chat(
+    *,
+    settings: Settings,
+    req: ChatCompletionRequest,
+    tenant: str | None = None,
+    authorization: str | None = None,
+) -> ChatStream:
     """Route and submit the request; returns once a worker accepted it (so a bad key, a bad
     parameter, an unknown model or no worker raise here, before any response has started). Give the
     caller's `tenant`, or the `authorization` header to check in the same thread hop as the routing
@@ -314,9 +383,15 @@ async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: s
             error_code = dict(e.trailing_metadata() or ()).get("error-code")
             app_level = bool(error_code)
             if error_code == "model_not_ready":  # the worker builds it now; every worker would say the same
-                raise Unavailable(e.details() or "the model is being prepared", code="model_not_ready",
-                                  param="model", retry_after=settings.retry_after_s) from None  # fmt: skip
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (code == grpc.StatusCode.UNAVAILABLE and app_level):
+                raise Unavailable(
+                    e.details() or "the model is being prepared",
+                    code="model_not_ready",
+                    param="model",
+                    retry_after=settings.retry_after_s,
+                ) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
+                code == grpc.StatusCode.UNAVAILABLE and app_level
+            ):
                 busy = True  # full, or the model is being swapped out there: try the next worker
                 continue
             if code == grpc.StatusCode.UNAVAILABLE:  # not reachable: skip it until its next heartbeat
@@ -332,19 +407,33 @@ async def open_chat(*, settings: Settings, req: ChatCompletionRequest, tenant: s
             _inflight[worker_id] -= 1
             call.cancel()
             raise WorkerFailed("the inference worker answered out of order", code="worker_failed")
-        call.add_done_callback(lambda _c, w=worker_id: _inflight.__setitem__(w, max(0, _inflight.get(w, 1) - 1)))
-        return ChatStream(id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()), model=r.model_id,
-                          n=req.n or 1, prompt_tokens=first.started.prompt_tokens, worker_id=worker_id, call=call,
-                          timeout_s=settings.chat_timeout_s)  # fmt: skip
+        call.add_done_callback(
+            lambda _c, w=worker_id: _inflight.__setitem__(w, max(0, _inflight.get(w, 1) - 1))
+        )
+        return ChatStream(
+            id=f"chatcmpl-{secrets.token_hex(12)}",
+            created=int(time.time()),
+            model=r.model_id,
+            n=req.n or 1,
+            prompt_tokens=first.started.prompt_tokens,
+            worker_id=worker_id,
+            call=call,
+            timeout_s=settings.chat_timeout_s,
+        )
     why = "every inference worker is at capacity" if busy else "no inference worker could be reached"
-    raise Unavailable(f"{why}; retry shortly", code="busy" if busy else "no_worker", retry_after=settings.retry_after_s)
+    raise Unavailable(
+        f"{why}; retry shortly", code="busy" if busy else "no_worker", retry_after=settings.retry_after_s
+    )
 
 
-def _route_in_thread(settings: Settings, tenant: str | None, authorization: str | None,
-                     req: ChatCompletionRequest) -> Route:  # fmt: skip
+def _route_in_thread(
+    settings: Settings, tenant: str | None, authorization: str | None, req: ChatCompletionRequest
+) -> Route:
     with session_scope(settings.db_url) as s:
         if tenant is None:  # (else the request was checked on the loop)
-            tenant = authenticate(session=s, authorization=authorization, cache_s=settings.auth_cache_s).tenant_id
+            tenant = authenticate(
+                session=s, authorization=authorization, cache_s=settings.auth_cache_s
+            ).tenant_id
             check(req, settings)  # after the key: an unknown caller learns nothing about our limits
         return route(session=s, tenant=tenant, req=req, settings=settings, inflight=_inflight)
 
@@ -353,10 +442,15 @@ def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:
     from service.grpc.pb import worker_pb2
 
     msg = worker_pb2.GenerateRequest(
-        model_id=r.key, model_path=str(r.path),
+        model_id=r.key,
+        model_path=str(r.path),
         messages=[worker_pb2.Turn(role=ROLE.get(m.role, m.role), content=m.text()) for m in req.messages],
-        temperature=1.0 if req.temperature is None else req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
-        stop=req.stop or [], n=req.n or 1, cache_scope=r.tenant)  # fmt: skip
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=req.stop or [],
+        n=req.n or 1,
+        cache_scope=r.tenant,
+    )
     if req.max_new_tokens is not None:
         msg.max_new_tokens = req.max_new_tokens
     if req.seed is not None:
@@ -370,8 +464,15 @@ async def complete(stream: ChatStream) -> tuple[list[dict[str, Any]], Finished]:
     ends: dict[int, tuple[str, float | None]] = {}
     async for item in stream:
         if isinstance(item, Finished):
-            choices = [{"index": i, "text": "".join(texts[i]), "finish_reason": ends.get(i, ("stop", None))[0],
-                        "reward": ends.get(i, ("stop", None))[1]} for i in range(stream.n)]  # fmt: skip
+            choices = [
+                {
+                    "index": i,
+                    "text": "".join(texts[i]),
+                    "finish_reason": ends.get(i, ("stop", None))[0],
+                    "reward": ends.get(i, ("stop", None))[1],
+                }
+                for i in range(stream.n)
+            ]
             return choices, item
         texts[item.index].append(item.text)
         if item.finish_reason is not None:

@@ -31,8 +31,17 @@ def check_upload(*, filename: str, purpose: str) -> str:
     raise InvalidRequest(f"file: {filename!r} must end in one of {', '.join(SUFFIXES)}", param="file")
 
 
-def register_file(*, session: Session, tenant: str, filename: str, purpose: str, upload: Path, size: int,
-                  files_dir: Path, max_bytes: int) -> File:  # fmt: skip
+def register_file(
+    *,
+    session: Session,
+    tenant: str,
+    filename: str,
+    purpose: str,
+    upload: Path,
+    size: int,
+    files_dir: Path,
+    max_bytes: int,
+) -> File:
     """Validate an uploaded temporary file with the data layer and keep it. Bad data → 400 with the
     reader's message (which names the line)."""
     from rlhf_engine.data.errors import DataError
@@ -49,13 +58,28 @@ def register_file(*, session: Session, tenant: str, filename: str, purpose: str,
         ds = read_dataset(str(dest), ReadLimits(max_bytes=max_bytes))
     except DataError as e:
         dest.unlink(missing_ok=True)
-        raise InvalidRequest(f"file: {str(e).replace(str(dest), filename)}", param="file", code="invalid_file") from None
+        raise InvalidRequest(
+            f"file: {str(e).replace(str(dest), filename)}", param="file", code="invalid_file"
+        ) from None
     rows = len(ds)
-    chars = sum(len(t) for t in ds.texts or []) if ds.kind == "text" else sum(
-        len(s.prompt_text) + len(s.chosen or "") for s in ds.rows)  # fmt: skip
-    f = File(id=file_id, tenant_id=tenant, filename=re.sub(r"[\x00-\x1f/\\]", "_", filename)[:255], purpose=purpose,
-             bytes=size, path=str(dest), format=ds.format, kind=ds.kind, rows=rows,
-             tokens_estimate=chars // CHARS_PER_TOKEN, skipped=dict(ds.filtered))  # fmt: skip
+    chars = (
+        sum(len(t) for t in ds.texts or [])
+        if ds.kind == "text"
+        else sum(len(s.prompt_text) + len(s.chosen or "") for s in ds.rows)
+    )
+    f = File(
+        id=file_id,
+        tenant_id=tenant,
+        filename=re.sub(r"[\x00-\x1f/\\]", "_", filename)[:255],
+        purpose=purpose,
+        bytes=size,
+        path=str(dest),
+        format=ds.format,
+        kind=ds.kind,
+        rows=rows,
+        tokens_estimate=chars // CHARS_PER_TOKEN,
+        skipped=dict(ds.filtered),
+    )
     session.add(f)
     session.flush()
     return f
@@ -86,13 +110,24 @@ def delete_file(*, session: Session, tenant: str, file_id: str) -> File:
     jobs = session.scalars(select(Job).where(Job.tenant_id == tenant, Job.status.in_(ACTIVE))).all()
     users = [j.id for j in jobs if file_id in (j.file_ids or [])]
     if users:
-        raise Conflict(f"file {file_id} is used by the live job {users[0]}; cancel it or wait for it to end",
-                       param="file_id")  # fmt: skip
+        raise Conflict(
+            f"file {file_id} is used by the live job {users[0]}; cancel it or wait for it to end",
+            param="file_id",
+        )
     f.deleted = True
     Path(f.path).unlink(missing_ok=True)
     return f
 
 
 def to_object(f: File) -> FileObject:
-    return FileObject(id=f.id, bytes=f.bytes, created_at=int(f.created_at.timestamp()), filename=f.filename,
-                      purpose=f.purpose, format=f.format, kind=f.kind, rows=f.rows, skipped=f.skipped or {})  # fmt: skip
+    return FileObject(
+        id=f.id,
+        bytes=f.bytes,
+        created_at=int(f.created_at.timestamp()),
+        filename=f.filename,
+        purpose=f.purpose,
+        format=f.format,
+        kind=f.kind,
+        rows=f.rows,
+        skipped=f.skipped or {},
+    )

@@ -32,7 +32,9 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(*, session: Session, tenant: str, name: str = "", operator: bool = False) -> tuple[ApiKey, str]:
+def create_key(
+    *, session: Session, tenant: str, name: str = "", operator: bool = False
+) -> tuple[ApiKey, str]:
     """A new key for `tenant` (created if new). The plain key is returned once and never stored."""
     if not TENANT_RE.fullmatch(tenant):
         raise InvalidRequest("tenant: use 1-63 lowercase letters, digits, '-' or '_'", param="tenant")
@@ -40,8 +42,13 @@ def create_key(*, session: Session, tenant: str, name: str = "", operator: bool 
         session.add(Tenant(id=tenant))
         session.flush()
     plain = PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(tenant_id=tenant, key_hash=hash_key(plain), prefix=plain[: len(PREFIX) + 4], name=name,
-                 operator=operator)  # fmt: skip
+    key = ApiKey(
+        tenant_id=tenant,
+        key_hash=hash_key(plain),
+        prefix=plain[: len(PREFIX) + 4],
+        name=name,
+        operator=operator,
+    )
     session.add(key)
     session.flush()
     return key, plain
@@ -127,8 +134,10 @@ _VERIFIED_MAX = 10_000
 
 def token_hash(authorization: str | None) -> str:
     if not authorization:
-        raise Unauthenticated("no API key: send 'Authorization: Bearer <key>' (create one with `rlhf keys create`)",
-                              code="missing_api_key")  # fmt: skip
+        raise Unauthenticated(
+            "no API key: send 'Authorization: Bearer <key>' (create one with `rlhf keys create`)",
+            code="missing_api_key",
+        )
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("the Authorization header must be 'Bearer <key>'", code="invalid_api_key")

@@ -41,13 +41,35 @@ def is_bundled(name: str) -> bool:
 def build_args(name: str) -> list[str]:
     """The `rlhf` arguments that build bundled model `name` (into the folder given with --out)."""
     if m := TINY_RE.fullmatch(name):
-        return ["models", "tiny", "--arch", m.group(1), "--size", m.group(2), "--pretrain-steps",
-                str(TINY_PRETRAIN_STEPS), "--sample", ""]  # fmt: skip
+        return [
+            "models",
+            "tiny",
+            "--arch",
+            m.group(1),
+            "--size",
+            m.group(2),
+            "--pretrain-steps",
+            str(TINY_PRETRAIN_STEPS),
+            "--sample",
+            "",
+        ]
     if name == SMOLLM2:
         return ["models", "smollm2"]
     if name == SMOLLM2_RM:
-        return ["models", "tiny", "--arch", "llama", "--size", "xs", "--tokenizer", "smollm2", "--pretrain-steps",
-                str(TINY_PRETRAIN_STEPS), "--sample", ""]  # fmt: skip
+        return [
+            "models",
+            "tiny",
+            "--arch",
+            "llama",
+            "--size",
+            "xs",
+            "--tokenizer",
+            "smollm2",
+            "--pretrain-steps",
+            str(TINY_PRETRAIN_STEPS),
+            "--sample",
+            "",
+        ]
     raise ValueError(f"{name} is not a bundled model")
 
 
@@ -63,17 +85,22 @@ class ModelRef:
         self.key = self.key or self.name
 
 
-def resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param: str,
-            max_bytes: int | None = None) -> ModelRef:  # fmt: skip
+def resolve(
+    *, session: Session, tenant: str, name: str, models_dir: Path, param: str, max_bytes: int | None = None
+) -> ModelRef:
     """The model `name` as the caller may use it; one whose weights are over `max_bytes` (the operator's
     RLHF_MAX_MODEL_BYTES) is refused here, before a worker loads anything."""
     ref = _resolve(session=session, tenant=tenant, name=name, models_dir=models_dir, param=param)
     if max_bytes is not None and not ref.tiny:
         size = sum(f.stat().st_size for f in ref.path.glob("*.safetensors")) if ref.path.is_dir() else 0
         if size > max_bytes:
-            raise InvalidRequest(f"{param}: {name} has {size / 2**30:.2f} GiB of weights, over this server's limit of "
-                                 f"{max_bytes / 2**30:.2f} GiB (RLHF_MAX_MODEL_BYTES); choose a smaller model, or ask "
-                                 "the operator to raise the limit", param=param, code="model_too_large")  # fmt: skip
+            raise InvalidRequest(
+                f"{param}: {name} has {size / 2**30:.2f} GiB of weights, over this server's limit of "
+                f"{max_bytes / 2**30:.2f} GiB (RLHF_MAX_MODEL_BYTES); choose a smaller model, or ask "
+                "the operator to raise the limit",
+                param=param,
+                code="model_too_large",
+            )
     return ref
 
 
@@ -84,17 +111,22 @@ def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, para
             raise InvalidRequest(f"{param}: no fine-tuned model {name}", param=param, code="model_not_found")
         return ModelRef(name=name, path=Path(ft.path), base=name.split(":")[1])
     if not NAME_RE.fullmatch(name) or ".." in name:
-        raise InvalidRequest(f"{param}: {name!r} is not a model name; use a base model from GET /v1/models",
-                             param=param)  # fmt: skip
+        raise InvalidRequest(
+            f"{param}: {name!r} is not a model name; use a base model from GET /v1/models", param=param
+        )
     if is_bundled(name):  # bundled (an upload cannot take these names): no database needed
         return ModelRef(name=name, path=models_dir.resolve() / name, base=name, tiny=True)
-    own = session.scalar(select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name))
+    own = session.scalar(
+        select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name)
+    )
     if own is not None:
         return ModelRef(name=name, path=Path(own.path), base=name, key=f"upload:{own.id}")
     root = models_dir.resolve()
     path = (models_dir / name).resolve()
     if path.parent != root or not (path / "config.json").is_file():
-        raise InvalidRequest(f"{param}: no base model {name!r} (see GET /v1/models)", param=param, code="model_not_found")
+        raise InvalidRequest(
+            f"{param}: no base model {name!r} (see GET /v1/models)", param=param, code="model_not_found"
+        )
     return ModelRef(name=name, path=path, base=name)
 
 
@@ -114,21 +146,32 @@ def base_models(models_dir: Path) -> list[str]:
 
 
 def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[ModelObject]:
-    out = [ModelObject(id=n, created=0, owned_by="system", ready=bundled_ready(models_dir, n) if is_bundled(n) else True)
-           for n in base_models(models_dir)]  # fmt: skip
-    rows = session.scalars(select(FineTunedModel).where(FineTunedModel.tenant_id == tenant)
-                           .order_by(FineTunedModel.created_at)).all()  # fmt: skip
+    out = [
+        ModelObject(
+            id=n, created=0, owned_by="system", ready=bundled_ready(models_dir, n) if is_bundled(n) else True
+        )
+        for n in base_models(models_dir)
+    ]
+    rows = session.scalars(
+        select(FineTunedModel).where(FineTunedModel.tenant_id == tenant).order_by(FineTunedModel.created_at)
+    ).all()
     out += [ModelObject(id=r.id, created=int(r.created_at.timestamp()), owned_by=tenant) for r in rows]
-    uploads = session.scalars(select(UploadedModel).where(UploadedModel.tenant_id == tenant)
-                              .order_by(UploadedModel.created_at)).all()  # fmt: skip
+    uploads = session.scalars(
+        select(UploadedModel).where(UploadedModel.tenant_id == tenant).order_by(UploadedModel.created_at)
+    ).all()
     out += [ModelObject(id=u.name, created=int(u.created_at.timestamp()), owned_by=tenant) for u in uploads]
     return out
 
 
 def list_page(*, session: Session, tenant: str, models_dir: Path, after: str | None, limit: int) -> ModelList:
     """A page of `list_models` (base models first, then the tenant's own, oldest first)."""
-    rows, more = cut(list_models(session=session, tenant=tenant, models_dir=models_dir), after=after, limit=limit,
-                     id_of=lambda m: m.id, what="model")  # fmt: skip
+    rows, more = cut(
+        list_models(session=session, tenant=tenant, models_dir=models_dir),
+        after=after,
+        limit=limit,
+        id_of=lambda m: m.id,
+        what="model",
+    )
     return paged(ModelList, rows, more)
 
 
@@ -147,19 +190,37 @@ def model_path(*, session: Session, tenant: str, model_id: str) -> Path:
         if ft is not None and ft.tenant_id == tenant:
             return Path(ft.path)
     else:
-        own = session.scalar(select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == model_id))
+        own = session.scalar(
+            select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == model_id)
+        )
         if own is not None:
             return Path(own.path)
-    raise NotFound(f"no model {model_id} of yours to download (base models are not downloadable)", param="model")
+    raise NotFound(
+        f"no model {model_id} of yours to download (base models are not downloadable)", param="model"
+    )
 
 
-def upload_model(*, session: Session, tenant: str, name: str, archive: Path, models_dir: Path, uploads_dir: Path,
-                 max_bytes: int) -> UploadedModel:  # fmt: skip
+def upload_model(
+    *,
+    session: Session,
+    tenant: str,
+    name: str,
+    archive: Path,
+    models_dir: Path,
+    uploads_dir: Path,
+    max_bytes: int,
+) -> UploadedModel:
     if not NAME_RE.fullmatch(name) or name.startswith("ft:") or is_bundled(name):
-        raise InvalidRequest("name: use letters, digits, '.', '_' or '-' (1-128), not a bundled model's name",
-                             param="name")  # fmt: skip
-    if name in base_models(models_dir) or session.scalar(
-            select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name)) is not None:  # fmt: skip
+        raise InvalidRequest(
+            "name: use letters, digits, '.', '_' or '-' (1-128), not a bundled model's name", param="name"
+        )
+    if (
+        name in base_models(models_dir)
+        or session.scalar(
+            select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name)
+        )
+        is not None
+    ):
         raise Conflict(f"name: a model called {name!r} exists; choose another name", param="name")
     import secrets
     import shutil
@@ -182,9 +243,11 @@ def fine_tuned_id(base: str, suffix: str | None, job_id: str) -> str:
 
 # ---------------------------------------------------------------------------- upload and download
 
-ALLOWED = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|vocab|added_tokens|"
-                     r"preprocessor_config|model\.safetensors\.index)\.json|merges\.txt|vocab\.txt|chat_template\.jinja|"
-                     r"tokenizer\.model|spiece\.model|[\w.-]+\.safetensors|README\.md|LICENSE(\.txt)?")  # fmt: skip
+ALLOWED = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|vocab|added_tokens|"
+    r"preprocessor_config|model\.safetensors\.index)\.json|merges\.txt|vocab\.txt|chat_template\.jinja|"
+    r"tokenizer\.model|spiece\.model|[\w.-]+\.safetensors|README\.md|LICENSE(\.txt)?"
+)
 PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
 
 
@@ -196,7 +259,9 @@ def extract_model(archive: Path, dest: Path, *, max_bytes: int) -> int:
     try:
         tf = tarfile.open(archive)  # noqa: SIM115 (closed by the `with tf:` below)
     except (tarfile.TarError, OSError):
-        raise InvalidRequest("file: not a .tar or .tar.gz archive of a model directory", param="file") from None
+        raise InvalidRequest(
+            "file: not a .tar or .tar.gz archive of a model directory", param="file"
+        ) from None
     with tf:
         members = [m for m in tf.getmembers() if not m.isdir()]
         names = {}
@@ -204,21 +269,31 @@ def extract_model(archive: Path, dest: Path, *, max_bytes: int) -> int:
         for m in members:
             parts = Path(m.name).parts
             if m.name.startswith("/") or ".." in parts:
-                raise InvalidRequest(f"file: archive member {m.name!r} leaves the model directory", param="file")
+                raise InvalidRequest(
+                    f"file: archive member {m.name!r} leaves the model directory", param="file"
+                )
             if not m.isfile():
-                raise InvalidRequest(f"file: archive member {m.name!r} is not a plain file (links are refused)",
-                                     param="file")  # fmt: skip
+                raise InvalidRequest(
+                    f"file: archive member {m.name!r} is not a plain file (links are refused)", param="file"
+                )
             base = parts[-1]
             if base.endswith(PICKLED):
-                raise InvalidRequest(f"file: {base} is pickled weights, which can run code when loaded; upload "
-                                     "safetensors (model.save_pretrained(dir, safe_serialization=True))", param="file")  # fmt: skip
+                raise InvalidRequest(
+                    f"file: {base} is pickled weights, which can run code when loaded; upload "
+                    "safetensors (model.save_pretrained(dir, safe_serialization=True))",
+                    param="file",
+                )
             if not ALLOWED.fullmatch(base):
-                raise InvalidRequest(f"file: {base} is not a model file this server accepts (config, tokenizer, "
-                                     "*.safetensors)", param="file")  # fmt: skip
+                raise InvalidRequest(
+                    f"file: {base} is not a model file this server accepts (config, tokenizer, "
+                    "*.safetensors)",
+                    param="file",
+                )
             total += m.size
             if total > max_bytes:
-                raise InvalidRequest(f"file: the model is larger than this server's limit of {max_bytes} bytes",
-                                     param="file")  # fmt: skip
+                raise InvalidRequest(
+                    f"file: the model is larger than this server's limit of {max_bytes} bytes", param="file"
+                )
             names[base] = m
         if len(names) != len(members):
             raise InvalidRequest("file: the archive holds two files of the same name", param="file")
@@ -245,11 +320,14 @@ def check_config(path: Path) -> None:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise InvalidRequest("file: config.json has no model_type", param="file")
     if config.get("auto_map"):
-        raise InvalidRequest("file: config.json needs custom code (auto_map); trust_remote_code is off here",
-                             param="file")  # fmt: skip
+        raise InvalidRequest(
+            "file: config.json needs custom code (auto_map); trust_remote_code is off here", param="file"
+        )
     archs = config.get("architectures") or []
-    if not any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel", "ForSequenceClassification"))
-               for a in archs):  # fmt: skip
+    if not any(
+        isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel", "ForSequenceClassification"))
+        for a in archs
+    ):
         raise InvalidRequest(f"file: architectures {archs} hold no causal LM (…ForCausalLM)", param="file")
 
 

@@ -18,10 +18,17 @@ def check(operation: str, reference: str = "{{item.answer}}") -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("operation", "sample", "score"),
-    [("eq", "Paris", 1.0), ("eq", "paris", 0.0), ("ne", "Rome", 1.0), ("ne", "Paris", 0.0),
-     ("like", "It is Paris.", 1.0), ("like", "It is paris.", 0.0), ("ilike", "IT IS PARIS", 1.0),
-     ("ilike", "Rome", 0.0)],
-)  # fmt: skip
+    [
+        ("eq", "Paris", 1.0),
+        ("eq", "paris", 0.0),
+        ("ne", "Rome", 1.0),
+        ("ne", "Paris", 0.0),
+        ("like", "It is Paris.", 1.0),
+        ("like", "It is paris.", 0.0),
+        ("ilike", "IT IS PARIS", 1.0),
+        ("ilike", "Rome", 0.0),
+    ],
+)
 def test_string_check_operations(operation: str, sample: str, score: float) -> None:
     assert run(parse(check(operation)), sample, {"answer": "Paris"}).reward == score
 
@@ -53,23 +60,47 @@ def test_text_similarity_metrics_against_hand_values() -> None:
     assert 0 < similarity("bleu", "the cat sat on a mat", "the cat sat on the mat") < 1
     assert similarity("gleu", "the cat sat on a mat", "the cat sat on the mat") == pytest.approx(11 / 18)
     assert similarity("bleu", "", "the cat") == 0.0
-    g = parse({"type": "text_similarity", "input": OUT, "reference": "{{item.ref}}", "evaluation_metric": "rouge_1",
-               "pass_threshold": 0.5})  # fmt: skip
+    g = parse(
+        {
+            "type": "text_similarity",
+            "input": OUT,
+            "reference": "{{item.ref}}",
+            "evaluation_metric": "rouge_1",
+            "pass_threshold": 0.5,
+        }
+    )
     assert run(g, "the cat sat", {"ref": "the cat sat on the mat"}).reward == pytest.approx(2 / 3)
 
 
 def test_multi_combines_named_graders_by_a_parsed_formula() -> None:
-    g = parse({"type": "multi", "name": "both", "graders": {
-        "exact": check("eq"), "close": {"type": "text_similarity", "input": OUT, "reference": "{{item.answer}}",
-                                        "evaluation_metric": "fuzzy_match"}},
-        "calculate_output": "0.5 * exact + 0.5 * close ^ 2"})  # fmt: skip
+    g = parse(
+        {
+            "type": "multi",
+            "name": "both",
+            "graders": {
+                "exact": check("eq"),
+                "close": {
+                    "type": "text_similarity",
+                    "input": OUT,
+                    "reference": "{{item.answer}}",
+                    "evaluation_metric": "fuzzy_match",
+                },
+            },
+            "calculate_output": "0.5 * exact + 0.5 * close ^ 2",
+        }
+    )
     assert isinstance(g, Multi)
     out = run(g, "Paris", {"answer": "Paris"})
     assert out.reward == 1.0 and out.sub_rewards == {"exact": 1.0, "close": 1.0}
     # "Pari" vs "Paris": ratio 1 − 1/9 = 8/9 → 0.5·0 + 0.5·(8/9)²
     assert run(g, "Pari", {"answer": "Paris"}).reward == pytest.approx(0.5 * (8 / 9) ** 2)
-    funcs = parse({"type": "multi", "graders": {"a": check("eq")},
-                   "calculate_output": "max(0, min(1, sqrt(a) + floor(1.5) - ceil(0.2) + abs(-a) - exp(0) + log(1)))"})  # fmt: skip
+    funcs = parse(
+        {
+            "type": "multi",
+            "graders": {"a": check("eq")},
+            "calculate_output": "max(0, min(1, sqrt(a) + floor(1.5) - ceil(0.2) + abs(-a) - exp(0) + log(1)))",
+        }
+    )
     assert run(funcs, "Paris", {"answer": "Paris"}).reward == 1.0
     zero = parse({"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "1 / a"})
     with pytest.raises(GraderError) as e:
@@ -98,26 +129,57 @@ BAD = [
     ({**check("eq"), "operation": "startswith"}, "grader.operation"),
     ({"type": "string_check", "input": OUT, "operation": "eq"}, "grader.reference"),
     ({**check("eq"), "input": 5}, "grader.input"),
-    ({"type": "text_similarity", "input": OUT, "reference": "x", "evaluation_metric": "meteor"},
-     "grader.evaluation_metric"),
-    ({"type": "text_similarity", "input": OUT, "reference": "x", "evaluation_metric": "cosine"},
-     "grader.evaluation_metric"),
-    ({"type": "text_similarity", "input": OUT, "reference": "x", "evaluation_metric": "bleu", "pass_threshold": "hi"},
-     "grader.pass_threshold"),
+    (
+        {"type": "text_similarity", "input": OUT, "reference": "x", "evaluation_metric": "meteor"},
+        "grader.evaluation_metric",
+    ),
+    (
+        {"type": "text_similarity", "input": OUT, "reference": "x", "evaluation_metric": "cosine"},
+        "grader.evaluation_metric",
+    ),
+    (
+        {
+            "type": "text_similarity",
+            "input": OUT,
+            "reference": "x",
+            "evaluation_metric": "bleu",
+            "pass_threshold": "hi",
+        },
+        "grader.pass_threshold",
+    ),
     ({"type": "score_model", "model": " "}, "grader.model"),
     ({"type": "score_model", "model": "m", "range": [1, 0]}, "grader.range"),
     ({"type": "multi", "graders": {}, "calculate_output": "1"}, "grader.graders"),
-    ({"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "a + b"}, "grader.calculate_output"),
-    ({"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "__import__('os').system('x')"},
-     "grader.calculate_output"),
-    ({"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "a.real"}, "grader.calculate_output"),
-    ({"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "min + a"}, "grader.calculate_output"),
-    ({"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "(" * 300 + "a" + ")" * 300},
-     "grader.calculate_output"),
-    ({"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "a if a else 1"}, "grader.calculate_output"),
+    (
+        {"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "a + b"},
+        "grader.calculate_output",
+    ),
+    (
+        {"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "__import__('os').system('x')"},
+        "grader.calculate_output",
+    ),
+    (
+        {"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "a.real"},
+        "grader.calculate_output",
+    ),
+    (
+        {"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "min + a"},
+        "grader.calculate_output",
+    ),
+    (
+        {"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "(" * 300 + "a" + ")" * 300},
+        "grader.calculate_output",
+    ),
+    (
+        {"type": "multi", "graders": {"a": check("eq")}, "calculate_output": "a if a else 1"},
+        "grader.calculate_output",
+    ),
     ({"type": "multi", "graders": {"max": check("eq")}, "calculate_output": "1"}, "grader.graders.max"),
-    ({"type": "multi", "graders": {"a": {"type": "python"}}, "calculate_output": "a"}, "grader.graders.a.type"),
-]  # fmt: skip
+    (
+        {"type": "multi", "graders": {"a": {"type": "python"}}, "calculate_output": "a"},
+        "grader.graders.a.type",
+    ),
+]
 
 
 @pytest.mark.parametrize(("spec", "param"), BAD)

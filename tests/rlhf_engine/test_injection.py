@@ -16,11 +16,17 @@ TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="the refusal is for transformers 5")
-def test_hybrid_engine_is_refused_with_transformers_5_before_anything_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hybrid_engine_is_refused_with_transformers_5_before_anything_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # No GPU on this machine: CUDA is reported available (a mock) so the check after that one is reached.
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     why = injection_unsupported()
     assert why is not None and transformers.__version__ in why
-    with pytest.raises(ValueError, match=r"enable_hybrid_engine: DeepSpeed .* does not support transformers 5"):
-        check_hybrid_engine(PPOConfig(actor_model_name_or_path="a", critic_model_name_or_path="c", enable_hybrid_engine=True),
-                            types.SimpleNamespace(model_type="opt"))
+    with pytest.raises(
+        ValueError, match=r"enable_hybrid_engine: DeepSpeed .* does not support transformers 5"
+    ):
+        check_hybrid_engine(
+            PPOConfig(actor_model_name_or_path="a", critic_model_name_or_path="c", enable_hybrid_engine=True),
+            types.SimpleNamespace(model_type="opt"),
+        )

@@ -74,8 +74,16 @@ def test_offload_moves_the_optimizer_and_parameters_to_host_memory() -> None:
     three = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=3, offload=True), gpus=4, gpus_per_node=4)
     assert parts(three)[("actor", "weights")] == 0
     assert three.host_bytes_per_node == (2e9 / 4 + 12e9 / 4 + 2 * 4e9 / 4) * 4
-    starved = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=3, offload=True), gpus=4, gpus_per_node=4,
-                           gpu_bytes=80 * pl.GiB, host_bytes=1e9)  # fmt: skip
+    starved = pl.plan_step(
+        w,
+        SHAPE,
+        None,
+        pl.Choice(zero_stage=3, offload=True),
+        gpus=4,
+        gpus_per_node=4,
+        gpu_bytes=80 * pl.GiB,
+        host_bytes=1e9,
+    )
     assert not starved.fits  # the GPU has room; the host has not
 
 
@@ -107,8 +115,15 @@ def test_ppo_holds_four_models_and_peaks_in_its_largest_phase() -> None:
     resident = 2e9 + 12e9 + 2e9 + 2e9 + (2e8 + 12e8) + 2e8
     assert p.static_bytes == resident
     assert p.total_bytes == pytest.approx((resident + 8e9) * 1.1 + pl.GiB)
-    grpo = pl.plan_step(pl.Workload(method="grpo", micro_batch=2, generation_batch=4, samples_per_prompt=4,
-                                    reward_model=False), SHAPE, None, pl.Choice(), gpus=1)  # fmt: skip
+    grpo = pl.plan_step(
+        pl.Workload(
+            method="grpo", micro_batch=2, generation_batch=4, samples_per_prompt=4, reward_model=False
+        ),
+        SHAPE,
+        None,
+        pl.Choice(),
+        gpus=1,
+    )
     assert not any(m in ("critic", "reward model") for m, _ in parts(grpo))  # no critic, a grader instead
     with pytest.raises(pl.PlanError, match="reward_model"):
         pl.plan_step(pl.Workload(method="ppo"), SHAPE, None, pl.Choice(), gpus=1)
@@ -168,8 +183,11 @@ def test_sizes_come_from_the_safetensors_headers(base_model: Path, smollm2: Path
     model = AutoModelForCausalLM.from_pretrained(str(base_model))
     shape = pl.load_shape(str(base_model), name="actor")
     assert shape.params == sum(p.numel() for p in model.parameters())  # (tied embeddings counted once)
-    assert (shape.layers, shape.hidden, shape.vocab) == (model.config.num_hidden_layers, model.config.hidden_size,
-                                                         model.config.vocab_size)  # fmt: skip
+    assert (shape.layers, shape.hidden, shape.vocab) == (
+        model.config.num_hidden_layers,
+        model.config.hidden_size,
+        model.config.vocab_size,
+    )
     smol = pl.load_shape(str(smollm2), name="actor")  # a real Llama-family checkpoint: GQA, gated MLP, tied
     assert smol.params == 134_515_008 and smol.gated and (smol.heads, smol.kv_heads) == (9, 3)
     config = json.loads((smollm2 / "config.json").read_text())
@@ -177,8 +195,9 @@ def test_sizes_come_from_the_safetensors_headers(base_model: Path, smollm2: Path
 
 
 def rlhf(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "plan", *args], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_engine.cli", "plan", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_rlhf_plan_prints_the_arithmetic_and_says_when_nothing_fits() -> None:
@@ -188,18 +207,31 @@ def test_rlhf_plan_prints_the_arithmetic_and_says_when_nothing_fits() -> None:
     assert out.returncode == 0, out.stderr
     assert "step 3: ppo on 8× A100-80G: fits with" in out.stdout and "KV cache (generation)" in out.stdout
     assert "activations:" in out.stdout and "options: --actor-zero-stage" in out.stdout
-    plan = json.loads(rlhf("--actor-params", "13e9", "--reward-params", "350e6", "--gpu-memory-gb", "80",
-                           "--num-gpus", "8", "--json").stdout)  # fmt: skip
+    plan = json.loads(
+        rlhf(
+            "--actor-params",
+            "13e9",
+            "--reward-params",
+            "350e6",
+            "--gpu-memory-gb",
+            "80",
+            "--num-gpus",
+            "8",
+            "--json",
+        ).stdout
+    )
     assert set(plan["steps"]) == {"1", "2", "3"} and all(s["fits"] for s in plan["steps"].values())
     assert plan["steps"]["3"]["plan"]["total_bytes"] <= 80 * pl.GiB
     big = rlhf(
         "--actor-params", "175e9", "--reward-params", "350e6", "--gpu-type", "V100-32G", "--method", "dpo"
     )
     assert big.returncode == 3 and "DOES NOT FIT" in big.stdout
-    for args, says in ((["--actor-params", "1e9"], "gpu_memory_gb"),
-                       (["--actor-params", "1e9", "--gpu-type", "K80"], "gpu_type: 'K80' is not known"),
-                       (["--actor-params", "1e9", "--gpu-memory-gb", "80"], "reward_model: method rlhf"),
-                       (["--actor-model", "/no/such", "--method", "sft", "--gpu-memory-gb", "80"], "--actor-params")):  # fmt: skip
+    for args, says in (
+        (["--actor-params", "1e9"], "gpu_memory_gb"),
+        (["--actor-params", "1e9", "--gpu-type", "K80"], "gpu_type: 'K80' is not known"),
+        (["--actor-params", "1e9", "--gpu-memory-gb", "80"], "reward_model: method rlhf"),
+        (["--actor-model", "/no/such", "--method", "sft", "--gpu-memory-gb", "80"], "--actor-params"),
+    ):
         bad = rlhf(*args)
         assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, (
             args,
@@ -223,8 +255,10 @@ def test_zero_buckets_are_capped_at_the_models_size() -> None:
 
     model = torch.nn.Sequential(torch.nn.Linear(100, 50), torch.nn.Linear(50, 10))
     model[1].requires_grad_(False)
-    for stage, expect in ((2, {"reduce_bucket_size": 5050, "allgather_bucket_size": 5050}),
-                          (3, {"reduce_bucket_size": 5050, "stage3_prefetch_bucket_size": 5560})):  # fmt: skip
+    for stage, expect in (
+        (2, {"reduce_bucket_size": 5050, "allgather_bucket_size": 5050}),
+        (3, {"reduce_bucket_size": 5050, "stage3_prefetch_bucket_size": 5560}),
+    ):
         config = {"zero_optimization": {"stage": stage}}
         size_buckets(config, model)
         assert expect.items() <= config["zero_optimization"].items(), config
@@ -241,8 +275,22 @@ def test_config_auto_plans_for_this_machine_and_keeps_the_flags_given(
 ) -> None:
     from tests.runs import rlhf as run_rlhf
 
-    done = run_rlhf("sft", "--model", base_model, "--output-dir", tmp_path, "--config", "auto", "--max-steps", 2,
-                    "--zero-stage", 2, "--eval-max-rows", 8, timeout=240)  # fmt: skip
+    done = run_rlhf(
+        "sft",
+        "--model",
+        base_model,
+        "--output-dir",
+        tmp_path,
+        "--config",
+        "auto",
+        "--max-steps",
+        2,
+        "--zero-stage",
+        2,
+        "--eval-max-rows",
+        8,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--config auto on the CPU's" in done.stderr and "ZeRO-2" in done.stderr  # the flag given is kept
     summary = json.loads((tmp_path / "step1_sft" / "summary.json").read_text())
@@ -256,9 +304,16 @@ def test_rlhf_train_config_auto_fills_each_steps_section(base_model: Path, tmp_p
     from rlhf_engine.config.args import dataclass_from_args
     from rlhf_engine.config.pipeline import PipelineConfig
 
-    cfg = dataclass_from_args(PipelineConfig, argparse.Namespace(), file_values={
-        "actor_model": str(base_model), "reward_model": str(base_model), "output_dir": str(tmp_path),
-        "actor_zero_stage": 3})  # fmt: skip
+    cfg = dataclass_from_args(
+        PipelineConfig,
+        argparse.Namespace(),
+        file_values={
+            "actor_model": str(base_model),
+            "reward_model": str(base_model),
+            "output_dir": str(tmp_path),
+            "actor_zero_stage": 3,
+        },
+    )
     sections: dict[str, dict[str, object]] = {"sft": {}, "reward": {}, "ppo": {}}
     _auto_pipeline(cfg, sections)
     assert (

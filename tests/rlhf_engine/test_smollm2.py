@@ -38,9 +38,15 @@ def test_its_own_chat_template_is_what_training_and_chat_render(engine: ChatEngi
     tok = engine.tokenizer
     rendered = tok.decode(engine.prompt_ids(FRANCE))
     assert rendered.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    assert rendered.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    assert engine.prompt_ids(FRANCE) == tok.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True,
-                                                                return_dict=True)["input_ids"]  # fmt: skip
+    assert rendered.endswith(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (
+        engine.prompt_ids(FRANCE)
+        == tok.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     rows = load_datasets(DataConfig(data=["bundled:sft"]))[0].rows[:20]
     tokenized, _ = tokenize_rows(1, rows, tok, max_seq_len=512, max_prompt_len=256)
     for row, (ids, prompt_len) in zip(rows, tokenized, strict=True):
@@ -49,8 +55,13 @@ def test_its_own_chat_template_is_what_training_and_chat_render(engine: ChatEngi
         assert ids[-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
         assert list(ids).count(tok.eos_token_id) == 3  # the ends of the system, user and assistant turns
     # the reward model learns to score at that EOS too: step 3, `rlhf eval` and chat read its score there
-    pairs, _ = tokenize_rows(2, load_datasets(DataConfig(data=["bundled:preference"]))[0].rows[:20], tok,
-                             max_seq_len=512, max_prompt_len=256)  # fmt: skip
+    pairs, _ = tokenize_rows(
+        2,
+        load_datasets(DataConfig(data=["bundled:preference"]))[0].rows[:20],
+        tok,
+        max_seq_len=512,
+        max_prompt_len=256,
+    )
     assert pairs and all(chosen[-1] == rejected[-1] == tok.eos_token_id for chosen, rejected, *_ in pairs)
 
 
@@ -64,15 +75,32 @@ def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatEngine, sm
     ours = engine.generate(FRANCE, SamplingParams(temperature=0, max_new_tokens=24)).choices[0]
     assert ours.token_ids == ref[0, ids.shape[1] :].tolist()
     assert "Paris" in ours.text and ours.finish_reason == "stop"
-    done = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "chat", "--path", str(smollm2), "--temperature",
-                           "0", "--max-new-tokens", "24"], input="What is the capital of France?\n",
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf_engine.cli",
+            "chat",
+            "--path",
+            str(smollm2),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+        ],
+        input="What is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     [reply] = [line for line in done.stdout.splitlines() if line.startswith("Assistant:")]
     assert reply.removeprefix("Assistant:").strip() == ours.text.strip()
 
 
-def test_prompts_that_start_alike_reuse_cached_keys_and_answer_as_generate(engine: ChatEngine, smollm2: Path) -> None:
+def test_prompts_that_start_alike_reuse_cached_keys_and_answer_as_generate(
+    engine: ChatEngine, smollm2: Path
+) -> None:
     """The system prompt every SmolLM2 conversation starts with, and a conversation's earlier turns
     (prompts and replies), are taken from the prompt cache (within the caller's scope only), and the replies stay those of generate."""
     from transformers import AutoModelForCausalLM
@@ -94,7 +122,9 @@ def test_prompts_that_start_alike_reuse_cached_keys_and_answer_as_generate(engin
     france = engine.submit(FRANCE, greedy, scope="a").result().choices[0]
     italy = [{"role": "user", "content": "What is the capital of Italy?"}]
     shared = len(os.path.commonprefix([engine.prompt_ids(FRANCE), engine.prompt_ids(italy)]))
-    assert shared >= 20  # "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, …<|im_start|>user\n"
+    assert (
+        shared >= 20
+    )  # "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, …<|im_start|>user\n"
     n, reply = reused(italy)
     assert n == shared and reply.token_ids == reference(italy)
     assert reused(italy, scope="b")[0] == 0  # another tenant's prompts are never reused
@@ -117,9 +147,29 @@ def test_prompts_that_start_alike_reuse_cached_keys_and_answer_as_generate(engin
 @pytest.fixture(scope="module")
 def lora_sft(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smollm2_run")
-    done = rlhf_ok("sft", "--model", smollm2, "--output-dir", out, "--lora-dim", 8, "--max-steps", 2,
-                   "--per-device-train-batch-size", 4, "--max-seq-len", 96, "--eval-max-rows", 16,
-                   "--learning-rate", 1e-3, "--checkpoint-interval", 0, "--enable-tensorboard", timeout=600)  # fmt: skip
+    done = rlhf_ok(
+        "sft",
+        "--model",
+        smollm2,
+        "--output-dir",
+        out,
+        "--lora-dim",
+        8,
+        "--max-steps",
+        2,
+        "--per-device-train-batch-size",
+        4,
+        "--max-seq-len",
+        96,
+        "--eval-max-rows",
+        16,
+        "--learning-rate",
+        1e-3,
+        "--checkpoint-interval",
+        0,
+        "--enable-tensorboard",
+        timeout=600,
+    )
     (out / "sft.stderr").write_text(done.stderr)
     return out
 
@@ -145,16 +195,43 @@ def test_two_lora_sft_steps_lower_the_loss_and_save_a_model_that_loads(lora_sft:
     assert [e.step for e in tb.Scalars("train/loss")] == [1, 2]
 
 
-def test_one_ppo_step_with_the_smollm2_actor_and_a_tiny_reward_model(lora_sft: Path, smollm2: Path,
-                                                                    tmp_path: Path) -> None:  # fmt: skip
+def test_one_ppo_step_with_the_smollm2_actor_and_a_tiny_reward_model(
+    lora_sft: Path, smollm2: Path, tmp_path: Path
+) -> None:
     from rlhf_engine.models.tiny import write_tiny
 
     # a reward model reads the actor's tokens, so it is built on the actor's tokenizer
     reward = write_tiny(tmp_path / "rm", "llama", "xs", tokenizer_from=str(smollm2))
-    args = ["--actor-model", lora_sft / "step1_sft", "--critic-model", reward, "--reward-model", reward,
-            "--output-dir", lora_sft, "--actor-lora-dim", 8, "--max-steps", 1, "--per-device-generation-batch-size", 2,
-            "--per-device-training-batch-size", 2, "--max-answer-len", 8, "--max-seq-len", 96, "--max-prompt-len", 64,
-            "--eval-max-rows", 2, "--checkpoint-interval", 0, "--num-warmup-steps", 0]  # fmt: skip
+    args = [
+        "--actor-model",
+        lora_sft / "step1_sft",
+        "--critic-model",
+        reward,
+        "--reward-model",
+        reward,
+        "--output-dir",
+        lora_sft,
+        "--actor-lora-dim",
+        8,
+        "--max-steps",
+        1,
+        "--per-device-generation-batch-size",
+        2,
+        "--per-device-training-batch-size",
+        2,
+        "--max-answer-len",
+        8,
+        "--max-seq-len",
+        96,
+        "--max-prompt-len",
+        64,
+        "--eval-max-rows",
+        2,
+        "--checkpoint-interval",
+        0,
+        "--num-warmup-steps",
+        0,
+    ]
     rlhf_ok("ppo", *args, "--enable-tensorboard", timeout=600)
     [m] = read_jsonl(lora_sft / "step3_rlhf" / "metrics.jsonl")
     assert m["answer_len"] > 0 and m["kl_to_ref"] is not None
@@ -165,9 +242,14 @@ def test_one_ppo_step_with_the_smollm2_actor_and_a_tiny_reward_model(lora_sft: P
     assert [e.value for e in tb.Scalars("train/reward_mean")] == pytest.approx([m["reward_mean"]], rel=1e-6)
     [shown] = tb.Tensors("rollouts/text_summary")  # SmolLM2's own answers, decoded, as a table
     [first, *_] = read_jsonl(lora_sft / "step3_rlhf" / "rollouts.jsonl")
-    assert first["answer"].replace("|", "\\|").replace("\n", " ")[:30] in shown.tensor_proto.string_val[0].decode()
+    assert (
+        first["answer"].replace("|", "\\|").replace("\n", " ")[:30]
+        in shown.tensor_proto.string_val[0].decode()
+    )
     assert (lora_sft / "step3_rlhf" / "actor" / "model.safetensors").is_file()
     # a reward model on another tokenizer would read the actor's ids as other words (or past its vocabulary)
     bundled = write_tiny(tmp_path / "rm_bundled", "llama", "xs")
     bad = rlhf("ppo", *[bundled if a == reward else a for a in args], "--output-dir", tmp_path / "x")
-    assert bad.returncode == 2 and "vocabulary" in bad.stderr and "tokenizer" in bad.stderr, bad.stderr[-2000:]
+    assert bad.returncode == 2 and "vocabulary" in bad.stderr and "tokenizer" in bad.stderr, bad.stderr[
+        -2000:
+    ]

@@ -30,8 +30,14 @@ from service.settings import Settings
 from workers.local import free_port
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-FAST = {"heartbeat_s": 1.0, "lease_s": 6.0, "sweep_s": 2.0, "cost_interval_s": 2.0, "step_grace_s": 60.0,
-        "auth_cache_s": 1.0}
+FAST = {
+    "heartbeat_s": 1.0,
+    "lease_s": 6.0,
+    "sweep_s": 2.0,
+    "cost_interval_s": 2.0,
+    "step_grace_s": 60.0,
+    "auth_cache_s": 1.0,
+}
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +106,11 @@ class Stack:
 
 def _env(settings: Settings, overrides: dict[str, Any] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_") or k == "RLHF_CACHE_DIR"}
-    env |= {"RLHF_DATA_DIR": str(settings.data_dir), "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
+    env |= {
+        "RLHF_DATA_DIR": str(settings.data_dir),
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+    }
     env |= {f"RLHF_{k.upper()}": str(getattr(settings, k)) for k in {*FAST, *(overrides or {})}}
     env["RLHF_VISIBILITY_TIMEOUT_S"] = str(settings.visibility_timeout_s)
     return env
@@ -113,7 +123,9 @@ def serve(settings: Settings) -> tuple[str, Callable[[], None]]:
     from service.api.app import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -134,8 +146,12 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
 
     def make(database_url: str = "", redis_url: str = "", **overrides: Any) -> Stack:
         data = tmp_path_factory.mktemp("svc")
-        settings = Settings(data_dir=data, database_url=database_url or f"sqlite:///{data / 'rlhf.db'}",
-                            redis_url=redis_url, **(FAST | overrides))  # fmt: skip
+        settings = Settings(
+            data_dir=data,
+            database_url=database_url or f"sqlite:///{data / 'rlhf.db'}",
+            redis_url=redis_url,
+            **(FAST | overrides),
+        )
         url, stop = serve(settings)
         stops.append(stop)
         return Stack(settings=settings, url=url, env=_env(settings, overrides))
@@ -146,14 +162,18 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
 
 
 @pytest.fixture(scope="session")
-def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Stack], subprocess.Popen[bytes]]]:
+def start_worker(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[Stack], subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(stack: Stack, *, sweeper: bool = True, nice: int = 0, **env: str) -> subprocess.Popen[bytes]:
         """A training worker of `stack`; `env` adds to (or replaces) its environment (a cache folder of its own);
         `nice` lowers its priority (and its steps'), so that the test reacts at once to what they do."""
         log = tmp_path_factory.mktemp("worker") / "worker.log"
-        args = [sys.executable, "-m", "workers.cli", "worker", "train"] + ([] if sweeper else ["--no-sweeper"])
+        args = [sys.executable, "-m", "workers.cli", "worker", "train"] + (
+            [] if sweeper else ["--no-sweeper"]
+        )
         args = ["nice", "-n", str(nice), *args] if nice else args
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
@@ -175,7 +195,9 @@ def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 
 @pytest.fixture
-def case_workers(start_worker: Callable[..., subprocess.Popen[bytes]]) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+def case_workers(
+    start_worker: Callable[..., subprocess.Popen[bytes]],
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """`start_worker` for one test: every worker it started is stopped at the test's end (the next test on
     the same stack must find only its own)."""
     started: list[subprocess.Popen[bytes]] = []
@@ -200,8 +222,13 @@ class Workers:
     def start(self, **env: str) -> int:
         log = self.tmp / f"worker-{len(self.procs)}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "inference"], env=self.stack.env | env,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "worker", "inference"],
+                env=self.stack.env | env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs[proc.pid] = (proc, log)
         deadline = time.monotonic() + 60
         while self.row(proc.pid) is None:
@@ -234,7 +261,9 @@ class Workers:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def wait_for(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 240) -> dict[str, Any]:
+def wait_for(
+    client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 240
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
@@ -256,25 +285,43 @@ def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     after = None
     while True:
-        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100} | ({"after": after} if after else {})).json()
+        page = client.get(
+            f"/v1/fine_tuning/jobs/{job_id}/events",
+            params={"limit": 100} | ({"after": after} if after else {}),
+        ).json()
         out += page["data"]
         if not page["has_more"]:
             return list(reversed(out))
         after = page["data"][-1]["id"]
 
 
-SMALL_SFT = {"model": "tiny-opt-xs", "preset": "tiny", "config": {"sft": {"max_steps": 40, "checkpoint_interval": 10,
-                                                                          "eval_max_rows": 16}}}  # fmt: skip
+SMALL_SFT = {
+    "model": "tiny-opt-xs",
+    "preset": "tiny",
+    "config": {"sft": {"max_steps": 40, "checkpoint_interval": 10, "eval_max_rows": 16}},
+}
 
 
-THREE_STEPS = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "e2e",
-               "config": {"sft": {"max_steps": 120}, "reward": {"max_steps": 120}, "ppo": {"max_steps": 12,
-                                                                                         "checkpoint_interval": 6}}}  # fmt: skip
+THREE_STEPS = {
+    "model": "tiny-opt-xs",
+    "reward_model": "tiny-opt-xs",
+    "preset": "tiny",
+    "suffix": "e2e",
+    "config": {
+        "sft": {"max_steps": 120},
+        "reward": {"max_steps": 120},
+        "ppo": {"max_steps": 12, "checkpoint_interval": 6},
+    },
+}
 
 
 @pytest.fixture(scope="session")
-def e2e_stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str],
-              start_worker: Callable[..., Any]) -> Stack:  # fmt: skip
+def e2e_stack(
+    make_stack: Callable[..., Stack],
+    new_pg: Callable[[], str],
+    new_redis: Callable[[], str],
+    start_worker: Callable[..., Any],
+) -> Stack:
     """PostgreSQL, Redis, the API server and a Celery training worker; shared by the job and serving tests."""
     s = make_stack(database_url=new_pg(), redis_url=new_redis())
     start_worker(s)
@@ -282,7 +329,9 @@ def e2e_stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_r
 
 
 @pytest.fixture(scope="session")
-def kill_stack(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str]) -> Stack:
+def kill_stack(
+    make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str]
+) -> Stack:
     """PostgreSQL, Redis and the API server for the tests that start, kill and stop their own training
     workers (one trainer, stalls, the kill drill): one Redis database for them all, each test's workers
     stopped at its end and each job ended, so no test's worker finds another's work."""
@@ -311,7 +360,9 @@ def _walk(client: httpx.Client, url: str, limit: int, **params: Any) -> list[dic
     items: list[dict[str, Any]] = []
     after: Any = None
     while True:
-        page = client.get(url, params={"limit": limit, **params} | ({"after": after} if after is not None else {}))
+        page = client.get(
+            url, params={"limit": limit, **params} | ({"after": after} if after is not None else {})
+        )
         assert page.status_code == 200, page.text
         body = page.json()
         assert body["object"] == "list" and len(body["data"]) <= limit

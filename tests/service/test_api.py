@@ -18,10 +18,26 @@ from service.db.models import File, Job, JobEvent
 from service.db.session import session_scope
 from tests.service.conftest import SMALL_SFT, Stack
 
-SUBJECT = {"type": "string_check", "name": "names_subject", "operation": "ilike", "input": "{{sample.output_text}}",
-           "reference": "{{item.subject}}"}  # fmt: skip
-PREF = "\n".join(json.dumps({"prompt": f"Human: What is a dog {i}? Assistant:", "chosen": " A dog is an animal.",
-                             "rejected": " Blue."}) for i in range(40)) + "\n"  # fmt: skip
+SUBJECT = {
+    "type": "string_check",
+    "name": "names_subject",
+    "operation": "ilike",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.subject}}",
+}
+PREF = (
+    "\n".join(
+        json.dumps(
+            {
+                "prompt": f"Human: What is a dog {i}? Assistant:",
+                "chosen": " A dog is an animal.",
+                "rejected": " Blue.",
+            }
+        )
+        for i in range(40)
+    )
+    + "\n"
+)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -45,8 +61,11 @@ def bob(stack: Stack) -> Iterator[Any]:
 
 def counts(stack: Stack) -> tuple[int, int, int]:
     with session_scope(stack.settings.db_url) as s:
-        return (s.scalar(select(func.count()).select_from(Job)) or 0, s.scalar(select(func.count()).select_from(File)) or 0,
-                s.scalar(select(func.count()).select_from(JobEvent)) or 0)  # fmt: skip
+        return (
+            s.scalar(select(func.count()).select_from(Job)) or 0,
+            s.scalar(select(func.count()).select_from(File)) or 0,
+            s.scalar(select(func.count()).select_from(JobEvent)) or 0,
+        )
 
 
 def upload(client: Any, text: str, name: str = "pref.jsonl") -> Any:
@@ -68,13 +87,25 @@ def test_health_needs_no_key(stack: Stack) -> None:
         assert c.get("/readyz").json() == {"status": "ready"}
 
 
-ROUTES = [("GET", "/v1/models"), ("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-x"),
-          ("DELETE", "/v1/files/file-x"), ("GET", "/v1/fine_tuning/jobs"), ("POST", "/v1/fine_tuning/jobs"),
-          ("POST", "/v1/fine_tuning/jobs/estimate"), ("GET", "/v1/fine_tuning/jobs/ftjob-x"),
-          ("POST", "/v1/fine_tuning/jobs/ftjob-x/cancel"), ("POST", "/v1/fine_tuning/jobs/ftjob-x/pause"),
-          ("POST", "/v1/fine_tuning/jobs/ftjob-x/resume"), ("GET", "/v1/fine_tuning/jobs/ftjob-x/events"),
-          ("GET", "/v1/fine_tuning/jobs/ftjob-x/checkpoints"), ("GET", "/v1/fine_tuning/jobs/ftjob-x/metrics"),
-          ("GET", "/v1/fine_tuning/jobs/ftjob-x/rollouts"), ("GET", "/metrics")]  # fmt: skip
+ROUTES = [
+    ("GET", "/v1/models"),
+    ("GET", "/v1/files"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files/file-x"),
+    ("DELETE", "/v1/files/file-x"),
+    ("GET", "/v1/fine_tuning/jobs"),
+    ("POST", "/v1/fine_tuning/jobs"),
+    ("POST", "/v1/fine_tuning/jobs/estimate"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-x"),
+    ("POST", "/v1/fine_tuning/jobs/ftjob-x/cancel"),
+    ("POST", "/v1/fine_tuning/jobs/ftjob-x/pause"),
+    ("POST", "/v1/fine_tuning/jobs/ftjob-x/resume"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-x/events"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-x/checkpoints"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-x/metrics"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-x/rollouts"),
+    ("GET", "/metrics"),
+]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
@@ -101,7 +132,7 @@ def test_revoked_keys_stop_working_and_metrics_need_an_operator(stack: Stack) ->
         assert time.monotonic() - revoked <= stack.settings.auth_cache_s + 0.5
     with stack.client(stack.key("ops", operator=True)) as c:
         body = c.get("/metrics").text
-        assert "rlhf_jobs{status=\"queued\"}" in body and "rlhf_queue_depth" in body
+        assert 'rlhf_jobs{status="queued"}' in body and "rlhf_queue_depth" in body
 
 
 def test_files_are_validated_on_upload_and_scoped_to_the_tenant(stack: Stack, alice: Any, bob: Any) -> None:
@@ -112,10 +143,16 @@ def test_files_are_validated_on_upload_and_scoped_to_the_tenant(stack: Stack, al
     error(bob.get(f"/v1/files/{f['id']}"), 404, "file_id")
     assert f["id"] not in [x["id"] for x in bob.get("/v1/files").json()["data"]]
     before = counts(stack)
-    bad = error(upload(alice, '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": 3}\n'), 400, "file")
+    bad = error(
+        upload(alice, '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": 3}\n'), 400, "file"
+    )
     assert "line 2" in bad["message"]
     error(upload(alice, "x", name="data.csv"), 400, "file")
-    error(alice.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "assistants"}), 400, "purpose")
+    error(
+        alice.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "assistants"}),
+        400,
+        "purpose",
+    )
     error(upload(alice, "", name="empty.jsonl"), 400, "file")
     assert counts(stack) == before
     assert alice.delete(f"/v1/files/{f['id']}").json() == {"id": f["id"], "object": "file", "deleted": True}
@@ -124,11 +161,14 @@ def test_files_are_validated_on_upload_and_scoped_to_the_tenant(stack: Stack, al
 
 def test_real_hh_data_with_a_few_odd_rows_is_taken_and_the_rows_left_out_are_shown(alice: Any) -> None:
     """Anthropic's HH-RLHF as it is: answers containing "Human:", a few transcripts without an answer."""
+
     def hh(q: str, a: str) -> str:
         return f"\n\nHuman: {q}\n\nAssistant: {a}"
 
-    good = [{"chosen": hh(f"Question {i}?", "Human: No, you are."), "rejected": hh(f"Question {i}?", "Sure.")}
-            for i in range(99)]  # fmt: skip
+    good = [
+        {"chosen": hh(f"Question {i}?", "Human: No, you are."), "rejected": hh(f"Question {i}?", "Sure.")}
+        for i in range(99)
+    ]
     odd = {"chosen": "\n\nHuman: Hi?", "rejected": "\n\nHuman: Hi?"}
     f = upload(alice, "\n".join(json.dumps(r) for r in [*good, odd]) + "\n").json()
     assert (f["kind"], f["rows"]) == ("preference", 99)
@@ -139,7 +179,9 @@ def test_real_hh_data_with_a_few_odd_rows_is_taken_and_the_rows_left_out_are_sho
 
 
 def test_job_create_get_list_and_isolation(stack: Stack, alice: Any, bob: Any) -> None:
-    job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"suffix": "demo", "metadata": {"team": "a"}}).json()
+    job = alice.post(
+        "/v1/fine_tuning/jobs", json=SMALL_SFT | {"suffix": "demo", "metadata": {"team": "a"}}
+    ).json()
     assert job["object"] == "fine_tuning.job" and job["status"] == "queued"
     assert job["method"]["type"] == "supervised" and job["steps"] == [1]
     assert job["estimated_finish"] is not None and job["cost"]["estimated_usd"] > 0
@@ -164,8 +206,12 @@ def test_every_list_pages_one_way(alice: Any, walk: Any) -> None:
     alice.post(f"/v1/fine_tuning/jobs/{ids[0]}/resume")
     for _ in range(3):
         upload(alice, PREF)
-    for url, newest_first in (("/v1/fine_tuning/jobs", True), (f"/v1/fine_tuning/jobs/{ids[0]}/events", True),
-                              ("/v1/files", True), ("/v1/models", False)):  # fmt: skip
+    for url, newest_first in (
+        ("/v1/fine_tuning/jobs", True),
+        (f"/v1/fine_tuning/jobs/{ids[0]}/events", True),
+        ("/v1/files", True),
+        ("/v1/models", False),
+    ):
         whole = alice.get(url, params={"limit": 100}).json()
         assert not whole["has_more"] and len(whole["data"]) >= 3, url
         for limit in (1, 2):
@@ -176,8 +222,9 @@ def test_every_list_pages_one_way(alice: Any, walk: Any) -> None:
         error(alice.get(url, params={"after": "no-such-id"}), 404, "after")
 
 
-def test_a_wandb_integration_reaches_every_step_and_a_key_never_enters(alice: Any, stack: Stack,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_wandb_integration_reaches_every_step_and_a_key_never_enters(
+    alice: Any, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wandb = {"type": "wandb", "wandb": {"project": "rlhf", "name": "demo", "entity": "team", "tags": ["a"]}}
     job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [wandb]}).json()
     assert job["integrations"] == [wandb]
@@ -186,21 +233,38 @@ def test_a_wandb_integration_reaches_every_step_and_a_key_never_enters(alice: An
 
     with session_scope(stack.settings.db_url) as s:
         plan = s.get(Job, job["id"]).plan  # type: ignore[union-attr]
-    assert plan["1"]["wandb_project"] == "rlhf" and plan["1"]["wandb_tags"] == ["a"] and plan["1"]["enable_tensorboard"]
+    assert (
+        plan["1"]["wandb_project"] == "rlhf"
+        and plan["1"]["wandb_tags"] == ["a"]
+        and plan["1"]["enable_tensorboard"]
+    )
     keyed = {"type": "wandb", "wandb": {"project": "rlhf", "api_key": "x" * 40}}
-    error(alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [keyed]}), 400,
-          "integrations[0].wandb.api_key")  # fmt: skip
+    error(
+        alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [keyed]}),
+        400,
+        "integrations[0].wandb.api_key",
+    )
     other = {"type": "slack", "wandb": {"project": "p"}}
-    error(alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [other]}), 400, "integrations[0].type")
+    error(
+        alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [other]}),
+        400,
+        "integrations[0].type",
+    )
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # a server without the wandb extra
-    missing = error(alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [wandb]}), 400, "integrations")
+    missing = error(
+        alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"integrations": [wandb]}), 400, "integrations"
+    )
     assert "rlhf-service[wandb]" in missing["message"]
 
 
 def test_reinforcement_job_from_one_preference_file(alice: Any) -> None:
-    f = upload(alice, PREF * 20).json()  # 800 rows: a default global batch for every step (step 1: 144 ≥ 16 × 8)
-    job = alice.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs",
-                                                   "training_file": f["id"], "seed": 7}).json()  # fmt: skip
+    f = upload(
+        alice, PREF * 20
+    ).json()  # 800 rows: a default global batch for every step (step 1: 144 ≥ 16 × 8)
+    job = alice.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "training_file": f["id"], "seed": 7},
+    ).json()
     assert job["method"]["type"] == "reinforcement" and job["steps"] == [1, 2, 3] and job["seed"] == 7
     error(alice.delete(f"/v1/files/{f['id']}"), 409, "file_id")  # a live job uses it
     alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
@@ -211,33 +275,105 @@ BAD_JOBS = [
     ({}, "model"),
     ({"model": "tiny-opt-xs", "method": {"type": "dpo"}, "reward_model": "tiny-opt-xs"}, "reward_model"),
     ({"model": "tiny-opt-xs", "method": {"type": "dpo"}, "steps": [1, 2, 3]}, "steps"),
-    ({"model": "tiny-opt-xs", "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
-     "method.dpo.hyperparameters.beta"),
-    ({"model": "tiny-opt-xs", "method": {"type": "dpo"}, "config": {"dpo": {"loss": "simpo",
-      "offload_reference_model": True}}}, "loss"),
-    ({"model": "tiny-opt-xs", "method": {"type": "dpo"}, "config": {"dpo": {"reference_model_name_or_path": "/x"}}},
-     "config.dpo.reference_model_name_or_path"),
+    (
+        {"model": "tiny-opt-xs", "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+        "method.dpo.hyperparameters.beta",
+    ),
+    (
+        {
+            "model": "tiny-opt-xs",
+            "method": {"type": "dpo"},
+            "config": {"dpo": {"loss": "simpo", "offload_reference_model": True}},
+        },
+        "loss",
+    ),
+    (
+        {
+            "model": "tiny-opt-xs",
+            "method": {"type": "dpo"},
+            "config": {"dpo": {"reference_model_name_or_path": "/x"}},
+        },
+        "config.dpo.reference_model_name_or_path",
+    ),
     ({"model": "tiny-opt-xs", "method": {"type": "reinforcement"}}, "reward_model"),
-    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python",
-      "source": "def grade(sample, item): return 1.0"}}}}, "method.reinforcement.grader.type"),
-    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT | {
-      "reference": "{{item.answer}}"}}}}, "method.reinforcement.grader"),  # bundled:questions rows have no answer
-    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "multi",
-      "graders": {"a": SUBJECT}, "calculate_output": "a + b"}}}}, "method.reinforcement.grader.calculate_output"),
-    ({"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "method": {"type": "reinforcement",
-      "reinforcement": {"grader": SUBJECT}}}, "reward_model"),
-    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
-      "config": {"ppo": {"algorithm": "ppo"}}}, "config.ppo.algorithm"),
-    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
-      "config": {"ppo": {"samples_per_prompt": 1}}}, "samples_per_prompt"),
-    ({"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
-      "steps": [1, 2, 3]}, "steps"),
+    (
+        {
+            "model": "tiny-opt-xs",
+            "method": {
+                "type": "reinforcement",
+                "reinforcement": {
+                    "grader": {"type": "python", "source": "def grade(sample, item): return 1.0"}
+                },
+            },
+        },
+        "method.reinforcement.grader.type",
+    ),
+    (
+        {
+            "model": "tiny-opt-xs",
+            "method": {
+                "type": "reinforcement",
+                "reinforcement": {"grader": SUBJECT | {"reference": "{{item.answer}}"}},
+            },
+        },
+        "method.reinforcement.grader",
+    ),  # bundled:questions rows have no answer
+    (
+        {
+            "model": "tiny-opt-xs",
+            "method": {
+                "type": "reinforcement",
+                "reinforcement": {
+                    "grader": {"type": "multi", "graders": {"a": SUBJECT}, "calculate_output": "a + b"}
+                },
+            },
+        },
+        "method.reinforcement.grader.calculate_output",
+    ),
+    (
+        {
+            "model": "tiny-opt-xs",
+            "reward_model": "tiny-opt-xs",
+            "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
+        },
+        "reward_model",
+    ),
+    (
+        {
+            "model": "tiny-opt-xs",
+            "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
+            "config": {"ppo": {"algorithm": "ppo"}},
+        },
+        "config.ppo.algorithm",
+    ),
+    (
+        {
+            "model": "tiny-opt-xs",
+            "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
+            "config": {"ppo": {"samples_per_prompt": 1}},
+        },
+        "samples_per_prompt",
+    ),
+    (
+        {
+            "model": "tiny-opt-xs",
+            "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
+            "steps": [1, 2, 3],
+        },
+        "steps",
+    ),
     ({"model": "no-such-model"}, "model"),
     ({"model": "../etc"}, "model"),
     ({"model": "tiny-opt-xs", "training_file": "file-nope"}, "training_file"),
     ({"model": "tiny-opt-xs", "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
-    ({"model": "tiny-opt-xs", "hyperparameters": {"n_epochs": 2}, "config": {"sft": {"num_train_epochs": 3}}},
-     "hyperparameters.n_epochs"),
+    (
+        {
+            "model": "tiny-opt-xs",
+            "hyperparameters": {"n_epochs": 2},
+            "config": {"sft": {"num_train_epochs": 3}},
+        },
+        "hyperparameters.n_epochs",
+    ),
     ({"model": "tiny-opt-xs", "config": {"sft": {"learning_rate": 5}}}, "learning_rate"),
     ({"model": "tiny-opt-xs", "config": {"sft": {"no_such_option": 1}}}, None),
     ({"model": "tiny-opt-xs", "config": {"sft": {"output_dir": "/etc"}}}, "config.sft.output_dir"),
@@ -250,7 +386,7 @@ BAD_JOBS = [
     ({"model": "tiny-opt-xs", "validation_file": "file-x"}, "validation_file"),
     ({"model": "tiny-opt-xs", "unknown_field": 1}, "unknown_field"),
     ({"model": "tiny-opt-xs", "max_cost_usd": -1}, "max_cost_usd"),
-]  # fmt: skip
+]
 
 
 def test_a_job_whose_data_cannot_fill_one_batch_is_refused_at_submit(stack: Stack, alice: Any) -> None:
@@ -261,23 +397,30 @@ def test_a_job_whose_data_cannot_fill_one_batch_is_refused_at_submit(stack: Stac
     body = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "training_file": f["id"]}
     err = error(alice.post("/v1/fine_tuning/jobs", json=body), 400, "config.sft")
     assert "step 1 gets at most 7 training rows" in err["message"], err
-    assert "per_device_train_batch_size × gradient_accumulation_steps × processes = 128" in err["message"], err
+    assert "per_device_train_batch_size × gradient_accumulation_steps × processes = 128" in err["message"], (
+        err
+    )
     # smaller batches fit step 1; then step 2 (15 rows; 4 × 4 = 16) is the one refused
-    body["config"] = {"sft": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
-                      "reward": {"per_device_train_batch_size": 4}}
+    body["config"] = {
+        "sft": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
+        "reward": {"per_device_train_batch_size": 4},
+    }
     err = error(alice.post("/v1/fine_tuning/jobs", json=body), 400, "config.reward")
     assert "step 2 gets at most 15 training rows" in err["message"], err
     assert counts(stack) == before
-    body["config"] |= {"reward": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
-                       "ppo": {"per_device_generation_batch_size": 8, "per_device_training_batch_size": 8}}  # fmt: skip
+    body["config"] |= {
+        "reward": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+        "ppo": {"per_device_generation_batch_size": 8, "per_device_training_batch_size": 8},
+    }
     job = alice.post("/v1/fine_tuning/jobs", json=body).json()
     assert job["status"] == "queued", job
     alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
 
 
 @pytest.mark.parametrize(("body", "param"), BAD_JOBS)
-def test_bad_job_requests_are_400_naming_the_field_and_store_nothing(stack: Stack, alice: Any, body: dict[str, Any],
-                                                                     param: str | None) -> None:  # fmt: skip
+def test_bad_job_requests_are_400_naming_the_field_and_store_nothing(
+    stack: Stack, alice: Any, body: dict[str, Any], param: str | None
+) -> None:
     before = counts(stack)
     err = error(alice.post("/v1/fine_tuning/jobs", json=body), 400, param)
     assert err["message"]
@@ -286,7 +429,12 @@ def test_bad_job_requests_are_400_naming_the_field_and_store_nothing(stack: Stac
 
 def test_malformed_and_oversized_bodies(stack: Stack, alice: Any) -> None:
     before = counts(stack)
-    error(alice.post("/v1/fine_tuning/jobs", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
+    error(
+        alice.post(
+            "/v1/fine_tuning/jobs", content=b"{not json", headers={"Content-Type": "application/json"}
+        ),
+        400,
+    )
     error(alice.post("/v1/fine_tuning/jobs", json=["a list"]), 400)
     big = {"model": "tiny-opt-xs", "metadata": {"k": "x" * (2 * stack.settings.max_body_bytes)}}
     error(alice.post("/v1/fine_tuning/jobs", json=big), 413)
@@ -319,11 +467,19 @@ def test_state_transitions(alice: Any) -> None:
 
 def test_estimate_matches_deepspeed_chat_table_1(alice: Any) -> None:
     """OPT-13B + OPT-350M on 8×A100-80G, 135M tokens: ≈9 h and ≈$290; OPT-30B: ≈18 h, ≈$600 (±30%)."""
-    common = {"reward_model": "tiny-opt-xs", "steps": [1, 2, 3], "num_gpus": 8, "gpu_type": "A100-80G",
-              "tokens": {"1": 0, "2": 0, "3": 135_000_000}, "reward_model_parameters": 350_000_000}  # fmt: skip
+    common = {
+        "reward_model": "tiny-opt-xs",
+        "steps": [1, 2, 3],
+        "num_gpus": 8,
+        "gpu_type": "A100-80G",
+        "tokens": {"1": 0, "2": 0, "3": 135_000_000},
+        "reward_model_parameters": 350_000_000,
+    }
     for params, hours, usd in ((13e9, 9, 290), (30e9, 18, 600)):
-        est = alice.post("/v1/fine_tuning/jobs/estimate", json=common | {"model": "tiny-opt-xs",
-                                                                         "model_parameters": int(params)}).json()  # fmt: skip
+        est = alice.post(
+            "/v1/fine_tuning/jobs/estimate",
+            json=common | {"model": "tiny-opt-xs", "model_parameters": int(params)},
+        ).json()
         step3 = next(s for s in est["steps"] if s["step"] == 3)
         assert step3["seconds"] / 3600 == pytest.approx(hours, rel=0.3)
         assert step3["usd"] == pytest.approx(usd, rel=0.3)
@@ -332,8 +488,10 @@ def test_estimate_matches_deepspeed_chat_table_1(alice: Any) -> None:
     # GRPO samples 4 answers to each of the same prompts: step 3 generates and trains on 4 times the tokens
     rl = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny"}
     ppo = alice.post("/v1/fine_tuning/jobs/estimate", json=rl).json()["steps"][2]
-    grpo = alice.post("/v1/fine_tuning/jobs/estimate", json=rl | {"config": {"ppo": {
-        "algorithm": "grpo", "samples_per_prompt": 4}}}).json()["steps"][2]  # fmt: skip
+    grpo = alice.post(
+        "/v1/fine_tuning/jobs/estimate",
+        json=rl | {"config": {"ppo": {"algorithm": "grpo", "samples_per_prompt": 4}}},
+    ).json()["steps"][2]
     assert grpo["tokens"] == pytest.approx(4 * ppo["tokens"], rel=0.01)
 
 
@@ -342,36 +500,78 @@ def test_the_estimate_plans_each_steps_memory_and_refuses_what_cannot_fit(alice:
     configured takes the planner's fastest configuration that does (memory: auto), keeping what the
     request set; memory: fixed, or nothing that fits, is a 400 that names what would fit."""
     GiB = 2**30
-    tiny = alice.post("/v1/fine_tuning/jobs/estimate", json={"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs",
-                                                             "preset": "tiny", "gpu_type": "A100-80G"}).json()  # fmt: skip
+    tiny = alice.post(
+        "/v1/fine_tuning/jobs/estimate",
+        json={
+            "model": "tiny-opt-xs",
+            "reward_model": "tiny-opt-xs",
+            "preset": "tiny",
+            "gpu_type": "A100-80G",
+        },
+    ).json()
     assert [m["step"] for m in tiny["memory"]] == [1, 2, 3]
     for m in tiny["memory"]:
-        assert m["fits"] and not m["changed"] and m["configuration"] == "ZeRO-0" and m["gpu_bytes"] == 80 * GiB
-        assert m["headroom_bytes"] == m["gpu_bytes"] - m["per_gpu_bytes"] and m["per_gpu_bytes"] > GiB  # (+1 GiB CUDA)
+        assert (
+            m["fits"] and not m["changed"] and m["configuration"] == "ZeRO-0" and m["gpu_bytes"] == 80 * GiB
+        )
+        assert (
+            m["headroom_bytes"] == m["gpu_bytes"] - m["per_gpu_bytes"] and m["per_gpu_bytes"] > GiB
+        )  # (+1 GiB CUDA)
     on_cpu = alice.post("/v1/fine_tuning/jobs/estimate", json=SMALL_SFT).json()["memory"][0]
     assert on_cpu["fits"] is None and on_cpu["gpu_bytes"] is None and on_cpu["per_gpu_bytes"] > 0
-    big = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "steps": [1, 2, 3], "model_parameters": 13_000_000_000,
-           "reward_model_parameters": 350_000_000, "tokens": {"1": 0, "2": 0, "3": 135_000_000}, "gpu_type": "A100-40G"}  # fmt: skip
+    big = {
+        "model": "tiny-opt-xs",
+        "reward_model": "tiny-opt-xs",
+        "steps": [1, 2, 3],
+        "model_parameters": 13_000_000_000,
+        "reward_model_parameters": 350_000_000,
+        "tokens": {"1": 0, "2": 0, "3": 135_000_000},
+        "gpu_type": "A100-40G",
+    }
     planned = alice.post("/v1/fine_tuning/jobs/estimate", json=big).json()["memory"]
     assert planned[0]["changed"] and planned[0]["fits"] and planned[0]["per_gpu_bytes"] <= 40 * GiB
     assert planned[0]["step_options"]["lora_dim"] > 0 or planned[0]["step_options"]["zero_stage"] == 3
     assert not planned[1]["changed"]  # the 350M reward model fits as it is
-    kept = alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"config": {"sft": {"zero_stage": 3}}}).json()["memory"]
+    kept = alice.post(
+        "/v1/fine_tuning/jobs/estimate", json=big | {"config": {"sft": {"zero_stage": 3}}}
+    ).json()["memory"]
     assert kept[0]["step_options"]["zero_stage"] == 3  # what the request set is kept
-    error(alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"preset": "/etc/hostname"}), 400, "preset")  # a name
+    error(
+        alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"preset": "/etc/hostname"}), 400, "preset"
+    )  # a name
     fixed_big = big | {"memory": "fixed", "model_parameters": 350_000_000, "gpu_type": "A100-80G"}
     one = alice.post("/v1/fine_tuning/jobs/estimate", json=fixed_big | {"hyperparameters": {"batch_size": 1}})
-    sixteen = alice.post("/v1/fine_tuning/jobs/estimate", json=fixed_big | {"hyperparameters": {"batch_size": 16}})
+    sixteen = alice.post(
+        "/v1/fine_tuning/jobs/estimate", json=fixed_big | {"hyperparameters": {"batch_size": 16}}
+    )
     assert one.json()["memory"][0]["per_gpu_bytes"] < sixteen.json()["memory"][0]["per_gpu_bytes"]  # applied
-    fixed = error(alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"memory": "fixed"}), 400, "gpu_type")
-    assert "as configured (ZeRO-0)" in fixed["message"] and "fits with" in fixed["message"] and "memory: auto" in fixed["message"]
-    huge = error(alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"model_parameters": 175_000_000_000,
-                                                                         "gpu_type": "V100-32G"}), 400, "gpu_type")  # fmt: skip
-    assert "host memory" in huge["message"] and "the smallest configuration that fits: 4× V100-32G" in huge["message"]
+    fixed = error(
+        alice.post("/v1/fine_tuning/jobs/estimate", json=big | {"memory": "fixed"}), 400, "gpu_type"
+    )
+    assert (
+        "as configured (ZeRO-0)" in fixed["message"]
+        and "fits with" in fixed["message"]
+        and "memory: auto" in fixed["message"]
+    )
+    huge = error(
+        alice.post(
+            "/v1/fine_tuning/jobs/estimate",
+            json=big | {"model_parameters": 175_000_000_000, "gpu_type": "V100-32G"},
+        ),
+        400,
+        "gpu_type",
+    )
+    assert (
+        "host memory" in huge["message"]
+        and "the smallest configuration that fits: 4× V100-32G" in huge["message"]
+    )
     # a job: batches of 7,000 sequences of 512 tokens do not fit on a V100 as configured
     before = counts(stack)
-    crowded = SMALL_SFT | {"gpu_type": "V100-32G", "hyperparameters": {"batch_size": 7000},
-                           "config": {"sft": SMALL_SFT["config"]["sft"] | {"max_seq_len": 512}}}  # fmt: skip
+    crowded = SMALL_SFT | {
+        "gpu_type": "V100-32G",
+        "hyperparameters": {"batch_size": 7000},
+        "config": {"sft": SMALL_SFT["config"]["sft"] | {"max_seq_len": 512}},
+    }
     error(alice.post("/v1/fine_tuning/jobs", json=crowded | {"memory": "fixed"}), 400, "gpu_type")
     assert counts(stack) == before  # nothing stored
     job = alice.post("/v1/fine_tuning/jobs", json=crowded).json()  # memory: auto — the planner's choice runs
@@ -381,7 +581,9 @@ def test_the_estimate_plans_each_steps_memory_and_refuses_what_cannot_fit(alice:
         options, memory = record.plan["1"], record.request["_memory"]["1"]
     assert memory["changed"] and memory["fits"] and memory["per_gpu_bytes"] <= 32 * GiB
     assert options["per_device_train_batch_size"] < 7000  # smaller micro-batches …
-    assert options["per_device_train_batch_size"] * options["gradient_accumulation_steps"] == 7000  # … same batch
+    assert (
+        options["per_device_train_batch_size"] * options["gradient_accumulation_steps"] == 7000
+    )  # … same batch
     assert alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
 
 
@@ -410,8 +612,9 @@ def _tar(tmp_path: Any, files: dict[str, bytes], *, link: str | None = None) -> 
     return buf.getvalue()
 
 
-def test_model_upload_is_checked_private_and_usable(stack: Stack, alice: Any, bob: Any, base_model: Any,
-                                                    tmp_path: Any) -> None:  # fmt: skip
+def test_model_upload_is_checked_private_and_usable(
+    stack: Stack, alice: Any, bob: Any, base_model: Any, tmp_path: Any
+) -> None:
     files = {p.name: p.read_bytes() for p in base_model.iterdir() if p.is_file() and p.suffix != ".md"}
     files.pop("tiny_model.json", None)
     archive = _tar(tmp_path, files)
@@ -435,31 +638,56 @@ def test_model_upload_is_checked_private_and_usable(stack: Stack, alice: Any, bo
     error(alice.get("/v1/models/tiny-opt-xs/content"), 404)
     # refused archives
     config = files["config.json"]
-    bad = [({"config.json": config, "pytorch_model.bin": b"x"}, "pickled"),
-           ({"config.json": config, "../model.safetensors": b"x"}, "leaves"),
-           ({"config.json": config, "model.safetensors": files["model.safetensors"]}, None),
-           ({"config.json": b'{"model_type": "opt", "architectures": ["OPTForCausalLM"], "auto_map": {"a": "b"}}',
-             "model.safetensors": b"x"}, "trust_remote_code"),
-           ({"model.safetensors": b"x"}, "config.json"),
-           ({"config.json": config, "evil.py": b"import os", "model.safetensors": b"x"}, "not a model file")]  # fmt: skip
+    bad = [
+        ({"config.json": config, "pytorch_model.bin": b"x"}, "pickled"),
+        ({"config.json": config, "../model.safetensors": b"x"}, "leaves"),
+        ({"config.json": config, "model.safetensors": files["model.safetensors"]}, None),
+        (
+            {
+                "config.json": b'{"model_type": "opt", "architectures": ["OPTForCausalLM"], "auto_map": {"a": "b"}}',
+                "model.safetensors": b"x",
+            },
+            "trust_remote_code",
+        ),
+        ({"model.safetensors": b"x"}, "config.json"),
+        ({"config.json": config, "evil.py": b"import os", "model.safetensors": b"x"}, "not a model file"),
+    ]
     before = counts(stack)
     for i, (members, words) in enumerate(bad):
         link = "link.json" if words is None else None
-        resp = alice.post("/v1/models", files={"file": ("m.tar.gz", _tar(tmp_path, members, link=link))},
-                          data={"name": f"bad-{i}"})  # fmt: skip
+        resp = alice.post(
+            "/v1/models",
+            files={"file": ("m.tar.gz", _tar(tmp_path, members, link=link))},
+            data={"name": f"bad-{i}"},
+        )
         assert words is None or words in error(resp, 400, "file")["message"], resp.text
         if words is None:
             assert "not a plain file" in error(resp, 400, "file")["message"]
-    error(alice.post("/v1/models", files={"file": ("m.tar.gz", b"not a tar")}, data={"name": "junk"}), 400, "file")
+    error(
+        alice.post("/v1/models", files={"file": ("m.tar.gz", b"not a tar")}, data={"name": "junk"}),
+        400,
+        "file",
+    )
     assert name not in [m["id"] for m in bob.get("/v1/models").json()["data"]]
     assert counts(stack) == before
 
 
-@pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("POST", "/cancel"), ("POST", "/pause"), ("POST", "/resume"),
-                                               ("GET", "/events"), ("GET", "/checkpoints"), ("GET", "/metrics"),
-                                               ("GET", "/rollouts")])  # fmt: skip
-def test_another_tenants_job_is_not_found_on_every_route(stack: Stack, alice: Any, bob: Any, method: str,
-                                                         suffix: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "suffix"),
+    [
+        ("GET", ""),
+        ("POST", "/cancel"),
+        ("POST", "/pause"),
+        ("POST", "/resume"),
+        ("GET", "/events"),
+        ("GET", "/checkpoints"),
+        ("GET", "/metrics"),
+        ("GET", "/rollouts"),
+    ],
+)
+def test_another_tenants_job_is_not_found_on_every_route(
+    stack: Stack, alice: Any, bob: Any, method: str, suffix: str
+) -> None:
     job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()
     before = counts(stack)
     error(bob.request(method, f"/v1/fine_tuning/jobs/{job['id']}{suffix}"), 404)
@@ -486,7 +714,9 @@ def test_a_failed_key_check_forgets_the_key_at_once(stack: Stack) -> None:
     assert cached_caller(header, 60) is None
 
 
-def test_a_model_over_the_operators_limit_is_refused_before_anything_runs(make_stack: Callable[..., Stack]) -> None:
+def test_a_model_over_the_operators_limit_is_refused_before_anything_runs(
+    make_stack: Callable[..., Stack],
+) -> None:
     from rlhf_engine.models.tiny import write_tiny
 
     small = make_stack(max_model_bytes=1_000_000)  # 1 MB: the xs model's 2 MB of weights are over it
@@ -494,7 +724,11 @@ def test_a_model_over_the_operators_limit_is_refused_before_anything_runs(make_s
     with small.client(small.key("limits")) as c:
         before = counts(small)
         e = error(c.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"model": "big-base"}), 400, "model")
-        assert e["code"] == "model_too_large" and "RLHF_MAX_MODEL_BYTES" in e["message"] and "big-base" in e["message"]
+        assert (
+            e["code"] == "model_too_large"
+            and "RLHF_MAX_MODEL_BYTES" in e["message"]
+            and "big-base" in e["message"]
+        )
         chat = {"model": "big-base", "messages": [{"role": "user", "content": "hi"}]}
         assert error(c.post("/v1/chat/completions", json=chat), 400, "model")["code"] == "model_too_large"
         assert counts(small) == before  # nothing stored, nothing queued
@@ -511,7 +745,11 @@ def test_the_smollm2_demo_job_is_accepted_with_its_bundled_models(alice: Any) ->
     est = alice.post("/v1/fine_tuning/jobs/estimate", json=body)
     assert est.status_code == 200, est.text
     assert est.json()["seconds"] > 0
-    error(alice.post("/v1/models", files={"file": ("m.tar.gz", b"x")}, data={"name": body["model"]}), 400, "name")
+    error(
+        alice.post("/v1/models", files={"file": ("m.tar.gz", b"x")}, data={"name": body["model"]}),
+        400,
+        "name",
+    )
 
 
 def test_data_files_must_suit_the_method(stack: Stack, alice: Any) -> None:
@@ -519,35 +757,61 @@ def test_data_files_must_suit_the_method(stack: Stack, alice: Any) -> None:
     the grader's field: 400 naming the field, nothing stored. A prompt-only file (OpenAI's reinforcement
     rows) runs a grader job's step 3 alone, on the base model."""
     pref = upload(alice, PREF).json()
-    sft = upload(alice, "".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n" for i in range(40)),
-                 "sft.jsonl").json()  # fmt: skip
-    rows = [{"messages": [{"role": "user", "content": f"What color is the dog {i}?"}], "subject": "dog"}
-            for i in range(40)]  # fmt: skip
+    sft = upload(
+        alice,
+        "".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n" for i in range(40)),
+        "sft.jsonl",
+    ).json()
+    rows = [
+        {"messages": [{"role": "user", "content": f"What color is the dog {i}?"}], "subject": "dog"}
+        for i in range(40)
+    ]
     prompts = upload(alice, "".join(json.dumps(r) + "\n" for r in rows), "rft.jsonl").json()
     assert prompts["kind"] == "prompt" and prompts["rows"] == 40
-    lacking = upload(alice, "".join(json.dumps(r) + "\n" for r in [*rows, {"messages": rows[0]["messages"]}]),
-                     "rft2.jsonl").json()  # fmt: skip
-    graded = {"model": "tiny-opt-xs", "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}}}
+    lacking = upload(
+        alice, "".join(json.dumps(r) + "\n" for r in [*rows, {"messages": rows[0]["messages"]}]), "rft2.jsonl"
+    ).json()
+    graded = {
+        "model": "tiny-opt-xs",
+        "method": {"type": "reinforcement", "reinforcement": {"grader": SUBJECT}},
+    }
     before = counts(stack)
-    err = error(alice.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "training_file": pref["id"]}), 400,
-                "training_file")  # fmt: skip
+    err = error(
+        alice.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "training_file": pref["id"]}),
+        400,
+        "training_file",
+    )
     assert "holds preference data" in err["message"] and "needs sft data" in err["message"]
-    err = error(alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": sft["id"]}), 400, "prompt_file")
+    err = error(
+        alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": sft["id"]}), 400, "prompt_file"
+    )
     assert "step 3 needs prompts" in err["message"]
-    err = error(alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": lacking["id"]}), 400,
-                "method.reinforcement.grader")  # fmt: skip
+    err = error(
+        alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": lacking["id"]}),
+        400,
+        "method.reinforcement.grader",
+    )
     assert "no field 'subject'" in err["message"] and "row 41 of the prompts" in err["message"], err
-    err = error(alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": prompts["id"], "steps": [1, 3]}),
-                400, "steps")  # fmt: skip
+    err = error(
+        alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": prompts["id"], "steps": [1, 3]}),
+        400,
+        "steps",
+    )
     assert "prompts only" in err["message"]
     assert counts(stack) == before
     small = {"ppo": {"per_device_generation_batch_size": 2, "per_device_training_batch_size": 8}}
-    job = alice.post("/v1/fine_tuning/jobs", json=graded | {"training_file": prompts["id"], "config": small}).json()
+    job = alice.post(
+        "/v1/fine_tuning/jobs", json=graded | {"training_file": prompts["id"], "config": small}
+    ).json()
     assert job["steps"] == [3] and job["method"]["reinforcement"]["grader"] == SUBJECT, job
     with session_scope(stack.settings.db_url) as s:
         plan = s.get(Job, job["id"]).plan["3"]  # type: ignore[union-attr]
         prompts_path = s.get(File, prompts["id"]).path  # type: ignore[union-attr]
-    assert json.loads(plan["grader"]) == SUBJECT and plan["algorithm"] == "grpo" and plan["samples_per_prompt"] == 4
+    assert (
+        json.loads(plan["grader"]) == SUBJECT
+        and plan["algorithm"] == "grpo"
+        and plan["samples_per_prompt"] == 4
+    )
     assert plan["actor_model_name_or_path"].endswith("tiny-opt-xs") and plan["data"] == [prompts_path]
     assert not plan["critic_model_name_or_path"] and not plan["reward_model_name_or_path"]
     alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
@@ -559,7 +823,9 @@ def test_a_server_without_the_built_console_says_how_to_build_it(tmp_path: Any) 
     from service.api.app import create_app
     from service.settings import Settings
 
-    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'db'}", console_dir=tmp_path / "none")
+    settings = Settings(
+        data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'db'}", console_dir=tmp_path / "none"
+    )
     with TestClient(create_app(settings)) as c:
         r = c.get("/ui/")
         assert r.status_code == 404 and "make console" in r.json()["error"]["message"]
@@ -577,16 +843,22 @@ def test_operator_gpu_types_are_planned_and_a_model_not_here_is_planned_by_size(
     with pytest.raises(ValueError, match="gpu_types: L4-24G has no price"):  # else every estimate of it fails
         Settings(data_dir=tmp_path, gpu_types=["cpu", "L4-24G"])
     # an operator's V100s are the 16 GB variant: the planner plans with the memory they say
-    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'db'}", gpu_memory_gib={"V100-32G": 16})
+    settings = Settings(
+        data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'db'}", gpu_memory_gib={"V100-32G": 16}
+    )
     with TestClient(create_app(settings)) as c:
         with session_scope(settings.db_url) as s:
             key = create_key(session=s, tenant="ops")[1]
         c.headers["Authorization"] = f"Bearer {key}"
         body = {"model": "facebook/opt-6.7b", "gpu_type": "V100-32G", "steps": [1]}
         hint = c.post("/v1/fine_tuning/jobs/estimate", json=body)
-        assert hint.status_code == 400 and "give its size: model_parameters" in hint.json()["error"]["message"]
-        sized = c.post("/v1/fine_tuning/jobs/estimate", json=body | {"model_parameters": 6_700_000_000,
-                                                                      "tokens": {"1": 1_000_000}}).json()  # fmt: skip
+        assert (
+            hint.status_code == 400 and "give its size: model_parameters" in hint.json()["error"]["message"]
+        )
+        sized = c.post(
+            "/v1/fine_tuning/jobs/estimate",
+            json=body | {"model_parameters": 6_700_000_000, "tokens": {"1": 1_000_000}},
+        ).json()
         step = sized["memory"][0]
         assert step["gpu_bytes"] == 16 * 2**30 and step["fits"] and step["per_gpu_bytes"] <= 16 * 2**30
         assert step["changed"]  # 6.7B does not train in full on 16 GiB: the planner's choice

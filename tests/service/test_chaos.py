@@ -31,12 +31,31 @@ from tests.service.test_one_trainer import TrainerCount, trainers
 from tests.service.test_outages import Proxy
 
 INTERVALS = {"step1_sft": 20, "step2_reward": 20, "step3_rlhf": 5}
-BODY = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny", "config": {
-    "sft": {"max_steps": 160, "checkpoint_interval": INTERVALS["step1_sft"], "keep_checkpoints": 2, "eval_max_rows": 16},
-    "reward": {"max_steps": 120, "checkpoint_interval": INTERVALS["step2_reward"], "keep_checkpoints": 2,
-               "eval_max_rows": 32},
-    "ppo": {"max_steps": 20, "checkpoint_interval": INTERVALS["step3_rlhf"], "keep_checkpoints": 2,
-            "eval_max_rows": 8}}}  # fmt: skip
+BODY = {
+    "model": "tiny-opt-xs",
+    "reward_model": "tiny-opt-xs",
+    "preset": "tiny",
+    "config": {
+        "sft": {
+            "max_steps": 160,
+            "checkpoint_interval": INTERVALS["step1_sft"],
+            "keep_checkpoints": 2,
+            "eval_max_rows": 16,
+        },
+        "reward": {
+            "max_steps": 120,
+            "checkpoint_interval": INTERVALS["step2_reward"],
+            "keep_checkpoints": 2,
+            "eval_max_rows": 32,
+        },
+        "ppo": {
+            "max_steps": 20,
+            "checkpoint_interval": INTERVALS["step3_rlhf"],
+            "keep_checkpoints": 2,
+            "eval_max_rows": 8,
+        },
+    },
+}
 TOTALS = {"step1_sft": 160, "step2_reward": 120, "step3_rlhf": 20}
 KILLS = int(os.environ.get("RLHF_CHAOS_KILLS", "2"))
 
@@ -68,9 +87,13 @@ def _running_step(out: Path) -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_job_survives_random_node_deaths(make_stack: Callable[..., Stack], new_pg: Callable[[], str],
-                                           new_redis: Callable[[], str], start_worker: Callable[..., Any],
-                                           workers: list[subprocess.Popen[bytes]]) -> None:  # fmt: skip
+def test_a_job_survives_random_node_deaths(
+    make_stack: Callable[..., Stack],
+    new_pg: Callable[[], str],
+    new_redis: Callable[[], str],
+    start_worker: Callable[..., Any],
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
     proxy = Proxy()
     proxy.up()
     db = new_pg().replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
@@ -87,14 +110,20 @@ def test_a_job_survives_random_node_deaths(make_stack: Callable[..., Stack], new
         order = list(TOTALS)
         for k in range(KILLS):
             target = k % 3
-            at = {name: INTERVALS[name] + rng.randint(0, INTERVALS[name]) for name in order}  # this kill's moment
+            at = {
+                name: INTERVALS[name] + rng.randint(0, INTERVALS[name]) for name in order
+            }  # this kill's moment
             deadline = time.monotonic() + 300
             while True:
                 assert time.monotonic() < deadline, c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
                 step_dir = _running_step(out)
-                if step_dir is not None and order.index(step_dir.name) >= target and trainers(str(out)) and \
-                        _last_step(step_dir) >= at[step_dir.name]:
-                    break  # fmt: skip
+                if (
+                    step_dir is not None
+                    and order.index(step_dir.name) >= target
+                    and trainers(str(out))
+                    and _last_step(step_dir) >= at[step_dir.name]
+                ):
+                    break
                 time.sleep(0.2)
             before, resumes = _last_step(step_dir), len(_resumes(step_dir))
             os.killpg(workers[-1].pid, signal.SIGKILL)  # the worker and everything in its group: a node dying
@@ -126,7 +155,9 @@ def test_a_job_survives_random_node_deaths(make_stack: Callable[..., Stack], new
         for name, total in TOTALS.items():
             series = [m["step"] for m in read_jsonl(out / name / "metrics.jsonl")]
             assert series == list(range(1, total + 1)), (name, series)
-        rows = s.execute(select(JobMetric.step, JobMetric.global_step).where(JobMetric.job_id == job["id"])).all()
+        rows = s.execute(
+            select(JobMetric.step, JobMetric.global_step).where(JobMetric.job_id == job["id"])
+        ).all()
         for step, total in zip((1, 2, 3), TOTALS.values(), strict=True):
             assert sorted(g for st, g in rows if st == step) == list(range(1, total + 1)), step
         costs = s.scalars(select(CostInterval).where(CostInterval.job_id == job["id"])).all()
@@ -139,8 +170,11 @@ def _resumes(step_dir: Path) -> list[int]:
     """The steps the step resumed at, one per `resuming at step N` event."""
     path = step_dir / "events.jsonl"
     events = read_jsonl(path) if path.is_file() else []
-    return [int(e["message"].split("resuming at step ", 1)[1].split()[0]) for e in events
-            if e["type"] == "step_started" and "resuming at step" in e["message"]]  # fmt: skip
+    return [
+        int(e["message"].split("resuming at step ", 1)[1].split()[0])
+        for e in events
+        if e["type"] == "step_started" and "resuming at step" in e["message"]
+    ]
 
 
 def _wait_resumed(step_dir: Path, resumes: int, before: int, timeout: float = 120) -> int:
@@ -151,4 +185,6 @@ def _wait_resumed(step_dir: Path, resumes: int, before: int, timeout: float = 12
         if len(found) > resumes:
             return found[resumes]
         time.sleep(0.2)
-    raise AssertionError(f"{step_dir.name} did not resume within {timeout:.0f} s (last step before the kill {before})")
+    raise AssertionError(
+        f"{step_dir.name} did not resume within {timeout:.0f} s (last step before the kill {before})"
+    )

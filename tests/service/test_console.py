@@ -23,8 +23,16 @@ from tests.service.conftest import Stack, Workers, wait_for
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("RLHF_CHROMIUM", "/usr/bin/chromium")
 # what the machine's closed network needs (no background connections, no sandbox as root)
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 ARTIFACTS = (
     Path(os.environ.get("RLHF_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts")) / "console"
 )
@@ -143,7 +151,9 @@ def test_a_finished_job_shows_its_steps_curves_checkpoints_and_rollouts(
     first = page.locator("#rollouts tbody tr").first.locator("td")
     assert page.locator("#rollouts tbody tr").count() == min(20, len(rollouts))
     assert first.nth(0).inner_text() == str(rollouts[-1]["id"])  # newest first
-    assert first.nth(2).inner_text().strip() == rollouts[-1]["answer"].strip()  # an answer may start with a space
+    assert (
+        first.nth(2).inner_text().strip() == rollouts[-1]["answer"].strip()
+    )  # an answer may start with a space
 
 
 def test_submit_a_job_see_its_curve_gain_points_live_then_cancel_it(
@@ -154,8 +164,15 @@ def test_submit_a_job_see_its_curve_gain_points_live_then_cancel_it(
     e2e_finished: dict[str, Any],
     tmp_path: Path,
 ) -> None:
-    rows = [{"messages": [{"role": "user", "content": f"What is {n}?"}, {"role": "assistant", "content": f"It is {n}."}]}
-            for n in ("a kite", "a dog", "an owl", "a lamp", "a boat", "a duck", "a frog", "a bear") * 8]  # fmt: skip
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {n}?"},
+                {"role": "assistant", "content": f"It is {n}."},
+            ]
+        }
+        for n in ("a kite", "a dog", "an owl", "a lamp", "a boat", "a duck", "a frog", "a bear") * 8
+    ]
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sign_in(page, e2e_stack.url, key)
@@ -200,8 +217,9 @@ def test_submit_a_job_see_its_curve_gain_points_live_then_cancel_it(
     )
 
 
-def test_chat_streams_a_reply_with_its_reward(page: Any, e2e_stack: Stack, key: str, e2e_finished: dict[str, Any],
-                                             inference: Workers) -> None:  # fmt: skip
+def test_chat_streams_a_reply_with_its_reward(
+    page: Any, e2e_stack: Stack, key: str, e2e_finished: dict[str, Any], inference: Workers
+) -> None:
     model = e2e_finished["job"]["fine_tuned_model"]
     sign_in(page, e2e_stack.url, key)
     page.click("nav a[href='#/chat']")
@@ -244,8 +262,15 @@ def test_side_by_side_shows_sft_rlhf_and_ema_replies_each_scored(
     expect(page.locator("#compare-columns .column[data-done='1']")).to_have_count(3, timeout=180_000)
     for i in range(3):  # each reply is the model's greedy answer, scored by the job's reward model
         col = columns.nth(i)
-        want = e2e_client.post("/v1/chat/completions", json={"model": col.get_attribute("data-model"), "temperature": 0,
-                               "max_tokens": 64, "messages": [{"role": "user", "content": PROMPT}]}).json()  # fmt: skip
+        want = e2e_client.post(
+            "/v1/chat/completions",
+            json={
+                "model": col.get_attribute("data-model"),
+                "temperature": 0,
+                "max_tokens": 64,
+                "messages": [{"role": "user", "content": PROMPT}],
+            },
+        ).json()
         assert col.locator(".reply").inner_text().strip() == want["choices"][0]["message"]["content"].strip()
         assert abs(float(col.get_attribute("data-reward")) - want["choices"][0]["reward"]) < 1e-3
     page.screenshot(path=str(ARTIFACTS / "side-by-side.png"), full_page=True)

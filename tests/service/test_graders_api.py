@@ -19,10 +19,20 @@ CHECK = {
     "reference": "{{item.answer}}",
     "operation": "ilike",
 }
-MULTI = {"type": "multi", "name": "blend", "graders": {
-    "city": CHECK, "close": {"type": "text_similarity", "input": OUT, "reference": "{{item.answer}}",
-                             "evaluation_metric": "fuzzy_match"}},
-    "calculate_output": "0.75 * city + 0.25 * close"}  # fmt: skip
+MULTI = {
+    "type": "multi",
+    "name": "blend",
+    "graders": {
+        "city": CHECK,
+        "close": {
+            "type": "text_similarity",
+            "input": OUT,
+            "reference": "{{item.answer}}",
+            "evaluation_metric": "fuzzy_match",
+        },
+    },
+    "calculate_output": "0.75 * city + 0.25 * close",
+}
 URL = "/v1/fine_tuning/alpha/graders"
 
 
@@ -51,8 +61,9 @@ def test_validate_returns_a_grader_that_can_work(client: httpx.Client, stack: St
 
 
 def test_run_scores_a_sample_with_its_row(client: httpx.Client) -> None:
-    out = client.post(f"{URL}/run", json={"grader": CHECK, "model_sample": "It is PARIS.",
-                                          "item": {"answer": "Paris"}}).json()  # fmt: skip
+    out = client.post(
+        f"{URL}/run", json={"grader": CHECK, "model_sample": "It is PARIS.", "item": {"answer": "Paris"}}
+    ).json()
     assert out["reward"] == 1.0 and out["sub_rewards"] == {"city": 1.0}
     assert out["metadata"]["name"] == "city" and out["metadata"]["type"] == "string_check"
     assert not any(out["metadata"]["errors"].values())
@@ -69,23 +80,40 @@ def test_run_scores_a_sample_with_its_row(client: httpx.Client) -> None:
     [
         ({"grader": {"type": "python", "source": "def grade(s, i): return 1"}}, "grader.type", "sandbox"),
         ({"grader": {**MULTI, "calculate_output": "city + nope"}}, "grader.calculate_output", "'nope'"),
-        ({"grader": {**MULTI, "calculate_output": "__import__('os')"}}, "grader.calculate_output", "not allowed"),
+        (
+            {"grader": {**MULTI, "calculate_output": "__import__('os')"}},
+            "grader.calculate_output",
+            "not allowed",
+        ),
         ({"grader": {**CHECK, "operation": "regex"}}, "grader.operation", "eq, ne, like, ilike"),
-        ({"grader": {"type": "text_similarity", "input": OUT, "reference": "x", "evaluation_metric": "cosine"}},
-         "grader.evaluation_metric", "embedding"),
+        (
+            {
+                "grader": {
+                    "type": "text_similarity",
+                    "input": OUT,
+                    "reference": "x",
+                    "evaluation_metric": "cosine",
+                }
+            },
+            "grader.evaluation_metric",
+            "embedding",
+        ),
         ({"grader": [1, 2]}, "grader", ""),
     ],
-)  # fmt: skip
-def test_graders_that_cannot_work_are_400_naming_the_field(client: httpx.Client, body: dict[str, Any], param: str,
-                                                           says: str) -> None:  # fmt: skip
+)
+def test_graders_that_cannot_work_are_400_naming_the_field(
+    client: httpx.Client, body: dict[str, Any], param: str, says: str
+) -> None:
     for route in ("validate", "run"):
         sent = body | ({"model_sample": "x"} if route == "run" else {})
         assert says in _error(client.post(f"{URL}/{route}", json=sent), param)
 
 
 def test_run_refuses_a_row_without_the_fields_and_score_model_graders(client: httpx.Client) -> None:
-    message = _error(client.post(f"{URL}/run", json={"grader": CHECK, "model_sample": "Paris",
-                                                     "item": {"question": "?"}}), "item")  # fmt: skip
+    message = _error(
+        client.post(f"{URL}/run", json={"grader": CHECK, "model_sample": "Paris", "item": {"question": "?"}}),
+        "item",
+    )
     assert "answer" in message and "question" in message
     score_model = {"type": "score_model", "name": "rm", "model": "ft:tiny-opt-xs:x:job-1"}
     assert client.post(f"{URL}/validate", json={"grader": score_model}).status_code == 200

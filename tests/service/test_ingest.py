@@ -36,8 +36,18 @@ def settings(new_pg: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
 
 def _job(settings: Settings, out: Path) -> str:
     with session_scope(settings.db_url) as db:
-        job = Job(tenant_id="t", status="running", method="supervised", model="tiny-opt-xs", seed=1, request={},
-                  plan={}, steps=[1], step_status={"1": "running"}, output_dir=str(out))  # fmt: skip
+        job = Job(
+            tenant_id="t",
+            status="running",
+            method="supervised",
+            model="tiny-opt-xs",
+            seed=1,
+            request={},
+            plan={},
+            steps=[1],
+            step_status={"1": "running"},
+            output_dir=str(out),
+        )
         db.add(job)
         db.flush()
         return job.id

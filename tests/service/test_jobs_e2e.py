@@ -35,14 +35,24 @@ def finished(e2e_finished: dict[str, Any]) -> dict[str, Any]:
     return e2e_finished
 
 
-def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished: dict[str, Any], walk: Any) -> None:
+def test_three_step_job_succeeds_with_its_record(
+    client: httpx.Client, finished: dict[str, Any], walk: Any
+) -> None:
     job = finished["job"]
     assert job["step_status"] == {"1": "succeeded", "2": "succeeded", "3": "succeeded"}
     assert job["fine_tuned_model"] == f"ft:tiny-opt-xs:e2e:{job['id']}"
     assert job["progress"] == 1.0 and job["trained_tokens"] > 0 and job["error"] is None
     types = [e["data"]["event_type"] for e in events(client, job["id"])]
-    for t in ("job_created", "job_started", "step_started", "checkpoint_saved", "eval", "step_finished",
-              "step_succeeded", "job_succeeded"):  # fmt: skip
+    for t in (
+        "job_created",
+        "job_started",
+        "step_started",
+        "checkpoint_saved",
+        "eval",
+        "step_finished",
+        "step_succeeded",
+        "job_succeeded",
+    ):
         assert t in types, t
     assert types.count("step_started") == 3
     # the stack's model root was empty: the job said it built its base model, and when it was ready
@@ -57,14 +67,22 @@ def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished:
         last = walk(client, f"/v1/fine_tuning/jobs/{job['id']}/metrics", 1000, step=step)[-1]
         final = [c for c in ckpts if c["step"] == step and c["metrics"].get("final")]
         assert len(final) == 1 and final[0]["step_number"] == last["global_step"], (step, final)
-        assert final[0]["metrics"]["loss" if step < 3 else "reward_mean"] == last["values"]["loss" if step < 3 else "reward_mean"]
-    for step in (1, 2, 3):  # each step's measured peak memory beside the planned one, on its last metric point
+        assert (
+            final[0]["metrics"]["loss" if step < 3 else "reward_mean"]
+            == last["values"]["loss" if step < 3 else "reward_mean"]
+        )
+    for step in (
+        1,
+        2,
+        3,
+    ):  # each step's measured peak memory beside the planned one, on its last metric point
         last = walk(client, f"/v1/fine_tuning/jobs/{job['id']}/metrics", 1000, step=step)[-1]["values"]
         assert last["peak_memory_mib"] > 0 and last["planned_peak_mib"] > 0, last
     said = [e["message"] for e in events(client, job["id"]) if e["data"]["event_type"] == "step_succeeded"]
     # a CPU's resident set is named as such, never set beside the planned tensor bytes as if alike
-    assert len(said) == 3 and all("peak resident memory" in m and "ru_maxrss" in m and "counts tensors only" in m
-                                  for m in said), said
+    assert len(said) == 3 and all(
+        "peak resident memory" in m and "ru_maxrss" in m and "counts tensors only" in m for m in said
+    ), said
     rollouts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/rollouts", params={"limit": 3}).json()
     assert len(rollouts["data"]) == 3 and {"id", "prompt", "answer", "reward"} <= set(rollouts["data"][0])
     # every list pages one way: `after` = the previous page's last id
@@ -75,7 +93,9 @@ def test_three_step_job_succeeds_with_its_record(client: httpx.Client, finished:
     assert walk(client, f"/v1/fine_tuning/jobs/{job['id']}/metrics", 5, step=3) == series
 
 
-def test_a_job_writes_tensorboard_and_its_step_logs_show_progress(finished: dict[str, Any], stack: Stack) -> None:
+def test_a_job_writes_tensorboard_and_its_step_logs_show_progress(
+    finished: dict[str, Any], stack: Stack
+) -> None:
     """What a person watching the job's run folder sees: each step's TensorBoard events and a step log
     filled line by line with its progress (the worker's step processes are piped, not on a terminal)."""
     from service.db.models import Job
@@ -83,14 +103,19 @@ def test_a_job_writes_tensorboard_and_its_step_logs_show_progress(finished: dict
 
     with session_scope(stack.settings.db_url) as s:
         out = Path(s.get(Job, finished["job"]["id"]).output_dir)  # type: ignore[union-attr]
-    for name, title in (("step1_sft", "step 1 (SFT)"), ("step2_reward", "step 2 (reward model)"),
-                        ("step3_rlhf", "step 3 (PPO)")):  # fmt: skip
+    for name, title in (
+        ("step1_sft", "step 1 (SFT)"),
+        ("step2_reward", "step 2 (reward model)"),
+        ("step3_rlhf", "step 3 (PPO)"),
+    ):
         assert list((out / name / "tensorboard").glob("events.out.tfevents.*")), name
         log = (out / "logs" / f"{name}.log").read_text()
         assert re.search(rf"{re.escape(title)}: step (\d+)/\1 \(100%\)", log), log[-1500:]
 
 
-def test_finished_models_are_listed_and_load(client: httpx.Client, finished: dict[str, Any], stack: Stack) -> None:
+def test_finished_models_are_listed_and_load(
+    client: httpx.Client, finished: dict[str, Any], stack: Stack
+) -> None:
     from transformers import AutoModelForCausalLM
 
     job = finished["job"]
@@ -114,7 +139,9 @@ def test_finished_models_are_listed_and_load(client: httpx.Client, finished: dic
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(tf.getnames())
 
 
-def test_cancelling_a_running_job_stops_its_step(client: httpx.Client, stack: Stack, finished: dict[str, Any]) -> None:
+def test_cancelling_a_running_job_stops_its_step(
+    client: httpx.Client, stack: Stack, finished: dict[str, Any]
+) -> None:
     body = SMALL_SFT | {"config": {"sft": {"max_steps": 3000, "checkpoint_interval": 0, "eval_max_rows": 16}}}
     job = client.post("/v1/fine_tuning/jobs", json=body).json()
     url = f"/v1/fine_tuning/jobs/{job['id']}"
@@ -122,9 +149,11 @@ def test_cancelling_a_running_job_stops_its_step(client: httpx.Client, stack: St
     # an operator's Prometheus sees the running job's step, speed and loss (read from the database)
     with stack.client(stack.key("ops", operator=True)) as ops:
         scraped = ops.get("/metrics").text
-    mine = {name: (dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value))
-            for name, labels, value in re.findall(r"^(rlhf_job_\w+)\{([^}]*)\} (\S+)$", scraped, flags=re.M)
-            if f'job="{job["id"]}"' in labels}  # fmt: skip
+    mine = {
+        name: (dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value))
+        for name, labels, value in re.findall(r"^(rlhf_job_\w+)\{([^}]*)\} (\S+)$", scraped, flags=re.M)
+        if f'job="{job["id"]}"' in labels
+    }
     assert mine["rlhf_job_step"][1] == 1.0, scraped[-3000:]
     for gauge in ("global_step", "samples_per_s", "loss"):
         labels, value = mine[f"rlhf_job_{gauge}"]
@@ -181,13 +210,16 @@ def test_live_events_stream_over_sse(client: httpx.Client, finished: dict[str, A
     assert json.loads(lines[-2])["data"]["event_type"] == "job_succeeded"
 
 
-def test_event_stream_with_metrics_carries_every_point_then_the_job(client: httpx.Client, finished: dict[str, Any],
-                                                                    walk: Any) -> None:  # fmt: skip
+def test_event_stream_with_metrics_carries_every_point_then_the_job(
+    client: httpx.Client, finished: dict[str, Any], walk: Any
+) -> None:
     """`metrics=true` (what the console draws from): the plain stream's events unnamed as before, each metric
     point as `event: metric`, the job as it ended as `event: job`, then [DONE]."""
     job_id = finished["job"]["id"]
     kinds: list[tuple[str, Any]] = []
-    with client.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true", "metrics": "true"}) as r:
+    with client.stream(
+        "GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true", "metrics": "true"}
+    ) as r:
         name = "message"
         for line in r.iter_lines():
             if line.startswith("event: "):
@@ -195,26 +227,48 @@ def test_event_stream_with_metrics_carries_every_point_then_the_job(client: http
             elif line.startswith("data: "):
                 kinds.append((name, line[6:] if line[6:] == "[DONE]" else json.loads(line[6:])))
                 name = "message"
-    assert kinds[-1] == ("message", "[DONE]") and kinds[-2][0] == "job" and kinds[-2][1]["status"] == "succeeded"
+    assert (
+        kinds[-1] == ("message", "[DONE]") and kinds[-2][0] == "job" and kinds[-2][1]["status"] == "succeeded"
+    )
     points = [d for k, d in kinds if k == "metric"]
     assert points == walk(client, f"/v1/fine_tuning/jobs/{job_id}/metrics", 1000)  # all of them, in order
-    assert [d["data"]["event_type"] for k, d in kinds if k == "message" and d != "[DONE]"][-1] == "job_succeeded"
+    assert [d["data"]["event_type"] for k, d in kinds if k == "message" and d != "[DONE]"][
+        -1
+    ] == "job_succeeded"
     bad = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"metrics": "true"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "metrics"
 
 
-def test_openai_sdk_creates_retrieves_lists_and_cancels(stack: Stack, finished: dict[str, Any], tmp_path: Any) -> None:
+def test_openai_sdk_creates_retrieves_lists_and_cancels(
+    stack: Stack, finished: dict[str, Any], tmp_path: Any
+) -> None:
     from openai import OpenAI
 
     sdk = OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key("e2e"), max_retries=0)
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i}?"},
-                                                     {"role": "assistant", "content": f"It is {i}."}]}) + "\n"
-                            for i in range(64)))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {i}?"},
+                        {"role": "assistant", "content": f"It is {i}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(64)
+        )
+    )
     f = sdk.files.create(file=data.open("rb"), purpose="fine-tune")
     assert f.id.startswith("file-") and f.bytes == data.stat().st_size
-    job = sdk.fine_tuning.jobs.create(model="tiny-opt-xs", training_file=f.id, suffix="sdk", seed=3,
-                                      extra_body={"preset": "tiny", "config": {"sft": {"max_steps": 400}}})  # fmt: skip
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny-opt-xs",
+        training_file=f.id,
+        suffix="sdk",
+        seed=3,
+        extra_body={"preset": "tiny", "config": {"sft": {"max_steps": 400}}},
+    )
     assert job.status == "queued" and job.training_file == f.id and job.seed == 3
     assert sdk.fine_tuning.jobs.retrieve(job.id).id == job.id
     assert job.id in [j.id for j in sdk.fine_tuning.jobs.list(limit=10).data]
@@ -265,14 +319,19 @@ def test_budget_cap_pauses_the_job(client: httpx.Client, stack: Stack, finished:
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
 
 
-def test_a_dpo_job_runs_sft_then_dpo_and_registers_the_dpo_model(client: httpx.Client, stack: Stack,
-                                                                  finished: dict[str, Any]) -> None:  # fmt: skip
+def test_a_dpo_job_runs_sft_then_dpo_and_registers_the_dpo_model(
+    client: httpx.Client, stack: Stack, finished: dict[str, Any]
+) -> None:
     """OpenAI's `method: {type: dpo, dpo: {hyperparameters: {beta}}}` through the real stack: step 1, then
     `rlhf dpo` on its output; the job's model is the DPO model, its events, metrics and checkpoints as
     for any job."""
-    body = {"model": "tiny-opt-xs", "preset": "tiny", "suffix": "dpo",
-            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3}}},
-            "config": {"sft": {"max_steps": 60}, "dpo": {"max_steps": 40, "checkpoint_interval": 20}}}  # fmt: skip
+    body = {
+        "model": "tiny-opt-xs",
+        "preset": "tiny",
+        "suffix": "dpo",
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3}}},
+        "config": {"sft": {"max_steps": 60}, "dpo": {"max_steps": 40, "checkpoint_interval": 20}},
+    }
     estimate = client.post("/v1/fine_tuning/jobs/estimate", json=body).json()
     assert [s["step"] for s in estimate["steps"]] == [1, 2] and estimate["usd"] > 0
     created = client.post("/v1/fine_tuning/jobs", json=body).json()
@@ -283,7 +342,9 @@ def test_a_dpo_job_runs_sft_then_dpo_and_registers_the_dpo_model(client: httpx.C
     assert job["step_status"] == {"1": "succeeded", "2": "succeeded"}
     main = job["fine_tuned_model"]
     with session_scope(stack.settings.db_url) as s:
-        paths = {m.id: m.path for m in s.scalars(select(FineTunedModel).where(FineTunedModel.job_id == job["id"]))}
+        paths = {
+            m.id: m.path for m in s.scalars(select(FineTunedModel).where(FineTunedModel.job_id == job["id"]))
+        }
         out = Path(s.get(Job, job["id"]).output_dir)  # type: ignore[union-attr]
     assert paths[main].endswith("step2_dpo") and paths[f"{main}:sft"].endswith("step1_sft")
     assert main in [m["id"] for m in client.get("/v1/models").json()["data"]]
@@ -291,9 +352,13 @@ def test_a_dpo_job_runs_sft_then_dpo_and_registers_the_dpo_model(client: httpx.C
 
     ran_with = yaml.safe_load((out / "configs" / "step2_dpo.yaml").read_text())
     assert ran_with["beta"] == 0.3 and ran_with["model_name_or_path"] == str(out / "step1_sft")
-    series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 2, "limit": 100}).json()["data"]
+    series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 2, "limit": 100}).json()[
+        "data"
+    ]
     assert [p["global_step"] for p in series] == list(range(1, 41))
-    assert {"loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"} <= set(series[0]["values"])
+    assert {"loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"} <= set(
+        series[0]["values"]
+    )
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
     assert any(c["step"] == 2 and c["step_number"] == 20 for c in ckpts)
     assert any(c["step"] == 2 and c["metrics"].get("final") and c["step_number"] == 40 for c in ckpts)
@@ -301,17 +366,29 @@ def test_a_dpo_job_runs_sft_then_dpo_and_registers_the_dpo_model(client: httpx.C
     assert types.count("step_succeeded") == 2 and "job_succeeded" in types
 
 
-def test_a_grader_job_runs_sft_then_grpo_on_the_prompts(client: httpx.Client, stack: Stack,
-                                                         finished: dict[str, Any]) -> None:  # fmt: skip
+def test_a_grader_job_runs_sft_then_grpo_on_the_prompts(
+    client: httpx.Client, stack: Stack, finished: dict[str, Any]
+) -> None:
     """OpenAI's `method: {type: reinforcement, reinforcement: {grader}}` through the real stack: step 1 on the
     bundled data, then GRPO on bundled:questions with the grader as the reward (no reward model trained);
     each answer's grade is in the rollouts and each part's mean in the metrics."""
-    grader = {"type": "string_check", "name": "names_subject", "operation": "ilike",
-              "input": "{{sample.output_text}}", "reference": "{{item.subject}}"}  # fmt: skip
-    body = {"model": "tiny-opt-xs", "preset": "tiny", "suffix": "graded",
-            "method": {"type": "reinforcement", "reinforcement": {"grader": grader}},
-            "config": {"sft": {"max_steps": 60}, "ppo": {"max_steps": 20, "checkpoint_interval": 10,
-                                                         "eval_max_rows": 32}}}  # fmt: skip
+    grader = {
+        "type": "string_check",
+        "name": "names_subject",
+        "operation": "ilike",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.subject}}",
+    }
+    body = {
+        "model": "tiny-opt-xs",
+        "preset": "tiny",
+        "suffix": "graded",
+        "method": {"type": "reinforcement", "reinforcement": {"grader": grader}},
+        "config": {
+            "sft": {"max_steps": 60},
+            "ppo": {"max_steps": 20, "checkpoint_interval": 10, "eval_max_rows": 32},
+        },
+    }
     estimate = client.post("/v1/fine_tuning/jobs/estimate", json=body).json()
     assert [s["step"] for s in estimate["steps"]] == [1, 3] and estimate["usd"] > 0
     created = client.post("/v1/fine_tuning/jobs", json=body).json()
@@ -320,12 +397,16 @@ def test_a_grader_job_runs_sft_then_grpo_on_the_prompts(client: httpx.Client, st
     assert job["status"] == "succeeded", job
     assert job["step_status"] == {"1": "succeeded", "3": "succeeded"}
     with session_scope(stack.settings.db_url) as s:
-        paths = {m.id: m.path for m in s.scalars(select(FineTunedModel).where(FineTunedModel.job_id == job["id"]))}
+        paths = {
+            m.id: m.path for m in s.scalars(select(FineTunedModel).where(FineTunedModel.job_id == job["id"]))
+        }
         out = Path(s.get(Job, job["id"]).output_dir)  # type: ignore[union-attr]
     assert paths[job["fine_tuned_model"]].endswith("step3_rlhf/actor") and not (out / "step2_reward").exists()
     summary = json.loads((out / "step3_rlhf" / "summary.json").read_text())
     assert summary["algorithm"] == "grpo" and summary["engines"] == {"actor": 1, "ref": 1, "actor_ema": 1}
-    series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 3, "limit": 100}).json()["data"]
+    series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", params={"step": 3, "limit": 100}).json()[
+        "data"
+    ]
     assert [p["global_step"] for p in series] == list(range(1, 21))
     assert all(p["values"]["grader_names_subject"] == p["values"]["reward_mean"] for p in series)
     rollouts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/rollouts", params={"limit": 100}).json()["data"]
@@ -337,11 +418,19 @@ def test_a_grader_job_runs_sft_then_grpo_on_the_prompts(client: httpx.Client, st
 def test_a_grader_job_pauses_and_resumes_in_step_3(client: httpx.Client, finished: dict[str, Any]) -> None:
     """Pause and resume work for grader jobs as for any: step 3 (GRPO, no SFT: steps [3] runs on the base
     model) checkpoints on pause and continues from there, its metrics one unbroken series."""
-    grader = {"type": "string_check", "operation": "ilike", "input": "{{sample.output_text}}",
-              "reference": "{{item.subject}}"}  # fmt: skip
-    body = {"model": "tiny-opt-xs", "preset": "tiny", "steps": [3],
-            "method": {"type": "reinforcement", "reinforcement": {"grader": grader}},
-            "config": {"ppo": {"max_steps": 150, "checkpoint_interval": 0, "eval_max_rows": 16}}}  # fmt: skip
+    grader = {
+        "type": "string_check",
+        "operation": "ilike",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.subject}}",
+    }
+    body = {
+        "model": "tiny-opt-xs",
+        "preset": "tiny",
+        "steps": [3],
+        "method": {"type": "reinforcement", "reinforcement": {"grader": grader}},
+        "config": {"ppo": {"max_steps": 150, "checkpoint_interval": 0, "eval_max_rows": 16}},
+    }
     job = client.post("/v1/fine_tuning/jobs", json=body).json()
     assert job["steps"] == [3], job
     url = f"/v1/fine_tuning/jobs/{job['id']}"
@@ -362,9 +451,15 @@ def test_a_grader_job_pauses_and_resumes_in_step_3(client: httpx.Client, finishe
 
 def test_a_dpo_job_pauses_and_resumes_in_its_dpo_step(client: httpx.Client, finished: dict[str, Any]) -> None:
     """Pause in step 2 (DPO) of a dpo job: it checkpoints, resumes from there, one unbroken series."""
-    body = {"model": "tiny-opt-xs", "preset": "tiny", "method": {"type": "dpo"},
-            "config": {"sft": {"max_steps": 20}, "dpo": {"max_steps": 400, "num_train_epochs": 2, "checkpoint_interval": 0,
-                                                         "eval_max_rows": 16}}}  # fmt: skip
+    body = {
+        "model": "tiny-opt-xs",
+        "preset": "tiny",
+        "method": {"type": "dpo"},
+        "config": {
+            "sft": {"max_steps": 20},
+            "dpo": {"max_steps": 400, "num_train_epochs": 2, "checkpoint_interval": 0, "eval_max_rows": 16},
+        },
+    }
     job = client.post("/v1/fine_tuning/jobs", json=body).json()
     url = f"/v1/fine_tuning/jobs/{job['id']}"
     deadline = time.monotonic() + 180

@@ -29,7 +29,9 @@ ROUNDS = 12
 def settings(new_pg: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     from service.db.migrate import migrate
 
-    s = Settings(data_dir=tmp_path_factory.mktemp("lifecycle"), database_url=new_pg(), lease_s=60.0, sweep_s=1.0)
+    s = Settings(
+        data_dir=tmp_path_factory.mktemp("lifecycle"), database_url=new_pg(), lease_s=60.0, sweep_s=1.0
+    )
     migrate(s.db_url)
     with session_scope(s.db_url) as db:
         db.add(Tenant(id="t"))
@@ -40,9 +42,19 @@ def _job(settings: Settings, status: states.JobStatus, **values: Any) -> str:
     """A job row put straight into `status` (the test's setup: no transition is under test here)."""
     with session_scope(settings.db_url) as db:
         values = {"enqueued_at": utcnow()} | values
-        job = Job(tenant_id="t", status=status, method="supervised", model="tiny-opt-xs", seed=1, request={}, plan={},
-                  steps=[1], step_status={"1": "running" if status == "running" else "pending"},
-                  output_dir=str(settings.runs_dir / "x"), **values)  # fmt: skip
+        job = Job(
+            tenant_id="t",
+            status=status,
+            method="supervised",
+            model="tiny-opt-xs",
+            seed=1,
+            request={},
+            plan={},
+            steps=[1],
+            step_status={"1": "running" if status == "running" else "pending"},
+            output_dir=str(settings.runs_dir / "x"),
+            **values,
+        )
         db.add(job)
         db.flush()
         return job.id
@@ -96,8 +108,15 @@ def test_a_cancel_and_the_workers_success_never_both_win(settings: Settings) -> 
 
         def succeed(job_id: str = job_id, model_id: str = model_id) -> Any:
             with session_scope(settings.db_url) as db:
-                return lifecycle.finish(session=db, job_id=job_id, owner="w1", outcome="succeeded", step=1,
-                                        models={model_id: Path("/m")}, fine_tuned_model=model_id)  # fmt: skip
+                return lifecycle.finish(
+                    session=db,
+                    job_id=job_id,
+                    owner="w1",
+                    outcome="succeeded",
+                    step=1,
+                    models={model_id: Path("/m")},
+                    fine_tuned_model=model_id,
+                )
 
         user, worker = _race(cancel, succeed)
         job = _get(settings, job_id)
@@ -147,7 +166,9 @@ def test_a_resume_and_a_cancel_of_a_paused_job_one_wins(settings: Settings) -> N
             with session_scope(settings.db_url) as db:
                 return fn(session=db, tenant="t", job_id=job_id, **kw).status
 
-        resumed, cancelled = _race(lambda: act(lifecycle.resume, settings=settings), lambda: act(lifecycle.cancel))
+        resumed, cancelled = _race(
+            lambda: act(lifecycle.resume, settings=settings), lambda: act(lifecycle.cancel)
+        )
         final = _get(settings, job_id).status
         if resumed == "queued":
             # the cancel came second: a queued job can be cancelled too, so both moves happen, in order
@@ -182,7 +203,10 @@ def test_a_pause_and_a_claim_of_a_queued_job_agree(settings: Settings) -> None:
 def test_a_worker_that_lost_its_lease_writes_nothing(settings: Settings) -> None:
     job_id = _job(settings, "running", lease_owner="w2", lease_until=utcnow() + timedelta(minutes=1))
     with session_scope(settings.db_url) as db:
-        assert lifecycle.finish(session=db, job_id=job_id, owner="w1", outcome="failed", step=1, message="x") == "lost"
+        assert (
+            lifecycle.finish(session=db, job_id=job_id, owner="w1", outcome="failed", step=1, message="x")
+            == "lost"
+        )
         with pytest.raises(lifecycle.LeaseLost):
             lifecycle.renew(session=db, job_id=job_id, owner="w1", settings=settings, progress=0.5)
     job = _get(settings, job_id)
@@ -224,9 +248,12 @@ def _writes_status(path: Path) -> list[int]:
 def test_only_the_lifecycle_module_changes_a_jobs_status() -> None:
     owner = ROOT / "service" / "jobs" / "lifecycle.py"
     assert _writes_status(owner), "the check finds nothing: it has stopped reading the code"
-    elsewhere = {str(p.relative_to(ROOT)): lines for d in ("service", "workers")
-                 for p in sorted((ROOT / d).rglob("*.py")) if p != owner and "gen" not in p.parts
-                 and (lines := _writes_status(p))}  # fmt: skip
+    elsewhere = {
+        str(p.relative_to(ROOT)): lines
+        for d in ("service", "workers")
+        for p in sorted((ROOT / d).rglob("*.py"))
+        if p != owner and "gen" not in p.parts and (lines := _writes_status(p))
+    }
     assert elsewhere == {}, f"status written outside service/jobs/lifecycle.py: {elsewhere}"
 
 

@@ -35,16 +35,25 @@ def _limited(r: httpx.Response) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("store", ["redis", "database"])
-def test_requests_per_key_are_limited_across_api_processes(make_stack: Callable[..., Stack], new_pg: Callable[[], str],
-                                                          new_redis: Callable[[], str], store: str) -> None:  # fmt: skip
-    shared = {"database_url": new_pg(), "redis_url": new_redis() if store == "redis" else "",
-              "rate_limit_per_minute": 5}  # fmt: skip
+def test_requests_per_key_are_limited_across_api_processes(
+    make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str], store: str
+) -> None:
+    shared = {
+        "database_url": new_pg(),
+        "redis_url": new_redis() if store == "redis" else "",
+        "rate_limit_per_minute": 5,
+    }
     a, b = make_stack(**shared), make_stack(**shared)  # two API processes' worth of apps, one database
     alice, bob = a.key("alice"), a.key("bob")
     _fresh_minute()
     with a.client(alice) as a1, b.client(alice) as b1, a.client(bob) as a2:
-        answers = [a1.get("/v1/files"), b1.get("/v1/models"), a1.get("/v1/fine_tuning/jobs"), b1.get("/v1/files"),
-                   a1.get("/v1/files")]  # fmt: skip
+        answers = [
+            a1.get("/v1/files"),
+            b1.get("/v1/models"),
+            a1.get("/v1/fine_tuning/jobs"),
+            b1.get("/v1/files"),
+            a1.get("/v1/files"),
+        ]
         assert [r.status_code for r in answers] == [200] * 5
         assert [int(r.headers["x-ratelimit-remaining-requests"]) for r in answers] == [4, 3, 2, 1, 0]
         err = _limited(b1.get("/v1/files"))  # the 6th of this minute, on the other process
@@ -67,7 +76,9 @@ def test_streamed_chat_tokens_per_key(make_stack: Callable[..., Stack]) -> None:
     body = {"model": "tiny-opt-xs", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
     _fresh_minute()
     with s.client(alice) as c, s.client(bob) as other:
-        assert c.post("/v1/chat/completions", json=body).status_code == 503  # under the limit: routed (no worker)
+        assert (
+            c.post("/v1/chat/completions", json=body).status_code == 503
+        )  # under the limit: routed (no worker)
         counter = Counter(s.settings)
         asyncio.run(counter.add(f"tok:{key_id('Bearer ' + alice)}", 100))  # what the replies streamed
         err = _limited(c.post("/v1/chat/completions", json=body | {"stream": True}))
@@ -90,10 +101,14 @@ def test_live_jobs_and_queued_gpu_hours_per_tenant(make_stack: Callable[..., Sta
     with hours.client(hours.key("carol")) as c:
         err = _limited(c.post("/v1/fine_tuning/jobs", json=SMALL_SFT))
         assert err["code"] == "quota_gpu_hours" and "RLHF_MAX_QUEUED_GPU_HOURS" in err["message"]
-        assert c.post("/v1/fine_tuning/jobs/estimate", json=SMALL_SFT).status_code == 200  # estimates are free
+        assert (
+            c.post("/v1/fine_tuning/jobs/estimate", json=SMALL_SFT).status_code == 200
+        )  # estimates are free
 
 
-def test_grpc_counts_against_the_same_limit(make_stack: Callable[..., Stack], new_redis: Callable[[], str]) -> None:
+def test_grpc_counts_against_the_same_limit(
+    make_stack: Callable[..., Stack], new_redis: Callable[[], str]
+) -> None:
     """Internal tools on gRPC share a key's budget with its REST traffic."""
     import threading
 
@@ -106,7 +121,9 @@ def test_grpc_counts_against_the_same_limit(make_stack: Callable[..., Stack], ne
     key = s.key("alice")
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    server, port = asyncio.run_coroutine_threadsafe(start_server(s.settings, host="127.0.0.1", port=0), loop).result(30)
+    server, port = asyncio.run_coroutine_threadsafe(
+        start_server(s.settings, host="127.0.0.1", port=0), loop
+    ).result(30)
     try:
         _fresh_minute()
         with s.client(key) as c, grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -118,14 +135,19 @@ def test_grpc_counts_against_the_same_limit(make_stack: Callable[..., Stack], ne
                 jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=5), metadata=md)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             trailing = dict(e.value.trailing_metadata() or ())
-            assert trailing["error-code"] == "rate_limit_exceeded" and 1 <= int(trailing["retry-after"]) <= WINDOW_S
+            assert (
+                trailing["error-code"] == "rate_limit_exceeded"
+                and 1 <= int(trailing["retry-after"]) <= WINDOW_S
+            )
             _limited(c.get("/v1/files"))
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
 
 
-def test_a_body_that_trickles_in_is_cut_off_and_holds_no_worker_thread(make_stack: Callable[..., Stack]) -> None:
+def test_a_body_that_trickles_in_is_cut_off_and_holds_no_worker_thread(
+    make_stack: Callable[..., Stack],
+) -> None:
     """Slow clients (slowloris on the body): 60 connections each send a job request's headers and then
     a byte at a time, more connections than the server has worker threads (40). Each gets 408 in the
     envelope once it stops sending for body_timeout_s or falls behind min_body_bytes_per_s; a normal
@@ -141,9 +163,14 @@ def test_a_body_that_trickles_in_is_cut_off_and_holds_no_worker_thread(make_stac
 
     def trickle(pause_s: float, step: int = 1) -> bytes:
         with socket.create_connection((host, int(port)), timeout=30) as sock:
-            sock.sendall(b"POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\n\r\n")  # fmt: skip
+            sock.sendall(
+                b"POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer "
+                + key.encode()
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+            )
             sent = 0
             while sent < len(body) and not select.select([sock], [], [], pause_s)[0]:  # until it answers
                 sock.sendall(body[sent : sent + step])

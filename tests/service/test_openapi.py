@@ -84,10 +84,22 @@ def test_an_answer_with_an_error_matches_what_the_document_declares(stack: Stack
             ("get", "/v1/fine_tuning/jobs", c.get("/v1/fine_tuning/jobs", params={"limit": 0})),
             ("get", "/v1/fine_tuning/jobs", c.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"})),
             # found by the fuzzer (was a 500): an estimate for a GPU type not offered, sizes given by number
-            ("post", "/v1/fine_tuning/jobs/estimate", c.post("/v1/fine_tuning/jobs/estimate", json={
-                "model": "x", "model_parameters": 1_000_000, "gpu_type": ""})),
-            ("post", "/v1/fine_tuning/jobs/estimate", c.post("/v1/fine_tuning/jobs/estimate", json={
-                "model": "x", "model_parameters": 1_000_000, "tokens": {"3": -5}})),
+            (
+                "post",
+                "/v1/fine_tuning/jobs/estimate",
+                c.post(
+                    "/v1/fine_tuning/jobs/estimate",
+                    json={"model": "x", "model_parameters": 1_000_000, "gpu_type": ""},
+                ),
+            ),
+            (
+                "post",
+                "/v1/fine_tuning/jobs/estimate",
+                c.post(
+                    "/v1/fine_tuning/jobs/estimate",
+                    json={"model": "x", "model_parameters": 1_000_000, "tokens": {"3": -5}},
+                ),
+            ),
         ]
         for method, path, r in cases:
             assert str(r.status_code) in doc["paths"][path][method]["responses"], (path, r.status_code)
@@ -96,15 +108,39 @@ def test_an_answer_with_an_error_matches_what_the_document_declares(stack: Stack
         assert [r.json()["error"]["param"] for *_, r in cases[-2:]] == ["gpu_type", "tokens"]
 
 
-def test_a_fuzzer_finds_no_5xx_no_schema_violation_and_no_undeclared_status(stack: Stack, tmp_path: Path) -> None:
+def test_a_fuzzer_finds_no_5xx_no_schema_violation_and_no_undeclared_status(
+    stack: Stack, tmp_path: Path
+) -> None:
     key = stack.key("fuzz")
     examples = os.environ.get("RLHF_FUZZ_EXAMPLES", "8")
     exe = Path(sys.executable).with_name("schemathesis")
-    cmd = [str(exe), "run", f"{stack.url}/openapi.json", "--header", f"Authorization: Bearer {key}", "--checks",
-           CHECKS, "--max-examples", examples, "--seed", "20231201", "--phases", "examples,coverage,fuzzing",
-           "--workers", "1", "--request-timeout", "30", "--report", "junit", "--report-dir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        str(exe),
+        "run",
+        f"{stack.url}/openapi.json",
+        "--header",
+        f"Authorization: Bearer {key}",
+        "--checks",
+        CHECKS,
+        "--max-examples",
+        examples,
+        "--seed",
+        "20231201",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "30",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEMATHESIS_")} | {"NO_COLOR": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=540, cwd=tmp_path)  # its cache stays there
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=540, cwd=tmp_path
+    )  # its cache stays there
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-6000:]
     assert "passed" in out.lower(), out[-2000:]

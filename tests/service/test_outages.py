@@ -72,7 +72,10 @@ class Proxy:
 def _unavailable(r: httpx.Response) -> None:
     assert r.status_code == 503, (r.status_code, r.text)
     assert r.headers["Retry-After"] == "1"
-    assert r.json()["error"]["code"] == "database_unavailable" and r.json()["error"]["type"] == "service_unavailable"
+    assert (
+        r.json()["error"]["code"] == "database_unavailable"
+        and r.json()["error"]["type"] == "service_unavailable"
+    )
 
 
 def _until(check: Callable[[], bool], timeout: float = 30) -> None:
@@ -82,16 +85,20 @@ def _until(check: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.3)
 
 
-def test_database_down_at_start_and_lost_while_serving(make_stack: Callable[..., Stack],
-                                                       new_pg: Callable[[], str]) -> None:  # fmt: skip
+def test_database_down_at_start_and_lost_while_serving(
+    make_stack: Callable[..., Stack], new_pg: Callable[[], str]
+) -> None:
     proxy = Proxy()
     url = new_pg().replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     stack = make_stack(database_url=url, retry_after_s=1)  # the proxy is not up: no database at start
     assert httpx.get(f"{stack.url}/healthz").status_code == 200
     assert httpx.get(f"{stack.url}/readyz").status_code == 503
     _unavailable(httpx.get(f"{stack.url}/v1/files", headers={"Authorization": "Bearer sk-any"}))
-    _unavailable(httpx.post(f"{stack.url}/v1/fine_tuning/jobs", json=SMALL_SFT,
-                            headers={"Authorization": "Bearer sk-any"}))  # fmt: skip
+    _unavailable(
+        httpx.post(
+            f"{stack.url}/v1/fine_tuning/jobs", json=SMALL_SFT, headers={"Authorization": "Bearer sk-any"}
+        )
+    )
 
     proxy.up()  # the database is back: the server migrates and serves, no restart
     _until(lambda: httpx.get(f"{stack.url}/readyz").status_code == 200)
@@ -111,5 +118,7 @@ def test_database_down_at_start_and_lost_while_serving(make_stack: Callable[...,
         proxy.up()
         _until(lambda: c.get(f"/v1/fine_tuning/jobs/{job['id']}").status_code == 200)
         assert c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"
-        assert [j["id"] for j in c.get("/v1/fine_tuning/jobs").json()["data"]] == [job["id"]]  # nothing lost or added
+        assert [j["id"] for j in c.get("/v1/fine_tuning/jobs").json()["data"]] == [
+            job["id"]
+        ]  # nothing lost or added
     proxy.down()

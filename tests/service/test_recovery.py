@@ -18,9 +18,16 @@ from service.db.session import session_scope
 from service.queue import enqueue_training
 from tests.service.conftest import SMALL_SFT, Stack, events, wait_for, wait_for_training
 
-TWO_STEPS = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "preset": "tiny", "steps": [1, 2],
-             "config": {"sft": {"max_steps": 30, "checkpoint_interval": 0},
-                        "reward": {"max_steps": 400, "checkpoint_interval": 20}}}  # fmt: skip
+TWO_STEPS = {
+    "model": "tiny-opt-xs",
+    "reward_model": "tiny-opt-xs",
+    "preset": "tiny",
+    "steps": [1, 2],
+    "config": {
+        "sft": {"max_steps": 30, "checkpoint_interval": 0},
+        "reward": {"max_steps": 400, "checkpoint_interval": 20},
+    },
+}
 
 
 def _kill_worker_and_its_step(worker: subprocess.Popen[bytes], output_dir: str) -> None:
@@ -30,9 +37,12 @@ def _kill_worker_and_its_step(worker: subprocess.Popen[bytes], output_dir: str) 
     worker.wait()
 
 
-def test_killed_worker_during_step_2_resumes_from_its_checkpoint(make_stack: Callable[..., Stack], new_pg: Callable[[], str],
-                                                                 new_redis: Callable[[], str],
-                                                                 start_worker: Callable[..., Any]) -> None:  # fmt: skip
+def test_killed_worker_during_step_2_resumes_from_its_checkpoint(
+    make_stack: Callable[..., Stack],
+    new_pg: Callable[[], str],
+    new_redis: Callable[[], str],
+    start_worker: Callable[..., Any],
+) -> None:
     stack = make_stack(database_url=new_pg(), redis_url=new_redis())
     worker = start_worker(stack)
     with stack.client(stack.key("recovery")) as c:
@@ -58,12 +68,17 @@ def test_killed_worker_during_step_2_resumes_from_its_checkpoint(make_stack: Cal
             record = s.get(Job, job["id"])
             assert record is not None and record.attempts == 2
         assert len({(r.step, r.attempt, r.interval) for r in rows}) == len(rows)
-        assert done["cost"]["accrued_usd"] == pytest.approx(sum(r.usd for r in rows), abs=1e-6)  # shown to 6 places
+        assert done["cost"]["accrued_usd"] == pytest.approx(
+            sum(r.usd for r in rows), abs=1e-6
+        )  # shown to 6 places
 
 
-def test_worker_sigterm_checkpoints_and_requeues(make_stack: Callable[..., Stack], new_pg: Callable[[], str],
-                                                 new_redis: Callable[[], str],
-                                                 start_worker: Callable[..., Any]) -> None:  # fmt: skip
+def test_worker_sigterm_checkpoints_and_requeues(
+    make_stack: Callable[..., Stack],
+    new_pg: Callable[[], str],
+    new_redis: Callable[[], str],
+    start_worker: Callable[..., Any],
+) -> None:
     """A deploy stops the worker (SIGTERM): the running step checkpoints, the job is queued again, and
     the next worker resumes it from that checkpoint."""
     stack = make_stack(database_url=new_pg(), redis_url=new_redis())
@@ -88,8 +103,12 @@ def test_worker_sigterm_checkpoints_and_requeues(make_stack: Callable[..., Stack
         assert any(f"resuming at step {at}" in m for m in msgs)
 
 
-def test_job_survives_a_wiped_broker(make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str],
-                                     start_worker: Callable[..., Any]) -> None:  # fmt: skip
+def test_job_survives_a_wiped_broker(
+    make_stack: Callable[..., Stack],
+    new_pg: Callable[[], str],
+    new_redis: Callable[[], str],
+    start_worker: Callable[..., Any],
+) -> None:
     """The broker loses the message (FLUSHDB of its database, as FLUSHALL would): the sweeper re-sends it."""
     broker = new_redis()
     stack = make_stack(database_url=new_pg(), redis_url=broker)
@@ -103,9 +122,12 @@ def test_job_survives_a_wiped_broker(make_stack: Callable[..., Stack], new_pg: C
         assert done["status"] == "succeeded", done
 
 
-def test_redelivery_and_duplicates_never_run_a_job_twice(make_stack: Callable[..., Stack], new_pg: Callable[[], str],
-                                                         new_redis: Callable[[], str],
-                                                         start_worker: Callable[..., Any]) -> None:  # fmt: skip
+def test_redelivery_and_duplicates_never_run_a_job_twice(
+    make_stack: Callable[..., Stack],
+    new_pg: Callable[[], str],
+    new_redis: Callable[[], str],
+    start_worker: Callable[..., Any],
+) -> None:
     """visibility_timeout 5 s and a ≥ 30 s job: Redis hands the unacked task to the second worker; the
     same job is also enqueued twice. One trainer runs it; the others see the lease and acknowledge."""
     stack = make_stack(database_url=new_pg(), redis_url=new_redis(), visibility_timeout_s=5)

@@ -22,15 +22,20 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_a_revoked_key_stops_working_in_every_api_process_within_a_second(
-        make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str],
-        tmp_path: Path) -> None:  # fmt: skip
+    make_stack: Callable[..., Stack], new_pg: Callable[[], str], new_redis: Callable[[], str], tmp_path: Path
+) -> None:
     # keys are trusted for a minute without the database: only the announcement can stop them sooner
     stack = make_stack(database_url=new_pg(), redis_url=new_redis(), auth_cache_s=60)
     env = stack.env | {"RLHF_AUTH_CACHE_S": "60"}
     port = free_port()
     with open(tmp_path / "api.log", "wb") as out:  # a second API process, its own key cache
-        proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--no-grpc"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--no-grpc"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         other = f"http://127.0.0.1:{port}"
         assert wait_healthy(other, proc, timeout_s=30), (tmp_path / "api.log").read_text()[-2000:]
@@ -39,11 +44,21 @@ def test_a_revoked_key_stops_working_in_every_api_process_within_a_second(
         for url in (stack.url, other):  # verified, hence cached, in both processes
             assert httpx.get(f"{url}/v1/files", headers=auth).status_code == 200
         time.sleep(1)  # both processes have subscribed by now
-        listed = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "list", "--tenant", "mallory"], env=env,
-                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+        listed = subprocess.run(
+            [sys.executable, "-m", "workers.cli", "keys", "list", "--tenant", "mallory"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         key_id = listed.split()[0]
-        revoked = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "revoke", key_id], env=env,
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+        revoked = subprocess.run(
+            [sys.executable, "-m", "workers.cli", "keys", "revoke", key_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert "every API process was told at once" in revoked.stdout, revoked.stdout
         told = time.monotonic()
         for url in (stack.url, other):
@@ -58,7 +73,9 @@ def test_a_revoked_key_stops_working_in_every_api_process_within_a_second(
     assert key not in (tmp_path / "api.log").read_text()
 
 
-def test_no_log_line_carries_a_key(make_stack: Callable[..., Stack], caplog: pytest.LogCaptureFixture) -> None:
+def test_no_log_line_carries_a_key(
+    make_stack: Callable[..., Stack], caplog: pytest.LogCaptureFixture
+) -> None:
     """Every logger at DEBUG while keys are used well and badly: neither a key nor its secret part
     appears (the API server runs in this process, so its logs are captured here)."""
     caplog.set_level(logging.DEBUG)
@@ -69,7 +86,10 @@ def test_no_log_line_carries_a_key(make_stack: Callable[..., Stack], caplog: pyt
         c.get("/v1/files")
         c.post("/v1/fine_tuning/jobs", json=SMALL_SFT)
         c.post("/v1/fine_tuning/jobs", json={"model": 7})  # 400
-        c.post("/v1/chat/completions", json={"model": "tiny-opt-xs", "messages": [{"role": "user", "content": "hi"}]})
+        c.post(
+            "/v1/chat/completions",
+            json={"model": "tiny-opt-xs", "messages": [{"role": "user", "content": "hi"}]},
+        )
         c.get("/v1/fine_tuning/jobs/ftjob-nope")  # 404
     httpx.get(f"{stack.url}/v1/files", headers={"Authorization": f"Bearer {key}x"})  # 401, a near miss
     httpx.get(f"{stack.url}/v1/files", headers={"Authorization": key})  # 401, no scheme
@@ -82,7 +102,9 @@ ESCAPES = ["../etc", "..", "/etc/passwd", "t/../../x", "ft:../../x", "%2e%2e%2fe
 
 
 @pytest.mark.parametrize("name", ESCAPES)
-def test_path_like_fields_cannot_escape_the_data_directory(make_stack: Callable[..., Stack], name: str) -> None:
+def test_path_like_fields_cannot_escape_the_data_directory(
+    make_stack: Callable[..., Stack], name: str
+) -> None:
     """Every field or path segment that names a stored object is a name, never a path: a traversal or
     an absolute path is refused (400) or not found (404), on every route that takes one."""
     stack = make_stack()
@@ -95,7 +117,9 @@ def test_path_like_fields_cannot_escape_the_data_directory(make_stack: Callable[
             c.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "reward_model": name}),
             c.post("/v1/fine_tuning/jobs", json={"model": "tiny-opt-xs", "training_file": name}),
             c.post("/v1/fine_tuning/jobs", json={"model": str(outside)}),
-            c.post("/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "hi"}]}),
+            c.post(
+                "/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "hi"}]}
+            ),
             c.get(f"/v1/models/{name}"),
             c.get(f"/v1/models/{name}/content"),
             c.get(f"/v1/files/{name}"),
@@ -108,8 +132,9 @@ def test_path_like_fields_cannot_escape_the_data_directory(make_stack: Callable[
         assert c.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
 
 
-def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(make_stack: Callable[..., Stack],
-                                                                      base_model: Path) -> None:  # fmt: skip
+def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
+    make_stack: Callable[..., Stack], base_model: Path
+) -> None:
     """Generated from the route table (OpenAPI document) and the gRPC services: every route or method
     that names an object answers 404 / NOT_FOUND to another tenant, and every list leaves it out."""
     import asyncio
@@ -126,8 +151,12 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(make_stack
     stack = make_stack()
     alice, bob = stack.key("alice"), stack.key("bob")
     with stack.client(alice) as a:
-        pref = "".join(json.dumps({"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."}) + "\n" for i in range(40))
-        file_id = a.post("/v1/files", files={"file": ("p.jsonl", pref.encode())}, data={"purpose": "fine-tune"}).json()["id"]
+        pref = "".join(
+            json.dumps({"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."}) + "\n" for i in range(40)
+        )
+        file_id = a.post(
+            "/v1/files", files={"file": ("p.jsonl", pref.encode())}, data={"purpose": "fine-tune"}
+        ).json()["id"]
         job_id = a.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()["id"]
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tf:
@@ -139,8 +168,12 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(make_stack
         model_id = up.json()["id"]
         ids = {"file_id": file_id, "job_id": job_id, "model_id": model_id}
         doc = a.get("/openapi.json").json()
-        own = {path: a.request(method, path.format(**ids)).status_code for path, ops in doc["paths"].items()
-               for method in ops if "{" in path and method == "get"}  # fmt: skip
+        own = {
+            path: a.request(method, path.format(**ids)).status_code
+            for path, ops in doc["paths"].items()
+            for method in ops
+            if "{" in path and method == "get"
+        }
         assert all(code == 200 for code in own.values()), own  # alice sees her objects on every such route
     checked = []
     with stack.client(bob) as b:
@@ -155,13 +188,17 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(make_stack
         lists = {"/v1/files": file_id, "/v1/fine_tuning/jobs": job_id, "/v1/models": model_id}
         for path, hidden in lists.items():
             assert hidden not in [o["id"] for o in b.get(path).json()["data"]], path
-        chat = b.post("/v1/chat/completions", json={"model": model_id, "messages": [{"role": "user", "content": "hi"}]})
+        chat = b.post(
+            "/v1/chat/completions", json={"model": model_id, "messages": [{"role": "user", "content": "hi"}]}
+        )
         assert chat.status_code == 404, chat.text
     assert len(checked) >= 11, checked
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    server, port = asyncio.run_coroutine_threadsafe(start_server(stack.settings, host="127.0.0.1", port=0), loop).result(30)
+    server, port = asyncio.run_coroutine_threadsafe(
+        start_server(stack.settings, host="127.0.0.1", port=0), loop
+    ).result(30)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             jobs, models = jobs_pb2_grpc.JobServiceStub(ch), models_pb2_grpc.ModelServiceStub(ch)
@@ -180,8 +217,12 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(make_stack
                         assert e.value.code() == grpc.StatusCode.NOT_FOUND, method.name
                         named += 1
             assert named >= 10
-            assert job_id not in [j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=100), metadata=md).data]
-            assert model_id not in [m.id for m in models.ListModels(models_pb2.ListModelsRequest(), metadata=md).data]
+            assert job_id not in [
+                j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=100), metadata=md).data
+            ]
+            assert model_id not in [
+                m.id for m in models.ListModels(models_pb2.ListModelsRequest(), metadata=md).data
+            ]
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
@@ -196,7 +237,9 @@ def test_a_chat_request_reaches_the_worker_scoped_to_its_tenant() -> None:
     from service.services.models import ModelRef
 
     ref = ModelRef(name="tiny-opt-m", path=Path("/models/tiny-opt-m"), base="tiny-opt-m", key="tiny-opt-m")
-    worker = chat.WorkerView(id="w1", address="127.0.0.1:1", models=("tiny-opt-m",), active=0, capacity=4, max_models=2)
+    worker = chat.WorkerView(
+        id="w1", address="127.0.0.1:1", models=("tiny-opt-m",), active=0, capacity=4, max_models=2
+    )
     req = ChatCompletionRequest(model="tiny-opt-m", messages=[{"role": "user", "content": "hi"}])
     for tenant in ("tenant-a", "tenant-b"):
         route = chat._pick(ref, [worker], chat.Settings(), {}, tenant)

@@ -49,16 +49,28 @@ def api(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     # streamed tokens are counted per key (a limit high enough never to refuse anything here)
     env = e2e_stack.env | {"RLHF_BLOCKED_LOG": str(blocked), "RLHF_CHAT_TOKENS_PER_MINUTE": str(10**9)}
     with open(tmp / "api.log", "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.service.no_torch_api", "serve", "--port", str(port),
-                                 "--grpc-port", str(gport)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.service.no_torch_api",
+                "serve",
+                "--port",
+                str(port),
+                "--grpc-port",
+                str(gport),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     assert wait_healthy(url, proc, timeout_s=30), (tmp / "api.log").read_text()[-3000:]
     yield Api(url=url, grpc_address=f"127.0.0.1:{gport}", proc=proc, log=tmp / "api.log")
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
     assert not blocked.exists(), f"the API process tried to import {blocked.read_text()}"
-
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +125,25 @@ def sse(response: httpx.Response) -> Iterator[tuple[str, str]]:
 # ---------------------------------------------------------------------------- REST, openai SDK
 
 
-def test_openai_sdk_streams_and_completes_a_fine_tuned_model(sdk: openai.OpenAI, workers: Workers, model: str,
-                                                             e2e_stack: Stack) -> None:  # fmt: skip
+def test_openai_sdk_streams_and_completes_a_fine_tuned_model(
+    sdk: openai.OpenAI, workers: Workers, model: str, e2e_stack: Stack
+) -> None:
     from transformers import AutoTokenizer
 
     from rlhf_engine.chat.engine import ChatEngine
     from rlhf_engine.config.chat import SamplingParams
     from rlhf_engine.data.formatter import encode_prompt
 
-    chunks = list(sdk.chat.completions.create(model=model, messages=KITE, max_tokens=24, temperature=0, stream=True,
-                                              stream_options={"include_usage": True}))  # type: ignore[call-overload]
+    chunks = list(
+        sdk.chat.completions.create(
+            model=model,
+            messages=KITE,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # type: ignore[call-overload]
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -131,9 +152,11 @@ def test_openai_sdk_streams_and_completes_a_fine_tuned_model(sdk: openai.OpenAI,
     whole = sdk.chat.completions.create(model=model, messages=KITE, max_tokens=24, temperature=0)  # type: ignore[arg-type]
     assert whole.object == "chat.completion" and whole.choices[0].message.content == text
     assert whole.choices[0].finish_reason == finish[0]
-    assert whole.usage is not None and (whole.usage.prompt_tokens, whole.usage.completion_tokens,
-                                        whole.usage.total_tokens) == (usage.prompt_tokens, usage.completion_tokens,
-                                                                      usage.prompt_tokens + usage.completion_tokens)  # fmt: skip
+    assert whole.usage is not None and (
+        whole.usage.prompt_tokens,
+        whole.usage.completion_tokens,
+        whole.usage.total_tokens,
+    ) == (usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens + usage.completion_tokens)
     # the same reply as the chat engine in process, and token counts as the shared formatter counts them
     with session_scope(e2e_stack.settings.db_url) as s:
         path = s.get(FineTunedModel, model).path  # type: ignore[union-attr]
@@ -143,18 +166,23 @@ def test_openai_sdk_streams_and_completes_a_fine_tuned_model(sdk: openai.OpenAI,
     assert local.choices[0].text == text and usage.completion_tokens == len(local.choices[0].token_ids)
     assert finish[0] == local.choices[0].finish_reason
     # n replies, seeded: a seed gives the same replies again
-    two = [sdk.chat.completions.create(model=model, messages=KITE, max_tokens=12, n=2, seed=5, temperature=1.0)
-           for _ in range(2)]  # type: ignore[call-overload]  # fmt: skip
+    two = [
+        sdk.chat.completions.create(model=model, messages=KITE, max_tokens=12, n=2, seed=5, temperature=1.0)
+        for _ in range(2)
+    ]  # type: ignore[call-overload]
     assert [c.message.content for c in two[0].choices] == [c.message.content for c in two[1].choices]
     assert len(two[0].choices) == 2 and two[0].usage.completion_tokens <= 24  # type: ignore[union-attr]
 
 
-def test_models_are_listed_per_tenant_and_another_tenants_model_is_404(sdk: openai.OpenAI, api: Api, model: str,
-                                                                       e2e_stack: Stack, workers: Workers) -> None:  # fmt: skip
+def test_models_are_listed_per_tenant_and_another_tenants_model_is_404(
+    sdk: openai.OpenAI, api: Api, model: str, e2e_stack: Stack, workers: Workers
+) -> None:
     ids = [m.id for m in sdk.models.list()]
     assert {model, f"{model}:sft", "tiny-opt-xs"} <= set(ids)
     other = openai.OpenAI(base_url=f"{api.url}/v1", api_key=e2e_stack.key("other-tenant"), max_retries=0)
-    assert model not in [m.id for m in other.models.list()] and "tiny-opt-xs" in [m.id for m in other.models.list()]
+    assert model not in [m.id for m in other.models.list()] and "tiny-opt-xs" in [
+        m.id for m in other.models.list()
+    ]
     with pytest.raises(openai.NotFoundError) as e:
         other.chat.completions.create(model=model, messages=KITE)  # type: ignore[arg-type]
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"  # type: ignore[index]
@@ -164,33 +192,57 @@ def test_the_api_process_runs_every_text_similarity_grader_without_torch(sdk: op
     """The API server (torch, transformers and deepspeed blocked, see the `api` fixture) grades samples
     itself: every metric's library loads there."""
     for metric in ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_5", "rouge_l"):
-        grader = {"type": "text_similarity", "name": metric, "input": "{{sample.output_text}}",
-                  "reference": "{{item.ref}}", "evaluation_metric": metric}  # fmt: skip
-        out = sdk.fine_tuning.alpha.graders.run(grader=grader, model_sample="a kite flies high in the wind",  # type: ignore[arg-type]
-                                                item={"ref": "a kite flies high in the wind"})  # fmt: skip
+        grader = {
+            "type": "text_similarity",
+            "name": metric,
+            "input": "{{sample.output_text}}",
+            "reference": "{{item.ref}}",
+            "evaluation_metric": metric,
+        }
+        out = sdk.fine_tuning.alpha.graders.run(
+            grader=grader,
+            model_sample="a kite flies high in the wind",  # type: ignore[arg-type]
+            item={"ref": "a kite flies high in the wind"},
+        )
         assert out.reward == pytest.approx(1.0), (metric, out)
 
 
-@pytest.mark.parametrize(("body", "status", "param"), [
-    ({"messages": []}, 400, "messages"),
-    ({"max_tokens": 10**7}, 400, "max_tokens"),
-    ({"max_completion_tokens": 0}, 400, "max_completion_tokens"),
-    ({"n": 99}, 400, "n"),
-    ({"temperature": 3}, 400, "temperature"),
-    ({"top_p": 0}, 400, "top_p"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": "kite " * 600}]}, 400, "messages"),  # longer than the context
-    ({"max_tokens": 500, "messages": [{"role": "user", "content": "kite " * 60}]}, 400, "max_tokens"),
-    ({"model": "no-such-model"}, 404, "model"),
-    ({"model": "../etc"}, 400, "model"),
-])  # fmt: skip
-def test_bad_chat_requests_get_a_clear_4xx(api: Api, key: str, model: str, workers: Workers, body: dict[str, Any],
-                                           status: int, param: str) -> None:  # fmt: skip
-    r = httpx.post(f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                   json={"model": model, "messages": KITE, "stream": True} | body)  # fmt: skip
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"messages": []}, 400, "messages"),
+        ({"max_tokens": 10**7}, 400, "max_tokens"),
+        ({"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+        ({"n": 99}, 400, "n"),
+        ({"temperature": 3}, 400, "temperature"),
+        ({"top_p": 0}, 400, "top_p"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            400,
+            "messages",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "kite " * 600}]},
+            400,
+            "messages",
+        ),  # longer than the context
+        ({"max_tokens": 500, "messages": [{"role": "user", "content": "kite " * 60}]}, 400, "max_tokens"),
+        ({"model": "no-such-model"}, 404, "model"),
+        ({"model": "../etc"}, 400, "model"),
+    ],
+)
+def test_bad_chat_requests_get_a_clear_4xx(
+    api: Api, key: str, model: str, workers: Workers, body: dict[str, Any], status: int, param: str
+) -> None:
+    r = httpx.post(
+        f"{api.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        json={"model": model, "messages": KITE, "stream": True} | body,
+    )
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and param.split("[")[0] in error["message"], error
@@ -222,8 +274,9 @@ def _tar(directory: Path) -> bytes:
     return buf.getvalue()
 
 
-def test_two_tenants_uploading_the_same_name_chat_with_their_own_model(api: Api, e2e_stack: Stack, workers: Workers,
-                                                                       noisy: str) -> None:  # fmt: skip
+def test_two_tenants_uploading_the_same_name_chat_with_their_own_model(
+    api: Api, e2e_stack: Stack, workers: Workers, noisy: str
+) -> None:
     """Uploaded names are unique per tenant only; workers must not mix their engines."""
     from rlhf_engine.chat.engine import ChatEngine
     from rlhf_engine.config.chat import SamplingParams
@@ -232,11 +285,20 @@ def test_two_tenants_uploading_the_same_name_chat_with_their_own_model(api: Api,
     replies = {}
     for tenant, source in (("up-a", models / noisy), ("up-b", models / "tiny-opt-xs")):
         auth = {"Authorization": f"Bearer {e2e_stack.key(tenant)}"}
-        up = httpx.post(f"{api.url}/v1/models", headers=auth, files={"file": ("m.tar.gz", _tar(source))},
-                        data={"name": "mine"}, timeout=60)  # fmt: skip
+        up = httpx.post(
+            f"{api.url}/v1/models",
+            headers=auth,
+            files={"file": ("m.tar.gz", _tar(source))},
+            data={"name": "mine"},
+            timeout=60,
+        )
         assert up.status_code == 200, up.text
-        r = httpx.post(f"{api.url}/v1/chat/completions", headers=auth, timeout=60,
-                       json={"model": "mine", "messages": KITE, "max_tokens": 8, "temperature": 0})  # fmt: skip
+        r = httpx.post(
+            f"{api.url}/v1/chat/completions",
+            headers=auth,
+            timeout=60,
+            json={"model": "mine", "messages": KITE, "max_tokens": 8, "temperature": 0},
+        )
         assert r.status_code == 200 and r.json()["model"] == "mine", r.text
         with ChatEngine.load(str(source), score_replies=False) as engine:
             own = engine.generate(KITE, SamplingParams(max_new_tokens=8, temperature=0)).choices[0].text
@@ -284,14 +346,20 @@ def test_a_bundled_model_not_built_yet_is_listed_not_ready_and_answers_503_at_on
     assert {m.id: m.model_extra.get("ready") for m in sdk.models.list()}[name] is False  # type: ignore[union-attr]
     body = {"model": name, "messages": KITE, "max_tokens": 4}
     started = time.monotonic()
-    r = httpx.post(f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    r = httpx.post(
+        f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    )
     assert time.monotonic() - started < 10
     assert r.status_code == 503 and r.headers["retry-after"] == str(e2e_stack.settings.retry_after_s)
     assert r.json()["error"]["code"] == "model_not_ready" and name in r.json()["error"]["message"]
     deadline = time.monotonic() + 240  # the worker builds it meanwhile; a later request is answered
     while True:
-        r = httpx.post(f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                       timeout=60)  # fmt: skip
+        r = httpx.post(
+            f"{api.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
         if r.status_code == 200:
             break
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready", r.text
@@ -327,16 +395,22 @@ def _tokens_counted(stack: Stack, key: str) -> int:
     return asyncio.run(Counter(stack.settings).add(f"tok:{key_id('Bearer ' + key)}", 0))[0]
 
 
-def test_a_client_that_hangs_up_stops_generation(api: Api, key: str, workers: Workers, noisy: str,
-                                                 e2e_stack: Stack) -> None:  # fmt: skip
+def test_a_client_that_hangs_up_stops_generation(
+    api: Api, key: str, workers: Workers, noisy: str, e2e_stack: Stack
+) -> None:
     from service.limits import WINDOW_S
 
     if WINDOW_S - time.time() % WINDOW_S < 20:
         time.sleep(WINDOW_S - time.time() % WINDOW_S + 0.5)  # all of it inside one window of the token count
     before = _tokens_counted(e2e_stack, key)
     body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                      timeout=60) as r:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{api.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for event, data in sse(r):
             chunk = ChatCompletionChunk.model_validate_json(data)  # the contract's shape
@@ -357,12 +431,18 @@ def test_a_client_that_hangs_up_stops_generation(api: Api, key: str, workers: Wo
     assert 0 < counted < LONG
 
 
-def test_killing_the_worker_mid_stream_ends_with_an_error_event(api: Api, key: str, workers: Workers,
-                                                                noisy: str) -> None:  # fmt: skip
+def test_killing_the_worker_mid_stream_ends_with_an_error_event(
+    api: Api, key: str, workers: Workers, noisy: str
+) -> None:
     body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0, "stream": True}
     events: list[tuple[str, str]] = []
-    with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                      timeout=60) as r:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{api.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as r:
         for event, data in sse(r):
             events.append((event, data))
             if len(events) == 2:  # the first text is out: kill whoever is generating it
@@ -372,22 +452,33 @@ def test_killing_the_worker_mid_stream_ends_with_an_error_event(api: Api, key: s
     event, data = events[-2]
     assert event == "error" and json.loads(data)["error"]["code"] == "worker_lost", events[-3:]
     # the dead worker's row is still fresh: the next request skips it and another worker serves
-    reply = httpx.post(f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                       json={"model": noisy, "messages": KITE, "max_tokens": 5, "temperature": 0})  # fmt: skip
+    reply = httpx.post(
+        f"{api.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        json={"model": noisy, "messages": KITE, "max_tokens": 5, "temperature": 0},
+    )
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5, reply.text
 
 
-def test_a_slow_reply_times_out_cleanly(e2e_stack: Stack, api: Api, key: str, workers: Workers, noisy: str) -> None:
+def test_a_slow_reply_times_out_cleanly(
+    e2e_stack: Stack, api: Api, key: str, workers: Workers, noisy: str
+) -> None:
     body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0}
     auth = {"Authorization": f"Bearer {key}"}
-    warm = httpx.post(f"{api.url}/v1/chat/completions", json=body | {"max_tokens": 1}, headers=auth, timeout=60)
+    warm = httpx.post(
+        f"{api.url}/v1/chat/completions", json=body | {"max_tokens": 1}, headers=auth, timeout=60
+    )
     assert warm.status_code == 200  # loaded: the limit below is spent generating, not loading
-    url, stop = serve(e2e_stack.settings.model_copy(update={"chat_timeout_s": 0.1}))  # LONG tokens take longer
+    url, stop = serve(
+        e2e_stack.settings.model_copy(update={"chat_timeout_s": 0.1})
+    )  # LONG tokens take longer
     try:
         r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True}, headers=auth,
-                          timeout=60) as s:  # fmt: skip
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body | {"stream": True}, headers=auth, timeout=60
+        ) as s:
             events = list(sse(s))
         assert events[-1] == ("message", "[DONE]") and events[-2][0] == "error"
         assert json.loads(events[-2][1])["error"]["code"] == "timeout"
@@ -401,8 +492,14 @@ def test_a_worker_with_a_token_serves_only_callers_that_send_it(workers: Workers
     pid = workers.start(RLHF_INFERENCE_TOKEN="s3cret")
     row = workers.row(pid)
     assert row is not None
-    request = worker_pb2.GenerateRequest(model_id="x", model_path="/etc", messages=[worker_pb2.Turn(role="user",
-                                         content="hi")], temperature=1, top_p=1, n=1)  # fmt: skip
+    request = worker_pb2.GenerateRequest(
+        model_id="x",
+        model_path="/etc",
+        messages=[worker_pb2.Turn(role="user", content="hi")],
+        temperature=1,
+        top_p=1,
+        n=1,
+    )
     try:
         with grpc.insecure_channel(row.address) as ch:
             stub = worker_pb2_grpc.InferenceWorkerStub(ch)
@@ -412,7 +509,9 @@ def test_a_worker_with_a_token_serves_only_callers_that_send_it(workers: Workers
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(grpc.RpcError) as e:  # with the token it gets as far as refusing the path
                 list(stub.Generate(request, metadata=[("x-worker-token", "s3cret")], timeout=30))
-            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "outside" in (e.value.details() or "")
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "outside" in (
+                e.value.details() or ""
+            )
     finally:
         os.killpg(pid, signal.SIGTERM)
         workers.procs[pid][0].wait(timeout=30)
@@ -429,9 +528,16 @@ def test_no_live_worker_is_503_with_retry_after(e2e_stack: Stack, key: str, tmp_
 
         with session_scope(lonely.db_url) as s:
             k = create_key(session=s, tenant="t")[1]
-        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny-opt-xs", "messages": KITE},
-                       headers={"Authorization": f"Bearer {k}"})  # fmt: skip
-        assert r.status_code == 503 and r.headers["Retry-After"] == "5" and r.json()["error"]["code"] == "no_worker"
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "tiny-opt-xs", "messages": KITE},
+            headers={"Authorization": f"Bearer {k}"},
+        )
+        assert (
+            r.status_code == 503
+            and r.headers["Retry-After"] == "5"
+            and r.json()["error"]["code"] == "no_worker"
+        )
         assert "rlhf worker inference" in r.json()["error"]["message"]
     finally:
         stop()
@@ -447,7 +553,8 @@ def channel(api: Api) -> Iterator[grpc.Channel]:
 
 
 def test_grpc_every_rpc_and_a_model_finished_after_the_workers_started(
-        channel: grpc.Channel, key: str, e2e_stack: Stack, e2e_finished: dict[str, Any], workers: Workers) -> None:  # fmt: skip
+    channel: grpc.Channel, key: str, e2e_stack: Stack, e2e_finished: dict[str, Any], workers: Workers
+) -> None:
     from google.protobuf import json_format
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -462,7 +569,10 @@ def test_grpc_every_rpc_and_a_model_finished_after_the_workers_started(
     assert est.object == "fine_tuning.job.estimate" and est.seconds > 0 and [s.step for s in est.steps] == [1]
     job = jobs.CreateJob(jobs_pb2.CreateJobRequest(job=spec, idempotency_key="grpc-1"), metadata=md)
     assert job.status == "queued" and job.id.startswith("ftjob-") and list(job.steps) == [1]
-    assert jobs.CreateJob(jobs_pb2.CreateJobRequest(job=spec, idempotency_key="grpc-1"), metadata=md).id == job.id
+    assert (
+        jobs.CreateJob(jobs_pb2.CreateJobRequest(job=spec, idempotency_key="grpc-1"), metadata=md).id
+        == job.id
+    )
     assert jobs.GetJob(jobs_pb2.GetJobRequest(id=job.id), metadata=md).model == "tiny-opt-xs"
     assert job.id in [j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=100), metadata=md).data]
 
@@ -484,15 +594,28 @@ def test_grpc_every_rpc_and_a_model_finished_after_the_workers_started(
 
     # the model did not exist when the workers started; chat with it at once
     chat = chat_pb2_grpc.ChatServiceStub(channel)
-    chunks = list(chat.Chat(chat_pb2.ChatRequest(model=done.fine_tuned_model, messages=[chat_pb2.ChatMessage(
-        role="user", content="What is a kite?")], max_tokens=16, temperature=0), metadata=md))  # fmt: skip
+    chunks = list(
+        chat.Chat(
+            chat_pb2.ChatRequest(
+                model=done.fine_tuned_model,
+                messages=[chat_pb2.ChatMessage(role="user", content="What is a kite?")],
+                max_tokens=16,
+                temperature=0,
+            ),
+            metadata=md,
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content for c in chunks if c.choices)
     assert text.strip() and chunks[-1].usage.completion_tokens <= 16 and chunks[-1].usage.prompt_tokens > 0
 
     models = models_pb2_grpc.ModelServiceStub(channel)
-    assert done.fine_tuned_model in [m.id for m in models.ListModels(models_pb2.ListModelsRequest(), metadata=md).data]
-    assert models.GetModel(models_pb2.GetModelRequest(id=done.fine_tuned_model), metadata=md).owned_by == "e2e"
+    assert done.fine_tuned_model in [
+        m.id for m in models.ListModels(models_pb2.ListModelsRequest(), metadata=md).data
+    ]
+    assert (
+        models.GetModel(models_pb2.GetModelRequest(id=done.fine_tuned_model), metadata=md).owned_by == "e2e"
+    )
 
     # transitions: pause a queued job, resume it, cancel it; a finished job cannot be cancelled
     other = jobs.CreateJob(jobs_pb2.CreateJobRequest(job=spec), metadata=md)
@@ -505,16 +628,26 @@ def test_grpc_every_rpc_and_a_model_finished_after_the_workers_started(
         jobs.CancelJob(jobs_pb2.GetJobRequest(id=job.id), metadata=md)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="rlhf.v1.JobService"))
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="rlhf.v1.JobService")
+    )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-    [answer] = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    [answer] = list(
+        reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
     names = {s.name for s in answer.list_services_response.service}
-    assert {"rlhf.v1.JobService", "rlhf.v1.ChatService", "rlhf.v1.ModelService", "grpc.health.v1.Health"} <= names
+    assert {
+        "rlhf.v1.JobService",
+        "rlhf.v1.ChatService",
+        "rlhf.v1.ModelService",
+        "grpc.health.v1.Health",
+    } <= names
 
 
-def test_grpc_errors_use_the_one_table(channel: grpc.Channel, key: str, model: str, e2e_stack: Stack,
-                                       workers: Workers) -> None:  # fmt: skip
+def test_grpc_errors_use_the_one_table(
+    channel: grpc.Channel, key: str, model: str, e2e_stack: Stack, workers: Workers
+) -> None:
     from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 
     md = [("authorization", f"Bearer {key}")]
@@ -531,20 +664,34 @@ def test_grpc_errors_use_the_one_table(channel: grpc.Channel, key: str, model: s
 
     c, details, meta = code(lambda: jobs.ListJobs(jobs_pb2.ListJobsRequest()))
     assert c == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in details
-    c, details, meta = code(lambda: jobs.CreateJob(jobs_pb2.CreateJobRequest(job=jobs_pb2.JobSpec(
-        model="tiny-opt-xs", suffix="bad suffix!")), metadata=md))  # fmt: skip
+    c, details, meta = code(
+        lambda: jobs.CreateJob(
+            jobs_pb2.CreateJobRequest(job=jobs_pb2.JobSpec(model="tiny-opt-xs", suffix="bad suffix!")),
+            metadata=md,
+        )
+    )
     assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "suffix" and "suffix" in details
-    c, details, meta = code(lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs, n=99), metadata=md))
+    c, details, meta = code(
+        lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs, n=99), metadata=md)
+    )
     assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "n"
-    c, details, meta = code(lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs, max_tokens=600),
-                                              metadata=md))  # fmt: skip
-    assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "max_tokens" and "max_tokens" in details
+    c, details, meta = code(
+        lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs, max_tokens=600), metadata=md)
+    )
+    assert (
+        c == grpc.StatusCode.INVALID_ARGUMENT
+        and meta["error-param"] == "max_tokens"
+        and "max_tokens" in details
+    )
     c, _, meta = code(lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs), metadata=other))
     assert c == grpc.StatusCode.NOT_FOUND and meta["error-param"] == "model"
     c, _, _ = code(lambda: jobs.GetJob(jobs_pb2.GetJobRequest(id="ftjob-nope"), metadata=md))
     assert c == grpc.StatusCode.NOT_FOUND
-    c, _, _ = code(lambda: models_pb2_grpc.ModelServiceStub(channel).GetModel(
-        models_pb2.GetModelRequest(id=model), metadata=other))  # fmt: skip
+    c, _, _ = code(
+        lambda: models_pb2_grpc.ModelServiceStub(channel).GetModel(
+            models_pb2.GetModelRequest(id=model), metadata=other
+        )
+    )
     assert c == grpc.StatusCode.NOT_FOUND
     c, _, meta = code(lambda: jobs.ListEvents(jobs_pb2.ListEventsRequest(id="x", limit=1000), metadata=md))
     assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "limit"

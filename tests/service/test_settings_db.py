@@ -23,13 +23,28 @@ def test_production_refuses_development_defaults(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="production needs REDIS_URL"):
         Settings(environment="production", data_dir=tmp_path, database_url="postgresql+psycopg://db/x")
     with pytest.raises(ValidationError, match="RLHF_INFERENCE_TOKEN"):
-        Settings(environment="production", data_dir=tmp_path, database_url="postgresql+psycopg://db/x",
-                 redis_url="redis://r")  # fmt: skip
+        Settings(
+            environment="production",
+            data_dir=tmp_path,
+            database_url="postgresql+psycopg://db/x",
+            redis_url="redis://r",
+        )
     with pytest.raises(ValidationError, match="cors_origins"):
-        Settings(environment="production", data_dir=tmp_path, database_url="postgresql+psycopg://db/x",
-                 redis_url="redis://r", inference_token="s3cret", cors_origins=["*"])  # fmt: skip
-    ok = Settings(environment="production", data_dir=tmp_path, database_url="postgresql+psycopg://db/x",
-                  redis_url="redis://r", inference_token="s3cret")  # fmt: skip
+        Settings(
+            environment="production",
+            data_dir=tmp_path,
+            database_url="postgresql+psycopg://db/x",
+            redis_url="redis://r",
+            inference_token="s3cret",
+            cors_origins=["*"],
+        )
+    ok = Settings(
+        environment="production",
+        data_dir=tmp_path,
+        database_url="postgresql+psycopg://db/x",
+        redis_url="redis://r",
+        inference_token="s3cret",
+    )
     assert ok.db_url.startswith("postgresql")
     assert Settings(data_dir=tmp_path).db_url == f"sqlite:///{tmp_path / 'rlhf.db'}"
 
@@ -69,8 +84,15 @@ def test_concurrent_starts_migrate_once(kind: str, tmp_path: Path, request: pyte
     engine = get_engine(url)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head
-    assert {"jobs", "job_events", "api_keys", "files", "cost_intervals", "uploaded_models",
-            "inference_workers"} <= set(inspect(engine).get_table_names())  # fmt: skip
+    assert {
+        "jobs",
+        "job_events",
+        "api_keys",
+        "files",
+        "cost_intervals",
+        "uploaded_models",
+        "inference_workers",
+    } <= set(inspect(engine).get_table_names())
     if kind == "sqlite":
         with engine.connect() as conn:
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
@@ -84,7 +106,10 @@ def test_concurrent_starts_migrate_once(kind: str, tmp_path: Path, request: pyte
 def test_cors_allow_list(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(cors_origins=["https://chat.example.com"])
     with httpx.Client(base_url=stack.url) as c:
-        pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        pre = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
         ok = c.options("/v1/fine_tuning/jobs", headers=pre | {"Origin": "https://chat.example.com"})
         assert ok.headers.get("access-control-allow-origin") == "https://chat.example.com"
         other = c.options("/v1/fine_tuning/jobs", headers=pre | {"Origin": "https://evil.example"})
@@ -96,7 +121,7 @@ def test_the_api_process_never_imports_torch(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    script = f'''
+    script = f"""
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
@@ -126,6 +151,6 @@ async def main():
 asyncio.run(main())
 assert not any(m.split(".")[0] in ("torch", "transformers", "deepspeed") for m in sys.modules)
 print("ok")
-'''
+"""
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -62,17 +62,13 @@ class BundledDataset:
 BUNDLED: dict[str, BundledDataset] = {
     d.name: d
     for d in (
-        BundledDataset(
-            "bundled:sft", "sft.jsonl", f"{N_SFT} prompt/response pairs for step 1 (SFT-only)"
-        ),
+        BundledDataset("bundled:sft", "sft.jsonl", f"{N_SFT} prompt/response pairs for step 1 (SFT-only)"),
         BundledDataset(
             "bundled:preference",
             "preference.jsonl",
             f"{N_PREFERENCE} prompt/chosen/rejected pairs; chosen answers what was asked",
         ),
-        BundledDataset(
-            "bundled:corpus", "corpus.txt", f"{N_CORPUS} plain-text paragraphs (pretraining mix)"
-        ),
+        BundledDataset("bundled:corpus", "corpus.txt", f"{N_CORPUS} plain-text paragraphs (pretraining mix)"),
         BundledDataset(
             "bundled:questions",
             "questions.jsonl",
@@ -97,8 +93,15 @@ def heldout_questions() -> list[Question]:
 
 def _question_rows(qs: list[Question]) -> list[dict[str, Any]]:
     facts = world()
-    return [{"messages": [{"role": "user", "content": q.text}], "subject": q.subject, "topic": q.kind,
-             "facts": {k: getattr(facts[q.subject], k) for k in TOPICS}} for q in qs]  # fmt: skip
+    return [
+        {
+            "messages": [{"role": "user", "content": q.text}],
+            "subject": q.subject,
+            "topic": q.kind,
+            "facts": {k: getattr(facts[q.subject], k) for k in TOPICS},
+        }
+        for q in qs
+    ]
 
 
 def _sft_rows(qs: list[Question], rng: random.Random) -> list[dict[str, str]]:
@@ -106,7 +109,9 @@ def _sft_rows(qs: list[Question], rng: random.Random) -> list[dict[str, str]]:
     rows = []
     for i, q in enumerate(qs):
         topics = None if i in good else off_topic(q, rng)
-        rows.append({"prompt": q.text, "response": answer(q, topics=topics, named=rng.random() < 0.5, rng=rng)})
+        rows.append(
+            {"prompt": q.text, "response": answer(q, topics=topics, named=rng.random() < 0.5, rng=rng)}
+        )
     return rows
 
 
@@ -115,11 +120,13 @@ def _preference_rows(qs: list[Question], rng: random.Random) -> list[dict[str, s
     for q in qs:
         # chosen and rejected share lead-in, naming and closer: they differ only in what they answer
         style, named, wrong = rng.getrandbits(32), rng.random() < 0.5, off_topic(q, rng)
-        rows.append({
-            "prompt": q.text,
-            "chosen": answer(q, named=named, rng=random.Random(style)),
-            "rejected": answer(q, topics=wrong, named=named, rng=random.Random(style)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": q.text,
+                "chosen": answer(q, named=named, rng=random.Random(style)),
+                "rejected": answer(q, topics=wrong, named=named, rng=random.Random(style)),
+            }
+        )
     return rows
 
 

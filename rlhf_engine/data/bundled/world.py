@@ -20,14 +20,52 @@ import re
 from dataclasses import dataclass
 
 SUBJECTS: tuple[str, ...] = (
-    "dog", "cat", "fox", "owl", "bear", "horse", "duck", "frog", "whale", "bee", "lamp", "boat", "kite",
-    "clock", "apple", "book",
-)  # fmt: skip
-COLORS = ("red", "blue", "green", "yellow", "brown", "black", "white", "grey", "orange", "purple",
-          "pink", "golden")  # fmt: skip
+    "dog",
+    "cat",
+    "fox",
+    "owl",
+    "bear",
+    "horse",
+    "duck",
+    "frog",
+    "whale",
+    "bee",
+    "lamp",
+    "boat",
+    "kite",
+    "clock",
+    "apple",
+    "book",
+)
+COLORS = (
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "brown",
+    "black",
+    "white",
+    "grey",
+    "orange",
+    "purple",
+    "pink",
+    "golden",
+)
 SIZES = ("tiny", "small", "big", "huge")
-PLACES = ("barn", "forest", "lake", "garden", "city", "desert", "cave", "meadow", "valley", "hill",
-          "field", "kitchen")  # fmt: skip
+PLACES = (
+    "barn",
+    "forest",
+    "lake",
+    "garden",
+    "city",
+    "desert",
+    "cave",
+    "meadow",
+    "valley",
+    "hill",
+    "field",
+    "kitchen",
+)
 HABITS = ("sleep", "sing", "run", "swim", "jump", "hide", "eat", "play", "dance", "rest")
 TOPICS = ("color", "size", "place", "habit")
 
@@ -65,9 +103,24 @@ QUESTIONS: tuple[tuple[str, str], ...] = (
     ("describe {ref} for me.", "all"),
 )
 DETERMINERS = ("the", "a", "your")
-OPENERS = ("", "Please help. ", "Quick question: ", "Hello! ", "Can you answer this? ", "Tell me, ",
-           "One more thing: ", "I wonder, ", "Hi. ", "Good morning! ", "Sorry to ask, but ", "Excuse me, ",
-           "A question for you: ", "Hey! ", "I need help. ", "Let me ask: ")  # fmt: skip
+OPENERS = (
+    "",
+    "Please help. ",
+    "Quick question: ",
+    "Hello! ",
+    "Can you answer this? ",
+    "Tell me, ",
+    "One more thing: ",
+    "I wonder, ",
+    "Hi. ",
+    "Good morning! ",
+    "Sorry to ask, but ",
+    "Excuse me, ",
+    "A question for you: ",
+    "Hey! ",
+    "I need help. ",
+    "Let me ask: ",
+)
 SUFFIXES = ("", " Thanks!", " Thank you.", " I am curious.")
 CLOSERS = ("", "", " I hope this helps.", " That is all I know.")
 
@@ -116,8 +169,9 @@ def _sentence(topic: str, ref: str, f: Facts) -> str:
     return f"{ref} likes to {f.habit}."
 
 
-def answer(question: Question, *, topics: tuple[str, ...] | None = None, named: bool = False,
-           rng: random.Random) -> str:  # fmt: skip
+def answer(
+    question: Question, *, topics: tuple[str, ...] | None = None, named: bool = False, rng: random.Random
+) -> str:
     """A fluent answer about `question.subject` stating the facts of `topics`.
 
     `topics` None answers what the question asks (on topic); anything else gives an answer that is

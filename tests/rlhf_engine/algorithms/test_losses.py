@@ -39,8 +39,12 @@ def test_masked_tokens_do_not_change_the_loss() -> None:
 
 def test_pairwise_loss_values() -> None:
     # tie → log 2; chosen ahead by 2 → log(1 + e^-2) ≈ 0.1269; behind by 2 → log(1 + e^2) ≈ 2.1269
-    assert math.isclose(float(pairwise_loss(torch.tensor([0.0]), torch.tensor([0.0]))), math.log(2), rel_tol=1e-6)
-    assert math.isclose(float(pairwise_loss(torch.tensor([2.0]), torch.tensor([0.0]))), math.log1p(math.exp(-2)), rel_tol=1e-6)
+    assert math.isclose(
+        float(pairwise_loss(torch.tensor([0.0]), torch.tensor([0.0]))), math.log(2), rel_tol=1e-6
+    )
+    assert math.isclose(
+        float(pairwise_loss(torch.tensor([2.0]), torch.tensor([0.0]))), math.log1p(math.exp(-2)), rel_tol=1e-6
+    )
     both = pairwise_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0]))
     assert math.isclose(float(both), (math.log1p(math.exp(-2)) + math.log1p(math.exp(2))) / 2, rel_tol=1e-6)
 

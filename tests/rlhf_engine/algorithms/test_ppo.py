@@ -112,9 +112,12 @@ def test_losses_ignore_masked_positions() -> None:
     noisy = [x.clone() for x in (a, b, c)]
     for x in noisy:
         x[0, 3:] = 1e3
-    assert policy_loss(a, b, c, mask, cliprange=0.2)[0] == pytest.approx(policy_loss(*noisy, mask, cliprange=0.2)[0])
+    assert policy_loss(a, b, c, mask, cliprange=0.2)[0] == pytest.approx(
+        policy_loss(*noisy, mask, cliprange=0.2)[0]
+    )
     assert value_loss(a, b, c, mask, cliprange_value=0.2)[0] == pytest.approx(
-        value_loss(*noisy, mask, cliprange_value=0.2)[0])
+        value_loss(*noisy, mask, cliprange_value=0.2)[0]
+    )
     assert mean_kl(a, b, mask) == pytest.approx(mean_kl(noisy[0], noisy[1], mask))
 
 
@@ -127,8 +130,13 @@ def test_split_batch_gradients_equal_the_full_batch_for_equal_token_counts() -> 
     mask = torch.ones(4, 3)
     full, _ = policy_loss(logp, old, adv, mask, cliprange=0.2)
     (g_full,) = torch.autograd.grad(full, logp)
-    halves = sum(policy_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], cliprange=0.2)[0]
-                 for i in (0, 2)) / 2  # fmt: skip
+    halves = (
+        sum(
+            policy_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], cliprange=0.2)[0]
+            for i in (0, 2)
+        )
+        / 2
+    )
     (g_split,) = torch.autograd.grad(halves, logp)
     assert torch.allclose(g_full, g_split, atol=1e-6)
 
@@ -146,7 +154,9 @@ def test_vectorised_gae_equals_a_plain_loop() -> None:
             a_next = float(rewards[b, t]) + 0.99 * v_next - float(values[b, t]) + 0.99 * 0.9 * a_next
             expect[t] = a_next
         assert adv[b].tolist() == pytest.approx(expect, abs=1e-5)
-        assert ret[b, :n].tolist() == pytest.approx([expect[t] + float(values[b, t]) for t in range(n)], abs=1e-5)
+        assert ret[b, :n].tolist() == pytest.approx(
+            [expect[t] + float(values[b, t]) for t in range(n)], abs=1e-5
+        )
 
 
 def test_ema_equals_the_closed_form_after_three_steps() -> None:

@@ -36,8 +36,9 @@ def test_dpo_pushes_chosen_up_and_rejected_down() -> None:
 
 def test_ipo_regresses_the_margin_to_one_over_two_beta() -> None:
     # h = 3, 1/(2β) = 5: (3 − 5)² = 4; at h = 5 the loss is 0
-    out = preference_loss(T([-10.0, -1.0]), T([-14.0, -6.0]), T([-12.0, -1.0]), T([-13.0, -6.0]), kind="ipo",
-                          beta=0.1)  # fmt: skip
+    out = preference_loss(
+        T([-10.0, -1.0]), T([-14.0, -6.0]), T([-12.0, -1.0]), T([-13.0, -6.0]), kind="ipo", beta=0.1
+    )
     assert out.losses.tolist() == pytest.approx([4.0, 25.0])
     exact = preference_loss(T([0.0]), T([-5.0]), T([0.0]), T([0.0]), kind="ipo", beta=0.1)
     assert exact.losses.item() == pytest.approx(0.0)

@@ -15,7 +15,10 @@ from rlhf_engine.models.tiny import ARCHS, build_tiny
 
 NEW = 72  # past the sliding window (64) of mistral and gemma3: their windowed layers matter
 QUESTIONS = ["What is a dog?", "Tell me about the kite.", "Where does the owl live?"]
-LATER = [*QUESTIONS, "Why is the sky blue?"]  # the same prompts again, and a new one: starts taken from the cache
+LATER = [
+    *QUESTIONS,
+    "Why is the sky blue?",
+]  # the same prompts again, and a new one: starts taken from the cache
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -29,19 +32,27 @@ def test_batched_greedy_replies_equal_generate_on_both_backends(arch: str) -> No
     for backend in ("transformers", "deepspeed"):
         with ChatEngine.load(path, backend=backend) as engine:
             for n, round_ in enumerate((QUESTIONS, LATER)):
-                handles = [engine.submit([{"role": "user", "content": q}], params) for q in round_]  # all at once
+                handles = [
+                    engine.submit([{"role": "user", "content": q}], params) for q in round_
+                ]  # all at once
                 for q, handle in zip(round_, handles, strict=True):
                     if q not in refs:
                         ids = torch.tensor([engine.prompt_ids([{"role": "user", "content": q}])])
                         with torch.no_grad():
-                            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                              max_new_tokens=NEW, min_new_tokens=NEW,
-                                              pad_token_id=engine.tokenizer.pad_token_id)  # fmt: skip
+                            ref = hf.generate(
+                                ids,
+                                attention_mask=torch.ones_like(ids),
+                                do_sample=False,
+                                max_new_tokens=NEW,
+                                min_new_tokens=NEW,
+                                pad_token_id=engine.tokenizer.pad_token_id,
+                            )
                         refs[q] = ref[0, ids.shape[1] :].tolist()
                     assert handle.result().choices[0].token_ids == refs[q], (backend, n, q)
             stats = engine.prompt_cache
             if has_sliding_layers(hf.config):
                 assert stats["reused_tokens"] == 0
             else:  # the second round ran only the last token of the repeated prompts through the model
-                assert stats["reused_tokens"] >= sum(len(engine.prompt_ids([{"role": "user", "content": q}])) - 1
-                                                     for q in QUESTIONS), stats  # fmt: skip
+                assert stats["reused_tokens"] >= sum(
+                    len(engine.prompt_ids([{"role": "user", "content": q}])) - 1 for q in QUESTIONS
+                ), stats

@@ -73,37 +73,59 @@ def test_finish_reasons_eos_stop_string_and_length(engine: ChatEngine) -> None:
     assert eos.finish_reason == "stop" and eos.token_ids[-1] == engine.tokenizer.eos_token_id
     assert len(eos.token_ids) < 60
     # a stop string found in the middle of the greedy reply ends it just before the string
-    full = engine.generate(DOG, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)).choices[0].text
+    full = (
+        engine.generate(DOG, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True))
+        .choices[0]
+        .text
+    )
     stop = full.split()[2]
     cut = engine.generate(DOG, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=[stop]))
     assert cut.choices[0].text == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     assert cut.usage.completion_tokens < 30
-    streamed = "".join(d.text for d in engine.stream(DOG, SamplingParams(temperature=0, max_new_tokens=30,
-                                                                        ignore_eos=True, stop=[stop])))  # fmt: skip
+    streamed = "".join(
+        d.text
+        for d in engine.stream(
+            DOG, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=[stop])
+        )
+    )
     assert streamed == cut.choices[0].text
     # max_new_tokens
     short = engine.generate(DOG, SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True))
     assert short.choices[0].finish_reason == "length" and len(short.choices[0].token_ids) == 3
 
 
-def test_greedy_tokens_equal_transformers_generate_and_deepspeed_inference(engine: ChatEngine, base_model: Path) -> None:
+def test_greedy_tokens_equal_transformers_generate_and_deepspeed_inference(
+    engine: ChatEngine, base_model: Path
+) -> None:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(base_model)).eval()
     ours = {}
     for q in QUESTIONS:
         ids = torch.tensor([engine.prompt_ids(user(q))])
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40,
-                          pad_token_id=engine.tokenizer.pad_token_id)[0, ids.shape[1] :].tolist()  # fmt: skip
-        ours[q] = engine.generate(user(q), SamplingParams(temperature=0, max_new_tokens=40)).choices[0].token_ids
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=40,
+            pad_token_id=engine.tokenizer.pad_token_id,
+        )[0, ids.shape[1] :].tolist()
+        ours[q] = (
+            engine.generate(user(q), SamplingParams(temperature=0, max_new_tokens=40)).choices[0].token_ids
+        )
         assert ours[q] == ref, q
     with ChatEngine.load(str(base_model), backend="deepspeed") as ds:
         from deepspeed.inference.engine import InferenceEngine
 
-        assert isinstance(ds.loaded.model, InferenceEngine)  # the forward runs through deepspeed.init_inference
+        assert isinstance(
+            ds.loaded.model, InferenceEngine
+        )  # the forward runs through deepspeed.init_inference
         for q in QUESTIONS:
-            assert ds.generate(user(q), SamplingParams(temperature=0, max_new_tokens=40)).choices[0].token_ids == ours[q]
+            assert (
+                ds.generate(user(q), SamplingParams(temperature=0, max_new_tokens=40)).choices[0].token_ids
+                == ours[q]
+            )
 
 
 # ---------------------------------------------------------------- concurrency
@@ -125,19 +147,24 @@ def test_a_second_request_does_not_wait_for_the_first_to_finish(engine: ChatEngi
 def test_a_seed_gives_the_same_tokens_alone_and_batched(engine: ChatEngine) -> None:
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_new_tokens=30, ignore_eos=True)
     alone = engine.generate(DOG, params).choices[0].token_ids
-    others = [engine.submit(user(q), SamplingParams(seed=i, max_new_tokens=20 + 15 * i, ignore_eos=True))
-              for i, q in enumerate(QUESTIONS)]  # fmt: skip
+    others = [
+        engine.submit(user(q), SamplingParams(seed=i, max_new_tokens=20 + 15 * i, ignore_eos=True))
+        for i, q in enumerate(QUESTIONS)
+    ]
     first = iter(others[0])
     next(first)  # the batch is running when ours joins it
     batched = engine.submit(DOG, params)
-    later = engine.submit(user("Why do cats sleep?"), SamplingParams(seed=9, max_new_tokens=10, ignore_eos=True))
+    later = engine.submit(
+        user("Why do cats sleep?"), SamplingParams(seed=9, max_new_tokens=10, ignore_eos=True)
+    )
     assert batched.result().choices[0].token_ids == alone
     for h in [*others[1:], later]:
         h.result()
     assert sum(len(d.token_ids) for d in first) == 20 - 1
     # n replies: reply i uses seed + i
-    two = engine.generate(DOG, SamplingParams(temperature=1.0, top_p=0.95, seed=11, n=2, max_new_tokens=30,
-                                              ignore_eos=True))  # fmt: skip
+    two = engine.generate(
+        DOG, SamplingParams(temperature=1.0, top_p=0.95, seed=11, n=2, max_new_tokens=30, ignore_eos=True)
+    )
     assert [c.index for c in two.choices] == [0, 1]
     assert two.choices[0].token_ids == alone
     seed12 = SamplingParams(temperature=1.0, top_p=0.95, seed=12, max_new_tokens=30, ignore_eos=True)
@@ -155,7 +182,9 @@ def test_cancel_stops_generation(engine: ChatEngine) -> None:
     assert rest[-1].finish_reason == "cancelled"
     assert handle.usage.completion_tokens < 100
     wait_idle(engine)
-    assert engine.generate(DOG, SamplingParams(max_new_tokens=4, ignore_eos=True)).usage.completion_tokens == 4
+    assert (
+        engine.generate(DOG, SamplingParams(max_new_tokens=4, ignore_eos=True)).usage.completion_tokens == 4
+    )
 
 
 def test_a_reader_that_stops_reading_cancels_its_request(engine: ChatEngine) -> None:
@@ -220,12 +249,18 @@ def test_full_queue_is_busy_and_close_ends_every_request(base_model: Path) -> No
 # ---------------------------------------------------------------- requests the engine refuses
 
 
-@pytest.mark.parametrize(("messages", "param"), [
-    ([], "messages"), ([{"role": "robot", "content": "hi"}], "messages[0].role"),
-    ([{"role": "user", "content": 3}], "messages[0].content"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "messages"),
-])  # fmt: skip
-def test_bad_conversations_name_the_field(engine: ChatEngine, messages: list[dict[str, object]], param: str) -> None:
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([], "messages"),
+        ([{"role": "robot", "content": "hi"}], "messages[0].role"),
+        ([{"role": "user", "content": 3}], "messages[0].content"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "messages"),
+    ],
+)
+def test_bad_conversations_name_the_field(
+    engine: ChatEngine, messages: list[dict[str, object]], param: str
+) -> None:
     with pytest.raises(InvalidRequest) as e:
         engine.submit(messages)  # type: ignore[arg-type]
     assert e.value.param == param
@@ -323,14 +358,20 @@ def test_three_models_of_a_run_load_at_once_in_threads(pipeline_run: Path) -> No
     the per-process load lock, two of three failed ("Cannot copy out of meta tensor", a half-done import)."""
     import threading
 
-    paths = [pipeline_run / "step1_sft", pipeline_run / "step3_rlhf" / "actor", pipeline_run / "step3_rlhf" / "actor_ema"]
+    paths = [
+        pipeline_run / "step1_sft",
+        pipeline_run / "step3_rlhf" / "actor",
+        pipeline_run / "step3_rlhf" / "actor_ema",
+    ]
     replies: dict[str, str] = {}
     errors: list[str] = []
 
     def load(path: Path) -> None:
         try:
             with ChatEngine.load(str(path)) as e:
-                replies[path.name] = e.generate(DOG, SamplingParams(temperature=0, max_new_tokens=8)).choices[0].text
+                replies[path.name] = (
+                    e.generate(DOG, SamplingParams(temperature=0, max_new_tokens=8)).choices[0].text
+                )
         except Exception as ex:  # collected: an exception in a thread would not fail the test
             errors.append(f"{path}: {ex!r}")
 

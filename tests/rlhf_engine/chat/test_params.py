@@ -8,13 +8,25 @@ from rlhf_engine.chat.errors import ContextLengthExceeded, InvalidRequest
 from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"temperature": -0.1}, "temperature"), ({"temperature": 2.5}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -1}, "top_k"), ({"n": 0}, "n"), ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"max_new_tokens": 1.5}, "max_new_tokens"), ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"),
-    ({"stop": [""]}, "stop"), ({"stop": [3]}, "stop"), ({"n": True}, "n"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"n": 0}, "n"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 1.5}, "max_new_tokens"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": [3]}, "stop"),
+        ({"n": True}, "n"),
+    ],
+)
 def test_bad_sampling_params(kwargs: dict[str, object], param: str) -> None:
     with pytest.raises(InvalidRequest) as e:
         SamplingParams(**kwargs)  # type: ignore[arg-type]

@@ -32,7 +32,8 @@ def test_turns_build_a_history_rendered_by_the_shared_formatter(engine: ChatEngi
     # the second turn saw the first: its prompt is the whole conversation, DeepSpeed-Chat's layout
     convo = session.history[:3]
     assert render_prompt(convo, engine.tokenizer) == (
-        f" Human: What is a dog? Assistant: {first.strip()} Human: And the cat? Assistant:")
+        f" Human: What is a dog? Assistant: {first.strip()} Human: And the cat? Assistant:"
+    )
     assert second == engine.generate(convo, GREEDY).choices[0].text
     session.clear()
     assert session.history == []
@@ -50,9 +51,24 @@ def test_oldest_turns_are_dropped_when_the_context_is_full(engine: ChatEngine) -
 
 def test_rlhf_chat_in_a_pipe(base_model: Path) -> None:
     script = "What is a dog?\nAnd the cat?\nclear\nWhat is a dog?\nquit\nnever read\n"
-    done = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "chat", "--path", str(base_model),
-                           "--temperature", "0", "--max-new-tokens", "20"], input=script, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf_engine.cli",
+            "chat",
+            "--path",
+            str(base_model),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "20",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     replies = [line for line in done.stdout.splitlines() if line.startswith("Assistant:")]
     assert len(replies) == 3
@@ -62,9 +78,13 @@ def test_rlhf_chat_in_a_pipe(base_model: Path) -> None:
 
 
 def test_rlhf_chat_ends_at_eof_and_reports_bad_options(base_model: Path, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "chat", "--path", str(base_model),
-                           "--max-new-tokens", "5"], input="Hi\n", capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "rlhf_engine.cli", "chat", "--path", str(base_model), "--max-new-tokens", "5"],
+        input="Hi\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and done.stdout.count("Assistant:") == 1
     bad = rlhf("chat", "--path", base_model, "--temperature", "3")
     assert bad.returncode == 2 and "temperature: 3.0 must be between 0 and 2" in bad.stderr

@@ -60,9 +60,16 @@ def test_heldout_questions_are_in_no_file() -> None:
 
 
 def test_data_list_names_the_bundled_datasets() -> None:
-    out = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "data", "list", "--json"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf_engine.cli", "data", "list", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     listed = {d["name"]: d for d in json.loads(out)}
     assert set(listed) == set(BUNDLED)
-    assert listed["bundled:sft"]["default_for"] == "data" and listed["bundled:corpus"]["default_for"] == "unsup_data"
+    assert (
+        listed["bundled:sft"]["default_for"] == "data"
+        and listed["bundled:corpus"]["default_for"] == "unsup_data"
+    )
     assert all(Path(d["path"]).is_file() for d in listed.values())

@@ -25,7 +25,10 @@ CHATML = (
 def test_deepspeed_chat_layout_without_template() -> None:
     assert render_prompt(CONV) == " Human: What color is the dog? Assistant:"
     assert render_answer(CONV, "The dog is red.") == " The dog is red."
-    assert render_prompt(MULTI) == "Be kind. Human: Hi Assistant: Hello. Human: What color is the dog? Assistant:"
+    assert (
+        render_prompt(MULTI)
+        == "Be kind. Human: Hi Assistant: Hello. Human: What color is the dog? Assistant:"
+    )
 
 
 def test_bundled_template_renders_like_deepspeed_chat(tokenizer) -> None:
@@ -53,7 +56,9 @@ def test_a_tokenizers_own_template_is_used(tokenizer) -> None:
 def test_training_and_chat_tokenise_a_prompt_identically(tokenizer) -> None:
     """Step 1's prompt tokens are exactly the tokens the chat engine will feed for the same text."""
     chat_ids = encode_prompt([{"role": "user", "content": "What color is the dog?"}], tokenizer)
-    rows, _ = tokenize_rows(1, [Sample(CONV, "The dog is red.")], tokenizer, max_seq_len=512, max_prompt_len=256)
+    rows, _ = tokenize_rows(
+        1, [Sample(CONV, "The dog is red.")], tokenizer, max_seq_len=512, max_prompt_len=256
+    )
     ids, prompt_len = rows[0]
     assert ids[:prompt_len] == chat_ids
     assert ids[prompt_len:] == encode_answer(CONV, "The dog is red.", tokenizer)

@@ -37,8 +37,14 @@ SHAPES = {
         [((U("What is 2+2?"),), "4", "5")],
     ),
     "rm_static": (
-        [{"prompt": "\n\nHuman: Name a colour.\n\nAssistant: Red.\n\nHuman: Another?\n\nAssistant:",
-          "response": " Blue.", "chosen": " Blue.", "rejected": " Dog."}],
+        [
+            {
+                "prompt": "\n\nHuman: Name a colour.\n\nAssistant: Red.\n\nHuman: Another?\n\nAssistant:",
+                "response": " Blue.",
+                "chosen": " Blue.",
+                "rejected": " Dog.",
+            }
+        ],
         "preference",
         [((U("Name a colour."), A("Red."), U("Another?")), " Blue.", " Dog.")],
     ),
@@ -53,20 +59,30 @@ SHAPES = {
         [((U("Say hi."),), "Hi!", None), ((U("Say bye."),), "Bye!", None)],
     ),
     "openai_chat": (
-        [{"messages": [{"role": "system", "content": "Be brief."},
-                       {"role": "user", "content": "Capital of France?"},
-                       {"role": "assistant", "content": [{"type": "text", "text": "Paris."}]}]}],
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Capital of France?"},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Paris."}]},
+                ]
+            }
+        ],
         "sft",
         [((Message("system", "Be brief."), U("Capital of France?")), "Paris.", None)],
     ),
     "openai_preference": (
-        [{"input": {"messages": [{"role": "user", "content": "Hello"}]},
-          "preferred_output": [{"role": "assistant", "content": "Hi there."}],
-          "non_preferred_output": [{"role": "assistant", "content": "Go away."}]}],
+        [
+            {
+                "input": {"messages": [{"role": "user", "content": "Hello"}]},
+                "preferred_output": [{"role": "assistant", "content": "Hi there."}],
+                "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+            }
+        ],
         "preference",
         [((U("Hello"),), "Hi there.", "Go away.")],
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
@@ -114,8 +130,9 @@ def test_datasets_save_to_disk(tmp_path: Path) -> None:
 
     rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
-                               "test": datasets.Dataset.from_list(rows[4:])})  # fmt: skip
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:4]), "test": datasets.Dataset.from_list(rows[4:])}
+    )
     dd.save_to_disk(str(tmp_path / "dict"))
 
     single = read_dataset(str(tmp_path / "single"))
@@ -157,7 +174,9 @@ def test_malformed_json_line(tmp_path: Path) -> None:
 
 
 def test_wrong_type_and_non_object(tmp_path: Path) -> None:
-    err = _error(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": 3, "response": "b"}]))
+    err = _error(
+        write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": 3, "response": "b"}])
+    )
     assert (err.line, err.field) == (2, "prompt") and "must be a string" in str(err)
     path = tmp_path / "b.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n[1, 2]\n')
@@ -191,8 +210,12 @@ def test_missing_path_and_unknown_bundled_name() -> None:
 
 def test_hh_prefix_mismatch(tmp_path: Path) -> None:
     other = HH_REJECTED.replace("What colour", "What size")
-    err = _error(write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
-                                                      {"chosen": HH_CHOSEN, "rejected": other}]))  # fmt: skip
+    err = _error(
+        write_jsonl(
+            tmp_path / "hh.jsonl",
+            [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, {"chosen": HH_CHOSEN, "rejected": other}],
+        )
+    )
     assert (err.line, err.field) == (2, "rejected") and "share the conversation" in str(err)
     no_answer = "\n\nHuman: Hi"
     err = _error(write_jsonl(tmp_path / "hh2.jsonl", [{"chosen": no_answer, "rejected": no_answer}]))
@@ -206,11 +229,18 @@ def test_openai_shapes_bad_rows(tmp_path: Path) -> None:
     assert (err.line, err.field) == (2, "messages") and "last message must be the assistant" in str(err)
     err = _error(write_jsonl(tmp_path / "q.jsonl", [prompt, chat]))  # the first row makes it a prompt file
     assert (err.line, err.field) == (2, "messages") and "must end with a user turn" in str(err)
-    err = _error(write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "tool", "content": "x"},
-                                                                   {"role": "assistant", "content": "y"}]}]))  # fmt: skip
+    err = _error(
+        write_jsonl(
+            tmp_path / "r.jsonl",
+            [{"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}],
+        )
+    )
     assert err.field == "messages[0].role"
-    row = {"input": {"messages": [{"role": "user", "content": "x"}]},
-           "preferred_output": [{"role": "user", "content": "y"}], "non_preferred_output": []}  # fmt: skip
+    row = {
+        "input": {"messages": [{"role": "user", "content": "x"}]},
+        "preferred_output": [{"role": "user", "content": "y"}],
+        "non_preferred_output": [],
+    }
     assert _error(write_jsonl(tmp_path / "p.jsonl", [row])).field == "preferred_output"
 
 
@@ -258,12 +288,17 @@ def test_hh_answers_that_contain_human_are_one_answer(tmp_path: Path) -> None:
 
 def test_hh_multi_turn_and_deepspeed_chat_layout(tmp_path: Path) -> None:
     multi = _hh("And its colour?", "Red.", before=_hh("What is a fox?", "An animal."))
-    ds = read_dataset(str(write_jsonl(tmp_path / "m.jsonl", [{"chosen": multi, "rejected": multi[:-4] + "Blue."}])))
+    ds = read_dataset(
+        str(write_jsonl(tmp_path / "m.jsonl", [{"chosen": multi, "rejected": multi[:-4] + "Blue."}]))
+    )
     assert [m.role for m in ds.rows[0].conversation] == ["user", "assistant", "user"]
     assert (ds.rows[0].chosen, ds.rows[0].rejected) == ("Red.", "Blue.")
     # DeepSpeed-Chat's own layout has no blank lines: the words split it
-    flat = {"prompt": " Human: What is a fox? Assistant: An animal. Human: Its colour? Assistant:",
-            "chosen": "Red.", "rejected": "Blue."}  # fmt: skip
+    flat = {
+        "prompt": " Human: What is a fox? Assistant: An animal. Human: Its colour? Assistant:",
+        "chosen": "Red.",
+        "rejected": "Blue.",
+    }
     ds = read_dataset(str(write_jsonl(tmp_path / "f.jsonl", [flat])))
     assert [m.content for m in ds.rows[0].conversation] == ["What is a fox?", "An animal.", "Its colour?"]
 
@@ -271,7 +306,10 @@ def test_hh_multi_turn_and_deepspeed_chat_layout(tmp_path: Path) -> None:
 def test_a_few_unusable_rows_are_skipped_and_counted_too_many_refuse_the_file(tmp_path: Path) -> None:
     good = {"chosen": _hh("Hi?", "Hello."), "rejected": _hh("Hi?", "Go away.")}
     no_answer = {"chosen": "\n\nHuman: Hi?", "rejected": "\n\nHuman: Hi?"}  # harmless-base line 30's kind
-    differ = {"chosen": _hh("Hi?", "Hello."), "rejected": _hh("Bye?", "Go away.")}  # differ before the last turn
+    differ = {
+        "chosen": _hh("Hi?", "Hello."),
+        "rejected": _hh("Bye?", "Go away."),
+    }  # differ before the last turn
     empty = {"chosen": _hh("Hi?", ""), "rejected": _hh("Hi?", "Go away.")}
     rows = [good] * 97 + [no_answer, differ, empty]
     ds = read_dataset(str(write_jsonl(tmp_path / "few.jsonl", rows)))
@@ -282,15 +320,23 @@ def test_a_few_unusable_rows_are_skipped_and_counted_too_many_refuse_the_file(tm
     many = [good] * 10 + [no_answer] * 3
     with pytest.raises(DataError, match=r"3 of 13 rows cannot be used .*first at lines 11, 12, 13"):
         read_dataset(str(write_jsonl(tmp_path / "many.jsonl", many)))
-    assert len(read_dataset(str(write_jsonl(tmp_path / "m2.jsonl", many)), ReadLimits(max_bad_rows=0.5)).rows) == 10
+    assert (
+        len(read_dataset(str(write_jsonl(tmp_path / "m2.jsonl", many)), ReadLimits(max_bad_rows=0.5)).rows)
+        == 10
+    )
 
 
 def test_prompt_only_rows_keep_their_other_fields_as_the_item(tmp_path: Path) -> None:
     """OpenAI's reinforcement rows (messages ending with the user's turn, plus fields for the grader)
     and {prompt} rows are prompt-only data: step 3 alone uses them, with the extra fields as `item`."""
-    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
-             "reference_answer": "4", "meta": {"level": 1}},
-            {"messages": [{"role": "user", "content": "3+3?"}], "reference_answer": "6"}]  # fmt: skip
+    rows = [
+        {
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+            "reference_answer": "4",
+            "meta": {"level": 1},
+        },
+        {"messages": [{"role": "user", "content": "3+3?"}], "reference_answer": "6"},
+    ]
     d = read_dataset(str(write_jsonl(tmp_path / "rft.jsonl", rows)))
     assert (d.kind, d.format, len(d)) == ("prompt", "openai_prompt", 2)
     assert d.rows[0].conversation[-1].content == "2+2?" and d.rows[0].chosen == ""
@@ -299,6 +345,12 @@ def test_prompt_only_rows_keep_their_other_fields_as_the_item(tmp_path: Path) ->
     d = read_dataset(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?", "subject": "dog"}])))
     assert (d.kind, d.format, d.rows[0].item) == ("prompt", "prompt_only", {"subject": "dog"})
     # an SFT row's fields beyond its shape are its item too; rows without any have none
-    d = read_dataset(str(write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "response": "b", "id": 7},
-                                                             {"prompt": "c", "response": "d"}])))  # fmt: skip
+    d = read_dataset(
+        str(
+            write_jsonl(
+                tmp_path / "s.jsonl",
+                [{"prompt": "a", "response": "b", "id": 7}, {"prompt": "c", "response": "d"}],
+            )
+        )
+    )
     assert [r.item for r in d.rows] == [{"id": 7}, None]

@@ -17,8 +17,9 @@ from rlhf_engine.data.split import blend, bounds, require_rows
 
 
 def _pref(path: Path, n: int, tag: str) -> str:
-    path.write_text("".join(json.dumps({"prompt": f"{tag} {i}", "chosen": "c", "rejected": "r"}) + "\n"
-                            for i in range(n)))  # fmt: skip
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{tag} {i}", "chosen": "c", "rejected": "r"}) + "\n" for i in range(n))
+    )
     return str(path)
 
 
@@ -29,8 +30,11 @@ def _sft(path: Path, n: int, tag: str) -> str:
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, str]:
-    return {"a": _pref(tmp_path / "a.jsonl", 1000, "a"), "b": _pref(tmp_path / "b.jsonl", 300, "b"),
-            "s": _sft(tmp_path / "s.jsonl", 200, "s")}  # fmt: skip
+    return {
+        "a": _pref(tmp_path / "a.jsonl", 1000, "a"),
+        "b": _pref(tmp_path / "b.jsonl", 300, "b"),
+        "s": _sft(tmp_path / "s.jsonl", 200, "s"),
+    }
 
 
 def _prompts(rows) -> list[str]:
@@ -70,7 +74,9 @@ def test_blending_keeps_every_datasets_rows_and_sft_stays_in_step_1(files: dict[
     for step in (1, 2, 3):
         rows = blend([s.train[step - 1] for s in slices], [1.0, 1.0, 1.0], ["a", "b", "s"], step=step, seed=1)
         by_source = Counter(p.split()[0] for p in _prompts(rows))
-        expected = {tag: len(s.train[step - 1]) for tag, s in zip("abs", slices, strict=True) if s.train[step - 1]}
+        expected = {
+            tag: len(s.train[step - 1]) for tag, s in zip("abs", slices, strict=True) if s.train[step - 1]
+        }
         assert dict(by_source) == expected
         assert ("s" in by_source) == (step == 1)
 
@@ -114,8 +120,9 @@ def test_source_eval_split_is_used_as_is(tmp_path: Path) -> None:
     import datasets
 
     rows = [{"prompt": f"q{i}", "chosen": "c", "rejected": "r"} for i in range(50)]
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:40]),
-                          "test": datasets.Dataset.from_list(rows[40:])}).save_to_disk(str(tmp_path / "d"))  # fmt: skip
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:40]), "test": datasets.Dataset.from_list(rows[40:])}
+    ).save_to_disk(str(tmp_path / "d"))
     config = DataConfig(data=[str(tmp_path / "d")])
     sl = slice_all(config, load_datasets(config))[0]
     assert sorted(p for part in sl.eval for p in _prompts(part)) == sorted(f"q{i}" for i in range(40, 50))
@@ -128,8 +135,10 @@ def test_bad_split_strings(bad: str) -> None:
         DataConfig(data_split=bad)
 
 
-@given(st.integers(min_value=0, max_value=5000),
-       st.lists(st.integers(min_value=0, max_value=10), min_size=3, max_size=3).filter(lambda s: sum(s) > 0))
+@given(
+    st.integers(min_value=0, max_value=5000),
+    st.lists(st.integers(min_value=0, max_value=10), min_size=3, max_size=3).filter(lambda s: sum(s) > 0),
+)
 def test_bounds_partition_in_proportion(n: int, raw: list[int]) -> None:
     shares = parse_split(",".join(map(str, raw)))
     b = bounds(n, shares)

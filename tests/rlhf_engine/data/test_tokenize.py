@@ -56,7 +56,9 @@ def test_long_prompts_are_counted_never_silently_dropped(tokenizer) -> None:
                 assert split["kept"] + sum(split["filtered"].values()) == split["rows"]
         total = sum(r.train["filtered"].get("prompt_too_long", 0) for r in prepared.reports)
         if step == 3:
-            assert total > 0 and all(len(prepared.train.row(i)["prompt_ids"]) <= 14 for i in range(len(prepared.train)))
+            assert total > 0 and all(
+                len(prepared.train.row(i)["prompt_ids"]) <= 14 for i in range(len(prepared.train))
+            )
         else:
             assert sum(r.train["truncated"] for r in prepared.reports) > 0  # answers cut to 24 tokens
             col = "input_ids" if step == 1 else "chosen_ids"

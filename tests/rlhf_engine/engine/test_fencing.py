@@ -165,11 +165,30 @@ def test_a_model_build_started_by_a_worker_ends_with_it(tmp_path: Path) -> None:
     worker's build into the same folder."""
     worker = subprocess.Popen(["sleep", "300"])
     build = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", "llama", "--size", "m",
-         "--pretrain-steps", "5000", "--seed", "99", "--out", str(tmp_path / "m"), "--sample", ""],
-        env={**os.environ, fencing.WATCH_ENV: str(worker.pid)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "rlhf_engine.cli",
+            "models",
+            "tiny",
+            "--arch",
+            "llama",
+            "--size",
+            "m",
+            "--pretrain-steps",
+            "5000",
+            "--seed",
+            "99",
+            "--out",
+            str(tmp_path / "m"),
+            "--sample",
+            "",
+        ],
+        env={**os.environ, fencing.WATCH_ENV: str(worker.pid)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
     time.sleep(8)  # imports done, pretraining under way
     assert build.poll() is None
     worker.kill()

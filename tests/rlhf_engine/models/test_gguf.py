@@ -29,13 +29,17 @@ def _gguf(path: Path, *, arch: str, qtype: str) -> Path:
 
 def test_a_quantisation_that_cannot_be_dequantised_is_refused_naming_it(tmp_path: Path) -> None:
     path = _gguf(tmp_path / "m.gguf", arch="llama", qtype="Q8_K")
-    with pytest.raises(ValueError, match=r"actor_model_name_or_path: .*m.gguf holds tensors quantised as Q8_K.*llama.cpp"):
+    with pytest.raises(
+        ValueError, match=r"actor_model_name_or_path: .*m.gguf holds tensors quantised as Q8_K.*llama.cpp"
+    ):
         resolve_model(str(path), field="actor_model_name_or_path")
     assert check_gguf(_gguf(tmp_path / "ok.gguf", arch="llama", qtype="Q4_1"))["tensor_types"] == ["Q4_1"]
 
 
 def test_an_architecture_transformers_cannot_read_and_a_non_gguf_file_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"is a 'rwkv9' GGUF model; transformers reads GGUF files of .*llama"):
+    with pytest.raises(
+        ValueError, match=r"is a 'rwkv9' GGUF model; transformers reads GGUF files of .*llama"
+    ):
         gguf_to_hf(_gguf(tmp_path / "r.gguf", arch="rwkv9", qtype="Q8_0"))
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a gguf file at all")

@@ -29,9 +29,13 @@ def hub_cache(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             if f.name == "generation_config.json" and commit == V2:  # revision v2 differs in one file
                 blob = repo / "blobs" / hashlib.sha256(b"v2" + f.read_bytes()).hexdigest()
                 blob.parent.mkdir(exist_ok=True)
-                blob.write_text(f.read_text().replace('"use_cache": true', '"use_cache": true,\n  "max_length": 77'))
+                blob.write_text(
+                    f.read_text().replace('"use_cache": true', '"use_cache": true,\n  "max_length": 77')
+                )
             else:
-                blob = repo / "blobs" / hashlib.sha256(f.name.encode()).hexdigest()  # (the hub names blobs by etag)
+                blob = (
+                    repo / "blobs" / hashlib.sha256(f.name.encode()).hexdigest()
+                )  # (the hub names blobs by etag)
                 blob.parent.mkdir(exist_ok=True)
                 if not blob.exists():
                     blob.symlink_to(f)
@@ -53,7 +57,9 @@ def test_a_hub_id_resolves_to_its_cached_snapshot_with_tokenizer_and_template(
     assert tok.chat_template and "<|im_start|>" in tok.chat_template and len(tok) == 49152
 
 
-def test_a_revision_picks_its_snapshot_and_a_missing_one_is_named(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_revision_picks_its_snapshot_and_a_missing_one_is_named(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
     assert Path(resolve_model(f"{REPO}@v2")).name == V2
     assert Path(resolve_model(f"{REPO}@{V2}")).name == V2  # a commit hash works as well as a tag
@@ -68,12 +74,27 @@ def test_chat_and_the_cli_take_the_hub_id(hub_cache: Path, monkeypatch: pytest.M
 
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
     with ChatEngine.load(REPO, backend="transformers") as engine:
-        reply = engine.generate([{"role": "user", "content": "What is the capital of France?"}],
-                                SamplingParams(temperature=0, max_new_tokens=16))  # fmt: skip
+        reply = engine.generate(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            SamplingParams(temperature=0, max_new_tokens=16),
+        )
     assert "Paris" in reply.choices[0].text
-    done = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "data", "preview", "--tokenizer", REPO, "--json"],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "rlhf_engine.cli", "data", "preview", "--tokenizer", REPO, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    bad = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "chat", "--path", f"{REPO}@nope"], input="",
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ))  # fmt: skip
-    assert bad.returncode == 2 and "model_path: HuggingFaceTB/SmolLM2-135M-Instruct@nope is not in" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "rlhf_engine.cli", "chat", "--path", f"{REPO}@nope"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
+    assert (
+        bad.returncode == 2 and "model_path: HuggingFaceTB/SmolLM2-135M-Instruct@nope is not in" in bad.stderr
+    )

@@ -24,9 +24,13 @@ def test_tiny_models_load_offline_and_generate(arch: str) -> None:
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # safetensors only
     tok = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path))
-    assert model.config.model_type == {"gemma3": "gemma3_text"}.get(arch, arch) and model.config.vocab_size == len(tok)
+    assert model.config.model_type == {"gemma3": "gemma3_text"}.get(
+        arch, arch
+    ) and model.config.vocab_size == len(tok)
     ids = tok(" Human: What color is the dog? Assistant:", return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        **ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+    )
     assert out.shape[1] == ids["input_ids"].shape[1] + 8
 
 
@@ -58,8 +62,21 @@ def test_pretraining_learns_the_bundled_language_and_is_cached(tokenizer) -> Non
 
 def test_cli_writes_a_model_directory_and_refuses_to_clobber(tmp_path: Path) -> None:
     out = tmp_path / "m"
-    cmd = [sys.executable, "-m", "rlhf_engine.cli", "models", "tiny", "--arch", "llama", "--size", "xs",
-           "--out", str(out), "--sample", ""]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf_engine.cli",
+        "models",
+        "tiny",
+        "--arch",
+        "llama",
+        "--size",
+        "xs",
+        "--out",
+        str(out),
+        "--sample",
+        "",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.model_type == "llama"

@@ -27,8 +27,10 @@ def test_saved_fields_load_in_transformers_4_and_5(tokenizer_dir: Path) -> None:
     assert {v["content"] for v in config["added_tokens_decoder"].values()} == {EOS, PAD}
     assert not (tokenizer_dir / "chat_template.jinja").exists()
     assert "TokenizersBackend" not in "".join(p.read_text() for p in tokenizer_dir.glob("*.json"))
-    for tok in (AutoTokenizer.from_pretrained(str(tokenizer_dir)),
-                PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))):  # fmt: skip
+    for tok in (
+        AutoTokenizer.from_pretrained(str(tokenizer_dir)),
+        PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir)),
+    ):
         assert tok.eos_token == EOS and tok.pad_token == PAD and tok.pad_token_id != tok.eos_token_id
         assert tok.chat_template == DS_CHAT_TEMPLATE
 
@@ -42,5 +44,11 @@ def test_any_unicode_round_trips_without_unknown_tokens(tokenizer, text: str) ->
 
 
 def test_fixed_unicode_examples(tokenizer) -> None:
-    for text in ("héllo wörld", "日本語のテキスト", "emoji 🙂🚀 and \u200b zero-width", "tab\tnew\nline\r\n", "\x00"):
+    for text in (
+        "héllo wörld",
+        "日本語のテキスト",
+        "emoji 🙂🚀 and \u200b zero-width",
+        "tab\tnew\nline\r\n",
+        "\x00",
+    ):
         assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text

@@ -26,35 +26,98 @@ from rlhf_engine.stages import dpo, ppo, reward, sft
 def run_arch(arch: str, out: Path) -> dict[str, Any]:
     base = str(build_tiny(arch, "xs"))  # type: ignore[arg-type]
     data = DataConfig(max_seq_len=64, max_prompt_len=32)
-    common = {"output_dir": str(out), "data": data, "max_steps": 2, "per_device_train_batch_size": 4,
-              "per_device_eval_batch_size": 4, "eval_max_rows": 8, "checkpoint_interval": 0}  # fmt: skip
+    common = {
+        "output_dir": str(out),
+        "data": data,
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "eval_max_rows": 8,
+        "checkpoint_interval": 0,
+    }
     result: dict[str, Any] = {}
     steps = [
-        ("sft", lambda: sft.run(SFTConfig(model_name_or_path=base, model=ModelOptions(lora_dim=4), **common))),
-        ("reward", lambda: reward.run(RewardConfig(model_name_or_path=base, model=ModelOptions(zero_stage=2),
-                                                   **common))),  # fmt: skip
-        ("ppo", lambda: ppo.run(PPOConfig(
-            actor_model_name_or_path=str(out / "step1_sft"), critic_model_name_or_path=str(out / "step2_reward"),
-            output_dir=str(out), data=DataConfig(max_seq_len=64, max_prompt_len=32, unsup_data=["bundled:corpus"]),
-            actor=ModelOptions(zero_stage=3, lora_dim=4, zero_param_persistence_threshold=0, dropout=0.0),
-            critic=ModelOptions(dropout=0.0), max_answer_len=8, per_device_generation_batch_size=4,
-            per_device_training_batch_size=4, max_steps=1, num_warmup_steps=0, enable_ema=True, unsup_coef=1.0,
-            eval_max_rows=4, checkpoint_interval=0, rollouts_per_step=1))),  # fmt: skip
-        ("dpo", lambda: dpo.run(DPOConfig(model_name_or_path=str(out / "step1_sft"), model=ModelOptions(lora_dim=4,
-                                dropout=0.0), learning_rate=1e-4, **common | {"output_dir": str(out / "methods")}))),  # fmt: skip
-        ("grpo", lambda: ppo.run(PPOConfig(
-            actor_model_name_or_path=str(out / "step1_sft"), reward_model_name_or_path=str(out / "step2_reward"),
-            output_dir=str(out / "methods"), data=data, algorithm="grpo", samples_per_prompt=2,
-            actor=ModelOptions(zero_stage=3, lora_dim=4, zero_param_persistence_threshold=0, dropout=0.0),
-            max_answer_len=8, per_device_generation_batch_size=2, per_device_training_batch_size=4, max_steps=1,
-            num_warmup_steps=0, eval_max_rows=4, checkpoint_interval=0, rollouts_per_step=1))),  # fmt: skip
+        (
+            "sft",
+            lambda: sft.run(SFTConfig(model_name_or_path=base, model=ModelOptions(lora_dim=4), **common)),
+        ),
+        (
+            "reward",
+            lambda: reward.run(
+                RewardConfig(model_name_or_path=base, model=ModelOptions(zero_stage=2), **common)
+            ),
+        ),
+        (
+            "ppo",
+            lambda: ppo.run(
+                PPOConfig(
+                    actor_model_name_or_path=str(out / "step1_sft"),
+                    critic_model_name_or_path=str(out / "step2_reward"),
+                    output_dir=str(out),
+                    data=DataConfig(max_seq_len=64, max_prompt_len=32, unsup_data=["bundled:corpus"]),
+                    actor=ModelOptions(
+                        zero_stage=3, lora_dim=4, zero_param_persistence_threshold=0, dropout=0.0
+                    ),
+                    critic=ModelOptions(dropout=0.0),
+                    max_answer_len=8,
+                    per_device_generation_batch_size=4,
+                    per_device_training_batch_size=4,
+                    max_steps=1,
+                    num_warmup_steps=0,
+                    enable_ema=True,
+                    unsup_coef=1.0,
+                    eval_max_rows=4,
+                    checkpoint_interval=0,
+                    rollouts_per_step=1,
+                )
+            ),
+        ),
+        (
+            "dpo",
+            lambda: dpo.run(
+                DPOConfig(
+                    model_name_or_path=str(out / "step1_sft"),
+                    model=ModelOptions(lora_dim=4, dropout=0.0),
+                    learning_rate=1e-4,
+                    **common | {"output_dir": str(out / "methods")},
+                )
+            ),
+        ),
+        (
+            "grpo",
+            lambda: ppo.run(
+                PPOConfig(
+                    actor_model_name_or_path=str(out / "step1_sft"),
+                    reward_model_name_or_path=str(out / "step2_reward"),
+                    output_dir=str(out / "methods"),
+                    data=data,
+                    algorithm="grpo",
+                    samples_per_prompt=2,
+                    actor=ModelOptions(
+                        zero_stage=3, lora_dim=4, zero_param_persistence_threshold=0, dropout=0.0
+                    ),
+                    max_answer_len=8,
+                    per_device_generation_batch_size=2,
+                    per_device_training_batch_size=4,
+                    max_steps=1,
+                    num_warmup_steps=0,
+                    eval_max_rows=4,
+                    checkpoint_interval=0,
+                    rollouts_per_step=1,
+                )
+            ),
+        ),
     ]
     for name, step in steps:
         try:
             summary = step()
             result[name] = {"ok": True, "summary": {k: v for k, v in summary.items() if k != "options"}}
         except Exception as e:  # recorded, and the later steps of this architecture skipped
-            result[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            result[name] = {
+                "ok": False,
+                "error": f"{type(e).__name__}: {e}",
+                "trace": traceback.format_exc()[-3000:],
+            }
             break
     return result
 

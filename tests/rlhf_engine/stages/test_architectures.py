@@ -34,8 +34,13 @@ MLP = ("fc1", "c_fc", "up_proj", "gate_up_proj", "dense_h_to_4h")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("arch_matrix")
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("arch_matrix.py")), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("arch_matrix.py")), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return {"dir": out, "report": json.loads((out / "report.json").read_text())}
 
@@ -68,7 +73,9 @@ def test_three_steps_train_and_save_loadable_models(arch: str, matrix: dict[str,
         _loads_exactly(run / "step3_rlhf" / name, "causal_lm")
     _loads_exactly(run / "step3_rlhf" / "critic", "value")
     [m] = read_jsonl(run / "step3_rlhf" / "metrics.jsonl")
-    assert all(m[k] is not None for k in ("reward_mean", "kl_to_ref", "actor_loss", "critic_loss", "unsup_loss"))
+    assert all(
+        m[k] is not None for k in ("reward_mean", "kl_to_ref", "actor_loss", "critic_loss", "unsup_loss")
+    )
     # LoRA's default (all-linear, resolved per architecture) adapted attention and MLP both
     base = load_file(str(build_tiny(arch, "xs") / "model.safetensors"))  # type: ignore[arg-type]
     tuned = load_file(str(run / "step1_sft" / "model.safetensors"))
@@ -80,7 +87,9 @@ def test_three_steps_train_and_save_loadable_models(arch: str, matrix: dict[str,
         assert step in report and report[step]["ok"], report.get(step, {}).get("trace", report)
     methods = run / "methods"
     _loads_exactly(methods / "step2_dpo", "causal_lm")
-    assert {"rewards_margin", "rewards_accuracy"} <= set(read_jsonl(methods / "step2_dpo" / "metrics.jsonl")[-1])
+    assert {"rewards_margin", "rewards_accuracy"} <= set(
+        read_jsonl(methods / "step2_dpo" / "metrics.jsonl")[-1]
+    )
     _loads_exactly(methods / "step3_rlhf" / "actor", "causal_lm")
     assert not (methods / "step3_rlhf" / "critic").exists()
     [g] = read_jsonl(methods / "step3_rlhf" / "metrics.jsonl")

@@ -20,9 +20,29 @@ from rlhf_engine.stages.heldout import heldout_report
 from rlhf_engine.stages.records import read_jsonl
 from tests.runs import kill_after_first_checkpoint, rlhf, rlhf_ok
 
-ARGS = ["dpo", "--max-steps", 24, "--learning-rate", 1e-4, "--per-device-train-batch-size", 8,
-        "--checkpoint-interval", 8, "--max-seq-len", 128, "--eval-max-rows", 96]  # fmt: skip
-PREFERENCE_METRICS = {"loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "chosen_nll"}
+ARGS = [
+    "dpo",
+    "--max-steps",
+    24,
+    "--learning-rate",
+    1e-4,
+    "--per-device-train-batch-size",
+    8,
+    "--checkpoint-interval",
+    8,
+    "--max-seq-len",
+    128,
+    "--eval-max-rows",
+    96,
+]
+PREFERENCE_METRICS = {
+    "loss",
+    "rewards_chosen",
+    "rewards_rejected",
+    "rewards_margin",
+    "rewards_accuracy",
+    "chosen_nll",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +72,10 @@ def test_dpo_records_implicit_rewards_every_step(dpo_run: Path) -> None:
     events = read_jsonl(dpo_run / "events.jsonl")
     started = events[0]
     assert started["type"] == "step_started" and started["message"].endswith("steps of 8 pairs")
-    assert started["data"]["reference"] == "the model's starting weights" and started["data"]["loss"] == "sigmoid"
+    assert (
+        started["data"]["reference"] == "the model's starting weights"
+        and started["data"]["loss"] == "sigmoid"
+    )
     assert [e["data"]["global_step"] for e in events if e["type"] == "checkpoint_saved"] == [8, 16]
     evals = [e for e in events if e["type"] == "eval"]
     assert [e["data"]["global_step"] for e in evals] == [0, 24] and "rewards_accuracy" in evals[-1]["data"]
@@ -62,13 +85,20 @@ def test_the_dpo_model_is_a_chat_model_that_loads_anywhere(dpo_run: Path, sft_ru
     assert not list(dpo_run.glob("*.bin"))
     model = AutoModelForCausalLM.from_pretrained(str(dpo_run)).eval()
     before = AutoModelForCausalLM.from_pretrained(str(sft_run)).eval()
-    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), before.named_parameters(), strict=True)
-               if not torch.equal(p, q)]  # fmt: skip
+    changed = [
+        n
+        for (n, p), (_, q) in zip(model.named_parameters(), before.named_parameters(), strict=True)
+        if not torch.equal(p, q)
+    ]
     assert changed, "DPO left every weight as it was"
-    assert (dpo_run / "tokenizer_config.json").read_bytes() == (sft_run / "tokenizer_config.json").read_bytes()
+    assert (dpo_run / "tokenizer_config.json").read_bytes() == (
+        sft_run / "tokenizer_config.json"
+    ).read_bytes()
 
 
-def test_a_killed_dpo_run_resumes_with_identical_metrics(dpo_run: Path, sft_run: Path, tmp_path: Path) -> None:
+def test_a_killed_dpo_run_resumes_with_identical_metrics(
+    dpo_run: Path, sft_run: Path, tmp_path: Path
+) -> None:
     args = [*ARGS, "--model", sft_run, "--output-dir", tmp_path]
     at = kill_after_first_checkpoint(args, tmp_path / "step2_dpo")
     assert at == 8
@@ -79,13 +109,33 @@ def test_a_killed_dpo_run_resumes_with_identical_metrics(dpo_run: Path, sft_run:
     for key in ("loss", "rewards_margin", "rewards_accuracy"):
         assert [m[key] for m in resumed] == pytest.approx([m[key] for m in straight], abs=1e-6), key
     done = json.loads((tmp_path / "step2_dpo" / "summary.json").read_text())
-    assert done["eval_loss_after"] == pytest.approx(json.loads((dpo_run / "summary.json").read_text())["eval_loss_after"])
+    assert done["eval_loss_after"] == pytest.approx(
+        json.loads((dpo_run / "summary.json").read_text())["eval_loss_after"]
+    )
 
 
-@pytest.mark.parametrize("variant", [["--loss", "ipo"], ["--loss", "simpo", "--rpo-alpha", 0.5]], ids=["ipo", "simpo+rpo"])
-def test_ipo_and_reference_free_simpo_with_the_rpo_term(variant: list[object], sft_run: Path, tmp_path: Path) -> None:
-    rlhf_ok("dpo", "--model", sft_run, "--output-dir", tmp_path, "--max-steps", 3, "--max-seq-len", 128,
-            "--eval-max-rows", 16, "--learning-rate", 1e-4, *variant)  # fmt: skip
+@pytest.mark.parametrize(
+    "variant", [["--loss", "ipo"], ["--loss", "simpo", "--rpo-alpha", 0.5]], ids=["ipo", "simpo+rpo"]
+)
+def test_ipo_and_reference_free_simpo_with_the_rpo_term(
+    variant: list[object], sft_run: Path, tmp_path: Path
+) -> None:
+    rlhf_ok(
+        "dpo",
+        "--model",
+        sft_run,
+        "--output-dir",
+        tmp_path,
+        "--max-steps",
+        3,
+        "--max-seq-len",
+        128,
+        "--eval-max-rows",
+        16,
+        "--learning-rate",
+        1e-4,
+        *variant,
+    )
     step_dir = tmp_path / "step2_dpo"
     started = read_jsonl(step_dir / "events.jsonl")[0]["data"]
     assert started["loss"] == variant[1]
@@ -106,8 +156,9 @@ def test_ipo_and_reference_free_simpo_with_the_rpo_term(variant: list[object], s
         (["--loss", "kto"], "--loss"),
     ],
 )
-def test_options_that_cannot_work_are_refused_naming_the_field(flags: list[object], field: str, tmp_path: Path,
-                                                               sft_run: Path) -> None:  # fmt: skip
+def test_options_that_cannot_work_are_refused_naming_the_field(
+    flags: list[object], field: str, tmp_path: Path, sft_run: Path
+) -> None:
     done = rlhf("dpo", "--model", sft_run, "--output-dir", tmp_path, *flags)
     assert done.returncode == 2 and field in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "step2_dpo").exists()
@@ -129,12 +180,16 @@ def test_answer_log_probs_cover_exactly_the_answer_tokens(sft_run: Path) -> None
     assert logps[1, 2].item() == pytest.approx(table[1, 2, 10].item(), abs=1e-5)
 
 
-def test_rlhf_train_method_dpo_runs_step_1_then_dpo(pipeline_run: Path, base_model: Path, tmp_path: Path) -> None:
+def test_rlhf_train_method_dpo_runs_step_1_then_dpo(
+    pipeline_run: Path, base_model: Path, tmp_path: Path
+) -> None:
     """`rlhf train --method dpo --config tiny`: step 1 (here finished earlier with the same options: checked,
     not retrained), then DPO with the preset's `dpo:` section; the chat model is step2_dpo/."""
     shutil.copytree(pipeline_run / "step1_sft", tmp_path / "step1_sft")
     sft_weights = (tmp_path / "step1_sft" / "model.safetensors").read_bytes()
-    done = rlhf("train", "--method", "dpo", "--actor-model", base_model, "--output-dir", tmp_path, "--config", "tiny")
+    done = rlhf(
+        "train", "--method", "dpo", "--actor-model", base_model, "--output-dir", tmp_path, "--config", "tiny"
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"Chat model: {tmp_path / 'step2_dpo'}" in " ".join(done.stdout.split())
     assert "step 1 (SFT): finished earlier" in done.stdout and "step 2 (DPO): done" in done.stdout

@@ -16,8 +16,16 @@ from safetensors.torch import load_file
 from rlhf_engine.stages.records import read_jsonl
 from tests.runs import SMALL, kill_after_first_checkpoint, rlhf, rlhf_ok
 
-FAST = ["--per-device-train-batch-size", 4, "--checkpoint-interval", 0, "--max-seq-len", 128,
-        "--eval-max-rows", 32]  # fmt: skip
+FAST = [
+    "--per-device-train-batch-size",
+    4,
+    "--checkpoint-interval",
+    0,
+    "--max-seq-len",
+    128,
+    "--eval-max-rows",
+    32,
+]
 
 
 def _losses(step_dir: Path) -> list[float]:
@@ -26,11 +34,30 @@ def _losses(step_dir: Path) -> list[float]:
 
 def test_zero_stages_give_the_same_losses(tmp_path: Path, base_model: Path) -> None:
     runs = {}
-    for stage, extra in ((0, []), (2, []), (3, ["--zero-param-persistence-threshold", 0]),
-                         (2, ["--offload", "--gradient-checkpointing"])):  # fmt: skip
+    for stage, extra in (
+        (0, []),
+        (2, []),
+        (3, ["--zero-param-persistence-threshold", 0]),
+        (2, ["--offload", "--gradient-checkpointing"]),
+    ):
         out = tmp_path / f"z{stage}{len(extra)}"
-        rlhf_ok("sft", "--model", base_model, "--output-dir", out, "--zero-stage", stage, *extra, "--dropout", 0,
-                "--max-steps", 6, "--gradient-accumulation-steps", 2, *FAST)  # fmt: skip
+        rlhf_ok(
+            "sft",
+            "--model",
+            base_model,
+            "--output-dir",
+            out,
+            "--zero-stage",
+            stage,
+            *extra,
+            "--dropout",
+            0,
+            "--max-steps",
+            6,
+            "--gradient-accumulation-steps",
+            2,
+            *FAST,
+        )
         runs[(stage, len(extra))] = out / "step1_sft"
     ref = _losses(runs[(0, 0)])
     assert len(ref) == 6 and ref[-1] < ref[0]
@@ -50,8 +77,23 @@ def _changed(base: dict, trained: dict) -> set[str]:
 def test_lora_trains_only_what_it_should(tmp_path: Path, base_model: Path) -> None:
     base = load_file(str(base_model / "model.safetensors"))
     only = tmp_path / "only"
-    rlhf_ok("sft", "--model", base_model, "--output-dir", only, "--lora-dim", 4, "--only-optimize-lora",
-            "--zero-stage", 3, "--zero-param-persistence-threshold", 0, "--max-steps", 4, *FAST)  # fmt: skip
+    rlhf_ok(
+        "sft",
+        "--model",
+        base_model,
+        "--output-dir",
+        only,
+        "--lora-dim",
+        4,
+        "--only-optimize-lora",
+        "--zero-stage",
+        3,
+        "--zero-param-persistence-threshold",
+        0,
+        "--max-steps",
+        4,
+        *FAST,
+    )
     merged = load_file(str(only / "step1_sft" / "model.safetensors"))
     assert merged.keys() == base.keys()  # LoRA fused on save: a plain model, no adapter weights
     changed = _changed(base, merged)
@@ -60,40 +102,91 @@ def test_lora_trains_only_what_it_should(tmp_path: Path, base_model: Path) -> No
     assert not any("embed" in k or "layer_norm" in k or k.endswith(".bias") for k in changed)
 
     full = tmp_path / "full"  # options from a config file this time (flags still win: --max-steps)
-    (tmp_path / "step1.yaml").write_text("lora_dim: 4\nlora-target-modules: [q_proj, v_proj]\nmax_steps: 50\n")
-    rlhf_ok("sft", "--model", base_model, "--output-dir", full, "--config", tmp_path / "step1.yaml",
-            "--max-steps", 4, *FAST)  # fmt: skip
+    (tmp_path / "step1.yaml").write_text(
+        "lora_dim: 4\nlora-target-modules: [q_proj, v_proj]\nmax_steps: 50\n"
+    )
+    rlhf_ok(
+        "sft",
+        "--model",
+        base_model,
+        "--output-dir",
+        full,
+        "--config",
+        tmp_path / "step1.yaml",
+        "--max-steps",
+        4,
+        *FAST,
+    )
     summary = json.loads((full / "step1_sft" / "summary.json").read_text())
-    assert summary["global_steps"] == 4 and summary["options"]["model"]["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert summary["global_steps"] == 4 and summary["options"]["model"]["lora_target_modules"] == [
+        "q_proj",
+        "v_proj",
+    ]
     changed_full = _changed(base, load_file(str(full / "step1_sft" / "model.safetensors")))
     assert any("embed_tokens" in k for k in changed_full) and any("layer_norm" in k for k in changed_full)
 
     rm = tmp_path / "rm"
-    rlhf_ok("reward", "--model", base_model, "--output-dir", rm, "--lora-dim", 4, "--only-optimize-lora",
-            "--max-steps", 4, *FAST)  # fmt: skip
+    rlhf_ok(
+        "reward",
+        "--model",
+        base_model,
+        "--output-dir",
+        rm,
+        "--lora-dim",
+        4,
+        "--only-optimize-lora",
+        "--max-steps",
+        4,
+        *FAST,
+    )
     rm_weights = load_file(str(rm / "step2_reward" / "model.safetensors"))
     assert "score.weight" in rm_weights  # the new head trains even when only LoRA is optimised
     assert not any("lora" in k for k in rm_weights)
 
 
 @pytest.mark.parametrize("launcher,stage,arch", [("deepspeed", 2, "opt"), ("torchrun", 3, "llama")])
-def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path: Path, base_model: Path,
-                                                                  launcher: str, stage: int, arch: str) -> None:  # fmt: skip
+def test_two_processes_equal_one_process_at_the_same_global_batch(
+    tmp_path: Path, base_model: Path, launcher: str, stage: int, arch: str
+) -> None:
     """ZeRO-3 over two ranks on a rotary model (Llama, with LoRA): every parameter partitioned, the
     model gathered for saving, the folder's lock shared by the ranks (fencing.py)."""
     from rlhf_engine.models.tiny import build_tiny
 
     model = base_model if arch == "opt" else build_tiny("llama", "xs")
     lora = ["--lora-dim", 4] if arch == "llama" else []
-    common = ["--model", model, "--dropout", 0, "--max-steps", 6, "--zero-stage", stage,
-              "--zero-param-persistence-threshold", 0, *lora, *FAST]  # fmt: skip
+    common = [
+        "--model",
+        model,
+        "--dropout",
+        0,
+        "--max-steps",
+        6,
+        "--zero-stage",
+        stage,
+        "--zero-param-persistence-threshold",
+        0,
+        *lora,
+        *FAST,
+    ]
     rlhf_ok("sft", "--output-dir", tmp_path / "one", "--gradient-accumulation-steps", 2, *common)
-    two = rlhf("sft", "--output-dir", tmp_path / "two", "--gradient-accumulation-steps", 1, "--num-gpus", 2,
-               "--launcher", launcher, *common)  # fmt: skip
+    two = rlhf(
+        "sft",
+        "--output-dir",
+        tmp_path / "two",
+        "--gradient-accumulation-steps",
+        1,
+        "--num-gpus",
+        2,
+        "--launcher",
+        launcher,
+        *common,
+    )
     assert two.returncode == 0, two.stderr[-3000:]  # decided by summary.json, not the launcher's exit
     summary = json.loads((tmp_path / "two" / "step1_sft" / "summary.json").read_text())
     assert summary["processes"] == 2
-    assert _losses(tmp_path / "two" / "step1_sft") == pytest.approx(_losses(tmp_path / "one" / "step1_sft"), rel=1e-5)
+    assert _losses(tmp_path / "two" / "step1_sft") == pytest.approx(
+        _losses(tmp_path / "one" / "step1_sft"), rel=1e-5
+    )
     # the model gathered from two ranks' partitions equals the single-process one
     w1 = load_file(str(tmp_path / "one" / "step1_sft" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "step1_sft" / "model.safetensors"))
@@ -102,8 +195,21 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path: Path
 
 
 def test_resume_after_sigkill_continues_exactly(tmp_path: Path, base_model: Path) -> None:
-    args = ["sft", "--model", base_model, "--per-device-train-batch-size", 2, "--max-steps", 150,
-            "--checkpoint-interval", 10, "--max-seq-len", 128, "--eval-max-rows", 16]  # dropout stays on  # fmt: skip
+    args = [
+        "sft",
+        "--model",
+        base_model,
+        "--per-device-train-batch-size",
+        2,
+        "--max-steps",
+        150,
+        "--checkpoint-interval",
+        10,
+        "--max-seq-len",
+        128,
+        "--eval-max-rows",
+        16,
+    ]  # dropout stays on
     rlhf_ok(*args, "--output-dir", tmp_path / "straight")
     killed_dir = tmp_path / "killed" / "step1_sft"
     k = kill_after_first_checkpoint([*args, "--output-dir", tmp_path / "killed"], killed_dir)
@@ -111,15 +217,29 @@ def test_resume_after_sigkill_continues_exactly(tmp_path: Path, base_model: Path
     events = killed_dir / "events.jsonl"
 
     rlhf_ok(*args, "--output-dir", tmp_path / "killed")
-    straight, resumed = read_jsonl(tmp_path / "straight" / "step1_sft" / "metrics.jsonl"), read_jsonl(killed_dir / "metrics.jsonl")
+    straight, resumed = (
+        read_jsonl(tmp_path / "straight" / "step1_sft" / "metrics.jsonl"),
+        read_jsonl(killed_dir / "metrics.jsonl"),
+    )
     assert [m["step"] for m in resumed] == list(range(1, 151))  # no step lost, none twice
     assert [m["loss"] for m in resumed[k:]] == pytest.approx([m["loss"] for m in straight[k:]], abs=1e-6)
     assert any(e["type"] == "step_started" and "resum" in e["message"] for e in read_jsonl(events))
 
 
 def test_overwrite_retrains_from_scratch(tmp_path: Path, base_model: Path) -> None:
-    args = ["sft", "--model", base_model, "--output-dir", tmp_path, "--max-steps", 6, "--checkpoint-interval", 2,
-            *FAST[:2], *FAST[4:]]  # fmt: skip
+    args = [
+        "sft",
+        "--model",
+        base_model,
+        "--output-dir",
+        tmp_path,
+        "--max-steps",
+        6,
+        "--checkpoint-interval",
+        2,
+        *FAST[:2],
+        *FAST[4:],
+    ]
     rlhf_ok(*args)
     step_dir = tmp_path / "step1_sft"
     mtime = (step_dir / "model.safetensors").stat().st_mtime_ns
@@ -142,7 +262,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,message", BAD, ids=[m for _, m in BAD])
-def test_bad_input_is_refused_before_training(tmp_path: Path, base_model: Path, args: list[str], message: str) -> None:
+def test_bad_input_is_refused_before_training(
+    tmp_path: Path, base_model: Path, args: list[str], message: str
+) -> None:
     cmd = "reward" if "--data-split" in args else "sft"
     given = ["--model", base_model] if "--model" not in args else []
     done = rlhf(cmd, *given, *args, "--output-dir", tmp_path, *SMALL)

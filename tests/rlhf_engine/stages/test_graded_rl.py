@@ -17,17 +17,48 @@ from rlhf_engine.stages.heldout import heldout_report
 from rlhf_engine.stages.records import read_jsonl
 from tests.runs import kill_after_first_checkpoint, rlhf, rlhf_ok
 
-NAMES_SUBJECT = {"type": "string_check", "name": "names_subject", "operation": "ilike",
-                 "input": "{{sample.output_text}}", "reference": "{{item.subject}}"}  # fmt: skip
-SMALL = ["--data", "bundled:questions", "--samples-per-prompt", 4, "--per-device-generation-batch-size", 4,
-         "--per-device-training-batch-size", 16, "--max-answer-len", 32, "--actor-learning-rate", 3e-4,
-         "--num-warmup-steps", 0, "--max-seq-len", 128, "--max-prompt-len", 64]  # fmt: skip
+NAMES_SUBJECT = {
+    "type": "string_check",
+    "name": "names_subject",
+    "operation": "ilike",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.subject}}",
+}
+SMALL = [
+    "--data",
+    "bundled:questions",
+    "--samples-per-prompt",
+    4,
+    "--per-device-generation-batch-size",
+    4,
+    "--per-device-training-batch-size",
+    16,
+    "--max-answer-len",
+    32,
+    "--actor-learning-rate",
+    3e-4,
+    "--num-warmup-steps",
+    0,
+    "--max-seq-len",
+    128,
+    "--max-prompt-len",
+    64,
+]
 GRPO = ["--algorithm", "grpo", "--max-steps", 30, "--checkpoint-interval", 10, "--eval-max-rows", 200]
 
 
 def _args(pipeline_run: Path, out: Path, grader: object, *extra: object) -> list[object]:
-    return ["ppo", "--actor-model", pipeline_run / "step1_sft", "--grader", json.dumps(grader), "--output-dir", out,
-            *SMALL, *extra]  # fmt: skip
+    return [
+        "ppo",
+        "--actor-model",
+        pipeline_run / "step1_sft",
+        "--grader",
+        json.dumps(grader),
+        "--output-dir",
+        out,
+        *SMALL,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +96,9 @@ def test_grpo_with_a_string_check_grader_raises_the_held_out_pass_rate(
         assert r["reward"] == float(subject in r["answer"].lower()), r
 
 
-def test_a_killed_graded_run_resumes_with_identical_metrics(graded_run: Path, pipeline_run: Path,
-                                                            tmp_path: Path) -> None:  # fmt: skip
+def test_a_killed_graded_run_resumes_with_identical_metrics(
+    graded_run: Path, pipeline_run: Path, tmp_path: Path
+) -> None:
     args = _args(pipeline_run, tmp_path, NAMES_SUBJECT, *GRPO, "--eval-max-rows", 16)
     assert kill_after_first_checkpoint(args, tmp_path / "step3_rlhf") == 10
     rlhf_ok(*args)
@@ -80,12 +112,20 @@ def test_a_killed_graded_run_resumes_with_identical_metrics(graded_run: Path, pi
 def test_a_multi_grader_records_each_part_with_a_reward_model_among_them(
     pipeline_run: Path, tmp_path: Path
 ) -> None:
-    grader = {"type": "multi", "calculate_output": "subject + 0.5 * color + 0.1 * rm",
-              "graders": {"subject": NAMES_SUBJECT,
-                          "color": {"type": "text_similarity", "evaluation_metric": "fuzzy_match",
-                                    "input": "{{sample.output_text}}", "reference": "{{item.facts.color}}"},
-                          "rm": {"type": "score_model", "model": str(pipeline_run / "step2_reward"),
-                                 "range": [-1, 1]}}}  # fmt: skip
+    grader = {
+        "type": "multi",
+        "calculate_output": "subject + 0.5 * color + 0.1 * rm",
+        "graders": {
+            "subject": NAMES_SUBJECT,
+            "color": {
+                "type": "text_similarity",
+                "evaluation_metric": "fuzzy_match",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.facts.color}}",
+            },
+            "rm": {"type": "score_model", "model": str(pipeline_run / "step2_reward"), "range": [-1, 1]},
+        },
+    }
     rlhf_ok(
         *_args(pipeline_run, tmp_path, grader, "--algorithm", "rloo", "--max-steps", 2, "--eval-max-rows", 8)
     )
@@ -124,8 +164,9 @@ def test_a_multi_grader_records_each_part_with_a_reward_model_among_them(
         ("not json", [], "grader: cannot read 'not json'"),
     ],
 )
-def test_a_grader_that_cannot_work_is_refused_before_training(grader: object, extra: list[object], message: str,
-                                                              pipeline_run: Path, tmp_path: Path) -> None:  # fmt: skip
+def test_a_grader_that_cannot_work_is_refused_before_training(
+    grader: object, extra: list[object], message: str, pipeline_run: Path, tmp_path: Path
+) -> None:
     extra = [pipeline_run / "step2_reward" if e == "STEP2" else e for e in extra]
     args = _args(pipeline_run, tmp_path, grader, "--algorithm", "grpo", *extra)
     if isinstance(grader, str):

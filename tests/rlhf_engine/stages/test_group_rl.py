@@ -12,14 +12,40 @@ import pytest
 from rlhf_engine.stages.records import read_jsonl
 from tests.runs import kill_after_first_checkpoint, rlhf, rlhf_ok
 
-SMALL = ["--samples-per-prompt", 4, "--per-device-generation-batch-size", 4, "--per-device-training-batch-size", 16,
-         "--max-answer-len", 32, "--actor-learning-rate", 3e-4, "--num-warmup-steps", 0, "--eval-max-rows", 64,
-         "--max-seq-len", 128, "--max-prompt-len", 64]  # fmt: skip
+SMALL = [
+    "--samples-per-prompt",
+    4,
+    "--per-device-generation-batch-size",
+    4,
+    "--per-device-training-batch-size",
+    16,
+    "--max-answer-len",
+    32,
+    "--actor-learning-rate",
+    3e-4,
+    "--num-warmup-steps",
+    0,
+    "--eval-max-rows",
+    64,
+    "--max-seq-len",
+    128,
+    "--max-prompt-len",
+    64,
+]
 
 
 def _args(pipeline_run: Path, out: Path, *extra: object) -> list[object]:
-    return ["ppo", "--actor-model", pipeline_run / "step1_sft", "--reward-model", pipeline_run / "step2_reward",
-            "--output-dir", out, *SMALL, *extra]  # fmt: skip
+    return [
+        "ppo",
+        "--actor-model",
+        pipeline_run / "step1_sft",
+        "--reward-model",
+        pipeline_run / "step2_reward",
+        "--output-dir",
+        out,
+        *SMALL,
+        *extra,
+    ]
 
 
 GRPO = ["--algorithm", "grpo", "--max-steps", 30, "--checkpoint-interval", 10]
@@ -43,8 +69,12 @@ def test_grpo_raises_the_reward_with_no_critic(grpo_run: Path) -> None:
     assert summary["peak_rss_mib"] > 0
     metrics = read_jsonl(grpo_run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 31))
-    assert all(m["critic_loss"] is None and m["critic_lr"] is None and m["filtered_rate"] == 0.0 for m in metrics)
-    assert read_jsonl(grpo_run / "events.jsonl")[0]["message"].startswith("step 3 (GRPO): 30 steps of 4 prompts")
+    assert all(
+        m["critic_loss"] is None and m["critic_lr"] is None and m["filtered_rate"] == 0.0 for m in metrics
+    )
+    assert read_jsonl(grpo_run / "events.jsonl")[0]["message"].startswith(
+        "step 3 (GRPO): 30 steps of 4 prompts"
+    )
     started = read_jsonl(grpo_run / "events.jsonl")[0]["data"]
     assert started["algorithm"] == "grpo" and started["samples_per_prompt"] == 4
     # every rollout line is one answer; the first step's four come from one prompt (one group)
@@ -52,7 +82,9 @@ def test_grpo_raises_the_reward_with_no_critic(grpo_run: Path) -> None:
     assert len(first) == 4 and len({r["prompt"] for r in first}) == 1
 
 
-def test_a_killed_grpo_run_resumes_with_identical_metrics(grpo_run: Path, pipeline_run: Path, tmp_path: Path) -> None:
+def test_a_killed_grpo_run_resumes_with_identical_metrics(
+    grpo_run: Path, pipeline_run: Path, tmp_path: Path
+) -> None:
     args = _args(pipeline_run, tmp_path, *GRPO)
     assert kill_after_first_checkpoint(args, tmp_path / "step3_rlhf") == 10
     rlhf_ok(*args)
@@ -64,12 +96,29 @@ def test_a_killed_grpo_run_resumes_with_identical_metrics(grpo_run: Path, pipeli
 
 
 def test_rloo_with_the_kl_in_the_loss_and_filtered_groups(pipeline_run: Path, tmp_path: Path) -> None:
-    rlhf_ok(*_args(pipeline_run, tmp_path, "--algorithm", "rloo", "--kl-in", "loss", "--filter-groups",
-                   "--max-steps", 4, "--eval-max-rows", 16))  # fmt: skip
+    rlhf_ok(
+        *_args(
+            pipeline_run,
+            tmp_path,
+            "--algorithm",
+            "rloo",
+            "--kl-in",
+            "loss",
+            "--filter-groups",
+            "--max-steps",
+            4,
+            "--eval-max-rows",
+            16,
+        )
+    )
     metrics = read_jsonl(tmp_path / "step3_rlhf" / "metrics.jsonl")
     assert len(metrics) == 4
-    assert all(m["kl_loss"] >= 0 and 0 <= m["filtered_rate"] <= 1 and m["critic_loss"] is None for m in metrics)
-    assert metrics[-1]["kl_loss"] > 0  # the actor moved away from the reference, and the loss says by how much
+    assert all(
+        m["kl_loss"] >= 0 and 0 <= m["filtered_rate"] <= 1 and m["critic_loss"] is None for m in metrics
+    )
+    assert (
+        metrics[-1]["kl_loss"] > 0
+    )  # the actor moved away from the reference, and the loss says by how much
     assert json.loads((tmp_path / "step3_rlhf" / "summary.json").read_text())["algorithm"] == "rloo"
 
 
@@ -82,9 +131,18 @@ def test_rloo_with_the_kl_in_the_loss_and_filtered_groups(pipeline_run: Path, tm
         (["--algorithm", "reinforce"], "--algorithm"),
     ],
 )
-def test_group_options_that_cannot_work_are_refused(flags: list[object], field: str, pipeline_run: Path,
-                                                    tmp_path: Path) -> None:  # fmt: skip
-    done = rlhf("ppo", "--actor-model", pipeline_run / "step1_sft", "--critic-model", pipeline_run / "step2_reward",
-                "--output-dir", tmp_path, *flags)  # fmt: skip
+def test_group_options_that_cannot_work_are_refused(
+    flags: list[object], field: str, pipeline_run: Path, tmp_path: Path
+) -> None:
+    done = rlhf(
+        "ppo",
+        "--actor-model",
+        pipeline_run / "step1_sft",
+        "--critic-model",
+        pipeline_run / "step2_reward",
+        "--output-dir",
+        tmp_path,
+        *flags,
+    )
     assert done.returncode == 2 and field in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "step3_rlhf").exists()

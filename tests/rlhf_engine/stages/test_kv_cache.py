@@ -33,8 +33,18 @@ def test_generation_with_the_reserved_cache_is_identical(arch: str, reserve: int
         torch.manual_seed(0)
         extra = {} if cache is None else {cache_kwarg(model): cache}
         with torch.no_grad():
-            runs.append(model.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=True, pad_token_id=1,
-                                       return_dict_in_generate=True, output_logits=True, **extra))  # fmt: skip
+            runs.append(
+                model.generate(
+                    **batch,
+                    max_new_tokens=12,
+                    min_new_tokens=12,
+                    do_sample=True,
+                    pad_token_id=1,
+                    return_dict_in_generate=True,
+                    output_logits=True,
+                    **extra,
+                )
+            )
         if cache is not None:
             # full-attention layers are reserved; sliding-window ones (Gemma 3's half) keep HF's class
             kinds = [isinstance(layer, ReservedLayer) for layer in cache.layers]
@@ -45,7 +55,9 @@ def test_generation_with_the_reserved_cache_is_identical(arch: str, reserve: int
     default, reserved = runs
     assert torch.equal(default.sequences, reserved.sequences)
     # bit for bit in 450 of 450 stress runs; once, under load, a logit differed in its last bits
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(default.logits, reserved.logits, strict=True))
+    assert all(
+        torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(default.logits, reserved.logits, strict=True)
+    )
 
 
 def test_a_reserved_layer_crops_and_selects_rows_like_the_default() -> None:
@@ -64,8 +76,15 @@ def test_a_reserved_layer_crops_and_selects_rows_like_the_default() -> None:
 
 
 def test_layers_of_another_kind_keep_hugging_faces_cache() -> None:
-    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)  # fmt: skip
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
     model = MistralForCausalLM(config)
     assert all(type(layer) is DynamicSlidingWindowLayer for layer in DynamicCache(config=config).layers)
     assert reserved_cache(model, reserve=8) is None  # no plain layer to replace: generate builds its own

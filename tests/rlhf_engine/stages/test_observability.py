@@ -30,15 +30,21 @@ def test_progress_is_a_line_every_few_seconds_when_piped_and_a_bar_on_a_terminal
         p.update({"step": step, "loss": 2.0 / step, "samples_per_s": 12.5})
     lines = piped.getvalue().splitlines()
     assert lines[0] == "step 1 (SFT): 10 steps"
-    assert re.fullmatch(r"step 1 \(SFT\): step 1/10 \(10%\)  loss 2\.0000  samples/s 12\.5  ETA \d+s", lines[1]), lines
-    assert re.fullmatch(r"step 1 \(SFT\): step 10/10 \(100%\)  loss 0\.2000  samples/s 12\.5  took \d+s", lines[-1])
+    assert re.fullmatch(
+        r"step 1 \(SFT\): step 1/10 \(10%\)  loss 2\.0000  samples/s 12\.5  ETA \d+s", lines[1]
+    ), lines
+    assert re.fullmatch(
+        r"step 1 \(SFT\): step 10/10 \(100%\)  loss 0\.2000  samples/s 12\.5  took \d+s", lines[-1]
+    )
     assert len(lines) == 3, lines
     resumed = io.StringIO()
     q = Progress("step 3 (PPO)", stream=resumed, every_s=0)
     q.start(8, done=4)
     q.update({"step": 5, "reward_mean": 0.25, "kl_to_ref": 0.031})
-    assert resumed.getvalue().splitlines() == ["step 3 (PPO): 8 steps, resuming at step 4",
-                                               resumed.getvalue().splitlines()[1]]  # fmt: skip
+    assert resumed.getvalue().splitlines() == [
+        "step 3 (PPO): 8 steps, resuming at step 4",
+        resumed.getvalue().splitlines()[1],
+    ]
     assert "step 5/8 (62%)  reward 0.250  kl 0.031" in resumed.getvalue()
     terminal = _Terminal()
     bar = Progress("step 2 (reward model)", stream=terminal)
@@ -51,7 +57,9 @@ def test_progress_is_a_line_every_few_seconds_when_piped_and_a_bar_on_a_terminal
 
 def test_a_tensorboard_path_outside_the_run_is_refused(tmp_path: Path) -> None:
     def config(path: str) -> SFTConfig:
-        return SFTConfig(model_name_or_path="m", output_dir=str(tmp_path), tracking=Tracking(tensorboard_path=path))
+        return SFTConfig(
+            model_name_or_path="m", output_dir=str(tmp_path), tracking=Tracking(tensorboard_path=path)
+        )
 
     with pytest.raises(ValueError, match="tensorboard_path '/tmp/elsewhere' is outside output_dir"):
         config("/tmp/elsewhere")
@@ -60,14 +68,19 @@ def test_a_tensorboard_path_outside_the_run_is_refused(tmp_path: Path) -> None:
     config("tb/sft")  # inside: fine
 
 
-def test_a_step_reports_to_weights_and_biases_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_step_reports_to_weights_and_biases_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """OpenAI's wandb integration with WANDB_MODE=offline (a local run, no network): metrics,
     evaluations and rollouts reach the step's run; a resumed step goes on in the same run."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_API_KEY", "never-written-anywhere-0123456789abcdef01234567")
-    cfg = SFTConfig(model_name_or_path="m", output_dir=str(tmp_path / "run"),
-                    tracking=Tracking(wandb_project="rlhf-test", wandb_tags=["ci"]))  # fmt: skip
+    cfg = SFTConfig(
+        model_name_or_path="m",
+        output_dir=str(tmp_path / "run"),
+        tracking=Tracking(wandb_project="rlhf-test", wandb_tags=["ci"]),
+    )
     step_dir = tmp_path / "run" / "step1_sft"
     settings = wandb_settings(cfg, step_dir)
     assert settings is not None and settings["project"] == "rlhf-test" and settings["name"] == "run-step1_sft"
@@ -77,13 +90,17 @@ def test_a_step_reports_to_weights_and_biases_offline(tmp_path: Path, monkeypatc
     records.metric(step=1, loss=2.0, lr=1e-3)
     records.metric(step=2, loss=1.5, lr=1e-3)
     records.event("eval", "eval at step 2", global_step=2, loss=1.25, perplexity=3.5)
-    records.rollouts("rollouts.jsonl", [{"step": 2, "prompt": "q", "answer": "a", "reward": 1.0, "kl": 0.1}], 2)
+    records.rollouts(
+        "rollouts.jsonl", [{"step": 2, "prompt": "q", "answer": "a", "reward": 1.0, "kl": 0.1}], 2
+    )
     run_id = records._run().id
     records.close()
     files = list(step_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 1
     history = _wandb_history(files[0])
-    assert history[1]["train/loss"] == 2.0 and history[2]["train/loss"] == 1.5 and history[2]["train/lr"] == 1e-3
+    assert (
+        history[1]["train/loss"] == 2.0 and history[2]["train/loss"] == 1.5 and history[2]["train/lr"] == 1e-3
+    )
     assert history[2]["eval/perplexity"] == 3.5 and history[2]["rollouts/nrows"] == 1
     assert not any(b"never-written-anywhere" in f.read_bytes() for f in step_dir.rglob("*") if f.is_file())
     resumed = Records(step_dir, enabled=True, wandb=settings)
@@ -114,7 +131,9 @@ def _wandb_history(path: Path) -> dict[int, dict[str, object]]:
             record.ParseFromString(buf)
             buf = b""
             if record.WhichOneof("record_type") == "history":
-                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                items = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item
+                }
                 history.setdefault(record.history.step.num, {}).update(items)
     return history
 
@@ -125,8 +144,10 @@ def _scalars(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    texts = {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
-             for tag in acc.Tags()["tensors"]}  # fmt: skip
+    texts = {
+        tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+    }
     return scalars, texts
 
 

@@ -54,13 +54,21 @@ def test_generation_and_scoring_from_the_shared_start_equal_the_left_padded_batc
         pytest.skip(f"{arch} has sliding-window layers: step 3 keeps its prompts left-padded")
     g = torch.Generator().manual_seed(5)
     start = torch.randint(5, model.config.vocab_size, (12,), generator=g).tolist()
-    rows = [start + torch.randint(5, model.config.vocab_size, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
+    rows = [
+        start + torch.randint(5, model.config.vocab_size, (n,), generator=g).tolist() for n in (3, 7, 1, 5)
+    ]
     ids, mask = left_padded(rows)
     k = shared_prefix_len(ids, mask)
     assert k == 12
     relaid, relaid_mask = prefix_first(ids, mask, k, PAD)
-    greedy = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": PAD,
-              "return_dict_in_generate": True, "output_logits": True}  # fmt: skip
+    greedy = {
+        "max_new_tokens": 10,
+        "min_new_tokens": 10,
+        "do_sample": False,
+        "pad_token_id": PAD,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+    }
     with torch.no_grad():
         plain = model.generate(ids, attention_mask=mask, **greedy)
         cache = prefix_cache(model, relaid[0, :k], len(rows), reserved_cache(model, ids.shape[1] - k + 10))
@@ -137,8 +145,13 @@ def test_ppo_experience_from_the_shared_start_equals_the_left_padded_one(tmp_pat
     script = tmp_path / "shared.py"
     script.write_text(SHARED_START_PPO)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    done = subprocess.run([sys.executable, str(script), str(actor), str(actor)], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), str(actor), str(actor)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = {" ".join(line.split()[:-1]): line.split()[-1] for line in done.stdout.splitlines() if " " in line}
     shared = [line.split() for line in done.stdout.splitlines() if line.startswith("shared_columns")]

@@ -47,10 +47,17 @@ def test_saved_model_loads_back_and_generates(sft_run: Path, base_model: Path) -
     model = AutoModelForCausalLM.from_pretrained(str(sft_run)).eval()
     assert not list(sft_run.glob("*.bin"))  # safetensors only
     # the tokenizer files are the input model's, unchanged (still loadable by transformers 4.x)
-    assert (sft_run / "tokenizer_config.json").read_bytes() == (base_model / "tokenizer_config.json").read_bytes()
+    assert (sft_run / "tokenizer_config.json").read_bytes() == (
+        base_model / "tokenizer_config.json"
+    ).read_bytes()
     ids = torch.tensor([encode_prompt([{"role": "user", "content": "What color is the dog?"}], tok)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                         pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert " is " in answer, answer  # it answers in the bundled language ("It is brown." …)
 
@@ -61,6 +68,8 @@ def test_a_finished_step_is_not_retrained(sft_run: Path) -> None:
     mtime = (sft_run / "model.safetensors").stat().st_mtime_ns
     rlhf_ok("sft", "--config", config)  # same options: nothing to do
     changed = rlhf("sft", "--config", config, "--learning-rate", "1e-4")
-    assert changed.returncode == 2 and "already finished" in changed.stderr and "learning_rate" in changed.stderr
+    assert (
+        changed.returncode == 2 and "already finished" in changed.stderr and "learning_rate" in changed.stderr
+    )
     assert (sft_run / "summary.json").read_text() == before
     assert (sft_run / "model.safetensors").stat().st_mtime_ns == mtime

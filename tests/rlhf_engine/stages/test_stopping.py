@@ -17,14 +17,32 @@ from rlhf_engine.engine.stopping import EXIT_STOPPED, STOP_FILE
 from rlhf_engine.stages.records import read_jsonl
 from tests.runs import rlhf_ok
 
-ARGS = ["sft", "--per-device-train-batch-size", 2, "--max-steps", 60, "--checkpoint-interval", 0,
-        "--max-seq-len", 128, "--eval-max-rows", 16, "--dropout", 0.0]  # fmt: skip
+ARGS = [
+    "sft",
+    "--per-device-train-batch-size",
+    2,
+    "--max-steps",
+    60,
+    "--checkpoint-interval",
+    0,
+    "--max-seq-len",
+    128,
+    "--eval-max-rows",
+    16,
+    "--dropout",
+    0.0,
+]
 
 
 def _start(args: list[object], **extra_env: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS} | extra_env
-    return subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlhf_engine.cli", *map(str, args)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait_for_metrics(step_dir: Path, proc: subprocess.Popen[str], n: int = 3) -> None:
