@@ -98,7 +98,7 @@ chaos: $(STAMP) $(PROTO_STAMP)
 bench: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/step3.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/chat.py
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/service.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/service_load.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/peer.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/multiturn.py

@@ -856,9 +856,9 @@ def workload_of(cfg: Any, method: str, *, dtype_bytes: int = 2) -> Workload:
     data = cfg.data
     if method in ("sft", "reward", "dpo"):
         return Workload(
-            method=method,
+            method=method,  # type: ignore[arg-type]
             seq_len=data.max_seq_len,
-            micro_batch=cfg.per_device_train_batch_size,  # type: ignore[arg-type]
+            micro_batch=cfg.per_device_train_batch_size,
             accumulation=cfg.gradient_accumulation_steps,
             dtype_bytes=dtype_bytes,
         )

@@ -60,7 +60,19 @@ def findings(rel: str, text: str) -> list[str]:
         out.append(
             f"{rel}: pg_advisory_lock waits without a bound; loop on pg_try_advisory_lock with a deadline"
         )
-    for node in ast.walk(ast.parse(text)):
+    tree = ast.parse(text)
+    # `asyncio.wait_for(x.wait(), timeout=…)` bounds the call it wraps
+    wrapped = {
+        id(arg)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and ast.unparse(node.func).endswith("wait_for")
+        and (len(node.args) > 1 or any(k.arg == "timeout" for k in node.keywords))
+        for arg in node.args[:1]
+    }
+    for node in ast.walk(tree):
+        if id(node) in wrapped:
+            continue
         where = f"{rel}:{getattr(node, 'lineno', 0)}"
         endless = (
             isinstance(node, ast.While) and isinstance(node.test, ast.Constant) and node.test.value is True
@@ -103,6 +115,9 @@ def test_no_unbounded_wait_in_the_product() -> None:
         ("import subprocess\nsubprocess.run(['x'], timeout=5)\n", 0),
         ("p.wait()\n", 1),
         ("p.wait(timeout=3)\n", 0),
+        ("await asyncio.wait_for(stop.wait(), timeout=5)\n", 0),
+        ("await asyncio.wait_for(stop.wait(), 5)\n", 0),
+        ("await asyncio.wait_for(stop.wait())\n", 1),
         ("import fcntl\nfcntl.flock(f, fcntl.LOCK_EX)\n", 1),
         ("import fcntl\nfcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", 0),
         ("conn.execute('SELECT pg_advisory_lock(1)')\n", 1),

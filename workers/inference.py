@@ -438,9 +438,7 @@ async def _serve(settings: Settings, port: int | None) -> int:
     try:
         while True:  # bounded: serves until SIGTERM/SIGINT
             try:
-                await asyncio.wait_for(
-                    stop.wait(), timeout=settings.inference_heartbeat_s
-                )  # bounded: timeout
+                await asyncio.wait_for(stop.wait(), timeout=settings.inference_heartbeat_s)
                 break
             except asyncio.TimeoutError:
                 await asyncio.to_thread(reg.report_quietly)

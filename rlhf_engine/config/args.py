@@ -134,9 +134,9 @@ def _build(cls: type[T], prefix: str, values: dict[str, Any]) -> T:
             base = _default_of(f)
             sub = {
                 name[len(sub_prefix) :]: values[name]
-                for name, *_ in _leaves(tp, sub_prefix)
+                for name, *_ in _leaves(tp, sub_prefix)  # type: ignore[arg-type]
                 if name in values
-            }  # type: ignore[arg-type]
+            }
             kwargs[f.name] = dataclasses.replace(base, **sub) if sub else base
         elif prefix + f.name in values:
             kwargs[f.name] = values[prefix + f.name]

@@ -258,9 +258,9 @@ def _save_models(engine: RLHFEngine, cfg: PPOConfig, step_dir: Path, dist: Dist)
             save_hf_model(
                 state,
                 config=copy.deepcopy(model_config),
-                kind=kind,
+                kind=kind,  # type: ignore[arg-type]
                 out=step_dir / name,
-                lora=lora,  # type: ignore[arg-type]
+                lora=lora,
                 dropout_restore=restore,
                 tokenizer=tok,
                 tokenizer_src=src,

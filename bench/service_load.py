@@ -9,7 +9,7 @@ job status as fast as they can. The clients are a minimal HTTP/1.1 client (bench
 same 2 cores, httpx's own ~1.5 ms of CPU per request would be measured as the server's. Target
 (issue 6): p99 submit latency < 50 ms at 100 submissions/s, no errors. JSON goes to bench/results/.
 
-    python bench/service.py [--rate 100 --seconds 10 --pollers 16]
+    python bench/service_load.py [--rate 100 --seconds 10 --pollers 16]
 """
 
 from __future__ import annotations
