@@ -6,6 +6,7 @@ import re
 import shutil
 import socket
 import subprocess
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,48 @@ def test_readme_opens_with_the_two_commands() -> None:
     code = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
     assert [line.split()[:2] for line in code] == [["make", "demo"], ["make", "test"]]
     assert lines.index("```bash") < 4
+
+
+def test_readme_is_a_front_door() -> None:
+    """The README is the two commands, a short tour and the architecture; reference and measurements
+    live in docs/ (built by `make docs`)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move reference or measurements to docs/"
+
+
+def _slug(heading: str) -> str:
+    """The anchor Python-Markdown's toc extension (what mkdocs uses) gives a heading."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "")
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", text).strip().lower())
+
+
+def _links(text: str) -> list[str]:
+    """Targets of inline links and images, outside fenced code blocks and code spans."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text)
+
+
+def test_relative_links_in_the_readme_and_docs_point_at_files_that_exist() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert len(pages) > 10
+    broken = []
+    for page in pages:
+        for target in _links(page.read_text()):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue  # a URL, or an anchor in the same page
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve()
+            where = f"{page.relative_to(ROOT)}: {target}"
+            if not file.exists():
+                broken.append(f"{where} (no such file)")
+            elif anchor and file.suffix == ".md":
+                prose = re.sub(r"^```.*?^```", "", file.read_text(), flags=re.M | re.S)
+                headings = re.findall(r"^#{1,6} +(.+?) *$", prose, flags=re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{where} (no such heading)")
+    assert broken == []
 
 
 def test_ci_starts_services_then_runs_test_then_demo() -> None:
