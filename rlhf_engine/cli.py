@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf_engine import gpu_catalogue
 from rlhf_engine.chat.errors import ChatError
 from rlhf_engine.config.args import add_dataclass_args, dataclass_from_args, load_config_file
 from rlhf_engine.config.data import DataConfig
@@ -332,8 +333,9 @@ def _auto_memory(config: Any, command: str, ns: argparse.Namespace, cls: Any) ->
             f"--config auto: nothing fits on {label}: " + pl.render(plan, gpu_label=label).splitlines()[0]
         )
     print(
-        f"rlhf: --config auto on {label}: {plan.best.choice.describe()}, {plan.best.total_bytes / 2**30:.2f} GiB "
-        f"planned per process ({pl.as_flags(options) or 'as configured'})",
+        f"rlhf: --config auto on {label}: {plan.best.choice.describe()}, "
+        f"{plan.best.total_bytes / 2**30:.2f} GiB planned per process "
+        f"({pl.as_flags(options) or 'as configured'})",
         file=sys.stderr,
     )
     return options
@@ -384,18 +386,18 @@ def _auto_pipeline(cfg: Any, sections: dict[str, dict[str, Any]]) -> None:
 def _run_stage(stage: Any, config: Any) -> int:
     """Run a step in this process (the only one, or one rank of a launched run)."""
     from rlhf_engine.engine.distributed import finish
-    from rlhf_engine.engine.fencing import EXIT_SUPERSEDED, Superseded
-    from rlhf_engine.engine.stopping import EXIT_STOPPED, StepStopped
+    from rlhf_engine.engine.fencing import EXIT_SUPERSEDED, SupersededError
+    from rlhf_engine.engine.stopping import EXIT_STOPPED, StepStoppedError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         summary = stage.run(config)
-    except StepStopped as e:
+    except StepStoppedError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"rlhf: {e}; run the same command again to resume", file=sys.stderr)
         finish(False, world, code=EXIT_STOPPED)
         return EXIT_STOPPED
-    except Superseded as e:
+    except SupersededError as e:
         print(f"rlhf: {e}", file=sys.stderr)
         finish(False, world, code=EXIT_SUPERSEDED)
         return EXIT_SUPERSEDED
@@ -434,7 +436,7 @@ def _add_step_parser(sub: Any, name: str, help_text: str) -> None:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from rlhf_engine.config.pipeline import PipelineConfig, load_pipeline_file
-    from rlhf_engine.stages.pipeline import StepFailed, run_pipeline
+    from rlhf_engine.stages.pipeline import StepFailedError, run_pipeline
 
     auto = ns.config == "auto"
     top, sections = (
@@ -447,7 +449,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         _auto_pipeline(cfg, sections)
     try:
         model = run_pipeline(cfg, sections)
-    except StepFailed as e:
+    except StepFailedError as e:
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 1
     console = _console()
@@ -478,16 +480,16 @@ def cmd_plan(ns: argparse.Namespace) -> int:
             "actor_model: give the actor (--actor-model PATH or hub id) or its size (--actor-params 1.3e9)"
         )
     actor = pl.load_shape(ns.actor_params or ns.actor_model, name="actor")
-    if ns.gpu_type and ns.gpu_type not in pl.GPU_MEMORY_GIB:
+    if ns.gpu_type and ns.gpu_type not in gpu_catalogue.MEMORY_GIB:
         raise pl.PlanError(
-            f"gpu_type: {ns.gpu_type!r} is not known here ({', '.join(pl.GPU_MEMORY_GIB)}); give "
+            f"gpu_type: {ns.gpu_type!r} is not known here ({', '.join(gpu_catalogue.MEMORY_GIB)}); give "
             "--gpu-memory-gb instead"
         )
-    gib = ns.gpu_memory_gb or (pl.GPU_MEMORY_GIB[ns.gpu_type] if ns.gpu_type else None)
+    gib = ns.gpu_memory_gb or (gpu_catalogue.MEMORY_GIB[ns.gpu_type] if ns.gpu_type else None)
     if not gib or gib <= 0:
         raise pl.PlanError(
             "gpu_memory_gb: say how much memory one GPU has (--gpu-memory-gb 80) or name it "
-            f"(--gpu-type {' | '.join(pl.GPU_MEMORY_GIB)})"
+            f"(--gpu-type {' | '.join(gpu_catalogue.MEMORY_GIB)})"
         )
     label = ns.gpu_type or f"{gib:g} GiB GPU"
     needs_reward = ns.method in ("rlhf", "reward", "ppo")
@@ -507,7 +509,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
             top[flag] = getattr(ns, flag)
     if ns.max_answer_len is not None:
         sections["ppo"] = {**sections.get("ppo", {}), "max_answer_len": ns.max_answer_len}
-    gpus = ns.num_gpus * ns.nodes
+    total_gpus = ns.num_gpus * ns.nodes
     host = ns.host_memory_gb * pl.GiB if ns.host_memory_gb else None
     results = []
     steps = pl.step_configs(
@@ -520,14 +522,20 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     for step, method, built in steps:
         w = pl.workload_of(built, method, dtype_bytes=ns.dtype_bytes)
         p = pl.plan(
-            w, actor, reward, gpus=gpus, gpus_per_node=ns.num_gpus, gpu_bytes=gib * pl.GiB, host_bytes=host
+            w,
+            actor,
+            reward,
+            gpus=total_gpus,
+            gpus_per_node=ns.num_gpus,
+            gpu_bytes=gib * pl.GiB,
+            host_bytes=host,
         )
         results.append((step, p))
     if ns.json:
         print(
             json.dumps(
                 {
-                    "gpus": gpus,
+                    "gpus": total_gpus,
                     "gpu_memory_gib": gib,
                     "actor_params": actor.params,
                     "reward_params": reward.params if reward else None,
@@ -538,8 +546,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"actor: {actor.params / 1e9:.3g}B parameters ({actor.layers} layers, hidden {actor.hidden}, vocab "
-            f"{actor.vocab})"
+            f"actor: {actor.params / 1e9:.3g}B parameters ({actor.layers} layers, "
+            f"hidden {actor.hidden}, vocab {actor.vocab})"
             + (
                 f"; reward model: {reward.params / 1e9:.3g}B ({reward.layers} layers, hidden {reward.hidden})"
                 if reward
@@ -637,7 +645,8 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             last = session.last
             if session.dropped > dropped:
                 print(
-                    f"(the oldest {session.dropped - dropped} turn(s) were dropped to fit the model's context)",
+                    f"(the oldest {session.dropped - dropped} turn(s) were dropped "
+                    "to fit the model's context)",
                     file=err,
                 )
             if last is not None and (last.finish_reason != "stop" or last.reward is not None):
@@ -719,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(no reward model, no step 3)",
     )
 
-    from rlhf_engine.config.pipeline import PipelineConfig
+    from rlhf_engine.config.pipeline import RUNS, PipelineConfig
 
     tr = sub.add_parser("train", help="steps 1 → 2 → 3 in one command (finished steps are skipped)")
     add_dataclass_args(tr, PipelineConfig)
@@ -729,8 +738,6 @@ def build_parser() -> argparse.ArgumentParser:
         "sft:/reward:/ppo: sections of per-step options",
     )
     tr.set_defaults(func=cmd_train)
-
-    from rlhf_engine import planner
 
     pl = sub.add_parser(
         "plan",
@@ -743,14 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--reward-params", type=float, help="…or its parameter count (e.g. 350e6)")
     pl.add_argument(
         "--method",
-        choices=list(planner.PLAN_METHODS),
+        choices=list(RUNS),
         default="rlhf",
         help="rlhf = steps 1-3 with PPO; dpo; grpo/rloo = step 1 then step 3 without a critic; or one step",
     )
     pl.add_argument("--num-gpus", type=int, default=1, help="GPUs per node")
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GiB (as nvidia-smi says)")
-    pl.add_argument("--gpu-type", help="…or its name: " + ", ".join(planner.GPU_MEMORY_GIB))
+    pl.add_argument("--gpu-type", help="…or its name: " + ", ".join(gpu_catalogue.MEMORY_GIB))
     pl.add_argument(
         "--host-memory-gb", type=float, help="host memory per node for offload (default 128 GiB per GPU)"
     )
@@ -789,8 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # transformers' per-file "Loading weights" bars would litter `rlhf eval`, `rlhf chat` and every step's log;
-    # our own progress says what is happening (read when transformers is first imported)
+    # transformers' per-file "Loading weights" bars would litter `rlhf eval`, `rlhf chat` and every
+    # step's log; our own progress says what is happening (read when transformers is first imported)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(

@@ -45,18 +45,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf_engine import gpu_catalogue
+
 GiB = 2**30
 Method = Literal["sft", "reward", "dpo", "ppo", "grpo", "rloo"]
 METHODS: tuple[str, ...] = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
-# GPU memory as nvidia-smi reports it (GiB); the service's gpu_type names
-GPU_MEMORY_GIB = {
-    "V100-32G": 32.0,
-    "A100-40G": 40.0,
-    "A6000-48G": 48.0,
-    "A100-80G": 80.0,
-    "H100-80G": 80.0,
-    "H200-141G": 141.0,
-}
 HOST_GIB_PER_GPU = 128.0  # host memory for offload, per GPU of a node, unless told (cloud GPU nodes: 110-240)
 FRAGMENTATION = 1.10
 GPU_OVERHEAD = 1.0 * GiB
@@ -201,7 +194,8 @@ class Shape:
 
 
 def safetensors_params(directory: Path) -> int | None:
-    """Parameters counted from the safetensors headers (8-byte length, then JSON of shapes): no weights read."""
+    """Parameters counted from the safetensors headers (8-byte length, then JSON of shapes): no
+    weights read."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
@@ -543,7 +537,8 @@ def plan_step(
         critic = w.method == "ppo"
         if critic and reward is None:
             raise PlanError(
-                "reward_model: ppo trains a critic from the reward model; give one (or use grpo with a grader)"
+                "reward_model: ppo trains a critic from the reward model; "
+                "give one (or use grpo with a grader)"
             )
         _merge(phases, _trained(plan, "actor", actor, c, n, b, accumulation=w.accumulation), "actor")
         _frozen(plan, "reference", actor, c, n, b)
@@ -640,7 +635,8 @@ def plan_step(
 def choices(
     method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool = True, micro_batch: int = 1
 ) -> list[Choice]:
-    """Every configuration worth planning (`offload=False`: no optimizer, parameter or frozen-model offload)."""
+    """Every configuration worth planning (`offload=False`: no optimizer, parameter or frozen-model
+    offload)."""
     out = []
     frozen = (False, True) if method in ("dpo", "ppo", "grpo", "rloo") and offload else (False,)
     offloads = (False, True) if offload else (False,)
@@ -740,8 +736,8 @@ def smallest_fit(
     memory: dict[str, float] | None = None,
 ) -> str:
     """What would fit instead, said plainly: more GPUs of this type, or a larger GPU type (`memory`: GiB
-    per GPU type, default GPU_MEMORY_GIB)."""
-    table = memory or GPU_MEMORY_GIB
+    per GPU type, default gpu_catalogue.MEMORY_GIB)."""
+    table = memory or gpu_catalogue.MEMORY_GIB
     own = table[gpu_type]
     for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
         if n <= gpus:
@@ -776,7 +772,8 @@ def render(p: Plan, *, gpu_label: str) -> str:
         lines.append(f"  {part.model:<16} {part.what:<30} {_gib(part.bytes):>12}   {part.formula}")
     phases = ", ".join(f"{k} {_gib(v)}" for k, v in shown.phase_bytes.items())
     lines.append(
-        f"  peak = (resident {_gib(shown.static_bytes)} + largest phase: {shown.peak_phase}) × {FRAGMENTATION}"
+        f"  peak = (resident {_gib(shown.static_bytes)} + largest phase: {shown.peak_phase}) "
+        f"× {FRAGMENTATION}"
         + (f" + {_gib(GPU_OVERHEAD)} GPU overhead" if shown.gpu_bytes else "")
         + f" = {_gib(shown.total_bytes)}"
     )
@@ -792,16 +789,6 @@ def render(p: Plan, *, gpu_label: str) -> str:
 
 # ---------------------------------------------------------------------------- a step's options ↔ the plan
 
-PLAN_METHODS: dict[str, tuple[Literal["rlhf", "dpo"], list[int], str | None]] = {
-    "rlhf": ("rlhf", [1, 2, 3], None),
-    "dpo": ("dpo", [1, 2], None),
-    "grpo": ("rlhf", [1, 3], "grpo"),
-    "rloo": ("rlhf", [1, 3], "rloo"),
-    "sft": ("rlhf", [1], None),
-    "reward": ("rlhf", [2], None),
-    "ppo": ("rlhf", [3], "ppo"),
-}
-
 
 def step_configs(
     top: dict[str, Any], sections: dict[str, dict[str, Any]], *, method: str, actor: str, reward: str
@@ -811,9 +798,10 @@ def step_configs(
     import argparse
 
     from rlhf_engine.config.args import dataclass_from_args
-    from rlhf_engine.config.pipeline import STEPS, PipelineConfig, step_values
+    from rlhf_engine.config.pipeline import RUNS, STEPS, PipelineConfig, step_values
 
-    pipeline_method, steps, algorithm = PLAN_METHODS[method]
+    run = RUNS[method]
+    pipeline_method, steps, algorithm = run.table, list(run.steps), run.algorithm
     if algorithm:
         sections["ppo"] = {**sections.get("ppo", {}), "algorithm": algorithm}
         if algorithm != "ppo":
@@ -894,7 +882,8 @@ def choice_of(cfg: Any, method: str) -> Choice:
 
 
 def step_options(c: Choice, method: str, w: Workload | None = None) -> dict[str, Any]:
-    """The flat step options (flags without dashes) that apply a choice (a split needs the workload's batches)."""
+    """The flat step options (flags without dashes) that apply a choice (a split needs the
+    workload's batches)."""
     base = c.model_options()
     split: dict[str, Any] = {}
     if c.split > 1 and w is not None:
@@ -963,6 +952,30 @@ def allowed_by(fixed: dict[str, Any], method: str) -> Any:
     return ok
 
 
+def step_models(command: str, cfg: Any, actor: Shape, reward: Shape | None) -> tuple[Shape, Shape | None]:
+    """The models a step trains or runs, as the planner sees them: (the trained one, the other or None).
+    Step 2 trains the reward model; SFT, DPO and a step 3 scored by a grader have no reward model."""
+    if command == "reward":
+        return reward or actor, reward or actor
+    if command in ("sft", "dpo") or (command == "ppo" and cfg.grader):
+        return actor, None
+    return actor, reward
+
+
+def dtype_bytes(cfg: Any, command: str, *, gpu: bool) -> int:
+    """Bytes per weight of a step's models: 4 on a CPU (fp32; bf16 saves nothing there) and when the
+    step's config says fp32, else 2 (bf16 / fp16)."""
+    model_dtype = (cfg.actor if command == "ppo" else cfg.model).dtype
+    return 4 if (not gpu or model_dtype == "fp32") else 2
+
+
+def step_workload(cfg: Any, command: str, *, gpu: bool) -> Workload:
+    """The workload of a built step config (`command`: sft, reward, dpo or ppo — step 3's algorithm
+    read from the config) on a GPU or a CPU: what `--config auto` and the service's estimate plan."""
+    method = cfg.algorithm if command == "ppo" else command
+    return workload_of(cfg, method, dtype_bytes=dtype_bytes(cfg, command, gpu=gpu))
+
+
 def auto_options(
     cfg: Any,
     command: str,
@@ -979,11 +992,7 @@ def auto_options(
     nothing."""
     method = cfg.algorithm if command == "ppo" else command
     if shapes is not None:
-        actor, reward = shapes
-        if command == "reward":
-            actor = reward or actor
-        elif command in ("sft", "dpo") or (command == "ppo" and cfg.grader):
-            reward = None
+        actor, reward = step_models(command, cfg, *shapes)
     elif command in ("sft", "dpo"):
         actor, reward = load_shape(cfg.model_name_or_path, name="actor"), None
     elif command == "reward":
@@ -992,7 +1001,7 @@ def auto_options(
         actor = load_shape(cfg.actor_model_name_or_path, name="actor")
         critic = cfg.reward_model_name_or_path or cfg.critic_model_name_or_path
         reward = load_shape(critic, name="reward model") if critic and not cfg.grader else None
-    w = workload_of(cfg, method, dtype_bytes=2 if cuda else 4)
+    w = step_workload(cfg, command, gpu=cuda)
     p = plan(
         w,
         actor,
@@ -1086,7 +1095,7 @@ def dschat_table() -> list[dict[str, Any]]:
     for label, gpu, n in DSCHAT_HARDWARE:
         for size in DSCHAT_SIZES:
             actor = Shape.from_params(size, name="actor")
-            mem = GPU_MEMORY_GIB[gpu] * GiB
+            mem = gpu_catalogue.MEMORY_GIB[gpu] * GiB
             for tp in (
                 t for t in (1, 2, 4, 8) if t <= min(n, 8)
             ):  # the smallest tensor-parallel group that fits
@@ -1121,8 +1130,8 @@ def dschat_table() -> list[dict[str, Any]]:
 
 
 def dschat_markdown() -> str:
-    """The README's table: DeepSpeed-Chat's published answer beside the planner's (generated, then checked
-    against the README by a test)."""
+    """The table of docs/planning.md: DeepSpeed-Chat's published answer beside the planner's (generated,
+    then checked against that page by a test)."""
     rows = dschat_table()
     mark = {True: "fits", False: "—", None: "n/a"}
     sizes = [f"{s / 1e9:g}B" for s in DSCHAT_SIZES]

@@ -1,6 +1,6 @@
 """Domain errors and the one table that maps them to HTTP statuses, gRPC codes and stream error events.
 
-Services raise these; REST, gRPC and SSE translate through `ERROR_TABLE` only (CONTRACTS.md §4).
+Services raise these; REST (service/api/answers.py), gRPC and SSE translate through `ERROR_TABLE` only.
 The HTTP body is OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf_engine.errors import FieldError
 
-class ServiceError(Exception):
+
+class ServiceError(FieldError):
     kind = "invalid_request_error"
 
     def __init__(
@@ -20,66 +22,73 @@ class ServiceError(Exception):
         code: str | None = None,
         retry_after: int | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
+        super().__init__(message, param=param, code=code)
         self.retry_after = retry_after
 
     def envelope(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-class InvalidRequest(ServiceError):
+class InvalidRequestError(ServiceError):
     kind = "invalid_request_error"
 
 
-class Unauthenticated(ServiceError):
+class UnauthenticatedError(ServiceError):
     kind = "authentication_error"
 
 
-class Forbidden(ServiceError):
+class ForbiddenError(ServiceError):
     kind = "permission_error"
 
 
-class NotFound(ServiceError):
+class NotFoundError(ServiceError):
     kind = "invalid_request_error"
 
 
-class Conflict(ServiceError):
+class MethodNotAllowedError(ServiceError):
     kind = "invalid_request_error"
 
 
-class TooLarge(ServiceError):
+class ConflictError(ServiceError):
     kind = "invalid_request_error"
 
 
-class SlowBody(ServiceError):
+class TooLargeError(ServiceError):
+    kind = "invalid_request_error"
+
+
+class SlowBodyError(ServiceError):
     """The request body arrived too slowly (a client trickling bytes holds a connection, never a thread)."""
 
     kind = "invalid_request_error"
 
 
-class RateLimited(ServiceError):
+class RateLimitedError(ServiceError):
     kind = "rate_limit_error"
 
 
-class Unavailable(ServiceError):
+class UnavailableError(ServiceError):
     kind = "service_unavailable"
 
 
-def database_unavailable(retry_after: int) -> Unavailable:
+def database_unavailable(retry_after: int) -> UnavailableError:
     """What REST and gRPC answer while the database cannot be reached (not the request's fault)."""
-    return Unavailable(
+    return UnavailableError(
         "the database is unavailable; retry shortly", code="database_unavailable", retry_after=retry_after
     )
 
 
-class Timeout(ServiceError):
+class ServiceTimeoutError(ServiceError):
     kind = "timeout"
 
 
-class WorkerFailed(ServiceError):
+class InternalError(ServiceError):
+    """A fault of ours (logged with its traceback; the client sees only that it happened)."""
+
+    kind = "server_error"
+
+
+class WorkerFailedError(ServiceError):
     """An inference worker failed while answering (not the client's doing)."""
 
     kind = "server_error"
@@ -87,17 +96,19 @@ class WorkerFailed(ServiceError):
 
 # error class → (HTTP status, gRPC status code name)
 ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
-    InvalidRequest: (400, "INVALID_ARGUMENT"),
-    Unauthenticated: (401, "UNAUTHENTICATED"),
-    Forbidden: (403, "PERMISSION_DENIED"),
-    NotFound: (404, "NOT_FOUND"),
-    Conflict: (409, "FAILED_PRECONDITION"),
-    SlowBody: (408, "DEADLINE_EXCEEDED"),
-    TooLarge: (413, "RESOURCE_EXHAUSTED"),
-    RateLimited: (429, "RESOURCE_EXHAUSTED"),
-    Unavailable: (503, "UNAVAILABLE"),
-    Timeout: (504, "DEADLINE_EXCEEDED"),
-    WorkerFailed: (502, "INTERNAL"),
+    InvalidRequestError: (400, "INVALID_ARGUMENT"),
+    UnauthenticatedError: (401, "UNAUTHENTICATED"),
+    ForbiddenError: (403, "PERMISSION_DENIED"),
+    NotFoundError: (404, "NOT_FOUND"),
+    MethodNotAllowedError: (405, "UNIMPLEMENTED"),
+    ConflictError: (409, "FAILED_PRECONDITION"),
+    SlowBodyError: (408, "DEADLINE_EXCEEDED"),
+    TooLargeError: (413, "RESOURCE_EXHAUSTED"),
+    RateLimitedError: (429, "RESOURCE_EXHAUSTED"),
+    UnavailableError: (503, "UNAVAILABLE"),
+    ServiceTimeoutError: (504, "DEADLINE_EXCEEDED"),
+    WorkerFailedError: (502, "INTERNAL"),
+    InternalError: (500, "INTERNAL"),
 }
 
 
@@ -108,9 +119,9 @@ def status_of(error: ServiceError) -> tuple[int, str]:
     return 400, "INVALID_ARGUMENT"
 
 
-def from_value_error(e: ValueError) -> InvalidRequest:
+def from_value_error(e: ValueError) -> InvalidRequestError:
     """A config dataclass's ValueError ("field: what to change") as a 400 naming that field."""
     message = str(e)
     head = message.split(":", 1)[0].split(" ", 1)[0]
     param = head if head.replace("_", "").replace(".", "").isalnum() and head.islower() else None
-    return InvalidRequest(message, param=param)
+    return InvalidRequestError(message, param=param)

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
-from service.errors import NotFound
+from service.errors import NotFoundError
 from service.schemas import Page
 
 P = TypeVar("P", bound=Page)
@@ -24,11 +24,36 @@ def paged(cls: type[P], data: Sequence[Any], has_more: bool) -> P:
     )
 
 
+def anchor_of(after: str | None, find: Callable[[str], T], what: str) -> T | None:
+    """The item whose id is `after` (None without one), found by `find` (which raises NotFoundError for
+    an id it does not know, e.g. one of another tenant): a 404 naming `after` otherwise."""
+    if not after:
+        return None
+    try:
+        return find(after)
+    except NotFoundError:
+        raise _unknown(after, what) from None
+
+
+def _unknown(after: Any, what: str) -> NotFoundError:
+    return NotFoundError(
+        f"after: no {what} {after}; pass the id of the last item of the previous page", param="after"
+    )
+
+
 def newest_first(
-    session: Session, q: Select[Any], model: Any, anchor: Any | None, limit: int
+    session: Session,
+    q: Select[Any],
+    model: Any,
+    *,
+    after: str | None,
+    find: Callable[[str], Any],
+    what: str,
+    limit: int,
 ) -> tuple[list[Any], bool]:
-    """(rows after `anchor`, has_more) of `q` ordered newest first by (created_at, id): keyset paging,
-    for tables whose rows carry both (jobs, files)."""
+    """(rows after the one whose id is `after`, has_more) of `q` ordered newest first by (created_at, id):
+    keyset paging, for tables whose rows carry both (jobs, files). `find` and `what`: see `anchor_of`."""
+    anchor = anchor_of(after, find, what)
     q = q.order_by(model.created_at.desc(), model.id.desc())
     if anchor is not None:
         q = q.where(
@@ -46,8 +71,6 @@ def cut(
     if after is not None:
         ids = [id_of(x) for x in items]
         if after not in ids:
-            raise NotFound(
-                f"after: no {what} {after}; pass the id of the last item of the previous page", param="after"
-            )
+            raise _unknown(after, what)
         items = items[ids.index(after) + 1 :]
     return list(items[:limit]), len(items) > limit

@@ -86,9 +86,9 @@ class Engines:
             load_lock = self._loading.setdefault(model_id, threading.Lock())
         # one load per model; other requests for it wait here, as long as a load may take
         if not load_lock.acquire(timeout=self.settings.inference_load_timeout_s):
-            from rlhf_engine.chat.errors import ModelNotReady
+            from rlhf_engine.chat.errors import ModelNotReadyError
 
-            raise ModelNotReady(
+            raise ModelNotReadyError(
                 f"model: {model_id} is still loading on this worker after "
                 f"{self.settings.inference_load_timeout_s:.0f} s (RLHF_INFERENCE_LOAD_TIMEOUT_S); retry later"
             )
@@ -120,7 +120,7 @@ class Engines:
         with self._lock:
             thread = self._building.get(model_id)
             if thread is None or not thread.is_alive():
-                from workers.training import build_bundled
+                from workers.bundled import build_bundled
 
                 def build() -> None:
                     try:
@@ -262,11 +262,11 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this endpoint is for the API server only")
         engine = self.engines.try_acquire(request.model_id)
         if engine is None and self.engines.preparing(request.model_id, request.model_path):
-            from rlhf_engine.chat.errors import ModelNotReady
+            from rlhf_engine.chat.errors import ModelNotReadyError
 
             await _abort(
                 context,
-                ModelNotReady(
+                ModelNotReadyError(
                     f"model {request.model_id} is being prepared (a bundled model, built "
                     "and pretrained on first use); retry in a few seconds",
                     param="model",

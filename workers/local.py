@@ -5,7 +5,6 @@ inference worker, `rlhf demo`, the benchmarks and the tests (one copy instead of
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,6 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """An unused TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_healthy(base: str, proc: subprocess.Popen[Any], *, timeout_s: float = 60) -> bool:

@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,15 +38,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rlhf_engine.config.pipeline import Step
-from service.db.models import CostInterval, Job, JobCheckpoint, JobEvent, JobMetric, utcnow
+from service.db.models import CostInterval, Job, JobCheckpoint, JobMetric, utcnow
 from service.db.session import session_scope
 from service.jobs import lifecycle
-from service.jobs.lifecycle import LeaseLost, add_event
+from service.jobs.lifecycle import LeaseLostError, add_event
 from service.jobs.plan import step_table
 from service.jobs.states import StepOutcome, StopReason
 from service.services import cost as costs
 from service.services import models as models_svc
 from service.settings import Settings
+from workers.bundled import build_bundled
 from workers.watch import PhaseWatch, Seen
 
 logger = logging.getLogger(__name__)
@@ -163,22 +163,16 @@ class Ingest:
             data = e.get("data") or {}
             if "total_steps" in data:
                 self.total_steps = int(data["total_steps"])
-            key = f"{self.step}:{e.get('time')}:{e.get('type')}"
-            exists = session.scalar(
-                select(JobEvent.seq).where(JobEvent.job_id == self.job_id, JobEvent.source_key == key)
+            add_event(
+                session=session,
+                job=self.job_id,
+                type_=str(e.get("type", "message")),
+                message=str(e.get("message", "")),
+                level=str(e.get("level", "info")),
+                step=self.step,
+                data=data,
+                source_key=f"{self.step}:{e.get('time')}:{e.get('type')}",
             )
-            if exists is None:
-                session.add(
-                    JobEvent(
-                        job_id=self.job_id,
-                        type=str(e.get("type", "message")),
-                        message=str(e.get("message", "")),
-                        level=str(e.get("level", "info")),
-                        step=self.step,
-                        data=data,
-                        source_key=key,
-                    )
-                )
             if e.get("type") == "checkpoint_saved" and "global_step" in data:
                 gs = int(data["global_step"])
                 if (
@@ -270,54 +264,6 @@ def _renew_quietly(settings: Settings, job_id: str, owner: str) -> None:
         renew(s, job_id, settings, owner)
 
 
-def build_bundled(
-    path: Path, *, every_s: float, tick: Callable[..., None], timeout_s: float = 3600.0
-) -> None:
-    """Build a bundled model (models_svc.build_args) into `path` in a child process (torch stays out of the
-    caller), calling `tick(share done or None)` every `every_s` seconds meanwhile. One builder per path
-    (a file lock, which dies with its holder), so a training and an inference worker asking at once build
-    it once. At most `timeout_s` in all, waiting for another builder included; then an error says so."""
-    from rlhf_engine import locks
-    from rlhf_engine.engine.fencing import WATCH_ENV
-    from rlhf_engine.models.tiny import PROGRESS_ENV
-
-    args = models_svc.build_args(path.name)  # (a ValueError for a name that is not bundled)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    lock = path.parent / f".{path.name}.lock"
-    what = f"the build of base model {path.name} by another process"
-    with locks.hold(lock, what=what, timeout_s=timeout_s, poll_s=min(every_s, 1.0), on_wait=lambda _: tick()):
-        if (path / "config.json").is_file():  # another process built it while we waited
-            return
-        progress = path.parent / f".{path.name}.progress"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rlhf_engine.cli", *args, "--out", str(path), "--overwrite"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, PROGRESS_ENV: str(progress), WATCH_ENV: str(os.getpid())},
-        )
-        try:
-            while True:  # bounded: the deadline
-                try:
-                    _, err = proc.communicate(timeout=every_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(
-                            f"building base model {path.name} took longer than {timeout_s:.0f} s "
-                            "(RLHF_MODEL_BUILD_TIMEOUT_S); it was stopped"
-                        ) from None
-                    tick(_share(progress))
-        except BaseException:
-            proc.kill()
-            proc.wait(timeout=60)
-            raise
-        finally:
-            progress.unlink(missing_ok=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building {path.name} failed: {err.decode(errors='replace')[-500:]}")
-
-
 def prebuild_ops(settings: Settings) -> None:
     """Build the DeepSpeed ops this machine's steps load, before the worker takes a job (a child process:
     torch stays out of the worker). Nothing to do when the cache has them; a failure is logged, and the
@@ -358,14 +304,6 @@ def prebuild_ops(settings: Settings) -> None:
     ).splitlines():  # what it did: a dead builder's lock removed, each op
         logger.info("ops: %s", line)
     logger.info("DeepSpeed's ops ready after %.0f s", time.monotonic() - started)
-
-
-def _share(progress: Path) -> float | None:
-    try:
-        done, total = progress.read_text().split()
-        return int(done) / max(int(total), 1)
-    except (OSError, ValueError):
-        return None
 
 
 def _step_of(method: str, step: int) -> Step:
@@ -537,7 +475,7 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
                 elif now > stop_deadline:
                     _kill(proc, 10)
             time.sleep(0.5)
-    except LeaseLost:
+    except LeaseLostError:
         _kill(proc, 10)
         return Outcome("lost")
     except BaseException:
@@ -655,7 +593,7 @@ def train_job(job_id: str, settings: Settings) -> str:
                 continue
             return _finish(settings, job_id, owner, outcome, step)
         return _finish(settings, job_id, owner, Outcome("succeeded"), steps[-1])
-    except LeaseLost:
+    except LeaseLostError:
         return "lost"
     except Exception as e:  # a bug or an environment problem: the job fails with the reason, never silently
         logger.exception("job %s failed", job_id)

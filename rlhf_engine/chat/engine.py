@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from rlhf_engine.chat.errors import ChatError, EngineBusy, EngineStopped, GenerationFailed, InvalidRequest
+from rlhf_engine.chat.errors import (
+    ChatError,
+    ChatRequestError,
+    EngineBusyError,
+    EngineStoppedError,
+    GenerationFailedError,
+)
 from rlhf_engine.chat.kv import PrefixCache, batch_cache
 from rlhf_engine.chat.loading import LoadedModel, ReplyScorer, load_chat_model
 from rlhf_engine.chat.sampling import next_token
@@ -293,7 +299,8 @@ class ChatEngine:
 
     @property
     def prompt_cache(self) -> dict[str, int]:
-        """Prompt tokens taken from the prompt cache and run through the model so far, its entries and bytes."""
+        """Prompt tokens taken from the prompt cache and run through the model so far; its entries
+        and bytes."""
         p = self._prefixes
         return {
             "reused_tokens": p.hits if p else 0,
@@ -318,7 +325,7 @@ class ChatEngine:
     def submit(
         self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None, *, scope: str = ""
     ) -> RequestHandle:
-        """Queue a request; its handle streams the replies. Bad parameters raise `InvalidRequest` here.
+        """Queue a request; its handle streams the replies. Bad parameters raise `ChatRequestError` here.
         Cached prompt keys/values are reused only among requests of one `scope` (a server's tenant)."""
         params = params or SamplingParams()
         msgs = check_messages(messages)
@@ -327,9 +334,9 @@ class ChatEngine:
         handle = RequestHandle(f"req-{next(self._ids)}", msgs, prompt, params, max_new, scope)
         with self._lock:
             if self._closed:
-                raise EngineStopped("the chat engine is closed")
+                raise EngineStoppedError("the chat engine is closed")
             if self._pending.qsize() >= self.config.max_queue:
-                raise EngineBusy(f"{self.config.max_queue} requests are already waiting; retry shortly")
+                raise EngineBusyError(f"{self.config.max_queue} requests are already waiting; retry shortly")
             self._pending.put(handle)
         return handle
 
@@ -346,7 +353,7 @@ class ChatEngine:
 
     def close(self, *, drain_s: float = 0.0) -> None:
         """Stop the scheduler. Requests still running after `drain_s` seconds (none by default) end with
-        `EngineStopped`; new submissions are refused at once."""
+        `EngineStoppedError`; new submissions are refused at once."""
         with self._lock:
             if self._closed:
                 return
@@ -373,12 +380,12 @@ class ChatEngine:
                     self._decode()
             except Exception as e:  # a model error ends the running requests, not the engine
                 logger.exception("generation failed")
-                self._fail_all(GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
-        self._fail_all(EngineStopped("the chat engine was closed before the request finished"))
+                self._fail_all(GenerationFailedError(f"generation failed: {type(e).__name__}: {e}"))
+        self._fail_all(EngineStoppedError("the chat engine was closed before the request finished"))
         while not self._pending.empty():
             handle = self._pending.get_nowait()
             if handle is not None:
-                handle._fail(EngineStopped("the chat engine was closed before the request started"))
+                handle._fail(EngineStoppedError("the chat engine was closed before the request started"))
 
     def _admit(self) -> bool:
         """Start the waiting requests the batch has room for, prefilled together (block when idle).
@@ -419,7 +426,7 @@ class ChatEngine:
         except Exception as e:
             logger.exception("prefill failed")
             for handle in handles:
-                handle._fail(GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+                handle._fail(GenerationFailedError(f"generation failed: {type(e).__name__}: {e}"))
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         kwargs: dict[str, Any] = {
@@ -643,22 +650,26 @@ def _pad_left(x: torch.Tensor, width: int, *, dim: int = -2) -> torch.Tensor:
 def check_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     """The conversation as plain dicts, checked: roles known, contents strings, ends with a user turn."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise InvalidRequest("messages: give a non-empty list of {role, content} messages", param="messages")
+        raise ChatRequestError(
+            "messages: give a non-empty list of {role, content} messages", param="messages"
+        )
     if len(messages) > MAX_MESSAGES:
-        raise InvalidRequest(f"messages: {len(messages)} messages, at most {MAX_MESSAGES}", param="messages")
+        raise ChatRequestError(
+            f"messages: {len(messages)} messages, at most {MAX_MESSAGES}", param="messages"
+        )
     out = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         content = m.get("content") if isinstance(m, dict) else None
         if role not in ROLES:
-            raise InvalidRequest(
+            raise ChatRequestError(
                 f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}", param=f"messages[{i}].role"
             )
         if not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}].content: must be a string", param=f"messages[{i}].content")
+            raise ChatRequestError(f"messages[{i}].content: must be a string", param=f"messages[{i}].content")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "user":
-        raise InvalidRequest(
+        raise ChatRequestError(
             "messages: the last message must be the user's (the model answers it)", param="messages"
         )
     return out

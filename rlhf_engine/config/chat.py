@@ -2,7 +2,7 @@
 
 `SamplingParams` checks what a request can get wrong on its own (ranges, types); `ChatLimits.check`
 adds what depends on the server (operator caps, the model's context length). Every error is a
-`InvalidRequest` naming the field, so the CLI prints it and the API returns it as a 400.
+`ChatRequestError` naming the field, so the CLI prints it and the API returns it as a 400.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf_engine.chat.errors import ContextLengthExceeded, InvalidRequest
+from rlhf_engine.chat.errors import ChatRequestError, ContextLengthExceededError
 
 Backend = Literal["auto", "transformers", "deepspeed"]
 DType = Literal["auto", "fp32", "bf16", "fp16"]
@@ -46,8 +46,8 @@ class SamplingParams:
     )
 
     def __post_init__(self) -> None:
-        def bad(param: str, message: str) -> InvalidRequest:
-            return InvalidRequest(f"{param}: {message}", param=param)
+        def bad(param: str, message: str) -> ChatRequestError:
+            return ChatRequestError(f"{param}: {message}", param=param)
 
         if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 1):
             raise bad("max_new_tokens", f"{self.max_new_tokens!r} must be a whole number of at least 1")
@@ -97,24 +97,24 @@ class ChatLimits:
     def check(self, params: SamplingParams, *, prompt_tokens: int, context_len: int) -> int:
         """The request's max_new_tokens once checked against the caps and the model's context."""
         if params.n > self.max_n:
-            raise InvalidRequest(f"n: {params.n} is above this server's limit of {self.max_n}", param="n")
+            raise ChatRequestError(f"n: {params.n} is above this server's limit of {self.max_n}", param="n")
         if len(params.stop) > self.max_stop:
-            raise InvalidRequest(
+            raise ChatRequestError(
                 f"stop: {len(params.stop)} strings given, at most {self.max_stop} allowed", param="stop"
             )
         if any(len(s) > self.max_stop_chars for s in params.stop):
-            raise InvalidRequest(
+            raise ChatRequestError(
                 f"stop: each string must be at most {self.max_stop_chars} characters", param="stop"
             )
         if params.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens_limit:
-            raise InvalidRequest(
+            raise ChatRequestError(
                 f"max_new_tokens: {params.max_new_tokens} is above this server's limit of "
                 f"{self.max_new_tokens_limit}",
                 param="max_new_tokens",
             )
         room = context_len - prompt_tokens
         if room < 1:
-            raise ContextLengthExceeded(
+            raise ContextLengthExceededError(
                 f"messages: the prompt has {prompt_tokens} tokens and the model's context is {context_len}; "
                 "shorten the conversation",
                 param="messages",
@@ -124,9 +124,10 @@ class ChatLimits:
         if params.max_new_tokens is None:
             return min(self.default_max_new_tokens, room)
         if params.max_new_tokens > room:
-            raise ContextLengthExceeded(
-                f"max_new_tokens: the prompt has {prompt_tokens} tokens and the model's context is {context_len}, "
-                f"so at most {room} new tokens fit; lower max_new_tokens or shorten the conversation",
+            raise ContextLengthExceededError(
+                f"max_new_tokens: the prompt has {prompt_tokens} tokens and the model's context is "
+                f"{context_len}, so at most {room} new tokens fit; lower max_new_tokens or shorten the "
+                "conversation",
                 param="max_new_tokens",
                 prompt_tokens=prompt_tokens,
                 context_len=context_len,
@@ -148,8 +149,8 @@ class ChatEngineConfig:
     backend: Backend = field(
         default="auto",
         metadata={
-            "help": "transformers, or deepspeed (deepspeed.init_inference); auto picks the faster one measured "
-            "(transformers on CPU, see README)"
+            "help": "transformers, or deepspeed (deepspeed.init_inference); auto picks the faster one "
+            "measured (transformers on CPU, see docs/measurements/chat.md)"
         },
     )
     kernel_inject: bool = field(

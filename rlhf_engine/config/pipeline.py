@@ -28,7 +28,7 @@ PipelineMethod = Literal["rlhf", "dpo"]
 
 @dataclass(frozen=True)
 class Step:
-    """One training step: `rlhf <command>` writes RUN/<dir>/ (CONTRACTS.md §1)."""
+    """One training step: `rlhf <command>` writes RUN/<dir>/ (docs/contracts.md §1)."""
 
     number: int
     command: str  # also the name of its section in a pipeline config file
@@ -43,6 +43,28 @@ PPO = Step(3, "ppo", "step3_rlhf", "step 3 (PPO)", PPOConfig)
 DPO = Step(2, "dpo", "step2_dpo", "step 2 (DPO)", DPOConfig)
 STEPS: dict[PipelineMethod, dict[int, Step]] = {"rlhf": {1: SFT, 2: REWARD, 3: PPO}, "dpo": {1: SFT, 2: DPO}}
 SECTIONS = ("sft", "reward", "ppo", "dpo")
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a kind of run trains: the step table it uses, its steps, and step 3's algorithm."""
+
+    table: PipelineMethod
+    steps: tuple[int, ...]
+    algorithm: str | None = None  # step 3's (ppo, grpo, rloo); None: the config's own
+
+
+# The one table of which steps each kind of run takes (the CLI's `rlhf plan --method`, the service's
+# job methods: supervised → sft, dpo → dpo, reinforcement → rlhf, or grpo with a grader).
+RUNS: dict[str, Run] = {
+    "rlhf": Run("rlhf", (1, 2, 3)),
+    "dpo": Run("dpo", (1, 2)),
+    "grpo": Run("rlhf", (1, 3), "grpo"),
+    "rloo": Run("rlhf", (1, 3), "rloo"),
+    "sft": Run("rlhf", (1,)),
+    "reward": Run("rlhf", (2,)),
+    "ppo": Run("rlhf", (3,), "ppo"),
+}
 
 
 @dataclass
@@ -97,7 +119,7 @@ class PipelineConfig:
         if self.method not in STEPS:
             raise ValueError(f"method {self.method!r}: choose {' or '.join(STEPS)}")
         if self.method == "dpo" and self.step == [1, 2, 3]:
-            self.step = [1, 2]  # the default: every step of the method
+            self.step = list(RUNS["dpo"].steps)  # the default: every step of the method
         if not self.step or any(s not in STEPS[self.method] for s in self.step):
             raise ValueError(
                 f"step {self.step}: method {self.method} has steps "

@@ -91,24 +91,36 @@ class ReservedLayer(DynamicLayer):
         self._n = 0
 
 
-def reserved_cache(model: Any, reserve: int) -> DynamicCache | None:
-    """The cache `generate` would build for `model`, its plain full-attention layers replaced by
-    ReservedLayer(reserve); None when the model has no such layer (or no config to tell)."""
-    config = getattr(model, "config", None)
+def plain_layers(config: Any) -> list[bool] | None:
+    """Per layer of the KV cache transformers builds for `config`: whether it is a plain full-attention
+    layer (`DynamicLayer`: every position kept, appended in order). None when transformers cannot build
+    a cache from the config (or it is an encoder-decoder): then no layer counts as plain. The one rule
+    for "plain full attention": the reserved cache replaces exactly these layers, and the shared-prompt
+    start (engine/prefix.py) and the chat engine's prompt cache need every layer to be one."""
     if config is None or getattr(config, "is_encoder_decoder", False):
         return None
     try:
         cache = DynamicCache(config=config)
-    except (
-        AttributeError,
-        KeyError,
-        TypeError,
-        ValueError,
-    ):  # a cache HF builds differently: keep its default
+    except (AttributeError, KeyError, TypeError, ValueError):  # a cache HF builds differently
         return None
-    replaced = 0
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer:
+    return [type(layer) is DynamicLayer for layer in cache.layers]
+
+
+def all_plain(config: Any) -> bool:
+    """Whether every layer is a plain full-attention one (see `plain_layers`)."""
+    kinds = plain_layers(config)
+    return kinds is not None and len(kinds) > 0 and all(kinds)
+
+
+def reserved_cache(model: Any, reserve: int) -> DynamicCache | None:
+    """The cache `generate` would build for `model`, its plain full-attention layers replaced by
+    ReservedLayer(reserve); None when the model has no such layer (or no config to tell)."""
+    config = getattr(model, "config", None)
+    kinds = plain_layers(config)
+    if not kinds or not any(kinds):
+        return None
+    cache = DynamicCache(config=config)
+    for i, plain in enumerate(kinds):
+        if plain:
             cache.layers[i] = ReservedLayer(reserve)
-            replaced += 1
-    return cache if replaced else None
+    return cache

@@ -23,17 +23,15 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+
+from rlhf_engine.engine import kv_cache
 
 
 def has_sliding_layers(config: Any) -> bool:
     """Whether some layer of the model's KV cache is not a plain full-attention one (a sliding window,
-    which counts columns; anything else): the rule `kv_cache.reserved_cache` replaces layers by.
-    A config transformers cannot build a cache from counts as one."""
-    try:
-        return any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return True
+    which counts columns; anything else), by the one rule `kv_cache.plain_layers`. A config
+    transformers cannot build a cache from counts as one."""
+    return not kv_cache.all_plain(config)
 
 
 def shared_prefix_len(prompts: torch.Tensor, mask: torch.Tensor) -> int:

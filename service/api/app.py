@@ -22,30 +22,26 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.answers import error_response
 from service.api.openapi import openapi_document
 from service.db.migrate import migrate
 from service.db.session import DB_DOWN, get_engine, session_scope
-from service.errors import ServiceError, SlowBody, TooLarge, Unauthenticated, database_unavailable, status_of
+from service.errors import (
+    ForbiddenError,
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    ServiceError,
+    SlowBodyError,
+    TooLargeError,
+    UnavailableError,
+    database_unavailable,
+)
 from service.limits import Counter, RateLimit
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
-
-
-def _envelope(
-    status: int,
-    message: str,
-    *,
-    kind: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": code}},
-        status_code=status,
-        headers=headers,
-    )
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -54,15 +50,6 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (("." if out else "") + p)
     return out or "body"
-
-
-def _error_response(e: ServiceError) -> JSONResponse:
-    """A domain error as the client sees it: the table's status, the envelope, Retry-After."""
-    status, _ = status_of(e)
-    headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-    if isinstance(e, Unauthenticated):
-        headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(e.envelope(), status_code=status, headers=headers)
 
 
 class BodyGuard:
@@ -90,8 +77,10 @@ class BodyGuard:
         limit = self.limits.get(scope["path"], self.default)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            response = _envelope(
-                413, f"request body larger than this server's limit of {limit} bytes", code="too_large"
+            response = error_response(
+                TooLargeError(
+                    f"request body larger than this server's limit of {limit} bytes", code="too_large"
+                )
             )
             await response(scope, receive, send)
             return
@@ -110,7 +99,7 @@ class BodyGuard:
                     raise asyncio.TimeoutError
                 message = await asyncio.wait_for(receive(), wait)
             except asyncio.TimeoutError:
-                failure = SlowBody(
+                failure = SlowBodyError(
                     f"request body too slow: {seen} bytes in {time.monotonic() - started:.0f} s; "
                     f"send it within {self.idle_s:g} s, at {self.min_rate} bytes/s or faster",
                     code="request_timeout",
@@ -120,7 +109,7 @@ class BodyGuard:
                 seen += len(message.get("body", b""))
                 done = not message.get("more_body", False)
                 if seen > limit:
-                    failure = TooLarge(
+                    failure = TooLargeError(
                         f"request body larger than this server's limit of {limit} bytes", code="too_large"
                     )
                     raise failure
@@ -134,7 +123,7 @@ class BodyGuard:
                 await send(message)
             elif not answered:  # (FastAPI would answer a body that failed to arrive with a 400)
                 answered = True
-                await _error_response(failure)(scope, receive, send)
+                await error_response(failure)(scope, receive, send)
 
         try:
             await self.app(scope, guarded, answer)
@@ -143,7 +132,7 @@ class BodyGuard:
                 raise
             if not answered:
                 answered = True
-                await _error_response(failure)(scope, receive, send)
+                await error_response(failure)(scope, receive, send)
 
 
 class DatabaseGate:
@@ -155,7 +144,7 @@ class DatabaseGate:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not self.state.migrated and scope["path"].startswith("/v1/"):
-            await _error_response(database_unavailable(self.retry_after))(scope, receive, send)
+            await error_response(database_unavailable(self.retry_after))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -187,7 +176,8 @@ CONSOLE_HEADERS = [
 
 
 class ConsoleFiles:
-    """The built console under /ui/ (static files; hash routes, so index.html answers /ui/), with CSP headers."""
+    """The built console under /ui/ (static files; hash routes, so index.html answers /ui/), with CSP
+    headers."""
 
     def __init__(self, directory: Path) -> None:
         from starlette.staticfiles import StaticFiles
@@ -219,11 +209,12 @@ def mount_console(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/ui/{rest:path}", include_in_schema=False)
     def ui_missing(rest: str) -> JSONResponse:
-        return _envelope(
-            404,
-            f"the web console is not built on this server ({directory} has no index.html): run "
-            "`make console` (needs Node.js and npm), or set RLHF_CONSOLE_DIR",
-            code="console_not_built",
+        return error_response(
+            NotFoundError(
+                f"the web console is not built on this server ({directory} has no index.html): run "
+                "`make console` (needs Node.js and npm), or set RLHF_CONSOLE_DIR",
+                code="console_not_built",
+            )
         )
 
 
@@ -290,31 +281,36 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
         logger.warning(
             "database unavailable on %s %s: %s", request.method, request.url.path, type(e).__name__
         )
-        return _error_response(database_unavailable(settings.retry_after_s))
+        return error_response(database_unavailable(settings.retry_after_s))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> JSONResponse:
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {"loc": ("body",), "msg": "invalid request"}
         param = _loc(tuple(first.get("loc", ())))
         msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        return _envelope(400, f"{param}: {msg}", param=param, code="invalid_value")
+        return error_response(InvalidRequestError(f"{param}: {msg}", param=param, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        message = {
-            404: f"no route {request.method} {request.url.path}",
-            405: f"{request.method} is not allowed on {request.url.path}",
-        }.get(e.status_code, str(e.detail))
-        return _envelope(e.status_code, message)
+        if e.status_code == 404:
+            return error_response(NotFoundError(f"no route {request.method} {request.url.path}"))
+        if e.status_code == 405:
+            return error_response(
+                MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}")
+            )
+        # (Starlette raises only these two itself; any other status keeps its own)
+        return JSONResponse(
+            ServiceError(str(e.detail)).envelope(), status_code=e.status_code, headers=e.headers
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _envelope(500, "internal error; it was logged", kind="server_error")
+        return error_response(InternalError("internal error; it was logged"))
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
@@ -323,21 +319,23 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     @app.get("/readyz", include_in_schema=False)
     def readyz() -> JSONResponse:
         if not app.state.migrated:
-            return _envelope(
-                503,
-                "database unavailable since start; migrations are retried",
-                kind="service_unavailable",
-                headers={"Retry-After": "5"},
+            return error_response(
+                UnavailableError(
+                    "database unavailable since start; migrations are retried",
+                    code="database_unavailable",
+                    retry_after=settings.retry_after_s,
+                )
             )
         try:
             with get_engine(settings.db_url).connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as e:
-            return _envelope(
-                503,
-                f"database unavailable: {type(e).__name__}",
-                kind="service_unavailable",
-                headers={"Retry-After": "5"},
+            return error_response(
+                UnavailableError(
+                    f"database unavailable: {type(e).__name__}",
+                    code="database_unavailable",
+                    retry_after=settings.retry_after_s,
+                )
             )
         return JSONResponse({"status": "ready"})
 
@@ -354,10 +352,8 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
                     cache_s=settings.auth_cache_s,
                 )
                 if not caller.operator:
-                    return _envelope(
-                        403,
-                        "/metrics needs an operator key (rlhf keys create --operator)",
-                        kind="permission_error",
+                    return error_response(
+                        ForbiddenError("/metrics needs an operator key (rlhf keys create --operator)")
                     )
             body, content_type = render(session)
         return PlainTextResponse(body, media_type=content_type)

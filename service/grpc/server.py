@@ -21,7 +21,13 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Job
 from service.db.session import DB_DOWN, session_scope
-from service.errors import InvalidRequest, ServiceError, database_unavailable, from_value_error, status_of
+from service.errors import (
+    InvalidRequestError,
+    ServiceError,
+    database_unavailable,
+    from_value_error,
+    status_of,
+)
 from service.grpc.convert import from_pb, to_dict, to_pb
 from service.grpc.pb import chat_pb2, chat_pb2_grpc, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from service.jobs import lifecycle, plan
@@ -79,7 +85,7 @@ def _abort_args(e: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, st
     if isinstance(e, ValidationError):
         first = e.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ())) or "request"
-        e = InvalidRequest(
+        e = InvalidRequestError(
             f"{param}: {str(first.get('msg', 'invalid value')).removeprefix('Value error, ')}",
             param=param,
             code="invalid_value",
@@ -164,6 +170,22 @@ class Base:
 
         return await asyncio.to_thread(run)
 
+    async def page(
+        self,
+        request: Any,
+        response: Any,
+        lister: Callable[..., Any],
+        *,
+        default: int,
+        top: int = 100,
+        **kw: Any,
+    ) -> Any:
+        """A list RPC: `after` and `limit` read from the request (limit checked against `top`), the
+        service's `lister(session=…, after=…, limit=…, **kw)` run, its page converted to `response`."""
+        after, limit = _opt(request, "after"), _limit(request, default, top)
+        page = await self.db(lambda s: lister(session=s, after=after, limit=limit, **kw))
+        return to_pb(page, response)
+
 
 def _opt(request: Any, name: str, default: Any = None) -> Any:
     return getattr(request, name) if request.HasField(name) else default
@@ -172,7 +194,7 @@ def _opt(request: Any, name: str, default: Any = None) -> Any:
 def _limit(request: Any, default: int, top: int = 100) -> int:
     limit = _opt(request, "limit", default)
     if not 1 <= limit <= top:
-        raise InvalidRequest(f"limit: must be between 1 and {top}", param="limit")
+        raise InvalidRequestError(f"limit: must be between 1 and {top}", param="limit")
     return int(limit)
 
 
@@ -212,12 +234,9 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
 
     @rpc
     async def ListJobs(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        after, limit = _opt(request, "after"), _limit(request, 20)
-
-        page = await self.db(
-            lambda s: svc.list_jobs(session=s, tenant=caller.tenant_id, after=after, limit=limit)
+        return await self.page(
+            request, jobs_pb2.ListJobsResponse, svc.list_jobs, default=20, tenant=caller.tenant_id
         )
-        return to_pb(page, jobs_pb2.ListJobsResponse)
 
     async def _transition(self, action: Callable[..., Job], request: Any, caller: Caller, **kw: Any) -> Any:
         job = await self.db(
@@ -239,49 +258,52 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
 
     @rpc
     async def ListEvents(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        after, limit = _opt(request, "after"), _limit(request, 20)
-
-        page = await self.db(
-            lambda s: svc.list_events(
-                session=s, tenant=caller.tenant_id, job_id=request.id, after=after, limit=limit
-            )
+        return await self.page(
+            request,
+            jobs_pb2.ListEventsResponse,
+            svc.list_events,
+            default=20,
+            tenant=caller.tenant_id,
+            job_id=request.id,
         )
-        return to_pb(page, jobs_pb2.ListEventsResponse)
 
     @rpc
     async def ListCheckpoints(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        after, limit = _opt(request, "after"), _limit(request, 10)
-
-        page = await self.db(
-            lambda s: svc.list_checkpoints(
-                session=s, tenant=caller.tenant_id, job_id=request.id, after=after, limit=limit
-            )
+        return await self.page(
+            request,
+            jobs_pb2.ListCheckpointsResponse,
+            svc.list_checkpoints,
+            default=10,
+            tenant=caller.tenant_id,
+            job_id=request.id,
         )
-        return to_pb(page, jobs_pb2.ListCheckpointsResponse)
 
     @rpc
     async def ListMetrics(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        step, after, limit = _opt(request, "step"), _opt(request, "after"), _limit(request, 1000, 10_000)
+        step = _opt(request, "step")
         if step is not None and not 1 <= step <= 3:
-            raise InvalidRequest("step: must be 1, 2 or 3", param="step")
-
-        page = await self.db(
-            lambda s: svc.list_metrics(
-                session=s, tenant=caller.tenant_id, job_id=request.id, step=step, after=after, limit=limit
-            )
+            raise InvalidRequestError("step: must be 1, 2 or 3", param="step")
+        return await self.page(
+            request,
+            jobs_pb2.ListMetricsResponse,
+            svc.list_metrics,
+            default=1000,
+            top=10_000,
+            tenant=caller.tenant_id,
+            job_id=request.id,
+            step=step,
         )
-        return to_pb(page, jobs_pb2.ListMetricsResponse)
 
     @rpc
     async def ListRollouts(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        after, limit = _opt(request, "after"), _limit(request, 20)
-
-        page = await self.db(
-            lambda s: svc.list_rollouts(
-                session=s, tenant=caller.tenant_id, job_id=request.id, after=after, limit=limit
-            )
+        return await self.page(
+            request,
+            jobs_pb2.ListRolloutsResponse,
+            svc.list_rollouts,
+            default=20,
+            tenant=caller.tenant_id,
+            job_id=request.id,
         )
-        return to_pb(page, jobs_pb2.ListRolloutsResponse)
 
     @stream_rpc
     async def WatchJob(self, request: Any, context: Any, caller: Caller) -> AsyncIterator[Any]:  # noqa: N802
@@ -298,17 +320,15 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
 class ModelService(Base, models_pb2_grpc.ModelServiceServicer):
     @rpc
     async def ListModels(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
-        after, limit = _opt(request, "after"), _limit(request, 1000, 1000)
-        page = await self.db(
-            lambda s: models_svc.list_page(
-                session=s,
-                tenant=caller.tenant_id,
-                after=after,
-                limit=limit,
-                models_dir=self.settings.models_dir,
-            )
+        return await self.page(
+            request,
+            models_pb2.ListModelsResponse,
+            models_svc.list_page,
+            default=1000,
+            top=1000,
+            tenant=caller.tenant_id,
+            models_dir=self.settings.models_dir,
         )
-        return to_pb(page, models_pb2.ListModelsResponse)
 
     @rpc
     async def GetModel(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802

@@ -23,7 +23,7 @@ from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import FineTunedModel, Job, JobEvent, Tenant, utcnow
-from service.errors import Conflict, InvalidRequest
+from service.errors import ConflictError, InvalidRequestError
 from service.jobs import states
 from service.jobs.plan import make_plan
 from service.jobs.queries import get_job
@@ -33,7 +33,7 @@ from service.services import cost as costs
 from service.settings import Settings
 
 
-class LeaseLost(Exception):
+class LeaseLostError(Exception):
     """This worker no longer holds the job's lease: another worker took it, or the job was swept."""
 
 
@@ -57,7 +57,7 @@ def _reload(session: Session, job_id: str) -> Job:
 def add_event(
     *,
     session: Session,
-    job: Job,
+    job: Job | str,
     type_: str,
     message: str,
     level: str = "info",
@@ -65,13 +65,16 @@ def add_event(
     data: dict[str, Any] | None = None,
     source_key: str | None = None,
 ) -> None:
+    """Record an event of `job` (or of the job with that id); with a `source_key`, once: a second
+    record under the same key is dropped (a worker reading a step's events.jsonl again)."""
+    job_id = job if isinstance(job, str) else job.id
     if source_key is not None:
-        seen = select(JobEvent.seq).where(JobEvent.job_id == job.id, JobEvent.source_key == source_key)
+        seen = select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.source_key == source_key)
         if session.scalar(seen) is not None:
             return  # recorded once, whoever records it again (a worker redoing a finished step's bookkeeping)
     session.add(
         JobEvent(
-            job_id=job.id,
+            job_id=job_id,
             type=type_,
             message=message,
             level=level,
@@ -96,13 +99,13 @@ def create_job(
     digest = request_hash(req)
     if idempotency_key:
         if len(idempotency_key) > 255:
-            raise InvalidRequest("Idempotency-Key: at most 255 characters", param="Idempotency-Key")
+            raise InvalidRequestError("Idempotency-Key: at most 255 characters", param="Idempotency-Key")
         prior = session.scalar(
             select(Job).where(Job.tenant_id == tenant, Job.idempotency_key == idempotency_key)
         )
         if prior is not None:
             if prior.request_hash != digest:
-                raise Conflict(
+                raise ConflictError(
                     "Idempotency-Key was used with a different request body; use a new key",
                     param="Idempotency-Key",
                 )
@@ -182,11 +185,13 @@ def submit_job(
     return job
 
 
-def _refused(session: Session, job_id: str, verb: str, sources: tuple[states.JobStatus, ...]) -> Conflict:
+def _refused(
+    session: Session, job_id: str, verb: str, sources: tuple[states.JobStatus, ...]
+) -> ConflictError:
     status = _reload(session, job_id).status
     live = " or ".join(sources)
     already = "already " if status in states.TERMINAL else ""
-    return Conflict(
+    return ConflictError(
         f"job {job_id} is {already}{status}; only a {live} job can be {verb}", param="fine_tuning_job_id"
     )
 
@@ -235,7 +240,7 @@ def resume(*, session: Session, tenant: str, job_id: str, settings: Settings) ->
     if costs.budget_exhausted(
         accrued_usd=job.accrued_usd, max_cost_usd=job.max_cost_usd, interval_usd=interval
     ):
-        raise Conflict(
+        raise ConflictError(
             f"job {job_id} has spent ${job.accrued_usd:.6f} of its max_cost_usd ${job.max_cost_usd}; "
             "it cannot resume within its budget",
             param="max_cost_usd",
@@ -281,7 +286,7 @@ def claim(*, session: Session, job_id: str, owner: str, settings: Settings) -> J
 
 
 def _held(session: Session, job_id: str, owner: str, settings: Settings, **values: Any) -> Job:
-    """Renew the lease (and write `values`) while `owner` holds it; LeaseLost otherwise."""
+    """Renew the lease (and write `values`) while `owner` holds it; LeaseLostError otherwise."""
     now = utcnow()
     res = session.execute(
         update(Job)
@@ -290,7 +295,7 @@ def _held(session: Session, job_id: str, owner: str, settings: Settings, **value
         .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:  # type: ignore[attr-defined]
-        raise LeaseLost(job_id)
+        raise LeaseLostError(job_id)
     return _reload(session, job_id)
 
 
@@ -491,14 +496,15 @@ def sweep(*, session: Session, settings: Settings) -> list[str]:
                 job=_reload(session, job_id),
                 type_="worker_lost",
                 level="warning",
-                message="the job's worker stopped reporting; queued again, it resumes from its last checkpoint",
+                message="the job's worker stopped reporting; queued again, "
+                "it resumes from its last checkpoint",
             )
         out.append(job_id)
     return out
 
 
 __all__ = [
-    "LeaseLost",
+    "LeaseLostError",
     "add_event",
     "cancel",
     "claim",

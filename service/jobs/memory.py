@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_engine import gpu_catalogue
 from rlhf_engine import planner as pl
-from service.errors import InvalidRequest
+from service.errors import InvalidRequestError
 
 GPUS_PER_NODE = 8
 
@@ -98,14 +99,12 @@ def plan_step_memory(
     from rlhf_engine.config.args import dataclass_from_args
 
     method = built.algorithm if command == "ppo" else command
-    reward = (
-        shapes.reward if command in ("reward", "ppo") and (command == "reward" or not built.grader) else None
-    )
-    model_dtype = (built.actor if command == "ppo" else built.model).dtype
-    limit_gib = {**pl.GPU_MEMORY_GIB, **(gpu_memory or {})}.get(gpu_type)  # unknown: planned, not checked
+    actor, reward = pl.step_models(command, built, shapes.actor, shapes.reward)
+    limit_gib = {**gpu_catalogue.MEMORY_GIB, **(gpu_memory or {})}.get(
+        gpu_type
+    )  # unknown: planned, not checked
     gpu = gpu_type != "cpu" and limit_gib is not None
-    w = pl.workload_of(built, method, dtype_bytes=4 if (gpu_type == "cpu" or model_dtype == "fp32") else 2)
-    actor = (shapes.reward or shapes.actor) if method == "reward" else shapes.actor
+    w = pl.step_workload(built, command, gpu=gpu_type != "cpu")
     limit = limit_gib * pl.GiB if gpu and limit_gib else None
     nodes_gpus = min(num_gpus, GPUS_PER_NODE)
     configured = pl.plan_step(
@@ -142,22 +141,27 @@ def plan_step_memory(
                 built = dataclass_from_args(config_class, argparse.Namespace(), file_values=values)
         else:
             smallest = search.smallest
-            here = (
-                f"on {num_gpus}× {gpu_type} it fits with {search.best.choice.describe()} (set memory: auto, or "
-                f"config.{command}: {json.dumps(pl.step_options(search.best.choice, method, w))})"
-                if search.best is not None
-                else f"the smallest configuration that fits: {pl.smallest_fit(w, actor, reward, gpu_type=gpu_type, gpus=num_gpus, memory={**pl.GPU_MEMORY_GIB, **(gpu_memory or {})})}"
-            )
+            if search.best is not None:
+                options = json.dumps(pl.step_options(search.best.choice, method, w))
+                here = (
+                    f"on {num_gpus}× {gpu_type} it fits with {search.best.choice.describe()} "
+                    f"(set memory: auto, or config.{command}: {options})"
+                )
+            else:
+                memory = {**gpu_catalogue.MEMORY_GIB, **(gpu_memory or {})}
+                fit = pl.smallest_fit(w, actor, reward, gpu_type=gpu_type, gpus=num_gpus, memory=memory)
+                here = f"the smallest configuration that fits: {fit}"
             host = (
-                f" and {_gib(smallest.host_bytes_per_node)} of host memory per node for what it offloads (more than "
-                f"the {_gib(smallest.host_bytes or 0)} planned for)"
+                f" and {_gib(smallest.host_bytes_per_node)} of host memory per node for what it offloads "
+                f"(more than the {_gib(smallest.host_bytes or 0)} planned for)"
                 if smallest.host_bytes is not None and smallest.host_bytes_per_node > smallest.host_bytes
                 else ""
             )
-            raise InvalidRequest(
-                f"gpu_type: step {step} ({method}) needs {_gib(configured.total_bytes)} per GPU as configured "
-                f"({configured.choice.describe()}) and {_gib(smallest.total_bytes)} at its smallest "
-                f"({smallest.choice.describe()}){host}; {gpu_type} has {limit_gib:g} GiB; {here}",
+            raise InvalidRequestError(
+                f"gpu_type: step {step} ({method}) needs {_gib(configured.total_bytes)} per GPU "
+                f"as configured ({configured.choice.describe()}) and {_gib(smallest.total_bytes)} "
+                f"at its smallest ({smallest.choice.describe()}){host}; "
+                f"{gpu_type} has {limit_gib:g} GiB; {here}",
                 param="gpu_type",
             )
     return built, {

@@ -13,9 +13,17 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from rlhf_engine.config.data import DataConfig, parse_split
-from rlhf_engine.config.pipeline import SECTIONS, STEPS, PipelineConfig, Step, load_pipeline_file, presets
+from rlhf_engine.config.pipeline import (
+    RUNS,
+    SECTIONS,
+    STEPS,
+    PipelineConfig,
+    Step,
+    load_pipeline_file,
+    presets,
+)
 from service.db.models import File
-from service.errors import InvalidRequest, NotFound, from_value_error
+from service.errors import InvalidRequestError, NotFoundError, from_value_error
 from service.jobs.estimate import estimate_steps, model_params, server_data, step_default
 from service.jobs.memory import Shapes, plan_step_memory, shape_of
 from service.schemas import DPOHyperparameters, EstimateRequest, Hyperparameters, JobCreate, StepEstimate
@@ -29,9 +37,13 @@ def _no_sections() -> dict[str, dict[str, Any]]:
     return {sec: {} for sec in SECTIONS}
 
 
+# a job's method.type → the kind of run it is (rlhf_engine.config.pipeline.RUNS: its steps)
+RUN_OF_METHOD = {"supervised": "sft", "dpo": "dpo", "reinforcement": "rlhf"}
+
+
 def step_table(method: str) -> dict[int, Step]:
     """A job method's steps (supervised: step 1 of the RLHF table; dpo: SFT then DPO)."""
-    return STEPS["dpo" if method == "dpo" else "rlhf"]
+    return STEPS[RUNS[RUN_OF_METHOD[method]].table]
 
 
 @dataclasses.dataclass
@@ -52,7 +64,7 @@ def _method(req: JobCreate) -> tuple[str, Hyperparameters | None]:
     nested = getattr(req.method, kind, None) if req.method else None
     inner = nested.hyperparameters if nested else None
     if inner is not None and req.hyperparameters is not None:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"hyperparameters and method.{kind}.hyperparameters: give one of them", param="hyperparameters"
         )
     return kind, inner or req.hyperparameters
@@ -68,28 +80,28 @@ def _grader(req: JobCreate) -> dict[str, Any] | None:
     try:
         graders.parse(params.grader, "method.reinforcement.grader")
     except graders.GraderError as e:
-        raise InvalidRequest(str(e), param=e.param) from None
+        raise InvalidRequestError(str(e), param=e.param) from None
     return params.grader
 
 
 def _graded_steps(req: JobCreate, train_kind: str | None) -> list[int]:
     """A grader job: step 3 on prompts, after SFT (step 1) when the training data has answers."""
     if req.reward_model:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "reward_model: with a grader, the grader is the reward and no reward model is trained; "
             "drop reward_model, or drop method.reinforcement.grader for RLHF",
             param="reward_model",
         )
-    default = [3] if train_kind == "prompt" else [1, 3]
+    default = [3] if train_kind == "prompt" else list(RUNS["grpo"].steps)
     steps = sorted(set(req.steps)) if req.steps else default
-    if steps not in ([3], [1, 3]):
-        raise InvalidRequest(
+    if steps not in ([3], list(RUNS["grpo"].steps)):
+        raise InvalidRequestError(
             "steps: a grader job runs step 3, after step 1 (SFT) when the data has answers; give "
             "[1, 3] or [3]",
             param="steps",
         )
     if 1 in steps and train_kind == "prompt":
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "steps: the training file holds prompts only, so step 1 (SFT) has no answers to learn; "
             "give steps [3], or a training file with answers",
             param="steps",
@@ -98,41 +110,42 @@ def _graded_steps(req: JobCreate, train_kind: str | None) -> list[int]:
 
 
 def _steps(req: JobCreate, method: str) -> list[int]:
+    own = list(RUNS[RUN_OF_METHOD[method]].steps)
     if method == "supervised":
-        if req.steps not in (None, [1]):
-            raise InvalidRequest(
+        if req.steps not in (None, own):
+            raise InvalidRequestError(
                 "steps: a supervised job runs step 1 only; use method reinforcement for steps 2-3",
                 param="steps",
             )
         if req.reward_model:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 "reward_model: only reinforcement jobs train a reward model; drop it or set "
                 "method.type reinforcement",
                 param="reward_model",
             )
-        return [1]
+        return own
     if method == "dpo":
         if req.reward_model:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 "reward_model: a dpo job learns from the preference pairs directly and trains no reward "
                 "model; drop it, or set method.type reinforcement",
                 param="reward_model",
             )
-        if req.steps not in (None, [1, 2]):
-            raise InvalidRequest(
+        if req.steps not in (None, own):
+            raise InvalidRequestError(
                 "steps: a dpo job runs steps 1 and 2 (SFT, then DPO); drop steps", param="steps"
             )
-        return [1, 2]
+        return own
     if not req.reward_model:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "reward_model: a reinforcement job needs the model to train as reward model (e.g. tiny-opt-xs)",
             param="reward_model",
         )
-    steps = sorted(set(req.steps or [1, 2, 3]))
-    if not steps or any(s not in (1, 2, 3) for s in steps):
-        raise InvalidRequest("steps: give some of 1, 2, 3", param="steps")
+    steps = sorted(set(req.steps or own))
+    if not steps or any(s not in own for s in steps):
+        raise InvalidRequestError("steps: give some of 1, 2, 3", param="steps")
     if 3 in steps and not {1, 2} <= set(steps):
-        raise InvalidRequest("steps: step 3 needs steps 1 and 2 in the same job", param="steps")
+        raise InvalidRequestError("steps: step 3 needs steps 1 and 2 in the same job", param="steps")
     return steps
 
 
@@ -143,10 +156,10 @@ def _file(
         return None
     try:
         f = files_svc.get_file(session=session, tenant=tenant, file_id=file_id, param=param)
-    except NotFound as e:  # a reference inside the body: the request is invalid (OpenAI answers 400 too)
-        raise InvalidRequest(e.message, param=param, code="file_not_found") from None
+    except NotFoundError as e:  # a reference inside the body: the request is invalid (OpenAI answers 400 too)
+        raise InvalidRequestError(e.message, param=param, code="file_not_found") from None
     if f.kind not in kinds:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"{param}: file {file_id} holds {f.kind} data ({f.format}); this role needs "
             f"{' or '.join(kinds)} data",
             param=param,
@@ -191,7 +204,7 @@ def _apply_hyperparameters(
                 hp_name = {"num_train_epochs": "n_epochs", "beta": "beta"}.get(
                     name, "batch_size" if "batch" in name else "learning_rate_multiplier"
                 )
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"hyperparameters.{hp_name} and config.{sec}.{name} both set {name}; give one",
                     param=f"hyperparameters.{hp_name}",
                 )
@@ -212,7 +225,7 @@ def _integrations(req: JobCreate) -> dict[str, Any]:
     """OpenAI's `integrations` as step options (the wandb_* fields of every step's config)."""
     for item in req.integrations or []:
         if not _wandb_installed():
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 "integrations[0]: the wandb integration needs the wandb library on this server; "
                 "install the extra (pip install 'rlhf-service[wandb]') or drop the integration",
                 param="integrations",
@@ -229,7 +242,7 @@ def _integrations(req: JobCreate) -> dict[str, Any]:
 
 def _check_gpu_type(gpu_type: str, settings: Settings) -> None:
     if gpu_type not in settings.gpu_types:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"gpu_type: {gpu_type!r} is not offered here; choose one of {', '.join(settings.gpu_types)}",
             param="gpu_type",
         )
@@ -244,7 +257,7 @@ def make_plan(
     from rlhf_engine.config.pipeline import step_values
 
     if req.validation_file:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "validation_file: not supported yet; evaluation rows are held out of the training data "
             "(config.<step>.eval_fraction)",
             param="validation_file",
@@ -252,7 +265,7 @@ def make_plan(
     tracking = _integrations(req)
     _check_gpu_type(req.gpu_type, settings)
     if req.num_gpus > settings.max_gpus_per_job:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"num_gpus: {req.num_gpus} is above this server's limit of {settings.max_gpus_per_job}",
             param="num_gpus",
         )
@@ -284,13 +297,13 @@ def make_plan(
     if grader is not None:
         steps = _graded_steps(req, train.kind if train else None)
         if pref is not None:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 "preference_file: a grader job trains no reward model; give prompts as prompt_file "
                 "(or in training_file)",
                 param="preference_file",
             )
         if train is not None and train.kind == "sft" and prompts is None:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 "prompt_file: step 3 needs prompts with the fields the grader reads, and an SFT "
                 "training file feeds step 1 only; add prompt_file (rows of messages ending with "
                 "the user's turn, plus the grader's fields)",
@@ -303,21 +316,21 @@ def make_plan(
         and 2 in steps
         and pref is None
     ):
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "training_file: an SFT file cannot train the reward model; give a preference file "
             "(chosen/rejected), or add preference_file",
             param="training_file",
         )
     if method == "dpo":
         if train is not None and train.kind == "sft" and pref is None:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 "training_file: DPO learns from chosen/rejected pairs and this file has none; give a "
                 "preference file, or add preference_file",
                 param="training_file",
             )
         for param, given in (("prompt_file", prompts), ("pretrain_file", pretrain)):
             if given is not None:
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"{param}: a dpo job has no step 3 (PPO) to use it; drop it, or set method.type "
                     "reinforcement",
                     param=param,
@@ -328,7 +341,7 @@ def make_plan(
     try:
         parse_split(split)
     except ValueError as e:
-        raise InvalidRequest(str(e), param="data_split") from None
+        raise InvalidRequestError(str(e), param="data_split") from None
 
     top, sections, explicit, shown_hp = _step_sections(req, method, hp, steps, tracking)
     table = step_table(method)
@@ -353,7 +366,7 @@ def make_plan(
     }
     unknown = sorted(set(top) - pipeline_fields)
     if unknown:
-        raise InvalidRequest(f"preset: unknown options {', '.join(unknown)}", param="preset")
+        raise InvalidRequestError(f"preset: unknown options {', '.join(unknown)}", param="preset")
     try:
         data_cfg = DataConfig(
             **{k: v for k, v in top.items() if k in {f.name for f in dataclasses.fields(DataConfig)}}
@@ -400,7 +413,7 @@ def make_plan(
                 built, step, sec, [f for f in (train, pref, prompts) if f is not None], req.num_gpus
             )
             plan[str(step)] = values
-    except InvalidRequest:
+    except InvalidRequestError:
         raise
     except (ValueError, TypeError) as e:
         raise from_value_error(ValueError(str(e))) from None
@@ -434,7 +447,9 @@ def _step_sections(
     """preset < request config < hyperparameters: (top-level values, each step's section, what the request
     set itself, the hyperparameters as the job shows them). A preset is a shipped name, never a path."""
     if req.preset is not None and req.preset not in presets():
-        raise InvalidRequest(f"preset: {req.preset!r} is not one of {', '.join(presets())}", param="preset")
+        raise InvalidRequestError(
+            f"preset: {req.preset!r} is not one of {', '.join(presets())}", param="preset"
+        )
     top, sections = load_pipeline_file(req.preset) if req.preset else ({}, _no_sections())
     explicit = req.config.model_dump() if req.config else _no_sections()
     for sec in SECTIONS:
@@ -451,7 +466,7 @@ def _step_sections(
             "resume",
         ):
             if forbidden in explicit[sec]:
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"config.{sec}.{forbidden}: set by the job itself (model, files, output); remove it",
                     param=f"config.{sec}.{forbidden}",
                 )
@@ -481,7 +496,7 @@ def _graded_sections(
 
     algorithm = ppo.setdefault("algorithm", "grpo")
     if algorithm == "ppo":
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "config.ppo.algorithm: ppo needs a critic, which a grader job does not train; use grpo "
             "or rloo, or drop the grader and give reward_model for RLHF",
             param="config.ppo.algorithm",
@@ -519,7 +534,7 @@ def _check_grader_rows(grader: dict[str, Any], paths: list[str]) -> None:
             try:
                 graders.check_row(parsed, row.item or {}, where="method.reinforcement.grader")
             except graders.GraderError as e:
-                raise InvalidRequest(f"{e} (row {row.line} of the prompts)", param=e.param) from None
+                raise InvalidRequestError(f"{e} (row {row.line} of the prompts)", param=e.param) from None
 
 
 def _train_rows_at_most(data: DataConfig, step: int, files: list[File]) -> int | None:
@@ -564,7 +579,7 @@ def _check_fills_a_batch(built: Any, step: int, sec: str, files: list[File], num
         else "per_device_generation_batch_size"
     )
     if rows < need:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"config.{sec}: step {step} gets at most {rows} training rows of its data (data_split "
             f"{built.data.data_split}, eval_fraction {built.data.eval_fraction}), fewer than one "
             f"batch: {what}; lower {fix}, or give more data",
@@ -574,13 +589,13 @@ def _check_fills_a_batch(built: Any, step: int, sec: str, files: list[File], num
 
 def _check_limits(built: Any, sec: str, settings: Settings) -> None:
     if built.data.max_seq_len > settings.max_seq_len:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"config.{sec}.max_seq_len: {built.data.max_seq_len} is above this server's "
             f"limit of {settings.max_seq_len}",
             param=f"config.{sec}.max_seq_len",
         )
     if built.max_steps > settings.max_steps_per_stage:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"config.{sec}.max_steps: above this server's limit of {settings.max_steps_per_stage}",
             param=f"config.{sec}.max_steps",
         )
@@ -595,7 +610,7 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
         _check_gpu_type(req.gpu_type, settings)
         for name, count in (req.tokens or {}).items():
             if name not in ("1", "2", "3") or count < 0:
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"tokens: {name!r}: {count} must be a step (1, 2 or 3) and a count of at least "
                     "0 tokens, e.g. {'3': 135000000}",
                     param="tokens",
@@ -624,7 +639,7 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
                 settings=settings,
                 output_dir=settings.runs_dir / tenant / "estimate",
             )  # planned only, never written
-        except InvalidRequest as e:
+        except InvalidRequestError as e:
             if e.param in (
                 "model",
                 "reward_model",
@@ -657,7 +672,7 @@ def _memory_by_size(
 
     top, sections, explicit, _ = _step_sections(req, method, _method(req)[1], steps, {})
     graded = _grader(req) is not None
-    name = {"supervised": "sft", "dpo": "dpo"}.get(method, "grpo" if graded else "rlhf")
+    name = "grpo" if graded else RUN_OF_METHOD[method]
     shapes = Shapes(
         actor=pl.Shape.from_params(actor_b * 1e9, name="actor"),
         reward=None if graded else pl.Shape.from_params(reward_b * 1e9, name="reward model"),

@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from rlhf_engine.stages import phase as phases
 from service.db.models import Job, JobCheckpoint, JobEvent, JobMetric
-from service.errors import NotFound
+from service.errors import NotFoundError
 from service.jobs.states import TERMINAL
-from service.pagination import cut, newest_first, paged
+from service.pagination import anchor_of, cut, newest_first, paged
 from service.schemas import (
     CheckpointList,
     CheckpointObject,
@@ -43,18 +43,20 @@ from service.services import models as models_svc
 def get_job(*, session: Session, tenant: str, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant:
-        raise NotFound(f"no fine-tuning job {job_id}", param="fine_tuning_job_id")
+        raise NotFoundError(f"no fine-tuning job {job_id}", param="fine_tuning_job_id")
     return job
 
 
 def list_jobs(*, session: Session, tenant: str, after: str | None, limit: int) -> JobList:
-    anchor = None
-    if after:
-        try:
-            anchor = get_job(session=session, tenant=tenant, job_id=after)
-        except NotFound:
-            raise NotFound(f"after: no fine-tuning job {after}", param="after") from None
-    rows, more = newest_first(session, select(Job).where(Job.tenant_id == tenant), Job, anchor, limit)
+    rows, more = newest_first(
+        session,
+        select(Job).where(Job.tenant_id == tenant),
+        Job,
+        after=after,
+        find=lambda job_id: get_job(session=session, tenant=tenant, job_id=job_id),
+        what="fine-tuning job",
+        limit=limit,
+    )
     return paged(JobList, [to_object(j) for j in rows], more)
 
 
@@ -128,10 +130,15 @@ def to_object(job: Job) -> JobObject:
 def list_events(*, session: Session, tenant: str, job_id: str, after: str | None, limit: int) -> EventList:
     get_job(session=session, tenant=tenant, job_id=job_id)
     q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc())
-    if after:
-        anchor = session.scalar(select(JobEvent).where(JobEvent.id == after, JobEvent.job_id == job_id))
-        if anchor is None:
-            raise NotFound(f"after: no event {after} in job {job_id}", param="after")
+
+    def find(event_id: str) -> JobEvent:
+        found = session.scalar(select(JobEvent).where(JobEvent.id == event_id, JobEvent.job_id == job_id))
+        if found is None:
+            raise NotFoundError(f"no event {event_id} in job {job_id}")
+        return found
+
+    anchor = anchor_of(after, find, f"event of job {job_id}:")
+    if anchor is not None:
         q = q.where(JobEvent.seq < anchor.seq)
     rows = list(session.scalars(q.limit(limit + 1)))
     return paged(EventList, [event_object(e) for e in rows[:limit]], len(rows) > limit)
@@ -214,7 +221,8 @@ def list_checkpoints(
 
 
 def checkpoint_object(c: JobCheckpoint, job: Job) -> CheckpointObject:
-    name = f"{job.fine_tuned_model or models_svc.fine_tuned_id(job.model, job.suffix, job.id)}:ckpt-step{c.step}-{c.global_step}"
+    model = job.fine_tuned_model or models_svc.fine_tuned_id(job.model, job.suffix, job.id)
+    name = f"{model}:ckpt-step{c.step}-{c.global_step}"
     return CheckpointObject(
         id=c.id,
         created_at=int(c.created_at.timestamp()),

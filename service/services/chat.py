@@ -1,7 +1,7 @@
 """Chat: check a request, resolve its model for the caller, route it to an inference worker, relay the
 worker's stream. Shared by REST (`/v1/chat/completions`) and gRPC (`ChatService.Chat`).
 
-Routing (CONTRACTS.md §6): among workers with a fresh heartbeat, one that holds the model (least
+Routing (docs/contracts.md §6): among workers with a fresh heartbeat, one that holds the model (least
 busy first); else the one with the most room, which loads it (LRU cap per worker). None → 503 with
 Retry-After. A worker that cannot be reached before answering is skipped (and marked stale until its
 next heartbeat) and the next one is tried. The API keeps its view of the workers for
@@ -29,12 +29,12 @@ from sqlalchemy.orm import Session
 from service.db.models import InferenceWorker, utcnow
 from service.db.session import session_scope
 from service.errors import (
-    InvalidRequest,
-    NotFound,
+    InvalidRequestError,
+    NotFoundError,
     ServiceError,
-    Timeout,
-    Unavailable,
-    WorkerFailed,
+    ServiceTimeoutError,
+    UnavailableError,
+    WorkerFailedError,
 )
 from service.schemas import ChatCompletionRequest
 from service.services import models as models_svc
@@ -99,7 +99,7 @@ class ChatStream:
                 except grpc.aio.AioRpcError as e:
                     raise _error(e, self.timeout_s, started=True) from None
                 if reply is grpc.aio.EOF:
-                    raise WorkerFailed(
+                    raise WorkerFailedError(
                         "the inference worker ended the reply early; retry", code="worker_failed"
                     )
                 kind = reply.WhichOneof("reply")
@@ -107,7 +107,8 @@ class ChatStream:
                     p = reply.piece
                     self.tokens += p.tokens
                     if not p.text and not p.HasField("finish_reason"):
-                        continue  # text held back (a possible stop string, a split character): nothing to relay
+                        # text held back (a possible stop string, a split character): nothing to relay
+                        continue
                     yield Piece(
                         index=p.index,
                         text=p.text,
@@ -138,7 +139,7 @@ def check(req: ChatCompletionRequest, settings: Settings) -> None:
     worker's chat engine checks the conversation itself, stop strings and the model's context)."""
     name = req.unsupported()
     if name:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"{name}: not supported by this server; remove it", param=name, code="unsupported_parameter"
         )
     if (
@@ -146,27 +147,29 @@ def check(req: ChatCompletionRequest, settings: Settings) -> None:
         and req.max_completion_tokens is not None
         and req.max_tokens != req.max_completion_tokens
     ):
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "max_completion_tokens: give max_tokens or max_completion_tokens, not both",
             param="max_completion_tokens",
         )
     limit = req.max_new_tokens
     if limit is not None and limit > settings.chat_max_tokens:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"{param}: {limit} is above this server's limit of {settings.chat_max_tokens}", param=param
         )
     if (req.n or 1) > settings.chat_max_n:
-        raise InvalidRequest(f"n: {req.n} is above this server's limit of {settings.chat_max_n}", param="n")
+        raise InvalidRequestError(
+            f"n: {req.n} is above this server's limit of {settings.chat_max_n}", param="n"
+        )
     if len(req.messages) > settings.chat_max_messages:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"messages: {len(req.messages)} messages, at most {settings.chat_max_messages} allowed; "
             "drop the oldest turns",
             param="messages",
         )
     for i, m in enumerate(req.messages):
         if len(m.text()) > settings.chat_max_message_chars:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 f"messages[{i}].content: longer than this server's limit of "
                 f"{settings.chat_max_message_chars} characters",
                 param=f"messages[{i}].content",
@@ -184,9 +187,9 @@ def resolve_model(*, session: Session, tenant: str, model: str, settings: Settin
             param="model",
             max_bytes=settings.max_model_bytes,
         )
-    except InvalidRequest as e:
+    except InvalidRequestError as e:
         if e.code == "model_not_found":
-            raise NotFound(
+            raise NotFoundError(
                 f"model: no model {model!r} (see GET /v1/models)", param="model", code="model_not_found"
             ) from None
         raise
@@ -263,7 +266,7 @@ def _pick(
     tenant: str,
 ) -> Route:
     if not workers:
-        raise Unavailable(
+        raise UnavailableError(
             "no inference worker is running; start one with `rlhf worker inference` and retry",
             code="no_worker",
             retry_after=settings.retry_after_s,
@@ -322,8 +325,14 @@ async def _forget(address: str) -> None:
 
 
 def _error(
-    e: grpc.aio.AioRpcError, timeout_s: float, *, started: bool, tokens_field: str = "max_tokens"
+    e: grpc.aio.AioRpcError,
+    timeout_s: float,
+    *,
+    started: bool,
+    retry_after: int | None = None,
+    tokens_field: str = "max_tokens",
 ) -> ServiceError:
+    """A worker's gRPC error in the API's terms (`retry_after`: Retry-After of a 503, from settings)."""
     meta = dict(e.trailing_metadata() or ())
     param, code = meta.get("error-param") or None, meta.get("error-code") or None
     message = e.details() or e.code().name
@@ -331,20 +340,24 @@ def _error(
     if status == grpc.StatusCode.INVALID_ARGUMENT:  # in the API's words (the engine says max_new_tokens)
         if param == "max_new_tokens":
             param, message = tokens_field, message.replace("max_new_tokens", tokens_field)
-        return InvalidRequest(message, param=param, code=code)
+        return InvalidRequestError(message, param=param, code=code)
     if status == grpc.StatusCode.FAILED_PRECONDITION:  # the model cannot be loaded: not the client's doing
-        return WorkerFailed(message, param=param or "model", code=code or "model_load_error")
+        return WorkerFailedError(message, param=param or "model", code=code or "model_load_error")
     if status == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return Timeout(f"the reply took longer than this server's limit of {timeout_s:g} s", code="timeout")
+        return ServiceTimeoutError(
+            f"the reply took longer than this server's limit of {timeout_s:g} s", code="timeout"
+        )
     if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and started:
-        return WorkerFailed(
+        return WorkerFailedError(
             "the inference worker stopped while answering; retry the request", code="worker_lost"
         )
     if status == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(
-            f"inference worker unavailable: {message}", code=code or "worker_unavailable", retry_after=5
+        return UnavailableError(
+            f"inference worker unavailable: {message}",
+            code=code or "worker_unavailable",
+            retry_after=retry_after,
         )
-    return WorkerFailed(f"the inference worker failed: {message}", code=code or "worker_failed")
+    return WorkerFailedError(f"the inference worker failed: {message}", code=code or "worker_failed")
 
 
 async def open_chat(
@@ -383,7 +396,7 @@ async def open_chat(
             error_code = dict(e.trailing_metadata() or ()).get("error-code")
             app_level = bool(error_code)
             if error_code == "model_not_ready":  # the worker builds it now; every worker would say the same
-                raise Unavailable(
+                raise UnavailableError(
                     e.details() or "the model is being prepared",
                     code="model_not_ready",
                     param="model",
@@ -398,7 +411,13 @@ async def open_chat(
                 await asyncio.to_thread(mark_stale, settings, worker_id)
                 await _forget(address)
                 continue
-            raise _error(e, settings.chat_timeout_s, started=False, tokens_field=tokens_field) from None
+            raise _error(
+                e,
+                settings.chat_timeout_s,
+                started=False,
+                retry_after=settings.retry_after_s,
+                tokens_field=tokens_field,
+            ) from None
         except BaseException:  # cancelled while waiting (the client left): nothing leaks
             _inflight[worker_id] -= 1
             call.cancel()
@@ -406,7 +425,7 @@ async def open_chat(
         if first is grpc.aio.EOF or first.WhichOneof("reply") != "started":
             _inflight[worker_id] -= 1
             call.cancel()
-            raise WorkerFailed("the inference worker answered out of order", code="worker_failed")
+            raise WorkerFailedError("the inference worker answered out of order", code="worker_failed")
         call.add_done_callback(
             lambda _c, w=worker_id: _inflight.__setitem__(w, max(0, _inflight.get(w, 1) - 1))
         )
@@ -421,7 +440,7 @@ async def open_chat(
             timeout_s=settings.chat_timeout_s,
         )
     why = "every inference worker is at capacity" if busy else "no inference worker could be reached"
-    raise Unavailable(
+    raise UnavailableError(
         f"{why}; retry shortly", code="busy" if busy else "no_worker", retry_after=settings.retry_after_s
     )
 
@@ -477,4 +496,4 @@ async def complete(stream: ChatStream) -> tuple[list[dict[str, Any]], Finished]:
         texts[item.index].append(item.text)
         if item.finish_reason is not None:
             ends[item.index] = (item.finish_reason, item.reward)
-    raise WorkerFailed("the inference worker ended the reply early; retry", code="worker_failed")
+    raise WorkerFailedError("the inference worker ended the reply early; retry", code="worker_failed")

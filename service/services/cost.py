@@ -1,4 +1,6 @@
-"""Price and throughput tables, the time/price estimate of a job, and cost accrual (CONTRACTS.md §5).
+"""Throughput tables, the time/price estimate of a job, and cost accrual (docs/contracts.md §5).
+
+Prices and GPU speeds: rlhf_engine/gpu_catalogue.py.
 
 Throughput model: tokens per second per GPU = K[step][gpu_type] / model size in billions of
 parameters (floored at 0.5M parameters for tiny models), plus a fixed start-up per step. Calibration:
@@ -16,9 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PRICE_PER_GPU_HOUR = {"A100-80G": 4.03, "A100-40G": 3.40, "H100-80G": 6.98, "V100-32G": 3.06, "cpu": 0.05}
-# relative speed of a GPU type against A100-80G
-SPEED = {"A100-80G": 1.0, "A100-40G": 0.9, "H100-80G": 2.0, "V100-32G": 0.35}
+from rlhf_engine import gpu_catalogue
+
 K_A100 = {1: 28_800.0, 2: 28_800.0, 3: 7_200.0}  # billion-parameter × tokens/s per GPU
 K_CPU = {1: 6.5, 2: 8.3, 3: 3.2}
 STARTUP_S = {"cpu": 10.0, "gpu": 120.0}
@@ -34,14 +35,14 @@ class StepCost:
 
 
 def price(gpu_type: str) -> float:
-    return PRICE_PER_GPU_HOUR[gpu_type]
+    return gpu_catalogue.PRICE_PER_HOUR[gpu_type]
 
 
 def tokens_per_second(step: int, gpu_type: str, params_b: float, num_gpus: int) -> float:
     size = max(params_b, MIN_PARAMS_B)
     if gpu_type == "cpu":
         return K_CPU[step] / size * num_gpus
-    return K_A100[step] * SPEED.get(gpu_type, 1.0) / size * num_gpus
+    return K_A100[step] * gpu_catalogue.SPEED.get(gpu_type, 1.0) / size * num_gpus
 
 
 def step_cost(step: int, *, tokens: int, params_b: float, gpu_type: str, num_gpus: int) -> StepCost:

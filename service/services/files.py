@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.models import File, Job, new_id
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.jobs.states import ACTIVE
 from service.pagination import newest_first, paged
 from service.schemas import FileList, FileObject
@@ -23,12 +23,12 @@ CHARS_PER_TOKEN = 4  # for estimates before tokenisation
 def check_upload(*, filename: str, purpose: str) -> str:
     """The stored suffix of an upload, or a 400 naming the field."""
     if purpose not in PURPOSES:
-        raise InvalidRequest(f"purpose: {purpose!r} is not supported; use 'fine-tune'", param="purpose")
+        raise InvalidRequestError(f"purpose: {purpose!r} is not supported; use 'fine-tune'", param="purpose")
     name = filename.lower()
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
             return suffix
-    raise InvalidRequest(f"file: {filename!r} must end in one of {', '.join(SUFFIXES)}", param="file")
+    raise InvalidRequestError(f"file: {filename!r} must end in one of {', '.join(SUFFIXES)}", param="file")
 
 
 def register_file(
@@ -58,7 +58,7 @@ def register_file(
         ds = read_dataset(str(dest), ReadLimits(max_bytes=max_bytes))
     except DataError as e:
         dest.unlink(missing_ok=True)
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"file: {str(e).replace(str(dest), filename)}", param="file", code="invalid_file"
         ) from None
     rows = len(ds)
@@ -88,20 +88,22 @@ def register_file(
 def get_file(*, session: Session, tenant: str, file_id: str, param: str = "file_id") -> File:
     f = session.get(File, file_id)
     if f is None or f.tenant_id != tenant or f.deleted:
-        raise NotFound(f"{param}: no file {file_id}", param=param)
+        raise NotFoundError(f"{param}: no file {file_id}", param=param)
     return f
 
 
 def list_files(*, session: Session, tenant: str, after: str | None = None, limit: int = 100) -> FileList:
     """The tenant's files, newest first."""
-    anchor = None
-    if after:
-        try:
-            anchor = get_file(session=session, tenant=tenant, file_id=after)
-        except NotFound:
-            raise NotFound(f"after: no file {after}", param="after") from None
     q = select(File).where(File.tenant_id == tenant, File.deleted.is_(False))
-    rows, more = newest_first(session, q, File, anchor, limit)
+    rows, more = newest_first(
+        session,
+        q,
+        File,
+        after=after,
+        find=lambda file_id: get_file(session=session, tenant=tenant, file_id=file_id),
+        what="file",
+        limit=limit,
+    )
     return paged(FileList, [to_object(f) for f in rows], more)
 
 
@@ -110,7 +112,7 @@ def delete_file(*, session: Session, tenant: str, file_id: str) -> File:
     jobs = session.scalars(select(Job).where(Job.tenant_id == tenant, Job.status.in_(ACTIVE))).all()
     users = [j.id for j in jobs if file_id in (j.file_ids or [])]
     if users:
-        raise Conflict(
+        raise ConflictError(
             f"file {file_id} is used by the live job {users[0]}; cancel it or wait for it to end",
             param="file_id",
         )
