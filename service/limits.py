@@ -3,10 +3,11 @@ middleware, and `check_chat_tokens`/`count_chat_tokens`), a tenant's live jobs a
 (`check_job_quota`). Over a limit → 429 `rate_limit_error` with `Retry-After`; every limit is 0 (off)
 by default (service/settings.py).
 
-Counts are per fixed minute window, in Redis when REDIS_URL is set (INCRBY + EXPIRE: every API
-process shares them) or else in the database (`rate_counters`, one upsert). A key is counted by the
-SHA-256 of the key as presented (what `api_keys` stores), so counting needs no lookup, and one key's
-traffic never touches another's count.
+Counts are per fixed window of `rate_window_s` seconds (a minute unless a test sets another), by the
+clock `Counter` is given (service/clock.py: the system clock unless a test passes its own), in Redis
+when REDIS_URL is set (INCRBY + EXPIRE: every API process shares them) or else in the database
+(`rate_counters`, one upsert). A key is counted by the SHA-256 of the key as presented (what `api_keys`
+stores), so counting needs no lookup, and one key's traffic never touches another's count.
 """
 
 from __future__ import annotations
@@ -15,26 +16,26 @@ import asyncio
 import logging
 import math
 import random
-import time
 from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from service.api.answers import error_response
+from service.clock import Clock, system_clock
 from service.db.models import Job, RateCounter
-from service.errors import RateLimited, Unauthenticated
+from service.errors import RateLimitedError, UnauthenticatedError
 from service.jobs.states import ACTIVE
 from service.services.keys import token_hash
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-WINDOW_S = 60
 
 
-def _window(now: float | None = None) -> tuple[int, int]:
-    """(this minute's number, seconds until it ends, at least 1)."""
-    now = time.time() if now is None else now
-    return int(now // WINDOW_S), max(1, math.ceil(WINDOW_S - now % WINDOW_S))
+def window(now: float, length_s: int) -> tuple[int, int]:
+    """(the number of the window `now` falls in, seconds until it ends, at least 1): windows of
+    `length_s` seconds, the first starting at the epoch."""
+    return int(now // length_s), max(1, math.ceil(length_s - now % length_s))
 
 
 def key_id(authorization: str | None) -> str | None:
@@ -42,30 +43,31 @@ def key_id(authorization: str | None) -> str | None:
     the route answers 401)."""
     try:
         return token_hash(authorization)[:40]
-    except Unauthenticated:
+    except UnauthenticatedError:
         return None
 
 
 class Counter:
-    """Per-minute counts shared by every API process: Redis when configured, else the database."""
+    """Per-window counts shared by every API process: Redis when configured, else the database."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, *, clock: Clock = system_clock) -> None:
+        self.settings, self.clock = settings, clock
+        self.window_s = settings.rate_window_s
         self._redis: Any = None
 
     async def add(self, name: str, n: int) -> tuple[int, int]:
-        """Add `n` to `name`'s count of this minute; returns (the count, seconds left in the minute)."""
-        window, left = _window()
+        """Add `n` to `name`'s count of this window; returns (the count, seconds left in the window)."""
+        number, left = window(self.clock(), self.window_s)
         if self.settings.redis_url:
             if self._redis is None:
                 import redis.asyncio as aioredis
 
                 self._redis = aioredis.Redis.from_url(self.settings.redis_url)
-            key = f"rlhf:rate:{name}:{window}"
+            key = f"rlhf:rate:{name}:{number}"
             async with self._redis.pipeline(transaction=True) as pipe:
-                count, _ = await pipe.incrby(key, n).expire(key, 2 * WINDOW_S).execute()
+                count, _ = await pipe.incrby(key, n).expire(key, 2 * self.window_s).execute()
             return int(count), left
-        return await asyncio.to_thread(_db_add, self.settings.db_url, name, window, n), left
+        return await asyncio.to_thread(_db_add, self.settings.db_url, name, number, n), left
 
 
 def _db_add(db_url: str, name: str, window: int, n: int) -> int:
@@ -86,8 +88,8 @@ def _db_add(db_url: str, name: str, window: int, n: int) -> int:
     return count
 
 
-def _too_many(what: str, limit: int, setting: str, left: int) -> RateLimited:
-    return RateLimited(
+def _too_many(what: str, limit: int, setting: str, left: int) -> RateLimitedError:
+    return RateLimitedError(
         f"this API key has used its {limit} {what} per minute ({setting}); retry after {left} s",
         code="rate_limit_exceeded",
         retry_after=left,
@@ -111,21 +113,15 @@ class RateLimit:
             return
         try:
             count, left = await self.counter.add(f"req:{who}", 1)
-        except Exception as e:  # noqa: BLE001 - the count's store is down: serve rather than refuse everyone
+        except Exception as e:  # the count's store is down: serve rather than refuse everyone
             logger.warning("rate limit not counted (%s: %s); request let through", type(e).__name__, e)
             await self.app(scope, receive, send)
             return
         if count > self.per_minute:
-            from service.api.app import _envelope
-
             over = _too_many("requests", self.per_minute, "RLHF_RATE_LIMIT_PER_MINUTE", left)
-            response = _envelope(
-                429,
-                over.message,
-                kind=over.kind,
-                code=over.code,
+            response = error_response(
+                over,
                 headers={
-                    "Retry-After": str(left),
                     "x-ratelimit-limit-requests": str(self.per_minute),
                     "x-ratelimit-remaining-requests": "0",
                     "x-ratelimit-reset-requests": f"{left}s",
@@ -185,14 +181,14 @@ def check_job_quota(*, session: Session, tenant: str, settings: Settings, gpu_ho
     count, gpu_seconds = session.execute(live).one()
     hours = float(gpu_seconds) / 3600
     if settings.max_active_jobs and count >= settings.max_active_jobs:
-        raise RateLimited(
+        raise RateLimitedError(
             f"this tenant has {count} live jobs, the limit of RLHF_MAX_ACTIVE_JOBS; retry once one "
             "has ended (or cancel one)",
             code="quota_active_jobs",
             retry_after=60,
         )
     if settings.max_queued_gpu_hours and hours + gpu_hours > settings.max_queued_gpu_hours:
-        raise RateLimited(
+        raise RateLimitedError(
             f"this job's estimated {gpu_hours:.2f} GPU-hours and the {hours:.2f} of this tenant's live "
             f"jobs exceed RLHF_MAX_QUEUED_GPU_HOURS ({settings.max_queued_gpu_hours:g}); retry once "
             "jobs have ended",

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rlhf_engine import gpu_catalogue
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLHF_", extra="ignore")
@@ -71,7 +73,8 @@ class Settings(BaseSettings):
     )
     max_gpus_per_job: int = 8
     gpu_types: list[str] = Field(
-        default_factory=lambda: ["cpu", "A100-80G", "A100-40G", "H100-80G", "V100-32G"]
+        default_factory=lambda: list(gpu_catalogue.OFFERED),
+        description="GPU types jobs may ask for; each needs a price in rlhf_engine/gpu_catalogue.py",
     )
     gpu_memory_gib: dict[str, float] = Field(
         default_factory=dict,
@@ -109,18 +112,19 @@ class Settings(BaseSettings):
     stall_factor: float = Field(
         default=5.0,
         ge=1,
-        description="a phase without progress may last this many times its usual time (from the estimate, the "
-        "step's own history or the model's size), and at least stall_floor_s",
+        description="a phase without progress may last this many times its usual time "
+        "(from the estimate, the step's own history or the model's size), and at least stall_floor_s",
     )
     prebuild_ops: bool = Field(
         default=True,
-        description="a training worker builds the DeepSpeed ops it lacks (about a minute each) before it takes "
-        "a job, so no job waits for them",
+        description="a training worker builds the DeepSpeed ops it lacks (about a minute each) "
+        "before it takes a job, so no job waits for them",
     )
     model_build_timeout_s: float = Field(
         default=3600.0,
         gt=0,
-        description="the longest a bundled base model may take to build, waiting for another builder included",
+        description="the longest a bundled base model may take to build, "
+        "waiting for another builder included",
     )
     migrate_timeout_s: float = Field(
         default=300.0, gt=0, description="the longest a process waits for another one's database migration"
@@ -192,6 +196,13 @@ class Settings(BaseSettings):
         description="streamed completion tokens per minute per "
         "API key; a chat request over it is refused until the minute ends",
     )
+    rate_window_s: int = Field(
+        default=60,
+        ge=1,
+        description="seconds in the fixed window the per-minute limits count in (windows start at the "
+        "epoch): 60, a minute, is what their names and 429 messages say; tests set a window that does not "
+        "end during their run, so that no count resets mid-test",
+    )
     max_active_jobs: int = Field(
         default=0, ge=0, description="live jobs (queued, running, paused) per tenant"
     )
@@ -201,13 +212,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        from service.services.cost import PRICE_PER_GPU_HOUR
-
-        unpriced = [g for g in self.gpu_types if g not in PRICE_PER_GPU_HOUR]
+        unpriced = gpu_catalogue.unpriced(self.gpu_types)
         if unpriced:  # every job is priced: a type without a price would fail every estimate
             raise ValueError(
-                f"gpu_types: {', '.join(unpriced)} has no price in service/services/cost.py "
-                f"(PRICE_PER_GPU_HOUR: {', '.join(PRICE_PER_GPU_HOUR)}); add one there or drop it"
+                f"gpu_types: {', '.join(unpriced)} has no price in rlhf_engine/gpu_catalogue.py "
+                f"(priced: {', '.join(gpu_catalogue.PRICE_PER_HOUR)}); add one there or drop it"
             )
         if self.environment == "production":
             if not self.database_url or self.database_url.startswith("sqlite"):

@@ -20,6 +20,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RLHF_CACHE_DIR", str(ROOT / ".cache"))
 
+# `make test-fast` deselects these: a test is `slow` if it uses a fixture that trains a model or starts a
+# training worker (besides the tests marked by hand: one that runs `rlhf train` itself), `browser` if it
+# drives chromium. The fixture closure counts, so a fixture built on these marks its users too.
+SLOW_FIXTURES = frozenset({"pipeline_run", "start_worker", "smollm2"})
+BROWSER_FIXTURES = frozenset({"browser"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if used & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,10 +31,9 @@ def test_a_lock_dies_with_its_holder_even_by_sigkill(tmp_path: Path) -> None:
     holder = _holder(path)
     holder.kill()  # SIGKILL: no finally, no cleanup — the kernel drops the flock
     holder.wait(timeout=10)
-    started = time.monotonic()
+    # were it held still, this would wait 5 s and raise LockTimeoutError
     with locks.hold(path, what="a test lock", timeout_s=5) as waited:
-        assert waited < 1.0
-    assert time.monotonic() - started < 1.0
+        assert waited < 1.0  # free at once
     assert path.exists()  # the file stays; it never meant anything by itself
 
 
@@ -45,7 +43,7 @@ def test_a_wait_ends_with_an_error_naming_the_lock_and_its_holder(tmp_path: Path
     beats: list[float] = []
     try:
         with (
-            pytest.raises(locks.LockTimeout) as e,
+            pytest.raises(locks.LockTimeoutError) as e,
             locks.hold(path, what="the test's lock", timeout_s=0.5, on_wait=beats.append),
         ):
             pass
@@ -58,7 +56,10 @@ def test_a_wait_ends_with_an_error_naming_the_lock_and_its_holder(tmp_path: Path
 
 def test_holders_and_working_in_see_a_live_process(tmp_path: Path) -> None:
     baton = tmp_path / "lock"
-    code = "import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('ok', flush=True); time.sleep(60)"
+    code = (
+        "import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); "
+        "print('ok', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(baton)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
     )

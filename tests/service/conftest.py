@@ -24,10 +24,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from rlhf_engine.engine.distributed import free_port
 from service.db.models import InferenceWorker
 from service.db.session import session_scope
 from service.settings import Settings
-from workers.local import free_port
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 FAST = {
@@ -38,6 +38,10 @@ FAST = {
     "step_grace_s": 60.0,
     "auth_cache_s": 1.0,
 }
+# A rate-limit window (RLHF_RATE_WINDOW_S) that no test outlives: windows end at multiples of 10^9 s since
+# the epoch, the next one in 2033; a stack with it never sees its counts reset mid-test, so no test waits
+# for a fresh minute. (The window arithmetic itself is tested with a manual clock, test_limits.py.)
+NO_ROLLOVER_S = 10**9
 
 
 @pytest.fixture(scope="session")
@@ -168,8 +172,9 @@ def start_worker(
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(stack: Stack, *, sweeper: bool = True, nice: int = 0, **env: str) -> subprocess.Popen[bytes]:
-        """A training worker of `stack`; `env` adds to (or replaces) its environment (a cache folder of its own);
-        `nice` lowers its priority (and its steps'), so that the test reacts at once to what they do."""
+        """A training worker of `stack`; `env` adds to (or replaces) its environment (a cache folder of
+        its own); `nice` lowers its priority (and its steps'), so that the test reacts at once to what
+        they do."""
         log = tmp_path_factory.mktemp("worker") / "worker.log"
         args = [sys.executable, "-m", "workers.cli", "worker", "train"] + (
             [] if sweeper else ["--no-sweeper"]
@@ -217,7 +222,8 @@ class Workers:
     """Inference worker subprocesses on the e2e stack, with their logs."""
 
     def __init__(self, stack: Stack, tmp: Path) -> None:
-        self.stack, self.tmp, self.procs = stack, tmp, {}  # type: dict[int, tuple[subprocess.Popen[bytes], Path]]
+        self.stack, self.tmp = stack, tmp
+        self.procs: dict[int, tuple[subprocess.Popen[bytes], Path]] = {}
 
     def start(self, **env: str) -> int:
         log = self.tmp / f"worker-{len(self.procs)}.log"
@@ -295,7 +301,7 @@ def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
         after = page["data"][-1]["id"]
 
 
-SMALL_SFT = {
+SMALL_SFT: dict[str, Any] = {
     "model": "tiny-opt-xs",
     "preset": "tiny",
     "config": {"sft": {"max_steps": 40, "checkpoint_interval": 10, "eval_max_rows": 16}},

@@ -106,7 +106,8 @@ def test_a_job_survives_random_node_deaths(
         with session_scope(stack.settings.db_url) as s:
             out = Path(s.get(Job, job["id"]).output_dir)  # type: ignore[union-attr]
         count = TrainerCount(str(out))
-        # kill k lands in step k mod 3 (or the one running by then), at a random point after its first checkpoint
+        # kill k lands in step k mod 3 (or the one running by then), at a random point after its first
+        # checkpoint
         order = list(TOTALS)
         for k in range(KILLS):
             target = k % 3
@@ -134,7 +135,7 @@ def test_a_job_survives_random_node_deaths(
                 time.sleep(0.1)
             if os.environ.get("RLHF_CHAOS_KILLS") and k % 2 == 1:  # `make chaos`: the database restarts too
                 proxy.down()
-                time.sleep(3)
+                time.sleep(3)  # the outage itself (PostgreSQL away for 3 s), not a wait for something
                 proxy.up()
             if os.environ.get("RLHF_CHAOS_KILLS") and k % 2 == 0:  # … and Redis (no persistence: queue lost)
                 import redis

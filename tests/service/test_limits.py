@@ -1,34 +1,99 @@
 """Limits and quotas: requests per key and minute across API processes (Redis) and on one process
 without Redis (the database), streamed chat tokens per key, a tenant's live jobs and queued GPU-hours.
-Over a limit: 429, OpenAI's rate_limit_error envelope, Retry-After; other keys are unaffected."""
+Over a limit: 429, OpenAI's rate_limit_error envelope, Retry-After; other keys are unaffected.
+
+No test waits for a window to end: the window arithmetic (a rollover resets the counts, Retry-After is
+the seconds left) runs on a manual clock; the live servers count in a window that never ends mid-test
+(`NO_ROLLOVER_S`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from service.limits import WINDOW_S, Counter, key_id
-from tests.service.conftest import SMALL_SFT, Stack
+from service.clock import ManualClock
+from service.limits import Counter, RateLimit, key_id, window
+from service.settings import Settings
+from tests.service.conftest import NO_ROLLOVER_S, SMALL_SFT, Stack
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _fresh_minute() -> None:
-    """Start well inside a minute: the counts of a fixed window reset when it ends."""
-    left = WINDOW_S - time.time() % WINDOW_S
-    if left < 15:
-        time.sleep(left + 0.5)
+def test_fixed_windows_start_at_the_epoch_and_say_the_seconds_left() -> None:
+    assert window(1_700_000_040.0, 60) == (28_333_334, 60)  # a window's first instant: all of it left
+    assert window(1_700_000_070.2, 60) == (28_333_334, 30)  # 29.8 s left, rounded up
+    assert window(1_700_000_099.9, 60) == (28_333_334, 1)  # never 0: Retry-After is at least 1
+    assert window(1_700_000_100.0, 60) == (28_333_335, 60)  # the next window
+    assert window(7.5, 10) == (0, 3)
+
+
+@pytest.fixture(params=["redis", "database"])
+def counted(request: pytest.FixtureRequest, tmp_path: Any) -> Settings:
+    """Settings whose counts go to Redis or (without Redis) to a migrated SQLite database."""
+    from service.db.migrate import migrate
+
+    if request.param == "redis":
+        return Settings(data_dir=tmp_path, redis_url=request.getfixturevalue("new_redis")())
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'rlhf.db'}")
+    migrate(settings.db_url)
+    return settings
+
+
+def test_a_window_rollover_resets_the_count(counted: Settings) -> None:
+    clock = ManualClock(start=1_700_000_040.0)  # the first instant of a minute
+    counter = Counter(counted, clock=clock)
+
+    async def add(name: str, n: int = 1) -> tuple[int, int]:
+        return await counter.add(name, n)
+
+    async def run() -> None:
+        assert await add("req:a") == (1, 60)
+        clock.advance(45.5)
+        assert await add("req:a", 2) == (3, 15)  # the same window: counted on, 14.5 s left → 15
+        assert await add("req:b") == (1, 15)  # another name has its own count
+        clock.advance(14.5)  # the window's end
+        assert await add("req:a") == (1, 60)  # a new window: counted from zero
+        assert await add("req:b", 0) == (0, 60)
+
+    asyncio.run(run())
+
+
+def test_the_middleware_refuses_until_the_window_ends(counted: Settings) -> None:
+    """Over the limit → 429 with Retry-After = the seconds left in the window; the next window serves."""
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    clock = ManualClock(start=1_700_000_040.0)
+    limited = RateLimit(ok, counter=Counter(counted, clock=clock), per_minute=2)
+    alice, bob = {"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer sk-bob"}
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=limited)
+        async with httpx.AsyncClient(transport=transport, base_url="http://limits") as c:
+            assert [(await c.get("/v1/models", headers=alice)).status_code for _ in range(2)] == [200, 200]
+            clock.advance(20.25)
+            r = await c.get("/v1/models", headers=alice)
+            assert r.status_code == 429 and r.headers["Retry-After"] == "40"  # 39.75 s left, rounded up
+            assert r.headers["x-ratelimit-remaining-requests"] == "0"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+            assert (await c.get("/v1/models", headers=bob)).status_code == 200  # another key
+            clock.advance(39.75)  # the window has ended
+            r = await c.get("/v1/models", headers=alice)
+            assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == "1"
+
+    asyncio.run(run())
 
 
 def _limited(r: httpx.Response) -> dict[str, Any]:
     assert r.status_code == 429, (r.status_code, r.text)
-    assert 1 <= int(r.headers["Retry-After"]) <= WINDOW_S
+    assert 1 <= int(r.headers["Retry-After"]) <= NO_ROLLOVER_S
     err = r.json()["error"]
     assert err["type"] == "rate_limit_error" and err["message"], err
     return dict(err)
@@ -42,10 +107,10 @@ def test_requests_per_key_are_limited_across_api_processes(
         "database_url": new_pg(),
         "redis_url": new_redis() if store == "redis" else "",
         "rate_limit_per_minute": 5,
+        "rate_window_s": NO_ROLLOVER_S,
     }
     a, b = make_stack(**shared), make_stack(**shared)  # two API processes' worth of apps, one database
     alice, bob = a.key("alice"), a.key("bob")
-    _fresh_minute()
     with a.client(alice) as a1, b.client(alice) as b1, a.client(bob) as a2:
         answers = [
             a1.get("/v1/files"),
@@ -71,10 +136,9 @@ def test_requests_per_key_are_limited_across_api_processes(
 def test_streamed_chat_tokens_per_key(make_stack: Callable[..., Stack]) -> None:
     """Once a key's replies this minute reach RLHF_CHAT_TOKENS_PER_MINUTE, its next chat request is
     refused before routing (this stack has no inference worker: a request let through answers 503)."""
-    s = make_stack(chat_tokens_per_minute=100)
+    s = make_stack(chat_tokens_per_minute=100, rate_window_s=NO_ROLLOVER_S)
     alice, bob = s.key("alice"), s.key("bob")
     body = {"model": "tiny-opt-xs", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
-    _fresh_minute()
     with s.client(alice) as c, s.client(bob) as other:
         assert (
             c.post("/v1/chat/completions", json=body).status_code == 503
@@ -117,7 +181,7 @@ def test_grpc_counts_against_the_same_limit(
     from service.grpc.pb import jobs_pb2, jobs_pb2_grpc
     from service.grpc.server import start_server
 
-    s = make_stack(redis_url=new_redis(), rate_limit_per_minute=3)
+    s = make_stack(redis_url=new_redis(), rate_limit_per_minute=3, rate_window_s=NO_ROLLOVER_S)
     key = s.key("alice")
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
@@ -125,7 +189,6 @@ def test_grpc_counts_against_the_same_limit(
         start_server(s.settings, host="127.0.0.1", port=0), loop
     ).result(30)
     try:
-        _fresh_minute()
         with s.client(key) as c, grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             assert c.get("/v1/files").status_code == 200
             jobs, md = jobs_pb2_grpc.JobServiceStub(ch), [("authorization", f"Bearer {key}")]
@@ -137,7 +200,7 @@ def test_grpc_counts_against_the_same_limit(
             trailing = dict(e.value.trailing_metadata() or ())
             assert (
                 trailing["error-code"] == "rate_limit_exceeded"
-                and 1 <= int(trailing["retry-after"]) <= WINDOW_S
+                and 1 <= int(trailing["retry-after"]) <= NO_ROLLOVER_S
             )
             _limited(c.get("/v1/files"))
     finally:
@@ -160,6 +223,7 @@ def test_a_body_that_trickles_in_is_cut_off_and_holds_no_worker_thread(
     key = stack.key("alice")
     host, port = stack.url.removeprefix("http://").split(":")
     body = b'{"model": "tiny-opt-xs", "suffix": "' + b"x" * 400 + b'"}'
+    sending = threading.Semaphore(0)  # released by each connection once its headers are sent
 
     def trickle(pause_s: float, step: int = 1) -> bytes:
         with socket.create_connection((host, int(port)), timeout=30) as sock:
@@ -171,6 +235,7 @@ def test_a_body_that_trickles_in_is_cut_off_and_holds_no_worker_thread(
                 + str(len(body)).encode()
                 + b"\r\n\r\n"
             )
+            sending.release()
             sent = 0
             while sent < len(body) and not select.select([sock], [], [], pause_s)[0]:  # until it answers
                 sock.sendall(body[sent : sent + step])
@@ -187,7 +252,7 @@ def test_a_body_that_trickles_in_is_cut_off_and_holds_no_worker_thread(
     threads = [threading.Thread(target=lambda: answers.append(trickle(0.5))) for _ in range(60)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    assert all(sending.acquire(timeout=30) for _ in threads)  # all 60 are trickling
     with stack.client(key) as client:  # meanwhile an ordinary client is served
         assert client.get("/v1/models").status_code == 200
         assert client.get("/v1/fine_tuning/jobs").json()["data"] == []

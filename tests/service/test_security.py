@@ -11,12 +11,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from rlhf_engine.engine.distributed import free_port
 from tests.service.conftest import SMALL_SFT, Stack
-from workers.local import free_port, wait_healthy
+from workers.local import wait_healthy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,7 +45,10 @@ def test_a_revoked_key_stops_working_in_every_api_process_within_a_second(
         auth = {"Authorization": f"Bearer {key}"}
         for url in (stack.url, other):  # verified, hence cached, in both processes
             assert httpx.get(f"{url}/v1/files", headers=auth).status_code == 200
-        time.sleep(1)  # both processes have subscribed by now
+        deadline = time.monotonic() + 30
+        while _listening(stack.settings.redis_url) < 2:  # both processes have subscribed
+            assert time.monotonic() < deadline, "the API processes do not listen for revocations"
+            time.sleep(0.05)
         listed = subprocess.run(
             [sys.executable, "-m", "workers.cli", "keys", "list", "--tenant", "mallory"],
             env=env,
@@ -71,6 +76,19 @@ def test_a_revoked_key_stops_working_in_every_api_process_within_a_second(
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     assert key not in (tmp_path / "api.log").read_text()
+
+
+def _listening(redis_url: str) -> int:
+    """Connections subscribed to a channel on this stack's Redis database (its own: new_redis), i.e. the
+    API processes that listen for revocations."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        db = int(client.connection_pool.connection_kwargs.get("db", 0))
+        return sum(1 for c in client.client_list() if int(c["db"]) == db and int(c["sub"]) > 0)
+    finally:
+        client.close()
 
 
 def test_no_log_line_carries_a_key(
@@ -181,7 +199,7 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
             if "{" not in path:
                 continue
             for method in ops:
-                body = {} if method in ("post", "put", "patch") else None
+                body: dict[str, Any] | None = {} if method in ("post", "put", "patch") else None
                 r = b.request(method, path.format(**ids), json=body)
                 assert r.status_code == 404, (method, path, r.status_code, r.text)
                 checked.append(f"{method.upper()} {path}")
@@ -230,9 +248,10 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
 
 def test_a_chat_request_reaches_the_worker_scoped_to_its_tenant() -> None:
     """Workers reuse cached prompt keys/values only within a scope; the API sends the caller's tenant as
-    that scope (both routing paths, the database's and its cached view, pick through `_pick`), so one tenant's prompts
-    never shorten another's prefill (a time-to-first-token side channel on shared base models)."""
-    from service.schemas import ChatCompletionRequest
+    that scope (both routing paths, the database's and its cached view, pick through `_pick`), so one
+    tenant's prompts never shorten another's prefill (a time-to-first-token side channel on shared base
+    models)."""
+    from service.schemas import ChatCompletionRequest, ChatMessage
     from service.services import chat
     from service.services.models import ModelRef
 
@@ -240,7 +259,7 @@ def test_a_chat_request_reaches_the_worker_scoped_to_its_tenant() -> None:
     worker = chat.WorkerView(
         id="w1", address="127.0.0.1:1", models=("tiny-opt-m",), active=0, capacity=4, max_models=2
     )
-    req = ChatCompletionRequest(model="tiny-opt-m", messages=[{"role": "user", "content": "hi"}])
+    req = ChatCompletionRequest(model="tiny-opt-m", messages=[ChatMessage(role="user", content="hi")])
     for tenant in ("tenant-a", "tenant-b"):
         route = chat._pick(ref, [worker], chat.Settings(), {}, tenant)
         assert chat._generate_request(route, req).cache_scope == tenant

@@ -14,21 +14,26 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.graders import TextSimilarityGraderParam
 
+from rlhf_engine.engine.distributed import free_port
 from service.db.models import FineTunedModel
 from service.db.session import session_scope
 from service.schemas import ChatCompletionChunk
-from tests.service.conftest import SMALL_SFT, Stack, Workers, serve
-from workers.local import free_port, wait_healthy
+from tests.service.conftest import NO_ROLLOVER_S, SMALL_SFT, Stack, Workers, serve
+from workers.local import wait_healthy
 
 pytestmark = pytest.mark.slow
 KITE = [{"role": "user", "content": "What is a kite?"}]
+# KITE as the openai SDK types a conversation
+SDK_KITE: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is a kite?"}]
 LONG = 400  # tokens the noisy model generates without an end-of-text (checked in its fixture)
 
 
@@ -46,8 +51,13 @@ def api(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     tmp = tmp_path_factory.mktemp("api")
     blocked = tmp / "blocked.log"
     port, gport = free_port(), free_port()
-    # streamed tokens are counted per key (a limit high enough never to refuse anything here)
-    env = e2e_stack.env | {"RLHF_BLOCKED_LOG": str(blocked), "RLHF_CHAT_TOKENS_PER_MINUTE": str(10**9)}
+    # streamed tokens are counted per key (a limit high enough never to refuse anything here), in a window
+    # that does not end during the tests (so a count read before a reply and after it are of one window)
+    env = e2e_stack.env | {
+        "RLHF_BLOCKED_LOG": str(blocked),
+        "RLHF_CHAT_TOKENS_PER_MINUTE": str(10**9),
+        "RLHF_RATE_WINDOW_S": str(NO_ROLLOVER_S),
+    }
     with open(tmp / "api.log", "wb") as out:
         proc = subprocess.Popen(
             [
@@ -137,19 +147,19 @@ def test_openai_sdk_streams_and_completes_a_fine_tuned_model(
     chunks = list(
         sdk.chat.completions.create(
             model=model,
-            messages=KITE,
+            messages=SDK_KITE,
             max_tokens=24,
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
         )
-    )  # type: ignore[call-overload]
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     usage = chunks[-1].usage
     assert text.strip() and len(finish) == 1 and usage is not None and not chunks[-1].choices
-    whole = sdk.chat.completions.create(model=model, messages=KITE, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+    whole = sdk.chat.completions.create(model=model, messages=SDK_KITE, max_tokens=24, temperature=0)
     assert whole.object == "chat.completion" and whole.choices[0].message.content == text
     assert whole.choices[0].finish_reason == finish[0]
     assert whole.usage is not None and (
@@ -167,9 +177,11 @@ def test_openai_sdk_streams_and_completes_a_fine_tuned_model(
     assert finish[0] == local.choices[0].finish_reason
     # n replies, seeded: a seed gives the same replies again
     two = [
-        sdk.chat.completions.create(model=model, messages=KITE, max_tokens=12, n=2, seed=5, temperature=1.0)
+        sdk.chat.completions.create(
+            model=model, messages=SDK_KITE, max_tokens=12, n=2, seed=5, temperature=1.0
+        )
         for _ in range(2)
-    ]  # type: ignore[call-overload]
+    ]
     assert [c.message.content for c in two[0].choices] == [c.message.content for c in two[1].choices]
     assert len(two[0].choices) == 2 and two[0].usage.completion_tokens <= 24  # type: ignore[union-attr]
 
@@ -184,15 +196,16 @@ def test_models_are_listed_per_tenant_and_another_tenants_model_is_404(
         m.id for m in other.models.list()
     ]
     with pytest.raises(openai.NotFoundError) as e:
-        other.chat.completions.create(model=model, messages=KITE)  # type: ignore[arg-type]
+        other.chat.completions.create(model=model, messages=SDK_KITE)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"  # type: ignore[index]
 
 
 def test_the_api_process_runs_every_text_similarity_grader_without_torch(sdk: openai.OpenAI) -> None:
     """The API server (torch, transformers and deepspeed blocked, see the `api` fixture) grades samples
     itself: every metric's library loads there."""
+    metric: Literal["fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_5", "rouge_l"]
     for metric in ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_5", "rouge_l"):
-        grader = {
+        grader: TextSimilarityGraderParam = {
             "type": "text_similarity",
             "name": metric,
             "input": "{{sample.output_text}}",
@@ -201,7 +214,7 @@ def test_the_api_process_runs_every_text_similarity_grader_without_torch(sdk: op
         }
         out = sdk.fine_tuning.alpha.graders.run(
             grader=grader,
-            model_sample="a kite flies high in the wind",  # type: ignore[arg-type]
+            model_sample="a kite flies high in the wind",
             item={"ref": "a kite flies high in the wind"},
         )
         assert out.reward == pytest.approx(1.0), (metric, out)
@@ -385,23 +398,19 @@ def test_two_workers_serve_their_own_models(sdk: openai.OpenAI, workers: Workers
 
 
 def _tokens_counted(stack: Stack, key: str) -> int:
-    """The streamed tokens this minute's count holds for `key` (what RLHF_CHAT_TOKENS_PER_MINUTE checks)."""
+    """The streamed tokens the `api` process has counted for `key` (what RLHF_CHAT_TOKENS_PER_MINUTE
+    checks), in its window that outlasts the tests."""
     import asyncio
 
-    from service.limits import WINDOW_S, Counter, key_id
+    from service.limits import Counter, key_id
 
-    if WINDOW_S - time.time() % WINDOW_S < 1:
-        time.sleep(1.5)  # (not across a window's end)
-    return asyncio.run(Counter(stack.settings).add(f"tok:{key_id('Bearer ' + key)}", 0))[0]
+    settings = stack.settings.model_copy(update={"rate_window_s": NO_ROLLOVER_S})
+    return asyncio.run(Counter(settings).add(f"tok:{key_id('Bearer ' + key)}", 0))[0]
 
 
 def test_a_client_that_hangs_up_stops_generation(
     api: Api, key: str, workers: Workers, noisy: str, e2e_stack: Stack
 ) -> None:
-    from service.limits import WINDOW_S
-
-    if WINDOW_S - time.time() % WINDOW_S < 20:
-        time.sleep(WINDOW_S - time.time() % WINDOW_S + 0.5)  # all of it inside one window of the token count
     before = _tokens_counted(e2e_stack, key)
     body = {"model": noisy, "messages": KITE, "max_tokens": LONG, "temperature": 0, "stream": True}
     with httpx.stream(

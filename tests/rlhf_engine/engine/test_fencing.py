@@ -57,7 +57,7 @@ def test_a_superseded_attempt_stops_without_writing(tmp_path: Path, monkeypatch:
             lambda: records.summary({"done": True}),
             lambda: records.truncate(0),
         ):
-            with pytest.raises(fencing.Superseded, match="superseded by attempt 2"):
+            with pytest.raises(fencing.SupersededError, match="superseded by attempt 2"):
                 write()
     assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "events.jsonl").exists()
@@ -69,7 +69,7 @@ def test_an_old_attempt_cannot_start_on_a_newer_fence(
 ) -> None:
     fencing.write_fence(tmp_path, 5)
     monkeypatch.setenv(fencing.ATTEMPT_ENV, "4")
-    with pytest.raises(fencing.Superseded), fencing.writer(tmp_path):
+    with pytest.raises(fencing.SupersededError), fencing.writer(tmp_path):
         pass
 
 
@@ -163,7 +163,10 @@ def test_a_step_whose_starter_is_already_gone_does_not_start() -> None:
 def test_a_model_build_started_by_a_worker_ends_with_it(tmp_path: Path) -> None:
     """Workers build bundled models in child processes; a build outliving its worker would race the next
     worker's build into the same folder."""
+    from rlhf_engine.models.tiny import PROGRESS_ENV
+
     worker = subprocess.Popen(["sleep", "300"])
+    progress = tmp_path / "progress"  # pretraining writes its step there every 10 steps
     build = subprocess.Popen(
         [
             sys.executable,
@@ -184,13 +187,13 @@ def test_a_model_build_started_by_a_worker_ends_with_it(tmp_path: Path) -> None:
             "--sample",
             "",
         ],
-        env={**os.environ, fencing.WATCH_ENV: str(worker.pid)},
+        env={**os.environ, fencing.WATCH_ENV: str(worker.pid), PROGRESS_ENV: str(progress)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(8)  # imports done, pretraining under way
-    assert build.poll() is None
+    _wait(lambda: progress.exists() or build.poll() is not None, timeout=120)  # pretraining under way
+    assert build.poll() is None, build.communicate()[1][-2000:]
     worker.kill()
     worker.wait()
     _, err = build.communicate(timeout=30)

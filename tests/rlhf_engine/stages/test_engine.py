@@ -2,7 +2,7 @@
 equal 1, a killed run resumes exactly, and bad input stops before anything starts.
 
 ZeRO-3 runs set `--zero-param-persistence-threshold 0`: tiny models would otherwise keep every
-parameter resident and hide partitioning bugs (CPU_NOTES.md).
+parameter resident and hide partitioning bugs (docs/cpu.md).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def _losses(step_dir: Path) -> list[float]:
     return [m["loss"] for m in read_jsonl(step_dir / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_zero_stages_give_the_same_losses(tmp_path: Path, base_model: Path) -> None:
     runs = {}
     for stage, extra in (
@@ -74,6 +75,7 @@ def _changed(base: dict, trained: dict) -> set[str]:
     return {k for k in base if not (base[k] == trained[k]).all()}
 
 
+@pytest.mark.slow
 def test_lora_trains_only_what_it_should(tmp_path: Path, base_model: Path) -> None:
     base = load_file(str(base_model / "model.safetensors"))
     only = tmp_path / "only"
@@ -144,6 +146,7 @@ def test_lora_trains_only_what_it_should(tmp_path: Path, base_model: Path) -> No
     assert not any("lora" in k for k in rm_weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher,stage,arch", [("deepspeed", 2, "opt"), ("torchrun", 3, "llama")])
 def test_two_processes_equal_one_process_at_the_same_global_batch(
     tmp_path: Path, base_model: Path, launcher: str, stage: int, arch: str
@@ -194,6 +197,7 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(
     assert w2.keys() == load_file(str(Path(model) / "model.safetensors")).keys()  # the input's keys, no more
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_exactly(tmp_path: Path, base_model: Path) -> None:
     args = [
         "sft",
@@ -226,6 +230,7 @@ def test_resume_after_sigkill_continues_exactly(tmp_path: Path, base_model: Path
     assert any(e["type"] == "step_started" and "resum" in e["message"] for e in read_jsonl(events))
 
 
+@pytest.mark.slow
 def test_overwrite_retrains_from_scratch(tmp_path: Path, base_model: Path) -> None:
     args = [
         "sft",

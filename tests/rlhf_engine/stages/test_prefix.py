@@ -96,8 +96,9 @@ from rlhf_engine.data.collate import collate_prompts
 from rlhf_engine.data.pipeline import prepare_step
 
 actor, critic = sys.argv[1], sys.argv[2]
-args = PPOConfig(actor_model_name_or_path=actor, critic_model_name_or_path=critic, per_device_generation_batch_size=4,
-                 per_device_training_batch_size=4, max_answer_len=12, num_warmup_steps=0)
+args = PPOConfig(actor_model_name_or_path=actor, critic_model_name_or_path=critic,
+                 per_device_generation_batch_size=4, per_device_training_batch_size=4, max_answer_len=12,
+                 num_warmup_steps=0)
 tok = AutoTokenizer.from_pretrained(actor)
 prompts = prepare_step(args.data, 3, tok).train
 batch = collate_prompts([prompts.row(i) for i in range(4)], tok.pad_token_id)
@@ -119,7 +120,8 @@ for name in ("logprobs", "ref_logprobs", "values", "scores"):
 # the training pass: the start run once gives the same log-probs and the same gradients
 module = engine.actor.module
 from rlhf_engine.stages import ppo_trainer
-print("start_once_in_training", not (ppo_trainer._dropout(module) or ppo_trainer._zero_stage(engine.actor) == 3))
+print("start_once_in_training",
+      not (ppo_trainer._dropout(module) or ppo_trainer._zero_stage(engine.actor) == 3))
 engine.actor.train()
 got = {}
 for k in (0, shared.shared_prefix):
@@ -137,6 +139,7 @@ print("losses", float(actor_loss), float(critic_loss))
 """
 
 
+@pytest.mark.slow
 def test_ppo_experience_from_the_shared_start_equals_the_left_padded_one(tmp_path: Path) -> None:
     """A chat template's system prompt (SmolLM2's tokenizer on a tiny Llama): step 3 runs it once, and
     the experience — answers, actor and reference log-probs, values, rewards — is the left-padded one's;

@@ -17,6 +17,8 @@ from rlhf_engine.engine.stopping import EXIT_STOPPED, STOP_FILE
 from rlhf_engine.stages.records import read_jsonl
 from tests.runs import rlhf_ok
 
+pytestmark = pytest.mark.slow  # every test here trains a step
+
 ARGS = [
     "sft",
     "--per-device-train-batch-size",
