@@ -23,11 +23,12 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto console browser demo test fuzz chaos bench bench-memory bench-trl lint lock clean
+.PHONY: help install proto console browser demo test test-fast docs fuzz chaos bench bench-memory bench-trl lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
 	@echo "make test   - create .venv, then run the whole test suite"
+	@echo "make test-fast - the suite without training and without the browser (-m 'not slow and not browser'; minutes)"
 	@echo "make fuzz   - schemathesis against a live API server from /openapi.json, many examples per route"
 	@echo "make chaos  - kill the training worker in every phase of a step (3 seeds), K times at random, the database and Redis"
 	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead; vs transformers serve; second turns (bench/results/)"
@@ -35,9 +36,10 @@ help:
 	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
 	@echo "make console - build the web console (/ui/) from service/console with npm (also done by make test)"
-	@echo "make lint   - ruff and mypy"
+	@echo "make docs   - build the docs site (docs/, mkdocs.yml) into site/, strict: any warning fails it"
+	@echo "make lint   - ruff check, ruff format --check and mypy (what CI runs first)"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
-	@echo "make clean  - remove .venv, .cache and $(DEMO_DIR)"
+	@echo "make clean  - remove .venv, .cache, site and $(DEMO_DIR)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -79,10 +81,21 @@ browser: $(CHROMIUM)
 test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM)
 	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest $(PYTEST_ARGS)
 
+# The edit-test loop: everything but the tests marked slow (they train a model or start a training worker)
+# and browser (chromium) — tests/conftest.py marks them by the fixtures they use. `make test` runs them all.
+test-fast: $(STAMP) $(PROTO_STAMP)
+	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
 demo: $(STAMP) $(PROTO_STAMP)
 	HF_HUB_OFFLINE=1 $(RLHF) data list
 	HF_HUB_OFFLINE=1 $(RLHF) data preview --examples 1
 	HF_HUB_OFFLINE=1 $(RLHF) demo --data-dir $(DEMO_DIR)/service --run-link $(DEMO_DIR)/run
+
+# the docs site: docs/*.md and API pages from docstrings (mkdocs.yml), built into site/; --strict makes any
+# warning (a broken link or anchor, a page left out of nav) an error. NO_MKDOCS_2_WARNING: Material's
+# end-of-life banner, which is not a build warning.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # the fuzzer of `make test` (tests/service/test_openapi.py) with many more examples per route
 fuzz: $(STAMP) $(PROTO_STAMP)
@@ -121,9 +134,11 @@ bench-memory: $(STAMP) $(PROTO_STAMP)
 bench-trl: $(TRL_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(TRL_VENV)/bin/python bench/grpo_trl.py
 
+# CI runs this before the tests: any finding fails it (layout is the formatter's: `ruff format .` fixes it)
 lint: $(STAMP) $(PROTO_STAMP)
-	$(BIN)/ruff check rlhf_engine service workers tests bench
-	$(BIN)/mypy rlhf_engine service workers
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy rlhf_engine service workers tests bench
 
 lock: $(STAMP)
 	{ echo "# Exact versions of every dependency (pip install -c constraints.txt). Regenerate with 'make lock'."; \
@@ -131,4 +146,4 @@ lock: $(STAMP)
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e' | sed 's/+cpu$$//' | sort -f; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) $(TRL_VENV) .cache $(DEMO_DIR) service/grpc/gen $(CONSOLE)/node_modules $(CONSOLE)/dist
+	rm -rf $(VENV) $(TRL_VENV) .cache $(DEMO_DIR) site service/grpc/gen $(CONSOLE)/node_modules $(CONSOLE)/dist

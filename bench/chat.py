@@ -10,7 +10,7 @@ forced to `--tokens` tokens:
   generate     Hugging Face `generate` on the same model, one request at a time (the plain baseline)
 
 Prints a table and writes JSON to bench/results/. The faster backend on this machine is the
-engine's default (`backend=auto`), stated in the README.
+engine's default (`backend=auto`), stated in docs/measurements/chat.md.
 
     python bench/chat.py [--size s --tokens 128 --streams 8 --repeats 5]
 """
@@ -143,7 +143,7 @@ def main() -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from rlhf_engine.models.tiny import build_tiny
 
-    model = str(build_tiny("opt", ns.size, pretrain_steps=200))  # type: ignore[arg-type]
+    model = str(build_tiny("opt", ns.size, pretrain_steps=200))
     if ns.one:
         print("RESULT " + json.dumps(run_one(ns.one, model, ns.tokens, ns.streams, ns.repeats)))
         return 0
@@ -179,7 +179,8 @@ def main() -> int:
         for rs in runs.values()
     ]
     print(
-        f"\nOPT {ns.size}, {ns.tokens} tokens per reply, {ns.streams} concurrent streams, median of {ns.repeats} × {ns.rounds} rounds"
+        f"\nOPT {ns.size}, {ns.tokens} tokens per reply, {ns.streams} concurrent streams, "
+        f"median of {ns.repeats} × {ns.rounds} rounds"
     )
     print(
         f"{'backend':<14}{'1 stream tok/s':>16}{'TTFT ms':>10}{'N streams tok/s':>17}{'TTFT p50/p95 ms':>18}"

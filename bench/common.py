@@ -62,6 +62,7 @@ class RawHTTP:
             if fresh:  # a new connection closed at once: the server is gone
                 raise ConnectionError("the server closed the connection")
             # else the server had closed this idle keep-alive connection: reconnect and send again
+        assert self.reader is not None  # the loop above always connects (mypy can't see it runs)
         status = int(line.split(b" ", 2)[1])
         length, chunked = 0, False
         while (line := await self.reader.readline()) not in (b"\r\n", b""):

@@ -1,4 +1,4 @@
-"""Step 3 on one GPU at DeepSpeed-Chat's scale, against DeepSpeed-Chat's own figure (`python bench/gpu_bench.py`).
+"""Step 3 on one GPU at DeepSpeed-Chat's scale, against its own figure (`python bench/gpu_bench.py`).
 
 An OPT-1.3B-shaped actor with an OPT-350M-shaped critic and reward model (random weights from config: no
 download), DeepSpeed-Chat's single-GPU 1.3B settings — 256-token prompts, answers forced to 256 tokens so
@@ -178,10 +178,11 @@ def main() -> int:
     }
     print(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=2))
     print(
-        f"\n{result['device']}: {result['e2e_tflops']:.1f} TFLOPs/GPU e2e = {100 * result['share_of_peak']:.1f}% of the "
-        f"measured bf16 peak {peak:.0f} (target ≥ 35%; DeepSpeed-Chat on A100: 43.4 = 14%); generation "
-        f"{result['gen_tokens_per_s']:.0f} tokens/s; peak memory {result['peak_memory_gib']:.1f} GiB, planned "
-        f"{result['planned_gib']:.1f} ({100 * result['plan_error']:+.1f}%)"
+        f"\n{result['device']}: {result['e2e_tflops']:.1f} TFLOPs/GPU e2e = "
+        f"{100 * result['share_of_peak']:.1f}% of the measured bf16 peak {peak:.0f} "
+        f"(target ≥ 35%; DeepSpeed-Chat on A100: 43.4 = 14%); generation "
+        f"{result['gen_tokens_per_s']:.0f} tokens/s; peak memory {result['peak_memory_gib']:.1f} GiB, "
+        f"planned {result['planned_gib']:.1f} ({100 * result['plan_error']:+.1f}%)"
     )
     write_result("gpu_bench", result)
     return 0

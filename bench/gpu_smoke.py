@@ -258,7 +258,9 @@ def run_arch(arch: str, work: Path, *, hybrid: bool) -> dict[str, Any]:
         "actor_params_b": _params(actor_cfg) / 1e9,
         "reward_params_b": _params(critic_cfg) / 1e9,
     }
-    variants = [("ours", [])] + ([("deepspeed_hybrid_engine", ["--enable-hybrid-engine"])] if hybrid else [])
+    variants: list[tuple[str, list[str]]] = [("ours", [])] + (
+        [("deepspeed_hybrid_engine", ["--enable-hybrid-engine"])] if hybrid else []
+    )
     for variant, extra in variants:
         out = work / f"ppo_{arch}_{variant}"
         out.mkdir()

@@ -153,7 +153,7 @@ def run_trl(model: str, steps: int) -> dict[str, Any]:
 
     per_step: list[dict[str, float]] = []
 
-    class Steps(TrainerCallback):  # type: ignore[misc]
+    class Steps(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.t0, self.before = time.perf_counter(), dict(timers)
 
@@ -339,10 +339,12 @@ def main() -> int:
                 f"{s['score_s']:.2f} | {s['train_s']:.2f} | {s['peak_rss_mib']:.0f} |"
             )
         print(
-            f"{name}: ours/TRL {m['summary']['ours_vs_trl']:.2f}x, our GRPO/PPO {m['summary']['grpo_vs_ppo']:.2f}x"
+            f"{name}: ours/TRL {m['summary']['ours_vs_trl']:.2f}x, "
+            f"our GRPO/PPO {m['summary']['grpo_vs_ppo']:.2f}x"
         )
     print(
-        f"machine probe before/after: {report['machine_before']} / {report['machine_after']}\nwritten to {out}"
+        f"machine probe before/after: {report['machine_before']} / {report['machine_after']}\n"
+        f"written to {out}"
     )
     return 0
 

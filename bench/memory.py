@@ -153,9 +153,9 @@ def measure(row: int, steps: int) -> dict[str, Any]:
         live += e.nbytes()
         peak = max(peak, live)
     method = config.algorithm if command == "ppo" else command
-    a = pl.load_shape(
-        values.get("model_name_or_path") or values.get("actor_model_name_or_path"), name="actor"
-    )
+    a_path = values.get("model_name_or_path") or values.get("actor_model_name_or_path")
+    assert a_path is not None, values  # every step's options name its (actor) model
+    a = pl.load_shape(a_path, name="actor")
     r_path = values.get("critic_model_name_or_path")
     r = pl.load_shape(r_path, name="reward model") if r_path else None
     if command == "reward":
@@ -217,7 +217,8 @@ def main() -> int:
         r = results[-1]
         print(
             f"{r['row']:<26} measured {r['measured_bytes'] / 2**20:8.1f} MiB  predicted "
-            f"{r['predicted_bytes'] / 2**20:8.1f} MiB  {100 * r['error']:+6.1f}%  ({r['peak_phase']}, {r['seconds']} s)",
+            f"{r['predicted_bytes'] / 2**20:8.1f} MiB  {100 * r['error']:+6.1f}%  "
+            f"({r['peak_phase']}, {r['seconds']} s)",
             flush=True,
         )
     RESULTS.mkdir(exist_ok=True)

@@ -36,7 +36,8 @@ from typing import Any
 
 from common import pct
 
-from workers.local import create_key, free_port, wait_healthy
+from rlhf_engine.engine.distributed import free_port
+from workers.local import create_key, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -123,7 +124,7 @@ async def level(
                 }
                 try:
                     first, text = await _one(client, "/v1/chat/completions", body, headers)
-                except Exception as e:  # noqa: BLE001 - counted and reported
+                except Exception as e:  # counted and reported
                     errors.append(str(e))
                     continue
                 ttft.append(first)
@@ -152,20 +153,28 @@ async def level(
     return out
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout_s: float, ok: Any) -> None:
+def _wait(
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    proc: subprocess.Popen[bytes],
+    timeout_s: float,
+    ok: Any,
+) -> None:
+    """Post `body` to `url` every second until `ok(response)`; exits if `proc` ends or time runs out."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
         try:
-            if ok(httpx.post(url[0], json=url[1], headers=url[2], timeout=120)):
+            if ok(httpx.post(url, json=body, headers=headers, timeout=120)):
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise SystemExit(f"{proc.args} did not answer within {timeout_s:.0f} s")
+    raise SystemExit(f"{proc.args!r} did not answer within {timeout_s:.0f} s")
 
 
 class Ours:
@@ -207,7 +216,7 @@ class Ours:
         headers = {"Authorization": f"Bearer {create_key(self.env, 'bench')}"}
         warm = {"model": MODEL, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2}
         _wait(
-            (f"{base}/v1/chat/completions", warm, headers), self.procs[0], 600, lambda r: r.status_code == 200
+            f"{base}/v1/chat/completions", warm, headers, self.procs[0], 600, lambda r: r.status_code == 200
         )
         return base, MODEL, headers
 
@@ -252,7 +261,7 @@ class Peer:
             "max_tokens": 2,
             "stream": True,
         }
-        _wait((f"{base}/v1/chat/completions", warm, {}), self.proc, 600, lambda r: r.status_code == 200)
+        _wait(f"{base}/v1/chat/completions", warm, {}, self.proc, 600, lambda r: r.status_code == 200)
         return base, str(self.model_dir), {}
 
     def stop(self) -> None:
@@ -316,12 +325,12 @@ def main() -> int:
     }
     probe_after = weight_probe(weight_bytes)
     print(
-        f"\nSmolLM2-135M-Instruct ({weight_bytes / 2**20:.0f} MB of weights), {ns.max_tokens} tokens per reply, "
-        f"greedy, {os.cpu_count()} CPUs"
+        f"\nSmolLM2-135M-Instruct ({weight_bytes / 2**20:.0f} MB of weights), "
+        f"{ns.max_tokens} tokens per reply, greedy, {os.cpu_count()} CPUs"
     )
     print(
-        f"{'streams':>7} {'ours tok/s':>10} {'peer tok/s':>10} {'×peer':>6} {'ours TTFT':>10} {'peer TTFT':>10} "
-        f"{'limit tok/s':>11}"
+        f"{'streams':>7} {'ours tok/s':>10} {'peer tok/s':>10} {'×peer':>6} "
+        f"{'ours TTFT':>10} {'peer TTFT':>10} {'limit tok/s':>11}"
     )
     for streams in ns.streams:
         o, p = results["ours"][streams], results["transformers serve"][streams]
@@ -330,8 +339,10 @@ def main() -> int:
             min(probe_before[f"passes_per_s_{rows}_rows"], probe_after[f"passes_per_s_{rows}_rows"]) * streams
         )
         print(
-            f"{streams:7} {o['tokens_per_s']:10.1f} {p['tokens_per_s']:10.1f} {o['tokens_per_s'] / p['tokens_per_s']:6.2f} "
-            f"{o.get('ttft_p50_ms', float('nan')):8.0f}ms {p.get('ttft_p50_ms', float('nan')):8.0f}ms {limit:11.0f}"
+            f"{streams:7} {o['tokens_per_s']:10.1f} {p['tokens_per_s']:10.1f} "
+            f"{o['tokens_per_s'] / p['tokens_per_s']:6.2f} "
+            f"{o.get('ttft_p50_ms', float('nan')):8.0f}ms {p.get('ttft_p50_ms', float('nan')):8.0f}ms "
+            f"{limit:11.0f}"
         )
     out = ROOT / "bench" / "results" / f"peer-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

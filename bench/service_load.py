@@ -29,7 +29,8 @@ from typing import Any
 
 from common import RawHTTP, RawPool, pct
 
-from workers.local import create_key, free_port, run_loop, wait_healthy
+from rlhf_engine.engine.distributed import free_port
+from workers.local import create_key, run_loop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -195,13 +196,14 @@ def main() -> int:
         redis.Redis.from_url(ns.redis).flushdb()
     ok = submit["errors"] == 0 and submit["p99_ms"] < 50
     print(
-        f"submit: {submit['requests']} jobs at {ns.rate:.0f}/s (achieved {submit['achieved_per_s']:.1f}/s): p50 "
-        f"{submit['p50_ms']:.1f} ms, p90 {submit['p90_ms']:.1f} ms, p99 {submit['p99_ms']:.1f} ms, max "
-        f"{submit['max_ms']:.1f} ms, errors {submit['errors']} — target p99 < 50 ms: {'met' if ok else 'MISSED'}"
+        f"submit: {submit['requests']} jobs at {ns.rate:.0f}/s "
+        f"(achieved {submit['achieved_per_s']:.1f}/s): p50 {submit['p50_ms']:.1f} ms, "
+        f"p90 {submit['p90_ms']:.1f} ms, p99 {submit['p99_ms']:.1f} ms, max {submit['max_ms']:.1f} ms, "
+        f"errors {submit['errors']} — target p99 < 50 ms: {'met' if ok else 'MISSED'}"
     )
     print(
-        f"capacity: {capacity['per_s']:.0f} submissions/s with {capacity['clients']} clients back to back, p50 "
-        f"{capacity['p50_ms']:.1f} ms, p99 {capacity['p99_ms']:.1f} ms, errors {capacity['errors']}"
+        f"capacity: {capacity['per_s']:.0f} submissions/s with {capacity['clients']} clients back to back, "
+        f"p50 {capacity['p50_ms']:.1f} ms, p99 {capacity['p99_ms']:.1f} ms, errors {capacity['errors']}"
     )
     print(
         f"status polls: {poll['per_s']:.0f}/s with {ns.pollers} clients, p50 {poll['p50_ms']:.1f} ms, p99 "

@@ -359,7 +359,8 @@ def main() -> int:
     print(f"\nmachine before → after: {probe}")
     print(
         f"step 3, {EXPERIENCES} experiences per step, answers {ns.answer_len} tokens, actor "
-        f"{Path(actor).name if ns.model == 'smollm2' else ns.actor_size}, critic {Path(critic).name}; plain generate: {plain.get('tokens_per_s', float('nan')):.0f} tokens/s"
+        f"{Path(actor).name if ns.model == 'smollm2' else ns.actor_size}, critic {Path(critic).name}; "
+        f"plain generate: {plain.get('tokens_per_s', float('nan')):.0f} tokens/s"
     )
     header = (
         f"{'config':16} {'samples/s':>9} {'×base':>6} {'step s':>7} {'gen':>6} {'score':>6} {'train':>6} "
@@ -377,9 +378,9 @@ def main() -> int:
         spread = f"{paired[0]:.2f}-{paired[-1]:.2f}" if paired else ""
         split = [100 * r[k] / r["step_s"] for k in ("gen_s", "score_s", "train_s", "other_s")]
         print(
-            f"{name:16} {r['samples_per_s']:9.2f} {speed:6.2f} {r['step_s']:7.2f} {split[0]:5.0f}% {split[1]:5.0f}% "
-            f"{split[2]:5.0f}% {split[3]:5.0f}% {r['gen_tokens_per_s']:9.0f} "
-            f"{100 * r['switch_s'] / r['step_s']:8.3f} {spread:>15}"
+            f"{name:16} {r['samples_per_s']:9.2f} {speed:6.2f} {r['step_s']:7.2f} "
+            f"{split[0]:5.0f}% {split[1]:5.0f}% {split[2]:5.0f}% {split[3]:5.0f}% "
+            f"{r['gen_tokens_per_s']:9.0f} {100 * r['switch_s'] / r['step_s']:8.3f} {spread:>15}"
         )
     out = ROOT / "bench" / "results" / f"step3-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 
-class LockTimeout(TimeoutError):
+class LockTimeoutError(TimeoutError):
     """A lock was not free within its bound; the message names the lock and its holder."""
 
 
@@ -85,7 +85,7 @@ def hold(
     """Hold an exclusive (or shared) `flock` on `path` for the `with` block; yields the seconds waited.
 
     Waits at most `timeout_s`, calling `on_wait(seconds waited)` every poll meanwhile (a heartbeat),
-    then raises `LockTimeout` naming `what` and the holder. An exclusive holder writes its pid, host and
+    then raises `LockTimeoutError` naming `what` and the holder. An exclusive holder writes its pid, host and
     start time into the file, for the next waiter's message."""
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -98,7 +98,7 @@ def hold(
             except BlockingIOError:
                 waited = time.monotonic() - started
                 if waited > timeout_s:
-                    raise LockTimeout(
+                    raise LockTimeoutError(
                         f"waited {waited:.0f} s for {what} ({path}){_holder_note(f)}; it is held by a live "
                         "process (a lock dies with its holder): end that process or raise the bound"
                     ) from None

@@ -2,7 +2,7 @@
 
 Broker: Redis when `REDIS_URL` is set; otherwise kombu's filesystem transport in the data directory,
 so one machine needs no broker server (workers are still real Celery processes). The database is the
-record: a lost message is found again by the sweeper (CONTRACTS.md §7).
+record: a lost message is found again by the sweeper (docs/contracts.md §7).
 """
 
 from __future__ import annotations

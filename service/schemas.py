@@ -150,9 +150,9 @@ class ReinforcementMethodParams(Strict):
 
 class Method(Strict):
     type: Literal["supervised", "reinforcement", "dpo"] = Field(
-        description="supervised: step 1; reinforcement: steps 1→2→3 with reward_model (RLHF), or step 3 with a "
-        "grader (after step 1 when the data has answers); dpo: step 1, then DPO on the preference "
-        "pairs (no reward model)"
+        description="supervised: step 1; reinforcement: steps 1→2→3 with reward_model (RLHF), "
+        "or step 3 with a grader (after step 1 when the data has answers); "
+        "dpo: step 1, then DPO on the preference pairs (no reward model)"
     )
     supervised: MethodParams | None = None
     reinforcement: ReinforcementMethodParams | None = None

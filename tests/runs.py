@@ -1,10 +1,11 @@
-"""Running the `rlhf` command as a user or the training worker does: a subprocess, launcher variables cleared."""
+"""Running `rlhf` as a user or the training worker does: a subprocess, launcher variables cleared."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf_engine.engine.launch import LAUNCH_VARS
@@ -29,7 +30,7 @@ def rlhf_ok(*args: object, timeout: float = 240) -> subprocess.CompletedProcess[
     return done
 
 
-def kill_after_first_checkpoint(args: list[object], step_dir: Path) -> int:
+def kill_after_first_checkpoint(args: Sequence[object], step_dir: Path) -> int:
     """Start `rlhf <args>`, SIGKILL its whole process group as soon as its first checkpoint is
     recorded (mid-way through the following steps); return that checkpoint's global step."""
     import json

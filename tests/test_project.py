@@ -64,15 +64,18 @@ def test_relative_links_in_the_readme_and_docs_point_at_files_that_exist() -> No
     assert broken == []
 
 
-def test_ci_starts_services_then_runs_test_then_demo() -> None:
+def test_ci_starts_services_then_runs_lint_docs_test_then_demo() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pg_ctlcluster" in ci and "redis-server" in ci
-    assert ci.index("make test") < ci.index("make demo")
+    assert "set -euo pipefail" in ci  # a finding of lint or a warning of docs stops CI
+    assert ci.index("make lint") < ci.index("make docs") < ci.index("make test") < ci.index("make demo")
+    lint = (ROOT / "Makefile").read_text().split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    assert "ruff check ." in lint and "ruff format --check ." in lint and "mypy" in lint
 
 
 def test_makefile_has_the_targets_the_readme_names() -> None:
     targets = set(re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), flags=re.M))
-    assert {"demo", "test", "bench", "lint", "lock", "clean"} <= targets
+    assert {"demo", "test", "bench", "lint", "lock", "clean", "docs"} <= targets
 
 
 def test_dependencies_are_pinned() -> None:

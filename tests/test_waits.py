@@ -30,10 +30,10 @@ def _sources() -> list[Path]:
     )
 
 
-def _marked(lines: list[str], node: ast.AST) -> bool:
+def _marked(lines: list[str], node: ast.expr) -> bool:
     """A `# bounded: why` comment on any line the node spans (a call may be split over lines), or as
     the whole line just above it."""
-    first, last = node.lineno, getattr(node, "end_lineno", node.lineno)  # type: ignore[attr-defined]
+    first, last = node.lineno, node.end_lineno or node.lineno
     above = lines[first - 2].strip() if first > 1 else ""
     return above.startswith(f"# {MARK}") or any(MARK in lines[i - 1] for i in range(first, last + 1))
 
@@ -74,10 +74,13 @@ def findings(rel: str, text: str) -> list[str]:
         if id(node) in wrapped:
             continue
         where = f"{rel}:{getattr(node, 'lineno', 0)}"
-        endless = (
-            isinstance(node, ast.While) and isinstance(node.test, ast.Constant) and node.test.value is True
-        )
-        if endless and not _checks_a_bound(node) and MARK not in lines[node.lineno - 1]:  # type: ignore[arg-type]
+        if (
+            isinstance(node, ast.While)
+            and isinstance(node.test, ast.Constant)
+            and node.test.value is True
+            and not _checks_a_bound(node)
+            and MARK not in lines[node.lineno - 1]
+        ):
             out.append(f"{where}: `while True` without a deadline it checks (or a '# {MARK} why' comment)")
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
             continue

@@ -1,11 +1,12 @@
 """The `rlhf` command: the service's commands here, everything else from rlhf_engine.cli.
 
     rlhf serve [--all-in-one] [--host H] [--port P] [--grpc-port G]
-                                                       the REST + gRPC API server (all-in-one: and both workers)
-    rlhf worker train                                  a Celery training worker (+ the sweeper)
-    rlhf worker inference [--port P]                   serves finished models to the API (gRPC, internal)
+                                         the REST + gRPC API server (all-in-one: and both workers)
+    rlhf worker train                    a Celery training worker (+ the sweeper)
+    rlhf worker inference [--port P]     serves finished models to the API (gRPC, internal)
     rlhf keys create --tenant T [--name N] [--operator] | list [--tenant T] | revoke KEY_ID
-    rlhf demo [--model tiny|smollm2] [--data-dir D] [--run-link L]   all-in-one server + a 3-step job over HTTP
+    rlhf demo [--model tiny|smollm2] [--data-dir D] [--run-link L]
+                                         all-in-one server + a 3-step job over HTTP
 
 This module sits in workers/ because it starts workers; the API server it starts never imports torch.
 """
@@ -48,15 +49,16 @@ def cmd_keys(ns: argparse.Namespace) -> int:
             key, plain = keys.create_key(session=s, tenant=ns.tenant, name=ns.name, operator=ns.operator)
             print(plain)
             print(
-                f"key {key.id} for tenant {key.tenant_id}{' (operator)' if key.operator else ''}; shown once, "
-                "stored only as a hash",
+                f"key {key.id} for tenant {key.tenant_id}{' (operator)' if key.operator else ''}; "
+                "shown once, stored only as a hash",
                 file=sys.stderr,
             )
         elif ns.keys_command == "list":
             for k in keys.list_keys(session=s, tenant=ns.tenant):
                 state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
                 print(
-                    f"{k.id}  {k.tenant_id:<20} {k.prefix}…  {state}{'  operator' if k.operator else ''}  {k.name}"
+                    f"{k.id}  {k.tenant_id:<20} {k.prefix}…  {state}"
+                    f"{'  operator' if k.operator else ''}  {k.name}"
                 )
         else:
             k = keys.revoke_key(session=s, key_id=ns.key_id)
@@ -102,8 +104,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         for kind in ("train", "inference"):
             children.append(subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", kind], env=env))
         print(
-            f"rlhf: all-in-one — API on http://{settings.host}:{settings.port} (console at /ui/), gRPC on {settings.host}:"
-            f"{settings.grpc_port}, training worker pid {children[0].pid}, inference worker pid {children[1].pid}, "
+            f"rlhf: all-in-one — API on http://{settings.host}:{settings.port} (console at /ui/), "
+            f"gRPC on {settings.host}:{settings.grpc_port}, training worker pid {children[0].pid}, "
+            f"inference worker pid {children[1].pid}, "
             f"database {settings.db_url}, broker {settings.redis_url or 'filesystem (no Redis)'}",
             file=sys.stderr,
             flush=True,

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.local import create_key, free_port, wait_healthy
+from rlhf_engine.engine.distributed import free_port
+from workers.local import create_key, wait_healthy
 
 JOB = {"model": "tiny-opt-s", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "demo", "seed": 1234}
 # `--model smollm2`: the real checkpoint (LoRA) with the small reward model on its tokenizer; both are
@@ -258,8 +259,8 @@ def chat(console: Any, client: Any, model: str) -> int:
             " (the inference worker loaded the model for this first request)" if len(messages) == 2 else ""
         )
         detail = (
-            f"first token {1000 * ((first or sent) - sent):.0f} ms{loaded}, {usage['completion_tokens']} tokens "
-            f"in {took:.2f} s"
+            f"first token {1000 * ((first or sent) - sent):.0f} ms{loaded}, "
+            f"{usage['completion_tokens']} tokens in {took:.2f} s"
             if usage
             else ""
         )

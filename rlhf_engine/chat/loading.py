@@ -97,9 +97,10 @@ def check_weights(model_dir: Path, *, allow_pickle: bool) -> None:
         raise ModelLoadError(f"model_path: {model_dir} has no weights (*.safetensors)", param="model_path")
     if not allow_pickle:
         raise ModelLoadError(
-            f"model_path: {model_dir} holds only pickled weights ({', '.join(pickled)}), which can run code when "
-            "loaded; convert them to safetensors (model.save_pretrained(dir, safe_serialization=True)) or let the "
-            "operator allow pickled weights (allow_pickle)",
+            f"model_path: {model_dir} holds only pickled weights ({', '.join(pickled)}), which can run "
+            "code when loaded; convert them to safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True)) or let the operator allow pickled "
+            "weights (allow_pickle)",
             param="model_path",
         )
 
@@ -137,7 +138,7 @@ def pick_backend(config: ChatEngineConfig, device: torch.device) -> str:
         )
     if config.backend != "auto":
         return config.backend
-    # Measured on the 2-core CPU (bench/chat.py, README): the same module either way, and the plain
+    # On a CPU (bench/chat.py; docs/measurements/chat.md): the same module either way, and the plain
     # model skips DeepSpeed's import and wrapper, so transformers is the default; kernel injection
     # asks for DeepSpeed.
     return "deepspeed" if config.kernel_inject else "transformers"

@@ -1,6 +1,6 @@
 """A multi-turn conversation over the chat engine: the history the terminal chat keeps.
 
-Each turn renders the whole history through the shared formatter (CONTRACTS.md §2). When the
+Each turn renders the whole history through the shared formatter (docs/contracts.md §2). When the
 history no longer fits the model's context with room for the reply, the oldest turns are dropped
 (the system message stays) and `dropped` says how many.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from rlhf_engine.chat.engine import ChatEngine, Delta
-from rlhf_engine.chat.errors import ContextLengthExceeded
+from rlhf_engine.chat.errors import ContextLengthExceededError
 from rlhf_engine.config.chat import SamplingParams
 
 
@@ -36,7 +36,7 @@ class ChatSession:
             try:
                 handle = self.engine.submit(self.messages(user), self.params)
                 break
-            except ContextLengthExceeded:
+            except ContextLengthExceededError:
                 if not self.history:
                     raise
                 self.history = self.history[2:]  # oldest user turn and its answer

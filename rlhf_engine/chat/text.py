@@ -42,7 +42,8 @@ class StreamText:
             self._prefix, self._read = self._read, len(self._ids)
 
     def flush(self) -> None:
-        """The reply ended: whatever the last tokens decode to (an incomplete character too) joins the text."""
+        """The reply ended: whatever the last tokens decode to (an incomplete character too) joins
+        the text."""
         if self.stopped or self._read == len(self._ids):
             return
         before = self._decode(self._ids[self._prefix : self._read])

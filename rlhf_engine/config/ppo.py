@@ -140,7 +140,8 @@ class PPOConfig:
     unsup_coef: float = field(
         default=0.0,
         metadata={
-            "help": "weight of the LM loss on unsup_data (PPO-ptx); 0 = off. DeepSpeed-Chat's 27.8 was unstable"
+            "help": "weight of the LM loss on unsup_data (PPO-ptx); 0 = off. "
+            "DeepSpeed-Chat's 27.8 was unstable"
         },
     )
     # --- guard, evaluation, records
@@ -252,7 +253,8 @@ class PPOConfig:
             raise ValueError(
                 f"per_device_generation_batch_size × generation_batches × samples_per_prompt = {experiences} "
                 f"experiences per step must divide into optimizer steps of per_device_training_batch_size × "
-                f"gradient_accumulation_steps = {micro}; e.g. make them equal (DeepSpeed-Chat's stable setting)"
+                f"gradient_accumulation_steps = {micro}; "
+                "e.g. make them equal (DeepSpeed-Chat's stable setting)"
             )
         if self.data.max_prompt_len + self.max_answer_len > 100_000:
             raise ValueError(

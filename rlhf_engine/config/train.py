@@ -1,9 +1,9 @@
 """Configs of the training steps: one dataclass per step, the single source of the CLI flags, the
 config files, the job API's per-step configuration and the worker.
 
-Defaults are DeepSpeed-Chat's single-GPU OPT-1.3B example (../shared/REFERENCE.md); every value is
-configurable. `__post_init__` rejects what cannot work, naming the field and the fix, before any
-model is loaded.
+Defaults are DeepSpeed-Chat's single-GPU OPT-1.3B example (its
+training_scripts/opt/single_gpu/run_1.3b.sh); every value is configurable. `__post_init__` rejects
+what cannot work, naming the field and the fix, before any model is loaded.
 """
 
 from __future__ import annotations

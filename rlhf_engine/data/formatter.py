@@ -1,4 +1,4 @@
-"""The one prompt formatter (CONTRACTS.md §2).
+"""The one prompt formatter (docs/contracts.md §2).
 
 Training (all three steps), the chat engine and serving render conversations only through these
 functions, so a model sees at chat time exactly the text layout it was trained on. With a tokenizer

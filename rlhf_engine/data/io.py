@@ -37,7 +37,7 @@ def is_gzip(path: Path) -> bool:
 def _open(path: Path) -> IO[bytes]:
     if is_gzip(path):
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")  # noqa: SIM115
+    return open(path, "rb")
 
 
 def iter_lines(path: Path, limits: ReadLimits) -> Iterator[tuple[int, str]]:

@@ -1,18 +1,18 @@
-"""Readers: any supported file or directory → a `Dataset` of conversations with chosen/rejected answers.
+r"""Readers: any supported file or directory → a `Dataset` of conversations with chosen/rejected answers.
 
 Row shapes (detected from the first record, then required of every record):
 
-| shape                  | fields                                                        | kind       |
-|------------------------|---------------------------------------------------------------|------------|
-| openai_preference      | input.messages, preferred_output, non_preferred_output        | preference |
-| openai_chat            | messages (the last one is the assistant's answer)             | sft        |
-| rm_static              | prompt, response, chosen, rejected (Dahoas/rm-static)         | preference |
-| prompt_chosen_rejected | prompt, chosen, rejected                                      | preference |
-| hh_rlhf                | chosen, rejected: whole "\\n\\nHuman: …\\n\\nAssistant: …" transcripts | preference |
-| sft_pair               | prompt, response (or completion)                              | sft        |
-| openai_prompt          | messages ending with the user's turn (OpenAI reinforcement)   | prompt     |
-| prompt_only            | prompt (and no answer field)                                  | prompt     |
-| text                   | text                                                          | text       |
+| shape                  | fields                                                             | kind       |
+|------------------------|--------------------------------------------------------------------|------------|
+| openai_preference      | input.messages, preferred_output, non_preferred_output             | preference |
+| openai_chat            | messages (the last one is the assistant's answer)                  | sft        |
+| rm_static              | prompt, response, chosen, rejected (Dahoas/rm-static)              | preference |
+| prompt_chosen_rejected | prompt, chosen, rejected                                           | preference |
+| hh_rlhf                | chosen, rejected: whole "\n\nHuman: …\n\nAssistant: …" transcripts | preference |
+| sft_pair               | prompt, response (or completion)                                   | sft        |
+| openai_prompt          | messages ending with the user's turn (OpenAI reinforcement)        | prompt     |
+| prompt_only            | prompt (and no answer field)                                       | prompt     |
+| text                   | text                                                               | text       |
 
 A row's other fields (e.g. `reference_answer` beside `messages`) are kept as the sample's `item`:
 what a grader's `{{item.<field>}}` reads in step 3. Prompt-only rows feed step 3 alone.

@@ -4,8 +4,8 @@
 For each conversation dataset: one seeded permutation of its rows; the first `eval_fraction` become
 evaluation rows (unless the source brought its own eval split), the rest training rows; each of the
 two is then cut into three contiguous slices by the shares. SFT-only datasets give all their rows to
-step 1, prompt-only datasets all theirs to step 3. Blending concatenates the steps' slices of all datasets (training rows repeated or sampled by
-the dataset's weight) and shuffles them with the seed.
+step 1, prompt-only datasets all theirs to step 3. Blending concatenates the steps' slices of all
+datasets (training rows repeated or sampled by the dataset's weight) and shuffles them with the seed.
 """
 
 from __future__ import annotations
@@ -115,13 +115,13 @@ def require_rows(step: int, slices: list[DatasetSlices], shares: tuple[float, fl
         )
     if step == 2 and not any(s.kind == "preference" for s in slices):
         raise DataError(
-            f"{what} needs preference data (prompt, chosen, rejected), but no dataset in data has it ({names}); "
-            "add one, e.g. bundled:preference"
+            f"{what} needs preference data (prompt, chosen, rejected), but no dataset in data has it "
+            f"({names}); add one, e.g. bundled:preference"
         )
     if step == 3 and not any(s.kind in ("preference", "prompt") for s in slices):
         raise DataError(
-            f"{what} needs prompts (a preference or prompt-only dataset), but every dataset in data is SFT-only "
-            f"({names}); add one, e.g. bundled:preference or bundled:questions"
+            f"{what} needs prompts (a preference or prompt-only dataset), but every dataset in data is "
+            f"SFT-only ({names}); add one, e.g. bundled:preference or bundled:questions"
         )
     if shares[step - 1] == 0:
         raise DataError(

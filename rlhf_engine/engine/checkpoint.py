@@ -87,7 +87,9 @@ def save(
 
     folder = root / f"global_step{global_step}"
     if _any_rank(fencing.superseded(), dist):  # every rank agrees, or one would wait in a collective forever
-        raise fencing.Superseded(f"a newer attempt owns {root.parent}; checkpoint {global_step} not written")
+        raise fencing.SupersededError(
+            f"a newer attempt owns {root.parent}; checkpoint {global_step} not written"
+        )
     if dist.is_main and folder.exists():
         shutil.rmtree(folder)  # an incomplete leftover of a killed save
     barrier()

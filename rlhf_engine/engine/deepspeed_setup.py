@@ -122,7 +122,8 @@ PREFETCH_BUCKET = int(5e7)  # … and its ZeRO-3 prefetch bucket
 def size_buckets(ds_config: dict[str, Any], model: torch.nn.Module) -> None:
     """ZeRO's gradient buckets no larger than the model's trainable parameters. DeepSpeed allocates its
     reduce bucket at full size whatever the model (5e8 elements: 1.9 GiB in fp32, 0.9 GiB in bf16 per
-    process) — measured here as 1.9 GiB of a 25M-parameter model's 2.4 GiB peak at ZeRO-2 (bench/memory.py)."""
+    process) — measured here as 1.9 GiB of a 25M-parameter model's 2.4 GiB peak at ZeRO-2
+    (bench/memory.py)."""
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage == 0:
         return

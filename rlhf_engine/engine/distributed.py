@@ -88,7 +88,7 @@ def finish(ok: bool, world_size: int, *, code: int | None = None) -> None:
 
     Two-process gloo runs abort at interpreter exit in ~20% of runs *after* finishing correctly
     ("terminate called without an active exception"); tearing the group down, flushing and leaving
-    with os._exit avoids it (CPU_NOTES.md). Success is decided by the step's summary.json anyway.
+    with os._exit avoids it (docs/cpu.md). Success is decided by the step's summary.json anyway.
     """
     if world_size <= 1:
         return

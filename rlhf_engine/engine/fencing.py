@@ -16,7 +16,7 @@ accrued five times). Three guards, each enough for the common case and together 
 - **fencing token** — the worker writes the attempt number the database granted into
   `STEP_DIR/.fence` before it starts the step and passes the same number as `RLHF_ATTEMPT`. Before
   every checkpoint, metric line, event, model and summary the step compares the two: a step whose
-  attempt is no longer current raises `Superseded` and stops without writing.
+  attempt is no longer current raises `SupersededError` and stops without writing.
 
 Stdlib only: the worker imports this module too (it writes the fence), and it must not load torch.
 """
@@ -52,7 +52,7 @@ EXIT_SUPERSEDED = 76  # another attempt owns the folder now: not finished, not f
 EXIT_ORPHANED = 77  # the watched process ended and the step did not stop within its grace
 
 
-class Superseded(Exception):
+class SupersededError(Exception):
     """A newer attempt of the job owns this step folder; this process must not write to it."""
 
 
@@ -107,7 +107,7 @@ def check() -> None:
     """Call before every write to the step folder."""
     if superseded():
         assert _fence is not None
-        raise Superseded(
+        raise SupersededError(
             f"attempt {_fence.attempt} of {_fence.step_dir} was superseded by attempt "
             f"{read_fence(_fence.step_dir)}; stopping without writing"
         )

@@ -86,7 +86,8 @@ def forward_params(module: Any) -> Any:
 
 
 def cache_kwarg(module: Any) -> str:
-    """The name `generate` / `forward` take a KV cache by: `cache` (transformers 5.2x) or `past_key_values`."""
+    """The name `generate` / `forward` take a KV cache by: `cache` (transformers 5.2x) or
+    `past_key_values`."""
     return "cache" if "cache" in forward_params(module) else "past_key_values"
 
 

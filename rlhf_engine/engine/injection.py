@@ -1,11 +1,11 @@
 """Whether DeepSpeed's kernel injection (HybridEngine, `init_inference(replace_with_kernel_inject=True)`)
 can run with the installed libraries.
 
-Measured on an H200 (bench/gpu_smoke.py, 2026-11-28): DeepSpeed 0.19.8's injected OPT/GPT layers
-return tuples and keep their own KV cache, while transformers 5 decoders expect a tensor from each
-layer and pass a `Cache` object — the second layer fails with "'tuple' object has no attribute
-'size'", and positions would be wrong even past that. So injection is refused up front with
-transformers ≥ 5 rather than failing in the middle of a generation.
+What bench/gpu_smoke.py found on an H200 (its result in bench/results/): DeepSpeed 0.19.8's
+injected OPT/GPT layers return tuples and keep their own KV cache, while transformers 5 decoders
+expect a tensor from each layer and pass a `Cache` object — the second layer fails with "'tuple'
+object has no attribute 'size'", and positions would be wrong even past that. So injection is
+refused up front with transformers ≥ 5 rather than failing in the middle of a generation.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `rlhf sft --num-gpus 2 …` re-runs itself as `deepspeed --num_gpus 2 --module rlhf_engine.cli sft …`;
 the children see `RANK` in their environment and train instead of relaunching. Success is decided
 by the step's completion marker (summary.json), not by the launcher's exit code: two-process CPU
-runs can abort at exit after finishing correctly (CPU_NOTES.md).
+runs can abort at exit after finishing correctly (docs/cpu.md).
 """
 
 from __future__ import annotations

@@ -125,10 +125,11 @@ def clear_leftover_batons(*, deadline: float) -> list[Path]:
                     pass  # its builder finished just now
                 break
             if time.monotonic() > deadline:
-                raise locks.LockTimeout(
-                    f"DeepSpeed op build: {baton} is held by {', '.join(map(locks.describe, sorted(owners)))} for "
-                    f"{time.monotonic() - started:.0f} s (a build outside this project's lock); end that "
-                    f"process, or raise {TIMEOUT_ENV}"
+                raise locks.LockTimeoutError(
+                    f"DeepSpeed op build: {baton} is held by "
+                    f"{', '.join(map(locks.describe, sorted(owners)))} "
+                    f"for {time.monotonic() - started:.0f} s (a build outside this project's lock); "
+                    f"end that process, or raise {TIMEOUT_ENV}"
                 )
             time.sleep(0.5)
     return removed

@@ -49,7 +49,7 @@ def as_ppo_config(args: Any) -> PPOConfig:
 
 
 def check_hybrid_engine(config: PPOConfig, model_config: Any) -> None:
-    """DeepSpeed's HybridEngine only works on CUDA with kernel-injection policies (CPU_NOTES.md)."""
+    """DeepSpeed's HybridEngine only works on CUDA with kernel-injection policies (docs/cpu.md)."""
     if not config.enable_hybrid_engine:
         return
     if not torch.cuda.is_available():

@@ -20,7 +20,7 @@ STOP_FILE = "STOP"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, not failed; run again to continue
 
 
-class StepStopped(Exception):
+class StepStoppedError(Exception):
     def __init__(self, global_step: int, checkpoint: Path | None) -> None:
         super().__init__(
             f"stopped at step {global_step}" + (f" (checkpoint {checkpoint})" if checkpoint else "")

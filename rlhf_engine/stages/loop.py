@@ -5,7 +5,7 @@ The shell: refusing a finished step (or one finished with other options), valida
 process group exists, the data (rank 0 tokenises, the others read its cache), the global-batch row
 order that makes 1 process with accumulation equal 2 processes, resume from the latest complete
 checkpoint (refused when the options changed), periodic checkpoints and keep-last-N, the STOP file
-and SIGTERM (checkpoint, then `StepStopped`), the eval schedule (before, every `eval_interval`,
+and SIGTERM (checkpoint, then `StepStoppedError`), the eval schedule (before, every `eval_interval`,
 after), metrics/events/summary records and the progress line they drive, and the summary written
 last (a step is finished only when its summary exists).
 
@@ -30,7 +30,7 @@ from typing import Any
 from rlhf_engine.data.pipeline import PreparedStep, prepare_step
 from rlhf_engine.engine import checkpoint, fencing, ops
 from rlhf_engine.engine.distributed import Dist, barrier, init_distributed
-from rlhf_engine.engine.stopping import StepStopped, StopRequest
+from rlhf_engine.engine.stopping import StepStoppedError, StopRequest
 from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import (
     check_resumable,
@@ -60,7 +60,7 @@ class Loop:
 
 
 class Method(ABC):
-    """What makes a step itself. Attributes `dir_name` (its folder, CONTRACTS.md §1), `title`,
+    """What makes a step itself. Attributes `dir_name` (its folder, docs/contracts.md §1), `title`,
     `data_step` (which step's data it reads: 1 SFT rows, 2 preference pairs, 3 prompts) and `unit`."""
 
     dir_name: str
@@ -193,7 +193,7 @@ def run_method(method: Method) -> dict[str, Any]:
         phases.progress = records.progress
         try:
             return _loop(method, dist, step_dir, records, phases)
-        except (StepStopped, fencing.Superseded):  # stopped or superseded: not an error of the step
+        except (StepStoppedError, fencing.SupersededError):  # stopped or superseded: not an error of the step
             raise
         except Exception as e:
             records.event("error", f"{type(e).__name__}: {e}", level="error")
@@ -365,7 +365,7 @@ def _loop(
                     global_step=done_steps,
                     path=str(folder),
                 )
-                raise StepStopped(done_steps, folder)
+                raise StepStoppedError(done_steps, folder)
     eval_after = run_eval(total, final=True)
 
     # --- save the model (collective at ZeRO-3), then the summary last

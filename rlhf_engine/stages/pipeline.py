@@ -1,7 +1,9 @@
-"""`rlhf train`: steps 1 → 2 → 3 (method dpo: 1 → 2), each as its own `rlhf sft|reward|ppo|dpo` process (under the DeepSpeed
-launcher when there are several processes), with its options written to `RUN/configs/`, its output
-to `RUN/logs/`, and success judged by its summary.json. A finished step is skipped (the step itself
-refuses to reuse one finished with other options); an interrupted one resumes from its checkpoint.
+"""`rlhf train`: steps 1 → 2 → 3 (method dpo: 1 → 2), each as its own `rlhf sft|reward|ppo|dpo` process.
+
+Each runs under the DeepSpeed launcher when there are several processes, with its options written to
+`RUN/configs/`, its output to `RUN/logs/`, and success judged by its summary.json. A finished step is
+skipped (the step itself refuses to reuse one finished with other options); an interrupted one resumes
+from its checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from rlhf_engine.stages.progress import EVERY_ENV
 from rlhf_engine.stages.records import is_finished
 
 
-class StepFailed(RuntimeError):
+class StepFailedError(RuntimeError):
     """A step of the pipeline did not finish; the message points at its log."""
 
 
@@ -102,7 +104,7 @@ def run_pipeline(cfg: PipelineConfig, sections: dict[str, dict[str, Any]]) -> Pa
         # finishing); but a step that refused to run (e.g. finished with other options) fails
         if not (written_now or (code == 0 and summary.is_file())):
             attempt.unlink(missing_ok=True)
-            raise StepFailed(
+            raise StepFailedError(
                 f"{title} did not finish (exit status {code}); see {out / 'logs' / (name + '.log')}"
             )
         attempt.replace(config_file)

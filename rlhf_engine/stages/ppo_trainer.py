@@ -409,7 +409,9 @@ class PPOTrainer:
                 logprobs, exp.logprobs, advantages, mask, cliprange=cfg.cliprange
             )
             kl_loss = masked_mean(kl_k3(logprobs, exp.ref_logprobs), mask)
-        else:  # every group of this micro-batch was filtered out: a step that changes nothing (ZeRO-3 stays in step)
+        else:
+            # every group of this micro-batch was filtered out: a step that changes nothing
+            # (ZeRO-3 stays in step)
             actor_loss, clipfrac, kl_loss = (logprobs * 0).sum(), torch.zeros(()), (logprobs * 0).sum()
         if cfg.kl_in == "loss":
             actor_loss = actor_loss + cfg.kl_ctl * kl_loss
@@ -472,7 +474,10 @@ class PPOTrainer:
     def train_rlhf_with_unsupervised(
         self, exp: Experience, unsup_ids: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        """train_rlhf, then the mixture step (InstructGPT's PPO-ptx): (actor_loss, critic_loss, unsup_loss)."""
+        """train_rlhf, then the mixture step (InstructGPT's PPO-ptx).
+
+        Returns (actor_loss, critic_loss, unsup_loss).
+        """
         actor_loss, critic_loss = self.train_rlhf(exp)
         return actor_loss, critic_loss, self.train_unsupervised(unsup_ids, self.args.unsup_coef)
 

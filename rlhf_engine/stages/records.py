@@ -1,4 +1,4 @@
-"""The files a step leaves for people and for the worker (CONTRACTS.md §1).
+"""The files a step leaves for people and for the worker (docs/contracts.md §1).
 
 - `metrics.jsonl`: one JSON object per optimizer step;
 - `events.jsonl`: `{"time", "level", "type", "message", "data"}` — step_started, checkpoint_saved,

@@ -41,7 +41,7 @@ from rlhf_engine.stages.loop import Evaluation, Loop, Method, Row
 class StepSpec:
     """What makes step 1 or step 2 itself."""
 
-    dir_name: str  # folder under output_dir (CONTRACTS.md §1)
+    dir_name: str  # folder under output_dir (docs/contracts.md §1)
     title: str
     data_step: int
     kind: ModelKind

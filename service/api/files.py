@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.openapi import COMMON, errors
 from service.api.uploads import save_upload
-from service.errors import InvalidRequest
+from service.errors import InvalidRequestError
 from service.schemas import Deleted, FileList, FileObject
 from service.services import files as svc
 
@@ -28,7 +28,7 @@ async def upload(
     tmp, size = await save_upload(file, settings.files_dir / ".uploads", max_bytes=settings.max_file_bytes)
     if size == 0:
         tmp.unlink(missing_ok=True)
-        raise InvalidRequest("file: the upload is empty", param="file")
+        raise InvalidRequestError("file: the upload is empty", param="file")
     try:
         f = svc.register_file(
             session=session,

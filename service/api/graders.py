@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from rlhf_engine import graders
 from service.api.deps import CallerDep
 from service.api.openapi import COMMON, errors
-from service.errors import InvalidRequest
+from service.errors import InvalidRequestError
 from service.schemas import GraderRunRequest, GraderRunResponse, GraderValidateRequest, GraderValidateResponse
 
 router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"], responses=errors(*COMMON))
@@ -20,7 +20,7 @@ def _parse(spec: dict[str, Any]) -> graders.Grader:
     try:
         return graders.parse(spec)
     except graders.GraderError as e:
-        raise InvalidRequest(str(e), param=e.param) from None
+        raise InvalidRequestError(str(e), param=e.param) from None
 
 
 @router.post("/validate", response_model=GraderValidateResponse)
@@ -35,7 +35,7 @@ def run(body: GraderRunRequest, caller: CallerDep) -> Any:
     """The reward the grader gives `model_sample` for training row `item`, and each part's score."""
     grader = _parse(body.grader)
     if grader.score_models():
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "grader: score_model graders score with a reward model loaded on a training worker; "
             "they run inside jobs. /run takes string_check, text_similarity and multi graders of "
             "those",
@@ -46,5 +46,5 @@ def run(body: GraderRunRequest, caller: CallerDep) -> Any:
         graders.check_row(grader, item)
         result = graders.run(grader, body.model_sample, item)
     except graders.GraderError as e:
-        raise InvalidRequest(str(e), param=e.param) from None
+        raise InvalidRequestError(str(e), param=e.param) from None
     return result.as_dict(grader, str(body.grader.get("type")))

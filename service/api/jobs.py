@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.openapi import COMMON, errors
-from service.errors import InvalidRequest, ServiceError
+from service.errors import InvalidRequestError, ServiceError
 from service.jobs import lifecycle, plan
 from service.jobs import queries as svc
 from service.schemas import (
@@ -109,7 +109,7 @@ def events(
         svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)
         return _event_stream(request, job_id, metrics=metrics)
     if metrics:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "metrics: only with stream=true (for metric points without a stream: GET "
             f"/v1/fine_tuning/jobs/{job_id}/metrics)",
             param="metrics",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi import UploadFile
 
-from service.errors import TooLarge
+from service.errors import TooLargeError
 
 CHUNK = 1 << 20
 
@@ -23,7 +23,7 @@ async def save_upload(file: UploadFile, tmp_dir: Path, *, max_bytes: int) -> tup
             while chunk := await file.read(CHUNK):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise TooLarge(
+                    raise TooLargeError(
                         f"file: larger than this server's limit of {max_bytes} bytes", param="file"
                     )
                 out.write(chunk)

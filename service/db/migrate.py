@@ -50,10 +50,10 @@ def _lock(url: str, timeout_s: float) -> Iterator[None]:
                     ),
                     {"id": LOCK_ID},
                 ).first()
-                raise locks.LockTimeout(
+                raise locks.LockTimeoutError(
                     f"waited {timeout_s:.0f} s for the database migration lock (PostgreSQL advisory lock "
-                    f"{LOCK_ID}, held by backend {tuple(holder) if holder else 'unknown'}); another process is "
-                    "migrating: let it finish, or end its session (pg_terminate_backend)"
+                    f"{LOCK_ID}, held by backend {tuple(holder) if holder else 'unknown'}); "
+                    "another process is migrating: let it finish, or end its session (pg_terminate_backend)"
                 )
             time.sleep(0.2)
         try:
@@ -63,7 +63,8 @@ def _lock(url: str, timeout_s: float) -> Iterator[None]:
 
 
 def migrate(url: str, *, timeout_s: float = 300.0) -> None:
-    """Bring the database at `url` to the latest revision (waiting at most `timeout_s` for another migrator)."""
+    """Bring the database at `url` to the latest revision (waiting at most `timeout_s` for another
+    migrator)."""
     if url.startswith("sqlite"):
         Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
     with _lock(url, timeout_s):

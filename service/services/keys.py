@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.models import ApiKey, Tenant, utcnow
-from service.errors import InvalidRequest, NotFound, Unauthenticated
+from service.errors import InvalidRequestError, NotFoundError, UnauthenticatedError
 
 logger = logging.getLogger(__name__)
 PREFIX = "sk-rlhf-"
@@ -37,7 +37,7 @@ def create_key(
 ) -> tuple[ApiKey, str]:
     """A new key for `tenant` (created if new). The plain key is returned once and never stored."""
     if not TENANT_RE.fullmatch(tenant):
-        raise InvalidRequest("tenant: use 1-63 lowercase letters, digits, '-' or '_'", param="tenant")
+        raise InvalidRequestError("tenant: use 1-63 lowercase letters, digits, '-' or '_'", param="tenant")
     if session.get(Tenant, tenant) is None:
         session.add(Tenant(id=tenant))
         session.flush()
@@ -65,7 +65,7 @@ def revoke_key(*, session: Session, key_id: str) -> ApiKey:
     """Mark the key revoked (the caller commits, then calls `announce_revoked`)."""
     key = session.get(ApiKey, key_id)
     if key is None:
-        raise NotFound(f"no API key {key_id}", param="key_id")
+        raise NotFoundError(f"no API key {key_id}", param="key_id")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
     _VERIFIED.pop(key.key_hash, None)
@@ -121,7 +121,7 @@ def _listen(redis_url: str) -> None:
                 data = message.get("data")
                 if isinstance(data, bytes):
                     _VERIFIED.pop(data.decode(), None)
-        except Exception as e:  # noqa: BLE001 - Redis away: retry; the cache's expiry is the fallback
+        except Exception as e:  # Redis away: retry; the cache's expiry is the fallback
             logger.info("listening for key revocations: %s; retrying", e)
             time.sleep(2)
 
@@ -134,13 +134,13 @@ _VERIFIED_MAX = 10_000
 
 def token_hash(authorization: str | None) -> str:
     if not authorization:
-        raise Unauthenticated(
+        raise UnauthenticatedError(
             "no API key: send 'Authorization: Bearer <key>' (create one with `rlhf keys create`)",
             code="missing_api_key",
         )
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("the Authorization header must be 'Bearer <key>'", code="invalid_api_key")
+        raise UnauthenticatedError("the Authorization header must be 'Bearer <key>'", code="invalid_api_key")
     return hash_key(token.strip())
 
 
@@ -151,20 +151,20 @@ def cached_caller(authorization: str | None, cache_s: float) -> Caller | None:
         return None
     try:
         hit = _VERIFIED.get(token_hash(authorization))
-    except Unauthenticated:
+    except UnauthenticatedError:
         return None
     return hit[0] if hit is not None and hit[1] > time.monotonic() else None
 
 
 def authenticate(*, session: Session, authorization: str | None, cache_s: float = 0.0) -> Caller:
-    """The caller of an `Authorization: Bearer <key>` header (asking the database), or Unauthenticated.
+    """The caller of an `Authorization: Bearer <key>` header (asking the database), or UnauthenticatedError.
     With `cache_s` > 0 a verified key is remembered for that long, for `cached_caller` (unknown and
     revoked keys are never remembered)."""
     digest = token_hash(authorization)
     key = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
     if key is None or key.revoked_at is not None:
         _VERIFIED.pop(digest, None)
-        raise Unauthenticated("the API key is not valid (unknown or revoked)", code="invalid_api_key")
+        raise UnauthenticatedError("the API key is not valid (unknown or revoked)", code="invalid_api_key")
     caller = Caller(tenant_id=key.tenant_id, key_id=key.id, operator=key.operator)
     if cache_s > 0:
         if len(_VERIFIED) >= _VERIFIED_MAX:  # many keys in use: start over rather than grow without bound

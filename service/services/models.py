@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from rlhf_engine.models import tiny
 from service.db.models import FineTunedModel, UploadedModel
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.pagination import cut, paged
 from service.schemas import ModelList, ModelObject
 
@@ -94,7 +94,7 @@ def resolve(
     if max_bytes is not None and not ref.tiny:
         size = sum(f.stat().st_size for f in ref.path.glob("*.safetensors")) if ref.path.is_dir() else 0
         if size > max_bytes:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 f"{param}: {name} has {size / 2**30:.2f} GiB of weights, over this server's limit of "
                 f"{max_bytes / 2**30:.2f} GiB (RLHF_MAX_MODEL_BYTES); choose a smaller model, or ask "
                 "the operator to raise the limit",
@@ -108,10 +108,12 @@ def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, para
     if name.startswith("ft:"):
         ft = session.get(FineTunedModel, name)
         if ft is None or ft.tenant_id != tenant:
-            raise InvalidRequest(f"{param}: no fine-tuned model {name}", param=param, code="model_not_found")
+            raise InvalidRequestError(
+                f"{param}: no fine-tuned model {name}", param=param, code="model_not_found"
+            )
         return ModelRef(name=name, path=Path(ft.path), base=name.split(":")[1])
     if not NAME_RE.fullmatch(name) or ".." in name:
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"{param}: {name!r} is not a model name; use a base model from GET /v1/models", param=param
         )
     if is_bundled(name):  # bundled (an upload cannot take these names): no database needed
@@ -124,7 +126,7 @@ def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, para
     root = models_dir.resolve()
     path = (models_dir / name).resolve()
     if path.parent != root or not (path / "config.json").is_file():
-        raise InvalidRequest(
+        raise InvalidRequestError(
             f"{param}: no base model {name!r} (see GET /v1/models)", param=param, code="model_not_found"
         )
     return ModelRef(name=name, path=path, base=name)
@@ -180,7 +182,7 @@ def get_model(*, session: Session, tenant: str, models_dir: Path, model_id: str)
     for m in list_models(session=session, tenant=tenant, models_dir=models_dir):
         if m.id == model_id:
             return m
-    raise NotFound(f"no model {model_id}", param="model")
+    raise NotFoundError(f"no model {model_id}", param="model")
 
 
 def model_path(*, session: Session, tenant: str, model_id: str) -> Path:
@@ -195,7 +197,7 @@ def model_path(*, session: Session, tenant: str, model_id: str) -> Path:
         )
         if own is not None:
             return Path(own.path)
-    raise NotFound(
+    raise NotFoundError(
         f"no model {model_id} of yours to download (base models are not downloadable)", param="model"
     )
 
@@ -211,7 +213,7 @@ def upload_model(
     max_bytes: int,
 ) -> UploadedModel:
     if not NAME_RE.fullmatch(name) or name.startswith("ft:") or is_bundled(name):
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "name: use letters, digits, '.', '_' or '-' (1-128), not a bundled model's name", param="name"
         )
     if (
@@ -221,7 +223,7 @@ def upload_model(
         )
         is not None
     ):
-        raise Conflict(f"name: a model called {name!r} exists; choose another name", param="name")
+        raise ConflictError(f"name: a model called {name!r} exists; choose another name", param="name")
     import secrets
     import shutil
 
@@ -259,7 +261,7 @@ def extract_model(archive: Path, dest: Path, *, max_bytes: int) -> int:
     try:
         tf = tarfile.open(archive)  # noqa: SIM115 (closed by the `with tf:` below)
     except (tarfile.TarError, OSError):
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "file: not a .tar or .tar.gz archive of a model directory", param="file"
         ) from None
     with tf:
@@ -269,36 +271,38 @@ def extract_model(archive: Path, dest: Path, *, max_bytes: int) -> int:
         for m in members:
             parts = Path(m.name).parts
             if m.name.startswith("/") or ".." in parts:
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"file: archive member {m.name!r} leaves the model directory", param="file"
                 )
             if not m.isfile():
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"file: archive member {m.name!r} is not a plain file (links are refused)", param="file"
                 )
             base = parts[-1]
             if base.endswith(PICKLED):
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"file: {base} is pickled weights, which can run code when loaded; upload "
                     "safetensors (model.save_pretrained(dir, safe_serialization=True))",
                     param="file",
                 )
             if not ALLOWED.fullmatch(base):
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"file: {base} is not a model file this server accepts (config, tokenizer, "
                     "*.safetensors)",
                     param="file",
                 )
             total += m.size
             if total > max_bytes:
-                raise InvalidRequest(
+                raise InvalidRequestError(
                     f"file: the model is larger than this server's limit of {max_bytes} bytes", param="file"
                 )
             names[base] = m
         if len(names) != len(members):
-            raise InvalidRequest("file: the archive holds two files of the same name", param="file")
+            raise InvalidRequestError("file: the archive holds two files of the same name", param="file")
         if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
-            raise InvalidRequest("file: a model needs config.json and *.safetensors weights", param="file")
+            raise InvalidRequestError(
+                "file: a model needs config.json and *.safetensors weights", param="file"
+            )
         dest.mkdir(parents=True, exist_ok=False)
         for base, m in names.items():
             src = tf.extractfile(m)
@@ -316,11 +320,11 @@ def check_config(path: Path) -> None:
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise InvalidRequest("file: config.json is not valid JSON", param="file") from None
+        raise InvalidRequestError("file: config.json is not valid JSON", param="file") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise InvalidRequest("file: config.json has no model_type", param="file")
+        raise InvalidRequestError("file: config.json has no model_type", param="file")
     if config.get("auto_map"):
-        raise InvalidRequest(
+        raise InvalidRequestError(
             "file: config.json needs custom code (auto_map); trust_remote_code is off here", param="file"
         )
     archs = config.get("architectures") or []
@@ -328,7 +332,9 @@ def check_config(path: Path) -> None:
         isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel", "ForSequenceClassification"))
         for a in archs
     ):
-        raise InvalidRequest(f"file: architectures {archs} hold no causal LM (…ForCausalLM)", param="file")
+        raise InvalidRequestError(
+            f"file: architectures {archs} hold no causal LM (…ForCausalLM)", param="file"
+        )
 
 
 def archive_model(path: Path, out: Path) -> None:

@@ -98,7 +98,8 @@ def test_multi_combines_named_graders_by_a_parsed_formula() -> None:
         {
             "type": "multi",
             "graders": {"a": check("eq")},
-            "calculate_output": "max(0, min(1, sqrt(a) + floor(1.5) - ceil(0.2) + abs(-a) - exp(0) + log(1)))",
+            "calculate_output": "max(0, min(1, sqrt(a) + floor(1.5) - ceil(0.2) + abs(-a) "
+            "- exp(0) + log(1)))",
         }
     )
     assert run(funcs, "Paris", {"answer": "Paris"}).reward == 1.0

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -102,7 +102,8 @@ def test_prompts_that_start_alike_reuse_cached_keys_and_answer_as_generate(
     engine: ChatEngine, smollm2: Path
 ) -> None:
     """The system prompt every SmolLM2 conversation starts with, and a conversation's earlier turns
-    (prompts and replies), are taken from the prompt cache (within the caller's scope only), and the replies stay those of generate."""
+    (prompts and replies), are taken from the prompt cache (within the caller's scope only), and the
+    replies stay those of generate."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2)).eval()
@@ -180,7 +181,11 @@ def test_two_lora_sft_steps_lower_the_loss_and_save_a_model_that_loads(lora_sft:
     summary = json.loads((lora_sft / "step1_sft" / "summary.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"], summary
     assert len(read_jsonl(lora_sft / "step1_sft" / "metrics.jsonl")) == 2
-    model, info = AutoModelForCausalLM.from_pretrained(str(lora_sft / "step1_sft"), output_loading_info=True)
+    # (model, loading info): transformers types from_pretrained as returning the model alone
+    model, info = cast(
+        tuple[Any, dict[str, list[Any]]],
+        AutoModelForCausalLM.from_pretrained(str(lora_sft / "step1_sft"), output_loading_info=True),
+    )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
     assert AutoTokenizer.from_pretrained(str(lora_sft / "step1_sft")).chat_template  # the template travels on

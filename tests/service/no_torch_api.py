@@ -1,5 +1,5 @@
 """`python -m tests.service.no_torch_api serve …`: the `rlhf` command with torch, transformers and
-deepspeed unimportable — the API process must never need them (CONTRACTS.md §6). An attempt is
+deepspeed unimportable — the API process must never need them (docs/contracts.md §6). An attempt is
 recorded in $RLHF_BLOCKED_LOG as well as raised, so a caught ImportError cannot hide it."""
 
 from __future__ import annotations

@@ -499,7 +499,7 @@ def test_the_estimate_plans_each_steps_memory_and_refuses_what_cannot_fit(alice:
     """The memory planner at submit: each step's plan on the requested GPUs; a step that does not fit as
     configured takes the planner's fastest configuration that does (memory: auto), keeping what the
     request set; memory: fixed, or nothing that fits, is a 400 that names what would fit."""
-    GiB = 2**30
+    gib = 2**30
     tiny = alice.post(
         "/v1/fine_tuning/jobs/estimate",
         json={
@@ -512,10 +512,10 @@ def test_the_estimate_plans_each_steps_memory_and_refuses_what_cannot_fit(alice:
     assert [m["step"] for m in tiny["memory"]] == [1, 2, 3]
     for m in tiny["memory"]:
         assert (
-            m["fits"] and not m["changed"] and m["configuration"] == "ZeRO-0" and m["gpu_bytes"] == 80 * GiB
+            m["fits"] and not m["changed"] and m["configuration"] == "ZeRO-0" and m["gpu_bytes"] == 80 * gib
         )
         assert (
-            m["headroom_bytes"] == m["gpu_bytes"] - m["per_gpu_bytes"] and m["per_gpu_bytes"] > GiB
+            m["headroom_bytes"] == m["gpu_bytes"] - m["per_gpu_bytes"] and m["per_gpu_bytes"] > gib
         )  # (+1 GiB CUDA)
     on_cpu = alice.post("/v1/fine_tuning/jobs/estimate", json=SMALL_SFT).json()["memory"][0]
     assert on_cpu["fits"] is None and on_cpu["gpu_bytes"] is None and on_cpu["per_gpu_bytes"] > 0
@@ -529,7 +529,7 @@ def test_the_estimate_plans_each_steps_memory_and_refuses_what_cannot_fit(alice:
         "gpu_type": "A100-40G",
     }
     planned = alice.post("/v1/fine_tuning/jobs/estimate", json=big).json()["memory"]
-    assert planned[0]["changed"] and planned[0]["fits"] and planned[0]["per_gpu_bytes"] <= 40 * GiB
+    assert planned[0]["changed"] and planned[0]["fits"] and planned[0]["per_gpu_bytes"] <= 40 * gib
     assert planned[0]["step_options"]["lora_dim"] > 0 or planned[0]["step_options"]["zero_stage"] == 3
     assert not planned[1]["changed"]  # the 350M reward model fits as it is
     kept = alice.post(
@@ -579,7 +579,7 @@ def test_the_estimate_plans_each_steps_memory_and_refuses_what_cannot_fit(alice:
         record = s.get(Job, job["id"])
         assert record is not None
         options, memory = record.plan["1"], record.request["_memory"]["1"]
-    assert memory["changed"] and memory["fits"] and memory["per_gpu_bytes"] <= 32 * GiB
+    assert memory["changed"] and memory["fits"] and memory["per_gpu_bytes"] <= 32 * gib
     assert options["per_device_train_batch_size"] < 7000  # smaller micro-batches …
     assert (
         options["per_device_train_batch_size"] * options["gradient_accumulation_steps"] == 7000
@@ -644,7 +644,8 @@ def test_model_upload_is_checked_private_and_usable(
         ({"config.json": config, "model.safetensors": files["model.safetensors"]}, None),
         (
             {
-                "config.json": b'{"model_type": "opt", "architectures": ["OPTForCausalLM"], "auto_map": {"a": "b"}}',
+                "config.json": b'{"model_type": "opt", "architectures": ["OPTForCausalLM"], '
+                b'"auto_map": {"a": "b"}}',
                 "model.safetensors": b"x",
             },
             "trust_remote_code",
@@ -696,7 +697,7 @@ def test_another_tenants_job_is_not_found_on_every_route(
 
 
 def test_a_failed_key_check_forgets_the_key_at_once(stack: Stack) -> None:
-    from service.errors import Unauthenticated
+    from service.errors import UnauthenticatedError
     from service.services.keys import authenticate, cached_caller, list_keys, revoke_key
 
     header = "Bearer " + stack.key("dave")
@@ -706,10 +707,10 @@ def test_a_failed_key_check_forgets_the_key_at_once(stack: Stack) -> None:
     assert cached_caller(header, 0) is None  # 0: the cache is not consulted
     with session_scope(stack.settings.db_url) as s:
         revoke_key(session=s, key_id=list_keys(session=s, tenant="dave")[0].id)
-    with session_scope(stack.settings.db_url) as s, pytest.raises(Unauthenticated):
+    with session_scope(stack.settings.db_url) as s, pytest.raises(UnauthenticatedError):
         authenticate(session=s, authorization=header, cache_s=0)  # 0: the database is asked every time
     assert cached_caller(header, 60) is None
-    with session_scope(stack.settings.db_url) as s, pytest.raises(Unauthenticated):
+    with session_scope(stack.settings.db_url) as s, pytest.raises(UnauthenticatedError):
         authenticate(session=s, authorization=header, cache_s=60)  # a revoked key is never remembered
     assert cached_caller(header, 60) is None
 

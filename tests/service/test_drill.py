@@ -82,7 +82,8 @@ def stack(kill_stack: Stack) -> Iterator[Stack]:
     if REPORT:
         lines = [
             f"{r['phase']:>20} seed {r['seed']}: landed {r['landed']}, lost {r['lost_s']:.1f} s, redone "
-            f"{r['redone_steps']} steps, attempts {r['attempts']}, kill to finished step {r['kill_to_finish_s']:.1f} s"
+            f"{r['redone_steps']} steps, attempts {r['attempts']}, "
+            f"kill to finished step {r['kill_to_finish_s']:.1f} s"
             for r in REPORT
         ]
         print("\nkill drill:\n" + "\n".join(lines))
@@ -383,8 +384,8 @@ def test_an_inference_worker_dies_while_it_loads_a_model(
         asking.join(timeout=60)
         assert not asking.is_alive(), "the request hung on the dead worker"
         print(
-            f"\ninference worker killed while loading: {result['status']} {result['body']['error']['code']} after "
-            f"{result['seconds']:.1f} s"
+            f"\ninference worker killed while loading: {result['status']} "
+            f"{result['body']['error']['code']} after {result['seconds']:.1f} s"
         )
         assert result["status"] in (502, 503), result  # named, retryable; never a 500 or a hang
         assert result["body"]["error"]["code"] in ("worker_lost", "worker_unavailable", "no_worker"), result

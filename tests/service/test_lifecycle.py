@@ -1,7 +1,7 @@
 """One job lifecycle: every status change goes through service/jobs/lifecycle.py as a guarded UPDATE,
 so two actors racing for one job (the user and the worker, two workers, a worker and the sweeper)
-cannot both win. The races run on PostgreSQL with real threads and real transactions; the README's
-table of transitions is the code's."""
+cannot both win. The races run on PostgreSQL with real threads and real transactions; the table of
+transitions in docs/jobs.md is the code's."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 
 from service.db.models import FineTunedModel, Job, JobEvent, Tenant, utcnow
 from service.db.session import session_scope
-from service.errors import Conflict
+from service.errors import ConflictError
 from service.jobs import lifecycle, states
 from service.settings import Settings
 
@@ -70,7 +70,7 @@ def _race(*actors: Callable[[], Any]) -> list[Any]:
         barrier.wait()
         try:
             results[i] = fn()
-        except Exception as e:  # noqa: BLE001 - the loser's Conflict is a result here
+        except Exception as e:  # the loser's ConflictError is a result here
             results[i] = e
 
     threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(actors)]
@@ -128,7 +128,7 @@ def test_a_cancel_and_the_workers_success_never_both_win(settings: Settings) -> 
             assert job.fine_tuned_model is None and job.step_status == {"1": "cancelled"}
             assert "job_succeeded" not in events and events.count("cancelled") == 1
         else:
-            assert isinstance(user, Conflict) and "already succeeded" in user.message, user
+            assert isinstance(user, ConflictError) and "already succeeded" in user.message, user
             assert worker == "succeeded" and job.status == "succeeded" and registered
             assert "cancelled" not in events and events.count("job_succeeded") == 1
         assert job.lease_owner is None  # let go either way
@@ -174,7 +174,7 @@ def test_a_resume_and_a_cancel_of_a_paused_job_one_wins(settings: Settings) -> N
             # the cancel came second: a queued job can be cancelled too, so both moves happen, in order
             assert cancelled == "cancelled" and final == "cancelled"
         else:
-            assert isinstance(resumed, Conflict) and "already cancelled" in resumed.message
+            assert isinstance(resumed, ConflictError) and "already cancelled" in resumed.message
             assert cancelled == "cancelled" and final == "cancelled"
 
 
@@ -207,7 +207,7 @@ def test_a_worker_that_lost_its_lease_writes_nothing(settings: Settings) -> None
             lifecycle.finish(session=db, job_id=job_id, owner="w1", outcome="failed", step=1, message="x")
             == "lost"
         )
-        with pytest.raises(lifecycle.LeaseLost):
+        with pytest.raises(lifecycle.LeaseLostError):
             lifecycle.renew(session=db, job_id=job_id, owner="w1", settings=settings, progress=0.5)
     job = _get(settings, job_id)
     assert job.status == "running" and job.lease_owner == "w2" and job.error is None and job.progress == 0.0
@@ -218,9 +218,9 @@ def test_a_finished_job_never_moves_again(settings: Settings) -> None:
         job_id = _job(settings, status)
         with session_scope(settings.db_url) as db:
             for move in (lifecycle.cancel, lifecycle.pause):
-                with pytest.raises(Conflict, match=f"is already {status}"):
+                with pytest.raises(ConflictError, match=f"is already {status}"):
                     move(session=db, tenant="t", job_id=job_id)
-            with pytest.raises(Conflict, match="only a paused job can be resumed"):
+            with pytest.raises(ConflictError, match="only a paused job can be resumed"):
                 lifecycle.resume(session=db, tenant="t", job_id=job_id, settings=settings)
             assert lifecycle.claim(session=db, job_id=job_id, owner="w1", settings=settings) is None
         assert _get(settings, job_id).status == status
@@ -258,7 +258,7 @@ def test_only_the_lifecycle_module_changes_a_jobs_status() -> None:
 
 
 def test_the_readme_lists_the_transitions_the_code_allows() -> None:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "jobs.md").read_text()  # the table moved from README.md to the docs' Jobs page
     rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \| `(\w+)` \| (\w+) \|", text, flags=re.M)
     table = [(name, tuple(re.findall(r"`(\w+)`", src)), to, by) for name, src, to, by in rows]
     assert table == [(t.name, t.source, t.target, t.by) for t in states.TRANSITIONS]

@@ -1,4 +1,7 @@
-"""Nothing lost: a killed worker, a wiped broker, redeliveries and duplicates (PostgreSQL + Redis + Celery)."""
+"""Nothing lost: a killed worker, a wiped broker, redeliveries and duplicates.
+
+On PostgreSQL + Redis + Celery.
+"""
 
 from __future__ import annotations
 

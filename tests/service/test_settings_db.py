@@ -1,4 +1,4 @@
-"""Settings refuse unsafe production defaults; migrations run once under concurrent starts; CORS allow-list."""
+"""Settings refuse unsafe production defaults; concurrent starts migrate once; CORS allow-list."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def test_concurrent_starts_migrate_once(kind: str, tmp_path: Path, request: pyte
         import psycopg
 
         name = f"rlhf_mig_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
         url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     errors: list[BaseException] = []
 
@@ -99,8 +99,8 @@ def test_concurrent_starts_migrate_once(kind: str, tmp_path: Path, request: pyte
     else:
         engine.dispose()
         get_engine.cache_clear()
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def test_cors_allow_list(make_stack: Callable[..., Stack]) -> None:
@@ -140,8 +140,8 @@ with session_scope(settings.db_url) as s:
 async def main():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
                                  headers={{"Authorization": "Bearer " + key}}) as c:
-        f = await c.post("/v1/files", files={{"file": ("p.jsonl", b'{{"prompt": "a?", "chosen": "b", "rejected": "c"}}\\n' * 200)}},
-                         data={{"purpose": "fine-tune"}})
+        rows = b'{{"prompt": "a?", "chosen": "b", "rejected": "c"}}\\n' * 200
+        f = await c.post("/v1/files", files={{"file": ("p.jsonl", rows)}}, data={{"purpose": "fine-tune"}})
         assert f.status_code == 200, f.text
         j = await c.post("/v1/fine_tuning/jobs", json={{"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs",
                                                       "training_file": f.json()["id"], "preset": "tiny"}})

@@ -126,7 +126,10 @@ def test_a_step_that_stalls_every_time_fails_with_the_reason(
     baton = extensions / source.name / ops.BATON
     # this cache's record says the op builds in 0.5 s, so its phase may go 4 s (the floor) without progress
     (extensions / ops.BUILD_TIMES).write_text(json.dumps({source.name: 0.5}))
-    hold = "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('held', flush=True); time.sleep(900)"
+    hold = (
+        "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); "
+        "print('held', flush=True); time.sleep(900)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold, str(baton)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -49,7 +49,8 @@ def test_a_stalled_phase_is_named_with_its_time_and_bound(tmp_path: Path) -> Non
     assert seen.bound_s == 450.0 and seen.public(1)["name"] == "building_ops"
     assert watch.stalled(seen, now=1455.0) is None
     assert watch.stalled(seen, now=1901.0) == (
-        "stalled while building DeepSpeed ops for 896 s (bound 450 s; the process is alive but makes no progress)"
+        "stalled while building DeepSpeed ops for 896 s "
+        "(bound 450 s; the process is alive but makes no progress)"
     )
     _report(
         tmp_path,

@@ -109,7 +109,7 @@ def test_losses_ignore_masked_positions() -> None:
     torch.manual_seed(0)
     a, b, c = torch.randn(3, 2, 5)
     mask = T([[1.0, 1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
-    noisy = [x.clone() for x in (a, b, c)]
+    noisy = (a.clone(), b.clone(), c.clone())
     for x in noisy:
         x[0, 3:] = 1e3
     assert policy_loss(a, b, c, mask, cliprange=0.2)[0] == pytest.approx(
@@ -130,13 +130,11 @@ def test_split_batch_gradients_equal_the_full_batch_for_equal_token_counts() -> 
     mask = torch.ones(4, 3)
     full, _ = policy_loss(logp, old, adv, mask, cliprange=0.2)
     (g_full,) = torch.autograd.grad(full, logp)
-    halves = (
-        sum(
-            policy_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], cliprange=0.2)[0]
-            for i in (0, 2)
-        )
-        / 2
+    first, second = (
+        policy_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], cliprange=0.2)[0]
+        for i in (0, 2)
     )
+    halves = (first + second) / 2
     (g_split,) = torch.autograd.grad(halves, logp)
     assert torch.allclose(g_full, g_split, atol=1e-6)
 

@@ -18,10 +18,10 @@ import torch
 from rlhf_engine.chat import ChatEngine, SamplingParams
 from rlhf_engine.chat.engine import RequestHandle
 from rlhf_engine.chat.errors import (
-    ContextLengthExceeded,
-    EngineBusy,
-    EngineStopped,
-    InvalidRequest,
+    ChatRequestError,
+    ContextLengthExceededError,
+    EngineBusyError,
+    EngineStoppedError,
     ModelLoadError,
 )
 
@@ -235,14 +235,14 @@ def test_full_queue_is_busy_and_close_ends_every_request(base_model: Path) -> No
     it = iter(running)
     next(it)
     queued = e.submit(DOG, SamplingParams(max_new_tokens=4))
-    with pytest.raises(EngineBusy, match="retry"):
+    with pytest.raises(EngineBusyError, match="retry"):
         e.submit(DOG, SamplingParams(max_new_tokens=4))
     e.close()
-    with pytest.raises(EngineStopped):
+    with pytest.raises(EngineStoppedError):
         list(it)
-    with pytest.raises(EngineStopped):
+    with pytest.raises(EngineStoppedError):
         list(queued)
-    with pytest.raises(EngineStopped, match="closed"):
+    with pytest.raises(EngineStoppedError, match="closed"):
         e.submit(DOG)
 
 
@@ -261,18 +261,18 @@ def test_full_queue_is_busy_and_close_ends_every_request(base_model: Path) -> No
 def test_bad_conversations_name_the_field(
     engine: ChatEngine, messages: list[dict[str, object]], param: str
 ) -> None:
-    with pytest.raises(InvalidRequest) as e:
+    with pytest.raises(ChatRequestError) as e:
         engine.submit(messages)  # type: ignore[arg-type]
     assert e.value.param == param
 
 
 def test_context_length_and_server_limits(engine: ChatEngine) -> None:
-    with pytest.raises(ContextLengthExceeded, match="shorten the conversation"):
+    with pytest.raises(ContextLengthExceededError, match="shorten the conversation"):
         engine.submit(user("dog " * 600))
     prompt = len(engine.prompt_ids(DOG))
-    with pytest.raises(ContextLengthExceeded, match=f"at most {512 - prompt} new tokens fit"):
+    with pytest.raises(ContextLengthExceededError, match=f"at most {512 - prompt} new tokens fit"):
         engine.submit(DOG, SamplingParams(max_new_tokens=512))
-    with pytest.raises(InvalidRequest, match="n: 9 is above this server's limit of 8"):
+    with pytest.raises(ChatRequestError, match="n: 9 is above this server's limit of 8"):
         engine.submit(DOG, SamplingParams(n=9))
     # without max_new_tokens the reply gets the default, shrunk to what the context has left
     long_prompt = user("dog " * 300)

@@ -48,10 +48,12 @@ def test_batch_layer_matches_concatenation_through_joins_leaves_and_growth() -> 
         if step == 40:  # padding columns every row shares are dropped
             layer.truncate(ref_k.shape[0], lead=3)
             ref_k, ref_v = ref_k[:, :, 3:], ref_v[:, :, 3:]
+        assert layer.keys is not None and layer.values is not None, step
         assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v), step
     layer.truncate(0)  # the batch empties; the storage is reused by the next rows
     k4, v4 = kv(2, 3, 4)
     layer.add_rows(k4, v4)
+    assert layer.keys is not None and layer.values is not None
     assert torch.equal(layer.keys, k4) and torch.equal(layer.values, v4)
 
 

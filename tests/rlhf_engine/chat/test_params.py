@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_engine.chat.errors import ContextLengthExceeded, InvalidRequest
+from rlhf_engine.chat.errors import ChatRequestError, ContextLengthExceededError
 from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
 
 
@@ -28,7 +28,7 @@ from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
     ],
 )
 def test_bad_sampling_params(kwargs: dict[str, object], param: str) -> None:
-    with pytest.raises(InvalidRequest) as e:
+    with pytest.raises(ChatRequestError) as e:
         SamplingParams(**kwargs)  # type: ignore[arg-type]
     assert e.value.param == param
     assert str(e.value).startswith(f"{param}:")
@@ -43,16 +43,16 @@ def test_server_limits_and_the_context_length() -> None:
     assert limits.check(SamplingParams(), prompt_tokens=10, context_len=512) == 50
     assert limits.check(SamplingParams(), prompt_tokens=490, context_len=512) == 22  # default shrinks to fit
     assert limits.check(SamplingParams(max_new_tokens=100), prompt_tokens=10, context_len=512) == 100
-    with pytest.raises(InvalidRequest, match="max_new_tokens: 101 is above this server's limit of 100"):
+    with pytest.raises(ChatRequestError, match="max_new_tokens: 101 is above this server's limit of 100"):
         limits.check(SamplingParams(max_new_tokens=101), prompt_tokens=10, context_len=512)
-    with pytest.raises(InvalidRequest, match="n: 3 is above"):
+    with pytest.raises(ChatRequestError, match="n: 3 is above"):
         limits.check(SamplingParams(n=3), prompt_tokens=10, context_len=512)
-    with pytest.raises(InvalidRequest, match="stop: 3 strings"):
+    with pytest.raises(ChatRequestError, match="stop: 3 strings"):
         limits.check(SamplingParams(stop=["a", "b", "c"]), prompt_tokens=10, context_len=512)
-    with pytest.raises(ContextLengthExceeded, match="at most 12 new tokens fit") as e:
+    with pytest.raises(ContextLengthExceededError, match="at most 12 new tokens fit") as e:
         limits.check(SamplingParams(max_new_tokens=20), prompt_tokens=500, context_len=512)
     assert e.value.param == "max_new_tokens"
-    with pytest.raises(ContextLengthExceeded, match="shorten the conversation") as e:
+    with pytest.raises(ContextLengthExceededError, match="shorten the conversation") as e:
         limits.check(SamplingParams(), prompt_tokens=512, context_len=512)
     assert e.value.param == "messages"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,10 +28,17 @@ def write_jsonl(path: Path, rows: list[dict], *, gz: bool = False) -> Path:
 U = lambda text: Message("user", text)  # noqa: E731
 A = lambda text: Message("assistant", text)  # noqa: E731
 
-HH_CHOSEN = "\n\nHuman: Hi, what is a fox?\n\nAssistant: An animal.\n\nHuman: What colour is it?\n\nAssistant: Often red."
-HH_REJECTED = "\n\nHuman: Hi, what is a fox?\n\nAssistant: An animal.\n\nHuman: What colour is it?\n\nAssistant: No idea."
+HH_CHOSEN = (
+    "\n\nHuman: Hi, what is a fox?\n\nAssistant: An animal."
+    "\n\nHuman: What colour is it?\n\nAssistant: Often red."
+)
+HH_REJECTED = (
+    "\n\nHuman: Hi, what is a fox?\n\nAssistant: An animal."
+    "\n\nHuman: What colour is it?\n\nAssistant: No idea."
+)
 
-SHAPES = {
+# shape: (rows of the file, the kind read, the (conversation, chosen, rejected) of each sample)
+SHAPES: dict[str, tuple[list[dict[str, Any]], str, list[tuple[tuple[Message, ...], str, str | None]]]] = {
     "prompt_chosen_rejected": (
         [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}],
         "preference",
@@ -329,7 +337,7 @@ def test_a_few_unusable_rows_are_skipped_and_counted_too_many_refuse_the_file(tm
 def test_prompt_only_rows_keep_their_other_fields_as_the_item(tmp_path: Path) -> None:
     """OpenAI's reinforcement rows (messages ending with the user's turn, plus fields for the grader)
     and {prompt} rows are prompt-only data: step 3 alone uses them, with the extra fields as `item`."""
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
             "reference_answer": "4",

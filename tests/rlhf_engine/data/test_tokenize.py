@@ -86,8 +86,12 @@ def test_cache_returns_the_same_data_and_follows_every_input(tokenizer, fresh_ca
     assert len(entries) == 1
     again = prepare_step(config, 1, tokenizer)  # loaded from the entry just written
     for p in (first, again):
-        assert np.array_equal(p.train.columns["input_ids"].values, fresh.train.columns["input_ids"].values)
-        assert np.array_equal(p.train.columns["prompt_len"], fresh.train.columns["prompt_len"])
+        ids, fresh_ids = p.train.columns["input_ids"], fresh.train.columns["input_ids"]
+        assert isinstance(ids, Ragged) and isinstance(fresh_ids, Ragged)
+        assert np.array_equal(ids.values, fresh_ids.values)
+        prompt_len, fresh_prompt_len = p.train.columns["prompt_len"], fresh.train.columns["prompt_len"]
+        assert isinstance(prompt_len, np.ndarray) and isinstance(fresh_prompt_len, np.ndarray)
+        assert np.array_equal(prompt_len, fresh_prompt_len)
         assert p.report_dicts() == fresh.report_dicts()
     assert len(list((fresh_cache / "tokenized").iterdir())) == 1
     for changed in (DataConfig(seed=7), DataConfig(max_seq_len=30), DataConfig(data_split="3,4,3")):

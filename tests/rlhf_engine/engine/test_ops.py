@@ -32,13 +32,15 @@ def extensions(tmp_path: Path) -> Path:
     return root
 
 
-def _load(root: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+def _load(
+    root: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", LOAD],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=os.environ | {"TORCH_EXTENSIONS_DIR": str(root), "DS_ACCELERATOR": "cpu"} | env,
+        env=os.environ | {"TORCH_EXTENSIONS_DIR": str(root), "DS_ACCELERATOR": "cpu"} | (env or {}),
     )
 
 
@@ -53,12 +55,15 @@ def test_a_killed_builders_baton_is_removed_and_the_op_loads(extensions: Path) -
 
 def test_a_baton_a_live_process_holds_is_waited_for_then_named(extensions: Path) -> None:
     baton = extensions / ops.OP_NAMES["ShareMemCommBuilder"] / ops.BATON
-    hold = "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('held', flush=True); time.sleep(600)"
+    hold = (
+        "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); "
+        "print('held', flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold, str(baton)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         started = time.monotonic()
-        done = _load(extensions, **{ops.TIMEOUT_ENV: "3"})  # another builder at work: wait, within a bound
+        done = _load(extensions, env={ops.TIMEOUT_ENV: "3"})  # another builder at work: wait, within a bound
         assert done.returncode != 0 and time.monotonic() - started < 60
         assert f"pid {holder.pid}" in done.stderr and ops.TIMEOUT_ENV in done.stderr, done.stderr[-2000:]
         assert baton.exists()  # a live builder's baton is never taken from it

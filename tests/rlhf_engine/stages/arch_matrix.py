@@ -4,8 +4,9 @@
 
 For each architecture: SFT with LoRA (ZeRO-0), the reward model (ZeRO-2), then PPO with a LoRA actor
 at ZeRO-3 (every parameter partitioned), EMA and PPO-ptx; then, from the same SFT and reward models
-into OUT/ARCH/methods/, DPO with LoRA and GRPO with a LoRA actor at ZeRO-3. Writes OUT/report.json: per architecture
-and step, the summary or the error (one architecture's failure does not hide the others').
+into OUT/ARCH/methods/, DPO with LoRA and GRPO with a LoRA actor at ZeRO-3. Writes OUT/report.json:
+per architecture and step, the summary or the error (one architecture's failure does not hide the
+others').
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rlhf_engine.stages import dpo, ppo, reward, sft
 def run_arch(arch: str, out: Path) -> dict[str, Any]:
     base = str(build_tiny(arch, "xs"))  # type: ignore[arg-type]
     data = DataConfig(max_seq_len=64, max_prompt_len=32)
-    common = {
+    common: dict[str, Any] = {
         "output_dir": str(out),
         "data": data,
         "max_steps": 2,

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -50,7 +50,10 @@ def _loads_exactly(path: Path, kind: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
-    model, info = cls.from_pretrained(str(path), output_loading_info=True)
+    # (model, loading info): transformers types from_pretrained as returning the model alone
+    model, info = cast(
+        tuple[Any, dict[str, list[Any]]], cls.from_pretrained(str(path), output_loading_info=True)
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     keys = set(load_file(str(path / "model.safetensors")))
     assert not any("inv_freq" in k or "lora_" in k or "base_layer" in k for k in keys)

@@ -77,8 +77,8 @@ def test_grpo_with_a_string_check_grader_raises_the_held_out_pass_rate(
         "actor": 1,
         "ref": 1,
     }  # the grader is the reward: no reward model, no critic
-    # the step's own evaluation: the grader's pass rate on held-out prompts of the file (200), before and after
-    # (measured: 40.0% → 80.5% at KL 0.08 in 30 steps, 5 s)
+    # the step's own evaluation: the grader's pass rate on held-out prompts of the file (200), before and
+    # after (measured: 40.0% → 80.5% at KL 0.08 in 30 steps, 5 s)
     assert summary["eval_reward_after"] >= summary["eval_reward_before"] + 0.15, summary
     assert summary["eval_kl_to_ref_after"] < 0.5, summary
     # and checked apart from the grader, on 200 questions of no bundled file (`rlhf eval`'s report)

@@ -72,6 +72,8 @@ def test_a_reserved_layer_crops_and_selects_rows_like_the_default() -> None:
         layer.batch_select_indices(torch.tensor([2, 0]))
         layer.update(*(t[:2] for t in step))  # and writing goes on after either
     assert reserved.get_seq_length() == default.get_seq_length() == 5
+    assert reserved.keys is not None and default.keys is not None
+    assert reserved.values is not None and default.values is not None
     assert torch.equal(reserved.keys, default.keys) and torch.equal(reserved.values, default.values)
 
 

@@ -127,7 +127,8 @@ def _wandb_history(path: Path) -> dict[int, dict[str, object]]:
         buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one
-            record = pb.Record()
+            # wandb is typed, but its generated protobuf modules define their messages at run time
+            record = pb.Record()  # type: ignore[attr-defined]
             record.ParseFromString(buf)
             buf = b""
             if record.WhichOneof("record_type") == "history":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from rlhf_engine.models.value import ValueModel, sequence_scores
 from rlhf_engine.stages.records import read_jsonl
 
 
-def test_heldout_accuracy_is_at_least_0_8(reward_run: Path, record_property: pytest.RecordProperty) -> None:
+def test_heldout_accuracy_is_at_least_0_8(
+    reward_run: Path, record_property: Callable[[str, object], None]
+) -> None:
     s = json.loads((reward_run / "summary.json").read_text())
     record_property("eval_accuracy", s["eval_accuracy"])
     print(

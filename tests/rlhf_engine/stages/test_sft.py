@@ -1,4 +1,4 @@
-"""Step 1 on the bundled data: it learns, it records what CONTRACTS.md §1 promises, its model loads."""
+"""Step 1 on the bundled data: it learns, it records what docs/contracts.md §1 promises, its model loads."""
 
 from __future__ import annotations
 

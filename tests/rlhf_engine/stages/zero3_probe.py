@@ -85,7 +85,8 @@ for n in (4, 12) if rank == 0 else (12, 4):  # the ranks generate different numb
     counts.append(gathers["n"] - start)
     lengths.append(seq.shape[1] - batch["input_ids"].shape[1])
 after = storage()
-# the plain path for contrast: ZeRO-3 gathers layer by layer for every token (synced_gpus keeps ranks together)
+# the plain path for contrast: ZeRO-3 gathers layer by layer for every token
+# (synced_gpus keeps ranks together)
 trainer.gather_for_generation = False
 plain = []
 for n in (4, 12) if rank == 0 else (12, 4):
