@@ -31,7 +31,7 @@ help:
 	@echo "make test-fast - the suite without training and without the browser (-m 'not slow and not browser'; minutes)"
 	@echo "make fuzz   - schemathesis against a live API server from /openapi.json, many examples per route"
 	@echo "make chaos  - kill the training worker in every phase of a step (3 seeds), K times at random, the database and Redis"
-	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat engine; service load; serving overhead; vs transformers serve; second turns (bench/results/)"
+	@echo "make bench  - step-3 vs DeepSpeed-Chat's loop; chat generator; service load; serving overhead; vs transformers serve; second turns (bench/results/)"
 	@echo "make bench-memory - the memory planner's predictions against measured peak memory (bench/results/memory.json)"
 	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
@@ -46,7 +46,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
 	$(if $(TORCH_FIRST),$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_FIRST))
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all,dev]'
-	$(BIN)/python -m rlhf_engine.engine.ops
+	$(BIN)/python -m rlhf_engine.runtime.ops
 	touch $@
 
 install: $(STAMP)

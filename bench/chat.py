@@ -1,4 +1,4 @@
-"""Chat engine throughput: backends side by side, and what continuous batching buys (`make bench`).
+"""Chat generator throughput: backends side by side, and what continuous batching buys (`make bench`).
 
 On one tiny model (OPT `s` ≈ 3.4M parameters by default; `--size m` for ≈ 25M), each backend runs
 in its own process (twice, alternating, medians reported) with the same prompts and seeds, replies
@@ -71,11 +71,11 @@ def run_one(which: str, model: str, tokens: int, streams: int, repeats: int) -> 
     thread that does gets its own OpenMP team, and two teams spinning on 2 cores distort timings."""
     import torch
 
-    from rlhf_engine.chat import ChatEngine, SamplingParams
+    from rlhf_engine.chat import ChatGenerator, SamplingParams
 
     msgs = [[{"role": "user", "content": p}] for p in PROMPTS]
     started = time.monotonic()
-    engine = ChatEngine.load(model, backend="transformers" if which == "generate" else which)
+    engine = ChatGenerator.load(model, backend="transformers" if which == "generate" else which)
     load_s = time.monotonic() - started
     if which == "generate":
         return _plain_generate(engine, model, msgs, tokens, repeats)

@@ -64,7 +64,7 @@ def run(steps: int, checkpointing: bool) -> dict[str, Any]:
     from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
     from rlhf_engine import planner as pl
     from rlhf_engine.data.collate import collate_prompts
-    from rlhf_engine.data.pipeline import prepare_step
+    from rlhf_engine.data.prepare import prepare_step
 
     work = Path(tempfile.mkdtemp(prefix="gpu_bench."))
     actor, critic = make_models(work, "opt")
@@ -135,7 +135,7 @@ def run(steps: int, checkpointing: bool) -> dict[str, Any]:
         w,
         pl.load_shape(str(actor), name="actor"),
         pl.load_shape(str(critic), name="reward model"),
-        pl.Choice(gradient_checkpointing=checkpointing),
+        pl.Setup(gradient_checkpointing=checkpointing),
         gpus=1,
         gpu_bytes=torch.cuda.get_device_properties(0).total_memory,
     )

@@ -168,9 +168,9 @@ def rlhf(*args: object, log: Path) -> float:
 
 
 def chat_check(model: Path) -> dict[str, Any]:
-    """The chat engine on CUDA: each backend (kernel injection included) — greedy tokens against the
+    """The chat generator on CUDA: each backend (kernel injection included) — greedy tokens against the
     transformers backend, and 8-stream decode tokens/s."""
-    from rlhf_engine.chat import ChatEngine, SamplingParams
+    from rlhf_engine.chat import ChatGenerator, SamplingParams
 
     questions = [[{"role": "user", "content": q}] for q in ("What is a dog?", "Where does the owl live?")]
     out: dict[str, Any] = {}
@@ -181,7 +181,7 @@ def chat_check(model: Path) -> dict[str, Any]:
         ("deepspeed_inject", {"backend": "deepspeed", "kernel_inject": True}),
     ):
         try:
-            with ChatEngine.load(str(model), dtype="fp16", **opts) as engine:
+            with ChatGenerator.load(str(model), dtype="fp16", **opts) as engine:
                 greedy = [
                     engine.generate(q, SamplingParams(temperature=0, max_new_tokens=32)).choices[0].token_ids
                     for q in questions
@@ -346,7 +346,7 @@ def memory_vs_plan(actor: Path, reward: Path, run: Path, ppo_out: Path) -> dict[
 
     gpu = torch.cuda.get_device_properties(0).total_memory
     a, r = pl.load_shape(str(actor), name="actor"), pl.load_shape(str(reward), name="reward model")
-    z2 = pl.Choice(zero_stage=2)
+    z2 = pl.Setup(zero_stage=2)
     cases = {
         "sft": (
             pl.Workload(method="sft", seq_len=PROMPT_LEN + ANSWER_LEN, micro_batch=BATCH),

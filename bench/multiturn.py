@@ -1,6 +1,6 @@
 """A conversation's second turn: time to first token with the prompt cache on and off.
 
-On SmolLM2-135M-Instruct (built offline, `rlhf models smollm2`), the chat engine alone: each
+On SmolLM2-135M-Instruct (built offline, `rlhf models smollm2`), the chat generator alone: each
 conversation's first question gets a greedy reply of up to `--tokens` tokens, then the second turn
 (the first turn, its reply, "Say more.") asks for one token; its time to first token is the prefill of
 what the cache does not hold. With the cache on, the first turn's prompt and reply come from it; off,
@@ -28,10 +28,10 @@ QUESTIONS = [
 
 
 def run(model: Path, cache_mb: float, tokens: int) -> dict[str, Any]:
-    from rlhf_engine.chat import ChatEngine, SamplingParams
+    from rlhf_engine.chat import ChatGenerator, SamplingParams
 
     ttft, reused, prompt = [], [], []
-    with ChatEngine.load(str(model), prefix_cache_mb=cache_mb) as engine:
+    with ChatGenerator.load(str(model), prefix_cache_mb=cache_mb) as engine:
         for q in QUESTIONS:
             first = [{"role": "user", "content": q}]
             reply = engine.generate(first, SamplingParams(temperature=0, max_new_tokens=tokens)).choices[0]

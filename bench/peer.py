@@ -1,5 +1,5 @@
 """Serving against the peer a user tries first: our service (`rlhf serve` + `rlhf worker inference`,
-the chat engine with continuous batching) and Hugging Face's `transformers serve --continuous-batching`,
+the chat generator with continuous batching) and Hugging Face's `transformers serve --continuous-batching`,
 on the same real model (SmolLM2-135M-Instruct), the same prompts and the same client.
 
 For 1, 8 and 32 concurrent streams (each stream sends its requests one after another): generated
@@ -36,7 +36,7 @@ from typing import Any
 
 from common import pct
 
-from rlhf_engine.engine.distributed import free_port
+from rlhf_engine.runtime.distributed import free_port
 from workers.local import create_key, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]

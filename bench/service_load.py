@@ -29,7 +29,7 @@ from typing import Any
 
 from common import RawHTTP, RawPool, pct
 
-from rlhf_engine.engine.distributed import free_port
+from rlhf_engine.runtime.distributed import free_port
 from workers.local import create_key, run_loop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]

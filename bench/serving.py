@@ -1,7 +1,7 @@
-"""Serving overhead (`make bench`): time to first token and tokens/s through the API vs the chat engine
+"""Serving overhead (`make bench`): time to first token and tokens/s through the API vs the chat generator
 in process, on the `s` tiny model with several concurrent streams over a few hundred requests.
 
-In process: `--streams` threads each submit requests one after another to one `ChatEngine`; time to
+In process: `--streams` threads each submit requests one after another to one `ChatGenerator`; time to
 first token (TTFT) is submit → first token. Through the service: a real `rlhf serve` (uvicorn + the
 gRPC relay) and a real `rlhf worker inference` on loopback, SQLite in a temporary data directory, and
 `--streams` async clients streaming `POST /v1/chat/completions` (SSE); TTFT is request sent → first
@@ -29,7 +29,7 @@ from typing import Any
 
 from common import RawHTTP, pct
 
-from rlhf_engine.engine.distributed import free_port
+from rlhf_engine.runtime.distributed import free_port
 from workers.local import create_key, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,14 +58,14 @@ def _summary(ttft: list[float], tokens: int, seconds: float) -> dict[str, Any]:
 
 
 def in_process(model: Path, streams: int, requests: int, max_tokens: int) -> dict[str, Any]:
-    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.chat.generator import ChatGenerator
     from rlhf_engine.config.chat import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0)
     ttft: list[float] = []
     tokens = 0
     lock = threading.Lock()
-    with ChatEngine.load(str(model), score_replies=False) as engine:
+    with ChatGenerator.load(str(model), score_replies=False) as engine:
         engine.generate([{"role": "user", "content": "warm up"}], params)
 
         def client(i: int) -> None:

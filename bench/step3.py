@@ -99,9 +99,9 @@ def run_group(names: list[str], actor: str, critic: str, steps: int, answer_len:
     from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
     from rlhf_engine.algorithms.ppo import policy_loss, token_logprobs
     from rlhf_engine.data.collate import collate_prompts
-    from rlhf_engine.data.pipeline import prepare_step
-    from rlhf_engine.engine import generation
+    from rlhf_engine.data.prepare import prepare_step
     from rlhf_engine.models.value import sequence_scores
+    from rlhf_engine.runtime import generation
     from rlhf_engine.stages.ppo_trainer import Experience, answer_mask, degenerate_rows
 
     zero = CONFIGS[names[0]]["zero"]

@@ -1,6 +1,6 @@
 """DeepSpeed-Chat's three RLHF steps (SFT, reward model, PPO) as a library and the `rlhf` command.
 
-Importable with torch and transformers only; DeepSpeed is imported inside `rlhf_engine.engine`.
+Importable with torch and transformers only; DeepSpeed is imported inside `rlhf_engine.runtime`.
 """
 
 __version__ = "0.1.0"
@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 from typing import Any
 
 _LAZY = {
-    "RLHFEngine": "rlhf_engine.engine.rlhf_engine",
+    "RLHFEngine": "rlhf_engine.runtime.engines",
     "PPOTrainer": "rlhf_engine.stages.ppo_trainer",
     "PPOConfig": "rlhf_engine.config.ppo",
 }

@@ -44,8 +44,8 @@ def _console() -> Any:
 
 
 def cmd_models_tiny(ns: argparse.Namespace) -> int:
-    from rlhf_engine.engine import fencing
     from rlhf_engine.models.tiny import write_tiny
+    from rlhf_engine.runtime import fencing
 
     fencing.start_watchdog()  # a build started by a worker ends with the worker
 
@@ -73,8 +73,8 @@ def cmd_models_tiny(ns: argparse.Namespace) -> int:
 
 
 def cmd_models_smollm2(ns: argparse.Namespace) -> int:
-    from rlhf_engine.engine import fencing
     from rlhf_engine.models.gguf import SMOLLM2_NAME, SMOLLM2_REQUIREMENT, write_smollm2
+    from rlhf_engine.runtime import fencing
 
     fencing.start_watchdog()  # a build started by a worker ends with the worker
 
@@ -141,7 +141,7 @@ def _load_tokenizer(path: str | None) -> Any:
 
 def cmd_data_preview(ns: argparse.Namespace) -> int:
     from rlhf_engine.data.formatter import render_answer, render_prompt
-    from rlhf_engine.data.pipeline import load_datasets, prepare_corpus, prepare_step, slice_all
+    from rlhf_engine.data.prepare import load_datasets, prepare_corpus, prepare_step, slice_all
 
     config = dataclass_from_args(
         DataConfig, ns, file_values=load_config_file(ns.config) if ns.config else None
@@ -272,8 +272,8 @@ def _step_config_class(command: str) -> Any:
 def cmd_step(ns: argparse.Namespace) -> int:
     import importlib
 
-    from rlhf_engine.engine import fencing
-    from rlhf_engine.engine.launch import inside_launcher, run_launched
+    from rlhf_engine.runtime import fencing
+    from rlhf_engine.runtime.launch import inside_launcher, run_launched
 
     fencing.start_watchdog()  # a step whose worker (or top process) is gone stops, never trains on alone
     cls = _step_config_class(ns.command)
@@ -385,9 +385,9 @@ def _auto_pipeline(cfg: Any, sections: dict[str, dict[str, Any]]) -> None:
 
 def _run_stage(stage: Any, config: Any) -> int:
     """Run a step in this process (the only one, or one rank of a launched run)."""
-    from rlhf_engine.engine.distributed import finish
-    from rlhf_engine.engine.fencing import EXIT_SUPERSEDED, SupersededError
-    from rlhf_engine.engine.stopping import EXIT_STOPPED, StepStoppedError
+    from rlhf_engine.runtime.distributed import finish
+    from rlhf_engine.runtime.fencing import EXIT_SUPERSEDED, SupersededError
+    from rlhf_engine.runtime.stopping import EXIT_STOPPED, StepStoppedError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -436,7 +436,7 @@ def _add_step_parser(sub: Any, name: str, help_text: str) -> None:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from rlhf_engine.config.pipeline import PipelineConfig, load_pipeline_file
-    from rlhf_engine.stages.pipeline import StepFailedError, run_pipeline
+    from rlhf_engine.stages.orchestrate import StepFailedError, run_pipeline
 
     auto = ns.config == "auto"
     top, sections = (
@@ -603,17 +603,17 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.chat.generator import ChatGenerator
     from rlhf_engine.chat.session import ChatSession
-    from rlhf_engine.config.chat import ChatEngineConfig, SamplingParams
+    from rlhf_engine.config.chat import ChatGeneratorConfig, SamplingParams
 
-    engine_cfg = dataclass_from_args(ChatEngineConfig, ns)
+    engine_cfg = dataclass_from_args(ChatGeneratorConfig, ns)
     params = dataclass_from_args(SamplingParams, ns)
     if params.n != 1:
         raise ValueError("n: the terminal chat shows one reply per turn; leave n at 1")
     interactive = sys.stdin.isatty()
     err = sys.stderr
-    with ChatEngine(engine_cfg) as engine:
+    with ChatGenerator(engine_cfg) as engine:
         loaded = engine.loaded
         print(
             f"Chatting with {loaded.model_dir} ({loaded.module.config.model_type}, {loaded.backend} backend, "
@@ -782,12 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
-    from rlhf_engine.config.chat import ChatEngineConfig, SamplingParams
+    from rlhf_engine.config.chat import ChatGeneratorConfig, SamplingParams
 
     ch = sub.add_parser(
         "chat", help="talk to a finished model in the terminal (streams tokens; 'clear', 'quit')"
     )
-    add_dataclass_args(ch, ChatEngineConfig)
+    add_dataclass_args(ch, ChatGeneratorConfig)
     add_dataclass_args(ch, SamplingParams)
     ch.add_argument("--system", help="a system message that starts every conversation")
     ch.set_defaults(func=cmd_chat)

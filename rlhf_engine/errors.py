@@ -1,6 +1,6 @@
 """The one shape of an error a user can act on, for the library and the service alike: a message that
 says what to change, the request field at fault (`param`, or None) and a machine-readable `code`.
-The chat engine's errors (`rlhf_engine.chat.errors`) and the service's (`service.errors`, which adds
+The chat generator's errors (`rlhf_engine.chat.errors`) and the service's (`service.errors`, which adds
 the HTTP/gRPC status by its table and `Retry-After`) both derive from it."""
 
 from __future__ import annotations

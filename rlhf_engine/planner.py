@@ -48,14 +48,14 @@ from typing import Any, Literal
 from rlhf_engine import gpu_catalogue
 
 GiB = 2**30
-Method = Literal["sft", "reward", "dpo", "ppo", "grpo", "rloo"]
+ObjectiveName = Literal["sft", "reward", "dpo", "ppo", "grpo", "rloo"]
 METHODS: tuple[str, ...] = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
 HOST_GIB_PER_GPU = 128.0  # host memory for offload, per GPU of a node, unless told (cloud GPU nodes: 110-240)
 FRAGMENTATION = 1.10
 GPU_OVERHEAD = 1.0 * GiB
 LORA_RANK = 16
 ZERO_SPEED = {0: 1.0, 1: 0.98, 2: 0.95, 3: 0.75}
-SPEED = {
+OPTION_SPEED = {
     "offload": 0.55,
     "param_offload": 0.5,
     "checkpointing": 0.77,
@@ -241,7 +241,7 @@ def load_shape(model: str | float | int, *, name: str = "model") -> Shape:
 class Workload:
     """What one step runs per GPU: its method, sequence lengths and micro-batches."""
 
-    method: Method
+    method: ObjectiveName
     seq_len: int = 512  # prompt + answer (steps 1, 2 and DPO)
     prompt_len: int = 256  # step 3
     answer_len: int = 256  # step 3
@@ -258,7 +258,7 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class Choice:
+class Setup:
     zero_stage: int = 0
     offload: bool = False  # optimizer state (and parameters at ZeRO-3) in host memory
     lora_dim: int = 0
@@ -269,14 +269,14 @@ class Choice:
     def speed(self) -> float:
         s = ZERO_SPEED[self.zero_stage]
         if self.offload:
-            s *= SPEED["offload"] * (SPEED["param_offload"] if self.zero_stage == 3 else 1.0)
+            s *= OPTION_SPEED["offload"] * (OPTION_SPEED["param_offload"] if self.zero_stage == 3 else 1.0)
         if self.gradient_checkpointing:
-            s *= SPEED["checkpointing"]
+            s *= OPTION_SPEED["checkpointing"]
         if self.lora_dim:
-            s *= SPEED["lora"]
+            s *= OPTION_SPEED["lora"]
         if self.offload_frozen:
-            s *= SPEED["frozen_offload"]
-        return s * SPEED["split"] ** math.log2(self.split)
+            s *= OPTION_SPEED["frozen_offload"]
+        return s * OPTION_SPEED["split"] ** math.log2(self.split)
 
     def describe(self) -> str:
         parts = [f"ZeRO-{self.zero_stage}"]
@@ -318,7 +318,7 @@ class Part:
 @dataclass
 class StepPlan:
     method: str
-    choice: Choice
+    choice: Setup
     gpus: int
     gpu_bytes: float | None  # None: no limit (CPU)
     host_bytes: float | None = None  # host memory per node for offload (None: no limit)
@@ -407,7 +407,7 @@ def backward_tail(shape: Shape, *, batch: int, seq: int, b: int) -> float:
 
 
 def _trained(
-    plan: StepPlan, name: str, shape: Shape, c: Choice, n: int, b: int, *, accumulation: int
+    plan: StepPlan, name: str, shape: Shape, c: Setup, n: int, b: int, *, accumulation: int
 ) -> dict[str, float]:
     """Weights, gradients, optimizer state and ZeRO's buffers of a model that trains; returns the bytes of
     its phases beyond them ("optimizer step": gradients when they are not kept between steps, and the
@@ -468,7 +468,7 @@ def _trained(
 
 
 def _frozen(
-    plan: StepPlan, name: str, shape: Shape, c: Choice, n: int, b: int, *, offloadable: bool = True
+    plan: StepPlan, name: str, shape: Shape, c: Setup, n: int, b: int, *, offloadable: bool = True
 ) -> None:
     div = n if c.zero_stage == 3 else 1
     if offloadable and c.offload_frozen:
@@ -491,7 +491,7 @@ def plan_step(
     w: Workload,
     actor: Shape,
     reward: Shape | None,
-    c: Choice,
+    c: Setup,
     *,
     gpus: int,
     gpus_per_node: int = 8,
@@ -634,7 +634,7 @@ def plan_step(
 
 def choices(
     method: str, gpus: int, *, lora_rank: int = LORA_RANK, offload: bool = True, micro_batch: int = 1
-) -> list[Choice]:
+) -> list[Setup]:
     """Every configuration worth planning (`offload=False`: no optimizer, parameter or frozen-model
     offload)."""
     out = []
@@ -650,7 +650,7 @@ def choices(
         split = 1
         # the micro-batch halved down to 1 sequence, the accumulation doubled to keep the batch
         while True:  # bounded: by the halving
-            out.append(Choice(zero, off, lora, ck, fr, split))
+            out.append(Setup(zero, off, lora, ck, fr, split))
             if split * 2 > micro_batch:
                 break
             split *= 2
@@ -683,7 +683,7 @@ def plan(
     gpus_per_node: int = 8,
     gpu_bytes: float | None = None,
     host_bytes: float | None = None,
-    fixed: Choice | None = None,
+    fixed: Setup | None = None,
     allowed: Any = None,
     lora_rank: int = LORA_RANK,
     offload: bool = True,
@@ -866,13 +866,13 @@ def workload_of(cfg: Any, method: str, *, dtype_bytes: int = 2) -> Workload:
     )
 
 
-def choice_of(cfg: Any, method: str) -> Choice:
+def choice_of(cfg: Any, method: str) -> Setup:
     """The configuration a built step config asks for."""
     m = cfg.actor if method not in ("sft", "reward", "dpo") else cfg.model
     frozen = bool(
         getattr(cfg, "offload_reference_model", False) or getattr(cfg, "offload_reward_model", False)
     )
-    return Choice(
+    return Setup(
         zero_stage=m.zero_stage,
         offload=m.offload,
         lora_dim=m.lora_dim if m.only_optimize_lora else 0,
@@ -881,7 +881,7 @@ def choice_of(cfg: Any, method: str) -> Choice:
     )
 
 
-def step_options(c: Choice, method: str, w: Workload | None = None) -> dict[str, Any]:
+def step_options(c: Setup, method: str, w: Workload | None = None) -> dict[str, Any]:
     """The flat step options (flags without dashes) that apply a choice (a split needs the
     workload's batches)."""
     base = c.model_options()
@@ -935,7 +935,7 @@ def allowed_by(fixed: dict[str, Any], method: str) -> Any:
         "generation_batches",
     } & set(fixed)
 
-    def ok(c: Choice) -> bool:
+    def ok(c: Setup) -> bool:
         if batches and c.split > 1:  # the caller chose the batches
             return False
         opts = step_options(c, method)

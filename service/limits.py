@@ -38,7 +38,7 @@ def window(now: float, length_s: int) -> tuple[int, int]:
     return int(now // length_s), max(1, math.ceil(length_s - now % length_s))
 
 
-def key_id(authorization: str | None) -> str | None:
+def rate_key(authorization: str | None) -> str | None:
     """Who a request is counted as: the stored hash of its bearer key (None without a well-formed one:
     the route answers 401)."""
     try:
@@ -107,7 +107,7 @@ class RateLimit:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        who = key_id(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
+        who = rate_key(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
         if who is None:  # no key: the route answers 401
             await self.app(scope, receive, send)
             return
@@ -145,7 +145,7 @@ class RateLimit:
 
 async def check_requests(counter: Counter, per_minute: int, authorization: str | None) -> None:
     """Count one request of this key (gRPC; the REST API counts in `RateLimit`)."""
-    who = key_id(authorization)
+    who = rate_key(authorization)
     if who is None:
         return
     count, left = await counter.add(f"req:{who}", 1)
@@ -156,7 +156,7 @@ async def check_requests(counter: Counter, per_minute: int, authorization: str |
 async def check_chat_tokens(counter: Counter, settings: Settings, authorization: str | None) -> None:
     """Refuse a chat request once its key has streamed its tokens of this minute."""
     limit = settings.chat_tokens_per_minute
-    if not limit or (who := key_id(authorization)) is None:
+    if not limit or (who := rate_key(authorization)) is None:
         return
     used, left = await counter.add(f"tok:{who}", 0)
     if used >= limit:
@@ -167,7 +167,7 @@ async def count_chat_tokens(
     counter: Counter, settings: Settings, authorization: str | None, tokens: int
 ) -> None:
     """Add a finished reply's completion tokens to its key's count of this minute."""
-    if settings.chat_tokens_per_minute and tokens and (who := key_id(authorization)) is not None:
+    if settings.chat_tokens_per_minute and tokens and (who := rate_key(authorization)) is not None:
         await counter.add(f"tok:{who}", tokens)
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf_engine.engine.launch import LAUNCH_VARS
+from rlhf_engine.runtime.launch import LAUNCH_VARS
 
 SMALL = ["--max-seq-len", "128", "--eval-max-rows", "200"]
 

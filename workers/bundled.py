@@ -21,8 +21,8 @@ def build_bundled(
     (a file lock, which dies with its holder), so a training and an inference worker asking at once build
     it once. At most `timeout_s` in all, waiting for another builder included; then an error says so."""
     from rlhf_engine import locks
-    from rlhf_engine.engine.fencing import WATCH_ENV
     from rlhf_engine.models.tiny import PROGRESS_ENV
+    from rlhf_engine.runtime.fencing import WATCH_ENV
 
     args = models_svc.build_args(path.name)  # (a ValueError for a name that is not bundled)
     path.parent.mkdir(parents=True, exist_ok=True)

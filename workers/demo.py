@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_engine.engine.distributed import free_port
+from rlhf_engine.runtime.distributed import free_port
 from workers.local import create_key, wait_healthy
 
 JOB = {"model": "tiny-opt-s", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "demo", "seed": 1234}

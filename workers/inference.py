@@ -48,8 +48,8 @@ _CODES = {
 }
 
 
-class Engines:
-    """Loaded chat engines by model id, least recently used first."""
+class LoadedModels:
+    """Loaded chat generators by model id, least recently used first."""
 
     def __init__(self, settings: Settings, on_change: Any = None) -> None:
         self.settings = settings
@@ -189,8 +189,8 @@ class Engines:
             raise ModelLoadError(f"model: {model_id} cannot be served: {message}", param="model") from None
 
     def _build(self, path: Path) -> Any:
-        from rlhf_engine.chat.engine import ChatEngine
-        from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits
+        from rlhf_engine.chat.generator import ChatGenerator
+        from rlhf_engine.config.chat import ChatGeneratorConfig, ChatLimits
 
         s = self.settings
         limits = ChatLimits(
@@ -199,8 +199,8 @@ class Engines:
             max_n=s.chat_max_n,
         )
         started = time.monotonic()
-        engine = ChatEngine(
-            ChatEngineConfig(
+        engine = ChatGenerator(
+            ChatGeneratorConfig(
                 model_path=str(path),
                 backend=s.inference_backend,
                 device=s.inference_device,
@@ -235,12 +235,12 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
     """One asyncio loop serves every stream: the engine's scheduler thread wakes it per token (no
     thread per request, no thread hand-off per message)."""
 
-    def __init__(self, worker_id: str, engines: Engines) -> None:
+    def __init__(self, worker_id: str, engines: LoadedModels) -> None:
         self.worker_id = worker_id
         self.engines = engines
 
     async def _load_acquired(self, model_id: str, path: str) -> Any:
-        """`Engines.load_acquired` in a thread; a caller hanging up meanwhile gives the engine back once
+        """`LoadedModels.load_acquired` in a thread; a caller hanging up meanwhile gives the engine back once
         it is loaded (the load itself goes on: the next request for the model finds it)."""
         task = asyncio.ensure_future(asyncio.to_thread(self.engines.load_acquired, model_id, path))
         try:
@@ -349,7 +349,7 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
 class Registration:
     """The worker's row in `inference_workers`, refreshed every heartbeat and on every load."""
 
-    def __init__(self, settings: Settings, worker_id: str, address: str, engines: Engines) -> None:
+    def __init__(self, settings: Settings, worker_id: str, address: str, engines: LoadedModels) -> None:
         self.settings, self.id, self.address, self.engines = settings, worker_id, address, engines
         self._lock = threading.Lock()
 
@@ -405,7 +405,7 @@ async def _serve(settings: Settings, port: int | None) -> int:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     worker_id = new_id("iw")
-    engines = Engines(settings)
+    engines = LoadedModels(settings)
     server = grpc.aio.server(maximum_concurrent_rpcs=settings.inference_capacity)
     worker_pb2_grpc.add_InferenceWorkerServicer_to_server(InferenceServicer(worker_id, engines), server)
     health_servicer = health.aio.HealthServicer()

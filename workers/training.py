@@ -268,8 +268,8 @@ def prebuild_ops(settings: Settings) -> None:
     """Build the DeepSpeed ops this machine's steps load, before the worker takes a job (a child process:
     torch stays out of the worker). Nothing to do when the cache has them; a failure is logged, and the
     steps then build them themselves (under the same lock, each bounded)."""
-    from rlhf_engine.engine import ops
-    from rlhf_engine.engine.fencing import WATCH_ENV
+    from rlhf_engine.runtime import ops
+    from rlhf_engine.runtime.fencing import WATCH_ENV
 
     names = ops.default_names()
     if ops.is_built(names):
@@ -283,7 +283,7 @@ def prebuild_ops(settings: Settings) -> None:
     started = time.monotonic()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "rlhf_engine.engine.ops"],
+            [sys.executable, "-m", "rlhf_engine.runtime.ops"],
             capture_output=True,
             text=True,
             timeout=float(os.environ.get(ops.TIMEOUT_ENV, "1800")) + 600,
@@ -341,10 +341,10 @@ def _kill(proc: subprocess.Popen[bytes], grace: float) -> None:
         )  # bounded: SIGKILL cannot be refused (a process in the kernel finishes its call)
 
 
-def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
-    from rlhf_engine.engine import fencing
-    from rlhf_engine.engine.launch import LAUNCH_VARS
-    from rlhf_engine.engine.stopping import STOP_FILE
+def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
+    from rlhf_engine.runtime import fencing
+    from rlhf_engine.runtime.launch import LAUNCH_VARS
+    from rlhf_engine.runtime.stopping import STOP_FILE
     from rlhf_engine.stages import phase
 
     with session_scope(settings.db_url) as s:
@@ -365,7 +365,7 @@ def run_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
             message=f"step {step}: starting `rlhf {command}` (attempt {attempt})",
         )
     # the folder's fencing token: a step of an earlier attempt still running (its worker died) stops
-    # without writing, and the new step waits for its lock (rlhf_engine/engine/fencing.py)
+    # without writing, and the new step waits for its lock (rlhf_engine/runtime/fencing.py)
     fencing.write_fence(step_dir, attempt)
     (step_dir / STOP_FILE).unlink(missing_ok=True)
     (step_dir / phase.PHASE_FILE).unlink(missing_ok=True)  # an earlier attempt's report
@@ -565,7 +565,7 @@ def train_job(job_id: str, settings: Settings) -> str:
                     Ingest(job_id, step, step_dir).run(s)
                 _step_succeeded(settings, job_id, owner, step, step_dir)
                 continue
-            outcome = run_step(job_id, step, settings, owner)
+            outcome = run_job_step(job_id, step, settings, owner)
             for restart in range(1, settings.step_restarts + 1):
                 if outcome.kind not in ("killed", "stalled"):
                     break
@@ -584,7 +584,7 @@ def train_job(job_id: str, settings: Settings) -> str:
                         )  # a stall has its own event already
                         + f" from its last checkpoint ({restart} of {settings.step_restarts})",
                     )
-                outcome = run_step(job_id, step, settings, owner)
+                outcome = run_job_step(job_id, step, settings, owner)
             if outcome.kind in ("killed", "stalled"):
                 tries = settings.step_restarts + 1
                 outcome = Outcome("failed", f"{outcome.message} (the last of {tries} attempts)")

@@ -1,7 +1,7 @@
-"""The chat engine: finished checkpoints served as streams of text, many requests batched together.
+"""The chat generator: finished checkpoints served as streams of text, many requests batched together.
 
-    from rlhf_engine.chat import ChatEngine, SamplingParams
-    with ChatEngine.load("RUN") as engine:
+    from rlhf_engine.chat import ChatGenerator, SamplingParams
+    with ChatGenerator.load("RUN") as engine:
         for delta in engine.stream([{"role": "user", "content": "Hi"}], SamplingParams(seed=1)):
             print(delta.text, end="", flush=True)
 
@@ -16,26 +16,26 @@ from rlhf_engine.chat.errors import (
     ChatError,
     ChatRequestError,
     ContextLengthExceededError,
-    EngineBusyError,
-    EngineStoppedError,
     GenerationFailedError,
+    GeneratorBusyError,
+    GeneratorStoppedError,
     ModelLoadError,
 )
 
 if TYPE_CHECKING:
-    from rlhf_engine.chat.engine import ChatEngine, ChatResult, Delta, RequestHandle, Usage
-    from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
+    from rlhf_engine.chat.generator import ChatGenerator, ChatResult, Delta, RequestHandle, Usage
+    from rlhf_engine.config.chat import ChatGeneratorConfig, ChatLimits, SamplingParams
 
 __all__ = [
-    "ChatEngine",
-    "ChatEngineConfig",
+    "ChatGenerator",
+    "ChatGeneratorConfig",
     "ChatError",
     "ChatLimits",
     "ChatResult",
     "ContextLengthExceededError",
     "Delta",
-    "EngineBusyError",
-    "EngineStoppedError",
+    "GeneratorBusyError",
+    "GeneratorStoppedError",
     "GenerationFailedError",
     "ChatRequestError",
     "ModelLoadError",
@@ -45,12 +45,12 @@ __all__ = [
 ]
 
 _LAZY = {
-    "ChatEngine": "rlhf_engine.chat.engine",
-    "ChatResult": "rlhf_engine.chat.engine",
-    "Delta": "rlhf_engine.chat.engine",
-    "RequestHandle": "rlhf_engine.chat.engine",
-    "Usage": "rlhf_engine.chat.engine",
-    "ChatEngineConfig": "rlhf_engine.config.chat",
+    "ChatGenerator": "rlhf_engine.chat.generator",
+    "ChatResult": "rlhf_engine.chat.generator",
+    "Delta": "rlhf_engine.chat.generator",
+    "RequestHandle": "rlhf_engine.chat.generator",
+    "Usage": "rlhf_engine.chat.generator",
+    "ChatGeneratorConfig": "rlhf_engine.config.chat",
     "ChatLimits": "rlhf_engine.config.chat",
     "SamplingParams": "rlhf_engine.config.chat",
 }

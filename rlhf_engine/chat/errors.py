@@ -3,8 +3,8 @@
 Each carries `param` (the request field at fault, or None) and `code` (rlhf_engine.errors.FieldError),
 so HTTP, gRPC and the terminal report the same message. The inference worker sends the code with its
 gRPC status; the API answers 400 for `ChatRequestError` and `ContextLengthExceededError`, 502 for
-`ModelLoadError` and `GenerationFailedError`, and for `EngineBusyError` tries the next worker, then
-answers 503 `busy` with Retry-After (also 503 for `ModelNotReadyError` and `EngineStoppedError`).
+`ModelLoadError` and `GenerationFailedError`, and for `GeneratorBusyError` tries the next worker, then
+answers 503 `busy` with Retry-After (also 503 for `ModelNotReadyError` and `GeneratorStoppedError`).
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ class ModelNotReadyError(ChatError):
     code = "model_not_ready"
 
 
-class EngineBusyError(ChatError):
+class GeneratorBusyError(ChatError):
     """The request queue is full; retry later."""
 
     code = "engine_busy"
 
 
-class EngineStoppedError(ChatError):
+class GeneratorStoppedError(ChatError):
     """The engine was closed (or failed) before the request finished."""
 
     code = "engine_stopped"

@@ -1,4 +1,4 @@
-"""The chat engine's KV storage: the running batch's cache, written in place, and a cache of prompts'
+"""The chat generator's KV storage: the running batch's cache, written in place, and a cache of prompts'
 keys and values for reuse.
 
 `BatchLayer` holds one attention layer's keys and values for every running sequence in storage of

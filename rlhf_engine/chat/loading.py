@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from rlhf_engine.chat.errors import ModelLoadError
-from rlhf_engine.config.chat import ChatEngineConfig
+from rlhf_engine.config.chat import ChatGeneratorConfig
 from rlhf_engine.models.gguf import gguf_to_hf, is_gguf
 from rlhf_engine.models.loading import HUB_ID, hub_snapshot
 
@@ -129,7 +129,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def pick_backend(config: ChatEngineConfig, device: torch.device) -> str:
+def pick_backend(config: ChatGeneratorConfig, device: torch.device) -> str:
     if config.kernel_inject and device.type != "cuda":
         raise ModelLoadError(
             "kernel_inject: DeepSpeed's inference kernels need CUDA; on CPU leave it off "
@@ -152,12 +152,12 @@ def _context_len(config: Any) -> int:
     return 2048
 
 
-def load_chat_model(config: ChatEngineConfig) -> LoadedModel:
+def load_chat_model(config: ChatGeneratorConfig) -> LoadedModel:
     with LOADING:
         return _load_chat_model(config)
 
 
-def _load_chat_model(config: ChatEngineConfig) -> LoadedModel:
+def _load_chat_model(config: ChatGeneratorConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     from rlhf_engine.models.loading import load_config, load_tokenizer
@@ -179,7 +179,7 @@ def _load_chat_model(config: ChatEngineConfig) -> LoadedModel:
             param="kernel_inject",
         )
     if config.kernel_inject:
-        from rlhf_engine.engine.injection import injection_unsupported
+        from rlhf_engine.runtime.injection import injection_unsupported
 
         why = injection_unsupported()
         if why:

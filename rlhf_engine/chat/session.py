@@ -1,4 +1,4 @@
-"""A multi-turn conversation over the chat engine: the history the terminal chat keeps.
+"""A multi-turn conversation over the chat generator: the history the terminal chat keeps.
 
 Each turn renders the whole history through the shared formatter (docs/contracts.md §2). When the
 history no longer fits the model's context with room for the reply, the oldest turns are dropped
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from rlhf_engine.chat.engine import ChatEngine, Delta
 from rlhf_engine.chat.errors import ContextLengthExceededError
+from rlhf_engine.chat.generator import ChatGenerator, Delta
 from rlhf_engine.config.chat import SamplingParams
 
 
 class ChatSession:
-    def __init__(self, engine: ChatEngine, params: SamplingParams, *, system: str | None = None) -> None:
+    def __init__(self, engine: ChatGenerator, params: SamplingParams, *, system: str | None = None) -> None:
         self.engine = engine
         self.params = params
         self.system = system

@@ -1,4 +1,4 @@
-"""Chat engine config (per server) and sampling parameters (per request).
+"""Chat generator config (per server) and sampling parameters (per request).
 
 `SamplingParams` checks what a request can get wrong on its own (ranges, types); `ChatLimits.check`
 adds what depends on the server (operator caps, the model's context length). Every error is a
@@ -136,8 +136,8 @@ class ChatLimits:
 
 
 @dataclass
-class ChatEngineConfig:
-    """How the chat engine loads a model and schedules requests."""
+class ChatGeneratorConfig:
+    """How the chat generator loads a model and schedules requests."""
 
     model_path: str = field(
         default="",

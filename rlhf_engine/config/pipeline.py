@@ -23,7 +23,7 @@ from rlhf_engine.config.ppo import PPOConfig
 from rlhf_engine.config.train import DPOConfig, RewardConfig, SFTConfig
 
 Deployment = Literal["single_gpu", "single_node", "multi_node"]
-PipelineMethod = Literal["rlhf", "dpo"]
+PipelineKind = Literal["rlhf", "dpo"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ SFT = Step(1, "sft", "step1_sft", "step 1 (SFT)", SFTConfig)
 REWARD = Step(2, "reward", "step2_reward", "step 2 (reward model)", RewardConfig)
 PPO = Step(3, "ppo", "step3_rlhf", "step 3 (PPO)", PPOConfig)
 DPO = Step(2, "dpo", "step2_dpo", "step 2 (DPO)", DPOConfig)
-STEPS: dict[PipelineMethod, dict[int, Step]] = {"rlhf": {1: SFT, 2: REWARD, 3: PPO}, "dpo": {1: SFT, 2: DPO}}
+STEPS: dict[PipelineKind, dict[int, Step]] = {"rlhf": {1: SFT, 2: REWARD, 3: PPO}, "dpo": {1: SFT, 2: DPO}}
 SECTIONS = ("sft", "reward", "ppo", "dpo")
 
 
@@ -49,7 +49,7 @@ SECTIONS = ("sft", "reward", "ppo", "dpo")
 class Run:
     """What a kind of run trains: the step table it uses, its steps, and step 3's algorithm."""
 
-    table: PipelineMethod
+    table: PipelineKind
     steps: tuple[int, ...]
     algorithm: str | None = None  # step 3's (ppo, grpo, rloo); None: the config's own
 
@@ -82,7 +82,7 @@ class PipelineConfig:
             "(method dpo: step1_sft/, step2_dpo/)"
         },
     )
-    method: PipelineMethod = field(
+    method: PipelineKind = field(
         default="rlhf",
         metadata={
             "help": "rlhf: SFT, reward model, PPO (DeepSpeed-Chat's "

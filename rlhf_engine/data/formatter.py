@@ -1,6 +1,6 @@
 """The one prompt formatter (docs/contracts.md §2).
 
-Training (all three steps), the chat engine and serving render conversations only through these
+Training (all three steps), the chat generator and serving render conversations only through these
 functions, so a model sees at chat time exactly the text layout it was trained on. With a tokenizer
 that has a chat template, the template renders; without one, DeepSpeed-Chat's own layout:
 `" Human: {question} Assistant:"` followed by `" {answer}"`.
@@ -94,7 +94,7 @@ def _specials(tokenizer: Any) -> bool:
 
 
 def encode_prompt(conversation: Conversation, tokenizer: Any) -> list[int]:
-    """Token ids of `render_prompt` — the only way any step or the chat engine tokenises a prompt."""
+    """Token ids of `render_prompt` — the only way any step or the chat generator tokenises a prompt."""
     ids = tokenizer(render_prompt(conversation, tokenizer), add_special_tokens=_specials(tokenizer))
     return list(ids["input_ids"])
 

@@ -37,7 +37,7 @@ KIT_VERSION = "v1"  # bump when configs or pretraining change (new architectures
 
 
 @dataclass(frozen=True)
-class Shape:
+class TinySize:
     hidden: int
     layers: int
     heads: int
@@ -46,10 +46,10 @@ class Shape:
 
 
 # Parameters with the bundled tokenizer (vocab 556): xs ≈ 0.53M, s ≈ 3.4M, m ≈ 25.7M (OPT).
-SIZES: dict[Size, Shape] = {
-    "xs": Shape(hidden=128, layers=2, heads=4, ffn=512, lr=2e-3),
-    "s": Shape(hidden=256, layers=4, heads=4, ffn=1024, lr=1e-3),
-    "m": Shape(hidden=512, layers=8, heads=8, ffn=2048, lr=6e-4),
+SIZES: dict[Size, TinySize] = {
+    "xs": TinySize(hidden=128, layers=2, heads=4, ffn=512, lr=2e-3),
+    "s": TinySize(hidden=256, layers=4, heads=4, ffn=1024, lr=1e-3),
+    "m": TinySize(hidden=512, layers=8, heads=8, ffn=2048, lr=6e-4),
 }
 MAX_POSITIONS = 512
 PROGRESS_ENV = "RLHF_PROGRESS_FILE"  # pretraining writes "done total" there every 10 steps
@@ -218,9 +218,9 @@ def build_tiny(
     from rlhf_engine.config.data import DataConfig
     from rlhf_engine.data.bundled import bundled_path
     from rlhf_engine.data.io import fingerprint
-    from rlhf_engine.data.pipeline import prepare_corpus
-    from rlhf_engine.engine.saving import TOKENIZER_FILES
+    from rlhf_engine.data.prepare import prepare_corpus
     from rlhf_engine.models.tokenizer import bundled_tokenizer_dir
+    from rlhf_engine.runtime.saving import TOKENIZER_FILES
 
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rlhf_engine.data.tokenize import TokenizedSplit
-from rlhf_engine.engine.distributed import Dist
+from rlhf_engine.runtime.distributed import Dist
 from rlhf_engine.stages.records import SUMMARY, is_finished
 
 logger = logging.getLogger(__name__)

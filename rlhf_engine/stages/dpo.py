@@ -21,13 +21,13 @@ from rlhf_engine.algorithms.dpo import PreferenceOutput, answer_logps, preferenc
 from rlhf_engine.algorithms.ppo import token_logprobs
 from rlhf_engine.config.train import DPOConfig
 from rlhf_engine.data.collate import collate_pairs
-from rlhf_engine.engine.distributed import Dist
-from rlhf_engine.engine.rlhf_engine import frozen_engine
 from rlhf_engine.models.loading import load_config, resolve_model
+from rlhf_engine.runtime.distributed import Dist
+from rlhf_engine.runtime.engines import frozen_engine
 from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import Batch, all_reduce_sum
-from rlhf_engine.stages.loop import Loop, run_method
-from rlhf_engine.stages.supervised import StepSpec, SupervisedMethod
+from rlhf_engine.stages.loop import Loop, run_objective
+from rlhf_engine.stages.supervised import StepSpec, SupervisedObjective
 
 STEP_DIR = "step2_dpo"
 TITLE = "step 2 (DPO)"
@@ -44,7 +44,7 @@ def answer_token_logps(engine: Any, batch: Batch) -> tuple[torch.Tensor, torch.T
     return logps, answer.to(logps.dtype)
 
 
-class DPOMethod(SupervisedMethod):
+class DPOObjective(SupervisedObjective):
     """The trained model as in steps 1 and 2, plus the frozen reference its loss compares against."""
 
     def __init__(self, config: DPOConfig) -> None:
@@ -184,9 +184,9 @@ def _summarize(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(config: DPOConfig) -> dict[str, Any]:
-    return run_method(DPOMethod(config))
+    return run_objective(DPOObjective(config))
 
 
 def check(config: DPOConfig) -> None:
     """Validate the options, models and tokenizer without starting anything (the launcher's parent)."""
-    DPOMethod(config).check()
+    DPOObjective(config).check()

@@ -18,8 +18,8 @@ from rlhf_engine.data.bundled import heldout_questions
 from rlhf_engine.data.bundled.world import on_topic
 from rlhf_engine.data.collate import pad
 from rlhf_engine.data.formatter import encode_prompt
-from rlhf_engine.engine.generation import lm_logits
 from rlhf_engine.models.value import ValueModel, sequence_scores
+from rlhf_engine.runtime.generation import lm_logits
 from rlhf_engine.stages.ppo_trainer import answer_mask
 
 

@@ -9,10 +9,11 @@ and SIGTERM (checkpoint, then `StepStoppedError`), the eval schedule (before, ev
 after), metrics/events/summary records and the progress line they drive, and the summary written
 last (a step is finished only when its summary exists).
 
-A method (`Method`): `check` (inputs, before anything heavy), `batch_shape`, `build` (models and
-engines, once the data and the step count are known), `engines` (what a checkpoint holds),
-`train_step` (micro-batches of rows → one line of metrics), `evaluate`, `save` and `summarize`.
-SFT and the reward model are `supervised.SupervisedMethod`, PPO is `ppo.PPOMethod`, DPO `dpo.DPOMethod`.
+A training objective (`Objective`): `check` (inputs, before anything heavy), `batch_shape`, `build`
+(models and engines, once the data and the step count are known), `engines` (what a checkpoint
+holds), `train_step` (micro-batches of rows → one line of metrics), `evaluate`, `save` and
+`summarize`. SFT and the reward model are `supervised.SupervisedObjective`, PPO is
+`ppo.PPOObjective`, DPO `dpo.DPOObjective`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_engine.data.pipeline import PreparedStep, prepare_step
-from rlhf_engine.engine import checkpoint, fencing, ops
-from rlhf_engine.engine.distributed import Dist, barrier, init_distributed
-from rlhf_engine.engine.stopping import StepStoppedError, StopRequest
+from rlhf_engine.data.prepare import PreparedStep, prepare_step
+from rlhf_engine.runtime import checkpoint, fencing, ops
+from rlhf_engine.runtime.distributed import Dist, barrier, init_distributed
+from rlhf_engine.runtime.stopping import StepStoppedError, StopRequest
 from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import (
     check_resumable,
@@ -59,7 +60,7 @@ class Loop:
     global_batch: int  # rows per step, every process together
 
 
-class Method(ABC):
+class Objective(ABC):
     """What makes a step itself. Attributes `dir_name` (its folder, docs/contracts.md §1), `title`,
     `data_step` (which step's data it reads: 1 SFT rows, 2 preference pairs, 3 prompts) and `unit`."""
 
@@ -167,7 +168,7 @@ def _io_s(nbytes: float) -> float:
     return 5.0 + nbytes / 100e6
 
 
-def run_method(method: Method) -> dict[str, Any]:
+def run_objective(method: Objective) -> dict[str, Any]:
     """Run a step to completion, or resume it; returns its summary."""
     from transformers.utils import logging as hf_logging
 
@@ -202,7 +203,7 @@ def run_method(method: Method) -> dict[str, Any]:
             records.close()
 
 
-def _prepare(method: Method, dist: Dist) -> PreparedStep:
+def _prepare(method: Objective, dist: Dist) -> PreparedStep:
     """Rank 0 tokenises (and caches); the others then read its cache."""
     config = method.config
     prepared = (
@@ -217,7 +218,7 @@ def _prepare(method: Method, dist: Dist) -> PreparedStep:
 
 
 def _loop(
-    method: Method, dist: Dist, step_dir: Path, records: Records, phases: phase.Phases
+    method: Objective, dist: Dist, step_dir: Path, records: Records, phases: phase.Phases
 ) -> dict[str, Any]:
     config, title, world = method.config, method.title, dist.world_size
     started = time.monotonic()

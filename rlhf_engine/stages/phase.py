@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from rlhf_engine.engine import fencing
+from rlhf_engine.runtime import fencing
 
 PHASE_FILE = "phase.json"
 HISTORY_FILE = "phases.jsonl"

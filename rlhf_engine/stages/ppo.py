@@ -24,16 +24,16 @@ import torch
 from rlhf_engine import graders
 from rlhf_engine.config.ppo import PPOConfig
 from rlhf_engine.data.collate import collate_prompts
-from rlhf_engine.data.pipeline import prepare_corpus
+from rlhf_engine.data.prepare import prepare_corpus
 from rlhf_engine.data.tokenize import TokenizedSplit, decode_item
-from rlhf_engine.engine.deepspeed_setup import resolve_dtype, torch_dtype
-from rlhf_engine.engine.distributed import Dist, barrier
-from rlhf_engine.engine.rlhf_engine import RLHFEngine, check_hybrid_engine
-from rlhf_engine.engine.saving import gathered_state_dict, load_full_state, save_hf_model
 from rlhf_engine.models.loading import load_config, load_tokenizer, resolve_model
+from rlhf_engine.runtime.deepspeed_setup import resolve_dtype, torch_dtype
+from rlhf_engine.runtime.distributed import Dist, barrier
+from rlhf_engine.runtime.engines import RLHFEngine, check_hybrid_engine
+from rlhf_engine.runtime.saving import gathered_state_dict, load_full_state, save_hf_model
 from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import all_reduce_sum, rank_share
-from rlhf_engine.stages.loop import Evaluation, Loop, Method, Row, run_method
+from rlhf_engine.stages.loop import Evaluation, Loop, Objective, Row, run_objective
 from rlhf_engine.stages.ppo_trainer import Experience, PPOTrainer, sequence_kl
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def _save_models(engine: RLHFEngine, cfg: PPOConfig, step_dir: Path, dist: Dist)
     barrier()
 
 
-class PPOMethod(Method):
+class PPOObjective(Objective):
     """Step 3 in the loop shell: actor, critic, reference, reward model (and EMA) as one RLHFEngine."""
 
     dir_name, title, data_step, unit = STEP_DIR, TITLE, 3, "prompts"
@@ -487,4 +487,4 @@ class PPOMethod(Method):
 
 
 def run(config: PPOConfig) -> dict[str, Any]:
-    return run_method(PPOMethod(config))
+    return run_objective(PPOObjective(config))

@@ -38,12 +38,12 @@ from rlhf_engine.algorithms.ppo import (
     token_logprobs,
     value_loss,
 )
-from rlhf_engine.engine.generation import cache_kwarg, generation_mode, lm_logits, needs_synced_gpus
-from rlhf_engine.engine.kv_cache import reserved_cache
-from rlhf_engine.engine.prefix import has_sliding_layers, prefix_cache, prefix_first, shared_prefix_len
-from rlhf_engine.engine.rlhf_engine import RLHFEngine, as_ppo_config
 from rlhf_engine.models.loading import DROPOUT_KEYS
 from rlhf_engine.models.value import sequence_scores
+from rlhf_engine.runtime.engines import RLHFEngine, as_ppo_config
+from rlhf_engine.runtime.generation import cache_kwarg, generation_mode, lm_logits, needs_synced_gpus
+from rlhf_engine.runtime.kv_cache import reserved_cache
+from rlhf_engine.runtime.prefix import has_sliding_layers, prefix_cache, prefix_first, shared_prefix_len
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhf_engine.engine import fencing
+from rlhf_engine.runtime import fencing
 from rlhf_engine.stages.progress import Progress
 
 SUMMARY = "summary.json"

@@ -14,8 +14,8 @@ import torch
 from rlhf_engine.algorithms.losses import pairwise_loss
 from rlhf_engine.config.train import RewardConfig
 from rlhf_engine.data.collate import collate_pairs
-from rlhf_engine.engine.distributed import Dist
 from rlhf_engine.models.value import ValueModel, sequence_scores
+from rlhf_engine.runtime.distributed import Dist
 from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import Batch
 from rlhf_engine.stages.supervised import StepSpec, check_inputs, run_step

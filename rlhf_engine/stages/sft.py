@@ -13,7 +13,7 @@ import torch
 from rlhf_engine.algorithms.losses import lm_loss, lm_nll
 from rlhf_engine.config.train import SFTConfig
 from rlhf_engine.data.collate import collate_sft
-from rlhf_engine.engine.distributed import Dist
+from rlhf_engine.runtime.distributed import Dist
 from rlhf_engine.stages import phase
 from rlhf_engine.stages.common import Batch, all_reduce_sum
 from rlhf_engine.stages.supervised import StepSpec, check_inputs, run_step

@@ -1,6 +1,6 @@
 """Steps that train one model by a loss on rows of their data — SFT, the reward model (and DPO, which
 adds a frozen reference): `StepSpec` says how a micro-batch becomes a loss, how to evaluate and what
-the summary says; `SupervisedMethod` runs it in the loop shell (`loop.py`).
+the summary says; `SupervisedObjective` runs it in the loop shell (`loop.py`).
 """
 
 from __future__ import annotations
@@ -13,16 +13,6 @@ from typing import Any
 import torch
 
 from rlhf_engine.config.train import TrainConfig
-from rlhf_engine.engine.deepspeed_setup import (
-    build_ds_config,
-    initialize,
-    make_optimizer,
-    make_scheduler,
-    resolve_dtype,
-    torch_dtype,
-)
-from rlhf_engine.engine.distributed import Dist
-from rlhf_engine.engine.saving import check_saveable, gathered_state_dict, save_hf_model
 from rlhf_engine.models.loading import (
     ModelKind,
     apply_lora,
@@ -32,9 +22,19 @@ from rlhf_engine.models.loading import (
     resolve_model,
     set_dropout,
 )
+from rlhf_engine.runtime.deepspeed_setup import (
+    build_ds_config,
+    initialize,
+    make_optimizer,
+    make_scheduler,
+    resolve_dtype,
+    torch_dtype,
+)
+from rlhf_engine.runtime.distributed import Dist
+from rlhf_engine.runtime.saving import check_saveable, gathered_state_dict, save_hf_model
 from rlhf_engine.stages import loop
 from rlhf_engine.stages.common import Batch, all_reduce_sum, eval_batches, to_device
-from rlhf_engine.stages.loop import Evaluation, Loop, Method, Row
+from rlhf_engine.stages.loop import Evaluation, Loop, Objective, Row
 
 
 @dataclass
@@ -76,7 +76,7 @@ def check_inputs(config: TrainConfig, spec: StepSpec) -> Checked:
     return Checked(dtype, model_path, model_config, tokenizer, warnings)
 
 
-class SupervisedMethod(Method):
+class SupervisedObjective(Objective):
     """A step that trains one model on rows of its data by a loss (SFT, the reward model; DPO adds
     a reference): `StepSpec` says how."""
 
@@ -208,4 +208,4 @@ class SupervisedMethod(Method):
 
 def run_step(config: TrainConfig, spec: StepSpec) -> dict[str, Any]:
     """Run step 1 or 2 to completion (or resume it); returns its summary."""
-    return loop.run_method(SupervisedMethod(config, spec))
+    return loop.run_objective(SupervisedObjective(config, spec))

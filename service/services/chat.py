@@ -136,7 +136,7 @@ class ChatStream:
 
 def check(req: ChatCompletionRequest, settings: Settings) -> None:
     """What the API can refuse without a worker: unsupported parameters and the operator's bounds (the
-    worker's chat engine checks the conversation itself, stop strings and the model's context)."""
+    worker's chat generator checks the conversation itself, stop strings and the model's context)."""
     name = req.unsupported()
     if name:
         raise InvalidRequestError(

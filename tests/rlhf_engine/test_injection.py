@@ -9,8 +9,8 @@ import pytest
 import transformers
 
 from rlhf_engine.config.ppo import PPOConfig
-from rlhf_engine.engine.injection import injection_unsupported
-from rlhf_engine.engine.rlhf_engine import check_hybrid_engine
+from rlhf_engine.runtime.engines import check_hybrid_engine
+from rlhf_engine.runtime.injection import injection_unsupported
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 

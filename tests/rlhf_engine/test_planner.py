@@ -26,7 +26,7 @@ def parts(p: pl.StepPlan) -> dict[tuple[str, str], float]:
 
 def test_sft_at_zero_0_by_hand() -> None:
     w = pl.Workload(method="sft", seq_len=100, micro_batch=2, dtype_bytes=2)
-    p = pl.plan_step(w, SHAPE, None, pl.Choice(), gpus=1, gpu_bytes=80 * pl.GiB)
+    p = pl.plan_step(w, SHAPE, None, pl.Setup(), gpus=1, gpu_bytes=80 * pl.GiB)
     got = parts(p)
     assert got[("actor", "weights")] == 2e9
     assert got[("actor", "optimizer")] == 12e9  # fp32 master, m and v
@@ -45,14 +45,14 @@ def test_sft_at_zero_0_by_hand() -> None:
     # with checkpointing: 2 × 100 tokens × (10 layers × 2 B × 1000 + one layer's 28,000 B) + logits
     assert p.activations_with_checkpointing == 2 * 100 * (10 * 2 * 1000 + 28_000) + 2e6
     assert p.activations_without_checkpointing == 58e6
-    on_cpu = pl.plan_step(pl.replace(w, dtype_bytes=4), SHAPE, None, pl.Choice(), gpus=1)
+    on_cpu = pl.plan_step(pl.replace(w, dtype_bytes=4), SHAPE, None, pl.Setup(), gpus=1)
     assert parts(on_cpu)[("actor", "optimizer")] == 8e9  # fp32: AdamW's m and v, no master copy
     assert on_cpu.phase_bytes["save"] == 4e9 and on_cpu.total_bytes == pytest.approx((4e9 + 8e9 + 8e9) * 1.1)
 
 
 def test_zero_stages_divide_what_they_partition() -> None:
     w = pl.Workload(method="sft", seq_len=100, micro_batch=2)
-    by_stage = {z: parts(pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=z), gpus=8)) for z in (1, 2, 3)}
+    by_stage = {z: parts(pl.plan_step(w, SHAPE, None, pl.Setup(zero_stage=z), gpus=8)) for z in (1, 2, 3)}
     assert by_stage[1][("actor", "optimizer")] == 12e9 / 8 and by_stage[1][("actor", "gradients")] == 4e9
     assert by_stage[2][("actor", "gradients")] == 4e9 / 8 and by_stage[2][("actor", "weights")] == 2e9
     assert by_stage[1][("actor", "ZeRO buckets")] == 2 * 5e8 * 2  # reduce and all-gather, 5e8 elements each
@@ -60,7 +60,7 @@ def test_zero_stages_divide_what_they_partition() -> None:
     assert by_stage[3][("actor", "gradients")] == 2 * 4e9 / 8  # a flat buffer and the partitions
     # ZeRO-3 gathers layers as it goes: two layers (2 × 1e9 / 10) and the 5e7-element prefetch bucket, × 2 B
     assert by_stage[3][("largest model", "ZeRO-3 working set")] == (2 * 1e8 + 5e7) * 2
-    small = parts(pl.plan_step(w, SMALL, None, pl.Choice(zero_stage=2), gpus=8))
+    small = parts(pl.plan_step(w, SMALL, None, pl.Setup(zero_stage=2), gpus=8))
     assert (
         small[("actor", "ZeRO buckets")] == 2 * 1e8 * 2
     )  # capped at the trainable count (as our configs are)
@@ -68,18 +68,18 @@ def test_zero_stages_divide_what_they_partition() -> None:
 
 def test_offload_moves_the_optimizer_and_parameters_to_host_memory() -> None:
     w = pl.Workload(method="sft", seq_len=100, micro_batch=2)
-    two = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=2, offload=True), gpus=4, gpus_per_node=4)
+    two = pl.plan_step(w, SHAPE, None, pl.Setup(zero_stage=2, offload=True), gpus=4, gpus_per_node=4)
     assert parts(two)[("actor", "optimizer")] == 0 and parts(two)[("actor", "weights")] == 2e9
     assert two.host_bytes_per_node == (12e9 / 4 + 4e9 / 4) * 4  # each rank's optimizer and gradient shards
     assert two.phase_bytes["optimizer step"] == 0  # DeepSpeed's CPU Adam steps in host memory
-    three = pl.plan_step(w, SHAPE, None, pl.Choice(zero_stage=3, offload=True), gpus=4, gpus_per_node=4)
+    three = pl.plan_step(w, SHAPE, None, pl.Setup(zero_stage=3, offload=True), gpus=4, gpus_per_node=4)
     assert parts(three)[("actor", "weights")] == 0
     assert three.host_bytes_per_node == (2e9 / 4 + 12e9 / 4 + 2 * 4e9 / 4) * 4
     starved = pl.plan_step(
         w,
         SHAPE,
         None,
-        pl.Choice(zero_stage=3, offload=True),
+        pl.Setup(zero_stage=3, offload=True),
         gpus=4,
         gpus_per_node=4,
         gpu_bytes=80 * pl.GiB,
@@ -93,7 +93,7 @@ def test_lora_trains_the_adapters_only() -> None:
     # q, k, v, o: r × (1000 + 1000) each; MLP: r × (1000 + 4000) twice; × 10 layers
     assert SHAPE.lora_params(r) == 10 * (4 * r * 2000 + 2 * r * 5000)
     w = pl.Workload(method="sft", seq_len=100, micro_batch=2)
-    got = parts(pl.plan_step(w, SHAPE, None, pl.Choice(lora_dim=r), gpus=1))
+    got = parts(pl.plan_step(w, SHAPE, None, pl.Setup(lora_dim=r), gpus=1))
     assert got[("actor", "weights")] == 2e9 and got[("actor", "optimizer")] == SHAPE.lora_params(r) * 12
     gqa = pl.Shape(
         params=10**9, layers=10, hidden=1000, heads=10, kv_heads=2, vocab=1000, ffn=3000, gated=True
@@ -103,7 +103,7 @@ def test_lora_trains_the_adapters_only() -> None:
 
 def test_ppo_holds_four_models_and_peaks_in_its_largest_phase() -> None:
     w = pl.Workload(method="ppo", prompt_len=60, answer_len=40, micro_batch=2, generation_batch=4, ema=True)
-    p = pl.plan_step(w, SHAPE, SMALL, pl.Choice(), gpus=1, gpu_bytes=80 * pl.GiB)
+    p = pl.plan_step(w, SHAPE, SMALL, pl.Setup(), gpus=1, gpu_bytes=80 * pl.GiB)
     got = parts(p)
     assert got[("reference", "weights (frozen)")] == 2e9 and got[("actor EMA", "weights (frozen)")] == 2e9
     assert got[("critic", "optimizer")] == 12e8 and got[("reward model", "weights (frozen)")] == 2e8
@@ -122,27 +122,25 @@ def test_ppo_holds_four_models_and_peaks_in_its_largest_phase() -> None:
         ),
         SHAPE,
         None,
-        pl.Choice(),
+        pl.Setup(),
         gpus=1,
     )
     assert not any(m in ("critic", "reward model") for m, _ in parts(grpo))  # no critic, a grader instead
     with pytest.raises(pl.PlanError, match="reward_model"):
-        pl.plan_step(pl.Workload(method="ppo"), SHAPE, None, pl.Choice(), gpus=1)
+        pl.plan_step(pl.Workload(method="ppo"), SHAPE, None, pl.Setup(), gpus=1)
 
 
 def test_the_plan_is_the_fastest_choice_that_fits() -> None:
     w = pl.Workload(method="sft", seq_len=512, micro_batch=8)
     roomy = pl.plan(w, SHAPE, None, gpus=8, gpu_bytes=200 * pl.GiB)
-    assert (
-        roomy.best is not None and roomy.best.choice == pl.Choice()
-    )  # plain data parallel: nothing given up
+    assert roomy.best is not None and roomy.best.choice == pl.Setup()  # plain data parallel: nothing given up
     for gib in (16, 8, 4, 2):
         p = pl.plan(w, SHAPE, None, gpus=8, gpu_bytes=gib * pl.GiB)
         assert p.best is not None and p.best.fits, gib
         every = pl.choices("sft", 8, micro_batch=8)
         fitting = [c for c in every if pl.plan_step(w, SHAPE, None, c, gpus=8, gpu_bytes=gib * pl.GiB).fits]
         assert p.best.choice.speed() == max(c.speed() for c in fitting)
-        assert p.best.choice != pl.Choice()  # it had to give something up
+        assert p.best.choice != pl.Setup()  # it had to give something up
     none = pl.plan(w, SHAPE, None, gpus=1, gpu_bytes=1 * pl.GiB)
     assert none.best is None and none.smallest.total_bytes > pl.GiB
     assert pl.smallest_fit(w, SHAPE, None, gpu_type="V100-32G", gpus=1).startswith("2× V100-32G")
@@ -162,7 +160,7 @@ def test_step_options_round_trip_through_the_step_configs() -> None:
     def build(cls: type, **values: object) -> object:
         return dataclass_from_args(cls, argparse.Namespace(), file_values=values)
 
-    c = pl.Choice(zero_stage=3, offload=True, lora_dim=16, gradient_checkpointing=True, offload_frozen=True)
+    c = pl.Setup(zero_stage=3, offload=True, lora_dim=16, gradient_checkpointing=True, offload_frozen=True)
     sft = build(SFTConfig, model_name_or_path="m", **pl.step_options(c, "sft"))
     assert pl.choice_of(sft, "sft") == pl.replace(c, offload_frozen=False)
     ppo: Any = build(
@@ -171,11 +169,11 @@ def test_step_options_round_trip_through_the_step_configs() -> None:
     assert pl.choice_of(ppo, "ppo") == c and ppo.critic.lora_dim == 0 and ppo.critic.zero_stage == 3
     assert pl.as_flags({"zero_stage": 3, "offload": False}) == "--zero-stage 3 --no-offload"
     split = pl.step_options(
-        pl.Choice(split=4), "sft", pl.Workload(method="sft", micro_batch=16, accumulation=8)
+        pl.Setup(split=4), "sft", pl.Workload(method="sft", micro_batch=16, accumulation=8)
     )
     assert split["per_device_train_batch_size"] == 4 and split["gradient_accumulation_steps"] == 32
     fixed = pl.allowed_by({"per_device_train_batch_size": 16}, "sft")
-    assert not fixed(pl.Choice(split=2)) and fixed(pl.Choice(zero_stage=3))  # batches the caller set stay
+    assert not fixed(pl.Setup(split=2)) and fixed(pl.Setup(zero_stage=3))  # batches the caller set stay
 
 
 def test_sizes_come_from_the_safetensors_headers(base_model: Path, smollm2: Path) -> None:
@@ -252,7 +250,7 @@ def test_zero_buckets_are_capped_at_the_models_size() -> None:
     process, measured as 1.9 of a 25.8M model's 2.4 GiB peak at ZeRO-2); our configs cap it."""
     import torch
 
-    from rlhf_engine.engine.deepspeed_setup import size_buckets
+    from rlhf_engine.runtime.deepspeed_setup import size_buckets
 
     model = torch.nn.Sequential(torch.nn.Linear(100, 50), torch.nn.Linear(50, 10))
     model[1].requires_grad_(False)

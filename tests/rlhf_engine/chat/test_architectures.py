@@ -1,4 +1,4 @@
-"""The chat engine on every architecture of the tiny kit: requests batched together (continuous
+"""The chat generator on every architecture of the tiny kit: requests batched together (continuous
 batching) give the tokens plain `generate` gives each alone, on the transformers and the
 DeepSpeed-Inference backends — also when their prompts start from cached keys/values of earlier
 prompts (the template's start, a whole earlier prompt), which every architecture without
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_engine.chat import ChatEngine, SamplingParams
-from rlhf_engine.engine.prefix import has_sliding_layers
+from rlhf_engine.chat import ChatGenerator, SamplingParams
 from rlhf_engine.models.tiny import ARCHS, build_tiny
+from rlhf_engine.runtime.prefix import has_sliding_layers
 
 NEW = 72  # past the sliding window (64) of mistral and gemma3: their windowed layers matter
 QUESTIONS = ["What is a dog?", "Tell me about the kite.", "Where does the owl live?"]
@@ -30,7 +30,7 @@ def test_batched_greedy_replies_equal_generate_on_both_backends(arch: str) -> No
     params = SamplingParams(temperature=0, max_new_tokens=NEW, ignore_eos=True)
     refs: dict[str, list[int]] = {}
     for backend in ("transformers", "deepspeed"):
-        with ChatEngine.load(path, backend=backend) as engine:
+        with ChatGenerator.load(path, backend=backend) as engine:
             for n, round_ in enumerate((QUESTIONS, LATER)):
                 handles = [
                     engine.submit([{"role": "user", "content": q}], params) for q in round_

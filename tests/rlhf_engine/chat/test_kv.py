@@ -1,4 +1,4 @@
-"""The chat engine's KV storage on its own: the running batch's layer (rows added, moved and dropped,
+"""The chat generator's KV storage on its own: the running batch's layer (rows added, moved and dropped,
 columns appended and trimmed, storage growing) holds exactly what concatenating and padding would;
 the prompt cache reuses the longest common start within a scope, never the whole prompt, and stays
 inside its memory bound."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf_engine.chat.errors import ChatRequestError, ContextLengthExceededError
-from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
+from rlhf_engine.config.chat import ChatGeneratorConfig, ChatLimits, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -59,6 +59,6 @@ def test_server_limits_and_the_context_length() -> None:
 
 def test_engine_config_refuses_what_cannot_work() -> None:
     with pytest.raises(ValueError, match="max_n 8 must not exceed max_batch_size 4"):
-        ChatEngineConfig(max_batch_size=4)
+        ChatGeneratorConfig(max_batch_size=4)
     with pytest.raises(ValueError, match="kernel_inject needs backend deepspeed"):
-        ChatEngineConfig(backend="transformers", kernel_inject=True)
+        ChatGeneratorConfig(backend="transformers", kernel_inject=True)

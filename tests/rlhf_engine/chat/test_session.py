@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_engine.chat import ChatEngine, SamplingParams
+from rlhf_engine.chat import ChatGenerator, SamplingParams
 from rlhf_engine.chat.session import ChatSession
 from rlhf_engine.data.formatter import render_prompt
 from tests.runs import rlhf
@@ -18,12 +18,12 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=20)
 
 
 @pytest.fixture(scope="module")
-def engine(base_model: Path) -> Iterator[ChatEngine]:
-    with ChatEngine.load(str(base_model)) as e:
+def engine(base_model: Path) -> Iterator[ChatGenerator]:
+    with ChatGenerator.load(str(base_model)) as e:
         yield e
 
 
-def test_turns_build_a_history_rendered_by_the_shared_formatter(engine: ChatEngine) -> None:
+def test_turns_build_a_history_rendered_by_the_shared_formatter(engine: ChatGenerator) -> None:
     session = ChatSession(engine, GREEDY)
     first = "".join(session.send("What is a dog?"))
     second = "".join(session.send("And the cat?"))
@@ -40,7 +40,7 @@ def test_turns_build_a_history_rendered_by_the_shared_formatter(engine: ChatEngi
     assert "".join(session.send("What is a dog?")) == first
 
 
-def test_oldest_turns_are_dropped_when_the_context_is_full(engine: ChatEngine) -> None:
+def test_oldest_turns_are_dropped_when_the_context_is_full(engine: ChatGenerator) -> None:
     session = ChatSession(engine, SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True))
     long = "tell me about the dog " * 30  # ≈150 tokens a turn, ≈250 with the reply; the context is 512
     for _ in range(3):

@@ -10,7 +10,7 @@ from pathlib import Path
 from rlhf_engine.config.data import DataConfig
 from rlhf_engine.data.bundled import BUNDLED, N_PREFERENCE, N_SFT, bundled_path, generate, heldout_questions
 from rlhf_engine.data.bundled.world import QUESTIONS, Question, on_topic, topics_of
-from rlhf_engine.data.pipeline import load_datasets, slice_all
+from rlhf_engine.data.prepare import load_datasets, slice_all
 
 
 def test_generator_is_deterministic(tmp_path: Path) -> None:

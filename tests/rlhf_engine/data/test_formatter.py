@@ -54,7 +54,7 @@ def test_a_tokenizers_own_template_is_used(tokenizer) -> None:
 
 
 def test_training_and_chat_tokenise_a_prompt_identically(tokenizer) -> None:
-    """Step 1's prompt tokens are exactly the tokens the chat engine will feed for the same text."""
+    """Step 1's prompt tokens are exactly the tokens the chat generator will feed for the same text."""
     chat_ids = encode_prompt([{"role": "user", "content": "What color is the dog?"}], tokenizer)
     rows, _ = tokenize_rows(
         1, [Sample(CONV, "The dog is red.")], tokenizer, max_seq_len=512, max_prompt_len=256

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from rlhf_engine.config.data import DataConfig, parse_split
 from rlhf_engine.data.errors import DataError
-from rlhf_engine.data.pipeline import load_datasets, slice_all
+from rlhf_engine.data.prepare import load_datasets, slice_all
 from rlhf_engine.data.split import blend, bounds, require_rows
 
 

@@ -12,7 +12,7 @@ import torch
 from rlhf_engine.config.data import DataConfig
 from rlhf_engine.data.collate import collate_pairs, collate_prompts, collate_sft
 from rlhf_engine.data.errors import DataError
-from rlhf_engine.data.pipeline import prepare_corpus, prepare_step
+from rlhf_engine.data.prepare import prepare_corpus, prepare_step
 from rlhf_engine.data.tokenize import Ragged, TokenizedSplit
 
 

@@ -70,10 +70,10 @@ def test_a_revision_picks_its_snapshot_and_a_missing_one_is_named(
 
 
 def test_chat_and_the_cli_take_the_hub_id(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rlhf_engine.chat import ChatEngine, SamplingParams
+    from rlhf_engine.chat import ChatGenerator, SamplingParams
 
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
-    with ChatEngine.load(REPO, backend="transformers") as engine:
+    with ChatGenerator.load(REPO, backend="transformers") as engine:
         reply = engine.generate(
             [{"role": "user", "content": "What is the capital of France?"}],
             SamplingParams(temperature=0, max_new_tokens=16),

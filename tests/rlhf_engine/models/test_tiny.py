@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_engine.config.data import DataConfig
-from rlhf_engine.data.pipeline import prepare_corpus
+from rlhf_engine.data.prepare import prepare_corpus
 from rlhf_engine.models.tiny import ARCHS, build_tiny, tiny_config
 
 

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_engine.config.train import ModelOptions
-from rlhf_engine.engine.launch import LAUNCH_VARS
-from rlhf_engine.engine.saving import check_saveable, saved_keys
 from rlhf_engine.models.loading import apply_lora, load_config
 from rlhf_engine.models.tiny import ARCHS, build_tiny
+from rlhf_engine.runtime.launch import LAUNCH_VARS
+from rlhf_engine.runtime.saving import check_saveable, saved_keys
 from rlhf_engine.stages.records import read_jsonl
 
 ATTENTION = ("q_proj", "qkv_proj", "c_attn", "query_key_value")

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, MistralForCausalLM
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from rlhf_engine.engine.generation import cache_kwarg
-from rlhf_engine.engine.kv_cache import ReservedLayer, reserved_cache
 from rlhf_engine.models.tiny import ARCHS, build_tiny
+from rlhf_engine.runtime.generation import cache_kwarg
+from rlhf_engine.runtime.kv_cache import ReservedLayer, reserved_cache
 
 
 def _left_padded(vocab: int) -> dict[str, torch.Tensor]:

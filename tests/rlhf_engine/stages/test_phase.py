@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_engine.engine import fencing
+from rlhf_engine.runtime import fencing
 from rlhf_engine.stages import phase
 
 

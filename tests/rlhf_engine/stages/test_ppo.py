@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_engine.data.bundled.world import corpus_paragraph
-from rlhf_engine.engine.launch import LAUNCH_VARS
+from rlhf_engine.runtime.launch import LAUNCH_VARS
 from rlhf_engine.stages.heldout import heldout_report
 from rlhf_engine.stages.records import read_jsonl
 from tests.runs import kill_after_first_checkpoint, rlhf, rlhf_ok
@@ -251,7 +251,7 @@ import sys
 from transformers import AutoTokenizer
 from rlhf_engine import RLHFEngine, PPOTrainer, PPOConfig
 from rlhf_engine.data.collate import collate_prompts
-from rlhf_engine.data.pipeline import prepare_step
+from rlhf_engine.data.prepare import prepare_step
 
 run = sys.argv[1]
 args = PPOConfig(actor_model_name_or_path=run + "/step1_sft", critic_model_name_or_path=run + "/step2_reward",
@@ -273,7 +273,7 @@ for batch in loader:
     # (a check, not part of the loop: the log-probs taken from generate's logits equal a forward pass's)
     import torch
     from rlhf_engine.algorithms.ppo import token_logprobs
-    from rlhf_engine.engine.generation import lm_logits
+    from rlhf_engine.runtime.generation import lm_logits
     with torch.no_grad():
         A = out.action_mask.shape[1]
         fwd = token_logprobs(lm_logits(engine.actor, out.seq, out.attention_mask, keep_last=A + 1)[:, :-1],

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_engine.engine.generation import cache_kwarg, lm_logits
-from rlhf_engine.engine.kv_cache import reserved_cache
-from rlhf_engine.engine.launch import LAUNCH_VARS
-from rlhf_engine.engine.prefix import has_sliding_layers, prefix_cache, prefix_first, shared_prefix_len
 from rlhf_engine.models.tiny import ARCHS, build_tiny
+from rlhf_engine.runtime.generation import cache_kwarg, lm_logits
+from rlhf_engine.runtime.kv_cache import reserved_cache
+from rlhf_engine.runtime.launch import LAUNCH_VARS
+from rlhf_engine.runtime.prefix import has_sliding_layers, prefix_cache, prefix_first, shared_prefix_len
 
 PAD = 1
 
@@ -93,7 +93,7 @@ import dataclasses, sys, torch
 from transformers import AutoTokenizer
 from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
 from rlhf_engine.data.collate import collate_prompts
-from rlhf_engine.data.pipeline import prepare_step
+from rlhf_engine.data.prepare import prepare_step
 
 actor, critic = sys.argv[1], sys.argv[2]
 args = PPOConfig(actor_model_name_or_path=actor, critic_model_name_or_path=critic,

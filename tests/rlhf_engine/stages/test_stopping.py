@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_engine.engine import fencing
-from rlhf_engine.engine.launch import LAUNCH_VARS
-from rlhf_engine.engine.stopping import EXIT_STOPPED, STOP_FILE
+from rlhf_engine.runtime import fencing
+from rlhf_engine.runtime.launch import LAUNCH_VARS
+from rlhf_engine.runtime.stopping import EXIT_STOPPED, STOP_FILE
 from rlhf_engine.stages.records import read_jsonl
 from tests.runs import rlhf_ok
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
 from rlhf_engine.data.collate import collate_prompts
-from rlhf_engine.data.pipeline import prepare_step
+from rlhf_engine.data.prepare import prepare_step
 
 run, out = sys.argv[1], Path(sys.argv[2])
 rank = int(os.environ["RANK"])

@@ -1,4 +1,4 @@
-"""DeepSpeed's JIT ops never wait on a dead builder (rlhf_engine/engine/ops.py).
+"""DeepSpeed's JIT ops never wait on a dead builder (rlhf_engine/runtime/ops.py).
 
 torch guards each op's build folder with a baton file; a builder killed halfway leaves it, and every
 later build waited on it for ever (a job sat 'running 0%' for hours). Each case loads the op in a fresh
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_engine.engine import ops
+from rlhf_engine.runtime import ops
 
-LOAD = "from rlhf_engine.engine import ops; print(ops.load_ops(('ShareMemCommBuilder',)))"
+LOAD = "from rlhf_engine.runtime import ops; print(ops.load_ops(('ShareMemCommBuilder',)))"
 
 
 @pytest.fixture

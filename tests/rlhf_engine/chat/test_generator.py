@@ -1,4 +1,4 @@
-"""The chat engine on a real tiny model: streaming, finish reasons, backends, concurrency, cancel, safety.
+"""The chat generator on a real tiny model: streaming, finish reasons, backends, concurrency, cancel, safety.
 
 One engine (transformers backend, the xs OPT pretrained on the bundled corpus) serves most tests.
 """
@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_engine.chat import ChatEngine, SamplingParams
-from rlhf_engine.chat.engine import RequestHandle
+from rlhf_engine.chat import ChatGenerator, SamplingParams
 from rlhf_engine.chat.errors import (
     ChatRequestError,
     ContextLengthExceededError,
-    EngineBusyError,
-    EngineStoppedError,
+    GeneratorBusyError,
+    GeneratorStoppedError,
     ModelLoadError,
 )
+from rlhf_engine.chat.generator import RequestHandle
 
 DOG = [{"role": "user", "content": "What is a dog?"}]
 QUESTIONS = ["What is a dog?", "Tell me about the kite.", "Where does the owl live?"]
@@ -34,12 +34,12 @@ def user(text: str) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def engine(base_model: Path) -> Iterator[ChatEngine]:
-    with ChatEngine.load(str(base_model), backend="transformers") as e:
+def engine(base_model: Path) -> Iterator[ChatGenerator]:
+    with ChatGenerator.load(str(base_model), backend="transformers") as e:
         yield e
 
 
-def wait_idle(engine: ChatEngine, timeout: float = 10) -> None:
+def wait_idle(engine: ChatGenerator, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while engine.running or engine.waiting:
         assert time.monotonic() < deadline, "the engine kept generating"
@@ -49,7 +49,7 @@ def wait_idle(engine: ChatEngine, timeout: float = 10) -> None:
 # ---------------------------------------------------------------- streaming and finish reasons
 
 
-def test_stream_is_incremental_and_joins_to_the_whole_reply(engine: ChatEngine) -> None:
+def test_stream_is_incremental_and_joins_to_the_whole_reply(engine: ChatGenerator) -> None:
     params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=40, ignore_eos=True)
     handle = engine.submit(DOG, params)
     deltas = list(handle)
@@ -67,7 +67,7 @@ def test_stream_is_incremental_and_joins_to_the_whole_reply(engine: ChatEngine) 
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + 40
 
 
-def test_finish_reasons_eos_stop_string_and_length(engine: ChatEngine) -> None:
+def test_finish_reasons_eos_stop_string_and_length(engine: ChatGenerator) -> None:
     # EOS: the tiny model ends its answer to this question by itself
     eos = engine.generate(DOG, SamplingParams(temperature=0, max_new_tokens=60)).choices[0]
     assert eos.finish_reason == "stop" and eos.token_ids[-1] == engine.tokenizer.eos_token_id
@@ -96,7 +96,7 @@ def test_finish_reasons_eos_stop_string_and_length(engine: ChatEngine) -> None:
 
 
 def test_greedy_tokens_equal_transformers_generate_and_deepspeed_inference(
-    engine: ChatEngine, base_model: Path
+    engine: ChatGenerator, base_model: Path
 ) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -115,7 +115,7 @@ def test_greedy_tokens_equal_transformers_generate_and_deepspeed_inference(
             engine.generate(user(q), SamplingParams(temperature=0, max_new_tokens=40)).choices[0].token_ids
         )
         assert ours[q] == ref, q
-    with ChatEngine.load(str(base_model), backend="deepspeed") as ds:
+    with ChatGenerator.load(str(base_model), backend="deepspeed") as ds:
         from deepspeed.inference.engine import InferenceEngine
 
         assert isinstance(
@@ -131,7 +131,7 @@ def test_greedy_tokens_equal_transformers_generate_and_deepspeed_inference(
 # ---------------------------------------------------------------- concurrency
 
 
-def test_a_second_request_does_not_wait_for_the_first_to_finish(engine: ChatEngine) -> None:
+def test_a_second_request_does_not_wait_for_the_first_to_finish(engine: ChatGenerator) -> None:
     long = engine.submit(DOG, SamplingParams(max_new_tokens=450, ignore_eos=True, seed=1))
     it = iter(long)
     next(it)
@@ -144,7 +144,7 @@ def test_a_second_request_does_not_wait_for_the_first_to_finish(engine: ChatEngi
     wait_idle(engine)
 
 
-def test_a_seed_gives_the_same_tokens_alone_and_batched(engine: ChatEngine) -> None:
+def test_a_seed_gives_the_same_tokens_alone_and_batched(engine: ChatGenerator) -> None:
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_new_tokens=30, ignore_eos=True)
     alone = engine.generate(DOG, params).choices[0].token_ids
     others = [
@@ -172,7 +172,7 @@ def test_a_seed_gives_the_same_tokens_alone_and_batched(engine: ChatEngine) -> N
     assert two.usage.completion_tokens == 60
 
 
-def test_cancel_stops_generation(engine: ChatEngine) -> None:
+def test_cancel_stops_generation(engine: ChatGenerator) -> None:
     handle = engine.submit(DOG, SamplingParams(max_new_tokens=450, ignore_eos=True, seed=3))
     it = iter(handle)
     for _ in range(3):
@@ -187,7 +187,7 @@ def test_cancel_stops_generation(engine: ChatEngine) -> None:
     )
 
 
-def test_a_reader_that_stops_reading_cancels_its_request(engine: ChatEngine) -> None:
+def test_a_reader_that_stops_reading_cancels_its_request(engine: ChatGenerator) -> None:
     handle = engine.submit(DOG, SamplingParams(max_new_tokens=450, ignore_eos=True, seed=4))
     for i, _ in enumerate(handle):
         if i == 2:
@@ -197,7 +197,7 @@ def test_a_reader_that_stops_reading_cancels_its_request(engine: ChatEngine) -> 
     assert handle.usage.completion_tokens < 100
 
 
-def test_an_asyncio_reader_gets_the_same_stream_and_leaving_cancels(engine: ChatEngine) -> None:
+def test_an_asyncio_reader_gets_the_same_stream_and_leaving_cancels(engine: ChatGenerator) -> None:
     """`aiter()` (the inference worker's reader: woken per token, no thread per request)."""
     import asyncio
 
@@ -230,19 +230,19 @@ async def _enumerate(it: Any) -> Any:
 
 
 def test_full_queue_is_busy_and_close_ends_every_request(base_model: Path) -> None:
-    e = ChatEngine.load(str(base_model), max_batch_size=1, max_queue=1, max_n=1)
+    e = ChatGenerator.load(str(base_model), max_batch_size=1, max_queue=1, max_n=1)
     running = e.submit(DOG, SamplingParams(max_new_tokens=450, ignore_eos=True))
     it = iter(running)
     next(it)
     queued = e.submit(DOG, SamplingParams(max_new_tokens=4))
-    with pytest.raises(EngineBusyError, match="retry"):
+    with pytest.raises(GeneratorBusyError, match="retry"):
         e.submit(DOG, SamplingParams(max_new_tokens=4))
     e.close()
-    with pytest.raises(EngineStoppedError):
+    with pytest.raises(GeneratorStoppedError):
         list(it)
-    with pytest.raises(EngineStoppedError):
+    with pytest.raises(GeneratorStoppedError):
         list(queued)
-    with pytest.raises(EngineStoppedError, match="closed"):
+    with pytest.raises(GeneratorStoppedError, match="closed"):
         e.submit(DOG)
 
 
@@ -259,14 +259,14 @@ def test_full_queue_is_busy_and_close_ends_every_request(base_model: Path) -> No
     ],
 )
 def test_bad_conversations_name_the_field(
-    engine: ChatEngine, messages: list[dict[str, object]], param: str
+    engine: ChatGenerator, messages: list[dict[str, object]], param: str
 ) -> None:
     with pytest.raises(ChatRequestError) as e:
         engine.submit(messages)  # type: ignore[arg-type]
     assert e.value.param == param
 
 
-def test_context_length_and_server_limits(engine: ChatEngine) -> None:
+def test_context_length_and_server_limits(engine: ChatGenerator) -> None:
     with pytest.raises(ContextLengthExceededError, match="shorten the conversation"):
         engine.submit(user("dog " * 600))
     prompt = len(engine.prompt_ids(DOG))
@@ -282,9 +282,9 @@ def test_context_length_and_server_limits(engine: ChatEngine) -> None:
     assert res.usage.completion_tokens == room and res.choices[0].finish_reason == "length"
 
 
-def test_chat_prompt_tokens_equal_step_1_prompt_tokens(engine: ChatEngine) -> None:
+def test_chat_prompt_tokens_equal_step_1_prompt_tokens(engine: ChatGenerator) -> None:
     from rlhf_engine.config.data import DataConfig
-    from rlhf_engine.data.pipeline import load_datasets
+    from rlhf_engine.data.prepare import load_datasets
     from rlhf_engine.data.tokenize import tokenize_rows
 
     rows = load_datasets(DataConfig(data=["bundled:sft"]))[0].rows[:20]
@@ -306,28 +306,28 @@ def test_pickled_weights_are_refused_unless_allowed(base_model: Path, tmp_path: 
     torch.save(state, model / "pytorch_model.bin")
     (model / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match=r"only pickled weights \(pytorch_model.bin\).*allow_pickle"):
-        ChatEngine.load(str(model))
-    with ChatEngine.load(str(model), allow_pickle=True) as e, ChatEngine.load(str(base_model)) as ref:
+        ChatGenerator.load(str(model))
+    with ChatGenerator.load(str(model), allow_pickle=True) as e, ChatGenerator.load(str(base_model)) as ref:
         greedy = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
         assert e.generate(DOG, greedy).choices[0].token_ids == ref.generate(DOG, greedy).choices[0].token_ids
 
 
 def test_models_that_cannot_be_served_are_refused_clearly(base_model: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
-        ChatEngine.load(str(tmp_path / "missing"))
+        ChatGenerator.load(str(tmp_path / "missing"))
     with pytest.raises(ModelLoadError, match="holds no model"):
-        ChatEngine.load(str(tmp_path))
+        ChatGenerator.load(str(tmp_path))
     custom = tmp_path / "custom"
     shutil.copytree(base_model, custom)
     cfg = json.loads((custom / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Model"}
     (custom / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="trust_remote_code is off"):
-        ChatEngine.load(str(custom))
+        ChatGenerator.load(str(custom))
     with pytest.raises(ModelLoadError, match="kernel_inject: DeepSpeed's inference kernels need CUDA"):
-        ChatEngine.load(str(base_model), kernel_inject=True, device="cpu")
+        ChatGenerator.load(str(base_model), kernel_inject=True, device="cpu")
     with pytest.raises(ModelLoadError, match="dtype: fp16 is not supported on CPU"):
-        ChatEngine.load(str(base_model), dtype="fp16", device="cpu")
+        ChatGenerator.load(str(base_model), dtype="fp16", device="cpu")
 
 
 # ---------------------------------------------------------------- models from a training run
@@ -339,7 +339,7 @@ def test_run_directory_serves_the_actor_and_scores_replies(pipeline_run: Path) -
     from rlhf_engine.data.formatter import encode_answer, encode_prompt
 
     rm = AutoModelForSequenceClassification.from_pretrained(str(pipeline_run / "step2_reward")).eval()
-    with ChatEngine.load(str(pipeline_run)) as e:
+    with ChatGenerator.load(str(pipeline_run)) as e:
         assert e.loaded.model_dir == (pipeline_run / "step3_rlhf" / "actor").resolve()
         result = e.generate(DOG, SamplingParams(seed=0, max_new_tokens=30, n=2))
         for choice in result.choices:
@@ -347,7 +347,7 @@ def test_run_directory_serves_the_actor_and_scores_replies(pipeline_run: Path) -
             with torch.no_grad():
                 expected = float(rm(torch.tensor([ids])).logits[0, 0])
             assert choice.reward == pytest.approx(expected, abs=1e-4)
-    with ChatEngine.load(str(pipeline_run / "step3_rlhf" / "actor_ema"), score_replies=False) as e:
+    with ChatGenerator.load(str(pipeline_run / "step3_rlhf" / "actor_ema"), score_replies=False) as e:
         assert e.scorer is None
         assert e.generate(DOG, SamplingParams(max_new_tokens=5)).choices[0].reward is None
 
@@ -368,7 +368,7 @@ def test_three_models_of_a_run_load_at_once_in_threads(pipeline_run: Path) -> No
 
     def load(path: Path) -> None:
         try:
-            with ChatEngine.load(str(path)) as e:
+            with ChatGenerator.load(str(path)) as e:
                 replies[path.name] = (
                     e.generate(DOG, SamplingParams(temperature=0, max_new_tokens=8)).choices[0].text
                 )

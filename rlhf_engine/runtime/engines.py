@@ -24,17 +24,17 @@ import torch
 from rlhf_engine.algorithms.ppo import ema_update
 from rlhf_engine.config.ppo import PPOConfig
 from rlhf_engine.config.train import ModelOptions
-from rlhf_engine.engine.deepspeed_setup import (
+from rlhf_engine.models.loading import apply_lora, load_config, load_model, resolve_model, set_dropout
+from rlhf_engine.models.value import ValueModel
+from rlhf_engine.runtime.deepspeed_setup import (
     build_ds_config,
     initialize,
     make_optimizer,
     make_scheduler,
     resolve_dtype,
 )
-from rlhf_engine.engine.distributed import Dist, init_distributed
-from rlhf_engine.engine.saving import check_saveable
-from rlhf_engine.models.loading import apply_lora, load_config, load_model, resolve_model, set_dropout
-from rlhf_engine.models.value import ValueModel
+from rlhf_engine.runtime.distributed import Dist, init_distributed
+from rlhf_engine.runtime.saving import check_saveable
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def check_hybrid_engine(config: PPOConfig, model_config: Any) -> None:
             f"enable_hybrid_engine: DeepSpeed has no injection policy for {model_config.model_type}; "
             "drop the flag"
         )
-    from rlhf_engine.engine.injection import injection_unsupported
+    from rlhf_engine.runtime.injection import injection_unsupported
 
     why = injection_unsupported()
     if why:

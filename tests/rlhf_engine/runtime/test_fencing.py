@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_engine.engine import fencing
+from rlhf_engine.runtime import fencing
 from rlhf_engine.stages.records import Records, read_jsonl
 
 
@@ -76,7 +76,7 @@ def test_an_old_attempt_cannot_start_on_a_newer_fence(
 HOLDER = """
     import sys, time
     from pathlib import Path
-    from rlhf_engine.engine import fencing
+    from rlhf_engine.runtime import fencing
     with fencing.writer(Path(sys.argv[1]) if len(sys.argv) > 1 else Path({dir!r})):
         print("held", flush=True)
         time.sleep(120)
@@ -106,7 +106,7 @@ def test_the_lock_is_free_once_the_holder_is_gone(tmp_path: Path) -> None:
 RANK = """
     import sys, time, signal
     from pathlib import Path
-    from rlhf_engine.engine import fencing
+    from rlhf_engine.runtime import fencing
     signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), sys.exit(0)))  # 'checkpoints' for 1.5 s
     fencing.start_watchdog()
     with fencing.rank(Path({dir!r})):
@@ -134,7 +134,7 @@ def test_an_orphan_that_ignores_sigterm_leaves_after_its_grace(tmp_path: Path) -
     child = _python(
         """
         import signal, time
-        from rlhf_engine.engine import fencing
+        from rlhf_engine.runtime import fencing
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a step stuck between boundaries
         fencing.start_watchdog()
         print("up", flush=True)
@@ -153,7 +153,7 @@ def test_a_step_whose_starter_is_already_gone_does_not_start() -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()
     child = _python(
-        "from rlhf_engine.engine import fencing; fencing.start_watchdog(); print('trained')",
+        "from rlhf_engine.runtime import fencing; fencing.start_watchdog(); print('trained')",
         **{fencing.WATCH_ENV: str(gone.pid)},
     )
     out, err = child.communicate(timeout=15)

@@ -15,7 +15,7 @@ import pytest
 
 from rlhf_engine.config.chat import SamplingParams
 from service.settings import Settings
-from workers.inference import Engines, InferenceServicer
+from workers.inference import InferenceServicer, LoadedModels
 
 
 def _models(run: Path) -> dict[str, str]:
@@ -27,14 +27,14 @@ def _models(run: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def engines(pipeline_run: Path) -> Iterator[Engines]:
-    e = Engines(Settings(data_dir=pipeline_run.parent, inference_max_models=2))
+def engines(pipeline_run: Path) -> Iterator[LoadedModels]:
+    e = LoadedModels(Settings(data_dir=pipeline_run.parent, inference_max_models=2))
     yield e
     e.close()
 
 
 def test_a_model_loaded_for_a_request_is_never_evicted_before_the_request_has_it(
-    engines: Engines, pipeline_run: Path
+    engines: LoadedModels, pipeline_run: Path
 ) -> None:
     got = {name: engines.load_acquired(name, path) for name, path in _models(pipeline_run).items()}
     assert sorted(engines.ids()) == ["ema", "rlhf", "sft"]  # over the cap while all three are busy
@@ -53,7 +53,7 @@ def test_a_model_loaded_for_a_request_is_never_evicted_before_the_request_has_it
 
 
 def test_a_caller_hanging_up_while_its_model_loads_leaves_nothing_busy(
-    engines: Engines, pipeline_run: Path
+    engines: LoadedModels, pipeline_run: Path
 ) -> None:
     servicer = InferenceServicer("w", engines)
 

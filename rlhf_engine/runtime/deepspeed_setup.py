@@ -102,7 +102,7 @@ def make_optimizer(
     if opts.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        from rlhf_engine.engine.ops import load_ops
+        from rlhf_engine.runtime.ops import load_ops
 
         load_ops(("CPUAdamBuilder",))  # under the build lock (loaded already when the step prepared its ops)
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)

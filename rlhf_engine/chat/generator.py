@@ -1,4 +1,4 @@
-"""The chat engine: one scheduler thread decodes every running sequence together (continuous batching).
+"""The chat generator: one scheduler thread decodes every running sequence together (continuous batching).
 
 A request is tokenised through the shared prompt formatter, its prompt is run alone (prefill), and
 its sequences then join the running batch at the next token: the batch's KV cache grows by the new
@@ -32,17 +32,17 @@ from transformers import DynamicCache
 from rlhf_engine.chat.errors import (
     ChatError,
     ChatRequestError,
-    EngineBusyError,
-    EngineStoppedError,
     GenerationFailedError,
+    GeneratorBusyError,
+    GeneratorStoppedError,
 )
 from rlhf_engine.chat.kv import PrefixCache, batch_cache
 from rlhf_engine.chat.loading import LoadedModel, ReplyScorer, load_chat_model
 from rlhf_engine.chat.sampling import next_token
 from rlhf_engine.chat.text import StreamText
-from rlhf_engine.config.chat import ChatEngineConfig, ChatLimits, SamplingParams
-from rlhf_engine.engine.generation import cache_kwarg, forward_params
-from rlhf_engine.engine.prefix import has_sliding_layers
+from rlhf_engine.config.chat import ChatGeneratorConfig, ChatLimits, SamplingParams
+from rlhf_engine.runtime.generation import cache_kwarg, forward_params
+from rlhf_engine.runtime.prefix import has_sliding_layers
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +242,10 @@ class _Seq:
     finish: FinishReason | None = None
 
 
-class ChatEngine:
+class ChatGenerator:
     """Loads a model once and serves many concurrent requests from one scheduler thread."""
 
-    def __init__(self, config: ChatEngineConfig) -> None:
+    def __init__(self, config: ChatGeneratorConfig) -> None:
         self.config = config
         self.limits = config.limits
         self.loaded: LoadedModel = load_chat_model(config)
@@ -276,13 +276,14 @@ class ChatEngine:
         self._thread.start()
 
     @classmethod
-    def load(cls, model_path: str, **options: Any) -> ChatEngine:
-        """`ChatEngine.load(path, backend=…, max_n=…)`: ChatEngineConfig and ChatLimits fields by name."""
+    def load(cls, model_path: str, **options: Any) -> ChatGenerator:
+        """`ChatGenerator.load(path, backend=…, max_n=…)`: ChatGeneratorConfig and ChatLimits fields by
+        name."""
         limit_names = {f.name for f in dataclasses.fields(ChatLimits)}
         limits = ChatLimits(**{k: options.pop(k) for k in list(options) if k in limit_names})
-        return cls(ChatEngineConfig(model_path=model_path, limits=limits, **options))
+        return cls(ChatGeneratorConfig(model_path=model_path, limits=limits, **options))
 
-    def __enter__(self) -> ChatEngine:
+    def __enter__(self) -> ChatGenerator:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -334,9 +335,11 @@ class ChatEngine:
         handle = RequestHandle(f"req-{next(self._ids)}", msgs, prompt, params, max_new, scope)
         with self._lock:
             if self._closed:
-                raise EngineStoppedError("the chat engine is closed")
+                raise GeneratorStoppedError("the chat generator is closed")
             if self._pending.qsize() >= self.config.max_queue:
-                raise EngineBusyError(f"{self.config.max_queue} requests are already waiting; retry shortly")
+                raise GeneratorBusyError(
+                    f"{self.config.max_queue} requests are already waiting; retry shortly"
+                )
             self._pending.put(handle)
         return handle
 
@@ -353,7 +356,7 @@ class ChatEngine:
 
     def close(self, *, drain_s: float = 0.0) -> None:
         """Stop the scheduler. Requests still running after `drain_s` seconds (none by default) end with
-        `EngineStoppedError`; new submissions are refused at once."""
+        `GeneratorStoppedError`; new submissions are refused at once."""
         with self._lock:
             if self._closed:
                 return
@@ -381,11 +384,13 @@ class ChatEngine:
             except Exception as e:  # a model error ends the running requests, not the engine
                 logger.exception("generation failed")
                 self._fail_all(GenerationFailedError(f"generation failed: {type(e).__name__}: {e}"))
-        self._fail_all(EngineStoppedError("the chat engine was closed before the request finished"))
+        self._fail_all(GeneratorStoppedError("the chat generator was closed before the request finished"))
         while not self._pending.empty():
             handle = self._pending.get_nowait()
             if handle is not None:
-                handle._fail(EngineStoppedError("the chat engine was closed before the request started"))
+                handle._fail(
+                    GeneratorStoppedError("the chat generator was closed before the request started")
+                )
 
     def _admit(self) -> bool:
         """Start the waiting requests the batch has room for, prefilled together (block when idle).

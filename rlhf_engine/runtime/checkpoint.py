@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf_engine.engine import fencing
-from rlhf_engine.engine.distributed import Dist, barrier
+from rlhf_engine.runtime import fencing
+from rlhf_engine.runtime.distributed import Dist, barrier
 from rlhf_engine.stages.records import write_json_atomic
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ def init_distributed() -> Dist:
     """Join (or create) the process group: NCCL on CUDA, gloo on CPU. Idempotent."""
     import torch
 
-    from rlhf_engine.engine.ops import load_ops, needed
+    from rlhf_engine.runtime.ops import load_ops, needed
 
     cuda = torch.cuda.is_available()
     if not dist_initialized():

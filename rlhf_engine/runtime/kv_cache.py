@@ -96,7 +96,7 @@ def plain_layers(config: Any) -> list[bool] | None:
     layer (`DynamicLayer`: every position kept, appended in order). None when transformers cannot build
     a cache from the config (or it is an encoder-decoder): then no layer counts as plain. The one rule
     for "plain full attention": the reserved cache replaces exactly these layers, and the shared-prompt
-    start (engine/prefix.py) and the chat engine's prompt cache need every layer to be one."""
+    start (engine/prefix.py) and the chat generator's prompt cache need every layer to be one."""
     if config is None or getattr(config, "is_encoder_decoder", False):
         return None
     try:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from rlhf_engine.engine.distributed import free_port
-from rlhf_engine.engine.fencing import WATCH_ENV
+from rlhf_engine.runtime.distributed import free_port
+from rlhf_engine.runtime.fencing import WATCH_ENV
 
 Launcher = Literal["deepspeed", "torchrun"]
 # set by a launcher for its workers; a fresh run started from inside one must not inherit them

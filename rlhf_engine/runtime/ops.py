@@ -13,7 +13,7 @@ that a live process holds (a build outside this project, in the same folder) is 
 Loaded ops stay in DeepSpeed's in-process table, so the loads DeepSpeed makes itself later (inside
 `init_distributed`, DeepSpeedCPUAdam) never touch a baton.
 
-    python -m rlhf_engine.engine.ops        # what `make` runs after installing; a worker image's build step
+    python -m rlhf_engine.runtime.ops        # what `make` runs after installing; a worker image's build step
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def load_ops(names: Iterable[str] | None = None) -> dict[str, float]:
 
 
 def main() -> int:
-    from rlhf_engine.engine import fencing
+    from rlhf_engine.runtime import fencing
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     fencing.start_watchdog()  # started by a worker: ends with the worker

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from rlhf_engine.engine import fencing
 from rlhf_engine.models.loading import ModelKind
+from rlhf_engine.runtime import fencing
 
 logger = logging.getLogger(__name__)
 

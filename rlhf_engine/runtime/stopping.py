@@ -14,7 +14,7 @@ import signal
 import threading
 from pathlib import Path
 
-from rlhf_engine.engine.distributed import Dist
+from rlhf_engine.runtime.distributed import Dist
 
 STOP_FILE = "STOP"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, not failed; run again to continue

@@ -19,8 +19,8 @@ import yaml
 
 from rlhf_engine.config.args import dataclass_from_args
 from rlhf_engine.config.pipeline import PipelineConfig, step_values
-from rlhf_engine.engine.fencing import WATCH_ENV
-from rlhf_engine.engine.launch import LAUNCH_VARS
+from rlhf_engine.runtime.fencing import WATCH_ENV
+from rlhf_engine.runtime.launch import LAUNCH_VARS
 from rlhf_engine.stages.progress import EVERY_ENV
 from rlhf_engine.stages.records import is_finished
 

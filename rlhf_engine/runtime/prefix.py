@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from rlhf_engine.engine import kv_cache
+from rlhf_engine.runtime import kv_cache
 
 
 def has_sliding_layers(config: Any) -> bool:
@@ -69,7 +69,7 @@ def prefix_cache(
 ) -> DynamicCache:
     """A KV cache holding `prefix` (k,) for `rows` rows: the model runs it once. `cache`: an empty one to
     fill (e.g. `reserved_cache`'s, with room for what follows); default a plain DynamicCache."""
-    from rlhf_engine.engine.generation import cache_kwarg, forward_params
+    from rlhf_engine.runtime.generation import cache_kwarg, forward_params
 
     one = DynamicCache()
     kwargs: dict[str, Any] = {"input_ids": prefix.unsqueeze(0), cache_kwarg(model): one, "use_cache": True}
