@@ -248,14 +248,63 @@ def _check_gpu_type(gpu_type: str, settings: Settings) -> None:
         )
 
 
+@dataclasses.dataclass
+class Inputs:
+    """A job request's inputs, resolved and checked together: its method and steps, its models, its
+    files by role, its data split (stage 1 of `make_plan`)."""
+
+    method: str
+    hp: Hyperparameters | None
+    grader: dict[str, Any] | None
+    steps: list[int]
+    actor: models_svc.ModelRef
+    reward: models_svc.ModelRef | None
+    train: File | None
+    pref: File | None
+    prompts: File | None
+    pretrain: File | None
+    split: str
+    tracking: dict[str, Any]
+
+    @property
+    def data_files(self) -> list[File]:
+        """The files the steps train on (not the pretraining text)."""
+        return [f for f in (self.train, self.pref, self.prompts) if f is not None]
+
+
 def make_plan(
     *, session: Session, tenant: str, req: JobCreate, settings: Settings, output_dir: Path
 ) -> Planned:
-    import argparse
+    """A job request, in one pass: its inputs resolved (files, models, grader, steps), the step options
+    built, each step's config checked and its memory planned, then the estimate."""
+    inputs = _resolve(session=session, tenant=tenant, req=req, settings=settings)
+    cfg, sections, explicit, shown_hp = _options(req, inputs, output_dir)
+    plan, memory = _plan_steps(req, inputs, cfg, sections, explicit, settings)
+    actor, reward = inputs.actor, inputs.reward
+    return Planned(
+        method=inputs.method,
+        steps=inputs.steps,
+        plan=plan,
+        file_ids=[f.id for f in (*inputs.data_files, inputs.pretrain) if f is not None],
+        actor=actor,
+        reward=reward,
+        hyperparameters=shown_hp,
+        estimate=estimate_steps(
+            plan=plan,
+            steps=inputs.steps,
+            method=inputs.method,
+            files=inputs.data_files,
+            actor_params=model_params(actor.path),
+            reward_params=model_params(reward.path) if reward else 0.0,
+            gpu_type=req.gpu_type,
+            num_gpus=req.num_gpus,
+        ),
+        memory=memory,
+    )
 
-    from rlhf_engine.config.args import dataclass_from_args
-    from rlhf_engine.config.pipeline import step_values
 
+def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Settings) -> Inputs:
+    """Stage 1: the request's method, steps, models and files, each checked against the others."""
     if req.validation_file:
         raise InvalidRequestError(
             "validation_file: not supported yet; evaluation rows are held out of the training data "
@@ -342,12 +391,33 @@ def make_plan(
         parse_split(split)
     except ValueError as e:
         raise InvalidRequestError(str(e), param="data_split") from None
+    return Inputs(
+        method=method,
+        hp=hp,
+        grader=grader,
+        steps=steps,
+        actor=actor,
+        reward=reward,
+        train=train,
+        pref=pref,
+        prompts=prompts,
+        pretrain=pretrain,
+        split=split,
+        tracking=tracking,
+    )
 
-    top, sections, explicit, shown_hp = _step_sections(req, method, hp, steps, tracking)
-    table = step_table(method)
 
+def _options(
+    req: JobCreate, inputs: Inputs, output_dir: Path
+) -> tuple[PipelineConfig, dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Stage 2: the pipeline config and each step's section of options (preset < request config <
+    hyperparameters, then the files by role and the grader), with what the request set itself and the
+    hyperparameters as the job shows them."""
+    method, steps = inputs.method, inputs.steps
+    train, pref, prompts, pretrain = inputs.train, inputs.pref, inputs.prompts, inputs.pretrain
+    top, sections, explicit, shown_hp = _step_sections(req, method, inputs.hp, steps, inputs.tracking)
     data = [train.path] if train else list(DataConfig().data)
-    top = {**top, "data": data, "data_split": split}
+    top = {**top, "data": data, "data_split": inputs.split}
     if req.seed is not None:
         top["seed"] = req.seed
     if pref is not None:
@@ -359,38 +429,53 @@ def make_plan(
     if pretrain is not None:
         sections["ppo"] |= {"unsup_data": [pretrain.path]}
         sections["ppo"].setdefault("unsup_coef", 1.0)
-    if grader is not None:
-        _graded_sections(sections["ppo"], explicit["ppo"], grader, steps, actor, train, prompts)
-    pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)} | {
-        f.name for f in dataclasses.fields(DataConfig)
-    }
-    unknown = sorted(set(top) - pipeline_fields)
+    if inputs.grader is not None:
+        _graded_sections(sections["ppo"], explicit["ppo"], inputs.grader, steps, inputs.actor, train, prompts)
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(top) - pipeline_fields - data_fields)
     if unknown:
         raise InvalidRequestError(f"preset: unknown options {', '.join(unknown)}", param="preset")
     try:
-        data_cfg = DataConfig(
-            **{k: v for k, v in top.items() if k in {f.name for f in dataclasses.fields(DataConfig)}}
-        )
         cfg = PipelineConfig(
-            actor_model=str(actor.path),
-            reward_model=str(reward.path) if reward else "",
+            actor_model=str(inputs.actor.path),
+            reward_model=str(inputs.reward.path) if inputs.reward else "",
             output_dir=str(output_dir),
-            method="dpo" if method == "dpo" else "rlhf",
+            method=RUNS[RUN_OF_METHOD[method]].table,
             step=steps,
-            data=data_cfg,
-            **{
-                k: v
-                for k, v in top.items()
-                if k in {f.name for f in dataclasses.fields(PipelineConfig)} and k != "data"
-            },
+            data=DataConfig(**{k: v for k, v in top.items() if k in data_fields}),
+            **{k: v for k, v in top.items() if k in pipeline_fields and k != "data"},
         )
-        plan: dict[str, Any] = {}
-        memory: list[dict[str, Any]] = []
-        shapes = Shapes(
-            actor=shape_of(actor.path, model_params(actor.path), "actor"),
-            reward=shape_of(reward.path, model_params(reward.path), "reward model") if reward else None,
-        )
-        for step in steps:
+    except (ValueError, TypeError) as e:
+        raise from_value_error(ValueError(str(e))) from None
+    return cfg, sections, explicit, shown_hp
+
+
+def _plan_steps(
+    req: JobCreate,
+    inputs: Inputs,
+    cfg: PipelineConfig,
+    sections: dict[str, dict[str, Any]],
+    explicit: dict[str, dict[str, Any]],
+    settings: Settings,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Stages 3 and 4, per step: its config built (the engine's own dataclass checks it), the server's
+    limits and a full first batch checked, its memory planned (re-planned when `memory: auto`)."""
+    import argparse
+
+    from rlhf_engine.config.args import dataclass_from_args
+    from rlhf_engine.config.pipeline import step_values
+
+    actor, reward = inputs.actor, inputs.reward
+    table = step_table(inputs.method)
+    shapes = Shapes(
+        actor=shape_of(actor.path, model_params(actor.path), "actor"),
+        reward=shape_of(reward.path, model_params(reward.path), "reward model") if reward else None,
+    )
+    plan: dict[str, Any] = {}
+    memory: list[dict[str, Any]] = []
+    try:
+        for step in inputs.steps:
             sec = table[step].command
             values = step_values(cfg, step, sections[sec])
             built: Any = dataclass_from_args(table[step].config, argparse.Namespace(), file_values=values)
@@ -409,36 +494,13 @@ def make_plan(
             )
             memory.append(mem)
             _check_limits(built, sec, settings)
-            _check_fills_a_batch(
-                built, step, sec, [f for f in (train, pref, prompts) if f is not None], req.num_gpus
-            )
+            _check_fills_a_batch(built, step, sec, inputs.data_files, req.num_gpus)
             plan[str(step)] = values
     except InvalidRequestError:
         raise
     except (ValueError, TypeError) as e:
         raise from_value_error(ValueError(str(e))) from None
-    file_ids = [f.id for f in (train, pref, prompts, pretrain) if f is not None]
-    estimate = estimate_steps(
-        plan=plan,
-        steps=steps,
-        method=method,
-        files=[f for f in (train, pref, prompts) if f is not None],
-        actor_params=model_params(actor.path),
-        reward_params=model_params(reward.path) if reward else 0.0,
-        gpu_type=req.gpu_type,
-        num_gpus=req.num_gpus,
-    )
-    return Planned(
-        method=method,
-        steps=steps,
-        plan=plan,
-        file_ids=file_ids,
-        actor=actor,
-        reward=reward,
-        hyperparameters=shown_hp,
-        estimate=estimate,
-        memory=memory,
-    )
+    return plan, memory
 
 
 def _step_sections(
