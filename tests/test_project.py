@@ -150,3 +150,47 @@ def test_the_consoles_lock_file_installs_with_npm_ci() -> None:
         "==" not in v and not v.startswith(("^", "~"))
         for v in {**pinned["dependencies"], **pinned["devDependencies"]}.values()
     )
+
+
+def _readme_blocks() -> str:
+    text = (ROOT / "README.md").read_text()
+    return "\n".join(re.findall(r"```(?:bash|python)\n(.*?)```", text, flags=re.S))
+
+
+def test_the_readme_tour_names_commands_routes_and_rpcs_that_exist() -> None:
+    """Every `rlhf …` command, REST route and gRPC method the README's tour uses is one the code has."""
+    import subprocess
+    import sys
+
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    blocks = _readme_blocks()
+    commands = set(re.findall(r"^(?:export \w+=\$\()?rlhf ([a-z]+(?: [a-z]+)?)", blocks, flags=re.M))
+    assert {"serve", "keys create"} <= commands, commands
+    for command in sorted(commands):
+        done = subprocess.run(
+            [sys.executable, "-m", "workers.cli", *command.split(), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, (command, done.stderr[-500:])
+    app = create_app(Settings(database_url="sqlite://"), run_migrations=False)
+    routes = set(app.openapi()["paths"])
+    used = set(re.findall(r"localhost:8000(/v1/[\w/{}.…-]+)", blocks))
+    assert used, blocks
+    for path in used:
+        pattern = re.sub(r"ftjob-…", "{job_id}", path.split("?")[0])
+        assert any(
+            re.fullmatch(re.sub(r"\{\w+\}", r"[^/]+", route), pattern.replace("{job_id}", "x"))
+            for route in routes
+        ), (path, sorted(routes))
+    protos = "\n".join(p.read_text() for p in (ROOT / "proto").rglob("*.proto"))
+    rpcs = {
+        (service, rpc)
+        for service, body in re.findall(r"^service (\w+) \{(.*?)^\}", protos, flags=re.S | re.M)
+        for rpc in re.findall(r"rpc (\w+)\(", body)
+    }
+    used_rpcs = set(re.findall(r"rlhf\.v1\.(\w+)/(\w+)", blocks))
+    assert used_rpcs and used_rpcs <= rpcs, sorted(used_rpcs - rpcs)
