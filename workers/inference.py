@@ -6,8 +6,8 @@ keeping at most `inference_max_models` (the least recently used idle one is evic
 routes each chat request to a live worker that holds the model, or to the least loaded one, which
 then loads it — so a model finished after the worker started is served without a restart.
 
-Torch runs only on each model's chat-engine thread (and once per model in the thread that loads
-it): one asyncio loop tokenises requests and relays every stream, woken by the engine per token (a
+Torch runs only on each model's chat-generator thread (and once per model in the thread that loads
+it): one asyncio loop tokenises requests and relays every stream, woken by the generator per token (a
 second thread running torch would get its own OpenMP team and halve throughput on a small CPU).
 """
 
@@ -36,7 +36,8 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# engine errors → gRPC codes; the API maps these back through service.errors.ERROR_TABLE
+# the chat generator's error codes (rlhf_engine.chat.errors; wire names kept) → gRPC codes; the API
+# maps them back (service/services/chat.py) to the errors of service.errors.ERROR_TABLE
 _CODES = {
     "invalid_request": grpc.StatusCode.INVALID_ARGUMENT,
     "context_length_exceeded": grpc.StatusCode.INVALID_ARGUMENT,
@@ -54,7 +55,7 @@ class LoadedModels:
     def __init__(self, settings: Settings, on_change: Any = None) -> None:
         self.settings = settings
         self.on_change = on_change or (lambda: None)
-        self._engines: OrderedDict[str, Any] = OrderedDict()
+        self._generators: OrderedDict[str, Any] = OrderedDict()
         self._busy: dict[str, int] = {}  # requests in flight per model
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -64,7 +65,7 @@ class LoadedModels:
 
     def ids(self) -> list[str]:
         with self._lock:
-            return list(self._engines)
+            return list(self._generators)
 
     def active(self) -> int:
         with self._lock:
@@ -76,13 +77,13 @@ class LoadedModels:
             return [m for m, lock in self._loading.items() if lock.locked()]
 
     def load_acquired(self, model_id: str, path: str) -> Any:
-        """The engine of `model_id`, loaded from `path` unless loaded (blocking: run it in a thread),
-        counted busy until `release`. A fresh engine is inserted, acquired and the least recently used
+        """The generator of `model_id`, loaded from `path` unless loaded (blocking: run it in a thread),
+        counted busy until `release`. A fresh generator is inserted, acquired and the least recently used
         idle ones evicted in one critical section: another model's load finishing a moment later must
         not evict it before its caller gets it (three models asked for at once with a cap of two)."""
         with self._lock:
-            if (engine := self._acquire(model_id)) is not None:
-                return engine
+            if (generator := self._acquire(model_id)) is not None:
+                return generator
             load_lock = self._loading.setdefault(model_id, threading.Lock())
         # one load per model; other requests for it wait here, as long as a load may take
         if not load_lock.acquire(timeout=self.settings.inference_load_timeout_s):
@@ -94,13 +95,13 @@ class LoadedModels:
             )
         try:
             with self._lock:
-                if (engine := self._acquire(model_id)) is not None:
-                    return engine
+                if (generator := self._acquire(model_id)) is not None:
+                    return generator
             self.on_change()  # the worker's row says what it is loading (an operator's view; the drill's cue)
-            engine = self._load(model_id, path)
+            generator = self._load(model_id, path)
             with self._lock:
-                self._engines[model_id] = engine
-                self._loading.pop(model_id, None)  # later requests find the engine; waiters re-check it
+                self._generators[model_id] = generator
+                self._loading.pop(model_id, None)  # later requests find the generator; waiters re-check it
                 self._acquire(model_id)
                 evicted = self._evict(keep=model_id)
         finally:
@@ -108,7 +109,7 @@ class LoadedModels:
         for old in evicted:
             old.close()
         self.on_change()
-        return engine
+        return generator
 
     def preparing(self, model_id: str, path_str: str) -> bool:
         """True while a bundled model is not built yet; the first call starts its build in the
@@ -140,37 +141,37 @@ class LoadedModels:
         return True
 
     def try_acquire(self, model_id: str) -> Any:
-        """The engine if loaded (counted busy until `release`), else None — never blocks."""
+        """The generator if loaded (counted busy until `release`), else None — never blocks."""
         with self._lock:
             return self._acquire(model_id)
 
     def _acquire(self, model_id: str) -> Any:
-        engine = self._engines.get(model_id)  # (call with the lock held)
-        if engine is not None:
-            self._engines.move_to_end(model_id)
+        generator = self._generators.get(model_id)  # (call with the lock held)
+        if generator is not None:
+            self._generators.move_to_end(model_id)
             self._busy[model_id] = self._busy.get(model_id, 0) + 1
-        return engine
+        return generator
 
     def release(self, model_id: str) -> None:
         with self._lock:
             self._busy[model_id] = max(0, self._busy.get(model_id, 0) - 1)
-            evicted = self._evict()  # over the cap because every engine was busy at the last load
+            evicted = self._evict()  # over the cap because every generator was busy at the last load
         for old in evicted:
             old.close()
         if evicted:
             self.on_change()
 
     def _evict(self, keep: str | None = None) -> list[Any]:
-        """Idle engines beyond the cap, least recently used first (call with the lock held)."""
+        """Idle generators beyond the cap, least recently used first (call with the lock held)."""
         out = []
-        for model_id in list(self._engines):
-            if len(self._engines) <= self.settings.inference_max_models:
+        for model_id in list(self._generators):
+            if len(self._generators) <= self.settings.inference_max_models:
                 break
             if model_id != keep and self._busy.get(model_id, 0) == 0:
                 logger.info(
                     "evicting %s (least recently used; cap %d)", model_id, self.settings.inference_max_models
                 )
-                out.append(self._engines.pop(model_id))
+                out.append(self._generators.pop(model_id))
         return out
 
     def _load(self, model_id: str, path_str: str) -> Any:
@@ -199,7 +200,7 @@ class LoadedModels:
             max_n=s.chat_max_n,
         )
         started = time.monotonic()
-        engine = ChatGenerator(
+        generator = ChatGenerator(
             ChatGeneratorConfig(
                 model_path=str(path),
                 backend=s.inference_backend,
@@ -214,15 +215,15 @@ class LoadedModels:
             "loaded %s in %.1f s (%s backend)",
             path,
             time.monotonic() - started,
-            getattr(engine.loaded, "backend", s.inference_backend),
+            getattr(generator.loaded, "backend", s.inference_backend),
         )
-        return engine
+        return generator
 
     def close(self) -> None:
         with self._lock:
-            engines, self._engines = list(self._engines.values()), OrderedDict()
-        for engine in engines:
-            engine.close()
+            generators, self._generators = list(self._generators.values()), OrderedDict()
+        for generator in generators:
+            generator.close()
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Any) -> None:
@@ -232,23 +233,23 @@ async def _abort(context: grpc.aio.ServicerContext, error: Any) -> None:
 
 
 class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
-    """One asyncio loop serves every stream: the engine's scheduler thread wakes it per token (no
+    """One asyncio loop serves every stream: the generator's scheduler thread wakes it per token (no
     thread per request, no thread hand-off per message)."""
 
-    def __init__(self, worker_id: str, engines: LoadedModels) -> None:
+    def __init__(self, worker_id: str, generators: LoadedModels) -> None:
         self.worker_id = worker_id
-        self.engines = engines
+        self.generators = generators
 
     async def _load_acquired(self, model_id: str, path: str) -> Any:
-        """`LoadedModels.load_acquired` in a thread; a caller hanging up meanwhile gives the engine back once
-        it is loaded (the load itself goes on: the next request for the model finds it)."""
-        task = asyncio.ensure_future(asyncio.to_thread(self.engines.load_acquired, model_id, path))
+        """`LoadedModels.load_acquired` in a thread; a caller hanging up meanwhile gives the generator back
+        once it is loaded (the load itself goes on: the next request for the model finds it)."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.generators.load_acquired, model_id, path))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(
                 lambda t: (
-                    None if t.cancelled() or t.exception() is not None else self.engines.release(model_id)
+                    None if t.cancelled() or t.exception() is not None else self.generators.release(model_id)
                 )
             )
             raise
@@ -257,11 +258,11 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
         from rlhf_engine.chat.errors import ChatError
         from rlhf_engine.config.chat import SamplingParams
 
-        token = self.engines.settings.inference_token
+        token = self.generators.settings.inference_token
         if token and dict(context.invocation_metadata() or ()).get("x-worker-token") != token:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this endpoint is for the API server only")
-        engine = self.engines.try_acquire(request.model_id)
-        if engine is None and self.engines.preparing(request.model_id, request.model_path):
+        generator = self.generators.try_acquire(request.model_id)
+        if generator is None and self.generators.preparing(request.model_id, request.model_path):
             from rlhf_engine.chat.errors import ModelNotReadyError
 
             await _abort(
@@ -272,9 +273,9 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                     param="model",
                 ),
             )
-        if engine is None:  # first request for the model here: load it off the event loop
+        if generator is None:  # first request for the model here: load it off the event loop
             try:
-                engine = await self._load_acquired(request.model_id, request.model_path)
+                generator = await self._load_acquired(request.model_id, request.model_path)
             except ChatError as e:
                 await _abort(context, e)
         handle: Any = None
@@ -292,10 +293,10 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 messages = [{"role": m.role, "content": m.content} for m in request.messages]
                 if sum(len(m["content"]) for m in messages) > 8192:  # long prompts tokenise off the loop
                     handle = await asyncio.to_thread(
-                        engine.submit, messages, params, scope=request.cache_scope
+                        generator.submit, messages, params, scope=request.cache_scope
                     )
                 else:
-                    handle = engine.submit(messages, params, scope=request.cache_scope)
+                    handle = generator.submit(messages, params, scope=request.cache_scope)
             except ChatError as e:
                 how = e.code
                 await _abort(context, e)
@@ -326,7 +327,7 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 )
             )
         finally:
-            self.engines.release(request.model_id)
+            self.generators.release(request.model_id)
             if handle is not None:
                 if how == "cancelled":
                     handle.cancel()
@@ -349,15 +350,15 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
 class Registration:
     """The worker's row in `inference_workers`, refreshed every heartbeat and on every load."""
 
-    def __init__(self, settings: Settings, worker_id: str, address: str, engines: LoadedModels) -> None:
-        self.settings, self.id, self.address, self.engines = settings, worker_id, address, engines
+    def __init__(self, settings: Settings, worker_id: str, address: str, generators: LoadedModels) -> None:
+        self.settings, self.id, self.address, self.generators = settings, worker_id, address, generators
         self._lock = threading.Lock()
 
     def report(self) -> None:
         values = {
-            "models": self.engines.ids(),
-            "loading": self.engines.loading(),
-            "active": self.engines.active(),
+            "models": self.generators.ids(),
+            "loading": self.generators.loading(),
+            "active": self.generators.active(),
             "heartbeat_at": utcnow(),
         }
         with self._lock, session_scope(self.settings.db_url) as s:
@@ -405,9 +406,9 @@ async def _serve(settings: Settings, port: int | None) -> int:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     worker_id = new_id("iw")
-    engines = LoadedModels(settings)
+    generators = LoadedModels(settings)
     server = grpc.aio.server(maximum_concurrent_rpcs=settings.inference_capacity)
-    worker_pb2_grpc.add_InferenceWorkerServicer_to_server(InferenceServicer(worker_id, engines), server)
+    worker_pb2_grpc.add_InferenceWorkerServicer_to_server(InferenceServicer(worker_id, generators), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host = settings.inference_host
@@ -418,8 +419,8 @@ async def _serve(settings: Settings, port: int | None) -> int:
         settings.inference_advertise
         or f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{bound}"
     )
-    reg = Registration(settings, worker_id, advertise, engines)
-    engines.on_change = reg.report_quietly
+    reg = Registration(settings, worker_id, advertise, generators)
+    generators.on_change = reg.report_quietly
     await server.start()
     await asyncio.to_thread(reg.report)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -449,6 +450,6 @@ async def _serve(settings: Settings, port: int | None) -> int:
         except Exception:
             logger.warning("could not remove the worker's registration", exc_info=True)
         await server.stop(grace=5.0)  # streams in flight get 5 s to finish
-        await asyncio.to_thread(engines.close)
+        await asyncio.to_thread(generators.close)
         logger.info("inference worker %s stopped", worker_id)
     return 0

@@ -10,18 +10,14 @@ import pytest
 
 from rlhf_engine import locks
 
-HOLD = """
-import sys, time
-from pathlib import Path
-from rlhf_engine import locks
-with locks.hold(Path(sys.argv[1]), what="a test lock", timeout_s=5):
-    print("held", flush=True)
-    time.sleep(600)
-"""
+HERE = Path(__file__).resolve().parent
+HOLD_FILE = HERE.parent / "helpers" / "hold_file.py"
 
 
 def _holder(path: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "lock_holder.py"), str(path)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
     return proc
 
@@ -56,12 +52,11 @@ def test_a_wait_ends_with_an_error_naming_the_lock_and_its_holder(tmp_path: Path
 
 def test_holders_and_working_in_see_a_live_process(tmp_path: Path) -> None:
     baton = tmp_path / "lock"
-    code = (
-        "import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); "
-        "print('ok', flush=True); time.sleep(60)"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(baton)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    proc = subprocess.Popen(  # creates the file, keeps it open, says 'ok' and sleeps 60 s
+        [sys.executable, str(HOLD_FILE), str(baton), "ok", "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ok"

@@ -12,10 +12,14 @@ BLOCKED = ("torch", "transformers", "deepspeed")
 
 
 class Block:
+    """An import hook that refuses torch, transformers and deepspeed (and logs each attempt to
+    $RLHF_BLOCKED_LOG when that is set). Also used by tests/service/api_without_torch.py."""
+
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
         if name.split(".")[0] in BLOCKED:
-            with open(os.environ["RLHF_BLOCKED_LOG"], "a") as f:
-                f.write(f"{name}\n")
+            if log := os.environ.get("RLHF_BLOCKED_LOG"):
+                with open(log, "a") as f:
+                    f.write(f"{name}\n")
             raise ImportError(f"{name} is blocked in the API process")
 
 

@@ -32,6 +32,8 @@ from service.db.session import session_scope
 from tests.service.conftest import Stack, events, wait_for
 from tests.service.test_one_trainer import trainers
 
+# creates a file, keeps it open, says a word and sleeps: `hold_file.py PATH WORD SECONDS`
+HOLD_FILE = Path(__file__).resolve().parents[1] / "helpers" / "hold_file.py"
 FLOOR_S = 4.0
 STEPS = 300  # ≈ 10 s of training: frozen well before its end
 BODY = {
@@ -126,11 +128,9 @@ def test_a_step_that_stalls_every_time_fails_with_the_reason(
     baton = extensions / source.name / ops.BATON
     # this cache's record says the op builds in 0.5 s, so its phase may go 4 s (the floor) without progress
     (extensions / ops.BUILD_TIMES).write_text(json.dumps({source.name: 0.5}))
-    hold = (
-        "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); "
-        "print('held', flush=True); time.sleep(900)"
+    holder = subprocess.Popen(  # creates the baton, keeps it open, says 'held' and sleeps 900 s
+        [sys.executable, str(HOLD_FILE), str(baton), "held", "900"], stdout=subprocess.PIPE, text=True
     )
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(baton)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         # a build of the op that never ends, by a process outside this project's lock

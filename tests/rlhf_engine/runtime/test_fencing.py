@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,10 +17,13 @@ import pytest
 from rlhf_engine.runtime import fencing
 from rlhf_engine.stages.records import Records, read_jsonl
 
+HERE = Path(__file__).resolve().parent
 
-def _python(code: str, **env: str) -> subprocess.Popen[str]:
+
+def _python(program: str, *args: str, **env: str) -> subprocess.Popen[str]:
+    """Run `program` (a script next to this file: fencing_holder.py, fencing_rank.py, fencing_orphan.py)."""
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, str(HERE / program), *args],
         env={**os.environ, **env},
         text=True,
         stdout=subprocess.PIPE,
@@ -73,18 +75,8 @@ def test_an_old_attempt_cannot_start_on_a_newer_fence(
         pass
 
 
-HOLDER = """
-    import sys, time
-    from pathlib import Path
-    from rlhf_engine.runtime import fencing
-    with fencing.writer(Path(sys.argv[1]) if len(sys.argv) > 1 else Path({dir!r})):
-        print("held", flush=True)
-        time.sleep(120)
-"""
-
-
 def test_a_new_attempt_waits_for_a_lingering_holder_then_ends_it(tmp_path: Path) -> None:
-    holder = _python(HOLDER.format(dir=str(tmp_path)))
+    holder = _python("fencing_holder.py", str(tmp_path))
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     started = time.monotonic()
     with fencing.writer(tmp_path, wait_s=1.0) as waited:
@@ -95,7 +87,7 @@ def test_a_new_attempt_waits_for_a_lingering_holder_then_ends_it(tmp_path: Path)
 
 
 def test_the_lock_is_free_once_the_holder_is_gone(tmp_path: Path) -> None:
-    holder = _python(HOLDER.format(dir=str(tmp_path)))
+    holder = _python("fencing_holder.py", str(tmp_path))
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     holder.kill()  # SIGKILL: the kernel drops the flock with the process
     holder.wait()
@@ -103,22 +95,10 @@ def test_the_lock_is_free_once_the_holder_is_gone(tmp_path: Path) -> None:
         assert waited < 1
 
 
-RANK = """
-    import sys, time, signal
-    from pathlib import Path
-    from rlhf_engine.runtime import fencing
-    signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), sys.exit(0)))  # 'checkpoints' for 1.5 s
-    fencing.start_watchdog()
-    with fencing.rank(Path({dir!r})):
-        print("rank", flush=True)
-        time.sleep(120)
-"""
-
-
 def test_ranks_of_a_dead_top_process_stop_and_the_next_holder_waits_for_them(tmp_path: Path) -> None:
     top = subprocess.Popen(["sleep", "120"])  # stands in for the step's top process
     rank = _python(
-        RANK.format(dir=str(tmp_path)), **{fencing.WATCH_ENV: str(top.pid), fencing.GRACE_ENV: "30"}
+        "fencing_rank.py", str(tmp_path), **{fencing.WATCH_ENV: str(top.pid), fencing.GRACE_ENV: "30"}
     )
     assert rank.stdout is not None and rank.stdout.readline().strip() == "rank"
     top.kill()
@@ -131,16 +111,8 @@ def test_ranks_of_a_dead_top_process_stop_and_the_next_holder_waits_for_them(tmp
 
 def test_an_orphan_that_ignores_sigterm_leaves_after_its_grace(tmp_path: Path) -> None:
     parent = subprocess.Popen(["sleep", "120"])
-    child = _python(
-        """
-        import signal, time
-        from rlhf_engine.runtime import fencing
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a step stuck between boundaries
-        fencing.start_watchdog()
-        print("up", flush=True)
-        time.sleep(120)
-    """,
-        **{fencing.WATCH_ENV: str(parent.pid), fencing.GRACE_ENV: "1"},
+    child = _python(  # ignores SIGTERM: a step stuck between boundaries
+        "fencing_orphan.py", "stuck", **{fencing.WATCH_ENV: str(parent.pid), fencing.GRACE_ENV: "1"}
     )
     assert child.stdout is not None and child.stdout.readline().strip() == "up"
     parent.kill()
@@ -152,10 +124,7 @@ def test_an_orphan_that_ignores_sigterm_leaves_after_its_grace(tmp_path: Path) -
 def test_a_step_whose_starter_is_already_gone_does_not_start() -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()
-    child = _python(
-        "from rlhf_engine.runtime import fencing; fencing.start_watchdog(); print('trained')",
-        **{fencing.WATCH_ENV: str(gone.pid)},
-    )
+    child = _python("fencing_orphan.py", "step", **{fencing.WATCH_ENV: str(gone.pid)})
     out, err = child.communicate(timeout=15)
     assert child.returncode == fencing.EXIT_ORPHANED and "trained" not in out, err
 

@@ -18,7 +18,9 @@ import pytest
 
 from rlhf_engine.runtime import ops
 
-LOAD = "from rlhf_engine.runtime import ops; print(ops.load_ops(('ShareMemCommBuilder',)))"
+HERE = Path(__file__).resolve().parent
+LOAD = HERE / "ops_loader.py"  # loads the shared-memory op in a fresh process
+HOLD_FILE = HERE.parents[1] / "helpers" / "hold_file.py"
 
 
 @pytest.fixture
@@ -36,7 +38,7 @@ def _load(
     root: Path, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", LOAD],
+        [sys.executable, str(LOAD)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -55,11 +57,9 @@ def test_a_killed_builders_baton_is_removed_and_the_op_loads(extensions: Path) -
 
 def test_a_baton_a_live_process_holds_is_waited_for_then_named(extensions: Path) -> None:
     baton = extensions / ops.OP_NAMES["ShareMemCommBuilder"] / ops.BATON
-    hold = (
-        "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); "
-        "print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen(  # creates the baton, keeps it open, says 'held' and sleeps 600 s
+        [sys.executable, str(HOLD_FILE), str(baton), "held", "600"], stdout=subprocess.PIPE, text=True
     )
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(baton)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         started = time.monotonic()

@@ -246,55 +246,17 @@ def test_step3_resumes_after_sigkill_with_the_same_metrics(tmp_path: Path, pipel
     assert sb["ema_eval_reward"] == pytest.approx(sa["ema_eval_reward"], abs=1e-5)  # EMA state restored too
 
 
-RESEARCHER_LOOP = """
-import sys
-from transformers import AutoTokenizer
-from rlhf_engine import RLHFEngine, PPOTrainer, PPOConfig
-from rlhf_engine.data.collate import collate_prompts
-from rlhf_engine.data.prepare import prepare_step
-
-run = sys.argv[1]
-args = PPOConfig(actor_model_name_or_path=run + "/step1_sft", critic_model_name_or_path=run + "/step2_reward",
-                 per_device_generation_batch_size=4, per_device_training_batch_size=4, max_answer_len=16,
-                 actor_learning_rate=1e-4, critic_learning_rate=1e-4, num_warmup_steps=0)
-tokenizer = AutoTokenizer.from_pretrained(args.actor_model_name_or_path)
-prompts = prepare_step(args.data, 3, tokenizer).train
-loader = [
-    collate_prompts([prompts.row(i) for i in range(j, j + 4)], tokenizer.pad_token_id)
-    for j in range(0, 12, 4)
-]
-
-engine = RLHFEngine(actor_model_name_or_path=args.actor_model_name_or_path,
-                    critic_model_name_or_path=args.critic_model_name_or_path, tokenizer=tokenizer,
-                    num_total_iters=len(loader), args=args)
-trainer = PPOTrainer(engine=engine, args=args)
-for batch in loader:
-    out = trainer.generate_experience(batch)
-    # (a check, not part of the loop: the log-probs taken from generate's logits equal a forward pass's)
-    import torch
-    from rlhf_engine.algorithms.ppo import token_logprobs
-    from rlhf_engine.runtime.generation import lm_logits
-    with torch.no_grad():
-        A = out.action_mask.shape[1]
-        fwd = token_logprobs(lm_logits(engine.actor, out.seq, out.attention_mask, keep_last=A + 1)[:, :-1],
-                             out.seq[:, out.prompt_len:])
-    print("logprob_gap", float(((fwd - out.logprobs).abs() * out.action_mask).max()))
-    actor_loss, critic_loss = trainer.train_rlhf(out)
-    print("losses", float(actor_loss), float(critic_loss))
-"""
-
-
-def test_the_researchers_loop_runs_as_written(tmp_path: Path, pipeline_run: Path) -> None:
-    script = tmp_path / "loop.py"
-    script.write_text(RESEARCHER_LOOP)
+def test_the_researchers_loop_runs_as_written(pipeline_run: Path) -> None:
+    script = Path(__file__).with_name("researcher_loop.py")
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     done = subprocess.run(
         [sys.executable, str(script), str(pipeline_run)], capture_output=True, text=True, env=env, timeout=240
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    losses = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("losses")]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    losses = result["losses"]  # [actor_loss, critic_loss] per batch
     assert len(losses) == 3 and all(abs(float(x)) < 1e4 for pair in losses for x in pair)
-    gaps = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("logprob_gap")]
+    gaps = [float(g) for g in result["logprob_gaps"]]
     assert len(gaps) == 3 and max(gaps) < 1e-4, gaps
 
 

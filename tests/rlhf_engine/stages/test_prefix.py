@@ -5,6 +5,7 @@ ranks that would run different passes)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,65 +89,13 @@ def test_generation_and_scoring_from_the_shared_start_equal_the_left_padded_batc
     assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-4)
 
 
-SHARED_START_PPO = """
-import dataclasses, sys, torch
-from transformers import AutoTokenizer
-from rlhf_engine import PPOConfig, PPOTrainer, RLHFEngine
-from rlhf_engine.data.collate import collate_prompts
-from rlhf_engine.data.prepare import prepare_step
-
-actor, critic = sys.argv[1], sys.argv[2]
-args = PPOConfig(actor_model_name_or_path=actor, critic_model_name_or_path=critic,
-                 per_device_generation_batch_size=4, per_device_training_batch_size=4, max_answer_len=12,
-                 num_warmup_steps=0)
-tok = AutoTokenizer.from_pretrained(actor)
-prompts = prepare_step(args.data, 3, tok).train
-batch = collate_prompts([prompts.row(i) for i in range(4)], tok.pad_token_id)
-engine = RLHFEngine(actor_model_name_or_path=actor, critic_model_name_or_path=critic, tokenizer=tok,
-                    num_total_iters=2, args=args)
-trainer = PPOTrainer(engine=engine, args=args)
-trainer.generate_kwargs = {"do_sample": False, "min_new_tokens": 12}  # greedy: the same answers either way
-runs = {}
-for share in (False, True):
-    trainer.share_prompt_prefix = share
-    runs[share] = trainer.generate_experience(batch)
-plain, shared = runs[False], runs[True]
-k = trainer._shareable_prefix(batch["input_ids"], batch["attention_mask"])
-P = plain.prompt_len
-print("shared_columns", k, bool((shared.seq[:, :k] == shared.seq[:1, :k]).all()))
-print("same_answers", torch.equal(plain.seq[:, P:], shared.seq[:, P:]))
-for name in ("logprobs", "ref_logprobs", "values", "scores"):
-    print("gap", name, float((getattr(plain, name) - getattr(shared, name)).abs().max()))
-# the training pass: the start run once gives the same log-probs and the same gradients
-module = engine.actor.module
-from rlhf_engine.stages import ppo_trainer
-print("start_once_in_training",
-      not (ppo_trainer._dropout(module) or ppo_trainer._zero_stage(engine.actor) == 3))
-engine.actor.train()
-got = {}
-for k in (0, shared.shared_prefix):
-    module.zero_grad(set_to_none=True)
-    lp = trainer.policy_logprobs(dataclasses.replace(shared, shared_prefix=k))
-    engine.actor.backward((lp * shared.action_mask).sum())
-    got[k] = (lp.detach(), [p.grad.clone() for p in module.parameters() if p.grad is not None])
-(lp0, g0), (lp1, g1) = got[0], got[shared.shared_prefix]
-print("gap policy", float((lp0 - lp1).abs().max()))
-print("gap grads", max(float((a - b).abs().max() / a.abs().max().clamp(min=1e-12)) for a, b in zip(g0, g1)))
-print("grads", len(g0), len(g1))
-module.zero_grad(set_to_none=True)
-actor_loss, critic_loss = trainer.train_rlhf(shared)
-print("losses", float(actor_loss), float(critic_loss))
-"""
-
-
 @pytest.mark.slow
-def test_ppo_experience_from_the_shared_start_equals_the_left_padded_one(tmp_path: Path) -> None:
+def test_ppo_experience_from_the_shared_start_equals_the_left_padded_one() -> None:
     """A chat template's system prompt (SmolLM2's tokenizer on a tiny Llama): step 3 runs it once, and
     the experience — answers, actor and reference log-probs, values, rewards — is the left-padded one's;
     so are the policy's log-probs and gradients in the training pass."""
     actor = build_tiny("llama", "xs", tokenizer_from="smollm2")
-    script = tmp_path / "shared.py"
-    script.write_text(SHARED_START_PPO)
+    script = Path(__file__).with_name("prefix_probe.py")
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     done = subprocess.run(
         [sys.executable, str(script), str(actor), str(actor)],
@@ -156,13 +105,13 @@ def test_ppo_experience_from_the_shared_start_equals_the_left_padded_one(tmp_pat
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    out = {" ".join(line.split()[:-1]): line.split()[-1] for line in done.stdout.splitlines() if " " in line}
-    shared = [line.split() for line in done.stdout.splitlines() if line.startswith("shared_columns")]
-    assert shared and int(shared[0][1]) >= 20 and shared[0][2] == "True"  # the system prompt, the user header
-    assert out["same_answers"] == "True" and out["start_once_in_training"] == "True"
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    # the system prompt, the user header
+    assert out["shared_columns"] >= 20 and out["shared_columns_equal"] is True, done.stdout
+    assert out["same_answers"] is True and out["start_once_in_training"] is True, done.stdout
     for name in ("logprobs", "ref_logprobs", "values", "scores", "policy"):
-        assert float(out[f"gap {name}"]) < 1e-4, (name, done.stdout)
-    assert float(out["gap grads"]) < 1e-3, done.stdout  # relative to each gradient's largest entry
-    [counts] = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("grads ")]
-    assert counts[0] == counts[1] and int(counts[0]) > 10  # every trained parameter compared
-    assert any(line.startswith("losses") for line in done.stdout.splitlines())
+        assert out["gaps"][name] < 1e-4, (name, done.stdout)
+    assert out["gaps"]["grads"] < 1e-3, done.stdout  # relative to each gradient's largest entry
+    counts = out["grads"]
+    assert counts[0] == counts[1] and counts[0] > 10  # every trained parameter compared
+    assert len(out["losses"]) == 2, done.stdout

@@ -1,0 +1,1 @@
+"""Programs the tests run as child processes (each a plain script, run by its path)."""
