@@ -72,15 +72,15 @@ def new_pg() -> Iterator[Callable[[], str]]:
 
 @pytest.fixture(scope="session")
 def new_redis() -> Iterator[Callable[[], str]]:
-    """Redis databases of their own (6, 7, …; flushed before and after), one per stack: workers of one
-    stack must not take another stack's tasks."""
+    """Redis databases of their own (1, 2, …, 15; flushed before and after), one per stack: workers of
+    one stack must not take another stack's tasks. Database 0 is left alone (a developer's own)."""
     import redis
 
     used: list[str] = []
 
     def make() -> str:
-        url = f"redis://127.0.0.1:6379/{6 + len(used)}"
-        assert len(used) < 10, "out of Redis databases for tests"
+        url = f"redis://127.0.0.1:6379/{1 + len(used)}"
+        assert len(used) < 15, "out of Redis databases for tests (Redis has 16; 0 is left alone)"
         redis.Redis.from_url(url).flushdb()
         used.append(url)
         return url
@@ -88,6 +88,12 @@ def new_redis() -> Iterator[Callable[[], str]]:
     yield make
     for url in used:
         redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture(scope="session")
+def scratch_redis(new_redis: Callable[[], str]) -> str:
+    """One Redis database for tests that only count or store (no workers): flush it before use."""
+    return new_redis()
 
 
 @dataclass

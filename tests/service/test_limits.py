@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from service.clock import ManualClock
 from service.limits import Counter, RateLimit, rate_key, window
@@ -38,7 +39,9 @@ def counted(request: pytest.FixtureRequest, tmp_path: Any) -> Settings:
     from service.db.migrate import migrate
 
     if request.param == "redis":
-        return Settings(data_dir=tmp_path, redis_url=request.getfixturevalue("new_redis")())
+        url = request.getfixturevalue("scratch_redis")
+        redis.Redis.from_url(url).flushdb()
+        return Settings(data_dir=tmp_path, redis_url=url)
     settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'rlhf.db'}")
     migrate(settings.db_url)
     return settings
