@@ -91,19 +91,28 @@ class ReservedLayer(DynamicLayer):
         self._n = 0
 
 
+def _default_cache(config: Any) -> DynamicCache | None:
+    """The cache transformers builds for `config`, or None when it cannot (or an encoder-decoder)."""
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    try:
+        return DynamicCache(config=config)
+    except (AttributeError, KeyError, TypeError, ValueError):  # a cache HF builds differently
+        return None
+
+
+def _is_plain(layer: Any) -> bool:
+    return type(layer) is DynamicLayer
+
+
 def plain_layers(config: Any) -> list[bool] | None:
     """Per layer of the KV cache transformers builds for `config`: whether it is a plain full-attention
     layer (`DynamicLayer`: every position kept, appended in order). None when transformers cannot build
     a cache from the config (or it is an encoder-decoder): then no layer counts as plain. The one rule
     for "plain full attention": the reserved cache replaces exactly these layers, and the shared-prompt
-    start (engine/prefix.py) and the chat generator's prompt cache need every layer to be one."""
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return None
-    try:
-        cache = DynamicCache(config=config)
-    except (AttributeError, KeyError, TypeError, ValueError):  # a cache HF builds differently
-        return None
-    return [type(layer) is DynamicLayer for layer in cache.layers]
+    start (runtime/prefix.py) and the chat generator's prompt cache need every layer to be one."""
+    cache = _default_cache(config)
+    return None if cache is None else [_is_plain(layer) for layer in cache.layers]
 
 
 def all_plain(config: Any) -> bool:
@@ -113,14 +122,14 @@ def all_plain(config: Any) -> bool:
 
 
 def reserved_cache(model: Any, reserve: int) -> DynamicCache | None:
-    """The cache `generate` would build for `model`, its plain full-attention layers replaced by
-    ReservedLayer(reserve); None when the model has no such layer (or no config to tell)."""
-    config = getattr(model, "config", None)
-    kinds = plain_layers(config)
-    if not kinds or not any(kinds):
+    """The cache `generate` would build for `model`, its plain full-attention layers (`plain_layers`)
+    replaced by ReservedLayer(reserve); None when the model has no such layer (or no config to tell)."""
+    cache = _default_cache(getattr(model, "config", None))
+    if cache is None:
         return None
-    cache = DynamicCache(config=config)
-    for i, plain in enumerate(kinds):
-        if plain:
+    replaced = 0
+    for i, layer in enumerate(cache.layers):
+        if _is_plain(layer):
             cache.layers[i] = ReservedLayer(reserve)
-    return cache
+            replaced += 1
+    return cache if replaced else None

@@ -26,15 +26,16 @@ from rlhf_engine.stages.ppo_trainer import answer_mask
 def _load(path: str, kind: str) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if kind == "rm":  # a causal LM would load with a new, random score head: refuse it by name
-        architectures = AutoConfig.from_pretrained(path, trust_remote_code=False).architectures or []
-        if not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise ValueError(
-                f"reward_model: {path} is {'/'.join(architectures) or 'a model'}, without a reward head, "
-                "not a trained reward model; give step 2's output (RUN/step2_reward)"
-            )
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    architectures = config.architectures or []
+    if kind == "rm" and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        # a causal LM would load with a new, random score head: refuse it by name
+        raise ValueError(
+            f"reward_model: {path} is {'/'.join(architectures) or 'a model'}, without a reward head, "
+            "not a trained reward model; give step 2's output (RUN/step2_reward)"
+        )
     cls = AutoModelForCausalLM if kind == "lm" else AutoModelForSequenceClassification
-    return cls.from_pretrained(path, trust_remote_code=False).eval()
+    return cls.from_pretrained(path, config=config, trust_remote_code=False).eval()
 
 
 @torch.no_grad()
