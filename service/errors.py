@@ -50,6 +50,17 @@ class MethodNotAllowedError(ServiceError):
 
 
 class ConflictError(ServiceError):
+    """A request that clashes with another (an Idempotency-Key reused with another body, a name taken)."""
+
+    kind = "invalid_request_error"
+
+
+class WrongStateError(InvalidRequestError):
+    """The object's state does not allow this (cancel a finished job, delete a file a live job uses).
+
+    A 400 as OpenAI answers it, not a 409: the official SDK retries 409s twice with backoff, and
+    retrying cannot change a finished job's state. gRPC says FAILED_PRECONDITION."""
+
     kind = "invalid_request_error"
 
 
@@ -102,6 +113,7 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     NotFoundError: (404, "NOT_FOUND"),
     MethodNotAllowedError: (405, "UNIMPLEMENTED"),
     ConflictError: (409, "FAILED_PRECONDITION"),
+    WrongStateError: (400, "FAILED_PRECONDITION"),
     SlowBodyError: (408, "DEADLINE_EXCEEDED"),
     TooLargeError: (413, "RESOURCE_EXHAUSTED"),
     RateLimitedError: (429, "RESOURCE_EXHAUSTED"),

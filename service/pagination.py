@@ -50,16 +50,26 @@ def newest_first(
     find: Callable[[str], Any],
     what: str,
     limit: int,
+    oldest_first: bool = False,
 ) -> tuple[list[Any], bool]:
-    """(rows after the one whose id is `after`, has_more) of `q` ordered newest first by (created_at, id):
-    keyset paging, for tables whose rows carry both (jobs, files). `find` and `what`: see `anchor_of`."""
+    """(rows after the one whose id is `after`, has_more) of `q` ordered newest first by (created_at, id)
+    (or oldest first): keyset paging, for tables whose rows carry both (jobs, files). `find` and `what`:
+    see `anchor_of`."""
     anchor = anchor_of(after, find, what)
-    q = q.order_by(model.created_at.desc(), model.id.desc())
-    if anchor is not None:
-        q = q.where(
-            (model.created_at < anchor.created_at)
-            | ((model.created_at == anchor.created_at) & (model.id < anchor.id))
-        )
+    if oldest_first:
+        q = q.order_by(model.created_at, model.id)
+        if anchor is not None:
+            q = q.where(
+                (model.created_at > anchor.created_at)
+                | ((model.created_at == anchor.created_at) & (model.id > anchor.id))
+            )
+    else:
+        q = q.order_by(model.created_at.desc(), model.id.desc())
+        if anchor is not None:
+            q = q.where(
+                (model.created_at < anchor.created_at)
+                | ((model.created_at == anchor.created_at) & (model.id < anchor.id))
+            )
     rows = list(session.scalars(q.limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 

@@ -35,16 +35,25 @@ class Page(BaseModel):
 # ---------------------------------------------------------------------------- files
 
 
+FilePurpose = Literal["fine-tune", "fine-tune-results", "evals", "user_data"]
+
+
 class FileObject(BaseModel):
     id: str
     object: Literal["file"] = "file"
     bytes: int
     created_at: int
     filename: str
-    purpose: str
+    purpose: FilePurpose
     status: Literal["processed"] = "processed"
-    format: str = Field(description="the data layer's detected row shape, e.g. prompt_chosen_rejected")
-    kind: str = Field(description="sft, preference, prompt (prompts only: step 3) or text")
+    expires_at: int | None = Field(default=None, description="Unix seconds when it expires (expires_after)")
+    format: str = Field(
+        description="the data layer's detected row shape, e.g. prompt_chosen_rejected (raw: user_data, "
+        "csv: results)"
+    )
+    kind: str = Field(
+        description="sft, preference, prompt (prompts only: step 3), text; none (user_data), results"
+    )
     rows: int = Field(description="rows read (after empty/invalid rows were counted out)")
     skipped: dict[str, int] = Field(
         default_factory=dict,
@@ -301,7 +310,7 @@ class EventObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
-    level: str
+    level: Literal["info", "warn", "error"]
     message: str
     type: Literal["message", "metrics"]
     data: dict[str, Any] | None = None

@@ -38,13 +38,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rlhf_engine.config.pipeline import Step
-from service.db.models import CostInterval, Job, JobCheckpoint, JobMetric, utcnow
+from service.db.models import CostInterval, File, Job, JobCheckpoint, JobEvent, JobMetric, utcnow
 from service.db.session import session_scope
-from service.jobs import lifecycle
+from service.jobs import lifecycle, results
 from service.jobs.lifecycle import LeaseLostError, add_event
 from service.jobs.plan import step_table
 from service.jobs.states import StepOutcome, StopReason
 from service.services import cost as costs
+from service.services import files as files_svc
 from service.services import models as models_svc
 from service.settings import Settings
 from workers.bundled import build_bundled
@@ -133,6 +134,10 @@ class Ingest:
 
     def run(self, session: Session) -> None:
         lines, rewritten = self._lines("metrics.jsonl")
+        events = self._lines("events.jsonl")[0]
+        for e in events:  # the step's length first: the metrics events of the same read say "n of N"
+            if "total_steps" in (e.get("data") or {}):
+                self.total_steps = int(e["data"]["total_steps"])
         if rewritten:  # read from the start: drop the rows the file no longer holds
             newest = max((int(m.get("step", 0)) for m in lines), default=0)
             session.execute(
@@ -157,12 +162,13 @@ class Ingest:
                     )
                 )
             elif (merged := {**row.values, **m}) != row.values:
-                # written again by a resumed attempt; what the worker added (peak memory) stays
+                # written again by a resumed attempt, or completed (the full validation after the last
+                # step); what the worker added (peak memory) stays
                 row.time, row.values = float(m.get("time", 0.0)), merged
-        for e in self._lines("events.jsonl")[0]:  # a log: a rewritten file's lines are added to it
+                m = merged
+            self._metrics_event(session, gs, m)
+        for e in events:  # a log: a rewritten file's lines are added to it
             data = e.get("data") or {}
-            if "total_steps" in data:
-                self.total_steps = int(data["total_steps"])
             add_event(
                 session=session,
                 job=self.job_id,
@@ -198,6 +204,30 @@ class Ingest:
                         )
                     )
         session.flush()
+
+    def _metrics_event(self, session: Session, gs: int, values: dict[str, Any]) -> None:
+        """OpenAI's `metrics` event of one logged step (its data under the SDK's names); a point written
+        again (resumed, or completed by the final validation) updates its event."""
+        data = results.sdk_metrics(values, global_step=gs) | {"rlhf_step": self.step}
+        if self.total_steps:
+            data["total_steps"] = self.total_steps
+        key = f"metrics:{self.step}:{gs}"
+        seen = session.scalar(
+            select(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.source_key == key)
+        )
+        message = results.event_message(data, self.total_steps or None)
+        if seen is None:
+            add_event(
+                session=session,
+                job=self.job_id,
+                type_="metrics",
+                message=message,
+                step=self.step,
+                data=data,
+                source_key=key,
+            )
+        elif seen.data != data:
+            seen.data, seen.message = data, message
 
     @property
     def global_step(self) -> int:
@@ -420,7 +450,7 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
                         session=s,
                         job=job,
                         type_="step_stalled",
-                        level="warning",
+                        level="warn",
                         step=step,
                         message=message,
                         data={"phase": seen.public(step)},
@@ -461,7 +491,7 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
                             session=s,
                             job=job,
                             type_="budget_reached",
-                            level="warning",
+                            level="warn",
                             step=step,
                             message=f"pausing: accrued ${job.accrued_usd:.6f}; another interval and the stop "
                             f"would pass max_cost_usd ${max_cost}",
@@ -575,7 +605,7 @@ def train_job(job_id: str, settings: Settings) -> str:
                         session=s,
                         job=job,
                         type_="step_restarted",
-                        level="warning",
+                        level="warn",
                         step=step,
                         message=(
                             outcome.message + "; restarting it"
@@ -711,11 +741,42 @@ def _finish(settings: Settings, job_id: str, owner: str, outcome: Outcome, step:
             models=models,
             fine_tuned_model=main_id,
         )
+        if done in ("succeeded", "failed"):
+            _results_file(s, job_id, settings)
     if done == "requeued":
         from service.queue import enqueue_training
 
         enqueue_training(job_id, settings)
     return done
+
+
+def _results_file(s: Session, job_id: str, settings: Settings) -> None:
+    """The job's results CSV (OpenAI's `result_files`): written once the job has ended, when training
+    logged anything — a job that failed after training started gets one too."""
+    job = s.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    if job.result_files:
+        return
+    points = [
+        (m.step, m.global_step, m.values)
+        for m in s.scalars(
+            select(JobMetric)
+            .where(JobMetric.job_id == job_id)
+            .order_by(JobMetric.step, JobMetric.global_step)
+        )
+    ]
+    if not points:
+        return
+    content, rows = results.results_csv(points, multi_step=len(job.steps) > 1)
+    f: File = files_svc.register_results(
+        session=s,
+        tenant=job.tenant_id,
+        filename=f"step_metrics_{job.id}.csv",
+        content=content,
+        files_dir=settings.files_dir,
+        rows=rows,
+    )
+    job.result_files = [f.id]
 
 
 def _fine_tuned_models(job: Job) -> tuple[dict[str, Path], str]:

@@ -62,8 +62,24 @@ def estimate(body: EstimateRequest, caller: CallerDep, session: SessionDep, sett
 
 
 @router.get("", response_model=JobList, responses=errors(404))
-def list_jobs(caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 20) -> Any:
-    return respond(svc.list_jobs(session=session, tenant=caller.tenant_id, after=after, limit=limit))
+def list_jobs(
+    request: Request, caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 20
+) -> Any:
+    """`metadata[key]=value` (OpenAI's filter, repeatable): only jobs whose metadata holds every pair."""
+    metadata: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]") and len(name) > len("metadata[]"):
+            metadata[name[len("metadata[") : -1]] = value
+        elif name.startswith("metadata"):
+            raise InvalidRequestError(
+                f"{name}: filter by metadata as metadata[key]=value (e.g. metadata[team]=search)",
+                param="metadata",
+            )
+    return respond(
+        svc.list_jobs(
+            session=session, tenant=caller.tenant_id, after=after, limit=limit, metadata=metadata or None
+        )
+    )
 
 
 @router.get("/{job_id}", response_model=JobObject, responses=errors(404))
@@ -71,21 +87,21 @@ def get_job(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
     return respond(svc.to_object(svc.get_job(session=session, tenant=caller.tenant_id, job_id=job_id)))
 
 
-@router.post("/{job_id}/cancel", response_model=JobObject, responses=errors(404, 409))
+@router.post("/{job_id}/cancel", response_model=JobObject, responses=errors(404))
 def cancel(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
     job = lifecycle.cancel(session=session, tenant=caller.tenant_id, job_id=job_id)
     session.commit()
     return respond(svc.to_object(job))
 
 
-@router.post("/{job_id}/pause", response_model=JobObject, responses=errors(404, 409))
+@router.post("/{job_id}/pause", response_model=JobObject, responses=errors(404))
 def pause(job_id: str, caller: CallerDep, session: SessionDep) -> Any:
     job = lifecycle.pause(session=session, tenant=caller.tenant_id, job_id=job_id)
     session.commit()
     return respond(svc.to_object(job))
 
 
-@router.post("/{job_id}/resume", response_model=JobObject, responses=errors(404, 409))
+@router.post("/{job_id}/resume", response_model=JobObject, responses=errors(404))
 def resume(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Any:
     job = lifecycle.resume_job(session=session, tenant=caller.tenant_id, job_id=job_id, settings=settings)
     return respond(svc.to_object(job))

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.openapi import COMMON, errors
 from service.api.uploads import save_upload
-from service.schemas import ModelList, ModelObject
+from service.schemas import Deleted, ModelList, ModelObject
 from service.services import models as svc
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=errors(*COMMON))
@@ -84,3 +84,11 @@ def get_model(model_id: str, caller: CallerDep, session: SessionDep, settings: S
     return svc.get_model(
         session=session, tenant=caller.tenant_id, models_dir=settings.models_dir, model_id=model_id
     )
+
+
+@router.delete("/{model_id:path}", response_model=Deleted, responses=errors(404))
+def delete_model(model_id: str, caller: CallerDep, session: SessionDep) -> Any:
+    """Delete your fine-tuned (or uploaded) model and its weights (refused while a live job uses it)."""
+    svc.delete_model(session=session, tenant=caller.tenant_id, model_id=model_id)
+    session.commit()
+    return Deleted(id=model_id, object="model")

@@ -17,12 +17,13 @@ from fastapi.openapi.utils import get_openapi
 from service.schemas import ErrorResponse
 
 DESCRIPTIONS = {
-    400: "invalid request: the message names the field and the fix",
+    400: "invalid request, or the object's state does not allow it now: the message names the field and "
+    "the fix",
     401: "missing or unknown API key",
     403: "the key may not do this",
     404: "no such object for this key",
     408: "the request body arrived too slowly (settings body_timeout_s, min_body_bytes_per_s)",
-    409: "the object's state does not allow this now",
+    409: "clashes with an earlier request (an Idempotency-Key reused with another body, a name taken)",
     413: "request body over this server's limit",
     429: "over a rate limit or quota; retry after Retry-After seconds",
     502: "an inference worker failed while answering; retry",

@@ -99,6 +99,7 @@ class File(Base):
     skipped: Mapped[dict[str, int]] = mapped_column(
         JSON, default=dict, server_default="{}"
     )  # rows left out, by reason
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # expires_after
 
 
 class Job(Base):
@@ -143,6 +144,7 @@ class Job(Base):
     output_dir: Mapped[str] = mapped_column(Text)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    result_files: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # fine-tune-results files
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)

@@ -3,8 +3,8 @@
 Every move is one guarded `UPDATE jobs SET status = <to> … WHERE id = … AND status IN (<from>)`
 (`states.TRANSITIONS`), plus the lease owner's id where the worker moves it. Two actors racing for
 one job (a cancel and the worker's last write, a claim and the sweeper, two claims) cannot both
-win: the database applies one UPDATE, and the other matches no row. The loser is told — a 409 for
-the API, "lost" or "cancelled" for the worker — and writes nothing.
+win: the database applies one UPDATE, and the other matches no row. The loser is told — a 400 for
+the API (WrongStateError), "lost" or "cancelled" for the worker — and writes nothing.
 
 A job's history (its events) is written here with its moves, and by the worker as the job runs.
 """
@@ -23,7 +23,7 @@ from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import FineTunedModel, Job, JobEvent, Tenant, utcnow
-from service.errors import ConflictError, InvalidRequestError
+from service.errors import ConflictError, InvalidRequestError, WrongStateError
 from service.jobs import states
 from service.jobs.plan import make_plan
 from service.jobs.queries import get_job
@@ -187,11 +187,11 @@ def submit_job(
 
 def _refused(
     session: Session, job_id: str, verb: str, sources: tuple[states.JobStatus, ...]
-) -> ConflictError:
+) -> WrongStateError:
     status = _reload(session, job_id).status
     live = " or ".join(sources)
     already = "already " if status in states.TERMINAL else ""
-    return ConflictError(
+    return WrongStateError(
         f"job {job_id} is {already}{status}; only a {live} job can be {verb}", param="fine_tuning_job_id"
     )
 
@@ -240,7 +240,7 @@ def resume(*, session: Session, tenant: str, job_id: str, settings: Settings) ->
     if costs.budget_exhausted(
         accrued_usd=job.accrued_usd, max_cost_usd=job.max_cost_usd, interval_usd=interval
     ):
-        raise ConflictError(
+        raise WrongStateError(
             f"job {job_id} has spent ${job.accrued_usd:.6f} of its max_cost_usd ${job.max_cost_usd}; "
             "it cannot resume within its budget",
             param="max_cost_usd",
@@ -495,7 +495,7 @@ def sweep(*, session: Session, settings: Settings) -> list[str]:
                 session=session,
                 job=_reload(session, job_id),
                 type_="worker_lost",
-                level="warning",
+                level="warn",
                 message="the job's worker stopped reporting; queued again, "
                 "it resumes from its last checkpoint",
             )

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from rlhf_engine.stages import phase as phases
 from service.db.models import Job, JobCheckpoint, JobEvent, JobMetric
 from service.errors import NotFoundError
+from service.jobs import results
 from service.jobs.states import TERMINAL
 from service.pagination import anchor_of, cut, newest_first, paged
 from service.schemas import (
@@ -47,7 +48,19 @@ def get_job(*, session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(*, session: Session, tenant: str, after: str | None, limit: int) -> JobList:
+def list_jobs(
+    *, session: Session, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None = None
+) -> JobList:
+    """The tenant's jobs, newest first; with `metadata`, only those whose metadata holds every pair."""
+    if metadata:
+        q = select(Job).where(Job.tenant_id == tenant).order_by(Job.created_at.desc(), Job.id.desc())
+        matching = [
+            j
+            for j in session.scalars(q)
+            if all((j.job_metadata or {}).get(k) == v for k, v in metadata.items())
+        ]
+        found, more = cut(matching, after=after, limit=limit, id_of=lambda j: j.id, what="fine-tuning job")
+        return paged(JobList, [to_object(j) for j in found], more)
     rows, more = newest_first(
         session,
         select(Job).where(Job.tenant_id == tenant),
@@ -101,6 +114,7 @@ def to_object(job: Job) -> JobObject:
         validation_file=job.validation_file,
         hyperparameters=req.get("_hyperparameters", {}),
         method=method_obj,
+        result_files=list(job.result_files or []),
         trained_tokens=job.trained_tokens if job.status == "succeeded" else None,
         error=JobError(**job.error) if job.error else None,
         seed=job.seed,
@@ -150,13 +164,21 @@ def events_since(*, session: Session, job_id: str, seq: int) -> list[JobEvent]:
     return list(session.scalars(q))
 
 
+# the steps' and older rows' level names → OpenAI's (the SDK's FineTuningJobEvent.level)
+LEVELS: dict[str, Literal["info", "warn", "error"]] = {"info": "info", "warning": "warn", "warn": "warn"}
+
+
 def event_object(e: JobEvent) -> EventObject:
-    kind: Literal["message", "metrics"] = "metrics" if e.type == "metrics" else "message"
-    data = dict(e.data or {}) | ({"step": e.step} if e.step is not None else {}) | {"event_type": e.type}
+    if e.type == "metrics":  # OpenAI's: data is the metric point (its `step` the training step)
+        kind: Literal["message", "metrics"] = "metrics"
+        data = dict(e.data or {})
+    else:
+        kind = "message"
+        data = dict(e.data or {}) | ({"step": e.step} if e.step is not None else {}) | {"event_type": e.type}
     return EventObject(
         id=e.id,
         created_at=int(e.created_at.timestamp()),
-        level=e.level,
+        level=LEVELS.get(e.level, "error"),
         message=e.message,
         type=kind,
         data=data,
@@ -228,7 +250,7 @@ def checkpoint_object(c: JobCheckpoint, job: Job) -> CheckpointObject:
         created_at=int(c.created_at.timestamp()),
         fine_tuned_model_checkpoint=name,
         fine_tuning_job_id=job.id,
-        metrics=(c.metrics or {}) | {"step": c.global_step},
+        metrics=results.sdk_metrics(c.metrics or {}, global_step=c.global_step),
         step_number=c.global_step,
         step=c.step,
     )

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from rlhf_engine.models import tiny
 from service.db.models import FineTunedModel, UploadedModel
-from service.errors import ConflictError, InvalidRequestError, NotFoundError
+from service.errors import ConflictError, InvalidRequestError, NotFoundError, WrongStateError
 from service.pagination import cut, paged
 from service.schemas import ModelList, ModelObject
 
@@ -200,6 +200,43 @@ def model_path(*, session: Session, tenant: str, model_id: str) -> Path:
     raise NotFoundError(
         f"no model {model_id} of yours to download (base models are not downloadable)", param="model"
     )
+
+
+def delete_model(*, session: Session, tenant: str, model_id: str) -> None:
+    """Delete one of the tenant's own models (fine-tuned or uploaded) and its weights: 404 for any other
+    (base models, another tenant's); a 400 while a live job trains from it or reads it."""
+    import shutil
+
+    from service.db.models import Job
+    from service.jobs.states import ACTIVE
+
+    if model_id.startswith("ft:"):
+        ft = session.get(FineTunedModel, model_id)
+        row: FineTunedModel | UploadedModel | None = ft if ft is not None and ft.tenant_id == tenant else None
+    else:
+        row = session.scalar(
+            select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == model_id)
+        )
+    if row is None:
+        raise NotFoundError(
+            f"model: no model {model_id} of yours to delete (base models cannot be deleted)", param="model"
+        )
+    users = session.scalars(
+        select(Job.id).where(
+            Job.tenant_id == tenant,
+            Job.status.in_(ACTIVE),
+            (Job.model == model_id) | (Job.reward_model == model_id),
+        )
+    ).all()
+    if users:
+        raise WrongStateError(
+            f"model: {model_id} is used by the live job {users[0]}; cancel it or wait for it to end",
+            param="model",
+        )
+    path = Path(row.path)
+    session.delete(row)
+    session.flush()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def upload_model(

@@ -266,7 +266,7 @@ def test_reinforcement_job_from_one_preference_file(alice: Any) -> None:
         json={"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "training_file": f["id"], "seed": 7},
     ).json()
     assert job["method"]["type"] == "reinforcement" and job["steps"] == [1, 2, 3] and job["seed"] == 7
-    error(alice.delete(f"/v1/files/{f['id']}"), 409, "file_id")  # a live job uses it
+    error(alice.delete(f"/v1/files/{f['id']}"), 400, "file_id")  # a live job uses it
     alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert alice.delete(f"/v1/files/{f['id']}").json()["deleted"]
 
@@ -456,13 +456,13 @@ def test_idempotency_key(stack: Stack, alice: Any) -> None:
 def test_state_transitions(alice: Any) -> None:
     job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()
     url = f"/v1/fine_tuning/jobs/{job['id']}"
-    error(alice.post(f"{url}/resume"), 409)  # queued, not paused
+    error(alice.post(f"{url}/resume"), 400)  # queued, not paused
     assert alice.post(f"{url}/pause").json()["status"] == "paused"
-    error(alice.post(f"{url}/pause"), 409)
+    error(alice.post(f"{url}/pause"), 400)
     assert alice.post(f"{url}/resume").json()["status"] == "queued"
     assert alice.post(f"{url}/cancel").json()["status"] == "cancelled"
     for action in ("cancel", "pause", "resume"):
-        assert "cancelled" in error(alice.post(f"{url}/{action}"), 409)["message"]
+        assert "cancelled" in error(alice.post(f"{url}/{action}"), 400)["message"]
 
 
 def test_estimate_matches_deepspeed_chat_table_1(alice: Any) -> None:

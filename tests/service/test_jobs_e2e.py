@@ -315,7 +315,7 @@ def test_budget_cap_pauses_the_job(client: httpx.Client, stack: Stack, finished:
     assert paused["cost"]["accrued_usd"] <= cap + interval + 1e-9
     assert any(e["data"]["event_type"] == "budget_reached" for e in events(client, job["id"]))
     r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")
-    assert r.status_code == 409 and r.json()["error"]["param"] == "max_cost_usd"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_cost_usd"
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
 
 

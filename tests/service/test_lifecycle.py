@@ -17,7 +17,7 @@ import pytest
 
 from service.db.models import FineTunedModel, Job, JobEvent, Tenant, utcnow
 from service.db.session import session_scope
-from service.errors import ConflictError
+from service.errors import WrongStateError
 from service.jobs import lifecycle, states
 from service.settings import Settings
 
@@ -70,7 +70,7 @@ def _race(*actors: Callable[[], Any]) -> list[Any]:
         barrier.wait()
         try:
             results[i] = fn()
-        except Exception as e:  # the loser's ConflictError is a result here
+        except Exception as e:  # the loser's WrongStateError is a result here
             results[i] = e
 
     threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(actors)]
@@ -128,7 +128,7 @@ def test_a_cancel_and_the_workers_success_never_both_win(settings: Settings) -> 
             assert job.fine_tuned_model is None and job.step_status == {"1": "cancelled"}
             assert "job_succeeded" not in events and events.count("cancelled") == 1
         else:
-            assert isinstance(user, ConflictError) and "already succeeded" in user.message, user
+            assert isinstance(user, WrongStateError) and "already succeeded" in user.message, user
             assert worker == "succeeded" and job.status == "succeeded" and registered
             assert "cancelled" not in events and events.count("job_succeeded") == 1
         assert job.lease_owner is None  # let go either way
@@ -174,7 +174,7 @@ def test_a_resume_and_a_cancel_of_a_paused_job_one_wins(settings: Settings) -> N
             # the cancel came second: a queued job can be cancelled too, so both moves happen, in order
             assert cancelled == "cancelled" and final == "cancelled"
         else:
-            assert isinstance(resumed, ConflictError) and "already cancelled" in resumed.message
+            assert isinstance(resumed, WrongStateError) and "already cancelled" in resumed.message
             assert cancelled == "cancelled" and final == "cancelled"
 
 
@@ -218,9 +218,9 @@ def test_a_finished_job_never_moves_again(settings: Settings) -> None:
         job_id = _job(settings, status)
         with session_scope(settings.db_url) as db:
             for move in (lifecycle.cancel, lifecycle.pause):
-                with pytest.raises(ConflictError, match=f"is already {status}"):
+                with pytest.raises(WrongStateError, match=f"is already {status}"):
                     move(session=db, tenant="t", job_id=job_id)
-            with pytest.raises(ConflictError, match="only a paused job can be resumed"):
+            with pytest.raises(WrongStateError, match="only a paused job can be resumed"):
                 lifecycle.resume(session=db, tenant="t", job_id=job_id, settings=settings)
             assert lifecycle.claim(session=db, job_id=job_id, owner="w1", settings=settings) is None
         assert _get(settings, job_id).status == status
