@@ -100,11 +100,20 @@ class Integration(Strict):
 
 class Hyperparameters(Strict):
     n_epochs: int | Literal["auto"] = Field(
-        default="auto", description="epochs of every step (auto: step defaults)"
+        default="auto",
+        description="epochs of steps 1-2 and 3 (auto: 3, more for small files so ≥ 100 examples are "
+        "seen, fewer for large ones — OpenAI's rule — unless preset or config set them)",
     )
-    batch_size: int | Literal["auto"] = Field(default="auto", description="per-device training batch size")
+    batch_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="examples per optimiser step (steps 1-2: rows, step 3: prompts); the micro-batch and "
+        "accumulation follow from it (auto: ≈0.2% of the training rows, 1 to 256, unless preset or "
+        "config set them)",
+    )
     learning_rate_multiplier: float | Literal["auto"] = Field(
-        default="auto", description="× each step's default learning rate"
+        default="auto",
+        description="× each step's default learning rate (auto: 1 up to 10M parameters, 1/√(params/10M) "
+        "above, unless preset or config set it)",
     )
 
     @field_validator("n_epochs", "batch_size")
@@ -143,6 +152,44 @@ class DPOHyperparameters(Hyperparameters):
 
 class DPOMethodParams(Strict):
     hyperparameters: DPOHyperparameters | None = None
+    sft_first: bool = Field(
+        default=False,
+        description="ours: DeepSpeed-Chat's order — SFT on 40% of the pairs' chosen answers first, then "
+        "DPO on the other 60% (data_split 4,6,0); without it (OpenAI's meaning) DPO trains the given "
+        "model on all the pairs",
+    )
+
+
+class ReinforcementHyperparameters(Hyperparameters):
+    """OpenAI's reinforcement hyperparameters (every field of the SDK's), "auto" or a value."""
+
+    eval_interval: int | Literal["auto"] = Field(
+        default="auto", description="evaluate on the validation prompts every N steps"
+    )
+    eval_samples: int | Literal["auto"] = Field(
+        default="auto", description="validation prompts per evaluation (at most the validation rows)"
+    )
+    compute_multiplier: float | Literal["auto"] = Field(
+        default="auto", description="× the answers sampled per prompt (4 at 1; at least 2)"
+    )
+    reasoning_effort: Literal["default", "low", "medium", "high"] | None = Field(
+        default=None,
+        description="the answer-length budget: low ½, default/medium 1, high 2 × max_answer_len",
+    )
+
+    @field_validator("eval_interval", "eval_samples")
+    @classmethod
+    def _count(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 100_000:
+            raise ValueError("must be between 1 and 100000")
+        return v
+
+    @field_validator("compute_multiplier")
+    @classmethod
+    def _multiplier(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and not 0 < v <= 10:
+            raise ValueError("must be > 0 and at most 10")
+        return v
 
 
 class ReinforcementMethodParams(Strict):
@@ -154,14 +201,14 @@ class ReinforcementMethodParams(Strict):
         "grpo), after SFT when the training file has answers; without it, "
         "reward_model is trained in step 2 (RLHF)",
     )
-    hyperparameters: Hyperparameters | None = None
+    hyperparameters: ReinforcementHyperparameters | None = None
 
 
 class Method(Strict):
     type: Literal["supervised", "reinforcement", "dpo"] = Field(
         description="supervised: step 1; reinforcement: steps 1→2→3 with reward_model (RLHF), "
         "or step 3 with a grader (after step 1 when the data has answers); "
-        "dpo: step 1, then DPO on the preference pairs (no reward model)"
+        "dpo: DPO of the given model on the preference pairs (no reward model; sft_first: SFT first)"
     )
     supervised: MethodParams | None = None
     reinforcement: ReinforcementMethodParams | None = None
@@ -178,7 +225,12 @@ class StepConfigs(Strict):
 class JobCreate(Strict):
     model: str = Field(max_length=255, description="the actor: a base model name or a fine-tuned model id")
     training_file: str | None = Field(default=None, max_length=64, description="file id (purpose fine-tune)")
-    validation_file: str | None = Field(default=None, max_length=64, description="not supported yet")
+    validation_file: str | None = Field(
+        default=None,
+        max_length=64,
+        description="file id in the training file's format: every step evaluates on it (valid_*, "
+        "full_valid_*) and nothing of the training file is held out",
+    )
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None
     suffix: str | None = Field(default=None, max_length=64, description="part of the fine-tuned model's id")

@@ -19,6 +19,15 @@ def lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return total, count
 
 
+def token_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens whose most likely next token is the label, scored tokens): the numerator and denominator
+    of OpenAI's `mean_token_accuracy`, over the same tokens as `lm_nll`."""
+    shift_labels = labels[:, 1:]
+    scored = shift_labels != -100
+    hits = (logits[:, :-1].argmax(dim=-1) == shift_labels) & scored
+    return hits.sum(), scored.sum()
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over the labelled tokens (step 1: the answer tokens)."""
     total, count = lm_nll(logits, labels)

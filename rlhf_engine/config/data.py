@@ -53,6 +53,14 @@ class DataConfig:
         default=0.1,
         metadata={"help": "share of each dataset held out for evaluation when it has no eval split"},
     )
+    eval_data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "validation datasets (OpenAI's validation_file): every step evaluates on their rows "
+            "(preference rows serve every step, SFT rows step 1, prompts step 3) and nothing of data "
+            "is held out"
+        },
+    )
     seed: int = field(default=1234, metadata={"help": "seed of the data split and shuffles"})
     max_seq_len: int = field(
         default=512, metadata={"help": "max tokens of prompt+answer in steps 1 and 2 (answers are cut)"}

@@ -162,6 +162,13 @@ class TrainConfig:
         default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"}
     )
     eval_max_rows: int = field(default=0, metadata={"help": "evaluate on at most N rows (0 = all)"})
+    eval_sample_rows: int = field(
+        default=0,
+        metadata={
+            "help": "evaluations at eval_interval read at most N held-out rows, a fixed seeded sample "
+            "(0 = as many as the others); before and after training every row is read"
+        },
+    )
     checkpoint_interval: int = field(default=100, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     tracking: Tracking = field(default_factory=Tracking, metadata={"flatten": True})
@@ -195,6 +202,7 @@ class TrainConfig:
                 "max_steps",
                 "eval_interval",
                 "eval_max_rows",
+                "eval_sample_rows",
                 "checkpoint_interval",
                 "weight_decay",
                 "gradient_clipping",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections import Counter
@@ -29,12 +30,13 @@ from rlhf_engine.data.readers import read_dataset
 from rlhf_engine.data.split import STEP_NAMES, DatasetSlices, blend, require_rows, slice_dataset
 from rlhf_engine.data.tokenize import (
     TokenizedSplit,
+    TokenStats,
     to_split,
     tokenize_corpus,
     tokenize_rows,
     tokenizer_fingerprint,
 )
-from rlhf_engine.data.types import Dataset
+from rlhf_engine.data.types import Dataset, Sample
 from rlhf_engine.paths import cache_dir
 
 CACHE_VERSION = 3  # 2: answers end at a template's EOS (formatter.encode_answer); 3: step 3's item column
@@ -47,10 +49,20 @@ def load_datasets(config: DataConfig, *, names: list[str] | None = None) -> list
 
 
 def slice_all(config: DataConfig, datasets: list[Dataset]) -> list[DatasetSlices]:
-    return [
-        slice_dataset(d, config.shares, seed=config.seed, eval_fraction=config.eval_fraction)
-        for d in datasets
-    ]
+    """Each dataset's rows per step; nothing is held out when validation datasets (`eval_data`) are given."""
+    held_out = 0.0 if config.eval_data else config.eval_fraction
+    return [slice_dataset(d, config.shares, seed=config.seed, eval_fraction=held_out) for d in datasets]
+
+
+def eval_rows_of(step: int, dataset: Dataset, seed: int) -> list[Sample]:
+    """A validation dataset's rows that `step` can evaluate on (SFT rows: step 1; prompts: step 3;
+    preference pairs: any step), in a seeded order (so a sample of them is its first rows)."""
+    usable = {"sft": (1,), "prompt": (3,), "preference": (1, 2, 3)}.get(dataset.kind, ())
+    if step not in usable:
+        return []
+    rows = list(dataset.rows) + list(dataset.eval_rows or [])
+    random.Random(f"{seed}:{dataset.fingerprint}:eval").shuffle(rows)
+    return rows
 
 
 @dataclass
@@ -77,11 +89,14 @@ class PreparedStep:
         return [r.__dict__ for r in self.reports]
 
 
-def _cache_key(config: DataConfig, step: int, datasets: list[Dataset], tokenizer: Any) -> str:
+def _cache_key(
+    config: DataConfig, step: int, datasets: list[Dataset], tokenizer: Any, eval_sets: list[Dataset]
+) -> str:
     payload = {
         "version": CACHE_VERSION,
         "step": step,
         "datasets": [[d.fingerprint, config.weight(i)] for i, d in enumerate(datasets)],
+        "eval_data": [d.fingerprint for d in eval_sets],
         "split": config.shares,
         "eval_fraction": config.eval_fraction,
         "seed": config.seed,
@@ -138,7 +153,8 @@ def prepare_step(
     slices = slice_all(config, datasets)
     if require:
         require_rows(step, slices, config.shares)
-    key = _cache_key(config, step, datasets, tokenizer)
+    eval_sets = load_datasets(config, names=config.eval_data) if config.eval_data else []
+    key = _cache_key(config, step, datasets, tokenizer, eval_sets)
     where = cache_dir("tokenized") / key[:32]
     if use_cache and (cached := _load_cached(where, step)) is not None:
         return cached
@@ -154,6 +170,15 @@ def prepare_step(
             DatasetReport(
                 d.name, d.format, d.kind, step, dict(d.filtered), tr_stats.summary(), ev_stats.summary()
             )
+        )
+    for d in eval_sets:  # validation datasets: the whole eval split
+        ev, ev_stats = tokenize_rows(
+            step, eval_rows_of(step, d, config.seed), tokenizer, **lengths, on_progress=on_progress
+        )
+        eval_rows += ev
+        none = TokenStats(rows=0).summary()  # it trains nothing
+        reports.append(
+            DatasetReport(d.name, d.format, d.kind, step, dict(d.filtered), none, ev_stats.summary())
         )
     train = blend(
         train_parts,

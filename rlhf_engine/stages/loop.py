@@ -110,11 +110,11 @@ class Objective(ABC):
         (averaged over every process; `loss` is checked to be finite)."""
 
     def after_step(self, step: int) -> None:
-        """After the metrics line of `step` (1-based) is written: samples, rollouts."""
+        """After `step` (1-based) trained, before its evaluation and its metrics line: samples, rollouts."""
         return None
 
     @abstractmethod
-    def evaluate(self, *, final: bool) -> list[Evaluation]:
+    def evaluate(self, *, final: bool, sample: bool = False) -> list[Evaluation]:
         """Held-out evaluation; the first entry is the trained model's (kept for the summary)."""
 
     @abstractmethod
@@ -166,6 +166,18 @@ def _weight_bytes(config: Any) -> int:
 def _io_s(nbytes: float) -> float:
     """Seconds to read or write `nbytes` of weights and set them up (a cautious 100 MB/s, plus start-up)."""
     return 5.0 + nbytes / 100e6
+
+
+def as_metrics(results: list[Evaluation], prefix: str) -> dict[str, float]:
+    """An evaluation's numbers as metric-point fields: `valid_loss` (OpenAI's names) for the model
+    trained, `valid_ema_actor_reward_mean` for another model evaluated beside it."""
+    out: dict[str, float] = {}
+    for who, result in results:
+        head = prefix if who in (None, "actor") else f"{prefix}_{who.lower().replace(' ', '_')}"
+        for k, v in result.items():
+            if isinstance(v, float) and k != "tokens":
+                out[f"{head}_{k}"] = v
+    return out
 
 
 def run_objective(method: Objective) -> dict[str, Any]:
@@ -286,9 +298,9 @@ def _loop(
     for warning in method.warnings:
         records.event("warning", warning, level="warning")
 
-    def run_eval(at_step: int, *, final: bool = False) -> list[Evaluation]:
+    def run_eval(at_step: int, *, final: bool = False, sample: bool = False) -> list[Evaluation]:
         phases.enter("evaluating", global_step=at_step, label=f"evaluating at step {at_step}")
-        results = method.evaluate(final=final)
+        results = method.evaluate(final=final, sample=sample)
         for who, result in results:
             said = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
             named: dict[str, Any] = {"model": who} if who else {}
@@ -325,11 +337,13 @@ def _loop(
             raise FloatingPointError(
                 f"{title}: loss became {loss} at step {step + 1}; lower the learning rate or use fp32/bf16"
             )
-        records.metric(step=step + 1, epoch=round(epoch + (in_epoch + 1) / steps_per_epoch, 4), **metrics)
         done_steps = step + 1
         method.after_step(done_steps)
+        valid: dict[str, float] = {}
         if config.eval_interval and done_steps % config.eval_interval == 0 and done_steps < total:
-            run_eval(done_steps)
+            valid = as_metrics(run_eval(done_steps, sample=True), "valid")
+        epoch_at = round(epoch + (in_epoch + 1) / steps_per_epoch, 4)
+        records.metric(step=done_steps, epoch=epoch_at, **metrics, **valid)
         stopping = done_steps < total and stop.requested()
         interval = config.checkpoint_interval
         if done_steps < total and (stopping or (interval and done_steps % interval == 0)):
@@ -368,6 +382,8 @@ def _loop(
                 )
                 raise StepStoppedError(done_steps, folder)
     eval_after = run_eval(total, final=True)
+    # the last step's point, completed with the evaluation over every held-out row (OpenAI's full_valid_*)
+    records.metric(step=total, **as_metrics(eval_after, "full_valid"))
 
     # --- save the model (collective at ZeRO-3), then the summary last
     phases.enter("saving_model", typical_s=_io_s(weights), global_step=total)

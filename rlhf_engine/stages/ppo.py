@@ -437,7 +437,7 @@ class PPOObjective(Objective):
             )
         self.experiences = []
 
-    def evaluate(self, *, final: bool) -> list[Evaluation]:
+    def evaluate(self, *, final: bool, sample: bool = False) -> list[Evaluation]:
         assert self.loop is not None
         cfg = self.config
         whose = [("actor", False)] + (

@@ -1,6 +1,8 @@
 """Step 1: supervised fine-tuning — language-model loss on the answer tokens only.
 
-Evaluation is perplexity on the held-out rows (token-weighted over every rank), before and after.
+Evaluation is loss, perplexity and token accuracy on the held-out rows (token-weighted over every rank),
+before, at every `eval_interval` (on `eval_sample_rows` of them) and after; training steps log the
+token accuracy of their batches beside the loss (OpenAI's `mean_token_accuracy`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlhf_engine.algorithms.losses import lm_loss, lm_nll
+from rlhf_engine.algorithms.losses import lm_loss, lm_nll, token_hits
 from rlhf_engine.config.train import SFTConfig
 from rlhf_engine.data.collate import collate_sft
 from rlhf_engine.runtime.distributed import Dist
@@ -25,11 +27,13 @@ def _loss(engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     logits = engine(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
-    return lm_loss(logits, batch["labels"]), {}
+    with torch.no_grad():
+        hits, scored = token_hits(logits, batch["labels"])
+    return lm_loss(logits, batch["labels"]), {"mean_token_accuracy": float(hits) / max(float(scored), 1.0)}
 
 
 def _evaluate(engine: Any, batches: list[Batch], dist: Dist) -> dict[str, Any]:
-    nll, count = 0.0, 0.0
+    nll, count, right = 0.0, 0.0, 0.0
     for b in batches:
         phase.tick()
         logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
@@ -37,9 +41,15 @@ def _evaluate(engine: Any, batches: list[Batch], dist: Dist) -> dict[str, Any]:
         total, n = lm_nll(logits, labels)
         nll += float(total)
         count += float(n)
-    nll, count = all_reduce_sum([nll, count], dist.device)
+        right += float(token_hits(logits, labels)[0])
+    nll, count, right = all_reduce_sum([nll, count, right], dist.device)
     loss = nll / max(count, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "mean_token_accuracy": right / max(count, 1.0),
+        "tokens": int(count),
+    }
 
 
 def _summarize(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

@@ -127,14 +127,22 @@ class SupervisedObjective(Objective):
             optimizer, config.lr_scheduler_type, warmup=config.num_warmup_steps, total=loop.total
         )
         self.engine = initialize(module, optimizer, scheduler, ds_config)
-        self.eval_batches = eval_batches(
-            loop.prepared.eval,
-            spec.collate,
-            self.tokenizer.pad_token_id,
-            batch_size=config.per_device_eval_batch_size,
-            dist=loop.dist,
-            max_rows=config.eval_max_rows,
-        )
+        self.eval_batches, self.sample_batches = (
+            eval_batches(
+                loop.prepared.eval,
+                spec.collate,
+                self.tokenizer.pad_token_id,
+                batch_size=config.per_device_eval_batch_size,
+                dist=loop.dist,
+                max_rows=rows,
+            )
+            for rows in (
+                config.eval_max_rows,
+                min(r for r in (config.eval_sample_rows, config.eval_max_rows) if r)
+                if config.eval_sample_rows
+                else config.eval_max_rows,
+            )
+        )  # (the eval split is shuffled by the seed: its first rows are a fixed sample)
         return {"dtype": checked.dtype, "zero_stage": config.model.zero_stage}
 
     def engines(self) -> dict[str, Any]:
@@ -167,11 +175,12 @@ class SupervisedObjective(Objective):
             "tokens": int(reduced[-1]),
         }
 
-    def evaluate(self, *, final: bool) -> list[Evaluation]:
+    def evaluate(self, *, final: bool, sample: bool = False) -> list[Evaluation]:
         assert self.loop is not None
         self.engine.eval()
         with torch.no_grad():
-            batches = [to_device(b, self.loop.dist.device) for b in self.eval_batches]
+            chosen = self.sample_batches if sample else self.eval_batches
+            batches = [to_device(b, self.loop.dist.device) for b in chosen]
             return [(None, self.spec.evaluate(self.engine, batches, self.loop.dist))]
 
     def save(self) -> str:

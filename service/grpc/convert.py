@@ -29,6 +29,7 @@ PAIRS: list[tuple[type[BaseModel], type[Message], set[str], set[str]]] = [
     (schemas.MethodParams, jobs_pb2.MethodParams, set(), set()),
     (schemas.DPOHyperparameters, jobs_pb2.DPOHyperparameters, set(), set()),
     (schemas.DPOMethodParams, jobs_pb2.DPOMethodParams, set(), set()),
+    (schemas.ReinforcementHyperparameters, jobs_pb2.ReinforcementHyperparameters, set(), set()),
     (schemas.ReinforcementMethodParams, jobs_pb2.ReinforcementMethodParams, set(), set()),
     (schemas.Method, jobs_pb2.Method, set(), set()),
     (schemas.StepConfigs, jobs_pb2.StepConfigs, set(), set()),

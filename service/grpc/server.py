@@ -65,6 +65,7 @@ RPC_ROUTES: dict[str, tuple[str, str]] = {
     "ChatService.Chat": ("POST", "/v1/chat/completions"),
     "ModelService.ListModels": ("GET", "/v1/models"),
     "ModelService.GetModel": ("GET", "/v1/models/{model_id}"),
+    "ModelService.DeleteModel": ("DELETE", "/v1/models/{model_id}"),
 }
 REST_ONLY: dict[tuple[str, str], str] = {
     ("POST", "/v1/fine_tuning/alpha/graders/validate"): "OpenAI's alpha grader endpoints: REST-only for now",
@@ -73,6 +74,7 @@ REST_ONLY: dict[tuple[str, str], str] = {
     ("GET", "/v1/files"): "files are REST-only",
     ("GET", "/v1/files/{file_id}"): "files are REST-only",
     ("DELETE", "/v1/files/{file_id}"): "files are REST-only",
+    ("GET", "/v1/files/{file_id}/content"): "files are REST-only",
     ("POST", "/v1/models"): "model archive upload",
     ("GET", "/v1/models/{model_id}/content"): "model archive download",
 }
@@ -338,6 +340,14 @@ class ModelService(Base, models_pb2_grpc.ModelServiceServicer):
             )
         )
         return to_pb(model, models_pb2.Model)
+
+    @rpc
+    async def DeleteModel(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
+        def delete(s: Session) -> None:
+            models_svc.delete_model(session=s, tenant=caller.tenant_id, model_id=request.id)
+
+        await self.db(delete)
+        return models_pb2.DeletedModel(id=request.id, object="model", deleted=True)
 
 
 class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):

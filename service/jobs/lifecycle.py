@@ -139,6 +139,7 @@ def create_job(
         request=req.model_dump(mode="json")
         | {
             "_hyperparameters": planned.hyperparameters,
+            "_resolved_hyperparameters": planned.resolved_hyperparameters,
             "_memory": {str(m["step"]): m for m in planned.memory},
             "_seconds": {str(e.step): e.seconds for e in planned.estimate},  # a step's "usually"
         },

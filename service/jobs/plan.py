@@ -24,9 +24,16 @@ from rlhf_engine.config.pipeline import (
 )
 from service.db.models import File
 from service.errors import InvalidRequestError, NotFoundError, from_value_error
-from service.jobs.estimate import estimate_steps, model_params, server_data, step_default
+from service.jobs import hyper
+from service.jobs.estimate import estimate_steps, model_params, server_data
 from service.jobs.memory import Shapes, plan_step_memory, shape_of
-from service.schemas import DPOHyperparameters, EstimateRequest, Hyperparameters, JobCreate, StepEstimate
+from service.schemas import (
+    EstimateRequest,
+    Hyperparameters,
+    JobCreate,
+    ReinforcementHyperparameters,
+    StepEstimate,
+)
 from service.services import cost as costs
 from service.services import files as files_svc
 from service.services import models as models_svc
@@ -54,7 +61,8 @@ class Planned:
     file_ids: list[str]
     actor: models_svc.ModelRef
     reward: models_svc.ModelRef | None
-    hyperparameters: dict[str, Any]
+    hyperparameters: dict[str, Any]  # as given ("auto" where not)
+    resolved_hyperparameters: dict[str, Any]  # the values the job runs with (shown once it starts)
     estimate: list[costs.StepCost]
     memory: list[dict[str, Any]]  # per step: the memory plan (service.jobs.memory)
 
@@ -131,9 +139,12 @@ def _steps(req: JobCreate, method: str) -> list[int]:
                 "model; drop it, or set method.type reinforcement",
                 param="reward_model",
             )
+        own = own if _sft_first(req) else [2]
         if req.steps not in (None, own):
             raise InvalidRequestError(
-                "steps: a dpo job runs steps 1 and 2 (SFT, then DPO); drop steps", param="steps"
+                f"steps: this dpo job runs step{'s 1 and 2 (SFT, then DPO)' if len(own) > 1 else ' 2 (DPO)'}"
+                "; drop steps (method.dpo.sft_first: true runs SFT first)",
+                param="steps",
             )
         return own
     if not req.reward_model:
@@ -147,6 +158,12 @@ def _steps(req: JobCreate, method: str) -> list[int]:
     if 3 in steps and not {1, 2} <= set(steps):
         raise InvalidRequestError("steps: step 3 needs steps 1 and 2 in the same job", param="steps")
     return steps
+
+
+def _sft_first(req: JobCreate) -> bool:
+    """A dpo job in DeepSpeed-Chat's order (SFT on part of the pairs, then DPO on the rest), our option;
+    OpenAI's dpo trains the given model on all the pairs."""
+    return bool(req.method and req.method.dpo and req.method.dpo.sft_first)
 
 
 def _file(
@@ -167,49 +184,54 @@ def _file(
     return f
 
 
+# each hyperparameter → the step options it sets (service/jobs/hyper.py): one of them also in `config`
+# is refused, naming both
+HP_OPTIONS = {
+    "n_epochs": ("num_train_epochs",),
+    "batch_size": (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "per_device_generation_batch_size",
+        "generation_batches",
+    ),
+    "learning_rate_multiplier": ("learning_rate", "actor_learning_rate", "critic_learning_rate"),
+    "beta": ("beta",),
+    "eval_interval": ("eval_interval",),
+    "eval_samples": ("eval_max_rows",),
+    "compute_multiplier": ("samples_per_prompt",),
+    "reasoning_effort": ("max_answer_len",),
+}
+
+
 def _apply_hyperparameters(
-    hp: Hyperparameters | None,
-    sections: dict[str, dict[str, Any]],
-    explicit: dict[str, dict[str, Any]],
-    steps: list[int],
-    method: str,
+    hp: Hyperparameters | None, explicit: dict[str, dict[str, Any]], steps: list[int], method: str
 ) -> dict[str, Any]:
-    """OpenAI's hyperparameters onto the step configs; a field also set in `config` → 400 naming both."""
+    """The hyperparameters as the job shows them before it starts ("auto" or the value given); a
+    hyperparameter whose options `config` also sets → 400 naming both. Their values are applied per
+    step by `_plan_steps` (service/jobs/hyper.py), which knows each step's rows."""
     shown: dict[str, Any] = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     if method == "dpo":
         shown["beta"] = "auto"
+    if isinstance(hp, ReinforcementHyperparameters) or method == "reinforcement":
+        shown |= dict.fromkeys(("eval_interval", "eval_samples", "compute_multiplier"), "auto")
+        shown["reasoning_effort"] = "default"
     if hp is None:
         return shown
     table = step_table(method)
-    for step in steps:
-        sec = table[step].command
-        cls = table[step].config
-        targets: dict[str, Any] = {}
-        if isinstance(hp, DPOHyperparameters) and hp.beta != "auto" and sec == "dpo":
-            targets["beta"] = float(hp.beta)
-        if hp.n_epochs != "auto":
-            targets["num_train_epochs"] = hp.n_epochs
-        if hp.batch_size != "auto":
-            targets["per_device_train_batch_size" if step < 3 else "per_device_training_batch_size"] = (
-                hp.batch_size
-            )
-        if hp.learning_rate_multiplier != "auto":
-            m = float(hp.learning_rate_multiplier)
-            names = ["learning_rate"] if step < 3 else ["actor_learning_rate", "critic_learning_rate"]
-            for name in names:
-                base = sections[sec].get(name, step_default(cls, name))
-                targets[name] = base * m
-        for name, value in targets.items():
-            if name in explicit.get(sec, {}):
-                hp_name = {"num_train_epochs": "n_epochs", "beta": "beta"}.get(
-                    name, "batch_size" if "batch" in name else "learning_rate_multiplier"
-                )
-                raise InvalidRequestError(
-                    f"hyperparameters.{hp_name} and config.{sec}.{name} both set {name}; give one",
-                    param=f"hyperparameters.{hp_name}",
-                )
-            sections[sec][name] = value
-    return {k: getattr(hp, k, "auto") for k in shown}
+    for name in shown:
+        value = getattr(hp, name, "auto")
+        if value in ("auto", None):
+            continue
+        shown[name] = value
+        for step in steps:
+            sec = table[step].command
+            for option in HP_OPTIONS[name]:
+                if option in explicit.get(sec, {}):
+                    raise InvalidRequestError(
+                        f"hyperparameters.{name} and config.{sec}.{option} both set {option}; give one",
+                        param=f"hyperparameters.{name}",
+                    )
+    return shown
 
 
 def _wandb_installed() -> bool:
@@ -263,6 +285,7 @@ class Inputs:
     pref: File | None
     prompts: File | None
     pretrain: File | None
+    valid: File | None
     split: str
     tracking: dict[str, Any]
 
@@ -279,16 +302,17 @@ def make_plan(
     built, each step's config checked and its memory planned, then the estimate."""
     inputs = _resolve(session=session, tenant=tenant, req=req, settings=settings)
     cfg, sections, explicit, shown_hp = _options(req, inputs, output_dir)
-    plan, memory = _plan_steps(req, inputs, cfg, sections, explicit, settings)
+    plan, memory, resolved = _plan_steps(req, inputs, cfg, sections, explicit, settings, shown_hp)
     actor, reward = inputs.actor, inputs.reward
     return Planned(
         method=inputs.method,
         steps=inputs.steps,
         plan=plan,
-        file_ids=[f.id for f in (*inputs.data_files, inputs.pretrain) if f is not None],
+        file_ids=[f.id for f in (*inputs.data_files, inputs.pretrain, inputs.valid) if f is not None],
         actor=actor,
         reward=reward,
         hyperparameters=shown_hp,
+        resolved_hyperparameters=resolved,
         estimate=estimate_steps(
             plan=plan,
             steps=inputs.steps,
@@ -305,12 +329,6 @@ def make_plan(
 
 def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Settings) -> Inputs:
     """Stage 1: the request's method, steps, models and files, each checked against the others."""
-    if req.validation_file:
-        raise InvalidRequestError(
-            "validation_file: not supported yet; evaluation rows are held out of the training data "
-            "(config.<step>.eval_fraction)",
-            param="validation_file",
-        )
     tracking = _integrations(req)
     _check_gpu_type(req.gpu_type, settings)
     if req.num_gpus > settings.max_gpus_per_job:
@@ -343,6 +361,13 @@ def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Setting
     pref = _file(session, tenant, req.preference_file, "preference_file", ("preference",))
     prompts = _file(session, tenant, req.prompt_file, "prompt_file", ("preference", "prompt"))
     pretrain = _file(session, tenant, req.pretrain_file, "pretrain_file", ("text",))
+    valid = _file(session, tenant, req.validation_file, "validation_file", train_kinds)
+    if valid is not None and train is not None and valid.kind != train.kind:
+        raise InvalidRequestError(
+            f"validation_file: file {valid.id} holds {valid.kind} data ({valid.format}) and the training "
+            f"file {train.kind} data ({train.format}); give validation rows in the training file's format",
+            param="validation_file",
+        )
     if grader is not None:
         steps = _graded_steps(req, train.kind if train else None)
         if pref is not None:
@@ -384,7 +409,7 @@ def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Setting
                     "reinforcement",
                     param=param,
                 )
-    split = req.data_split or {"supervised": "10,0,0", "dpo": "4,6,0"}.get(
+    split = req.data_split or {"supervised": "10,0,0", "dpo": "4,6,0" if _sft_first(req) else "0,10,0"}.get(
         method, "2,4,4" if grader is None else "5,0,5"
     )
     try:
@@ -402,6 +427,7 @@ def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Setting
         pref=pref,
         prompts=prompts,
         pretrain=pretrain,
+        valid=valid,
         split=split,
         tracking=tracking,
     )
@@ -418,8 +444,12 @@ def _options(
     top, sections, explicit, shown_hp = _step_sections(req, method, inputs.hp, steps, inputs.tracking)
     data = [train.path] if train else list(DataConfig().data)
     top = {**top, "data": data, "data_split": inputs.split}
+    if inputs.valid is not None:  # OpenAI's validation_file: every step evaluates on it
+        top["eval_data"] = [inputs.valid.path]
     if req.seed is not None:
         top["seed"] = req.seed
+    if method == "dpo" and 1 not in steps:  # OpenAI's dpo: the given model is the policy (and reference)
+        sections["dpo"]["model_name_or_path"] = str(inputs.actor.path)
     if pref is not None:
         sections["dpo" if method == "dpo" else "reward"] |= {"data": [pref.path], "data_split": "0,10,0"}
         if prompts is None:
@@ -458,7 +488,8 @@ def _plan_steps(
     sections: dict[str, dict[str, Any]],
     explicit: dict[str, dict[str, Any]],
     settings: Settings,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    shown_hp: dict[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Stages 3 and 4, per step: its config built (the engine's own dataclass checks it), the server's
     limits and a full first batch checked, its memory planned (re-planned when `memory: auto`)."""
     import argparse
@@ -474,17 +505,35 @@ def _plan_steps(
     )
     plan: dict[str, Any] = {}
     memory: list[dict[str, Any]] = []
+    resolved: dict[str, Any] = {}
+    processes = req.num_gpus
     try:
         for step in inputs.steps:
-            sec = table[step].command
+            sec, cls = table[step].command, table[step].config
             values = step_values(cfg, step, sections[sec])
-            built: Any = dataclass_from_args(table[step].config, argparse.Namespace(), file_values=values)
+            built: Any = dataclass_from_args(cls, argparse.Namespace(), file_values=values)
+            targets = hyper.step_targets(
+                inputs.hp,
+                step=step,
+                cls=cls,
+                section=sections[sec],
+                rows=_train_rows_at_most(built.data, step, inputs.data_files),
+                processes=processes,
+                actor_params_b=model_params(actor.path),
+                has_validation=inputs.valid is not None,
+                validation_rows=inputs.valid.rows if inputs.valid is not None else None,
+            )
+            values |= targets
+            built = dataclass_from_args(cls, argparse.Namespace(), file_values=values)
             built, mem = plan_step_memory(
                 step=step,
                 command=sec,
                 built=built,
                 values=values,
-                explicit=explicit[sec],
+                # the memory planner keeps what the hyperparameters set, but may re-shape a batch_size
+                # into other micro-batches × accumulation (the same examples per step)
+                explicit=explicit[sec]
+                | {k: v for k, v in targets.items() if k not in HP_OPTIONS["batch_size"]},
                 shapes=shapes,
                 gpu_type=req.gpu_type,
                 num_gpus=req.num_gpus,
@@ -496,11 +545,13 @@ def _plan_steps(
             _check_limits(built, sec, settings)
             _check_fills_a_batch(built, step, sec, inputs.data_files, req.num_gpus)
             plan[str(step)] = values
+            if step == inputs.steps[-1]:  # the step whose model is the job's: its values are the job's
+                resolved = hyper.resolved(built, step=step, cls=cls, processes=processes, method_hp=shown_hp)
     except InvalidRequestError:
         raise
     except (ValueError, TypeError) as e:
         raise from_value_error(ValueError(str(e))) from None
-    return plan, memory
+    return plan, memory, resolved
 
 
 def _step_sections(
@@ -538,7 +589,7 @@ def _step_sections(
             **sections[sec],
             **explicit[sec],
         }  # TensorBoard: always
-    shown_hp = _apply_hyperparameters(hp, sections, explicit, steps, method)
+    shown_hp = _apply_hyperparameters(hp, explicit, steps, method)
     return top, sections, explicit, shown_hp
 
 
@@ -616,8 +667,9 @@ def _train_rows_at_most(data: DataConfig, step: int, files: list[File]) -> int |
             rows, kind, own_eval = d.rows, d.kind, d.own_eval
             if kind is None:
                 return None
-        n_eval = 0 if own_eval else round(rows * data.eval_fraction)
-        n_eval = max(1, n_eval) if not own_eval and data.eval_fraction > 0 and rows >= 2 else n_eval
+        held_out = 0.0 if data.eval_data else data.eval_fraction  # a validation file: nothing held out
+        n_eval = 0 if own_eval else round(rows * held_out)
+        n_eval = max(1, n_eval) if not own_eval and held_out > 0 and rows >= 2 else n_eval
         train = rows - n_eval
         if kind in ("sft", "prompt"):  # SFT rows feed step 1 only, prompt-only rows step 3 only
             got = train if step == (1 if kind == "sft" else 3) else 0
@@ -732,7 +784,21 @@ def _memory_by_size(
     """Memory plans for models given by size (not on this server): the preset's and the request's options."""
     from rlhf_engine import planner as pl
 
-    top, sections, explicit, _ = _step_sections(req, method, _method(req)[1], steps, {})
+    hp = _method(req)[1]
+    top, sections, explicit, _ = _step_sections(req, method, hp, steps, {})
+    for step in steps:
+        sec, cls = step_table(method)[step].command, step_table(method)[step].config
+        sections[sec] |= hyper.step_targets(
+            hp,
+            step=step,
+            cls=cls,
+            section=sections[sec],
+            rows=None,
+            processes=req.num_gpus,
+            actor_params_b=actor_b,
+            has_validation=False,
+            validation_rows=None,
+        )
     graded = _grader(req) is not None
     name = "grpo" if graded else RUN_OF_METHOD[method]
     shapes = Shapes(

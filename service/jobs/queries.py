@@ -94,10 +94,11 @@ def phase_object(phase: dict[str, Any], now: float | None = None) -> JobPhase:
 
 def to_object(job: Job) -> JobObject:
     req = job.request or {}
-    method_obj: dict[str, Any] = {
-        "type": job.method,
-        job.method: {"hyperparameters": req.get("_hyperparameters", {})},
-    }
+    # as given until the job starts, then the values it runs with (OpenAI resolves "auto" so)
+    started = job.status not in ("validating_files", "queued") or job.started_at is not None
+    hp = req.get("_resolved_hyperparameters") if started else None
+    hp = hp or req.get("_hyperparameters", {})
+    method_obj: dict[str, Any] = {"type": job.method, job.method: {"hyperparameters": hp}}
     grader = ((req.get("method") or {}).get("reinforcement") or {}).get("grader")
     if job.method == "reinforcement" and grader:
         method_obj["reinforcement"]["grader"] = grader
@@ -112,7 +113,7 @@ def to_object(job: Job) -> JobObject:
         status=job.status,
         training_file=job.training_file,
         validation_file=job.validation_file,
-        hyperparameters=req.get("_hyperparameters", {}),
+        hyperparameters=hp,
         method=method_obj,
         result_files=list(job.result_files or []),
         trained_tokens=job.trained_tokens if job.status == "succeeded" else None,

@@ -390,11 +390,15 @@ BAD_JOBS = [
 
 
 def test_a_job_whose_data_cannot_fill_one_batch_is_refused_at_submit(stack: Stack, alice: Any) -> None:
-    """40 rows, 10% held out for eval, split 2,4,4: steps 1, 2 and 3 get 7, 15 and 14 rows; step 1's default
-    global batch is 16 × 8."""
+    """40 rows, 10% held out for eval, split 2,4,4: steps 1, 2 and 3 get 7, 15 and 14 rows; a global batch
+    of 16 × 8 set for step 1 cannot be filled, nor a batch_size above the rows."""
     f = upload(alice, PREF).json()
     before = counts(stack)
-    body = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "training_file": f["id"]}
+    body: dict[str, Any] = {"model": "tiny-opt-xs", "reward_model": "tiny-opt-xs", "training_file": f["id"]}
+    too_big = body | {"hyperparameters": {"batch_size": 8}}
+    err = error(alice.post("/v1/fine_tuning/jobs", json=too_big), 400, "hyperparameters.batch_size")
+    assert "more than the 7 training rows step 1 gets" in err["message"], err
+    body["config"] = {"sft": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 8}}
     err = error(alice.post("/v1/fine_tuning/jobs", json=body), 400, "config.sft")
     assert "step 1 gets at most 7 training rows" in err["message"], err
     assert "per_device_train_batch_size × gradient_accumulation_steps × processes = 128" in err["message"], (
@@ -565,21 +569,27 @@ def test_the_estimate_plans_each_steps_memory_and_refuses_what_cannot_fit(alice:
         "host memory" in huge["message"]
         and "the smallest configuration that fits: 4× V100-32G" in huge["message"]
     )
-    # a job: batches of 7,000 sequences of 512 tokens do not fit on a V100 as configured
+    # a job: micro-batches of 7,000 sequences of 512 tokens do not fit on a V100 as configured
     before = counts(stack)
+    sft = SMALL_SFT["config"]["sft"] | {"max_seq_len": 512}
     crowded = SMALL_SFT | {
         "gpu_type": "V100-32G",
-        "hyperparameters": {"batch_size": 7000},
-        "config": {"sft": SMALL_SFT["config"]["sft"] | {"max_seq_len": 512}},
+        "config": {"sft": sft | {"per_device_train_batch_size": 7000, "gradient_accumulation_steps": 1}},
     }
     error(alice.post("/v1/fine_tuning/jobs", json=crowded | {"memory": "fixed"}), 400, "gpu_type")
     assert counts(stack) == before  # nothing stored
-    job = alice.post("/v1/fine_tuning/jobs", json=crowded).json()  # memory: auto — the planner's choice runs
+    # batch_size is examples per optimiser step: 7,000 of them run as micro-batches that fit
+    crowded = SMALL_SFT | {
+        "gpu_type": "V100-32G",
+        "hyperparameters": {"batch_size": 7000},
+        "config": {"sft": sft},
+    }
+    job = alice.post("/v1/fine_tuning/jobs", json=crowded).json()
     with session_scope(stack.settings.db_url) as s:
         record = s.get(Job, job["id"])
         assert record is not None
         options, memory = record.plan["1"], record.request["_memory"]["1"]
-    assert memory["changed"] and memory["fits"] and memory["per_gpu_bytes"] <= 32 * gib
+    assert memory["fits"] and memory["per_gpu_bytes"] <= 32 * gib
     assert options["per_device_train_batch_size"] < 7000  # smaller micro-batches …
     assert (
         options["per_device_train_batch_size"] * options["gradient_accumulation_steps"] == 7000
