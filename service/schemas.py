@@ -387,6 +387,27 @@ class CheckpointList(Page):
     data: list[CheckpointObject]
 
 
+class CheckpointPermission(BaseModel):
+    """OpenAI's checkpoint permission: the checkpoint shared with a project (here: a tenant)."""
+
+    id: str
+    object: Literal["checkpoint.permission"] = "checkpoint.permission"
+    created_at: int
+    project_id: str = Field(description="the tenant it is shared with")
+
+
+class CheckpointPermissionList(Page):
+    data: list[CheckpointPermission]
+
+
+class PermissionCreate(Strict):
+    project_ids: list[str] = Field(
+        min_length=1,
+        max_length=100,
+        description="the tenants (OpenAI: projects) to share the checkpoint with",
+    )
+
+
 class MetricPoint(BaseModel):
     id: int = Field(description="the point's position: pass it as `after` for the next page")
     step: int

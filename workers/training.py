@@ -47,6 +47,7 @@ from service.jobs.states import StepOutcome, StopReason
 from service.services import cost as costs
 from service.services import files as files_svc
 from service.services import models as models_svc
+from service.services.ids import fine_tuned_id
 from service.settings import Settings
 from workers.bundled import build_bundled
 from workers.watch import PhaseWatch, Seen
@@ -199,7 +200,8 @@ class Ingest:
                             job_id=self.job_id,
                             step=self.step,
                             global_step=gs,
-                            path=str(data.get("path", "")),
+                            # the checkpoint's chat model where the step wrote one, else its state
+                            path=str(data.get("model_path") or data.get("path", "")),
                             metrics=metric,
                         )
                     )
@@ -783,7 +785,7 @@ def _fine_tuned_models(job: Job) -> tuple[dict[str, Path], str]:
     """The models a finished job registers (id → folder; only folders holding a model) and its main id."""
     out = Path(job.output_dir)
     base = job.model.split(":")[1] if job.model.startswith("ft:") else job.model
-    main_id = models_svc.fine_tuned_id(base, job.suffix, job.id)
+    main_id = fine_tuned_id(base, job.suffix, job.id)
     if job.method == "dpo":
         paths = {main_id: out / _step_of("dpo", 2).dir, f"{main_id}:sft": out / _step_of("dpo", 1).dir}
     elif 3 in job.steps:

@@ -163,6 +163,13 @@ class PPOConfig:
         default=100, metadata={"help": "checkpoint every N PPO steps (0 = never)"}
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    checkpoint_models: bool = field(
+        default=True,
+        metadata={
+            "help": "write each checkpoint's actor as a Hugging Face folder too (one model write per "
+            "checkpoint): what makes a checkpoint a model to chat with or train from"
+        },
+    )
     tracking: Tracking = field(default_factory=Tracking, metadata={"flatten": True})
     resume: bool = field(
         default=True, metadata={"help": "continue from the latest checkpoint if there is one"}

@@ -170,6 +170,13 @@ class TrainConfig:
         },
     )
     checkpoint_interval: int = field(default=100, metadata={"help": "checkpoint every N steps (0 = never)"})
+    checkpoint_models: bool = field(
+        default=True,
+        metadata={
+            "help": "write each checkpoint's model as a Hugging Face folder too (one model write per "
+            "checkpoint): what makes a checkpoint a model to chat with or train from"
+        },
+    )
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     tracking: Tracking = field(default_factory=Tracking, metadata={"flatten": True})
     resume: bool = field(

@@ -121,6 +121,12 @@ class Objective(ABC):
     def save(self) -> str:
         """Save the trained model(s) under the step folder (collective); returns the model's path."""
 
+    def export(self, out: Path) -> Path | None:
+        """Save the chat model trained so far as a Hugging Face folder under `out` (collective): what makes
+        a checkpoint a model one can chat with. Returns its folder; None when the step trains no chat
+        model (the reward model)."""
+        return None
+
     @abstractmethod
     def summarize(self, before: dict[str, Any], after: list[Evaluation]) -> dict[str, Any]:
         """The method's own fields of the summary."""
@@ -166,6 +172,28 @@ def _weight_bytes(config: Any) -> int:
 def _io_s(nbytes: float) -> float:
     """Seconds to read or write `nbytes` of weights and set them up (a cautious 100 MB/s, plus start-up)."""
     return 5.0 + nbytes / 100e6
+
+
+CHAT_MODEL = "chat_model"  # a checkpoint's Hugging Face model (the engines' own tags are model, actor, …)
+
+
+def _export(method: Objective, folder: Path, dist: Dist) -> Path | None:
+    """The checkpoint's chat model beside its training state (`folder/chat_model`, pruned with it), written
+    into a temporary folder first so a kill mid-write never leaves a half model that looks whole."""
+    tmp = folder / ".chat_model.partial"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    written = method.export(tmp)
+    barrier()
+    if written is None:
+        return None
+    final = folder / CHAT_MODEL / written.relative_to(tmp)
+    if dist.is_main:
+        shutil.rmtree(folder / CHAT_MODEL, ignore_errors=True)
+        os.replace(tmp, folder / CHAT_MODEL)
+    barrier()
+    return final
 
 
 def as_metrics(results: list[Evaluation], prefix: str) -> dict[str, float]:
@@ -367,11 +395,13 @@ def _loop(
                     "fingerprint": fingerprint,
                 },
             )
+            model = _export(method, folder, dist) if config.checkpoint_models else None
             records.event(
                 "checkpoint_saved",
                 f"checkpoint at step {done_steps}",
                 path=str(folder),
                 global_step=done_steps,
+                model_path=str(model) if model is not None else None,
             )
             if stopping:
                 records.event(

@@ -206,8 +206,14 @@ def _peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _save_models(engine: RLHFEngine, cfg: PPOConfig, step_dir: Path, dist: Dist) -> None:
-    """actor/, critic/ (and actor_ema/) as Hugging Face folders (collective at ZeRO-3)."""
+def _save_models(
+    engine: RLHFEngine,
+    cfg: PPOConfig,
+    step_dir: Path,
+    dist: Dist,
+    names: tuple[str, ...] = ("actor", "critic", "actor_ema"),
+) -> None:
+    """actor/, critic/ (and actor_ema/) as Hugging Face folders (collective at ZeRO-3); of `names` only."""
     tok = engine.tokenizer
     jobs = [
         (
@@ -251,6 +257,8 @@ def _save_models(engine: RLHFEngine, cfg: PPOConfig, step_dir: Path, dist: Dist)
             )
         )
     for name, module, stage, kind, model_config, lora, restore, src, dtype in jobs:
+        if name not in names:
+            continue
         state = gathered_state_dict(module, zero_stage=stage, is_main=dist.is_main)
         if dist.is_main:
             import copy
@@ -463,6 +471,11 @@ class PPOObjective(Objective):
         assert self.loop is not None
         _save_models(self.engine, self.config, self.loop.step_dir, self.loop.dist)
         return str(self.loop.step_dir / "actor")
+
+    def export(self, out: Path) -> Path | None:
+        assert self.loop is not None
+        _save_models(self.engine, self.config, out, self.loop.dist, names=("actor",))
+        return out / "actor"
 
     def summarize(self, before: dict[str, Any], after: list[Evaluation]) -> dict[str, Any]:
         assert self.loop is not None

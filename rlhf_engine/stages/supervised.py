@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,7 +186,16 @@ class SupervisedObjective(Objective):
 
     def save(self) -> str:
         assert self.loop is not None
-        spec, checked, step_dir = self.spec, self.checked, self.loop.step_dir
+        return str(self._write(self.loop.step_dir))
+
+    def export(self, out: Path) -> Path | None:
+        if self.spec.kind != "causal_lm":  # the reward model scores; nobody chats with it
+            return None
+        return self._write(out)
+
+    def _write(self, step_dir: Path) -> Path:
+        assert self.loop is not None
+        spec, checked = self.spec, self.checked
         state_dict = gathered_state_dict(
             self.engine.module if spec.kind == "causal_lm" else self.engine.module.model,
             zero_stage=self.config.model.zero_stage,
@@ -203,7 +213,7 @@ class SupervisedObjective(Objective):
                 tokenizer_src=checked.model_path,
                 dtype=torch_dtype(checked.dtype),
             )
-        return str(step_dir)
+        return step_dir
 
     def summarize(self, before: dict[str, Any], after: list[Evaluation]) -> dict[str, Any]:
         assert self.loop is not None

@@ -16,6 +16,7 @@ from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.openapi import COMMON, errors
 from service.api.uploads import save_upload
 from service.schemas import Deleted, ModelList, ModelObject
+from service.services import chat as chat_svc
 from service.services import models as svc
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=errors(*COMMON))
@@ -91,4 +92,5 @@ def delete_model(model_id: str, caller: CallerDep, session: SessionDep) -> Any:
     """Delete your fine-tuned (or uploaded) model and its weights (refused while a live job uses it)."""
     svc.delete_model(session=session, tenant=caller.tenant_id, model_id=model_id)
     session.commit()
+    chat_svc.forget(model_id)
     return Deleted(id=model_id, object="model")

@@ -196,6 +196,19 @@ class JobCheckpoint(Base):
     __table_args__ = (UniqueConstraint("job_id", "step", "global_step"),)
 
 
+class CheckpointShare(Base):
+    """A checkpoint shared with another tenant (OpenAI's checkpoint permission; project id = tenant):
+    that tenant may chat with it and fine-tune from it, and sees nothing else of the owner's."""
+
+    __tablename__ = "checkpoint_shares"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "tenant_id"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("cp"))
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("job_checkpoints.id"), index=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class CostInterval(Base):
     """One accrual interval of one step of one job: the unique key makes a restart unable to count twice."""
 

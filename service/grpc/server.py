@@ -76,6 +76,14 @@ REST_ONLY: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/files/{file_id}"): "files are REST-only",
     ("GET", "/v1/files/{file_id}/content"): "files are REST-only",
     ("POST", "/v1/models"): "model archive upload",
+    (
+        "POST",
+        "/v1/fine_tuning/checkpoints/{fine_tuned_model_checkpoint}/permissions",
+    ): "sharing: REST-only (an administrator's call, OpenAI's admin endpoints)",
+    ("GET", "/v1/fine_tuning/checkpoints/{fine_tuned_model_checkpoint}/permissions"): "sharing: REST-only",
+    ("DELETE", "/v1/fine_tuning/checkpoints/{fine_tuned_model_checkpoint}/permissions/{permission_id}"): (
+        "sharing: REST-only"
+    ),
     ("GET", "/v1/models/{model_id}/content"): "model archive download",
 }
 
@@ -347,6 +355,7 @@ class ModelService(Base, models_pb2_grpc.ModelServiceServicer):
             models_svc.delete_model(session=s, tenant=caller.tenant_id, model_id=request.id)
 
         await self.db(delete)
+        chat_svc.forget(request.id)
         return models_pb2.DeletedModel(id=request.id, object="model", deleted=True)
 
 

@@ -38,7 +38,7 @@ from service.schemas import (
     MetricPoint,
     RolloutList,
 )
-from service.services import models as models_svc
+from service.services import checkpoints
 
 
 def get_job(*, session: Session, tenant: str, job_id: str) -> Job:
@@ -244,8 +244,7 @@ def list_checkpoints(
 
 
 def checkpoint_object(c: JobCheckpoint, job: Job) -> CheckpointObject:
-    model = job.fine_tuned_model or models_svc.fine_tuned_id(job.model, job.suffix, job.id)
-    name = f"{model}:ckpt-step{c.step}-{c.global_step}"
+    name = checkpoints.model_id(job, c)
     return CheckpointObject(
         id=c.id,
         created_at=int(c.created_at.timestamp()),

@@ -211,8 +211,22 @@ class WorkerView:
 # verified moments ago is routed with no database and no thread hop. Keyed by database URL (one
 # process may serve several databases: tests do). Empty views and unknown models are never kept.
 _views: dict[str, tuple[float, list[WorkerView]]] = {}
-_refs: dict[tuple[str, str, str], models_svc.ModelRef] = {}  # a model's location never changes once it exists
+# a model resolved for a tenant, for a few seconds: a model deleted or a share revoked stops answering
+# within REFS_TTL_S on every API process (at once on the one that deleted it: `forget`)
+_refs: dict[tuple[str, str, str], tuple[float, models_svc.ModelRef]] = {}
 _REFS_MAX = 10_000
+REFS_TTL_S = 10.0
+
+
+def _cached_ref(key: tuple[str, str, str]) -> models_svc.ModelRef | None:
+    hit = _refs.get(key)
+    return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+
+def forget(model: str) -> None:
+    """Drop every cached resolution of `model` (it was deleted, or a share of it revoked)."""
+    for key in [k for k in _refs if k[2] == model]:
+        _refs.pop(key, None)
 
 
 def live_workers(*, session: Session, settings: Settings) -> list[WorkerView]:
@@ -237,12 +251,12 @@ def live_workers(*, session: Session, settings: Settings) -> list[WorkerView]:
 def route(
     *, session: Session, tenant: str, req: ChatCompletionRequest, settings: Settings, inflight: dict[str, int]
 ) -> Route:
-    ref = _refs.get((settings.db_url, tenant, req.model))
+    ref = _cached_ref((settings.db_url, tenant, req.model))
     if ref is None:
         ref = resolve_model(session=session, tenant=tenant, model=req.model, settings=settings)
         if len(_refs) >= _REFS_MAX:
             _refs.clear()
-        _refs[(settings.db_url, tenant, req.model)] = ref
+        _refs[(settings.db_url, tenant, req.model)] = (time.monotonic() + REFS_TTL_S, ref)
     return _pick(ref, live_workers(session=session, settings=settings), settings, inflight, tenant)
 
 
@@ -251,7 +265,7 @@ def cached_route(
 ) -> Route | None:
     """The route from the API's recent view alone (no database), or None when it has no view of the
     workers or has not resolved this model for this tenant yet."""
-    ref = _refs.get((settings.db_url, tenant, req.model))
+    ref = _cached_ref((settings.db_url, tenant, req.model))
     view = _views.get(settings.db_url)
     if ref is None or view is None or view[0] < time.monotonic() or not view[1]:
         return None

@@ -21,6 +21,7 @@ from service.db.models import FineTunedModel, UploadedModel
 from service.errors import ConflictError, InvalidRequestError, NotFoundError, WrongStateError
 from service.pagination import cut, paged
 from service.schemas import ModelList, ModelObject
+from service.services import checkpoints
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TINY_RE = re.compile(rf"tiny-({'|'.join(tiny.ARCHS)})-({'|'.join(tiny.SIZES_ORDER)})")
@@ -105,6 +106,9 @@ def resolve(
 
 
 def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param: str) -> ModelRef:
+    if name.startswith("ft:") and checkpoints.is_checkpoint(name):  # one of a job's checkpoints (or shared)
+        path = checkpoints.model_folder(session, tenant, name, param)
+        return ModelRef(name=name, path=path, base=name.split(":")[1])
     if name.startswith("ft:"):
         ft = session.get(FineTunedModel, name)
         if ft is None or ft.tenant_id != tenant:
@@ -162,7 +166,7 @@ def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[Mode
         select(UploadedModel).where(UploadedModel.tenant_id == tenant).order_by(UploadedModel.created_at)
     ).all()
     out += [ModelObject(id=u.name, created=int(u.created_at.timestamp()), owned_by=tenant) for u in uploads]
-    return out
+    return out + checkpoints.shared_models(session, tenant)
 
 
 def list_page(*, session: Session, tenant: str, models_dir: Path, after: str | None, limit: int) -> ModelList:
@@ -233,6 +237,14 @@ def delete_model(*, session: Session, tenant: str, model_id: str) -> None:
             f"model: {model_id} is used by the live job {users[0]}; cancel it or wait for it to end",
             param="model",
         )
+    shares = checkpoints.shares_of_job(session, row.job_id) if isinstance(row, FineTunedModel) else []
+    if shares:
+        raise WrongStateError(
+            f"model: a checkpoint of {model_id}'s job is shared with {shares[0].tenant_id} (permission "
+            f"{shares[0].id}); delete the permissions first (DELETE /v1/fine_tuning/checkpoints/"
+            "{checkpoint}/permissions/{id})",
+            param="model",
+        )
     path = Path(row.path)
     session.delete(row)
     session.flush()
@@ -274,10 +286,6 @@ def upload_model(
     session.add(row)
     session.flush()
     return row
-
-
-def fine_tuned_id(base: str, suffix: str | None, job_id: str) -> str:
-    return f"ft:{base}:{suffix or ''}:{job_id}"
 
 
 # ---------------------------------------------------------------------------- upload and download
