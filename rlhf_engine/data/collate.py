@@ -27,11 +27,15 @@ def pad(seqs: Sequence[Any], pad_id: int, *, left: bool = False) -> tuple[torch.
 
 
 def collate_sft(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Step 1: `labels` are the input ids on answer tokens and -100 on prompt and padding."""
+    """Step 1: `labels` are the input ids on the tokens that train — the final answer (from `prompt_len`)
+    and the earlier assistant turns of a multi-turn row (`spans`) — and -100 elsewhere."""
     ids, mask = pad([r["input_ids"] for r in rows], pad_id)
-    labels = ids.clone()
+    labels = torch.full_like(ids, -100)
     for i, r in enumerate(rows):
-        labels[i, : r["prompt_len"]] = -100
+        labels[i, r["prompt_len"] :] = ids[i, r["prompt_len"] :]
+        spans = [int(x) for x in r.get("spans", ())]
+        for start, end in zip(spans[::2], spans[1::2], strict=True):
+            labels[i, start:end] = ids[i, start:end]
     labels[mask == 0] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

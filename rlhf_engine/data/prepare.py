@@ -39,7 +39,8 @@ from rlhf_engine.data.tokenize import (
 from rlhf_engine.data.types import Dataset, Sample
 from rlhf_engine.paths import cache_dir
 
-CACHE_VERSION = 3  # 2: answers end at a template's EOS (formatter.encode_answer); 3: step 3's item column
+CACHE_VERSION = 4  # 2: answers end at a template's EOS (formatter.encode_answer); 3: step 3's item column;
+# 4: step 1's spans (multi-turn rows) and validation datasets (eval_data)
 
 
 def load_datasets(config: DataConfig, *, names: list[str] | None = None) -> list[Dataset]:

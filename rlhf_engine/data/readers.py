@@ -117,12 +117,20 @@ def _content(row: _Row, field: str, value: Any) -> str:
     raise row.error(field, "content must be a string or a list of text parts (images are not supported)")
 
 
+TOOLS_LATER = (
+    "tool calls are not trained yet (they come with tool calling in chat); leave such rows out, or "
+    "let max_bad_rows skip them"
+)
+
+
 def _messages(row: _Row, field: str, value: Any) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise row.error(field, "must be a non-empty list of {role, content} messages")
     out = []
     for i, m in enumerate(value):
         where = f"{field}[{i}]"
+        if isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") == "tool"):
+            raise row.error(where, TOOLS_LATER)
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise row.error(where, "each message needs 'role' and 'content'")
         role = _ROLE_ALIASES.get(m["role"])
@@ -161,11 +169,44 @@ def _openai_preference(row: _Row) -> Sample:
     return Sample(conv, _answer(row, "preferred_output"), _answer(row, "non_preferred_output"), row.line)
 
 
+def _weights(row: _Row, value: list[Any]) -> list[int]:
+    """OpenAI's per-message `weight` (assistant messages only: 1 trains it, the default; 0 does not)."""
+    out = []
+    for i, m in enumerate(value):
+        w = m.get("weight", 1)
+        if "weight" in m and m.get("role") != "assistant":
+            raise row.error(f"messages[{i}].weight", "only assistant messages carry a weight")
+        if w not in (0, 1) or isinstance(w, bool):
+            raise row.error(f"messages[{i}].weight", f"must be 0 or 1, not {w!r}")
+        out.append(int(w))
+    return out
+
+
 def _openai_chat(row: _Row) -> Sample:
-    msgs = _messages(row, "messages", row.get("messages"))
+    """OpenAI's chat format: every assistant message trains unless its `weight` is 0 (its multi-turn rule)."""
+    for key in ("tools", "functions", "parallel_tool_calls"):
+        if key in row.record:
+            raise row.error(key, TOOLS_LATER)
+    raw = row.get("messages")
+    msgs = _messages(row, "messages", raw)
     if msgs[-1].role != "assistant":
         raise row.error("messages", "the last message must be the assistant's answer to train on")
-    return Sample(_check_prompt(row, "messages", msgs[:-1]), msgs[-1].content, None, row.line)
+    weights = _weights(row, raw)
+    earlier = tuple(
+        i
+        for i, m in enumerate(msgs[:-1])
+        if m.role == "assistant" and weights[i] and i and msgs[i - 1].role == "user"
+    )
+    if not weights[-1] and not earlier:
+        raise row.error("messages", "every assistant message has weight 0: the row trains nothing")
+    return Sample(
+        _check_prompt(row, "messages", msgs[:-1]),
+        msgs[-1].content,
+        None,
+        row.line,
+        trained=earlier,
+        answer_trained=bool(weights[-1]),
+    )
 
 
 def _prompt_chosen_rejected(row: _Row) -> Sample:

@@ -127,7 +127,8 @@ def tokenize_rows(
     """Tokenise one dataset's rows for `step`. Returns one tuple per kept row and the stats;
     `on_progress()` is called every 256 rows (headway, for whoever watches a long tokenisation).
 
-    step 1 → (ids, prompt_len); step 2 → (chosen_ids, rejected_ids, prompt_len); step 3 → (prompt_ids, item).
+    step 1 → (ids, prompt_len, spans: the earlier assistant turns that train); step 2 → (chosen_ids,
+    rejected_ids, prompt_len); step 3 → (prompt_ids, item).
     """
     stats = TokenStats(rows=len(rows))
     filtered: Counter[str] = Counter()
@@ -151,7 +152,13 @@ def tokenize_rows(
         if step == 1:
             stats.truncated += len(chosen) > room
             ids = prompt + chosen[:room]
-            out.append((ids, len(prompt)))
+            spans = _earlier_spans(s, ids, tokenizer)
+            if spans is None:
+                filtered["turns_not_prefix"] += (
+                    1  # the template renders an earlier turn differently in context
+                )
+                continue
+            out.append((ids, len(prompt) if s.answer_trained else len(ids), spans))
             stats.lengths.append(len(ids))
             continue
         assert s.rejected is not None, "step 2 rows come from preference datasets"
@@ -168,8 +175,28 @@ def tokenize_rows(
     return out, stats
 
 
+def _earlier_spans(s: Sample, ids: list[int], tokenizer: Any) -> list[int] | None:
+    """[start, end, start, end, …]: where the earlier assistant turns that train (`Sample.trained`) lie in
+    the row's ids — each turn's answer tokens as the formatter encodes them after the conversation up to
+    it. None when the template renders the conversation so that a turn is not where it would be alone
+    (the row cannot train that turn as written)."""
+    out: list[int] = []
+    eos = tokenizer.eos_token_id
+    for k in s.trained:
+        head = encode_prompt(s.conversation[:k], tokenizer)
+        answer = encode_answer(s.conversation[:k], s.conversation[k].content, tokenizer)
+        if answer and answer[-1] == eos and ids[len(head) : len(head) + len(answer)] != answer:
+            answer = answer[:-1]  # a template that ends no earlier turn with EOS: that turn trains without it
+        end = min(len(head) + len(answer), len(ids))
+        if ids[: len(head)] != head or ids[len(head) : end] != answer[: end - len(head)]:
+            return None
+        if end > len(head):
+            out += [len(head), end]
+    return out
+
+
 _COLUMNS = {
-    1: ("input_ids", "prompt_len"),
+    1: ("input_ids", "prompt_len", "spans"),
     2: ("chosen_ids", "rejected_ids", "prompt_len"),
     3: ("prompt_ids", "item"),
 }

@@ -33,6 +33,10 @@ class Sample:
     rejected: str | None = None
     line: int = 0
     item: dict[str, Any] | None = field(default=None, compare=False)
+    # SFT rows of OpenAI's multi-turn format: the indices in `conversation` of the earlier assistant turns
+    # that train too (each follows a user turn and has weight 1), and whether the final answer trains
+    trained: tuple[int, ...] = ()
+    answer_trained: bool = True
 
     @property
     def prompt_text(self) -> str:

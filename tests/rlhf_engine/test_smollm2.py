@@ -49,7 +49,7 @@ def test_its_own_chat_template_is_what_training_and_chat_render(engine: ChatGene
     )
     rows = load_datasets(DataConfig(data=["bundled:sft"]))[0].rows[:20]
     tokenized, _ = tokenize_rows(1, rows, tok, max_seq_len=512, max_prompt_len=256)
-    for row, (ids, prompt_len) in zip(rows, tokenized, strict=True):
+    for row, (ids, prompt_len, _) in zip(rows, tokenized, strict=True):
         assert engine.prompt_ids([m.as_dict() for m in row.conversation]) == list(ids[:prompt_len])
         # step 1 teaches it to end its turn with the template's "<|im_end|>" (its EOS), where generation stops
         assert ids[-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")

@@ -289,7 +289,7 @@ def test_chat_prompt_tokens_equal_step_1_prompt_tokens(engine: ChatGenerator) ->
 
     rows = load_datasets(DataConfig(data=["bundled:sft"]))[0].rows[:20]
     tokenized, _ = tokenize_rows(1, rows, engine.tokenizer, max_seq_len=512, max_prompt_len=256)
-    for row, (ids, prompt_len) in zip(rows, tokenized, strict=True):
+    for row, (ids, prompt_len, _) in zip(rows, tokenized, strict=True):
         messages = [m.as_dict() for m in row.conversation]
         assert engine.prompt_ids(messages) == list(ids[:prompt_len])
 

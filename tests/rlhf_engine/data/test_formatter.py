@@ -59,7 +59,8 @@ def test_training_and_chat_tokenise_a_prompt_identically(tokenizer) -> None:
     rows, _ = tokenize_rows(
         1, [Sample(CONV, "The dog is red.")], tokenizer, max_seq_len=512, max_prompt_len=256
     )
-    ids, prompt_len = rows[0]
+    ids, prompt_len, spans = rows[0]
+    assert spans == []  # one turn: only the final answer trains
     assert ids[:prompt_len] == chat_ids
     assert ids[prompt_len:] == encode_answer(CONV, "The dog is red.", tokenizer)
     assert ids[-1] == tokenizer.eos_token_id

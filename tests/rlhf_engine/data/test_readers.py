@@ -243,7 +243,7 @@ def test_openai_shapes_bad_rows(tmp_path: Path) -> None:
             [{"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}],
         )
     )
-    assert err.field == "messages[0].role"
+    assert err.field == "messages[0]" and "tool calls are not trained yet" in str(err)
     row = {
         "input": {"messages": [{"role": "user", "content": "x"}]},
         "preferred_output": [{"role": "user", "content": "y"}],
@@ -362,3 +362,42 @@ def test_prompt_only_rows_keep_their_other_fields_as_the_item(tmp_path: Path) ->
         )
     )
     assert [r.item for r in d.rows] == [{"id": 7}, None]
+
+
+def test_openai_multi_turn_rows_train_every_assistant_turn_unless_weight_0(tmp_path: Path) -> None:
+    """OpenAI's multi-turn rule: each assistant message trains (weight 1 by default), weight 0 keeps it as
+    context only; rows with tools are refused with the reason, never trained as if they had none."""
+
+    def turn(role: str, text: str, **extra: int) -> dict[str, object]:
+        return {"role": role, "content": text, **extra}
+
+    rows = [
+        {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c"), turn("assistant", "d")]},
+        {
+            "messages": [
+                turn("system", "s"),
+                turn("user", "a"),
+                turn("assistant", "b", weight=0),
+                turn("user", "c"),
+                turn("assistant", "d"),
+            ]
+        },
+        {
+            "messages": [
+                turn("user", "a"),
+                turn("assistant", "b"),
+                turn("user", "c"),
+                turn("assistant", "d", weight=0),
+            ]
+        },
+    ]
+    ds = read_dataset(str(write_jsonl(tmp_path / "m.jsonl", rows)))
+    assert [(s.trained, s.answer_trained) for s in ds.rows] == [((1,), True), ((), True), ((1,), False)]
+    nothing = {"messages": [turn("user", "a"), turn("assistant", "b", weight=0)]}
+    err = _error(write_jsonl(tmp_path / "z.jsonl", [nothing]))
+    assert err.field == "messages" and "trains nothing" in str(err)
+    odd = {"messages": [turn("user", "a"), turn("assistant", "b", weight=2)]}
+    assert _error(write_jsonl(tmp_path / "w.jsonl", [odd])).field == "messages[1].weight"
+    tools = {"messages": [turn("user", "a"), turn("assistant", "b")], "tools": [{"type": "function"}]}
+    err = _error(write_jsonl(tmp_path / "t.jsonl", [tools]))
+    assert err.field == "tools" and "not trained yet" in str(err)

@@ -135,3 +135,68 @@ def test_step3_rows_carry_their_item_through_the_cache(tokenizer, fresh_cache: P
     assert set(decode_item(cached.train.row(0)["item"])) == {"subject", "topic", "facts"}
     plain = prepare_step(DataConfig(data=["bundled:preference"], data_split="0,0,10"), 3, tokenizer)
     assert decode_item(plain.train.row(0)["item"]) == {}
+
+
+def test_multi_turn_rows_train_each_assistant_turn_and_weight_0_turns_stay_context(tokenizer) -> None:
+    """Labels cover exactly the assistant turns that train: both turns of an unweighted two-turn row; the
+    first only when the last has weight 0; the last only when the first has."""
+    from rlhf_engine.data.formatter import encode_answer, encode_prompt
+    from rlhf_engine.data.tokenize import tokenize_rows, to_split
+    from rlhf_engine.data.types import Message, Sample
+
+    conv = (
+        Message("user", "What color is the dog?"),
+        Message("assistant", "Red."),
+        Message("user", "And the cat?"),
+    )
+    both = Sample(conv, "Blue.", trained=(1,))
+    first_only = Sample(conv, "Blue.", trained=(1,), answer_trained=False)
+    last_only = Sample(conv, "Blue.")
+    rows, stats = tokenize_rows(
+        1, [both, first_only, last_only], tokenizer, max_seq_len=512, max_prompt_len=256
+    )
+    assert stats.kept == 3
+    batch = collate_sft(_rows(to_split(1, rows), 3), tokenizer.pad_token_id)
+    first = encode_answer(conv[:1], "Red.", tokenizer)
+    first = first[:-1]  # this template ends no earlier turn with EOS, so that turn is trained without it
+    start = len(encode_prompt(conv[:1], tokenizer))
+    last = encode_answer(conv, "Blue.", tokenizer)
+    prompt = len(encode_prompt(conv, tokenizer))
+
+    def trained(i: int) -> list[int]:
+        return [int(t) for t in batch["labels"][i] if t != -100]
+
+    assert trained(0) == first + last
+    assert trained(1) == first
+    assert trained(2) == last
+    assert batch["input_ids"][0, start : start + len(first)].tolist() == first
+    assert batch["input_ids"][0, prompt : prompt + len(last)].tolist() == last
+
+
+def test_a_validation_dataset_is_the_eval_split_and_nothing_is_held_out(tokenizer, tmp_path: Path) -> None:
+    def sft(n: int, word: str) -> Path:
+        path = tmp_path / f"{word}.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"{word} {i}?"},
+                            {"role": "assistant", "content": f"{i}."},
+                        ]
+                    }
+                )
+                + "\n"
+                for i in range(n)
+            )
+        )
+        return path
+
+    train, valid = sft(30, "train"), sft(7, "valid")
+    held = prepare_step(DataConfig(data=[str(train)], data_split="10,0,0"), 1, tokenizer, use_cache=False)
+    assert (len(held.train), len(held.eval)) == (27, 3)  # 10% held out of the training file
+    config = DataConfig(data=[str(train)], data_split="10,0,0", eval_data=[str(valid)])
+    prepared = prepare_step(config, 1, tokenizer, use_cache=False)
+    assert (len(prepared.train), len(prepared.eval)) == (30, 7)
+    texts = {tokenizer.decode(prepared.eval.row(i)["input_ids"]) for i in range(7)}
+    assert all("valid" in t for t in texts)
