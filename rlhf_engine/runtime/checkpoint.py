@@ -11,11 +11,13 @@ incomplete (killed while saving) and is never resumed from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,18 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
     }
     return tensors, plain
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """Every random stream (torch CPU and CUDA, Python, NumPy) as it was before the block: side work at a
+    checkpoint (writing its chat model builds a model, which draws) cannot make a run resumed from that
+    checkpoint differ from one that went straight on."""
+    tensors, plain = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(tensors, plain)
 
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:

@@ -184,7 +184,8 @@ def _export(method: Objective, folder: Path, dist: Dist) -> Path | None:
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    written = method.export(tmp)
+    with checkpoint.rng_kept():
+        written = method.export(tmp)
     barrier()
     if written is None:
         return None
@@ -346,6 +347,7 @@ def _loop(
 
     # --- train
     stop = StopRequest(step_dir, dist)
+    eval_after: list[Evaluation] | None = None
     for step in range(start_step, total):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(prepared.train), config.seed, epoch)
@@ -370,6 +372,9 @@ def _loop(
         valid: dict[str, float] = {}
         if config.eval_interval and done_steps % config.eval_interval == 0 and done_steps < total:
             valid = as_metrics(run_eval(done_steps, sample=True), "valid")
+        if done_steps == total:  # the last step's point carries the evaluation over every held-out row
+            eval_after = run_eval(total, final=True)
+            valid = as_metrics(eval_after, "full_valid")
         epoch_at = round(epoch + (in_epoch + 1) / steps_per_epoch, 4)
         records.metric(step=done_steps, epoch=epoch_at, **metrics, **valid)
         stopping = done_steps < total and stop.requested()
@@ -411,9 +416,8 @@ def _loop(
                     path=str(folder),
                 )
                 raise StepStoppedError(done_steps, folder)
-    eval_after = run_eval(total, final=True)
-    # the last step's point, completed with the evaluation over every held-out row (OpenAI's full_valid_*)
-    records.metric(step=total, **as_metrics(eval_after, "full_valid"))
+    if eval_after is None:  # nothing was left to train (resumed at the end)
+        eval_after = run_eval(total, final=True)
 
     # --- save the model (collective at ZeRO-3), then the summary last
     phases.enter("saving_model", typical_s=_io_s(weights), global_step=total)

@@ -85,6 +85,11 @@ def step_targets(
     prefix = "hyperparameters"
     out: dict[str, Any] = {}
     lr_names = ["learning_rate"] if step < 3 else ["actor_learning_rate", "critic_learning_rate"]
+    rl = (
+        _reinforcement(hp, cls, section, validation_rows)
+        if isinstance(hp, ReinforcementHyperparameters) and step == 3
+        else {}
+    )
 
     if hp.n_epochs != "auto":
         out["num_train_epochs"] = hp.n_epochs
@@ -112,7 +117,7 @@ def step_targets(
         else:
             out |= {"per_device_generation_batch_size": per, "generation_batches": 1}
             if "per_device_training_batch_size" not in section:  # one optimiser step per PPO step's answers
-                group = int(section.get("samples_per_prompt", step_default(cls, "samples_per_prompt")))
+                group = int(rl.get("samples_per_prompt", section.get("samples_per_prompt", 1)))
                 out["per_device_training_batch_size"] = per * group
                 if "gradient_accumulation_steps" not in section:
                     out["gradient_accumulation_steps"] = 1
@@ -130,9 +135,8 @@ def step_targets(
     if isinstance(hp, DPOHyperparameters) and hp.beta != "auto" and "beta" in _fields(cls):
         out["beta"] = float(hp.beta)
 
-    if isinstance(hp, ReinforcementHyperparameters) and step == 3:
-        out |= _reinforcement(hp, cls, section, validation_rows)
-    elif has_validation and "eval_interval" not in section and rows:
+    out |= rl
+    if has_validation and "eval_interval" not in section and "eval_interval" not in out and rows:
         per_step = batch or _rows_per_step(cls, section, processes, step)
         epochs = out.get("num_train_epochs", section.get("num_train_epochs", 1))
         total = section.get("max_steps") or math.ceil(rows / max(per_step, 1)) * epochs

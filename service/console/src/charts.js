@@ -3,7 +3,8 @@ import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
 
 // what a person watching RLHF looks at first; any other numeric metric follows, grader parts included
-const FIRST = ["reward_mean", "kl_to_ref", "actor_loss", "critic_loss", "loss", "lr", "tokens_per_s", "samples_per_s",
+const FIRST = ["reward_mean", "valid_reward_mean", "kl_to_ref", "actor_loss", "critic_loss", "loss", "valid_loss",
+  "full_valid_loss", "mean_token_accuracy", "valid_mean_token_accuracy", "lr", "tokens_per_s", "samples_per_s",
   "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "accuracy", "reward_std", "kl_loss",
   "unsup_loss"];
 const SKIP = new Set(["epoch", "time", "final", "step"]);
