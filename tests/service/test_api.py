@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -873,3 +874,91 @@ def test_operator_gpu_types_are_planned_and_a_model_not_here_is_planned_by_size(
         step = sized["memory"][0]
         assert step["gpu_bytes"] == 16 * 2**30 and step["fits"] and step["per_gpu_bytes"] <= 16 * 2**30
         assert step["changed"]  # 6.7B does not train in full on 16 GiB: the planner's choice
+
+
+def test_files_as_openai_has_them_purposes_content_expiry_and_filters(
+    stack: Stack, alice: Any, bob: Any
+) -> None:
+    before = counts(stack)
+    for purpose in ("batch", "fine-tune-results", "vision"):
+        err = error(
+            alice.post("/v1/files", files={"file": ("x.jsonl", PREF.encode())}, data={"purpose": purpose}),
+            400,
+        )
+        assert err["param"] == "purpose" and "fine-tune, evals, user_data" in err["message"]
+    assert counts(stack) == before  # nothing stored
+    raw = b"\x00\x01 any bytes at all"
+    blob = alice.post("/v1/files", files={"file": ("notes.bin", raw)}, data={"purpose": "user_data"}).json()
+    assert blob["purpose"] == "user_data" and blob["kind"] == "none"
+    got = alice.get(f"/v1/files/{blob['id']}/content")
+    assert got.status_code == 200 and got.content == raw
+    error(bob.get(f"/v1/files/{blob['id']}/content"), 404)  # another tenant's: not found
+    ev = alice.post(
+        "/v1/files", files={"file": ("ev.jsonl", PREF.encode())}, data={"purpose": "evals"}
+    ).json()
+    assert ev["purpose"] == "evals" and ev["rows"] == 40  # checked as a dataset
+    assert alice.get(f"/v1/files/{ev['id']}/content").text == PREF
+    # expires_after, as the SDK sends it (multipart fields)
+    form = {"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"}
+    timed = alice.post("/v1/files", files={"file": ("t.jsonl", PREF.encode())}, data=form).json()
+    assert timed["expires_at"] - timed["created_at"] in (3599, 3600, 3601)
+    short = form | {"expires_after[seconds]": "60"}
+    assert (
+        error(alice.post("/v1/files", files={"file": ("t.jsonl", PREF.encode())}, data=short), 400)["param"]
+        == "expires_after.seconds"
+    )
+    with session_scope(stack.settings.db_url) as s:  # an hour later
+        row = s.get(File, timed["id"])
+        assert row is not None
+        row.expires_at = row.created_at - timedelta(seconds=1)
+    error(alice.get(f"/v1/files/{timed['id']}"), 404)
+    # list filters: purpose and order
+    mine = alice.get("/v1/files", params={"purpose": "user_data"}).json()["data"]
+    assert [f["id"] for f in mine] == [blob["id"]]
+    newest = [f["id"] for f in alice.get("/v1/files").json()["data"]]
+    oldest = [f["id"] for f in alice.get("/v1/files", params={"order": "asc"}).json()["data"]]
+    assert oldest == list(reversed(newest)) and timed["id"] not in newest
+    page = alice.get("/v1/files", params={"order": "asc", "limit": 1, "after": oldest[0]}).json()
+    assert [f["id"] for f in page["data"]] == oldest[1:2]
+
+
+def test_jobs_list_filters_by_metadata_and_a_validation_file_must_match_the_training_file(
+    stack: Stack, alice: Any
+) -> None:
+    pref = upload(alice, PREF * 2).json()
+    sft = upload(
+        alice,
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            )
+            + "\n"
+            for i in range(40)
+        ),
+        "sft.jsonl",
+    ).json()
+    body = SMALL_SFT | {"training_file": sft["id"]}
+    before = counts(stack)
+    err = error(alice.post("/v1/fine_tuning/jobs", json=body | {"validation_file": pref["id"]}), 400)
+    assert err["param"] == "validation_file" and "needs sft data" in err["message"]
+    dpo = {"model": "tiny-opt-xs", "training_file": pref["id"], "method": {"type": "dpo"}}
+    err = error(alice.post("/v1/fine_tuning/jobs", json=dpo | {"validation_file": sft["id"]}), 400)
+    assert err["param"] == "validation_file" and "training file's format" in err["message"]
+    assert counts(stack) == before
+    a = alice.post("/v1/fine_tuning/jobs", json=body | {"metadata": {"team": "red", "n": "1"}}).json()
+    b = alice.post("/v1/fine_tuning/jobs", json=body | {"metadata": {"team": "blue"}}).json()
+    c = alice.post(
+        "/v1/fine_tuning/jobs",
+        json=body | {"metadata": {"team": "red", "n": "2"}, "validation_file": sft["id"]},
+    ).json()
+    assert c["validation_file"] == sft["id"]
+    red = alice.get("/v1/fine_tuning/jobs", params={"metadata[team]": "red"}).json()
+    assert [j["id"] for j in red["data"]] == [c["id"], a["id"]]
+    one = alice.get("/v1/fine_tuning/jobs", params={"metadata[team]": "red", "metadata[n]": "1"}).json()
+    assert [j["id"] for j in one["data"]] == [a["id"]]
+    paged = alice.get("/v1/fine_tuning/jobs", params={"metadata[team]": "red", "limit": 1}).json()
+    assert paged["has_more"] and [j["id"] for j in paged["data"]] == [c["id"]]
+    error(alice.get("/v1/fine_tuning/jobs", params={"metadata": "red"}), 400, "metadata")
+    for job in (a, b, c):
+        alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    error(alice.delete("/v1/models/tiny-opt-xs"), 404, "model")  # base models are not deleted
