@@ -98,10 +98,10 @@ def test_the_sdks_literal_types_hold_our_statuses_event_types_and_levels() -> No
     from service.jobs.states import JobStatus
     from service.schemas import CheckpointObject, EventObject, FileObject
 
-    def literal(model: type, name: str) -> set[Any]:
-        hint = typing.get_type_hints(model)[name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        return {v for a in args for v in typing.get_args(a)}
+    def literal(model: Any, name: str) -> set[Any]:
+        hint = model.model_fields[name].annotation  # as pydantic resolved it (the SDK's models are pydantic)
+        parts = [hint] if typing.get_origin(hint) is typing.Literal else typing.get_args(hint)  # Optional[...]
+        return {v for a in parts if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)}
 
     # `paused` is ours (OpenAI's API pauses jobs too; this SDK's type does not list it yet)
     assert set(typing.get_args(JobStatus)) - {"paused"} <= literal(FineTuningJob, "status")
