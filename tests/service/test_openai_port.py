@@ -21,7 +21,7 @@ from typing import Any
 
 import openai
 import pytest
-from openai import BadRequestError, NotFoundError, OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI, omit
 
 from tests.service.conftest import Stack, Workers
 
@@ -67,7 +67,7 @@ def _all_events(sdk: OpenAI, job_id: str) -> list[Any]:
     out: list[Any] = []
     after: str | None = None
     while True:
-        page = sdk.fine_tuning.jobs.list_events(job_id, limit=100, **({"after": after} if after else {}))
+        page = sdk.fine_tuning.jobs.list_events(job_id, limit=100, after=after or omit)
         out += page.data
         if not page.has_more:
             return out
@@ -100,7 +100,8 @@ def test_the_sdks_literal_types_hold_our_statuses_event_types_and_levels() -> No
 
     def literal(model: Any, name: str) -> set[Any]:
         hint = model.model_fields[name].annotation  # as pydantic resolved it (the SDK's models are pydantic)
-        parts = [hint] if typing.get_origin(hint) is typing.Literal else typing.get_args(hint)  # Optional[...]
+        # a Literal, or an Optional of one
+        parts = [hint] if typing.get_origin(hint) is typing.Literal else typing.get_args(hint)
         return {v for a in parts if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)}
 
     # `paused` is ours (OpenAI's API pauses jobs too; this SDK's type does not list it yet)
@@ -178,19 +179,19 @@ def test_openais_fine_tuning_workflow_runs_unchanged(port: dict[str, Any]) -> No
     assert ckpts[0].metrics.full_valid_loss is not None
     question = [{"role": "user", "content": "What is a dog 5?"}]
     for model in (done.fine_tuned_model, ckpt.fine_tuned_model_checkpoint):
-        reply = sdk.chat.completions.create(model=model, messages=question, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+        reply = sdk.chat.completions.create(model=model, messages=question, max_tokens=8, temperature=0)
         assert reply.choices[0].message.content and reply.model == model
 
     # --- share the checkpoint with another tenant: it chats with it and may train from it, sees nothing else
     with pytest.raises(openai.NotFoundError):
-        other.chat.completions.create(model=ckpt.fine_tuned_model_checkpoint, messages=question, max_tokens=4)  # type: ignore[arg-type]
+        other.chat.completions.create(model=ckpt.fine_tuned_model_checkpoint, messages=question, max_tokens=4)
     granted = sdk.fine_tuning.checkpoints.permissions.create(
         ckpt.fine_tuned_model_checkpoint, project_ids=["port-b"]
     )
     assert [p.project_id for p in granted.data] == ["port-b"]
     assert other.chat.completions.create(
         model=ckpt.fine_tuned_model_checkpoint,
-        messages=question,  # type: ignore[arg-type]
+        messages=question,
         max_tokens=4,
     ).choices
     assert ckpt.fine_tuned_model_checkpoint in [m.id for m in other.models.list()]
@@ -215,7 +216,7 @@ def test_openais_fine_tuning_workflow_runs_unchanged(port: dict[str, Any]) -> No
         shares[0].id, fine_tuned_model_checkpoint=ckpt.fine_tuned_model_checkpoint
     )
     with pytest.raises(openai.NotFoundError):
-        other.chat.completions.create(model=ckpt.fine_tuned_model_checkpoint, messages=question, max_tokens=4)  # type: ignore[arg-type]
+        other.chat.completions.create(model=ckpt.fine_tuned_model_checkpoint, messages=question, max_tokens=4)
 
     # --- DPO from the fine-tuned model, OpenAI's preference format: DPO only, on every pair
     pairs = [
@@ -271,11 +272,11 @@ def test_openais_fine_tuning_workflow_runs_unchanged(port: dict[str, Any]) -> No
         model=MODEL,
         training_file=rl_train.id,
         validation_file=rl_valid.id,
-        method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp}},  # type: ignore[typeddict-item]
+        method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp}},
     )
     rl_done = _wait(sdk, rl.id, ("succeeded", "failed", "cancelled"))
     assert rl_done.status == "succeeded", rl_done.error
-    resolved = rl_done.method.reinforcement.hyperparameters  # type: ignore[union-attr]
+    resolved = rl_done.method.reinforcement.hyperparameters
     assert (resolved.eval_interval, resolved.eval_samples, resolved.compute_multiplier) == (2, 4, 0.5)
     rl_metrics = {e.data["step"]: e.data for e in _all_events(sdk, rl.id) if e.type == "metrics"}
     assert sorted(rl_metrics) == [1, 2, 3, 4]  # 16 prompts, 4 per step
@@ -288,7 +289,7 @@ def test_openais_fine_tuning_workflow_runs_unchanged(port: dict[str, Any]) -> No
             validation_file=rl_valid.id,
             method={
                 "type": "reinforcement",
-                "reinforcement": {"grader": grader, "hyperparameters": {"eval_samples": 7}},  # type: ignore[typeddict-item]
+                "reinforcement": {"grader": grader, "hyperparameters": {"eval_samples": 7}},
             },
         )
     assert too_many.value.body["param"].endswith("eval_samples")  # type: ignore[index]
@@ -316,7 +317,7 @@ def test_openais_fine_tuning_workflow_runs_unchanged(port: dict[str, Any]) -> No
     with pytest.raises(NotFoundError):
         sdk.models.retrieve(done.fine_tuned_model)
     with pytest.raises(openai.NotFoundError):
-        sdk.chat.completions.create(model=done.fine_tuned_model, messages=question, max_tokens=4)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model=done.fine_tuned_model, messages=question, max_tokens=4)
 
 
 def _upload(client: OpenAI, tmp: Path) -> str:

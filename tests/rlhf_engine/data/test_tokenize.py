@@ -141,7 +141,7 @@ def test_multi_turn_rows_train_each_assistant_turn_and_weight_0_turns_stay_conte
     """Labels cover exactly the assistant turns that train: both turns of an unweighted two-turn row; the
     first only when the last has weight 0; the last only when the first has."""
     from rlhf_engine.data.formatter import encode_answer, encode_prompt
-    from rlhf_engine.data.tokenize import tokenize_rows, to_split
+    from rlhf_engine.data.tokenize import to_split, tokenize_rows
     from rlhf_engine.data.types import Message, Sample
 
     conv = (
