@@ -106,7 +106,7 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
                     continue
                 e = json.loads(line[6:])
                 kind = e["data"].get("event_type")
-                if kind in ("metrics",) or (kind == "checkpoint_saved"):
+                if e.get("type") == "metrics" or kind == "checkpoint_saved":  # progress is shown on its own
                     continue
                 step = e["data"].get("step")
                 now = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()

@@ -172,7 +172,7 @@ LEVELS: dict[str, Literal["info", "warn", "error"]] = {"info": "info", "warning"
 def event_object(e: JobEvent) -> EventObject:
     if e.type == "metrics":  # OpenAI's: data is the metric point (its `step` the training step)
         kind: Literal["message", "metrics"] = "metrics"
-        data = dict(e.data or {})
+        data = dict(e.data or {}) | {"event_type": "metrics"}  # (every event's data names its type)
     else:
         kind = "message"
         data = dict(e.data or {}) | ({"step": e.step} if e.step is not None else {}) | {"event_type": e.type}

@@ -236,6 +236,8 @@ function jobPage(id) {
             showJob(item);
           } else if (event === "error") {
             eventsList.prepend(h("li", { class: "error" }, item.error?.message || "the event stream failed"));
+          } else if (item.type === "metrics") {
+            soonJob(); // OpenAI's per-step metrics event: its numbers are the curves' (event: metric)
           } else {
             eventsList.prepend(h("li", { class: item.level }, h("time", {}, fmt.time(item.created_at)), " ", item.message));
             soonJob();
