@@ -250,7 +250,9 @@ def checkpoint_object(c: JobCheckpoint, job: Job) -> CheckpointObject:
         created_at=int(c.created_at.timestamp()),
         fine_tuned_model_checkpoint=name,
         fine_tuning_job_id=job.id,
-        metrics=results.sdk_metrics(c.metrics or {}, global_step=c.global_step),
+        # the SDK's names first, then ours under their own names (loss, reward_mean, final, …)
+        metrics=results.sdk_metrics(c.metrics or {}, global_step=c.global_step)
+        | {k: v for k, v in (c.metrics or {}).items() if k != "step"},
         step_number=c.global_step,
         step=c.step,
     )

@@ -184,7 +184,28 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
         up = a.post("/v1/models", files={"file": ("m.tar.gz", buf.getvalue())}, data={"name": "alices-model"})
         assert up.status_code == 200, up.text
         model_id = up.json()["id"]
-        ids = {"file_id": file_id, "job_id": job_id, "model_id": model_id}
+        # one checkpoint of alice's job (a step's chat model), shared with carol
+        from service.db.models import Job, JobCheckpoint
+        from service.db.session import session_scope
+        from service.services.checkpoints import model_id as checkpoint_id
+
+        with session_scope(stack.settings.db_url) as s:
+            row = JobCheckpoint(
+                job_id=job_id, step=1, global_step=5, path=str(base_model), metrics={"loss": 1.0}
+            )
+            s.add(row)
+            s.flush()
+            ckpt = checkpoint_id(s.get(Job, job_id), row)  # type: ignore[arg-type]
+        stack.key("carol")
+        shared = a.post(f"/v1/fine_tuning/checkpoints/{ckpt}/permissions", json={"project_ids": ["carol"]})
+        assert shared.status_code == 200, shared.text
+        ids = {
+            "file_id": file_id,
+            "job_id": job_id,
+            "model_id": model_id,
+            "fine_tuned_model_checkpoint": ckpt,
+            "permission_id": shared.json()["data"][0]["id"],
+        }
         doc = a.get("/openapi.json").json()
         own = {
             path: a.request(method, path.format(**ids)).status_code
@@ -200,6 +221,10 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
                 continue
             for method in ops:
                 body: dict[str, Any] | None = {} if method in ("post", "put", "patch") else None
+                if body is not None and path.endswith(
+                    "/permissions"
+                ):  # a valid body: the id is what is refused
+                    body = {"project_ids": ["bob"]}
                 r = b.request(method, path.format(**ids), json=body)
                 assert r.status_code == 404, (method, path, r.status_code, r.text)
                 checked.append(f"{method.upper()} {path}")
