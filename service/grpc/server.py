@@ -245,7 +245,12 @@ class JobService(Base, jobs_pb2_grpc.JobServiceServicer):
     @rpc
     async def ListJobs(self, request: Any, context: Any, caller: Caller) -> Any:  # noqa: N802
         return await self.page(
-            request, jobs_pb2.ListJobsResponse, svc.list_jobs, default=20, tenant=caller.tenant_id
+            request,
+            jobs_pb2.ListJobsResponse,
+            svc.list_jobs,
+            default=20,
+            tenant=caller.tenant_id,
+            metadata=dict(request.metadata) or None,
         )
 
     async def _transition(self, action: Callable[..., Job], request: Any, caller: Caller, **kw: Any) -> Any:

@@ -271,6 +271,62 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
         loop.call_soon_threadsafe(loop.stop)
 
 
+def test_a_fine_tuned_model_a_live_job_uses_is_not_deleted_and_grpc_lists_jobs_by_metadata(
+    make_stack: Callable[..., Stack], base_model: Path, tmp_path: Path
+) -> None:
+    import asyncio
+    import shutil
+    import threading
+
+    import grpc
+
+    from service.db.models import FineTunedModel, Job
+    from service.db.session import session_scope
+    from service.grpc.pb import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+    from service.grpc.server import start_server
+
+    stack = make_stack()
+    key = stack.key("dora")
+    weights = shutil.copytree(base_model, tmp_path / "ft")
+    with stack.client(key) as c:
+        first = c.post("/v1/fine_tuning/jobs", json=SMALL_SFT).json()
+        ft = f"ft:tiny-opt-xs:x:{first['id']}"
+        with session_scope(stack.settings.db_url) as s:
+            s.add(FineTunedModel(id=ft, tenant_id="dora", job_id=first["id"], path=str(weights)))
+        live = c.post(
+            "/v1/fine_tuning/jobs", json=SMALL_SFT | {"model": ft, "metadata": {"team": "x"}}
+        ).json()
+        assert live["status"] == "queued", live
+        refused = c.delete(f"/v1/models/{ft}")
+        assert refused.status_code == 400 and live["id"] in refused.json()["error"]["message"], refused.text
+        assert (weights / "config.json").is_file()  # nothing deleted
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(
+        start_server(stack.settings, host="127.0.0.1", port=0), loop
+    ).result(30)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            jobs, models = jobs_pb2_grpc.JobServiceStub(ch), models_pb2_grpc.ModelServiceStub(ch)
+            md = [("authorization", f"Bearer {key}")]
+            listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(metadata={"team": "x"}), metadata=md).data
+            assert [j.id for j in listed] == [live["id"]]
+            assert not jobs.ListJobs(jobs_pb2.ListJobsRequest(metadata={"team": "y"}), metadata=md).data
+            with pytest.raises(grpc.RpcError) as e:
+                models.DeleteModel(models_pb2.GetModelRequest(id=ft), metadata=md)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            jobs.CancelJob(jobs_pb2.GetJobRequest(id=live["id"]), metadata=md)
+            assert models.DeleteModel(models_pb2.GetModelRequest(id=ft), metadata=md).deleted
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+    assert not weights.exists()
+    with session_scope(stack.settings.db_url) as s:
+        assert (
+            s.get(FineTunedModel, ft) is None and s.get(Job, live["id"]) is not None
+        )  # the job's record stays
+
+
 def test_a_chat_request_reaches_the_worker_scoped_to_its_tenant() -> None:
     """Workers reuse cached prompt keys/values only within a scope; the API sends the caller's tenant as
     that scope (both routing paths, the database's and its cached view, pick through `_pick`), so one
