@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +24,7 @@ from typing import Any
 
 from step3 import machine_probe
 
-from rlhf_engine.runtime.distributed import free_port
-from workers.local import create_key, wait_healthy
+from workers.local import create_key, start_all_in_one, stop_server, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -63,27 +61,8 @@ def main() -> int:
     data = Path(tempfile.mkdtemp(prefix="openai-port-"))
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env |= {"RLHF_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "serve",
-            "--all-in-one",
-            "--port",
-            str(port),
-            "--grpc-port",
-            str(free_port()),
-        ],
-        env=env,
-        stdout=open(data / "server.log", "wb"),  # noqa: SIM115 (the child keeps it)
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+    server, base = start_all_in_one(data, env)
     try:
-        base = f"http://127.0.0.1:{port}"
         if not wait_healthy(base, server, timeout_s=120):
             print(f"the server did not start; see {data / 'server.log'}", file=sys.stderr)
             return 1
@@ -126,8 +105,7 @@ def main() -> int:
         metrics = sorted((e.data for e in events if e.type == "metrics"), key=lambda m: m["step"])
         csv_text = sdk.files.content(job.result_files[0]).text if job.result_files else ""
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_server(server)
     out = {
         "bench": "openai_port",
         "model": MODEL,

@@ -3,6 +3,7 @@ page, and `limit`; the answer (`schemas.Page`) carries `data`, `has_more`, `firs
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -56,20 +57,14 @@ def newest_first(
     (or oldest first): keyset paging, for tables whose rows carry both (jobs, files). `find` and `what`:
     see `anchor_of`."""
     anchor = anchor_of(after, find, what)
-    if oldest_first:
-        q = q.order_by(model.created_at, model.id)
-        if anchor is not None:
-            q = q.where(
-                (model.created_at > anchor.created_at)
-                | ((model.created_at == anchor.created_at) & (model.id > anchor.id))
-            )
-    else:
-        q = q.order_by(model.created_at.desc(), model.id.desc())
-        if anchor is not None:
-            q = q.where(
-                (model.created_at < anchor.created_at)
-                | ((model.created_at == anchor.created_at) & (model.id < anchor.id))
-            )
+    past = operator.gt if oldest_first else operator.lt
+    first = (model.created_at, model.id) if oldest_first else (model.created_at.desc(), model.id.desc())
+    q = q.order_by(*first)
+    if anchor is not None:
+        q = q.where(
+            past(model.created_at, anchor.created_at)
+            | ((model.created_at == anchor.created_at) & past(model.id, anchor.id))
+        )
     rows = list(session.scalars(q.limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_engine.runtime.distributed import free_port
-from workers.local import create_key, wait_healthy
+from workers.local import create_key, start_all_in_one, stop_server, wait_healthy
 
 JOB = {"model": "tiny-opt-s", "reward_model": "tiny-opt-xs", "preset": "tiny", "suffix": "demo", "seed": 1234}
 # `--model smollm2`: the real checkpoint (LoRA) with the small reward model on its tokenizer; both are
@@ -43,30 +41,10 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env["RLHF_DATA_DIR"] = str(data_dir.resolve())
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 (closed in finally, after the server)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "serve",
-            "--all-in-one",
-            "--port",
-            str(port),
-            "--grpc-port",
-            str(free_port()),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server, base = start_all_in_one(data_dir, env)
     try:
-        base = f"http://127.0.0.1:{port}"
         if not wait_healthy(base, server, timeout_s=120):
             console.print(f"[red]the server did not start; see {data_dir / 'server.log'}[/red]")
             return 1
@@ -164,12 +142,7 @@ def run_demo(data_dir: Path, run_link: Path | None, timeout_s: float = 1800, mod
             )
         return chat(console, client, final["fine_tuned_model"])
     finally:
-        server.send_signal(signal.SIGTERM)  # the server stops its workers
-        try:
-            server.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        stop_server(server)
 
 
 def _show_progress(console: Any, client: Any, job_id: str, started: float, after: int | None) -> int | None:

@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rlhf_engine.config.pipeline import Step
-from service.db.models import CostInterval, File, Job, JobCheckpoint, JobEvent, JobMetric, utcnow
+from service.db.models import CostInterval, Job, JobCheckpoint, JobMetric, utcnow
 from service.db.session import session_scope
 from service.jobs import lifecycle, results
 from service.jobs.lifecycle import LeaseLostError, add_event
@@ -47,7 +47,7 @@ from service.jobs.states import StepOutcome, StopReason
 from service.services import cost as costs
 from service.services import files as files_svc
 from service.services import models as models_svc
-from service.services.ids import fine_tuned_id
+from service.services.ids import job_model_id
 from service.settings import Settings
 from workers.bundled import build_bundled
 from workers.watch import PhaseWatch, Seen
@@ -163,8 +163,7 @@ class Ingest:
                     )
                 )
             elif (merged := {**row.values, **m}) != row.values:
-                # written again by a resumed attempt, or completed (the full validation after the last
-                # step); what the worker added (peak memory) stays
+                # written again by a resumed attempt; what the worker added (peak memory) stays
                 row.time, row.values = float(m.get("time", 0.0)), merged
                 m = merged
             self._metrics_event(session, gs, m)
@@ -209,27 +208,20 @@ class Ingest:
 
     def _metrics_event(self, session: Session, gs: int, values: dict[str, Any]) -> None:
         """OpenAI's `metrics` event of one logged step (its data under the SDK's names); a point written
-        again (resumed, or completed by the final validation) updates its event."""
+        again by a resumed attempt updates its event."""
         data = results.sdk_metrics(values, global_step=gs) | {"rlhf_step": self.step}
         if self.total_steps:
             data["total_steps"] = self.total_steps
-        key = f"metrics:{self.step}:{gs}"
-        seen = session.scalar(
-            select(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.source_key == key)
+        add_event(
+            session=session,
+            job=self.job_id,
+            type_="metrics",
+            message=results.event_message(data, self.total_steps or None),
+            step=self.step,
+            data=data,
+            source_key=f"metrics:{self.step}:{gs}",
+            replace=True,
         )
-        message = results.event_message(data, self.total_steps or None)
-        if seen is None:
-            add_event(
-                session=session,
-                job=self.job_id,
-                type_="metrics",
-                message=message,
-                step=self.step,
-                data=data,
-                source_key=key,
-            )
-        elif seen.data != data:
-            seen.data, seen.message = data, message
 
     @property
     def global_step(self) -> int:
@@ -770,7 +762,7 @@ def _results_file(s: Session, job_id: str, settings: Settings) -> None:
     if not points:
         return
     content, rows = results.results_csv(points, multi_step=len(job.steps) > 1)
-    f: File = files_svc.register_results(
+    f = files_svc.register_results(
         session=s,
         tenant=job.tenant_id,
         filename=f"step_metrics_{job.id}.csv",
@@ -784,8 +776,7 @@ def _results_file(s: Session, job_id: str, settings: Settings) -> None:
 def _fine_tuned_models(job: Job) -> tuple[dict[str, Path], str]:
     """The models a finished job registers (id → folder; only folders holding a model) and its main id."""
     out = Path(job.output_dir)
-    base = job.model.split(":")[1] if job.model.startswith("ft:") else job.model
-    main_id = fine_tuned_id(base, job.suffix, job.id)
+    main_id = job_model_id(job)
     if job.method == "dpo":
         paths = {main_id: out / _step_of("dpo", 2).dir, f"{main_id}:sft": out / _step_of("dpo", 1).dir}
     elif 3 in job.steps:
@@ -801,11 +792,13 @@ def _fine_tuned_models(job: Job) -> tuple[dict[str, Path], str]:
 
 
 def sweep(settings: Settings) -> list[str]:
-    """Re-enqueue jobs that lost their message or their worker; returns the ids re-enqueued."""
+    """Re-enqueue jobs that lost their message or their worker (returns the ids re-enqueued), and delete the
+    files past their expiry."""
     from service.queue import enqueue_training
 
     with session_scope(settings.db_url) as s:
         out = lifecycle.sweep(session=s, settings=settings)
+        files_svc.purge_expired(session=s)  # files past their expires_after
     for job_id in out:
         enqueue_training(job_id, settings)
     return out

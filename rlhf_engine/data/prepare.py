@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from collections import Counter
@@ -27,7 +26,14 @@ from rlhf_engine.config.data import DataConfig
 from rlhf_engine.data.errors import DataError
 from rlhf_engine.data.io import ReadLimits
 from rlhf_engine.data.readers import read_dataset
-from rlhf_engine.data.split import STEP_NAMES, DatasetSlices, blend, require_rows, slice_dataset
+from rlhf_engine.data.split import (
+    STEP_NAMES,
+    DatasetSlices,
+    blend,
+    require_rows,
+    slice_dataset,
+    validation_rows,
+)
 from rlhf_engine.data.tokenize import (
     TokenizedSplit,
     TokenStats,
@@ -36,7 +42,7 @@ from rlhf_engine.data.tokenize import (
     tokenize_rows,
     tokenizer_fingerprint,
 )
-from rlhf_engine.data.types import Dataset, Sample
+from rlhf_engine.data.types import Dataset
 from rlhf_engine.paths import cache_dir
 
 CACHE_VERSION = 4  # 2: answers end at a template's EOS (formatter.encode_answer); 3: step 3's item column;
@@ -53,17 +59,6 @@ def slice_all(config: DataConfig, datasets: list[Dataset]) -> list[DatasetSlices
     """Each dataset's rows per step; nothing is held out when validation datasets (`eval_data`) are given."""
     held_out = 0.0 if config.eval_data else config.eval_fraction
     return [slice_dataset(d, config.shares, seed=config.seed, eval_fraction=held_out) for d in datasets]
-
-
-def eval_rows_of(step: int, dataset: Dataset, seed: int) -> list[Sample]:
-    """A validation dataset's rows that `step` can evaluate on (SFT rows: step 1; prompts: step 3;
-    preference pairs: any step), in a seeded order (so a sample of them is its first rows)."""
-    usable = {"sft": (1,), "prompt": (3,), "preference": (1, 2, 3)}.get(dataset.kind, ())
-    if step not in usable:
-        return []
-    rows = list(dataset.rows) + list(dataset.eval_rows or [])
-    random.Random(f"{seed}:{dataset.fingerprint}:eval").shuffle(rows)
-    return rows
 
 
 @dataclass
@@ -174,7 +169,7 @@ def prepare_step(
         )
     for d in eval_sets:  # validation datasets: the whole eval split
         ev, ev_stats = tokenize_rows(
-            step, eval_rows_of(step, d, config.seed), tokenizer, **lengths, on_progress=on_progress
+            step, validation_rows(step, d, seed=config.seed), tokenizer, **lengths, on_progress=on_progress
         )
         eval_rows += ev
         none = TokenStats(rows=0).summary()  # it trains nothing

@@ -82,6 +82,16 @@ def slice_dataset(
     )
 
 
+def validation_rows(step: int, ds: Dataset, *, seed: int) -> list[Sample]:
+    """A validation dataset's rows that `step` can evaluate on (SFT rows: step 1; prompts: step 3;
+    preference pairs: any step), in a seeded order (so a sample of them is its first rows)."""
+    if step not in {"sft": (1,), "prompt": (3,), "preference": (1, 2, 3)}.get(ds.kind, ()):
+        return []
+    rows = list(ds.rows) + list(ds.eval_rows or [])
+    _rng(seed, ds.fingerprint + ":eval").shuffle(rows)
+    return rows
+
+
 def apply_weight(rows: list[T], weight: float, *, seed: int, salt: str) -> list[T]:
     """Rows repeated `int(weight)` times plus a seeded sample of the fractional part."""
     whole, frac = int(weight), weight - int(weight)

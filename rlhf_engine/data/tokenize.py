@@ -153,10 +153,8 @@ def tokenize_rows(
             stats.truncated += len(chosen) > room
             ids = prompt + chosen[:room]
             spans = _earlier_spans(s, ids, tokenizer)
-            if spans is None:
-                filtered["turns_not_prefix"] += (
-                    1  # the template renders an earlier turn differently in context
-                )
+            if spans is None:  # the template renders an earlier turn differently in context
+                filtered["turns_not_prefix"] += 1
                 continue
             out.append((ids, len(prompt) if s.answer_trained else len(ids), spans))
             stats.lengths.append(len(ids))

@@ -204,7 +204,7 @@ def as_metrics(results: list[Evaluation], prefix: str) -> dict[str, float]:
     for who, result in results:
         head = prefix if who in (None, "actor") else f"{prefix}_{who.lower().replace(' ', '_')}"
         for k, v in result.items():
-            if isinstance(v, float) and k != "tokens":
+            if isinstance(v, float):  # (counts such as tokens are ints: not metrics)
                 out[f"{head}_{k}"] = v
     return out
 

@@ -174,7 +174,7 @@ def evaluate(
         "reward_mean": reward / rows,
         "kl_to_ref": kl / rows,
         "answer_len": length / rows,
-        "prompts": rows,
+        "prompts": int(rows),
     }
 
 

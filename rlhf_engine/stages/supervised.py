@@ -128,22 +128,21 @@ class SupervisedObjective(Objective):
             optimizer, config.lr_scheduler_type, warmup=config.num_warmup_steps, total=loop.total
         )
         self.engine = initialize(module, optimizer, scheduler, ds_config)
-        self.eval_batches, self.sample_batches = (
-            eval_batches(
+
+        def batches(max_rows: int) -> list[Batch]:
+            return eval_batches(
                 loop.prepared.eval,
                 spec.collate,
                 self.tokenizer.pad_token_id,
                 batch_size=config.per_device_eval_batch_size,
                 dist=loop.dist,
-                max_rows=rows,
+                max_rows=max_rows,
             )
-            for rows in (
-                config.eval_max_rows,
-                min(r for r in (config.eval_sample_rows, config.eval_max_rows) if r)
-                if config.eval_sample_rows
-                else config.eval_max_rows,
-            )
-        )  # (the eval split is shuffled by the seed: its first rows are a fixed sample)
+
+        self.eval_batches = batches(config.eval_max_rows)
+        # evaluations at eval_interval: the split's first rows (it is shuffled by the seed: a fixed sample)
+        sample = min(config.eval_sample_rows, config.eval_max_rows or config.eval_sample_rows)
+        self.sample_batches = batches(sample) if sample else self.eval_batches
         return {"dtype": checked.dtype, "zero_stage": config.model.zero_stage}
 
     def engines(self) -> dict[str, Any]:

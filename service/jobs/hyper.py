@@ -3,7 +3,8 @@
 - `batch_size`: examples per optimiser step, in every method (steps 1-2: rows; step 3: prompts). The
   micro-batch and the accumulation are derived from it (the micro-batch the preset or the step's
   default, or a divisor of it), so `per_device × accumulation × processes = batch_size`.
-- `"auto"` picks from the data and the model when neither a preset nor `config` sets the option:
+- `"auto"` picks from the data and the model when neither a preset nor `config` sets the option (and
+  the data's rows are known here; otherwise the step's default stays):
   batch_size ≈ 0.2% of the training rows (1 to 256, OpenAI's rule), n_epochs by OpenAI's cookbook rule
   (3, more for small files so at least 100 examples are seen, fewer for large ones, 1 to 25),
   learning_rate_multiplier 1 up to 10M parameters and 1/√(params/10M) above (a 135M model: 0.27×).
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -24,22 +26,36 @@ from service.errors import InvalidRequestError
 from service.jobs.estimate import step_default
 from service.schemas import DPOHyperparameters, Hyperparameters, ReinforcementHyperparameters
 
+# each hyperparameter → the step options it sets (one of them also set in `config` is refused, naming both)
+HP_OPTIONS = {
+    "n_epochs": ("num_train_epochs",),
+    "batch_size": (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "per_device_generation_batch_size",
+        "generation_batches",
+    ),
+    "learning_rate_multiplier": ("learning_rate", "actor_learning_rate", "critic_learning_rate"),
+    "beta": ("beta",),
+    "eval_interval": ("eval_interval",),
+    "eval_samples": ("eval_max_rows",),
+    "compute_multiplier": ("samples_per_prompt",),
+    "reasoning_effort": ("max_answer_len",),
+}
 AUTO_EVALS = 10  # evaluations per step with a validation file and no eval_interval
 SAMPLE_ROWS = 64  # validation rows read at each of them (all of them at the end)
 EFFORT = {"low": 0.5, "default": 1.0, "medium": 1.0, "high": 2.0}  # × max_answer_len
 GROUP = 4  # answers per prompt at compute_multiplier 1
 
 
-def auto_batch_size(rows: int | None) -> int:
+def auto_batch_size(rows: int) -> int:
     """OpenAI's: about 0.2% of the training examples, at least 1, at most 256."""
-    return 1 if not rows else max(1, min(256, round(rows * 0.002)))
+    return max(1, min(256, round(rows * 0.002)))
 
 
-def auto_epochs(rows: int | None) -> int:
+def auto_epochs(rows: int) -> int:
     """The OpenAI cookbook's rule: 3 epochs, more for small files (≥ 100 examples seen, at most 25),
     fewer for large ones (≤ 25,000 examples seen, at least 1)."""
-    if not rows:
-        return 3
     if rows * 3 < 100:
         return min(25, 100 // rows)
     if rows * 3 > 25_000:
@@ -93,11 +109,11 @@ def step_targets(
 
     if hp.n_epochs != "auto":
         out["num_train_epochs"] = hp.n_epochs
-    elif step < 3 and "num_train_epochs" not in section and "max_steps" not in section:
+    elif rows and step < 3 and "num_train_epochs" not in section and "max_steps" not in section:
         out["num_train_epochs"] = auto_epochs(rows)
 
     batch = hp.batch_size if hp.batch_size != "auto" else None
-    if batch is None and not any(k in section for k in _BATCH_FIELDS):
+    if batch is None and rows and not any(k in section for k in HP_OPTIONS["batch_size"]):
         batch = auto_batch_size(rows)
         batch = max(processes, batch - batch % processes)
     if batch is not None:
@@ -146,16 +162,7 @@ def step_targets(
     return out
 
 
-_BATCH_FIELDS = (
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "per_device_generation_batch_size",
-)
-
-
 def _fields(cls: type) -> set[str]:
-    import dataclasses
-
     return {f.name for f in dataclasses.fields(cls)}
 
 

@@ -64,14 +64,20 @@ def add_event(
     step: int | None = None,
     data: dict[str, Any] | None = None,
     source_key: str | None = None,
+    replace: bool = False,
 ) -> None:
     """Record an event of `job` (or of the job with that id); with a `source_key`, once: a second
-    record under the same key is dropped (a worker reading a step's events.jsonl again)."""
+    record under the same key is dropped (a worker reading a step's events.jsonl again), or with
+    `replace` updates the first one's message and data (a metric point written again)."""
     job_id = job if isinstance(job, str) else job.id
     if source_key is not None:
-        seen = select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.source_key == source_key)
-        if session.scalar(seen) is not None:
-            return  # recorded once, whoever records it again (a worker redoing a finished step's bookkeeping)
+        seen = session.scalar(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.source_key == source_key)
+        )
+        if seen is not None:  # recorded once, whoever records it again (a worker redoing its bookkeeping)
+            if replace and (seen.data, seen.message) != (data, message):
+                seen.data, seen.message = data, message
+            return
     session.add(
         JobEvent(
             job_id=job_id,

@@ -184,25 +184,6 @@ def _file(
     return f
 
 
-# each hyperparameter → the step options it sets (service/jobs/hyper.py): one of them also in `config`
-# is refused, naming both
-HP_OPTIONS = {
-    "n_epochs": ("num_train_epochs",),
-    "batch_size": (
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "per_device_generation_batch_size",
-        "generation_batches",
-    ),
-    "learning_rate_multiplier": ("learning_rate", "actor_learning_rate", "critic_learning_rate"),
-    "beta": ("beta",),
-    "eval_interval": ("eval_interval",),
-    "eval_samples": ("eval_max_rows",),
-    "compute_multiplier": ("samples_per_prompt",),
-    "reasoning_effort": ("max_answer_len",),
-}
-
-
 def _apply_hyperparameters(
     hp: Hyperparameters | None, explicit: dict[str, dict[str, Any]], steps: list[int], method: str
 ) -> dict[str, Any]:
@@ -225,7 +206,7 @@ def _apply_hyperparameters(
         shown[name] = value
         for step in steps:
             sec = table[step].command
-            for option in HP_OPTIONS[name]:
+            for option in hyper.HP_OPTIONS[name]:
                 if option in explicit.get(sec, {}):
                     raise InvalidRequestError(
                         f"hyperparameters.{name} and config.{sec}.{option} both set {option}; give one",
@@ -506,7 +487,7 @@ def _plan_steps(
     plan: dict[str, Any] = {}
     memory: list[dict[str, Any]] = []
     resolved: dict[str, Any] = {}
-    processes = req.num_gpus
+    processes, actor_b = req.num_gpus, model_params(actor.path)
     try:
         for step in inputs.steps:
             sec, cls = table[step].command, table[step].config
@@ -519,7 +500,7 @@ def _plan_steps(
                 section=sections[sec],
                 rows=_train_rows_at_most(built.data, step, inputs.data_files),
                 processes=processes,
-                actor_params_b=model_params(actor.path),
+                actor_params_b=actor_b,
                 has_validation=inputs.valid is not None,
                 validation_rows=inputs.valid.rows if inputs.valid is not None else None,
             )
@@ -533,7 +514,7 @@ def _plan_steps(
                 # the memory planner keeps what the hyperparameters set, but may re-shape a batch_size
                 # into other micro-batches × accumulation (the same examples per step)
                 explicit=explicit[sec]
-                | {k: v for k, v in targets.items() if k not in HP_OPTIONS["batch_size"]},
+                | {k: v for k, v in targets.items() if k not in hyper.HP_OPTIONS["batch_size"]},
                 shapes=shapes,
                 gpu_type=req.gpu_type,
                 num_gpus=req.num_gpus,

@@ -66,9 +66,7 @@ def register_file(
             param="expires_after.seconds",
         )
     file_id = new_id("file")
-    dest_dir = files_dir / tenant
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / f"{file_id}{suffix}"
+    dest = _place(files_dir, tenant, f"{file_id}{suffix}")
     os.replace(upload, dest)
     f = (
         _checked(dest, file_id, filename, max_bytes)
@@ -82,6 +80,12 @@ def register_file(
     session.add(f)
     session.flush()
     return f
+
+
+def _place(files_dir: Path, tenant: str, name: str) -> Path:
+    """Where a file of `tenant` is kept (its folder made)."""
+    (files_dir / tenant).mkdir(parents=True, exist_ok=True)
+    return files_dir / tenant / name
 
 
 def _checked(dest: Path, file_id: str, filename: str, max_bytes: int) -> File:
@@ -118,9 +122,7 @@ def register_results(
 ) -> File:
     """A file the service writes for the tenant (a job's results CSV: purpose fine-tune-results)."""
     file_id = new_id("file")
-    dest_dir = files_dir / tenant
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / f"{file_id}.csv"
+    dest = _place(files_dir, tenant, f"{file_id}.csv")
     tmp = dest.with_suffix(".csv.tmp")
     tmp.write_bytes(content)
     os.replace(tmp, dest)
@@ -178,6 +180,22 @@ def list_files(
         oldest_first=order == "asc",
     )
     return paged(FileList, [to_object(f) for f in rows], more)
+
+
+def purge_expired(*, session: Session) -> int:
+    """Delete the files whose `expires_after` has passed (not found since then), bytes and all; a file a
+    live job still reads waits until the job ends. Returns how many went (the sweeper calls this)."""
+    expired = session.scalars(
+        select(File).where(File.deleted.is_(False), File.expires_at.is_not(None), File.expires_at <= utcnow())
+    ).all()
+    if not expired:
+        return 0
+    live = {i for j in session.scalars(select(Job).where(Job.status.in_(ACTIVE))) for i in j.file_ids or []}
+    gone = [f for f in expired if f.id not in live]
+    for f in gone:
+        f.deleted = True
+        Path(f.path).unlink(missing_ok=True)
+    return len(gone)
 
 
 def delete_file(*, session: Session, tenant: str, file_id: str) -> File:

@@ -10,6 +10,7 @@ use (building them needs torch, which the API process never imports).
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhf_engine.models import tiny
-from service.db.models import FineTunedModel, UploadedModel
+from service.db.models import FineTunedModel, Job, UploadedModel
 from service.errors import ConflictError, InvalidRequestError, NotFoundError, WrongStateError
+from service.jobs.states import ACTIVE
 from service.pagination import cut, paged
 from service.schemas import ModelList, ModelObject
 from service.services import checkpoints
@@ -209,11 +211,6 @@ def model_path(*, session: Session, tenant: str, model_id: str) -> Path:
 def delete_model(*, session: Session, tenant: str, model_id: str) -> None:
     """Delete one of the tenant's own models (fine-tuned or uploaded) and its weights: 404 for any other
     (base models, another tenant's); a 400 while a live job trains from it or reads it."""
-    import shutil
-
-    from service.db.models import Job
-    from service.jobs.states import ACTIVE
-
     if model_id.startswith("ft:"):
         ft = session.get(FineTunedModel, model_id)
         row: FineTunedModel | UploadedModel | None = ft if ft is not None and ft.tenant_id == tenant else None
@@ -274,7 +271,6 @@ def upload_model(
     ):
         raise ConflictError(f"name: a model called {name!r} exists; choose another name", param="name")
     import secrets
-    import shutil
 
     dest = uploads_dir / tenant / f"{name}-{secrets.token_hex(4)}"
     try:

@@ -65,6 +65,36 @@ def test_its_own_chat_template_is_what_training_and_chat_render(engine: ChatGene
     assert pairs and all(chosen[-1] == rejected[-1] == tok.eos_token_id for chosen, rejected, *_ in pairs)
 
 
+def test_a_multi_turn_row_trains_each_assistant_turn_as_its_template_ends_it(engine: ChatGenerator) -> None:
+    """OpenAI's multi-turn rows on the real ChatML template: both assistant turns are labelled, each up to
+    and with its "<|im_end|>" (EOS); a weight-0 turn stays context; the tokens are the template's own."""
+    from rlhf_engine.data.collate import collate_sft
+    from rlhf_engine.data.tokenize import to_split, tokenize_rows
+    from rlhf_engine.data.types import Message, Sample
+
+    tok = engine.tokenizer
+    conv = (
+        Message("user", "What is the capital of France?"),
+        Message("assistant", "Paris."),
+        Message("user", "And of Italy?"),
+    )
+    rows, stats = tokenize_rows(
+        1,
+        [Sample(conv, "Rome.", trained=(1,)), Sample(conv, "Rome.")],
+        tok,
+        max_seq_len=512,
+        max_prompt_len=256,
+    )
+    assert stats.kept == 2
+    full = [*[m.as_dict() for m in conv], {"role": "assistant", "content": "Rome."}]
+    as_template = tok.apply_chat_template(full, tokenize=True, return_dict=True)["input_ids"]
+    ids = list(rows[0][0])
+    assert ids == as_template[: len(ids)]  # what trains is exactly what the template renders
+    batch = collate_sft([to_split(1, rows).row(i) for i in range(2)], tok.pad_token_id)
+    trained = [tok.decode([t for t in batch["labels"][i].tolist() if t != -100]) for i in range(2)]
+    assert trained == ["Paris.<|im_end|>Rome.<|im_end|>", "Rome.<|im_end|>"]
+
+
 def test_greedy_answers_paris_token_for_token_as_generate(engine: ChatGenerator, smollm2: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from sqlalchemy import func, select
 
 from service.db.models import File, Job, JobEvent
 from service.db.session import session_scope
+from service.services import files as files_svc
 from tests.service.conftest import SMALL_SFT, Stack
 
 SUBJECT = {
@@ -907,11 +909,36 @@ def test_files_as_openai_has_them_purposes_content_expiry_and_filters(
         error(alice.post("/v1/files", files={"file": ("t.jsonl", PREF.encode())}, data=short), 400)["param"]
         == "expires_after.seconds"
     )
-    with session_scope(stack.settings.db_url) as s:  # an hour later
-        row = s.get(File, timed["id"])
-        assert row is not None
-        row.expires_at = row.created_at - timedelta(seconds=1)
+    chats = "".join(
+        json.dumps(
+            {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        )
+        + "\n"
+        for i in range(40)
+    )
+    used = alice.post("/v1/files", files={"file": ("u.jsonl", chats.encode())}, data=form).json()
+    job = alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"training_file": used["id"]}).json()
+    assert job["status"] == "queued", job
+
+    def expire(*ids: str) -> None:  # an hour later
+        with session_scope(stack.settings.db_url) as s:
+            for file_id in ids:
+                row = s.get(File, file_id)
+                assert row is not None
+                row.expires_at = row.created_at - timedelta(seconds=1)
+
+    def purge() -> int:  # what the training worker's sweeper runs
+        with session_scope(stack.settings.db_url) as s:
+            return files_svc.purge_expired(session=s)
+
+    expire(timed["id"], used["id"])
     error(alice.get(f"/v1/files/{timed['id']}"), 404)
+    with session_scope(stack.settings.db_url) as s:
+        paths = {i: Path(s.get(File, i).path) for i in (timed["id"], used["id"])}  # type: ignore[union-attr]
+    assert purge() == 1 and not paths[timed["id"]].exists()
+    assert paths[used["id"]].exists()  # a live job still reads it: it goes when the job ends
+    alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert purge() == 1 and not paths[used["id"]].exists()
     # list filters: purpose and order
     mine = alice.get("/v1/files", params={"purpose": "user_data"}).json()["data"]
     assert [f["id"] for f in mine] == [blob["id"]]

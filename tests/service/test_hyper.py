@@ -77,3 +77,9 @@ def test_a_validation_file_sets_about_ten_evaluations_on_a_sample() -> None:
     out = targets(Hyperparameters(batch_size=10, n_epochs=2), rows=500, has_validation=True)
     assert out["eval_interval"] == 10 and out["eval_sample_rows"] == 64  # 100 steps → every 10
     assert "eval_interval" not in targets(None, has_validation=True, section={"eval_interval": 3})
+
+
+def test_with_the_rows_unknown_auto_keeps_the_step_defaults() -> None:
+    """A dataset not read here (a hub id) or an estimate by size: "auto" has no rows to go by."""
+    assert targets(None, rows=None) == {}
+    assert targets(Hyperparameters(batch_size=4), rows=None)["per_device_train_batch_size"] == 4

@@ -3,13 +3,14 @@ key cache's expiry is the fallback), and no log line of the API server carries a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,16 +156,13 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
 ) -> None:
     """Generated from the route table (OpenAPI document) and the gRPC services: every route or method
     that names an object answers 404 / NOT_FOUND to another tenant, and every list leaves it out."""
-    import asyncio
     import io
     import json
     import tarfile
-    import threading
 
     import grpc
 
     from service.grpc.pb import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
-    from service.grpc.server import start_server
 
     stack = make_stack()
     alice, bob = stack.key("alice"), stack.key("bob")
@@ -237,6 +235,41 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
         assert chat.status_code == 404, chat.text
     assert len(checked) >= 11, checked
 
+    with grpc_channel(stack) as ch:
+        jobs, models = jobs_pb2_grpc.JobServiceStub(ch), models_pb2_grpc.ModelServiceStub(ch)
+        md = [("authorization", f"Bearer {bob}")]
+        named = 0
+        for module, stub, object_id in ((jobs_pb2, jobs, job_id), (models_pb2, models, model_id)):
+            for service in module.DESCRIPTOR.services_by_name.values():
+                for method in service.methods:  # every RPC whose request names an object by id
+                    if "id" not in method.input_type.fields_by_name:
+                        continue
+                    req = getattr(module, method.input_type.name)(id=object_id)
+                    with pytest.raises(grpc.RpcError) as e:
+                        reply = getattr(stub, method.name)(req, metadata=md)
+                        if method.server_streaming:
+                            next(iter(reply))
+                    assert e.value.code() == grpc.StatusCode.NOT_FOUND, method.name
+                    named += 1
+        assert named >= 10
+        assert job_id not in [
+            j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=100), metadata=md).data
+        ]
+        assert model_id not in [
+            m.id for m in models.ListModels(models_pb2.ListModelsRequest(), metadata=md).data
+        ]
+
+
+@contextlib.contextmanager
+def grpc_channel(stack: Stack) -> Iterator[Any]:
+    """The stack's gRPC server, started on a free loopback port in a loop of its own, and a channel to it."""
+    import asyncio
+    import threading
+
+    import grpc
+
+    from service.grpc.server import start_server
+
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     server, port = asyncio.run_coroutine_threadsafe(
@@ -244,28 +277,7 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
     ).result(30)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            jobs, models = jobs_pb2_grpc.JobServiceStub(ch), models_pb2_grpc.ModelServiceStub(ch)
-            md = [("authorization", f"Bearer {bob}")]
-            named = 0
-            for module, stub, object_id in ((jobs_pb2, jobs, job_id), (models_pb2, models, model_id)):
-                for service in module.DESCRIPTOR.services_by_name.values():
-                    for method in service.methods:  # every RPC whose request names an object by id
-                        if "id" not in method.input_type.fields_by_name:
-                            continue
-                        req = getattr(module, method.input_type.name)(id=object_id)
-                        with pytest.raises(grpc.RpcError) as e:
-                            reply = getattr(stub, method.name)(req, metadata=md)
-                            if method.server_streaming:
-                                next(iter(reply))
-                        assert e.value.code() == grpc.StatusCode.NOT_FOUND, method.name
-                        named += 1
-            assert named >= 10
-            assert job_id not in [
-                j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest(limit=100), metadata=md).data
-            ]
-            assert model_id not in [
-                m.id for m in models.ListModels(models_pb2.ListModelsRequest(), metadata=md).data
-            ]
+            yield ch
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
@@ -274,16 +286,13 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
 def test_a_fine_tuned_model_a_live_job_uses_is_not_deleted_and_grpc_lists_jobs_by_metadata(
     make_stack: Callable[..., Stack], base_model: Path, tmp_path: Path
 ) -> None:
-    import asyncio
     import shutil
-    import threading
 
     import grpc
 
     from service.db.models import FineTunedModel, Job
     from service.db.session import session_scope
     from service.grpc.pb import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
-    from service.grpc.server import start_server
 
     stack = make_stack()
     key = stack.key("dora")
@@ -300,26 +309,17 @@ def test_a_fine_tuned_model_a_live_job_uses_is_not_deleted_and_grpc_lists_jobs_b
         refused = c.delete(f"/v1/models/{ft}")
         assert refused.status_code == 400 and live["id"] in refused.json()["error"]["message"], refused.text
         assert (weights / "config.json").is_file()  # nothing deleted
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    server, port = asyncio.run_coroutine_threadsafe(
-        start_server(stack.settings, host="127.0.0.1", port=0), loop
-    ).result(30)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            jobs, models = jobs_pb2_grpc.JobServiceStub(ch), models_pb2_grpc.ModelServiceStub(ch)
-            md = [("authorization", f"Bearer {key}")]
-            listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(metadata={"team": "x"}), metadata=md).data
-            assert [j.id for j in listed] == [live["id"]]
-            assert not jobs.ListJobs(jobs_pb2.ListJobsRequest(metadata={"team": "y"}), metadata=md).data
-            with pytest.raises(grpc.RpcError) as e:
-                models.DeleteModel(models_pb2.GetModelRequest(id=ft), metadata=md)
-            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            jobs.CancelJob(jobs_pb2.GetJobRequest(id=live["id"]), metadata=md)
-            assert models.DeleteModel(models_pb2.GetModelRequest(id=ft), metadata=md).deleted
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
+    with grpc_channel(stack) as ch:
+        jobs, models = jobs_pb2_grpc.JobServiceStub(ch), models_pb2_grpc.ModelServiceStub(ch)
+        md = [("authorization", f"Bearer {key}")]
+        listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(metadata={"team": "x"}), metadata=md).data
+        assert [j.id for j in listed] == [live["id"]]
+        assert not jobs.ListJobs(jobs_pb2.ListJobsRequest(metadata={"team": "y"}), metadata=md).data
+        with pytest.raises(grpc.RpcError) as e:
+            models.DeleteModel(models_pb2.GetModelRequest(id=ft), metadata=md)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        jobs.CancelJob(jobs_pb2.GetJobRequest(id=live["id"]), metadata=md)
+        assert models.DeleteModel(models_pb2.GetModelRequest(id=ft), metadata=md).deleted
     assert not weights.exists()
     with session_scope(stack.settings.db_url) as s:
         assert (

@@ -281,3 +281,38 @@ def test_bad_input_is_refused_before_training(
 def test_a_reward_model_is_not_a_causal_lm(tmp_path: Path, reward_run: Path) -> None:
     done = rlhf("sft", "--model", reward_run, "--output-dir", tmp_path, *SMALL)
     assert done.returncode == 2 and "not a causal LM" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_keeps_a_chat_model_that_loads_as_the_model_then(tmp_path: Path) -> None:
+    """A Llama-family model with LoRA at ZeRO-3: the checkpoint at step 2 holds its chat model (LoRA merged,
+    safetensors, the tokenizer beside it), and it is the model as it was at step 2 — not the final one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_engine.models.tiny import build_tiny
+
+    llama = build_tiny("llama", "xs", pretrain_steps=0)
+    args = ["sft", "--model", llama, *FAST[:2], "--max-seq-len", 64, "--eval-max-rows", 8]
+    args += ["--max-steps", 3, "--checkpoint-interval", 2, "--lora-dim", 4, "--zero-stage", 3]
+    rlhf_ok(*args, "--zero-param-persistence-threshold", 0, "--output-dir", tmp_path)
+    step_dir = tmp_path / "step1_sft"
+    saved = [e for e in read_jsonl(step_dir / "events.jsonl") if e["type"] == "checkpoint_saved"]
+    assert [e["data"]["global_step"] for e in saved] == [2]
+    chat = Path(saved[0]["data"]["model_path"])
+    assert chat.name == "chat_model" and chat.parent.name == "global_step2"
+    assert {p.suffix for p in chat.iterdir()} >= {".safetensors", ".json"}
+    assert not any(p.suffix in (".bin", ".pt") for p in chat.iterdir())
+    at_2 = AutoModelForCausalLM.from_pretrained(str(chat)).eval()
+    final = AutoModelForCausalLM.from_pretrained(str(step_dir)).eval()
+    assert (
+        AutoTokenizer.from_pretrained(str(chat)).chat_template
+        == AutoTokenizer.from_pretrained(str(step_dir)).chat_template
+    )
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    base = AutoModelForCausalLM.from_pretrained(str(llama)).eval()
+    with torch.no_grad():
+        a, b, c = at_2(ids).logits, final(ids).logits, base(ids).logits
+    assert a.shape == b.shape and not torch.allclose(a, b)  # one more step trained the final model
+    assert not torch.allclose(a, c)  # and two steps the checkpoint's: LoRA merged into it
+    assert not any(p.name.startswith(".chat_model") for p in chat.parent.iterdir())  # no half-written copy
