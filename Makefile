@@ -23,7 +23,7 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto console browser demo test test-fast docs fuzz chaos bench bench-memory bench-trl lint lock clean
+.PHONY: help install proto console browser sandbox demo test test-fast docs fuzz chaos bench bench-memory bench-trl lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
@@ -78,12 +78,21 @@ $(CHROMIUM):
 
 browser: $(CHROMIUM)
 
-test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM)
+# Python graders run the tenant's code under Debian's bubblewrap (rlhf_engine/sandbox.py).
+BWRAP ?= /usr/bin/bwrap
+$(BWRAP):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q --no-install-recommends bubblewrap >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends bubblewrap >/dev/null; }; \
+	else echo "python graders need Debian's bubblewrap at $(BWRAP): sudo apt-get install bubblewrap"; exit 1; fi
+
+sandbox: $(BWRAP)
+
+test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM) $(BWRAP)
 	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest $(PYTEST_ARGS)
 
 # The edit-test loop: everything but the tests marked slow (they train a model or start a training worker)
 # and browser (chromium) — tests/conftest.py marks them by the fixtures they use. `make test` runs them all.
-test-fast: $(STAMP) $(PROTO_STAMP)
+test-fast: $(STAMP) $(PROTO_STAMP) $(BWRAP)
 	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 demo: $(STAMP) $(PROTO_STAMP)

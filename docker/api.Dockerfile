@@ -14,6 +14,8 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RLHF_CACHE_DIR=/data/cache RLHF_CONSOLE_DIR=/app/service/console/dist
+# bubblewrap: the sandbox python graders run in (rlhf_engine/sandbox.py)
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY rlhf_engine ./rlhf_engine

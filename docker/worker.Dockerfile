@@ -10,7 +10,7 @@ ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 
     PIP_DISABLE_PIP_VERSION_CHECK=1 RLHF_CACHE_DIR=/data/cache \
     TORCH_EXTENSIONS_DIR=/data/cache/torch_extensions VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev g++ git \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev g++ git bubblewrap \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
 WORKDIR /app

@@ -294,6 +294,8 @@ class Cost(BaseModel):
     accrued_usd: float
     gpu_seconds: float
     max_cost_usd: float | None = None
+    judge_requests: int = Field(default=0, description="prompts its model graders sent to judge models")
+    judge_tokens: int = Field(default=0, description="tokens those judge requests read and wrote")
 
 
 class JobPhase(BaseModel):

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rlhf_engine import gpu_catalogue
+from rlhf_engine import gpu_catalogue, sandbox
 
 
 class Settings(BaseSettings):
@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
+    api_url: str = Field(
+        default="",
+        description="the API's base URL as training steps reach it (model graders' judges are asked "
+        "through it); default http://HOST:PORT",
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="browser origins allowed to call the API"
     )
@@ -129,6 +134,14 @@ class Settings(BaseSettings):
     migrate_timeout_s: float = Field(
         default=300.0, gt=0, description="the longest a process waits for another one's database migration"
     )
+
+    # python graders' sandbox (rlhf_engine/sandbox.py): what one batch of samples may use
+    grader_memory_mb: int = Field(default=2048, ge=64, description="a python grader's address space")
+    grader_cpu_s: int = Field(default=30, ge=1, description="CPU seconds one python grader batch may use")
+    grader_wall_s: float = Field(
+        default=60.0, gt=0, description="wall-clock seconds one python grader batch may take"
+    )
+    grader_output_kb: int = Field(default=1024, ge=1, description="what a python grader may print")
 
     # serving: inference workers and chat
     inference_host: str = Field(default="127.0.0.1", description="an inference worker's bind address")
@@ -250,6 +263,21 @@ class Settings(BaseSettings):
     @property
     def queue_dir(self) -> Path:
         return self.data_dir / "queue"
+
+    @property
+    def internal_url(self) -> str:
+        """Where a training step reaches the API (api_url, else this host and port)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return (self.api_url or f"http://{host}:{self.port}").rstrip("/")
+
+    def grader_limits(self) -> sandbox.Limits:
+        """What one python grader batch may use, as the sandbox takes it."""
+        return sandbox.Limits(
+            memory_bytes=self.grader_memory_mb << 20,
+            cpu_seconds=self.grader_cpu_s,
+            wall_seconds=self.grader_wall_s,
+            output_bytes=self.grader_output_kb << 10,
+        )
 
 
 @lru_cache

@@ -41,7 +41,7 @@ from rlhf_engine.config.pipeline import Step
 from service.db.models import CostInterval, Job, JobCheckpoint, JobMetric, utcnow
 from service.db.session import session_scope
 from service.jobs import lifecycle, results
-from service.jobs.lifecycle import LeaseLostError, add_event
+from service.jobs.lifecycle import JUDGE_TOKEN, LeaseLostError, add_event
 from service.jobs.plan import step_table
 from service.jobs.states import StepOutcome, StopReason
 from service.services import cost as costs
@@ -366,6 +366,7 @@ def _kill(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 
 def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
+    from rlhf_engine import judging
     from rlhf_engine.runtime import fencing
     from rlhf_engine.runtime.launch import LAUNCH_VARS
     from rlhf_engine.runtime.stopping import STOP_FILE
@@ -381,6 +382,7 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
         cmd, log = _step_command(job, step, out)
         attempt, num_gpus, gpu_type, max_cost = job.attempts, job.num_gpus, job.gpu_type, job.max_cost_usd
         estimate_s = ((job.request or {}).get("_seconds") or {}).get(str(step))
+        judge_token = (job.request or {}).get(JUDGE_TOKEN)
         add_event(
             session=s,
             job=job,
@@ -401,6 +403,9 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
         phase.ESTIMATE_ENV: str(estimate_s or ""),
         "PYTHONUNBUFFERED": "1",
     }
+    if judge_token:  # its model graders ask their judges through the API (service/api/internal.py)
+        env[judging.JUDGE_URL_ENV] = f"{settings.internal_url}/internal/v1/jobs/{job_id}/judge"
+        env[judging.JUDGE_TOKEN_ENV] = judge_token
     ingest = Ingest(job_id, step, step_dir)
     started = time.monotonic()
     watch = PhaseWatch(

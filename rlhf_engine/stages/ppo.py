@@ -111,6 +111,23 @@ def row_items(rows: list[Row]) -> list[dict[str, Any]]:
     return [decode_item(r["item"]) if "item" in r else {} for r in rows]
 
 
+def check_runnable(grader: graders.Grader) -> None:
+    """What the grader needs beyond this process is there: the service's judges for model graders, the
+    sandbox for python ones. Found before training, not as a step of zeros."""
+    from rlhf_engine import judging, sandbox
+
+    if grader.judges() and judging.from_environment() is None:
+        where, model, _ = grader.judges()[0]
+        raise graders.GraderError(
+            where,
+            f"{model} is a judge (a chat model prompted per sample), asked through the service's inference "
+            "workers: run this as a job of the service, or grade with string_check, text_similarity, "
+            "python or a reward model",
+        )
+    if grader.has_python() and (why := sandbox.unavailable()) is not None:
+        raise graders.GraderError("grader.type", why)
+
+
 def check_items(grader: graders.Grader, split: TokenizedSplit, what: str) -> None:
     """Every row has the fields the grader's templates read: found before training, not at step 900."""
     if not grader.item_fields() or not len(split):
@@ -194,6 +211,7 @@ def _rollouts(trainer: PPOTrainer, exp: Experience, step: int, k: int) -> list[d
                 "kl": float(kl[i]),
                 "degenerate": bool(exp.degenerate[i]),
                 **({"grades": exp.grades[i]} if exp.grades else {}),
+                **(exp.grade_notes[i] if exp.grade_notes else {}),
             }
         )
     return out
@@ -302,6 +320,7 @@ class PPOObjective(Objective):
         if (grader := cfg.parsed_grader()) is not None:  # before any model is loaded
             check_items(grader, loop.prepared.train, "training")
             check_items(grader, loop.prepared.eval, "held-out")
+            check_runnable(grader)
         self.unsup = None
         if cfg.unsup_coef > 0:
             self.unsup = torch.as_tensor(

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rlhf_engine import graders
+from rlhf_engine import graders, judging
 from rlhf_engine.algorithms.group import grpo_advantages, informative_groups, kl_k3, rloo_advantages
 from rlhf_engine.algorithms.losses import lm_loss
 from rlhf_engine.algorithms.ppo import (
@@ -74,6 +74,9 @@ class Experience:
     advantages: torch.Tensor | None = None  # (B,) grpo/rloo: each answer's advantage within its group
     weights: torch.Tensor | None = None  # (B,) grpo/rloo: 0 for answers of a filtered group
     grades: list[dict[str, float]] | None = None  # with a grader: each answer's score per named part
+    grade_notes: list[dict[str, Any]] | None = (
+        None  # with a grader: each answer's error flags, judges' replies
+    )
     shared_prefix: int = 0  # the first columns every row holds alike (engine/prefix.py), 0: left-padded
 
     def __len__(self) -> int:
@@ -159,6 +162,7 @@ class PPOTrainer:
         self.generate_kwargs: dict[str, Any] = {}  # extra arguments for `generate` (e.g. min_new_tokens)
         self.last_metrics: dict[str, float] = {}
         self.grader = self.args.parsed_grader()
+        self.judge = judging.from_environment()  # model graders' judges, through the service
 
     # ------------------------------------------------------------------ experience
 
@@ -278,9 +282,9 @@ class PPOTrainer:
             values = self.engine.critic(seq, attn)[:, P - 1 : -1]  # V(state before each answer token)
         else:
             values = torch.zeros_like(logprobs)
-        grades = None
+        grades = notes = None
         if self.grader is not None:
-            scores, grades = self.grade(seq, attn, answers, action_mask, items or [])
+            scores, grades, notes = self.grade(seq, attn, answers, action_mask, items or [])
         else:
             scores = sequence_scores(self.engine.reward(seq, attn), attn)
         exp = Experience(
@@ -296,6 +300,7 @@ class PPOTrainer:
             gen_seconds=gen_s,
             score_seconds=time.monotonic() - t1,
             grades=grades,
+            grade_notes=notes,
             shared_prefix=shared,
         )
         if self.args.algorithm != "ppo" and group > 1:
@@ -310,27 +315,28 @@ class PPOTrainer:
         answers: torch.Tensor,
         action_mask: torch.Tensor,
         items: list[dict[str, Any]],
-    ) -> tuple[torch.Tensor, list[dict[str, float]]]:
-        """The grader's reward per answer (B,) and each answer's score per named part.
+    ) -> tuple[torch.Tensor, list[dict[str, float]], list[dict[str, Any]]]:
+        """The grader's reward per answer (B,), each answer's score per named part, and its notes (error
+        flags, the judges' replies).
 
         The answer text is what a chat client would see: decoded without special tokens, stripped.
-        score_model parts read the whole sequence with their reward model, once per batch."""
+        score_model parts with a reward model read the whole sequence with it, once per batch; judges are
+        asked and python runs in its sandbox once per batch too. A sample that cannot be graded scores 0
+        with its error flag: the step goes on."""
         assert self.grader is not None
         model_scores = {
             name: sequence_scores(model(seq, attn), attn).tolist()
             for name, model in self.engine.score_models.items()
         }
-        rewards, grades = [], []
-        for i, (ids, mask) in enumerate(zip(answers, action_mask, strict=True)):
-            text = str(self.tokenizer.decode(ids[mask > 0], skip_special_tokens=True)).strip()
-
-            def scorer(model: str, sample: str, item: dict[str, Any], i: int = i) -> float:
-                return float(model_scores[model][i])
-
-            result = graders.run(self.grader, text, items[i], scorer)
-            rewards.append(result.reward)
-            grades.append(result.sub_rewards)
-        return torch.tensor(rewards, dtype=torch.float32, device=seq.device), grades
+        texts = [
+            str(self.tokenizer.decode(ids[mask > 0], skip_special_tokens=True)).strip()
+            for ids, mask in zip(answers, action_mask, strict=True)
+        ]
+        context = graders.Context(value_scores=model_scores.__getitem__, judge=self.judge)
+        graded = graders.grade_batch(self.grader, texts, items, context)
+        rewards = [g.score for g in graded]
+        notes = [{"errors": g.errors, "judges": g.replies} for g in graded]
+        return torch.tensor(rewards, dtype=torch.float32, device=seq.device), [g.parts for g in graded], notes
 
     @torch.no_grad()
     def group_advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,6 +502,9 @@ class PPOTrainer:
         grades = exp.grades or []
         for name in grades[0] if grades else ():  # each named part of the grader, averaged
             out[f"grader_{name}"] = float(sum(g[name] for g in grades)) / len(grades)
+        if exp.grade_notes:  # the share of answers the grader could not grade (scored 0 with a flag)
+            failed = sum(1 for n in exp.grade_notes if n["errors"])
+            out["grader_error_rate"] = failed / len(exp.grade_notes)
         return out
 
 

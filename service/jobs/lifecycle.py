@@ -37,6 +37,20 @@ class LeaseLostError(Exception):
     """This worker no longer holds the job's lease: another worker took it, or the job was swept."""
 
 
+JUDGE_TOKEN = "_judge_token"
+
+
+def _judge_token(req: JobCreate) -> dict[str, str]:
+    """A job whose grader prompts judge models gets a secret its training step presents to the API's
+    internal judge route (service/api/internal.py); never shown to anyone."""
+    from rlhf_engine import graders
+
+    params = req.method.reinforcement if req.method and req.method.type == "reinforcement" else None
+    if params is None or params.grader is None or not graders.parse(params.grader).judges():
+        return {}
+    return {JUDGE_TOKEN: secrets.token_urlsafe(32)}
+
+
 def _move(session: Session, t: Transition, job_id: str, *where: ColumnElement[bool], **values: Any) -> bool:
     """Apply transition `t` to the job when its status is one of `t.source` (and `where` holds)."""
     res = session.execute(
@@ -148,7 +162,8 @@ def create_job(
             "_resolved_hyperparameters": planned.resolved_hyperparameters,
             "_memory": {str(m["step"]): m for m in planned.memory},
             "_seconds": {str(e.step): e.seconds for e in planned.estimate},  # a step's "usually"
-        },
+        }
+        | _judge_token(req),
         plan=planned.plan,
         job_metadata=req.metadata,
         steps=planned.steps,

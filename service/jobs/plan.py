@@ -319,6 +319,12 @@ def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Setting
         )
     method, hp = _method(req)
     grader = _grader(req)
+    if grader is not None:  # its judges exist for this tenant and are chat models (400 naming the field)
+        from rlhf_engine import graders
+        from service.services import judges
+
+        parsed = graders.parse(grader, "method.reinforcement.grader")
+        judges.check_models(session=session, tenant=tenant, grader=parsed, settings=settings)
     steps = _steps(req, method) if grader is None else []
 
     def resolve(name: str, param: str) -> models_svc.ModelRef:

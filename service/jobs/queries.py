@@ -133,6 +133,8 @@ def to_object(job: Job) -> JobObject:
             accrued_usd=round(job.accrued_usd, 6),
             gpu_seconds=round(job.gpu_seconds, 3),
             max_cost_usd=job.max_cost_usd,
+            judge_requests=int((req.get("_judges") or {}).get("requests", 0)),
+            judge_tokens=int((req.get("_judges") or {}).get("tokens", 0)),
         ),
         num_gpus=job.num_gpus,
         gpu_type=job.gpu_type,

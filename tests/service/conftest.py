@@ -164,7 +164,8 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
         )
         url, stop = serve(settings)
         stops.append(stop)
-        return Stack(settings=settings, url=url, env=_env(settings, overrides))
+        # its training steps ask model graders' judges through this API (service/api/internal.py)
+        return Stack(settings=settings, url=url, env=_env(settings, overrides) | {"RLHF_API_URL": url})
 
     yield make
     for stop in stops:

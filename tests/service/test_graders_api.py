@@ -1,5 +1,7 @@
 """OpenAI's grader endpoints on a real server: /validate checks a grader, /run scores one sample with
-its training row; bad graders are 400s naming the field, over HTTP and through the openai SDK."""
+its training row — python in the sandbox, a judge's failure as an error flag with 200; bad graders are
+400s naming the field, over HTTP and through the openai SDK. (Judges answering through live inference
+workers: tests/service/test_judges.py.)"""
 
 from __future__ import annotations
 
@@ -34,6 +36,13 @@ MULTI = {
     "calculate_output": "0.75 * city + 0.25 * close",
 }
 URL = "/v1/fine_tuning/alpha/graders"
+JUDGE = [{"role": "user", "content": "Is '{{sample.output_text}}' right? Answer a number."}]
+PYTHON = {
+    "type": "python",
+    "name": "py",
+    "source": "def grade(sample, item):\n"
+    "    return float(item['answer'].lower() in sample['output_text'].lower())",
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +87,21 @@ def test_run_scores_a_sample_with_its_row(client: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("body", "param", "says"),
     [
-        ({"grader": {"type": "python", "source": "def grade(s, i): return 1"}}, "grader.type", "sandbox"),
+        ({"grader": {"type": "python", "source": "def grade(s, i) return 1"}}, "grader.source", "not valid"),
+        ({"grader": {"type": "python", "source": "x = 1"}}, "grader.source", "grade(sample, item)"),
+        (
+            {
+                "grader": {
+                    "type": "label_model",
+                    "model": "no-such-model",
+                    "input": JUDGE,
+                    "labels": ["a"],
+                    "passing_labels": ["a"],
+                }
+            },
+            "grader.model",
+            "no base model",
+        ),
         ({"grader": {**MULTI, "calculate_output": "city + nope"}}, "grader.calculate_output", "'nope'"),
         (
             {"grader": {**MULTI, "calculate_output": "__import__('os')"}},
@@ -115,11 +138,34 @@ def test_run_refuses_a_row_without_the_fields_and_score_model_graders(client: ht
         "item",
     )
     assert "answer" in message and "question" in message
-    score_model = {"type": "score_model", "name": "rm", "model": "ft:tiny-opt-xs:x:job-1"}
+    score_model = {"type": "score_model", "name": "rm", "model": "tiny-opt-xs"}
     assert client.post(f"{URL}/validate", json={"grader": score_model}).status_code == 200
     assert "inside jobs" in _error(
         client.post(f"{URL}/run", json={"grader": score_model, "model_sample": "x"}), "grader"
     )
+
+
+def test_python_graders_run_in_the_sandbox_and_their_errors_are_flags(client: httpx.Client) -> None:
+    out = client.post(
+        f"{URL}/run", json={"grader": PYTHON, "model_sample": "It is PARIS.", "item": {"answer": "Paris"}}
+    ).json()
+    assert out["reward"] == 1.0 and not any(v for k, v in out["metadata"]["errors"].items())
+    broken = {**PYTHON, "source": "def grade(sample, item):\n    return item['missing']"}
+    out = client.post(f"{URL}/run", json={"grader": broken, "model_sample": "x", "item": {}}).json()
+    errors = out["metadata"]["errors"]
+    assert out["reward"] == 0.0 and errors["python_grader_runtime_error"] is True
+    assert "KeyError: 'missing'" in errors["python_grader_runtime_error_details"]
+    assert errors["python_grader_server_error"] is False and out["metadata"]["type"] == "python"
+
+
+def test_a_judge_without_a_worker_is_a_server_error_flag_not_a_failure(client: httpx.Client) -> None:
+    """This stack runs no inference worker: the judge cannot be asked, and /run still answers 200."""
+    judge = {"type": "score_model", "name": "j", "model": "tiny-opt-xs", "input": JUDGE}
+    out = client.post(f"{URL}/run", json={"grader": judge, "model_sample": "x"}).json()
+    errors = out["metadata"]["errors"]
+    assert out["reward"] == 0.0 and errors["model_grader_server_error"] is True
+    assert "no inference worker" in errors["model_grader_server_error_details"]
+    assert out["metadata"]["sampled_model_name"] == "tiny-opt-xs"
 
 
 def test_the_openai_sdk_runs_and_validates_graders(stack: Stack) -> None:
@@ -130,5 +176,7 @@ def test_the_openai_sdk_runs_and_validates_graders(stack: Stack) -> None:
     assert out.reward == pytest.approx(0.75 + 0.25 * 0.8) and out.metadata.name == "blend"
     assert sdk.fine_tuning.alpha.graders.validate(grader=CHECK).grader is not None  # type: ignore[arg-type]
     with pytest.raises(BadRequestError) as e:
-        sdk.fine_tuning.alpha.graders.validate(grader={"type": "python", "source": "x"})  # type: ignore[arg-type]
-    assert e.value.body["param"] == "grader.type"  # type: ignore[index]
+        sdk.fine_tuning.alpha.graders.validate(grader={"type": "python", "source": "x", "name": "p"})
+    assert e.value.body["param"] == "grader.source"  # type: ignore[index]
+    ran = sdk.fine_tuning.alpha.graders.run(grader=PYTHON, model_sample="paris", item={"answer": "Paris"})  # type: ignore[arg-type]
+    assert ran.reward == 1.0 and ran.metadata.errors.python_grader_runtime_error is False

@@ -1,0 +1,111 @@
+"""Model graders' judges: a chat model we serve, prompted once per sample through the inference workers
+(the same routing, limits and continuous batching as `/v1/chat/completions`). Used by /graders/run in
+the API process and by training jobs through the internal judge route.
+
+A judge that cannot answer (no worker, a timeout, a bad prompt) gives a `JudgeReply` with the error,
+never an exception: the sample gets OpenAI's `model_grader_server_error` flag and a score of 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from rlhf_engine import graders
+from service.errors import InvalidRequestError, ServiceError
+from service.schemas import ChatCompletionRequest, ChatMessage
+from service.services import chat as chat_svc
+from service.services import models as models_svc
+from service.settings import Settings
+
+MAX_CONCURRENT = 16  # one judge call's requests in flight at once (the workers batch them)
+
+
+def is_reward_model(path: Path) -> bool:
+    """A folder of ours holding a reward model (a value head: `…ForSequenceClassification`)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ())
+
+
+def check_models(*, session: Session, tenant: str, grader: graders.Grader, settings: Settings) -> None:
+    """Every model the grader names exists for this tenant and is of the right kind: a chat model for a
+    judge, a reward model for a score_model without `input`. 400 naming the grader's field otherwise."""
+    for where, model, kind in grader.judges():
+        ref = models_svc.resolve(
+            session=session,
+            tenant=tenant,
+            name=model,
+            models_dir=settings.models_dir,
+            param=where,
+            max_bytes=settings.max_model_bytes,
+        )
+        if is_reward_model(ref.path):
+            raise InvalidRequestError(
+                f"{where}: {model} is a reward model (a value head), which scores but cannot answer a "
+                f"prompt; a {kind} grader needs a chat model"
+                + (
+                    " — or drop `input` to score with the reward model directly"
+                    if kind == "score_model"
+                    else ""
+                ),
+                param=where,
+            )
+
+
+def _request(model: str, messages: list[dict[str, str]], sampling: dict[str, Any]) -> ChatCompletionRequest:
+    return ChatCompletionRequest(
+        model=model,
+        messages=[ChatMessage(role=m["role"], content=m["content"]) for m in messages],  # type: ignore[arg-type]
+        temperature=sampling.get("temperature"),
+        top_p=sampling.get("top_p"),
+        seed=sampling.get("seed"),
+        max_completion_tokens=sampling.get("max_completion_tokens") or graders.DEFAULT_JUDGE_TOKENS,
+    )
+
+
+async def ask(
+    *,
+    settings: Settings,
+    tenant: str,
+    model: str,
+    prompts: list[list[dict[str, str]]],
+    sampling: dict[str, Any],
+) -> list[graders.JudgeReply]:
+    """Each prompt's reply from `model`, asked concurrently (the workers batch them)."""
+    gate = asyncio.Semaphore(MAX_CONCURRENT)
+
+    async def one(messages: list[dict[str, str]]) -> graders.JudgeReply:
+        async with gate:
+            try:
+                req = _request(model, messages, sampling)
+                chat_svc.check(req, settings)
+                stream = await chat_svc.open_chat(settings=settings, req=req, tenant=tenant)
+                choices, done = await chat_svc.complete(stream)
+            except ServiceError as e:
+                return graders.JudgeReply(None, error=f"{e.code or type(e).__name__}: {e.message}")
+            except ValueError as e:  # a rendered prompt the chat schema refuses
+                return graders.JudgeReply(None, error=f"invalid_prompt: {e}")
+        return graders.JudgeReply(
+            choices[0]["text"], prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens
+        )
+
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def judge_on(loop: asyncio.AbstractEventLoop, settings: Settings, tenant: str) -> graders.Judge:
+    """A `graders.Judge` for code running in a thread beside `loop` (the API's): each call hops onto the
+    loop, where the chat routing lives."""
+
+    def judge(
+        model: str, prompts: list[list[dict[str, str]]], sampling: dict[str, Any]
+    ) -> list[graders.JudgeReply]:
+        coro = ask(settings=settings, tenant=tenant, model=model, prompts=prompts, sampling=sampling)
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=settings.chat_timeout_s + 30)
+
+    return judge
