@@ -1,0 +1,296 @@
+"""Model graders judged by a model we serve, end to end: /graders/run through the official SDK asks a live
+inference worker (the reply equals the model's own greedy answer, parsed by OpenAI's rules); judges that
+do not exist or cannot answer a prompt are 400s naming the field; and OpenAI's reinforcement workflow
+with a `score_model` chat judge and a `python` grader runs through the SDK to `succeeded` — the trainer
+asking the judge through the API's internal route, the judge's replies kept with the rollouts and its
+requests counted on the job."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import BadRequestError, OpenAI
+
+from service.db.models import FineTunedModel
+from service.db.session import session_scope
+from tests.service.conftest import Stack, Workers
+
+MODEL = "tiny-opt-xs"
+QUESTION = "Is '{{sample.output_text}}' a good answer to {{item.question}}? Reply with a score from 0 to 10."
+
+
+@pytest.fixture(scope="module")
+def judged(
+    e2e_stack: Stack, e2e_finished: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """An inference worker on the e2e stack, an SDK client, and the finished job's model (a judge)."""
+    workers = Workers(e2e_stack, tmp_path_factory.mktemp("judge-inference"))
+    workers.start()
+    key = e2e_stack.key("judges")
+    yield {
+        "sdk": OpenAI(base_url=f"{e2e_stack.url}/v1", api_key=key, timeout=120, max_retries=0),
+        "http": httpx.Client(base_url=e2e_stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=120),
+        "tmp": tmp_path_factory.mktemp("judges"),
+    }
+    workers.stop()
+
+
+def _reinforcement(grader: dict[str, Any], hyperparameters: dict[str, Any] | None = None) -> Any:
+    """OpenAI's reinforcement `method`, as the SDK sends it."""
+    return {
+        "type": "reinforcement",
+        "reinforcement": {"grader": grader, "hyperparameters": hyperparameters or {}},
+    }
+
+
+def _data(event: Any) -> dict[str, Any]:
+    return dict(event.data or {})
+
+
+def _greedy(path: str, content: str, tokens: int) -> str:
+    """The judge model's own greedy reply, in process: what the worker must have answered."""
+    from rlhf_engine.chat.generator import ChatGenerator
+    from rlhf_engine.config.chat import SamplingParams
+
+    with ChatGenerator.load(path, score_replies=False) as engine:
+        done = engine.generate(
+            [{"role": "user", "content": content}], SamplingParams(max_new_tokens=tokens, temperature=0)
+        )
+    return done.choices[0].text
+
+
+def test_graders_run_asks_a_served_judge_and_parses_its_reply(
+    judged: dict[str, Any], e2e_stack: Stack
+) -> None:
+    sdk: OpenAI = judged["sdk"]
+    item = {"question": "what is a kite"}
+    sample = "A kite flies in the wind."
+    grader: Any = {
+        "type": "score_model",
+        "name": "judge",
+        "model": MODEL,
+        "input": [{"role": "user", "content": QUESTION}],
+        "range": [0, 10],
+        "sampling_params": {"temperature": 0, "max_completions_tokens": 6, "seed": 1},
+    }
+    deadline = time.monotonic() + 120
+    while True:  # the worker loads the model on its first request (a 503 "not ready" meanwhile)
+        out = sdk.fine_tuning.alpha.graders.run(grader=grader, model_sample=sample, item=item)
+        details = out.metadata.errors.api_model_grader_server_error_details or ""
+        if "model_not_ready" not in details or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    path = str(e2e_stack.settings.models_dir / MODEL)
+    reply = _greedy(
+        path,
+        QUESTION.replace("{{sample.output_text}}", sample).replace("{{item.question}}", item["question"]),
+        6,
+    )
+    numbers = re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)", reply)
+    if numbers:  # OpenAI's rule: the reply's number, clamped to the range
+        assert (
+            out.reward == min(max(float(numbers[0]), 0.0), 10.0)
+            and not out.metadata.errors.api_model_grader_parse_error
+        )
+    else:  # no number: a parse error, scored 0 — and still a 200
+        assert out.reward == 0.0 and out.metadata.errors.api_model_grader_parse_error, (reply, out)
+    assert not out.metadata.errors.api_model_grader_server_error, out.metadata.errors
+    usage = out.api_model_grader_token_usage_per_model[MODEL]
+    assert isinstance(usage, dict) and usage["completion_tokens"] >= 1 and usage["prompt_tokens"] > 10
+    assert out.metadata.sampled_model_name == MODEL and out.metadata.token_usage == usage["total_tokens"]
+
+
+def test_a_fine_tuned_model_judges_with_labels(
+    judged: dict[str, Any], e2e_finished: dict[str, Any], e2e_stack: Stack
+) -> None:
+    """The e2e job's model: another tenant's here (a 400 naming the field); its owner's key runs it."""
+    model = e2e_finished["job"]["fine_tuned_model"]
+    labels: Any = {
+        "type": "label_model",
+        "name": "labels",
+        "model": model,
+        "input": [
+            {"role": "system", "content": "Answer yes or no."},
+            {"role": "user", "content": "{{sample.output_text}}"},
+        ],
+        "labels": ["yes", "no"],
+        "passing_labels": ["yes"],
+        "sampling_params": {"temperature": 0, "max_completions_tokens": 4},
+    }
+    with pytest.raises(BadRequestError) as e:
+        judged["sdk"].fine_tuning.alpha.graders.validate(grader=labels)
+    assert e.value.body["param"] == "grader.model"  # type: ignore[index]
+    with e2e_stack.client(e2e_stack.key("e2e")) as owner:
+        out = owner.post(
+            "/v1/fine_tuning/alpha/graders/run", json={"grader": labels, "model_sample": "Is a kite a toy?"}
+        ).json()
+    with session_scope(e2e_stack.settings.db_url) as s:
+        path = s.get(FineTunedModel, model).path  # type: ignore[union-attr]
+    from rlhf_engine.chat.generator import ChatGenerator
+    from rlhf_engine.config.chat import SamplingParams
+
+    with ChatGenerator.load(path, score_replies=False) as engine:
+        reply = (
+            engine.generate(
+                [
+                    {"role": "system", "content": "Answer yes or no."},
+                    {"role": "user", "content": "Is a kite a toy?"},
+                ],
+                SamplingParams(max_new_tokens=4, temperature=0),
+            )
+            .choices[0]
+            .text
+        )
+    errors = out["metadata"]["errors"]
+    assert not errors["model_grader_server_error"], errors
+    said = {w for w in ("yes", "no") if re.search(rf"(?<!\w){w}(?!\w)", reply.lower())}
+    if len(said) == 1:
+        assert out["reward"] == (1.0 if said == {"yes"} else 0.0) and not errors["model_grader_parse_error"]
+    else:
+        assert out["reward"] == 0.0 and errors["model_grader_parse_error"], (reply, out)
+
+
+def test_judges_that_cannot_judge_are_400s_naming_the_field(
+    judged: dict[str, Any], e2e_stack: Stack, e2e_finished: dict[str, Any]
+) -> None:
+    sdk: OpenAI = judged["sdk"]
+    # a reward model (a value head: the e2e job's step 2) in the model root, as an operator would place one
+    with session_scope(e2e_stack.settings.db_url) as s:
+        job_dir = Path(s.get(FineTunedModel, e2e_finished["job"]["fine_tuned_model"]).path).parents[1]  # type: ignore[union-attr]
+    source = next(
+        p for p in job_dir.rglob("config.json") if "ForSequenceClassification" in p.read_text()
+    ).parent
+    shutil.copytree(source, e2e_stack.settings.models_dir / "judge-rm", dirs_exist_ok=True)
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        (
+            {
+                "type": "label_model",
+                "model": "judge-rm",
+                "input": [{"role": "user", "content": "x"}],
+                "labels": ["a"],
+                "passing_labels": ["a"],
+            },
+            "grader.model",
+            "reward model",
+        ),
+        (
+            {"type": "score_model", "model": "nope", "input": [{"role": "user", "content": "x"}]},
+            "grader.model",
+            "no base model",
+        ),
+        (
+            {
+                "type": "score_model",
+                "model": MODEL,
+                "input": [{"role": "user", "content": "x"}],
+                "range": [2, 2],
+            },
+            "grader.range",
+            "min < max",
+        ),
+        (
+            {
+                "type": "multi",
+                "graders": {
+                    "j": {
+                        "type": "score_model",
+                        "model": "judge-rm",
+                        "input": [{"role": "user", "content": "x"}],
+                    }
+                },
+                "calculate_output": "j",
+            },
+            "grader.graders.j.model",
+            "drop `input`",
+        ),
+    ]
+    for grader, param, says in cases:
+        with pytest.raises(BadRequestError) as e:
+            sdk.fine_tuning.alpha.graders.validate(grader={"name": "g", **grader})  # type: ignore[arg-type]
+        assert e.value.body["param"] == param and says in e.value.body["message"], e.value.body  # type: ignore[index]
+    # and a job naming such a judge is refused at submit, before anything runs
+    rows = [
+        {"messages": [{"role": "user", "content": f"Name an animal {i}."}], "answer": "dog"} for i in range(4)
+    ]
+    f = judged["tmp"] / "bad-judge.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    uploaded = sdk.files.create(file=f.open("rb"), purpose="fine-tune")
+    with pytest.raises(BadRequestError) as e:
+        sdk.fine_tuning.jobs.create(
+            model=MODEL,
+            training_file=uploaded.id,
+            method=_reinforcement({"name": "g", **cases[1][0]}),
+        )
+    assert e.value.body["param"] == "method.reinforcement.grader.model"  # type: ignore[index]
+
+
+def test_openais_reinforcement_workflow_with_a_chat_judge_and_a_python_grader(judged: dict[str, Any]) -> None:
+    sdk: OpenAI = judged["sdk"]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"Name an animal {i}."}],
+            "question": f"animal {i}",
+            "answer": "dog",
+        }
+        for i in range(8)
+    ]
+    f = judged["tmp"] / "rl.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = sdk.files.create(file=f.open("rb"), purpose="fine-tune")
+    grader: Any = {
+        "type": "multi",
+        "name": "judged",
+        "graders": {
+            "judge": {
+                "type": "score_model",
+                "name": "judge",
+                "model": MODEL,
+                "input": [{"role": "user", "content": QUESTION}],
+                "range": [0, 10],
+                "sampling_params": {"temperature": 0, "max_completions_tokens": 4},
+            },
+            "py": {
+                "type": "python",
+                "name": "py",
+                "source": "def grade(sample, item):\n"
+                "    words = sample['output_text'].lower().split()\n"
+                "    return 1.0 if item['answer'] in words else min(len(words), 10) / 20",
+            },
+        },
+        "calculate_output": "0.05 * judge + py",
+    }
+    job = sdk.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=train.id,
+        method=_reinforcement(grader, {"n_epochs": 1, "batch_size": 4}),
+    )
+    deadline = time.monotonic() + 300
+    while (job := sdk.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job.status
+        time.sleep(1)
+    assert job.status == "succeeded", job.error
+    metrics = [
+        _data(e) for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"
+    ]
+    # 8 prompts, a tenth held out to evaluate, 4 per step: one step of 4 prompts × a group of 4 answers
+    assert len(metrics) == 1 and {"grader_judge", "grader_py", "grader_error_rate"} <= set(metrics[0])
+    cost: Any = job.to_dict()["cost"]
+    # every answer judged once (evaluation asks more): 16 requests at least, each a prompt of > 10 tokens
+    assert cost["judge_requests"] >= 16 and cost["judge_tokens"] > 16 * 10, cost
+    rollouts = (
+        judged["http"].get(f"/v1/fine_tuning/jobs/{job.id}/rollouts", params={"limit": 100}).json()["data"]
+    )
+    assert rollouts and all(r["judges"][0]["model"] == MODEL for r in rollouts)
+    replied = [r for r in rollouts if r["judges"][0]["text"] is not None]
+    assert replied, rollouts[0]  # the judge answered (its text kept beside the answer it judged)
+    for r in replied:
+        flagged = "model_grader_parse_error" in r["errors"]
+        assert flagged == (re.search(r"\d", r["judges"][0]["text"]) is None), r
