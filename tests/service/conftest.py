@@ -8,6 +8,7 @@ Workers use short heartbeats, leases and sweeps so recovery happens in seconds.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -391,3 +392,72 @@ def _walk(client: httpx.Client, url: str, limit: int, **params: Any) -> list[dic
 @pytest.fixture(scope="session")
 def walk() -> Callable[..., list[dict[str, Any]]]:
     return _walk
+
+
+JUDGE_QUESTION = (
+    "Is '{{sample.output_text}}' a good answer to {{item.question}}? Reply with a score from 0 to 10."
+)
+
+
+@pytest.fixture(scope="session")
+def judged_job(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """OpenAI's reinforcement workflow through the official SDK with a multi grader of a chat judge (a
+    score_model prompting tiny-opt-xs, served by an inference worker started here) and a python grader
+    (in the sandbox): the finished job's id and its tenant's key. Shared by the judges' and the console's
+    tests."""
+    from openai import OpenAI
+
+    workers = Workers(e2e_stack, tmp_path_factory.mktemp("judged-inference"))
+    workers.start()
+    try:
+        key = e2e_stack.key("judged")
+        sdk = OpenAI(base_url=f"{e2e_stack.url}/v1", api_key=key, timeout=120, max_retries=0)
+        rows = [
+            {
+                "messages": [{"role": "user", "content": f"Name an animal {i}."}],
+                "question": f"animal {i}",
+                "answer": "dog",
+            }
+            for i in range(8)
+        ]
+        f = tmp_path_factory.mktemp("judged") / "rl.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        train = sdk.files.create(file=f.open("rb"), purpose="fine-tune")
+        grader: Any = {
+            "type": "multi",
+            "name": "judged",
+            "graders": {
+                "judge": {
+                    "type": "score_model",
+                    "name": "judge",
+                    "model": "tiny-opt-xs",
+                    "input": [{"role": "user", "content": JUDGE_QUESTION}],
+                    "range": [0, 10],
+                    "sampling_params": {"temperature": 0, "max_completions_tokens": 4},
+                },
+                "py": {
+                    "type": "python",
+                    "name": "py",
+                    "source": "def grade(sample, item):\n"
+                    "    words = sample['output_text'].lower().split()\n"
+                    "    return 1.0 if item['answer'] in words else min(len(words), 10) / 20",
+                },
+            },
+            "calculate_output": "0.05 * judge + py",
+        }
+        method: Any = {
+            "type": "reinforcement",
+            "reinforcement": {"grader": grader, "hyperparameters": {"n_epochs": 1, "batch_size": 4}},
+        }
+        job = sdk.fine_tuning.jobs.create(model="tiny-opt-xs", training_file=train.id, method=method)
+        deadline = time.monotonic() + 300
+        while (job := sdk.fine_tuning.jobs.retrieve(job.id)).status not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
+            assert time.monotonic() < deadline, job.status
+            time.sleep(1)
+    finally:
+        workers.stop()
+    return {"id": job.id, "key": key}

@@ -156,6 +156,26 @@ def test_a_finished_job_shows_its_steps_curves_checkpoints_and_rollouts(
     )  # an answer may start with a space
 
 
+def test_a_graded_jobs_rollouts_show_each_part_the_judges_replies_and_the_flags(
+    page: Any, e2e_stack: Stack, judged_job: dict[str, Any]
+) -> None:
+    with e2e_stack.client(judged_job["key"]) as http:
+        rollouts = http.get(
+            f"/v1/fine_tuning/jobs/{judged_job['id']}/rollouts", params={"limit": 100}
+        ).json()["data"]
+    sign_in(page, e2e_stack.url, judged_job["key"])
+    page.click(f"tr[data-job='{judged_job['id']}'] a")
+    newest = rollouts[-1]
+    cell = page.locator("#rollouts tbody tr").first.locator("td.grader")
+    py = newest["grades"]["py"]  # each part's score, as the console writes numbers (fmt.num)
+    expect(cell).to_contain_text(f"py {int(py) if py == round(py) else format(py, '#.4g')}")
+    judge = newest["judges"][0]
+    said = json.dumps(judge["text"]) if judge["text"] is not None else f"no reply: {judge['error']}"
+    expect(cell.locator("[data-judge='judge']")).to_have_text(f"judge (tiny-opt-xs): {said}")
+    for flag in newest["errors"]:  # what could not be graded, by OpenAI's flag
+        expect(cell.locator(".flag", has_text=flag)).to_have_count(1)
+
+
 def test_submit_a_job_see_its_curve_gain_points_live_then_cancel_it(
     page: Any,
     e2e_stack: Stack,

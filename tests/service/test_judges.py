@@ -21,10 +21,10 @@ from openai import BadRequestError, OpenAI
 
 from service.db.models import FineTunedModel
 from service.db.session import session_scope
-from tests.service.conftest import Stack, Workers
+from tests.service.conftest import JUDGE_QUESTION, Stack, Workers
 
 MODEL = "tiny-opt-xs"
-QUESTION = "Is '{{sample.output_text}}' a good answer to {{item.question}}? Reply with a score from 0 to 10."
+QUESTION = JUDGE_QUESTION  # as the reinforcement job asks it
 
 
 @pytest.fixture(scope="module")
@@ -232,50 +232,12 @@ def test_judges_that_cannot_judge_are_400s_naming_the_field(
     assert e.value.body["param"] == "method.reinforcement.grader.model"  # type: ignore[index]
 
 
-def test_openais_reinforcement_workflow_with_a_chat_judge_and_a_python_grader(judged: dict[str, Any]) -> None:
-    sdk: OpenAI = judged["sdk"]
-    rows = [
-        {
-            "messages": [{"role": "user", "content": f"Name an animal {i}."}],
-            "question": f"animal {i}",
-            "answer": "dog",
-        }
-        for i in range(8)
-    ]
-    f = judged["tmp"] / "rl.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train = sdk.files.create(file=f.open("rb"), purpose="fine-tune")
-    grader: Any = {
-        "type": "multi",
-        "name": "judged",
-        "graders": {
-            "judge": {
-                "type": "score_model",
-                "name": "judge",
-                "model": MODEL,
-                "input": [{"role": "user", "content": QUESTION}],
-                "range": [0, 10],
-                "sampling_params": {"temperature": 0, "max_completions_tokens": 4},
-            },
-            "py": {
-                "type": "python",
-                "name": "py",
-                "source": "def grade(sample, item):\n"
-                "    words = sample['output_text'].lower().split()\n"
-                "    return 1.0 if item['answer'] in words else min(len(words), 10) / 20",
-            },
-        },
-        "calculate_output": "0.05 * judge + py",
-    }
-    job = sdk.fine_tuning.jobs.create(
-        model=MODEL,
-        training_file=train.id,
-        method=_reinforcement(grader, {"n_epochs": 1, "batch_size": 4}),
-    )
-    deadline = time.monotonic() + 300
-    while (job := sdk.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, job.status
-        time.sleep(1)
+def test_openais_reinforcement_workflow_with_a_chat_judge_and_a_python_grader(
+    judged_job: dict[str, Any], e2e_stack: Stack
+) -> None:
+    """The job (tests/service/conftest.py: `judged_job`) ran through the SDK to succeeded."""
+    sdk = OpenAI(base_url=f"{e2e_stack.url}/v1", api_key=judged_job["key"], max_retries=0)
+    job = sdk.fine_tuning.jobs.retrieve(judged_job["id"])
     assert job.status == "succeeded", job.error
     metrics = [
         _data(e) for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"
@@ -285,9 +247,8 @@ def test_openais_reinforcement_workflow_with_a_chat_judge_and_a_python_grader(ju
     cost: Any = job.to_dict()["cost"]
     # every answer judged once (evaluation asks more): 16 requests at least, each a prompt of > 10 tokens
     assert cost["judge_requests"] >= 16 and cost["judge_tokens"] > 16 * 10, cost
-    rollouts = (
-        judged["http"].get(f"/v1/fine_tuning/jobs/{job.id}/rollouts", params={"limit": 100}).json()["data"]
-    )
+    with e2e_stack.client(judged_job["key"]) as http:
+        rollouts = http.get(f"/v1/fine_tuning/jobs/{job.id}/rollouts", params={"limit": 100}).json()["data"]
     assert rollouts and all(r["judges"][0]["model"] == MODEL for r in rollouts)
     replied = [r for r in rollouts if r["judges"][0]["text"] is not None]
     assert replied, rollouts[0]  # the judge answered (its text kept beside the answer it judged)

@@ -154,7 +154,7 @@ function jobPage(id) {
     h("h3", {}, "Checkpoints"),
     h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ["Step", "At step", "Model", "Metrics", "Saved"].map((t) => h("th", {}, t)))), ckptBody),
     h("h3", {}, "Sampled rollouts (latest 20)"),
-    h("table", { id: "rollouts" }, h("thead", {}, h("tr", {}, ["#", "Prompt", "Answer", "Reward", "KL"].map((t) => h("th", {}, t)))), rollBody),
+    h("table", { id: "rollouts" }, h("thead", {}, h("tr", {}, ["#", "Prompt", "Answer", "Reward", "KL", "Grader"].map((t) => h("th", {}, t)))), rollBody),
     h("h3", {}, "Events"), eventsList));
 
   let job = null;
@@ -196,12 +196,18 @@ function jobPage(id) {
         .slice(0, 4).map((k) => `${k} ${fmt.num(c.metrics[k])}`).join(" · ")),
       h("td", {}, fmt.time(c.created_at)))));
   };
+  // a graded answer: each part's score, what each judge replied, and the flags of what could not be graded
+  const graded = (r) => h("td", { class: "text grader" },
+    ...Object.entries(r.grades || {}).map(([k, v]) => h("div", { class: "mono" }, `${k} ${fmt.num(v)}`)),
+    ...(r.judges || []).map((j) => h("div", { "data-judge": j.grader },
+      `${j.grader} (${j.model}): ${j.text == null ? `no reply: ${j.error}` : JSON.stringify(j.text)}`)),
+    ...Object.keys(r.errors || {}).map((e) => h("div", { class: "flag", title: r.errors[e] || "" }, e)));
   const loadRollouts = async () => {
     const rows = (await all(`/v1/fine_tuning/jobs/${id}/rollouts`, { max: 5000 })).slice(-20).reverse();
-    if (!rows.length) return rollBody.replaceChildren(h("tr", {}, h("td", { colspan: 5, class: "hint" }, "none yet: step 3 samples its rollouts here")));
+    if (!rows.length) return rollBody.replaceChildren(h("tr", {}, h("td", { colspan: 6, class: "hint" }, "none yet: step 3 samples its rollouts here")));
     rollBody.replaceChildren(...rows.map((r) => h("tr", {},
       h("td", {}, String(r.id)), h("td", { class: "text" }, String(r.prompt ?? "")), h("td", { class: "text" }, String(r.answer ?? "")),
-      h("td", {}, fmt.num(r.reward)), h("td", {}, fmt.num(r.kl ?? r.kl_to_ref)))));
+      h("td", {}, fmt.num(r.reward)), h("td", {}, fmt.num(r.kl ?? r.kl_to_ref)), graded(r))));
   };
   const throttled = (fn, ms) => {
     let last = 0, pending = null;
