@@ -16,6 +16,8 @@ from service.settings import Settings, get_settings
 logger = logging.getLogger(__name__)
 TRAIN_TASK = "rlhf.train_job"
 TRAIN_QUEUE = "train"
+EVAL_TASK = "rlhf.eval_run"
+EVAL_QUEUE = "evals"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -26,7 +28,7 @@ def make_celery(settings: Settings) -> Celery:
         "worker_prefetch_multiplier": 1,
         "task_ignore_result": True,
         "task_default_queue": TRAIN_QUEUE,
-        "task_routes": {TRAIN_TASK: {"queue": TRAIN_QUEUE}},
+        "task_routes": {TRAIN_TASK: {"queue": TRAIN_QUEUE}, EVAL_TASK: {"queue": EVAL_QUEUE}},
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
@@ -75,4 +77,20 @@ def enqueue_training(job_id: str, settings: Settings) -> bool:
         return True
     except Exception:  # the broker being down must not fail the request: the job is in the database
         logger.warning("could not enqueue %s; the sweeper will", job_id, exc_info=True)
+        return False
+
+
+def enqueue_eval(run_id: str, settings: Settings) -> bool:
+    """Send an eval run to the evals queue; False (logged) if the broker is down — the sweeper retries."""
+    try:
+        celery_app(settings).send_task(
+            EVAL_TASK,
+            args=[run_id],
+            queue=EVAL_QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        )
+        return True
+    except Exception:  # the run is in the database: the sweeper sends it again
+        logger.warning("could not enqueue %s; the sweeper will", run_id, exc_info=True)
         return False

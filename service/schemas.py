@@ -675,3 +675,97 @@ class GraderRunResponse(BaseModel):
     sub_rewards: dict[str, float] = Field(description="each named part's score (multi: its graders)")
     metadata: dict[str, Any]
     model_grader_token_usage_per_model: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- evals (OpenAI's Evals API)
+
+
+class EvalCreate(Strict):
+    name: str | None = Field(default=None, max_length=255)
+    data_source_config: dict[str, Any] = Field(
+        description="{type: custom, item_schema: a JSON schema of the items, include_sample_schema}"
+    )
+    testing_criteria: list[dict[str, Any]] = Field(
+        description="graders in OpenAI's shapes (string_check, text_similarity, python, score_model, "
+        "label_model, multi), each with an optional pass_threshold"
+    )
+    metadata: dict[str, str] | None = None
+
+
+class EvalUpdate(Strict):
+    name: str | None = Field(default=None, max_length=255)
+    metadata: dict[str, str] | None = None
+
+
+class EvalObject(BaseModel):
+    id: str
+    object: Literal["eval"] = "eval"
+    name: str
+    created_at: int
+    metadata: dict[str, Any] | None = None
+    data_source_config: dict[str, Any]
+    testing_criteria: list[dict[str, Any]]
+
+
+class EvalList(Page):
+    data: list[EvalObject]
+
+
+class EvalDeleted(BaseModel):
+    object: Literal["eval.deleted"] = "eval.deleted"
+    deleted: bool = True
+    eval_id: str
+
+
+class EvalRunCreate(Strict):
+    name: str | None = Field(default=None, max_length=255)
+    data_source: dict[str, Any] = Field(
+        description="{type: jsonl, source} (samples given) or {type: completions, model, input_messages, "
+        "sampling_params, source} (sampled now from a model we serve); source: {type: file_content, content: "
+        "[{item, sample?}]} or {type: file_id, id}"
+    )
+    metadata: dict[str, str] | None = None
+
+
+class EvalRunObject(BaseModel):
+    id: str
+    object: Literal["eval.run"] = "eval.run"
+    eval_id: str
+    name: str
+    status: str = Field(description="queued, in_progress, completed, failed or canceled")
+    model: str
+    data_source: dict[str, Any]
+    result_counts: dict[str, int] = Field(description="total, errored, failed, passed")
+    per_testing_criteria_results: list[dict[str, Any]]
+    per_model_usage: list[dict[str, Any]]
+    report_url: str
+    error: dict[str, Any] | None = None
+    created_at: int
+    metadata: dict[str, Any] | None = None
+
+
+class EvalRunList(Page):
+    data: list[EvalRunObject]
+
+
+class EvalRunDeleted(BaseModel):
+    object: Literal["eval.run.deleted"] = "eval.run.deleted"
+    deleted: bool = True
+    run_id: str
+
+
+class EvalOutputItemObject(BaseModel):
+    id: str
+    object: Literal["eval.run.output_item"] = "eval.run.output_item"
+    run_id: str
+    eval_id: str
+    status: str = Field(description="pass or fail")
+    datasource_item_id: int
+    datasource_item: dict[str, Any]
+    results: list[dict[str, Any]] = Field(description="each criterion's name, type, score and passed")
+    sample: dict[str, Any]
+    created_at: int
+
+
+class EvalOutputItemList(Page):
+    data: list[EvalOutputItemObject]

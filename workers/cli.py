@@ -4,6 +4,7 @@
                                          the REST + gRPC API server (all-in-one: and both workers)
     rlhf worker train                    a Celery training worker (+ the sweeper)
     rlhf worker inference [--port P]     serves finished models to the API (gRPC, internal)
+    rlhf worker evals                    a Celery worker for eval runs (+ their sweeper)
     rlhf keys create --tenant T [--name N] [--operator] | list [--tenant T] | revoke KEY_ID
     rlhf demo [--model tiny|smollm2] [--data-dir D] [--run-link L]
                                          all-in-one server + a 3-step job over HTTP
@@ -80,6 +81,11 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         from workers.inference import run_inference_worker
 
         return run_inference_worker(_settings(), port=ns.port)
+    if ns.kind == "evals":
+        from workers.app import run_evals_worker
+
+        run_evals_worker(loglevel=ns.loglevel)
+        return 0
     from workers.app import run_training_worker
 
     run_training_worker(concurrency=1, sweeper=not ns.no_sweeper, loglevel=ns.loglevel)
@@ -100,13 +106,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     app = create_app(settings)  # migrates before any worker starts
     children: list[subprocess.Popen[bytes]] = []
     if ns.all_in_one:
-        env = dict(os.environ, RLHF_DATA_DIR=str(settings.data_dir))
-        for kind in ("train", "inference"):
+        # (the training steps ask model graders' judges through this API)
+        env = dict(os.environ, RLHF_DATA_DIR=str(settings.data_dir), RLHF_API_URL=settings.internal_url)
+        for kind in ("train", "inference", "evals"):
             children.append(subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", kind], env=env))
         print(
             f"rlhf: all-in-one — API on http://{settings.host}:{settings.port} (console at /ui/), "
             f"gRPC on {settings.host}:{settings.grpc_port}, training worker pid {children[0].pid}, "
-            f"inference worker pid {children[1].pid}, "
+            f"inference worker pid {children[1].pid}, evals worker pid {children[2].pid}, "
             f"database {settings.db_url}, broker {settings.redis_url or 'filesystem (no Redis)'}",
             file=sys.stderr,
             flush=True,
@@ -187,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", help="run a worker")
     wk.add_argument(
         "kind",
-        choices=["train", "inference"],
-        help="train: Celery training worker; inference: serves finished models to the API",
+        choices=["train", "inference", "evals"],
+        help="train: Celery training worker; inference: serves finished models to the API; evals: runs "
+        "eval runs (Celery)",
     )
     wk.add_argument(
         "--port", type=int, help="inference: gRPC port (default RLHF_INFERENCE_PORT, 0 = any free port)"

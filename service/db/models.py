@@ -272,3 +272,60 @@ class RateCounter(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)  # what is counted, for whom
     window: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # minute since the epoch
     count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Eval(Base):
+    """OpenAI's eval: what items look like (`data_source_config`) and how to judge them (`testing_criteria`,
+    graders in OpenAI's shapes)."""
+
+    __tablename__ = "evals"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("eval"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    data_source_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    testing_criteria: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    eval_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class EvalRun(Base):
+    """One run of an eval over a data source; executed by an evals worker under a lease (as jobs are)."""
+
+    __tablename__ = "eval_runs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("evalrun"))
+    eval_id: Mapped[str] = mapped_column(ForeignKey("evals.id"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    status: Mapped[str] = mapped_column(String(16))  # queued | in_progress | completed | failed | canceled
+    model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    data_source: Mapped[dict[str, Any]] = mapped_column(JSON)
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+    result_counts: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    per_criteria: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    usage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # per model: tokens and calls
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    run_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    control: Mapped[str | None] = mapped_column(String(16), nullable=True)  # cancel
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class EvalOutputItem(Base):
+    """One item's outcome in a run: the sample graded and each criterion's result. (run, item) is unique,
+    so a run resumed after its worker died never grades an item twice."""
+
+    __tablename__ = "eval_output_items"
+    __table_args__ = (UniqueConstraint("run_id", "item_index"),)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("outputitem"))
+    run_id: Mapped[str] = mapped_column(ForeignKey("eval_runs.id"), index=True)
+    item_index: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(8))  # pass | fail
+    datasource_item: Mapped[dict[str, Any]] = mapped_column(JSON)
+    results: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    sample: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

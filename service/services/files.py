@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import timedelta
@@ -22,7 +23,8 @@ SUFFIXES = (".jsonl", ".json", ".txt", ".jsonl.gz", ".json.gz", ".txt.gz")
 # user_data (kept as it is: any bytes); `fine-tune-results` files are written by the service only
 UPLOAD_PURPOSES = ("fine-tune", "evals", "user_data")
 RESULTS = "fine-tune-results"
-CHECKED = ("fine-tune", "evals")  # purposes whose files the data layer reads and checks on upload
+CHECKED = ("fine-tune",)  # purposes whose files the data layer reads and checks on upload
+# evals files: OpenAI's eval rows, one JSON object per line ({item, sample?} or the item's own fields)
 EXPIRY_S = (3600, 2_592_000)  # OpenAI's bounds of expires_after.seconds: 1 hour to 30 days
 CHARS_PER_TOKEN = 4  # for estimates before tokenisation
 
@@ -68,11 +70,12 @@ def register_file(
     file_id = new_id("file")
     dest = _place(files_dir, tenant, f"{file_id}{suffix}")
     os.replace(upload, dest)
-    f = (
-        _checked(dest, file_id, filename, max_bytes)
-        if purpose in CHECKED
-        else File(id=file_id, format="raw", kind="none", rows=0, tokens_estimate=0, skipped={})
-    )
+    if purpose in CHECKED:
+        f = _checked(dest, file_id, filename, max_bytes)
+    elif purpose == "evals":
+        f = _eval_rows(dest, file_id, filename)
+    else:
+        f = File(id=file_id, format="raw", kind="none", rows=0, tokens_estimate=0, skipped={})
     f.tenant_id, f.purpose, f.bytes, f.path = tenant, purpose, size, str(dest)
     f.filename = re.sub(r"[\x00-\x1f/\\]", "_", filename)[:255]
     if expires_after_s is not None:
@@ -86,6 +89,32 @@ def _place(files_dir: Path, tenant: str, name: str) -> Path:
     """Where a file of `tenant` is kept (its folder made)."""
     (files_dir / tenant).mkdir(parents=True, exist_ok=True)
     return files_dir / tenant / name
+
+
+def _eval_rows(dest: Path, file_id: str, filename: str) -> File:
+    """An evals file: JSONL whose every line is an object (a 400 naming the line otherwise)."""
+    rows = 0
+    with open(dest, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                dest.unlink(missing_ok=True)
+                raise InvalidRequestError(
+                    f"file: {filename}, line {n}: an evals file holds one JSON object per line ({{item, "
+                    "sample?}} or the item's fields)",
+                    param="file",
+                    code="invalid_file",
+                )
+            rows += 1
+    if not rows:
+        dest.unlink(missing_ok=True)
+        raise InvalidRequestError(f"file: {filename} has no rows", param="file", code="invalid_file")
+    return File(id=file_id, format="jsonl", kind="eval_rows", rows=rows, tokens_estimate=0, skipped={})
 
 
 def _checked(dest: Path, file_id: str, filename: str, max_bytes: int) -> File:

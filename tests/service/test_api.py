@@ -898,7 +898,7 @@ def test_files_as_openai_has_them_purposes_content_expiry_and_filters(
     ev = alice.post(
         "/v1/files", files={"file": ("ev.jsonl", PREF.encode())}, data={"purpose": "evals"}
     ).json()
-    assert ev["purpose"] == "evals" and ev["rows"] == 40  # checked as a dataset
+    assert ev["purpose"] == "evals" and ev["rows"] == 40  # checked: one JSON object per line
     assert alice.get(f"/v1/files/{ev['id']}/content").text == PREF
     # expires_after, as the SDK sends it (multipart fields)
     form = {"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"}
