@@ -46,7 +46,7 @@ def create_eval(body: EvalCreate, caller: CallerDep, session: SessionDep, settin
     return respond(_eval(row))
 
 
-@router.get("", response_model=EvalList)
+@router.get("", response_model=EvalList, responses=errors(404))
 def list_evals(
     caller: CallerDep, session: SessionDep, after: str | None = None, limit: Limit = 20, order: Order = "asc"
 ) -> Any:

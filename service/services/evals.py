@@ -446,7 +446,7 @@ def run_object(run: EvalRun) -> dict[str, Any]:
         "result_counts": run.result_counts,
         "per_testing_criteria_results": run.per_criteria,
         "per_model_usage": usage,
-        "report_url": f"/ui/#/evals/{run.eval_id}?run={run.id}",
+        "report_url": f"/ui/#/evals/{run.eval_id}",  # the console's page of the eval: its runs side by side
         "error": run.error,
         "created_at": int(run.created_at.timestamp()),
         "metadata": run.run_metadata,

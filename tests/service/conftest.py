@@ -275,6 +275,37 @@ class Workers:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+class EvalsWorker:
+    """`rlhf worker evals` subprocesses of the stack (started, killed, restarted by the tests)."""
+
+    def __init__(self, stack: Stack, tmp: Path) -> None:
+        self.stack, self.tmp, self.procs = stack, tmp, []  # type: ignore[var-annotated]
+
+    def start(self) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"evals-{len(self.procs)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "worker", "evals"],
+                env=self.stack.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc.log = log  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
 def wait_for(
     client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 240
 ) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pytest
 from playwright.sync_api import expect
 
 from service.api.app import CONSOLE_DIR
-from tests.service.conftest import Stack, Workers, wait_for
+from tests.service.conftest import EvalsWorker, Stack, Workers, wait_for
 
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("RLHF_CHROMIUM", "/usr/bin/chromium")
@@ -174,6 +174,66 @@ def test_a_graded_jobs_rollouts_show_each_part_the_judges_replies_and_the_flags(
     expect(cell.locator("[data-judge='judge']")).to_have_text(f"judge (tiny-opt-xs): {said}")
     for flag in newest["errors"]:  # what could not be graded, by OpenAI's flag
         expect(cell.locator(".flag", has_text=flag)).to_have_count(1)
+
+
+def test_the_evals_page_shows_runs_side_by_side_and_the_items_where_they_differ(
+    page: Any, e2e_stack: Stack, tmp_path: Path
+) -> None:
+    key = e2e_stack.key("console-evals")
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    check = {
+        "type": "string_check",
+        "name": "names it",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "ilike",
+    }
+    evals = EvalsWorker(e2e_stack, tmp_path)
+    evals.start()
+    try:
+        with e2e_stack.client(key) as http:
+            ev = http.post(
+                "/v1/evals",
+                json={
+                    "name": "side by side",
+                    "data_source_config": {"type": "custom", "item_schema": schema},
+                    "testing_criteria": [check],
+                },
+            ).json()
+            answers = {"base": ["a kite", "the wind", "no idea"], "tuned": ["a kite", "no idea", "a dog"]}
+            items = [{"answer": "kite"}, {"answer": "wind"}, {"answer": "dog"}]
+            for name, said in answers.items():
+                content = [
+                    {"item": i, "sample": {"output_text": t}} for i, t in zip(items, said, strict=True)
+                ]
+                run = http.post(
+                    f"/v1/evals/{ev['id']}/runs",
+                    json={
+                        "name": name,
+                        "data_source": {
+                            "type": "jsonl",
+                            "source": {"type": "file_content", "content": content},
+                        },
+                    },
+                ).json()
+                deadline = time.monotonic() + 60
+                while http.get(f"/v1/evals/{ev['id']}/runs/{run['id']}").json()["status"] != "completed":
+                    assert time.monotonic() < deadline
+                    time.sleep(0.3)
+        sign_in(page, e2e_stack.url, key)
+        page.click("nav a[href='#/evals']")
+        page.click(f"tr[data-eval='{ev['id']}'] a")
+        overall = page.locator("#eval-runs tr[data-row='overall'] td")
+        expect(overall).to_have_text(["67% (2/3)", "67% (2/3)"])
+        expect(page.locator("#eval-runs tr[data-criterion='names it'] td")).to_have_text(
+            ["67% (2/3)", "67% (2/3)"]
+        )
+        differ = page.locator("#eval-differ tbody tr")
+        expect(differ).to_have_count(2)  # items 1 and 2: wind (base passes), dog (the tuned model passes)
+        assert [differ.nth(k).get_attribute("data-item") for k in range(2)] == ["1", "2"]
+        expect(differ.nth(0).locator("td[data-status]")).to_have_text(["passthe wind", "failno idea"])
+    finally:
+        evals.stop()
 
 
 def test_submit_a_job_see_its_curve_gain_points_live_then_cancel_it(

@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +20,7 @@ from openai import BadRequestError, NotFoundError, OpenAI
 
 from service.db.models import EvalOutputItem, EvalRun, FineTunedModel
 from service.db.session import session_scope
-from tests.service.conftest import Stack, Workers
+from tests.service.conftest import EvalsWorker, Stack, Workers
 
 SCHEMA = {
     "type": "object",
@@ -59,37 +56,6 @@ ITEMS = [
     {"question": "Name an animal.", "answer": "dog"},
     {"question": "What is a dog?", "answer": "animal"},
 ]
-
-
-class EvalsWorker:
-    """`rlhf worker evals` subprocesses of the stack (started, killed, restarted by the tests)."""
-
-    def __init__(self, stack: Stack, tmp: Path) -> None:
-        self.stack, self.tmp, self.procs = stack, tmp, []  # type: ignore[var-annotated]
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = self.tmp / f"evals-{len(self.procs)}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", "worker", "evals"],
-                env=self.stack.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        proc.log = log  # type: ignore[attr-defined]
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 // The web console: sign in with an API key; jobs (list, submit with the estimate shown first, cancel, pause,
 // resume); a job's page with live curves from its event stream, per-step status, checkpoints and rollouts; a
 // chat playground; and one job's SFT, RLHF and EMA models side by side, each reply scored by its reward model.
-// Pages are hash routes (#/jobs, #/jobs/ID, #/new, #/chat, #/compare): the server serves static files only.
+// Pages are hash routes (#/jobs, #/jobs/ID, #/new, #/chat, #/compare, #/evals, #/evals/ID): the server serves static files only.
 // Text from the server (model replies, prompts, names) is only ever set as text, never as HTML.
 import "./style.css";
 import { ApiError, all, api, key, stream, whenSignedOut } from "./api.js";
@@ -98,7 +98,7 @@ function frame(active, ...content) {
   const link = (href, label) => h("a", { href, class: active === href ? "active" : "" }, label);
   return h("div", { class: "frame" },
     h("nav", {}, h("strong", {}, "rlhf-service"), link("#/jobs", "Jobs"), link("#/new", "New job"),
-      link("#/chat", "Chat"), link("#/compare", "Compare"),
+      link("#/chat", "Chat"), link("#/compare", "Compare"), link("#/evals", "Evals"),
       h("a", { href: "#/", id: "sign-out", onclick: (ev) => { ev.preventDefault(); key.clear(); signIn(); } }, "Sign out")),
     h("main", {}, ...content));
 }
@@ -496,6 +496,72 @@ async function comparePage() {
   return () => ctl.abort();
 }
 
+// ------------------------------------------------------------------------------------------- evals
+
+function evalsPage() {
+  const body = h("tbody");
+  const msg = h("div");
+  app.replaceChildren(frame("#/evals", h("h2", {}, "Evals"), msg,
+    h("table", { id: "evals" }, h("thead", {}, h("tr", {}, ["Eval", "Name", "Criteria", "Created"].map((t) => h("th", {}, t)))), body)));
+  (async () => {
+    const evals = await all("/v1/evals", { params: { order: "desc" }, max: 200 });
+    msg.replaceChildren(evals.length ? "" : h("p", { class: "hint" }, "No evals yet: create one with client.evals.create (docs: Evals)."));
+    body.replaceChildren(...evals.map((e) => h("tr", { dataset: { eval: e.id } },
+      h("td", {}, h("a", { href: `#/evals/${e.id}` }, e.id)), h("td", {}, e.name || "–"),
+      h("td", {}, e.testing_criteria.map((c) => c.name).join(", ")), h("td", {}, fmt.time(e.created_at)))));
+  })().catch((e) => msg.replaceChildren(errorBox(e)));
+  return () => {};
+}
+
+// An eval's runs side by side (e.g. a job's SFT, RLHF and EMA models, or a base model and its fine-tune): each
+// run's pass rate overall and per criterion, then the items whose outcome differs between the runs.
+function evalPage(evalId) {
+  const msg = h("div");
+  const runsTable = h("table", { id: "eval-runs" });
+  const differ = h("table", { id: "eval-differ" });
+  app.replaceChildren(frame("#/evals", h("h2", {}, "Eval ", h("span", { class: "mono" }, evalId)), msg,
+    h("h3", {}, "Runs side by side"), runsTable, h("h3", {}, "Items where the runs differ"), differ));
+  let timer;
+  const rate = (passed, total) => (total ? `${fmt.pct(passed / total)} (${passed}/${total})` : "–");
+  const load = async () => {
+    const [ev, runs] = await Promise.all([api(`/v1/evals/${evalId}`), all(`/v1/evals/${evalId}/runs`, { max: 200 })]);
+    const shown = runs.slice(-6);
+    runsTable.replaceChildren(
+      h("thead", {}, h("tr", {}, h("th", {}, ""), ...shown.map((r) => h("th", { dataset: { run: r.id } }, r.name || r.id, h("div", {}, statusBadge(r.status)))))),
+      h("tbody", {},
+        h("tr", { dataset: { row: "overall" } }, h("th", {}, "passed"), ...shown.map((r) => h("td", {}, rate(r.result_counts.passed, r.result_counts.total)))),
+        ...ev.testing_criteria.map((c) => h("tr", { dataset: { criterion: c.name } }, h("th", {}, c.name),
+          ...shown.map((r) => {
+            const got = r.per_testing_criteria_results.find((p) => p.testing_criteria === c.name) || { passed: 0, failed: 0 };
+            return h("td", {}, rate(got.passed, got.passed + got.failed));
+          }))),
+        h("tr", {}, h("th", {}, "errored"), ...shown.map((r) => h("td", {}, String(r.result_counts.errored))))));
+    const done = shown.filter((r) => r.status === "completed");
+    const items = await Promise.all(done.map((r) => all(`/v1/evals/${evalId}/runs/${r.id}/output_items`, { max: 2000 })));
+    const byItem = new Map();
+    items.forEach((list, k) => list.forEach((it) => {
+      if (!byItem.has(it.datasource_item_id)) byItem.set(it.datasource_item_id, { item: it.datasource_item, runs: [] });
+      byItem.get(it.datasource_item_id).runs[k] = it;
+    }));
+    const rows = [...byItem.entries()].sort((a, b) => a[0] - b[0])
+      .filter(([, v]) => new Set(done.map((_, k) => v.runs[k]?.status)).size > 1);
+    differ.replaceChildren(
+      h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, "Item"), ...done.map((r) => h("th", {}, r.name || r.id)))),
+      h("tbody", {}, ...(rows.length ? rows.map(([id, v]) => h("tr", { dataset: { item: id } },
+        h("td", {}, String(id)), h("td", { class: "text mono" }, JSON.stringify(v.item)),
+        ...done.map((_, k) => {
+          const it = v.runs[k];
+          if (!it) return h("td", {}, "–");
+          return h("td", { class: "text", dataset: { status: it.status } }, statusBadge(it.status),
+            h("div", {}, it.sample?.output?.[0]?.content ?? ""));
+        })))
+        : [h("tr", {}, h("td", { colspan: 2 + done.length, class: "hint" }, done.length > 1 ? "none: the runs agree on every item" : "runs differ once two have completed"))])));
+    if (runs.some((r) => r.status === "queued" || r.status === "in_progress")) timer = setTimeout(() => load().catch(() => {}), 2000);
+  };
+  load().catch((e) => msg.replaceChildren(errorBox(e)));
+  return () => clearTimeout(timer);
+}
+
 // ------------------------------------------------------------------------------------------- routing
 
 async function route() {
@@ -508,6 +574,8 @@ async function route() {
     else if (page === "new") leave = await newJobPage();
     else if (page === "chat") leave = await chatPage();
     else if (page === "compare") leave = await comparePage();
+    else if (page === "evals" && id) leave = evalPage(decodeURIComponent(id));
+    else if (page === "evals") leave = evalsPage();
     else leave = jobsPage();
   } catch (e) {
     if (key.get()) app.replaceChildren(frame("", errorBox(e)));
