@@ -99,15 +99,14 @@ def _all_items(sdk: OpenAI, eval_id: str, run_id: str, **params: Any) -> list[An
         after = page.data[-1].id
 
 
-def _greedy(path: str, question: str, tokens: int) -> str:
+def _greedy(path: str, questions: list[str], tokens: int) -> list[str]:
+    """The model's own greedy answers, in process (one load): what the worker must have sampled."""
     from rlhf_engine.chat.generator import ChatGenerator
     from rlhf_engine.config.chat import SamplingParams
 
+    params = SamplingParams(max_new_tokens=tokens, temperature=0)
     with ChatGenerator.load(path, score_replies=False) as engine:
-        done = engine.generate(
-            [{"role": "user", "content": question}], SamplingParams(max_new_tokens=tokens, temperature=0)
-        )
-    return done.choices[0].text
+        return [engine.generate([{"role": "user", "content": q}], params).choices[0].text for q in questions]
 
 
 def _expected(text: str, item: dict[str, str]) -> dict[str, bool]:
@@ -161,10 +160,11 @@ def test_an_eval_compares_a_jobs_sft_and_rlhf_models(env: dict[str, Any], e2e_st
         with session_scope(e2e_stack.settings.db_url) as s:
             path = s.get(FineTunedModel, which).path  # type: ignore[union-attr]
         per = {c["name"]: [0, 0] for c in CRITERIA}
+        greedy = _greedy(path, [i["question"] for i in ITEMS], 12)
         for item in items:
             text = item.sample.output[0].content
             source = ITEMS[item.datasource_item_id]
-            assert text == _greedy(path, source["question"], 12)  # sampled through the worker, greedy
+            assert text == greedy[item.datasource_item_id]  # sampled through the worker, greedy
             expected = _expected(text or "", source)
             assert {r.name: r.passed for r in item.results} == expected, (text, item.results)
             assert item.status == ("pass" if all(expected.values()) else "fail")
