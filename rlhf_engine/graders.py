@@ -4,8 +4,9 @@ a program or another model instead of (or besides) a trained reward model.
     string_check     1.0 when `input` and `reference` compare as `operation` says (eq, ne, like =
                      contains, ilike = contains ignoring case), else 0.0
     text_similarity  the similarity of `input` to `reference` by `evaluation_metric`: fuzzy_match
-                     (rapidfuzz), bleu and gleu (nltk), rouge_1 … rouge_5 and rouge_l (rouge-score),
-                     in [0, 1]; `pass_threshold` is kept for the caller
+                     (rapidfuzz), bleu, gleu and meteor (nltk; meteor with WordNet 3.0, see
+                     rlhf_engine/wordnet.py), rouge_1 … rouge_5 and rouge_l (rouge-score), in [0, 1];
+                     `pass_threshold` is kept for the caller
     python           the tenant's `grade(sample, item) -> float`, run in a bubblewrap sandbox
                      (`rlhf_engine.sandbox`)
     score_model      with `input` messages: a chat model we serve (a judge) is prompted and its reply's
@@ -36,12 +37,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_engine import sandbox
+from rlhf_engine import sandbox, wordnet
 
 OPERATIONS = ("eq", "ne", "like", "ilike")
-METRICS = ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
+METRICS = (
+    "fuzzy_match",
+    "bleu",
+    "gleu",
+    "meteor",
+    "rouge_1",
+    "rouge_2",
+    "rouge_3",
+    "rouge_4",
+    "rouge_5",
+    "rouge_l",
+)
 UNAVAILABLE_METRICS = {
-    "meteor": "needs the WordNet corpus, which this server cannot download",
     "cosine": "needs an embedding model, which this server does not run for graders",
 }
 TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "multi")
@@ -556,6 +567,11 @@ def similarity(metric: str, a: str, b: str) -> float:
         from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
         return float(sentence_bleu([ref], words, smoothing_function=SmoothingFunction().method1))
+    if metric == "meteor":  # NLTK's METEOR: exact, stem and WordNet-synonym matches, fragmentation penalty
+        from nltk.translate.meteor_score import meteor_score
+
+        words, ref = a.split(), b.split()
+        return float(meteor_score([ref], words, wordnet=wordnet.reader())) if words and ref else 0.0
     from rouge_score import rouge_scorer
 
     kind = "rougeL" if metric == "rouge_l" else f"rouge{metric[-1]}"
@@ -774,6 +790,8 @@ def parse(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
             )
         if metric not in METRICS:
             raise GraderError(f"{where}.evaluation_metric", f"{metric!r}: choose {', '.join(METRICS)}")
+        if metric == "meteor" and not wordnet.available():
+            raise GraderError(f"{where}.evaluation_metric", f"meteor {wordnet.missing_reason()}")
         threshold = spec.get("pass_threshold")
         if threshold is not None and (not isinstance(threshold, int | float) or isinstance(threshold, bool)):
             raise GraderError(f"{where}.pass_threshold", "must be a number")
