@@ -89,7 +89,9 @@ def test_text_similarity_metrics_against_hand_values() -> None:
     assert similarity("gleu", "the cat sat on a mat", "the cat sat on the mat") == pytest.approx(11 / 18)
     assert similarity("bleu", "", "the cat") == 0.0
     # meteor is NLTK's on WordNet 3.0: its docstring's example gives 0.6944 (round to 4 places)
-    hypothesis = "It is a guide to action which ensures that the military always obeys the commands of the party"
+    hypothesis = (
+        "It is a guide to action which ensures that the military always obeys the commands of the party"
+    )
     reference = "It is a guide to action that ensures that the military will forever heed Party commands"
     assert round(similarity("meteor", hypothesis, reference), 4) == 0.6944
     # 3 of 3 words matched in one chunk: F-mean 1 and a penalty of 0.5 · (1/3)³ → 1 − 1/54

@@ -492,3 +492,87 @@ def judged_job(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> di
     finally:
         workers.stop()
     return {"id": job.id, "key": key}
+
+
+# the compared eval: a finished job's SFT and RLHF models graded on four questions
+EVAL_SCHEMA = {
+    "type": "object",
+    "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+    "required": ["question", "answer"],
+}
+EVAL_PYTHON = (
+    "def grade(sample, item):\n"
+    "    words = sample['output_text'].split()\n"
+    "    return 1.0 if 2 <= len(words) <= 40 else 0.0"
+)
+EVAL_CRITERIA: list[Any] = [
+    {
+        "type": "string_check",
+        "name": "names it",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "ilike",
+    },
+    {"type": "python", "name": "a sentence", "source": EVAL_PYTHON, "pass_threshold": 1.0},
+    {
+        "type": "text_similarity",
+        "name": "close",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "evaluation_metric": "fuzzy_match",
+        "pass_threshold": 0.2,
+    },
+]
+EVAL_ITEMS = [
+    {"question": "What is a kite?", "answer": "kite"},
+    {"question": "What flies in the wind?", "answer": "wind"},
+    {"question": "Name an animal.", "answer": "dog"},
+    {"question": "What is a dog?", "answer": "animal"},
+]
+
+
+@pytest.fixture(scope="session")
+def compared_eval(
+    e2e_stack: Stack, e2e_finished: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """OpenAI's eval workflow through the official SDK on the e2e job's SFT and RLHF models (sampled now
+    through an inference worker, graded on an evals worker, both started here): the eval's id, each
+    model's run id, and the owner's key. Shared by the evals' and the console's tests."""
+    from openai import OpenAI
+
+    tmp = tmp_path_factory.mktemp("compared-eval")
+    workers, evals = Workers(e2e_stack, tmp), EvalsWorker(e2e_stack, tmp)
+    workers.start()
+    evals.start()
+    try:
+        key = e2e_stack.key("e2e")  # the tenant that owns the job's models
+        sdk = OpenAI(base_url=f"{e2e_stack.url}/v1", api_key=key, timeout=120, max_retries=0)
+        config: Any = {"type": "custom", "item_schema": EVAL_SCHEMA, "include_sample_schema": True}
+        ev = sdk.evals.create(
+            name="kites", data_source_config=config, testing_criteria=EVAL_CRITERIA, metadata={"team": "rlhf"}
+        )
+        model = e2e_finished["job"]["fine_tuned_model"]
+        runs = {}
+        for which in (f"{model}:sft", model):
+            source: Any = {
+                "type": "completions",
+                "model": which,
+                "input_messages": {
+                    "type": "template",
+                    "template": [{"role": "user", "content": "{{item.question}}"}],
+                },
+                "sampling_params": {"temperature": 0, "max_completion_tokens": 12, "seed": 3},
+                "source": {"type": "file_content", "content": [{"item": i} for i in EVAL_ITEMS]},
+            }
+            run = sdk.evals.runs.create(ev.id, name=which, data_source=source)
+            assert run.status == "queued"
+            runs[which] = run.id
+        deadline = time.monotonic() + 240
+        for run_id in runs.values():
+            while sdk.evals.runs.retrieve(run_id, eval_id=ev.id).status in ("queued", "in_progress"):
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+    finally:
+        evals.stop()
+        workers.stop()
+    return {"eval_id": ev.id, "runs": runs, "key": key}

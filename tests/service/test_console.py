@@ -176,6 +176,36 @@ def test_a_graded_jobs_rollouts_show_each_part_the_judges_replies_and_the_flags(
         expect(cell.locator(".flag", has_text=flag)).to_have_count(1)
 
 
+def test_the_evals_page_compares_a_jobs_sft_and_rlhf_models(
+    page: Any, e2e_stack: Stack, compared_eval: dict[str, Any]
+) -> None:
+    eval_id = compared_eval["eval_id"]
+    with e2e_stack.client(compared_eval["key"]) as http:
+        criteria = [c["name"] for c in http.get(f"/v1/evals/{eval_id}").json()["testing_criteria"]]
+        runs = [http.get(f"/v1/evals/{eval_id}/runs/{r}").json() for r in compared_eval["runs"].values()]
+
+    def rate(passed: int, total: int) -> str:
+        return f"{round(100 * passed / total)}% ({passed}/{total})"
+
+    sign_in(page, e2e_stack.url, compared_eval["key"])
+    page.goto(f"{e2e_stack.url}/ui/#/evals/{eval_id}")
+    heads = page.locator("#eval-runs thead th[data-run]")
+    expect(heads).to_have_count(2)
+    for k, run in enumerate(runs):  # the SFT model's run, then the RLHF model's
+        expect(heads.nth(k)).to_contain_text(run["name"])
+    counts = [r["result_counts"] for r in runs]
+    expect(page.locator("#eval-runs tr[data-row='overall'] td")).to_have_text(
+        [rate(c["passed"], c["total"]) for c in counts]
+    )
+    for name in criteria:  # each criterion's pass rate per run, as the API counts it
+        per = [
+            next(p for p in r["per_testing_criteria_results"] if p["testing_criteria"] == name) for r in runs
+        ]
+        expect(page.locator(f"#eval-runs tr[data-criterion='{name}'] td")).to_have_text(
+            [rate(p["passed"], p["passed"] + p["failed"]) for p in per]
+        )
+
+
 def test_the_evals_page_shows_runs_side_by_side_and_the_items_where_they_differ(
     page: Any, e2e_stack: Stack, tmp_path: Path
 ) -> None:

@@ -20,42 +20,20 @@ from openai import BadRequestError, NotFoundError, OpenAI
 
 from service.db.models import EvalOutputItem, EvalRun, FineTunedModel
 from service.db.session import session_scope
-from tests.service.conftest import EvalsWorker, Stack, Workers
-
-SCHEMA = {
-    "type": "object",
-    "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
-    "required": ["question", "answer"],
-}
-PYTHON = (
-    "def grade(sample, item):\n"
-    "    words = sample['output_text'].split()\n"
-    "    return 1.0 if 2 <= len(words) <= 40 else 0.0"
+from tests.service.conftest import (
+    EVAL_CRITERIA as CRITERIA,
 )
-CRITERIA: list[Any] = [
-    {
-        "type": "string_check",
-        "name": "names it",
-        "input": "{{sample.output_text}}",
-        "reference": "{{item.answer}}",
-        "operation": "ilike",
-    },
-    {"type": "python", "name": "a sentence", "source": PYTHON, "pass_threshold": 1.0},
-    {
-        "type": "text_similarity",
-        "name": "close",
-        "input": "{{sample.output_text}}",
-        "reference": "{{item.answer}}",
-        "evaluation_metric": "fuzzy_match",
-        "pass_threshold": 0.2,
-    },
-]
-ITEMS = [
-    {"question": "What is a kite?", "answer": "kite"},
-    {"question": "What flies in the wind?", "answer": "wind"},
-    {"question": "Name an animal.", "answer": "dog"},
-    {"question": "What is a dog?", "answer": "animal"},
-]
+from tests.service.conftest import (
+    EVAL_ITEMS as ITEMS,
+)
+from tests.service.conftest import (
+    EVAL_SCHEMA as SCHEMA,
+)
+from tests.service.conftest import (
+    EvalsWorker,
+    Stack,
+    Workers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,33 +98,17 @@ def _expected(text: str, item: dict[str, str]) -> dict[str, bool]:
     }
 
 
-def test_an_eval_compares_a_jobs_sft_and_rlhf_models(env: dict[str, Any], e2e_stack: Stack) -> None:
+def test_an_eval_compares_a_jobs_sft_and_rlhf_models(
+    env: dict[str, Any], e2e_stack: Stack, compared_eval: dict[str, Any]
+) -> None:
+    """The eval (tests/service/conftest.py: `compared_eval`) ran the job's SFT and RLHF models."""
     sdk: OpenAI = env["sdk"]
-    ev = sdk.evals.create(
-        name="kites",
-        data_source_config={"type": "custom", "item_schema": SCHEMA, "include_sample_schema": True},
-        testing_criteria=CRITERIA,
-        metadata={"team": "rlhf"},
-    )
-    assert ev.object == "eval" and ev.data_source_config.type == "custom"
-    assert sdk.evals.retrieve(ev.id).name == "kites"
-    runs = {}
-    for which in (f"{env['model']}:sft", env["model"]):
-        runs[which] = sdk.evals.runs.create(
-            ev.id,
-            name=which,
-            data_source={
-                "type": "completions",
-                "model": which,
-                "input_messages": {
-                    "type": "template",
-                    "template": [{"role": "user", "content": "{{item.question}}"}],
-                },
-                "sampling_params": {"temperature": 0, "max_completion_tokens": 12, "seed": 3},
-                "source": {"type": "file_content", "content": [{"item": i} for i in ITEMS]},
-            },
-        )
-        assert runs[which].status == "queued"
+    ev = sdk.evals.retrieve(compared_eval["eval_id"])
+    assert ev.object == "eval" and ev.data_source_config.type == "custom" and ev.name == "kites"
+    runs = {
+        model: sdk.evals.runs.retrieve(run_id, eval_id=ev.id)
+        for model, run_id in compared_eval["runs"].items()
+    }
     for which, run in runs.items():
         run = _done(sdk, ev.id, run.id)
         assert run.status == "completed", run.error

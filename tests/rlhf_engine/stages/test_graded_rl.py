@@ -96,6 +96,28 @@ def test_grpo_with_a_string_check_grader_raises_the_held_out_pass_rate(
         assert r["reward"] == float(subject in r["answer"].lower()), r
 
 
+def test_a_python_grader_in_the_sandbox_teaches_the_same(
+    graded_run: Path, pipeline_run: Path, tmp_path: Path
+) -> None:
+    """The same check written as OpenAI's python grader (run in the bubblewrap sandbox, one sandbox per
+    batch of answers) gives the same rewards, so GRPO learns the same: the held-out pass rate rises by
+    the same ≥ 15 points, step for step."""
+    python = {
+        "type": "python",
+        "name": "names_subject",
+        "source": "def grade(sample, item):\n"
+        "    return 1.0 if item['subject'].lower() in sample['output_text'].lower() else 0.0\n",
+    }
+    rlhf_ok(*_args(pipeline_run, tmp_path, python, *GRPO))
+    summary = json.loads((tmp_path / "step3_rlhf" / "summary.json").read_text())
+    assert summary["eval_reward_after"] >= summary["eval_reward_before"] + 0.15, summary
+    ours = read_jsonl(tmp_path / "step3_rlhf" / "metrics.jsonl")
+    straight = read_jsonl(graded_run / "metrics.jsonl")
+    for key in ("reward_mean", "grader_names_subject", "kl_to_ref"):
+        assert [m[key] for m in ours] == pytest.approx([m[key] for m in straight], abs=1e-6), key
+    assert all(m["grader_error_rate"] == 0.0 for m in ours)
+
+
 def test_a_killed_graded_run_resumes_with_identical_metrics(
     graded_run: Path, pipeline_run: Path, tmp_path: Path
 ) -> None:
