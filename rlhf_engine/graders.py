@@ -287,7 +287,11 @@ class Grader(ABC):
 
     def judges(self) -> list[tuple[str, str, str]]:
         """(field, model, grader type) of every chat model it prompts."""
-        return [(f"{g.where}.model", g.model, g.kind) for g in self.parts() if isinstance(g, _Judged)]
+        return [
+            (f"{g.where}.model", g.model, g.kind)
+            for g in self.parts()
+            if isinstance(g, _Judged) and not (isinstance(g, ScoreModel) and g.value_head)
+        ]
 
     def has_python(self) -> bool:
         return any(isinstance(g, Python) for g in self.parts())
@@ -447,9 +451,6 @@ class ScoreModel(_Judged):
 
     def item_fields(self) -> set[str]:
         return set() if self.value_head else super().item_fields()
-
-    def judges(self) -> list[tuple[str, str, str]]:
-        return [] if self.value_head else super().judges()
 
     def grade_many(self, samples: list[Sample], items: list[dict[str, Any]], ctx: Context) -> list[Graded]:
         if not self.value_head:

@@ -222,6 +222,16 @@ class StepConfigs(Strict):
     dpo: dict[str, Any] = Field(default_factory=dict, description="DPOConfig fields for step 2 of a dpo job")
 
 
+class JobEval(Strict):
+    """An eval a job runs on its model: on each checkpoint of its last step and on the final model
+    (`every: checkpoint`), or on the final model only (`final`). `data_source` is an eval run's
+    completions source without `model` (the job fills it in): input_messages, sampling_params, source."""
+
+    eval_id: str = Field(max_length=64)
+    every: Literal["checkpoint", "final"] = "final"
+    data_source: dict[str, Any]
+
+
 class JobCreate(Strict):
     model: str = Field(max_length=255, description="the actor: a base model name or a fine-tuned model id")
     training_file: str | None = Field(default=None, max_length=64, description="file id (purpose fine-tune)")
@@ -242,6 +252,11 @@ class JobCreate(Strict):
         description="OpenAI's: [{type: wandb, wandb: {project, name, entity, tags}}]",
     )
     # ours
+    evals: list[JobEval] | None = Field(
+        default=None,
+        max_length=4,
+        description="evals to run on the job's model as it trains (docs/evals.md, 'During a job')",
+    )
     reward_model: str | None = Field(
         default=None, max_length=255, description="base model to train as reward model"
     )
@@ -345,6 +360,7 @@ class JobObject(BaseModel):
     metadata: dict[str, str] | None
     integrations: list[Any] = Field(default_factory=list)
     # ours
+    evals: list[Any] = Field(default_factory=list, description="the evals it runs on its checkpoints")
     reward_model: str | None
     steps: list[int]
     current_step: int | None

@@ -24,6 +24,7 @@ from rlhf_engine import graders
 from service.db.models import EvalOutputItem, EvalRun, utcnow
 from service.db.session import session_scope
 from service.errors import ServiceError
+from service.jobs import evals as job_evals
 from service.schemas import ChatCompletionRequest, ChatMessage
 from service.services import chat as chat_svc
 from service.services import evals as evals_svc
@@ -235,6 +236,7 @@ def _execute(run_id: str, settings: Settings, loop: asyncio.AbstractEventLoop, o
         assert run is not None
         ev = evals_svc.get_eval(session=s, tenant=run.tenant_id, eval_id=run.eval_id)
         criteria, tenant, source = list(ev.testing_criteria), run.tenant_id, dict(run.data_source)
+        eval_name = ev.name
         rows = evals_svc.rows_of(s, run)
         done = set(s.scalars(select(EvalOutputItem.item_index).where(EvalOutputItem.run_id == run_id)))
     context = graders.Context(judge=judges.judge_on(loop, settings, tenant), limits=settings.grader_limits())
@@ -299,6 +301,8 @@ def _execute(run_id: str, settings: Settings, loop: asyncio.AbstractEventLoop, o
         evals_svc.tally(s, run, criteria)
         run.status, run.finished_at = "completed", utcnow()
         run.lease_owner = run.lease_until = None
+        if run.job_id:
+            job_evals.report_to_job(s, run, eval_name)
     return "completed"
 
 

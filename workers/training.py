@@ -85,8 +85,9 @@ class Ingest:
 
     FILES = ("metrics.jsonl", "events.jsonl")
 
-    def __init__(self, job_id: str, step: int, step_dir: Path) -> None:
-        self.job_id, self.step, self.dir = job_id, step, step_dir
+    def __init__(self, job_id: str, step: int, step_dir: Path, settings: Settings | None = None) -> None:
+        self.job_id, self.step, self.dir, self.settings = job_id, step, step_dir, settings
+        self.eval_runs: list[str] = []  # the job's evals queued on new checkpoints, to enqueue once committed
         self.offsets = dict.fromkeys(self.FILES, 0)
         self.inodes: dict[str, int | None] = dict.fromkeys(self.FILES)
         self.tails = dict.fromkeys(self.FILES, b"")  # the last whole line read, which ends at the offset
@@ -194,17 +195,46 @@ class Ingest:
                     row = self._metric_row(session, gs)  # the checkpoint's own step, not the newest read
                     values = row.values if row is not None else self.last_metric
                     metric = {k: v for k, v in values.items() if isinstance(v, int | float)}
-                    session.add(
-                        JobCheckpoint(
-                            job_id=self.job_id,
-                            step=self.step,
-                            global_step=gs,
-                            # the checkpoint's chat model where the step wrote one, else its state
-                            path=str(data.get("model_path") or data.get("path", "")),
-                            metrics=metric,
-                        )
+                    ckpt = JobCheckpoint(
+                        job_id=self.job_id,
+                        step=self.step,
+                        global_step=gs,
+                        # the checkpoint's chat model where the step wrote one, else its state
+                        path=str(data.get("model_path") or data.get("path", "")),
+                        metrics=metric,
                     )
+                    session.add(ckpt)
+                    if data.get("model_path"):
+                        self._checkpoint_evals(session, ckpt)
         session.flush()
+
+    def _checkpoint_evals(self, session: Session, ckpt: JobCheckpoint) -> None:
+        """The job's `evals: [{every: checkpoint}]` on a new checkpoint of its last step (a chat model)."""
+        from service.services import checkpoints
+        from service.services import evals as evals_svc
+
+        job = session.get(Job, self.job_id)
+        if self.settings is None or job is None or self.step != job.steps[-1] or not job.request.get("evals"):
+            return
+        session.flush()
+        model = checkpoints.model_id(job, ckpt)
+        self.eval_runs += evals_svc.job_runs(
+            session=session,
+            job=job,
+            model=model,
+            every=("checkpoint",),
+            label=f"{model.rsplit(':', 1)[-1]}",
+            settings=self.settings,
+        )
+
+    def enqueue_evals(self) -> None:
+        """Send the eval runs queued by the last (committed) `run` to the evals workers."""
+        from service.queue import enqueue_eval
+
+        runs, self.eval_runs = self.eval_runs, []
+        for run_id in runs:
+            assert self.settings is not None
+            enqueue_eval(run_id, self.settings)
 
     def _metrics_event(self, session: Session, gs: int, values: dict[str, Any]) -> None:
         """OpenAI's `metrics` event of one logged step (its data under the SDK's names); a point written
@@ -406,7 +436,7 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
     if judge_token:  # its model graders ask their judges through the API (service/api/internal.py)
         env[judging.JUDGE_URL_ENV] = f"{settings.internal_url}/internal/v1/jobs/{job_id}/judge"
         env[judging.JUDGE_TOKEN_ENV] = judge_token
-    ingest = Ingest(job_id, step, step_dir)
+    ingest = Ingest(job_id, step, step_dir, settings)
     started = time.monotonic()
     watch = PhaseWatch(
         step_dir, started=time.time(), floor_s=settings.stall_floor_s, factor=settings.stall_factor
@@ -419,6 +449,7 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
     stop_deadline = 0.0
     try:
         while True:  # bounded: the step ends, or stalls (ended below), or the job is cancelled or lost
+            ingest.enqueue_evals()  # what the last pass queued (committed by now)
             code = proc.poll()
             now = time.monotonic()
             seen = watch.read()
@@ -510,6 +541,8 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
     except BaseException:
         _kill(proc, 10)
         raise
+    finally:
+        ingest.enqueue_evals()
     seconds = time.monotonic() - started
     if (step_dir / "summary.json").is_file():
         return Outcome("succeeded", f"{seconds:.1f}")
@@ -590,8 +623,10 @@ def train_job(job_id: str, settings: Settings) -> str:
         for step in steps:
             step_dir = out / _step_of(method, step).dir
             if (step_dir / "summary.json").is_file():  # finished by an earlier attempt
+                again = Ingest(job_id, step, step_dir, settings)
                 with session_scope(settings.db_url) as s:
-                    Ingest(job_id, step, step_dir).run(s)
+                    again.run(s)
+                again.enqueue_evals()
                 _step_succeeded(settings, job_id, owner, step, step_dir)
                 continue
             outcome = run_job_step(job_id, step, settings, owner)
@@ -742,11 +777,34 @@ def _finish(settings: Settings, job_id: str, owner: str, outcome: Outcome, step:
         )
         if done in ("succeeded", "failed"):
             _results_file(s, job_id, settings)
+        evals = _final_evals(s, job_id, settings) if done == "succeeded" else []
+    if evals:
+        from service.queue import enqueue_eval
+
+        for run_id in evals:
+            enqueue_eval(run_id, settings)
     if done == "requeued":
         from service.queue import enqueue_training
 
         enqueue_training(job_id, settings)
     return done
+
+
+def _final_evals(s: Session, job_id: str, settings: Settings) -> list[str]:
+    """The job's evals on its final model (every: final and every: checkpoint alike)."""
+    from service.services import evals as evals_svc
+
+    job = s.get(Job, job_id, populate_existing=True)
+    if job is None or not job.fine_tuned_model or not (job.request or {}).get("evals"):
+        return []
+    return evals_svc.job_runs(
+        session=s,
+        job=job,
+        model=job.fine_tuned_model,
+        every=("checkpoint", "final"),
+        label="final",
+        settings=settings,
+    )
 
 
 def _results_file(s: Session, job_id: str, settings: Settings) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.openapi import COMMON, errors
@@ -199,3 +199,32 @@ def rollouts(
 
 
 __all__ = ["router"]
+
+
+class PromoteRequest(BaseModel):
+    checkpoint: str | None = Field(
+        default=None, max_length=255, description="a checkpoint model id of the job"
+    )
+    eval_id: str | None = Field(
+        default=None, max_length=64, description="or: the best checkpoint by this eval"
+    )
+    criterion: str | None = Field(
+        default=None,
+        max_length=128,
+        description="the eval's criterion to rank by (default: its overall pass rate)",
+    )
+
+
+@router.post("/{job_id}/promote", response_model=JobObject, responses=errors(404))
+def promote(job_id: str, body: PromoteRequest, caller: CallerDep, session: SessionDep) -> Any:
+    """Ours: make a checkpoint the job's model — one named, or the best by an eval the job ran on its
+    checkpoints (`evals: [{every: checkpoint}]`). Chat with the job's model id then answers with it."""
+    from service.jobs import evals as job_evals
+    from service.services import chat as chat_svc
+
+    job, _ = job_evals.promote(
+        session=session, tenant=caller.tenant_id, job_id=job_id, body=body.model_dump()
+    )
+    session.commit()
+    chat_svc.forget(str(job.fine_tuned_model))  # the API's route cache: the next chat loads the new weights
+    return respond(svc.to_object(job))

@@ -295,6 +295,7 @@ class EvalRun(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("evalrun"))
     eval_id: Mapped[str] = mapped_column(ForeignKey("evals.id"), index=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)  # a job's own evals
     name: Mapped[str] = mapped_column(String(255), default="")
     status: Mapped[str] = mapped_column(String(16))  # queued | in_progress | completed | failed | canceled
     model: Mapped[str | None] = mapped_column(String(255), nullable=True)

@@ -67,6 +67,7 @@ RPC_ROUTES: dict[str, tuple[str, str]] = {
     "ModelService.GetModel": ("GET", "/v1/models/{model_id}"),
     "ModelService.DeleteModel": ("DELETE", "/v1/models/{model_id}"),
 }
+EVALS_REST = "OpenAI's Evals API (client.evals): REST-only for now"
 REST_ONLY: dict[tuple[str, str], str] = {
     ("POST", "/v1/fine_tuning/alpha/graders/validate"): "OpenAI's alpha grader endpoints: REST-only for now",
     ("POST", "/v1/fine_tuning/alpha/graders/run"): "OpenAI's alpha grader endpoints: REST-only for now",
@@ -85,6 +86,20 @@ REST_ONLY: dict[tuple[str, str], str] = {
         "sharing: REST-only"
     ),
     ("GET", "/v1/models/{model_id}/content"): "model archive download",
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/promote"): "promoting a checkpoint: REST-only for now",
+    ("POST", "/v1/evals"): EVALS_REST,
+    ("GET", "/v1/evals"): EVALS_REST,
+    ("GET", "/v1/evals/{eval_id}"): EVALS_REST,
+    ("POST", "/v1/evals/{eval_id}"): EVALS_REST,
+    ("DELETE", "/v1/evals/{eval_id}"): EVALS_REST,
+    ("POST", "/v1/evals/{eval_id}/runs"): EVALS_REST,
+    ("GET", "/v1/evals/{eval_id}/runs"): EVALS_REST,
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}"): EVALS_REST,
+    ("POST", "/v1/evals/{eval_id}/runs/{run_id}"): EVALS_REST,
+    ("POST", "/v1/evals/{eval_id}/runs/{run_id}/cancel"): EVALS_REST,
+    ("DELETE", "/v1/evals/{eval_id}/runs/{run_id}"): EVALS_REST,
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items"): EVALS_REST,
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"): EVALS_REST,
 }
 
 

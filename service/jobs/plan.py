@@ -325,6 +325,11 @@ def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Setting
 
         parsed = graders.parse(grader, "method.reinforcement.grader")
         judges.check_models(session=session, tenant=tenant, grader=parsed, settings=settings)
+    if req.evals:  # each as a run of it would be checked, its model (the job's) filled in later
+        from service.services import evals as evals_svc
+
+        job_evals = [e.model_dump() for e in req.evals]
+        evals_svc.check_job_evals(session=session, tenant=tenant, given=job_evals, settings=settings)
     steps = _steps(req, method) if grader is None else []
 
     def resolve(name: str, param: str) -> models_svc.ModelRef:

@@ -122,6 +122,7 @@ def to_object(job: Job) -> JobObject:
         suffix=job.suffix,
         metadata=job.job_metadata,
         integrations=req.get("integrations") or [],
+        evals=req.get("evals") or [],
         reward_model=job.reward_model,
         steps=job.steps,
         current_step=job.current_step,

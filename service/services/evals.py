@@ -302,15 +302,17 @@ def _sampling(given: Any, settings: Settings) -> dict[str, Any]:
     return out
 
 
-def create_run(
-    *, session: Session, tenant: str, eval_id: str, body: dict[str, Any], settings: Settings
-) -> EvalRun:
-    ev = get_eval(session=session, tenant=tenant, eval_id=eval_id)
-    source = body.get("data_source")
-    if not isinstance(source, dict):
-        raise _bad(
-            "data_source", "give {type: jsonl, source} or {type: completions, model, input_messages, source}"
-        )
+def _checked_source(
+    session: Session,
+    tenant: str,
+    ev: Eval,
+    source: dict[str, Any],
+    settings: Settings,
+    *,
+    model_known: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A run's data source checked whole (the rows against the item schema, the model, the templates):
+    what the run stores, and its rows. `model_known=False`: a job's eval, whose model comes later."""
     kind = source.get("type")
     if kind == "responses":
         raise _bad(
@@ -325,20 +327,20 @@ def create_run(
     label = "data_source.source." + ("content" if source["source"]["type"] == "file_content" else "id")
     _check_rows(rows, schema, label)
     stored: dict[str, Any] = {"type": kind, "source": source["source"]}
-    model = None
     if kind == "completions":
         model = source.get("model")
-        if not isinstance(model, str) or not model:
-            raise _bad("data_source.model", "name a model of GET /v1/models to sample")
-        ref = models_svc.resolve(
-            session=session,
-            tenant=tenant,
-            name=model,
-            models_dir=settings.models_dir,
-            param="data_source.model",
-        )
-        if judges.is_reward_model(ref.path):
-            raise _bad("data_source.model", f"{model} is a reward model (a value head): it cannot answer")
+        if model_known:
+            if not isinstance(model, str) or not model:
+                raise _bad("data_source.model", "name a model of GET /v1/models to sample")
+            ref = models_svc.resolve(
+                session=session,
+                tenant=tenant,
+                name=model,
+                models_dir=settings.models_dir,
+                param="data_source.model",
+            )
+            if judges.is_reward_model(ref.path):
+                raise _bad("data_source.model", f"{model} is a reward model (a value head): it cannot answer")
         stored |= {
             "model": model,
             "input_messages": _messages_template(source.get("input_messages"), schema),
@@ -359,22 +361,108 @@ def create_run(
                     "the criteria read {{sample.*}}: give each row a sample ({output_text} or an OpenAI "
                     "completion's {choices}), or make a completions run that samples a model",
                 )
-    run = EvalRun(
+    return stored, rows
+
+
+def _new_run(ev: Eval, tenant: str, stored: dict[str, Any], rows: int, **fields: Any) -> EvalRun:
+    return EvalRun(
         eval_id=ev.id,
         tenant_id=tenant,
-        name=body.get("name") or (f"{model} on {ev.name}" if model else ev.name),
         status="queued",
-        model=model,
+        model=stored.get("model"),
         data_source=stored,
-        rows=len(rows),
-        result_counts={"total": len(rows), "errored": 0, "failed": 0, "passed": 0},
+        rows=rows,
+        result_counts={"total": rows, "errored": 0, "failed": 0, "passed": 0},
         per_criteria=[{"testing_criteria": c["name"], "passed": 0, "failed": 0} for c in ev.testing_criteria],
         usage={},
+        **fields,
+    )
+
+
+def create_run(
+    *, session: Session, tenant: str, eval_id: str, body: dict[str, Any], settings: Settings
+) -> EvalRun:
+    ev = get_eval(session=session, tenant=tenant, eval_id=eval_id)
+    source = body.get("data_source")
+    if not isinstance(source, dict):
+        raise _bad(
+            "data_source", "give {type: jsonl, source} or {type: completions, model, input_messages, source}"
+        )
+    stored, rows = _checked_source(session, tenant, ev, source, settings)
+    model = stored.get("model")
+    run = _new_run(
+        ev,
+        tenant,
+        stored,
+        len(rows),
+        name=body.get("name") or (f"{model} on {ev.name}" if model else ev.name),
         run_metadata=body.get("metadata"),
     )
     session.add(run)
     session.flush()
     return run
+
+
+def check_job_evals(
+    *, session: Session, tenant: str, given: list[dict[str, Any]], settings: Settings
+) -> None:
+    """A job's `evals`, checked at submit as a run of each would be (400 naming the field): the eval is
+    the tenant's, its data source a completions source (its model is the job's, filled in later)."""
+    for i, e in enumerate(given):
+        where = f"evals[{i}]"
+        try:
+            ev = get_eval(session=session, tenant=tenant, eval_id=e["eval_id"])
+        except NotFoundError:
+            raise _bad(f"{where}.eval_id", f"no eval {e['eval_id']} of yours (see GET /v1/evals)") from None
+        source = {"type": "completions", **{k: v for k, v in e["data_source"].items() if k != "model"}}
+        try:
+            _checked_source(session, tenant, ev, source, settings, model_known=False)
+        except (InvalidRequestError, NotFoundError) as err:
+            param = f"{where}.{err.param}" if err.param else where
+            raise InvalidRequestError(f"{where}.{err.message}", param=param) from None
+
+
+def job_runs(
+    *, session: Session, job: Any, model: str, every: tuple[str, ...], label: str, settings: Settings
+) -> list[str]:
+    """Queue the job's evals (those whose `every` is in `every`) on `model`, once per (job, eval, model):
+    ingesting a checkpoint twice queues nothing new. The run ids, to enqueue after the commit."""
+    out = []
+    for e in (job.request or {}).get("evals") or []:
+        if e.get("every", "final") not in every:
+            continue
+        ev = session.get(Eval, e["eval_id"])
+        exists = session.scalar(
+            select(EvalRun.id).where(
+                EvalRun.job_id == job.id, EvalRun.eval_id == e["eval_id"], EvalRun.model == model
+            )
+        )
+        if ev is None or exists is not None:  # (an eval deleted since: nothing to run)
+            continue
+        given = {k: v for k, v in e["data_source"].items() if k != "model"}
+        stored = {
+            "type": "completions",
+            "source": given["source"],
+            "model": model,
+            "input_messages": _messages_template(
+                given.get("input_messages"), ev.data_source_config["item_schema"]
+            ),
+            "sampling_params": _sampling(given.get("sampling_params"), settings),
+        }
+        rows = _read_rows(session, job.tenant_id, stored["source"])
+        run = _new_run(
+            ev,
+            job.tenant_id,
+            stored,
+            len(rows),
+            job_id=job.id,
+            name=f"{label}",
+            run_metadata={"job_id": job.id},
+        )
+        session.add(run)
+        session.flush()
+        out.append(run.id)
+    return out
 
 
 def _path(item: Any, path: str) -> Any:
@@ -596,3 +684,13 @@ def passes(criterion: dict[str, Any], graded: graders.Graded) -> bool:
         else:
             return graded.score > 0
     return graded.score >= float(threshold)
+
+
+def pass_rates(run: EvalRun) -> dict[str, float]:
+    """A run's pass rate overall (`pass_rate`) and per criterion (by name)."""
+    counts = run.result_counts or {}
+    out = {"pass_rate": counts.get("passed", 0) / counts["total"] if counts.get("total") else 0.0}
+    for p in run.per_criteria or []:
+        graded = p["passed"] + p["failed"]
+        out[p["testing_criteria"]] = p["passed"] / graded if graded else 0.0
+    return out

@@ -9,6 +9,7 @@ use (building them needs torch, which the API process never imports).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from dataclasses import dataclass
@@ -117,7 +118,15 @@ def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, para
             raise InvalidRequestError(
                 f"{param}: no fine-tuned model {name}", param=param, code="model_not_found"
             )
-        return ModelRef(name=name, path=Path(ft.path), base=name.split(":")[1])
+        path = Path(ft.path)
+        # a job whose model was replaced by one of its checkpoints (POST …/promote): workers cache it
+        # under a key of its own, so none keeps serving the weights it held before
+        key = (
+            f"{name}@{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+            if "checkpoints" in path.parts
+            else ""
+        )
+        return ModelRef(name=name, path=path, base=name.split(":")[1], key=key)
     if not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidRequestError(
             f"{param}: {name!r} is not a model name; use a base model from GET /v1/models", param=param

@@ -165,6 +165,10 @@ def test_score_model_without_input_scores_with_a_reward_model_clamped_to_its_ran
     assert [o.score for o in out] == [1.0, -0.25] and seen == ["ft:tiny:x:job-1"]
     with pytest.raises(GraderError, match="inside training jobs"):
         run(g, "an answer", {})
+    inside = parse(
+        {"type": "multi", "graders": {"rm": {"type": "score_model", "model": "m"}}, "calculate_output": "rm"}
+    )
+    assert inside.score_models() == {"m"} and inside.judges() == []  # a reward model is no judge
 
 
 JUDGE_INPUT = [

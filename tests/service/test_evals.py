@@ -321,3 +321,105 @@ def test_a_run_survives_its_worker_killed_mid_run_and_a_cancel_ends_one(
     assert ended.status == "canceled" and ended.result_counts.passed < 96
     with pytest.raises(BadRequestError):  # a second cancel: the wrong state, a 400
         sdk.evals.runs.cancel(long.id, eval_id=ev.id)
+
+
+def test_a_job_runs_its_evals_on_each_checkpoint_and_the_best_is_promoted(
+    env: dict[str, Any], e2e_stack: Stack
+) -> None:
+    sdk: OpenAI = env["sdk"]
+    http = e2e_stack.client(e2e_stack.key("e2e"))  # jobs with our fields (the SDK's create wants a file)
+    ev = sdk.evals.create(
+        name="during", data_source_config={"type": "custom", "item_schema": SCHEMA}, testing_criteria=CRITERIA
+    )
+    source = {
+        "input_messages": {
+            "type": "template",
+            "template": [{"role": "user", "content": "{{item.question}}"}],
+        },
+        "sampling_params": {"temperature": 0, "max_completion_tokens": 8},
+        "source": {"type": "file_content", "content": [{"item": i} for i in ITEMS]},
+    }
+    body = {
+        "model": "tiny-opt-xs",
+        "preset": "tiny",
+        "suffix": "evald",
+        "config": {"sft": {"max_steps": 6, "checkpoint_interval": 2, "keep_checkpoints": 3}},
+        "evals": [{"eval_id": ev.id, "every": "checkpoint", "data_source": source}],
+    }
+    for evals, param in (  # checked at submit, as a run of each would be
+        (
+            [{"eval_id": ev.id, "data_source": {**source, "input_messages": None}}],
+            "evals[0].data_source.input_messages",
+        ),
+        ([{"eval_id": "eval-nope", "data_source": source}], "evals[0].eval_id"),
+    ):
+        refused = http.post("/v1/fine_tuning/jobs", json=body | {"evals": evals})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+    created = http.post("/v1/fine_tuning/jobs", json=body).json()
+    assert created["evals"] == body["evals"]
+    job = _wait_job(sdk, created["id"])
+    assert job.status == "succeeded", job.error
+    model = str(job.fine_tuned_model)
+    expected = {f"{model}:ckpt-step-{n}" for n in (2, 4, 6)} | {model}
+    deadline = time.monotonic() + 240
+    while True:  # each checkpoint's run and the final model's, graded on the evals worker
+        runs = list(sdk.evals.runs.list(ev.id, limit=100).data)
+        if {r.model for r in runs} == expected and all(r.status == "completed" for r in runs):
+            break
+        assert time.monotonic() < deadline, [(r.model, r.status) for r in runs]
+        time.sleep(1)
+    assert len(runs) == 4
+    rates = {r.model: r.result_counts.passed / r.result_counts.total for r in runs}
+    reported = [_data(e) for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    done = {d["model"]: d for d in reported if d.get("event_type") == "eval_completed"}
+    assert set(done) == expected
+    for m, d in done.items():
+        assert d["pass_rates"]["pass_rate"] == pytest.approx(rates[m])
+    for c in sdk.fine_tuning.jobs.checkpoints.list(job.id, limit=100).data:
+        if c.fine_tuned_model_checkpoint in expected:  # the checkpoint carries its eval's pass rates
+            got = c.model_dump()["metrics"]
+            assert got["eval:during:pass_rate"] == pytest.approx(rates[c.fine_tuned_model_checkpoint]), got
+    # promote the best checkpoint by a criterion (ties: the later one): the job's model serves its weights
+    criterion = "a sentence"
+
+    def rate(r: Any) -> float:
+        p = next(p for p in r.per_testing_criteria_results if p.testing_criteria == criterion)
+        return float(p.passed / (p.passed + p.failed))
+
+    step = {r.model: int(r.model.rsplit("-", 1)[-1]) for r in runs if r.model != model}
+    best = max(step, key=lambda m: (rate(next(r for r in runs if r.model == m)), step[m]))
+    promoted = http.post(
+        f"/v1/fine_tuning/jobs/{job.id}/promote", json={"eval_id": ev.id, "criterion": criterion}
+    )
+    assert promoted.status_code == 200, promoted.text
+    from service.services.checkpoints import model_folder
+
+    with session_scope(e2e_stack.settings.db_url) as s:
+        served = s.get(FineTunedModel, model).path  # type: ignore[union-attr]
+        assert served == str(model_folder(s, "e2e", best, "checkpoint"))
+    said = [
+        sdk.chat.completions.create(
+            model=m, messages=[{"role": "user", "content": ITEMS[0]["question"]}], temperature=0, max_tokens=8
+        )
+        .choices[0]
+        .message.content
+        for m in (model, best)
+    ]
+    assert said[0] == said[1]  # the job's model answers as the checkpoint does
+    reported = [_data(e) for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert [d["checkpoint"] for d in reported if d.get("event_type") == "model_promoted"] == [best]
+    bad = http.post(f"/v1/fine_tuning/jobs/{job.id}/promote", json={"eval_id": ev.id, "criterion": "nope"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "eval_id"
+    http.close()
+
+
+def _data(event: Any) -> dict[str, Any]:
+    return dict(event.data or {})
+
+
+def _wait_job(sdk: OpenAI, job_id: str, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while (job := sdk.fine_tuning.jobs.retrieve(job_id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job.status
+        time.sleep(1)
+    return job

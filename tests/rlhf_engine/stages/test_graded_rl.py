@@ -176,7 +176,11 @@ def test_a_multi_grader_records_each_part_with_a_reward_model_among_them(
             "grader: the grader reads {{item.answer}} but the "
             "row has no field 'answer' (its fields: facts, subject, topic) (training row 1",
         ),
-        ({"type": "python", "source": "def grade(s, i): return 1"}, [], "grader.type: python graders run"),
+        (
+            {"type": "python", "source": "def score(s, i): return 1"},
+            [],
+            "grader.source: defines no top-level function grade(sample, item)",
+        ),
         ({**NAMES_SUBJECT, "operation": "regex"}, [], "grader.operation: 'regex'"),
         (
             NAMES_SUBJECT,

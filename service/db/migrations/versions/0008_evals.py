@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("id", sa.String(40), nullable=False),
         sa.Column("eval_id", sa.String(40), nullable=False),
         sa.Column("tenant_id", sa.String(64), nullable=False),
+        sa.Column("job_id", sa.String(40), nullable=True),
         sa.Column("name", sa.String(255), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("model", sa.String(255), nullable=True),
@@ -58,6 +59,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_eval_runs_eval_id", "eval_runs", ["eval_id"])
     op.create_index("ix_eval_runs_tenant_id", "eval_runs", ["tenant_id"])
+    op.create_index("ix_eval_runs_job_id", "eval_runs", ["job_id"])
     op.create_table(
         "eval_output_items",
         sa.Column("seq", sa.Integer(), autoincrement=True, nullable=False),
@@ -80,6 +82,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_eval_output_items_run_id", table_name="eval_output_items")
     op.drop_table("eval_output_items")
+    op.drop_index("ix_eval_runs_job_id", table_name="eval_runs")
     op.drop_index("ix_eval_runs_tenant_id", table_name="eval_runs")
     op.drop_index("ix_eval_runs_eval_id", table_name="eval_runs")
     op.drop_table("eval_runs")
