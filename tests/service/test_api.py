@@ -305,11 +305,11 @@ BAD_JOBS = [
             "method": {
                 "type": "reinforcement",
                 "reinforcement": {
-                    "grader": {"type": "python", "source": "def grade(sample, item): return 1.0"}
+                    "grader": {"type": "python", "source": "def score(sample, item): return 1.0"}
                 },
             },
         },
-        "method.reinforcement.grader.type",
+        "method.reinforcement.grader.source",
     ),
     (
         {

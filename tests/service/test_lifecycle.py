@@ -247,12 +247,13 @@ def _writes_status(path: Path) -> list[int]:
 
 def test_only_the_lifecycle_module_changes_a_jobs_status() -> None:
     owner = ROOT / "service" / "jobs" / "lifecycle.py"
+    runs = ROOT / "service" / "services" / "evals.py"  # the one owner of an eval run's status
     assert _writes_status(owner), "the check finds nothing: it has stopped reading the code"
     elsewhere = {
         str(p.relative_to(ROOT)): lines
         for d in ("service", "workers")
         for p in sorted((ROOT / d).rglob("*.py"))
-        if p != owner and "gen" not in p.parts and (lines := _writes_status(p))
+        if p not in (owner, runs) and "gen" not in p.parts and (lines := _writes_status(p))
     }
     assert elsewhere == {}, f"status written outside service/jobs/lifecycle.py: {elsewhere}"
 

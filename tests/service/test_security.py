@@ -197,12 +197,48 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
         stack.key("carol")
         shared = a.post(f"/v1/fine_tuning/checkpoints/{ckpt}/permissions", json={"project_ids": ["carol"]})
         assert shared.status_code == 200, shared.text
+        # an eval of alice's, a run of it and one of its output items (written as the evals worker would)
+        check = {
+            "type": "string_check",
+            "name": "c",
+            "input": "{{sample.output_text}}",
+            "reference": "x",
+            "operation": "eq",
+        }
+        schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+        eval_id = a.post(
+            "/v1/evals",
+            json={
+                "data_source_config": {"type": "custom", "item_schema": schema},
+                "testing_criteria": [check],
+            },
+        ).json()["id"]
+        run_source = {
+            "type": "jsonl",
+            "source": {
+                "type": "file_content",
+                "content": [{"item": {"q": "?"}, "sample": {"output_text": "x"}}],
+            },
+        }
+        run_id = a.post(f"/v1/evals/{eval_id}/runs", json={"data_source": run_source}).json()["id"]
+        from service.db.models import EvalOutputItem
+
+        with session_scope(stack.settings.db_url) as s:
+            item = EvalOutputItem(
+                run_id=run_id, item_index=0, status="pass", datasource_item={"q": "?"}, results=[], sample={}
+            )
+            s.add(item)
+            s.flush()
+            item_id = item.id
         ids = {
             "file_id": file_id,
             "job_id": job_id,
             "model_id": model_id,
             "fine_tuned_model_checkpoint": ckpt,
             "permission_id": shared.json()["data"][0]["id"],
+            "eval_id": eval_id,
+            "run_id": run_id,
+            "output_item_id": item_id,
         }
         doc = a.get("/openapi.json").json()
         own = {
@@ -223,10 +259,17 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
                     "/permissions"
                 ):  # a valid body: the id is what is refused
                     body = {"project_ids": ["bob"]}
+                if body is not None and path.endswith("/runs"):
+                    body = {"data_source": run_source}
                 r = b.request(method, path.format(**ids), json=body)
                 assert r.status_code == 404, (method, path, r.status_code, r.text)
                 checked.append(f"{method.upper()} {path}")
-        lists = {"/v1/files": file_id, "/v1/fine_tuning/jobs": job_id, "/v1/models": model_id}
+        lists = {
+            "/v1/files": file_id,
+            "/v1/fine_tuning/jobs": job_id,
+            "/v1/models": model_id,
+            "/v1/evals": eval_id,
+        }
         for path, hidden in lists.items():
             assert hidden not in [o["id"] for o in b.get(path).json()["data"]], path
         chat = b.post(
