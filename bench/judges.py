@@ -140,7 +140,7 @@ def grpo_share(base: str, key: str, data: Path, steps: int) -> dict[str, Any]:
         model=JUDGE,
         training_file=train.id,
         method=method,
-        extra_body={"config": {"ppo": {"max_steps": steps}}},
+        extra_body={"config": {"ppo": {"max_steps": steps, "max_answer_len": 48}}},
     )
     started = time.monotonic()
     while (job := sdk.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):

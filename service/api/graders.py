@@ -9,6 +9,7 @@ running out of its limits, a judge's reply that is no score or label, a judge th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from typing import Any
 
 from fastapi import APIRouter
@@ -24,6 +25,7 @@ from service.services.keys import Caller
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"], responses=errors(*COMMON))
+_GRADING = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="grader")
 
 
 def _parse(spec: dict[str, Any], caller: Caller, settings: Settings) -> graders.Grader:
@@ -59,9 +61,11 @@ async def run(body: GraderRunRequest, caller: CallerDep, settings: SettingsDep) 
         graders.check_row(grader, item)
     except graders.GraderError as e:
         raise InvalidRequestError(str(e), param=e.param) from None
+    loop = asyncio.get_running_loop()
     context = graders.Context(
-        judge=judges.judge_on(asyncio.get_running_loop(), settings, caller.tenant_id),
-        limits=settings.grader_limits(),
+        judge=judges.judge_on(loop, settings, caller.tenant_id), limits=settings.grader_limits()
     )
-    result = await asyncio.to_thread(graders.run, grader, body.model_sample, item, context)
+    # its own threads: a grader waits on judges that run on this loop and use the default executor, which
+    # graders holding every one of its threads would starve (a deadlock under concurrent requests)
+    result = await loop.run_in_executor(_GRADING, graders.run, grader, body.model_sample, item, context)
     return result.as_dict(grader, str(body.grader.get("type")))

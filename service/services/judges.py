@@ -8,6 +8,7 @@ never an exception: the sample gets OpenAI's `model_grader_server_error` flag an
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,12 @@ def judge_on(loop: asyncio.AbstractEventLoop, settings: Settings, tenant: str) -
         model: str, prompts: list[list[dict[str, str]]], sampling: dict[str, Any]
     ) -> list[graders.JudgeReply]:
         coro = ask(settings=settings, tenant=tenant, model=model, prompts=prompts, sampling=sampling)
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=settings.chat_timeout_s + 30)
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(timeout=settings.chat_timeout_s + 30)
+        except concurrent.futures.TimeoutError:  # a judge that never answers is the samples' flag, not a 500
+            future.cancel()
+            why = f"timeout: the judge did not answer within {settings.chat_timeout_s + 30:.0f} s"
+            return [graders.JudgeReply(None, error=why) for _ in prompts]
 
     return judge

@@ -168,6 +168,24 @@ def test_a_judge_without_a_worker_is_a_server_error_flag_not_a_failure(client: h
     assert out["metadata"]["sampled_model_name"] == "tiny-opt-xs"
 
 
+def test_many_judged_runs_at_once_all_answer(stack: Stack) -> None:
+    """More concurrent /run requests with a judge than the API has default threads: each grader waits on
+    its judge, which routes through the same loop — none may starve the others (it deadlocked once)."""
+    import concurrent.futures
+
+    judge = {"type": "score_model", "name": "j", "model": "tiny-opt-xs", "input": JUDGE}
+    key = stack.key("grader-many")
+
+    def one(i: int) -> int:
+        with stack.client(key) as c:
+            r = c.post(f"{URL}/run", json={"grader": judge, "model_sample": f"x{i}"}, timeout=60)
+            assert r.json()["metadata"]["errors"]["model_grader_server_error"] is True, r.text
+            return r.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        assert list(pool.map(one, range(24))) == [200] * 24
+
+
 def test_the_openai_sdk_runs_and_validates_graders(stack: Stack) -> None:
     from openai import BadRequestError, OpenAI
 
