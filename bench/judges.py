@@ -97,20 +97,24 @@ def through_workers(base: str, key: str, pairs: list[tuple[str, str]]) -> dict[s
         r.raise_for_status()
         return dict(r.json())
 
-    deadline = time.monotonic() + 300
-    while "model_not_ready" in str(one(pairs[0])["metadata"]["errors"]):  # the worker loads the judge
+    deadline = time.monotonic() + 600
+    while (first := one(pairs[0]))["metadata"]["errors"]["model_grader_server_error"]:  # the judge loads
         if time.monotonic() > deadline:
-            raise RuntimeError("the judge did not load in 300 s")
+            raise RuntimeError(f"the judge did not answer in 600 s: {first['metadata']['errors']}")
         time.sleep(2)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         out = list(pool.map(one, pairs))
     seconds = time.monotonic() - started
-    errors = sum(any(v is True for v in o["metadata"]["errors"].values()) for o in out)
+    flags: dict[str, int] = {}
+    for o in out:
+        for flag, on in o["metadata"]["errors"].items():
+            if on is True:
+                flags[flag] = flags.get(flag, 0) + 1
     return {
         "seconds": round(seconds, 2),
         "samples_per_s": round(len(pairs) / seconds, 2),
-        "flagged": errors,
+        "flags": flags,  # model_grader_parse_error: a reply that is neither yes nor no
         "passed": sum(o["reward"] == 1.0 for o in out),
     }
 

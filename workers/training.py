@@ -618,7 +618,15 @@ def train_job(job_id: str, settings: Settings) -> str:
         )
         steps, plan, out, method = list(job.steps), job.plan, Path(job.output_dir), job.method
     try:
-        for ref in {Path(v["model_name_or_path"]) for v in plan.values() if "model_name_or_path" in v}:
+        # every model a step reads (model_name_or_path, and step 3's actor_/critic_/reward_…): a grader job
+        # whose step 3 starts from a bundled base reads it as actor_model_name_or_path
+        refs = {
+            Path(v)
+            for opts in plan.values()
+            for k, v in opts.items()
+            if k.endswith("model_name_or_path") and v
+        }
+        for ref in sorted(refs):
             _ensure_model(ref, job_id, settings, owner)
         for step in steps:
             step_dir = out / _step_of(method, step).dir
