@@ -135,6 +135,9 @@ def _command(limits: Limits) -> list[str]:
     prefixes = sorted({sys.prefix, sys.base_prefix, os.path.realpath(sys.base_prefix)})
     cmd = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "65534", "--gid", "65534"]
     cmd += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
+    # the private /tmp first: the interpreter's own folders may lie under /tmp (a checkout there), and a
+    # later tmpfs would hide their binds
+    cmd += ["--size", str(limits.tmp_bytes), "--tmpfs", "/tmp"]
     for path in ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin"):
         if os.path.islink(path):
             cmd += ["--symlink", os.readlink(path), path]
@@ -144,7 +147,7 @@ def _command(limits: Limits) -> list[str]:
         if not prefix.startswith("/usr/"):
             cmd += ["--ro-bind", prefix, prefix]
     cmd += ["--ro-bind", str(RUNNER), INSIDE_RUNNER]
-    cmd += ["--dev", "/dev", "--proc", "/proc", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp"]
+    cmd += ["--dev", "/dev", "--proc", "/proc"]
     cmd += ["--chdir", "/tmp"]
     env = {
         "PATH": "/usr/bin:/bin",

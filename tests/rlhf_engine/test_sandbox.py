@@ -54,11 +54,13 @@ def grade(sample, item):
     return float(numpy.mean([same, sympy.Integer(1)]))
 """
     g = graders.parse({"type": "python", "name": "p", "source": source})
+    # importing the whole image (scipy, scikit-learn, pandas …) takes seconds of CPU on a cold, busy machine
+    roomy = dataclasses.replace(LIMITS, cpu_seconds=30, wall_seconds=90)
     out = graders.grade_batch(
         g,
         ['{"city": "Paris"}', '{"town": "Paris"}'],
         [{"reference": "Paris"}] * 2,
-        graders.Context(limits=LIMITS),
+        graders.Context(limits=roomy),
     )
     assert out[0].score == 1.0 and not out[0].errors
     assert "'city' is a required property" in runtime_error(out[1])  # one sample's error, not the batch's
