@@ -41,6 +41,15 @@ TEMPLATE = (
     "Does the answer talk about the subject of the question? Reply yes or no."
 )
 TOKENS = 4
+GRADER = {  # the judge as a label_model grader: the same in /graders/run and in the GRPO job
+    "type": "label_model",
+    "name": "on_topic",
+    "model": JUDGE,
+    "input": [{"role": "user", "content": TEMPLATE}],
+    "labels": ["yes", "no"],
+    "passing_labels": ["yes"],
+    "sampling_params": {"temperature": 0, "max_completions_tokens": TOKENS},
+}
 
 
 def workload(n: int) -> list[tuple[str, str]]:
@@ -80,15 +89,7 @@ def in_trainer(pairs: list[tuple[str, str]]) -> dict[str, Any]:
 def through_workers(base: str, key: str, pairs: list[tuple[str, str]]) -> dict[str, Any]:
     import httpx
 
-    grader = {
-        "type": "label_model",
-        "name": "on topic",
-        "model": JUDGE,
-        "input": [{"role": "user", "content": TEMPLATE}],
-        "labels": ["yes", "no"],
-        "passing_labels": ["yes"],
-        "sampling_params": {"temperature": 0, "max_completions_tokens": TOKENS},
-    }
+    grader = GRADER
     headers = {"Authorization": f"Bearer {key}"}
 
     def one(pair: tuple[str, str]) -> dict[str, Any]:
@@ -127,15 +128,7 @@ def grpo_share(base: str, key: str, data: Path, steps: int) -> dict[str, Any]:
     path = data / "rl.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train = sdk.files.create(file=path.open("rb"), purpose="fine-tune")
-    grader: Any = {
-        "type": "label_model",
-        "name": "on_topic",
-        "model": JUDGE,
-        "input": [{"role": "user", "content": TEMPLATE}],
-        "labels": ["yes", "no"],
-        "passing_labels": ["yes"],
-        "sampling_params": {"temperature": 0, "max_completions_tokens": TOKENS},
-    }
+    grader: Any = GRADER
     method: Any = {
         "type": "reinforcement",
         "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 4}},

@@ -167,6 +167,7 @@ class JudgeReply:
     refusal: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    finish_reason: str = ""
 
 
 # (model, one message list per sample, sampling params) → one reply per message list, in order
@@ -445,10 +446,6 @@ class ScoreModel(_Judged):
     value_head: bool = False
     kind = "score_model"
 
-    def __post_init__(self) -> None:
-        if self.value_head:
-            self.input = []
-
     def item_fields(self) -> set[str]:
         return set() if self.value_head else super().item_fields()
 
@@ -696,7 +693,7 @@ def _sampling(spec: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _messages(spec: dict[str, Any], where: str) -> list[Message]:
+def parse_messages(spec: dict[str, Any], where: str) -> list[Message]:
     """A judge's `input`: messages whose content is a template, or a list of text parts."""
     given = _get(spec, "input", where, list)
     if not given or len(given) > 64:
@@ -824,7 +821,7 @@ def parse(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
                 limits = (float(bounds[0]), float(bounds[1])) if bounds else None
                 return ScoreModel(name, where, model, [], {}, limits, value_head=True)
             limits = (float(bounds[0]), float(bounds[1])) if bounds else (0.0, 1.0)
-            return ScoreModel(name, where, model, _messages(spec, where), _sampling(spec, where), limits)
+            return ScoreModel(name, where, model, parse_messages(spec, where), _sampling(spec, where), limits)
         labels = _get(spec, "labels", where, list)
         passing = _get(spec, "passing_labels", where, list)
         if (
@@ -840,7 +837,13 @@ def parse(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
                 f"{where}.passing_labels", f"give one or more of the labels ({', '.join(labels)})"
             )
         return LabelModel(
-            name, where, model, _messages(spec, where), _sampling(spec, where), tuple(labels), tuple(passing)
+            name,
+            where,
+            model,
+            parse_messages(spec, where),
+            _sampling(spec, where),
+            tuple(labels),
+            tuple(passing),
         )
     if kind == "multi":
         if depth >= MAX_DEPTH:

@@ -64,33 +64,28 @@ def celery_app(settings: Settings | None = None) -> Celery:
     return _APPS[key]
 
 
-def enqueue_training(job_id: str, settings: Settings) -> bool:
-    """Send the job to the training queue; False (logged) if the broker is down — the sweeper retries."""
+def _send(task: str, queue: str, object_id: str, settings: Settings) -> bool:
+    """Send a task by name; False (logged) if the broker is down: the record is in the database and a
+    sweeper sends it again."""
     try:
         celery_app(settings).send_task(
-            TRAIN_TASK,
-            args=[job_id],
-            queue=TRAIN_QUEUE,
+            task,
+            args=[object_id],
+            queue=queue,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         )
         return True
-    except Exception:  # the broker being down must not fail the request: the job is in the database
-        logger.warning("could not enqueue %s; the sweeper will", job_id, exc_info=True)
+    except Exception:  # the broker being down must not fail the request
+        logger.warning("could not enqueue %s; the sweeper will", object_id, exc_info=True)
         return False
+
+
+def enqueue_training(job_id: str, settings: Settings) -> bool:
+    """Send the job to the training queue (the training worker's sweeper retries a lost one)."""
+    return _send(TRAIN_TASK, TRAIN_QUEUE, job_id, settings)
 
 
 def enqueue_eval(run_id: str, settings: Settings) -> bool:
-    """Send an eval run to the evals queue; False (logged) if the broker is down — the sweeper retries."""
-    try:
-        celery_app(settings).send_task(
-            EVAL_TASK,
-            args=[run_id],
-            queue=EVAL_QUEUE,
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
-        )
-        return True
-    except Exception:  # the run is in the database: the sweeper sends it again
-        logger.warning("could not enqueue %s; the sweeper will", run_id, exc_info=True)
-        return False
+    """Send an eval run to the evals queue (the evals worker's sweeper retries a lost one)."""
+    return _send(EVAL_TASK, EVAL_QUEUE, run_id, settings)

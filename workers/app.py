@@ -43,6 +43,29 @@ def _on_shutdown(**_: Any) -> None:
     training.SHUTDOWN.set()
 
 
+def _consume(queue: str, concurrency: int, name: str, loglevel: str) -> None:
+    """This process as a Celery worker of `queue` (threads pool; no gossip, mingle or heartbeat: the
+    database is the record)."""
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            queue,
+            "-c",
+            str(concurrency),
+            "-P",
+            "threads",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"{name}@{socket.gethostname()}",
+            "--loglevel",
+            loglevel,
+        ]
+    )
+
+
 def run_training_worker(*, concurrency: int = 1, sweeper: bool = True, loglevel: str = "INFO") -> None:
     migrate(settings.db_url, timeout_s=settings.migrate_timeout_s)
     if settings.prebuild_ops:  # before the first job: none of them waits for a build
@@ -54,24 +77,7 @@ def run_training_worker(*, concurrency: int = 1, sweeper: bool = True, loglevel:
             target=training.sweeper_loop, args=(settings, stop), name="sweeper", daemon=True
         ).start()
     try:
-        app.worker_main(
-            [
-                "worker",
-                "-Q",
-                TRAIN_QUEUE,
-                "-c",
-                str(concurrency),
-                "-P",
-                "threads",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-n",
-                f"train-{training.WORKER_ID}@{socket.gethostname()}",
-                "--loglevel",
-                loglevel,
-            ]
-        )
+        _consume(TRAIN_QUEUE, concurrency, f"train-{training.WORKER_ID}", loglevel)
     finally:
         stop.set()
 
@@ -88,23 +94,6 @@ def run_evals_worker(*, concurrency: int = 2, loglevel: str = "INFO") -> None:
         target=evals.sweeper_loop, args=(settings, stop), name="eval-sweeper", daemon=True
     ).start()
     try:
-        app.worker_main(
-            [
-                "worker",
-                "-Q",
-                EVAL_QUEUE,
-                "-c",
-                str(concurrency),
-                "-P",
-                "threads",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-n",
-                f"evals-{evals.WORKER_ID}@{socket.gethostname()}",
-                "--loglevel",
-                loglevel,
-            ]
-        )
+        _consume(EVAL_QUEUE, concurrency, f"evals-{evals.WORKER_ID}", loglevel)
     finally:
         stop.set()

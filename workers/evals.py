@@ -23,10 +23,7 @@ from sqlalchemy import or_, select, update
 from rlhf_engine import graders
 from service.db.models import EvalOutputItem, EvalRun, utcnow
 from service.db.session import session_scope
-from service.errors import ServiceError
 from service.jobs import evals as job_evals
-from service.schemas import ChatCompletionRequest, ChatMessage
-from service.services import chat as chat_svc
 from service.services import evals as evals_svc
 from service.services import judges
 from service.settings import Settings
@@ -55,70 +52,53 @@ def _renew(settings: Settings, run_id: str, owner: str) -> str | None:
 async def _sample(
     settings: Settings, tenant: str, source: dict[str, Any], items: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Each item's sample from the run's model through the inference workers (OpenAI's sample shape)."""
+    """Each item's sample from the run's model (OpenAI's sample shape), asked the way judges are
+    (`judges.ask`: through the inference workers, concurrently)."""
     params = source["sampling_params"]
     template = source["input_messages"]
-
-    def messages(item: dict[str, Any]) -> list[dict[str, str]]:
-        if template["type"] == "item_reference":
-            given = evals_svc._path(item, template["item_reference"][5:]) or []
-            return [{"role": str(m.get("role", "user")), "content": str(m.get("content", ""))} for m in given]
-        parsed = graders._messages({"input": template["template"]}, "data_source.input_messages")
+    if template["type"] == "item_reference":
+        path = template["item_reference"].removeprefix("item.")
+        sent = [
+            [{"role": str(m.get("role", "user")), "content": str(m.get("content", ""))} for m in given]
+            for given in (evals_svc.item_path(item, path) or [] for item in items)
+        ]
+    else:
+        parsed = graders.parse_messages({"input": template["template"]}, "data_source.input_messages")
         empty = graders.Sample("")
-        return [{"role": m.role, "content": m.content.render(empty, item, "template")} for m in parsed]
-
-    async def one(item: dict[str, Any]) -> dict[str, Any]:
-        sent = messages(item)
-        out: dict[str, Any] = {
-            "model": source["model"],
-            "input": sent,
-            "output": [],
-            "finish_reason": "",
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cached_tokens": 0},
-            "temperature": params.get("temperature") if params.get("temperature") is not None else 1.0,
-            "top_p": params.get("top_p") if params.get("top_p") is not None else 1.0,
-            "max_completion_tokens": params["max_completion_tokens"],
-            "seed": params.get("seed") if params.get("seed") is not None else 0,
-            "error": None,
-        }
-        try:
-            req = ChatCompletionRequest(
-                model=source["model"],
-                messages=[ChatMessage(role=m["role"], content=m["content"]) for m in sent],  # type: ignore[arg-type]
-                temperature=params.get("temperature"),
-                top_p=params.get("top_p"),
-                seed=params.get("seed"),
-                max_completion_tokens=params["max_completion_tokens"],
-            )
-            chat_svc.check(req, settings)
-            stream = await chat_svc.open_chat(settings=settings, req=req, tenant=tenant)
-            choices, done = await chat_svc.complete(stream)
-        except (ServiceError, ValueError) as e:
-            out["error"] = {
-                "code": getattr(e, "code", None) or "invalid_prompt",
-                "message": str(getattr(e, "message", e)),
+        sent = [
+            [{"role": m.role, "content": m.content.render(empty, item, "template")} for m in parsed]
+            for item in items
+        ]
+    replies = await judges.ask(
+        settings=settings, tenant=tenant, model=source["model"], prompts=sent, sampling=params
+    )
+    out = []
+    for messages, reply in zip(sent, replies, strict=True):
+        code, _, message = (reply.error or "").partition(": ")
+        out.append(
+            {
+                "model": source["model"],
+                "input": messages,
+                "output": [{"role": "assistant", "content": reply.text}] if reply.text is not None else [],
+                "finish_reason": reply.finish_reason,
+                "usage": {
+                    "prompt_tokens": reply.prompt_tokens,
+                    "completion_tokens": reply.completion_tokens,
+                    "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+                    "cached_tokens": 0,
+                },
+                "temperature": params.get("temperature") if params.get("temperature") is not None else 1.0,
+                "top_p": params.get("top_p") if params.get("top_p") is not None else 1.0,
+                "max_completion_tokens": params["max_completion_tokens"],
+                "seed": params.get("seed") if params.get("seed") is not None else 0,
+                "error": {"code": code, "message": message or code} if reply.error is not None else None,
             }
-            return out
-        out["output"] = [{"role": "assistant", "content": choices[0]["text"]}]
-        out["finish_reason"] = choices[0]["finish_reason"]
-        out["usage"] |= {
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-        }
-        return out
-
-    gate = asyncio.Semaphore(judges.MAX_CONCURRENT)
-
-    async def gated(item: dict[str, Any]) -> dict[str, Any]:
-        async with gate:
-            return await one(item)
-
-    return list(await asyncio.gather(*(gated(i) for i in items)))
+        )
+    return out
 
 
 def _given_sample(row: dict[str, Any]) -> dict[str, Any]:
-    text = evals_svc._sample_text(row.get("sample"))
+    text = evals_svc.sample_text(row.get("sample"))
     return {
         "model": "",
         "input": [],

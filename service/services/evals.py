@@ -12,7 +12,7 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from rlhf_engine import graders
@@ -262,7 +262,7 @@ def _messages_template(given: Any, schema: dict[str, Any]) -> dict[str, Any]:
     if given.get("type") != "template":
         raise _bad(f"{where}.type", f"{given.get('type')!r}: choose template or item_reference")
     try:  # the same message templates a judge takes
-        messages = graders._messages({"input": given.get("template")}, where)
+        messages = graders.parse_messages({"input": given.get("template")}, where)
     except graders.GraderError as e:
         raise InvalidRequestError(
             str(e).replace(f"{where}.input", f"{where}.template"),
@@ -350,13 +350,13 @@ def _checked_source(
         if stored["input_messages"]["type"] == "item_reference":
             path = stored["input_messages"]["item_reference"][5:]
             for i, r in enumerate(rows):
-                got = _path(r["item"], path)
+                got = item_path(r["item"], path)
                 if not isinstance(got, list) or not got:
                     raise _bad(f"{label}[{i}].item.{path}", "must be a list of messages to send")
     else:
         reads_sample = any("sample." in json.dumps(c) for c in ev.testing_criteria)
         for i, r in enumerate(rows):
-            if reads_sample and _sample_text(r.get("sample")) is None:
+            if reads_sample and sample_text(r.get("sample")) is None:
                 raise _bad(
                     f"{label}[{i}].sample",
                     "the criteria read {{sample.*}}: give each row a sample ({output_text} or an OpenAI "
@@ -457,8 +457,7 @@ def job_runs(
             stored,
             len(rows),
             job_id=job.id,
-            name=f"{label}",
-            run_metadata={"job_id": job.id},
+            name=label,
         )
         session.add(run)
         session.flush()
@@ -466,7 +465,7 @@ def job_runs(
     return out
 
 
-def _path(item: Any, path: str) -> Any:
+def item_path(item: Any, path: str) -> Any:
     got = item
     for part in path.split("."):
         if not isinstance(got, dict):
@@ -475,7 +474,7 @@ def _path(item: Any, path: str) -> Any:
     return got
 
 
-def _sample_text(sample: Any) -> str | None:
+def sample_text(sample: Any) -> str | None:
     """A given sample's answer: `output_text`, or an OpenAI completion's first choice."""
     if not isinstance(sample, dict):
         return None
@@ -574,7 +573,7 @@ def run_object(run: EvalRun) -> dict[str, Any]:
         "report_url": f"/ui/#/evals/{run.eval_id}",  # the console's page of the eval: its runs side by side
         "error": run.error,
         "created_at": int(run.created_at.timestamp()),
-        "metadata": run.run_metadata,
+        "metadata": run.run_metadata if run.job_id is None else {"job_id": run.job_id},
     }
 
 
@@ -691,15 +690,6 @@ def tally(session: Session, run: EvalRun, criteria: list[dict[str, Any]]) -> Non
             }
         )
     run.per_criteria = per
-
-
-def count_items(session: Session, run_id: str) -> int:
-    return int(
-        session.scalar(
-            select(func.count()).select_from(EvalOutputItem).where(EvalOutputItem.run_id == run_id)
-        )
-        or 0
-    )
 
 
 def passes(criterion: dict[str, Any], graded: graders.Graded) -> bool:

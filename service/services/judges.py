@@ -1,6 +1,7 @@
 """Model graders' judges: a chat model we serve, prompted once per sample through the inference workers
 (the same routing, limits and continuous batching as `/v1/chat/completions`). Used by /graders/run in
-the API process and by training jobs through the internal judge route.
+the API process, by training jobs through the internal judge route, and by eval runs to sample the
+model under evaluation (`ask` is the one way the service asks a model for whole replies).
 
 A judge that cannot answer (no worker, a timeout, a bad prompt) gives a `JudgeReply` with the error,
 never an exception: the sample gets OpenAI's `model_grader_server_error` flag and a score of 0."""
@@ -93,7 +94,10 @@ async def ask(
             except ValueError as e:  # a rendered prompt the chat schema refuses
                 return graders.JudgeReply(None, error=f"invalid_prompt: {e}")
         return graders.JudgeReply(
-            choices[0]["text"], prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens
+            choices[0]["text"],
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            finish_reason=choices[0]["finish_reason"] or "",
         )
 
     return list(await asyncio.gather(*(one(p) for p in prompts)))
