@@ -6,7 +6,9 @@ a program or another model instead of (or besides) a trained reward model.
     text_similarity  the similarity of `input` to `reference` by `evaluation_metric`: fuzzy_match
                      (rapidfuzz), bleu, gleu and meteor (nltk; meteor with WordNet 3.0, see
                      rlhf_engine/wordnet.py), rouge_1 … rouge_5 and rouge_l (rouge-score), in [0, 1];
-                     `pass_threshold` is kept for the caller
+                     cosine: the cosine of the two texts' embeddings by the server's embedding model
+                     (served like a chat model: `Context.embed`), in [-1, 1]; `pass_threshold` is kept
+                     for the caller
     python           the tenant's `grade(sample, item) -> float`, run in a bubblewrap sandbox
                      (`rlhf_engine.sandbox`)
     score_model      with `input` messages: a chat model we serve (a judge) is prompted and its reply's
@@ -41,6 +43,7 @@ from rlhf_engine import sandbox, wordnet
 
 OPERATIONS = ("eq", "ne", "like", "ilike")
 METRICS = (
+    "cosine",
     "fuzzy_match",
     "bleu",
     "gleu",
@@ -52,9 +55,6 @@ METRICS = (
     "rouge_5",
     "rouge_l",
 )
-UNAVAILABLE_METRICS = {
-    "cosine": "needs an embedding model, which this server does not run for graders",
-}
 TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "multi")
 FUNCTIONS: dict[str, Callable[..., float]] = {
     "min": min,
@@ -175,12 +175,27 @@ Judge = Callable[[str, list[list[dict[str, str]]], dict[str, Any]], list[JudgeRe
 
 
 @dataclass
+class EmbedReply:
+    """The embedding model's unit vectors of some texts, in order, or why there are none."""
+
+    vectors: list[list[float]] | None
+    model: str = ""
+    error: str | None = None
+    tokens: list[int] = field(default_factory=list)  # each text's
+
+
+# texts → their embeddings by the server's embedding model
+Embedder = Callable[[list[str]], EmbedReply]
+
+
+@dataclass
 class Context:
     """What graders that are not pure functions need, given by whoever runs them."""
 
     value_scores: Callable[[str], list[float]] | None = None  # a reward model's score per sample
     judge: Judge | None = None
     limits: sandbox.Limits | None = None
+    embed: Embedder | None = None  # for the cosine metric
 
 
 def _lookup(root: Any, path: list[str], ref: str, where: str) -> Any:
@@ -297,6 +312,14 @@ class Grader(ABC):
     def has_python(self) -> bool:
         return any(isinstance(g, Python) for g in self.parts())
 
+    def embeds(self) -> list[str]:
+        """The field of every part that needs the server's embedding model (cosine similarity)."""
+        return [
+            f"{g.where}.evaluation_metric"
+            for g in self.parts()
+            if isinstance(g, TextSimilarity) and g.metric == "cosine"
+        ]
+
 
 @dataclass
 class StringCheck(Grader):
@@ -325,6 +348,47 @@ class TextSimilarity(Grader):
         a = self.input.render(sample, item, f"{self.where}.input")
         b = self.reference.render(sample, item, f"{self.where}.reference")
         return similarity(self.metric, a, b)
+
+    def grade_many(self, samples: list[Sample], items: list[dict[str, Any]], ctx: Context) -> list[Graded]:
+        if self.metric != "cosine":
+            return super().grade_many(samples, items, ctx)
+        if ctx.embed is None:
+            raise GraderError(
+                f"{self.where}.evaluation_metric",
+                "cosine needs the server's embedding model on the inference workers, which this caller has "
+                "not given",
+            )
+        out: list[Graded | None] = [None] * len(samples)
+        pairs: dict[int, tuple[str, str]] = {}
+        for i, (sample, item) in enumerate(zip(samples, items, strict=True)):
+            try:
+                pairs[i] = (
+                    self.input.render(sample, item, f"{self.where}.input"),
+                    self.reference.render(sample, item, f"{self.where}.reference"),
+                )
+            except _SampleError as e:
+                out[i] = Graded.failed(self.name, e.flag, e.details)
+        texts = sorted({t for pair in pairs.values() for t in pair if t})  # each text embedded once
+        got = ctx.embed(texts) if texts else EmbedReply([])
+        if got.vectors is None or len(got.vectors) != len(texts):
+            why = got.error or "the embedding model gave no vectors"
+            for i in pairs:
+                out[i] = Graded.failed(self.name, "model_grader_server_error", why)
+            return [g if g is not None else Graded.failed(self.name, "other_error") for g in out]
+        index = {t: k for k, t in enumerate(texts)}
+        for i, (a, b) in pairs.items():
+            if not a or not b:  # an empty text has no meaning to compare
+                score = 1.0 if a == b else 0.0
+            else:
+                va, vb = got.vectors[index[a]], got.vectors[index[b]]
+                score = max(-1.0, min(1.0, sum(x * y for x, y in zip(va, vb, strict=True))))
+            graded = Graded(score, {self.name: score})
+            tokens = sum(got.tokens[index[t]] for t in (a, b) if t in index) if got.tokens else 0
+            graded.usage = {
+                got.model: {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
+            }
+            out[i] = graded
+        return [g if g is not None else Graded.failed(self.name, "other_error") for g in out]
 
     def item_fields(self) -> set[str]:
         return set(self.input.item_fields) | set(self.reference.item_fields)
@@ -781,11 +845,6 @@ def parse(spec: Any, where: str = "grader", depth: int = 0) -> Grader:
         )
     if kind == "text_similarity":
         metric = _get(spec, "evaluation_metric", where)
-        if metric in UNAVAILABLE_METRICS:
-            raise GraderError(
-                f"{where}.evaluation_metric",
-                f"{metric} {UNAVAILABLE_METRICS[metric]}; choose one of {', '.join(METRICS)}",
-            )
         if metric not in METRICS:
             raise GraderError(f"{where}.evaluation_metric", f"{metric!r}: choose {', '.join(METRICS)}")
         if metric == "meteor" and not wordnet.available():

@@ -643,6 +643,50 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class EmbeddingRequest(Strict):
+    """OpenAI's embeddings request."""
+
+    model: str = Field(max_length=255, description="any model GET /v1/models lists (a chat model embeds too)")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a text, a list of texts (at most 2048), a list of token ids, or a list of such lists"
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="float: lists of numbers; base64: little-endian float32 bytes, base64"
+    )
+    dimensions: int | None = Field(
+        default=None, ge=1, description="keep the first n components, normalised again (at most the model's)"
+    )
+    user: str | None = Field(default=None, max_length=256, description="accepted for compatibility, not used")
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as a list (one text or one token list is a list of one)."""
+        given: Any = self.input
+        if isinstance(given, str):
+            return [given]
+        if given and all(isinstance(t, int) for t in given):
+            return [given]
+        out: list[str] | list[list[int]] = given
+        return out
+
+
+class EmbeddingObject(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="the unit vector (a base64 string with encoding_format)")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingObject]
+    model: str
+    usage: EmbeddingUsage
+
+
 # ---------------------------------------------------------------------------- errors
 
 

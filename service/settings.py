@@ -142,6 +142,14 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="wall-clock seconds one python grader batch may take"
     )
     grader_output_kb: int = Field(default=1024, ge=1, description="what a python grader may print")
+    embedding_model: str = Field(
+        default="smollm2-135m-instruct",
+        description="the model the cosine text-similarity grader embeds with (any served model; see "
+        "/v1/embeddings)",
+    )
+    embedding_max_inputs: int = Field(
+        default=2048, ge=1, le=2048, description="most inputs of one /v1/embeddings request"
+    )
 
     # serving: inference workers and chat
     inference_host: str = Field(default="127.0.0.1", description="an inference worker's bind address")

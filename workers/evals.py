@@ -24,8 +24,8 @@ from rlhf_engine import graders
 from service.db.models import EvalOutputItem, EvalRun, utcnow
 from service.db.session import session_scope
 from service.jobs import evals as job_evals
+from service.services import embeddings, judges
 from service.services import evals as evals_svc
-from service.services import judges
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -199,7 +199,11 @@ def _execute(run_id: str, settings: Settings, loop: asyncio.AbstractEventLoop, o
         eval_name = ev.name
         rows = evals_svc.rows_of(s, run)
         done = set(s.scalars(select(EvalOutputItem.item_index).where(EvalOutputItem.run_id == run_id)))
-    context = graders.Context(judge=judges.judge_on(loop, settings, tenant), limits=settings.grader_limits())
+    context = graders.Context(
+        judge=judges.judge_on(loop, settings, tenant),
+        limits=settings.grader_limits(),
+        embed=embeddings.embedder_on(loop, settings, tenant),
+    )
     pending = [i for i in range(len(rows)) if i not in done]
     for start in range(0, len(pending), BATCH):
         control = _renew(settings, run_id, owner)

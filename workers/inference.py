@@ -49,6 +49,9 @@ _CODES = {
 }
 
 
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
 class LoadedModels:
     """Loaded chat generators by model id, least recently used first."""
 
@@ -254,9 +257,9 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
             )
             raise
 
-    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
+    async def _generator(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The caller checked, and the request's model loaded here and acquired (release it after)."""
         from rlhf_engine.chat.errors import ChatError
-        from rlhf_engine.config.chat import SamplingParams
 
         token = self.generators.settings.inference_token
         if token and dict(context.invocation_metadata() or ()).get("x-worker-token") != token:
@@ -278,6 +281,36 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 generator = await self._load_acquired(request.model_id, request.model_path)
             except ChatError as e:
                 await _abort(context, e)
+        return generator
+
+    async def Embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        from rlhf_engine.chat.errors import ChatError
+
+        generator = await self._generator(request, context)
+        try:
+            inputs = list(request.texts) or [list(t.ids) for t in request.token_ids]
+            try:
+                future = generator.embed(inputs)
+                got = await asyncio.wrap_future(future)
+            except ChatError as e:
+                await _abort(context, e)
+            except asyncio.CancelledError:  # the caller hung up: a queued job is dropped, a running one ends
+                future.cancel()
+                raise
+        finally:
+            self.generators.release(request.model_id)
+        return worker_pb2.EmbedReply(
+            vectors=[
+                worker_pb2.Vector(values=v, tokens=n) for v, n in zip(got.vectors, got.tokens, strict=True)
+            ],
+            worker_id=self.worker_id,
+        )
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
+        from rlhf_engine.chat.errors import ChatError
+        from rlhf_engine.config.chat import SamplingParams
+
+        generator = await self._generator(request, context)
         handle: Any = None
         how = "failed"
         try:
@@ -407,7 +440,10 @@ async def _serve(settings: Settings, port: int | None) -> int:
 
     worker_id = new_id("iw")
     generators = LoadedModels(settings)
-    server = grpc.aio.server(maximum_concurrent_rpcs=settings.inference_capacity)
+    server = grpc.aio.server(
+        maximum_concurrent_rpcs=settings.inference_capacity,
+        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],  # 2048 embeddings of a wide model
+    )
     worker_pb2_grpc.add_InferenceWorkerServicer_to_server(InferenceServicer(worker_id, generators), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

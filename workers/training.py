@@ -435,6 +435,7 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
     }
     if judge_token:  # its model graders ask their judges through the API (service/api/internal.py)
         env[judging.JUDGE_URL_ENV] = f"{settings.internal_url}/internal/v1/jobs/{job_id}/judge"
+        env[judging.EMBED_URL_ENV] = f"{settings.internal_url}/internal/v1/jobs/{job_id}/embed"
         env[judging.JUDGE_TOKEN_ENV] = judge_token
     ingest = Ingest(job_id, step, step_dir, settings)
     started = time.monotonic()

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from rlhf_engine.chat import embed as embedding
 from rlhf_engine.chat.errors import (
     ChatError,
     ChatRequestError,
@@ -262,7 +264,7 @@ class ChatGenerator:
         # of padding columns inside a row, and their windows count columns)
         reuse = self.config.prefix_cache_mb > 0 and not has_sliding_layers(model_config)
         self._prefixes = PrefixCache(int(self.config.prefix_cache_mb * 2**20)) if reuse else None
-        self._pending: queue.Queue[RequestHandle | None] = queue.Queue()
+        self._pending: queue.Queue[RequestHandle | embedding.EmbedJob | None] = queue.Queue()
         self._ids = itertools.count()
         self._closed = False
         self._stop = threading.Event()
@@ -354,6 +356,27 @@ class ChatGenerator:
     ) -> ChatResult:
         return self.submit(messages, params).result()
 
+    def embed(self, inputs: Sequence[str | Sequence[int]]) -> Future[embedding.Embeddings]:
+        """Queue texts (or token id lists) to embed (rlhf_engine.chat.embed); the future gets one unit
+        vector per input, computed on the scheduler thread between decode steps. Bad inputs raise
+        `ChatRequestError` here."""
+        ids = embedding.token_ids(
+            inputs,
+            self.tokenizer,
+            context_len=self.context_len,
+            vocab_size=self.loaded.module.get_input_embeddings().num_embeddings,
+        )
+        job = embedding.EmbedJob(ids)
+        with self._lock:
+            if self._closed:
+                raise GeneratorStoppedError("the chat generator is closed")
+            if self._pending.qsize() >= self.config.max_queue:
+                raise GeneratorBusyError(
+                    f"{self.config.max_queue} requests are already waiting; retry shortly"
+                )
+            self._pending.put(job)
+        return job.future
+
     def close(self, *, drain_s: float = 0.0) -> None:
         """Stop the scheduler. Requests still running after `drain_s` seconds (none by default) end with
         `GeneratorStoppedError`; new submissions are refused at once."""
@@ -387,7 +410,10 @@ class ChatGenerator:
         self._fail_all(GeneratorStoppedError("the chat generator was closed before the request finished"))
         while not self._pending.empty():
             handle = self._pending.get_nowait()
-            if handle is not None:
+            if isinstance(handle, embedding.EmbedJob):
+                if handle.future.set_running_or_notify_cancel():
+                    handle.future.set_exception(GeneratorStoppedError("the chat generator was closed"))
+            elif handle is not None:
                 handle._fail(
                     GeneratorStoppedError("the chat generator was closed before the request started")
                 )
@@ -410,6 +436,9 @@ class ChatGenerator:
             if handle is None:
                 self._start(handles)
                 return False
+            if isinstance(handle, embedding.EmbedJob):  # one forward pass, no rows: done here and now
+                self._embed(handle)
+                continue
             if handle.params.n > room:  # wait for room; keep it first in line
                 self._pending.queue.appendleft(handle)
                 break
@@ -422,6 +451,17 @@ class ChatGenerator:
             tokens += len(handle.prompt_ids)
         self._start(handles)
         return True
+
+    def _embed(self, job: embedding.EmbedJob) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(
+                embedding.embed(self.loaded.module, self.loaded.device, job.token_ids, self._pad_id)
+            )
+        except Exception as e:
+            logger.exception("embedding failed")
+            job.future.set_exception(GenerationFailedError(f"embedding failed: {type(e).__name__}: {e}"))
 
     def _start(self, handles: list[RequestHandle]) -> None:
         if not handles:

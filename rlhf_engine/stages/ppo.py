@@ -124,6 +124,12 @@ def check_runnable(grader: graders.Grader) -> None:
             "workers: run this as a job of the service, or grade with string_check, text_similarity, "
             "python or a reward model",
         )
+    if grader.embeds() and judging.embedder_from_environment() is None:
+        raise graders.GraderError(
+            grader.embeds()[0],
+            "cosine compares embeddings by the service's embedding model on its inference workers: run this "
+            "as a job of the service, or choose another evaluation_metric",
+        )
     if grader.has_python() and (why := sandbox.unavailable()) is not None:
         raise graders.GraderError("grader.type", why)
 

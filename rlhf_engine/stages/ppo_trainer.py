@@ -163,6 +163,7 @@ class PPOTrainer:
         self.last_metrics: dict[str, float] = {}
         self.grader = self.args.parsed_grader()
         self.judge = judging.from_environment()  # model graders' judges, through the service
+        self.embed = judging.embedder_from_environment()  # cosine similarity's embedding model, likewise
 
     # ------------------------------------------------------------------ experience
 
@@ -332,7 +333,7 @@ class PPOTrainer:
             str(self.tokenizer.decode(ids[mask > 0], skip_special_tokens=True)).strip()
             for ids, mask in zip(answers, action_mask, strict=True)
         ]
-        context = graders.Context(value_scores=model_scores.__getitem__, judge=self.judge)
+        context = graders.Context(value_scores=model_scores.__getitem__, judge=self.judge, embed=self.embed)
         graded = graders.grade_batch(self.grader, texts, items, context)
         rewards = [g.score for g in graded]
         notes = [{"errors": g.errors, "judges": g.replies} for g in graded]

@@ -358,10 +358,11 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
             body, content_type = render(session)
         return PlainTextResponse(body, media_type=content_type)
 
-    from service.api import chat, checkpoints, evals, files, graders, internal, jobs, models
+    from service.api import chat, checkpoints, embeddings, evals, files, graders, internal, jobs, models
 
     app.include_router(chat.router)
     app.include_router(checkpoints.router)
+    app.include_router(embeddings.router)
     app.include_router(evals.router)
     app.include_router(files.router)
     app.include_router(graders.router)

@@ -20,7 +20,7 @@ from service.api.openapi import COMMON, errors
 from service.db.session import session_scope
 from service.errors import InvalidRequestError
 from service.schemas import GraderRunRequest, GraderRunResponse, GraderValidateRequest, GraderValidateResponse
-from service.services import judges
+from service.services import embeddings, judges
 from service.services.keys import Caller
 from service.settings import Settings
 
@@ -63,7 +63,9 @@ async def run(body: GraderRunRequest, caller: CallerDep, settings: SettingsDep) 
         raise InvalidRequestError(str(e), param=e.param) from None
     loop = asyncio.get_running_loop()
     context = graders.Context(
-        judge=judges.judge_on(loop, settings, caller.tenant_id), limits=settings.grader_limits()
+        judge=judges.judge_on(loop, settings, caller.tenant_id),
+        limits=settings.grader_limits(),
+        embed=embeddings.embedder_on(loop, settings, caller.tenant_id),
     )
     # its own threads: a grader waits on judges that run on this loop and use the default executor, which
     # graders holding every one of its threads would starve (a deadlock under concurrent requests)

@@ -69,6 +69,10 @@ RPC_ROUTES: dict[str, tuple[str, str]] = {
 }
 EVALS_REST = "OpenAI's Evals API (client.evals): REST-only for now"
 REST_ONLY: dict[tuple[str, str], str] = {
+    (
+        "POST",
+        "/v1/embeddings",
+    ): "OpenAI's embeddings: REST-only for now (graders use them inside the service)",
     ("POST", "/v1/fine_tuning/alpha/graders/validate"): "OpenAI's alpha grader endpoints: REST-only for now",
     ("POST", "/v1/fine_tuning/alpha/graders/run"): "OpenAI's alpha grader endpoints: REST-only for now",
     ("POST", "/v1/files"): "multipart upload",

@@ -41,12 +41,15 @@ JUDGE_TOKEN = "_judge_token"
 
 
 def _judge_token(req: JobCreate) -> dict[str, str]:
-    """A job whose grader prompts judge models gets a secret its training step presents to the API's
-    internal judge route (service/api/internal.py); never shown to anyone."""
+    """A job whose grader prompts judge models (or embeds, for cosine similarity) gets a secret its
+    training step presents to the API's internal routes (service/api/internal.py); never shown to anyone."""
     from rlhf_engine import graders
 
     params = req.method.reinforcement if req.method and req.method.type == "reinforcement" else None
-    if params is None or params.grader is None or not graders.parse(params.grader).judges():
+    if params is None or params.grader is None:
+        return {}
+    grader = graders.parse(params.grader)
+    if not grader.judges() and not grader.embeds():
         return {}
     return {JUDGE_TOKEN: secrets.token_urlsafe(32)}
 

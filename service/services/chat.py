@@ -249,23 +249,21 @@ def live_workers(*, session: Session, settings: Settings) -> list[WorkerView]:
 
 
 def route(
-    *, session: Session, tenant: str, req: ChatCompletionRequest, settings: Settings, inflight: dict[str, int]
+    *, session: Session, tenant: str, model: str, settings: Settings, inflight: dict[str, int]
 ) -> Route:
-    ref = _cached_ref((settings.db_url, tenant, req.model))
+    ref = _cached_ref((settings.db_url, tenant, model))
     if ref is None:
-        ref = resolve_model(session=session, tenant=tenant, model=req.model, settings=settings)
+        ref = resolve_model(session=session, tenant=tenant, model=model, settings=settings)
         if len(_refs) >= _REFS_MAX:
             _refs.clear()
-        _refs[(settings.db_url, tenant, req.model)] = (time.monotonic() + REFS_TTL_S, ref)
+        _refs[(settings.db_url, tenant, model)] = (time.monotonic() + REFS_TTL_S, ref)
     return _pick(ref, live_workers(session=session, settings=settings), settings, inflight, tenant)
 
 
-def cached_route(
-    *, tenant: str, req: ChatCompletionRequest, settings: Settings, inflight: dict[str, int]
-) -> Route | None:
+def cached_route(*, tenant: str, model: str, settings: Settings, inflight: dict[str, int]) -> Route | None:
     """The route from the API's recent view alone (no database), or None when it has no view of the
     workers or has not resolved this model for this tenant yet."""
-    ref = _cached_ref((settings.db_url, tenant, req.model))
+    ref = _cached_ref((settings.db_url, tenant, model))
     view = _views.get(settings.db_url)
     if ref is None or view is None or view[0] < time.monotonic() or not view[1]:
         return None
@@ -317,16 +315,20 @@ def mark_stale(settings: Settings, worker_id: str) -> None:
 # ---------------------------------------------------------------------------- the relay
 
 _stubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = weakref.WeakKeyDictionary()
+MAX_REPLY_BYTES = 64 * 2**20  # a worker's largest message: 2048 embeddings of a wide model
 _inflight: dict[str, int] = {}  # requests this API process has open per worker (between heartbeats)
 
 
-def _stub(address: str) -> Any:
+def stub(address: str) -> Any:
     """One channel per worker address and event loop (aio channels belong to the loop that made them)."""
     from service.grpc.pb import worker_pb2_grpc
 
     stubs = _stubs.setdefault(asyncio.get_running_loop(), {})
     if address not in stubs:
-        channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+        channel = grpc.aio.insecure_channel(
+            address,
+            options=[("grpc.enable_retries", 0), ("grpc.max_receive_message_length", MAX_REPLY_BYTES)],
+        )
         stubs[address] = (worker_pb2_grpc.InferenceWorkerStub(channel), channel)
     return stubs[address][0]
 
@@ -392,7 +394,7 @@ async def open_chat(
         tenant = caller.tenant_id
     if tenant is not None:
         check(req, settings)  # after the key: an unknown caller learns nothing about our limits
-        r = cached_route(tenant=tenant, req=req, settings=settings, inflight=_inflight)
+        r = cached_route(tenant=tenant, model=req.model, settings=settings, inflight=_inflight)
     if r is None:
         r = await asyncio.to_thread(_route_in_thread, settings, tenant, authorization, req)
     message = _generate_request(r, req)
@@ -400,38 +402,14 @@ async def open_chat(
     meta = (("x-worker-token", settings.inference_token),) if settings.inference_token else None
     busy = False
     for worker_id, address in r.workers:
-        call = _stub(address).Generate(message, timeout=settings.chat_timeout_s, metadata=meta)
+        call = stub(address).Generate(message, timeout=settings.chat_timeout_s, metadata=meta)
         _inflight[worker_id] = _inflight.get(worker_id, 0) + 1
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as e:
             _inflight[worker_id] -= 1
-            code = e.code()
-            error_code = dict(e.trailing_metadata() or ()).get("error-code")
-            app_level = bool(error_code)
-            if error_code == "model_not_ready":  # the worker builds it now; every worker would say the same
-                raise UnavailableError(
-                    e.details() or "the model is being prepared",
-                    code="model_not_ready",
-                    param="model",
-                    retry_after=settings.retry_after_s,
-                ) from None
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
-                code == grpc.StatusCode.UNAVAILABLE and app_level
-            ):
-                busy = True  # full, or the model is being swapped out there: try the next worker
-                continue
-            if code == grpc.StatusCode.UNAVAILABLE:  # not reachable: skip it until its next heartbeat
-                await asyncio.to_thread(mark_stale, settings, worker_id)
-                await _forget(address)
-                continue
-            raise _error(
-                e,
-                settings.chat_timeout_s,
-                started=False,
-                retry_after=settings.retry_after_s,
-                tokens_field=tokens_field,
-            ) from None
+            busy = await refused(e, settings, worker_id, address, tokens_field=tokens_field) or busy
+            continue
         except BaseException:  # cancelled while waiting (the client left): nothing leaks
             _inflight[worker_id] -= 1
             call.cancel()
@@ -453,8 +431,42 @@ async def open_chat(
             call=call,
             timeout_s=settings.chat_timeout_s,
         )
+    raise none_took(busy, settings)
+
+
+async def refused(
+    e: grpc.aio.AioRpcError, settings: Settings, worker_id: str, address: str, *, tokens_field: str = ""
+) -> bool:
+    """A worker's refusal of a request it has not started: True when it is busy and False when it cannot
+    be reached (try the next worker either way); the error to answer otherwise, raised."""
+    code = e.code()
+    error_code = dict(e.trailing_metadata() or ()).get("error-code")
+    if error_code == "model_not_ready":  # the worker builds it now; every worker would say the same
+        raise UnavailableError(
+            e.details() or "the model is being prepared",
+            code="model_not_ready",
+            param="model",
+            retry_after=settings.retry_after_s,
+        ) from None
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (code == grpc.StatusCode.UNAVAILABLE and error_code):
+        return True  # full, or the model is being swapped out there
+    if code == grpc.StatusCode.UNAVAILABLE:  # not reachable: skip it until its next heartbeat
+        await asyncio.to_thread(mark_stale, settings, worker_id)
+        await _forget(address)
+        return False
+    raise _error(
+        e,
+        settings.chat_timeout_s,
+        started=False,
+        retry_after=settings.retry_after_s,
+        tokens_field=tokens_field or "max_tokens",
+    ) from None
+
+
+def none_took(busy: bool, settings: Settings) -> UnavailableError:
+    """The 503 when no worker took a request."""
     why = "every inference worker is at capacity" if busy else "no inference worker could be reached"
-    raise UnavailableError(
+    return UnavailableError(
         f"{why}; retry shortly", code="busy" if busy else "no_worker", retry_after=settings.retry_after_s
     )
 
@@ -468,7 +480,7 @@ def _route_in_thread(
                 session=s, authorization=authorization, cache_s=settings.auth_cache_s
             ).tenant_id
             check(req, settings)  # after the key: an unknown caller learns nothing about our limits
-        return route(session=s, tenant=tenant, req=req, settings=settings, inflight=_inflight)
+        return route(session=s, tenant=tenant, model=req.model, settings=settings, inflight=_inflight)
 
 
 def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:

@@ -37,7 +37,32 @@ def is_reward_model(path: Path) -> bool:
 
 def check_models(*, session: Session, tenant: str, grader: graders.Grader, settings: Settings) -> None:
     """Every model the grader names exists for this tenant and is of the right kind: a chat model for a
-    judge, a reward model for a score_model without `input`. 400 naming the grader's field otherwise."""
+    judge, a reward model for a score_model without `input`; the server's embedding model for cosine
+    similarity. 400 naming the grader's field otherwise."""
+    for where in grader.embeds()[:1]:
+        model = settings.embedding_model
+        try:
+            ref = models_svc.resolve(
+                session=session,
+                tenant=tenant,
+                name=model,
+                models_dir=settings.models_dir,
+                param=where,
+                max_bytes=settings.max_model_bytes,
+            )
+        except InvalidRequestError as e:
+            raise InvalidRequestError(
+                f"{where}: cosine embeds with this server's embedding model {model!r} "
+                f"(RLHF_EMBEDDING_MODEL), which cannot be used: {e.message}; "
+                "choose another evaluation_metric",
+                param=where,
+            ) from None
+        if is_reward_model(ref.path):
+            raise InvalidRequestError(
+                f"{where}: this server's embedding model {model!r} (RLHF_EMBEDDING_MODEL) is a reward "
+                "model; the operator must name a language model",
+                param=where,
+            )
     for where, model, kind in grader.judges():
         ref = models_svc.resolve(
             session=session,

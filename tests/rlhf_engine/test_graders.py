@@ -9,6 +9,7 @@ import pytest
 
 from rlhf_engine.graders import (
     Context,
+    EmbedReply,
     GraderError,
     JudgeReply,
     Multi,
@@ -109,6 +110,48 @@ def test_text_similarity_metrics_against_hand_values() -> None:
         }
     )
     assert run(g, "the cat sat", {"ref": "the cat sat on the mat"}).reward == pytest.approx(2 / 3)
+
+
+def _letters(texts: list[str]) -> EmbedReply:
+    """An embedder for the grader's arithmetic: letter counts, normalised (the served model's vectors are
+    checked against transformers in tests/rlhf_engine/chat/test_embed.py and tests/service/test_judges.py)."""
+    out = []
+    for t in texts:
+        v = [float(t.lower().count(c)) for c in "abcdefghijklmnopqrstuvwxyz"]
+        norm = sum(x * x for x in v) ** 0.5 or 1.0
+        out.append([x / norm for x in v])
+    return EmbedReply(out, model="letters", tokens=[len(t.split()) for t in texts])
+
+
+def test_cosine_embeds_each_distinct_text_once_and_flags_an_embedder_that_fails() -> None:
+    g = parse(
+        {
+            "type": "text_similarity",
+            "name": "sim",
+            "input": OUT,
+            "reference": "{{item.answer}}",
+            "evaluation_metric": "cosine",
+        }
+    )
+    assert g.embeds() == ["grader.evaluation_metric"] and not g.judges()
+    calls: list[list[str]] = []
+
+    def embed(texts: list[str]) -> EmbedReply:
+        calls.append(texts)
+        return _letters(texts)
+
+    items = [{"answer": "ab"}, {"answer": "ab"}, {"answer": "ab"}]
+    out = grade_batch(g, ["ab", "ba", "zz"], items, Context(embed=embed))
+    assert [o.score for o in out] == pytest.approx([1.0, 1.0, 0.0])
+    assert calls == [["ab", "ba", "zz"]]  # one call, each distinct text once
+    assert out[2].usage == {"letters": {"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2}}
+    failed = grade_batch(
+        g, ["ab"], items[:1], Context(embed=lambda t: EmbedReply(None, error="no_worker: none"))
+    )
+    assert failed[0].score == 0.0 and failed[0].errors == {"model_grader_server_error": "no_worker: none"}
+    with pytest.raises(GraderError) as e:  # outside the service there is no embedding model to ask
+        grade_batch(g, ["ab"], items[:1])
+    assert e.value.param == "grader.evaluation_metric"
 
 
 def test_multi_combines_named_graders_by_a_parsed_formula() -> None:
@@ -357,7 +400,7 @@ BAD = [
     ({"type": "string_check", "input": OUT, "operation": "eq"}, "grader.reference"),
     ({**check("eq"), "input": 5}, "grader.input"),
     (
-        {"type": "text_similarity", "input": OUT, "reference": "x", "evaluation_metric": "cosine"},
+        {"type": "text_similarity", "input": OUT, "reference": "x", "evaluation_metric": "cosine_distance"},
         "grader.evaluation_metric",
     ),
     (

@@ -31,13 +31,14 @@ from service.db.session import session_scope
 from service.settings import Settings
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-FAST = {
+FAST: dict[str, Any] = {
     "heartbeat_s": 1.0,
     "lease_s": 6.0,
     "sweep_s": 2.0,
     "cost_interval_s": 2.0,
     "step_grace_s": 60.0,
     "auth_cache_s": 1.0,
+    "embedding_model": "tiny-opt-xs",  # the cosine grader embeds with a bundled tiny model
 }
 # A rate-limit window (RLHF_RATE_WINDOW_S) that no test outlives: windows end at multiples of 10^9 s since
 # the epoch, the next one in 2033; a stack with it never sees its counts reset mid-test, so no test waits
@@ -473,8 +474,15 @@ def judged_job(e2e_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> di
                     "    words = sample['output_text'].lower().split()\n"
                     "    return 1.0 if item['answer'] in words else min(len(words), 10) / 20",
                 },
+                "sim": {  # cosine: the trainer asks the server's embedding model through the API
+                    "type": "text_similarity",
+                    "name": "sim",
+                    "input": "{{sample.output_text}}",
+                    "reference": "{{item.answer}}",
+                    "evaluation_metric": "cosine",
+                },
             },
-            "calculate_output": "0.05 * judge + py",
+            "calculate_output": "0.05 * judge + py + 0.1 * sim",
         }
         method: Any = {
             "type": "reinforcement",

@@ -47,7 +47,8 @@ PYTHON = {
 
 @pytest.fixture(scope="module")
 def stack(make_stack: Callable[..., Stack]) -> Stack:
-    return make_stack()
+    # an operator's typo in RLHF_EMBEDDING_MODEL: cosine graders are refused, naming the setting
+    return make_stack(embedding_model="smollm2-135m-instruc")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_run_scores_a_sample_with_its_row(client: httpx.Client) -> None:
                 }
             },
             "grader.evaluation_metric",
-            "embedding",
+            "embedding model 'smollm2-135m-instruc' (RLHF_EMBEDDING_MODEL)",
         ),
         ({"grader": [1, 2]}, "grader", ""),
     ],

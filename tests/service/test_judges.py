@@ -1,9 +1,10 @@
 """Model graders judged by a model we serve, end to end: /graders/run through the official SDK asks a live
 inference worker (the reply equals the model's own greedy answer, parsed by OpenAI's rules); judges that
-do not exist or cannot answer a prompt are 400s naming the field; and OpenAI's reinforcement workflow
-with a `score_model` chat judge and a `python` grader runs through the SDK to `succeeded` — the trainer
-asking the judge through the API's internal route, the judge's replies kept with the rollouts and its
-requests counted on the job."""
+do not exist or cannot answer a prompt are 400s naming the field; OpenAI's reinforcement workflow
+with a `score_model` chat judge, a `python` grader and a cosine similarity runs through the SDK to
+`succeeded` — the trainer asking the judge and the embedding model through the API's internal routes,
+the judge's replies kept with the rollouts and its requests counted on the job; and `/v1/embeddings`
+answers the official SDK with the served model's mean-pooled vectors."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError, InternalServerError, OpenAI
 
 from service.db.models import FineTunedModel
 from service.db.session import session_scope
@@ -36,6 +37,7 @@ def judged(
     workers.start()
     key = e2e_stack.key("judges")
     yield {
+        "key": key,
         "sdk": OpenAI(base_url=f"{e2e_stack.url}/v1", api_key=key, timeout=120, max_retries=0),
         "http": httpx.Client(base_url=e2e_stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=120),
         "tmp": tmp_path_factory.mktemp("judges"),
@@ -243,15 +245,119 @@ def test_openais_reinforcement_workflow_with_a_chat_judge_and_a_python_grader(
         _data(e) for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"
     ]
     # 8 prompts, a tenth held out to evaluate, 4 per step: one step of 4 prompts × a group of 4 answers
-    assert len(metrics) == 1 and {"grader_judge", "grader_py", "grader_error_rate"} <= set(metrics[0])
+    assert len(metrics) == 1 and {"grader_judge", "grader_py", "grader_sim", "grader_error_rate"} <= set(
+        metrics[0]
+    )
     cost: Any = job.to_dict()["cost"]
     # every answer judged once (evaluation asks more): 16 requests at least, each a prompt of > 10 tokens
     assert cost["judge_requests"] >= 16 and cost["judge_tokens"] > 16 * 10, cost
     with e2e_stack.client(judged_job["key"]) as http:
         rollouts = http.get(f"/v1/fine_tuning/jobs/{job.id}/rollouts", params={"limit": 100}).json()["data"]
     assert rollouts and all(r["judges"][0]["model"] == MODEL for r in rollouts)
+    # the cosine part: the server's embedding model asked through the API (a cosine, never a server error)
+    assert all(
+        -1 <= r["grades"]["sim"] <= 1 and "model_grader_server_error" not in r["errors"] for r in rollouts
+    )
+    assert len({r["grades"]["sim"] for r in rollouts}) > 1, rollouts[:2]
     replied = [r for r in rollouts if r["judges"][0]["text"] is not None]
     assert replied, rollouts[0]  # the judge answered (its text kept beside the answer it judged)
     for r in replied:
         flagged = "model_grader_parse_error" in r["errors"]
         assert flagged == (re.search(r"\d", r["judges"][0]["text"]) is None), r
+
+
+def _mean_pooled(path: str, texts: list[str]) -> list[list[float]]:
+    """The reference: plain transformers, one text at a time — the mean of the last hidden states,
+    normalised."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=-1).tolist())
+    return out
+
+
+def _embed_when_loaded(sdk: OpenAI, **kwargs: Any) -> Any:
+    deadline = time.monotonic() + 120
+    while True:  # the worker loads (or builds) the model on its first request: 503 "not ready" meanwhile
+        try:
+            return sdk.embeddings.create(**kwargs)
+        except InternalServerError as e:  # the SDK's class for 503
+            assert e.status_code == 503 and time.monotonic() < deadline, e
+
+
+def test_embeddings_through_the_sdk_equal_mean_pooling_of_the_served_model(
+    judged: dict[str, Any], e2e_stack: Stack
+) -> None:
+    sdk: OpenAI = judged["sdk"]
+    texts = ["The dog is brown.", "Where does the owl live?", "A kite"]
+    got = _embed_when_loaded(sdk, model=MODEL, input=texts)  # the SDK asks for base64 and decodes it
+    want = _mean_pooled(str(e2e_stack.settings.models_dir / MODEL), texts)
+    assert [d.index for d in got.data] == [0, 1, 2] and got.model == MODEL
+    for d, w in zip(got.data, want, strict=True):
+        assert d.embedding == pytest.approx(w, abs=1e-5)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(e2e_stack.settings.models_dir / MODEL))
+    counts = [len(tok(t)["input_ids"]) for t in texts]
+    assert got.usage.prompt_tokens == got.usage.total_tokens == sum(counts)
+    floats = sdk.embeddings.create(model=MODEL, input=texts[0], encoding_format="float")
+    assert floats.data[0].embedding == pytest.approx(want[0], abs=1e-5)
+    ids = tok(texts[0])["input_ids"]  # token ids embed as the text they spell
+    assert sdk.embeddings.create(model=MODEL, input=ids).data[0].embedding == pytest.approx(want[0], abs=1e-5)
+    short = sdk.embeddings.create(model=MODEL, input=texts[0], dimensions=16).data[0].embedding
+    head = want[0][:16]
+    norm = sum(x * x for x in head) ** 0.5
+    assert short == pytest.approx([x / norm for x in head], abs=1e-5)
+
+
+def test_bad_embedding_requests_are_4xx_naming_the_field(judged: dict[str, Any]) -> None:
+    http: httpx.Client = judged["http"]
+    _embed_when_loaded(judged["sdk"], model=MODEL, input="warm")
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"model": MODEL, "input": ["fine", ""]}, 400, "input[1]"),
+        ({"model": MODEL, "input": []}, 400, "input"),
+        ({"model": MODEL, "input": ["fine", "dog " * 5000]}, 400, "input[1]"),
+        ({"model": MODEL, "input": [1, 10**9]}, 400, "input"),
+        ({"model": MODEL, "input": "x", "dimensions": 100000}, 400, "dimensions"),
+        ({"model": MODEL, "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"model": "nope", "input": "x"}, 404, "model"),
+        ({"model": MODEL, "input": ["x"] * 2049}, 400, "input"),
+    ]
+    for body, status, param in cases:
+        r = http.post("/v1/embeddings", json=body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text[:500])
+        assert "Traceback" not in r.text
+
+
+def test_a_cosine_grader_compares_the_server_embedding_models_vectors(
+    judged: dict[str, Any], e2e_stack: Stack
+) -> None:
+    """/graders/run with OpenAI's cosine metric: the cosine of the two texts' /v1/embeddings vectors by the
+    server's embedding model (RLHF_EMBEDDING_MODEL; the tests' stacks name tiny-opt-xs)."""
+    sdk: OpenAI = judged["sdk"]
+    model = e2e_stack.settings.embedding_model
+    grader: Any = {
+        "type": "text_similarity",
+        "name": "sim",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "evaluation_metric": "cosine",
+        "pass_threshold": 0.5,
+    }
+    sample, answer = "The owl lives in the forest.", "An owl is found in the forest."
+    a, b = _embed_when_loaded(sdk, model=model, input=[sample, answer], encoding_format="float").data
+    out = sdk.fine_tuning.alpha.graders.run(grader=grader, model_sample=sample, item={"answer": answer})
+    assert not out.metadata.errors.api_model_grader_server_error, out.metadata.errors
+    cos = sum(x * y for x, y in zip(a.embedding, b.embedding, strict=True))
+    assert out.reward == pytest.approx(cos, abs=1e-5) and -1 <= out.reward <= 1
+    usage = out.api_model_grader_token_usage_per_model[model]
+    assert isinstance(usage, dict) and usage["prompt_tokens"] > 0
+    same = sdk.fine_tuning.alpha.graders.run(grader=grader, model_sample=answer, item={"answer": answer})
+    assert same.reward == pytest.approx(1.0, abs=1e-5)  # a text is its own nearest
