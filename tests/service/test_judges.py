@@ -361,3 +361,137 @@ def test_a_cosine_grader_compares_the_server_embedding_models_vectors(
     assert isinstance(usage, dict) and usage["prompt_tokens"] > 0
     same = sdk.fine_tuning.alpha.graders.run(grader=grader, model_sample=answer, item={"answer": answer})
     assert same.reward == pytest.approx(1.0, abs=1e-5)  # a text is its own nearest
+
+
+NAMES_SUBJECT = (
+    "The answer: {{sample.output_text}}\nDoes the answer name the {{item.subject}}? Reply yes or no."
+)
+
+
+def _train_judge(sft: Path, base_model: Path, out: Path) -> Path:
+    """A judge as a user would make one: the SFT model's answers to 1,600 training questions, labelled by
+    whether they name the subject, and a tiny model fine-tuned on them (≈ 40 s; 94% right on held-out
+    answers when measured)."""
+    from rlhf_engine.chat.generator import ChatGenerator
+    from rlhf_engine.config.chat import SamplingParams
+    from rlhf_engine.data.bundled import bundled_path
+    from tests.runs import rlhf_ok
+
+    rows = [json.loads(line) for line in bundled_path("bundled:questions").read_text().splitlines()][:1600]
+    with ChatGenerator.load(str(sft), max_queue=len(rows), score_replies=False) as engine:
+        handles = [
+            engine.submit(r["messages"], SamplingParams(max_new_tokens=32, temperature=1.0, seed=i))
+            for i, r in enumerate(rows)
+        ]
+        answers = [h.result().choices[0].text.strip() for h in handles]
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "judge.jsonl"
+    prompt = NAMES_SUBJECT.replace("{{item.subject}}", "{s}").replace("{{sample.output_text}}", "{a}")
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": prompt.format(s=r["subject"], a=a)},
+                        {"role": "assistant", "content": "yes" if r["subject"] in a.lower() else "no"},
+                    ]
+                }
+            )
+            + "\n"
+            for r, a in zip(rows, answers, strict=True)
+        )
+    )
+    rlhf_ok(
+        "sft",
+        "--model",
+        base_model,
+        "--data",
+        data,
+        "--output-dir",
+        out,
+        "--num-train-epochs",
+        4,
+        "--per-device-train-batch-size",
+        16,
+        "--gradient-accumulation-steps",
+        1,
+        "--learning-rate",
+        2e-3,
+        "--max-seq-len",
+        96,
+        "--eval-fraction",
+        0.05,
+    )
+    return out / "step1_sft"
+
+
+def test_grpo_with_a_served_label_model_judge_raises_the_held_out_pass_rate(
+    judged: dict[str, Any], e2e_stack: Stack, pipeline_run: Path, base_model: Path
+) -> None:
+    """OpenAI's reinforcement workflow with a `label_model` judge — a model we serve, asked through the
+    inference workers by the trainer — teaches the bundled task as the string_check does
+    (tests/rlhf_engine/stages/test_graded_rl.py): the held-out pass rate, checked by the rule itself on
+    200 questions no file holds, rises by ≥ 15 points."""
+    from rlhf_engine.data.bundled import bundled_path
+    from rlhf_engine.data.bundled.world import SUBJECTS
+    from rlhf_engine.stages.heldout import heldout_report
+
+    sdk: OpenAI = judged["sdk"]
+    models = e2e_stack.settings.models_dir
+    sft = pipeline_run / "step1_sft"
+    judge = _train_judge(sft, base_model, judged["tmp"] / "names-judge")
+    shutil.copytree(judge, models / "names-judge", dirs_exist_ok=True)  # placed as an operator would
+    shutil.copytree(sft, models / "names-sft", dirs_exist_ok=True)
+    uploaded = sdk.files.create(file=bundled_path("bundled:questions").open("rb"), purpose="fine-tune")
+    grader: Any = {
+        "type": "label_model",
+        "name": "names_subject",
+        "model": "names-judge",
+        "input": [{"role": "user", "content": NAMES_SUBJECT}],
+        "labels": ["yes", "no"],
+        "passing_labels": ["yes"],
+        "sampling_params": {"temperature": 0, "max_completions_tokens": 4},
+    }
+    grpo = {  # as test_graded_rl's run
+        "algorithm": "grpo",
+        "samples_per_prompt": 4,
+        "per_device_generation_batch_size": 4,
+        "per_device_training_batch_size": 16,
+        "max_answer_len": 32,
+        "actor_learning_rate": 3e-4,
+        "num_warmup_steps": 0,
+        "max_seq_len": 128,
+        "max_prompt_len": 64,
+        "max_steps": 30,
+        "checkpoint_interval": 10,
+        "eval_max_rows": 100,
+    }
+    job = sdk.fine_tuning.jobs.create(
+        model="names-sft",
+        training_file=uploaded.id,
+        method=_reinforcement(grader),
+        extra_body={"config": {"ppo": grpo}},
+    )
+    deadline = time.monotonic() + 400
+    while (job := sdk.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job.status
+        time.sleep(1)
+    assert job.status == "succeeded", job.error
+    with session_scope(e2e_stack.settings.db_url) as s:
+        actor = Path(s.get(FineTunedModel, job.fine_tuned_model).path)  # type: ignore[union-attr]
+    summary = json.loads(next(actor.parent.rglob("summary.json")).read_text())
+    # the judge's own view of the held-out prompts of the file, before and after
+    assert summary["eval_reward_after"] >= summary["eval_reward_before"] + 0.15, summary
+    rm = str(pipeline_run / "step2_reward")
+    before = heldout_report(str(sft), reference=str(sft), reward_model=rm, n=200)
+    after = heldout_report(str(actor), reference=str(sft), reward_model=rm, n=200)
+    assert after["subject_rate"] >= before["subject_rate"] + 0.15, (before, after)
+    cost: Any = job.to_dict()["cost"]
+    assert cost["judge_requests"] >= 30 * 16, cost  # every answer judged once (evaluation asks more)
+    with e2e_stack.client(judged["key"]) as http:
+        rollouts = http.get(f"/v1/fine_tuning/jobs/{job.id}/rollouts", params={"limit": 100}).json()["data"]
+    agree = 0
+    for r in rollouts:  # the served judge judged as the rule does
+        subject = next(s for s in SUBJECTS if re.search(rf"\b{s}\b", r["prompt"]))
+        agree += r["reward"] == float(subject in r["answer"].lower())
+    assert rollouts and agree >= 0.85 * len(rollouts), (agree, len(rollouts))
