@@ -4,6 +4,7 @@ and the option fingerprints that decide whether a checkpoint or a finished step 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -116,6 +117,50 @@ def fingerprint_of(config: Any, world_size: int) -> dict[str, Any]:
     return d
 
 
+_ABSENT = object()
+
+
+def option_defaults(config: Any) -> dict[str, Any]:
+    """Each option's default (nested sections as dicts): what an option added after a run was recorded
+    stands for in that run's record."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = option_defaults(value)
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def changed_options(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """The options whose value differs between a record and now; an option the record does not have (a
+    newer version added it) differs only when it is not at its default — so an upgrade does not make
+    every finished step and checkpoint stale."""
+
+    def differs(old: Any, new: Any, default: Any) -> bool:
+        if isinstance(old, dict) and isinstance(new, dict):
+            return any(
+                differs(
+                    old.get(k, _ABSENT),
+                    new.get(k, _ABSENT),
+                    default.get(k, _ABSENT) if isinstance(default, dict) else _ABSENT,
+                )
+                for k in set(old) | set(new)
+            )
+        if old is _ABSENT:
+            return default is _ABSENT or new != default
+        return bool(old != new)
+
+    return sorted(
+        k
+        for k in set(saved) | set(now)
+        if differs(saved.get(k, _ABSENT), now.get(k, _ABSENT), defaults.get(k, _ABSENT))
+    )
+
+
 def finished_summary(step_dir: Path, config: Any, title: str) -> dict[str, Any] | None:
     """The summary of a step that already finished with these options (None: it has not finished,
     or --overwrite). Finished with other options → an error naming them."""
@@ -126,7 +171,7 @@ def finished_summary(step_dir: Path, config: Any, title: str) -> dict[str, Any] 
     ran_with.pop("world_size", None)
     now = fingerprint_of(config, 0)
     now.pop("world_size")
-    changed = sorted(k for k in set(ran_with) | set(now) if ran_with.get(k) != now.get(k))
+    changed = changed_options(ran_with, now, option_defaults(config))
     if changed:
         raise ValueError(
             f"{title} already finished in {step_dir} with other options ({', '.join(changed)}); "
@@ -136,9 +181,11 @@ def finished_summary(step_dir: Path, config: Any, title: str) -> dict[str, Any] 
     return summary
 
 
-def check_resumable(state: dict[str, Any], fingerprint: dict[str, Any], folder: Path) -> None:
+def check_resumable(
+    state: dict[str, Any], fingerprint: dict[str, Any], folder: Path, defaults: dict[str, Any] | None = None
+) -> None:
     saved = state.get("fingerprint", {})
-    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    changed = changed_options(saved, fingerprint, defaults or {})
     if changed:
         raise ValueError(
             f"the checkpoint in {folder} was made with other options ({', '.join(changed)}); rerun with the "

@@ -39,6 +39,7 @@ from rlhf_engine.stages.common import (
     fingerprint_of,
     finished_summary,
     micro_batch_rows,
+    option_defaults,
     set_seed,
 )
 from rlhf_engine.stages.records import Records, tensorboard_dir, wandb_settings
@@ -290,7 +291,7 @@ def _loop(
     start_step, eval_before = 0, None
     if done:
         folder = done[-1][1]
-        check_resumable(checkpoint.read_state(folder), fingerprint, folder)
+        check_resumable(checkpoint.read_state(folder), fingerprint, folder, option_defaults(config))
         phases.enter("restoring_checkpoint", typical_s=_io_s(3 * weights), global_step=done[-1][0])
         state, extra = checkpoint.load(method.engines(), folder, dist=dist)
         method.restore(state, extra)
