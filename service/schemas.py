@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from service.jobs.states import JobStatus, StepStatus
 
@@ -202,6 +202,11 @@ class ReinforcementMethodParams(Strict):
         "reward_model is trained in step 2 (RLHF)",
     )
     hyperparameters: ReinforcementHyperparameters | None = None
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="with a JSON schema, step 3 samples every answer under it (constrained decoding), so "
+        "graders can read {{sample.output_json.<field>}}",
+    )
 
 
 class Method(Strict):
@@ -534,6 +539,27 @@ class StreamOptions(Strict):
     )
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the schema's name")
+    description: str | None = Field(default=None, max_length=4096)
+    json_schema: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="a JSON schema (default: any JSON object)"
+    )
+    strict: bool | None = Field(
+        default=None, description="accepted; replies always follow the schema (constrained decoding)"
+    )
+
+
+class ResponseFormat(Strict):
+    """OpenAI's `response_format`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(default=None, description="with type json_schema")
+
+
 class ChatCompletionRequest(BaseModel):
     """OpenAI's chat-completions request; parameters we do not support are refused by name, not ignored."""
 
@@ -552,6 +578,21 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = Field(default=False, description="send chat.completion.chunk events over SSE, then [DONE]")
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256, description="accepted for compatibility, not used")
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="json_schema: every reply follows the schema (constrained decoding); json_object: every "
+        "reply is a JSON object; text: the default",
+    )
+
+    _grammar: str | None = PrivateAttr(default=None)  # response_format compiled (service/services/chat.py)
+
+    @property
+    def grammar(self) -> str | None:
+        return self._grammar
+
+    @grammar.setter
+    def grammar(self, value: str | None) -> None:
+        self._grammar = value
 
     # OpenAI parameters accepted only at their neutral value; anything else unknown is refused by name
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
@@ -562,7 +603,6 @@ class ChatCompletionRequest(BaseModel):
         "store": (False,),
         "metadata": ({},),
         "service_tier": ("auto",),
-        "response_format": ({"type": "text"},),
         "tools": ([],),
         "tool_choice": ("none",),
     }

@@ -322,6 +322,7 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                     stop=list(request.stop),
                     n=request.n or 1,
                     seed=request.seed if request.HasField("seed") else None,
+                    grammar=request.grammar if request.HasField("grammar") else None,
                 )
                 messages = [{"role": m.role, "content": m.content} for m in request.messages]
                 if sum(len(m["content"]) for m in messages) > 8192:  # long prompts tokenise off the loop

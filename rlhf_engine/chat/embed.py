@@ -84,7 +84,7 @@ def hidden_model(module: Any) -> Any:
 
 
 @torch.no_grad()
-def embed(module: Any, device: torch.device, ids: list[list[int]], pad_id: int) -> Embeddings:
+def embed_ids(module: Any, device: torch.device, ids: list[list[int]], pad_id: int) -> Embeddings:
     """Mean-pooled, normalised last hidden states of each input, in batches of similar lengths."""
     decoder = hidden_model(module)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

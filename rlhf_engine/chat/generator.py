@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from rlhf_engine.chat import embed as embedding
+from rlhf_engine.chat.embed import Embeddings, EmbedJob, embed_ids, token_ids
 from rlhf_engine.chat.errors import (
     ChatError,
     ChatRequestError,
@@ -41,6 +41,7 @@ from rlhf_engine.chat.errors import (
 from rlhf_engine.chat.kv import PrefixCache, batch_cache
 from rlhf_engine.chat.loading import LoadedModel, ReplyScorer, load_chat_model
 from rlhf_engine.chat.sampling import next_token
+from rlhf_engine.chat.structured import Constraint, Vocabulary
 from rlhf_engine.chat.text import StreamText
 from rlhf_engine.config.chat import ChatGeneratorConfig, ChatLimits, SamplingParams
 from rlhf_engine.runtime.generation import cache_kwarg, forward_params
@@ -112,6 +113,7 @@ class RequestHandle:
         self.prompt_ids = prompt_ids
         self.params = params
         self.max_new_tokens = max_new_tokens
+        self.constraints: list[Constraint] = []  # one per reply, with a grammar
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -242,6 +244,7 @@ class _Seq:
     text: StreamText
     tokens: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
+    constraint: Constraint | None = None  # response_format's grammar
 
 
 class ChatGenerator:
@@ -264,7 +267,7 @@ class ChatGenerator:
         # of padding columns inside a row, and their windows count columns)
         reuse = self.config.prefix_cache_mb > 0 and not has_sliding_layers(model_config)
         self._prefixes = PrefixCache(int(self.config.prefix_cache_mb * 2**20)) if reuse else None
-        self._pending: queue.Queue[RequestHandle | embedding.EmbedJob | None] = queue.Queue()
+        self._pending: queue.Queue[RequestHandle | EmbedJob | None] = queue.Queue()
         self._ids = itertools.count()
         self._closed = False
         self._stop = threading.Event()
@@ -274,6 +277,7 @@ class ChatGenerator:
         self._cache, self._layers = batch_cache(model_config)
         self._mask: torch.Tensor | None = None
         self._next: list[int] = []
+        self._grammar_vocab: Vocabulary | None = None
         self._thread = threading.Thread(target=self._run, name="chat-engine", daemon=True)
         self._thread.start()
 
@@ -335,6 +339,8 @@ class ChatGenerator:
         prompt = self.prompt_ids(msgs)
         max_new = self.limits.check(params, prompt_tokens=len(prompt), context_len=self.context_len)
         handle = RequestHandle(f"req-{next(self._ids)}", msgs, prompt, params, max_new, scope)
+        if params.grammar is not None:  # one matcher per reply; a grammar it cannot use is refused here
+            handle.constraints = [Constraint(self._vocabulary(), params.grammar) for _ in range(params.n)]
         with self._lock:
             if self._closed:
                 raise GeneratorStoppedError("the chat generator is closed")
@@ -356,17 +362,26 @@ class ChatGenerator:
     ) -> ChatResult:
         return self.submit(messages, params).result()
 
-    def embed(self, inputs: Sequence[str | Sequence[int]]) -> Future[embedding.Embeddings]:
+    def _vocabulary(self) -> Vocabulary:
+        """The tokenizer as the grammar engine sees it, made on first use (a structured reply)."""
+        with self._lock:
+            if self._grammar_vocab is None:
+                head = self.loaded.module.get_output_embeddings()
+                size = int(head.weight.shape[0]) if head is not None else len(self.tokenizer)
+                self._grammar_vocab = Vocabulary(self.tokenizer, size, set(self.loaded.eos_ids))
+            return self._grammar_vocab
+
+    def embed(self, inputs: Sequence[str | Sequence[int]]) -> Future[Embeddings]:
         """Queue texts (or token id lists) to embed (rlhf_engine.chat.embed); the future gets one unit
         vector per input, computed on the scheduler thread between decode steps. Bad inputs raise
         `ChatRequestError` here."""
-        ids = embedding.token_ids(
+        ids = token_ids(
             inputs,
             self.tokenizer,
             context_len=self.context_len,
             vocab_size=self.loaded.module.get_input_embeddings().num_embeddings,
         )
-        job = embedding.EmbedJob(ids)
+        job = EmbedJob(ids)
         with self._lock:
             if self._closed:
                 raise GeneratorStoppedError("the chat generator is closed")
@@ -410,7 +425,7 @@ class ChatGenerator:
         self._fail_all(GeneratorStoppedError("the chat generator was closed before the request finished"))
         while not self._pending.empty():
             handle = self._pending.get_nowait()
-            if isinstance(handle, embedding.EmbedJob):
+            if isinstance(handle, EmbedJob):
                 if handle.future.set_running_or_notify_cancel():
                     handle.future.set_exception(GeneratorStoppedError("the chat generator was closed"))
             elif handle is not None:
@@ -436,7 +451,7 @@ class ChatGenerator:
             if handle is None:
                 self._start(handles)
                 return False
-            if isinstance(handle, embedding.EmbedJob):  # one forward pass, no rows: done here and now
+            if isinstance(handle, EmbedJob):  # one forward pass, no rows: done here and now
                 self._embed(handle)
                 continue
             if handle.params.n > room:  # wait for room; keep it first in line
@@ -452,12 +467,12 @@ class ChatGenerator:
         self._start(handles)
         return True
 
-    def _embed(self, job: embedding.EmbedJob) -> None:
+    def _embed(self, job: EmbedJob) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
         try:
             job.future.set_result(
-                embedding.embed(self.loaded.module, self.loaded.device, job.token_ids, self._pad_id)
+                embed_ids(self.loaded.module, self.loaded.device, job.token_ids, self._pad_id)
             )
         except Exception as e:
             logger.exception("embedding failed")
@@ -538,6 +553,7 @@ class ChatGenerator:
                     index=j,
                     generator=torch.Generator().manual_seed(seed + j),
                     text=StreamText(self.tokenizer, handle.prompt_ids, handle.params.stop),
+                    constraint=handle.constraints[j] if handle.constraints else None,
                 )
                 self._step(row, logits[i])
                 rows.append(row)
@@ -561,14 +577,18 @@ class ChatGenerator:
     def _step(self, row: _Seq, logits: torch.Tensor) -> None:
         """Sample one token for `row`, hand out its text, and decide whether the reply ended."""
         p = row.handle.params
+        if row.constraint is not None:  # only what the schema allows next
+            logits = row.constraint.mask(logits)
         token = next_token(
             logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=row.generator
         )
         row.tokens.append(token)
+        if row.constraint is not None:
+            row.constraint.follow(token)
         eos = token in self.loaded.eos_ids and not p.ignore_eos
         if not eos:
             row.text.push(token)
-        if eos or row.text.stopped:
+        if eos or row.text.stopped or (row.constraint is not None and row.constraint.done):
             row.finish = "stop"
         elif len(row.tokens) >= row.handle.max_new_tokens:
             row.finish = "length"

@@ -44,6 +44,13 @@ class SamplingParams:
     ignore_eos: bool = field(
         default=False, metadata={"help": "keep generating past the end-of-sequence token"}
     )
+    grammar: str | None = field(
+        default=None,
+        metadata={
+            "help": "constrain each reply to this llguidance grammar (rlhf_engine.chat.structured.grammar_of "
+            "makes one from OpenAI's response_format)"
+        },
+    )
 
     def __post_init__(self) -> None:
         def bad(param: str, message: str) -> ChatRequestError:

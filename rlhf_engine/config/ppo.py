@@ -42,6 +42,13 @@ class PPOConfig:
             "prompt row's other fields"
         },
     )
+    response_format: str = field(
+        default="",
+        metadata={
+            "help": "OpenAI's response_format (inline JSON): answers are sampled under its JSON schema "
+            "(constrained decoding), so graders can read {{sample.output_json.<field>}}"
+        },
+    )
     output_dir: str = field(
         default="output", metadata={"help": "run directory; step 3 writes step3_rlhf/ in it"}
     )
@@ -206,6 +213,17 @@ class PPOConfig:
                 "reward_model_name_or_path: required; pass --reward-model DIR (the step-2 output), or "
                 "--grader grader.json"
             )
+        if self.response_format:
+            from rlhf_engine.chat.structured import grammar_of
+
+            try:
+                fmt = json.loads(self.response_format)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"response_format: is not valid JSON ({e.msg})") from None
+            if not isinstance(fmt, dict):
+                raise ValueError('response_format: give an object such as {"type": "json_schema", ...}')
+            grammar_of(fmt)  # a schema the grammar engine cannot compile: refused naming the field
+            self.response_format = json.dumps(fmt, sort_keys=True)
         if self.algorithm != "ppo" and self.samples_per_prompt < 2:
             raise ValueError(
                 f"samples_per_prompt {self.samples_per_prompt}: {self.algorithm} compares each answer "

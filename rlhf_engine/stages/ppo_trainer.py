@@ -19,12 +19,14 @@ is taken off the reward, as PPO does).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
 from rlhf_engine import graders, judging
 from rlhf_engine.algorithms.group import grpo_advantages, informative_groups, kl_k3, rloo_advantages
@@ -38,6 +40,7 @@ from rlhf_engine.algorithms.ppo import (
     token_logprobs,
     value_loss,
 )
+from rlhf_engine.chat.structured import GrammarProcessor, Vocabulary, grammar_of
 from rlhf_engine.models.loading import DROPOUT_KEYS
 from rlhf_engine.models.value import sequence_scores
 from rlhf_engine.runtime.engines import RLHFEngine, as_ppo_config
@@ -164,6 +167,10 @@ class PPOTrainer:
         self.grader = self.args.parsed_grader()
         self.judge = judging.from_environment()  # model graders' judges, through the service
         self.embed = judging.embedder_from_environment()  # cosine similarity's embedding model, likewise
+        self.grammar = (  # answers sampled under the job's response_format (constrained decoding)
+            grammar_of(json.loads(self.args.response_format)) if self.args.response_format else None
+        )
+        self._grammar_vocab: Vocabulary | None = None
 
     # ------------------------------------------------------------------ experience
 
@@ -207,6 +214,10 @@ class PPOTrainer:
                 out = actor.generate(prompts, synced_gpus=self.engine.dist.world_size > 1, **kwargs)
                 actor.train()
                 return out, None
+            if self.grammar is not None:
+                kwargs["logits_processor"] = LogitsProcessorList(
+                    [GrammarProcessor(self._vocabulary(), self.grammar, len(prompts), self.eos_id)]
+                )
             synced = needs_synced_gpus(
                 actor, gather=self.gather_for_generation, world_size=self.engine.dist.world_size
             )
@@ -223,6 +234,14 @@ class PPOTrainer:
         if not keep_logits:
             return out, None
         return out.sequences, torch.stack(out.logits, dim=1)  # (B, A, V)
+
+    def _vocabulary(self) -> Vocabulary:
+        if self._grammar_vocab is None:
+            actor = getattr(self.engine.actor, "module", self.engine.actor)
+            head = actor.get_output_embeddings()
+            size = int(head.weight.shape[0]) if head is not None else len(self.tokenizer)
+            self._grammar_vocab = Vocabulary(self.tokenizer, size, {self.eos_id})
+        return self._grammar_vocab
 
     @torch.no_grad()
     def generate_experience(

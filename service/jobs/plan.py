@@ -92,6 +92,26 @@ def _grader(req: JobCreate) -> dict[str, Any] | None:
     return params.grader
 
 
+def _response_format(req: JobCreate) -> str | None:
+    """The reinforcement method's response_format as step 3's option (JSON), checked (a schema the grammar
+    engine cannot compile is a 400 naming the field), or None."""
+    import json
+
+    from rlhf_engine.chat import structured
+    from rlhf_engine.chat.errors import ChatRequestError
+
+    params = req.method.reinforcement if req.method and req.method.type == "reinforcement" else None
+    shape = params.response_format if params is not None else None
+    if shape is None or shape.type == "text":
+        return None
+    given = shape.model_dump(mode="json", by_alias=True, exclude_none=True)
+    try:
+        structured.grammar_of(given, where="method.reinforcement.response_format")
+    except ChatRequestError as e:
+        raise InvalidRequestError(e.message, param=e.param) from None
+    return json.dumps(given, sort_keys=True)
+
+
 def _graded_steps(req: JobCreate, train_kind: str | None) -> list[int]:
     """A grader job: step 3 on prompts, after SFT (step 1) when the training data has answers."""
     if req.reward_model:
@@ -453,6 +473,8 @@ def _options(
         sections["ppo"].setdefault("unsup_coef", 1.0)
     if inputs.grader is not None:
         _graded_sections(sections["ppo"], explicit["ppo"], inputs.grader, steps, inputs.actor, train, prompts)
+    if (shape := _response_format(req)) is not None:
+        sections["ppo"]["response_format"] = shape
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
     unknown = sorted(set(top) - pipeline_fields - data_fields)

@@ -174,6 +174,32 @@ def check(req: ChatCompletionRequest, settings: Settings) -> None:
                 f"{settings.chat_max_message_chars} characters",
                 param=f"messages[{i}].content",
             )
+    grammar_of(req)
+
+
+def grammar_of(req: ChatCompletionRequest) -> str | None:
+    """The grammar `response_format` asks for (compiled once per request and kept on it); a schema the
+    grammar engine cannot compile is a 400 naming the field, before any worker is asked."""
+    if req.response_format is None or req.response_format.type == "text":
+        return None
+    if req.grammar is None:
+        if req.response_format.type == "json_object" and not any(
+            "json" in m.text().lower() for m in req.messages
+        ):  # OpenAI's rule: a model not told to write JSON writes it badly
+            raise InvalidRequestError(
+                "messages: must contain the word 'json' in some form to use response_format json_object",
+                param="messages",
+            )
+        from rlhf_engine.chat import structured
+        from rlhf_engine.chat.errors import ChatRequestError
+
+        try:
+            req.grammar = structured.grammar_of(
+                req.response_format.model_dump(mode="json", by_alias=True, exclude_none=True)
+            )
+        except ChatRequestError as e:
+            raise InvalidRequestError(e.message, param=e.param) from None
+    return req.grammar
 
 
 def resolve_model(*, session: Session, tenant: str, model: str, settings: Settings) -> models_svc.ModelRef:
@@ -500,6 +526,8 @@ def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:
         msg.max_new_tokens = req.max_new_tokens
     if req.seed is not None:
         msg.seed = req.seed
+    if (grammar := grammar_of(req)) is not None:
+        msg.grammar = grammar
     return msg
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.graders import TextSimilarityGraderParam
+from pydantic import BaseModel, ConfigDict, Field
 
 from rlhf_engine.runtime.distributed import free_port
 from service.db.models import FineTunedModel
@@ -220,6 +222,65 @@ def test_the_api_process_runs_every_text_similarity_grader_without_torch(sdk: op
         assert out.reward == pytest.approx(1.0), (metric, out)
 
 
+class Pet(BaseModel):
+    """What `client.chat.completions.parse` is given: a pydantic model, sent as a strict JSON schema."""
+
+    model_config = ConfigDict(extra="forbid")  # additionalProperties: false, as strict schemas have it
+    name: str = Field(max_length=16)
+    kind: Literal["dog", "cat", "owl"]
+    age: int = Field(ge=0, le=30)
+    toys: list[Literal["ball", "kite", "book"]] = Field(max_length=3)
+
+
+def test_structured_outputs_parse_stream_and_share_a_batch_with_plain_replies(
+    sdk: openai.OpenAI, model: str, workers: Workers
+) -> None:
+    """The SDK's `parse` returns the pydantic object; streamed replies under a schema concatenate to valid
+    JSON; plain requests running beside them are unconstrained (the grammar is per row)."""
+    import jsonschema
+
+    asked: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Describe your pet as JSON."}]
+    for seed in range(3):
+        done = sdk.chat.completions.parse(
+            model=model, messages=asked, response_format=Pet, max_tokens=200, seed=seed
+        )
+        pet = done.choices[0].message.parsed
+        assert isinstance(pet, Pet) and done.choices[0].finish_reason == "stop", done
+    schema = Pet.model_json_schema()
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}}
+
+    def shaped(seed: int) -> dict[int, str]:
+        texts = {0: "", 1: ""}
+        for chunk in sdk.chat.completions.create(
+            model=model, messages=asked, response_format=fmt, max_tokens=200, seed=seed, n=2, stream=True
+        ):
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+        return texts
+
+    def plain() -> str | None:
+        reply = sdk.chat.completions.create(model=model, messages=SDK_KITE, max_tokens=12, temperature=0)
+        return reply.choices[0].message.content
+
+    alone = plain()
+    with ThreadPoolExecutor(4) as pool:  # constrained and plain requests in one continuous batch
+        structured = [pool.submit(shaped, s) for s in range(2)]
+        beside = [pool.submit(plain) for _ in range(2)]
+        for f in structured:
+            for text in f.result().values():
+                jsonschema.validate(json.loads(text), schema)
+        assert [f.result() for f in beside] == [alone, alone]  # untouched by their neighbours' masks
+    anything = sdk.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Answer in JSON."}],
+        response_format={"type": "json_object"},
+        max_tokens=200,
+        seed=3,
+    )
+    if anything.choices[0].finish_reason == "stop":  # (an open object may run to max_tokens)
+        assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -245,6 +306,18 @@ def test_the_api_process_runs_every_text_similarity_grader_without_torch(sdk: op
         ({"max_tokens": 500, "messages": [{"role": "user", "content": "kite " * 60}]}, 400, "max_tokens"),
         ({"model": "no-such-model"}, 404, "model"),
         ({"model": "../etc"}, 400, "model"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a", "schema": {"$ref": "#/$defs/missing"}},
+                }
+            },
+            400,
+            "response_format.json_schema.schema",
+        ),  # a schema the grammar engine cannot compile
+        ({"response_format": {"type": "json_object"}}, 400, "messages"),  # OpenAI's rule: say "JSON"
+        ({"response_format": {"type": "xml"}}, 400, "response_format.type"),
     ],
 )
 def test_bad_chat_requests_get_a_clear_4xx(
@@ -564,7 +637,7 @@ def channel(api: Api) -> Iterator[grpc.Channel]:
 def test_grpc_every_rpc_and_a_model_finished_after_the_workers_started(
     channel: grpc.Channel, key: str, e2e_stack: Stack, e2e_finished: dict[str, Any], workers: Workers
 ) -> None:
-    from google.protobuf import json_format
+    from google.protobuf import json_format, struct_pb2
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -617,6 +690,22 @@ def test_grpc_every_rpc_and_a_model_finished_after_the_workers_started(
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content for c in chunks if c.choices)
     assert text.strip() and chunks[-1].usage.completion_tokens <= 16 and chunks[-1].usage.prompt_tokens > 0
+    # structured outputs over gRPC: response_format as a Struct, the reply valid under the schema
+    schema = Pet.model_json_schema()
+    shape = json_format.ParseDict(
+        {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema}}, struct_pb2.Struct()
+    )
+    pet = chat.Chat(
+        chat_pb2.ChatRequest(
+            model=done.fine_tuned_model,
+            messages=[chat_pb2.ChatMessage(role="user", content="Describe your pet.")],
+            max_tokens=200,
+            seed=1,
+            response_format=shape,
+        ),
+        metadata=md,
+    )
+    Pet.model_validate_json("".join(c.choices[0].delta.content for c in pet if c.choices))
 
     models = models_pb2_grpc.ModelServiceStub(channel)
     assert done.fine_tuned_model in [

@@ -201,3 +201,43 @@ def test_a_grader_that_cannot_work_is_refused_before_training(
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "step3_rlhf" / "metrics.jsonl").exists()
+
+
+def test_answers_sampled_under_a_response_format_are_json_graders_can_read(
+    pipeline_run: Path, tmp_path: Path
+) -> None:
+    """A reinforcement job's response_format: step 3 samples every answer under the schema (constrained
+    decoding), so a grader reading {{sample.output_json.subject}} never meets an answer that is not JSON."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "subject": {"enum": list(SUBJECTS)},
+            "size": {"enum": ["tiny", "small", "big", "huge"]},
+        },
+        "required": ["subject", "size"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "fact", "schema": schema, "strict": True}}
+    grader = {**NAMES_SUBJECT, "operation": "eq", "input": "{{sample.output_json.subject}}"}
+    rlhf_ok(
+        *_args(pipeline_run, tmp_path, grader, "--algorithm", "grpo", "--max-steps", 2, "--eval-max-rows", 8),
+        "--max-answer-len",
+        64,
+        "--response-format",
+        json.dumps(fmt),
+    )
+    rollouts = read_jsonl(tmp_path / "step3_rlhf" / "rollouts.jsonl")
+    assert rollouts
+    for r in rollouts:
+        answer = json.loads(r["answer"])
+        jsonschema.validate(answer, schema)
+        subject = next(s for s in SUBJECTS if re.search(rf"\b{s}\b", r["prompt"]))
+        assert r["reward"] == float(answer["subject"] == subject), r
+    bad = rlhf(
+        *_args(pipeline_run, tmp_path / "bad", NAMES_SUBJECT, "--algorithm", "grpo"),
+        "--response-format",
+        '{"type": "xml"}',
+    )
+    assert bad.returncode != 0 and "response_format.type" in bad.stderr and "Traceback" not in bad.stderr
