@@ -341,14 +341,7 @@ class ChatGenerator:
         handle = RequestHandle(f"req-{next(self._ids)}", msgs, prompt, params, max_new, scope)
         if params.grammar is not None:  # one matcher per reply; a grammar it cannot use is refused here
             handle.constraints = [Constraint(self._vocabulary(), params.grammar) for _ in range(params.n)]
-        with self._lock:
-            if self._closed:
-                raise GeneratorStoppedError("the chat generator is closed")
-            if self._pending.qsize() >= self.config.max_queue:
-                raise GeneratorBusyError(
-                    f"{self.config.max_queue} requests are already waiting; retry shortly"
-                )
-            self._pending.put(handle)
+        self._enqueue(handle)
         return handle
 
     def stream(
@@ -366,9 +359,7 @@ class ChatGenerator:
         """The tokenizer as the grammar engine sees it, made on first use (a structured reply)."""
         with self._lock:
             if self._grammar_vocab is None:
-                head = self.loaded.module.get_output_embeddings()
-                size = int(head.weight.shape[0]) if head is not None else len(self.tokenizer)
-                self._grammar_vocab = Vocabulary(self.tokenizer, size, set(self.loaded.eos_ids))
+                self._grammar_vocab = Vocabulary(self.tokenizer, self.loaded.module, set(self.loaded.eos_ids))
             return self._grammar_vocab
 
     def embed(self, inputs: Sequence[str | Sequence[int]]) -> Future[Embeddings]:
@@ -382,6 +373,10 @@ class ChatGenerator:
             vocab_size=self.loaded.module.get_input_embeddings().num_embeddings,
         )
         job = EmbedJob(ids)
+        self._enqueue(job)
+        return job.future
+
+    def _enqueue(self, work: RequestHandle | EmbedJob) -> None:
         with self._lock:
             if self._closed:
                 raise GeneratorStoppedError("the chat generator is closed")
@@ -389,8 +384,7 @@ class ChatGenerator:
                 raise GeneratorBusyError(
                     f"{self.config.max_queue} requests are already waiting; retry shortly"
                 )
-            self._pending.put(job)
-        return job.future
+            self._pending.put(work)
 
     def close(self, *, drain_s: float = 0.0) -> None:
         """Stop the scheduler. Requests still running after `drain_s` seconds (none by default) end with

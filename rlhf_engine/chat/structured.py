@@ -64,14 +64,16 @@ def grammar_of(response_format: dict[str, Any] | None, where: str = "response_fo
 
 
 class Vocabulary:
-    """A tokenizer as the grammar engine sees it (made once per loaded model)."""
+    """A model's tokenizer as the grammar engine sees it, as wide as the model's logits (made once per
+    loaded model)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> None:
+    def __init__(self, tokenizer: Any, model: Any, eos_ids: set[int]) -> None:
         import llguidance.hf
 
-        self.size = vocab_size
+        head = model.get_output_embeddings()
+        self.size = int(head.weight.shape[0]) if head is not None else len(tokenizer)
         eos = sorted(eos_ids) or None
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.size, eos_token=eos)
 
 
 @functools.cache
@@ -103,7 +105,7 @@ class Constraint:
         compile C++ on a worker's first structured request (and importing it loads torch's compiler)."""
         words = self._bitmask[0]  # llguidance.torch's fill, without importing its compiled kernels
         self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
-        allowed = ((self._bitmask[0].unsqueeze(1) >> _shifts()) & 1).flatten()[: logits.shape[-1]].bool()
+        allowed = ((words.unsqueeze(1) >> _shifts()) & 1).flatten()[: logits.shape[-1]].bool()
         out = logits.float().clone()
         out[~allowed.to(out.device)] = float("-inf")
         return out

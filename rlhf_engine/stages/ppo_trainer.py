@@ -238,9 +238,7 @@ class PPOTrainer:
     def _vocabulary(self) -> Vocabulary:
         if self._grammar_vocab is None:
             actor = getattr(self.engine.actor, "module", self.engine.actor)
-            head = actor.get_output_embeddings()
-            size = int(head.weight.shape[0]) if head is not None else len(self.tokenizer)
-            self._grammar_vocab = Vocabulary(self.tokenizer, size, {self.eos_id})
+            self._grammar_vocab = Vocabulary(self.tokenizer, actor, {self.eos_id})
         return self._grammar_vocab
 
     @torch.no_grad()

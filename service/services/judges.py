@@ -39,17 +39,21 @@ def check_models(*, session: Session, tenant: str, grader: graders.Grader, setti
     """Every model the grader names exists for this tenant and is of the right kind: a chat model for a
     judge, a reward model for a score_model without `input`; the server's embedding model for cosine
     similarity. 400 naming the grader's field otherwise."""
-    for where in grader.embeds()[:1]:
-        model = settings.embedding_model
+
+    def resolve(name: str, where: str) -> models_svc.ModelRef:
+        return models_svc.resolve(
+            session=session,
+            tenant=tenant,
+            name=name,
+            models_dir=settings.models_dir,
+            param=where,
+            max_bytes=settings.max_model_bytes,
+        )
+
+    if grader.embeds():
+        where, model = grader.embeds()[0], settings.embedding_model
         try:
-            ref = models_svc.resolve(
-                session=session,
-                tenant=tenant,
-                name=model,
-                models_dir=settings.models_dir,
-                param=where,
-                max_bytes=settings.max_model_bytes,
-            )
+            ref = resolve(model, where)
         except InvalidRequestError as e:
             raise InvalidRequestError(
                 f"{where}: cosine embeds with this server's embedding model {model!r} "
@@ -64,15 +68,7 @@ def check_models(*, session: Session, tenant: str, grader: graders.Grader, setti
                 param=where,
             )
     for where, model, kind in grader.judges():
-        ref = models_svc.resolve(
-            session=session,
-            tenant=tenant,
-            name=model,
-            models_dir=settings.models_dir,
-            param=where,
-            max_bytes=settings.max_model_bytes,
-        )
-        if is_reward_model(ref.path):
+        if is_reward_model(resolve(model, where).path):
             raise InvalidRequestError(
                 f"{where}: {model} is a reward model (a value head), which scores but cannot answer a "
                 f"prompt; a {kind} grader needs a chat model"

@@ -22,6 +22,7 @@ from openai import BadRequestError, InternalServerError, OpenAI
 
 from service.db.models import FineTunedModel
 from service.db.session import session_scope
+from tests.reference import mean_pooled
 from tests.service.conftest import JUDGE_QUESTION, Stack, Workers
 
 MODEL = "tiny-opt-xs"
@@ -266,23 +267,6 @@ def test_openais_reinforcement_workflow_with_a_chat_judge_and_a_python_grader(
         assert flagged == (re.search(r"\d", r["judges"][0]["text"]) is None), r
 
 
-def _mean_pooled(path: str, texts: list[str]) -> list[list[float]]:
-    """The reference: plain transformers, one text at a time — the mean of the last hidden states,
-    normalised."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    out = []
-    with torch.no_grad():
-        for text in texts:
-            ids = tok(text, return_tensors="pt")["input_ids"]
-            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
-            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=-1).tolist())
-    return out
-
-
 def _embed_when_loaded(sdk: OpenAI, **kwargs: Any) -> Any:
     deadline = time.monotonic() + 120
     while True:  # the worker loads (or builds) the model on its first request: 503 "not ready" meanwhile
@@ -298,7 +282,7 @@ def test_embeddings_through_the_sdk_equal_mean_pooling_of_the_served_model(
     sdk: OpenAI = judged["sdk"]
     texts = ["The dog is brown.", "Where does the owl live?", "A kite"]
     got = _embed_when_loaded(sdk, model=MODEL, input=texts)  # the SDK asks for base64 and decodes it
-    want = _mean_pooled(str(e2e_stack.settings.models_dir / MODEL), texts)
+    want = mean_pooled(str(e2e_stack.settings.models_dir / MODEL), texts)
     assert [d.index for d in got.data] == [0, 1, 2] and got.model == MODEL
     for d, w in zip(got.data, want, strict=True):
         assert d.embedding == pytest.approx(w, abs=1e-5)

@@ -10,27 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlhf_engine.chat import ChatGenerator, SamplingParams
 from rlhf_engine.chat.errors import ChatRequestError, ContextLengthExceededError
+from tests.reference import mean_pooled
 
 TEXTS = ["The dog is brown.", "A kite", "Where does the owl live? It lives in the forest and likes to sing."]
-
-
-def _reference(path: str, texts: list[str]) -> list[list[float]]:
-    """Plain transformers, one input at a time (no padding): mean of the last hidden states, normalised."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    out = []
-    with torch.no_grad():
-        for text in texts:
-            ids = tok(text, return_tensors="pt")["input_ids"]
-            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
-            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=-1).tolist())
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +27,7 @@ def engine(base_model: Path) -> Iterator[ChatGenerator]:
 def test_vectors_equal_plain_transformers_mean_pooling_whatever_the_batch(
     engine: ChatGenerator, base_model: Path
 ) -> None:
-    want = _reference(str(base_model), TEXTS)
+    want = mean_pooled(str(base_model), TEXTS)
     together = engine.embed(TEXTS).result(timeout=60)  # one batch, padded to the longest
     alone = [engine.embed([t]).result(timeout=60).vectors[0] for t in TEXTS]
     for got in (together.vectors, alone):
