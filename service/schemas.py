@@ -583,6 +583,29 @@ class ChatCompletionRequest(BaseModel):
         description="json_schema: every reply follows the schema (constrained decoding); json_object: every "
         "reply is a JSON object; text: the default",
     )
+    logprobs: bool | None = Field(
+        default=None,
+        description="return each generated token's log-probability: the model's own distribution, before "
+        "temperature, penalties, logit_bias and response_format",
+    )
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="with logprobs: also the most likely tokens at each position"
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        max_length=1024,
+        description="token id (a string, as JSON keys are) -> bias from -100 to 100 added to its logit "
+        "before sampling; -100 bans the token, 100 all but forces it",
+    )
+    presence_penalty: float | None = Field(
+        default=None,
+        ge=-2,
+        le=2,
+        description="subtracted from the logit of each token the reply already holds",
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="times a token's count in the reply, subtracted from its logit"
+    )
 
     _grammar: str | None = PrivateAttr(default=None)  # response_format compiled (service/services/chat.py)
 
@@ -596,9 +619,6 @@ class ChatCompletionRequest(BaseModel):
 
     # OpenAI parameters accepted only at their neutral value; anything else unknown is refused by name
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "frequency_penalty": (0, 0.0),
-        "presence_penalty": (0, 0.0),
-        "logprobs": (False,),
         "parallel_tool_calls": (True, False),
         "store": (False,),
         "metadata": ({},),
@@ -606,6 +626,16 @@ class ChatCompletionRequest(BaseModel):
         "tools": ([],),
         "tool_choice": ("none",),
     }
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"key {token!r} must be a token id (a whole number, as a string)")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token} ({bias}) must be between -100 and 100")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -628,6 +658,21 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class TopLogprob(BaseModel):
+    token: str = Field(description="the token's text")
+    logprob: float
+    bytes: list[int] | None = Field(description="its UTF-8 bytes (a token may hold part of a character)")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="the most likely tokens there, most likely first")
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = Field(description="one per generated token, in order")
+    refusal: None = None
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
@@ -637,7 +682,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = Field(default=None, description="with logprobs: this chunk's tokens'")
     reward: float | None = Field(
         default=None, description="the run's reward model's score of the reply (last chunk)"
     )
@@ -669,7 +714,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = Field(default=None, description="with logprobs: the reply's tokens'")
     reward: float | None = Field(default=None, description="the run's reward model's score of the reply")
 
 

@@ -323,6 +323,11 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                     n=request.n or 1,
                     seed=request.seed if request.HasField("seed") else None,
                     grammar=request.grammar if request.HasField("grammar") else None,
+                    logprobs=request.logprobs,
+                    top_logprobs=request.top_logprobs,
+                    logit_bias=dict(request.logit_bias),
+                    presence_penalty=request.presence_penalty,
+                    frequency_penalty=request.frequency_penalty,
                 )
                 messages = [{"role": m.role, "content": m.content} for m in request.messages]
                 if sum(len(m["content"]) for m in messages) > 8192:  # long prompts tokenise off the loop
@@ -348,6 +353,8 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                         ends.append(d.finish_reason)
                     if d.reward is not None:
                         piece.reward = d.reward
+                    if d.logprobs:
+                        piece.logprobs.extend(_logprobs(generator, d.logprobs))
                     yield worker_pb2.GenerateReply(piece=piece)
             except ChatError as e:
                 how = e.code
@@ -490,3 +497,22 @@ async def _serve(settings: Settings, port: int | None) -> int:
         await asyncio.to_thread(generators.close)
         logger.info("inference worker %s stopped", worker_id)
     return 0
+
+
+def _logprobs(generator: Any, logprobs: list[Any]) -> list[Any]:
+    """The engine's token log-probabilities with each token's text and bytes."""
+    ids = sorted({lp.token for lp in logprobs} | {t for lp in logprobs for t, _ in lp.top})
+    raw = dict(zip(ids, generator.token_bytes(ids), strict=True))
+
+    def text(token: int) -> str:
+        return raw[token].decode("utf-8", errors="replace")
+
+    return [
+        worker_pb2.TokenLogprob(
+            token=text(lp.token),
+            bytes=raw[lp.token],
+            logprob=lp.logprob,
+            top=[worker_pb2.TopLogprob(token=text(t), bytes=raw[t], logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs
+    ]

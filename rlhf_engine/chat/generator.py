@@ -55,6 +55,16 @@ ROLES = ("system", "user", "assistant")
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, penalties, bias and
+    the grammar: what the model itself gave it), and the `top_logprobs` most likely tokens there."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Delta:
     """A piece of one reply. The last piece of a reply has `finish_reason` (and its reward, if scored)."""
 
@@ -63,6 +73,7 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     reward: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for
 
 
 @dataclass
@@ -82,6 +93,7 @@ class Choice:
     token_ids: list[int]
     finish_reason: FinishReason
     reward: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +126,7 @@ class RequestHandle:
         self.params = params
         self.max_new_tokens = max_new_tokens
         self.constraints: list[Constraint] = []  # one per reply, with a grammar
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -201,6 +214,7 @@ class RequestHandle:
                 token_ids=[t for d in ds for t in d.token_ids],
                 finish_reason=ds[-1].finish_reason or "cancelled",
                 reward=ds[-1].reward,
+                logprobs=[lp for d in ds for lp in d.logprobs],
             )
             for i, ds in parts.items()
         ]
@@ -245,6 +259,7 @@ class _Seq:
     tokens: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     constraint: Constraint | None = None  # response_format's grammar
+    counts: torch.Tensor | None = None  # (V,) how often each token is in the reply (with penalties)
 
 
 class ChatGenerator:
@@ -339,6 +354,10 @@ class ChatGenerator:
         prompt = self.prompt_ids(msgs)
         max_new = self.limits.check(params, prompt_tokens=len(prompt), context_len=self.context_len)
         handle = RequestHandle(f"req-{next(self._ids)}", msgs, prompt, params, max_new, scope)
+        if params.logit_bias:
+            handle.bias = self._bias(params.logit_bias)
+        if params.logprobs:  # tokens' bytes come from the grammar engine's view of the vocabulary
+            self._vocabulary()
         if params.grammar is not None:  # one matcher per reply; a grammar it cannot use is refused here
             handle.constraints = [Constraint(self._vocabulary(), params.grammar) for _ in range(params.n)]
         self._enqueue(handle)
@@ -354,6 +373,29 @@ class ChatGenerator:
         self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None
     ) -> ChatResult:
         return self.submit(messages, params).result()
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits: token ids are below it."""
+        head = self.loaded.module.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else len(self.tokenizer)
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each token's own bytes (a token may hold part of a UTF-8 character: OpenAI's logprobs `bytes`)."""
+        tokenizer = self._vocabulary().tokenizer
+        return [tokenizer.decode_bytes([i]) for i in ids]
+
+    def _bias(self, logit_bias: dict[int, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logit_bias` as (ids, values) to add to a row's logits; an id outside the vocabulary is refused."""
+        size = self.vocab_size
+        outside = sorted(t for t in logit_bias if t >= size)
+        if outside:
+            raise ChatRequestError(
+                f"logit_bias: token id {outside[0]} is outside this model's vocabulary (ids 0-{size - 1})",
+                param="logit_bias",
+            )
+        ids = torch.tensor(list(logit_bias), dtype=torch.long)
+        return ids, torch.tensor(list(logit_bias.values()), dtype=torch.float32)
 
     def _vocabulary(self) -> Vocabulary:
         """The tokenizer as the grammar engine sees it, made on first use (a structured reply)."""
@@ -569,14 +611,29 @@ class ChatGenerator:
         self._leave()
 
     def _step(self, row: _Seq, logits: torch.Tensor) -> None:
-        """Sample one token for `row`, hand out its text, and decide whether the reply ended."""
+        """Sample one token for `row`, hand out its text, and decide whether the reply ended.
+
+        The model's logits are shifted by `logit_bias` and OpenAI's penalties (presence: once per token
+        the reply holds; frequency: per occurrence), then masked by the grammar, then sampled; the
+        log-probabilities handed out are the model's own (before any of that), as vLLM's default."""
         p = row.handle.params
+        raw = logits
+        if row.handle.bias is not None:
+            ids, values = row.handle.bias
+            logits = logits.index_add(0, ids, values)
+        if p.penalised and row.counts is not None:
+            logits = logits - row.counts * p.frequency_penalty - (row.counts > 0).float() * p.presence_penalty
         if row.constraint is not None:  # only what the schema allows next
             logits = row.constraint.mask(logits)
         token = next_token(
             logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=row.generator
         )
         row.tokens.append(token)
+        if p.penalised:
+            if row.counts is None:
+                row.counts = torch.zeros_like(raw)
+            row.counts[token] += 1
+        logprobs = [_logprob(raw, token, p.top_logprobs)] if p.logprobs else []
         if row.constraint is not None:
             row.constraint.follow(token)
         eos = token in self.loaded.eos_ids and not p.ignore_eos
@@ -586,11 +643,13 @@ class ChatGenerator:
             row.finish = "stop"
         elif len(row.tokens) >= row.handle.max_new_tokens:
             row.finish = "length"
-        self._hand_out(row, [token])
+        self._hand_out(row, [token], logprobs)
 
-    def _hand_out(self, row: _Seq, tokens: list[int]) -> None:
+    def _hand_out(self, row: _Seq, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         if row.finish is None:
-            row.handle._emit(Delta(index=row.index, text=row.text.take(), token_ids=tokens))
+            row.handle._emit(
+                Delta(index=row.index, text=row.text.take(), token_ids=tokens, logprobs=logprobs or [])
+            )
             return
         row.text.flush()
         reward = None
@@ -606,6 +665,7 @@ class ChatGenerator:
                 token_ids=tokens,
                 finish_reason=row.finish,
                 reward=reward,
+                logprobs=logprobs or [],
             )
         )
 
@@ -694,6 +754,16 @@ class ChatGenerator:
         for row in self._rows:
             row.handle._fail(error)
         self._clear()
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under `logits` (V,) and the `top` most likely tokens'."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best: list[tuple[int, float]] = []
+    if top:
+        values, ids = torch.topk(logp, min(top, logp.numel()))
+        best = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token=token, logprob=float(logp[token]), top=best)
 
 
 def _pad_left(x: torch.Tensor, width: int, *, dim: int = -2) -> torch.Tensor:

@@ -89,6 +89,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, prefix: st
             kwargs["type"] = get_args(tp)[0]
         elif origin is Literal:
             kwargs["choices"] = list(get_args(tp))
+        elif origin is dict:
+            kwargs["type"] = json.loads
+            kwargs["metavar"] = "JSON"
         elif tp in (int, float, str):
             kwargs["type"] = tp
         else:

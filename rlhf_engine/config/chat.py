@@ -15,6 +15,8 @@ from rlhf_engine.chat.errors import ChatRequestError, ContextLengthExceededError
 Backend = Literal["auto", "transformers", "deepspeed"]
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 
 
 @dataclass
@@ -52,6 +54,28 @@ class SamplingParams:
         },
     )
 
+    logprobs: bool = field(
+        default=False, metadata={"help": "return each generated token's log-probability (the model's own)"}
+    )
+    top_logprobs: int = field(
+        default=0,
+        metadata={
+            "help": f"also the most likely tokens at each position, 0-{MAX_TOP_LOGPROBS} (needs logprobs)"
+        },
+    )
+    logit_bias: dict[int, float] = field(
+        default_factory=dict,
+        metadata={"help": "token id -> bias (-100 to 100) added to its logit before sampling"},
+    )
+    presence_penalty: float = field(
+        default=0.0,
+        metadata={"help": "subtracted from the logit of each token the reply already holds (-2 to 2)"},
+    )
+    frequency_penalty: float = field(
+        default=0.0,
+        metadata={"help": "times a token's count in the reply, subtracted from its logit (-2 to 2)"},
+    )
+
     def __post_init__(self) -> None:
         def bad(param: str, message: str) -> ChatRequestError:
             return ChatRequestError(f"{param}: {message}", param=param)
@@ -72,6 +96,36 @@ class SamplingParams:
             self.stop = [self.stop]
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a string or a list of non-empty strings")
+        if not isinstance(self.logprobs, bool):
+            raise bad("logprobs", f"{self.logprobs!r} must be true or false")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad(
+                "top_logprobs", f"{self.top_logprobs!r} must be a whole number from 0 to {MAX_TOP_LOGPROBS}"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise bad("top_logprobs", "needs logprobs: true")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise bad(name, f"{value!r} must be between -2 and 2 (0 = off)")
+        if not isinstance(self.logit_bias, dict):
+            raise bad("logit_bias", "must be a map of token id to bias")
+        if any(isinstance(k, str) for k in self.logit_bias):  # JSON's keys ("50256": -100), as OpenAI's
+            self.logit_bias = {
+                int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.logit_bias.items()
+            }
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad("logit_bias", f"{len(self.logit_bias)} entries, at most {MAX_LOGIT_BIAS}")
+        for token, bias in self.logit_bias.items():
+            if not _is_int(token) or token < 0:
+                raise bad("logit_bias", f"key {token!r} must be a token id (a whole number, 0 or more)")
+            if not _is_number(bias) or not -100 <= bias <= 100:
+                raise bad("logit_bias", f"the bias of token {token} ({bias!r}) must be between -100 and 100")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the reply's own tokens change its next token's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 def _is_int(v: object) -> bool:

@@ -22,7 +22,14 @@ from service.api.deps import SettingsDep
 from service.api.openapi import COMMON, errors
 from service.errors import ServiceError
 from service.limits import check_chat_tokens, count_chat_tokens
-from service.schemas import AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Usage
+from service.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    Usage,
+)
 from service.services import chat as svc
 
 logger = logging.getLogger(__name__)
@@ -76,6 +83,7 @@ async def chat_completions(
                 message=AssistantMessage(content=c["text"]),
                 finish_reason=_finish(c["finish_reason"]),
                 reward=c["reward"],
+                logprobs=None if c["logprobs"] is None else ChoiceLogprobs(content=c["logprobs"]),
             )
             for c in choices
         ],
@@ -154,7 +162,7 @@ async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIte
                 "index": item.index,
                 "delta": {"content": item.text} if item.text else {},
                 "finish_reason": _finish(item.finish_reason),
-                "logprobs": None,
+                "logprobs": {"content": item.logprobs, "refusal": None} if stream.logprobs else None,
             }
             if item.reward is not None:
                 choice["reward"] = item.reward

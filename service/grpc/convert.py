@@ -54,7 +54,10 @@ PAIRS: list[tuple[type[BaseModel], type[Message], set[str], set[str]]] = [
     (schemas.ChatCompletionRequest, chat_pb2.ChatRequest, {"stream", "stream_options"}, set()),
     (schemas.ChatMessage, chat_pb2.ChatMessage, set(), set()),
     (schemas.ChatCompletionChunk, chat_pb2.ChatChunk, {"system_fingerprint"}, set()),
-    (schemas.ChatChunkChoice, chat_pb2.ChatChunkChoice, {"logprobs"}, set()),
+    (schemas.ChatChunkChoice, chat_pb2.ChatChunkChoice, set(), set()),
+    (schemas.ChoiceLogprobs, chat_pb2.ChoiceLogprobs, {"refusal"}, set()),
+    (schemas.TokenLogprob, chat_pb2.TokenLogprob, set(), set()),
+    (schemas.TopLogprob, chat_pb2.TopLogprob, set(), set()),
     (schemas.ChatDelta, chat_pb2.ChatDelta, set(), set()),
     (schemas.Usage, chat_pb2.Usage, set(), set()),
 ]

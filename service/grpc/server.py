@@ -420,6 +420,9 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
                     choice.finish_reason = item.finish_reason
                 if item.reward is not None:
                     choice.reward = item.reward
+                if stream.logprobs:
+                    choice.logprobs.content.extend(chat_pb2.TokenLogprob(**lp) for lp in item.logprobs)
+                    choice.logprobs.SetInParent()
                 yield chat_pb2.ChatChunk(**head, choices=[choice])
         finally:  # however the reply ended (the caller gone too): stop generating, charge what was generated
             stream.cancel()

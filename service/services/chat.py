@@ -17,7 +17,7 @@ import secrets
 import time
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ class Piece:
     tokens: int
     finish_reason: str | None
     reward: float | None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's TokenLogprob, one per token
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ChatStream:
     worker_id: str
     call: Any
     timeout_s: float
+    logprobs: bool = False  # the request asked for them
     tokens: int = 0  # completion tokens generated so far (the worker's own count once it finished)
     settled: bool = False
 
@@ -106,7 +108,7 @@ class ChatStream:
                 if kind == "piece":
                     p = reply.piece
                     self.tokens += p.tokens
-                    if not p.text and not p.HasField("finish_reason"):
+                    if not p.text and not p.HasField("finish_reason") and not p.logprobs:
                         # text held back (a possible stop string, a split character): nothing to relay
                         continue
                     yield Piece(
@@ -115,6 +117,7 @@ class ChatStream:
                         tokens=p.tokens,
                         finish_reason=p.finish_reason if p.HasField("finish_reason") else None,
                         reward=p.reward if p.HasField("reward") else None,
+                        logprobs=[_token_logprob(lp) for lp in p.logprobs],
                     )
                 elif kind == "finished":
                     self.tokens = reply.finished.completion_tokens
@@ -129,6 +132,15 @@ class ChatStream:
     def cancel(self) -> None:
         """Stop generating (the client went away): the worker cancels the request."""
         self.call.cancel()
+
+
+def _token_logprob(lp: Any) -> dict[str, Any]:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": list(lp.bytes),
+        "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in lp.top],
+    }
 
 
 # ---------------------------------------------------------------------------- checking and routing
@@ -174,6 +186,10 @@ def check(req: ChatCompletionRequest, settings: Settings) -> None:
                 f"{settings.chat_max_message_chars} characters",
                 param=f"messages[{i}].content",
             )
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequestError(
+            "top_logprobs: needs logprobs: true (or leave top_logprobs out)", param="top_logprobs"
+        )
     grammar_of(req)
 
 
@@ -456,6 +472,7 @@ async def open_chat(
             worker_id=worker_id,
             call=call,
             timeout_s=settings.chat_timeout_s,
+            logprobs=bool(req.logprobs),
         )
     raise none_took(busy, settings)
 
@@ -528,12 +545,19 @@ def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:
         msg.seed = req.seed
     if (grammar := grammar_of(req)) is not None:
         msg.grammar = grammar
+    msg.logprobs = bool(req.logprobs)
+    msg.top_logprobs = req.top_logprobs or 0
+    for token, bias in (req.logit_bias or {}).items():
+        msg.logit_bias[int(token)] = bias
+    msg.presence_penalty = req.presence_penalty or 0.0
+    msg.frequency_penalty = req.frequency_penalty or 0.0
     return msg
 
 
 async def complete(stream: ChatStream) -> tuple[list[dict[str, Any]], Finished]:
     """Read a whole stream: each reply's text, finish reason and reward, and the usage."""
     texts: dict[int, list[str]] = {i: [] for i in range(stream.n)}
+    logprobs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(stream.n)}
     ends: dict[int, tuple[str, float | None]] = {}
     async for item in stream:
         if isinstance(item, Finished):
@@ -543,11 +567,13 @@ async def complete(stream: ChatStream) -> tuple[list[dict[str, Any]], Finished]:
                     "text": "".join(texts[i]),
                     "finish_reason": ends.get(i, ("stop", None))[0],
                     "reward": ends.get(i, ("stop", None))[1],
+                    "logprobs": logprobs[i] if stream.logprobs else None,
                 }
                 for i in range(stream.n)
             ]
             return choices, item
         texts[item.index].append(item.text)
+        logprobs[item.index] += item.logprobs
         if item.finish_reason is not None:
             ends[item.index] = (item.finish_reason, item.reward)
     raise WorkerFailedError("the inference worker ended the reply early; retry", code="worker_failed")

@@ -283,6 +283,88 @@ def test_structured_outputs_parse_stream_and_share_a_batch_with_plain_replies(
         assert isinstance(json.loads(text), dict)
 
 
+def test_logprobs_and_sampling_controls_equal_plain_transformers_through_the_sdk(
+    sdk: openai.OpenAI, noisy: str, e2e_stack: Stack, workers: Workers
+) -> None:
+    """logprobs/top_logprobs (whole and streamed), logit_bias, presence/frequency penalties, seed and n
+    through the official SDK, each equal to the same controls written out on plain transformers
+    (tests/reference.py) on the served model's weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_engine.data.formatter import encode_prompt
+    from tests.reference import decode
+
+    path = e2e_stack.settings.models_dir / noisy
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = encode_prompt(KITE, tok)
+
+    def ref(max_new: int, **controls: Any) -> tuple[str, list[int], list[Any]]:
+        tokens, logps = decode(hf, prompt, max_new, eos={tok.eos_token_id}, **controls)
+        return str(tok.decode(tokens, skip_special_tokens=True)), tokens, logps
+
+    text, tokens, logps = ref(12)
+    whole = sdk.chat.completions.create(
+        model=noisy, messages=SDK_KITE, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3
+    )
+    choice = whole.choices[0]
+    assert choice.message.content == text and choice.logprobs and choice.logprobs.content
+    content = choice.logprobs.content
+    assert len(content) == len(tokens)
+    assert "".join(c.token for c in content) == text  # ASCII tokens: texts join to the reply
+    for c, t, lp in zip(content, tokens, logps, strict=True):
+        assert c.bytes == list(c.token.encode()) and c.logprob == pytest.approx(float(lp[t]), abs=1e-4)
+        assert [x.logprob for x in c.top_logprobs] == pytest.approx(lp.topk(3).values.tolist(), abs=1e-4)
+        assert c.top_logprobs[0].token == c.token  # greedy
+    streamed: list[Any] = []
+    for chunk in sdk.chat.completions.create(
+        model=noisy,
+        messages=SDK_KITE,
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+    ):
+        for ch in chunk.choices:
+            streamed += ch.logprobs.content or [] if ch.logprobs else []
+    # the same tokens (the second prompt comes from the prompt cache: the values agree to float noise)
+    assert [(c.token, c.bytes, [x.token for x in c.top_logprobs]) for c in streamed] == [
+        (c.token, c.bytes, [x.token for x in c.top_logprobs]) for c in content
+    ]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+    plain = sdk.chat.completions.create(model=noisy, messages=SDK_KITE, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None  # not asked: none
+
+    bias = {str(tokens[0]): -100, str(tokens[2]): 5}
+    biased = sdk.chat.completions.create(
+        model=noisy, messages=SDK_KITE, max_tokens=12, temperature=0, logit_bias=bias
+    )
+    expected = ref(12, logit_bias={int(k): float(v) for k, v in bias.items()})[0]
+    assert biased.choices[0].message.content == expected != text
+    penalised = sdk.chat.completions.create(
+        model=noisy,
+        messages=SDK_KITE,
+        max_tokens=30,
+        temperature=0,
+        presence_penalty=1.2,
+        frequency_penalty=0.6,
+    )
+    assert penalised.choices[0].message.content == ref(30, presence_penalty=1.2, frequency_penalty=0.6)[0]
+    sampled = sdk.chat.completions.create(
+        model=noisy, messages=SDK_KITE, max_tokens=12, temperature=0.8, seed=5, n=2
+    )
+    assert [c.message.content for c in sampled.choices] == [
+        ref(12, temperature=0.8, seed=5)[0],
+        ref(12, temperature=0.8, seed=6)[0],
+    ]
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.chat.completions.create(
+            model=noisy, messages=SDK_KITE, max_tokens=2, logit_bias={str(hf.config.vocab_size): 1}
+        )
+    assert e.value.body["param"] == "logit_bias" and "vocabulary" in e.value.body["message"]  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -320,6 +402,12 @@ def test_structured_outputs_parse_stream_and_share_a_batch_with_plain_replies(
         ),  # a schema the grammar engine cannot compile
         ({"response_format": {"type": "json_object"}}, 400, "messages"),  # OpenAI's rule: say "JSON"
         ({"response_format": {"type": "xml"}}, 400, "response_format.type"),
+        ({"top_logprobs": 2}, 400, "top_logprobs"),  # without logprobs
+        ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ({"logit_bias": {"kite": 1}}, 400, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ({"presence_penalty": 2.5}, 400, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, 400, "frequency_penalty"),
     ],
 )
 def test_bad_chat_requests_get_a_clear_4xx(
@@ -708,6 +796,25 @@ def test_grpc_every_rpc_and_a_model_finished_after_the_workers_started(
         metadata=md,
     )
     Pet.model_validate_json("".join(c.choices[0].delta.content for c in pet if c.choices))
+    # log-probabilities and sampling controls over gRPC: one per token, the same text as REST
+    scored = list(
+        chat.Chat(
+            chat_pb2.ChatRequest(
+                model=done.fine_tuned_model,
+                messages=[chat_pb2.ChatMessage(role="user", content="What is a kite?")],
+                max_tokens=16,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=2,
+                logit_bias={"5": -100},
+                presence_penalty=0.5,
+            ),
+            metadata=md,
+        )
+    )
+    content = [lp for c in scored for ch in c.choices for lp in ch.logprobs.content]
+    assert len(content) == scored[-1].usage.completion_tokens
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in content)
 
     models = models_pb2_grpc.ModelServiceStub(channel)
     assert done.fine_tuned_model in [
@@ -775,6 +882,10 @@ def test_grpc_errors_use_the_one_table(
         lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs, n=99), metadata=md)
     )
     assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "n"
+    c, _, meta = code(
+        lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs, top_logprobs=3), metadata=md)
+    )
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and meta["error-param"] == "top_logprobs"
     c, details, meta = code(
         lambda: chat.Chat(chat_pb2.ChatRequest(model=model, messages=msgs, max_tokens=600), metadata=md)
     )
