@@ -728,6 +728,170 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+# ---------------------------------------------------------------------------- responses
+
+
+class ResponseTextFormat(BaseModel):
+    """OpenAI's `text.format`: text, json_object, or json_schema with its fields flat."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema", description="with json_schema")
+    description: str | None = Field(default=None, max_length=4096)
+    strict: bool | None = Field(default=None, description="accepted; replies always follow the schema")
+
+
+class ResponseText(Strict):
+    format: ResponseTextFormat | None = None
+    verbosity: Literal["medium"] | None = Field(default=None, description="accepted at its default only")
+
+
+class ResponseCreateRequest(BaseModel):
+    """OpenAI's Responses API request: a chat turn in another envelope (the same engine, limits and token
+    accounting as /v1/chat/completions). Parameters we do not support are refused by name."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(max_length=255, description="a base model name or one of your fine-tuned model ids")
+    input: str | list[dict[str, Any]] = Field(
+        description="a text (the user's turn), or a list of messages {role, content} (content a text or "
+        "input_text/output_text parts), oldest first"
+    )
+    instructions: str | None = Field(
+        default=None, description="a system message first; not carried over by previous_response_id"
+    )
+    previous_response_id: str | None = Field(
+        default=None, max_length=64, description="continue that stored response's conversation"
+    )
+    max_output_tokens: int | None = Field(default=None, ge=1, description="tokens to generate at most")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 = greedy (default 1)")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus sampling (default 1)")
+    text: ResponseText | None = Field(
+        default=None,
+        description="format: json_schema or json_object constrain the reply (structured outputs)",
+    )
+    store: bool = Field(
+        default=True, description="keep the response (GET it, continue it with previous_response_id)"
+    )
+    stream: bool = Field(default=False, description="send typed events over SSE (response.created …)")
+    metadata: dict[str, str] | None = Field(default=None, description="at most 16 keys, kept with it")
+    user: str | None = Field(default=None, max_length=256, description="accepted for compatibility, not used")
+    safety_identifier: str | None = Field(default=None, max_length=256, description="accepted, not used")
+    prompt_cache_key: str | None = Field(
+        default=None, max_length=256, description="accepted; prompts are cached per tenant anyway"
+    )
+
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "parallel_tool_calls": (True, False),
+        "tools": ([],),
+        "tool_choice": ("none", "auto"),
+        "truncation": ("disabled",),
+        "service_tier": ("auto", "default"),
+        "background": (False,),
+        "include": ([],),
+        "reasoning": ({},),
+        "stream_options": ({},),
+    }
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("at most 16 keys of ≤ 64 characters with values of ≤ 512 characters")
+        return v
+
+    def unsupported(self) -> str | None:
+        for name, value in (self.model_extra or {}).items():
+            if value is None or value in self.NEUTRAL.get(name, ()):
+                continue
+            return name
+        return None
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class ResponseObject(BaseModel):
+    id: str = Field(description="resp_…")
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[OutputMessage]
+    usage: ResponseUsage | None = None
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    metadata: dict[str, str] = Field(default_factory=dict)
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    parallel_tool_calls: bool = True
+    tool_choice: str = "auto"
+    tools: list[Any] = Field(default_factory=list)
+    truncation: str = "disabled"
+    user: str | None = None
+    reward: float | None = Field(default=None, description="the run's reward model's score of the reply")
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True
+
+
+class InputMessage(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    status: Literal["completed"] = "completed"
+    content: list[dict[str, Any]] = Field(description="input_text (or output_text for assistant) parts")
+
+
+class ResponseInputItemList(Page):
+    data: list[InputMessage]
+
+
 class EmbeddingRequest(Strict):
     """OpenAI's embeddings request."""
 

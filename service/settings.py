@@ -195,6 +195,11 @@ class Settings(BaseSettings):
     )
     chat_max_n: int = Field(default=8, ge=1, description="largest n")
     chat_max_messages: int = Field(default=256, ge=1, description="most messages in one request")
+    responses_max_stored: int = Field(
+        default=10_000,
+        ge=1,
+        description="Responses API: stored responses kept per tenant (the oldest are dropped beyond it)",
+    )
     chat_max_message_chars: int = Field(default=65536, ge=1, description="longest message content")
     chat_timeout_s: float = Field(
         default=300.0, gt=0, description="a chat request ends with a timeout after this"

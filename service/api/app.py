@@ -358,7 +358,18 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
             body, content_type = render(session)
         return PlainTextResponse(body, media_type=content_type)
 
-    from service.api import chat, checkpoints, embeddings, evals, files, graders, internal, jobs, models
+    from service.api import (
+        chat,
+        checkpoints,
+        embeddings,
+        evals,
+        files,
+        graders,
+        internal,
+        jobs,
+        models,
+        responses,
+    )
 
     app.include_router(chat.router)
     app.include_router(checkpoints.router)
@@ -369,6 +380,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     app.include_router(internal.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(responses.router)
     mount_console(app, settings)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app

@@ -63,7 +63,7 @@ async def chat_completions(
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _SSE(sse_chunks(stream, include_usage=include_usage), on_close=close)
+        return SSE(sse_chunks(stream, include_usage=include_usage), on_close=close)
     whole = asyncio.ensure_future(svc.complete(stream))
     try:
         while not (await asyncio.wait({whole}, timeout=0.5))[0]:
@@ -92,7 +92,7 @@ async def chat_completions(
     return Response(body_out.model_dump_json(), media_type="application/json")
 
 
-class _SSE(StreamingResponse):
+class SSE(StreamingResponse):
     """text/event-stream that always runs `on_close` when the response ends — also when the client
     disconnected mid-stream, where the body generator is abandoned without being closed."""
 

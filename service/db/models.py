@@ -330,3 +330,18 @@ class EvalOutputItem(Base):
     results: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     sample: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class StoredResponse(Base):
+    """A Responses API response kept for GET and for `previous_response_id` (with `store`, the default):
+    the response object as answered and the conversation it ends (input turns and its reply, without
+    `instructions`, which OpenAI does not carry over). Bounded per tenant (the oldest go first)."""
+
+    __tablename__ = "responses"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("resp"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)  # the ResponseObject
+    conversation: Mapped[list[dict[str, str]]] = mapped_column(JSON)  # every turn, this reply last
+    inputs: Mapped[int] = mapped_column(Integer)  # how many of the last turns (before the reply) it was given
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -230,6 +230,23 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
             s.add(item)
             s.flush()
             item_id = item.id
+            # a stored response of alice's (as POST /v1/responses keeps one)
+            from service.db.models import StoredResponse
+
+            stored = StoredResponse(
+                id="resp_alice",
+                tenant_id="alice",
+                body={
+                    "id": "resp_alice",
+                    "created_at": 0,
+                    "status": "completed",
+                    "model": model_id,
+                    "output": [],
+                },
+                conversation=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                inputs=1,
+            )
+            s.add(stored)
         ids = {
             "file_id": file_id,
             "job_id": job_id,
@@ -239,6 +256,7 @@ def test_another_tenants_objects_are_not_found_on_every_route_and_rpc(
             "eval_id": eval_id,
             "run_id": run_id,
             "output_item_id": item_id,
+            "response_id": "resp_alice",
         }
         doc = a.get("/openapi.json").json()
         own = {

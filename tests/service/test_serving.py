@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rlhf_engine.runtime.distributed import free_port
 from service.db.models import FineTunedModel
 from service.db.session import session_scope
+from service.errors import NotFoundError
 from service.schemas import ChatCompletionChunk
 from tests.service.conftest import NO_ROLLOVER_S, SMALL_SFT, Stack, Workers, serve
 from workers.local import wait_healthy
@@ -363,6 +364,190 @@ def test_logprobs_and_sampling_controls_equal_plain_transformers_through_the_sdk
             model=noisy, messages=SDK_KITE, max_tokens=2, logit_bias={str(hf.config.vocab_size): 1}
         )
     assert e.value.body["param"] == "logit_bias" and "vocabulary" in e.value.body["message"]  # type: ignore[index]
+
+
+def test_the_responses_api_through_the_sdk(
+    sdk: openai.OpenAI, model: str, workers: Workers, e2e_stack: Stack, api: Api
+) -> None:
+    """responses.create/retrieve/stream/parse/delete and input_items.list of the official SDK, unchanged,
+    against a fine-tuned model: a response is the chat turn with another envelope (the same text and
+    token counts as chat.completions), previous_response_id continues the stored conversation for its
+    tenant only."""
+
+    def chat(messages: list[Any], max_tokens: int) -> Any:
+        return sdk.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0
+        )
+
+    first = sdk.responses.create(model=model, input="What is a kite?", max_output_tokens=48, temperature=0)
+    same = chat(SDK_KITE, 48)
+    assert first.id.startswith("resp_") and first.status in ("completed", "incomplete")
+    assert first.output_text == same.choices[0].message.content and first.output_text.strip()
+    assert first.usage is not None and same.usage is not None
+    assert (first.usage.input_tokens, first.usage.output_tokens) == (
+        same.usage.prompt_tokens,
+        same.usage.completion_tokens,
+    )
+    # instructions are the system turn; a list of messages (text parts too) is the conversation
+    told = sdk.responses.create(
+        model=model,
+        instructions="Answer briefly.",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "What is a kite?"}]}],
+        max_output_tokens=32,
+        temperature=0,
+    )
+    system = [{"role": "system", "content": "Answer briefly."}, *SDK_KITE]
+    assert told.output_text == chat(system, 32).choices[0].message.content
+    assert sdk.responses.retrieve(first.id).output_text == first.output_text
+    # a continuation is the whole conversation (instructions are not carried over, as at OpenAI)
+    second = sdk.responses.create(
+        model=model, input="And a dog?", previous_response_id=told.id, max_output_tokens=32, temperature=0
+    )
+    whole = [
+        *SDK_KITE,
+        {"role": "assistant", "content": told.output_text},
+        {"role": "user", "content": "And a dog?"},
+    ]
+    assert second.output_text == chat(whole, 32).choices[0].message.content
+    assert second.previous_response_id == told.id
+    items = sdk.responses.input_items.list(second.id)
+    listed = [i.model_dump() for i in items.data]
+    assert [(i["type"], i["role"], i["content"][0]["text"]) for i in listed] == [
+        ("message", "user", "And a dog?")
+    ]
+    # streamed: OpenAI's typed events in order, the same text
+    with sdk.responses.stream(model=model, input="What is a kite?", max_output_tokens=48, temperature=0) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_response() if kinds[-1] == "response.completed" else None
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert "response.output_text.delta" in kinds
+    assert kinds[-4:-1] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    assert kinds[-1] == ("response.completed" if first.status == "completed" else "response.incomplete")
+    if final is not None:
+        assert final.output_text == first.output_text
+    # structured: the SDK's parse with a pydantic model
+    for seed in range(2):
+        pet = sdk.responses.parse(
+            model=model,
+            input="Describe your pet as JSON.",
+            text_format=Pet,
+            max_output_tokens=200,
+            temperature=seed,
+        )
+        assert isinstance(pet.output_parsed, Pet), pet
+    # cut by max_output_tokens: incomplete, with the reason
+    cut = sdk.responses.create(model=model, input="What is a kite?", max_output_tokens=1, temperature=0)
+    assert (
+        cut.status == "incomplete"
+        and cut.incomplete_details
+        and cut.incomplete_details.reason == "max_output_tokens"
+    )
+    # store: false is answered, not kept; delete removes
+    unkept = sdk.responses.create(model=model, input="Hi", max_output_tokens=4, store=False)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(unkept.id)
+    sdk.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(first.id)
+    # another tenant cannot see, continue or delete a response
+    other = openai.OpenAI(base_url=f"{api.url}/v1", api_key=e2e_stack.key("responses-other"), max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        other.responses.create(
+            model="tiny-opt-xs", input="Hi", previous_response_id=second.id, max_output_tokens=2
+        )
+    assert e.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    for call in (other.responses.retrieve, other.responses.delete, other.responses.input_items.list):
+        with pytest.raises(openai.NotFoundError):
+            call(second.id)
+    assert sdk.responses.retrieve(second.id).id == second.id  # still there for its owner
+
+
+def test_stored_responses_are_bounded_per_tenant(e2e_stack: Stack) -> None:
+    from service.schemas import ResponseCreateRequest
+    from service.services import responses as svc
+
+    settings = e2e_stack.settings.model_copy(update={"responses_max_stored": 3})
+    for tenant in ("bounded-a", "bounded-b"):
+        e2e_stack.key(tenant)
+    req = ResponseCreateRequest(model="m", input="hi")
+    kept: dict[str, list[str]] = {"bounded-a": [], "bounded-b": []}
+    for i in range(5):
+        for tenant in ["bounded-a", "bounded-b"] if i < 2 else ["bounded-a"]:
+            with session_scope(settings.db_url) as s:
+                turn = svc.prepare(session=s, tenant=tenant, req=req)
+                out = svc.response_object(
+                    req=req,
+                    response_id=svc.new_id("resp"),
+                    message_id=svc.new_id("msg"),
+                    created=0,
+                    model="m",
+                    text=f"reply {i}",
+                    finish_reason="stop",
+                    prompt_tokens=1,
+                    completion_tokens=1,
+                )
+                svc.store(
+                    session=s, tenant=tenant, body=out, turn=turn, reply=f"reply {i}", settings=settings
+                )
+                kept[tenant].append(out.id)
+
+    def there(tenant: str, response_id: str) -> bool:
+        with session_scope(settings.db_url) as s:
+            try:
+                svc.get(session=s, tenant=tenant, response_id=response_id)
+                return True
+            except NotFoundError:
+                return False
+
+    assert [there("bounded-a", r) for r in kept["bounded-a"]] == [False, False, True, True, True]  # oldest go
+    assert all(there("bounded-b", r) for r in kept["bounded-b"])  # another tenant's are not touched
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": []}, "input"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].type"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input[0].content[0].type",
+        ),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "input"),
+        ({"input": "kite " * 600}, "input"),  # longer than the context
+        ({"max_output_tokens": 10**7}, "max_output_tokens"),
+        ({"temperature": 3}, "temperature"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "a", "schema": {"$ref": "#/$defs/x"}}}},
+            "text.format.schema",
+        ),
+        ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"previous_response_id": "resp_nope"}, "previous_response_id"),
+        ({"model": "no-such-model"}, "model"),
+    ],
+)
+def test_bad_response_requests_name_the_field(
+    api: Api, key: str, model: str, workers: Workers, body: dict[str, Any], param: str
+) -> None:
+    r = httpx.post(
+        f"{api.url}/v1/responses",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        json={"model": model, "input": "What is a kite?"} | body,
+    )
+    assert r.status_code in (400, 404), r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param.split("[")[0].split(".")[0] in error["message"], error
 
 
 @pytest.mark.parametrize(
