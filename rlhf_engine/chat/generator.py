@@ -44,6 +44,10 @@ from rlhf_engine.chat.sampling import next_token
 from rlhf_engine.chat.structured import Constraint, Vocabulary
 from rlhf_engine.chat.text import StreamText
 from rlhf_engine.config.chat import ChatGeneratorConfig, ChatLimits, SamplingParams
+from rlhf_engine.data.tools import Reader as ToolReader
+from rlhf_engine.data.tools import Style, ToolCall, chosen, style_of
+from rlhf_engine.data.tools import check as check_tools
+from rlhf_engine.data.tools import grammar as tool_grammar
 from rlhf_engine.runtime.generation import cache_kwarg, forward_params
 from rlhf_engine.runtime.prefix import has_sliding_layers
 
@@ -51,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 FinishReason = str  # "stop" (EOS or a stop string) | "length" | "cancelled"
 MAX_MESSAGES = 1024
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     reward: float | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for
+    tool_calls: list[ToolCall] = field(default_factory=list)  # on the last piece (finish_reason tool_calls)
 
 
 @dataclass
@@ -94,6 +99,7 @@ class Choice:
     finish_reason: FinishReason
     reward: float | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -113,7 +119,7 @@ class RequestHandle:
     def __init__(
         self,
         request_id: str,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         prompt_ids: list[int],
         params: SamplingParams,
         max_new_tokens: int,
@@ -127,6 +133,9 @@ class RequestHandle:
         self.max_new_tokens = max_new_tokens
         self.constraints: list[Constraint] = []  # one per reply, with a grammar
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
+        self.tool_names: set[str] | None = (
+            None  # with tools the model may call: its replies are read for calls
+        )
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -215,6 +224,7 @@ class RequestHandle:
                 finish_reason=ds[-1].finish_reason or "cancelled",
                 reward=ds[-1].reward,
                 logprobs=[lp for d in ds for lp in d.logprobs],
+                tool_calls=ds[-1].tool_calls,
             )
             for i, ds in parts.items()
         ]
@@ -260,6 +270,7 @@ class _Seq:
     finish: FinishReason | None = None
     constraint: Constraint | None = None  # response_format's grammar
     counts: torch.Tensor | None = None  # (V,) how often each token is in the reply (with penalties)
+    reader: ToolReader | None = None  # with tools: holds back text that may begin a call
 
 
 class ChatGenerator:
@@ -338,41 +349,76 @@ class ChatGenerator:
 
     # ------------------------------------------------------------------ public API
 
-    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """The prompt tokens of a conversation — the shared formatter, as training tokenises it."""
+    def prompt_ids(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The prompt tokens of a conversation (and the tools offered) — the shared formatter, as training
+        tokenises it."""
         from rlhf_engine.data.formatter import encode_prompt
 
-        return encode_prompt(check_messages(messages), self.tokenizer)
+        return encode_prompt(check_messages(messages), self.tokenizer, tools)
+
+    @property
+    def tool_style(self) -> Style:
+        """How this model's template writes tool calls (rlhf_engine/data/tools.py)."""
+        return style_of(self.tokenizer)
 
     def submit(
-        self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None, *, scope: str = ""
+        self,
+        messages: Sequence[dict[str, Any]],
+        params: SamplingParams | None = None,
+        *,
+        scope: str = "",
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: Any = "auto",
+        parallel_tool_calls: bool = True,
     ) -> RequestHandle:
         """Queue a request; its handle streams the replies. Bad parameters raise `ChatRequestError` here.
-        Cached prompt keys/values are reused only among requests of one `scope` (a server's tenant)."""
+        Cached prompt keys/values are reused only among requests of one `scope` (a server's tenant).
+
+        With `tools` (OpenAI's function tools) the model is shown them and its replies are read for calls
+        (`Delta.tool_calls`, finish_reason `tool_calls`); `tool_choice` required or a function's name makes
+        it call one, with arguments that follow the schema (constrained decoding); none hides the tools."""
         params = params or SamplingParams()
         msgs = check_messages(messages)
-        prompt = self.prompt_ids(msgs)
+        functions = check_tools(tools, tool_choice) if tools else []
+        choice = chosen(tool_choice) or "auto"
+        shown = functions if choice != "none" else None
+        prompt = self.prompt_ids(msgs, shown)
         max_new = self.limits.check(params, prompt_tokens=len(prompt), context_len=self.context_len)
         handle = RequestHandle(f"req-{next(self._ids)}", msgs, prompt, params, max_new, scope)
+        grammar = params.grammar
+        if shown:
+            handle.tool_names = {f["name"] for f in shown}
+            calls = tool_grammar(shown, choice, parallel_tool_calls, self.tool_style)
+            if calls is not None and grammar is not None:
+                raise ChatRequestError(
+                    "response_format: a reply cannot both call a tool and follow a schema; drop one of "
+                    "response_format and tool_choice",
+                    param="response_format",
+                )
+            grammar = calls or grammar
         if params.logit_bias:
             handle.bias = self._bias(params.logit_bias)
         if params.logprobs:  # tokens' bytes come from the grammar engine's view of the vocabulary
             self._vocabulary()
-        if params.grammar is not None:  # one matcher per reply; a grammar it cannot use is refused here
-            handle.constraints = [Constraint(self._vocabulary(), params.grammar) for _ in range(params.n)]
+        if grammar is not None:  # one matcher per reply; a grammar it cannot use is refused here
+            handle.constraints = [Constraint(self._vocabulary(), grammar) for _ in range(params.n)]
         self._enqueue(handle)
         return handle
 
     def stream(
-        self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None
+        self, messages: Sequence[dict[str, Any]], params: SamplingParams | None = None, **options: Any
     ) -> Iterator[Delta]:
-        """The replies' text as it is generated (stopping the iteration cancels the request)."""
-        return iter(self.submit(messages, params))
+        """The replies' text as it is generated (stopping the iteration cancels the request); `options`
+        as `submit`'s."""
+        return iter(self.submit(messages, params, **options))
 
     def generate(
-        self, messages: Sequence[dict[str, str]], params: SamplingParams | None = None
+        self, messages: Sequence[dict[str, Any]], params: SamplingParams | None = None, **options: Any
     ) -> ChatResult:
-        return self.submit(messages, params).result()
+        """The whole replies; `options` as `submit`'s (tools, tool_choice, parallel_tool_calls, scope)."""
+        return self.submit(messages, params, **options).result()
 
     @property
     def vocab_size(self) -> int:
@@ -590,6 +636,7 @@ class ChatGenerator:
                     generator=torch.Generator().manual_seed(seed + j),
                     text=StreamText(self.tokenizer, handle.prompt_ids, handle.params.stop),
                     constraint=handle.constraints[j] if handle.constraints else None,
+                    reader=ToolReader(self.tool_style, handle.tool_names) if handle.tool_names else None,
                 )
                 self._step(row, logits[i])
                 rows.append(row)
@@ -647,13 +694,22 @@ class ChatGenerator:
 
     def _hand_out(self, row: _Seq, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         if row.finish is None:
-            row.handle._emit(
-                Delta(index=row.index, text=row.text.take(), token_ids=tokens, logprobs=logprobs or [])
-            )
+            text = row.text.take()
+            if row.reader is not None:
+                text = row.reader.push(text)
+            row.handle._emit(Delta(index=row.index, text=text, token_ids=tokens, logprobs=logprobs or []))
             return
         row.text.flush()
+        text = row.text.take(final=True)
+        calls: list[ToolCall] = []
+        if row.reader is not None:
+            text = row.reader.push(text)
+            rest, calls = row.reader.finish()
+            text += rest
+            if calls and row.finish == "stop":
+                row.finish = "tool_calls"
         reward = None
-        if self.scorer is not None and row.finish != "cancelled":
+        if self.scorer is not None and row.finish not in ("cancelled", "tool_calls"):
             try:
                 reward = self.scorer.score(row.handle.messages, row.text.text)
             except Exception:  # a reward is extra: never lose the reply over it
@@ -661,11 +717,12 @@ class ChatGenerator:
         row.handle._emit(
             Delta(
                 index=row.index,
-                text=row.text.take(final=True),
+                text=text,
                 token_ids=tokens,
                 finish_reason=row.finish,
                 reward=reward,
                 logprobs=logprobs or [],
+                tool_calls=calls,
             )
         )
 
@@ -776,8 +833,9 @@ def _pad_left(x: torch.Tensor, width: int, *, dim: int = -2) -> torch.Tensor:
     return F.pad(x, pad)
 
 
-def check_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """The conversation as plain dicts, checked: roles known, contents strings, ends with a user turn."""
+def check_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation as plain dicts, checked: roles known, contents strings (an assistant turn that
+    calls tools may have none), ends with a user turn or tool results."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise ChatRequestError(
             "messages: give a non-empty list of {role, content} messages", param="messages"
@@ -794,11 +852,59 @@ def check_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
             raise ChatRequestError(
                 f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}", param=f"messages[{i}].role"
             )
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise ChatRequestError(f"messages[{i}].content: must be a string", param=f"messages[{i}].content")
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
+        turn: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            turn["tool_calls"] = _calls(calls, f"messages[{i}].tool_calls")
+        if role == "tool":
+            call = m.get("tool_call_id")
+            if not isinstance(call, str) or not call:
+                raise ChatRequestError(
+                    f"messages[{i}].tool_call_id: a tool message names the call it answers",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            turn["tool_call_id"] = call
+        out.append(turn)
+    if out[-1]["role"] not in ("user", "tool"):
         raise ChatRequestError(
-            "messages: the last message must be the user's (the model answers it)", param="messages"
+            "messages: the last message must be the user's, or tool results (the model answers it)",
+            param="messages",
+        )
+    return out
+
+
+def _calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's tool calls, checked: [{id, type: function, function: {name, arguments}}]."""
+    import json
+
+    if not isinstance(calls, list):
+        raise ChatRequestError(f"{where}: must be a list of calls", param=where)
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ChatRequestError(
+                f"{where}[{j}].function: give {{name, arguments}}", param=f"{where}[{j}].function"
+            )
+        args = fn.get("arguments", "{}")
+        try:
+            ok = isinstance(json.loads(args), dict) if isinstance(args, str) else False
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            raise ChatRequestError(
+                f"{where}[{j}].function.arguments: must be a JSON object as a string",
+                param=f"{where}[{j}].function.arguments",
+            )
+        out.append(
+            {
+                "id": str(c.get("id") or ""),
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": args},
+            }
         )
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rlhf_engine.data.tools import function_of, house_messages, style_of, template_messages
 from rlhf_engine.data.types import Message
 
 # DeepSpeed-Chat's layout as a Jinja chat template; the bundled tiny tokenizers carry it, so the
@@ -25,14 +26,21 @@ DS_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ ' Assistant:' }}{%- endif -%}"
 )
 
-Conversation = Sequence[Message] | Sequence[dict[str, str]]
+Conversation = Sequence[Message] | Sequence[dict[str, Any]]
+Tools = Sequence[dict[str, Any]] | None  # OpenAI tools ({type: function, function: {...}}) or functions
 
 
-def _dicts(conversation: Conversation) -> list[dict[str, str]]:
-    return [
-        m.as_dict() if isinstance(m, Message) else {"role": m["role"], "content": m["content"]}
-        for m in conversation
-    ]
+def _dicts(conversation: Conversation) -> list[dict[str, Any]]:
+    out = []
+    for m in conversation:
+        d = m.as_dict() if isinstance(m, Message) else {"role": m["role"], "content": m.get("content") or ""}
+        if not isinstance(m, Message):
+            if m.get("tool_calls"):
+                d["tool_calls"] = list(m["tool_calls"])
+            if m.get("tool_call_id"):
+                d["tool_call_id"] = m["tool_call_id"]
+        out.append(d)
+    return out
 
 
 def _has_template(tokenizer: Any) -> bool:
@@ -53,7 +61,20 @@ def _ds_chat(messages: list[dict[str, str]], *, add_generation_prompt: bool) -> 
     return "".join(parts)
 
 
-def _render(messages: list[dict[str, str]], tokenizer: Any, *, add_generation_prompt: bool) -> str:
+def _render(
+    messages: list[dict[str, Any]], tokenizer: Any, *, add_generation_prompt: bool, tools: Tools = None
+) -> str:
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        functions = [function_of(t) for t in tools or ()]
+        if _has_template(tokenizer) and style_of(tokenizer) != "house":  # the template writes tools itself
+            text = tokenizer.apply_chat_template(
+                template_messages(messages),
+                tools=[{"type": "function", "function": f} for f in functions] or None,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+            return str(text)
+        messages = house_messages(messages, functions)  # the Hermes layout in plain turns
     if _has_template(tokenizer):
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -62,22 +83,24 @@ def _render(messages: list[dict[str, str]], tokenizer: Any, *, add_generation_pr
     return _ds_chat(messages, add_generation_prompt=add_generation_prompt)
 
 
-def render_prompt(conversation: Conversation, tokenizer: Any = None) -> str:
-    """The model input for a conversation that ends with a user turn, ready for the answer."""
-    return _render(_dicts(conversation), tokenizer, add_generation_prompt=True)
+def render_prompt(conversation: Conversation, tokenizer: Any = None, tools: Tools = None) -> str:
+    """The model input for a conversation that ends with a user turn (or tool results), ready for the
+    answer; `tools` (OpenAI's) are rendered as the template writes them (rlhf_engine/data/tools.py)."""
+    return _render(_dicts(conversation), tokenizer, add_generation_prompt=True, tools=tools)
 
 
-def render_answer(conversation: Conversation, answer: str, tokenizer: Any = None) -> str:
+def render_answer(
+    conversation: Conversation, answer: str | Message, tokenizer: Any = None, tools: Tools = None
+) -> str:
     """The text that follows `render_prompt(conversation)` when the assistant says `answer`.
 
     Rendered by the same template as the whole turn (so a template's end-of-turn marker is
     included), then cut after the prompt.
     """
     messages = _dicts(conversation)
-    prompt = _render(messages, tokenizer, add_generation_prompt=True)
-    full = _render(
-        messages + [{"role": "assistant", "content": answer}], tokenizer, add_generation_prompt=False
-    )
+    prompt = _render(messages, tokenizer, add_generation_prompt=True, tools=tools)
+    turn = _dicts([answer])[0] if isinstance(answer, Message) else {"role": "assistant", "content": answer}
+    full = _render(messages + [turn], tokenizer, add_generation_prompt=False, tools=tools)
     if not full.startswith(prompt):
         raise ValueError(
             "the tokenizer's chat template renders a conversation differently once an answer is "
@@ -93,13 +116,15 @@ def _specials(tokenizer: Any) -> bool:
     return not _has_template(tokenizer)
 
 
-def encode_prompt(conversation: Conversation, tokenizer: Any) -> list[int]:
+def encode_prompt(conversation: Conversation, tokenizer: Any, tools: Tools = None) -> list[int]:
     """Token ids of `render_prompt` — the only way any step or the chat generator tokenises a prompt."""
-    ids = tokenizer(render_prompt(conversation, tokenizer), add_special_tokens=_specials(tokenizer))
+    ids = tokenizer(render_prompt(conversation, tokenizer, tools), add_special_tokens=_specials(tokenizer))
     return list(ids["input_ids"])
 
 
-def encode_answer(conversation: Conversation, answer: str, tokenizer: Any) -> list[int]:
+def encode_answer(
+    conversation: Conversation, answer: str | Message, tokenizer: Any, tools: Tools = None
+) -> list[int]:
     """Token ids of `render_answer`, ending with EOS.
 
     A template whose end-of-turn marker is EOS (ChatML's `<|im_end|>`, as SmolLM2 and Qwen write it)
@@ -107,7 +132,7 @@ def encode_answer(conversation: Conversation, answer: str, tokenizer: Any) -> li
     EOS, so SFT must not learn it and a reward model must be trained to score at EOS, where step 3,
     `rlhf eval` and chat read its score. Otherwise EOS is appended.
     """
-    text = render_answer(conversation, answer, tokenizer)
+    text = render_answer(conversation, answer, tokenizer, tools)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
     if eos is None:

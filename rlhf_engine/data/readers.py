@@ -24,6 +24,7 @@ as a string that contains "Human:"/"Assistant:" turns is parsed into a multi-tur
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -117,20 +118,46 @@ def _content(row: _Row, field: str, value: Any) -> str:
     raise row.error(field, "content must be a string or a list of text parts (images are not supported)")
 
 
-TOOLS_LATER = (
-    "tool calls are not trained yet (they come with tool calling in chat); leave such rows out, or "
-    "let max_bad_rows skip them"
+TOOLS_ONLY_SFT = (
+    "tool calls train in supervised rows (OpenAI's chat format with tools); leave them out of this file, or "
+    "let max_bad_rows skip such rows"
 )
+LEGACY_FUNCTIONS = "the legacy functions/function_call fields are not supported; give tools and tool_calls"
 
 
-def _messages(row: _Row, field: str, value: Any) -> list[Message]:
+def _messages(row: _Row, field: str, value: Any, *, tools: bool | None = None) -> list[Message]:
+    """A row's messages; tool calls and results only in a supervised chat row (`tools` not None) that
+    lists its tools (`tools` True)."""
     if not isinstance(value, list) or not value:
         raise row.error(field, "must be a non-empty list of {role, content} messages")
     out = []
     for i, m in enumerate(value):
         where = f"{field}[{i}]"
-        if isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") == "tool"):
-            raise row.error(where, TOOLS_LATER)
+        if isinstance(m, dict) and m.get("function_call"):
+            raise row.error(f"{where}.function_call", LEGACY_FUNCTIONS)
+        if isinstance(m, dict) and not tools and (m.get("tool_calls") or m.get("role") == "tool"):
+            raise row.error(
+                where,
+                TOOLS_ONLY_SFT
+                if tools is None
+                else "tool calls and results need the row's 'tools' (the functions it may call)",
+            )
+        if isinstance(m, dict) and m.get("role") == "tool":
+            call = m.get("tool_call_id")
+            if not isinstance(call, str) or not call:
+                raise row.error(f"{where}.tool_call_id", "a tool message names the call it answers")
+            out.append(
+                Message("tool", _content(row, f"{where}.content", m.get("content")), tool_call_id=call)
+            )
+            continue
+        if isinstance(m, dict) and m.get("tool_calls"):
+            if m.get("role") != "assistant":
+                raise row.error(f"{where}.tool_calls", "only assistant messages call tools")
+            calls = _tool_calls(row, f"{where}.tool_calls", m["tool_calls"])
+            text = m.get("content")
+            content = "" if text is None else _content(row, f"{where}.content", text)
+            out.append(Message("assistant", content, tool_calls=calls))
+            continue
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise row.error(where, "each message needs 'role' and 'content'")
         role = _ROLE_ALIASES.get(m["role"])
@@ -140,6 +167,43 @@ def _messages(row: _Row, field: str, value: Any) -> list[Message]:
             )
         out.append(Message(role, _content(row, f"{where}.content", m["content"])))  # type: ignore[arg-type]
     return out
+
+
+def _tool_calls(row: _Row, field: str, value: Any) -> tuple[tuple[str, str, str], ...]:
+    """An assistant message's `tool_calls` ({id, type: function, function: {name, arguments}})."""
+    if not isinstance(value, list):
+        raise row.error(field, "must be a list of {id, type: function, function: {name, arguments}}")
+    out = []
+    for j, c in enumerate(value):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise row.error(f"{field}[{j}].function", "give {name, arguments}")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, dict):
+            args = json.dumps(args, ensure_ascii=False)
+        try:
+            parsed = json.loads(args) if isinstance(args, str) else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise row.error(f"{field}[{j}].function.arguments", "must be a JSON object (as a string)")
+        out.append((str(c.get("id") or f"call_{j}"), fn["name"], args))
+    return tuple(out)
+
+
+def _row_tools(row: _Row) -> tuple[dict[str, Any], ...]:
+    """A row's `tools`, checked as chat checks them (names, schemas)."""
+    from rlhf_engine.chat.errors import ChatRequestError
+    from rlhf_engine.data.tools import check
+
+    tools = row.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise row.error("tools", "must be a non-empty list of {type: function, function: {name, parameters}}")
+    try:
+        check(tools)
+    except ChatRequestError as e:
+        raise row.error(e.param or "tools", e.message.split(": ", 1)[-1]) from None
+    return tuple(tools)
 
 
 def _answer(row: _Row, field: str) -> str:
@@ -153,8 +217,10 @@ def _answer(row: _Row, field: str) -> str:
 def _check_prompt(
     row: _Row, field: str, conversation: list[Message] | tuple[Message, ...]
 ) -> tuple[Message, ...]:
-    if not conversation or conversation[-1].role != "user":
-        raise row.error(field, "the conversation before the answer must end with a user message")
+    if not conversation or conversation[-1].role not in ("user", "tool"):
+        raise row.error(
+            field, "the conversation before the answer must end with a user message (or tool results)"
+        )
     return tuple(conversation)
 
 
@@ -184,18 +250,25 @@ def _weights(row: _Row, value: list[Any]) -> list[int]:
 
 def _openai_chat(row: _Row) -> Sample:
     """OpenAI's chat format: every assistant message trains unless its `weight` is 0 (its multi-turn rule)."""
-    for key in ("tools", "functions", "parallel_tool_calls"):
-        if key in row.record:
-            raise row.error(key, TOOLS_LATER)
+    if "functions" in row.record:
+        raise row.error("functions", LEGACY_FUNCTIONS)
+    tools = _row_tools(row) if "tools" in row.record else ()
     raw = row.get("messages")
-    msgs = _messages(row, "messages", raw)
+    msgs = _messages(row, "messages", raw, tools=bool(tools))
     if msgs[-1].role != "assistant":
         raise row.error("messages", "the last message must be the assistant's answer to train on")
+    names = {t.get("function", t).get("name") for t in tools}
+    for i, m in enumerate(msgs):
+        for _, name, _ in m.tool_calls:
+            if name not in names:
+                raise row.error(
+                    f"messages[{i}].tool_calls", f"calls {name!r}, which is not in the row's tools"
+                )
     weights = _weights(row, raw)
     earlier = tuple(
         i
         for i, m in enumerate(msgs[:-1])
-        if m.role == "assistant" and weights[i] and i and msgs[i - 1].role == "user"
+        if m.role == "assistant" and weights[i] and i and msgs[i - 1].role in ("user", "tool")
     )
     if not weights[-1] and not earlier:
         raise row.error("messages", "every assistant message has weight 0: the row trains nothing")
@@ -206,6 +279,8 @@ def _openai_chat(row: _Row) -> Sample:
         row.line,
         trained=earlier,
         answer_trained=bool(weights[-1]),
+        tools=tools,
+        answer_calls=msgs[-1].tool_calls,
     )
 
 
@@ -359,7 +434,8 @@ def _one_row(shape: str, record: Any, path: str, line: int) -> Sample | str | No
     kind, read, fields = SHAPES[shape]
     sample = read(row)
     if kind != "prompt" and (
-        not sample.chosen.strip() or (sample.rejected is not None and not sample.rejected.strip())
+        (not sample.chosen.strip() and not sample.answer_calls)
+        or (sample.rejected is not None and not sample.rejected.strip())
     ):
         return None  # real HH data has a few empty answers; count them, don't fail the file
     if item := {k: v for k, v in record.items() if k not in fields}:

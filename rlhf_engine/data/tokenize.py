@@ -136,7 +136,8 @@ def tokenize_rows(
     for i, s in enumerate(rows):
         if on_progress is not None and i % 256 == 0:
             on_progress()
-        prompt = encode_prompt(s.conversation, tokenizer)
+        tools = s.tools or None
+        prompt = encode_prompt(s.conversation, tokenizer, tools)
         if step == 3:
             if len(prompt) > max_prompt_len:
                 filtered["prompt_too_long"] += 1
@@ -148,7 +149,7 @@ def tokenize_rows(
             filtered["prompt_too_long"] += 1
             continue
         room = max_seq_len - len(prompt)
-        chosen = encode_answer(s.conversation, s.chosen, tokenizer)
+        chosen = encode_answer(s.conversation, s.answer, tokenizer, tools)
         if step == 1:
             stats.truncated += len(chosen) > room
             ids = prompt + chosen[:room]
@@ -180,9 +181,13 @@ def _earlier_spans(s: Sample, ids: list[int], tokenizer: Any) -> list[int] | Non
     (the row cannot train that turn as written)."""
     out: list[int] = []
     eos = tokenizer.eos_token_id
+    tools = s.tools or None
     for k in s.trained:
-        head = encode_prompt(s.conversation[:k], tokenizer)
-        answer = encode_answer(s.conversation[:k], s.conversation[k].content, tokenizer)
+        head = encode_prompt(s.conversation[:k], tokenizer, tools)
+        turn = s.conversation[k]
+        answer = encode_answer(
+            s.conversation[:k], turn if turn.tool_calls else turn.content, tokenizer, tools
+        )
         if answer and answer[-1] == eos and ids[len(head) : len(head) + len(answer)] != answer:
             answer = answer[:-1]  # a template that ends no earlier turn with EOS: that turn trains without it
         end = min(len(head) + len(answer), len(ids))

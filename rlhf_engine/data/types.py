@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 Kind = Literal["preference", "sft", "prompt", "text"]
 
 
@@ -13,9 +13,20 @@ Kind = Literal["preference", "sft", "prompt", "text"]
 class Message:
     role: Role
     content: str
+    # an assistant turn's function calls: (id, name, arguments as JSON text) each; a tool turn's call id
+    tool_calls: tuple[tuple[str, str, str], ...] = ()
+    tool_call_id: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                for i, n, a in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,14 @@ class Sample:
     # that train too (each follows a user turn and has weight 1), and whether the final answer trains
     trained: tuple[int, ...] = ()
     answer_trained: bool = True
+    # OpenAI's function-calling rows: the tools offered (as given) and the final answer's calls
+    tools: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+    answer_calls: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def answer(self) -> str | Message:
+        """The final answer as the formatter takes it (a message when it calls tools)."""
+        return Message("assistant", self.chosen, self.answer_calls) if self.answer_calls else self.chosen
 
     @property
     def prompt_text(self) -> str:

@@ -262,7 +262,7 @@ def test_bad_conversations_name_the_field(
     engine: ChatGenerator, messages: list[dict[str, object]], param: str
 ) -> None:
     with pytest.raises(ChatRequestError) as e:
-        engine.submit(messages)  # type: ignore[arg-type]
+        engine.submit(messages)
     assert e.value.param == param
 
 

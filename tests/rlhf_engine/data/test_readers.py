@@ -243,7 +243,7 @@ def test_openai_shapes_bad_rows(tmp_path: Path) -> None:
             [{"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}],
         )
     )
-    assert err.field == "messages[0]" and "tool calls are not trained yet" in str(err)
+    assert err.field == "messages[0]" and "need the row's 'tools'" in str(err)
     row = {
         "input": {"messages": [{"role": "user", "content": "x"}]},
         "preferred_output": [{"role": "user", "content": "y"}],
@@ -400,4 +400,88 @@ def test_openai_multi_turn_rows_train_every_assistant_turn_unless_weight_0(tmp_p
     assert _error(write_jsonl(tmp_path / "w.jsonl", [odd])).field == "messages[1].weight"
     tools = {"messages": [turn("user", "a"), turn("assistant", "b")], "tools": [{"type": "function"}]}
     err = _error(write_jsonl(tmp_path / "t.jsonl", [tools]))
-    assert err.field == "tools" and "not trained yet" in str(err)
+    assert err.field == "tools[0].function" and "name" in str(err)
+
+
+def test_function_calling_rows_train_the_calls(tmp_path: Path, base_model: Path) -> None:
+    """OpenAI's function-calling fine-tuning rows: tools, assistant tool_calls, tool results. The calls and
+    the answer after the results train; the prompt shows the tools (rlhf_engine/data/tools.py)."""
+    from transformers import AutoTokenizer
+
+    from rlhf_engine.data.tokenize import tokenize_rows
+
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+    ask = {"role": "user", "content": "Weather in Oslo?"}
+    rows = [
+        {"messages": [ask, {"role": "assistant", "tool_calls": [call]}], "tools": tools},
+        {
+            "messages": [
+                ask,
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "assistant", "content": "It is sunny."},
+            ],
+            "tools": tools,
+            "parallel_tool_calls": False,
+        },
+    ]
+    ds = read_dataset(str(write_jsonl(tmp_path / "f.jsonl", rows)))
+    first, second = ds.rows
+    assert first.answer_calls == (("c1", "get_weather", '{"city": "Oslo"}'),) and first.chosen == ""
+    assert (
+        second.trained == (1,) and second.chosen == "It is sunny." and second.conversation[2].role == "tool"
+    )
+    tok = AutoTokenizer.from_pretrained(base_model)
+    out, _ = tokenize_rows(1, ds.rows, tok, max_seq_len=2048, max_prompt_len=2048)
+    (ids, prompt_len, _), (ids2, _, spans) = out
+    assert "<tools>" in tok.decode(ids[:prompt_len])  # the prompt shows the tools
+    trained = tok.decode(ids[prompt_len:])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in trained
+    assert spans and '"city": "Oslo"' in tok.decode(ids2[spans[0] : spans[1]])  # the earlier call trains too
+    # bad rows name the field
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"messages": [ask, {"role": "assistant", "tool_calls": [call]}], "tools": []}, "tools"),
+        (
+            {
+                "messages": [ask, {"role": "assistant", "tool_calls": [call | {"function": {"name": "rm"}}]}],
+                "tools": tools,
+            },
+            "messages[1].tool_calls",
+        ),
+        (
+            {
+                "messages": [
+                    ask,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"function": {"name": "get_weather", "arguments": "{x"}}],
+                    },
+                ],
+                "tools": tools,
+            },
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            {
+                "messages": [ask, {"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}],
+                "tools": tools,
+            },
+            "messages[1].tool_call_id",
+        ),
+        ({"messages": [ask, {"role": "assistant", "content": "y"}], "functions": []}, "functions"),
+    ]
+    for i, (row, field) in enumerate(bad):
+        assert _error(write_jsonl(tmp_path / f"b{i}.jsonl", [row])).field == field, row
