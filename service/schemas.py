@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from service.jobs.states import JobStatus, StepStatus
 
@@ -520,16 +520,71 @@ class ContentPart(Strict):
     text: str
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="developer is taken as system"
+class FunctionCall(BaseModel):
+    name: str = Field(max_length=64, description="the function called")
+    arguments: str = Field(description="its arguments: a JSON object, as text")
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made (in a reply, or given back in a later request's conversation)."""
+
+    id: str = Field(max_length=128, description="call_…: a tool message answers it by this id")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="letters, digits, _ and -")
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="a JSON schema of the arguments (default: no arguments)"
     )
-    content: str | list[ContentPart] = Field(description="the turn's text (or a list of text parts)")
+    strict: bool | None = Field(
+        default=None, description="accepted; required and named calls always follow it"
+    )
+
+
+class ToolDefinition(Strict):
+    type: Literal["function"] = Field(description="only function tools")
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="developer is taken as system; tool: a tool's result (with tool_call_id)"
+    )
+    content: str | list[ContentPart] | None = Field(
+        default=None, description="the turn's text (or a list of text parts); null for a turn of only calls"
+    )
     name: str | None = Field(
         default=None, max_length=64, description="accepted, not used by the prompt formatter"
     )
+    tool_calls: list[ToolCall] | None = Field(default=None, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(default=None, max_length=128, description="the call a tool turn answers")
+
+    @model_validator(mode="after")
+    def _content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(
+                "content is required (only an assistant turn that calls tools may leave it null)"
+            )
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the call it answers)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -583,6 +638,18 @@ class ChatCompletionRequest(BaseModel):
         description="json_schema: every reply follows the schema (constrained decoding); json_object: every "
         "reply is a JSON object; text: the default",
     )
+    tools: list[ToolDefinition] | None = Field(
+        default=None, max_length=128, description="functions the model may call (shown to it by its template)"
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description="auto (default with tools): the model decides; required: it calls one or more; "
+        "{type: function, function: {name}}: it calls that one; none: it answers in text. required and named "
+        "calls always follow the schema (constrained decoding)",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="false: at most one call per reply (default true)"
+    )
     logprobs: bool | None = Field(
         default=None,
         description="return each generated token's log-probability: the model's own distribution, before "
@@ -619,12 +686,9 @@ class ChatCompletionRequest(BaseModel):
 
     # OpenAI parameters accepted only at their neutral value; anything else unknown is refused by name
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "parallel_tool_calls": (True, False),
         "store": (False,),
         "metadata": ({},),
         "service_tier": ("auto",),
-        "tools": ([],),
-        "tool_choice": ("none",),
     }
 
     @field_validator("logit_bias")
@@ -673,15 +737,23 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
+class ToolCallDelta(BaseModel):
+    index: int = Field(description="which call of the reply")
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall | None = None
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, description="each call whole, once")
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChoiceLogprobs | None = Field(default=None, description="with logprobs: this chunk's tokens'")
     reward: float | None = Field(
         default=None, description="the run's reward model's score of the reply (last chunk)"
@@ -706,14 +778,15 @@ class ChatCompletionChunk(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="the reply's text (null when it only calls tools)")
     refusal: None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="the calls it made")
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChoiceLogprobs | None = Field(default=None, description="with logprobs: the reply's tokens'")
     reward: float | None = Field(default=None, description="the run's reward model's score of the reply")
 
@@ -754,8 +827,8 @@ class ResponseCreateRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(max_length=255, description="a base model name or one of your fine-tuned model ids")
     input: str | list[dict[str, Any]] = Field(
-        description="a text (the user's turn), or a list of messages {role, content} (content a text or "
-        "input_text/output_text parts), oldest first"
+        description="a text (the user's turn), or a list of items, oldest first: messages {role, content} "
+        "(content a text or input_text/output_text parts), function_call and function_call_output"
     )
     instructions: str | None = Field(
         default=None, description="a system message first; not carried over by previous_response_id"
@@ -780,11 +853,17 @@ class ResponseCreateRequest(BaseModel):
     prompt_cache_key: str | None = Field(
         default=None, max_length=256, description="accepted; prompts are cached per tenant anyway"
     )
+    tools: list[dict[str, Any]] | None = Field(
+        default=None,
+        max_length=128,
+        description="function tools {type: function, name, description, parameters, strict}",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="auto, none, required, or {type: function, name}"
+    )
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call")
 
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "parallel_tool_calls": (True, False),
-        "tools": ([],),
-        "tool_choice": ("none", "auto"),
         "truncation": ("disabled",),
         "service_tier": ("auto", "default"),
         "background": (False,),
@@ -823,6 +902,17 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
+class FunctionCallItem(BaseModel):
+    """A call the model made (Responses API): answer it with a `function_call_output` input item."""
+
+    id: str = Field(description="fc_…")
+    type: Literal["function_call"] = "function_call"
+    status: Literal["completed"] = "completed"
+    call_id: str = Field(description="call_…: the function_call_output that answers it names this")
+    name: str
+    arguments: str = Field(description="a JSON object, as text")
+
+
 class InputTokensDetails(BaseModel):
     cached_tokens: int = 0
 
@@ -854,7 +944,7 @@ class ResponseObject(BaseModel):
     created_at: int
     status: Literal["in_progress", "completed", "incomplete", "failed"]
     model: str
-    output: list[OutputMessage]
+    output: list[OutputMessage | FunctionCallItem]
     usage: ResponseUsage | None = None
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
@@ -888,8 +978,16 @@ class InputMessage(BaseModel):
     content: list[dict[str, Any]] = Field(description="input_text (or output_text for assistant) parts")
 
 
+class FunctionCallOutputItem(BaseModel):
+    id: str
+    type: Literal["function_call_output"] = "function_call_output"
+    status: Literal["completed"] = "completed"
+    call_id: str
+    output: str
+
+
 class ResponseInputItemList(Page):
-    data: list[InputMessage]
+    data: list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
 
 
 class EmbeddingRequest(Strict):

@@ -14,6 +14,7 @@ second thread running torch would get its own OpenMP team and halve throughput o
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -329,13 +330,19 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                     presence_penalty=request.presence_penalty,
                     frequency_penalty=request.frequency_penalty,
                 )
-                messages = [{"role": m.role, "content": m.content} for m in request.messages]
+                messages = [_turn(m) for m in request.messages]
+                tools = json.loads(request.tools) if request.tools else None
+                options: dict[str, Any] = {"scope": request.cache_scope}
+                if tools:
+                    options |= {
+                        "tools": tools,
+                        "tool_choice": json.loads(request.tool_choice or '"auto"'),
+                        "parallel_tool_calls": request.parallel_tool_calls,
+                    }
                 if sum(len(m["content"]) for m in messages) > 8192:  # long prompts tokenise off the loop
-                    handle = await asyncio.to_thread(
-                        generator.submit, messages, params, scope=request.cache_scope
-                    )
+                    handle = await asyncio.to_thread(generator.submit, messages, params, **options)
                 else:
-                    handle = generator.submit(messages, params, scope=request.cache_scope)
+                    handle = generator.submit(messages, params, **options)
             except ChatError as e:
                 how = e.code
                 await _abort(context, e)
@@ -355,6 +362,8 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                         piece.reward = d.reward
                     if d.logprobs:
                         piece.logprobs.extend(_logprobs(generator, d.logprobs))
+                    for c in d.tool_calls:
+                        piece.tool_calls.add(id=c.id, name=c.name, arguments=c.arguments)
                     yield worker_pb2.GenerateReply(piece=piece)
             except ChatError as e:
                 how = e.code
@@ -497,6 +506,18 @@ async def _serve(settings: Settings, port: int | None) -> int:
         await asyncio.to_thread(generators.close)
         logger.info("inference worker %s stopped", worker_id)
     return 0
+
+
+def _turn(m: Any) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        turn["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        turn["tool_call_id"] = m.tool_call_id
+    return turn
 
 
 def _logprobs(generator: Any, logprobs: list[Any]) -> list[Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from rlhf_engine.data.tools import function_of, house_messages, style_of, template_messages
+from rlhf_engine.data.tools import canonical, house_messages, style_of, template_messages
 from rlhf_engine.data.types import Message
 
 # DeepSpeed-Chat's layout as a Jinja chat template; the bundled tiny tokenizers carry it, so the
@@ -65,7 +65,7 @@ def _render(
     messages: list[dict[str, Any]], tokenizer: Any, *, add_generation_prompt: bool, tools: Tools = None
 ) -> str:
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-        functions = [function_of(t) for t in tools or ()]
+        functions = [canonical(t) for t in tools or ()]
         if _has_template(tokenizer) and style_of(tokenizer) != "house":  # the template writes tools itself
             text = tokenizer.apply_chat_template(
                 template_messages(messages),

@@ -77,6 +77,17 @@ def function_of(tool: dict[str, Any]) -> dict[str, Any]:
     return tool["function"] if isinstance(tool.get("function"), dict) else tool
 
 
+def canonical(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool's function as every prompt shows it — name, description, parameters, in that order — so a
+    model sees the text it was trained on whatever order a client writes the keys in."""
+    fn = function_of(tool)
+    out: dict[str, Any] = {"name": fn.get("name")}
+    if fn.get("description"):
+        out["description"] = fn["description"]
+    out["parameters"] = fn.get("parameters") or {"type": "object", "properties": {}}
+    return out
+
+
 def check(
     tools: Sequence[dict[str, Any]], choice: Any = "auto", where: str = "tools"
 ) -> list[dict[str, Any]]:
@@ -119,10 +130,7 @@ def check(
             raise ChatRequestError(
                 f"{at}.parameters: the schema cannot be compiled: {messages[0]}", param=f"{at}.parameters"
             )
-        description = fn.get("description")
-        functions.append(
-            {"name": name, "parameters": params} | ({"description": description} if description else {})
-        )
+        functions.append(canonical(fn))
     wanted = chosen(choice)
     if wanted not in (None, "auto", "none", "required") and wanted not in seen:
         raise ChatRequestError(f"tool_choice: no tool named {wanted!r} in tools", param="tool_choice")
@@ -324,10 +332,10 @@ class Reader:
         if at >= 0:
             self.calling = True
             out = rest[:at]
-            self.shown += at
-            return out
-        keep = _prefix_len(rest, CALL_OPEN)
-        out = rest[: len(rest) - keep]
+        else:
+            out = rest[: len(rest) - _prefix_len(rest, CALL_OPEN)]
+        if not self.text[: self.shown + len(out)].strip():  # only whitespace so far: wait for what follows
+            return ""
         self.shown += len(out)
         return out
 
@@ -335,8 +343,7 @@ class Reader:
         """The text not handed out yet and the reply's calls."""
         content, calls = parse(self.text, self.style, self.names)
         if not calls:
-            rest = self.text[self.shown :]
-            return rest, []
+            return self.text[self.shown :], []
         return "", calls
 
 

@@ -80,7 +80,10 @@ async def chat_completions(
         choices=[
             ChatChoice(
                 index=c["index"],
-                message=AssistantMessage(content=c["text"]),
+                message=AssistantMessage(
+                    content=c["text"] if c["text"] or not c["tool_calls"] else None,
+                    tool_calls=c["tool_calls"],
+                ),
                 finish_reason=_finish(c["finish_reason"]),
                 reward=c["reward"],
                 logprobs=None if c["logprobs"] is None else ChoiceLogprobs(content=c["logprobs"]),
@@ -112,7 +115,7 @@ class SSE(StreamingResponse):
 
 
 def _finish(reason: str | None) -> Any:
-    return reason if reason in ("stop", "length") else None
+    return reason if reason in ("stop", "length", "tool_calls") else None
 
 
 def _usage(f: svc.Finished) -> Usage:
@@ -158,6 +161,18 @@ async def sse_chunks(stream: svc.ChatStream, *, include_usage: bool) -> AsyncIte
                 if include_usage:
                     yield frame([], usage=_usage(item).model_dump())
                 break
+            if item.tool_calls:  # each call whole, then the finishing chunk (OpenAI sends the end alone)
+                calls = [{"index": k} | call for k, call in enumerate(item.tool_calls)]
+                yield frame(
+                    [
+                        {
+                            "index": item.index,
+                            "delta": {"tool_calls": calls},
+                            "finish_reason": None,
+                            "logprobs": None,
+                        }
+                    ]
+                )
             choice = {
                 "index": item.index,
                 "delta": {"content": item.text} if item.text else {},

@@ -43,9 +43,13 @@ def _prepare(settings: Settings, tenant: str, body: ResponseCreateRequest) -> sv
         return svc.prepare(session=s, tenant=tenant, req=body)
 
 
-def _store(settings: Settings, tenant: str, out: ResponseObject, turn: svc.Turn, reply: str) -> None:
+def _store(
+    settings: Settings, tenant: str, out: ResponseObject, turn: svc.Turn, reply: str, calls: list[Any] | None
+) -> None:
     with session_scope(settings.db_url) as s:
-        svc.store(session=s, tenant=tenant, body=out, turn=turn, reply=reply, settings=settings)
+        svc.store(
+            session=s, tenant=tenant, body=out, turn=turn, reply=reply, settings=settings, tool_calls=calls
+        )
 
 
 @router.post(
@@ -78,9 +82,10 @@ async def create_response(
         await count_chat_tokens(counter, settings, authorization, stream.take_tokens())
 
     def finished(
-        text: str, reason: str | None, done: chat_svc.Finished, reward: float | None
+        text: str, reason: str | None, done: chat_svc.Finished, reward: float | None, calls: list[Any] | None
     ) -> ResponseObject:
         return svc.response_object(
+            tool_calls=calls,
             req=body,
             response_id=response_id,
             message_id=message_id,
@@ -108,9 +113,9 @@ async def create_response(
     finally:
         await close()
     c = choices[0]
-    out = finished(c["text"], c["finish_reason"], done, c["reward"])
+    out = finished(c["text"], c["finish_reason"], done, c["reward"], c["tool_calls"])
     if body.store:
-        await asyncio.to_thread(_store, settings, caller.tenant_id, out, turn, c["text"])
+        await asyncio.to_thread(_store, settings, caller.tenant_id, out, turn, c["text"], c["tool_calls"])
     return Response(out.model_dump_json(), media_type="application/json")
 
 
@@ -149,42 +154,67 @@ async def _events(
     yield event("response.created", response=start)
     yield event("response.in_progress", response=start)
     texts: list[str] = []
+    opened = False  # the message item starts with its first text (a reply of only calls has none)
+
+    def open_message() -> list[bytes]:
+        nonlocal opened
+        opened = True
+        item = {
+            "id": message_id,
+            "type": "message",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return [
+            event("response.output_item.added", output_index=0, item=item),
+            event("response.content_part.added", **where, part=part),
+        ]
+
     try:
-        yield event(
-            "response.output_item.added",
-            output_index=0,
-            item={
-                "id": message_id,
-                "type": "message",
-                "status": "in_progress",
-                "role": "assistant",
-                "content": [],
-            },
-        )
-        yield event(
-            "response.content_part.added",
-            **where,
-            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []},
-        )
         reason, reward = None, None
+        calls: list[Any] = []
         async for item in stream:
             if isinstance(item, chat_svc.Finished):
                 text = "".join(texts)
-                out = finished(text, reason, item, reward)
-                message = out.output[0].model_dump(mode="json")
-                yield event("response.output_text.done", **where, text=text, logprobs=[])
-                yield event("response.content_part.done", **where, part=message["content"][0])
-                yield event("response.output_item.done", output_index=0, item=message)
+                out = finished(text, reason, item, reward, calls)
+                index = 0
+                if out.output and out.output[0].type == "message":
+                    for frame in [] if opened else open_message():
+                        yield frame
+                    message = out.output[0].model_dump(mode="json")
+                    yield event("response.output_text.done", **where, text=text, logprobs=[])
+                    yield event("response.content_part.done", **where, part=message["content"][0])
+                    yield event("response.output_item.done", output_index=0, item=message)
+                    index = 1
+                for k, call in enumerate(out.output[index:], start=index):
+                    done_item = call.model_dump(mode="json")
+                    at = {"item_id": done_item["id"], "output_index": k}
+                    yield event(
+                        "response.output_item.added", output_index=k, item=done_item | {"arguments": ""}
+                    )
+                    yield event("response.function_call_arguments.delta", **at, delta=done_item["arguments"])
+                    yield event(
+                        "response.function_call_arguments.done",
+                        **at,
+                        name=done_item["name"],
+                        arguments=done_item["arguments"],
+                    )
+                    yield event("response.output_item.done", output_index=k, item=done_item)
                 if body.store:
-                    await asyncio.to_thread(_store, settings, tenant, out, turn, text)
+                    await asyncio.to_thread(_store, settings, tenant, out, turn, text, calls or None)
                 kind = "response.incomplete" if out.status == "incomplete" else "response.completed"
                 yield event(kind, response=out.model_dump(mode="json"))
                 return
             if item.text:
+                for frame in [] if opened else open_message():
+                    yield frame
                 texts.append(item.text)
                 yield event("response.output_text.delta", **where, delta=item.text, logprobs=[])
             if item.finish_reason is not None:
                 reason, reward = item.finish_reason, item.reward
+                calls += item.tool_calls
     except ServiceError as e:  # after the headers: response.failed with the error (nothing stored)
         failed = dict(start, status="failed", error={"code": e.code or e.kind, "message": e.message})
         yield event("response.failed", response=failed)

@@ -342,6 +342,6 @@ class StoredResponse(Base):
     id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("resp"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     body: Mapped[dict[str, Any]] = mapped_column(JSON)  # the ResponseObject
-    conversation: Mapped[list[dict[str, str]]] = mapped_column(JSON)  # every turn, this reply last
+    conversation: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # every turn, this reply last
     inputs: Mapped[int] = mapped_column(Integer)  # how many of the last turns (before the reply) it was given
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -59,6 +59,9 @@ PAIRS: list[tuple[type[BaseModel], type[Message], set[str], set[str]]] = [
     (schemas.TokenLogprob, chat_pb2.TokenLogprob, set(), set()),
     (schemas.TopLogprob, chat_pb2.TopLogprob, set(), set()),
     (schemas.ChatDelta, chat_pb2.ChatDelta, set(), set()),
+    (schemas.ToolCall, chat_pb2.ToolCall, set(), set()),
+    (schemas.FunctionCall, chat_pb2.FunctionCall, set(), set()),
+    (schemas.ToolCallDelta, chat_pb2.ToolCallDelta, set(), set()),
     (schemas.Usage, chat_pb2.Usage, set(), set()),
 ]
 

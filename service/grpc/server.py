@@ -420,8 +420,15 @@ class ChatService(Base, chat_pb2_grpc.ChatServiceServicer):
                 choice = chat_pb2.ChatChunkChoice(
                     index=item.index, delta=chat_pb2.ChatDelta(content=item.text)
                 )
-                if item.finish_reason in ("stop", "length"):
+                if item.finish_reason in ("stop", "length", "tool_calls"):
                     choice.finish_reason = item.finish_reason
+                for k, call in enumerate(item.tool_calls):
+                    choice.delta.tool_calls.add(
+                        index=k,
+                        id=call["id"],
+                        type="function",
+                        function=chat_pb2.FunctionCall(**call["function"]),
+                    )
                 if item.reward is not None:
                     choice.reward = item.reward
                 if stream.logprobs:

@@ -13,6 +13,7 @@ the API process never imports torch.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 import weakref
@@ -61,6 +62,7 @@ class Piece:
     finish_reason: str | None
     reward: float | None
     logprobs: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's TokenLogprob, one per token
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's ToolCall, on the last piece
 
 
 @dataclass
@@ -108,7 +110,7 @@ class ChatStream:
                 if kind == "piece":
                     p = reply.piece
                     self.tokens += p.tokens
-                    if not p.text and not p.HasField("finish_reason") and not p.logprobs:
+                    if not p.text and not p.HasField("finish_reason") and not p.logprobs and not p.tool_calls:
                         # text held back (a possible stop string, a split character): nothing to relay
                         continue
                     yield Piece(
@@ -118,6 +120,14 @@ class ChatStream:
                         finish_reason=p.finish_reason if p.HasField("finish_reason") else None,
                         reward=p.reward if p.HasField("reward") else None,
                         logprobs=[_token_logprob(lp) for lp in p.logprobs],
+                        tool_calls=[
+                            {
+                                "id": c.id,
+                                "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments},
+                            }
+                            for c in p.tool_calls
+                        ],
                     )
                 elif kind == "finished":
                     self.tokens = reply.finished.completion_tokens
@@ -186,11 +196,40 @@ def check(req: ChatCompletionRequest, settings: Settings) -> None:
                 f"{settings.chat_max_message_chars} characters",
                 param=f"messages[{i}].content",
             )
+    functions = tools_of(req)
+    structured = req.response_format is not None and req.response_format.type != "text"
+    if functions and structured and req.tool_choice not in (None, "auto", "none"):
+        raise InvalidRequestError(
+            "response_format: a reply cannot both call a tool and follow a schema; drop response_format "
+            "or set tool_choice to auto",
+            param="response_format",
+        )
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequestError(
             "top_logprobs: needs logprobs: true (or leave top_logprobs out)", param="top_logprobs"
         )
     grammar_of(req)
+
+
+def _choice(req: ChatCompletionRequest) -> Any:
+    c = req.tool_choice
+    return c if c is None or isinstance(c, str) else c.model_dump()
+
+
+def tools_of(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The request's functions, checked as the engine checks them (a repeated name, a schema the grammar
+    engine cannot compile, tool_choice naming an absent tool: a 400 naming the field)."""
+    if not req.tools and req.tool_choice in (None, "auto", "none"):
+        return []
+    from rlhf_engine.chat.errors import ChatRequestError
+    from rlhf_engine.data.tools import check as check_tools
+
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = _choice(req)
+    try:
+        return check_tools(tools, choice)
+    except ChatRequestError as e:
+        raise InvalidRequestError(e.message, param=e.param) from None
 
 
 def grammar_of(req: ChatCompletionRequest) -> str | None:
@@ -532,7 +571,18 @@ def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:
     msg = worker_pb2.GenerateRequest(
         model_id=r.key,
         model_path=str(r.path),
-        messages=[worker_pb2.Turn(role=ROLE.get(m.role, m.role), content=m.text()) for m in req.messages],
+        messages=[
+            worker_pb2.Turn(
+                role=ROLE.get(m.role, m.role),
+                content=m.text(),
+                tool_calls=[
+                    worker_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                    for c in m.tool_calls or []
+                ],
+                tool_call_id=m.tool_call_id or "",
+            )
+            for m in req.messages
+        ],
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         stop=req.stop or [],
@@ -551,6 +601,11 @@ def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:
         msg.logit_bias[int(token)] = bias
     msg.presence_penalty = req.presence_penalty or 0.0
     msg.frequency_penalty = req.frequency_penalty or 0.0
+    if req.tools:
+        msg.tools = json.dumps([t.model_dump(exclude_none=True) for t in req.tools])
+        choice = _choice(req)
+        msg.tool_choice = json.dumps(choice or "auto")
+        msg.parallel_tool_calls = req.parallel_tool_calls is not False
     return msg
 
 
@@ -558,6 +613,7 @@ async def complete(stream: ChatStream) -> tuple[list[dict[str, Any]], Finished]:
     """Read a whole stream: each reply's text, finish reason and reward, and the usage."""
     texts: dict[int, list[str]] = {i: [] for i in range(stream.n)}
     logprobs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(stream.n)}
+    calls: dict[int, list[dict[str, Any]]] = {i: [] for i in range(stream.n)}
     ends: dict[int, tuple[str, float | None]] = {}
     async for item in stream:
         if isinstance(item, Finished):
@@ -568,12 +624,14 @@ async def complete(stream: ChatStream) -> tuple[list[dict[str, Any]], Finished]:
                     "finish_reason": ends.get(i, ("stop", None))[0],
                     "reward": ends.get(i, ("stop", None))[1],
                     "logprobs": logprobs[i] if stream.logprobs else None,
+                    "tool_calls": calls[i] or None,
                 }
                 for i in range(stream.n)
             ]
             return choices, item
         texts[item.index].append(item.text)
         logprobs[item.index] += item.logprobs
+        calls[item.index] += item.tool_calls
         if item.finish_reason is not None:
             ends[item.index] = (item.finish_reason, item.reward)
     raise WorkerFailedError("the inference worker ended the reply early; retry", code="worker_failed")

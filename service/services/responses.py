@@ -24,6 +24,8 @@ from service.db.models import StoredResponse
 from service.errors import InvalidRequestError, NotFoundError, ServiceError
 from service.schemas import (
     ChatCompletionRequest,
+    FunctionCallItem,
+    FunctionCallOutputItem,
     IncompleteDetails,
     InputMessage,
     OutputMessage,
@@ -43,7 +45,7 @@ class Turn:
     """A response request as a chat: the conversation and where its parts came from."""
 
     chat: ChatCompletionRequest
-    conversation: list[dict[str, str]]  # the previous response's turns and this input (no instructions)
+    conversation: list[dict[str, Any]]  # the previous response's turns and this input (no instructions)
     inputs: int  # turns of this request's own input (the last of `conversation`)
     offset: int  # chat messages before the input (instructions, the previous conversation)
 
@@ -64,6 +66,9 @@ class Turn:
             message, param = re.sub(r"^messages\b", "input", message), "input"
         elif param in ("max_tokens", "max_completion_tokens"):
             message, param = message.replace(param, "max_output_tokens"), "max_output_tokens"
+        elif param.startswith("tools[") and ".function" in param:
+            new = param.replace(".function", "", 1)
+            message, param = message.replace(param, new), new
         elif param.startswith("response_format"):
             new = "text.format" + param.removeprefix("response_format").replace(".json_schema", "", 1)
             message, param = message.replace(param, new), new
@@ -76,19 +81,37 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(16)}"
 
 
-def parse_input(given: str | list[dict[str, Any]]) -> list[dict[str, str]]:
+def parse_input(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`input` as chat turns; anything else is a 400 naming `input[i]…`."""
     if isinstance(given, str):
         return [{"role": "user", "content": given}]
     if not given:
         raise InvalidRequestError("input: give a text or at least one message", param="input")
-    turns = []
+    turns: list[dict[str, Any]] = []
     for i, item in enumerate(given):
         where = f"input[{i}]"
         kind = item.get("type", "message")
+        if kind == "function_call":
+            call = _call_item(item, where)
+            if turns and turns[-1]["role"] == "assistant" and turns[-1].get("tool_calls"):
+                turns[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
+            else:
+                turns.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            continue
+        if kind == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidRequestError(
+                    f"{where}.call_id: name the call this answers", param=f"{where}.call_id"
+                )
+            if not isinstance(output, str):
+                raise InvalidRequestError(f"{where}.output: must be a string", param=f"{where}.output")
+            turns.append({"role": "tool", "content": output, "tool_call_id": call_id})
+            continue
         if kind != "message":
             raise InvalidRequestError(
-                f"{where}.type: {kind!r} is not supported here; give messages {{role, content}}",
+                f"{where}.type: {kind!r} is not supported here; give messages {{role, content}}, "
+                "function_call or function_call_output",
                 param=f"{where}.type",
             )
         role = item.get("role")
@@ -121,6 +144,34 @@ def parse_input(given: str | list[dict[str, Any]]) -> list[dict[str, str]]:
     return turns
 
 
+def _call_item(item: dict[str, Any], where: str) -> dict[str, Any]:
+    name, arguments, call_id = item.get("name"), item.get("arguments"), item.get("call_id")
+    if not isinstance(name, str) or not isinstance(arguments, str) or not isinstance(call_id, str):
+        raise InvalidRequestError(
+            f"{where}: a function_call needs call_id, name and arguments (strings)", param=where
+        )
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _tools(req: ResponseCreateRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    """The Responses API's flat function tools and tool_choice in chat's shape."""
+    tools = None
+    if req.tools:
+        tools = []
+        for i, t in enumerate(req.tools):
+            if t.get("type") != "function":
+                raise InvalidRequestError(
+                    f"tools[{i}].type: {t.get('type')!r}: only function tools are supported here",
+                    param=f"tools[{i}].type",
+                )
+            fn = {k: v for k, v in t.items() if k in ("name", "description", "parameters", "strict")}
+            tools.append({"type": "function", "function": fn})
+    choice: Any = req.tool_choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return tools, choice
+
+
 def _response_format(req: ResponseCreateRequest) -> dict[str, Any] | None:
     fmt = req.text.format if req.text else None
     if fmt is None or fmt.type == "text":
@@ -148,12 +199,16 @@ def prepare(*, session: Session, tenant: str, req: ResponseCreateRequest) -> Tur
             f"{name}: not supported by this server; remove it", param=name, code="unsupported_parameter"
         )
     turns = parse_input(req.input)
-    before: list[dict[str, str]] = []
+    before: list[dict[str, Any]] = []
     if req.previous_response_id is not None:
         prev = _stored(session, tenant, req.previous_response_id, param="previous_response_id")
         before = list(prev.conversation)
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    tools, choice = _tools(req)
     fields: dict[str, Any] = {
+        "tools": tools,
+        "tool_choice": choice,
+        "parallel_tool_calls": req.parallel_tool_calls,
         "model": req.model,
         "messages": system + before + turns,
         "max_completion_tokens": req.max_output_tokens,
@@ -197,22 +252,31 @@ def response_object(
     completion_tokens: int,
     reward: float | None = None,
     status: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> ResponseObject:
-    """The response object of a finished (or, with `status`, a starting) turn."""
+    """The response object of a finished (or, with `status`, a starting) turn: its message (when it wrote
+    text, or made no call) and its function calls."""
     done = status is None
     incomplete = finish_reason == "length"
     state = status or ("incomplete" if incomplete else "completed")
-    output = (
-        [
+    output: list[OutputMessage | FunctionCallItem] = []
+    if done and (text or not tool_calls):
+        output.append(
             OutputMessage(
                 id=message_id,
                 status="incomplete" if incomplete else "completed",
                 content=[OutputText(text=text)],
             )
-        ]
-        if done
-        else []
-    )
+        )
+    for call in tool_calls or [] if done else []:
+        output.append(
+            FunctionCallItem(
+                id="fc_" + call["id"].removeprefix("call_"),
+                call_id=call["id"],
+                name=call["function"]["name"],
+                arguments=call["function"]["arguments"],
+            )
+        )
     text_field = (
         {"format": req.text.format.model_dump(by_alias=True, exclude_none=True)}
         if req.text and req.text.format
@@ -234,6 +298,9 @@ def response_object(
         incomplete_details=IncompleteDetails(reason="max_output_tokens") if done and incomplete else None,
         instructions=req.instructions,
         max_output_tokens=req.max_output_tokens,
+        tools=req.tools or [],
+        tool_choice=req.tool_choice if isinstance(req.tool_choice, str) else "auto",
+        parallel_tool_calls=req.parallel_tool_calls is not False,
         temperature=req.temperature if req.temperature is not None else 1.0,
         top_p=req.top_p if req.top_p is not None else 1.0,
         previous_response_id=req.previous_response_id,
@@ -246,15 +313,25 @@ def response_object(
 
 
 def store(
-    *, session: Session, tenant: str, body: ResponseObject, turn: Turn, reply: str, settings: Settings
+    *,
+    session: Session,
+    tenant: str,
+    body: ResponseObject,
+    turn: Turn,
+    reply: str,
+    settings: Settings,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> None:
     """Keep a finished response (and drop the tenant's oldest beyond the bound)."""
+    said: dict[str, Any] = {"role": "assistant", "content": reply}
+    if tool_calls:
+        said["tool_calls"] = tool_calls
     session.add(
         StoredResponse(
             id=body.id,
             tenant_id=tenant,
             body=body.model_dump(mode="json"),
-            conversation=[*turn.conversation, {"role": "assistant", "content": reply}],
+            conversation=[*turn.conversation, said],
             inputs=turn.inputs,
         )
     )
@@ -277,23 +354,42 @@ def remove(*, session: Session, tenant: str, response_id: str) -> None:
 
 def input_items(
     *, session: Session, tenant: str, response_id: str, after: str | None, limit: int, order: str
-) -> tuple[list[InputMessage], bool]:
+) -> tuple[list[InputMessage | FunctionCallItem | FunctionCallOutputItem], bool]:
     """The response's own input turns (not its previous response's), as OpenAI's input items."""
     row = _stored(session, tenant, response_id, param="response_id")
     turns = row.conversation[-1 - row.inputs : -1]
-    items = [
-        InputMessage(
-            id=f"msg_{response_id.removeprefix('resp_')[:24]}{i:04d}",
-            role=t["role"],  # type: ignore[arg-type]
-            content=[
-                {
-                    "type": "output_text" if t["role"] == "assistant" else "input_text",
-                    "text": t["content"],
-                }
-            ],
-        )
-        for i, t in enumerate(turns)
-    ]
+    stem = response_id.removeprefix("resp_")[:24]
+    items: list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = []
+    for i, t in enumerate(turns):
+        if t["role"] == "tool":
+            items.append(
+                FunctionCallOutputItem(
+                    id=f"fco_{stem}{i:04d}", call_id=t["tool_call_id"], output=t["content"]
+                )
+            )
+        elif t.get("tool_calls"):
+            items += [
+                FunctionCallItem(
+                    id=f"fc_{stem}{i:04d}{j:02d}",
+                    call_id=c["id"],
+                    name=c["function"]["name"],
+                    arguments=c["function"]["arguments"],
+                )
+                for j, c in enumerate(t["tool_calls"])
+            ]
+        else:
+            items.append(
+                InputMessage(
+                    id=f"msg_{stem}{i:04d}",
+                    role=t["role"],
+                    content=[
+                        {
+                            "type": "output_text" if t["role"] == "assistant" else "input_text",
+                            "text": t["content"],
+                        }
+                    ],
+                )
+            )
     if order == "desc":
         items.reverse()
     if after is not None:

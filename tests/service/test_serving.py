@@ -516,7 +516,7 @@ def test_stored_responses_are_bounded_per_tenant(e2e_stack: Stack) -> None:
     ("body", "param"),
     [
         ({"input": []}, "input"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].type"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
             "input[0].content[0].type",
@@ -531,7 +531,8 @@ def test_stored_responses_are_bounded_per_tenant(e2e_stack: Stack) -> None:
             "text.format.schema",
         ),
         ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function", "name": "f"}] * 2}, "tools[1].name"),
         ({"previous_response_id": "resp_nope"}, "previous_response_id"),
         ({"model": "no-such-model"}, "model"),
     ],
@@ -560,8 +561,9 @@ def test_bad_response_requests_name_the_field(
         ({"temperature": 3}, 400, "temperature"),
         ({"top_p": 0}, 400, "top_p"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, 400, "tools[1].function.name"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]"),  # no tool_call_id
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
         (
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
             400,
