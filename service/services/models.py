@@ -298,7 +298,10 @@ def upload_model(
 ALLOWED = re.compile(
     r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|vocab|added_tokens|"
     r"preprocessor_config|model\.safetensors\.index)\.json|merges\.txt|vocab\.txt|chat_template\.jinja|"
-    r"tokenizer\.model|spiece\.model|[\w.-]+\.safetensors|README\.md|LICENSE(\.txt)?"
+    r"tokenizer\.model|spiece\.model|[\w.-]+\.safetensors|README\.md|LICENSE(\.txt)?|"
+    # the notes our own `rlhf models` commands write beside the weights (where a model came from):
+    # JSON, never loaded as code, so a folder they wrote uploads as it is
+    r"gguf_source\.json|tiny_model\.json"
 )
 PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
 

@@ -628,8 +628,10 @@ def _tar(tmp_path: Any, files: dict[str, bytes], *, link: str | None = None) -> 
 def test_model_upload_is_checked_private_and_usable(
     stack: Stack, alice: Any, bob: Any, base_model: Any, tmp_path: Any
 ) -> None:
+    # the folder as `rlhf models` wrote it, with its own notes (a GGUF conversion's too)
     files = {p.name: p.read_bytes() for p in base_model.iterdir() if p.is_file() and p.suffix != ".md"}
-    files.pop("tiny_model.json", None)
+    assert "tiny_model.json" in files
+    files["gguf_source.json"] = b'{"file": "m.gguf", "sha256": "00"}'
     archive = _tar(tmp_path, files)
     name = f"my-opt-{stack.settings.db_url[:6].replace(':', '')}"
     up = alice.post("/v1/models", files={"file": ("m.tar.gz", archive)}, data={"name": name}).json()

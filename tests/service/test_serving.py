@@ -632,7 +632,7 @@ def _tar(directory: Path) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for p in directory.iterdir():
-            if p.is_file() and p.name != "tiny_model.json" and p.suffix != ".md":
+            if p.is_file() and p.suffix != ".md":
                 tf.add(p, arcname=p.name)
     return buf.getvalue()
 
