@@ -19,6 +19,29 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class OpenAIRequest(BaseModel):
+    """A request in OpenAI's shape: parameters we do not support are refused by name, not ignored —
+    unless given at their neutral value (`NEUTRAL`: what the parameter is when it changes nothing)."""
+
+    model_config = ConfigDict(extra="allow")
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    def unsupported(self) -> str | None:
+        """The first parameter this server does not support (with a value that would change the answer)."""
+        for name, value in (self.model_extra or {}).items():
+            if value is None or value in self.NEUTRAL.get(name, ()):
+                continue
+            return name
+        return None
+
+
+def checked_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
+    """OpenAI's metadata bounds (jobs, responses)."""
+    if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+        raise ValueError("at most 16 keys of ≤ 64 characters with values of ≤ 512 characters")
+    return v
+
+
 class Page(BaseModel):
     """Every list pages one way: ask with `after` (the `id` of the last item of the previous page) and
     `limit`; `has_more` says whether to ask again."""
@@ -298,9 +321,7 @@ class JobCreate(Strict):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
-            raise ValueError("at most 16 keys of ≤ 64 characters with values of ≤ 512 characters")
-        return v
+        return checked_metadata(v)
 
 
 class JobError(BaseModel):
@@ -615,10 +636,9 @@ class ResponseFormat(Strict):
     json_schema: JsonSchemaFormat | None = Field(default=None, description="with type json_schema")
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAIRequest):
     """OpenAI's chat-completions request; parameters we do not support are refused by name, not ignored."""
 
-    model_config = ConfigDict(extra="allow")
     model: str = Field(max_length=255, description="a base model name or one of your fine-tuned model ids")
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation, oldest first")
     max_tokens: int | None = Field(default=None, ge=1, description="tokens to generate at most")
@@ -708,14 +728,6 @@ class ChatCompletionRequest(BaseModel):
         if stops is not None and not all(stops):
             raise ValueError("stop strings must not be empty")
         return stops
-
-    def unsupported(self) -> str | None:
-        """The first parameter this server does not support (with a value that would change the answer)."""
-        for name, value in (self.model_extra or {}).items():
-            if value is None or value in self.NEUTRAL.get(name, ()):
-                continue
-            return name
-        return None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -820,11 +832,10 @@ class ResponseText(Strict):
     verbosity: Literal["medium"] | None = Field(default=None, description="accepted at its default only")
 
 
-class ResponseCreateRequest(BaseModel):
+class ResponseCreateRequest(OpenAIRequest):
     """OpenAI's Responses API request: a chat turn in another envelope (the same engine, limits and token
     accounting as /v1/chat/completions). Parameters we do not support are refused by name."""
 
-    model_config = ConfigDict(extra="allow")
     model: str = Field(max_length=255, description="a base model name or one of your fine-tuned model ids")
     input: str | list[dict[str, Any]] = Field(
         description="a text (the user's turn), or a list of items, oldest first: messages {role, content} "
@@ -875,16 +886,7 @@ class ResponseCreateRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
-            raise ValueError("at most 16 keys of ≤ 64 characters with values of ≤ 512 characters")
-        return v
-
-    def unsupported(self) -> str | None:
-        for name, value in (self.model_extra or {}).items():
-            if value is None or value in self.NEUTRAL.get(name, ()):
-                continue
-            return name
-        return None
+        return checked_metadata(v)
 
 
 class OutputText(BaseModel):

@@ -45,7 +45,7 @@ from rlhf_engine.chat.structured import Constraint, Vocabulary
 from rlhf_engine.chat.text import StreamText
 from rlhf_engine.config.chat import ChatGeneratorConfig, ChatLimits, SamplingParams
 from rlhf_engine.data.tools import Reader as ToolReader
-from rlhf_engine.data.tools import Style, ToolCall, chosen, style_of
+from rlhf_engine.data.tools import Style, ToolCall, calls_of, chosen, style_of
 from rlhf_engine.data.tools import check as check_tools
 from rlhf_engine.data.tools import grammar as tool_grammar
 from rlhf_engine.runtime.generation import cache_kwarg, forward_params
@@ -859,7 +859,7 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             raise ChatRequestError(f"messages[{i}].content: must be a string", param=f"messages[{i}].content")
         turn: dict[str, Any] = {"role": role, "content": content}
         if calls:
-            turn["tool_calls"] = _calls(calls, f"messages[{i}].tool_calls")
+            turn["tool_calls"] = calls_of(calls, f"messages[{i}].tool_calls")
         if role == "tool":
             call = m.get("tool_call_id")
             if not isinstance(call, str) or not call:
@@ -873,38 +873,5 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         raise ChatRequestError(
             "messages: the last message must be the user's, or tool results (the model answers it)",
             param="messages",
-        )
-    return out
-
-
-def _calls(calls: Any, where: str) -> list[dict[str, Any]]:
-    """An assistant turn's tool calls, checked: [{id, type: function, function: {name, arguments}}]."""
-    import json
-
-    if not isinstance(calls, list):
-        raise ChatRequestError(f"{where}: must be a list of calls", param=where)
-    out = []
-    for j, c in enumerate(calls):
-        fn = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ChatRequestError(
-                f"{where}[{j}].function: give {{name, arguments}}", param=f"{where}[{j}].function"
-            )
-        args = fn.get("arguments", "{}")
-        try:
-            ok = isinstance(json.loads(args), dict) if isinstance(args, str) else False
-        except json.JSONDecodeError:
-            ok = False
-        if not ok:
-            raise ChatRequestError(
-                f"{where}[{j}].function.arguments: must be a JSON object as a string",
-                param=f"{where}[{j}].function.arguments",
-            )
-        out.append(
-            {
-                "id": str(c.get("id") or ""),
-                "type": "function",
-                "function": {"name": fn["name"], "arguments": args},
-            }
         )
     return out

@@ -24,7 +24,6 @@ as a string that contains "Human:"/"Assistant:" turns is parsed into a multi-tur
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -170,25 +169,15 @@ def _messages(row: _Row, field: str, value: Any, *, tools: bool | None = None) -
 
 
 def _tool_calls(row: _Row, field: str, value: Any) -> tuple[tuple[str, str, str], ...]:
-    """An assistant message's `tool_calls` ({id, type: function, function: {name, arguments}})."""
-    if not isinstance(value, list):
-        raise row.error(field, "must be a list of {id, type: function, function: {name, arguments}}")
-    out = []
-    for j, c in enumerate(value):
-        fn = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise row.error(f"{field}[{j}].function", "give {name, arguments}")
-        args = fn.get("arguments", "{}")
-        if isinstance(args, dict):
-            args = json.dumps(args, ensure_ascii=False)
-        try:
-            parsed = json.loads(args) if isinstance(args, str) else None
-        except json.JSONDecodeError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise row.error(f"{field}[{j}].function.arguments", "must be a JSON object (as a string)")
-        out.append((str(c.get("id") or f"call_{j}"), fn["name"], args))
-    return tuple(out)
+    """An assistant message's `tool_calls`, checked as chat checks them."""
+    from rlhf_engine.chat.errors import ChatRequestError
+    from rlhf_engine.data.tools import calls_of
+
+    try:
+        calls = calls_of(value, field)
+    except ChatRequestError as e:
+        raise row.error(e.param or field, e.message.split(": ", 1)[-1]) from None
+    return tuple((c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls)
 
 
 def _row_tools(row: _Row) -> tuple[dict[str, Any], ...]:

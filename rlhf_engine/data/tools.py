@@ -139,6 +139,34 @@ def check(
     return functions
 
 
+def calls_of(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's `tool_calls` checked and in one shape — [{id, type: function, function: {name,
+    arguments as JSON text}}] — or a `ChatRequestError` naming `where[j]…` (chat requests and training
+    rows take the same calls)."""
+    if not isinstance(value, list):
+        raise ChatRequestError(
+            f"{where}: must be a list of {{id, type: function, function: {{name, arguments}}}}", param=where
+        )
+    out = []
+    for j, c in enumerate(value):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ChatRequestError(
+                f"{where}[{j}].function: give {{name, arguments}}", param=f"{where}[{j}].function"
+            )
+        args = fn.get("arguments", "{}")
+        if isinstance(args, dict):
+            args = json.dumps(args, ensure_ascii=False)
+        if not isinstance(args, str) or not isinstance(_arguments(args), dict):
+            raise ChatRequestError(
+                f"{where}[{j}].function.arguments: must be a JSON object (as a string)",
+                param=f"{where}[{j}].function.arguments",
+            )
+        call_id = str(c.get("id") or f"call_{j}")
+        out.append({"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
 def chosen(choice: Any) -> str | None:
     """`tool_choice` as a word (auto, none, required) or the named function's name."""
     if choice is None or isinstance(choice, str):
@@ -341,7 +369,7 @@ class Reader:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The text not handed out yet and the reply's calls."""
-        content, calls = parse(self.text, self.style, self.names)
+        _, calls = parse(self.text, self.style, self.names)
         if not calls:
             return self.text[self.shown :], []
         return "", calls

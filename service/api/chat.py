@@ -57,22 +57,14 @@ async def chat_completions(
     await check_chat_tokens(counter, settings, authorization)  # (both return at once when the limit is off)
     stream = await svc.open_chat(settings=settings, req=body, authorization=authorization)
 
-    async def close() -> None:  # however the reply ended: stop generating, charge what was generated
-        stream.cancel()
-        await count_chat_tokens(counter, settings, authorization, stream.take_tokens())
-
+    close = closer(stream, request, settings, authorization)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SSE(sse_chunks(stream, include_usage=include_usage), on_close=close)
-    whole = asyncio.ensure_future(svc.complete(stream))
-    try:
-        while not (await asyncio.wait({whole}, timeout=0.5))[0]:
-            if await request.is_disconnected():  # nobody will read the answer: stop generating it
-                whole.cancel()
-                return Response(status_code=499)
-        choices, done = whole.result()
-    finally:
-        await close()
+    whole = await read_whole(stream, request, close)
+    if whole is None:
+        return Response(status_code=499)
+    choices, done = whole
     body_out = ChatCompletion(
         id=stream.id,
         created=stream.created,
@@ -93,6 +85,34 @@ async def chat_completions(
         usage=_usage(done),
     )
     return Response(body_out.model_dump_json(), media_type="application/json")
+
+
+def closer(
+    stream: svc.ChatStream, request: Request, settings: Any, authorization: str | None
+) -> Callable[[], Awaitable[None]]:
+    """What ends a reply however it ended (done, failed, the client gone): stop generating, and charge the
+    key's per-minute token count what was generated."""
+
+    async def close() -> None:
+        stream.cancel()
+        await count_chat_tokens(request.app.state.counter, settings, authorization, stream.take_tokens())
+
+    return close
+
+
+async def read_whole(
+    stream: svc.ChatStream, request: Request, close: Callable[[], Awaitable[None]]
+) -> tuple[list[dict[str, Any]], svc.Finished] | None:
+    """Every reply whole (and `close` run); None when the client left first (generation stopped)."""
+    whole = asyncio.ensure_future(svc.complete(stream))
+    try:
+        while not (await asyncio.wait({whole}, timeout=0.5))[0]:
+            if await request.is_disconnected():  # nobody will read the answer: stop generating it
+                whole.cancel()
+                return None
+        return whole.result()
+    finally:
+        await close()
 
 
 class SSE(StreamingResponse):

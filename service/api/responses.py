@@ -20,13 +20,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from service.api.chat import SSE
+from service.api.chat import SSE, closer, read_whole
 from service.api.deps import CallerDep, SessionDep, SettingsDep
 from service.api.jobs import Limit, respond
 from service.api.openapi import COMMON, errors
 from service.db.session import session_scope
 from service.errors import ServiceError
-from service.limits import check_chat_tokens, count_chat_tokens
+from service.limits import check_chat_tokens
 from service.pagination import paged
 from service.schemas import ResponseCreateRequest, ResponseDeleted, ResponseInputItemList, ResponseObject
 from service.services import chat as chat_svc
@@ -77,9 +77,7 @@ async def create_response(
     response_id, message_id = svc.new_id("resp"), svc.new_id("msg")
     created = svc.now()
 
-    async def close() -> None:  # however it ended: stop generating, charge what was generated
-        stream.cancel()
-        await count_chat_tokens(counter, settings, authorization, stream.take_tokens())
+    close = closer(stream, request, settings, authorization)
 
     def finished(
         text: str, reason: str | None, done: chat_svc.Finished, reward: float | None, calls: list[Any] | None
@@ -103,15 +101,10 @@ async def create_response(
             stream, body, turn, settings, caller.tenant_id, response_id, message_id, created, finished
         )
         return SSE(events, on_close=close)
-    whole = asyncio.ensure_future(chat_svc.complete(stream))
-    try:
-        while not (await asyncio.wait({whole}, timeout=0.5))[0]:
-            if await request.is_disconnected():  # nobody will read the answer: stop generating it
-                whole.cancel()
-                return Response(status_code=499)
-        choices, done = whole.result()
-    finally:
-        await close()
+    whole = await read_whole(stream, request, close)
+    if whole is None:
+        return Response(status_code=499)
+    choices, done = whole
     c = choices[0]
     out = finished(c["text"], c["finish_reason"], done, c["reward"], c["tool_calls"])
     if body.store:

@@ -22,17 +22,25 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def model_dir(request: pytest.FixtureRequest, base_model: Path) -> Path:
+    """The pretrained tiny OPT, and a tiny Llama (rotary positions, grouped-query attention)."""
+    from rlhf_engine.models.tiny import build_tiny
+
+    return base_model if request.param == "opt" else build_tiny("llama", "xs")
+
+
 @pytest.fixture(scope="module")
-def engine(base_model: Path) -> Iterator[ChatGenerator]:
-    with ChatGenerator.load(str(base_model), backend="transformers") as e:
+def engine(model_dir: Path) -> Iterator[ChatGenerator]:
+    with ChatGenerator.load(str(model_dir), backend="transformers") as e:
         yield e
 
 
 @pytest.fixture(scope="module")
-def hf(base_model: Path) -> object:
+def hf(model_dir: Path) -> object:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(base_model)).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
 
 
 def reference(engine: ChatGenerator, hf: object, q: str, max_new: int, **controls: object) -> list[int]:
