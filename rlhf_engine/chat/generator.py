@@ -24,12 +24,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from rlhf_engine.chat.adapters import AdapterBank
 from rlhf_engine.chat.embed import Embeddings, EmbedJob, embed_ids, token_ids
 from rlhf_engine.chat.errors import (
     ChatError,
@@ -37,6 +39,7 @@ from rlhf_engine.chat.errors import (
     GenerationFailedError,
     GeneratorBusyError,
     GeneratorStoppedError,
+    ModelLoadError,
 )
 from rlhf_engine.chat.kv import PrefixCache, batch_cache
 from rlhf_engine.chat.loading import LoadedModel, ReplyScorer, load_chat_model
@@ -136,6 +139,8 @@ class RequestHandle:
         self.tool_names: set[str] | None = (
             None  # with tools the model may call: its replies are read for calls
         )
+        self.adapter: str | None = None  # the LoRA adapter its rows decode with (None: the base)
+        self.on_end: Callable[[], None] | None = None  # called once when the request ends
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -241,6 +246,7 @@ class RequestHandle:
             self._open -= 1
             if self._open == 0:
                 self.finished_at = time.monotonic()
+                self._ended()
                 self._events.put(_Done())
         self._notify()
 
@@ -248,8 +254,14 @@ class RequestHandle:
         if self._open:
             self._open = 0
             self.finished_at = time.monotonic()
+            self._ended()
             self._events.put(error)
             self._notify()
+
+    def _ended(self) -> None:
+        end, self.on_end = self.on_end, None
+        if end is not None:
+            end()
 
     def _notify(self) -> None:
         wake = self._wake
@@ -304,6 +316,9 @@ class ChatGenerator:
         self._mask: torch.Tensor | None = None
         self._next: list[int] = []
         self._grammar_vocab: Vocabulary | None = None
+        self.adapters = AdapterBank(
+            self.loaded.module, self.loaded.model_dir, int(self.config.adapter_cache_mb * 2**20)
+        )
         self._thread = threading.Thread(target=self._run, name="chat-engine", daemon=True)
         self._thread.start()
 
@@ -372,9 +387,12 @@ class ChatGenerator:
         tools: Sequence[dict[str, Any]] | None = None,
         tool_choice: Any = "auto",
         parallel_tool_calls: bool = True,
+        adapter: str | None = None,
     ) -> RequestHandle:
         """Queue a request; its handle streams the replies. Bad parameters raise `ChatRequestError` here.
         Cached prompt keys/values are reused only among requests of one `scope` (a server's tenant).
+        `adapter` names a resident LoRA adapter (`load_adapter`) the replies decode with, batched with
+        every other request whatever adapter it uses.
 
         With `tools` (OpenAI's function tools) the model is shown them and its replies are read for calls
         (`Delta.tool_calls`, finish_reason `tool_calls`); `tool_choice` required or a function's name makes
@@ -404,8 +422,27 @@ class ChatGenerator:
             self._vocabulary()
         if grammar is not None:  # one matcher per reply; a grammar it cannot use is refused here
             handle.constraints = [Constraint(self._vocabulary(), grammar) for _ in range(params.n)]
-        self._enqueue(handle)
+        if adapter is not None:
+            self.adapters.pin(adapter)  # resident until the request ends
+            handle.adapter, handle.scope = adapter, f"{scope}\x1f{adapter}"  # prompts cached per adapter
+            handle.on_end = lambda: self.adapters.unpin(adapter)
+        try:
+            self._enqueue(handle)
+        except ChatError:
+            handle._ended()
+            raise
         return handle
+
+    def load_adapter(self, key: str, folder: str | Path) -> None:
+        """Make the LoRA adapter in `folder` (PEFT format, for this base model) resident as `key`; requests
+        then name it (`submit(adapter=key)`). Blocking (file reads): call it off the event loop."""
+        if self.config.kernel_inject:
+            raise ModelLoadError(
+                "model: LoRA adapters need the base's own linear layers; DeepSpeed's kernel injection "
+                "replaces them (serve this base without kernel_inject)",
+                param="model",
+            )
+        self.adapters.load(key, Path(folder))
 
     def stream(
         self, messages: Sequence[dict[str, Any]], params: SamplingParams | None = None, **options: Any
@@ -570,7 +607,9 @@ class ChatGenerator:
             for handle in handles:
                 handle._fail(GenerationFailedError(f"generation failed: {type(e).__name__}: {e}"))
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, cache: Any, adapters: list[str | None]
+    ) -> torch.Tensor:
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": mask,
@@ -584,7 +623,12 @@ class ChatGenerator:
             self._keeps_logits
         ):  # the LM head on the last position only (a 49k vocabulary: a fifth of a prefill)
             kwargs["logits_to_keep"] = 1
-        out = self.loaded.model(**kwargs)
+        with self.adapters.lock:  # each row's adapter, for this pass
+            self.adapters.use(adapters)
+            try:
+                out = self.loaded.model(**kwargs)
+            finally:
+                self.adapters.plan = None
         return out.logits[:, -1].float().cpu()  # (B, V)
 
     def _prefill(self, handles: list[RequestHandle]) -> None:
@@ -612,7 +656,7 @@ class ChatGenerator:
                 keys = torch.stack([k if k is not None else like.new_zeros(like.shape) for k in kk])
                 values = torch.stack([v if v is not None else like.new_zeros(like.shape) for v in vv])
                 cache.update(keys, values, layer)
-        logits = self._forward(ids, mask, cache)  # (R, V)
+        logits = self._forward(ids, mask, cache, [h.adapter for h in handles])  # (R, V)
         new_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(la.keys, la.values) for la in cache.layers]  # type: ignore[union-attr,misc]
         if self._prefixes is not None:
             for i, (h, (n, _)) in enumerate(zip(handles, reuse, strict=True)):
@@ -652,7 +696,7 @@ class ChatGenerator:
         device = self.loaded.device
         ids = torch.tensor(self._next, device=device).unsqueeze(1)  # (B, 1)
         self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)  # (B, T+1)
-        logits = self._forward(ids, self._mask, self._cache)  # (B, V)
+        logits = self._forward(ids, self._mask, self._cache, [r.handle.adapter for r in self._rows])  # (B, V)
         for i, row in enumerate(self._rows):
             self._step(row, logits[i])
         self._leave()

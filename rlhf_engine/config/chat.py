@@ -235,6 +235,13 @@ class ChatGeneratorConfig:
             "alike (a shared system prompt, a conversation's earlier turns); 0: off"
         },
     )
+    adapter_cache_mb: float = field(
+        default=512.0,
+        metadata={
+            "help": "memory for LoRA adapters kept resident on this base model (least recently used evicted "
+            "first, never one a request uses)"
+        },
+    )
     allow_pickle: bool = field(
         default=False,
         metadata={"help": "also load pickled weights (pytorch_model.bin); off: safetensors only"},
