@@ -23,6 +23,8 @@ from rlhf_engine.runtime import fencing
 
 logger = logging.getLogger(__name__)
 
+ADAPTER_DIR = "adapter"  # a LoRA step's adapter, beside its merged model
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -163,8 +165,12 @@ def save_hf_model(
     tokenizer: Any,
     tokenizer_src: str,
     dtype: torch.dtype,
+    adapter_of: str | None = None,
 ) -> None:
-    """Rank 0: write `state` as a loadable model folder at `out` (atomically replaced)."""
+    """Rank 0: write `state` as a loadable model folder at `out` (atomically replaced). With `adapter_of`
+    (LoRA trained on a frozen base: only_optimize_lora) the LoRA weights are also written as a PEFT
+    adapter in `out/adapter/` whose base_model_name_or_path is that base: served on a shared base, a
+    few MB instead of a whole copy."""
     fencing.check()
     for key, value in dropout_restore.items():
         setattr(config, key, value)
@@ -180,19 +186,40 @@ def save_hf_model(
             f"saving: state dict does not fit the model (missing {missing}, unexpected {unexpected})"
         )
     target.load_state_dict(state, strict=False)
-    if lora is not None:
-        model = model.merge_and_unload()
-    model.tie_weights()
-    model = model.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".model."))
     try:
+        if lora is not None and adapter_of is not None:
+            _save_adapter(model, tmp / ADAPTER_DIR, base=adapter_of, dtype=dtype)
+        if lora is not None:
+            model = model.merge_and_unload()
+        model.tie_weights()
+        model = model.to(dtype)
         model.save_pretrained(str(tmp), safe_serialization=True)
         copy_tokenizer(tokenizer_src, tmp, tokenizer)
         # the step folder also holds metrics, events and checkpoints: replace only model files
         for stale in out.glob("model*.safetensors*"):
             stale.unlink()
+        shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_adapter(peft_model: Any, dest: Path, *, base: str, dtype: torch.dtype) -> None:
+    """The LoRA weights of a PEFT model as an adapter folder (adapter_config.json, safetensors), as PEFT's
+    own `save_pretrained` writes it, naming `base` as its base model."""
+    import json
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    dest.mkdir()
+    state = get_peft_model_state_dict(peft_model)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    save_file(tensors, str(dest / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = peft_model.peft_config["default"].to_dict()
+    config["base_model_name_or_path"] = base
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))

@@ -297,6 +297,7 @@ def _save_models(
                 tokenizer=tok,
                 tokenizer_src=src,
                 dtype=torch_dtype(dtype),
+                adapter_of=src if kind == "causal_lm" and cfg.actor.only_optimize_lora else None,
             )
     barrier()
 

@@ -211,6 +211,11 @@ class SupervisedObjective(Objective):
                 tokenizer=self.tokenizer,
                 tokenizer_src=checked.model_path,
                 dtype=torch_dtype(checked.dtype),
+                adapter_of=(
+                    checked.model_path
+                    if spec.kind == "causal_lm" and self.config.model.only_optimize_lora
+                    else None
+                ),
             )
         return step_dir
 

@@ -102,6 +102,21 @@ def test_lora_trains_only_what_it_should(tmp_path: Path, base_model: Path) -> No
     linear = {k for k in base if k.endswith("proj.weight") or k.endswith(("fc1.weight", "fc2.weight"))}
     assert changed and changed <= linear  # only the adapted linear layers moved
     assert not any("embed" in k or "layer_norm" in k or k.endswith(".bias") for k in changed)
+    # the frozen base's LoRA weights also as a PEFT adapter naming that base: served on the shared base,
+    # it answers as the merged model does
+    adapter = only / "step1_sft" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_model) and config["r"] == 4
+    assert all(".lora_" in k for k in load_file(str(adapter / "adapter_model.safetensors")))
+    from rlhf_engine.chat import ChatGenerator, SamplingParams
+
+    turn = [{"role": "user", "content": "What color is the dog?"}]
+    greedy = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    with ChatGenerator.load(str(only / "step1_sft"), backend="transformers") as engine:
+        want = engine.generate(turn, greedy).choices[0].token_ids
+    with ChatGenerator.load(str(base_model), backend="transformers") as engine:
+        engine.load_adapter("sft", adapter)
+        assert engine.generate(turn, greedy, adapter="sft").choices[0].token_ids == want
 
     full = tmp_path / "full"  # options from a config file this time (flags still win: --max-steps)
     (tmp_path / "step1.yaml").write_text(
