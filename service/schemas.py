@@ -527,6 +527,11 @@ class ModelObject(BaseModel):
         description="false while a bundled model is built on first use; a chat for it then "
         "answers 503 with Retry-After at once, and the build goes on",
     )
+    parent: str | None = Field(
+        default=None,
+        description="for a LoRA adapter: the model it is served on (one copy of the base serves all its "
+        "adapters); null for a whole model",
+    )
 
 
 class ModelList(Page):

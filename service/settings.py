@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         "prompts' and replies' keys/values, reused by a tenant's prompts that "
         "start alike (system prompt, a conversation's earlier turns); 0: off",
     )
+    inference_adapter_cache_mb: float = Field(
+        default=512.0,
+        ge=0,
+        description="memory per loaded model for the LoRA adapters kept resident on it (least recently "
+        "used evicted first, never one a request uses)",
+    )
     inference_heartbeat_s: float = Field(default=2.0, gt=0, description="how often a worker reports")
     inference_ttl_s: float = Field(
         default=10.0, gt=0, description="a worker silent this long gets no requests"

@@ -71,6 +71,16 @@ class LoadedModels:
         with self._lock:
             return list(self._generators)
 
+    def adapter_ids(self) -> list[str]:
+        """The LoRA adapters resident on the loaded models."""
+        with self._lock:
+            generators = list(self._generators.values())
+        return sorted({k for g in generators for k in g.adapters.resident()})
+
+    def inside_roots(self, path: str) -> bool:
+        real = Path(path).resolve()
+        return any(real == r or r in real.parents for r in self._roots)
+
     def active(self) -> int:
         with self._lock:
             return sum(self._busy.values())
@@ -182,8 +192,7 @@ class LoadedModels:
         from rlhf_engine.chat.errors import ModelLoadError
 
         path = Path(path_str)
-        real = path.resolve()
-        if not any(real == r or r in real.parents for r in self._roots):
+        if not self.inside_roots(path_str):
             raise ModelLoadError(
                 f"model: {model_id} lies outside this worker's data and model roots", param="model"
             )
@@ -212,6 +221,7 @@ class LoadedModels:
                 max_batch_size=max(32, s.chat_max_n),
                 max_queue=s.inference_capacity,
                 prefix_cache_mb=s.inference_prefix_cache_mb,
+                adapter_cache_mb=s.inference_adapter_cache_mb,
                 limits=limits,
             )
         )
@@ -284,6 +294,44 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 await _abort(context, e)
         return generator
 
+    async def _adapter(self, generator: Any, request: Any, context: grpc.aio.ServicerContext) -> str | None:
+        """The request's LoRA adapter, made resident on its base's generator (a few MB read once)."""
+        from rlhf_engine.chat.errors import ChatError, ModelLoadError
+
+        key = request.adapter_id
+        if not key:
+            return None
+        if key not in generator.adapters:
+            if not self.generators.inside_roots(request.adapter_path):
+                await _abort(
+                    context,
+                    ModelLoadError(
+                        f"model: {key} lies outside this worker's data and model roots", param="model"
+                    ),
+                )
+            try:
+                await asyncio.to_thread(generator.load_adapter, key, request.adapter_path)
+            except ChatError as e:
+                await _abort(context, e)
+            self.generators.on_change()  # routing prefers workers that hold it
+        return str(key)
+
+    async def _submit(
+        self, generator: Any, request: Any, context: Any, submit: Any, *, off_loop: bool = False
+    ) -> Any:
+        """`submit(adapter)` with the request's adapter resident; loaded again if another request's adapter
+        evicted it in between (a budget smaller than the adapters in use)."""
+        from rlhf_engine.chat.errors import ModelLoadError
+
+        for attempt in (1, 2):
+            adapter = await self._adapter(generator, request, context)
+            try:
+                return await asyncio.to_thread(submit, adapter) if off_loop else submit(adapter)
+            except ModelLoadError:
+                if adapter is None or adapter in generator.adapters or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     async def Embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         from rlhf_engine.chat.errors import ChatError
 
@@ -291,7 +339,7 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
         try:
             inputs = list(request.texts) or [list(t.ids) for t in request.token_ids]
             try:
-                future = generator.embed(inputs)
+                future = await self._submit(generator, request, context, lambda a: generator.embed(inputs, a))
                 got = await asyncio.wrap_future(future)
             except ChatError as e:
                 await _abort(context, e)
@@ -339,10 +387,13 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                         "tool_choice": json.loads(request.tool_choice or '"auto"'),
                         "parallel_tool_calls": request.parallel_tool_calls,
                     }
-                if sum(len(m["content"]) for m in messages) > 8192:  # long prompts tokenise off the loop
-                    handle = await asyncio.to_thread(generator.submit, messages, params, **options)
-                else:
-                    handle = generator.submit(messages, params, **options)
+                handle = await self._submit(
+                    generator,
+                    request,
+                    context,
+                    lambda a: generator.submit(messages, params, adapter=a, **options),
+                    off_loop=sum(len(m["content"]) for m in messages) > 8192,  # long prompts tokenise off it
+                )
             except ChatError as e:
                 how = e.code
                 await _abort(context, e)
@@ -407,6 +458,7 @@ class Registration:
     def report(self) -> None:
         values = {
             "models": self.generators.ids(),
+            "adapters": self.generators.adapter_ids(),
             "loading": self.generators.loading(),
             "active": self.generators.active(),
             "heartbeat_at": utcnow(),

@@ -113,7 +113,7 @@ class AdapterBank:
     def bytes(self) -> int:
         return sum(a.bytes for a in self.adapters.values())
 
-    def keys(self) -> list[str]:
+    def resident(self) -> list[str]:
         with self.lock:
             return list(self.adapters)
 

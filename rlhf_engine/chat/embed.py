@@ -34,6 +34,7 @@ class EmbedJob:
     """Inputs tokenised and checked, waiting for the scheduler thread; `future` gets `Embeddings`."""
 
     token_ids: list[list[int]]
+    adapter: str | None = None  # a resident LoRA adapter every input runs through
     future: concurrent.futures.Future[Embeddings] = field(default_factory=concurrent.futures.Future)
 
 

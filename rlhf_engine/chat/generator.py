@@ -487,18 +487,25 @@ class ChatGenerator:
                 self._grammar_vocab = Vocabulary(self.tokenizer, self.loaded.module, set(self.loaded.eos_ids))
             return self._grammar_vocab
 
-    def embed(self, inputs: Sequence[str | Sequence[int]]) -> Future[Embeddings]:
-        """Queue texts (or token id lists) to embed (rlhf_engine.chat.embed); the future gets one unit
-        vector per input, computed on the scheduler thread between decode steps. Bad inputs raise
-        `ChatRequestError` here."""
+    def embed(self, inputs: Sequence[str | Sequence[int]], adapter: str | None = None) -> Future[Embeddings]:
+        """Queue texts (or token id lists) to embed (rlhf_engine.chat.embed), through a resident LoRA
+        `adapter` when one is named; the future gets one unit vector per input, computed on the scheduler
+        thread between decode steps. Bad inputs raise `ChatRequestError` here."""
         ids = token_ids(
             inputs,
             self.tokenizer,
             context_len=self.context_len,
             vocab_size=self.loaded.module.get_input_embeddings().num_embeddings,
         )
-        job = EmbedJob(ids)
-        self._enqueue(job)
+        job = EmbedJob(ids, adapter)
+        if adapter is not None:
+            self.adapters.pin(adapter)
+            job.future.add_done_callback(lambda _: self.adapters.unpin(adapter))
+        try:
+            self._enqueue(job)
+        except ChatError:
+            job.future.cancel()
+            raise
         return job.future
 
     def _enqueue(self, work: RequestHandle | EmbedJob) -> None:
@@ -590,9 +597,13 @@ class ChatGenerator:
         if not job.future.set_running_or_notify_cancel():
             return
         try:
-            job.future.set_result(
-                embed_ids(self.loaded.module, self.loaded.device, job.token_ids, self._pad_id)
-            )
+            with self.adapters.lock:  # every row through the job's adapter (a one-row plan broadcasts)
+                self.adapters.use([job.adapter])
+                try:
+                    got = embed_ids(self.loaded.module, self.loaded.device, job.token_ids, self._pad_id)
+                finally:
+                    self.adapters.plan = None
+            job.future.set_result(got)
         except Exception as e:
             logger.exception("embedding failed")
             job.future.set_exception(GenerationFailedError(f"embedding failed: {type(e).__name__}: {e}"))

@@ -156,7 +156,10 @@ def check_adapter(folder: Path, base_dir: Path) -> AdapterSpec:
         if weight is None and "." in module:  # some checkpoints store the decoder without its prefix
             weight = base.get(f"{module.split('.', 1)[1]}.weight")
         if weight is None or len(weight) != 2:
-            raise AdapterError(f"{WEIGHTS}: {module} is not a linear layer of the base model")
+            raise AdapterError(
+                f"{WEIGHTS}: {module} is not a linear layer of the base model: this adapter was trained for "
+                "another base model"
+            )
         if module.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens", "wte", "embed_out", "embed_in"):
             raise AdapterError(f"{WEIGHTS}: {module}: adapters on embeddings or the LM head are not served")
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:

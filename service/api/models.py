@@ -42,8 +42,16 @@ async def upload_model(
     caller: CallerDep,
     session: SessionDep,
     settings: SettingsDep,
+    base: Annotated[
+        str | None,
+        Form(
+            description="for a LoRA adapter: the model it applies to (default: its base_model_name_or_path)"
+        ),
+    ] = None,
 ) -> Any:
-    """A Hugging Face model directory as a .tar/.tar.gz (safetensors only) becomes one of your base models."""
+    """A Hugging Face model directory as a .tar/.tar.gz (safetensors only) becomes one of your base models;
+    a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) becomes an adapter model,
+    served on its base (checked against it: layers, ranks, tokenizer)."""
     tmp, _ = await save_upload(
         file, settings.data_dir / "uploads" / ".incoming", max_bytes=settings.max_model_bytes
     )
@@ -57,11 +65,14 @@ async def upload_model(
             models_dir=settings.models_dir,
             uploads_dir=settings.data_dir / "uploads",
             max_bytes=settings.max_model_bytes,
+            base=base,
         )
     finally:
         tmp.unlink(missing_ok=True)
     session.commit()
-    return ModelObject(id=row.name, created=int(row.created_at.timestamp()), owned_by=caller.tenant_id)
+    return ModelObject(
+        id=row.name, created=int(row.created_at.timestamp()), owned_by=caller.tenant_id, parent=row.base
+    )
 
 
 @router.get("/{model_id:path}/content", responses=errors(404))

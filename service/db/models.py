@@ -242,6 +242,8 @@ class UploadedModel(Base):
     name: Mapped[str] = mapped_column(String(128))
     path: Mapped[str] = mapped_column(Text)
     bytes: Mapped[int] = mapped_column(BigInteger)
+    # a LoRA adapter (PEFT folder): the model it applies to, as the tenant names it; None: a whole model
+    base: Mapped[str | None] = mapped_column(String(255), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -258,6 +260,7 @@ class InferenceWorker(Base):
     pid: Mapped[int] = mapped_column(Integer, default=0)
     models: Mapped[list[str]] = mapped_column(JSON, default=list)  # model ids loaded, most recently used last
     loading: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # model ids being loaded now
+    adapters: Mapped[list[str]] = mapped_column(JSON, default=list)  # LoRA adapters resident on its models
     max_models: Mapped[int] = mapped_column(Integer, default=2)  # LRU cap
     capacity: Mapped[int] = mapped_column(Integer, default=32)  # requests it serves at once
     active: Mapped[int] = mapped_column(Integer, default=0)  # requests being served at the last report

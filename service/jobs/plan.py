@@ -353,7 +353,7 @@ def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Setting
     steps = _steps(req, method) if grader is None else []
 
     def resolve(name: str, param: str) -> models_svc.ModelRef:
-        return models_svc.resolve(
+        ref = models_svc.resolve(
             session=session,
             tenant=tenant,
             name=name,
@@ -361,6 +361,13 @@ def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Setting
             param=param,
             max_bytes=settings.max_model_bytes,
         )
+        if not ref.whole:
+            raise InvalidRequestError(
+                f"{param}: {name} is an uploaded LoRA adapter, which is served but not trained from; "
+                f"fine-tune its base ({ref.base}) or upload the merged model",
+                param=param,
+            )
+        return ref
 
     actor = resolve(req.model, "model")
     reward = resolve(req.reward_model, "reward_model") if req.reward_model else None

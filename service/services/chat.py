@@ -52,6 +52,8 @@ class Route:
     path: Path
     workers: list[tuple[str, str]]  # (worker id, address), best first
     tenant: str = ""  # the caller's: the worker reuses cached prompts within one tenant only
+    adapter_key: str = ""  # a LoRA adapter model: its key and PEFT folder (key/path above: its base)
+    adapter_path: str = ""
 
 
 @dataclass
@@ -283,6 +285,7 @@ class WorkerView:
     id: str
     address: str
     models: tuple[str, ...]
+    adapters: tuple[str, ...]
     active: int
     capacity: int
     max_models: int
@@ -318,6 +321,7 @@ def live_workers(*, session: Session, settings: Settings) -> list[WorkerView]:
             id=w.id,
             address=w.address,
             models=tuple(w.models or ()),
+            adapters=tuple(w.adapters or ()),
             active=w.active,
             capacity=w.capacity,
             max_models=w.max_models,
@@ -364,12 +368,17 @@ def _pick(
             code="no_worker",
             retry_after=settings.retry_after_s,
         )
-    key = ref.key
+    served = ref.parent if ref.parent is not None and ref.adapter is not None else ref
+    key, adapter = served.key, ref.key if served is not ref else None
 
     def load(w: WorkerView) -> float:
         return (max(w.active, inflight.get(w.id, 0)) + 1) / max(1, w.capacity)
 
-    holding = sorted((w for w in workers if key in w.models), key=lambda w: (load(w), w.id))
+    # workers holding the adapter first, then those holding its base (loading an adapter is a few MB),
+    # then the rest (least full first)
+    holding = sorted(
+        (w for w in workers if key in w.models), key=lambda w: (adapter not in w.adapters, load(w), w.id)
+    )
     others = sorted(
         (w for w in workers if key not in w.models),
         key=lambda w: (len(w.models) >= w.max_models, load(w), len(w.models), w.id),
@@ -377,9 +386,11 @@ def _pick(
     return Route(
         model_id=ref.name,
         key=key,
-        path=ref.path,
+        path=served.path,
         workers=[(w.id, w.address) for w in holding + others],
         tenant=tenant,
+        adapter_key=adapter or "",
+        adapter_path=str(ref.adapter) if adapter else "",
     )
 
 
@@ -588,6 +599,8 @@ def _generate_request(r: Route, req: ChatCompletionRequest) -> Any:
         stop=req.stop or [],
         n=req.n or 1,
         cache_scope=r.tenant,
+        adapter_id=r.adapter_key,
+        adapter_path=r.adapter_path,
     )
     if req.max_new_tokens is not None:
         msg.max_new_tokens = req.max_new_tokens

@@ -38,6 +38,12 @@ def is_checkpoint(name: str) -> bool:
     return CKPT_RE.fullmatch(name) is not None
 
 
+def job_of(session: Session, name: str) -> Job | None:
+    """The job a checkpoint model id belongs to."""
+    found = _find(session, name)
+    return found[0] if found is not None else None
+
+
 def _find(session: Session, name: str) -> tuple[Job, JobCheckpoint] | None:
     m = CKPT_RE.fullmatch(name)
     if m is None:

@@ -49,6 +49,8 @@ async def embed(
     message = worker_pb2.EmbedRequest(
         model_id=r.key,
         model_path=str(r.path),
+        adapter_id=r.adapter_key,
+        adapter_path=r.adapter_path,
         texts=texts,
         token_ids=[]
         if texts

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhf_engine.models import tiny
+from rlhf_engine.models.adapter import AdapterError, check_adapter, is_adapter, read_config
 from service.db.models import FineTunedModel, Job, UploadedModel
 from service.errors import ConflictError, InvalidRequestError, NotFoundError, WrongStateError
 from service.jobs.states import ACTIVE
@@ -26,6 +27,7 @@ from service.pagination import cut, paged
 from service.schemas import ModelList, ModelObject
 from service.services import checkpoints
 
+ADAPTER_DIR = "adapter"  # where a LoRA step writes its adapter beside the merged model (runtime/saving.py)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TINY_RE = re.compile(rf"tiny-({'|'.join(tiny.ARCHS)})-({'|'.join(tiny.SIZES_ORDER)})")
 TINY_NAMES = [f"tiny-{a}-{s}" for a in tiny.ARCHS for s in tiny.SIZES_ORDER]
@@ -80,13 +82,21 @@ def build_args(name: str) -> list[str]:
 @dataclass
 class ModelRef:
     name: str  # as the client wrote it
-    path: Path  # where the worker reads it
+    path: Path  # where the worker reads it (a whole model; an uploaded adapter's PEFT folder)
     base: str  # the base model's name (for fine-tuned ids)
     tiny: bool = False
     key: str = ""  # unique across tenants (uploaded names are only unique per tenant): how workers cache it
+    # a LoRA adapter: its PEFT folder and the whole model it is served on (one copy for all its adapters)
+    adapter: Path | None = None
+    parent: ModelRef | None = None
 
     def __post_init__(self) -> None:
         self.key = self.key or self.name
+
+    @property
+    def whole(self) -> bool:
+        """A model folder training can start from (an uploaded adapter is only served)."""
+        return (self.path / "config.json").is_file() or self.tiny
 
 
 def resolve(
@@ -95,8 +105,11 @@ def resolve(
     """The model `name` as the caller may use it; one whose weights are over `max_bytes` (the operator's
     RLHF_MAX_MODEL_BYTES) is refused here, before a worker loads anything."""
     ref = _resolve(session=session, tenant=tenant, name=name, models_dir=models_dir, param=param)
-    if max_bytes is not None and not ref.tiny:
-        size = sum(f.stat().st_size for f in ref.path.glob("*.safetensors")) if ref.path.is_dir() else 0
+    weights = ref.parent if ref.parent is not None else ref  # an adapter's memory is its base's
+    if max_bytes is not None and not weights.tiny:
+        size = (
+            sum(f.stat().st_size for f in weights.path.glob("*.safetensors")) if weights.path.is_dir() else 0
+        )
         if size > max_bytes:
             raise InvalidRequestError(
                 f"{param}: {name} has {size / 2**30:.2f} GiB of weights, over this server's limit of "
@@ -111,7 +124,8 @@ def resolve(
 def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, param: str) -> ModelRef:
     if name.startswith("ft:") and checkpoints.is_checkpoint(name):  # one of a job's checkpoints (or shared)
         path = checkpoints.model_folder(session, tenant, name, param)
-        return ModelRef(name=name, path=path, base=name.split(":")[1])
+        ref = ModelRef(name=name, path=path, base=name.split(":")[1])
+        return _with_adapter(session, ref, checkpoints.job_of(session, name), models_dir)
     if name.startswith("ft:"):
         ft = session.get(FineTunedModel, name)
         if ft is None or ft.tenant_id != tenant:
@@ -126,7 +140,8 @@ def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, para
             if "checkpoints" in path.parts
             else ""
         )
-        return ModelRef(name=name, path=path, base=name.split(":")[1], key=key)
+        ref = ModelRef(name=name, path=path, base=name.split(":")[1], key=key)
+        return _with_adapter(session, ref, session.get(Job, ft.job_id), models_dir)
     if not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidRequestError(
             f"{param}: {name!r} is not a model name; use a base model from GET /v1/models", param=param
@@ -137,7 +152,13 @@ def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, para
         select(UploadedModel).where(UploadedModel.tenant_id == tenant, UploadedModel.name == name)
     )
     if own is not None:
-        return ModelRef(name=name, path=Path(own.path), base=name, key=f"upload:{own.id}")
+        ref = ModelRef(name=name, path=Path(own.path), base=own.base or name, key=f"upload:{own.id}")
+        if own.base is not None:  # an uploaded adapter: served on the base it was checked against
+            ref.adapter = ref.path
+            ref.parent = _resolve(
+                session=session, tenant=tenant, name=own.base, models_dir=models_dir, param=param
+            )
+        return ref
     root = models_dir.resolve()
     path = (models_dir / name).resolve()
     if path.parent != root or not (path / "config.json").is_file():
@@ -145,6 +166,37 @@ def _resolve(*, session: Session, tenant: str, name: str, models_dir: Path, para
             f"{param}: no base model {name!r} (see GET /v1/models)", param=param, code="model_not_found"
         )
     return ModelRef(name=name, path=path, base=name)
+
+
+def _with_adapter(session: Session, ref: ModelRef, job: Job | None, models_dir: Path) -> ModelRef:
+    """A fine-tuned model whose folder also holds the LoRA adapter of a frozen base (adapter/, written
+    by a LoRA step with only_optimize_lora) is served as that adapter on the job's own base model — the
+    base its adapter names. Anything else (the base gone, another base: a step that started from step 1's
+    model) is served whole, from the merged weights beside it."""
+    folder = ref.path / ADAPTER_DIR
+    if job is None or not is_adapter(folder):
+        return ref
+    try:
+        named = read_config(folder).get("base_model_name_or_path")
+        parent = _resolve(
+            session=session, tenant=job.tenant_id, name=job.model, models_dir=models_dir, param="model"
+        )
+    except (AdapterError, InvalidRequestError, NotFoundError):
+        return ref
+    if parent.parent is not None or not named or Path(str(named)).resolve() != parent.path.resolve():
+        return ref
+    ref.adapter, ref.parent = folder, parent
+    return ref
+
+
+def parent_of(session: Session, tenant: str, model_id: str, models_dir: Path) -> str | None:
+    """The model a LoRA adapter model is served on (OpenAI-style listings' `parent`); None for a whole
+    model."""
+    try:
+        ref = _resolve(session=session, tenant=tenant, name=model_id, models_dir=models_dir, param="model")
+    except (InvalidRequestError, NotFoundError):
+        return None
+    return ref.parent.name if ref.parent is not None else None
 
 
 def bundled_ready(models_dir: Path, name: str) -> bool:
@@ -172,11 +224,24 @@ def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[Mode
     rows = session.scalars(
         select(FineTunedModel).where(FineTunedModel.tenant_id == tenant).order_by(FineTunedModel.created_at)
     ).all()
-    out += [ModelObject(id=r.id, created=int(r.created_at.timestamp()), owned_by=tenant) for r in rows]
+    out += [
+        ModelObject(
+            id=r.id,
+            created=int(r.created_at.timestamp()),
+            owned_by=tenant,
+            parent=parent_of(session, tenant, r.id, models_dir)
+            if is_adapter(Path(r.path) / ADAPTER_DIR)
+            else None,
+        )
+        for r in rows
+    ]
     uploads = session.scalars(
         select(UploadedModel).where(UploadedModel.tenant_id == tenant).order_by(UploadedModel.created_at)
     ).all()
-    out += [ModelObject(id=u.name, created=int(u.created_at.timestamp()), owned_by=tenant) for u in uploads]
+    out += [
+        ModelObject(id=u.name, created=int(u.created_at.timestamp()), owned_by=tenant, parent=u.base)
+        for u in uploads
+    ]
     return out + checkpoints.shared_models(session, tenant)
 
 
@@ -243,6 +308,14 @@ def delete_model(*, session: Session, tenant: str, model_id: str) -> None:
             f"model: {model_id} is used by the live job {users[0]}; cancel it or wait for it to end",
             param="model",
         )
+    adapters = session.scalars(
+        select(UploadedModel.name).where(UploadedModel.tenant_id == tenant, UploadedModel.base == model_id)
+    ).all()
+    if adapters:
+        raise ConflictError(
+            f"model: {model_id} is the base of your adapter {adapters[0]}; delete the adapter first",
+            param="model",
+        )
     shares = checkpoints.shares_of_job(session, row.job_id) if isinstance(row, FineTunedModel) else []
     if shares:
         raise WrongStateError(
@@ -266,7 +339,9 @@ def upload_model(
     models_dir: Path,
     uploads_dir: Path,
     max_bytes: int,
+    base: str | None = None,
 ) -> UploadedModel:
+    """A model folder (or a PEFT LoRA adapter folder, for a model the tenant may use) as the tenant's."""
     if not NAME_RE.fullmatch(name) or name.startswith("ft:") or is_bundled(name):
         raise InvalidRequestError(
             "name: use letters, digits, '.', '_' or '-' (1-128), not a bundled model's name", param="name"
@@ -282,15 +357,71 @@ def upload_model(
     import secrets
 
     dest = uploads_dir / tenant / f"{name}-{secrets.token_hex(4)}"
+    parent: str | None = None
     try:
         size = extract_model(archive, dest, max_bytes=max_bytes)
+        if is_adapter(dest):
+            parent = adapter_base(
+                session=session, tenant=tenant, folder=dest, base=base, models_dir=models_dir
+            )
+        elif base is not None:
+            raise InvalidRequestError(
+                "base: only a LoRA adapter (a folder with adapter_config.json) names a base; drop base for a "
+                "whole model",
+                param="base",
+            )
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-    row = UploadedModel(tenant_id=tenant, name=name, path=str(dest), bytes=size)
+    row = UploadedModel(tenant_id=tenant, name=name, path=str(dest), bytes=size, base=parent)
     session.add(row)
     session.flush()
     return row
+
+
+def adapter_base(*, session: Session, tenant: str, folder: Path, base: str | None, models_dir: Path) -> str:
+    """The model an uploaded adapter applies to — `base` when given, else its adapter_config's
+    base_model_name_or_path (a served name, or a hub id whose name is one: HuggingFaceTB/SmolLM2-135M-Instruct
+    is smollm2-135m-instruct) — checked against that model's weights and tokenizer."""
+    try:
+        named = str(read_config(folder).get("base_model_name_or_path") or "")
+    except AdapterError as e:
+        raise InvalidRequestError(f"file: {e}", param="file") from None
+    candidates = (
+        [base] if base is not None else [named, named.rsplit("/", 1)[-1], named.rsplit("/", 1)[-1].lower()]
+    )
+    param = "base" if base is not None else "file"
+    parent: ModelRef | None = None
+    for candidate in dict.fromkeys(c for c in candidates if c):
+        try:
+            parent = _resolve(
+                session=session, tenant=tenant, name=candidate, models_dir=models_dir, param=param
+            )
+            break
+        except InvalidRequestError:
+            if base is not None:
+                raise
+    if parent is None:
+        raise InvalidRequestError(
+            f"file: adapter_config.json names the base {named!r}, which is not a model you can use here; "
+            "give base=<a model id from GET /v1/models>",
+            param="file",
+        )
+    if parent.parent is not None or not parent.whole:
+        raise InvalidRequestError(
+            f"{param}: {parent.name} is itself an adapter; give the whole model it applies to", param=param
+        )
+    if parent.tiny and not (parent.path / "config.json").is_file():
+        raise InvalidRequestError(
+            f"{param}: {parent.name} is not built yet (a bundled model, built on first use); chat with it "
+            "once and retry",
+            param=param,
+        )
+    try:
+        check_adapter(folder, parent.path)
+    except AdapterError as e:
+        raise InvalidRequestError(f"file: {e} (base {parent.name})", param="file") from None
+    return parent.name
 
 
 # ---------------------------------------------------------------------------- upload and download
@@ -301,7 +432,9 @@ ALLOWED = re.compile(
     r"tokenizer\.model|spiece\.model|[\w.-]+\.safetensors|README\.md|LICENSE(\.txt)?|"
     # the notes our own `rlhf models` commands write beside the weights (where a model came from):
     # JSON, never loaded as code, so a folder they wrote uploads as it is
-    r"gguf_source\.json|tiny_model\.json"
+    r"gguf_source\.json|tiny_model\.json|"
+    # a PEFT LoRA adapter folder
+    r"adapter_config\.json"
 )
 PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
 
@@ -352,9 +485,17 @@ def extract_model(archive: Path, dest: Path, *, max_bytes: int) -> int:
             names[base] = m
         if len(names) != len(members):
             raise InvalidRequestError("file: the archive holds two files of the same name", param="file")
-        if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        adapter = "adapter_config.json" in names
+        if adapter and "adapter_model.safetensors" not in names:
             raise InvalidRequestError(
-                "file: a model needs config.json and *.safetensors weights", param="file"
+                "file: a LoRA adapter needs adapter_model.safetensors beside adapter_config.json",
+                param="file",
+            )
+        if not adapter and ("config.json" not in names or not any(n.endswith(".safetensors") for n in names)):
+            raise InvalidRequestError(
+                "file: a model needs config.json and *.safetensors weights (or, for a LoRA adapter, "
+                "adapter_config.json and adapter_model.safetensors)",
+                param="file",
             )
         dest.mkdir(parents=True, exist_ok=False)
         for base, m in names.items():
@@ -363,7 +504,8 @@ def extract_model(archive: Path, dest: Path, *, max_bytes: int) -> int:
             with src, open(dest / base, "wb") as out:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
-    check_config(dest / "config.json")
+    if not adapter:
+        check_config(dest / "config.json")
     return total
 
 

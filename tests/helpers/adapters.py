@@ -47,9 +47,9 @@ def make_adapter(
     return peft_model.merge_and_unload().eval()
 
 
-def greedy(model: Any, prompt: list[int], new: int) -> list[int]:
-    """The model's own greedy tokens, one full forward pass per token (no cache, no batch, EOS not
-    special): what the engine's `ignore_eos` greedy reply must equal."""
+def greedy(model: Any, prompt: list[int], new: int, eos: set[int] | None = None) -> list[int]:
+    """The model's own greedy tokens, one full forward pass per token (no cache, no batch), ending at a
+    token of `eos` (none by default: what the engine's `ignore_eos` greedy reply must equal)."""
     from tests.reference import decode
 
-    return decode(model, prompt, new, eos=set())[0]
+    return decode(model, prompt, new, eos=eos or set())[0]

@@ -635,7 +635,14 @@ def test_model_upload_is_checked_private_and_usable(
     archive = _tar(tmp_path, files)
     name = f"my-opt-{stack.settings.db_url[:6].replace(':', '')}"
     up = alice.post("/v1/models", files={"file": ("m.tar.gz", archive)}, data={"name": name}).json()
-    assert up == {"id": name, "object": "model", "created": up["created"], "owned_by": "alice", "ready": True}
+    assert up == {
+        "id": name,
+        "object": "model",
+        "created": up["created"],
+        "owned_by": "alice",
+        "ready": True,
+        "parent": None,
+    }
     assert name in [m["id"] for m in alice.get("/v1/models").json()["data"]]
     assert name not in [m["id"] for m in bob.get("/v1/models").json()["data"]]
     assert alice.post("/v1/fine_tuning/jobs", json=SMALL_SFT | {"model": name}).json()["model"] == name

@@ -399,7 +399,13 @@ def test_a_chat_request_reaches_the_worker_scoped_to_its_tenant() -> None:
 
     ref = ModelRef(name="tiny-opt-m", path=Path("/models/tiny-opt-m"), base="tiny-opt-m", key="tiny-opt-m")
     worker = chat.WorkerView(
-        id="w1", address="127.0.0.1:1", models=("tiny-opt-m",), active=0, capacity=4, max_models=2
+        id="w1",
+        address="127.0.0.1:1",
+        models=("tiny-opt-m",),
+        adapters=(),
+        active=0,
+        capacity=4,
+        max_models=2,
     )
     req = ChatCompletionRequest(model="tiny-opt-m", messages=[ChatMessage(role="user", content="hi")])
     for tenant in ("tenant-a", "tenant-b"):

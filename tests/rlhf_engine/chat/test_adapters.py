@@ -87,7 +87,7 @@ def test_prompt_cache_is_kept_per_adapter_and_lru_budget_spares_adapters_in_use(
         engine.load_adapter("b", tmp_path / "b")
         engine.adapters.adapters.move_to_end("a", last=False)  # a is now the least recently used
         engine.load_adapter("c", tmp_path / "c")
-        assert set(engine.adapters.keys()) == {"a", "c"}
+        assert set(engine.adapters.resident()) == {"a", "c"}
         held.cancel()
         held.result()
         with pytest.raises(ModelLoadError, match="not loaded"):
@@ -107,7 +107,7 @@ def test_adapter_for_another_base_is_refused_naming_the_file(llama: Path, tmp_pa
     with ChatGenerator.load(str(llama), backend="transformers") as engine:
         with pytest.raises(ModelLoadError, match="adapter_model.safetensors"):
             engine.load_adapter("x", tmp_path / "opt")
-        assert engine.adapters.keys() == []
+        assert engine.adapters.resident() == []
         # nothing was wrapped or kept: the base still answers
         assert (
             engine.generate(
