@@ -115,7 +115,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--per-stream", type=int, default=2, help="requests each stream sends per run")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
+    ap.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256.0,
+        help="the engine's prompt cache (the worker's default 256; 0: off — a prompt's keys/values are "
+        "per adapter, so the merged side reuses more of them)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -145,7 +152,11 @@ def main() -> None:
             for side in order:
                 path = merged_dir if side == "merged" else base
                 with ChatGenerator.load(
-                    str(path), backend="transformers", dtype=args.dtype, max_batch_size=max(32, streams)
+                    str(path),
+                    backend="transformers",
+                    dtype=args.dtype,
+                    max_batch_size=max(32, streams),
+                    prefix_cache_mb=args.prefix_cache_mb,
                 ) as engine:
                     if side == "adapters":
                         before = rss_mb()
@@ -174,7 +185,7 @@ def main() -> None:
             "adapters_vs_merged": med["adapters"] / med["merged"],
         }
     probe_after = weight_probe(weight_bytes, rows=tuple(sorted(set(args.streams))))
-    bytes_per = 2 if args.dtype == "bf16" else 4
+    bytes_per = {"bf16": 2, "int8": 1}.get(args.dtype, 4)  # (int8: linear layers; embeddings stay fp32)
     params = weight_bytes / 4  # the base's safetensors are fp32
     base_mb = params * bytes_per / 2**20
     memory |= {
@@ -187,6 +198,7 @@ def main() -> None:
         "bench": "adapters",
         "model": "SmolLM2-135M-Instruct",
         "dtype": args.dtype,
+        "prefix_cache_mb": args.prefix_cache_mb,
         "adapters": args.adapters,
         "rank": args.rank,
         "targets": TARGETS,
@@ -206,7 +218,8 @@ def main() -> None:
     print(json.dumps(memory, indent=1))
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"adapters-{args.dtype}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    cache = "" if args.prefix_cache_mb else "-nocache"
+    path = out_dir / f"adapters-{args.dtype}{cache}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")
 

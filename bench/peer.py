@@ -57,21 +57,35 @@ QUESTIONS = [
 MODEL = "smollm2-135m-instruct"  # the bundled name (our server builds it into its model root from the cache)
 
 
-def weight_probe(weight_bytes: int, rows: tuple[int, ...] = (1, 8, 32)) -> dict[str, float]:
-    """Passes per second of `linear(x[rows], W)` with W as large as the model's weights (fp32)."""
+def weight_probe(
+    weight_bytes: int, rows: tuple[int, ...] = (1, 8, 32), dtype: str = "fp32"
+) -> dict[str, float]:
+    """Passes per second of `linear(x[rows], W)` with W holding as many weights as the model's fp32 bytes
+    say, stored in `dtype` (fp32, bf16, or int8: torchao's weight-only int8 layer)."""
     import torch
 
     k = 4096
-    w = torch.randn(weight_bytes // (4 * k), k)
+    layer = torch.nn.Linear(k, weight_bytes // (4 * k), bias=False)
+    compute = torch.float32
+    if dtype == "bf16":
+        layer, compute = layer.to(torch.bfloat16), torch.bfloat16
+    elif dtype == "int8":
+        import logging
+
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(layer, Int8WeightOnlyConfig())
     out = {}
-    for r in rows:
-        x = torch.randn(r, k)
-        torch.nn.functional.linear(x, w)
-        n, t = 0, time.perf_counter()
-        while time.perf_counter() - t < 2.0:
-            torch.nn.functional.linear(x, w)
-            n += 1
-        out[f"passes_per_s_{r}_rows"] = n / (time.perf_counter() - t)
+    with torch.no_grad():
+        for r in rows:
+            x = torch.randn(r, k, dtype=compute)
+            layer(x)
+            n, t = 0, time.perf_counter()
+            while time.perf_counter() - t < 2.0:
+                layer(x)
+                n += 1
+            out[f"passes_per_s_{r}_rows"] = n / (time.perf_counter() - t)
     return out
 
 
@@ -231,8 +245,8 @@ class Ours:
 class Peer:
     name = "transformers serve"
 
-    def __init__(self, env: dict[str, str], model_dir: Path) -> None:
-        self.env, self.model_dir, self.port = env, model_dir, free_port()
+    def __init__(self, env: dict[str, str], model_dir: Path, dtype: str = "auto") -> None:
+        self.env, self.model_dir, self.port, self.dtype = env, model_dir, free_port(), dtype
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> tuple[str, str, dict[str, str]]:
@@ -244,6 +258,8 @@ class Peer:
                 "--continuous-batching",
                 "--device",
                 "cpu",
+                "--dtype",
+                self.dtype,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -279,6 +295,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream at each level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="runs per side at each level (alternating order)")
+    ap.add_argument(
+        "--ours-dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "int8"],
+        help="our inference workers' weights (RLHF_INFERENCE_DTYPE)",
+    )
+    ap.add_argument(
+        "--peer-dtypes",
+        nargs="+",
+        default=["auto"],
+        help="transformers serve --dtype, one side each (auto: the weights' fp32; bfloat16)",
+    )
     ns = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env |= {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu")}
@@ -292,12 +320,17 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     probe_before = weight_probe(weight_bytes)
-    runs: dict[str, dict[int, list[dict[str, Any]]]] = {"ours": {}, "transformers serve": {}}
+    precisions = sorted({ns.ours_dtype, *("bf16" for d in ns.peer_dtypes if d == "bfloat16")} - {"fp32"})
+    bounds_before = {d: weight_probe(weight_bytes, dtype=d) for d in precisions}
+    peers = {"transformers serve" if d == "auto" else f"transformers serve {d}": d for d in ns.peer_dtypes}
+    sides = ["ours", *peers]
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in sides}
+    ours_env = env | {"RLHF_INFERENCE_DTYPE": ns.ours_dtype}
     for i, streams in enumerate(ns.streams):
-        order = ["ours", "transformers serve"] if i % 2 == 0 else ["transformers serve", "ours"]
+        order = sides if i % 2 == 0 else sides[::-1]
         for r in range(ns.repeats):
             for name in order if r % 2 == 0 else order[::-1]:
-                server = Ours(env) if name == "ours" else Peer(env, model_dir)
+                server = Ours(ours_env) if name == "ours" else Peer(env, model_dir, peers[name])
                 try:  # stopped also when it fails to start: nothing outlives the bench
                     base, model, headers = server.start()
                     got = asyncio.run(
@@ -324,26 +357,30 @@ def main() -> int:
         for name, by in runs.items()
     }
     probe_after = weight_probe(weight_bytes)
+    bounds_after = {d: weight_probe(weight_bytes, dtype=d) for d in precisions}
     print(
         f"\nSmolLM2-135M-Instruct ({weight_bytes / 2**20:.0f} MB of weights), "
         f"{ns.max_tokens} tokens per reply, greedy, {os.cpu_count()} CPUs"
     )
-    print(
-        f"{'streams':>7} {'ours tok/s':>10} {'peer tok/s':>10} {'×peer':>6} "
-        f"{'ours TTFT':>10} {'peer TTFT':>10} {'limit tok/s':>11}"
-    )
-    for streams in ns.streams:
-        o, p = results["ours"][streams], results["transformers serve"][streams]
-        rows = min((r for r in (1, 8, 32) if r >= streams), default=32)
-        limit = (
-            min(probe_before[f"passes_per_s_{rows}_rows"], probe_after[f"passes_per_s_{rows}_rows"]) * streams
-        )
+    print(f"ours: {ns.ours_dtype} weights")
+    for peer in peers:
         print(
-            f"{streams:7} {o['tokens_per_s']:10.1f} {p['tokens_per_s']:10.1f} "
-            f"{o['tokens_per_s'] / p['tokens_per_s']:6.2f} "
-            f"{o.get('ttft_p50_ms', float('nan')):8.0f}ms {p.get('ttft_p50_ms', float('nan')):8.0f}ms "
-            f"{limit:11.0f}"
+            f"{'streams':>7} {'ours tok/s':>10} {'peer tok/s':>10} {'×peer':>6} "
+            f"{'ours TTFT':>10} {'peer TTFT':>10} {'fp32 limit tok/s':>16}   ({peer})"
         )
+        for streams in ns.streams:
+            o, p = results["ours"][streams], results[peer][streams]
+            rows = min((r for r in (1, 8, 32) if r >= streams), default=32)
+            limit = (
+                min(probe_before[f"passes_per_s_{rows}_rows"], probe_after[f"passes_per_s_{rows}_rows"])
+                * streams
+            )
+            print(
+                f"{streams:7} {o['tokens_per_s']:10.1f} {p['tokens_per_s']:10.1f} "
+                f"{o['tokens_per_s'] / p['tokens_per_s']:6.2f} "
+                f"{o.get('ttft_p50_ms', float('nan')):8.0f}ms {p.get('ttft_p50_ms', float('nan')):8.0f}ms "
+                f"{limit:16.0f}"
+            )
     out = ROOT / "bench" / "results" / f"peer-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -355,6 +392,8 @@ def main() -> int:
                     "torch": torch.__version__,
                     "probe_before": probe_before,
                     "probe_after": probe_after,
+                    "bounds_before": bounds_before,  # other precisions' passes per second
+                    "bounds_after": bounds_after,
                     "weight_bytes": weight_bytes,
                 },
                 "settings": vars(ns),

@@ -168,6 +168,12 @@ class Settings(BaseSettings):
     inference_capacity: int = Field(default=64, ge=1, description="requests one worker serves at once")
     inference_backend: Literal["auto", "transformers", "deepspeed"] = "auto"
     inference_device: str = Field(default="auto", description="cpu, cuda, cuda:N (auto: cuda when available)")
+    inference_dtype: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        default="auto",
+        description="weights for decoding: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 (half the bytes per "
+        "token; CPUs with AVX-512 BF16/AMX), int8 (weight-only int8 linear layers, torchao); training keeps "
+        "its own precision",
+    )
     inference_threads: int = Field(
         default=0, ge=0, description="torch threads of an inference worker (0: torch's default, one per core)"
     )

@@ -218,6 +218,7 @@ class LoadedModels:
                 model_path=str(path),
                 backend=s.inference_backend,
                 device=s.inference_device,
+                dtype=s.inference_dtype,
                 max_batch_size=max(32, s.chat_max_n),
                 max_queue=s.inference_capacity,
                 prefix_cache_mb=s.inference_prefix_cache_mb,
@@ -313,7 +314,7 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 await asyncio.to_thread(generator.load_adapter, key, request.adapter_path)
             except ChatError as e:
                 await _abort(context, e)
-            self.generators.on_change()  # routing prefers workers that hold it
+            await asyncio.to_thread(self.generators.on_change)  # routing prefers workers that hold it
         return str(key)
 
     async def _submit(

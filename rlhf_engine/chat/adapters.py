@@ -66,9 +66,10 @@ class LoRALinear(nn.Module):
             return y
         a, b = ab
         h = F.linear(x, a)  # (rows, T, Σr), or (rows·T, Σr) where a model flattens (OPT's MLP)
-        rows = plan.mask.shape[0]
-        h = (h.reshape(rows, -1, h.shape[-1]) * plan.mask.unsqueeze(1)).reshape(h.shape)
-        return y + F.linear(h, b)
+        if not plan.uniform:  # each row keeps its own adapter's block (in place: h is fresh)
+            h.view(plan.mask.shape[0], -1, h.shape[-1]).mul_(plan.mask.unsqueeze(1))
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t())  # y is fresh too: one fused op
+        return y
 
 
 class Plan:
@@ -85,6 +86,7 @@ class Plan:
         for i, row in enumerate(rows):
             if row is not None:
                 self.mask[i, offsets[row] : offsets[row] + bank.ranks[row]] = 1
+        self.uniform = len(present) == 1 and None not in rows  # every row the same adapter: no mask
 
     def layer(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.bank.side_by_side(self.present, name)
@@ -102,7 +104,11 @@ class AdapterBank:
         self.plan: Plan | None = None
         self.lock = threading.RLock()  # held by the scheduler for a forward pass and by add/evict
         self._wrapped: dict[str, LoRALinear] = {}
-        self._joined: dict[tuple[str, ...], dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        # the present adapters' layers side by side, per set of adapters (least recently used first)
+        self._joined: OrderedDict[tuple[str, ...], dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = (
+            OrderedDict()
+        )
+        self._joined_bytes: dict[tuple[str, ...], int] = {}
         ref = next(module.parameters())
         self.dtype, self.device = ref.dtype, ref.device
 
@@ -153,7 +159,7 @@ class AdapterBank:
                 self._wrap(name, modules)
             self.adapters[key] = adapter
             self.ranks[key] = max(a.shape[0] for a, _ in weights.values())
-            self._joined.clear()
+            self._forget_joined()
             self._evict(keep=key)
         logger.info("adapter %s resident (%d layers, %.1f MB)", key, len(weights), adapter.bytes / 2**20)
 
@@ -179,7 +185,7 @@ class AdapterBank:
                 )
                 del self.adapters[key]
                 self.ranks.pop(key, None)
-                self._joined.clear()
+                self._forget_joined()
 
     def pin(self, key: str) -> None:
         """A request will use `key` (it stays resident until `unpin`)."""
@@ -204,12 +210,18 @@ class AdapterBank:
 
     def side_by_side(self, present: tuple[str, ...], name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Layer `name`'s A and B of the adapters `present`, side by side (zeros where one leaves it
-        alone); None when none of them adapts it."""
+        alone); None when none of them adapts it. One adapter: its own tensors (no copy). Several: a copy,
+        kept for the next passes with the same adapters; such copies stay within as many bytes as the
+        resident adapters (least recently used set dropped first)."""
+        if len(present) == 1:
+            ab = self.adapters[present[0]].weights.get(name)
+            if ab is None or ab[0].shape[0] == self.ranks[present[0]]:  # (else padded to its widest rank)
+                return ab
         joined = self._joined.get(present)
         if joined is None:
-            if len(self._joined) > 8:
-                self._joined.clear()
             joined = self._joined[present] = {}
+            self._joined_bytes[present] = 0
+        self._joined.move_to_end(present)
         if name not in joined:
             blocks = []
             for key in present:
@@ -224,8 +236,17 @@ class AdapterBank:
             if all(adapter_leaves(self.adapters[k], name) for k in present):
                 joined[name] = None
             else:
-                joined[name] = (torch.cat([a for a, _ in blocks]), torch.cat([b for _, b in blocks], dim=1))
+                a, b = torch.cat([a for a, _ in blocks]), torch.cat([b for _, b in blocks], dim=1)
+                joined[name] = (a, b)
+                self._joined_bytes[present] += a.nbytes + b.nbytes
+                while sum(self._joined_bytes.values()) > self.bytes and next(iter(self._joined)) != present:
+                    oldest = next(iter(self._joined))
+                    del self._joined[oldest], self._joined_bytes[oldest]
         return joined[name]
+
+    def _forget_joined(self) -> None:
+        self._joined.clear()
+        self._joined_bytes.clear()
 
 
 def adapter_leaves(adapter: Adapter, name: str) -> bool:

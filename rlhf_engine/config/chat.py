@@ -13,7 +13,7 @@ from typing import Literal
 from rlhf_engine.chat.errors import ChatRequestError, ContextLengthExceededError
 
 Backend = Literal["auto", "transformers", "deepspeed"]
-DType = Literal["auto", "fp32", "bf16", "fp16"]
+DType = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 MAX_SEED = 2**63 - 1
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
@@ -218,7 +218,14 @@ class ChatGeneratorConfig:
         default=False,
         metadata={"help": "DeepSpeed-Inference kernel injection (CUDA and supported architectures only)"},
     )
-    dtype: DType = field(default="auto", metadata={"help": "weights dtype (auto: fp32 on CPU, bf16 on CUDA)"})
+    dtype: DType = field(
+        default="auto",
+        metadata={
+            "help": "weights dtype for decoding (auto: fp32 on CPU, bf16 on CUDA; bf16 halves the bytes read "
+            "per token where the CPU has AVX-512 BF16/AMX; int8: weight-only int8 linear layers (torchao), "
+            "activations fp32 on CPU, bf16 on CUDA)"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N (auto: cuda when available)"})
     max_batch_size: int = field(default=32, metadata={"help": "sequences decoded together at most"})
     max_queue: int = field(default=256, metadata={"help": "requests waiting to start at most (then 'busy')"})

@@ -297,3 +297,44 @@ def test_a_lora_job_registers_an_adapter_served_on_its_base(served: dict[str, An
     assert "is a friend" in said and "friend" not in before, (said, before)
     row = served["workers"].row(served["pid"])
     assert row is not None and model in row.adapters and model not in row.models
+
+
+def test_an_adapters_request_goes_to_a_worker_holding_it_then_its_base() -> None:
+    """Routing: a worker holding the adapter first, then one holding its base (even if busier), then the
+    rest; the worker request names the base as the model and the adapter beside it."""
+    from service.schemas import ChatCompletionRequest, ChatMessage
+    from service.services import chat
+    from service.services.models import ModelRef
+
+    base = ModelRef(name=BASE, path=Path("/models") / BASE, base=BASE)
+    ref = ModelRef(
+        name="my-lora",
+        path=Path("/data/uploads/t/my-lora-1"),
+        base=BASE,
+        key="upload:model-1",
+        adapter=Path("/data/uploads/t/my-lora-1"),
+        parent=base,
+    )
+
+    def worker(wid: str, models: tuple[str, ...], adapters: tuple[str, ...], active: int) -> chat.WorkerView:
+        return chat.WorkerView(
+            id=wid,
+            address=f"{wid}:1",
+            models=models,
+            adapters=adapters,
+            active=active,
+            capacity=8,
+            max_models=2,
+        )
+
+    workers = [
+        worker("idle", (), (), 0),
+        worker("base", (BASE,), (), 3),
+        worker("adapter", (BASE,), ("upload:model-1",), 5),
+    ]
+    route = chat._pick(ref, workers, chat.Settings(), {}, "t")
+    assert [w for w, _ in route.workers] == ["adapter", "base", "idle"]
+    req = ChatCompletionRequest(model="my-lora", messages=[ChatMessage(role="user", content="hi")])
+    msg = chat._generate_request(route, req)
+    assert (msg.model_id, msg.model_path) == (BASE, str(Path("/models") / BASE))
+    assert (msg.adapter_id, msg.adapter_path) == ("upload:model-1", "/data/uploads/t/my-lora-1")

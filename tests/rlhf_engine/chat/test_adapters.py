@@ -115,3 +115,17 @@ def test_adapter_for_another_base_is_refused_naming_the_file(llama: Path, tmp_pa
             ).usage.completion_tokens
             == 2
         )
+
+
+def test_an_adapter_with_ranks_per_layer_beside_base_rows(llama: Path, tmp_path: Path) -> None:
+    """PEFT's rank_pattern: q_proj at rank 2, the rest at 6 — padded to one width where rows of the base
+    share the batch."""
+    merged = make_adapter(llama, tmp_path / "p", seed=5, rank=6, scale=3.0, rank_pattern={"q_proj": 2})
+    params = SamplingParams(temperature=0, max_new_tokens=NEW, ignore_eos=True)
+    with ChatGenerator.load(str(llama), backend="transformers") as engine:
+        engine.load_adapter("p", tmp_path / "p")
+        jobs: list[tuple[str, str | None]] = [(q, k) for q in QUESTIONS[:2] for k in ("p", None)]
+        handles = [engine.submit(user(q), params, adapter=k) for q, k in jobs]
+        for (q, k), handle in zip(jobs, handles, strict=True):
+            want = greedy(merged if k else AutoModel(llama), engine.prompt_ids(user(q)), NEW)
+            assert handle.result().choices[0].token_ids == want, (q, k)
