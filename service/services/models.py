@@ -242,7 +242,10 @@ def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[Mode
         ModelObject(id=u.name, created=int(u.created_at.timestamp()), owned_by=tenant, parent=u.base)
         for u in uploads
     ]
-    return out + checkpoints.shared_models(session, tenant)
+    shared = checkpoints.shared_models(session, tenant)
+    for m in shared:  # a shared LoRA checkpoint is served on its owner's base
+        m.parent = parent_of(session, tenant, m.id, models_dir)
+    return out + shared
 
 
 def list_page(*, session: Session, tenant: str, models_dir: Path, after: str | None, limit: int) -> ModelList:

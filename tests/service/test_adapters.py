@@ -274,6 +274,7 @@ def test_a_lora_job_registers_an_adapter_served_on_its_base(served: dict[str, An
                     "per_device_train_batch_size": 8,
                     "gradient_accumulation_steps": 1,
                     "learning_rate": 1e-2,
+                    "checkpoint_interval": 10,
                 }
             }
         },
@@ -297,6 +298,32 @@ def test_a_lora_job_registers_an_adapter_served_on_its_base(served: dict[str, An
     assert "is a friend" in said and "friend" not in before, (said, before)
     row = served["workers"].row(served["pid"])
     assert row is not None and model in row.adapters and model not in row.models
+
+    # a checkpoint of the job is an adapter too; shared with another tenant, it answers them the same
+    from sqlalchemy import select
+
+    from service.db.models import JobCheckpoint
+
+    ckpt = sdk.fine_tuning.jobs.checkpoints.list(job.id).data[-1]
+    with session_scope(served["workers"].stack.settings.db_url) as s:
+        folder = Path(
+            s.scalars(
+                select(JobCheckpoint.path).where(
+                    JobCheckpoint.job_id == job.id, JobCheckpoint.global_step == ckpt.step_number
+                )
+            ).one()
+        )
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    at_ckpt = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    name = ckpt.fine_tuned_model_checkpoint
+    want = expected(at_ckpt, served["base"], "What is a cow?")
+    assert reply(sdk, name, "What is a cow?") == want
+    sdk.fine_tuning.checkpoints.permissions.create(name, project_ids=["lora-a"])
+    assert reply(served["sdk"]["lora-a"], name, "What is a cow?") == want
+    listed = {m["id"]: m for m in served["http"]["lora-a"].get("/v1/models").json()["data"]}
+    assert listed[name]["parent"] == BASE
+    row = served["workers"].row(served["pid"])
+    assert row is not None and name in row.adapters and row.models == [BASE], (row.models, row.adapters)
 
 
 def test_an_adapters_request_goes_to_a_worker_holding_it_then_its_base() -> None:
