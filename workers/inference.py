@@ -322,15 +322,21 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
     ) -> Any:
         """`submit(adapter)` with the request's adapter resident; loaded again if another request's adapter
         evicted it in between (a budget smaller than the adapters in use)."""
-        from rlhf_engine.chat.errors import ModelLoadError
+        from rlhf_engine.chat.errors import ModelLoadError, ModelNotReadyError
 
         for attempt in (1, 2):
             adapter = await self._adapter(generator, request, context)
             try:
                 return await asyncio.to_thread(submit, adapter) if off_loop else submit(adapter)
             except ModelLoadError:
-                if adapter is None or adapter in generator.adapters or attempt == 2:
+                if adapter is None or adapter in generator.adapters:
                     raise
+                if attempt == 2:  # evicted twice by other requests' adapters: a moment's congestion
+                    raise ModelNotReadyError(
+                        f"model: adapter {adapter} was evicted while loading (more adapters in use than "
+                        "RLHF_INFERENCE_ADAPTER_CACHE_MB holds); retry shortly",
+                        param="model",
+                    ) from None
         raise AssertionError("unreachable")
 
     async def Embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -339,13 +345,15 @@ class InferenceServicer(worker_pb2_grpc.InferenceWorkerServicer):
         generator = await self._generator(request, context)
         try:
             inputs = list(request.texts) or [list(t.ids) for t in request.token_ids]
+            future = None
             try:
                 future = await self._submit(generator, request, context, lambda a: generator.embed(inputs, a))
                 got = await asyncio.wrap_future(future)
             except ChatError as e:
                 await _abort(context, e)
             except asyncio.CancelledError:  # the caller hung up: a queued job is dropped, a running one ends
-                future.cancel()
+                if future is not None:
+                    future.cancel()
                 raise
         finally:
             self.generators.release(request.model_id)

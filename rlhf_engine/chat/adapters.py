@@ -67,7 +67,8 @@ class LoRALinear(nn.Module):
         a, b = ab
         h = F.linear(x, a)  # (rows, T, Σr), or (rows·T, Σr) where a model flattens (OPT's MLP)
         if not plan.uniform:  # each row keeps its own adapter's block (in place: h is fresh)
-            h.view(plan.mask.shape[0], -1, h.shape[-1]).mul_(plan.mask.unsqueeze(1))
+            rows = h.view(plan.mask.shape[0], -1, h.shape[-1])
+            rows.masked_fill_(plan.drop.unsqueeze(1), 0.0)  # (not a multiply: another's inf × 0 is NaN)
         y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t())  # y is fresh too: one fused op
         return y
 
@@ -86,6 +87,7 @@ class Plan:
         for i, row in enumerate(rows):
             if row is not None:
                 self.mask[i, offsets[row] : offsets[row] + bank.ranks[row]] = 1
+        self.drop = self.mask == 0  # the columns each row must not see
         self.uniform = len(present) == 1 and None not in rows  # every row the same adapter: no mask
 
     def layer(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -103,6 +105,9 @@ class AdapterBank:
         self.ranks: dict[str, int] = {}
         self.plan: Plan | None = None
         self.lock = threading.RLock()  # held by the scheduler for a forward pass and by add/evict
+        # pins and membership: never held across a forward pass, so a request's pin (taken on the
+        # worker's event loop) never waits for one; an eviction takes both locks
+        self._pins = threading.Lock()
         self._wrapped: dict[str, LoRALinear] = {}
         # the present adapters' layers side by side, per set of adapters (least recently used first)
         self._joined: OrderedDict[tuple[str, ...], dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = (
@@ -120,7 +125,7 @@ class AdapterBank:
         return sum(a.bytes for a in self.adapters.values())
 
     def resident(self) -> list[str]:
-        with self.lock:
+        with self._pins:
             return list(self.adapters)
 
     def load(self, key: str, folder: Path) -> None:
@@ -136,7 +141,10 @@ class AdapterBank:
             spec = check_adapter(folder, self.base_dir)
         except AdapterError as e:
             raise ModelLoadError(f"model: {e}", param="model") from None
-        tensors = load_file(str(folder / WEIGHTS), device="cpu")
+        try:
+            tensors = load_file(str(folder / WEIGHTS), device="cpu")
+        except Exception as e:  # a file its header misdescribes (truncated, bad offsets)
+            raise ModelLoadError(f"model: {WEIGHTS}: cannot be read ({e})", param="model") from None
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
             m = KEY_RE.fullmatch(name)
@@ -146,19 +154,35 @@ class AdapterBank:
         weights = {}
         for name, ab in parts.items():
             target = name if name in modules else name.split(".", 1)[1]
-            if not isinstance(modules.get(target), nn.Module):
-                raise ModelLoadError(f"model: {WEIGHTS}: the base has no layer {name}", param="model")
+            layer = modules.get(target)
+            if isinstance(layer, LoRALinear):  # wrapped for an adapter loaded before
+                layer = layer.base
             a = ab["A"].to(self.device, self.dtype)
             b = (ab["B"].float() * spec.scaling[name]).to(self.device, self.dtype)
+            if not _linear(layer) or _features(layer) != (b.shape[0], a.shape[1]):  # type: ignore[arg-type]
+                raise ModelLoadError(
+                    f"model: {WEIGHTS}: {name} is not a linear layer of the base mapping {a.shape[1]} → "
+                    f"{b.shape[0]} features",
+                    param="model",
+                )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # (NaN × 0 is NaN: other rows)
+                raise ModelLoadError(
+                    f"model: {WEIGHTS}: {name} holds values that are not finite in {self.dtype}",
+                    param="model",
+                )
             weights[target] = (a, b)
         adapter = Adapter(
             key=key, weights=weights, bytes=sum(a.nbytes + b.nbytes for a, b in weights.values())
         )
         with self.lock:
+            if key in self.adapters:  # loaded meanwhile by another request: keep that one (and its pins)
+                self.adapters.move_to_end(key)
+                return
             for name in weights:
                 self._wrap(name, modules)
-            self.adapters[key] = adapter
-            self.ranks[key] = max(a.shape[0] for a, _ in weights.values())
+            with self._pins:
+                self.adapters[key] = adapter
+                self.ranks[key] = max(a.shape[0] for a, _ in weights.values())
             self._forget_joined()
             self._evict(keep=key)
         logger.info("adapter %s resident (%d layers, %.1f MB)", key, len(weights), adapter.bytes / 2**20)
@@ -176,20 +200,22 @@ class AdapterBank:
         self._wrapped[name] = wrapper
 
     def _evict(self, keep: str | None = None) -> None:
-        for key in list(self.adapters):
-            if self.bytes <= self.budget:
-                break
-            if key != keep and self.adapters[key].pins == 0:
-                logger.info(
-                    "evicting adapter %s (least recently used; budget %.0f MB)", key, self.budget / 2**20
-                )
-                del self.adapters[key]
-                self.ranks.pop(key, None)
-                self._forget_joined()
+        """Idle adapters beyond the budget, least recently used first (call with `lock` held)."""
+        with self._pins:
+            for key in list(self.adapters):
+                if self.bytes <= self.budget:
+                    break
+                if key != keep and self.adapters[key].pins == 0:
+                    logger.info(
+                        "evicting adapter %s (least recently used; budget %.0f MB)", key, self.budget / 2**20
+                    )
+                    del self.adapters[key]
+                    self.ranks.pop(key, None)
+                    self._forget_joined()
 
     def pin(self, key: str) -> None:
-        """A request will use `key` (it stays resident until `unpin`)."""
-        with self.lock:
+        """A request will use `key` (it stays resident until `unpin`); never waits for a forward pass."""
+        with self._pins:
             adapter = self.adapters.get(key)
             if adapter is None:
                 raise ModelLoadError(f"model: adapter {key} is not loaded on this worker", param="model")
@@ -197,11 +223,11 @@ class AdapterBank:
             self.adapters.move_to_end(key)
 
     def unpin(self, key: str) -> None:
-        with self.lock:
+        """The request ended; an adapter beyond the budget goes at the next load."""
+        with self._pins:
             adapter = self.adapters.get(key)
             if adapter is not None:
                 adapter.pins = max(0, adapter.pins - 1)
-            self._evict()
 
     def use(self, rows: list[str | None]) -> None:
         """The adapter of each row of the next forward pass (call with the lock held; `None`: the base)."""
@@ -251,6 +277,12 @@ class AdapterBank:
 
 def adapter_leaves(adapter: Adapter, name: str) -> bool:
     return name not in adapter.weights
+
+
+def _linear(layer: Any) -> bool:
+    """A layer whose forward is `x @ Wᵀ (+ b)` on the last dimension: a Linear (torchao's int8 Linear is
+    one), or GPT-2's Conv1D; not an embedding, norm or convolution."""
+    return isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D"
 
 
 def _features(layer: nn.Module) -> tuple[int, int]:

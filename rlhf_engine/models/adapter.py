@@ -60,6 +60,26 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise AdapterError(f"{path.name}: not a safetensors file (its header is not a table)")
     header.pop("__metadata__", None)
+    size = path.stat().st_size - 8 - n
+    ends = []
+    for name, info in header.items():
+        shape, offsets = info.get("shape") if isinstance(info, dict) else None, None
+        if isinstance(info, dict):
+            offsets = info.get("data_offsets")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise AdapterError(f"{path.name}: not a valid safetensors file (entry {name!r})")
+        ends.append(offsets[1])
+    if max(ends, default=0) != size:
+        raise AdapterError(
+            f"{path.name}: not a valid safetensors file (truncated, or bytes beyond its tensors)"
+        )
     return header
 
 
@@ -77,9 +97,10 @@ def is_adapter(folder: Path) -> bool:
 
 
 def _pattern(patterns: dict[str, Any], module: str) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module whose name ends with it."""
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module whose name ends with it (as a
+    plain suffix: a tenant's key is never run as a regular expression)."""
     for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
+        if module == key or module.endswith("." + key):
             return value
     return None
 
@@ -105,8 +126,18 @@ def read_config(folder: Path) -> dict[str, Any]:
             "adapter and upload the model instead"
         )
     r = config.get("r")
-    if not isinstance(r, int) or r <= 0:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise AdapterError(f"{CONFIG}: r must be a positive rank")
+    alpha = config.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+        raise AdapterError(f"{CONFIG}: lora_alpha must be a positive number")
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for k, v in pattern.items()
+        ):
+            raise AdapterError(f"{CONFIG}: {name} must map module names to positive numbers")
     return config
 
 
@@ -160,7 +191,8 @@ def check_adapter(folder: Path, base_dir: Path) -> AdapterSpec:
                 f"{WEIGHTS}: {module} is not a linear layer of the base model: this adapter was trained for "
                 "another base model"
             )
-        if module.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens", "wte", "embed_out", "embed_in"):
+        last = module.rsplit(".", 1)[-1]
+        if "embed" in last or last in ("lm_head", "wte", "wpe", "embed_out", "word_embeddings"):
             raise AdapterError(f"{WEIGHTS}: {module}: adapters on embeddings or the LM head are not served")
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             raise AdapterError(f"{WEIGHTS}: {module}: lora_A {a} and lora_B {b} are not a rank-r pair")

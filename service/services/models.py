@@ -96,7 +96,7 @@ class ModelRef:
     @property
     def whole(self) -> bool:
         """A model folder training can start from (an uploaded adapter is only served)."""
-        return (self.path / "config.json").is_file() or self.tiny
+        return self.adapter != self.path and ((self.path / "config.json").is_file() or self.tiny)
 
 
 def resolve(
@@ -185,6 +185,10 @@ def _with_adapter(session: Session, ref: ModelRef, job: Job | None, models_dir: 
         return ref
     if parent.parent is not None or not named or Path(str(named)).resolve() != parent.path.resolve():
         return ref
+    try:  # one the workers would refuse (an adapted LM head, …) is served whole too
+        check_adapter(folder, parent.path)
+    except AdapterError:
+        return ref
     ref.adapter, ref.parent = folder, parent
     return ref
 
@@ -243,8 +247,10 @@ def list_models(*, session: Session, tenant: str, models_dir: Path) -> list[Mode
         for u in uploads
     ]
     shared = checkpoints.shared_models(session, tenant)
-    for m in shared:  # a shared LoRA checkpoint is served on its owner's base
-        m.parent = parent_of(session, tenant, m.id, models_dir)
+    visible = {m.id for m in out}
+    for m in shared:  # a shared LoRA checkpoint is served on its owner's base: named when the caller sees it
+        parent = parent_of(session, tenant, m.id, models_dir)
+        m.parent = parent if parent in visible else None
     return out + shared
 
 
@@ -489,9 +495,10 @@ def extract_model(archive: Path, dest: Path, *, max_bytes: int) -> int:
         if len(names) != len(members):
             raise InvalidRequestError("file: the archive holds two files of the same name", param="file")
         adapter = "adapter_config.json" in names
-        if adapter and "adapter_model.safetensors" not in names:
+        if adapter and ("adapter_model.safetensors" not in names or "config.json" in names):
             raise InvalidRequestError(
-                "file: a LoRA adapter needs adapter_model.safetensors beside adapter_config.json",
+                "file: a LoRA adapter is adapter_config.json with adapter_model.safetensors (and the "
+                "tokenizer's files), without a model's config.json; upload the merged model separately",
                 param="file",
             )
         if not adapter and ("config.json" not in names or not any(n.endswith(".safetensors") for n in names)):

@@ -177,6 +177,13 @@ def test_bad_adapters_are_refused_naming_the_file_and_nothing_is_registered(serv
         data["added_tokens"].append(dict(data["added_tokens"][0], id=99999, content="<new>"))
         (folder / "tokenizer.json").write_text(json.dumps(data))
 
+    def truncate(folder: Path) -> None:
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+
+    def with_config(folder: Path) -> None:
+        shutil.copy(served["base"] / "config.json", folder / "config.json")
+
     cases = {
         "another base's layers": (tar_of(other), {}, "adapter_model.safetensors", "another base model"),
         "a rank the config does not say": (
@@ -195,6 +202,21 @@ def test_bad_adapters_are_refused_naming_the_file_and_nothing_is_registered(serv
         ),
         "a named base that does not exist": (tar_of(good), {"base": "nope"}, "", "nope"),
         "DoRA": (variant("dora", lambda f: config(f, use_dora=True)), {}, "adapter_config.json", "DoRA"),
+        "truncated weights": (variant("cut", truncate), {}, "adapter_model.safetensors", "truncated"),
+        "a model's config.json too": (
+            variant("both", with_config),
+            {},
+            "file",
+            "without a model's config.json",
+        ),
+        # a tenant's pattern is matched as a suffix, never run as a regular expression (this one would
+        # backtrack for minutes): it matches nothing, so r=8 is what the rank-4 weights are held to
+        "a pattern that is a regex": (
+            variant("regex", lambda f: config(f, r=8, rank_pattern={"(.|.)*(.|.)*(.|.)*!": 4})),
+            {},
+            "adapter_model.safetensors",
+            "r=8",
+        ),
     }
     for i, (case, (archive, form, file, reason)) in enumerate(cases.items()):
         r = upload(http, f"bad-{i}", archive, **form)

@@ -129,3 +129,19 @@ def test_an_adapter_with_ranks_per_layer_beside_base_rows(llama: Path, tmp_path:
         for (q, k), handle in zip(jobs, handles, strict=True):
             want = greedy(merged if k else AutoModel(llama), engine.prompt_ids(user(q)), NEW)
             assert handle.result().choices[0].token_ids == want, (q, k)
+
+
+def test_an_adapter_with_values_that_are_not_finite_is_refused(llama: Path, tmp_path: Path) -> None:
+    """NaN × 0 is NaN: such an adapter in a shared batch would poison every other row, so it never loads."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(llama, tmp_path / "inf", seed=6)
+    weights = tmp_path / "inf" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if "lora_B" in k)
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, str(weights))
+    with ChatGenerator.load(str(llama), backend="transformers") as engine:
+        with pytest.raises(ModelLoadError, match="not finite"):
+            engine.load_adapter("inf", tmp_path / "inf")
+        assert engine.adapters.resident() == []
