@@ -21,9 +21,11 @@ as bench/peer.py measures it) is probed before and after. JSON goes to bench/res
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import threading
@@ -31,19 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peer import weight_probe
+from peer import QUESTIONS, weight_probe
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = [
-    "What is a kite?",
-    "Where does the owl live?",
-    "Why is the sky blue?",
-    "Who invented bread?",
-    "What does a fox eat?",
-    "Why are rivers cold?",
-    "How tall can a tower be?",
-    "What is a lamp?",
-]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -72,8 +64,15 @@ def make_adapters(base: Path, out: Path, n: int, rank: int) -> Any:
 
 
 def drive(
-    engine: Any, streams: int, per_stream: int, max_tokens: int, adapters: list[str | None]
+    engine: Any,
+    streams: int,
+    per_stream: int,
+    max_tokens: int,
+    adapters: list[str | None],
+    questions: list[str] = QUESTIONS,
 ) -> dict[str, Any]:
+    """`streams` threads, each sending `per_stream` requests one after another (stream i with adapter
+    i mod len(adapters)); generated tokens over the wall time."""
     from rlhf_engine.chat import SamplingParams
 
     params = SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=True)
@@ -83,7 +82,7 @@ def drive(
     def stream(i: int) -> None:
         try:
             for j in range(per_stream):
-                q = [{"role": "user", "content": QUESTIONS[(i + j) % len(QUESTIONS)]}]
+                q = [{"role": "user", "content": questions[(i + j) % len(questions)]}]
                 result = engine.generate(q, params, adapter=adapters[i % len(adapters)])
                 tokens[i] += result.usage.completion_tokens
         except Exception as e:  # reported, never hidden
@@ -132,6 +131,7 @@ def main() -> None:
 
     base = build_smollm2()
     tmp = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    atexit.register(shutil.rmtree, tmp, True)  # 17 copies' worth of weights: never left behind
     merged_model = make_adapters(base, tmp, args.adapters, args.rank)
     merged_dir = tmp / "merged"
     merged_model.save_pretrained(str(merged_dir), safe_serialization=True)

@@ -70,12 +70,9 @@ def weight_probe(
     if dtype == "bf16":
         layer, compute = layer.to(torch.bfloat16), torch.bfloat16
     elif dtype == "int8":
-        import logging
+        from rlhf_engine.chat.loading import int8_weights
 
-        logging.getLogger("torchao").setLevel(logging.ERROR)
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        quantize_(layer, Int8WeightOnlyConfig())
+        int8_weights(layer)
     out = {}
     with torch.no_grad():
         for r in rows:

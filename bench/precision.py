@@ -24,10 +24,12 @@ import math
 import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from adapters import drive
+from peer import weight_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = [
@@ -100,53 +102,16 @@ def replies(engine: Any, questions: list[str], max_tokens: int) -> list[list[int
 
 
 def speed(engine: Any, streams: int, per_stream: int, max_tokens: int) -> float:
-    from rlhf_engine.chat import SamplingParams
-
-    params = SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=True)
-    qs = prompts()
-    tokens = [0] * streams
-
-    def stream(i: int) -> None:
-        for j in range(per_stream):
-            q = [{"role": "user", "content": qs[(i * 7 + j) % len(qs)]}]
-            tokens[i] += engine.generate(q, params).usage.completion_tokens
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(tokens) / (time.perf_counter() - start)
+    """Generated tokens/s of `streams` streams over these prompts (bench/adapters.py's driver)."""
+    out = drive(engine, streams, per_stream, max_tokens, [None], questions=prompts())
+    if out["errors"]:
+        raise SystemExit(f"{streams} streams: {out['errors'][0]}")
+    return float(out["tokens_per_s"])
 
 
-def bound(params: int, rows: list[int]) -> dict[str, dict[str, float]]:
-    """Passes/s of `linear(x[rows], W)` with W of `params` weights, per precision."""
-    import logging
-
-    import torch
-
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    k = 4096
-    out: dict[str, dict[str, float]] = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.float32)):
-        layer = torch.nn.Linear(k, params // k, bias=False).to(dtype)
-        if name == "int8":
-            quantize_(layer, Int8WeightOnlyConfig())
-        out[name] = {}
-        with torch.no_grad():
-            for r in rows:
-                x = torch.randn(r, k, dtype=dtype)
-                layer(x)
-                n, t = 0, time.perf_counter()
-                while time.perf_counter() - t < 1.5:
-                    layer(x)
-                    n += 1
-                out[name][f"passes_per_s_{r}_rows"] = n / (time.perf_counter() - t)
-        del layer
-    return out
+def bound(params: int, rows: list[int], dtypes: list[str]) -> dict[str, dict[str, float]]:
+    """Passes/s of `linear(x[rows], W)` with W of `params` weights, per precision (bench/peer.py's probe)."""
+    return {d: weight_probe(params * 4, tuple(rows), dtype=d) for d in dtypes}
 
 
 def main() -> None:
@@ -170,7 +135,7 @@ def main() -> None:
     questions = prompts()
     text = held_out_text()  # read once: every precision is scored on the same text
     params = sum(f.stat().st_size for f in base.glob("*.safetensors")) // 4
-    probe_before = bound(params, args.streams)
+    probe_before = bound(params, args.streams, args.dtypes)
     quality: dict[str, Any] = {}
     ref: list[list[int]] = []
     for dtype in args.dtypes:
@@ -208,7 +173,7 @@ def main() -> None:
                     tps = speed(engine, s, args.per_stream, args.speed_tokens)
                     runs[str(s)][dtype].append(tps)
                     print(f"{s:>3} streams {dtype}: {tps:.1f} tok/s")
-    probe_after = bound(params, args.streams)
+    probe_after = bound(params, args.streams, args.dtypes)
     medians = {s: {d: statistics.median(v) for d, v in per.items() if v} for s, per in runs.items()}
     result = {
         "bench": "precision",

@@ -259,7 +259,7 @@ class AdapterBank:
                 b = ab[1] if ab is not None else torch.zeros(out_f, 0, dtype=self.dtype, device=self.device)
                 pad = rank - a.shape[0]  # a lower rank here than the adapter's widest layer: zero columns
                 blocks.append((F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))))
-            if all(adapter_leaves(self.adapters[k], name) for k in present):
+            if all(name not in self.adapters[k].weights for k in present):
                 joined[name] = None
             else:
                 a, b = torch.cat([a for a, _ in blocks]), torch.cat([b for _, b in blocks], dim=1)
@@ -273,10 +273,6 @@ class AdapterBank:
     def _forget_joined(self) -> None:
         self._joined.clear()
         self._joined_bytes.clear()
-
-
-def adapter_leaves(adapter: Adapter, name: str) -> bool:
-    return name not in adapter.weights
 
 
 def _linear(layer: Any) -> bool:

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ADAPTER_DIR = "adapter"  # where a LoRA step writes its adapter, beside its merged model
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 MAX_HEADER = 100 * 2**20
-SUFFIXES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 class AdapterError(ValueError):
@@ -32,14 +33,10 @@ class AdapterError(ValueError):
 
 @dataclass
 class AdapterSpec:
-    """What an adapter folder holds, checked: per module (rank, in, out), its scaling, its base's name."""
+    """What an adapter folder holds, checked: per module (rank, in, out) and its scaling."""
 
-    base_name: str  # base_model_name_or_path as the folder wrote it
-    rank: int
-    alpha: float
     modules: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # module → (rank, in, out)
     scaling: dict[str, float] = field(default_factory=dict)  # module → alpha / r (or / sqrt(r): rsLoRA)
-    bytes: int = 0
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -158,7 +155,6 @@ def check_adapter(folder: Path, base_dir: Path) -> AdapterSpec:
     r_default, alpha_default = int(config["r"]), float(config.get("lora_alpha") or config["r"])
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     parts: dict[str, dict[str, list[int]]] = {}
-    size = 0
     for key, info in header.items():
         m = KEY_RE.fullmatch(key)
         if m is None:
@@ -166,19 +162,15 @@ def check_adapter(folder: Path, base_dir: Path) -> AdapterSpec:
                 f"{WEIGHTS}: {key} is not a LoRA weight (base_model.model.<module>.lora_A/B.weight); only "
                 "plain LoRA on linear layers is served"
             )
-        if info.get("dtype") not in SUFFIXES:
+        if info.get("dtype") not in DTYPES:
             raise AdapterError(
                 f"{WEIGHTS}: {key} has dtype {info.get('dtype')}; use float32, float16 or bfloat16"
             )
         shape = list(info.get("shape", []))
-        size += math.prod(shape) * SUFFIXES[info["dtype"]]
         parts.setdefault(m["module"], {})[m["part"]] = shape
     if not parts:
         raise AdapterError(f"{WEIGHTS}: holds no LoRA weights")
-    spec = AdapterSpec(
-        base_name=str(config.get("base_model_name_or_path") or ""), rank=r_default, alpha=alpha_default
-    )
-    spec.bytes = size
+    spec = AdapterSpec()
     for module, ab in sorted(parts.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{WEIGHTS}: {module} has lora_{'A' if 'A' in ab else 'B'} without its pair")

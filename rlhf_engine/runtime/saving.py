@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 
+from rlhf_engine.models.adapter import ADAPTER_DIR
 from rlhf_engine.models.loading import ModelKind
 from rlhf_engine.runtime import fencing
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"  # a LoRA step's adapter, beside its merged model
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -190,7 +189,7 @@ def save_hf_model(
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".model."))
     try:
         if lora is not None and adapter_of is not None:
-            _save_adapter(model, tmp / ADAPTER_DIR, base=adapter_of, dtype=dtype)
+            _save_adapter(model, tmp / ADAPTER_DIR, base=adapter_of)
         if lora is not None:
             model = model.merge_and_unload()
         model.tie_weights()
@@ -207,19 +206,8 @@ def save_hf_model(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_adapter(peft_model: Any, dest: Path, *, base: str, dtype: torch.dtype) -> None:
-    """The LoRA weights of a PEFT model as an adapter folder (adapter_config.json, safetensors), as PEFT's
-    own `save_pretrained` writes it, naming `base` as its base model."""
-    import json
-
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    dest.mkdir()
-    state = get_peft_model_state_dict(peft_model)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-    save_file(tensors, str(dest / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = peft_model.peft_config["default"].to_dict()
-    config["base_model_name_or_path"] = base
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+def _save_adapter(peft_model: Any, dest: Path, *, base: str) -> None:
+    """The LoRA weights of a PEFT model as an adapter folder (PEFT's own `save_pretrained`: safetensors,
+    adapter_config.json) naming `base` as its base model."""
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    peft_model.save_pretrained(str(dest), safe_serialization=True)

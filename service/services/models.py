@@ -9,6 +9,7 @@ use (building them needs torch, which the API process never imports).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shutil
@@ -19,7 +20,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhf_engine.models import tiny
-from rlhf_engine.models.adapter import AdapterError, check_adapter, is_adapter, read_config
+from rlhf_engine.models.adapter import (
+    ADAPTER_DIR,
+    CONFIG,
+    AdapterError,
+    check_adapter,
+    is_adapter,
+    read_config,
+)
 from service.db.models import FineTunedModel, Job, UploadedModel
 from service.errors import ConflictError, InvalidRequestError, NotFoundError, WrongStateError
 from service.jobs.states import ACTIVE
@@ -27,7 +35,6 @@ from service.pagination import cut, paged
 from service.schemas import ModelList, ModelObject
 from service.services import checkpoints
 
-ADAPTER_DIR = "adapter"  # where a LoRA step writes its adapter beside the merged model (runtime/saving.py)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TINY_RE = re.compile(rf"tiny-({'|'.join(tiny.ARCHS)})-({'|'.join(tiny.SIZES_ORDER)})")
 TINY_NAMES = [f"tiny-{a}-{s}" for a in tiny.ARCHS for s in tiny.SIZES_ORDER]
@@ -185,12 +192,25 @@ def _with_adapter(session: Session, ref: ModelRef, job: Job | None, models_dir: 
         return ref
     if parent.parent is not None or not named or Path(str(named)).resolve() != parent.path.resolve():
         return ref
-    try:  # one the workers would refuse (an adapted LM head, …) is served whole too
-        check_adapter(folder, parent.path)
-    except AdapterError:
-        return ref
+    if not _fits(folder, parent.path, _mtime(folder / CONFIG), _mtime(parent.path)):
+        return ref  # one the workers would refuse (an adapted LM head, …) is served whole
     ref.adapter, ref.parent = folder, parent
     return ref
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _fits(folder: Path, base: Path, *_changed: float) -> bool:
+    """`check_adapter` once per adapter and base (a listing asks for every fine-tuned model; the headers
+    are read again only when either folder changed)."""
+    try:
+        check_adapter(folder, base)
+    except AdapterError:
+        return False
+    return True
 
 
 def parent_of(session: Session, tenant: str, model_id: str, models_dir: Path) -> str | None:
