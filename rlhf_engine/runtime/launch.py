@@ -1,7 +1,11 @@
 """Running a step under the DeepSpeed launcher (or torchrun) with several processes.
 
 `rlhf sft --num-gpus 2 …` re-runs itself as `deepspeed --num_gpus 2 --module rlhf_engine.cli sft …`;
-the children see `RANK` in their environment and train instead of relaunching. Success is decided
+the children see `RANK` in their environment and train instead of relaunching. Inside a Slurm
+allocation (`--launcher srun --nodes N`, the batch script the `slurm` backend writes) the ranks are
+`srun` tasks on every node, each given torch.distributed's variables from Slurm's (SLURM_PROCID,
+SLURM_LOCALID, SLURM_NTASKS); the batch script sets MASTER_ADDR (the first host of the allocation)
+and MASTER_PORT. Success is decided
 by the step's completion marker (summary.json), not by the launcher's exit code: two-process CPU
 runs can abort at exit after finishing correctly (docs/cpu.md).
 """
@@ -18,7 +22,7 @@ from typing import Literal
 from rlhf_engine.runtime.distributed import free_port
 from rlhf_engine.runtime.fencing import WATCH_ENV
 
-Launcher = Literal["deepspeed", "torchrun"]
+Launcher = Literal["deepspeed", "torchrun", "srun"]
 # set by a launcher for its workers; a fresh run started from inside one must not inherit them
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
@@ -27,10 +31,37 @@ def inside_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+# one srun task's torch.distributed variables, from Slurm's own (read in the task, not the batch shell)
+SRUN_RANK_ENV = (
+    "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS "
+    'LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE; exec "$@"'
+)
+
+
 def launch_command(
-    args: Sequence[str], *, processes: int, launcher: Launcher = "deepspeed", hostfile: str | None = None
+    args: Sequence[str],
+    *,
+    processes: int,
+    launcher: Launcher = "deepspeed",
+    hostfile: str | None = None,
+    nodes: int = 1,
 ) -> list[str]:
-    """The command that runs `rlhf <args>` as `processes` workers (per node, with a hostfile)."""
+    """The command that runs `rlhf <args>` as `processes` workers (per node, with a hostfile or srun)."""
+    if launcher == "srun":
+        return [
+            "srun",
+            f"--nodes={nodes}",
+            f"--ntasks-per-node={processes}",
+            "--kill-on-bad-exit=1",
+            "bash",
+            "-c",
+            SRUN_RANK_ENV,
+            "rank",
+            sys.executable,
+            "-m",
+            "rlhf_engine.cli",
+            *args,
+        ]
     port = str(free_port())
     if launcher == "torchrun":
         return [
@@ -59,15 +90,30 @@ def launch_command(
 
 
 def run_launched(
-    args: Sequence[str], *, processes: int, launcher: Launcher, marker: Path, hostfile: str | None = None
+    args: Sequence[str],
+    *,
+    processes: int,
+    launcher: Launcher,
+    marker: Path,
+    hostfile: str | None = None,
+    nodes: int = 1,
 ) -> int:
     """Run the step's workers and wait; 0 if the step's summary.json exists afterwards."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes on a few cores: no thread oversubscription
-    env[WATCH_ENV] = str(os.getpid())  # the ranks stop when this process ends (fencing.py)
+    if launcher == "srun":  # ranks on other nodes cannot watch a pid here; Slurm ends them with the job
+        env.pop(WATCH_ENV, None)
+        missing = [k for k in ("SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ValueError(
+                f"--launcher srun runs inside a Slurm allocation with MASTER_ADDR and MASTER_PORT set "
+                f"(the slurm backend's batch script); missing: {', '.join(missing)}"
+            )
+    else:
+        env[WATCH_ENV] = str(os.getpid())  # the ranks stop when this process ends (fencing.py)
     # bounded: the ranks end with the step (finished, stopped, or this process gone: fencing's watchdog)
     done = subprocess.run(
-        launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile), env=env
+        launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile, nodes=nodes), env=env
     )
     if marker.is_file():
         return 0

@@ -134,7 +134,8 @@ class Job(Base):
     # what the running step is doing (workers/watch.py): name, label, step, since, typical_s, bound_s
     phase: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    num_gpus: Mapped[int] = mapped_column(Integer, default=1)
+    num_gpus: Mapped[int] = mapped_column(Integer, default=1)  # in all, over `nodes` (an even split)
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     gpu_type: Mapped[str] = mapped_column(String(32), default="cpu")
     max_cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     estimated_usd: Mapped[float] = mapped_column(Float, default=0.0)

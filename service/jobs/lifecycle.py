@@ -172,6 +172,7 @@ def create_job(
         steps=planned.steps,
         step_status={str(s): "pending" for s in planned.steps},
         num_gpus=req.num_gpus,
+        nodes=req.nodes,
         gpu_type=req.gpu_type,
         max_cost_usd=req.max_cost_usd,
         estimated_usd=sum(s.usd for s in planned.estimate),

@@ -93,6 +93,7 @@ def plan_step_memory(
     mode: str,
     config_class: type,
     gpu_memory: dict[str, float] | None = None,
+    nodes: int = 1,
 ) -> tuple[Any, dict[str, Any]]:
     """(the step's config, possibly re-planned, and its memory plan as the estimate shows it). `values` (the
     step's flat options; None: plan only) is updated in place when the planner changes the configuration."""
@@ -106,7 +107,9 @@ def plan_step_memory(
     gpu = gpu_type != "cpu" and limit_gib is not None
     w = pl.step_workload(built, command, gpu=gpu_type != "cpu")
     limit = limit_gib * pl.GiB if gpu and limit_gib else None
-    nodes_gpus = min(num_gpus, GPUS_PER_NODE)
+    # GPUs of one node (ZeRO's host offload shares that node's memory): the job's even split over its
+    # nodes, or up to GPUS_PER_NODE on one machine
+    nodes_gpus = num_gpus // nodes if nodes > 1 else min(num_gpus, GPUS_PER_NODE)
     configured = pl.plan_step(
         w,
         actor,

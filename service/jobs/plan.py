@@ -328,10 +328,43 @@ def make_plan(
     )
 
 
+def _check_nodes(req: JobCreate, settings: Settings) -> None:
+    """`nodes` and `gpus_per_node` against `num_gpus` (GPUs in all) and this server: sets num_gpus from
+    the two when gpus_per_node is given (or `nodes` alone: one GPU on each)."""
+    if req.nodes > settings.max_nodes_per_job:
+        how = (
+            "this server runs each step on one machine (RLHF_LAUNCH_BACKEND=local); ask for nodes 1"
+            if settings.launch_backend == "local"
+            else f"ask for at most {settings.max_nodes_per_job} (RLHF_MAX_NODES_PER_JOB)"
+        )
+        raise InvalidRequestError(
+            f"nodes: {req.nodes} is above this server's limit of {settings.max_nodes_per_job}; {how}",
+            param="nodes",
+        )
+    explicit = "num_gpus" in req.model_fields_set
+    per_node = req.gpus_per_node if req.gpus_per_node is not None or explicit else 1
+    if per_node is not None:
+        total = req.nodes * per_node
+        if explicit and req.num_gpus != total:
+            raise InvalidRequestError(
+                f"num_gpus: {req.num_gpus} is not nodes × gpus_per_node ({req.nodes} × {per_node} "
+                f"= {total}); send num_gpus {total}, or leave it out",
+                param="num_gpus",
+            )
+        req.num_gpus = total
+    elif req.num_gpus % req.nodes:
+        raise InvalidRequestError(
+            f"nodes: {req.num_gpus} GPUs do not split evenly over {req.nodes} nodes; "
+            "set gpus_per_node (num_gpus = nodes × gpus_per_node)",
+            param="nodes",
+        )
+
+
 def _resolve(*, session: Session, tenant: str, req: JobCreate, settings: Settings) -> Inputs:
     """Stage 1: the request's method, steps, models and files, each checked against the others."""
     tracking = _integrations(req)
     _check_gpu_type(req.gpu_type, settings)
+    _check_nodes(req, settings)
     if req.num_gpus > settings.max_gpus_per_job:
         raise InvalidRequestError(
             f"num_gpus: {req.num_gpus} is above this server's limit of {settings.max_gpus_per_job}",
@@ -558,6 +591,7 @@ def _plan_steps(
                 shapes=shapes,
                 gpu_type=req.gpu_type,
                 num_gpus=req.num_gpus,
+                nodes=req.nodes,
                 mode=req.memory,
                 config_class=table[step].config,
                 gpu_memory=settings.gpu_memory_gib,
@@ -737,8 +771,11 @@ def _check_limits(built: Any, sec: str, settings: Settings) -> None:
 
 
 def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: Settings) -> dict[str, Any]:
-    body = req.model_dump(exclude={"tokens", "model_parameters", "reward_model_parameters"})
+    sizes = {"tokens", "model_parameters", "reward_model_parameters"}
+    body = req.model_dump(exclude=sizes, exclude_unset=True)
     job_req = JobCreate(**body)
+    _check_nodes(job_req, settings)
+    req.num_gpus = job_req.num_gpus
     method, _ = _method(job_req)
     steps = _steps(job_req, method) if _grader(job_req) is None else _graded_steps(job_req, None)
     if req.model_parameters or req.tokens:  # planning for a model / data not on this server
@@ -793,6 +830,7 @@ def estimate(*, session: Session, tenant: str, req: EstimateRequest, settings: S
         "usd": usd,
         "gpu_type": req.gpu_type,
         "num_gpus": req.num_gpus,
+        "nodes": req.nodes,
         "price_per_gpu_hour": costs.price(req.gpu_type),
         "steps": [StepEstimate(step=s.step, tokens=s.tokens, seconds=s.seconds, usd=s.usd) for s in est],
         "memory": memory,
@@ -846,6 +884,7 @@ def _memory_by_size(
             shapes=shapes,
             gpu_type=req.gpu_type,
             num_gpus=req.num_gpus,
+            nodes=req.nodes,
             mode=req.memory,
             config_class=step_table(method)[step].config,
             gpu_memory=settings.gpu_memory_gib,

@@ -138,6 +138,8 @@ def to_object(job: Job) -> JobObject:
             judge_tokens=int((req.get("_judges") or {}).get("tokens", 0)),
         ),
         num_gpus=job.num_gpus,
+        nodes=job.nodes,
+        gpus_per_node=job.num_gpus // max(job.nodes, 1),
         gpu_type=job.gpu_type,
     )
 

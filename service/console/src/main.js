@@ -26,6 +26,9 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// "2×" on one node, "2 nodes × 8 (16)" across nodes
+const gpus = (total, nodes) => (nodes > 1 ? `${nodes} nodes × ${total / nodes} (${total})` : `${total}×`);
+
 const fmt = {
   usd: (x) => (x === null || x === undefined ? "–" : `$${x < 0.01 && x > 0 ? x.toFixed(4) : x.toFixed(2)}`),
   pct: (x) => `${Math.round((x || 0) * 100)}%`,
@@ -171,7 +174,7 @@ function jobPage(id) {
         // what the running step does now, so that "running, 0%" never hides a wait
         h("dt", {}, "Now"), h("dd", { id: "phase", title: j.phase ? `ended and retried if it makes no progress for ${Math.round(j.phase.bound_s)} s` : "" },
           j.phase ? j.phase.description : "–"),
-        h("dt", {}, "Cost"), h("dd", {}, `${fmt.usd(j.cost.accrued_usd)} so far of ${fmt.usd(j.cost.estimated_usd)} estimated (${j.num_gpus}× ${j.gpu_type})`),
+        h("dt", {}, "Cost"), h("dd", {}, `${fmt.usd(j.cost.accrued_usd)} so far of ${fmt.usd(j.cost.estimated_usd)} estimated (${gpus(j.num_gpus, j.nodes)} ${j.gpu_type})`),
         h("dt", {}, "Steps"), h("dd", { id: "step-status" }, j.steps.map((s) => h("span", { class: "step" },
           `${STEP_NAMES[s] || `Step ${s}`}: `, statusBadge(j.step_status[String(s)] || "pending")))),
         j.error ? [h("dt", {}, "Error"), h("dd", { class: "error" }, j.error.message)] : null));
@@ -289,6 +292,8 @@ async function newJobPage() {
   const epochs = h("input", { name: "n_epochs", id: "n-epochs", placeholder: "auto", size: 6 });
   const batch = h("input", { name: "batch_size", id: "batch-size", placeholder: "auto", size: 6 });
   const lr = h("input", { name: "learning_rate_multiplier", id: "lr-mult", placeholder: "auto", size: 6 });
+  const nodes = h("input", { name: "nodes", id: "nodes", placeholder: "1", size: 4 });
+  const perNode = h("input", { name: "gpus_per_node", id: "gpus-per-node", placeholder: "1", size: 4 });
   const suffix = h("input", { name: "suffix", id: "suffix", placeholder: "optional", maxlength: 64 });
   const config = h("textarea", { name: "config", id: "config", rows: 3, placeholder: '{"sft": {"max_steps": 200}}' });
   const estimate = h("div", { id: "estimate", class: "card" }, "…");
@@ -310,6 +315,9 @@ async function newJobPage() {
     if (training.value) b.training_file = training.value;
     if (preset.value) b.preset = preset.value;
     if (suffix.value.trim()) b.suffix = suffix.value.trim();
+    const n = num(nodes, true), g = num(perNode, true);
+    if (n !== undefined) b.nodes = n;
+    if (g !== undefined) b.gpus_per_node = g;
     if (config.value.trim()) {
       try {
         b.config = JSON.parse(config.value);
@@ -328,7 +336,7 @@ async function newJobPage() {
       const e = await api("/v1/fine_tuning/jobs/estimate", { method: "POST", body: body() });
       if (mine !== seq) return;
       estimate.replaceChildren(h("strong", {}, `Estimate: ${fmt.usd(e.usd)}, about ${fmt.secs(e.seconds)}`),
-        ` on ${e.num_gpus}× ${e.gpu_type} at ${fmt.usd(e.price_per_gpu_hour)}/GPU-hour`,
+        ` on ${gpus(e.num_gpus, e.nodes)} ${e.gpu_type} at ${fmt.usd(e.price_per_gpu_hour)}/GPU-hour`,
         h("ul", {}, e.steps.map((s) => h("li", {}, `${STEP_NAMES[s.step] || `Step ${s.step}`}: ${s.tokens.toLocaleString()} tokens, ${fmt.secs(s.seconds)}, ${fmt.usd(s.usd)}`))));
       estimate.dataset.usd = e.usd;
       submit.disabled = false;
@@ -375,6 +383,8 @@ async function newJobPage() {
   field("Model (the actor)", model), field("Method", method), field("Reward model", reward, "trained in step 2 from this base model"),
   field("Training file", training), field("…or upload one", upload, uploadNote), field("Preset", preset),
   h("fieldset", {}, h("legend", {}, "Hyperparameters"), field("Epochs", epochs), field("Batch size", batch), field("Learning-rate multiplier", lr)),
+  h("fieldset", {}, h("legend", {}, "Machines"), field("Nodes", nodes, "more than 1: a Slurm-backed server"),
+    field("GPUs per node", perNode)),
   field("Suffix", suffix), field("Step configuration (JSON, optional)", config, "fields of config.sft / reward / ppo / dpo"),
   estimate, submit, result);
   app.replaceChildren(frame("#/new", h("h2", {}, "New fine-tuning job"), form));

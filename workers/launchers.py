@@ -1,0 +1,348 @@
+"""Where a step runs: a process group on this machine (`local`) or a batch job of the cluster's Slurm
+(`slurm`), chosen by `RLHF_LAUNCH_BACKEND`.
+
+The training task (workers/training.py) owns the job either way: it starts the step through a
+backend, follows it (`poll`), stops it (`stop`), and reads the step's progress from the run directory
+— `metrics.jsonl`, `events.jsonl`, `phase.json`, `summary.json` in `STEP_DIR`. Under Slurm that
+directory must be on a file system the worker and every compute node share (NFS, Lustre, GPFS: what
+an HPC centre already mounts on its login and compute nodes). A shared directory, not an object
+store, because the step's one-trainer guards already live there (the fencing token and the writer
+lock, rlhf_engine/runtime/fencing.py) and checkpoints are written and resumed there by DeepSpeed
+itself; the worker reads only appended lines.
+
+One trainer whatever dies: the step never watches the worker's pid under Slurm (it runs on another
+machine); instead a new attempt raises the folder's fence (the old step stops without writing) and
+`scancel`s the scheduler job recorded in `STEP_DIR/.slurm_job` by the attempt before it.
+
+Stdlib only, and no torch: the worker imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Protocol
+
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SLURM_JOB_FILE = ".slurm_job"  # the scheduler job of the step folder's current attempt
+# states in which the scheduler still holds (or will hold) the job
+SLURM_LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+# why the scheduler ended a job that did not exit by itself: not the step's own failure (retried)
+SLURM_ENDED = {
+    "CANCELLED": "was cancelled (scancel)",
+    "NODE_FAIL": "lost a node",
+    "TIMEOUT": "reached its time limit",
+    "PREEMPTED": "was preempted",
+    "BOOT_FAIL": "could not boot its node",
+    "OUT_OF_MEMORY": "ran out of memory",
+    "DEADLINE": "passed its deadline",
+}
+SLURM_CMD_TIMEOUT_S = 30.0  # a scheduler command that takes longer is a scheduler outage
+
+
+class LaunchError(Exception):
+    """The scheduler refused the step (its own message): the step fails with it, nothing hangs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Ended:
+    """How a step's run ended: its exit status, and why, when something outside it ended it."""
+
+    code: int
+    killed_by: str = ""  # "" when the step exited by itself
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """One attempt of one step, as the training task starts it."""
+
+    job_id: str
+    step: int
+    attempt: int
+    argv: list[str]  # `python -m rlhf_engine.cli <command> --config F`
+    env: dict[str, str]
+    log: Path
+    step_dir: Path
+    nodes: int = 1
+    per_node: int = 1  # processes per node (GPUs; CPU processes on a CPU machine)
+    gpus: bool = False  # ask the scheduler for GPUs (False on a CPU cluster)
+    estimate_s: float | None = None
+
+
+class StepRun(Protocol):
+    label: str  # what the job's events call it: "pid 123", "slurm job 45"
+
+    def poll(self) -> Ended | None:
+        """How the run ended, or None while it is queued or running."""
+
+    def running(self) -> bool:
+        """True once the step holds its machines (a scheduler's queue is not billed)."""
+
+    def waiting(self) -> str:
+        """Why it is not running yet (the scheduler's reason), "" once it is."""
+
+    def stop(self, grace: float) -> None:
+        """End it: SIGTERM (the step checkpoints at its next boundary), the rest after `grace` s."""
+
+
+# ---------------------------------------------------------------------------- local
+
+
+class LocalRun:
+    """The step as a child process group on this machine (DeepSpeed's launcher inside it for N > 1)."""
+
+    def __init__(self, spec: StepSpec) -> None:
+        argv = list(spec.argv)
+        if spec.per_node > 1:
+            argv += ["--num-gpus", str(spec.per_node)]
+        with open(spec.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                argv, stdout=logf, stderr=subprocess.STDOUT, env=spec.env, start_new_session=True
+            )
+        self.label = f"pid {self.proc.pid}"
+
+    def poll(self) -> Ended | None:
+        code = self.proc.poll()
+        if code is None:
+            return None
+        killed = f"was killed by signal {-code}" if code < 0 else ""
+        return Ended(code, killed)
+
+    def running(self) -> bool:
+        return True
+
+    def waiting(self) -> str:
+        return ""
+
+    def stop(self, grace: float) -> None:
+        proc = self.proc
+        if proc.poll() is not None:
+            return
+        try:
+            if grace <= 0:
+                raise subprocess.TimeoutExpired(proc.args, 0)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)  # bounded: SIGKILL cannot be refused
+
+
+# ---------------------------------------------------------------------------- slurm
+
+
+def _slurm(args: list[str], *, check: bool = True) -> str:
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=SLURM_CMD_TIMEOUT_S)
+    except FileNotFoundError as e:
+        raise LaunchError(f"`{args[0]}` is not installed on this worker (RLHF_LAUNCH_BACKEND=slurm)") from e
+    except subprocess.TimeoutExpired as e:
+        raise LaunchError(f"`{args[0]}` did not answer in {SLURM_CMD_TIMEOUT_S:.0f} s") from e
+    if check and done.returncode != 0:
+        raise LaunchError((done.stderr or done.stdout).strip() or f"`{args[0]}` exited {done.returncode}")
+    return done.stdout
+
+
+def time_limit(estimate_s: float | None, settings: Settings) -> str:
+    """`--time` from the plan's estimate: `slurm_time_factor` × it, never under `slurm_min_time_min`;
+    a step that reaches it is stopped (SIGTERM first: it checkpoints) and resumed by the next attempt."""
+    minutes = settings.slurm_min_time_min
+    if estimate_s:
+        minutes = max(minutes, math.ceil(estimate_s * settings.slurm_time_factor / 60))
+    return f"{minutes // 1440}-{minutes % 1440 // 60:02d}:{minutes % 60:02d}:00"
+
+
+def batch_script(spec: StepSpec, settings: Settings) -> str:
+    """The step's sbatch script: one task per process on every node (`srun`), each with
+    torch.distributed's variables from Slurm's (rank, local rank, world size, master = first host of
+    SLURM_JOB_NODELIST); a one-process step runs in the batch shell itself."""
+    name = f"rlhf-{spec.job_id}-s{spec.step}"
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --nodes={spec.nodes}",
+        f"#SBATCH --ntasks-per-node={spec.per_node}",
+        f"#SBATCH --time={time_limit(spec.estimate_s, settings)}",
+        f"#SBATCH --output={spec.log}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",  # a node failure queues it again; it resumes from its checkpoint
+        # before the time limit: SIGTERM to the step (it checkpoints at its next boundary)
+        f"#SBATCH --signal=TERM@{max(int(settings.step_grace_s), 30)}",
+    ]
+    if spec.gpus:
+        lines.append(f"#SBATCH --gpus-per-node={spec.per_node}")
+    if settings.slurm_cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={settings.slurm_cpus_per_task}")
+    if settings.slurm_partition:
+        lines.append(f"#SBATCH --partition={settings.slurm_partition}")
+    if settings.slurm_account:
+        lines.append(f"#SBATCH --account={settings.slurm_account}")
+    lines += [f"#SBATCH {a}" for a in settings.slurm_extra_args]
+    lines += [
+        "set -euo pipefail",
+        f'echo "rlhf: step {spec.step} of job {spec.job_id}, attempt {spec.attempt}: slurm job '
+        '$SLURM_JOB_ID on $SLURM_JOB_NODELIST"',
+    ]
+    argv = " ".join(shlex.quote(a) for a in spec.argv)
+    if spec.nodes * spec.per_node == 1:
+        lines.append(f"exec {argv}")
+    else:  # the step's top process (holds the folder) runs one `srun` task per rank on every node
+        lines += [
+            'MASTER_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+            # the node's address where the cluster gives one (NodeAddr), else its name
+            'MASTER_ADDR="$(scontrol show node "$MASTER_NODE" 2>/dev/null '
+            "| sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')\"",
+            'MASTER_ADDR="${MASTER_ADDR:-$MASTER_NODE}"',
+            "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+            "export MASTER_ADDR MASTER_PORT",
+            f"exec {argv} --num-gpus {spec.per_node} --nodes {spec.nodes} --launcher srun",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class SlurmRun:
+    """The step as a Slurm batch job; followed with squeue (then scontrol/sacct for how it ended)."""
+
+    def __init__(self, spec: StepSpec, settings: Settings) -> None:
+        self.settings = settings
+        cancel_earlier(spec.step_dir, wait_s=settings.step_grace_s + 60)
+        script = spec.step_dir.parent / "slurm" / f"step{spec.step}-attempt{spec.attempt}.sbatch"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(batch_script(spec, settings))
+        env = dict(spec.env)
+        env.pop("SLURM_JOB_ID", None)  # a worker that itself runs inside an allocation submits anew
+        try:
+            done = subprocess.run(
+                ["sbatch", "--parsable", str(script)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=SLURM_CMD_TIMEOUT_S,
+            )
+        except FileNotFoundError as e:
+            raise LaunchError("`sbatch` is not installed on this worker (RLHF_LAUNCH_BACKEND=slurm)") from e
+        except subprocess.TimeoutExpired as e:
+            raise LaunchError(f"sbatch did not answer in {SLURM_CMD_TIMEOUT_S:.0f} s") from e
+        if done.returncode != 0:
+            raise LaunchError(f"sbatch refused the step: {(done.stderr or done.stdout).strip()}")
+        self.job = done.stdout.strip().split(";")[0]
+        (spec.step_dir / SLURM_JOB_FILE).write_text(json.dumps({"job": self.job, "attempt": spec.attempt}))
+        self.label = f"slurm job {self.job}"
+        self.state, self.reason = "PENDING", ""
+        self.ended: Ended | None = None
+        self.checked = 0.0
+
+    def _refresh(self) -> None:
+        if self.ended is not None or time.monotonic() - self.checked < self.settings.slurm_poll_s:
+            return
+        self.checked = time.monotonic()
+        try:
+            out = _slurm(["squeue", "-h", "-j", self.job, "-o", "%T|%r"], check=False).strip()
+        except LaunchError as e:  # the controller is away: keep following, say why
+            self.reason = str(e)
+            return
+        if out:
+            self.state, _, self.reason = out.partition("|")
+            if self.state in SLURM_LIVE:
+                return
+        self.ended = self._how_it_ended()
+
+    def _how_it_ended(self) -> Ended:
+        """The job's final state and exit code: scontrol while the controller remembers it (MinJobAge),
+        else sacct where accounting is kept; a job neither knows is taken as ended (its step folder's
+        summary.json decides whether it succeeded)."""
+        state, code = "", ""
+        with contextlib.suppress(LaunchError):
+            out = _slurm(["scontrol", "show", "job", "-o", self.job], check=False)
+            state = m.group(1) if (m := re.search(r"\bJobState=(\S+)", out)) else ""
+            code = m.group(1) if (m := re.search(r"\bExitCode=(\S+)", out)) else ""
+        if not state:
+            with contextlib.suppress(LaunchError):
+                out = _slurm(["sacct", "-n", "-X", "-P", "-j", self.job, "-o", "State,ExitCode"], check=False)
+                if out.strip() and "|" in out:
+                    state, code = out.strip().splitlines()[0].split("|")[:2]
+        state = state.split()[0] if state else "UNKNOWN"
+        self.state = state
+        status, _, sig = code.partition(":")
+        exit_code = int(status) if status.isdigit() else 1
+        if sig.isdigit() and int(sig):
+            exit_code = -int(sig)
+        if state in SLURM_ENDED:
+            why = f"{SLURM_ENDED[state]}: slurm job {self.job}"
+            return Ended(exit_code if exit_code else -signal.SIGTERM, why)
+        return Ended(exit_code, "")
+
+    def poll(self) -> Ended | None:
+        self._refresh()
+        return self.ended
+
+    def running(self) -> bool:
+        self._refresh()
+        return self.state not in ("PENDING", "REQUEUED", "CONFIGURING")
+
+    def waiting(self) -> str:
+        return "" if self.running() else f"waiting in the Slurm queue ({self.reason or self.state})"
+
+    def stop(self, grace: float) -> None:
+        if self.poll() is not None:
+            return
+        deadline = time.monotonic() + max(grace, 0)
+        with contextlib.suppress(LaunchError):  # SIGTERM to the batch shell and every task: checkpoint
+            _slurm(["scancel", "--full", "--signal=TERM", self.job])
+        while time.monotonic() < deadline and self._gone() is None:
+            time.sleep(1)
+        with contextlib.suppress(LaunchError):
+            _slurm(["scancel", self.job])
+        end = time.monotonic() + 60  # bounded: the scheduler kills after its KillWait
+        while time.monotonic() < end and self._gone() is None:
+            time.sleep(1)
+
+    def _gone(self) -> Ended | None:
+        self.checked = 0.0
+        return self.poll()
+
+
+def cancel_earlier(step_dir: Path, wait_s: float = 120.0) -> None:
+    """`scancel` the scheduler job an earlier attempt left in this folder (its worker died) and wait for
+    it to leave (at most `wait_s`): the new attempt never trains beside it. The fence, raised before,
+    stops it writing even if the scheduler is slow to end it."""
+    try:
+        earlier = json.loads((step_dir / SLURM_JOB_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    job = str(earlier.get("job", ""))
+    if not job.isdigit():
+        return
+    try:
+        if not _slurm(["squeue", "-h", "-j", job, "-o", "%T"], check=False).strip():
+            return  # ended already
+        _slurm(["scancel", job])
+        logger.info("cancelled slurm job %s of attempt %s in %s", job, earlier.get("attempt"), step_dir)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if _slurm(["squeue", "-h", "-j", job, "-o", "%T"], check=False).strip() in ("", "COMPLETED"):
+                return
+            time.sleep(1)
+        logger.warning("slurm job %s is still listed %.0f s after scancel; its fence stops it", job, wait_s)
+    except LaunchError as e:
+        logger.warning("could not cancel slurm job %s of an earlier attempt: %s", job, e)
+
+
+def start(spec: StepSpec, settings: Settings) -> StepRun:
+    if settings.launch_backend == "slurm":
+        return SlurmRun(spec, settings)
+    return LocalRun(spec)
