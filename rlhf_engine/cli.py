@@ -288,7 +288,7 @@ def cmd_step(ns: argparse.Namespace) -> int:
     if inside_launcher():
         with fencing.rank(step_dir):
             return _run_stage(stage, config)
-    launched = ns.num_gpus * ns.nodes > 1
+    launched = ns.num_gpus * ns.nodes > 1 or bool(ns.hostfile)
     if launched:
         stage.check(config)  # bad input fails here once, not in every worker
     with fencing.writer(step_dir) as waited:

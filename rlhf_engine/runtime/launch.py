@@ -23,6 +23,10 @@ from rlhf_engine.runtime.distributed import free_port
 from rlhf_engine.runtime.fencing import WATCH_ENV
 
 Launcher = Literal["deepspeed", "torchrun", "srun"]
+# what a rank on another node needs of this process's environment (DeepSpeed's pdsh runner starts it
+# over ssh with a fresh one and exports only what its DS_ENV_FILE lists)
+NODE_ENV_PREFIXES = ("RLHF_", "DS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "TORCH_", "PYTORCH_")
+NODE_ENV_FILE = ".deepspeed_env"
 # set by a launcher for its workers; a fresh run started from inside one must not inherit them
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
@@ -109,6 +113,9 @@ def run_launched(
                 f"--launcher srun runs inside a Slurm allocation with MASTER_ADDR and MASTER_PORT set "
                 f"(the slurm backend's batch script); missing: {', '.join(missing)}"
             )
+    elif hostfile:  # ranks on other hosts: they cannot watch a pid here; they need this environment
+        env.pop(WATCH_ENV, None)
+        env["DS_ENV_FILE"] = str(_node_env_file(marker.parent, env))
     else:
         env[WATCH_ENV] = str(os.getpid())  # the ranks stop when this process ends (fencing.py)
     # bounded: the ranks end with the step (finished, stopped, or this process gone: fencing's watchdog)
@@ -118,3 +125,20 @@ def run_launched(
     if marker.is_file():
         return 0
     return done.returncode or 1
+
+
+def _node_env_file(step_dir: Path, env: dict[str, str]) -> Path:
+    """The environment DeepSpeed's multi-node runner exports on every host (its `.deepspeed_env`
+    format, one KEY=VALUE a line): the user's own ~/.deepspeed_env first, then ours (the fencing token,
+    the accelerator, offline flags, thread counts)."""
+    lines = []
+    own = Path.home() / NODE_ENV_FILE
+    if own.is_file():
+        lines += [ln for ln in own.read_text().splitlines() if "=" in ln]
+    for key, value in sorted(env.items()):
+        if key.startswith(NODE_ENV_PREFIXES) and key not in (WATCH_ENV, "DS_ENV_FILE") and "\n" not in value:
+            lines.append(f"{key}={value}")
+    step_dir.mkdir(parents=True, exist_ok=True)
+    path = step_dir / NODE_ENV_FILE
+    path.write_text("\n".join(lines) + "\n")
+    return path
