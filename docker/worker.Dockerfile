@@ -1,16 +1,25 @@
-# Training and inference workers: torch (CUDA build from PyPI), DeepSpeed, transformers.
-# The CUDA *devel* base provides nvcc for DeepSpeed's JIT-compiled ops.
+# Training and inference workers: torch (CUDA build from PyPI), DeepSpeed, transformers. The one image
+# serves every launch backend: the local one (steps in the worker's container), Slurm (the nodes run it
+# through Apptainer or enroot/pyxis; docs/slurm.md) and Kubernetes (the TrainJob's pods run it, sshd and
+# OpenMPI included for Kubeflow Trainer's DeepSpeed runtime; docs/kubernetes.md).
+# The CUDA *devel* base provides nvcc; DeepSpeed's ops the steps load are built here for the architectures
+# in TORCH_CUDA_ARCH_LIST, so no job waits for a JIT build.
 #   docker build -f docker/worker.Dockerfile -t rlhf-worker .
 #   docker run --gpus all rlhf-worker                 # a training worker
 #   docker run --gpus all rlhf-worker rlhf worker inference
+# Bases pinned to exact releases; `make lint` runs hadolint on this file (docker/hadolint.yaml).
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
 FROM ${BASE_IMAGE}
 
+ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
 ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 RLHF_CACHE_DIR=/data/cache \
-    TORCH_EXTENSIONS_DIR=/data/cache/torch_extensions VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} TORCH_EXTENSIONS_DIR=/opt/torch_extensions \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+# bubblewrap: python graders' sandbox; openssh + openmpi + pdsh: multi-node launchers (hostfile, MPI)
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev g++ git bubblewrap \
+       openssh-client openssh-server openmpi-bin pdsh \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
 WORKDIR /app
@@ -23,8 +32,14 @@ COPY proto ./proto
 RUN pip install --no-cache-dir torch==2.13.0 \
     && pip install --no-cache-dir -c constraints.txt grpcio-tools && python service/grpc/build.py \
     && pip install --no-cache-dir -c constraints.txt '.[all]' \
-    && useradd --create-home --uid 10001 rlhf && mkdir -p /data && chown rlhf /data
-USER rlhf
+    && useradd --create-home --uid 10001 rlhf && mkdir -p /data /opt/torch_extensions
+# the ops a CUDA step loads (CPU Adam for ZeRO-Offload, fused Adam), compiled for TORCH_CUDA_ARCH_LIST
+RUN DS_ACCELERATOR=cuda python -m rlhf_engine.runtime.ops CPUAdamBuilder FusedAdamBuilder \
+    && chown -R 10001 /data /opt/torch_extensions
+# no secret is baked in: DATABASE_URL, REDIS_URL, RLHF_INFERENCE_TOKEN come from the environment at run time
+USER 10001
 VOLUME ["/data"]
+# the training worker answers Celery's ping; an inference worker overrides it (`rlhf health inference`)
+HEALTHCHECK --interval=30s --timeout=15s --start-period=300s --retries=3 CMD ["rlhf", "health", "worker"]
 # `rlhf worker train` runs one job at a time, plus the sweeper; `rlhf worker inference` serves chat.
 CMD ["rlhf", "worker", "train"]

@@ -430,12 +430,13 @@ def _add_step_parser(sub: Any, name: str, help_text: str) -> None:
     )
     p.add_argument(
         "--launcher",
-        choices=["deepspeed", "torchrun", "srun"],
+        choices=["deepspeed", "torchrun", "srun", "mpirun"],
         default="deepspeed",
-        help="srun: one Slurm task per rank on every node of the allocation this runs in",
+        help="srun: one Slurm task per rank on every node of the allocation this runs in; mpirun: OpenMPI "
+        "over --hostfile (Kubeflow Trainer's DeepSpeed runtime)",
     )
     p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
-    p.add_argument("--nodes", type=int, default=1, help="nodes of a Slurm allocation (--launcher srun)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the run (--launcher srun or mpirun)")
     p.set_defaults(func=cmd_step)
 
 

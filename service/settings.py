@@ -137,10 +137,11 @@ class Settings(BaseSettings):
     )
 
     # where steps run (workers/launchers.py; docs/operations.md)
-    launch_backend: Literal["local", "slurm"] = Field(
+    launch_backend: Literal["local", "slurm", "kubernetes"] = Field(
         default="local",
         description="local: each step is a process group on the training worker's machine; slurm: each step "
-        "is an sbatch job on the cluster (the run directory on a file system the worker and the nodes share)",
+        "is an sbatch job on the cluster; kubernetes: each step is a Kubeflow Trainer TrainJob (the run "
+        "directory on storage the worker and the nodes share)",
     )
     max_nodes_per_job: int = Field(
         default=1, ge=1, description="most nodes one job may ask for (more than 1 needs launch_backend slurm)"
@@ -154,14 +155,41 @@ class Settings(BaseSettings):
         default_factory=list,
         description='more #SBATCH lines, e.g. ["--qos=high", "--constraint=a100"]',
     )
-    slurm_time_factor: float = Field(
-        default=3.0, gt=0, description="a step's --time is this many times its estimate"
+    step_time_factor: float = Field(
+        default=3.0,
+        gt=0,
+        description="a step's time limit on a cluster (Slurm --time, a TrainJob's activeDeadlineSeconds) is "
+        "this many times its estimate",
     )
-    slurm_min_time_min: int = Field(
+    step_min_time_min: int = Field(
         default=30, ge=1, description="the shortest --time a step is given (minutes)"
     )
     slurm_poll_s: float = Field(
         default=5.0, gt=0, description="how often a worker asks squeue about its step"
+    )
+    kube_api_url: str = Field(
+        default="",
+        description="the Kubernetes API server (empty: the pod's in-cluster configuration, else "
+        "~/.kube/config)",
+    )
+    kube_namespace: str = Field(default="rlhf", description="the namespace TrainJobs are created in")
+    kube_image: str = Field(
+        default="", description="the image a TrainJob's pods run (docker/worker.Dockerfile's)"
+    )
+    kube_runtime: str = Field(
+        default="deepspeed-distributed",
+        description="the Kubeflow Trainer ClusterTrainingRuntime a TrainJob references (DeepSpeed over "
+        "OpenMPI)",
+    )
+    kube_data_claim: str = Field(
+        default="rlhf-data",
+        description="the PersistentVolumeClaim (ReadWriteMany) holding RLHF_DATA_DIR, mounted at the same "
+        "path in every pod of a TrainJob",
+    )
+    kube_service_account: str = Field(default="", description="the service account of a TrainJob's pods")
+    kube_gpu_resource: str = Field(default="nvidia.com/gpu", description="the resource a GPU is requested as")
+    kube_poll_s: float = Field(
+        default=5.0, gt=0, description="how often a worker reads its TrainJob's status"
     )
 
     # python graders' sandbox (rlhf_engine/sandbox.py): what one batch of samples may use
@@ -291,6 +319,8 @@ class Settings(BaseSettings):
                     f"slurm_extra_args: {arg!r} is not one sbatch option (--name or --name=value, "
                     "no spaces or shell characters)"
                 )
+        if self.launch_backend == "kubernetes" and not self.kube_image:
+            raise ValueError("kube_image: the kubernetes launch backend needs the image its TrainJobs run")
         if self.max_nodes_per_job > 1 and self.launch_backend == "local":
             raise ValueError(
                 f"max_nodes_per_job: {self.max_nodes_per_job} needs launch_backend slurm "

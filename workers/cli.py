@@ -8,6 +8,8 @@
     rlhf keys create --tenant T [--name N] [--operator] | list [--tenant T] | revoke KEY_ID
     rlhf demo [--model tiny|smollm2] [--data-dir D] [--run-link L]
                                          all-in-one server + a 3-step job over HTTP
+    rlhf health api [URL] | inference [HOST:PORT] | worker
+                                         exit 0 when the part on this host answers (container healthchecks)
 
 This module sits in workers/ because it starts workers; the API server it starts never imports torch.
 """
@@ -29,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from service.settings import Settings
 
-SERVICE_COMMANDS = ("serve", "worker", "keys", "demo")
+SERVICE_COMMANDS = ("serve", "worker", "keys", "demo", "health")
+HEALTH_TIMEOUT_S = 5.0
 
 
 def _settings() -> Settings:
@@ -166,6 +169,49 @@ async def _serve(app: Any, settings: Settings, *, loglevel: str, grpc: bool) -> 
             await grpc_server.stop(grace=5)
 
 
+def cmd_health(ns: argparse.Namespace) -> int:
+    """The part on this host answers: the API's /healthz, an inference worker's gRPC health service, or a
+    training/evals worker's Celery ping through the broker. Exit 0, or 1 with the reason on stderr."""
+    settings = _settings()
+    try:
+        if ns.part == "api":
+            import httpx
+
+            url = ns.target or f"http://127.0.0.1:{settings.port}/healthz"
+            r = httpx.get(url, timeout=HEALTH_TIMEOUT_S)
+            if r.status_code != 200:
+                raise RuntimeError(f"{url} answered {r.status_code}")
+        elif ns.part == "inference":
+            import grpc
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            target = ns.target or f"127.0.0.1:{settings.inference_port}"
+            with grpc.insecure_channel(target) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT_S
+                )
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                raise RuntimeError(
+                    f"{target} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+                )
+        else:
+            import socket
+
+            from workers.app import app
+
+            host = socket.gethostname()
+            replies = app.control.ping(timeout=HEALTH_TIMEOUT_S) or []
+            mine = [name for reply in replies for name in reply if name.endswith(f"@{host}")]
+            if not mine:
+                raise RuntimeError(
+                    f"no Celery worker on {host} answered a ping within {HEALTH_TIMEOUT_S:.0f} s"
+                )
+    except Exception as e:  # the healthcheck's answer is the exit status; the reason goes to its log
+        print(f"unhealthy: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -217,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("key_id")
     for p in (kc, kl, kr):
         p.set_defaults(func=cmd_keys)
+    hc = sub.add_parser("health", help="exit 0 when the part on this host answers (container healthchecks)")
+    hc.add_argument("part", choices=["api", "inference", "worker"])
+    hc.add_argument(
+        "target", nargs="?", help="api: the /healthz URL; inference: HOST:PORT (default: this host's)"
+    )
+    hc.set_defaults(func=cmd_health)
     dm = sub.add_parser(
         "demo", help="all-in-one server + a 3-step job on tiny models over HTTP, with progress"
     )

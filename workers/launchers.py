@@ -1,5 +1,6 @@
-"""Where a step runs: a process group on this machine (`local`) or a batch job of the cluster's Slurm
-(`slurm`), chosen by `RLHF_LAUNCH_BACKEND`.
+"""Where a step runs: a process group on this machine (`local`), a batch job of the cluster's Slurm
+(`slurm`) or a Kubeflow Trainer TrainJob (`kubernetes`, workers/kube.py), chosen by
+`RLHF_LAUNCH_BACKEND`.
 
 The training task (workers/training.py) owns the job either way: it starts the step through a
 backend, follows it (`poll`), stops it (`stop`), and reads the step's progress from the run directory
@@ -20,7 +21,6 @@ Stdlib only, and no torch: the worker imports this module.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -31,9 +31,9 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Protocol
 
 from service.settings import Settings
+from workers.step_runs import Ended, LaunchError, StepRun, StepSpec
 
 logger = logging.getLogger(__name__)
 
@@ -51,51 +51,6 @@ SLURM_ENDED = {
     "DEADLINE": "passed its deadline",
 }
 SLURM_CMD_TIMEOUT_S = 30.0  # a scheduler command that takes longer is a scheduler outage
-
-
-class LaunchError(Exception):
-    """The scheduler refused the step (its own message): the step fails with it, nothing hangs."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Ended:
-    """How a step's run ended: its exit status, and why, when something outside it ended it."""
-
-    code: int
-    killed_by: str = ""  # "" when the step exited by itself
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-    """One attempt of one step, as the training task starts it."""
-
-    job_id: str
-    step: int
-    attempt: int
-    argv: list[str]  # `python -m rlhf_engine.cli <command> --config F`
-    env: dict[str, str]
-    log: Path
-    step_dir: Path
-    nodes: int = 1
-    per_node: int = 1  # processes per node (GPUs; CPU processes on a CPU machine)
-    gpus: bool = False  # ask the scheduler for GPUs (False on a CPU cluster)
-    estimate_s: float | None = None
-
-
-class StepRun(Protocol):
-    label: str  # what the job's events call it: "pid 123", "slurm job 45"
-
-    def poll(self) -> Ended | None:
-        """How the run ended, or None while it is queued or running."""
-
-    def running(self) -> bool:
-        """True once the step holds its machines (a scheduler's queue is not billed)."""
-
-    def waiting(self) -> str:
-        """Why it is not running yet (the scheduler's reason), "" once it is."""
-
-    def stop(self, grace: float) -> None:
-        """End it: SIGTERM (the step checkpoints at its next boundary), the rest after `grace` s."""
 
 
 # ---------------------------------------------------------------------------- local
@@ -158,11 +113,11 @@ def _slurm(args: list[str], *, check: bool = True) -> str:
 
 
 def time_limit(estimate_s: float | None, settings: Settings) -> str:
-    """`--time` from the plan's estimate: `slurm_time_factor` × it, never under `slurm_min_time_min`;
+    """`--time` from the plan's estimate: `step_time_factor` × it, never under `step_min_time_min`;
     a step that reaches it is stopped (SIGTERM first: it checkpoints) and resumed by the next attempt."""
-    minutes = settings.slurm_min_time_min
+    minutes = settings.step_min_time_min
     if estimate_s:
-        minutes = max(minutes, math.ceil(estimate_s * settings.slurm_time_factor / 60))
+        minutes = max(minutes, math.ceil(estimate_s * settings.step_time_factor / 60))
     return f"{minutes // 1440}-{minutes % 1440 // 60:02d}:{minutes % 60:02d}:00"
 
 
@@ -345,4 +300,8 @@ def cancel_earlier(step_dir: Path, wait_s: float = 120.0) -> None:
 def start(spec: StepSpec, settings: Settings) -> StepRun:
     if settings.launch_backend == "slurm":
         return SlurmRun(spec, settings)
+    if settings.launch_backend == "kubernetes":
+        from workers.kube import KubeRun  # the kubernetes client only where it is used
+
+        return KubeRun(spec, settings)
     return LocalRun(spec)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 from rlhf_engine.runtime.distributed import free_port
 from rlhf_engine.runtime.fencing import WATCH_ENV
 
-Launcher = Literal["deepspeed", "torchrun", "srun"]
+Launcher = Literal["deepspeed", "torchrun", "srun", "mpirun"]
 # what a rank on another node needs of this process's environment (DeepSpeed's pdsh runner starts it
 # over ssh with a fresh one and exports only what its DS_ENV_FILE lists)
 NODE_ENV_PREFIXES = ("RLHF_", "DS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "TORCH_", "PYTORCH_")
@@ -42,6 +42,24 @@ SRUN_RANK_ENV = (
 )
 
 
+# one mpirun process's torch.distributed variables, from OpenMPI's (Kubeflow Trainer's DeepSpeed runtime
+# starts the ranks with mpirun over its hostfile)
+MPI_RANK_ENV = (
+    "export RANK=$OMPI_COMM_WORLD_RANK LOCAL_RANK=$OMPI_COMM_WORLD_LOCAL_RANK "
+    'WORLD_SIZE=$OMPI_COMM_WORLD_SIZE LOCAL_WORLD_SIZE=$OMPI_COMM_WORLD_LOCAL_SIZE; exec "$@"'
+)
+MPI_MASTER_PORT = "29500"
+
+
+def first_host(hostfile: str) -> str:
+    """The first host of a DeepSpeed/OpenMPI hostfile ("name slots=N" lines; # comments)."""
+    for line in Path(hostfile).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            return line.split()[0]
+    raise ValueError(f"{hostfile}: no host in it")
+
+
 def launch_command(
     args: Sequence[str],
     *,
@@ -49,8 +67,35 @@ def launch_command(
     launcher: Launcher = "deepspeed",
     hostfile: str | None = None,
     nodes: int = 1,
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """The command that runs `rlhf <args>` as `processes` workers (per node, with a hostfile or srun)."""
+    """The command that runs `rlhf <args>` as `processes` workers (per node, with a hostfile, srun or
+    mpirun)."""
+    if launcher == "mpirun":
+        if not hostfile:
+            raise ValueError("--launcher mpirun needs --hostfile (Kubeflow Trainer's: /etc/mpi/hostfile)")
+        env = os.environ if env is None else env
+        exports = sorted(k for k in env if k.startswith(NODE_ENV_PREFIXES) or k.startswith("MASTER_"))
+        return [
+            "mpirun",
+            "--hostfile",
+            hostfile,
+            "-np",
+            str(nodes * processes),
+            "--map-by",
+            f"ppr:{processes}:node",
+            "--bind-to",
+            "none",
+            *(x for k in exports if k != WATCH_ENV for x in ("-x", k)),
+            "bash",
+            "-c",
+            MPI_RANK_ENV,
+            "rank",
+            sys.executable,
+            "-m",
+            "rlhf_engine.cli",
+            *args,
+        ]
     if launcher == "srun":
         return [
             "srun",
@@ -113,6 +158,10 @@ def run_launched(
                 f"--launcher srun runs inside a Slurm allocation with MASTER_ADDR and MASTER_PORT set "
                 f"(the slurm backend's batch script); missing: {', '.join(missing)}"
             )
+    elif launcher == "mpirun":  # ranks on other hosts; mpirun exports the environment (-x) itself
+        env.pop(WATCH_ENV, None)
+        env.setdefault("MASTER_ADDR", first_host(hostfile or ""))
+        env.setdefault("MASTER_PORT", MPI_MASTER_PORT)
     elif hostfile:  # ranks on other hosts: they cannot watch a pid here; they need this environment
         env.pop(WATCH_ENV, None)
         env["DS_ENV_FILE"] = str(_node_env_file(marker.parent, env))
@@ -120,7 +169,8 @@ def run_launched(
         env[WATCH_ENV] = str(os.getpid())  # the ranks stop when this process ends (fencing.py)
     # bounded: the ranks end with the step (finished, stopped, or this process gone: fencing's watchdog)
     done = subprocess.run(
-        launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile, nodes=nodes), env=env
+        launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile, nodes=nodes, env=env),
+        env=env,
     )
     if marker.is_file():
         return 0
