@@ -36,7 +36,7 @@ help:
 	@echo "make bench-trl - our GRPO vs TRL's GRPOTrainer (TRL $(TRL_VERSION) in .venv-bench-trl, never in .venv) and our PPO"
 	@echo "make proto  - generate the gRPC code from proto/ (also done by the other targets)"
 	@echo "make console - build the web console (/ui/) from service/console with npm (also done by make test)"
-	@echo "make slurm  - install Debian's slurm-wlm, munge, openssh-server and pdsh (the cluster tests; also done by make test)"
+	@echo "make slurm  - install Debian's slurm-wlm, munge, openssh-server, pdsh and openmpi-bin (the cluster tests; also done by make test)"
 	@echo "make docs   - build the docs site (docs/, mkdocs.yml) into site/, strict: any warning fails it"
 	@echo "make lint   - ruff check, ruff format --check, mypy, and hadolint + docker compose config on docker/ (what CI runs first)"
 	@echo "make lock   - re-pin constraints.txt from the current .venv"
@@ -89,9 +89,10 @@ $(BWRAP):
 sandbox: $(BWRAP)
 
 # The cluster tests start a real Slurm (Debian's slurm-wlm and munge, tests/helpers/slurm.py) and two ssh
-# "nodes" for DeepSpeed's hostfile runner (openssh-server and pdsh, tests/helpers/ssh_nodes.py)
-CLUSTER_PACKAGES := slurm-wlm munge openssh-server openssh-client pdsh
-CLUSTER_TOOLS := /usr/sbin/slurmctld /usr/sbin/sshd /usr/bin/pdsh
+# "nodes" for DeepSpeed's hostfile runner and OpenMPI (openssh-server, pdsh, openmpi-bin;
+# tests/helpers/ssh_nodes.py)
+CLUSTER_PACKAGES := slurm-wlm munge openssh-server openssh-client pdsh openmpi-bin
+CLUSTER_TOOLS := /usr/sbin/slurmctld /usr/sbin/sshd /usr/bin/pdsh /usr/bin/mpirun
 $(CLUSTER_TOOLS):
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get install -y -q --no-install-recommends $(CLUSTER_PACKAGES) >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends $(CLUSTER_PACKAGES) >/dev/null; }; \

@@ -13,8 +13,11 @@ from rlhf_engine.runtime.launch import LAUNCH_VARS
 SMALL = ["--max-seq-len", "128", "--eval-max-rows", "200"]
 
 
-def rlhf(*args: object, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+def rlhf(
+    *args: object, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`rlhf <args>` in a fresh process (no launcher's variables inherited; `env` added)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS} | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "rlhf_engine.cli", *map(str, args)],
         capture_output=True,

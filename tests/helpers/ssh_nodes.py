@@ -1,6 +1,6 @@
 """Two "nodes" on this machine the way DeepSpeed-Chat's multi-node runs reach theirs: host names in a
-hostfile, ssh with a key, pdsh fanning the launch out (Debian's openssh-server and pdsh; `make slurm`
-installs them with Slurm).
+hostfile, ssh with a key, pdsh (DeepSpeed's runner) or OpenMPI's mpirun (Kubeflow Trainer's DeepSpeed
+runtime) fanning the launch out (Debian's openssh-server, pdsh, openmpi-bin; `make slurm` installs them).
 
     nodes = start(folder)      # an sshd on a free loopback port, a key made here, two host names for it
     nodes.hostfile             # "rlhf-node-a slots=1" / "rlhf-node-b slots=1"
@@ -8,7 +8,7 @@ installs them with Slurm).
 
 The host names exist for ssh only: `/etc/ssh/ssh_config.d/rlhf-test-nodes.conf` points them at this
 sshd (127.0.0.1, its port, the key, no known-hosts file), so DeepSpeed's own ssh check, its `hostname -I`
-for the master address and pdsh's ssh all reach this machine, and nothing else on it changes.
+for the master address, pdsh's and mpirun's ssh all reach this machine, and nothing else on it changes.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rlhf_engine.runtime.launch import NODE_ENV_FILE
+from rlhf_engine.runtime.launch import NODE_ENV_FILE, first_host
 from rlhf_engine.stages.records import read_jsonl
 from tests.helpers import ssh_nodes
 from tests.runs import rlhf, rlhf_ok
@@ -82,3 +82,52 @@ def test_zero3_over_two_hostfile_nodes_equals_one_process(
     w2 = load_file(str(step / "model.safetensors"))
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
     assert [p.name for p in (step / "checkpoints").iterdir()], "no checkpoint written across nodes"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_mpirun_over_a_hostfile_as_kubeflow_trainer_launches_it(
+    nodes: ssh_nodes.Nodes, tmp_path: Path, base_model: Path
+) -> None:
+    """The launch a Kubernetes TrainJob's launcher pod makes (Trainer's DeepSpeed runtime: OpenMPI over
+    /etc/mpi/hostfile, workers/kube.py): `--launcher mpirun --nodes 2`, one rank per "node", each rank's
+    variables from OpenMPI's. MASTER_ADDR is given here: these host names exist for ssh only (in a
+    TrainJob the hostfile's names resolve, and the first one is the default)."""
+    assert first_host(str(nodes.hostfile)) == nodes.names[0]
+    out_dir = tmp_path / "mpi"
+    done = rlhf(
+        "sft",
+        "--output-dir",
+        out_dir,
+        "--model",
+        base_model,
+        "--max-steps",
+        4,
+        "--zero-stage",
+        3,
+        "--per-device-train-batch-size",
+        4,
+        "--checkpoint-interval",
+        0,
+        "--max-seq-len",
+        128,
+        "--eval-max-rows",
+        16,
+        "--num-gpus",
+        1,
+        "--nodes",
+        2,
+        "--launcher",
+        "mpirun",
+        "--hostfile",
+        nodes.hostfile,
+        timeout=480,
+        env={
+            "OMPI_ALLOW_RUN_AS_ROOT": "1",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "MASTER_ADDR": "127.0.0.1",
+        },
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    summary = json.loads((out_dir / "step1_sft" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_steps"] == 4
