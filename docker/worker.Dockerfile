@@ -33,8 +33,14 @@ RUN pip install --no-cache-dir torch==2.13.0 \
     && pip install --no-cache-dir -c constraints.txt grpcio-tools && python service/grpc/build.py \
     && pip install --no-cache-dir -c constraints.txt '.[all]' \
     && useradd --create-home --uid 10001 rlhf && mkdir -p /data /opt/torch_extensions
-# the ops a CUDA step loads (CPU Adam for ZeRO-Offload, fused Adam), compiled for TORCH_CUDA_ARCH_LIST
-RUN DS_ACCELERATOR=cuda python -m rlhf_engine.runtime.ops CPUAdamBuilder FusedAdamBuilder \
+# the ops a CUDA step loads (CPU Adam for ZeRO-Offload, fused Adam) compiled into DeepSpeed itself for
+# TORCH_CUDA_ARCH_LIST, DeepSpeed's documented pre-install (no GPU is needed to build them; the pinned
+# version is reinstalled from source against the image's torch and CUDA)
+RUN DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 \
+    pip install --no-cache-dir --no-build-isolation --no-deps --force-reinstall --no-binary deepspeed \
+      "$(grep '^deepspeed==' constraints.txt)" \
+    && python -c "from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder; \
+assert CPUAdamBuilder().is_compatible() and FusedAdamBuilder().is_compatible()" \
     && chown -R 10001 /data /opt/torch_extensions
 # no secret is baked in: DATABASE_URL, REDIS_URL, RLHF_INFERENCE_TOKEN come from the environment at run time
 USER 10001
