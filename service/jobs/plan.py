@@ -34,6 +34,7 @@ from service.schemas import (
     ReinforcementHyperparameters,
     StepEstimate,
 )
+from service.services import cluster
 from service.services import cost as costs
 from service.services import files as files_svc
 from service.services import models as models_svc
@@ -341,6 +342,7 @@ def _check_nodes(req: JobCreate, settings: Settings) -> None:
             f"nodes: {req.nodes} is above this server's limit of {settings.max_nodes_per_job}; {how}",
             param="nodes",
         )
+    cluster.check_nodes(req.nodes, settings)
     explicit = "num_gpus" in req.model_fields_set
     per_node = req.gpus_per_node if req.gpus_per_node is not None or explicit else 1
     if per_node is not None:

@@ -303,6 +303,11 @@ def test_submit_a_job_see_its_curve_gain_points_live_then_cancel_it(
     assert page.locator("#submit").is_disabled()
     page.fill("#n-epochs", "")
     estimate.filter(has_text="Estimate: $").wait_for()
+    page.fill("#nodes", "2")  # this server runs a step on one machine: the estimate names the field
+    page.locator("#estimate .error", has_text="nodes").wait_for()
+    assert page.locator("#submit").is_disabled()
+    page.fill("#nodes", "")
+    estimate.filter(has_text="Estimate: $").wait_for()
     page.click("#submit")
     page.wait_for_url("**/ui/#/jobs/ftjob-*")
     job_id = page.url.rsplit("/", 1)[1]

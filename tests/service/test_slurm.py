@@ -24,6 +24,7 @@ from sqlalchemy import select
 from rlhf_engine.runtime.launch import SRUN_RANK_ENV, launch_command
 from service.db.models import Job, JobMetric
 from service.db.session import session_scope
+from service.services import cluster as cluster_svc
 from service.settings import Settings
 from tests.helpers import slurm
 from tests.service.conftest import Stack, events, wait_for
@@ -34,7 +35,9 @@ from workers import launchers
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[slurm.Cluster]:
     c = slurm.start(tmp_path_factory.mktemp("slurm"), nodes=2)
-    yield c
+    with pytest.MonkeyPatch.context() as mp:  # the API (in this process) asks this cluster too
+        mp.setenv("SLURM_CONF", str(c.conf))
+        yield c
     c.stop()
 
 
@@ -52,7 +55,7 @@ def slurm_stack(
         redis_url=new_redis(),
         launch_backend="slurm",
         slurm_poll_s=1.0,
-        max_nodes_per_job=2,
+        max_nodes_per_job=4,
         max_gpus_per_job=16,
     )
     s.env |= cluster.env
@@ -314,9 +317,10 @@ def test_a_refused_sbatch_fails_the_step_with_its_message(
 def test_nodes_are_checked_before_anything_is_submitted(
     slurm_stack: Stack, make_stack: Callable[..., Stack]
 ) -> None:
-    """nodes / gpus_per_node: 400 naming the field; nothing stored."""
+    """nodes / gpus_per_node against the server and the cluster: 400 naming the field; nothing stored."""
     cases = [
-        ({"nodes": 3}, "nodes", "above this server's limit of 2"),
+        ({"nodes": 5}, "nodes", "above this server's limit of 4"),
+        ({"nodes": 3}, "nodes", "more than the 2 node(s) of Slurm partition 'debug'"),
         ({"nodes": 2, "num_gpus": 3}, "nodes", "do not split evenly"),
         ({"nodes": 2, "gpus_per_node": 2, "num_gpus": 3}, "num_gpus", "2 × 2 = 4"),
         ({"nodes": 2, "gpus_per_node": 0}, "gpus_per_node", ""),
@@ -334,3 +338,13 @@ def test_nodes_are_checked_before_anything_is_submitted(
     with local.client(local.key("t")) as c:
         r = c.post("/v1/fine_tuning/jobs", json=SFT | {"nodes": 2})
         assert r.status_code == 400 and "RLHF_LAUNCH_BACKEND=local" in r.json()["error"]["message"], r.text
+    # a server whose partition the cluster lacks refuses every job before storing or submitting it
+    cluster_svc.forget()
+    wrong = make_stack(launch_backend="slurm", slurm_partition="nowhere")
+    with wrong.client(wrong.key("t")) as c:
+        r = c.post("/v1/fine_tuning/jobs", json=SFT)
+        assert r.status_code == 400, r.text
+        assert (
+            "partition 'nowhere'" in r.json()["error"]["message"] and "debug" in r.json()["error"]["message"]
+        )
+        assert c.get("/v1/fine_tuning/jobs").json()["data"] == []
