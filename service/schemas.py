@@ -352,8 +352,9 @@ class JobPhase(BaseModel):
     """What a running job does now, so that "running, 0%" never hides a wait."""
 
     name: str = Field(
-        description="starting, preparing_model, building_ops, tokenizing, loading_model, "
-        "restoring_checkpoint, evaluating, training, saving_checkpoint or saving_model"
+        description="scheduled (waiting in a cluster scheduler's queue), starting, preparing_model, "
+        "building_ops, tokenizing, loading_model, restoring_checkpoint, evaluating, training, "
+        "saving_checkpoint or saving_model"
     )
     description: str = Field(
         description="as a person reads it, e.g. 'building DeepSpeed ops: 38 s, usually 45 s'"

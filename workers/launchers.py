@@ -126,6 +126,10 @@ def batch_script(spec: StepSpec, settings: Settings) -> str:
     torch.distributed's variables from Slurm's (rank, local rank, world size, master = first host of
     SLURM_JOB_NODELIST); a one-process step runs in the batch shell itself."""
     name = f"rlhf-{spec.job_id}-s{spec.step}"
+    if re.search(r"\s", str(spec.log)):  # an #SBATCH line ends at whitespace: the path would be cut
+        raise LaunchError(
+            f"the run directory {spec.log.parent} has whitespace in it; Slurm's --output cannot"
+        )
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={name}",

@@ -579,9 +579,8 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
 
 def _queued(run: launchers.StepRun, watch: PhaseWatch) -> Seen:
     """The phase of a step still in the scheduler's queue (no stall bound runs while it waits)."""
-    now = time.time()
     label = run.waiting() or "waiting in the scheduler's queue"
-    return Seen("scheduled", label, now, now, None, watch.floor_s, None)
+    return Seen("scheduled", label, watch.started, time.time(), None, watch.floor_s, None)
 
 
 def _next_interval(settings: Settings, job_id: str, step: int, attempt: int) -> int:

@@ -300,6 +300,41 @@ def test_two_nodes_one_rank_each(
     assert summary["processes"] == 2 and (step_dir / "model.safetensors").is_file(), summary
 
 
+@pytest.mark.timeout(600)
+def test_a_step_waiting_in_the_queue_says_so_and_costs_nothing(
+    slurm_stack: Stack, case_workers: Callable[..., subprocess.Popen[bytes]], cluster: slurm.Cluster
+) -> None:
+    """Both nodes held by another user's job: the step waits in Slurm's queue, the job's phase says why,
+    no cost accrues and no stall bound runs; once the nodes free up it trains and succeeds."""
+    blocker = cluster.run(
+        "sbatch", "--parsable", "--nodes=2", "--exclusive", "--job-name=someone-else", "--wrap", "sleep 600"
+    ).strip()
+    assert blocker.isdigit(), blocker
+    try:
+        case_workers(slurm_stack)
+        with slurm_stack.client(slurm_stack.key("slurm-g")) as c:
+            job = c.post("/v1/fine_tuning/jobs", json=SFT).json()
+            deadline = time.monotonic() + 240
+            while True:  # bounded: the deadline
+                seen = c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+                phase = seen.get("phase") or {}
+                if phase.get("name") == "scheduled":
+                    break
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.5)
+            assert "waiting in the Slurm queue" in phase["description"], phase
+            time.sleep(5)  # a few cost intervals (2 s each) while it waits
+            waiting = c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+            assert waiting["status"] == "running" and waiting["cost"]["accrued_usd"] == 0, waiting["cost"]
+            assert waiting["cost"]["gpu_seconds"] == 0
+            cluster.run("scancel", blocker)
+            done = wait_for(c, job["id"], ("succeeded", "failed", "cancelled"), timeout=300)
+        assert done["status"] == "succeeded", done
+        assert done["cost"]["gpu_seconds"] > 0
+    finally:
+        cluster.run("scancel", blocker)
+
+
 @pytest.mark.timeout(300)
 def test_a_refused_sbatch_fails_the_step_with_its_message(
     slurm_stack: Stack, case_workers: Callable[..., subprocess.Popen[bytes]]
