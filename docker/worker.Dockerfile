@@ -42,6 +42,9 @@ RUN DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1
     && python -c "from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder; \
 assert CPUAdamBuilder().is_compatible() and FusedAdamBuilder().is_compatible()" \
     && chown -R 10001 /data /opt/torch_extensions
+# a TrainJob's node pods run sshd as this user; the launcher's mpirun reaches them with this client config
+COPY --chown=10001 docker/mpi/sshd_config /home/rlhf/.sshd_config
+COPY docker/mpi/ssh_config /etc/ssh/ssh_config.d/rlhf-mpi.conf
 # no secret is baked in: DATABASE_URL, REDIS_URL, RLHF_INFERENCE_TOKEN come from the environment at run time
 USER 10001
 VOLUME ["/data"]

@@ -303,7 +303,10 @@ class JobCreate(Strict):
     config: StepConfigs | None = None
     num_gpus: int = Field(default=1, ge=1, le=4096, description="GPUs in all (on every node together)")
     nodes: int = Field(
-        default=1, ge=1, le=1024, description="machines the job's steps run on (more than 1: a Slurm server)"
+        default=1,
+        ge=1,
+        le=1024,
+        description="machines the job's steps run on (more than 1: a Slurm or Kubernetes server)",
     )
     gpus_per_node: int | None = Field(
         default=None,

@@ -177,9 +177,9 @@ class Settings(BaseSettings):
         default="", description="the image a TrainJob's pods run (docker/worker.Dockerfile's)"
     )
     kube_runtime: str = Field(
-        default="deepspeed-distributed",
+        default="rlhf-deepspeed",
         description="the Kubeflow Trainer ClusterTrainingRuntime a TrainJob references (DeepSpeed over "
-        "OpenMPI)",
+        "OpenMPI; ours: docker/kubernetes/trainjob-runtime.yaml)",
     )
     kube_data_claim: str = Field(
         default="rlhf-data",
@@ -321,6 +321,9 @@ class Settings(BaseSettings):
                 )
         if self.launch_backend == "kubernetes" and not self.kube_image:
             raise ValueError("kube_image: the kubernetes launch backend needs the image its TrainJobs run")
+        for field in ("slurm_partition", "slurm_account"):  # each goes into an #SBATCH line
+            if not re.fullmatch(r"[A-Za-z0-9_.,-]*", getattr(self, field)):
+                raise ValueError(f"{field}: letters, digits, '_', '.', ',' and '-' only")
         if self.max_nodes_per_job > 1 and self.launch_backend == "local":
             raise ValueError(
                 f"max_nodes_per_job: {self.max_nodes_per_job} needs launch_backend slurm "

@@ -94,6 +94,8 @@ def test_dockerfiles_copy_what_exists(dockerfile: str) -> None:
     for line in (ROOT / "docker" / dockerfile).read_text().splitlines():
         if line.startswith("COPY ") and "--from=" not in line:  # (--from: an earlier stage's output)
             for src in line.split()[1:-1]:
+                if src.startswith("--"):  # a flag (--chown=…)
+                    continue
                 assert (ROOT / src).exists(), f"{dockerfile}: COPY {src} does not exist"
 
 

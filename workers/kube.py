@@ -1,9 +1,10 @@
 """The `kubernetes` launch backend: each step of a job as one Kubeflow Trainer `TrainJob`
-(`trainer.kubeflow.org/v1alpha1`, Trainer v2) on the `deepspeed-distributed` ClusterTrainingRuntime,
-created, followed and deleted through the official Kubernetes Python client.
+(`trainer.kubeflow.org/v1alpha1`, Trainer v2) on a DeepSpeed ClusterTrainingRuntime — ours,
+`rlhf-deepspeed` (docker/kubernetes/trainjob-runtime.yaml: Trainer's `deepspeed-distributed` with our
+image and its user) — created, followed and deleted through the official Kubernetes Python client.
 
     TrainJob rlhf-<job>-s<step>-a<attempt>
-      runtimeRef  deepspeed-distributed (OpenMPI: a launcher pod, node pods running sshd, a hostfile at
+      runtimeRef  rlhf-deepspeed (OpenMPI: a launcher pod, node pods running sshd, a hostfile at
                   /etc/mpi/hostfile)
       trainer     image, numNodes, numProcPerNode, GPUs per node, the step's command and environment
       patches     the run directory's PersistentVolumeClaim mounted at RLHF_DATA_DIR in every pod; the
@@ -24,27 +25,29 @@ import contextlib
 import json
 import math
 import re
+import secrets
 import shlex
 import time
 from typing import Any
 
 from service.settings import Settings
-from workers.step_runs import Ended, LaunchError, StepSpec
+from workers.step_runs import Ended, LaunchError, StepSpec, SupersededLaunchError, step_environment
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 MPI_HOSTFILE = "/etc/mpi/hostfile"  # written by Trainer's MPI plugin into the launcher pod
-REPLICATED_JOBS = ("launcher", "node")  # the deepspeed-distributed runtime's, each with a container "node"
+REPLICATED_JOBS = ("launcher", "node")  # the DeepSpeed runtime's, each with a container "node"
 CONTAINER = "node"
 MANAGER = "rlhf-service"  # who owns this TrainJob's runtime patch
 # what a step needs of the worker's environment (the rest — database URL, tokens — never reaches a pod)
 STEP_ENV_PREFIXES = ("RLHF_", "DS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "PYTHONUNBUFFERED")
-SECRET_WORDS = ("PASSWORD", "SECRET", "INFERENCE_TOKEN", "API_KEY")
 
 
-def name_of(spec: StepSpec) -> str:
-    """A DNS-1123 name (≤ 63 characters): one TrainJob per attempt of a step."""
+def name_of(spec: StepSpec, launch: str = "") -> str:
+    """A DNS-1123 name (≤ 63 characters): one TrainJob per launch of a step (an attempt restarts a killed
+    step under the same attempt number, so each launch adds its own suffix)."""
     job = re.sub(r"[^a-z0-9-]", "-", spec.job_id.lower()).strip("-")
-    return f"rlhf-{job}-s{spec.step}-a{spec.attempt}"[:63].rstrip("-")
+    tail = f"-s{spec.step}-a{spec.attempt}" + (f"-{launch}" if launch else "")
+    return f"rlhf-{job}"[: 63 - len(tail)].rstrip("-") + tail
 
 
 def labels_of(spec: StepSpec) -> dict[str, str]:
@@ -57,15 +60,13 @@ def labels_of(spec: StepSpec) -> dict[str, str]:
 
 
 def step_env(spec: StepSpec) -> list[dict[str, str]]:
-    keep = {
-        k: v
-        for k, v in spec.env.items()
-        if k.startswith(STEP_ENV_PREFIXES) and not any(w in k for w in SECRET_WORDS)
-    }
+    """The step's own variables (its attempt, paths, offline flags, its judge route): never the worker's
+    secrets (database, broker, API tokens), which would sit in the TrainJob's spec for anyone who reads it."""
+    keep = {k: v for k, v in step_environment(spec.env).items() if k.startswith(STEP_ENV_PREFIXES)}
     return [{"name": k, "value": v} for k, v in sorted(keep.items())]
 
 
-def train_job_manifest(spec: StepSpec, settings: Settings) -> dict[str, Any]:
+def train_job_manifest(spec: StepSpec, settings: Settings, launch: str = "") -> dict[str, Any]:
     """The TrainJob of one attempt of one step (checked against Trainer's CRD: tests/test_manifests.py)."""
     launched = spec.nodes * spec.per_node > 1
     argv = list(spec.argv)
@@ -110,7 +111,11 @@ def train_job_manifest(spec: StepSpec, settings: Settings) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": name_of(spec), "namespace": settings.kube_namespace, "labels": labels_of(spec)},
+        "metadata": {
+            "name": name_of(spec, launch),
+            "namespace": settings.kube_namespace,
+            "labels": labels_of(spec),
+        },
         "spec": {
             "runtimeRef": {
                 "name": settings.kube_runtime,
@@ -169,19 +174,26 @@ class KubeRun:
     def __init__(self, spec: StepSpec, settings: Settings) -> None:
         from kubernetes.client.exceptions import ApiException
 
-        self.settings, self.api, self.ns = settings, custom_objects(settings), settings.kube_namespace
-        self.name = name_of(spec)
+        from rlhf_engine.runtime.fencing import read_fence
+
+        self.settings, self.ns = settings, settings.kube_namespace
+        launch = secrets.token_hex(3)
+        self.name = name_of(spec, launch)
         self.label = f"TrainJob {self.ns}/{self.name}"
         self.ended: Ended | None = None
         self.active, self.reason, self.checked = False, "", 0.0
         try:
+            self.api = custom_objects(settings)
             self._delete_earlier(spec, wait_s=settings.step_grace_s + 60)
-            self.api.create_namespaced_custom_object(
-                GROUP, VERSION, self.ns, PLURAL, train_job_manifest(spec, settings)
-            )
+            if (read_fence(spec.step_dir) or 0) > spec.attempt:  # a newer attempt took the folder meanwhile
+                raise SupersededLaunchError(f"attempt {spec.attempt} of step {spec.step} was superseded")
+            body = train_job_manifest(spec, settings, launch)
+            self.api.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
+        except LaunchError:
+            raise
         except ApiException as e:
             raise LaunchError(f"the Kubernetes API refused the TrainJob ({e.status}): {_reason(e)}") from e
-        except Exception as e:  # unreachable API server, bad credentials: the step fails with the reason
+        except Exception as e:  # unreachable API server, no credentials: the step fails with the reason
             raise LaunchError(f"could not reach the Kubernetes API: {e}") from e
         (spec.step_dir / "trainjob.json").write_text(json.dumps({"name": self.name, "attempt": spec.attempt}))
 
@@ -194,9 +206,7 @@ class KubeRun:
         found = self.api.list_namespaced_custom_object(
             GROUP, VERSION, self.ns, PLURAL, label_selector=selector
         )
-        earlier = [
-            i["metadata"]["name"] for i in found.get("items", []) if i["metadata"]["name"] != self.name
-        ]
+        earlier = [i["metadata"]["name"] for i in found.get("items", [])]  # every earlier launch of the step
         for name in earlier:
             self._delete(name)
         deadline = time.monotonic() + wait_s
@@ -249,21 +259,28 @@ class KubeRun:
         status = obj.get("status") or {}
         conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
         jobs = status.get("jobsStatus") or []
-        self.active = any((j.get("active") or 0) + (j.get("ready") or 0) > 0 for j in jobs)
+        # `ready`, not `active`: a child Job is active while its pods are still pending (pulling the image,
+        # waiting for GPUs), and that wait is neither billed nor stall-checked
+        self.active = any((j.get("ready") or 0) > 0 for j in jobs)
         if "Complete" in conditions:
             self.ended = Ended(0)
         elif "Failed" in conditions:
             c = conditions["Failed"]
             why = f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
-            deadline = c.get("reason") == "DeadlineExceeded"
-            self.ended = Ended(
-                1 if not deadline else -15, f"reached its time limit ({why})" if deadline else ""
-            )
+            if c.get("reason") == "DeadlineExceeded":
+                self.ended = Ended(-15, f"reached its time limit ({why})")
+            elif re.search(r"evict|preempt|node|disrupt", why, re.I):  # the cluster's doing: retried
+                self.ended = Ended(-15, f"was ended by the cluster ({why})")
+            else:
+                self.ended = Ended(1, "")
             self.reason = why
         elif "Suspended" in conditions:
             self.reason = "suspended"
         else:
             self.reason = "pods pending" if not self.active else ""
+        if self.ended is not None:  # done: its pods go (the step's log and records are on the data claim)
+            with contextlib.suppress(Exception):
+                self._delete(self.name)
 
     def poll(self) -> Ended | None:
         self._refresh()

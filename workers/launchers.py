@@ -32,14 +32,34 @@ import subprocess
 import time
 from pathlib import Path
 
+from rlhf_engine.runtime.stopping import EXIT_STOPPED
 from service.settings import Settings
-from workers.step_runs import Ended, LaunchError, StepRun, StepSpec
+from workers.step_runs import (
+    Ended,
+    LaunchError,
+    StepRun,
+    StepSpec,
+    SupersededLaunchError,
+    step_environment,
+)
 
 logger = logging.getLogger(__name__)
 
 SLURM_JOB_FILE = ".slurm_job"  # the scheduler job of the step folder's current attempt
-# states in which the scheduler still holds (or will hold) the job
-SLURM_LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+# the states a job ends in (anything else — PENDING, RUNNING, COMPLETING, REQUEUED, SUSPENDED, SIGNALING,
+# STAGE_OUT, a hold … — is followed on)
+SLURM_TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "OUT_OF_MEMORY",
+    "DEADLINE",
+}
+SLURM_WAITING = {"PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
 # why the scheduler ended a job that did not exit by itself: not the step's own failure (retried)
 SLURM_ENDED = {
     "CANCELLED": "was cancelled (scancel)",
@@ -50,6 +70,18 @@ SLURM_ENDED = {
     "OUT_OF_MEMORY": "ran out of memory",
     "DEADLINE": "passed its deadline",
 }
+# a pending reason that no wait can clear: the step fails with it at once
+SLURM_NEVER = {
+    "PartitionNodeLimit",
+    "PartitionTimeLimit",
+    "BadConstraints",
+    "InvalidAccount",
+    "InvalidQOS",
+    "AssocMaxNodesPerJobLimit",
+    "QOSMaxNodePerJobLimit",
+}
+# sbatch/squeue output that means the controller is away (retried), not that the job is unknown
+SLURM_OUTAGE = ("Unable to contact slurm controller", "Socket timed out", "Connection refused", "Zero Bytes")
 SLURM_CMD_TIMEOUT_S = 30.0  # a scheduler command that takes longer is a scheduler outage
 
 
@@ -100,16 +132,25 @@ class LocalRun:
 # ---------------------------------------------------------------------------- slurm
 
 
-def _slurm(args: list[str], *, check: bool = True) -> str:
+def _slurm_run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A Slurm command, bounded; LaunchError when it is missing or does not answer in time."""
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=SLURM_CMD_TIMEOUT_S)
+        return subprocess.run(args, capture_output=True, text=True, timeout=SLURM_CMD_TIMEOUT_S, env=env)
     except FileNotFoundError as e:
         raise LaunchError(f"`{args[0]}` is not installed on this worker (RLHF_LAUNCH_BACKEND=slurm)") from e
     except subprocess.TimeoutExpired as e:
         raise LaunchError(f"`{args[0]}` did not answer in {SLURM_CMD_TIMEOUT_S:.0f} s") from e
+
+
+def _slurm(args: list[str], *, check: bool = True) -> str:
+    done = _slurm_run(args)
     if check and done.returncode != 0:
         raise LaunchError((done.stderr or done.stdout).strip() or f"`{args[0]}` exited {done.returncode}")
     return done.stdout
+
+
+def _outage(done: subprocess.CompletedProcess[str]) -> bool:
+    return done.returncode != 0 and any(w in done.stderr + done.stdout for w in SLURM_OUTAGE)
 
 
 def time_limit(estimate_s: float | None, settings: Settings) -> str:
@@ -125,7 +166,7 @@ def batch_script(spec: StepSpec, settings: Settings) -> str:
     """The step's sbatch script: one task per process on every node (`srun`), each with
     torch.distributed's variables from Slurm's (rank, local rank, world size, master = first host of
     SLURM_JOB_NODELIST); a one-process step runs in the batch shell itself."""
-    name = f"rlhf-{spec.job_id}-s{spec.step}"
+    name = job_name(spec)
     if re.search(r"\s", str(spec.log)):  # an #SBATCH line ends at whitespace: the path would be cut
         raise LaunchError(
             f"the run directory {spec.log.parent} has whitespace in it; Slurm's --output cannot"
@@ -139,8 +180,9 @@ def batch_script(spec: StepSpec, settings: Settings) -> str:
         f"#SBATCH --output={spec.log}",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",  # a node failure queues it again; it resumes from its checkpoint
-        # before the time limit: SIGTERM to the step (it checkpoints at its next boundary)
-        f"#SBATCH --signal=TERM@{max(int(settings.step_grace_s), 30)}",
+        # before the time limit: SIGTERM to the batch shell's process, the step's top process (it checkpoints,
+        # or forwards it to its srun ranks, which do)
+        f"#SBATCH --signal=B:TERM@{max(int(settings.step_grace_s), 30)}",
     ]
     if spec.gpus:
         lines.append(f"#SBATCH --gpus-per-node={spec.per_node}")
@@ -174,28 +216,27 @@ def batch_script(spec: StepSpec, settings: Settings) -> str:
 
 
 class SlurmRun:
-    """The step as a Slurm batch job; followed with squeue (then scontrol/sacct for how it ended)."""
+    """The step as a Slurm batch job; followed with squeue (then scontrol/sacct for how it ended). A
+    controller that does not answer is an outage: followed on, never taken for the job's end."""
 
     def __init__(self, spec: StepSpec, settings: Settings) -> None:
+        from rlhf_engine.runtime.fencing import read_fence
+
         self.settings = settings
-        cancel_earlier(spec.step_dir, wait_s=settings.step_grace_s + 60)
+        name = job_name(spec)
+        cancel_earlier(spec.step_dir, name, wait_s=settings.step_grace_s + 60)
+        if (read_fence(spec.step_dir) or 0) > spec.attempt:  # a newer attempt took the folder meanwhile
+            raise SupersededLaunchError(f"attempt {spec.attempt} of step {spec.step} was superseded")
         script = spec.step_dir.parent / "slurm" / f"step{spec.step}-attempt{spec.attempt}.sbatch"
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(batch_script(spec, settings))
-        env = dict(spec.env)
+        env = step_environment(spec.env)  # what sbatch exports to the job: never the worker's secrets
         env.pop("SLURM_JOB_ID", None)  # a worker that itself runs inside an allocation submits anew
-        try:
-            done = subprocess.run(
-                ["sbatch", "--parsable", str(script)],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=SLURM_CMD_TIMEOUT_S,
-            )
-        except FileNotFoundError as e:
-            raise LaunchError("`sbatch` is not installed on this worker (RLHF_LAUNCH_BACKEND=slurm)") from e
-        except subprocess.TimeoutExpired as e:
-            raise LaunchError(f"sbatch did not answer in {SLURM_CMD_TIMEOUT_S:.0f} s") from e
+        for wait in (0, 5, 15, 30):  # a controller that is briefly away (a restart, a failover)
+            time.sleep(wait)
+            done = _slurm_run(["sbatch", "--parsable", str(script)], env=env)
+            if not _outage(done):
+                break
         if done.returncode != 0:
             raise LaunchError(f"sbatch refused the step: {(done.stderr or done.stdout).strip()}")
         self.job = done.stdout.strip().split(";")[0]
@@ -210,20 +251,29 @@ class SlurmRun:
             return
         self.checked = time.monotonic()
         try:
-            out = _slurm(["squeue", "-h", "-j", self.job, "-o", "%T|%r"], check=False).strip()
+            done = _slurm_run(["squeue", "-h", "-j", self.job, "-o", "%T|%r"])
         except LaunchError as e:  # the controller is away: keep following, say why
             self.reason = str(e)
             return
+        out = done.stdout.strip()
+        if done.returncode != 0 and "Invalid job id" not in done.stderr:
+            self.reason = f"the Slurm controller does not answer: {done.stderr.strip()[:200]}"
+            return
         if out:
-            self.state, _, self.reason = out.partition("|")
-            if self.state in SLURM_LIVE:
+            self.state, _, self.reason = out.splitlines()[0].partition("|")
+            if self.state in SLURM_WAITING and self.reason in SLURM_NEVER:
+                _slurm(["scancel", self.job], check=False)
+                why = f"cannot be started by Slurm: {self.reason} (slurm job {self.job})"
+                self.ended = Ended(1, "", why)
+                return
+            if self.state not in SLURM_TERMINAL:
                 return
         self.ended = self._how_it_ended()
 
-    def _how_it_ended(self) -> Ended:
+    def _how_it_ended(self) -> Ended | None:
         """The job's final state and exit code: scontrol while the controller remembers it (MinJobAge),
-        else sacct where accounting is kept; a job neither knows is taken as ended (its step folder's
-        summary.json decides whether it succeeded)."""
+        else sacct where accounting is kept; None while either says it still lives; a job neither knows
+        is taken as ended (its step folder's summary.json decides whether it succeeded)."""
         state, code = "", ""
         with contextlib.suppress(LaunchError):
             out = _slurm(["scontrol", "show", "job", "-o", self.job], check=False)
@@ -235,6 +285,9 @@ class SlurmRun:
                 if out.strip() and "|" in out:
                     state, code = out.strip().splitlines()[0].split("|")[:2]
         state = state.split()[0] if state else "UNKNOWN"
+        if state != "UNKNOWN" and state not in SLURM_TERMINAL:
+            self.state = state
+            return None  # squeue missed it (a controller restart, a race): still the scheduler's
         self.state = state
         status, _, sig = code.partition(":")
         exit_code = int(status) if status.isdigit() else 1
@@ -243,6 +296,10 @@ class SlurmRun:
         if state in SLURM_ENDED:
             why = f"{SLURM_ENDED[state]}: slurm job {self.job}"
             return Ended(exit_code if exit_code else -signal.SIGTERM, why)
+        if exit_code < 0:
+            return Ended(exit_code, f"was killed by signal {-exit_code}: slurm job {self.job}")
+        if exit_code == EXIT_STOPPED:  # it checkpointed on Slurm's SIGTERM (time limit, preemption)
+            return Ended(exit_code, f"was stopped by Slurm's signal and checkpointed: slurm job {self.job}")
         return Ended(exit_code, "")
 
     def poll(self) -> Ended | None:
@@ -251,7 +308,7 @@ class SlurmRun:
 
     def running(self) -> bool:
         self._refresh()
-        return self.state not in ("PENDING", "REQUEUED", "CONFIGURING")
+        return self.ended is not None or self.state not in SLURM_WAITING
 
     def waiting(self) -> str:
         return "" if self.running() else f"waiting in the Slurm queue ({self.reason or self.state})"
@@ -260,10 +317,11 @@ class SlurmRun:
         if self.poll() is not None:
             return
         deadline = time.monotonic() + max(grace, 0)
-        with contextlib.suppress(LaunchError):  # SIGTERM to the batch shell and every task: checkpoint
-            _slurm(["scancel", "--full", "--signal=TERM", self.job])
-        while time.monotonic() < deadline and self._gone() is None:
-            time.sleep(1)
+        if grace > 0 and self.running():  # SIGTERM to the batch shell and every task: checkpoint
+            with contextlib.suppress(LaunchError):
+                _slurm(["scancel", "--full", "--signal=TERM", self.job])
+            while time.monotonic() < deadline and self._gone() is None:
+                time.sleep(1)
         with contextlib.suppress(LaunchError):
             _slurm(["scancel", self.job])
         end = time.monotonic() + 60  # bounded: the scheduler kills after its KillWait
@@ -275,30 +333,44 @@ class SlurmRun:
         return self.poll()
 
 
-def cancel_earlier(step_dir: Path, wait_s: float = 120.0) -> None:
-    """`scancel` the scheduler job an earlier attempt left in this folder (its worker died) and wait for
-    it to leave (at most `wait_s`): the new attempt never trains beside it. The fence, raised before,
-    stops it writing even if the scheduler is slow to end it."""
-    try:
+def job_name(spec: StepSpec) -> str:
+    return f"rlhf-{spec.job_id}-s{spec.step}"
+
+
+def cancel_earlier(step_dir: Path, name: str, wait_s: float = 120.0) -> None:
+    """`scancel` every scheduler job of this step (by its name, and the one an earlier attempt recorded in
+    the folder) and wait for them to leave (at most `wait_s`): the new attempt never trains beside one.
+    The fence, raised before, stops an old one writing even if the scheduler is slow to end it."""
+    jobs: list[str] = []
+    with contextlib.suppress(FileNotFoundError, ValueError):
         earlier = json.loads((step_dir / SLURM_JOB_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return
-    job = str(earlier.get("job", ""))
-    if not job.isdigit():
-        return
+        if str(earlier.get("job", "")).isdigit():
+            jobs.append(str(earlier["job"]))
+
+    def live() -> bool:
+        by_name = _slurm_run(["squeue", "-h", "-n", name, "-o", "%i|%T"])
+        listed = [ln.split("|") for ln in by_name.stdout.split()]
+        found = {j for j, _ in listed} | set(jobs)
+        states = _slurm_run(["squeue", "-h", "-j", ",".join(sorted(found)), "-o", "%T"]) if found else None
+        return any(st not in ("COMPLETED", "") for st in (states.stdout.split() if states else []))
+
     try:
-        if not _slurm(["squeue", "-h", "-j", job, "-o", "%T"], check=False).strip():
-            return  # ended already
-        _slurm(["scancel", job])
-        logger.info("cancelled slurm job %s of attempt %s in %s", job, earlier.get("attempt"), step_dir)
+        if not live():
+            return
+        _slurm(["scancel", "--name", name], check=False)
+        for job in jobs:
+            _slurm(["scancel", job], check=False)
+        logger.info("cancelled slurm jobs named %s (an earlier attempt's) in %s", name, step_dir)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if _slurm(["squeue", "-h", "-j", job, "-o", "%T"], check=False).strip() in ("", "COMPLETED"):
+            if not live():
                 return
             time.sleep(1)
-        logger.warning("slurm job %s is still listed %.0f s after scancel; its fence stops it", job, wait_s)
+        logger.warning(
+            "slurm jobs named %s still listed %.0f s after scancel; their fence stops them", name, wait_s
+        )
     except LaunchError as e:
-        logger.warning("could not cancel slurm job %s of an earlier attempt: %s", job, e)
+        logger.warning("could not cancel an earlier attempt's slurm job %s: %s", name, e)
 
 
 def start(spec: StepSpec, settings: Settings) -> StepRun:

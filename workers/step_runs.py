@@ -12,12 +12,17 @@ class LaunchError(Exception):
     """The scheduler refused the step (its own message): the step fails with it, nothing hangs."""
 
 
+class SupersededLaunchError(LaunchError):
+    """A newer attempt raised the step folder's fence while this one was starting: it never submits."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Ended:
     """How a step's run ended: its exit status, and why, when something outside it ended it."""
 
     code: int
     killed_by: str = ""  # "" when the step exited by itself
+    failed_because: str = ""  # why the scheduler will never run it (the step fails with this)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,3 +56,19 @@ class StepRun(Protocol):
 
     def stop(self, grace: float) -> None:
         """End it: SIGTERM (the step checkpoints at its next boundary), the rest after `grace` s."""
+
+
+# the worker's secrets, never passed to a step on another machine (an sbatch job's exported environment,
+# a TrainJob's spec, a hostfile run's env file): the database and broker, the API's tokens, hub tokens.
+# The judge token is the step's own (scoped to its job's judge route) and is passed.
+SECRET_MARKS = ("DATABASE_URL", "REDIS_URL", "PASSWORD", "SECRET", "API_KEY", "TOKEN", "CREDENTIAL")
+STEP_SECRETS_ALLOWED = frozenset({"RLHF_JUDGE_TOKEN"})
+
+
+def step_environment(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the worker's secrets (what a step needs is kept: paths, its attempt, offline flags)."""
+    return {
+        k: v
+        for k, v in env.items()
+        if k in STEP_SECRETS_ALLOWED or not any(mark in k.upper() for mark in SECRET_MARKS)
+    }

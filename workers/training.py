@@ -16,6 +16,7 @@ Heavy imports stay out: the steps import torch in their own processes; this modu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -440,7 +442,10 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
         estimate_s=estimate_s,
     )
     try:
-        run = launchers.start(spec, settings)
+        with _renewing(settings, job_id, owner):  # cancelling an earlier attempt's run may take a while
+            run = launchers.start(spec, settings)
+    except launchers.SupersededLaunchError:  # a newer attempt owns the folder: this worker lost the job
+        return Outcome("lost")
     except launchers.LaunchError as e:  # the scheduler refused it: the step fails with its message
         return Outcome("failed", f"step {step} ({command}) could not be submitted: {e}")
     if settings.launch_backend != "local":
@@ -464,15 +469,17 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
             ended = run.poll()
             now = time.monotonic()
             running = ended is not None or run.running()
+            left_running = was_running and not running  # requeued by the scheduler (a node lost)
             if running and not was_running:  # out of the scheduler's queue: its clocks start now
-                was_running, interval_started = True, now
-                watch.started = time.time()
+                interval_started = now
+                watch.running_since = time.time()
             seen = watch.read() if running else _queued(run, watch)
             stalled = watch.stalled(seen) if running and ended is None and stopping is None else None
             with session_scope(settings.db_url) as s:
                 ingest.run(s)
-                if running and (
-                    now - interval_started >= settings.cost_interval_s or ended is not None or stalled
+                if left_running or (
+                    running
+                    and (now - interval_started >= settings.cost_interval_s or ended is not None or stalled)
                 ):
                     # a stalled attempt is billed up to the moment the stall is seen, not while it is ended;
                     # a step waiting in the scheduler's queue holds no machine and is not billed
@@ -481,16 +488,19 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
                     )
                     interval_idx += 1
                     interval_started = now
+                was_running = running
                 if ended is not None:
                     break
                 live = s.get(Job, job_id, populate_existing=True)
                 assert live is not None
                 job = live
                 if job.status == "cancelled" or job.control == "cancel":
-                    run.stop(10)
+                    with _renewing(settings, job_id, owner):
+                        run.stop(10)
                     return Outcome("cancelled")
                 if stalled:
-                    run.stop(0)  # it cannot checkpoint: it is stuck
+                    with _renewing(settings, job_id, owner):
+                        run.stop(0)  # it cannot checkpoint: it is stuck
                     message = (
                         f"step {step} ({command}) {stalled}; the attempt was ended and its cost stopped then"
                     )
@@ -547,17 +557,23 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
                         )
                     elif SHUTDOWN.is_set():
                         stopping = "shutdown"
+                    if stopping and not running:  # still in the scheduler's queue: nothing to checkpoint
+                        with _renewing(settings, job_id, owner):
+                            run.stop(0)
+                        break
                     if stopping:
                         (step_dir / STOP_FILE).write_text(stopping)
                         stop_deadline = now + settings.step_grace_s
                 elif now > stop_deadline:
-                    run.stop(10)
+                    with _renewing(settings, job_id, owner):
+                        run.stop(10)
             time.sleep(0.5)
     except LeaseLostError:
         run.stop(10)
         return Outcome("lost")
     except BaseException:
-        run.stop(10)
+        with _renewing(settings, job_id, owner):
+            run.stop(10)
         raise
     finally:
         ingest.enqueue_evals()
@@ -566,15 +582,40 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
         return Outcome("succeeded", f"{seconds:.1f}")
     if stopping:
         return Outcome("requeued" if stopping == "shutdown" else "paused", stopping)
-    assert ended is not None
+    if ended is None:  # stopped while queued (handled above); defensive
+        return Outcome("lost")
     # a newer attempt owns the folder: this worker lost the job
     if ended.code == fencing.EXIT_SUPERSEDED:
         return Outcome("lost")
+    if ended.failed_because:  # the scheduler can never run it as asked
+        return Outcome("failed", f"step {step} ({command}) {ended.failed_because}")
     if ended.killed_by:  # the OOM killer, an operator, the scheduler: not the step's own failure
         return Outcome("killed", f"step {step} ({command}) {ended.killed_by}")
     tail = log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines() if log.is_file() else []
     reason = next((ln for ln in reversed(tail) if ln.startswith("rlhf: error:")), tail[-1] if tail else "")
     return Outcome("failed", f"step {step} ({command}) exited with status {ended.code}: {reason}")
+
+
+@contextlib.contextmanager
+def _renewing(settings: Settings, job_id: str, owner: str) -> Iterator[None]:
+    """Renew the job's lease every heartbeat while the body blocks (stopping or cancelling a scheduler's
+    job can take longer than the lease): the sweeper must not hand the job to another worker meanwhile."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(settings.heartbeat_s):
+            try:
+                _renew_quietly(settings, job_id, owner)
+            except Exception:  # the lease is gone, or the database away: the caller finds out next
+                return
+
+    thread = threading.Thread(target=beat, name=f"renew-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=settings.heartbeat_s + 30)
 
 
 def _queued(run: launchers.StepRun, watch: PhaseWatch) -> Seen:

@@ -56,16 +56,19 @@ class PhaseWatch:
 
     def __init__(self, step_dir: Path, *, started: float, floor_s: float, factor: float) -> None:
         self.dir, self.started, self.floor_s, self.factor = step_dir, started, floor_s, factor
+        # when a cluster scheduler started running it (its queue time is no part of "starting")
+        self.running_since: float | None = None
 
     def read(self) -> Seen:
         report = phases.read(self.dir)
         if report is None or float(report.get("process_started", 0.0)) < self.started - 1.0:
             typical: float | None = phases.STARTING_S
+            since = self.running_since or self.started
             return Seen(
                 "starting",
                 phases.LABELS["starting"],
-                self.started,
-                self.started,
+                since,
+                since,
                 typical,
                 bound_s(typical, floor_s=self.floor_s, factor=self.factor),
                 None,

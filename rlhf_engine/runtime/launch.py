@@ -13,8 +13,10 @@ runs can abort at exit after finishing correctly (docs/cpu.md).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -27,6 +29,8 @@ Launcher = Literal["deepspeed", "torchrun", "srun", "mpirun"]
 # over ssh with a fresh one and exports only what its DS_ENV_FILE lists)
 NODE_ENV_PREFIXES = ("RLHF_", "DS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "TORCH_", "PYTORCH_")
 NODE_ENV_FILE = ".deepspeed_env"
+# never written into that file (the worker's secrets; the step's own judge token is kept)
+SECRET_MARKS = ("DATABASE_URL", "REDIS_URL", "PASSWORD", "SECRET", "API_KEY", "TOKEN", "CREDENTIAL")
 # set by a launcher for its workers; a fresh run started from inside one must not inherit them
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
@@ -97,10 +101,14 @@ def launch_command(
             *args,
         ]
     if launcher == "srun":
+        env = os.environ if env is None else env
+        # since Slurm 22.05 srun does not inherit the allocation's --cpus-per-task: pass it on
+        cpus = [f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}"] if env.get("SLURM_CPUS_PER_TASK") else []
         return [
             "srun",
             f"--nodes={nodes}",
             f"--ntasks-per-node={processes}",
+            *cpus,
             "--kill-on-bad-exit=1",
             "bash",
             "-c",
@@ -167,14 +175,23 @@ def run_launched(
         env["DS_ENV_FILE"] = str(_node_env_file(marker.parent, env))
     else:
         env[WATCH_ENV] = str(os.getpid())  # the ranks stop when this process ends (fencing.py)
-    # bounded: the ranks end with the step (finished, stopped, or this process gone: fencing's watchdog)
-    done = subprocess.run(
-        launch_command(args, processes=processes, launcher=launcher, hostfile=hostfile, nodes=nodes, env=env),
-        env=env,
+    cmd = launch_command(
+        args, processes=processes, launcher=launcher, hostfile=hostfile, nodes=nodes, env=env
     )
+    proc = subprocess.Popen(cmd, env=env)
+    forwarding = launcher in ("srun", "mpirun") and threading.current_thread() is threading.main_thread()
+    if forwarding:  # a scheduler's SIGTERM (time limit, preemption, scancel, a TrainJob deleted) reaches
+        # this process: pass it to srun/mpirun, which pass it to every rank (each checkpoints and exits)
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        # bounded: the ranks end with the step (finished, stopped, or this process gone: fencing's watchdog)
+        code = proc.wait()
+    finally:
+        if forwarding:
+            signal.signal(signal.SIGTERM, previous)
     if marker.is_file():
         return 0
-    return done.returncode or 1
+    return code or 1
 
 
 def _node_env_file(step_dir: Path, env: dict[str, str]) -> Path:
@@ -186,9 +203,17 @@ def _node_env_file(step_dir: Path, env: dict[str, str]) -> Path:
     if own.is_file():
         lines += [ln for ln in own.read_text().splitlines() if "=" in ln]
     for key, value in sorted(env.items()):
-        if key.startswith(NODE_ENV_PREFIXES) and key not in (WATCH_ENV, "DS_ENV_FILE") and "\n" not in value:
+        if (
+            key.startswith(NODE_ENV_PREFIXES)
+            and key not in (WATCH_ENV, "DS_ENV_FILE")
+            and "\n" not in value
+            and (key == "RLHF_JUDGE_TOKEN" or not any(m in key.upper() for m in SECRET_MARKS))
+        ):
             lines.append(f"{key}={value}")
     step_dir.mkdir(parents=True, exist_ok=True)
     path = step_dir / NODE_ENV_FILE
-    path.write_text("\n".join(lines) + "\n")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the judge token is in it
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o600)
     return path

@@ -19,6 +19,7 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 CACHE_S = 60.0
+USABLE = {"idle", "mix", "alloc", "comp", "resv", "plnd"}  # node states that can run a job
 SINFO_TIMEOUT_S = 10.0
 
 
@@ -46,20 +47,21 @@ def partitions() -> Partitions | None:
             return hit[1]
     found: Partitions | None = None
     try:
-        done = subprocess.run(
-            ["sinfo", "-h", "-o", "%P|%D"], capture_output=True, text=True, timeout=SINFO_TIMEOUT_S
+        done = subprocess.run(  # one line per partition and node state
+            ["sinfo", "-h", "-o", "%P|%D|%t"], capture_output=True, text=True, timeout=SINFO_TIMEOUT_S
         )
         if done.returncode == 0:
             nodes: dict[str, int] = {}
             default = None
             for line in done.stdout.splitlines():
-                name, _, count = line.strip().partition("|")
+                name, count, state = (line.strip().split("|") + ["", ""])[:3]
                 if not name:
                     continue
                 if name.endswith("*"):  # sinfo marks the default partition
                     name = name[:-1]
                     default = name
-                nodes[name] = nodes.get(name, 0) + int(count or 0)
+                usable = state.rstrip("*~#!%$@^-") in USABLE  # not down, drained, failing
+                nodes[name] = nodes.get(name, 0) + (int(count or 0) if usable else 0)
             found = Partitions(nodes, default)
         else:
             logger.warning("sinfo failed (%s); jobs are not checked against the cluster", done.stderr.strip())
@@ -80,14 +82,15 @@ def check_nodes(nodes: int, settings: Settings) -> None:
     name = settings.slurm_partition or found.default
     if name is None or name not in found.nodes:
         raise InvalidRequestError(
-            f"nodes: this server's Slurm partition {settings.slurm_partition!r} (RLHF_SLURM_PARTITION) does "
+            f"nodes: this server's Slurm partition {settings.slurm_partition or '(the default)'!r} "
+            "(RLHF_SLURM_PARTITION) does "
             f"not exist on the cluster (it has {', '.join(sorted(found.nodes)) or 'none'}); nothing was "
             "submitted — the operator must set an existing one",
             param="nodes",
         )
     if nodes > found.nodes[name]:
         raise InvalidRequestError(
-            f"nodes: {nodes} is more than the {found.nodes[name]} node(s) of Slurm partition {name!r}; "
-            f"ask for at most {found.nodes[name]}",
+            f"nodes: {nodes} is more than the {found.nodes[name]} usable node(s) of Slurm partition "
+            f"{name!r}; ask for at most {found.nodes[name]}",
             param="nodes",
         )

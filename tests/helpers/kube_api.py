@@ -37,21 +37,33 @@ import jsonschema
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "docker" / "kubernetes" / "crds" / "trainer.kubeflow.org_trainjobs.yaml"
 PATH = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
+CRDS = ROOT / "docker" / "kubernetes" / "crds"
+
+
+def crd_schema(kind: str) -> dict[str, Any]:
+    """The v1alpha1 openAPIV3Schema of a vendored Trainer CRD ("TrainJob", "ClusterTrainingRuntime")."""
+    for path in sorted(CRDS.glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        if docs and docs[0]["spec"]["names"]["kind"] == kind:
+            versions = docs[0]["spec"]["versions"]
+            schema: dict[str, Any] = next(v for v in versions if v["name"] == "v1alpha1")["schema"][
+                "openAPIV3Schema"
+            ]
+            return schema
+    raise KeyError(f"no vendored CRD for {kind} in {CRDS}")
+
+
 def trainjob_schema() -> dict[str, Any]:
-    docs = [d for d in yaml.safe_load_all(CRD.read_text()) if d]
-    versions = docs[0]["spec"]["versions"]
-    schema: dict[str, Any] = next(v for v in versions if v["name"] == "v1alpha1")["schema"]["openAPIV3Schema"]
-    return schema
+    return crd_schema("TrainJob")
 
 
 def schema_errors(obj: dict[str, Any]) -> list[str]:
     """What the API server's structural-schema validation would refuse, as `path: message` lines."""
-    validator = jsonschema.Draft7Validator(trainjob_schema())
+    validator = jsonschema.Draft7Validator(crd_schema(obj.get("kind") or "TrainJob"))
     out = []
     for e in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
         path = ".".join(str(p) for p in e.absolute_path) or "<root>"
@@ -226,17 +238,19 @@ class KubeAPI:
         ns: str = "rlhf",
         *,
         active: int = 0,
+        ready: int | None = None,
         condition: str | None = None,
         reason: str = "",
         message: str = "",
     ) -> None:
+        """Trainer's controller's report: child Jobs active (pods running or pending), ready; a condition."""
         with self.lock:
             obj = self.objects[(ns, name)]
             obj["status"]["jobsStatus"] = [
                 {
                     "name": "launcher",
                     "active": active,
-                    "ready": active,
+                    "ready": active if ready is None else ready,
                     "succeeded": 0,
                     "failed": 0,
                     "suspended": 0,

@@ -355,7 +355,7 @@ def test_nodes_are_checked_before_anything_is_submitted(
     """nodes / gpus_per_node against the server and the cluster: 400 naming the field; nothing stored."""
     cases = [
         ({"nodes": 5}, "nodes", "above this server's limit of 4"),
-        ({"nodes": 3}, "nodes", "more than the 2 node(s) of Slurm partition 'debug'"),
+        ({"nodes": 3}, "nodes", "more than the 2 usable node(s) of Slurm partition 'debug'"),
         ({"nodes": 2, "num_gpus": 3}, "nodes", "do not split evenly"),
         ({"nodes": 2, "gpus_per_node": 2, "num_gpus": 3}, "num_gpus", "2 × 2 = 4"),
         ({"nodes": 2, "gpus_per_node": 0}, "gpus_per_node", ""),

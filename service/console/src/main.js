@@ -383,7 +383,7 @@ async function newJobPage() {
   field("Model (the actor)", model), field("Method", method), field("Reward model", reward, "trained in step 2 from this base model"),
   field("Training file", training), field("…or upload one", upload, uploadNote), field("Preset", preset),
   h("fieldset", {}, h("legend", {}, "Hyperparameters"), field("Epochs", epochs), field("Batch size", batch), field("Learning-rate multiplier", lr)),
-  h("fieldset", {}, h("legend", {}, "Machines"), field("Nodes", nodes, "more than 1: a Slurm-backed server"),
+  h("fieldset", {}, h("legend", {}, "Machines"), field("Nodes", nodes, "more than 1: a Slurm or Kubernetes server"),
     field("GPUs per node", perNode)),
   field("Suffix", suffix), field("Step configuration (JSON, optional)", config, "fields of config.sft / reward / ppo / dpo"),
   estimate, submit, result);
