@@ -383,3 +383,27 @@ def test_nodes_are_checked_before_anything_is_submitted(
             "partition 'nowhere'" in r.json()["error"]["message"] and "debug" in r.json()["error"]["message"]
         )
         assert c.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_a_controller_that_does_not_answer_is_an_outage_not_the_jobs_end(
+    cluster: slurm.Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """squeue against a controller that is away (its port closed): the run is followed on, never taken
+    for ended (which would fail the job while the step still trains)."""
+    away = tmp_path / "slurm.conf"
+    conf = cluster.conf.read_text()
+    port = next(ln for ln in conf.splitlines() if ln.startswith("SlurmctldPort="))
+    away.write_text(conf.replace(port, f"SlurmctldPort={slurm.free_port()}\nMessageTimeout=2"))
+    monkeypatch.setenv("SLURM_CONF", str(away))
+    run = object.__new__(launchers.SlurmRun)  # a run as submitted before the controller went away
+    run.settings = Settings(data_dir=tmp_path, launch_backend="slurm", slurm_poll_s=0.1)
+    run.job, run.label, run.state, run.reason, run.ended, run.checked = (
+        "4242",
+        "slurm job 4242",
+        "RUNNING",
+        "",
+        None,
+        0.0,
+    )
+    assert run.poll() is None
+    assert run.running() and "controller does not answer" in run.reason, run.reason
