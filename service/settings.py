@@ -144,7 +144,9 @@ class Settings(BaseSettings):
         "directory on storage the worker and the nodes share)",
     )
     max_nodes_per_job: int = Field(
-        default=1, ge=1, description="most nodes one job may ask for (more than 1 needs launch_backend slurm)"
+        default=1,
+        ge=1,
+        description="most nodes one job may ask for (more than 1 needs launch_backend slurm or kubernetes)",
     )
     slurm_partition: str = Field(default="", description="sbatch --partition (empty: the cluster's default)")
     slurm_account: str = Field(default="", description="sbatch --account (empty: the user's default)")

@@ -60,3 +60,16 @@ def kill_after_first_checkpoint(args: Sequence[object], step_dir: Path) -> int:
     assert not (step_dir / "summary.json").exists()
     saved = [json.loads(line) for line in events.read_text().splitlines() if '"checkpoint_saved"' in line]
     return max(e["data"]["global_step"] for e in saved)
+
+
+# a short SFT step's options (small batches and sequences, no checkpoints, a small eval)
+FAST = [
+    "--per-device-train-batch-size",
+    4,
+    "--checkpoint-interval",
+    0,
+    "--max-seq-len",
+    128,
+    "--eval-max-rows",
+    32,
+]

@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import secrets
 import shlex
 import time
 from typing import Any
 
+from rlhf_engine.runtime.launch import NODE_ENV_PREFIXES, without_secrets
 from service.settings import Settings
-from workers.step_runs import Ended, LaunchError, StepSpec, SupersededLaunchError, step_environment
+from workers.step_runs import Ended, LaunchError, StepSpec, SupersededLaunchError, limit_minutes
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 MPI_HOSTFILE = "/etc/mpi/hostfile"  # written by Trainer's MPI plugin into the launcher pod
@@ -39,7 +39,7 @@ REPLICATED_JOBS = ("launcher", "node")  # the DeepSpeed runtime's, each with a c
 CONTAINER = "node"
 MANAGER = "rlhf-service"  # who owns this TrainJob's runtime patch
 # what a step needs of the worker's environment (the rest — database URL, tokens — never reaches a pod)
-STEP_ENV_PREFIXES = ("RLHF_", "DS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "PYTHONUNBUFFERED")
+STEP_ENV_PREFIXES = (*NODE_ENV_PREFIXES, "PYTHONUNBUFFERED")
 
 
 def name_of(spec: StepSpec, launch: str = "") -> str:
@@ -62,7 +62,7 @@ def labels_of(spec: StepSpec) -> dict[str, str]:
 def step_env(spec: StepSpec) -> list[dict[str, str]]:
     """The step's own variables (its attempt, paths, offline flags, its judge route): never the worker's
     secrets (database, broker, API tokens), which would sit in the TrainJob's spec for anyone who reads it."""
-    keep = {k: v for k, v in step_environment(spec.env).items() if k.startswith(STEP_ENV_PREFIXES)}
+    keep = {k: v for k, v in without_secrets(spec.env).items() if k.startswith(STEP_ENV_PREFIXES)}
     return [{"name": k, "value": v} for k, v in sorted(keep.items())]
 
 
@@ -105,9 +105,9 @@ def train_job_manifest(spec: StepSpec, settings: Settings, launch: str = "") -> 
     }
     if settings.kube_service_account:
         pod["serviceAccountName"] = settings.kube_service_account
-    minutes = settings.step_min_time_min
-    if spec.estimate_s:
-        minutes = max(minutes, math.ceil(spec.estimate_s * settings.step_time_factor / 60))
+    minutes = limit_minutes(
+        spec.estimate_s, factor=settings.step_time_factor, floor_min=settings.step_min_time_min
+    )
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import shlex
@@ -32,6 +31,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from rlhf_engine.runtime.launch import without_secrets
 from rlhf_engine.runtime.stopping import EXIT_STOPPED
 from service.settings import Settings
 from workers.step_runs import (
@@ -40,7 +40,7 @@ from workers.step_runs import (
     StepRun,
     StepSpec,
     SupersededLaunchError,
-    step_environment,
+    limit_minutes,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,11 +154,11 @@ def _outage(done: subprocess.CompletedProcess[str]) -> bool:
 
 
 def time_limit(estimate_s: float | None, settings: Settings) -> str:
-    """`--time` from the plan's estimate: `step_time_factor` × it, never under `step_min_time_min`;
-    a step that reaches it is stopped (SIGTERM first: it checkpoints) and resumed by the next attempt."""
-    minutes = settings.step_min_time_min
-    if estimate_s:
-        minutes = max(minutes, math.ceil(estimate_s * settings.step_time_factor / 60))
+    """`--time` (D-HH:MM:SS) from the plan's estimate; a step that reaches it is stopped (SIGTERM first: it
+    checkpoints) and resumed by the next attempt."""
+    minutes = limit_minutes(
+        estimate_s, factor=settings.step_time_factor, floor_min=settings.step_min_time_min
+    )
     return f"{minutes // 1440}-{minutes % 1440 // 60:02d}:{minutes % 60:02d}:00"
 
 
@@ -230,7 +230,7 @@ class SlurmRun:
         script = spec.step_dir.parent / "slurm" / f"step{spec.step}-attempt{spec.attempt}.sbatch"
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(batch_script(spec, settings))
-        env = step_environment(spec.env)  # what sbatch exports to the job: never the worker's secrets
+        env = without_secrets(spec.env)  # what sbatch exports to the job: never the worker's secrets
         env.pop("SLURM_JOB_ID", None)  # a worker that itself runs inside an allocation submits anew
         for wait in (0, 5, 15, 30):  # a controller that is briefly away (a restart, a failover)
             time.sleep(wait)

@@ -4,6 +4,7 @@ training task starts it, the handle it follows it by, and how a run ended. Stdli
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -58,17 +59,7 @@ class StepRun(Protocol):
         """End it: SIGTERM (the step checkpoints at its next boundary), the rest after `grace` s."""
 
 
-# the worker's secrets, never passed to a step on another machine (an sbatch job's exported environment,
-# a TrainJob's spec, a hostfile run's env file): the database and broker, the API's tokens, hub tokens.
-# The judge token is the step's own (scoped to its job's judge route) and is passed.
-SECRET_MARKS = ("DATABASE_URL", "REDIS_URL", "PASSWORD", "SECRET", "API_KEY", "TOKEN", "CREDENTIAL")
-STEP_SECRETS_ALLOWED = frozenset({"RLHF_JUDGE_TOKEN"})
-
-
-def step_environment(env: dict[str, str]) -> dict[str, str]:
-    """`env` without the worker's secrets (what a step needs is kept: paths, its attempt, offline flags)."""
-    return {
-        k: v
-        for k, v in env.items()
-        if k in STEP_SECRETS_ALLOWED or not any(mark in k.upper() for mark in SECRET_MARKS)
-    }
+def limit_minutes(estimate_s: float | None, *, factor: float, floor_min: int) -> int:
+    """A step's time limit on a cluster (Slurm's --time, a TrainJob's activeDeadlineSeconds): `factor` ×
+    its estimate, never under `floor_min` minutes."""
+    return max(floor_min, math.ceil(estimate_s * factor / 60)) if estimate_s else floor_min

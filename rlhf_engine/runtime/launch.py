@@ -29,8 +29,20 @@ Launcher = Literal["deepspeed", "torchrun", "srun", "mpirun"]
 # over ssh with a fresh one and exports only what its DS_ENV_FILE lists)
 NODE_ENV_PREFIXES = ("RLHF_", "DS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "TORCH_", "PYTORCH_")
 NODE_ENV_FILE = ".deepspeed_env"
-# never written into that file (the worker's secrets; the step's own judge token is kept)
+# the worker's secrets, never passed to a rank or step on another machine (an sbatch job's exported
+# environment, a TrainJob's spec, a hostfile run's env file): the database and broker, the API's tokens,
+# hub tokens. The judge token is the step's own (scoped to its job's judge route) and is passed.
 SECRET_MARKS = ("DATABASE_URL", "REDIS_URL", "PASSWORD", "SECRET", "API_KEY", "TOKEN", "CREDENTIAL")
+SECRETS_ALLOWED = frozenset({"RLHF_JUDGE_TOKEN"})
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without the worker's secrets (what a step needs is kept: paths, its attempt, offline flags)."""
+    return {
+        k: v for k, v in env.items() if k in SECRETS_ALLOWED or not any(m in k.upper() for m in SECRET_MARKS)
+    }
+
+
 # set by a launcher for its workers; a fresh run started from inside one must not inherit them
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
@@ -202,13 +214,8 @@ def _node_env_file(step_dir: Path, env: dict[str, str]) -> Path:
     own = Path.home() / NODE_ENV_FILE
     if own.is_file():
         lines += [ln for ln in own.read_text().splitlines() if "=" in ln]
-    for key, value in sorted(env.items()):
-        if (
-            key.startswith(NODE_ENV_PREFIXES)
-            and key not in (WATCH_ENV, "DS_ENV_FILE")
-            and "\n" not in value
-            and (key == "RLHF_JUDGE_TOKEN" or not any(m in key.upper() for m in SECRET_MARKS))
-        ):
+    for key, value in sorted(without_secrets(env).items()):
+        if key.startswith(NODE_ENV_PREFIXES) and key not in (WATCH_ENV, "DS_ENV_FILE") and "\n" not in value:
             lines.append(f"{key}={value}")
     step_dir.mkdir(parents=True, exist_ok=True)
     path = step_dir / NODE_ENV_FILE

@@ -167,15 +167,12 @@ def load_ops(names: Iterable[str] | None = None) -> dict[str, float]:
     return seconds
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m rlhf_engine.runtime.ops [BUILDER …]`: build (or find) the named ops, default this
-    accelerator's; an image build names its CUDA ops (docker/worker.Dockerfile)."""
+def main() -> int:
     from rlhf_engine.runtime import fencing
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     fencing.start_watchdog()  # started by a worker: ends with the worker
-    names = sys.argv[1:] if argv is None else argv
-    for name, s in load_ops(names or None).items():
+    for name, s in load_ops().items():
         print(f"DeepSpeed op {name}: ready ({s} s)")
     print(f"TORCH_EXTENSIONS_DIR={extensions_dir()}")
     return 0

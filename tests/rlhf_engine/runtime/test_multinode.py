@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from rlhf_engine.runtime.launch import NODE_ENV_FILE, first_host
 from rlhf_engine.stages.records import read_jsonl
 from tests.helpers import ssh_nodes
-from tests.runs import rlhf, rlhf_ok
+from tests.runs import FAST, rlhf, rlhf_ok
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,22 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ssh_nodes.Nodes]
     n.stop()
 
 
+@pytest.fixture(scope="module")
+def llama() -> Path:
+    """A tiny Llama (rotary, RMSNorm, gated MLP): the family real checkpoints come from."""
+    from rlhf_engine.models.tiny import build_tiny
+
+    return build_tiny("llama", "xs")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_zero3_over_two_hostfile_nodes_equals_one_process(
-    nodes: ssh_nodes.Nodes, tmp_path: Path, base_model: Path
+    nodes: ssh_nodes.Nodes, tmp_path: Path, llama: Path
 ) -> None:
     common = [
         "--model",
-        base_model,
+        llama,
         "--dropout",
         0,
         "--max-steps",
@@ -41,14 +49,9 @@ def test_zero3_over_two_hostfile_nodes_equals_one_process(
         3,
         "--zero-param-persistence-threshold",
         0,
-        "--per-device-train-batch-size",
-        4,
-        "--checkpoint-interval",
+        *FAST,
+        "--checkpoint-interval",  # (the last flag wins): a checkpoint written across nodes
         3,
-        "--max-seq-len",
-        128,
-        "--eval-max-rows",
-        32,
     ]
     rlhf_ok("sft", "--output-dir", tmp_path / "one", "--gradient-accumulation-steps", 2, *common)
     two = rlhf(
@@ -87,7 +90,7 @@ def test_zero3_over_two_hostfile_nodes_equals_one_process(
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mpirun_over_a_hostfile_as_kubeflow_trainer_launches_it(
-    nodes: ssh_nodes.Nodes, tmp_path: Path, base_model: Path
+    nodes: ssh_nodes.Nodes, tmp_path: Path, llama: Path
 ) -> None:
     """The launch a Kubernetes TrainJob's launcher pod makes (Trainer's DeepSpeed runtime: OpenMPI over
     /etc/mpi/hostfile, workers/kube.py): `--launcher mpirun --nodes 2`, one rank per "node", each rank's
@@ -100,19 +103,12 @@ def test_mpirun_over_a_hostfile_as_kubeflow_trainer_launches_it(
         "--output-dir",
         out_dir,
         "--model",
-        base_model,
+        llama,
         "--max-steps",
         4,
         "--zero-stage",
         3,
-        "--per-device-train-batch-size",
-        4,
-        "--checkpoint-interval",
-        0,
-        "--max-seq-len",
-        128,
-        "--eval-max-rows",
-        16,
+        *FAST,
         "--num-gpus",
         1,
         "--nodes",

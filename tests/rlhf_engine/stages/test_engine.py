@@ -14,18 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from rlhf_engine.stages.records import read_jsonl
-from tests.runs import SMALL, kill_after_first_checkpoint, rlhf, rlhf_ok
-
-FAST = [
-    "--per-device-train-batch-size",
-    4,
-    "--checkpoint-interval",
-    0,
-    "--max-seq-len",
-    128,
-    "--eval-max-rows",
-    32,
-]
+from tests.runs import FAST, SMALL, kill_after_first_checkpoint, rlhf, rlhf_ok
 
 
 def _losses(step_dir: Path) -> list[float]:
