@@ -307,7 +307,14 @@ def test_a_step_waiting_in_the_queue_says_so_and_costs_nothing(
     """Both nodes held by another user's job: the step waits in Slurm's queue, the job's phase says why,
     no cost accrues and no stall bound runs; once the nodes free up it trains and succeeds."""
     blocker = cluster.run(
-        "sbatch", "--parsable", "--nodes=2", "--exclusive", "--job-name=someone-else", "--wrap", "sleep 600"
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        "--exclusive",
+        "--job-name=someone-else",
+        "--output=/dev/null",  # not slurm-<id>.out in the working directory
+        "--wrap",
+        "sleep 600",
     ).strip()
     assert blocker.isdigit(), blocker
     try:
