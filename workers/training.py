@@ -495,12 +495,10 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
                 assert live is not None
                 job = live
                 if job.status == "cancelled" or job.control == "cancel":
-                    with _renewing(settings, job_id, owner):
-                        run.stop(10)
+                    _stop(run, 10, s, settings, job_id, owner)
                     return Outcome("cancelled")
                 if stalled:
-                    with _renewing(settings, job_id, owner):
-                        run.stop(0)  # it cannot checkpoint: it is stuck
+                    _stop(run, 0, s, settings, job_id, owner)  # it cannot checkpoint: it is stuck
                     message = (
                         f"step {step} ({command}) {stalled}; the attempt was ended and its cost stopped then"
                     )
@@ -558,15 +556,13 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
                     elif SHUTDOWN.is_set():
                         stopping = "shutdown"
                     if stopping and not running:  # still in the scheduler's queue: nothing to checkpoint
-                        with _renewing(settings, job_id, owner):
-                            run.stop(0)
+                        _stop(run, 0, s, settings, job_id, owner)
                         break
                     if stopping:
                         (step_dir / STOP_FILE).write_text(stopping)
                         stop_deadline = now + settings.step_grace_s
                 elif now > stop_deadline:
-                    with _renewing(settings, job_id, owner):
-                        run.stop(10)
+                    _stop(run, 10, s, settings, job_id, owner)
             time.sleep(0.5)
     except LeaseLostError:
         run.stop(10)
@@ -594,6 +590,18 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
     tail = log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines() if log.is_file() else []
     reason = next((ln for ln in reversed(tail) if ln.startswith("rlhf: error:")), tail[-1] if tail else "")
     return Outcome("failed", f"step {step} ({command}) exited with status {ended.code}: {reason}")
+
+
+def _stop(
+    run: launchers.StepRun, grace: float, s: Session, settings: Settings, job_id: str, owner: str
+) -> None:
+    """Stop the step's run from inside the follow loop's session, renewing the lease meanwhile. The
+    session is committed first: it may hold the job's row (a cost interval, a heartbeat written this
+    pass), and the renewal writes that row from another connection — it would wait for this session,
+    which waits for the renewal thread to end, until the thread's join gives up (heartbeat + 30 s)."""
+    s.commit()
+    with _renewing(settings, job_id, owner):
+        run.stop(grace)
 
 
 @contextlib.contextmanager

@@ -119,6 +119,41 @@ def test_a_frozen_step_is_ended_and_resumed_and_its_phase_is_shown(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_cancelling_a_frozen_step_ends_it_after_its_grace_and_no_later(
+    stack: Stack, case_workers: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """A step that cannot checkpoint (frozen) gets the cancellation's 10 s, then SIGKILL. Meanwhile the
+    worker renews the job's lease from a thread (each 1 s here) while its follow loop has just written the
+    job's row (a cost interval every pass, here): the renewal must not wait for the loop's transaction."""
+    case_workers(stack, RLHF_COST_INTERVAL_S="0.2")
+    with stack.client(stack.key("cancel-frozen")) as c:
+        job = c.post("/v1/fine_tuning/jobs", json=BODY).json()
+        out = _output_dir(stack, job["id"])
+        deadline = time.monotonic() + 120
+        while ((phase.read(out / "step1_sft") or {}).get("global_step") or 0) < 5:
+            assert time.monotonic() < deadline, phase.read(out / "step1_sft")
+            time.sleep(0.1)
+        [step] = trainers(str(out))
+        os.kill(step.pid, signal.SIGSTOP)  # SIGTERM waits in vain; SIGKILL ends it
+        cancelled_at = time.monotonic()
+        assert c.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+        while "step_killed" not in [e["data"]["event_type"] for e in events(c, job["id"])]:
+            assert time.monotonic() < cancelled_at + 90, "the step was not stopped"
+            time.sleep(0.2)
+        took = time.monotonic() - cancelled_at
+        shown = c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert 9 <= took <= 20, (
+        took
+    )  # the grace, a pass of the loop, SIGKILL; not the renewal's join bound (31 s)
+    assert shown["status"] == "cancelled" and shown["phase"] is None, shown
+    assert not trainers(str(out))
+    with session_scope(stack.settings.db_url) as s:
+        record = s.get(Job, job["id"])
+        assert record is not None and record.lease_owner is None  # the worker let go of it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_step_that_stalls_every_time_fails_with_the_reason(
     stack: Stack, worker: Callable[..., Any], tmp_path: Path
 ) -> None:
