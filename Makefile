@@ -108,7 +108,7 @@ $(WORDNET_STAMP): | $(STAMP)
 wordnet: $(WORDNET_STAMP)
 
 test: $(STAMP) $(PROTO_STAMP) $(CONSOLE_STAMP) $(CHROMIUM) $(BWRAP) $(WORDNET_STAMP) $(CLUSTER_TOOLS)
-	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 RLHF_CHROMIUM=$(CHROMIUM) $(BIN)/pytest --durations=60 $(PYTEST_ARGS)
 
 # The edit-test loop: everything but the tests marked slow (they train a model or start a training worker)
 # and browser (chromium) — tests/conftest.py marks them by the fixtures they use. `make test` runs them all.
