@@ -268,9 +268,9 @@ class KubeRun:
             c = conditions["Failed"]
             why = f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
             if c.get("reason") == "DeadlineExceeded":
-                self.ended = Ended(-15, f"reached its time limit ({why})")
+                self.ended = Ended(-15, f"reached its time limit ({why})", resumable=True)
             elif re.search(r"evict|preempt|node|disrupt", why, re.I):  # the cluster's doing: retried
-                self.ended = Ended(-15, f"was ended by the cluster ({why})")
+                self.ended = Ended(-15, f"was ended by the cluster ({why})", resumable=True)
             else:
                 self.ended = Ended(1, "")
             self.reason = why

@@ -153,16 +153,50 @@ def _outage(done: subprocess.CompletedProcess[str]) -> bool:
     return done.returncode != 0 and any(w in done.stderr + done.stdout for w in SLURM_OUTAGE)
 
 
-def time_limit(estimate_s: float | None, settings: Settings) -> str:
-    """`--time` (D-HH:MM:SS) from the plan's estimate; a step that reaches it is stopped (SIGTERM first: it
-    checkpoints) and resumed by the next attempt."""
+def time_limit(estimate_s: float | None, settings: Settings, max_minutes: int | None = None) -> str:
+    """`--time` (D-HH:MM:SS) from the plan's estimate, at most the partition's MaxTime (`max_minutes`): a
+    step that reaches it is stopped (SIGTERM first: it checkpoints) and resumed by the next attempt, so a
+    step longer than the partition allows runs as a chain of jobs."""
     minutes = limit_minutes(
         estimate_s, factor=settings.step_time_factor, floor_min=settings.step_min_time_min
     )
+    if max_minutes:
+        minutes = min(minutes, max_minutes)
     return f"{minutes // 1440}-{minutes % 1440 // 60:02d}:{minutes % 60:02d}:00"
 
 
-def batch_script(spec: StepSpec, settings: Settings) -> str:
+def slurm_minutes(value: str) -> int | None:
+    """Slurm's time format (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes; None for
+    UNLIMITED, INFINITE or anything else."""
+    days, _, rest = value.partition("-") if "-" in value else ("0", "", value)
+    parts = rest.split(":")
+    if not days.isdigit() or not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+        return None
+    n = [int(p) for p in parts]
+    if "-" in value:  # D-HH[:MM[:SS]]
+        hours, minutes = n[0], n[1] if len(n) > 1 else 0
+    else:  # MM, MM:SS, HH:MM:SS
+        hours, minutes = (n[0], n[1]) if len(n) == 3 else (0, n[0])
+    return int(days) * 1440 + hours * 60 + minutes
+
+
+def partition_max_minutes(partition: str) -> int | None:
+    """MaxTime of `partition` (the cluster's default partition when ""), in minutes; None when unlimited
+    or when the controller does not say (sbatch then judges `--time` itself)."""
+    try:
+        out = _slurm(
+            ["scontrol", "show", "partition", "-o", *([partition] if partition else [])], check=False
+        )
+    except LaunchError:
+        return None
+    for line in out.splitlines():
+        if partition or re.search(r"\bDefault=YES\b", line):
+            found = re.search(r"\bMaxTime=(\S+)", line)
+            return slurm_minutes(found.group(1)) if found else None
+    return None
+
+
+def batch_script(spec: StepSpec, settings: Settings, max_minutes: int | None = None) -> str:
     """The step's sbatch script: one task per process on every node (`srun`), each with
     torch.distributed's variables from Slurm's (rank, local rank, world size, master = first host of
     SLURM_JOB_NODELIST); a one-process step runs in the batch shell itself."""
@@ -176,7 +210,7 @@ def batch_script(spec: StepSpec, settings: Settings) -> str:
         f"#SBATCH --job-name={name}",
         f"#SBATCH --nodes={spec.nodes}",
         f"#SBATCH --ntasks-per-node={spec.per_node}",
-        f"#SBATCH --time={time_limit(spec.estimate_s, settings)}",
+        f"#SBATCH --time={time_limit(spec.estimate_s, settings, max_minutes)}",
         f"#SBATCH --output={spec.log}",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",  # a node failure queues it again; it resumes from its checkpoint
@@ -229,7 +263,7 @@ class SlurmRun:
             raise SupersededLaunchError(f"attempt {spec.attempt} of step {spec.step} was superseded")
         script = spec.step_dir.parent / "slurm" / f"step{spec.step}-attempt{spec.attempt}.sbatch"
         script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text(batch_script(spec, settings))
+        script.write_text(batch_script(spec, settings, partition_max_minutes(settings.slurm_partition)))
         env = without_secrets(spec.env)  # what sbatch exports to the job: never the worker's secrets
         env.pop("SLURM_JOB_ID", None)  # a worker that itself runs inside an allocation submits anew
         for wait in (0, 5, 15, 30):  # a controller that is briefly away (a restart, a failover)
@@ -295,11 +329,13 @@ class SlurmRun:
             exit_code = -int(sig)
         if state in SLURM_ENDED:
             why = f"{SLURM_ENDED[state]}: slurm job {self.job}"
-            return Ended(exit_code if exit_code else -signal.SIGTERM, why)
+            resumable = state in ("TIMEOUT", "PREEMPTED")
+            return Ended(exit_code if exit_code else -signal.SIGTERM, why, resumable=resumable)
         if exit_code < 0:
             return Ended(exit_code, f"was killed by signal {-exit_code}: slurm job {self.job}")
         if exit_code == EXIT_STOPPED:  # it checkpointed on Slurm's SIGTERM (time limit, preemption)
-            return Ended(exit_code, f"was stopped by Slurm's signal and checkpointed: slurm job {self.job}")
+            why = f"was stopped by Slurm's signal and checkpointed: slurm job {self.job}"
+            return Ended(exit_code, why, resumable=True)
         return Ended(exit_code, "")
 
     def poll(self) -> Ended | None:

@@ -24,6 +24,9 @@ class Ended:
     code: int
     killed_by: str = ""  # "" when the step exited by itself
     failed_because: str = ""  # why the scheduler will never run it (the step fails with this)
+    # a time limit or a preemption (the step checkpointed on the scheduler's signal, or was ended at the
+    # limit): an attempt that carried the step's checkpoint on is submitted again without using a restart
+    resumable: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

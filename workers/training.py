@@ -63,6 +63,7 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 class Outcome:
     kind: StepOutcome
     message: str = ""
+    resumable: bool = False  # killed by a time limit or a preemption (step_runs.Ended.resumable)
 
 
 def renew(s: Session, job_id: str, settings: Settings, owner: str, **values: Any) -> Job:
@@ -586,7 +587,7 @@ def run_job_step(job_id: str, step: int, settings: Settings, owner: str) -> Outc
     if ended.failed_because:  # the scheduler can never run it as asked
         return Outcome("failed", f"step {step} ({command}) {ended.failed_because}")
     if ended.killed_by:  # the OOM killer, an operator, the scheduler: not the step's own failure
-        return Outcome("killed", f"step {step} ({command}) {ended.killed_by}")
+        return Outcome("killed", f"step {step} ({command}) {ended.killed_by}", ended.resumable)
     tail = log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines() if log.is_file() else []
     reason = next((ln for ln in reversed(tail) if ln.startswith("rlhf: error:")), tail[-1] if tail else "")
     return Outcome("failed", f"step {step} ({command}) exited with status {ended.code}: {reason}")
@@ -711,28 +712,34 @@ def train_job(job_id: str, settings: Settings) -> str:
                 again.enqueue_evals()
                 _step_succeeded(settings, job_id, owner, step, step_dir)
                 continue
+            before = _last_checkpoint(settings, job_id, step)
             outcome = run_job_step(job_id, step, settings, owner)
-            for restart in range(1, settings.step_restarts + 1):
-                if outcome.kind not in ("killed", "stalled"):
+            restarts, tries = 0, 1
+            while outcome.kind in ("killed", "stalled"):  # bounded: a restart used, or the checkpoint went on
+                reached = _last_checkpoint(settings, job_id, step)
+                went_on = outcome.resumable and reached > before  # a time limit, with work kept: a chain
+                if not went_on and restarts == settings.step_restarts:
                     break
+                restarts += 0 if went_on else 1
+                before, tries = reached, tries + 1
+                if went_on:
+                    message = (
+                        f"{outcome.message} after saving its checkpoint at step {reached}; submitted again "
+                        f"from it (it made progress: not one of the {settings.step_restarts} restarts)"
+                    )
+                else:  # a stall has its own event already
+                    message = (
+                        outcome.message + "; restarting it"
+                        if outcome.kind == "killed"
+                        else f"restarting step {step}"
+                    ) + f" from its last checkpoint ({restarts} of {settings.step_restarts})"
                 with session_scope(settings.db_url) as s:
                     job = renew(s, job_id, settings, owner)
                     add_event(
-                        session=s,
-                        job=job,
-                        type_="step_restarted",
-                        level="warn",
-                        step=step,
-                        message=(
-                            outcome.message + "; restarting it"
-                            if outcome.kind == "killed"
-                            else f"restarting step {step}"
-                        )  # a stall has its own event already
-                        + f" from its last checkpoint ({restart} of {settings.step_restarts})",
+                        session=s, job=job, type_="step_restarted", level="warn", step=step, message=message
                     )
                 outcome = run_job_step(job_id, step, settings, owner)
             if outcome.kind in ("killed", "stalled"):
-                tries = settings.step_restarts + 1
                 outcome = Outcome("failed", f"{outcome.message} (the last of {tries} attempts)")
             if outcome.kind == "succeeded":
                 _step_succeeded(settings, job_id, owner, step, step_dir)
@@ -744,6 +751,19 @@ def train_job(job_id: str, settings: Settings) -> str:
     except Exception as e:  # a bug or an environment problem: the job fails with the reason, never silently
         logger.exception("job %s failed", job_id)
         return _finish(settings, job_id, owner, Outcome("failed", f"{type(e).__name__}: {e}"), None)
+
+
+def _last_checkpoint(settings: Settings, job_id: str, step: int) -> int:
+    """The global step of the step's newest checkpoint on record (0: none)."""
+    from sqlalchemy import func
+
+    with session_scope(settings.db_url) as s:
+        last = s.scalar(
+            select(func.max(JobCheckpoint.global_step)).where(
+                JobCheckpoint.job_id == job_id, JobCheckpoint.step == step
+            )
+        )
+    return int(last or 0)
 
 
 def _step_succeeded(settings: Settings, job_id: str, owner: str, step: int, step_dir: Path) -> None:

@@ -138,7 +138,8 @@ def start(folder: Path, *, nodes: int = 1, cpus: int | None = None) -> Cluster:
                 "MinJobAge=3600",
                 "KillWait=10",
                 *node_lines,
-                f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                # a limit as HPC partitions have (steps longer than it run as chains of jobs)
+                f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=2-00:00:00 State=UP",
                 "",
             ]
         )

@@ -222,6 +222,59 @@ def test_three_steps_through_slurm_survive_a_scancel(
 
 
 @pytest.mark.timeout(600)
+def test_a_step_longer_than_the_partition_allows_runs_as_a_chain_of_jobs(
+    slurm_stack: Stack, case_workers: Callable[..., subprocess.Popen[bytes]], cluster: slurm.Cluster
+) -> None:
+    """A step whose time limit (factor × estimate; here a 5,000-minute floor) passes the partition's MaxTime
+    (2 days) is submitted with the partition's limit — not left pending for ever (PartitionTimeLimit).
+    Each time Slurm signals it before that limit (SIGTERM to the batch shell, what `--signal=B:TERM`
+    sends; sent here by hand — no test waits two days) it checkpoints, and the worker submits it again
+    without using one of its restarts, as the attempt made progress: three such stops with
+    RLHF_STEP_RESTARTS=1 and the job succeeds, each logged step recorded once."""
+    case_workers(slurm_stack, RLHF_STEP_MIN_TIME_MIN="5000", RLHF_STEP_RESTARTS="1")
+    with slurm_stack.client(slurm_stack.key("slurm-chain")) as c:
+        job = c.post("/v1/fine_tuning/jobs", json=LONG_SFT).json()
+        step_dir = _step_dir(slurm_stack, job["id"], "step1_sft")
+        stopped = []
+        for at in (30, 80, 130):
+            _wait_for_step(slurm_stack, job["id"], at)
+            current = _slurm_job(step_dir)["job"]
+            shown = cluster.run("scontrol", "show", "job", "-o", current)
+            assert "TimeLimit=2-00:00:00" in shown, shown
+            cluster.run("scancel", "--signal=TERM", "--batch", current)
+            stopped.append(current)
+            deadline = time.monotonic() + 120
+            while _slurm_job(step_dir)["job"] == current:  # until the worker submits the next link
+                assert time.monotonic() < deadline, f"slurm job {current} was not followed by another"
+                time.sleep(0.2)
+        done = wait_for(c, job["id"], ("succeeded", "failed", "cancelled"), timeout=480)
+        assert done["status"] == "succeeded", done
+        msgs = [e["message"] for e in events(c, job["id"])]
+    chained = [m for m in msgs if "(it made progress: not one of the 1 restarts)" in m]
+    assert len(chained) == 3, msgs
+    assert all("was stopped by Slurm's signal and checkpointed" in m for m in chained), chained
+    assert not [m for m in msgs if "from its last checkpoint (" in m], msgs  # no restart used
+    for job_id in stopped:  # each link ended by its own exit, stopped (75), not cancelled
+        assert "ExitCode=75:0" in cluster.run("scontrol", "show", "job", "-o", job_id)
+    rows = _metric_rows(slurm_stack, job["id"])
+    assert len(rows) == len(set(rows)), "a logged step was recorded twice"
+    assert max(g for _, g in rows) == 300
+
+
+def test_slurm_time_formats_and_the_partitions_limit(cluster: slurm.Cluster, tmp_path: Path) -> None:
+    """Slurm's MaxTime formats in minutes; the fixture's partition says 2 days; `--time` never asks for
+    more than the partition gives."""
+    cases = {"30": 30, "30:59": 30, "2:00:00": 120, "1-0": 1440, "1-02:30": 1590, "2-00:00:00": 2880}
+    assert {k: launchers.slurm_minutes(k) for k in cases} == cases
+    assert launchers.slurm_minutes("UNLIMITED") is None and launchers.slurm_minutes("INFINITE") is None
+    assert launchers.partition_max_minutes("") == 2880  # the default partition
+    assert launchers.partition_max_minutes(slurm.PARTITION) == 2880
+    settings = Settings(data_dir=tmp_path, step_time_factor=3, step_min_time_min=30)
+    assert launchers.time_limit(36_000, settings, 2880) == "1-06:00:00"  # 3 × 10 h fits
+    assert launchers.time_limit(360_000, settings, 2880) == "2-00:00:00"  # 3 × 100 h does not
+
+
+@pytest.mark.timeout(600)
 def test_a_killed_worker_leaves_one_trainer(
     slurm_stack: Stack, case_workers: Callable[..., subprocess.Popen[bytes]], cluster: slurm.Cluster
 ) -> None:
